@@ -1,2 +1,4 @@
+pub mod engine;
+pub mod metrics;
 pub mod protocol;
 pub mod ws;

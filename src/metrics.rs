@@ -1,0 +1,190 @@
+//! Counters of one shard. Each shard writes only its own [`ShardMetrics`]
+//! (relaxed atomic stores, no contention); `/metrics` reads all of them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::ws::handshake::HandshakeError;
+
+/// A counter written by one thread and read by any.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: a load and a store avoid the locked read-modify-write.
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Everything one shard counts. Padded so shards never share a cache line.
+#[repr(align(128))]
+#[derive(Default, Debug)]
+pub struct ShardMetrics {
+    pub connections: Counter,
+    pub connections_total: Counter,
+    pub frames_in: Counter,
+    pub bytes_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    pub deliveries: Counter,
+    pub messages_published: Counter,
+    pub queue_drops: Counter,
+    pub slow_consumer_closes: Counter,
+    pub keepalive_closes: Counter,
+    pub protocol_errors: Counter,
+    pub auth_failures: Counter,
+    pub mesh_messages_in: Counter,
+    pub handshake_failures: [Counter; HandshakeError::ALL.len()],
+    pub handshake_timeouts: Counter,
+}
+
+/// Renders all shards' metrics in the Prometheus text format.
+pub fn render(shards: &[ShardMetrics], io_driver: &str, ready: bool) -> String {
+    let mut out = String::with_capacity(4096);
+    let _ = writeln!(
+        out,
+        "# HELP corecast_info Static information about this node."
+    );
+    let _ = writeln!(out, "# TYPE corecast_info gauge");
+    let _ = writeln!(
+        out,
+        "corecast_info{{version=\"{}\",io_driver=\"{io_driver}\",shards=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        shards.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP corecast_ready 1 when the node accepts connections."
+    );
+    let _ = writeln!(out, "# TYPE corecast_ready gauge");
+    let _ = writeln!(out, "corecast_ready {}", ready as u8);
+    type Get = fn(&ShardMetrics) -> &Counter;
+    let series: [(&str, &str, &str, Get); 14] = [
+        ("connections", "gauge", "Open WebSocket connections.", |m| {
+            &m.connections
+        }),
+        (
+            "connections_total",
+            "counter",
+            "WebSocket connections accepted.",
+            |m| &m.connections_total,
+        ),
+        ("frames_in_total", "counter", "Frames received.", |m| {
+            &m.frames_in
+        }),
+        (
+            "bytes_in_total",
+            "counter",
+            "Bytes received on WebSocket connections.",
+            |m| &m.bytes_in,
+        ),
+        ("frames_out_total", "counter", "Frames written.", |m| {
+            &m.frames_out
+        }),
+        ("bytes_out_total", "counter", "Bytes written.", |m| {
+            &m.bytes_out
+        }),
+        (
+            "deliveries_total",
+            "counter",
+            "Frames queued to a connection.",
+            |m| &m.deliveries,
+        ),
+        (
+            "messages_published_total",
+            "counter",
+            "Messages sequenced by this shard as channel owner.",
+            |m| &m.messages_published,
+        ),
+        (
+            "queue_drops_total",
+            "counter",
+            "Frames refused by a full or closing outbound queue.",
+            |m| &m.queue_drops,
+        ),
+        (
+            "slow_consumer_closes_total",
+            "counter",
+            "Connections closed for exceeding their outbound queue bound.",
+            |m| &m.slow_consumer_closes,
+        ),
+        (
+            "keepalive_closes_total",
+            "counter",
+            "Connections closed for not answering pings.",
+            |m| &m.keepalive_closes,
+        ),
+        (
+            "protocol_errors_total",
+            "counter",
+            "Connections closed for violating RFC 6455.",
+            |m| &m.protocol_errors,
+        ),
+        (
+            "auth_failures_total",
+            "counter",
+            "Failed authentications.",
+            |m| &m.auth_failures,
+        ),
+        (
+            "handshake_timeouts_total",
+            "counter",
+            "Sockets closed for not completing the handshake in time.",
+            |m| &m.handshake_timeouts,
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP corecast_{name} {help}");
+        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
+        for (i, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "corecast_{name}{{shard=\"{i}\"}} {}", get(m).get());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP corecast_handshake_failures_total Refused upgrade requests, by reason."
+    );
+    let _ = writeln!(out, "# TYPE corecast_handshake_failures_total counter");
+    for e in HandshakeError::ALL {
+        let total: u64 = shards
+            .iter()
+            .map(|m| m.handshake_failures[e.index()].get())
+            .sum();
+        let _ = writeln!(
+            out,
+            "corecast_handshake_failures_total{{reason=\"{}\"}} {total}",
+            e.reason()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_shard_and_reason() {
+        let shards = [ShardMetrics::default(), ShardMetrics::default()];
+        shards[1].deliveries.add(42);
+        shards[0].handshake_failures[HandshakeError::BadKey.index()].inc();
+        let text = render(&shards, "io_uring", true);
+        assert!(text.contains("corecast_deliveries_total{shard=\"1\"} 42"));
+        assert!(text.contains("corecast_handshake_failures_total{reason=\"bad_key\"} 1"));
+        assert!(text.contains("io_driver=\"io_uring\""));
+        assert!(text.contains("corecast_ready 1"));
+    }
+}
