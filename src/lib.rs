@@ -1,3 +1,5 @@
+pub mod auth;
+pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod protocol;

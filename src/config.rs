@@ -1,0 +1,325 @@
+//! Configuration: defaults, then a TOML file, then `CORECAST_*` environment
+//! variables, then command-line flags (each later source wins).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `corecast serve` can be told. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on (WebSocket and HTTP on one port).
+    pub listen: String,
+    /// Number of shards; 0 means one per available core.
+    pub shards: usize,
+    /// `auto` (io_uring, falling back to epoll), `io_uring` or `epoll`.
+    pub io_driver: String,
+    /// Largest message accepted, in bytes (close 1009 beyond it).
+    pub max_message_size: usize,
+    /// Serve `/echo`, which echoes every message (for conformance suites).
+    pub echo_endpoint: bool,
+    /// Allowed `Origin` values; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Largest HTTP request head, in bytes (431 beyond it).
+    pub max_header_bytes: usize,
+    /// Time for a new socket to send a complete upgrade request.
+    pub handshake_timeout_ms: u64,
+    /// Time for an unauthenticated connection to send `auth`.
+    pub auth_timeout_ms: u64,
+    /// A connection quiet for this long is pinged.
+    pub ping_interval_ms: u64,
+    /// A pinged connection silent for this long is closed.
+    pub ping_timeout_ms: u64,
+    /// Time the peer has to answer our close frame before the socket is shut.
+    pub close_timeout_ms: u64,
+    /// Time graceful shutdown waits for connections to close.
+    pub shutdown_timeout_ms: u64,
+    /// Frames a connection may have queued before it counts as too slow.
+    pub outbound_queue_frames: usize,
+    /// Bytes a connection may have queued before it counts as too slow.
+    pub outbound_queue_bytes: usize,
+    /// Capacity of each shard-to-shard queue, in messages.
+    pub mesh_queue_capacity: usize,
+    pub max_channels_per_connection: usize,
+    /// Longest `message:send` content, in characters.
+    pub max_content_chars: usize,
+    /// `text` or `json`.
+    pub log_format: String,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8080".into(),
+            shards: 0,
+            io_driver: "auto".into(),
+            max_message_size: 1 << 20,
+            echo_endpoint: false,
+            allowed_origins: vec![],
+            // Browsers send 0.5-2 KiB; 8 KiB leaves room for large cookies.
+            max_header_bytes: 8192,
+            handshake_timeout_ms: 10_000,
+            auth_timeout_ms: 10_000,
+            // Below the 30-60 s idle timeouts of common load balancers.
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            close_timeout_ms: 3_000,
+            shutdown_timeout_ms: 10_000,
+            // About 4 s of a busy channel at 1,000 msgs/s; frames are shared,
+            // so the bytes bound is logical, not memory per connection.
+            outbound_queue_frames: 4096,
+            outbound_queue_bytes: 16 << 20,
+            mesh_queue_capacity: 65_536,
+            max_channels_per_connection: 256,
+            max_content_chars: 4000,
+            log_format: "text".into(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// JWT verification. With neither `secret` nor `public_key_file` set the
+/// server runs in development mode with a well-known secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
+    pub algorithm: String,
+    /// Shared secret for HS256.
+    pub secret: Option<String>,
+    /// PEM public key for RS256 or ES256.
+    pub public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithm: "HS256".into(),
+            secret: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 30,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the reason.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Flags of `corecast serve` and `corecast check-config`; each also reads
+/// its `CORECAST_*` environment variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CORECAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:8080].
+    #[arg(long, env = "CORECAST_LISTEN")]
+    pub listen: Option<String>,
+    /// Number of shards (one per core when unset).
+    #[arg(long, env = "CORECAST_SHARDS")]
+    pub shards: Option<usize>,
+    /// auto, io_uring or epoll.
+    #[arg(long, env = "CORECAST_IO_DRIVER")]
+    pub io_driver: Option<String>,
+    /// Largest message accepted, in bytes [default: 1048576].
+    #[arg(long, env = "CORECAST_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Serve /echo (for conformance suites).
+    #[arg(long, env = "CORECAST_ECHO_ENDPOINT")]
+    pub echo_endpoint: bool,
+    /// Allowed Origin values, comma-separated.
+    #[arg(long, env = "CORECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    #[arg(long, env = "CORECAST_PING_INTERVAL_MS")]
+    pub ping_interval_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_PING_TIMEOUT_MS")]
+    pub ping_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_AUTH_TIMEOUT_MS")]
+    pub auth_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_FRAMES")]
+    pub outbound_queue_frames: Option<usize>,
+    #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+    /// text or json.
+    #[arg(long, env = "CORECAST_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// JWT algorithm: HS256, RS256 or ES256.
+    #[arg(long, env = "CORECAST_AUTH_ALGORITHM")]
+    pub auth_algorithm: Option<String>,
+    /// HS256 secret.
+    #[arg(long, env = "CORECAST_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// PEM public key for RS256/ES256.
+    #[arg(long, env = "CORECAST_AUTH_PUBLIC_KEY_FILE")]
+    pub auth_public_key_file: Option<PathBuf>,
+    #[arg(long, env = "CORECAST_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    #[arg(long, env = "CORECAST_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+}
+
+impl ConfigArgs {
+    /// Builds the effective configuration and checks it.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+            }
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = &self.$field { c.$field = v.clone(); })* };
+        }
+        set!(
+            listen,
+            shards,
+            io_driver,
+            max_message_size,
+            allowed_origins,
+            ping_interval_ms,
+            ping_timeout_ms,
+            handshake_timeout_ms,
+            auth_timeout_ms,
+            shutdown_timeout_ms,
+            outbound_queue_frames,
+            outbound_queue_bytes,
+            log_format
+        );
+        if self.echo_endpoint {
+            c.echo_endpoint = true;
+        }
+        if let Some(v) = &self.auth_algorithm {
+            c.auth.algorithm = v.clone();
+        }
+        if let Some(v) = &self.auth_secret {
+            c.auth.secret = Some(v.clone());
+        }
+        if let Some(v) = &self.auth_public_key_file {
+            c.auth.public_key_file = Some(v.clone());
+        }
+        if let Some(v) = &self.auth_issuer {
+            c.auth.issuer = Some(v.clone());
+        }
+        if let Some(v) = &self.auth_audience {
+            c.auth.audience = Some(v.clone());
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if !["auto", "io_uring", "epoll"].contains(&self.io_driver.as_str()) {
+            return Err(ConfigError(format!(
+                "io_driver must be auto, io_uring or epoll, not `{}`",
+                self.io_driver
+            )));
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return Err(ConfigError(format!("log_format must be text or json, not `{}`", self.log_format)));
+        }
+        if self.max_message_size < 125 {
+            return Err(ConfigError("max_message_size must be at least 125 bytes".into()));
+        }
+        if self.outbound_queue_frames == 0 || self.mesh_queue_capacity == 0 {
+            return Err(ConfigError("queue bounds must be at least 1".into()));
+        }
+        if self.shards > 1024 {
+            return Err(ConfigError("at most 1024 shards".into()));
+        }
+        for (name, v) in [
+            ("ping_interval_ms", self.ping_interval_ms),
+            ("ping_timeout_ms", self.ping_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("auth_timeout_ms", self.auth_timeout_ms),
+            ("close_timeout_ms", self.close_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError(format!("{name} must be positive")));
+            }
+        }
+        crate::auth::Verifier::from_config(&self.auth)?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError(format!("listen `{}` is not an address:port: {e}", self.listen)))
+    }
+
+    /// The number of shards to run.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("corecast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nshards = 3\n[auth]\nsecret = \"s3cret-s3cret-s3cret\"\n").unwrap();
+        let args = ConfigArgs {
+            config: Some(path.clone()),
+            shards: Some(2),
+            ..Default::default()
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.auth.secret.as_deref(), Some("s3cret-s3cret-s3cret"));
+        std::fs::write(&path, "listne = 1\n").unwrap();
+        let e = args.load().unwrap_err().0;
+        assert!(e.contains("listne"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = Config {
+            io_driver: "kqueue".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("io_driver"));
+        let c = Config {
+            listen: "nowhere".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("listen"));
+    }
+}
