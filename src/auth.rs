@@ -45,7 +45,9 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
         "HS256" => Ok(Algorithm::HS256),
         "RS256" => Ok(Algorithm::RS256),
         "ES256" => Ok(Algorithm::ES256),
-        other => Err(ConfigError(format!("auth.algorithm must be HS256, RS256 or ES256, not `{other}`"))),
+        other => Err(ConfigError(format!(
+            "auth.algorithm must be HS256, RS256 or ES256, not `{other}`"
+        ))),
     }
 }
 
@@ -59,19 +61,29 @@ impl Verifier {
                 }
                 (DecodingKey::from_secret(secret.as_bytes()), false)
             }
-            (Algorithm::HS256, None, None) => (DecodingKey::from_secret(DEV_SECRET.as_bytes()), true),
+            (Algorithm::HS256, None, None) => {
+                (DecodingKey::from_secret(DEV_SECRET.as_bytes()), true)
+            }
             (Algorithm::HS256, None, Some(_)) => {
-                return Err(ConfigError("HS256 takes auth.secret, not a public key".into()))
+                return Err(ConfigError(
+                    "HS256 takes auth.secret, not a public key".into(),
+                ))
             }
             (_, _, Some(path)) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| ConfigError(format!("cannot read auth.public_key_file {}: {e}", path.display())))?;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError(format!(
+                        "cannot read auth.public_key_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
                 let key = if alg == Algorithm::RS256 {
                     DecodingKey::from_rsa_pem(&pem)
                 } else {
                     DecodingKey::from_ec_pem(&pem)
                 };
-                let key = key.map_err(|e| ConfigError(format!("auth.public_key_file {}: {e}", path.display())))?;
+                let key = key.map_err(|e| {
+                    ConfigError(format!("auth.public_key_file {}: {e}", path.display()))
+                })?;
                 (key, false)
             }
             (_, _, None) => {
@@ -103,9 +115,12 @@ impl Verifier {
 
     /// Verifies a token and returns the user id.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
-        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| AuthError(format!("invalid token: {e}")))?;
+        let data = decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| AuthError(format!("invalid token: {e}")))?;
         if data.claims.sub.is_empty() || data.claims.sub.len() > 256 {
-            return Err(AuthError("invalid token: `sub` must be 1 to 256 bytes".into()));
+            return Err(AuthError(
+                "invalid token: `sub` must be 1 to 256 bytes".into(),
+            ));
         }
         Ok(data.claims.sub)
     }
@@ -122,9 +137,13 @@ pub fn mint(
 ) -> Result<String, ConfigError> {
     let alg = parse_algorithm(&cfg.algorithm)?;
     let key = match alg {
-        Algorithm::HS256 => EncodingKey::from_secret(cfg.secret.as_deref().unwrap_or(DEV_SECRET).as_bytes()),
+        Algorithm::HS256 => {
+            EncodingKey::from_secret(cfg.secret.as_deref().unwrap_or(DEV_SECRET).as_bytes())
+        }
         _ => {
-            let pem = private_key_pem.ok_or_else(|| ConfigError(format!("{} tokens need --private-key", cfg.algorithm)))?;
+            let pem = private_key_pem.ok_or_else(|| {
+                ConfigError(format!("{} tokens need --private-key", cfg.algorithm))
+            })?;
             let k = if alg == Algorithm::RS256 {
                 EncodingKey::from_rsa_pem(pem)
             } else {
@@ -171,23 +190,43 @@ mod tests {
         };
         let v = Verifier::from_config(&cfg).unwrap();
         assert!(!v.dev_mode);
-        assert_eq!(v.verify(&mint(&cfg, "bob", 60, None, now()).unwrap()).unwrap(), "bob");
-        assert!(v.verify(&mint(&cfg, "bob", -120, None, now()).unwrap()).is_err(), "expired");
+        assert_eq!(
+            v.verify(&mint(&cfg, "bob", 60, None, now()).unwrap())
+                .unwrap(),
+            "bob"
+        );
+        assert!(
+            v.verify(&mint(&cfg, "bob", -120, None, now()).unwrap())
+                .is_err(),
+            "expired"
+        );
         let other = AuthConfig {
             secret: Some("another-secret-of-length".into()),
             ..cfg.clone()
         };
-        assert!(v.verify(&mint(&other, "bob", 60, None, now()).unwrap()).is_err(), "wrong key");
+        assert!(
+            v.verify(&mint(&other, "bob", 60, None, now()).unwrap())
+                .is_err(),
+            "wrong key"
+        );
         let wrong_iss = AuthConfig {
             issuer: Some("evil".into()),
             ..cfg.clone()
         };
-        assert!(v.verify(&mint(&wrong_iss, "bob", 60, None, now()).unwrap()).is_err(), "issuer");
+        assert!(
+            v.verify(&mint(&wrong_iss, "bob", 60, None, now()).unwrap())
+                .is_err(),
+            "issuer"
+        );
         let wrong_aud = AuthConfig {
             audience: Some("other".into()),
             ..cfg.clone()
         };
-        assert!(v.verify(&mint(&wrong_aud, "bob", 60, None, now()).unwrap()).is_err(), "audience");
+        assert!(
+            v.verify(&mint(&wrong_aud, "bob", 60, None, now()).unwrap())
+                .is_err(),
+            "audience"
+        );
         // alg: none is refused.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJib2IiLCJleHAiOjk5OTk5OTk5OTl9.";
         assert!(v.verify(none).is_err());
@@ -204,7 +243,11 @@ mod tests {
             algorithm: "RS256".into(),
             ..AuthConfig::default()
         };
-        assert!(Verifier::from_config(&rs).err().unwrap().0.contains("public_key_file"));
+        assert!(Verifier::from_config(&rs)
+            .err()
+            .unwrap()
+            .0
+            .contains("public_key_file"));
         let bad = AuthConfig {
             algorithm: "none".into(),
             ..AuthConfig::default()

@@ -156,12 +156,16 @@ pub struct ConfigArgs {
     pub handshake_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_AUTH_TIMEOUT_MS")]
     pub auth_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_CLOSE_TIMEOUT_MS")]
+    pub close_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_FRAMES")]
     pub outbound_queue_frames: Option<usize>,
     #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
+    #[arg(long, env = "CORECAST_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
     /// text or json.
     #[arg(long, env = "CORECAST_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -187,7 +191,8 @@ impl ConfigArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+                toml::from_str(&text)
+                    .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
             }
             None => Config::default(),
         };
@@ -204,9 +209,11 @@ impl ConfigArgs {
             ping_timeout_ms,
             handshake_timeout_ms,
             auth_timeout_ms,
+            close_timeout_ms,
             shutdown_timeout_ms,
             outbound_queue_frames,
             outbound_queue_bytes,
+            max_header_bytes,
             log_format
         );
         if self.echo_endpoint {
@@ -242,10 +249,15 @@ impl Config {
             )));
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
-            return Err(ConfigError(format!("log_format must be text or json, not `{}`", self.log_format)));
+            return Err(ConfigError(format!(
+                "log_format must be text or json, not `{}`",
+                self.log_format
+            )));
         }
         if self.max_message_size < 125 {
-            return Err(ConfigError("max_message_size must be at least 125 bytes".into()));
+            return Err(ConfigError(
+                "max_message_size must be at least 125 bytes".into(),
+            ));
         }
         if self.outbound_queue_frames == 0 || self.mesh_queue_capacity == 0 {
             return Err(ConfigError("queue bounds must be at least 1".into()));
@@ -269,9 +281,12 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| ConfigError(format!("listen `{}` is not an address:port: {e}", self.listen)))
+        self.listen.parse().map_err(|e| {
+            ConfigError(format!(
+                "listen `{}` is not an address:port: {e}",
+                self.listen
+            ))
+        })
     }
 
     /// The number of shards to run.
@@ -293,7 +308,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("corecast-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nshards = 3\n[auth]\nsecret = \"s3cret-s3cret-s3cret\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nshards = 3\n[auth]\nsecret = \"s3cret-s3cret-s3cret\"\n",
+        )
+        .unwrap();
         let args = ConfigArgs {
             config: Some(path.clone()),
             shards: Some(2),

@@ -1,1 +1,186 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use corecast::config::ConfigArgs;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "corecast",
+    version,
+    about = "A thread-per-core WebSocket engine for chat-style applications"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine.
+    Serve(ConfigArgs),
+    /// Print a signed token for a user (development and tests).
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+        /// PEM private key, for RS256 and ES256.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Load the configuration, check it, and print the effective values.
+    CheckConfig(ConfigArgs),
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CORECAST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(args: ConfigArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("corecast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(&config.log_format);
+    let server = match corecast::server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if server.node.verifier.dev_mode {
+        tracing::warn!("==============================================================");
+        tracing::warn!("DEVELOPMENT MODE: no auth key configured. Tokens are signed with");
+        tracing::warn!("a public, well-known secret; anyone can connect as any user.");
+        tracing::warn!("Get one with: corecast token --user alice");
+        tracing::warn!("Set auth.secret or auth.public_key_file before exposing this.");
+        tracing::warn!("==============================================================");
+    }
+    let c = &server.node.config;
+    tracing::info!(
+        addr = %server.local_addr,
+        shards = server.node.shards(),
+        echo_endpoint = c.echo_endpoint,
+        max_message_size = c.max_message_size,
+        "corecast listening on {}",
+        server.local_addr
+    );
+    let node = server.node.clone();
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                let mut forever = signals.forever();
+                if let Some(sig) = forever.next() {
+                    tracing::info!(signal = sig, "shutting down gracefully");
+                    node.begin_drain();
+                }
+                if forever.next().is_some() {
+                    tracing::warn!("second signal: exiting now");
+                    std::process::exit(1);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot install signal handlers"),
+    }
+    match server.wait() {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => match args.load() {
+            Ok(c) => {
+                let mut shown = c.clone();
+                if shown.auth.secret.is_some() {
+                    shown.auth.secret = Some("<hidden>".into());
+                }
+                print!("{}", toml::to_string(&shown).expect("config serializes"));
+                let dev = c.auth.secret.is_none() && c.auth.public_key_file.is_none();
+                eprintln!(
+                    "configuration OK{}",
+                    if dev {
+                        " (development mode: no auth key configured)"
+                    } else {
+                        ""
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("corecast: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Token {
+            user,
+            ttl,
+            private_key,
+            config,
+        } => {
+            let cfg = match config.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("corecast: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let pem = match private_key.map(std::fs::read).transpose() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("corecast: cannot read private key: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match corecast::auth::mint(&cfg.auth, &user, ttl, pem.as_deref(), jsonwebtoken_now()) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("corecast: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn jsonwebtoken_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

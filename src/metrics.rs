@@ -52,7 +52,7 @@ pub struct ShardMetrics {
 }
 
 /// Renders all shards' metrics in the Prometheus text format.
-pub fn render(shards: &[ShardMetrics], io_driver: &str, ready: bool) -> String {
+pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: bool) -> String {
     let mut out = String::with_capacity(4096);
     let _ = writeln!(
         out,
@@ -178,7 +178,10 @@ mod tests {
 
     #[test]
     fn renders_every_shard_and_reason() {
-        let shards = [ShardMetrics::default(), ShardMetrics::default()];
+        let shards = [
+            std::sync::Arc::new(ShardMetrics::default()),
+            std::sync::Arc::new(ShardMetrics::default()),
+        ];
         shards[1].deliveries.add(42);
         shards[0].handshake_failures[HandshakeError::BadKey.index()].inc();
         let text = render(&shards, "io_uring", true);

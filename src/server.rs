@@ -1,0 +1,139 @@
+//! Node start-up and shutdown: listeners, shard threads, readiness.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError};
+use crate::mesh::Mesh;
+use crate::node::Node;
+
+/// A running node.
+pub struct Server {
+    pub node: Arc<Node>,
+    pub local_addr: SocketAddr,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    Io(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "configuration: {e}"),
+            StartError::Io(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// SO_REUSEPORT would let this node silently share a port with another
+/// process (a stale server, a second copy): refuse to start instead.
+fn ensure_port_free(addr: SocketAddr) -> Result<(), StartError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    let _ = probe.set_reuse_address(true);
+    probe.bind(&addr.into()).map_err(|e| {
+        StartError::Io(format!(
+            "cannot listen on {addr}: {e} (is another server running on this port?)"
+        ))
+    })?;
+    probe.listen(1).map_err(|e| {
+        StartError::Io(format!(
+            "cannot listen on {addr}: {e} (is another server running on this port?)"
+        ))
+    })
+}
+
+/// Binds the listeners and starts one thread per shard.
+pub fn start(config: Config) -> Result<Server, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    let verifier = Verifier::from_config(&config.auth).map_err(StartError::Config)?;
+    let shards = config.shard_count();
+    let addr = config.listen_addr().map_err(StartError::Config)?;
+    ensure_port_free(addr)?;
+    let first = reuseport_listener(addr)
+        .map_err(|e| StartError::Io(format!("cannot listen on {addr}: {e}")))?;
+    // With port 0 the first bind picks the port; the other shards join it.
+    let local_addr = first
+        .local_addr()
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(
+            reuseport_listener(local_addr)
+                .map_err(|e| StartError::Io(format!("cannot listen on {local_addr}: {e}")))?,
+        );
+    }
+    let (mesh, bells) =
+        Mesh::new(shards, config.mesh_queue_capacity).map_err(|e| StartError::Io(e.to_string()))?;
+    let node = Arc::new(Node::new(config, verifier, mesh));
+    let mut threads = Vec::with_capacity(shards);
+    for (id, (listener, bell)) in listeners.into_iter().zip(bells).enumerate() {
+        let node = node.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("corecast-shard-{id}"))
+            .spawn(move || {
+                let r = crate::shard::run(id, node.clone(), listener, bell);
+                if let Err(e) = &r {
+                    tracing::error!(shard = id, error = %e, "shard failed");
+                    // A node missing a shard would drop that shard's share of
+                    // connections: stop the whole node instead.
+                    node.begin_drain();
+                }
+                r
+            })
+            .map_err(|e| StartError::Io(format!("cannot start shard thread: {e}")))?;
+        threads.push(t);
+    }
+    Ok(Server {
+        node,
+        local_addr,
+        threads,
+    })
+}
+
+impl Server {
+    /// Starts graceful shutdown (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.node.begin_drain();
+    }
+
+    /// Waits for every shard to stop.
+    pub fn wait(self) -> Result<(), StartError> {
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(StartError::Io(format!("shard failed: {e}"))),
+                Err(_) => result = Err(StartError::Io("a shard thread panicked".into())),
+            }
+        }
+        result
+    }
+}

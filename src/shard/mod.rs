@@ -1,0 +1,758 @@
+//! The IO shell of one shard: a monoio runtime pinned to one core.
+//!
+//! A shard runs four kinds of task, all on its own thread:
+//! - the **accept loop** on its own SO_REUSEPORT listener;
+//! - one **connection task** per socket: handshake (or a plain HTTP
+//!   request), then the read loop that decodes frames and feeds the engine,
+//!   plus that connection's **writer** ([`conn::writer`]);
+//! - the **mesh drain**: pops messages from other shards in batches, feeds
+//!   them to the engine, and parks on the doorbell when there are none;
+//! - the **sweep**: pings quiet connections, closes unresponsive and
+//!   unauthenticated ones, shuts sockets whose close handshake timed out.
+//!
+//! The engine and the outbox sit in `RefCell`s; a borrow never spans an
+//! `await`, and only this thread touches them.
+
+pub mod conn;
+pub mod sync;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::{TcpListener, TcpStream};
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, ShardId};
+use crate::metrics::ShardMetrics;
+use crate::node::Node;
+use crate::protocol::{
+    self, binary, json, AckBody, ClientEvent, DecodeError, Empty, ErrorCode, Protocol, Ready,
+    ServerEvent, ServerMessage,
+};
+use crate::ws::handshake::{self, HandshakeConfig, Request, Upgrade};
+use crate::ws::{close, frame, Decoder, Message, OpCode};
+use conn::{ConnIo, State};
+use sync::{yield_now, Signal};
+
+/// Mesh messages a shard may hold back (queues full) before its connections
+/// stop reading: TCP then pushes back on the clients.
+const OUTBOX_HIGH: usize = 65_536;
+/// Mesh messages handled per drain round before other tasks get a turn.
+const DRAIN_BATCH: usize = 4096;
+/// Empty drain rounds (yielding to other tasks) before parking: a short spin
+/// keeps hand-offs under a microsecond when traffic is steady.
+const SPIN_ROUNDS: u32 = 16;
+
+/// Messages for other shards that did not fit their queue yet.
+pub struct Outbox {
+    node: Arc<Node>,
+    me: ShardId,
+    pending: Vec<VecDeque<MeshMsg>>,
+    backlog: usize,
+    dirty: Vec<ShardId>,
+}
+
+impl MeshTx for Outbox {
+    fn send(&mut self, to: ShardId, msg: MeshMsg) {
+        let q = &mut self.pending[to as usize];
+        if q.is_empty() {
+            match self.node.mesh.try_push(self.me, to, msg) {
+                Ok(()) => return self.mark(to),
+                Err(m) => q.push_back(m),
+            }
+        } else {
+            q.push_back(msg);
+        }
+        self.backlog += 1;
+    }
+}
+
+impl Outbox {
+    fn mark(&mut self, to: ShardId) {
+        if !self.dirty.contains(&to) {
+            self.dirty.push(to);
+        }
+    }
+
+    /// Moves held-back messages into their queues and rings each receiver
+    /// that got something, once.
+    fn flush(&mut self) {
+        if self.backlog > 0 {
+            for to in 0..self.pending.len() {
+                while let Some(m) = self.pending[to].pop_front() {
+                    match self.node.mesh.try_push(self.me, to as ShardId, m) {
+                        Ok(()) => {
+                            self.backlog -= 1;
+                            self.mark(to as ShardId);
+                        }
+                        Err(m) => {
+                            self.pending[to].push_front(m);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for to in self.dirty.drain(..) {
+            self.node.mesh.wake(to);
+        }
+    }
+}
+
+/// Every connection past its handshake, for the sweep and for shutdown.
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Rc<ConnIo>>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+impl Registry {
+    fn insert(&mut self, io: Rc<ConnIo>) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(io);
+                i
+            }
+            None => {
+                self.slots.push(Some(io));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        if self.slots[i].take().is_some() {
+            self.live -= 1;
+            self.free.push(i);
+        }
+    }
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    node: Arc<Node>,
+    engine: RefCell<Engine<Rc<ConnIo>>>,
+    outbox: RefCell<Outbox>,
+    registry: RefCell<Registry>,
+    scratch: RefCell<json::Scratch>,
+    handshake: HandshakeConfig,
+    draining: Signal,
+    stop: Signal,
+    session_counter: Cell<u64>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return now_ms() ^ 0x9E37_79B9_7F4A_7C15;
+    }
+    u64::from_ne_bytes(b)
+}
+
+impl Shard {
+    fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.id as usize]
+    }
+
+    fn new_session_id(&self) -> String {
+        let n = self.session_counter.get() + 1;
+        self.session_counter.set(n);
+        format!("{:016x}{:016x}", random_u64(), n)
+    }
+}
+
+/// Runs shard `id` on the current thread until the node has drained.
+pub fn run(
+    id: usize,
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    bell: StdUnixStream,
+) -> std::io::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Err(e) = monoio::utils::bind_to_cpu_set([id % cores]) {
+        tracing::warn!(shard = id, error = ?e, "could not pin shard to its core");
+    }
+    let driver = node.config.io_driver.clone();
+    if driver != "epoll" {
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(1024)
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => return rt.block_on(shard_main(id, node, listener, bell, "io_uring")),
+            Err(e) if driver == "auto" => {
+                tracing::warn!(shard = id, error = %e, "io_uring is unavailable; falling back to epoll")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
+    rt.block_on(shard_main(id, node, listener, bell, "epoll"))
+}
+
+async fn shard_main(
+    id: usize,
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    bell: StdUnixStream,
+    driver: &'static str,
+) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let bell = monoio::net::UnixStream::from_std(bell)?;
+    let n = node.shards();
+    let shard = Rc::new(Shard {
+        id: id as ShardId,
+        engine: RefCell::new(Engine::new(
+            id as ShardId,
+            n as u16,
+            Limits {
+                max_channels_per_connection: node.config.max_channels_per_connection,
+                max_content_chars: node.config.max_content_chars,
+                ..Limits::default()
+            },
+            node.metrics[id].clone(),
+            random_u64(),
+        )),
+        outbox: RefCell::new(Outbox {
+            node: node.clone(),
+            me: id as ShardId,
+            pending: (0..n).map(|_| VecDeque::new()).collect(),
+            backlog: 0,
+            dirty: Vec::new(),
+        }),
+        registry: RefCell::new(Registry::default()),
+        scratch: RefCell::new(json::Scratch::default()),
+        handshake: HandshakeConfig {
+            allowed_origins: node.config.allowed_origins.clone(),
+            max_header_bytes: node.config.max_header_bytes,
+        },
+        draining: Signal::default(),
+        stop: Signal::default(),
+        session_counter: Cell::new(0),
+        node,
+    });
+    monoio::spawn(drain_mesh(shard.clone(), bell));
+    monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(accept_loop(shard.clone(), listener));
+    shard.node.shard_started(id, driver);
+    tracing::info!(shard = id, io_driver = driver, "shard started");
+
+    shard.draining.wait().await;
+    let live = shard.registry.borrow().live;
+    tracing::info!(
+        shard = id,
+        connections = live,
+        "draining: closing connections with 1001"
+    );
+    for io in shard.registry.borrow().slots.iter().flatten() {
+        io.close(close::GOING_AWAY, "server shutting down");
+    }
+    let deadline = Instant::now() + Duration::from_millis(shard.node.config.shutdown_timeout_ms);
+    while shard.registry.borrow().live > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for io in shard.registry.borrow().slots.iter().flatten() {
+        io.abort();
+    }
+    shard.stop.set();
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        monoio::select! {
+            _ = shard.stop.wait() => break,
+            res = listener.accept() => match res {
+                Ok((stream, _addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    monoio::spawn(serve_socket(shard.clone(), stream));
+                }
+                Err(e) => {
+                    tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn drain_mesh(shard: Rc<Shard>, mut bell: monoio::net::UnixStream) {
+    let node = shard.node.clone();
+    let me = shard.id;
+    let n = node.shards() as ShardId;
+    let mut buf = vec![0u8; 64];
+    let mut idle = 0u32;
+    loop {
+        let mut got = 0;
+        {
+            let mut engine = shard.engine.borrow_mut();
+            let mut outbox = shard.outbox.borrow_mut();
+            let now = now_ms();
+            for from in 0..n {
+                while got < DRAIN_BATCH {
+                    let Some(m) = node.mesh.pop(from, me) else {
+                        break;
+                    };
+                    engine.handle_mesh(m, now, &mut *outbox);
+                    got += 1;
+                }
+            }
+            outbox.flush();
+        }
+        shard.metrics().mesh_messages_in.add(got as u64);
+        if node.is_draining() && !shard.draining.is_set() {
+            shard.draining.set();
+        }
+        if shard.stop.is_set() {
+            return;
+        }
+        if got > 0 {
+            idle = 0;
+            yield_now().await;
+            continue;
+        }
+        if shard.outbox.borrow().backlog > 0 {
+            monoio::time::sleep(Duration::from_micros(50)).await;
+            continue;
+        }
+        if idle < SPIN_ROUNDS {
+            idle += 1;
+            yield_now().await;
+            continue;
+        }
+        idle = 0;
+        if !node.mesh.park(me) {
+            continue;
+        }
+        let (res, b) = bell.read(buf).await;
+        buf = b;
+        node.mesh.unpark(me);
+        if !matches!(res, Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+async fn sweep(shard: Rc<Shard>) {
+    let c = &shard.node.config;
+    let ping_interval = Duration::from_millis(c.ping_interval_ms);
+    let ping_timeout = Duration::from_millis(c.ping_timeout_ms);
+    let close_timeout = Duration::from_millis(c.close_timeout_ms);
+    let tick = [
+        c.ping_interval_ms,
+        c.ping_timeout_ms,
+        c.close_timeout_ms,
+        c.auth_timeout_ms,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1000)
+    .div_ceil(4)
+    .clamp(10, 1000);
+    let ping = frame::encode(OpCode::Ping, b"");
+    loop {
+        monoio::time::sleep(Duration::from_millis(tick)).await;
+        if shard.stop.is_set() {
+            return;
+        }
+        let now = Instant::now();
+        for io in shard.registry.borrow().slots.iter().flatten() {
+            match io.state() {
+                State::Done => {}
+                State::Closing => {
+                    if io
+                        .closing_since
+                        .get()
+                        .is_some_and(|t| now - t >= close_timeout)
+                    {
+                        io.abort();
+                    }
+                }
+                State::Open => {
+                    if io.auth_deadline.get().is_some_and(|t| now >= t) {
+                        shard.metrics().auth_failures.inc();
+                        let msg = ServerMessage::error(
+                            None,
+                            ErrorCode::Unauthorized,
+                            "no `auth` message in time",
+                        );
+                        io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
+                        io.close(close::UNAUTHORIZED, "authentication timeout");
+                    } else if let Some(sent) = io.ping_sent.get() {
+                        if now - sent >= ping_timeout {
+                            shard.metrics().keepalive_closes.inc();
+                            io.close(close::POLICY_VIOLATION, "ping timeout");
+                        }
+                    } else if now - io.last_rx.get() >= ping_interval {
+                        io.ping_sent.set(Some(now));
+                        io.push_control(ping.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn write_and_close(mut stream: TcpStream, response: Vec<u8>) {
+    let (_, _) = stream.write_all(response).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads the request head within the handshake deadline.
+async fn read_request(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Option<Result<(Request, usize), handshake::HandshakeError>> {
+    let cfg = &shard.handshake;
+    let deadline = Duration::from_millis(shard.node.config.handshake_timeout_ms);
+    let read = async {
+        loop {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(2048);
+            }
+            let (len, cap) = (buf.len(), buf.capacity());
+            let owned = std::mem::take(buf);
+            let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            match handshake::parse_request(buf, cfg) {
+                Ok(None) => continue,
+                other => return other.transpose(),
+            }
+        }
+    };
+    match monoio::time::timeout(deadline, read).await {
+        Ok(r) => r,
+        Err(_) => {
+            shard.metrics().handshake_timeouts.inc();
+            None
+        }
+    }
+}
+
+async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut buf = BytesMut::with_capacity(2048);
+    let (req, consumed) = match read_request(&shard, &mut stream, &mut buf).await {
+        None => return,
+        Some(Err(e)) => {
+            shard.metrics().handshake_failures[e.index()].inc();
+            return write_and_close(stream, e.response()).await;
+        }
+        Some(Ok(r)) => r,
+    };
+    let _ = buf.split_to(consumed);
+    let up = match req {
+        Request::Plain(p) => {
+            return write_and_close(stream, plain_http(&shard.node, &p.method, &p.path)).await
+        }
+        Request::Upgrade(up) => up,
+    };
+    let echo = match up.path.as_str() {
+        "/" | "/ws" => false,
+        "/echo" if shard.node.config.echo_endpoint => true,
+        _ => {
+            return write_and_close(
+                stream,
+                handshake::http_response(404, "", "text/plain", b"not_found"),
+            )
+            .await
+        }
+    };
+    if shard.node.is_draining() {
+        return write_and_close(
+            stream,
+            handshake::http_response(503, "", "text/plain", b"draining"),
+        )
+        .await;
+    }
+    let token = up.bearer.clone().or_else(|| up.query_token.clone());
+    let user = match (&token, echo) {
+        (Some(t), false) => match shard.node.verifier.verify(t) {
+            Ok(user) => Some(user),
+            Err(e) => {
+                shard.metrics().auth_failures.inc();
+                tracing::debug!(shard = shard.id, error = %e, "handshake token refused");
+                return write_and_close(
+                    stream,
+                    handshake::http_response(401, "", "text/plain", e.0.as_bytes()),
+                )
+                .await;
+            }
+        },
+        _ => None,
+    };
+    let (res, _) = stream.write_all(handshake::accept_response(&up)).await;
+    if res.is_err() {
+        return;
+    }
+    serve_ws(shard, stream, buf, up, echo, user).await;
+}
+
+fn plain_http(node: &Node, method: &str, path: &str) -> Vec<u8> {
+    let path = path.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return handshake::http_response(
+            405,
+            "Allow: GET\r\n",
+            "text/plain",
+            b"method_not_allowed",
+        );
+    }
+    match path {
+        "/health" => handshake::http_response(200, "", "text/plain", b"ok\n"),
+        "/ready" if node.is_ready() => handshake::http_response(200, "", "text/plain", b"ready\n"),
+        "/ready" => handshake::http_response(
+            503,
+            "",
+            "text/plain",
+            format!("{}\n", node.state_name()).as_bytes(),
+        ),
+        "/metrics" => handshake::http_response(
+            200,
+            "",
+            "text/plain; version=0.0.4",
+            node.metrics_text().as_bytes(),
+        ),
+        _ => handshake::http_response(404, "", "text/plain", b"not_found"),
+    }
+}
+
+enum Mode {
+    Echo,
+    Unauthenticated,
+    Authenticated(ConnId),
+}
+
+/// What the read loop does after a message.
+enum Next {
+    Continue,
+    /// The closing handshake is over (or the connection failed): tear down.
+    Finish,
+}
+
+struct Session {
+    shard: Rc<Shard>,
+    io: Rc<ConnIo>,
+    protocol: Protocol,
+    mode: Mode,
+}
+
+impl Session {
+    fn reply(&self, msg: &ServerMessage) {
+        self.io
+            .push_data(&protocol::encode_frame(self.protocol, msg));
+    }
+
+    fn authenticate(&mut self, user: String, ack: Option<u64>) {
+        let session = self.shard.new_session_id();
+        let member = Member {
+            user: user.as_str().into(),
+            session: session.as_str().into(),
+            protocol: self.protocol,
+        };
+        let id = self.shard.engine.borrow_mut().open(self.io.clone(), member);
+        self.mode = Mode::Authenticated(id);
+        self.io.auth_deadline.set(None);
+        if ack.is_some() {
+            self.reply(&ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+        }
+        self.reply(&ServerMessage::event(ServerEvent::Ready(Ready {
+            user_id: user,
+            session_id: session,
+            shard: self.shard.id as u32,
+            heartbeat_interval_ms: self.shard.node.config.ping_interval_ms,
+        })));
+    }
+
+    fn on_data(&mut self, text: bool, mut payload: BytesMut) {
+        if self.io.state() != State::Open {
+            return;
+        }
+        if let Mode::Echo = self.mode {
+            let op = if text { OpCode::Text } else { OpCode::Binary };
+            self.io.push_data(&frame::encode(op, &payload));
+            return;
+        }
+        let decoded = match (self.protocol, text) {
+            (Protocol::Json, true) => {
+                json::decode_client(&mut payload, &mut self.shard.scratch.borrow_mut())
+            }
+            (Protocol::Binary, false) => binary::decode_client(&payload),
+            (Protocol::Json, false) => {
+                Err(DecodeError::new(None, "corecast.json takes text frames"))
+            }
+            (Protocol::Binary, true) => {
+                Err(DecodeError::new(None, "corecast.bin takes binary frames"))
+            }
+        };
+        let msg = match decoded {
+            Ok(m) => m,
+            Err(e) => {
+                return self.reply(&ServerMessage::error(
+                    e.id,
+                    ErrorCode::BadRequest,
+                    e.message,
+                ))
+            }
+        };
+        match self.mode {
+            Mode::Authenticated(id) => {
+                let mut outbox = self.shard.outbox.borrow_mut();
+                self.shard
+                    .engine
+                    .borrow_mut()
+                    .handle(id, msg, now_ms(), &mut *outbox);
+            }
+            Mode::Unauthenticated => match msg.event {
+                ClientEvent::Auth(a) => match self.shard.node.verifier.verify(&a.token) {
+                    Ok(user) => self.authenticate(user, msg.id),
+                    Err(e) => {
+                        self.shard.metrics().auth_failures.inc();
+                        self.reply(&ServerMessage::error(msg.id, ErrorCode::Unauthorized, e.0));
+                        self.io.close(close::UNAUTHORIZED, "unauthorized");
+                    }
+                },
+                _ => self.reply(&ServerMessage::error(
+                    msg.id,
+                    ErrorCode::Unauthorized,
+                    "authenticate first: send `auth` with a token",
+                )),
+            },
+            Mode::Echo => unreachable!("handled above"),
+        }
+    }
+
+    fn on_message(&mut self, m: Message) -> Next {
+        match m {
+            Message::Text(p) => self.on_data(true, p),
+            Message::Binary(p) => self.on_data(false, p),
+            Message::Ping(p) => self.io.push_control(frame::encode(OpCode::Pong, &p)),
+            Message::Pong(_) => {}
+            Message::Close(c) => {
+                if self.io.state() == State::Open {
+                    // Echo the peer's code (RFC 6455 §5.5.1).
+                    let payload = c
+                        .map(|(code, _)| close::payload(code, ""))
+                        .unwrap_or_default();
+                    self.io.close_with(payload);
+                }
+                return Next::Finish;
+            }
+        }
+        Next::Continue
+    }
+}
+
+async fn serve_ws(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    mut buf: BytesMut,
+    up: Upgrade,
+    echo: bool,
+    user: Option<String>,
+) {
+    let now = Instant::now();
+    let io = Rc::new(ConnIo::new(
+        stream.as_raw_fd(),
+        shard.node.clone(),
+        shard.id as usize,
+        now,
+    ));
+    let reg_slot = shard.registry.borrow_mut().insert(io.clone());
+    let metrics_conn = &shard.node.metrics[shard.id as usize];
+    metrics_conn.connections.inc();
+    metrics_conn.connections_total.inc();
+    let (mut rd, wr) = stream.into_split();
+    monoio::spawn(conn::writer(io.clone(), wr));
+    let mut s = Session {
+        shard: shard.clone(),
+        io: io.clone(),
+        protocol: up.protocol,
+        mode: if echo {
+            Mode::Echo
+        } else {
+            Mode::Unauthenticated
+        },
+    };
+    match user {
+        Some(u) => s.authenticate(u, None),
+        None if !echo => io.auth_deadline.set(Some(
+            now + Duration::from_millis(shard.node.config.auth_timeout_ms),
+        )),
+        None => {}
+    }
+    let mut decoder = Decoder::new(shard.node.config.max_message_size);
+    'conn: loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(m)) => {
+                    metrics_conn.frames_in.inc();
+                    if let Next::Finish = s.on_message(m) {
+                        break 'conn;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    metrics_conn.protocol_errors.inc();
+                    tracing::debug!(shard = shard.id, error = %e, "protocol error");
+                    io.close(e.close_code(), e.reason());
+                    break 'conn;
+                }
+            }
+        }
+        shard.outbox.borrow_mut().flush();
+        if io.state() == State::Done {
+            break;
+        }
+        while shard.outbox.borrow().backlog > OUTBOX_HIGH {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = rd.read(std::mem::take(&mut buf).slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                metrics_conn.bytes_in.add(n as u64);
+                io.last_rx.set(Instant::now());
+                io.ping_sent.set(None);
+            }
+        }
+    }
+    if let Mode::Authenticated(id) = s.mode {
+        let mut outbox = shard.outbox.borrow_mut();
+        shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
+        outbox.flush();
+    }
+    let close_timeout = Duration::from_millis(shard.node.config.close_timeout_ms);
+    let _ = monoio::time::timeout(close_timeout, io.flushed()).await;
+    io.abort();
+    shard.registry.borrow_mut().remove(reg_slot);
+    metrics_conn.connections.sub(1);
+}

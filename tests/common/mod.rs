@@ -1,0 +1,394 @@
+//! Test harness: runs the real `corecast` binary on 127.0.0.1 port 0 and
+//! talks to it through real sockets, with tokio-tungstenite as the
+//! independent client and a raw socket for malformed input.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corecast::config::AuthConfig;
+use corecast::ws::frame::{encode_masked, parse_header};
+use corecast::ws::OpCode;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `corecast serve` with an HS256 secret, on a free port.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--auth-secret", SECRET];
+        args.extend_from_slice(extra);
+        Self::start_raw(&args, &[])
+    }
+
+    pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
+        cmd.args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("CORECAST_LOG", "info,corecast=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start corecast");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("corecast listening on ").nth(1) {
+                    let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                    let _ = tx.send(addr);
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("corecast did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        let s = Server { child, addr, log };
+        s.wait_ready();
+        s
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if http_get(self.addr, "/ready").0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("never ready:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.addr, "/metrics").1
+    }
+
+    /// Sum of a metric over its series.
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    pub fn sigterm(&self) {
+        unsafe {
+            libc_kill(self.child.id() as i32, 15);
+        }
+    }
+
+    /// Waits for the process to exit and returns its code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn token(user: &str, ttl: i64) -> String {
+    let cfg = AuthConfig {
+        secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    corecast::auth::mint(&cfg, user, ttl, None, now).unwrap()
+}
+
+/// A plain HTTP GET; returns the status and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sends raw request bytes and returns the whole response.
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A WebSocket client on a raw socket, for frames a real client would
+/// never send.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct RawFrame {
+    pub opcode: OpCode,
+    pub fin: bool,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == OpCode::Close && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr, path: &str, extra: &str) -> Raw {
+        Self::connect_with(TcpStream::connect(addr).unwrap(), path, extra)
+    }
+
+    pub fn connect_with(mut s: TcpStream, path: &str, extra: &str) -> Raw {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(upgrade_request(path, extra).as_bytes())
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let n = s.read(&mut tmp).unwrap();
+            assert!(
+                n > 0,
+                "closed during handshake: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..head_end);
+        Raw { s, buf }
+    }
+
+    pub fn send(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) {
+        self.s
+            .write_all(&encode_masked(fin, opcode, payload, [9, 8, 7, 6]))
+            .unwrap();
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// The next frame, or None when the server closed the socket.
+    pub fn recv(&mut self) -> Option<RawFrame> {
+        let mut tmp = [0u8; 65536];
+        loop {
+            if let Ok(Some(h)) = parse_header(&self.buf) {
+                assert!(h.mask.is_none(), "server frames are never masked");
+                let total = h.header_len + h.payload_len as usize;
+                if self.buf.len() >= total {
+                    let payload = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    return Some(RawFrame {
+                        opcode: h.opcode,
+                        fin: h.fin,
+                        payload,
+                    });
+                }
+            }
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// Skips frames until a close frame; returns its code (None if the
+    /// socket closed without one).
+    pub fn recv_close(&mut self) -> Option<u16> {
+        while let Some(f) = self.recv() {
+            if f.opcode == OpCode::Close {
+                return f.close_code().or(Some(1005));
+            }
+        }
+        None
+    }
+
+    pub fn json(&mut self, v: Value) {
+        self.send(true, OpCode::Text, v.to_string().as_bytes());
+    }
+
+    /// The next text frame as JSON.
+    pub fn recv_json(&mut self) -> Value {
+        loop {
+            let f = self.recv().expect("connection closed");
+            if f.opcode == OpCode::Text {
+                return serde_json::from_slice(&f.payload).unwrap();
+            }
+        }
+    }
+
+    /// Whether the server has closed the TCP connection (EOF).
+    pub fn is_eof(&mut self) -> bool {
+        let mut tmp = [0u8; 65536];
+        loop {
+            match self.s.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects with tokio-tungstenite, optionally offering a subprotocol.
+pub async fn ws_connect(url: &str, protocol: Option<&str>) -> Ws {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(p) = protocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ws
+}
+
+/// Connects as `user` with a `?token=` and returns the socket and its `ready`.
+pub async fn ws_user(server: &Server, user: &str) -> (Ws, Value) {
+    let mut ws = ws_connect(
+        &server.url(&format!("/ws?token={}", token(user, 600))),
+        None,
+    )
+    .await;
+    let ready = recv_event(&mut ws, "ready").await;
+    (ws, ready)
+}
+
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next text message as JSON (fails after 10 s).
+pub async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("stream ended")
+            .expect("websocket error");
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Skips messages until one whose `t` is `event`.
+pub async fn recv_event(ws: &mut Ws, event: &str) -> Value {
+    for _ in 0..10_000 {
+        let v = recv(ws).await;
+        if v["t"] == event {
+            return v;
+        }
+    }
+    panic!("no {event}");
+}
+
+/// Reads until the server's close frame and returns its code.
+pub async fn recv_close(ws: &mut Ws) -> Option<CloseCode> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("timed out waiting for close")
+        {
+            Some(Ok(Message::Close(c))) => return c.map(|c| c.code),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+pub async fn join(ws: &mut Ws, channel: &str, id: u64) -> Value {
+    send(
+        ws,
+        json!({"t": "channel:join", "id": id, "d": {"channelId": channel}}),
+    )
+    .await;
+    loop {
+        let v = recv(ws).await;
+        if v["t"] == "ack" && v["id"] == id {
+            return v;
+        }
+        assert_ne!(v["t"], "error", "{v}");
+    }
+}
