@@ -72,7 +72,10 @@ impl Default for Config {
             // so the bytes bound is logical, not memory per connection.
             outbound_queue_frames: 4096,
             outbound_queue_bytes: 16 << 20,
-            mesh_queue_capacity: 65_536,
+            // Slots are allocated up front (N² queues of about 100 bytes a
+            // slot); a full queue spills into the sender's outbox, so this
+            // bounds memory, not throughput.
+            mesh_queue_capacity: 4096,
             max_channels_per_connection: 256,
             max_content_chars: 4000,
             log_format: "text".into(),

@@ -124,7 +124,8 @@ fn protocol_violations_get_their_close_codes() {
         "--max-message-size",
         "1000",
     ]);
-    let cases: Vec<(Box<dyn Fn(&mut Raw)>, u16)> = vec![
+    type Act = Box<dyn Fn(&mut Raw)>;
+    let cases: Vec<(Act, u16)> = vec![
         (
             Box::new(|c| c.send(true, OpCode::Text, &[0xC3, 0x28])),
             1007,

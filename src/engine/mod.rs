@@ -59,45 +59,59 @@ pub trait MeshTx {
 }
 
 /// What crosses between shards. Everything is owned or refcounted: no
-/// shared mutable state.
+/// shared mutable state. The hot variant, `Deliver`, is kept inline (a
+/// channel name and two refcounted frames); rarer, larger ones are boxed so
+/// that queue slots stay small.
 #[derive(Debug)]
 pub enum MeshMsg {
     /// To the owner: a connection asks to join.
-    Join {
-        channel: Arc<str>,
-        from: ConnRef,
-        member: Member,
-        ack: Option<u64>,
-    },
+    Join(Box<Join>),
     /// From the owner: the join is sequenced; deliveries follow from here.
-    Joined {
-        channel: Arc<str>,
-        conn: ConnId,
-        member: Member,
-        ack: Option<u64>,
-        offset: u64,
-        epoch: Arc<str>,
-        members: u32,
-    },
+    Joined(Box<Joined>),
     /// To the owner: a connection left (or closed).
-    Leave {
-        channel: Arc<str>,
-        from: ConnRef,
-        member: Member,
-    },
+    Leave(Box<Leave>),
     /// To the owner: a message to sequence and fan out.
-    Publish {
-        channel: Arc<str>,
-        from: ConnRef,
-        member: Member,
-        ack: Option<u64>,
-        content: String,
-        reply_to: Option<String>,
-    },
+    Publish(Box<Publish>),
     /// From the owner: an event for every local member of the channel.
     Deliver { channel: Arc<str>, frames: Frames },
     /// A frame for one local connection (an ack or an error).
     ToConn { conn: ConnId, frame: Bytes },
+}
+
+#[derive(Debug)]
+pub struct Join {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Joined {
+    pub channel: Arc<str>,
+    pub conn: ConnId,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub members: u32,
+}
+
+#[derive(Debug)]
+pub struct Leave {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+}
+
+#[derive(Debug)]
+pub struct Publish {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub content: String,
+    pub reply_to: Option<String>,
 }
 
 /// Who a connection is, as carried in membership messages.
@@ -301,11 +315,11 @@ impl<O: Outbound> Engine<O> {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
                 self.remove_local(&channel, id);
-                let msg = MeshMsg::Leave {
+                let msg = MeshMsg::Leave(Box::new(Leave {
                     channel: channel.clone(),
                     from: self.here(id),
                     member: conn.member.clone(),
-                };
+                }));
                 self.route(owner_of(&channel, self.shards), msg, now_ms, tx);
             }
         }
@@ -412,12 +426,12 @@ impl<O: Outbound> Engine<O> {
         let owner = owner_of(&channel, self.shards);
         self.route(
             owner,
-            MeshMsg::Join {
+            MeshMsg::Join(Box::new(Join {
                 channel,
                 from,
                 member,
                 ack,
-            },
+            })),
             now_ms,
             tx,
         );
@@ -450,11 +464,11 @@ impl<O: Outbound> Engine<O> {
             let owner = owner_of(&channel, self.shards);
             self.route(
                 owner,
-                MeshMsg::Leave {
+                MeshMsg::Leave(Box::new(Leave {
                     channel,
                     from,
                     member,
-                },
+                })),
                 now_ms,
                 tx,
             );
@@ -492,14 +506,14 @@ impl<O: Outbound> Engine<O> {
                 format!("join `{}` before sending to it", m.channel_id),
             );
         };
-        let msg = MeshMsg::Publish {
+        let msg = MeshMsg::Publish(Box::new(Publish {
             channel: channel.clone(),
             from: self.here(id),
             member: conn.member.clone(),
             ack,
             content: m.content,
             reply_to: m.reply_to,
-        };
+        }));
         let owner = owner_of(&m.channel_id, self.shards);
         self.route(owner, msg, now_ms, tx);
     }
@@ -564,12 +578,13 @@ impl<O: Outbound> Engine<O> {
     /// Handles a message from another shard (or routed to this one).
     pub fn handle_mesh(&mut self, msg: MeshMsg, now_ms: u64, tx: &mut impl MeshTx) {
         match msg {
-            MeshMsg::Join {
-                channel,
-                from,
-                member,
-                ack,
-            } => {
+            MeshMsg::Join(j) => {
+                let Join {
+                    channel,
+                    from,
+                    member,
+                    ack,
+                } = *j;
                 if !self.owned.contains_key(&channel) {
                     let epoch = self.next_epoch();
                     self.owned.insert(
@@ -590,7 +605,7 @@ impl<O: Outbound> Engine<O> {
                 self.fan_out(&channel, &event, now_ms, tx);
                 let owned = self.owned.get_mut(&channel).expect("inserted above");
                 owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
-                let joined = MeshMsg::Joined {
+                let joined = MeshMsg::Joined(Box::new(Joined {
                     channel,
                     conn: from.conn,
                     member,
@@ -598,18 +613,19 @@ impl<O: Outbound> Engine<O> {
                     offset: owned.offset,
                     epoch: owned.epoch.clone(),
                     members: owned.total(),
-                };
+                }));
                 self.route(from.shard, joined, now_ms, tx);
             }
-            MeshMsg::Joined {
-                channel,
-                conn: id,
-                member,
-                ack,
-                offset,
-                epoch,
-                members,
-            } => {
+            MeshMsg::Joined(j) => {
+                let Joined {
+                    channel,
+                    conn: id,
+                    member,
+                    ack,
+                    offset,
+                    epoch,
+                    members,
+                } = *j;
                 let pending = self.conn_mut(id).and_then(|c| {
                     c.channels
                         .iter_mut()
@@ -639,22 +655,23 @@ impl<O: Outbound> Engine<O> {
                         let from = self.here(id);
                         self.route(
                             owner,
-                            MeshMsg::Leave {
+                            MeshMsg::Leave(Box::new(Leave {
                                 channel,
                                 from,
                                 member,
-                            },
+                            })),
                             now_ms,
                             tx,
                         );
                     }
                 }
             }
-            MeshMsg::Leave {
-                channel,
-                from,
-                member,
-            } => {
+            MeshMsg::Leave(l) => {
+                let Leave {
+                    channel,
+                    from,
+                    member,
+                } = *l;
                 let Some(owned) = self.owned.get_mut(&channel) else {
                     return;
                 };
@@ -671,14 +688,15 @@ impl<O: Outbound> Engine<O> {
                 }));
                 self.fan_out(&channel, &event, now_ms, tx);
             }
-            MeshMsg::Publish {
-                channel,
-                from,
-                member,
-                ack,
-                content,
-                reply_to,
-            } => {
+            MeshMsg::Publish(p) => {
+                let Publish {
+                    channel,
+                    from,
+                    member,
+                    ack,
+                    content,
+                    reply_to,
+                } = *p;
                 let Some(owned) = self.owned.get_mut(&channel) else {
                     let msg = ServerMessage::error(
                         ack,
