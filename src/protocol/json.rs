@@ -6,7 +6,6 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use simd_json::{BorrowedValue, StaticNode};
 
 use super::events::*;
 use super::DecodeError;
@@ -21,51 +20,203 @@ impl Default for Scratch {
 }
 
 /// Parses a client envelope in place (`buf` is overwritten).
+///
+/// simd-json deserializes straight into [`RawEnvelope`], whose fields
+/// borrow from `buf`; each field is read "loosely" (a string, a number, or
+/// the name of what it was instead) so that errors can name the field
+/// without building a value tree first.
 pub fn decode_client(buf: &mut [u8], scratch: &mut Scratch) -> Result<ClientMessage, DecodeError> {
-    let value = simd_json::value::borrowed::to_value_with_buffers(buf, &mut scratch.0)
-        .map_err(|e| DecodeError::new(None, format!("invalid JSON: {e}")))?;
-    let BorrowedValue::Object(mut obj) = value else {
-        return Err(DecodeError::new(None, "the envelope must be a JSON object"));
-    };
-    let id = match obj.remove("id") {
-        None | Some(BorrowedValue::Static(StaticNode::Null)) => None,
-        Some(BorrowedValue::Static(StaticNode::U64(n))) => Some(n),
-        Some(BorrowedValue::Static(StaticNode::I64(n))) if n >= 0 => Some(n as u64),
-        Some(_) => {
+    let raw: RawEnvelope<'_> = simd_json::serde::from_slice_with_buffers(buf, &mut scratch.0).map_err(|e| {
+        DecodeError::new(
+            None,
+            match e.error() {
+                simd_json::ErrorType::ExpectedMap | simd_json::ErrorType::Serde(_) => {
+                    "invalid envelope: it must be an object {\"t\", \"id\", \"d\"} and `d` an object".to_string()
+                }
+                _ => format!("invalid JSON: {e}"),
+            },
+        )
+    })?;
+    let id = match raw.id {
+        None | Some(Loose::Null) => None,
+        Some(Loose::U64(n)) => Some(n),
+        Some(other) => {
             return Err(DecodeError::new(
                 None,
-                "`id` must be a non-negative integer",
+                format!("`id` must be a non-negative integer, not {}", other.kind()),
             ))
         }
     };
-    let t = match obj.remove("t") {
-        Some(BorrowedValue::String(t)) => t,
-        Some(_) => return Err(DecodeError::new(id, "`t` must be a string")),
+    let t = match raw.t {
+        Some(Loose::Str(t)) => t,
+        Some(other) => {
+            return Err(DecodeError::new(
+                id,
+                format!("`t` must be a string, not {}", other.kind()),
+            ))
+        }
         None => return Err(DecodeError::new(id, "missing `t` (the event name)")),
     };
-    let d = obj.remove("d");
     let event = match &*t {
-        "auth" => ClientEvent::Auth(payload(id, d)?),
         "heartbeat" => ClientEvent::Heartbeat,
-        "channel:join" => ClientEvent::ChannelJoin(payload(id, d)?),
-        "channel:leave" => ClientEvent::ChannelLeave(payload(id, d)?),
-        "message:send" => ClientEvent::MessageSend(payload(id, d)?),
+        "auth" | "channel:join" | "channel:leave" | "message:send" => {
+            let Some(d) = raw.d else {
+                return Err(DecodeError::new(id, "missing `d` (the event payload)"));
+            };
+            match &*t {
+                "auth" => ClientEvent::Auth(Auth {
+                    token: d.string(id, "token", d.token.as_ref())?,
+                }),
+                "channel:join" => ClientEvent::ChannelJoin(ChannelRef {
+                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
+                }),
+                "channel:leave" => ClientEvent::ChannelLeave(ChannelRef {
+                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
+                }),
+                _ => ClientEvent::MessageSend(MessageSend {
+                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
+                    content: d.string(id, "content", d.content.as_ref())?,
+                    reply_to: d.optional_string(id, "replyTo", d.reply_to.as_ref())?,
+                }),
+            }
+        }
         other => ClientEvent::Unsupported(other.to_owned()),
     };
     Ok(ClientMessage { id, event })
 }
 
-fn payload<T: DeserializeOwned>(
-    id: Option<u64>,
-    d: Option<BorrowedValue<'_>>,
-) -> Result<T, DecodeError> {
-    let d = match d {
-        Some(v @ BorrowedValue::Object(_)) => v,
-        Some(_) => return Err(DecodeError::new(id, "`d` must be a JSON object")),
-        None => return Err(DecodeError::new(id, "missing `d` (the event payload)")),
-    };
-    simd_json::serde::from_borrowed_value(d)
-        .map_err(|e| DecodeError::new(id, format!("invalid `d`: {e}")))
+#[derive(serde::Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow)]
+    t: Option<Loose<'a>>,
+    #[serde(borrow)]
+    id: Option<Loose<'a>>,
+    #[serde(borrow)]
+    d: Option<RawPayload<'a>>,
+}
+
+/// The union of every payload field; each event takes what it needs.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPayload<'a> {
+    #[serde(borrow)]
+    channel_id: Option<Loose<'a>>,
+    #[serde(borrow)]
+    content: Option<Loose<'a>>,
+    #[serde(borrow)]
+    reply_to: Option<Loose<'a>>,
+    #[serde(borrow)]
+    token: Option<Loose<'a>>,
+}
+
+impl RawPayload<'_> {
+    fn string(
+        &self,
+        id: Option<u64>,
+        name: &str,
+        v: Option<&Loose<'_>>,
+    ) -> Result<String, DecodeError> {
+        match v {
+            Some(Loose::Str(s)) => Ok(s.to_string()),
+            Some(other) => Err(DecodeError::new(
+                id,
+                format!("`d.{name}` must be a string, not {}", other.kind()),
+            )),
+            None => Err(DecodeError::new(id, format!("missing `d.{name}`"))),
+        }
+    }
+
+    fn optional_string(
+        &self,
+        id: Option<u64>,
+        name: &str,
+        v: Option<&Loose<'_>>,
+    ) -> Result<Option<String>, DecodeError> {
+        match v {
+            None | Some(Loose::Null) => Ok(None),
+            v => self.string(id, name, v).map(Some),
+        }
+    }
+}
+
+/// Any JSON value, kept only when it is a string or a non-negative integer.
+enum Loose<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    U64(u64),
+    Null,
+    Other(&'static str),
+}
+
+impl Loose<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Loose::Str(_) => "a string",
+            Loose::U64(_) => "a number",
+            Loose::Null => "null",
+            Loose::Other(k) => k,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Loose<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Loose<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Loose::Str(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Loose::Str(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Loose::Str(std::borrow::Cow::Owned(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Loose::U64(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(if v >= 0 {
+                    Loose::U64(v as u64)
+                } else {
+                    Loose::Other("a negative number")
+                })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Loose::Other("a fractional number"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Loose::Other("a boolean"))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other("an array"))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Loose::Other("an object"))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 fn write_envelope<T: Serialize>(name: &str, id: Option<u64>, d: Option<&T>, out: &mut Vec<u8>) {
