@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, unit, property and
+# integration tests (real sockets, real clients), the Autobahn|Testsuite
+# fuzzingclient against `corecast serve`, and a short run of every fuzz
+# target. Installs what it needs; fails loudly when something cannot run.
+#
+#   scripts/test.sh            everything
+#   FUZZ_RUNS=1000000 scripts/test.sh   longer fuzzing
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cache="$root/target/test-tools"
+mkdir -p "$cache"
+FUZZ_RUNS=${FUZZ_RUNS:-50000}
+PY2=${PY2:-/root/.pyenv/versions/2.7.18/bin/python}
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
+
+need_apt() {
+    # need_apt COMMAND PACKAGE: install PACKAGE when COMMAND is missing.
+    command -v "$1" >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || die "$1 is missing and apt-get is not available to install $2"
+    step "installing $2"
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "$2"
+    else sudo apt-get update -qq && sudo apt-get install -y -qq "$2"; fi
+}
+
+command -v cargo >/dev/null || die "cargo is missing: install Rust from rustup first"
+need_apt cc gcc
+need_apt python3 python3
+need_apt curl curl
+python3 -c 'import venv' 2>/dev/null || need_apt false python3-venv
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test (unit, property, integration; benches run once as tests)"
+cargo test --all-targets
+
+step "Autobahn|Testsuite fuzzingclient (sections 1-10; 12-13 are compression)"
+[ -x "$PY2" ] || die "the Autobahn suite needs Python 2.7 at $PY2 (set PY2=/path/to/python2.7)"
+if [ ! -x "$cache/ab/bin/wstest" ]; then
+    echo "installing autobahntestsuite into $cache/ab (about 35 s)"
+    python3 -m venv "$cache/ab-tools"
+    "$cache/ab-tools/bin/pip" install -q 'virtualenv<20.22'
+    "$cache/ab-tools/bin/virtualenv" -q -p "$PY2" "$cache/ab"
+    "$cache/ab/bin/pip" install -q autobahntestsuite==25.10.1 2>&1 | grep -v DEPRECATION || true
+    [ -x "$cache/ab/bin/wstest" ] || die "autobahntestsuite did not install"
+fi
+abdir=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/debug/corecast serve --listen "127.0.0.1:$port" --echo-endpoint --max-message-size 67108864 >"$abdir/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; rm -rf "$abdir"' EXIT
+for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+cat >"$abdir/spec.json" <<SPEC
+{
+  "outdir": "$abdir/reports",
+  "servers": [{ "agent": "corecast", "url": "ws://127.0.0.1:$port/echo" }],
+  "cases": ["*"],
+  "exclude-cases": ["12.*", "13.*"],
+  "exclude-agent-cases": {}
+}
+SPEC
+(cd "$abdir" && timeout 900 "$cache/ab/bin/wstest" -m fuzzingclient -s spec.json >"$abdir/wstest.log" 2>&1) || {
+    tail -20 "$abdir/wstest.log"; die "wstest did not complete"; }
+kill -0 $server 2>/dev/null || { cat "$abdir/server.log"; die "corecast died during the Autobahn run"; }
+python3 tests/autobahn/check.py "$abdir/reports/index.json" 301 || die "Autobahn cases failed"
+kill $server; wait $server 2>/dev/null || true
+trap - EXIT
+rm -rf "$abdir"
+
+step "fuzz targets: build, then $FUZZ_RUNS runs each from the seed corpus"
+rustup toolchain list | grep -q '^nightly' || die "cargo fuzz needs a nightly toolchain (rustup toolchain install nightly)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz (about 1-2 min)"
+    cargo install cargo-fuzz --locked --version 0.13.2
+fi
+(cd fuzz && cargo +nightly fuzz build -O)
+for t in handshake frame json_envelope binary_envelope; do
+    corpus=$(mktemp -d)
+    cp fuzz/corpus/$t/seed-* "$corpus/"
+    (cd fuzz && cargo +nightly fuzz run -O "$t" "$corpus" -- -runs="$FUZZ_RUNS" -max_len=4096 2>&1 | grep -E '^Done|ERROR|SUMMARY') \
+        || die "fuzz target $t failed"
+    rm -rf "$corpus"
+done
+
+printf '\nall checks passed\n'
