@@ -152,7 +152,8 @@ pub fn owner_of(channel: &str, shards: u16) -> ShardId {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JoinState {
-    Pending,
+    /// Sent to the owner; the ack id tells overlapping joins apart.
+    Pending(Option<u64>),
     Joined,
 }
 
@@ -420,7 +421,8 @@ impl<O: Outbound> Engine<O> {
             );
         }
         let channel: Arc<str> = channel_id.into();
-        conn.channels.push((channel.clone(), JoinState::Pending));
+        conn.channels
+            .push((channel.clone(), JoinState::Pending(ack)));
         let member = conn.member.clone();
         let from = self.here(id);
         let owner = owner_of(&channel, self.shards);
@@ -626,10 +628,16 @@ impl<O: Outbound> Engine<O> {
                     epoch,
                     members,
                 } = *j;
+                let body = AckBody::Join(JoinAck {
+                    channel_id: channel.to_string(),
+                    offset,
+                    epoch: epoch.to_string(),
+                    members,
+                });
                 let pending = self.conn_mut(id).and_then(|c| {
                     c.channels
                         .iter_mut()
-                        .find(|(ch, s)| *ch == channel && *s == JoinState::Pending)
+                        .find(|(ch, s)| *ch == channel && *s == JoinState::Pending(ack))
                         .map(|entry| entry.1 = JoinState::Joined)
                 });
                 match pending {
@@ -641,16 +649,15 @@ impl<O: Outbound> Engine<O> {
                                 conn: id,
                                 protocol: member.protocol,
                             });
-                        let body = AckBody::Join(JoinAck {
-                            channel_id: channel.to_string(),
-                            offset,
-                            epoch: epoch.to_string(),
-                            members,
-                        });
                         self.reply(id, &ServerMessage::ack(ack, body));
                     }
                     None => {
-                        // Closed or left while the join was in flight: undo it.
+                        // Closed or left while the join was in flight: the
+                        // join did happen (answer it if anyone is there to
+                        // hear), then undo it.
+                        if ack.is_some() {
+                            self.reply(id, &ServerMessage::ack(ack, body));
+                        }
                         let owner = owner_of(&channel, self.shards);
                         let from = self.here(id);
                         self.route(

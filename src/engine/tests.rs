@@ -364,3 +364,47 @@ fn refused_frames_are_counted_and_do_not_stop_others() {
     assert_eq!(contents(&ra.take()), vec![(1, "hi".into())]);
     assert!(sim.shards[0].metrics.queue_drops.get() >= 1);
 }
+
+#[test]
+fn leave_and_rejoin_while_the_first_join_is_in_flight() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(0, 2);
+    let (a, ra) = sim.connect(1, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(0, "bob", Protocol::Json);
+    sim.join(b, &ch);
+    rb.take();
+    let join = |id| ClientMessage {
+        id: Some(id),
+        event: ClientEvent::ChannelJoin(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    };
+    let leave = ClientMessage {
+        id: Some(2),
+        event: ClientEvent::ChannelLeave(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    };
+    // Three events before the owner answers anything.
+    for m in [join(1), leave, join(3)] {
+        sim.shards[1].handle(a.conn, m, 0, &mut sim.mesh);
+    }
+    sim.settle();
+    let ids: Vec<Option<u64>> = ra
+        .take()
+        .iter()
+        .filter(|m| matches!(m.event, ServerEvent::Ack(_)))
+        .map(|m| m.id)
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![Some(1), Some(2), Some(3)],
+        "every event answered once"
+    );
+    // Alice is a member exactly once: she gets each message once.
+    sim.publish(b, &ch, "once");
+    assert_eq!(contents(&ra.take()), vec![(1, "once".into())]);
+    assert_eq!(sim.shards[0].owned[&*ch].total(), 2);
+}

@@ -45,7 +45,8 @@ use sync::{yield_now, Signal};
 /// Mesh messages a shard may hold back (queues full) before its connections
 /// stop reading: TCP then pushes back on the clients.
 const OUTBOX_HIGH: usize = 65_536;
-/// Mesh messages handled per drain round before other tasks get a turn.
+/// Mesh messages taken from each source per drain round before other
+/// tasks get a turn.
 const DRAIN_BATCH: usize = 4096;
 /// Empty drain rounds (yielding to other tasks) before parking: a short spin
 /// keeps hand-offs under a microsecond when traffic is steady.
