@@ -316,14 +316,32 @@ impl<O: Outbound> Engine<O> {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
                 self.remove_local(&channel, id);
-                let msg = MeshMsg::Leave(Box::new(Leave {
-                    channel: channel.clone(),
-                    from: self.here(id),
-                    member: conn.member.clone(),
-                }));
-                self.route(owner_of(&channel, self.shards), msg, now_ms, tx);
+                self.tell_owner_left(id, channel, conn.member.clone(), now_ms, tx);
             }
         }
+    }
+
+    /// Tells a channel's owner that one of this shard's connections left.
+    fn tell_owner_left(
+        &mut self,
+        id: ConnId,
+        channel: Arc<str>,
+        member: Member,
+        now_ms: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let from = self.here(id);
+        let owner = owner_of(&channel, self.shards);
+        self.route(
+            owner,
+            MeshMsg::Leave(Box::new(Leave {
+                channel,
+                from,
+                member,
+            })),
+            now_ms,
+            tx,
+        );
     }
 
     fn here(&self, conn: ConnId) -> ConnRef {
@@ -462,18 +480,7 @@ impl<O: Outbound> Engine<O> {
         let member = conn.member.clone();
         if state == JoinState::Joined {
             self.remove_local(&channel, id);
-            let from = self.here(id);
-            let owner = owner_of(&channel, self.shards);
-            self.route(
-                owner,
-                MeshMsg::Leave(Box::new(Leave {
-                    channel,
-                    from,
-                    member,
-                })),
-                now_ms,
-                tx,
-            );
+            self.tell_owner_left(id, channel, member, now_ms, tx);
         }
         self.reply(id, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
     }
@@ -658,18 +665,7 @@ impl<O: Outbound> Engine<O> {
                         if ack.is_some() {
                             self.reply(id, &ServerMessage::ack(ack, body));
                         }
-                        let owner = owner_of(&channel, self.shards);
-                        let from = self.here(id);
-                        self.route(
-                            owner,
-                            MeshMsg::Leave(Box::new(Leave {
-                                channel,
-                                from,
-                                member,
-                            })),
-                            now_ms,
-                            tx,
-                        );
+                        self.tell_owner_left(id, channel, member, now_ms, tx);
                     }
                 }
             }
