@@ -233,6 +233,40 @@ mod tests {
     }
 
     #[test]
+    fn rs256_and_es256_keys_from_files() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (alg, other) in [("RS256", "ES256"), ("ES256", "RS256")] {
+            let stem = alg.to_ascii_lowercase();
+            let cfg = AuthConfig {
+                algorithm: alg.into(),
+                public_key_file: Some(fixtures.join(format!("{stem}.pub.pem"))),
+                ..AuthConfig::default()
+            };
+            let v = Verifier::from_config(&cfg).unwrap_or_else(|e| panic!("{alg}: {e}"));
+            let key = std::fs::read(fixtures.join(format!("{stem}.key.pem"))).unwrap();
+            let t = mint(&cfg, "alice", 60, Some(&key), now()).unwrap();
+            assert_eq!(v.verify(&t).unwrap(), "alice", "{alg}");
+            // A token of the other algorithm is refused: the algorithm is pinned.
+            let other_stem = other.to_ascii_lowercase();
+            let other_cfg = AuthConfig {
+                algorithm: other.into(),
+                ..cfg.clone()
+            };
+            let other_key = std::fs::read(fixtures.join(format!("{other_stem}.key.pem"))).unwrap();
+            let t = mint(&other_cfg, "alice", 60, Some(&other_key), now()).unwrap();
+            assert!(v.verify(&t).is_err(), "{alg} accepted an {other} token");
+            // And so is an HS256 token signed with the public key as secret.
+            let hs = AuthConfig {
+                algorithm: "HS256".into(),
+                secret: Some(String::from_utf8(std::fs::read(cfg.public_key_file.as_ref().unwrap()).unwrap()).unwrap()),
+                public_key_file: None,
+                ..AuthConfig::default()
+            };
+            assert!(v.verify(&mint(&hs, "alice", 60, None, now()).unwrap()).is_err());
+        }
+    }
+
+    #[test]
     fn bad_config() {
         let short = AuthConfig {
             secret: Some("short".into()),
