@@ -258,11 +258,18 @@ mod tests {
             // And so is an HS256 token signed with the public key as secret.
             let hs = AuthConfig {
                 algorithm: "HS256".into(),
-                secret: Some(String::from_utf8(std::fs::read(cfg.public_key_file.as_ref().unwrap()).unwrap()).unwrap()),
+                secret: Some(
+                    String::from_utf8(
+                        std::fs::read(cfg.public_key_file.as_ref().unwrap()).unwrap(),
+                    )
+                    .unwrap(),
+                ),
                 public_key_file: None,
                 ..AuthConfig::default()
             };
-            assert!(v.verify(&mint(&hs, "alice", 60, None, now()).unwrap()).is_err());
+            assert!(v
+                .verify(&mint(&hs, "alice", 60, None, now()).unwrap())
+                .is_err());
         }
     }
 

@@ -44,7 +44,12 @@ fn sans_io_layers_touch_no_io() {
             let code = line.split("//").next().unwrap_or("");
             for word in FORBIDDEN {
                 if code.contains(word) {
-                    bad.push(format!("{}:{}: `{word}` in {}", f.display(), n + 1, line.trim()));
+                    bad.push(format!(
+                        "{}:{}: `{word}` in {}",
+                        f.display(),
+                        n + 1,
+                        line.trim()
+                    ));
                 }
             }
         }
