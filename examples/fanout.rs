@@ -156,6 +156,8 @@ async fn main() {
     });
     let joined = Rc::new(Cell::new(0u32));
     eprintln!("opening {} subscriber connections", channels * members);
+    // Write halves of the subscribers, kept so their connections stay open.
+    let mut writers = Vec::with_capacity(channels * members);
     for c in 0..channels {
         for m in 0..members {
             let (s, rest) = connect(addr, &format!("sub-{c}-{m}")).await;
@@ -166,7 +168,7 @@ async fn main() {
             let (r, _) = wr.write_all(join).await;
             r.unwrap();
             monoio::spawn(reader(rd, rest, stats.clone(), start, joined.clone()));
-            std::mem::forget(wr);
+            writers.push(wr);
         }
     }
     let mut pubs = Vec::new();
@@ -251,4 +253,5 @@ async fn main() {
         pct(&lat, 0.999),
         lat.last().copied().unwrap_or(0)
     );
+    drop(writers);
 }
