@@ -87,6 +87,19 @@ fn handshake_refusals_have_status_and_reason() {
         m.contains("corecast_handshake_failures_total{reason=\"origin_not_allowed\"} 1"),
         "{m}"
     );
+    // HEAD gets the headers without a body; other methods get 405.
+    let head = http_raw(s.addr, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.1 200 ")
+            && head.contains("Content-Length: 3\r\n")
+            && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    let post = http_raw(
+        s.addr,
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
     // The refusals did not disturb the server.
     let mut ok = Raw::connect(
         s.addr,

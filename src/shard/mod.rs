@@ -513,6 +513,17 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
 }
 
 fn plain_http(node: &Node, method: &str, path: &str) -> Vec<u8> {
+    let mut response = plain_http_body(node, method, path);
+    if method == "HEAD" {
+        // Same headers (Content-Length included), no body.
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            response.truncate(end + 4);
+        }
+    }
+    response
+}
+
+fn plain_http_body(node: &Node, method: &str, path: &str) -> Vec<u8> {
     let path = path.split('?').next().unwrap_or("");
     if method != "GET" && method != "HEAD" {
         return handshake::http_response(
