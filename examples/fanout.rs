@@ -117,6 +117,27 @@ async fn reader<R: AsyncReadRent>(
     }
 }
 
+/// Connects as `user`, joins channel `ch{c}`, starts the reader, and returns
+/// the write half.
+async fn join_channel(
+    addr: SocketAddr,
+    user: &str,
+    c: usize,
+    stats: Rc<Stats>,
+    start: Instant,
+    joined: Rc<Cell<u32>>,
+) -> monoio::io::OwnedWriteHalf<TcpStream> {
+    let (s, rest) = connect(addr, user).await;
+    let (rd, mut wr) = s.into_split();
+    let join = frame(&format!(
+        r#"{{"t":"channel:join","id":1,"d":{{"channelId":"ch{c}"}}}}"#
+    ));
+    let (r, _) = wr.write_all(join).await;
+    r.unwrap();
+    monoio::spawn(reader(rd, rest, stats, start, joined));
+    wr
+}
+
 fn sent_us(p: &[u8]) -> Option<u64> {
     let key = br#""content":"t"#;
     let at = p.windows(key.len()).position(|w| w == key)? + key.len();
@@ -160,34 +181,19 @@ async fn main() {
     let mut writers = Vec::with_capacity(channels * members);
     for c in 0..channels {
         for m in 0..members {
-            let (s, rest) = connect(addr, &format!("sub-{c}-{m}")).await;
-            let (rd, mut wr) = s.into_split();
-            let join = frame(&format!(
-                r#"{{"t":"channel:join","id":1,"d":{{"channelId":"ch{c}"}}}}"#
-            ));
-            let (r, _) = wr.write_all(join).await;
-            r.unwrap();
-            monoio::spawn(reader(rd, rest, stats.clone(), start, joined.clone()));
-            writers.push(wr);
+            let user = format!("sub-{c}-{m}");
+            writers.push(join_channel(addr, &user, c, stats.clone(), start, joined.clone()).await);
         }
     }
     let mut pubs = Vec::new();
     for c in 0..channels {
-        let (s, rest) = connect(addr, &format!("pub-{c}")).await;
-        let (rd, mut wr) = s.into_split();
-        let join = frame(&format!(
-            r#"{{"t":"channel:join","id":1,"d":{{"channelId":"ch{c}"}}}}"#
-        ));
-        let (r, _) = wr.write_all(join).await;
-        r.unwrap();
         // The publisher's own deliveries are read and not counted.
         let quiet = Rc::new(Stats {
             received: Cell::new(0),
             latencies_us: RefCell::new(Vec::new()),
             counting: Cell::new(false),
         });
-        monoio::spawn(reader(rd, rest, quiet, start, joined.clone()));
-        pubs.push(wr);
+        pubs.push(join_channel(addr, &format!("pub-{c}"), c, quiet, start, joined.clone()).await);
     }
     let want = (channels * (members + 1)) as u32;
     let deadline = Instant::now() + Duration::from_secs(60);
