@@ -156,8 +156,25 @@ fn pct(sorted: &[u32], q: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * q) as usize]
 }
 
-#[monoio::main(timer_enabled = true)]
-async fn main() {
+fn main() {
+    // LOADGEN_DRIVER=epoll runs this tool on epoll instead of io_uring.
+    if std::env::var("LOADGEN_DRIVER").as_deref() == Ok("epoll") {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(run());
+    } else {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(4096)
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(run());
+    }
+}
+
+async fn run() {
     let a: Vec<String> = std::env::args().collect();
     let addr: SocketAddr = a
         .get(1)
