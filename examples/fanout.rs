@@ -6,7 +6,11 @@
 //!     cargo run --release --example fanout -- ADDR [CHANNELS] [MEMBERS] [RATE] [SECONDS] [SERVER_PID]
 //!
 //! The server must run in development mode (it mints dev tokens). Pin the
-//! server and this tool to different cores with `taskset`.
+//! server and this tool to different cores with `taskset`. This tool does
+//! not answer pings: keep a run (connecting included) shorter than the
+//! server's ping interval plus ping timeout (45 s by default). Every join is
+//! announced to the channel's members, so connecting M members costs M²/2
+//! `channel:member_joined` frames per channel.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
