@@ -11,9 +11,11 @@
 //! - [`node`]: what the shards of one process share (config, metrics, mesh).
 //! - [`server`]: start-up (listeners, threads, signals) and shutdown.
 //! - [`config`], [`auth`], [`metrics`]: configuration, JWT, counters.
+//! - [`doctor`]: what a host lacks for a connection target.
 
 pub mod auth;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod mesh;
 pub mod metrics;

@@ -38,6 +38,12 @@ enum Command {
     },
     /// Load the configuration, check it, and print the effective values.
     CheckConfig(ConfigArgs),
+    /// Check whether this host can hold a number of connections.
+    Doctor {
+        /// The number of connections to plan for.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+    },
 }
 
 fn init_logs(format: &str) {
@@ -122,6 +128,17 @@ fn serve(args: ConfigArgs) -> ExitCode {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Doctor { connections } => {
+            let findings =
+                corecast::doctor::evaluate(&corecast::doctor::Readings::from_host(), connections);
+            let (text, failed) = corecast::doctor::report(&findings, connections);
+            print!("{text}");
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::CheckConfig(args) => match args.load() {
             Ok(c) => {
                 let mut shown = c.clone();

@@ -444,6 +444,38 @@ fn token_and_check_config_commands() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("io_driver"));
 }
 
+#[test]
+fn doctor_reports_what_the_host_lacks() {
+    let bin = env!("CARGO_BIN_EXE_corecast");
+    let small = std::process::Command::new(bin)
+        .args(["doctor", "--connections", "10"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&small.stdout);
+    for what in [
+        "nofile",
+        "nr_open",
+        "somaxconn",
+        "io_uring",
+        "memory",
+        "cpus",
+    ] {
+        assert!(text.contains(what), "{what} missing:\n{text}");
+    }
+    // No host holds a billion connections: it fails, naming the fixes.
+    let huge = std::process::Command::new(bin)
+        .args(["doctor", "--connections", "1000000000"])
+        .output()
+        .unwrap();
+    assert_eq!(huge.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&huge.stdout);
+    assert!(
+        text.contains("[FAIL] nofile") && text.contains("LimitNOFILE=1000001024"),
+        "{text}"
+    );
+    assert!(text.contains("not ready"), "{text}");
+}
+
 #[tokio::test]
 async fn dev_mode_runs_out_of_the_box() {
     let s = Server::start_raw(&["serve", "--listen", "127.0.0.1:0", "--shards", "1"], &[]);
