@@ -509,7 +509,13 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
     if res.is_err() {
         return;
     }
-    serve_ws(shard, stream, buf, up, echo, user).await;
+    // The WebSocket phase runs as a task of its own, so that the handshake's
+    // state (its buffer, timer and parser) is freed rather than carried for
+    // the life of the connection.
+    if buf.is_empty() {
+        buf = BytesMut::new();
+    }
+    monoio::spawn(serve_ws(shard, stream, buf, up, echo, user));
 }
 
 fn plain_http(node: &Node, method: &str, path: &str) -> Vec<u8> {
@@ -549,6 +555,41 @@ fn plain_http_body(node: &Node, method: &str, path: &str) -> Vec<u8> {
             node.metrics_text().as_bytes(),
         ),
         _ => handshake::http_response(404, "", "text/plain", b"not_found"),
+    }
+}
+
+/// The read buffer's size follows the traffic: reads that fill it double
+/// it (up to 64 KiB), and once it is empty and quiet it goes back to 512
+/// bytes, so an idle connection keeps a small buffer and a busy one reads
+/// in large chunks.
+struct ReadSize {
+    size: usize,
+}
+
+impl ReadSize {
+    const MIN: usize = 512;
+    const MAX: usize = 64 * 1024;
+
+    fn new() -> Self {
+        ReadSize { size: Self::MIN }
+    }
+
+    /// Makes room for the next read, releasing a large buffer when empty.
+    fn prepare(&self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 2 * self.size {
+            *buf = BytesMut::with_capacity(self.size);
+        } else if buf.capacity() - buf.len() < self.size / 2 {
+            buf.reserve(self.size);
+        }
+    }
+
+    /// Learns from a read of `n` bytes into `room` bytes of space.
+    fn update(&mut self, n: usize, room: usize) {
+        if n == room {
+            self.size = (self.size * 2).min(Self::MAX);
+        } else if n < self.size / 4 {
+            self.size = (self.size / 2).max(Self::MIN);
+        }
     }
 }
 
@@ -717,6 +758,7 @@ async fn serve_ws(
         None => {}
     }
     let mut decoder = Decoder::new(shard.node.config.max_message_size);
+    let mut read_size = ReadSize::new();
     'conn: loop {
         loop {
             match decoder.decode(&mut buf) {
@@ -742,15 +784,14 @@ async fn serve_ws(
         while shard.outbox.borrow().backlog > OUTBOX_HIGH {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
+        read_size.prepare(&mut buf);
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = rd.read(std::mem::take(&mut buf).slice_mut(len..cap)).await;
         buf = slice.into_inner();
         match res {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                read_size.update(n, cap - len);
                 metrics_conn.bytes_in.add(n as u64);
                 io.last_rx.set(Instant::now());
                 io.ping_sent.set(None);
