@@ -236,10 +236,6 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
-    pub fn shard(&self) -> ShardId {
-        self.shard
-    }
-
     /// Registers an authenticated connection.
     pub fn open(&mut self, out: O, member: Member) -> ConnId {
         let conn = Conn {
@@ -283,21 +279,6 @@ impl<O: Outbound> Engine<O> {
     /// Number of open connections known to the engine.
     pub fn connections(&self) -> usize {
         self.slots.len() - self.free.len()
-    }
-
-    /// Calls `f` for every open connection.
-    pub fn for_each_conn(&self, mut f: impl FnMut(ConnId, &Conn<O>)) {
-        for (i, s) in self.slots.iter().enumerate() {
-            if let Some(c) = &s.conn {
-                f(
-                    ConnId {
-                        slot: i as u32,
-                        gen: s.gen,
-                    },
-                    c,
-                );
-            }
-        }
     }
 
     /// Forgets a connection: leaves its channels (telling their owners).

@@ -65,18 +65,18 @@ pub fn decode_client(buf: &mut [u8], scratch: &mut Scratch) -> Result<ClientMess
             };
             match &*t {
                 "auth" => ClientEvent::Auth(Auth {
-                    token: d.string(id, "token", d.token.as_ref())?,
+                    token: string_field(id, "token", d.token.as_ref())?,
                 }),
                 "channel:join" => ClientEvent::ChannelJoin(ChannelRef {
-                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
+                    channel_id: string_field(id, "channelId", d.channel_id.as_ref())?,
                 }),
                 "channel:leave" => ClientEvent::ChannelLeave(ChannelRef {
-                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
+                    channel_id: string_field(id, "channelId", d.channel_id.as_ref())?,
                 }),
                 _ => ClientEvent::MessageSend(MessageSend {
-                    channel_id: d.string(id, "channelId", d.channel_id.as_ref())?,
-                    content: d.string(id, "content", d.content.as_ref())?,
-                    reply_to: d.optional_string(id, "replyTo", d.reply_to.as_ref())?,
+                    channel_id: string_field(id, "channelId", d.channel_id.as_ref())?,
+                    content: string_field(id, "content", d.content.as_ref())?,
+                    reply_to: optional_string_field(id, "replyTo", d.reply_to.as_ref())?,
                 }),
             }
         }
@@ -109,33 +109,25 @@ struct RawPayload<'a> {
     token: Option<Loose<'a>>,
 }
 
-impl RawPayload<'_> {
-    fn string(
-        &self,
-        id: Option<u64>,
-        name: &str,
-        v: Option<&Loose<'_>>,
-    ) -> Result<String, DecodeError> {
-        match v {
-            Some(Loose::Str(s)) => Ok(s.to_string()),
-            Some(other) => Err(DecodeError::new(
-                id,
-                format!("`d.{name}` must be a string, not {}", other.kind()),
-            )),
-            None => Err(DecodeError::new(id, format!("missing `d.{name}`"))),
-        }
+fn string_field(id: Option<u64>, name: &str, v: Option<&Loose<'_>>) -> Result<String, DecodeError> {
+    match v {
+        Some(Loose::Str(s)) => Ok(s.to_string()),
+        Some(other) => Err(DecodeError::new(
+            id,
+            format!("`d.{name}` must be a string, not {}", other.kind()),
+        )),
+        None => Err(DecodeError::new(id, format!("missing `d.{name}`"))),
     }
+}
 
-    fn optional_string(
-        &self,
-        id: Option<u64>,
-        name: &str,
-        v: Option<&Loose<'_>>,
-    ) -> Result<Option<String>, DecodeError> {
-        match v {
-            None | Some(Loose::Null) => Ok(None),
-            v => self.string(id, name, v).map(Some),
-        }
+fn optional_string_field(
+    id: Option<u64>,
+    name: &str,
+    v: Option<&Loose<'_>>,
+) -> Result<Option<String>, DecodeError> {
+    match v {
+        None | Some(Loose::Null) => Ok(None),
+        v => string_field(id, name, v).map(Some),
     }
 }
 
@@ -224,17 +216,14 @@ fn write_envelope<T: Serialize>(name: &str, id: Option<u64>, d: Option<&T>, out:
     serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
     if let Some(id) = id {
         out.extend_from_slice(b",\"id\":");
-        out.extend_from_slice(itoa_u64(id).as_bytes());
+        // Straight into the frame buffer: no temporary string per id.
+        std::io::Write::write_fmt(out, format_args!("{id}")).expect("writing to a Vec cannot fail");
     }
     if let Some(d) = d {
         out.extend_from_slice(b",\"d\":");
         serde_json::to_writer(&mut *out, d).expect("writing to a Vec cannot fail");
     }
     out.push(b'}');
-}
-
-fn itoa_u64(n: u64) -> String {
-    n.to_string()
 }
 
 /// Appends the JSON encoding of a server message to `out`.

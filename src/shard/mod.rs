@@ -735,7 +735,7 @@ async fn serve_ws(
         now,
     ));
     let reg_slot = shard.registry.borrow_mut().insert(io.clone());
-    let metrics_conn = &shard.node.metrics[shard.id as usize];
+    let metrics_conn = shard.metrics();
     metrics_conn.connections.inc();
     metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();

@@ -46,11 +46,6 @@ impl Decoder {
         }
     }
 
-    /// Whether a fragmented message is being assembled.
-    pub fn in_message(&self) -> bool {
-        self.partial.is_some()
-    }
-
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WsError> {
         loop {
             let Some(h) = parse_header(src)? else {
