@@ -12,8 +12,13 @@
 //! - [`server`]: start-up (listeners, threads, signals) and shutdown.
 //! - [`config`], [`auth`], [`metrics`]: configuration, JWT, counters.
 //! - [`doctor`]: what a host lacks for a connection target.
+//! - [`bench`]: `corecast bench`, the load generator.
+//! - [`client`]: the Rust client (sans-IO framing plus a monoio connection),
+//!   used by `corecast bench`.
 
 pub mod auth;
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod engine;

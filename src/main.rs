@@ -38,6 +38,19 @@ enum Command {
     },
     /// Load the configuration, check it, and print the effective values.
     CheckConfig(ConfigArgs),
+    /// Generate load against a corecast node (or, with --protocol raw, any
+    /// broadcast WebSocket server) and report rates, latency, loss, server
+    /// CPU per delivery and memory per connection.
+    ///
+    /// Progress goes to stderr every second, then a human summary; one JSON
+    /// line per run goes to stdout. Pin the server and this tool to
+    /// different cores (taskset) and give --server-pid for CPU and memory.
+    Bench {
+        #[command(subcommand)]
+        workload: corecast::bench::Workload,
+        #[command(flatten)]
+        common: corecast::bench::Common,
+    },
     /// Check whether this host can hold a number of connections.
     Doctor {
         /// The number of connections to plan for.
@@ -128,6 +141,15 @@ fn serve(args: ConfigArgs) -> ExitCode {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Bench { workload, common } => {
+            match corecast::bench::run(common, workload, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("corecast bench: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Doctor { connections } => {
             let findings =
                 corecast::doctor::evaluate(&corecast::doctor::Readings::from_host(), connections);

@@ -21,6 +21,11 @@ impl Signal {
         }
     }
 
+    /// Lowers the flag again (for a signal waited on repeatedly).
+    pub fn clear(&self) {
+        self.set.set(false);
+    }
+
     pub fn is_set(&self) -> bool {
         self.set.get()
     }

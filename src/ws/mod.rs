@@ -21,6 +21,8 @@ pub use frame::OpCode;
 pub enum WsError {
     /// A client frame without the mask bit (RFC 6455 §5.1).
     Unmasked,
+    /// A server frame with the mask bit (seen by clients; RFC 6455 §5.1).
+    MaskedFromServer,
     /// RSV1-3 set without a negotiated extension.
     RsvSet,
     /// Opcodes 3-7 and 11-15 are reserved.
@@ -59,6 +61,7 @@ impl WsError {
     pub fn reason(&self) -> &'static str {
         match self {
             WsError::Unmasked => "client frames must be masked",
+            WsError::MaskedFromServer => "server frames must not be masked",
             WsError::RsvSet => "reserved bits set",
             WsError::ReservedOpcode(_) => "reserved opcode",
             WsError::ControlTooLong => "control frame longer than 125 bytes",
