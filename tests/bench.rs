@@ -234,6 +234,15 @@ fn bad_targets_fail_with_a_reason() {
     assert!(!ok && err.contains("--rate"), "{err}");
 }
 
+/// A loopback address nothing listens on: a port the OS just handed out
+/// and that was closed again.
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// The baseline example, started on a free port.
 struct Baseline {
     child: Child,
@@ -379,7 +388,8 @@ fn client_sdk_round_trip_in_both_protocols() {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("a bad token was accepted"),
         }
-        let mut nowhere = ConnectOptions::new("ws://127.0.0.1:9/ws".parse().unwrap());
+        let mut nowhere =
+            ConnectOptions::new(format!("ws://{}/ws", closed_port()).parse().unwrap());
         nowhere.timeout = Duration::from_secs(2);
         assert!(matches!(
             Client::connect(&nowhere).await,

@@ -1,7 +1,7 @@
 //! The workloads, on one monoio thread.
 
 use std::cell::{Cell, RefCell};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,6 @@ const IDLE_READ: usize = 256;
 struct Ctx {
     common: Common,
     url: Url,
-    addr: SocketAddr,
     sources: u32,
     /// Time base of the timestamps in messages.
     epoch: Instant,
@@ -382,7 +381,8 @@ async fn open_all(
 
 pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, BenchError> {
     let url: Url = common.url.parse()?;
-    let addr = url.resolve()?;
+    // Fail before opening anything when the host does not resolve.
+    url.resolve()?;
     let conns = match workload {
         Workload::Echo { connections, .. } | Workload::Idle { connections, .. } => connections,
         Workload::Fanout { shape, .. } | Workload::Max { shape, .. } => {
@@ -404,13 +404,11 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
     let ctx = Rc::new(Ctx {
         common,
         url,
-        addr,
         sources,
         epoch: Instant::now(),
         prefix,
         auth,
     });
-    let _ = ctx.addr;
     match workload {
         Workload::Echo {
             connections,

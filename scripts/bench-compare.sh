@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Side-by-side figures: corecast and the tokio + fastwebsockets baseline,
+# interleaved (corecast, baseline, corecast, baseline, ...), each server
+# pinned to core 0 and `corecast bench` to core 1. Every run appends one or
+# more JSON lines (with a "server" field added) to $OUT; progress and human
+# summaries go to the terminal. Then draws the chart of docs/BENCHMARKS.md.
+#
+#   scripts/bench-compare.sh [ROUNDS]        (default 3; about 6 minutes each)
+#
+# WORKLOADS="fanout max idle" (the default) selects what runs; OUT names the
+# results file (default target/bench/results.jsonl, appended to).
+#
+# Needs two cores. Uses ports 9600-9699 on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-3}
+OUT=${OUT:-target/bench/results.jsonl}
+SERVER_CORE=${SERVER_CORE:-0}
+LOADGEN_CORE=${LOADGEN_CORE:-1}
+mkdir -p "$(dirname "$OUT")"
+WORKLOADS=${WORKLOADS:-fanout max idle}
+has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+
+echo "building release binaries..."
+cargo build --release --quiet --bin corecast --example baseline
+BIN=target/release/corecast
+BASE=target/release/examples/baseline
+
+port=9600
+SERVER_PID=
+start_server() { # $1 = corecast|baseline
+  port=$((port + 1))
+  local log=target/bench/server.log
+  if [ "$1" = corecast ]; then
+    taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
+    URL="ws://127.0.0.1:$port/ws"
+    PROTO=json
+  else
+    taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+    URL="ws://127.0.0.1:$port/"
+    PROTO=raw
+  fi
+  SERVER_PID=$!
+  for _ in $(seq 100); do
+    grep -q "listening on" "$log" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "server did not start:" >&2
+  cat "$log" >&2
+  exit 1
+}
+stop_server() {
+  kill -INT "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.05; done
+  kill -9 "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+}
+trap stop_server EXIT
+
+run() { # $1 = server, $2 = label, rest = bench args
+  local server=$1 label=$2
+  shift 2
+  start_server "$server"
+  echo "== $server: $label"
+  taskset -c "$LOADGEN_CORE" "$BIN" bench "$@" --url "$URL" --protocol "$PROTO" \
+    --driver epoll --server-pid "$SERVER_PID" |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    r["server"] = sys.argv[1]
+    r["label"] = sys.argv[2]
+    print(json.dumps(r))' "$server" "$label" >>"$OUT"
+  stop_server
+}
+
+for round in $(seq "$ROUNDS"); do
+  echo "######## round $round of $ROUNDS"
+  for server in corecast baseline; do
+    if has fanout; then
+      run $server "10x100 smooth 100k/s" fanout -r 10 -m 100 -s 1000 -t 5
+      run $server "1x1000 smooth 100k/s" fanout -r 1 -m 1000 -s 100 -t 5
+      run $server "10x100 burst10 100k/s" fanout -r 10 -m 100 -s 1000 --burst 10 -t 5
+    fi
+    if has max; then
+      run $server "10x100 max p99<=10ms" max -r 10 -m 100 --start-rate 100 --factor 1.5 \
+        --max-rate 40000 --step-duration 2 --max-steps 9
+      run $server "10x100 max p99<=200ms" max -r 10 -m 100 --start-rate 2000 --factor 1.5 \
+        --max-rate 40000 --step-duration 2 --max-steps 8 --p99-bound-ms 200
+    fi
+    if has idle; then
+      run $server "idle 10k" idle -n 10000 --hold 3
+    fi
+  done
+  if has idle; then
+    run corecast "idle 19k" idle -n 19000 --hold 3
+  fi
+done
+
+python3 scripts/chart.py "$OUT" docs/fanout-rate-vs-p99.svg
+python3 scripts/summarize.py "$OUT"
