@@ -257,7 +257,7 @@ impl Baseline {
             .join("examples/baseline");
         assert!(
             exe.exists(),
-            "{} is missing: build it with `cargo build --examples` (cargo test --all-targets does)",
+            "{} is missing: build it first with `cargo build --examples` (scripts/test.sh does)",
             exe.display()
         );
         let mut child = Command::new(exe)
