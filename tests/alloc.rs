@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use corecast::engine::{Engine, Limits, Member, MeshMsg, MeshTx, Outbound, ShardId};
+use corecast::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, Outbound, ShardId};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{ChannelRef, ClientEvent, ClientMessage, MessageSend, Protocol};
 
@@ -74,8 +74,13 @@ fn send(content: &str) -> ClientMessage {
     }
 }
 
-/// Allocations of one publish to `members` members, in steady state.
-fn allocations_per_publish(members: usize) -> (u64, Vec<Queue>) {
+/// An engine with `members` connections joined to "room", the protocol of
+/// member `i` being `protocol(i)`; each queue starts with `capacity`.
+fn room(
+    members: usize,
+    protocol: impl Fn(usize) -> Protocol,
+    capacity: usize,
+) -> (Engine<Queue>, Vec<ConnId>, Vec<Queue>) {
     let mut e = Engine::new(
         0,
         1,
@@ -83,20 +88,16 @@ fn allocations_per_publish(members: usize) -> (u64, Vec<Queue>) {
         Arc::new(ShardMetrics::default()),
         1,
     );
-    let mut queues = vec![];
     let mut ids = vec![];
+    let mut queues = vec![];
     for i in 0..members {
-        let q = Queue(Rc::new(RefCell::new(Vec::with_capacity(64))));
+        let q = Queue(Rc::new(RefCell::new(Vec::with_capacity(capacity))));
         let id = e.open(
             q.clone(),
             Member {
                 user: format!("u{i}").into(),
                 session: format!("s{i}").into(),
-                protocol: if i % 2 == 0 {
-                    Protocol::Json
-                } else {
-                    Protocol::Binary
-                },
+                protocol: protocol(i),
             },
         );
         e.handle(
@@ -110,9 +111,22 @@ fn allocations_per_publish(members: usize) -> (u64, Vec<Queue>) {
             0,
             &mut NoMesh,
         );
-        queues.push(q);
         ids.push(id);
+        queues.push(q);
     }
+    (e, ids, queues)
+}
+
+/// Allocations of one publish to `members` members, in steady state.
+fn allocations_per_publish(members: usize) -> (u64, Vec<Queue>) {
+    let protocol = |i: usize| {
+        if i % 2 == 0 {
+            Protocol::Json
+        } else {
+            Protocol::Binary
+        }
+    };
+    let (mut e, ids, queues) = room(members, protocol, 64);
     let drain = |qs: &[Queue]| qs.iter().for_each(|q| q.0.borrow_mut().clear());
     // Warm up (first publish sizes the engine's own buffers).
     for _ in 0..3 {
@@ -155,43 +169,14 @@ fn a_publish_allocates_per_message_not_per_recipient() {
     let mut e_json = None;
     let mut e_bin = None;
     COUNTING.store(false, Ordering::Relaxed);
-    let mut e = Engine::new(
-        0,
-        1,
-        Limits::default(),
-        Arc::new(ShardMetrics::default()),
-        1,
-    );
-    let mut ids = vec![];
-    let mut qs = vec![];
-    for i in 0..4 {
-        let q = Queue(Rc::new(RefCell::new(vec![])));
-        let id = e.open(
-            q.clone(),
-            Member {
-                user: format!("u{i}").into(),
-                session: format!("s{i}").into(),
-                protocol: if i < 2 {
-                    Protocol::Json
-                } else {
-                    Protocol::Binary
-                },
-            },
-        );
-        e.handle(
-            id,
-            ClientMessage {
-                id: None,
-                event: ClientEvent::ChannelJoin(ChannelRef {
-                    channel_id: "room".into(),
-                }),
-            },
-            0,
-            &mut NoMesh,
-        );
-        ids.push(id);
-        qs.push(q);
-    }
+    let protocol = |i: usize| {
+        if i < 2 {
+            Protocol::Json
+        } else {
+            Protocol::Binary
+        }
+    };
+    let (mut e, ids, qs) = room(4, protocol, 0);
     qs.iter().for_each(|q| q.0.borrow_mut().clear());
     e.handle(ids[0], send("shared"), 1, &mut NoMesh);
     for (i, q) in qs.iter().enumerate() {

@@ -66,9 +66,7 @@ impl Ctx {
                     .with_query("room", &self.room(room.unwrap_or("idle"))),
             ),
             BenchProtocol::Json | BenchProtocol::Binary => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let now = jsonwebtoken::get_current_timestamp();
                 let token = crate::auth::mint(&self.auth, &format!("bench-{i}"), 86_400, None, now)
                     .map_err(|e| BenchError(format!("cannot mint a token: {e}")))?;
                 let o = ConnectOptions::new(self.url.clone()).token(token);
@@ -174,6 +172,15 @@ impl Stats {
         self.hist.borrow_mut().reset();
     }
 
+    /// Counts a message stamped `sent` that arrived at `now`.
+    fn delivery(&self, sent: u64, now: u64) {
+        self.delivered.set(self.delivered.get() + 1);
+        let _ = self
+            .hist
+            .borrow_mut()
+            .record(now.saturating_sub(sent).max(1));
+    }
+
     fn lost_connection(&self, why: String) {
         self.closed.set(self.closed.get() + 1);
         self.first_close.borrow_mut().get_or_insert(why);
@@ -233,20 +240,12 @@ async fn reader(
                 Ok(Some(f)) => match f.opcode {
                     OpCode::Text | OpCode::Binary if count && stats.counting.get() => {
                         if let Some(sent) = stamp_of(p, f.payload) {
-                            stats.delivered.set(stats.delivered.get() + 1);
-                            let _ = stats
-                                .hist
-                                .borrow_mut()
-                                .record(now.saturating_sub(sent).max(1));
+                            stats.delivery(sent, now);
                         }
                     }
                     OpCode::Ping => masker.append(&mut pong, OpCode::Pong, f.payload),
                     OpCode::Close => {
-                        let code = (f.payload.len() >= 2)
-                            .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
-                        let reason =
-                            String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
-                                .into_owned();
+                        let (code, reason) = crate::ws::close::parse(f.payload);
                         stats.lost_connection(format!(
                             "closed by the server: {} {reason}",
                             code.map_or("-".into(), |c| c.to_string())
@@ -265,21 +264,28 @@ async fn reader(
         if !pong.is_empty() {
             out.push(|b| b.extend_from_slice(&pong));
         }
-        let buf = frames.take_buf(read_size);
-        let (len, cap) = (buf.len(), buf.capacity());
-        let (r, buf) = rd.read(buf.slice_mut(len..cap)).await;
-        frames.put_buf(buf.into_inner());
-        match r {
-            Ok(0) => {
-                stats.lost_connection("connection closed by the server".into());
-                return;
-            }
-            Err(e) => {
-                stats.lost_connection(format!("read error: {e}"));
-                return;
-            }
-            Ok(_) => {}
+        if let Err(why) = read_more(&mut rd, &mut frames, read_size).await {
+            stats.lost_connection(why);
+            return;
         }
+    }
+}
+
+/// Reads what the socket holds into `frames` (at least `size` bytes of room);
+/// an end of stream or a read error comes back as the reason.
+async fn read_more<R: AsyncReadRent>(
+    rd: &mut R,
+    frames: &mut FrameReader,
+    size: usize,
+) -> Result<(), String> {
+    let buf = frames.take_buf(size);
+    let (len, cap) = (buf.len(), buf.capacity());
+    let (r, buf) = rd.read(buf.slice_mut(len..cap)).await;
+    frames.put_buf(buf.into_inner());
+    match r {
+        Ok(0) => Err("connection closed by the server".into()),
+        Err(e) => Err(format!("read error: {e}")),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -895,12 +901,7 @@ async fn echo_loop(
             while let Some(f) = reader.next().map_err(|e| format!("protocol error: {e}"))? {
                 match f.opcode {
                     OpCode::Text | OpCode::Binary if stamp_of(p, f.payload) == Some(sent) => {
-                        let now = ctx.stamp();
-                        stats.delivered.set(stats.delivered.get() + 1);
-                        let _ = stats
-                            .hist
-                            .borrow_mut()
-                            .record(now.saturating_sub(sent).max(1));
+                        stats.delivery(sent, ctx.stamp());
                         back = true;
                     }
                     OpCode::Ping => masker.append(&mut pong, OpCode::Pong, f.payload),
@@ -915,15 +916,7 @@ async fn echo_loop(
             if back {
                 break;
             }
-            let buf = reader.take_buf(LOAD_READ);
-            let (len, cap) = (buf.len(), buf.capacity());
-            let (r, buf) = stream.read(buf.slice_mut(len..cap)).await;
-            reader.put_buf(buf.into_inner());
-            match r {
-                Ok(0) => return Err("connection closed by the server".into()),
-                Err(e) => return Err(format!("read error: {e}")),
-                Ok(_) => {}
-            }
+            read_more(&mut stream, &mut reader, LOAD_READ).await?;
         }
     }
     Ok(())

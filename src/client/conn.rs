@@ -318,11 +318,7 @@ impl Client {
                     }
                     OpCode::Ping => reply = Some(self.masker.frame(OpCode::Pong, f.payload)),
                     OpCode::Close => {
-                        let code = (f.payload.len() >= 2)
-                            .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
-                        let reason =
-                            String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
-                                .into_owned();
+                        let (code, reason) = crate::ws::close::parse(f.payload);
                         let echo = f.payload.get(..2).unwrap_or_default().to_vec();
                         let frame = self.masker.frame(OpCode::Close, &echo);
                         let _ = self.write(frame).await;

@@ -34,9 +34,23 @@ pub fn payload(code: u16, reason: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// Reads a received close payload: the code, when there is one, and the
+/// reason (lossily decoded; for reports, not validation).
+pub fn parse(payload: &[u8]) -> (Option<u16>, String) {
+    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+    (code, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_what_payload_builds() {
+        assert_eq!(parse(&payload(1013, "slow")), (Some(1013), "slow".into()));
+        assert_eq!(parse(b""), (None, String::new()));
+    }
 
     #[test]
     fn wire_codes() {
