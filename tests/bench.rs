@@ -120,6 +120,8 @@ fn bursts_and_max_steps() {
         "200",
         "--step-duration",
         "0.5",
+        "--warmup",
+        "0.3",
         "--max-steps",
         "3",
         "--p99-bound-ms",
@@ -130,6 +132,9 @@ fn bursts_and_max_steps() {
         .filter(|l| l["workload"] == "max-step")
         .collect();
     assert_eq!(steps.len(), 3, "{lines:?}\n{err}");
+    assert_eq!(lines[0]["workload"], "max-warmup", "{lines:?}");
+    assert_eq!(lines[0]["rate"].as_f64(), Some(50.0));
+    assert!(lines[0].get("pass").is_none(), "the warm-up is not judged");
     let rates: Vec<f64> = steps.iter().map(|s| s["rate"].as_f64().unwrap()).collect();
     assert_eq!(rates, vec![50.0, 100.0, 200.0]);
     assert!(steps.iter().all(|s| s["pass"] == true), "{lines:?}");

@@ -439,12 +439,18 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
             factor,
             max_rate,
             step_duration,
+            warmup,
             max_steps,
             p99_bound_ms,
         } => {
             let load = Fanout::open(&ctx, shape).await?;
             let bound_us = (p99_bound_ms * 1000.0) as u64;
             let mut lines = vec![];
+            if warmup > 0.0 {
+                let r = load.step(start_rate, secs(warmup), "max warm-up").await;
+                r.print("max warm-up (not judged)", &ctx);
+                lines.push(r.json(&ctx, "max-warmup", shape));
+            }
             let mut best: Option<StepResult> = None;
             let mut first_fail: Option<f64> = None;
             let mut stop = String::from("reached --max-rate");

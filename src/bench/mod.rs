@@ -133,6 +133,10 @@ pub enum Workload {
         /// Seconds per step.
         #[arg(long, default_value_t = 5.0)]
         step_duration: f64,
+        /// Seconds of load at the start rate before the first step, not
+        /// judged (connections, caches and TCP windows settle); 0 skips it.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
         /// Most steps, refinements included.
         #[arg(long, default_value_t = 16)]
         max_steps: u32,
@@ -264,10 +268,14 @@ fn validate(common: &Common, w: &Workload) -> Result<(), BenchError> {
             factor,
             max_rate,
             step_duration,
+            warmup,
             max_steps,
             p99_bound_ms,
         } => {
             check_shape(shape)?;
+            if !(0.0..=600.0).contains(&warmup) {
+                return err("--warmup must be between 0 and 600 seconds");
+            }
             if !positive(start_rate) || max_rate < start_rate {
                 return err("max needs 0 < --start-rate <= --max-rate");
             }

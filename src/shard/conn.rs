@@ -1,9 +1,10 @@
 //! One connection's outbound side: a bounded queue of refcounted frames and
-//! the task that writes it with vectored writes.
+//! what writes it with vectored writes (the io_uring loop of
+//! [`super::uring`], or the [`writer`] task on epoll).
 //!
 //! Every frame a connection receives is a clone of a shared [`Bytes`] (a
 //! refcount increment). The writer takes every queued frame at once and
-//! hands them to the kernel in one `writev` submission. When the queue
+//! hands them to the kernel in one vectored submission. When the queue
 //! already holds `max_frames` frames or `max_bytes` bytes, the connection is
 //! too slow for its bound: its queue is dropped, it is sent close 1013 and,
 //! if it does not take even that, its socket is shut after the close timeout.
@@ -34,19 +35,38 @@ pub enum State {
     Done,
 }
 
+/// How the writer learns that there is something to do.
+pub enum Notify {
+    /// A task parked on a waker (epoll driver).
+    Task(Cell<Option<Waker>>),
+    /// The shard's io_uring loop: the connection's slot goes on the loop's
+    /// list of connections to visit, once until the loop takes it.
+    Loop {
+        slot: u32,
+        listed: Cell<bool>,
+        ready: Rc<RefCell<Vec<u32>>>,
+    },
+}
+
+impl Notify {
+    pub fn task() -> Notify {
+        Notify::Task(Cell::new(None))
+    }
+}
+
 pub struct ConnIo {
     fd: RawFd,
     node: Arc<Node>,
     shard: usize,
-    queue: RefCell<VecDeque<Bytes>>,
-    queued_bytes: Cell<usize>,
+    pub(super) queue: RefCell<VecDeque<Bytes>>,
+    pub(super) queued_bytes: Cell<usize>,
     max_frames: usize,
     max_bytes: usize,
     state: Cell<State>,
-    writer_waker: Cell<Option<Waker>>,
+    notify: Notify,
     flush_waker: Cell<Option<Waker>>,
     /// The writer holds frames it took from the queue.
-    writing: Cell<bool>,
+    pub(super) writing: Cell<bool>,
     pub closing_since: Cell<Option<Instant>>,
     pub last_rx: Cell<Instant>,
     pub ping_sent: Cell<Option<Instant>>,
@@ -55,7 +75,7 @@ pub struct ConnIo {
 }
 
 impl ConnIo {
-    pub fn new(fd: RawFd, node: Arc<Node>, shard: usize, now: Instant) -> ConnIo {
+    pub fn new(fd: RawFd, node: Arc<Node>, shard: usize, now: Instant, notify: Notify) -> ConnIo {
         let (max_frames, max_bytes) = (
             node.config.outbound_queue_frames,
             node.config.outbound_queue_bytes,
@@ -69,7 +89,7 @@ impl ConnIo {
             max_frames,
             max_bytes,
             state: Cell::new(State::Open),
-            writer_waker: Cell::new(None),
+            notify,
             flush_waker: Cell::new(None),
             writing: Cell::new(false),
             closing_since: Cell::new(None),
@@ -84,9 +104,34 @@ impl ConnIo {
     }
 
     fn wake_writer(&self) {
-        if let Some(w) = self.writer_waker.take() {
-            w.wake();
+        match &self.notify {
+            Notify::Task(waker) => {
+                if let Some(w) = waker.take() {
+                    w.wake();
+                }
+            }
+            Notify::Loop {
+                slot,
+                listed,
+                ready,
+            } => {
+                if !listed.replace(true) {
+                    ready.borrow_mut().push(*slot);
+                }
+            }
         }
+    }
+
+    /// Called by the loop when it takes this connection off its list.
+    pub(super) fn unlist(&self) {
+        if let Notify::Loop { listed, .. } = &self.notify {
+            listed.set(false);
+        }
+    }
+
+    /// Whether nothing is queued or being written.
+    pub fn is_flushed(&self) -> bool {
+        self.queue.borrow().is_empty() && !self.writing.get()
     }
 
     fn enqueue(&self, frame: Bytes) {
@@ -161,9 +206,7 @@ impl ConnIo {
     /// Waits until everything queued has been written (or the socket died).
     pub async fn flushed(&self) {
         std::future::poll_fn(|cx| {
-            if self.state.get() == State::Done
-                || (self.queue.borrow().is_empty() && !self.writing.get())
-            {
+            if self.state.get() == State::Done || self.is_flushed() {
                 Poll::Ready(())
             } else {
                 self.flush_waker.set(Some(cx.waker().clone()));
@@ -182,7 +225,8 @@ impl Outbound for Rc<ConnIo> {
 }
 
 /// Frames taken from the queue, with the iovec array the kernel reads.
-struct Batch {
+#[derive(Default)]
+pub(super) struct Batch {
     frames: Vec<Bytes>,
     iov: Vec<libc::iovec>,
     first: usize,
@@ -201,7 +245,22 @@ unsafe impl IoVecBuf for Batch {
 }
 
 impl Batch {
-    fn fill(&mut self, queue: &mut VecDeque<Bytes>, max: usize) -> usize {
+    /// The iovecs still to write.
+    pub(super) fn pending(&self) -> &[libc::iovec] {
+        &self.iov[self.first..]
+    }
+
+    pub(super) fn frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.frames.clear();
+        self.iov.clear();
+        self.first = 0;
+    }
+
+    pub(super) fn fill(&mut self, queue: &mut VecDeque<Bytes>, max: usize) -> usize {
         self.frames.clear();
         self.iov.clear();
         self.first = 0;
@@ -218,7 +277,7 @@ impl Batch {
         bytes
     }
 
-    fn advance(&mut self, mut n: usize) {
+    pub(super) fn advance(&mut self, mut n: usize) {
         while n > 0 {
             let v = &mut self.iov[self.first];
             if n >= v.iov_len {
@@ -233,22 +292,21 @@ impl Batch {
         }
     }
 
-    fn is_done(&self) -> bool {
+    pub(super) fn is_done(&self) -> bool {
         self.first == self.iov.len()
     }
 }
 
 /// Frames per `writev`; Linux's IOV_MAX.
-const MAX_IOV: usize = 1024;
+pub(super) const MAX_IOV: usize = 1024;
 
 /// The write loop of one connection. Ends when the connection is `Done` or a
 /// write fails.
 pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
     let metrics = &io.node.metrics[io.shard];
-    let mut batch = Batch {
-        frames: Vec::new(),
-        iov: Vec::new(),
-        first: 0,
+    let mut batch = Batch::default();
+    let Notify::Task(waker) = &io.notify else {
+        unreachable!("the writer task serves task-notified connections")
     };
     loop {
         let go = std::future::poll_fn(|cx| {
@@ -257,7 +315,7 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
             } else if !io.queue.borrow().is_empty() {
                 Poll::Ready(true)
             } else {
-                io.writer_waker.set(Some(cx.waker().clone()));
+                waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
         })

@@ -15,6 +15,7 @@
 
 pub mod conn;
 pub mod sync;
+mod uring;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ use bytes::BytesMut;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
-use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use monoio::{LegacyDriver, RuntimeBuilder};
 
 use crate::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, ShardId};
 use crate::metrics::ShardMetrics;
@@ -171,6 +172,41 @@ impl Shard {
         &self.node.metrics[self.id as usize]
     }
 
+    fn new(id: usize, node: Arc<Node>) -> Rc<Shard> {
+        let n = node.shards();
+        Rc::new(Shard {
+            id: id as ShardId,
+            engine: RefCell::new(Engine::new(
+                id as ShardId,
+                n as u16,
+                Limits {
+                    max_channels_per_connection: node.config.max_channels_per_connection,
+                    max_content_chars: node.config.max_content_chars,
+                    ..Limits::default()
+                },
+                node.metrics[id].clone(),
+                random_u64(),
+            )),
+            outbox: RefCell::new(Outbox {
+                node: node.clone(),
+                me: id as ShardId,
+                pending: (0..n).map(|_| VecDeque::new()).collect(),
+                backlog: 0,
+                dirty: Vec::new(),
+            }),
+            registry: RefCell::new(Registry::default()),
+            scratch: RefCell::new(json::Scratch::default()),
+            handshake: HandshakeConfig {
+                allowed_origins: node.config.allowed_origins.clone(),
+                max_header_bytes: node.config.max_header_bytes,
+            },
+            draining: Signal::default(),
+            stop: Signal::default(),
+            session_counter: Cell::new(0),
+            node,
+        })
+    }
+
     fn new_session_id(&self) -> String {
         let n = self.session_counter.get() + 1;
         self.session_counter.set(n);
@@ -190,19 +226,18 @@ pub fn run(
         tracing::warn!(shard = id, error = ?e, "could not pin shard to its core");
     }
     let driver = node.config.io_driver.clone();
-    if driver != "epoll" {
-        match RuntimeBuilder::<IoUringDriver>::new()
-            .with_entries(1024)
-            .enable_timer()
-            .build()
-        {
-            Ok(mut rt) => return rt.block_on(shard_main(id, node, listener, bell, "io_uring")),
-            Err(e) if driver == "auto" => {
-                tracing::warn!(shard = id, error = %e, "io_uring is unavailable; falling back to epoll")
+    let (listener, bell) = if driver == "epoll" {
+        (listener, bell)
+    } else {
+        match uring::run(id, node.clone(), listener, bell) {
+            Ok(result) => return result,
+            Err((e, listener, bell)) if driver == "auto" => {
+                tracing::warn!(shard = id, error = %e, "io_uring is unavailable; falling back to epoll");
+                (listener, bell)
             }
-            Err(e) => return Err(e),
+            Err((e, ..)) => return Err(e),
         }
-    }
+    };
     let mut rt = RuntimeBuilder::<LegacyDriver>::new()
         .enable_timer()
         .build()?;
@@ -218,38 +253,7 @@ async fn shard_main(
 ) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let bell = monoio::net::UnixStream::from_std(bell)?;
-    let n = node.shards();
-    let shard = Rc::new(Shard {
-        id: id as ShardId,
-        engine: RefCell::new(Engine::new(
-            id as ShardId,
-            n as u16,
-            Limits {
-                max_channels_per_connection: node.config.max_channels_per_connection,
-                max_content_chars: node.config.max_content_chars,
-                ..Limits::default()
-            },
-            node.metrics[id].clone(),
-            random_u64(),
-        )),
-        outbox: RefCell::new(Outbox {
-            node: node.clone(),
-            me: id as ShardId,
-            pending: (0..n).map(|_| VecDeque::new()).collect(),
-            backlog: 0,
-            dirty: Vec::new(),
-        }),
-        registry: RefCell::new(Registry::default()),
-        scratch: RefCell::new(json::Scratch::default()),
-        handshake: HandshakeConfig {
-            allowed_origins: node.config.allowed_origins.clone(),
-            max_header_bytes: node.config.max_header_bytes,
-        },
-        draining: Signal::default(),
-        stop: Signal::default(),
-        session_counter: Cell::new(0),
-        node,
-    });
+    let shard = Shard::new(id, node);
     monoio::spawn(drain_mesh(shard.clone(), bell));
     monoio::spawn(sweep(shard.clone()));
     monoio::spawn(accept_loop(shard.clone(), listener));
@@ -299,27 +303,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 async fn drain_mesh(shard: Rc<Shard>, mut bell: monoio::net::UnixStream) {
     let node = shard.node.clone();
     let me = shard.id;
-    let n = node.shards() as ShardId;
     let mut buf = vec![0u8; 64];
     let mut idle = 0u32;
     loop {
-        let mut got = 0;
-        {
-            let mut engine = shard.engine.borrow_mut();
-            let mut outbox = shard.outbox.borrow_mut();
-            let now = now_ms();
-            for from in 0..n {
-                while got < DRAIN_BATCH {
-                    let Some(m) = node.mesh.pop(from, me) else {
-                        break;
-                    };
-                    engine.handle_mesh(m, now, &mut *outbox);
-                    got += 1;
-                }
-            }
-            outbox.flush();
-        }
-        shard.metrics().mesh_messages_in.add(got as u64);
+        let got = shard.drain_mesh();
         if node.is_draining() && !shard.draining.is_set() {
             shard.draining.set();
         }
@@ -354,61 +341,16 @@ async fn drain_mesh(shard: Rc<Shard>, mut bell: monoio::net::UnixStream) {
 }
 
 async fn sweep(shard: Rc<Shard>) {
-    let c = &shard.node.config;
-    let ping_interval = Duration::from_millis(c.ping_interval_ms);
-    let ping_timeout = Duration::from_millis(c.ping_timeout_ms);
-    let close_timeout = Duration::from_millis(c.close_timeout_ms);
-    let tick = [
-        c.ping_interval_ms,
-        c.ping_timeout_ms,
-        c.close_timeout_ms,
-        c.auth_timeout_ms,
-    ]
-    .into_iter()
-    .min()
-    .unwrap_or(1000)
-    .div_ceil(4)
-    .clamp(10, 1000);
+    let tick = shard.sweep_tick();
     let ping = frame::encode(OpCode::Ping, b"");
     loop {
-        monoio::time::sleep(Duration::from_millis(tick)).await;
+        monoio::time::sleep(tick).await;
         if shard.stop.is_set() {
             return;
         }
         let now = Instant::now();
         for io in shard.registry.borrow().slots.iter().flatten() {
-            match io.state() {
-                State::Done => {}
-                State::Closing => {
-                    if io
-                        .closing_since
-                        .get()
-                        .is_some_and(|t| now - t >= close_timeout)
-                    {
-                        io.abort();
-                    }
-                }
-                State::Open => {
-                    if io.auth_deadline.get().is_some_and(|t| now >= t) {
-                        shard.metrics().auth_failures.inc();
-                        let msg = ServerMessage::error(
-                            None,
-                            ErrorCode::Unauthorized,
-                            "no `auth` message in time",
-                        );
-                        io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
-                        io.close(close::UNAUTHORIZED, "authentication timeout");
-                    } else if let Some(sent) = io.ping_sent.get() {
-                        if now - sent >= ping_timeout {
-                            shard.metrics().keepalive_closes.inc();
-                            io.close(close::POLICY_VIOLATION, "ping timeout");
-                        }
-                    } else if now - io.last_rx.get() >= ping_interval {
-                        io.ping_sent.set(Some(now));
-                        io.push_control(ping.clone());
-                    }
-                }
-            }
+            shard.check_keepalive(io, now, &ping);
         }
     }
 }
@@ -454,6 +396,149 @@ async fn read_request(
     }
 }
 
+/// What to do with a parsed request.
+enum Routed {
+    /// Answer, then close (plain HTTP requests and refusals).
+    Reply(Vec<u8>),
+    /// Switch protocols: write `response`, then speak WebSocket.
+    Accept {
+        up: Upgrade,
+        echo: bool,
+        user: Option<String>,
+        response: Vec<u8>,
+    },
+}
+
+impl Shard {
+    /// Decides on a complete request: plain HTTP, refusal, or upgrade (with
+    /// the user when the request carried a valid token).
+    fn route(&self, req: Request) -> Routed {
+        let up = match req {
+            Request::Plain(p) => return Routed::Reply(plain_http(&self.node, &p.method, &p.path)),
+            Request::Upgrade(up) => up,
+        };
+        let echo = match up.path.as_str() {
+            "/" | "/ws" => false,
+            "/echo" if self.node.config.echo_endpoint => true,
+            _ => {
+                return Routed::Reply(handshake::http_response(
+                    404,
+                    "",
+                    "text/plain",
+                    b"not_found",
+                ))
+            }
+        };
+        if self.node.is_draining() {
+            return Routed::Reply(handshake::http_response(503, "", "text/plain", b"draining"));
+        }
+        let token = up.bearer.as_deref().or(up.query_token.as_deref());
+        let user = match (token, echo) {
+            (Some(t), false) => match self.node.verifier.verify(t) {
+                Ok(user) => Some(user),
+                Err(e) => {
+                    self.metrics().auth_failures.inc();
+                    tracing::debug!(shard = self.id, error = %e, "handshake token refused");
+                    return Routed::Reply(handshake::http_response(
+                        401,
+                        "",
+                        "text/plain",
+                        e.0.as_bytes(),
+                    ));
+                }
+            },
+            _ => None,
+        };
+        let response = handshake::accept_response(&up);
+        Routed::Accept {
+            up,
+            echo,
+            user,
+            response,
+        }
+    }
+
+    /// Takes what other shards sent, up to a batch from each, and passes
+    /// it to the engine. Returns how many messages it took.
+    fn drain_mesh(&self) -> usize {
+        let node = &self.node;
+        let mut got = 0;
+        {
+            let mut engine = self.engine.borrow_mut();
+            let mut outbox = self.outbox.borrow_mut();
+            let now = now_ms();
+            for from in 0..node.shards() as ShardId {
+                while got < DRAIN_BATCH {
+                    let Some(m) = node.mesh.pop(from, self.id) else {
+                        break;
+                    };
+                    engine.handle_mesh(m, now, &mut *outbox);
+                    got += 1;
+                }
+            }
+            outbox.flush();
+        }
+        self.metrics().mesh_messages_in.add(got as u64);
+        got
+    }
+
+    /// The sweep's verdict on one open or closing connection: pings a quiet
+    /// one, closes one that missed its pong or its `auth`, shuts one whose
+    /// close handshake timed out.
+    fn check_keepalive(&self, io: &ConnIo, now: Instant, ping: &bytes::Bytes) {
+        let c = &self.node.config;
+        match io.state() {
+            State::Done => {}
+            State::Closing => {
+                if io
+                    .closing_since
+                    .get()
+                    .is_some_and(|t| now - t >= Duration::from_millis(c.close_timeout_ms))
+                {
+                    io.abort();
+                }
+            }
+            State::Open => {
+                if io.auth_deadline.get().is_some_and(|t| now >= t) {
+                    self.metrics().auth_failures.inc();
+                    let msg = ServerMessage::error(
+                        None,
+                        ErrorCode::Unauthorized,
+                        "no `auth` message in time",
+                    );
+                    io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
+                    io.close(close::UNAUTHORIZED, "authentication timeout");
+                } else if let Some(sent) = io.ping_sent.get() {
+                    if now - sent >= Duration::from_millis(c.ping_timeout_ms) {
+                        self.metrics().keepalive_closes.inc();
+                        io.close(close::POLICY_VIOLATION, "ping timeout");
+                    }
+                } else if now - io.last_rx.get() >= Duration::from_millis(c.ping_interval_ms) {
+                    io.ping_sent.set(Some(now));
+                    io.push_control(ping.clone());
+                }
+            }
+        }
+    }
+
+    /// How often the sweep runs: a quarter of the shortest timeout.
+    fn sweep_tick(&self) -> Duration {
+        let c = &self.node.config;
+        let ms = [
+            c.ping_interval_ms,
+            c.ping_timeout_ms,
+            c.close_timeout_ms,
+            c.auth_timeout_ms,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(1000)
+        .div_ceil(4)
+        .clamp(10, 1000);
+        Duration::from_millis(ms)
+    }
+}
+
 async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
     let mut buf = BytesMut::with_capacity(2048);
     let (req, consumed) = match read_request(&shard, &mut stream, &mut buf).await {
@@ -465,47 +550,16 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
         Some(Ok(r)) => r,
     };
     let _ = buf.split_to(consumed);
-    let up = match req {
-        Request::Plain(p) => {
-            return write_and_close(stream, plain_http(&shard.node, &p.method, &p.path)).await
-        }
-        Request::Upgrade(up) => up,
+    let (up, echo, user, response) = match shard.route(req) {
+        Routed::Reply(r) => return write_and_close(stream, r).await,
+        Routed::Accept {
+            up,
+            echo,
+            user,
+            response,
+        } => (up, echo, user, response),
     };
-    let echo = match up.path.as_str() {
-        "/" | "/ws" => false,
-        "/echo" if shard.node.config.echo_endpoint => true,
-        _ => {
-            return write_and_close(
-                stream,
-                handshake::http_response(404, "", "text/plain", b"not_found"),
-            )
-            .await
-        }
-    };
-    if shard.node.is_draining() {
-        return write_and_close(
-            stream,
-            handshake::http_response(503, "", "text/plain", b"draining"),
-        )
-        .await;
-    }
-    let token = up.bearer.clone().or_else(|| up.query_token.clone());
-    let user = match (&token, echo) {
-        (Some(t), false) => match shard.node.verifier.verify(t) {
-            Ok(user) => Some(user),
-            Err(e) => {
-                shard.metrics().auth_failures.inc();
-                tracing::debug!(shard = shard.id, error = %e, "handshake token refused");
-                return write_and_close(
-                    stream,
-                    handshake::http_response(401, "", "text/plain", e.0.as_bytes()),
-                )
-                .await;
-            }
-        },
-        _ => None,
-    };
-    let (res, _) = stream.write_all(handshake::accept_response(&up)).await;
+    let (res, _) = stream.write_all(response).await;
     if res.is_err() {
         return;
     }
@@ -597,6 +651,8 @@ enum Mode {
     Echo,
     Unauthenticated,
     Authenticated(ConnId),
+    /// The connection has left the engine.
+    Ended,
 }
 
 /// What the read loop does after a message.
@@ -614,6 +670,49 @@ struct Session {
 }
 
 impl Session {
+    /// The WebSocket phase of an accepted upgrade: a session that is either
+    /// authenticated by the handshake's token, waiting for `auth` (with a
+    /// deadline), or an echo.
+    fn new(
+        shard: Rc<Shard>,
+        io: Rc<ConnIo>,
+        protocol: Protocol,
+        echo: bool,
+        user: Option<String>,
+        now: Instant,
+    ) -> Session {
+        let auth_timeout = Duration::from_millis(shard.node.config.auth_timeout_ms);
+        let mut s = Session {
+            shard,
+            io,
+            protocol,
+            mode: if echo {
+                Mode::Echo
+            } else {
+                Mode::Unauthenticated
+            },
+        };
+        match user {
+            Some(u) => s.authenticate(u, None),
+            None if !echo => s.io.auth_deadline.set(Some(now + auth_timeout)),
+            None => {}
+        }
+        s
+    }
+
+    /// Takes the connection out of the engine (its channels, its user).
+    fn end(&mut self) {
+        if let Mode::Authenticated(id) = self.mode {
+            let mut outbox = self.shard.outbox.borrow_mut();
+            self.shard
+                .engine
+                .borrow_mut()
+                .close(id, now_ms(), &mut *outbox);
+            outbox.flush();
+        }
+        self.mode = Mode::Ended;
+    }
+
     fn reply(&self, msg: &ServerMessage) {
         self.io
             .push_data(&protocol::encode_frame(self.protocol, msg));
@@ -695,6 +794,7 @@ impl Session {
                 )),
             },
             Mode::Echo => unreachable!("handled above"),
+            Mode::Ended => {}
         }
     }
 
@@ -733,6 +833,7 @@ async fn serve_ws(
         shard.node.clone(),
         shard.id as usize,
         now,
+        conn::Notify::task(),
     ));
     let reg_slot = shard.registry.borrow_mut().insert(io.clone());
     let metrics_conn = shard.metrics();
@@ -740,23 +841,7 @@ async fn serve_ws(
     metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
-    let mut s = Session {
-        shard: shard.clone(),
-        io: io.clone(),
-        protocol: up.protocol,
-        mode: if echo {
-            Mode::Echo
-        } else {
-            Mode::Unauthenticated
-        },
-    };
-    match user {
-        Some(u) => s.authenticate(u, None),
-        None if !echo => io.auth_deadline.set(Some(
-            now + Duration::from_millis(shard.node.config.auth_timeout_ms),
-        )),
-        None => {}
-    }
+    let mut s = Session::new(shard.clone(), io.clone(), up.protocol, echo, user, now);
     let mut decoder = Decoder::new(shard.node.config.max_message_size);
     let mut read_size = ReadSize::new();
     'conn: loop {
@@ -798,11 +883,7 @@ async fn serve_ws(
             }
         }
     }
-    if let Mode::Authenticated(id) = s.mode {
-        let mut outbox = shard.outbox.borrow_mut();
-        shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
-        outbox.flush();
-    }
+    s.end();
     let close_timeout = Duration::from_millis(shard.node.config.close_timeout_ms);
     let _ = monoio::time::timeout(close_timeout, io.flushed()).await;
     io.abort();

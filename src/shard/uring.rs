@@ -1,0 +1,1033 @@
+//! The shard's own io_uring loop (the default driver).
+//!
+//! One ring per shard and no task per connection: every socket is a slot in
+//! a slab, and the loop reacts to completions.
+//! - **Accept**: one multishot accept on the shard's listener.
+//! - **Read**: one multishot receive per connection into a ring of provided
+//!   buffers shared by the shard. A buffer is lent for the time it takes to
+//!   decode what it holds, then goes back to the ring, so an idle connection
+//!   holds no read buffer at all; only a partial frame is copied aside.
+//! - **Write**: one vectored send per connection at a time, carrying every
+//!   frame queued since the previous one.
+//! - **Mesh**: a receive on the doorbell, armed at all times, wakes a
+//!   parked shard.
+//!
+//! Submissions collect during a round and reach the kernel in one
+//! `io_uring_enter`, which also waits for the next completions when the
+//! shard has nothing to do.
+//!
+//! When the shard holds back more mesh messages than [`OUTBOX_HIGH`], it
+//! stops decoding received data: the data waits in its buffers, the buffer
+//! ring runs dry, receives stop, and TCP pushes back on the clients.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{IntoRawFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::conn::{Batch, ConnIo, Notify, State, MAX_IOV};
+use super::{Next, Routed, Session, Shard, OUTBOX_HIGH, SPIN_ROUNDS};
+use crate::node::Node;
+use crate::ws::{close, frame, handshake, Decoder, OpCode};
+
+/// Submission queue entries; the completion queue is eight times larger.
+const SQ_ENTRIES: u32 = 2048;
+/// Provided buffers for receives (a power of two) and their size: 2 MiB
+/// per shard, whatever the number of connections.
+const BUF_COUNT: u16 = 1024;
+const BUF_SIZE: usize = 2048;
+const BUF_GROUP: u16 = 0;
+/// Idle write descriptors kept for reuse.
+const WRITE_POOL: usize = 1024;
+
+// What a completion is about: the top byte of its user data. The next 24
+// bits hold the slot's generation, the low 32 bits the slot.
+const ACCEPT: u64 = 1;
+const RECV: u64 = 2;
+const WRITE: u64 = 3;
+const BELL: u64 = 4;
+const CANCEL: u64 = 5;
+
+fn token(kind: u64, slot: u32, gen: u32) -> u64 {
+    (kind << 56) | ((gen as u64 & 0xff_ffff) << 32) | slot as u64
+}
+
+fn parts(user_data: u64) -> (u64, u32, u32) {
+    (
+        user_data >> 56,
+        user_data as u32,
+        ((user_data >> 32) & 0xff_ffff) as u32,
+    )
+}
+
+/// The ring of provided buffers: the kernel takes a buffer for each receive
+/// and the loop gives it back once the bytes are decoded.
+struct BufRing {
+    entries: *mut types::BufRingEntry,
+    map_len: usize,
+    data: *mut u8,
+    layout: std::alloc::Layout,
+    tail: u16,
+    published: u16,
+    /// Keep the memory at drop (operations may still point into it).
+    leak: bool,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring) -> io::Result<BufRing> {
+        let map_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping, unmapped in Drop.
+        let entries = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if entries == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let layout = std::alloc::Layout::from_size_align(BUF_COUNT as usize * BUF_SIZE, 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: a non-zero size; zeroed pages are only touched when used.
+        let data = unsafe { std::alloc::alloc_zeroed(layout) };
+        let mut bufs = BufRing {
+            entries: entries.cast(),
+            map_len,
+            data,
+            layout,
+            tail: 0,
+            published: 0,
+            leak: false,
+        };
+        if data.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        // SAFETY: the mapping lives until Drop, which runs after the ring
+        // that uses it is gone (see `Loop`'s field order).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring(entries as u64, BUF_COUNT, BUF_GROUP)?
+        };
+        for bid in 0..BUF_COUNT {
+            bufs.give(bid);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// Puts buffer `bid` back at the tail (visible after `publish`).
+    fn give(&mut self, bid: u16) {
+        // SAFETY: the index is masked into the mapping; the kernel only
+        // reads entries between its head and the published tail.
+        let e = unsafe { &mut *self.entries.add((self.tail & (BUF_COUNT - 1)) as usize) };
+        // SAFETY: bid < BUF_COUNT, inside the data allocation.
+        e.set_addr(unsafe { self.data.add(bid as usize * BUF_SIZE) } as u64);
+        e.set_len(BUF_SIZE as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&mut self) {
+        if self.published == self.tail {
+            return;
+        }
+        // SAFETY: the tail shares the first entry's reserved field; the
+        // kernel reads it with acquire ordering.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+        self.published = self.tail;
+    }
+
+    /// The `len` bytes the kernel wrote into buffer `bid`.
+    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        assert!((bid as usize) < BUF_COUNT as usize && len <= BUF_SIZE);
+        // SAFETY: in bounds (checked above); the kernel is done with this
+        // buffer until it is given back.
+        unsafe { std::slice::from_raw_parts(self.data.add(bid as usize * BUF_SIZE), len) }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
+        // SAFETY: the mapping and allocation made in `new`.
+        unsafe {
+            libc::munmap(self.entries.cast(), self.map_len);
+            std::alloc::dealloc(self.data, self.layout);
+        }
+    }
+}
+
+/// One vectored send in flight, with the message header the kernel reads.
+struct WriteOp {
+    batch: Batch,
+    msg: libc::msghdr,
+    bytes: usize,
+}
+
+impl Default for WriteOp {
+    fn default() -> Self {
+        WriteOp {
+            batch: Batch::default(),
+            // SAFETY: an all-zero msghdr is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            bytes: 0,
+        }
+    }
+}
+
+enum Phase {
+    /// Reading the request head.
+    Handshake { since: Instant },
+    /// Speaking WebSocket.
+    Ws { session: Session, decoder: Decoder },
+    /// Writing a plain HTTP answer or a refusal, then closing.
+    Reply,
+}
+
+struct Conn {
+    fd: RawFd,
+    gen: u32,
+    io: Rc<ConnIo>,
+    phase: Phase,
+    /// Bytes of an incomplete frame or request head; empty (no allocation)
+    /// otherwise.
+    inbuf: BytesMut,
+    /// A multishot receive is armed.
+    recv: bool,
+    /// An asynchronous cancel of that receive was submitted.
+    cancelled: bool,
+    write: Option<Box<WriteOp>>,
+    /// The read side is over: the session left the engine, and the socket
+    /// shuts once everything queued is written (or at `flush_deadline`).
+    ended: bool,
+    flush_deadline: Option<Instant>,
+}
+
+struct Recv {
+    slot: u32,
+    gen: u32,
+    res: i32,
+    flags: u32,
+}
+
+struct Loop {
+    // Field order matters: the ring goes first, before the memory its
+    // operations point into (buffers, write descriptors, connections).
+    ring: IoUring,
+    bufs: BufRing,
+    conns: Vec<Option<Conn>>,
+    shard: Rc<Shard>,
+    listener: RawFd,
+    bell: RawFd,
+    bell_buf: Box<[u8; 64]>,
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
+    ready: Rc<RefCell<Vec<u32>>>,
+    visiting: Vec<u32>,
+    completions: Vec<(u64, i32, u32)>,
+    received: VecDeque<Recv>,
+    rearm: Vec<u32>,
+    /// Boxed: the kernel reads a write's header and iovecs in place, so
+    /// they must not move while the write is in flight.
+    #[allow(clippy::vec_box)]
+    writes: Vec<Box<WriteOp>>,
+    accept_armed: bool,
+    accept_retry: Option<Instant>,
+    scratch: BytesMut,
+    ping: Bytes,
+    drain_deadline: Option<Instant>,
+    forced_at: Option<Instant>,
+}
+
+/// Sets up the ring and its buffers.
+fn setup() -> io::Result<(IoUring, BufRing)> {
+    let ring = IoUring::builder()
+        .setup_cqsize(SQ_ENTRIES * 8)
+        .setup_clamp()
+        .build(SQ_ENTRIES)?;
+    if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring lacks EXT_ARG or NODROP (Linux 5.11 or newer is needed)",
+        ));
+    }
+    let bufs = BufRing::new(&ring)?;
+    Ok((ring, bufs))
+}
+
+/// A setup failure: the reason, and the sockets handed back.
+pub type SetupError = (io::Error, std::net::TcpListener, StdUnixStream);
+
+/// Runs shard `id` on its own io_uring loop until the node has drained.
+/// When this kernel lacks what the loop needs, fails before the shard
+/// starts and hands the sockets back (the caller may fall back to epoll).
+pub fn run(
+    id: usize,
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    bell: StdUnixStream,
+) -> Result<io::Result<()>, SetupError> {
+    let (ring, bufs) = match setup() {
+        Ok(r) => r,
+        Err(e) => return Err((e, listener, bell)),
+    };
+    let shard = Shard::new(id, node.clone());
+    let mut lp = Loop {
+        ring,
+        bufs,
+        conns: Vec::new(),
+        listener: listener.into_raw_fd(),
+        bell: bell.into_raw_fd(),
+        bell_buf: Box::new([0; 64]),
+        gens: Vec::new(),
+        free: Vec::new(),
+        live: 0,
+        ready: Rc::new(RefCell::new(Vec::new())),
+        visiting: Vec::new(),
+        completions: Vec::new(),
+        received: VecDeque::new(),
+        rearm: Vec::new(),
+        writes: Vec::new(),
+        accept_armed: false,
+        accept_retry: None,
+        scratch: BytesMut::new(),
+        ping: frame::encode(OpCode::Ping, b""),
+        drain_deadline: None,
+        forced_at: None,
+        shard,
+    };
+    lp.arm_accept();
+    lp.arm_bell();
+    node.shard_started(id, "io_uring");
+    tracing::info!(shard = id, io_driver = "io_uring", "shard started");
+    let result = lp.run();
+    tracing::info!(shard = id, "shard stopped");
+    Ok(result)
+}
+
+impl Loop {
+    fn run(&mut self) -> io::Result<()> {
+        let me = self.shard.id;
+        let tick = self.shard.sweep_tick();
+        let mut next_sweep = Instant::now() + tick;
+        let mut idle = 0u32;
+        loop {
+            let mut work = self.complete();
+            work += self.decode_received();
+            work += self.shard.drain_mesh();
+            self.shard.outbox.borrow_mut().flush();
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + tick;
+            }
+            if self.shard.node.is_draining() && self.drain_deadline.is_none() {
+                self.begin_drain(now);
+            }
+            if self.drain_deadline.is_some() && self.drained(now) {
+                return Ok(());
+            }
+            if !self.accept_armed
+                && self.drain_deadline.is_none()
+                && self.accept_retry.is_none_or(|t| now >= t)
+            {
+                self.arm_accept();
+            }
+            self.visit_ready();
+            self.rearm_receives();
+            self.bufs.publish();
+
+            let held_back = !self.received.is_empty() || self.shard.outbox.borrow().backlog > 0;
+            if work > 0 {
+                idle = 0;
+                self.submit()?;
+            } else if held_back {
+                // Waiting for other shards to take their messages.
+                self.wait(Duration::from_micros(50))?;
+            } else if idle < SPIN_ROUNDS {
+                idle += 1;
+                self.submit()?;
+            } else {
+                idle = 0;
+                if !self.shard.node.mesh.park(me) {
+                    continue;
+                }
+                let until = next_sweep.saturating_duration_since(Instant::now());
+                let r = self.wait(until.max(Duration::from_millis(1)));
+                self.shard.node.mesh.unpark(me);
+                r?;
+            }
+        }
+    }
+
+    /// Pushes a submission, making room by submitting when the queue is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry points into memory the loop keeps alive
+            // until its completion (see the field order of `Loop`).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(shard = self.shard.id, error = %e, "io_uring submit failed");
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits and sleeps until a completion arrives or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        let e = opcode::AcceptMulti::new(types::Fd(self.listener))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token(ACCEPT, 0, 0));
+        self.push(e);
+        self.accept_armed = true;
+        self.accept_retry = None;
+    }
+
+    fn arm_bell(&mut self) {
+        let e = opcode::Recv::new(
+            types::Fd(self.bell),
+            self.bell_buf.as_mut_ptr(),
+            self.bell_buf.len() as u32,
+        )
+        .build()
+        .user_data(token(BELL, 0, 0));
+        self.push(e);
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        c.recv = true;
+        let e = opcode::RecvMulti::new(types::Fd(c.fd), BUF_GROUP)
+            .build()
+            .user_data(token(RECV, slot, c.gen));
+        self.push(e);
+    }
+
+    /// Takes every completion from the queue. Receives wait in `received`
+    /// to be decoded in order.
+    fn complete(&mut self) -> usize {
+        let mut done = std::mem::take(&mut self.completions);
+        done.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(user_data, res, flags) in &done {
+            let (kind, slot, gen) = parts(user_data);
+            match kind {
+                ACCEPT => self.on_accept(res, flags),
+                RECV => self.received.push_back(Recv {
+                    slot,
+                    gen,
+                    res,
+                    flags,
+                }),
+                WRITE => self.on_write(slot, gen, res),
+                BELL => {
+                    if res == 0 {
+                        // The node's end of the doorbell is gone: nothing will
+                        // ring it again, and the loop's rounds still see the
+                        // mesh queues.
+                        continue;
+                    }
+                    if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
+                        tracing::warn!(shard = self.shard.id, errno = -res, "doorbell read failed");
+                    }
+                    self.arm_bell();
+                }
+                _ => {}
+            }
+        }
+        let n = done.len();
+        done.clear();
+        self.completions = done;
+        n
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res >= 0 {
+            self.add_conn(res);
+            return;
+        }
+        let errno = -res;
+        if errno == libc::ECANCELED {
+            return;
+        }
+        tracing::warn!(
+            shard = self.shard.id,
+            error = %io::Error::from_raw_os_error(errno),
+            "accept failed"
+        );
+        if !self.accept_armed {
+            self.accept_retry = Some(Instant::now() + Duration::from_millis(10));
+        }
+    }
+
+    fn add_conn(&mut self, fd: RawFd) {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket this loop owns, with a valid int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let now = Instant::now();
+        let io = Rc::new(ConnIo::new(
+            fd,
+            self.shard.node.clone(),
+            self.shard.id as usize,
+            now,
+            Notify::Loop {
+                slot,
+                listed: Default::default(),
+                ready: self.ready.clone(),
+            },
+        ));
+        self.conns[slot as usize] = Some(Conn {
+            fd,
+            gen: self.gens[slot as usize],
+            io,
+            phase: Phase::Handshake { since: now },
+            inbuf: BytesMut::new(),
+            recv: false,
+            cancelled: false,
+            write: None,
+            ended: false,
+            flush_deadline: None,
+        });
+        self.live += 1;
+        self.arm_recv(slot);
+    }
+
+    fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot as usize)?
+            .as_mut()
+            .filter(|c| c.gen == gen)
+    }
+
+    /// Decodes received data in arrival order, unless the shard holds back
+    /// too many mesh messages (see the module doc).
+    fn decode_received(&mut self) -> usize {
+        let mut n = 0;
+        while self.shard.outbox.borrow().backlog <= OUTBOX_HIGH {
+            let Some(r) = self.received.pop_front() else {
+                break;
+            };
+            self.on_recv(r);
+            n += 1;
+        }
+        n
+    }
+
+    fn on_recv(&mut self, r: Recv) {
+        let bid = cqueue::buffer_select(r.flags);
+        let more = cqueue::more(r.flags);
+        let shard = self.shard.clone();
+        let Some(conn) = self
+            .conns
+            .get_mut(r.slot as usize)
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.gen == r.gen)
+        else {
+            if let Some(b) = bid {
+                self.bufs.give(b);
+            }
+            return;
+        };
+        if !more {
+            conn.recv = false;
+        }
+        let mut read_over = false;
+        if r.res > 0 {
+            if let Some(b) = bid {
+                let data = self.bufs.bytes(b, r.res as usize);
+                let m = shard.metrics();
+                m.bytes_in.add(r.res as u64);
+                let now = Instant::now();
+                conn.io.last_rx.set(now);
+                conn.io.ping_sent.set(None);
+                read_over = feed(&shard, conn, data, &mut self.scratch, now);
+                self.bufs.give(b);
+            }
+            if !more && !read_over {
+                self.rearm.push(r.slot);
+            }
+        } else if r.res == -libc::ENOBUFS {
+            // The buffer ring ran dry: arm again once buffers are back.
+            if !more {
+                self.rearm.push(r.slot);
+            }
+        } else if !more || r.res == 0 {
+            // End of stream, or the socket failed.
+            read_over = true;
+        }
+        if read_over {
+            self.end_read(r.slot);
+        }
+        self.visit(r.slot);
+    }
+
+    /// The peer is done sending (or must not be read any more): leave the
+    /// engine, then shut the socket once what is queued is written.
+    fn end_read(&mut self, slot: u32) {
+        let timeout = Duration::from_millis(self.shard.node.config.close_timeout_ms);
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        if conn.ended {
+            return;
+        }
+        conn.ended = true;
+        conn.flush_deadline = Some(Instant::now() + timeout);
+        if let Phase::Ws { session, .. } = &mut conn.phase {
+            session.end();
+        }
+        if matches!(conn.phase, Phase::Handshake { .. }) {
+            conn.io.abort();
+        }
+    }
+
+    fn rearm_receives(&mut self) {
+        if self.rearm.is_empty() || !self.received.is_empty() {
+            return;
+        }
+        let rearm = std::mem::take(&mut self.rearm);
+        for &slot in &rearm {
+            let ok = self.conns[slot as usize]
+                .as_ref()
+                .is_some_and(|c| !c.recv && !c.ended && c.io.state() != State::Done);
+            if ok {
+                self.arm_recv(slot);
+            }
+        }
+        self.rearm = rearm;
+        self.rearm.clear();
+    }
+
+    /// Visits every connection that queued frames or was aborted since the
+    /// last round.
+    fn visit_ready(&mut self) {
+        loop {
+            let mut list = std::mem::take(&mut self.visiting);
+            std::mem::swap(&mut list, &mut *self.ready.borrow_mut());
+            if list.is_empty() {
+                self.visiting = list;
+                return;
+            }
+            for &slot in &list {
+                if let Some(c) = self.conns[slot as usize].as_ref() {
+                    c.io.unlist();
+                    self.visit(slot);
+                }
+            }
+            list.clear();
+            self.visiting = list;
+        }
+    }
+
+    /// Starts the next write, shuts a flushed connection whose read side is
+    /// over, or frees a dead one.
+    fn visit(&mut self, slot: u32) {
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        if conn.io.state() == State::Done {
+            if conn.recv && !conn.cancelled {
+                conn.cancelled = true;
+                let e = opcode::AsyncCancel::new(token(RECV, slot, conn.gen))
+                    .build()
+                    .user_data(token(CANCEL, slot, conn.gen));
+                self.push(e);
+            }
+            self.try_free(slot);
+            return;
+        }
+        if conn.write.is_none() && !conn.io.queue.borrow().is_empty() {
+            self.start_write(slot);
+        } else if conn.ended && conn.io.is_flushed() {
+            conn.io.abort();
+            self.visit(slot);
+        }
+    }
+
+    fn start_write(&mut self, slot: u32) {
+        let mut w = self.writes.pop().unwrap_or_default();
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let bytes = w.batch.fill(&mut conn.io.queue.borrow_mut(), MAX_IOV);
+        conn.io
+            .queued_bytes
+            .set(conn.io.queued_bytes.get().saturating_sub(bytes));
+        conn.io.writing.set(true);
+        w.bytes = bytes;
+        let (fd, gen) = (conn.fd, conn.gen);
+        let e = send_entry(&mut w, fd, token(WRITE, slot, gen));
+        conn.write = Some(w);
+        self.push(e);
+    }
+
+    fn on_write(&mut self, slot: u32, gen: u32, res: i32) {
+        let shard = self.shard.clone();
+        let Some(conn) = self.conn(slot, gen) else {
+            return;
+        };
+        let Some(mut w) = conn.write.take() else {
+            return;
+        };
+        if res > 0 {
+            w.batch.advance(res as usize);
+            if !w.batch.is_done() {
+                let e = send_entry(&mut w, conn.fd, token(WRITE, slot, gen));
+                conn.write = Some(w);
+                self.push(e);
+                return;
+            }
+            let m = shard.metrics();
+            m.frames_out.add(w.batch.frames() as u64);
+            m.bytes_out.add(w.bytes as u64);
+        } else {
+            conn.io.abort();
+        }
+        conn.io.writing.set(false);
+        w.batch.clear();
+        if self.writes.len() < WRITE_POOL {
+            self.writes.push(w);
+        }
+        self.visit(slot);
+    }
+
+    /// Frees a dead connection once the kernel holds nothing of it.
+    fn try_free(&mut self, slot: u32) {
+        let free = self.conns[slot as usize]
+            .as_ref()
+            .is_some_and(|c| c.io.state() == State::Done && !c.recv && c.write.is_none());
+        if !free {
+            return;
+        }
+        self.end_read(slot);
+        let Some(mut conn) = self.conns[slot as usize].take() else {
+            return;
+        };
+        if let Phase::Ws { session, .. } = &mut conn.phase {
+            session.end();
+            self.shard.metrics().connections.sub(1);
+        }
+        // SAFETY: the descriptor belongs to this connection, and no
+        // operation on it is in flight any more.
+        unsafe {
+            libc::close(conn.fd);
+        }
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
+        self.free.push(slot);
+        self.live -= 1;
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let shard = self.shard.clone();
+        let handshake_timeout = Duration::from_millis(shard.node.config.handshake_timeout_ms);
+        for conn in self.conns.iter().flatten() {
+            if conn.io.state() == State::Done {
+                continue;
+            }
+            if conn.flush_deadline.is_some_and(|t| now >= t) {
+                conn.io.abort();
+                continue;
+            }
+            match &conn.phase {
+                Phase::Handshake { since } if now - *since >= handshake_timeout => {
+                    shard.metrics().handshake_timeouts.inc();
+                    conn.io.abort();
+                }
+                Phase::Ws { .. } if !conn.ended => shard.check_keepalive(&conn.io, now, &self.ping),
+                _ => {}
+            }
+        }
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(self.shard.node.config.shutdown_timeout_ms);
+        self.drain_deadline = Some(now + timeout);
+        let ws = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| matches!(c.phase, Phase::Ws { .. }))
+            .count();
+        tracing::info!(
+            shard = self.shard.id,
+            connections = ws,
+            "draining: closing connections with 1001"
+        );
+        for conn in self.conns.iter().flatten() {
+            match conn.phase {
+                Phase::Ws { .. } => conn.io.close(close::GOING_AWAY, "server shutting down"),
+                Phase::Handshake { .. } => conn.io.abort(),
+                Phase::Reply => {}
+            }
+        }
+    }
+
+    /// Whether a draining shard may stop: every connection is gone, or the
+    /// shutdown timeout passed, the rest were shut, and they are gone too
+    /// (or a last grace period ran out).
+    fn drained(&mut self, now: Instant) -> bool {
+        if self.live == 0 {
+            return true;
+        }
+        let Some(deadline) = self.drain_deadline else {
+            return false;
+        };
+        if now < deadline {
+            return false;
+        }
+        match self.forced_at {
+            None => {
+                self.forced_at = Some(now);
+                for conn in self.conns.iter().flatten() {
+                    conn.io.abort();
+                }
+                false
+            }
+            Some(t) if now - t >= Duration::from_secs(1) => {
+                tracing::warn!(
+                    shard = self.shard.id,
+                    connections = self.live,
+                    "connections still busy in the kernel at shutdown"
+                );
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if self.live > 0 {
+            // Operations may still point into the receive buffers while the
+            // kernel tears the ring down: keep that memory.
+            self.bufs.leak = true;
+        }
+        for conn in self.conns.iter().flatten() {
+            // SAFETY: descriptors owned by the loop.
+            unsafe {
+                libc::close(conn.fd);
+            }
+        }
+        // SAFETY: the listener and doorbell descriptors this loop owns.
+        unsafe {
+            libc::close(self.listener);
+            libc::close(self.bell);
+        }
+    }
+}
+
+fn send_entry(w: &mut WriteOp, fd: RawFd, user_data: u64) -> squeue::Entry {
+    let iov = w.batch.pending();
+    w.msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    w.msg.msg_iovlen = iov.len() as _;
+    opcode::SendMsg::new(types::Fd(fd), &w.msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+        .user_data(user_data)
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+    )
+}
+
+/// Feeds received bytes to a connection. Returns true when its read side is
+/// over (close handshake answered, protocol error).
+fn feed(
+    shard: &Rc<Shard>,
+    conn: &mut Conn,
+    data: &[u8],
+    scratch: &mut BytesMut,
+    now: Instant,
+) -> bool {
+    if conn.ended {
+        return false;
+    }
+    match conn.phase {
+        Phase::Handshake { .. } => {
+            conn.inbuf.extend_from_slice(data);
+            handshake_step(shard, conn, scratch, now)
+        }
+        Phase::Ws { .. } => feed_ws(shard, conn, data, scratch),
+        Phase::Reply => false,
+    }
+}
+
+fn handshake_step(
+    shard: &Rc<Shard>,
+    conn: &mut Conn,
+    scratch: &mut BytesMut,
+    now: Instant,
+) -> bool {
+    let (req, consumed) = match handshake::parse_request(&conn.inbuf, &shard.handshake) {
+        Ok(None) => return false,
+        Err(e) => {
+            shard.metrics().handshake_failures[e.index()].inc();
+            reply(shard, conn, e.response(), now);
+            return false;
+        }
+        Ok(Some(r)) => r,
+    };
+    conn.inbuf.advance(consumed);
+    match shard.route(req) {
+        Routed::Reply(r) => {
+            reply(shard, conn, r, now);
+            false
+        }
+        Routed::Accept {
+            up,
+            echo,
+            user,
+            response,
+        } => {
+            conn.io.push_control(Bytes::from(response));
+            let m = shard.metrics();
+            m.connections.inc();
+            m.connections_total.inc();
+            let session =
+                Session::new(shard.clone(), conn.io.clone(), up.protocol, echo, user, now);
+            conn.phase = Phase::Ws {
+                session,
+                decoder: Decoder::new(shard.node.config.max_message_size),
+            };
+            let rest = std::mem::take(&mut conn.inbuf);
+            if rest.is_empty() {
+                false
+            } else {
+                feed_ws(shard, conn, &rest, scratch)
+            }
+        }
+    }
+}
+
+fn reply(shard: &Rc<Shard>, conn: &mut Conn, response: Vec<u8>, now: Instant) {
+    conn.io.push_control(Bytes::from(response));
+    conn.phase = Phase::Reply;
+    conn.inbuf = BytesMut::new();
+    conn.ended = true;
+    conn.flush_deadline = Some(now + Duration::from_millis(shard.node.config.close_timeout_ms));
+}
+
+/// Decodes WebSocket frames. Data goes through the shard's scratch buffer;
+/// only the bytes of an incomplete frame stay with the connection.
+fn feed_ws(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesMut) -> bool {
+    let Conn {
+        phase, inbuf, io, ..
+    } = conn;
+    let Phase::Ws { session, decoder } = phase else {
+        return false;
+    };
+    if inbuf.is_empty() {
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        let over = decode_all(shard, session, decoder, io, scratch);
+        if !over && !scratch.is_empty() {
+            *inbuf = BytesMut::from(&scratch[..]);
+        }
+        scratch.clear();
+        over
+    } else {
+        inbuf.extend_from_slice(data);
+        let over = decode_all(shard, session, decoder, io, inbuf);
+        if over || inbuf.is_empty() {
+            *inbuf = BytesMut::new();
+        }
+        over
+    }
+}
+
+fn decode_all(
+    shard: &Shard,
+    session: &mut Session,
+    decoder: &mut Decoder,
+    io: &ConnIo,
+    buf: &mut BytesMut,
+) -> bool {
+    let m = shard.metrics();
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(msg)) => {
+                m.frames_in.inc();
+                if let Next::Finish = session.on_message(msg) {
+                    return true;
+                }
+            }
+            Ok(None) => return false,
+            Err(e) => {
+                m.protocol_errors.inc();
+                tracing::debug!(shard = shard.id, error = %e, "protocol error");
+                io.close(e.close_code(), e.reason());
+                return true;
+            }
+        }
+    }
+}
