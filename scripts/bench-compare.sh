@@ -9,6 +9,11 @@
 #
 # WORKLOADS="fanout max idle" (the default) selects what runs; OUT names the
 # results file (default target/bench/results.jsonl, appended to).
+# SERVERS="corecast baseline" (the default) selects the servers, among:
+#   corecast        this build, default IO driver (io_uring)
+#   corecast-epoll  this build with --io-driver epoll
+#   prev            another corecast binary, named by PREV_BIN (for example
+#                   an older commit's release build), to compare versions
 #
 # Needs two cores. Uses ports 9600-9699 on 127.0.0.1.
 set -euo pipefail
@@ -20,6 +25,15 @@ SERVER_CORE=${SERVER_CORE:-0}
 LOADGEN_CORE=${LOADGEN_CORE:-1}
 mkdir -p "$(dirname "$OUT")"
 WORKLOADS=${WORKLOADS:-fanout max idle}
+SERVERS=${SERVERS:-corecast baseline}
+PREV_BIN=${PREV_BIN:-}
+for s in $SERVERS; do
+  case $s in
+    corecast | corecast-epoll | baseline) ;;
+    prev) [ -x "$PREV_BIN" ] || { echo "SERVERS has prev: set PREV_BIN to a corecast binary" >&2; exit 2; } ;;
+    *) echo "unknown server '$s' in SERVERS" >&2; exit 2 ;;
+  esac
+done
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
 echo "building release binaries..."
@@ -29,18 +43,22 @@ BASE=target/release/examples/baseline
 
 port=9600
 SERVER_PID=
-start_server() { # $1 = corecast|baseline
+start_server() { # $1 = a name of SERVERS
   port=$((port + 1))
   local log=target/bench/server.log
-  if [ "$1" = corecast ]; then
-    taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
-    URL="ws://127.0.0.1:$port/ws"
-    PROTO=json
-  else
-    taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
-    URL="ws://127.0.0.1:$port/"
-    PROTO=raw
-  fi
+  URL="ws://127.0.0.1:$port/ws"
+  PROTO=json
+  case $1 in
+    corecast) taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    corecast-epoll) taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
+      --io-driver epoll 2>"$log" & ;;
+    prev) taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    baseline)
+      taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+      URL="ws://127.0.0.1:$port/"
+      PROTO=raw
+      ;;
+  esac
   SERVER_PID=$!
   for _ in $(seq 100); do
     grep -q "listening on" "$log" 2>/dev/null && return 0
@@ -77,7 +95,7 @@ for line in sys.stdin:
 
 for round in $(seq "$ROUNDS"); do
   echo "######## round $round of $ROUNDS"
-  for server in corecast baseline; do
+  for server in $SERVERS; do
     if has fanout; then
       run $server "10x100 smooth 100k/s" fanout -r 10 -m 100 -s 1000 -t 5
       run $server "1x1000 smooth 100k/s" fanout -r 1 -m 1000 -s 100 -t 5
@@ -94,7 +112,9 @@ for round in $(seq "$ROUNDS"); do
     fi
   done
   if has idle; then
-    run corecast "idle 19k" idle -n 19000 --hold 3
+    for server in $SERVERS; do
+      [ "$server" = baseline ] || run "$server" "idle 19k" idle -n 19000 --hold 3
+    done
   fi
 done
 

@@ -11,7 +11,6 @@ use std::fmt::Write as _;
 pub struct Readings {
     pub nofile_soft: Option<u64>,
     pub nofile_hard: Option<u64>,
-    pub memlock_soft: Option<u64>,
     pub file_max: Option<u64>,
     pub nr_open: Option<u64>,
     pub somaxconn: Option<u64>,
@@ -170,21 +169,13 @@ pub fn evaluate(r: &Readings, target: u64) -> Vec<Finding> {
             "kernel.io_uring_disabled = 1: only privileged processes (or the io_uring group) get io_uring".into(),
         )),
         _ => match r.kernel {
-            Some((major, minor)) if (major, minor) < (5, 11) => {
-                let memlock_ok = r.memlock_soft.is_none_or(|m| m >= 64 << 20);
-                out.push(finding(
-                    if memlock_ok { Level::Ok } else { Level::Warn },
-                    "io_uring",
-                    format!(
-                        "kernel {major}.{minor}: io_uring rings count as locked memory; {}",
-                        if memlock_ok {
-                            "the memlock limit is large enough".to_string()
-                        } else {
-                            "set LimitMEMLOCK=infinity".to_string()
-                        }
-                    ),
-                ));
-            }
+            Some((major, minor)) if (major, minor) < (6, 0) => out.push(finding(
+                Level::Warn,
+                "io_uring",
+                format!(
+                    "kernel {major}.{minor}: the io_uring loop needs Linux 6.0 (multishot receives into provided buffers); corecast will run on epoll"
+                ),
+            )),
             Some((major, minor)) => out.push(finding(Level::Ok, "io_uring", format!("kernel {major}.{minor} with io_uring enabled"))),
             None => out.push(finding(Level::Info, "io_uring", "cannot read the kernel version".into())),
         },
@@ -228,17 +219,20 @@ fn rlimit(resource: libc::__rlimit_resource_t) -> (Option<u64>, Option<u64>) {
     (Some(r.rlim_cur), Some(r.rlim_max))
 }
 
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> Option<(u64, u64)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().ok());
+    Some((it.next()??, it.next()??))
+}
+
 impl Readings {
     /// Reads this host.
     pub fn from_host() -> Readings {
         let (nofile_soft, nofile_hard) = rlimit(libc::RLIMIT_NOFILE);
-        let (memlock_soft, _) = rlimit(libc::RLIMIT_MEMLOCK);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .ok()
-            .and_then(|s| {
-                let mut it = s.trim().split(['.', '-']).map(|p| p.parse::<u64>().ok());
-                Some((it.next()??, it.next()??))
-            });
         let mem_available_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemAvailable:"))
@@ -247,7 +241,6 @@ impl Readings {
         Readings {
             nofile_soft,
             nofile_hard,
-            memlock_soft,
             file_max: read_u64("/proc/sys/fs/file-max"),
             nr_open: read_u64("/proc/sys/fs/nr_open"),
             somaxconn: read_u64("/proc/sys/net/core/somaxconn"),
@@ -259,7 +252,7 @@ impl Readings {
                 .and_then(|v| Some((*v.first()?, *v.get(1)?))),
             mem_available_kib,
             io_uring_disabled: read_u64("/proc/sys/kernel/io_uring_disabled"),
-            kernel,
+            kernel: kernel_version(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
         }
     }
@@ -298,7 +291,6 @@ mod tests {
         Readings {
             nofile_soft: Some(2_000_000),
             nofile_hard: Some(2_000_000),
-            memlock_soft: Some(u64::MAX),
             file_max: Some(4_000_000),
             nr_open: Some(4_000_000),
             somaxconn: Some(65535),
@@ -358,12 +350,20 @@ mod tests {
         assert_eq!(level(&f, "memory"), Level::Fail);
         assert_eq!(level(&f, "io_uring"), Level::Warn);
         let old = Readings {
-            kernel: Some((5, 4)),
+            kernel: Some((5, 15)),
             io_uring_disabled: None,
-            memlock_soft: Some(64 * 1024),
             ..roomy()
         };
-        assert_eq!(level(&evaluate(&old, 10), "io_uring"), Level::Warn);
+        let f = evaluate(&old, 10);
+        assert_eq!(level(&f, "io_uring"), Level::Warn);
+        let (text, _) = report(&f, 10);
+        assert!(text.contains("needs Linux 6.0"), "{text}");
+        let new = Readings {
+            kernel: Some((6, 1)),
+            io_uring_disabled: Some(0),
+            ..roomy()
+        };
+        assert_eq!(level(&evaluate(&new, 10), "io_uring"), Level::Ok);
     }
 
     #[test]

@@ -259,6 +259,16 @@ struct Loop {
 
 /// Sets up the ring and its buffers.
 fn setup() -> io::Result<(IoUring, BufRing)> {
+    // Multishot receives into provided buffers need Linux 6.0; older
+    // kernels accept the ring and the buffers but fail every receive.
+    if let Some((major, minor)) = crate::doctor::kernel_version() {
+        if (major, minor) < (6, 0) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("kernel {major}.{minor}: the io_uring loop needs Linux 6.0 or newer"),
+            ));
+        }
+    }
     let ring = IoUring::builder()
         .setup_cqsize(SQ_ENTRIES * 8)
         .setup_clamp()
@@ -266,7 +276,7 @@ fn setup() -> io::Result<(IoUring, BufRing)> {
     if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "io_uring lacks EXT_ARG or NODROP (Linux 5.11 or newer is needed)",
+            "io_uring lacks EXT_ARG or NODROP",
         ));
     }
     let bufs = BufRing::new(&ring)?;
