@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use corecast::engine::{Engine, Limits, Member, MeshMsg, MeshTx, Outbound, ShardId};
+use corecast::engine::{Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{
     binary, json, ChannelRef, ClientEvent, ClientMessage, MessageSend, Protocol,
@@ -112,7 +112,7 @@ fn fanout(c: &mut Criterion) {
     for i in 0..MEMBERS {
         let m = Member {
             user: format!("u{i}").into(),
-            session: format!("s{i}").into(),
+            session: SessionId(1, i),
             protocol: Protocol::Json,
         };
         let id = e.open(counter.clone(), m);

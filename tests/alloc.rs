@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use corecast::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, Outbound, ShardId};
+use corecast::engine::{
+    ConnId, Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId,
+};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{ChannelRef, ClientEvent, ClientMessage, MessageSend, Protocol};
 
@@ -96,7 +98,7 @@ fn room(
             q.clone(),
             Member {
                 user: format!("u{i}").into(),
-                session: format!("s{i}").into(),
+                session: SessionId(1, i as u64),
                 protocol: protocol(i),
             },
         );

@@ -22,6 +22,8 @@
 //! therefore costs one encoding per protocol in use, one mesh message per
 //! shard with members, and one refcount increment per recipient.
 
+pub mod chunked;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use bytes::Bytes;
 
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
+pub use chunked::ChunkedVec;
 
 pub type ShardId = u16;
 
@@ -118,8 +121,19 @@ pub struct Publish {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub user: Arc<str>,
-    pub session: Arc<str>,
+    pub session: SessionId,
     pub protocol: Protocol,
+}
+
+/// A session's id: a random number and a per-shard counter, shown as 32
+/// hex digits. Kept as integers so that a connection holds no string for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64, pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0, self.1)
+    }
 }
 
 /// Limits that keep per-connection state bounded.
@@ -207,7 +221,7 @@ pub struct Engine<O> {
     shards: u16,
     limits: Limits,
     metrics: Arc<ShardMetrics>,
-    slots: Vec<Slot<O>>,
+    slots: ChunkedVec<Slot<O>>,
     free: Vec<u32>,
     local: HashMap<Arc<str>, Vec<LocalMember>>,
     owned: HashMap<Arc<str>, Owned>,
@@ -228,7 +242,7 @@ impl<O: Outbound> Engine<O> {
             shards,
             limits,
             metrics,
-            slots: Vec::new(),
+            slots: ChunkedVec::default(),
             free: Vec::new(),
             local: HashMap::new(),
             owned: HashMap::new(),
@@ -250,12 +264,12 @@ impl<O: Outbound> Engine<O> {
                 ConnId { slot, gen: s.gen }
             }
             None => {
-                self.slots.push(Slot {
+                let slot = self.slots.push(Slot {
                     gen: 0,
                     conn: Some(conn),
                 });
                 ConnId {
-                    slot: self.slots.len() as u32 - 1,
+                    slot: slot as u32,
                     gen: 0,
                 }
             }

@@ -80,7 +80,11 @@ impl Sim {
         let rec = Recorder::default();
         let member = Member {
             user: user.into(),
-            session: format!("s-{user}").into(),
+            session: SessionId(
+                shard as u64,
+                user.bytes()
+                    .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)),
+            ),
             protocol,
         };
         let conn = self.shards[shard as usize].open(rec.clone(), member);

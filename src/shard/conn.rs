@@ -3,14 +3,18 @@
 //! [`super::uring`], or the [`writer`] task on epoll).
 //!
 //! Every frame a connection receives is a clone of a shared [`Bytes`] (a
-//! refcount increment). The writer takes every queued frame at once and
+//! refcount increment). Frames waiting to be written are linked into one
+//! arena per shard ([`Outq`]), so a connection with nothing queued holds no
+//! queue buffer at all. The writer takes every queued frame at once and
 //! hands them to the kernel in one vectored submission. When the queue
 //! already holds `max_frames` frames or `max_bytes` bytes, the connection is
 //! too slow for its bound: its queue is dropped, it is sent close 1013 and,
 //! if it does not take even that, its socket is shut after the close timeout.
+//!
+//! Deadlines are kept as milliseconds since the shard started ([`Outq::ms`])
+//! rather than `Instant`s, which keeps [`ConnIo`] at 80 bytes.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use monoio::buf::IoVecBuf;
 use monoio::io::AsyncWriteRent;
 
 use crate::engine::Outbound;
+use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::ws::{close, frame, OpCode};
 
@@ -35,68 +40,227 @@ pub enum State {
     Done,
 }
 
-/// How the writer learns that there is something to do.
-pub enum Notify {
-    /// A task parked on a waker (epoll driver).
-    Task(Cell<Option<Waker>>),
-    /// The shard's io_uring loop: the connection's slot goes on the loop's
-    /// list of connections to visit, once until the loop takes it.
-    Loop {
-        slot: u32,
-        listed: Cell<bool>,
-        ready: Rc<RefCell<Vec<u32>>>,
-    },
+/// "No time": an unset deadline or timestamp.
+pub const NEVER: u64 = u64::MAX;
+/// End of a frame list.
+const NIL: u32 = u32::MAX;
+/// An arena that empties keeps at most this many nodes' worth of memory.
+const ARENA_KEEP: usize = 4096;
+
+/// The frames queued for one connection: a list through the shard's arena.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameList {
+    head: u32,
+    tail: u32,
+    len: u32,
 }
 
-impl Notify {
-    pub fn task() -> Notify {
-        Notify::Task(Cell::new(None))
+impl FrameList {
+    pub const EMPTY: FrameList = FrameList {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
-pub struct ConnIo {
-    fd: RawFd,
+struct Link {
+    frame: Option<Bytes>,
+    next: u32,
+}
+
+/// Storage for every queued frame of a shard: nodes linked into one list
+/// per connection, with a free list. It grows to the largest number of
+/// frames queued at once (bounded by the per-connection bounds) and gives
+/// its memory back when it empties.
+#[derive(Default)]
+pub struct FrameArena {
+    nodes: Vec<Link>,
+    free: Option<u32>,
+    live: usize,
+}
+
+impl FrameArena {
+    pub fn push(&mut self, list: &mut FrameList, frame: Bytes) {
+        let node = Link {
+            frame: Some(frame),
+            next: NIL,
+        };
+        let i = match self.free {
+            Some(i) => {
+                let next = self.nodes[i as usize].next;
+                self.free = (next != NIL).then_some(next);
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        if list.tail == NIL {
+            list.head = i;
+        } else {
+            self.nodes[list.tail as usize].next = i;
+        }
+        list.tail = i;
+        list.len += 1;
+        self.live += 1;
+    }
+
+    pub fn pop(&mut self, list: &mut FrameList) -> Option<Bytes> {
+        if list.head == NIL {
+            return None;
+        }
+        let i = list.head;
+        let node = &mut self.nodes[i as usize];
+        let frame = node.frame.take();
+        list.head = node.next;
+        node.next = self.free.unwrap_or(NIL);
+        self.free = Some(i);
+        if list.head == NIL {
+            list.tail = NIL;
+        }
+        list.len -= 1;
+        self.live -= 1;
+        if self.live == 0 && self.nodes.capacity() > ARENA_KEEP {
+            self.nodes = Vec::with_capacity(ARENA_KEEP);
+            self.free = None;
+        }
+        frame
+    }
+
+    pub fn clear(&mut self, list: &mut FrameList) {
+        while self.pop(list).is_some() {}
+    }
+
+    /// Frames queued across all lists.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+}
+
+/// What the connections of one shard share: limits, the frame arena, the
+/// clock base, and the io_uring loop's list of connections to visit.
+pub struct Outq {
     node: Arc<Node>,
     shard: usize,
-    pub(super) queue: RefCell<VecDeque<Bytes>>,
-    pub(super) queued_bytes: Cell<usize>,
-    max_frames: usize,
-    max_bytes: usize,
-    state: Cell<State>,
+    max_frames: u32,
+    max_bytes: u32,
+    epoch: Instant,
+    frames: RefCell<FrameArena>,
+    /// Slots of the io_uring loop's connections that queued frames or were
+    /// aborted since the loop last looked.
+    pub(super) ready: RefCell<Vec<u32>>,
+}
+
+impl Outq {
+    pub fn new(node: Arc<Node>, shard: usize) -> Rc<Outq> {
+        let c = &node.config;
+        Rc::new(Outq {
+            max_frames: c.outbound_queue_frames.min(u32::MAX as usize) as u32,
+            max_bytes: c.outbound_queue_bytes.min(u32::MAX as usize) as u32,
+            node,
+            shard,
+            epoch: Instant::now(),
+            frames: RefCell::new(FrameArena::default()),
+            ready: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// `t` in milliseconds since the shard started.
+    pub fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.ms(Instant::now())
+    }
+
+    fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.shard]
+    }
+
+    /// Frames queued on this shard, all connections together.
+    pub fn queued_frames(&self) -> usize {
+        self.frames.borrow().live()
+    }
+}
+
+/// How the writer of a connection learns that there is something to do.
+enum Notify {
+    /// The shard's io_uring loop: the connection's slot goes on
+    /// [`Outq::ready`], once until the loop takes it.
+    Loop { slot: u32 },
+    /// A writer task parked on a waker (epoll driver).
+    Task(Box<Wakers>),
+}
+
+#[derive(Default)]
+struct Wakers {
+    writer: Cell<Option<Waker>>,
+    flushed: Cell<Option<Waker>>,
+}
+
+pub struct ConnIo {
+    outq: Rc<Outq>,
     notify: Notify,
-    flush_waker: Cell<Option<Waker>>,
+    fd: RawFd,
+    queue: Cell<FrameList>,
+    queued_bytes: Cell<u32>,
+    state: Cell<State>,
+    /// On the loop's ready list.
+    listed: Cell<bool>,
     /// The writer holds frames it took from the queue.
-    pub(super) writing: Cell<bool>,
-    pub closing_since: Cell<Option<Instant>>,
-    pub last_rx: Cell<Instant>,
-    pub ping_sent: Cell<Option<Instant>>,
-    /// Set until the connection authenticates.
-    pub auth_deadline: Cell<Option<Instant>>,
+    writing: Cell<bool>,
+    /// When the close frame was queued (ms, [`NEVER`] while open).
+    pub closing_since: Cell<u64>,
+    /// Last bytes received (ms).
+    pub last_rx: Cell<u64>,
+    /// When an unanswered keep-alive ping went out (ms, or [`NEVER`]).
+    pub ping_sent: Cell<u64>,
+    /// Until when the connection may stay unauthenticated (ms, or
+    /// [`NEVER`] once authenticated or when no `auth` is expected).
+    pub auth_deadline: Cell<u64>,
 }
 
 impl ConnIo {
-    pub fn new(fd: RawFd, node: Arc<Node>, shard: usize, now: Instant, notify: Notify) -> ConnIo {
-        let (max_frames, max_bytes) = (
-            node.config.outbound_queue_frames,
-            node.config.outbound_queue_bytes,
-        );
+    /// A connection served by the io_uring loop, in its slot `slot`.
+    pub fn for_loop(fd: RawFd, outq: Rc<Outq>, slot: u32, now_ms: u64) -> ConnIo {
+        Self::new(fd, outq, Notify::Loop { slot }, now_ms)
+    }
+
+    /// A connection whose writes run in a [`writer`] task.
+    pub fn for_task(fd: RawFd, outq: Rc<Outq>, now_ms: u64) -> ConnIo {
+        Self::new(fd, outq, Notify::Task(Box::default()), now_ms)
+    }
+
+    fn new(fd: RawFd, outq: Rc<Outq>, notify: Notify, now_ms: u64) -> ConnIo {
         ConnIo {
-            fd,
-            node,
-            shard,
-            queue: RefCell::new(VecDeque::new()),
-            queued_bytes: Cell::new(0),
-            max_frames,
-            max_bytes,
-            state: Cell::new(State::Open),
+            outq,
             notify,
-            flush_waker: Cell::new(None),
+            fd,
+            queue: Cell::new(FrameList::EMPTY),
+            queued_bytes: Cell::new(0),
+            state: Cell::new(State::Open),
+            listed: Cell::new(false),
             writing: Cell::new(false),
-            closing_since: Cell::new(None),
-            last_rx: Cell::new(now),
-            ping_sent: Cell::new(None),
-            auth_deadline: Cell::new(None),
+            closing_since: Cell::new(NEVER),
+            last_rx: Cell::new(now_ms),
+            ping_sent: Cell::new(NEVER),
+            auth_deadline: Cell::new(NEVER),
         }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
     }
 
     pub fn state(&self) -> State {
@@ -105,18 +269,14 @@ impl ConnIo {
 
     fn wake_writer(&self) {
         match &self.notify {
-            Notify::Task(waker) => {
-                if let Some(w) = waker.take() {
+            Notify::Task(w) => {
+                if let Some(w) = w.writer.take() {
                     w.wake();
                 }
             }
-            Notify::Loop {
-                slot,
-                listed,
-                ready,
-            } => {
-                if !listed.replace(true) {
-                    ready.borrow_mut().push(*slot);
+            Notify::Loop { slot } => {
+                if !self.listed.replace(true) {
+                    self.outq.ready.borrow_mut().push(*slot);
                 }
             }
         }
@@ -124,20 +284,34 @@ impl ConnIo {
 
     /// Called by the loop when it takes this connection off its list.
     pub(super) fn unlist(&self) {
-        if let Notify::Loop { listed, .. } = &self.notify {
-            listed.set(false);
-        }
+        self.listed.set(false);
+    }
+
+    /// Whether frames wait to be written.
+    pub fn has_queued(&self) -> bool {
+        !self.queue.get().is_empty()
     }
 
     /// Whether nothing is queued or being written.
     pub fn is_flushed(&self) -> bool {
-        self.queue.borrow().is_empty() && !self.writing.get()
+        !self.has_queued() && !self.writing.get()
     }
 
     fn enqueue(&self, frame: Bytes) {
-        self.queued_bytes.set(self.queued_bytes.get() + frame.len());
-        self.queue.borrow_mut().push_back(frame);
+        let len = frame.len().min(u32::MAX as usize) as u32;
+        self.queued_bytes
+            .set(self.queued_bytes.get().saturating_add(len));
+        let mut q = self.queue.get();
+        self.outq.frames.borrow_mut().push(&mut q, frame);
+        self.queue.set(q);
         self.wake_writer();
+    }
+
+    fn drop_queue(&self) {
+        let mut q = self.queue.get();
+        self.outq.frames.borrow_mut().clear(&mut q);
+        self.queue.set(q);
+        self.queued_bytes.set(0);
     }
 
     /// Queues a data frame within the bound (see the module doc).
@@ -145,17 +319,18 @@ impl ConnIo {
         if self.state.get() != State::Open {
             return false;
         }
-        let (len, queued) = (self.queue.borrow().len(), self.queued_bytes.get());
-        if len > 0 && (len >= self.max_frames || queued + frame.len() > self.max_bytes) {
-            self.node.metrics[self.shard].slow_consumer_closes.inc();
+        let (len, queued) = (self.queue.get().len, self.queued_bytes.get());
+        let o = &self.outq;
+        if len > 0 && (len >= o.max_frames || queued as usize + frame.len() > o.max_bytes as usize)
+        {
+            o.metrics().slow_consumer_closes.inc();
             tracing::debug!(
-                shard = self.shard,
+                shard = o.shard,
                 queued_frames = len,
                 queued_bytes = queued,
                 "slow consumer closed"
             );
-            self.queue.borrow_mut().clear();
-            self.queued_bytes.set(0);
+            self.drop_queue();
             self.close(close::TRY_AGAIN_LATER, "slow consumer: outbound queue full");
             return false;
         }
@@ -183,7 +358,7 @@ impl ConnIo {
         }
         self.enqueue(frame::encode(OpCode::Close, &payload));
         self.state.set(State::Closing);
-        self.closing_since.set(Some(Instant::now()));
+        self.closing_since.set(self.outq.now_ms());
     }
 
     /// Tears the socket down: pending reads and writes end at once.
@@ -193,27 +368,59 @@ impl ConnIo {
         }
         self.state.set(State::Done);
         // SAFETY: shutdown(2) on a descriptor this connection owns; it stays
-        // open until both halves of the stream are dropped.
+        // open until its owner closes it.
         unsafe {
             libc::shutdown(self.fd, libc::SHUT_RDWR);
         }
         self.wake_writer();
-        if let Some(w) = self.flush_waker.take() {
-            w.wake();
+        if let Notify::Task(w) = &self.notify {
+            if let Some(w) = w.flushed.take() {
+                w.wake();
+            }
         }
     }
 
+    /// Moves up to `max` queued frames into `batch` for one vectored write;
+    /// returns their bytes. The connection counts as writing until
+    /// [`ConnIo::written`].
+    pub(super) fn take_batch(&self, batch: &mut Batch, max: usize) -> usize {
+        let mut q = self.queue.get();
+        let bytes = batch.fill(&mut self.outq.frames.borrow_mut(), &mut q, max);
+        self.queue.set(q);
+        let taken = bytes.min(u32::MAX as usize) as u32;
+        self.queued_bytes
+            .set(self.queued_bytes.get().saturating_sub(taken));
+        self.writing.set(true);
+        bytes
+    }
+
+    /// The frames of the last [`ConnIo::take_batch`] are written (or the
+    /// write failed).
+    pub(super) fn written(&self) {
+        self.writing.set(false);
+    }
+
     /// Waits until everything queued has been written (or the socket died).
+    /// Only for connections with a writer task.
     pub async fn flushed(&self) {
+        let Notify::Task(w) = &self.notify else {
+            return;
+        };
         std::future::poll_fn(|cx| {
             if self.state.get() == State::Done || self.is_flushed() {
                 Poll::Ready(())
             } else {
-                self.flush_waker.set(Some(cx.waker().clone()));
+                w.flushed.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
         })
         .await
+    }
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        self.drop_queue();
     }
 }
 
@@ -260,13 +467,11 @@ impl Batch {
         self.first = 0;
     }
 
-    pub(super) fn fill(&mut self, queue: &mut VecDeque<Bytes>, max: usize) -> usize {
-        self.frames.clear();
-        self.iov.clear();
-        self.first = 0;
+    fn fill(&mut self, arena: &mut FrameArena, queue: &mut FrameList, max: usize) -> usize {
+        self.clear();
         let mut bytes = 0;
         while self.frames.len() < max {
-            let Some(f) = queue.pop_front() else { break };
+            let Some(f) = arena.pop(queue) else { break };
             bytes += f.len();
             self.iov.push(libc::iovec {
                 iov_base: f.as_ptr() as *mut libc::c_void,
@@ -303,19 +508,18 @@ pub(super) const MAX_IOV: usize = 1024;
 /// The write loop of one connection. Ends when the connection is `Done` or a
 /// write fails.
 pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
-    let metrics = &io.node.metrics[io.shard];
-    let mut batch = Batch::default();
-    let Notify::Task(waker) = &io.notify else {
+    let Notify::Task(wakers) = &io.notify else {
         unreachable!("the writer task serves task-notified connections")
     };
+    let mut batch = Batch::default();
     loop {
         let go = std::future::poll_fn(|cx| {
             if io.state.get() == State::Done {
                 Poll::Ready(false)
-            } else if !io.queue.borrow().is_empty() {
+            } else if io.has_queued() {
                 Poll::Ready(true)
             } else {
-                waker.set(Some(cx.waker().clone()));
+                wakers.writer.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
         })
@@ -323,34 +527,87 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
         if !go {
             break;
         }
-        let bytes = batch.fill(&mut io.queue.borrow_mut(), MAX_IOV);
-        io.queued_bytes
-            .set(io.queued_bytes.get().saturating_sub(bytes));
-        io.writing.set(true);
+        let bytes = io.take_batch(&mut batch, MAX_IOV);
         let frames = batch.frames.len();
         while !batch.is_done() {
             let (res, b) = wr.writev(batch).await;
             batch = b;
             match res {
                 Ok(0) | Err(_) => {
-                    io.writing.set(false);
+                    io.written();
                     io.abort();
                     return;
                 }
                 Ok(n) => batch.advance(n),
             }
         }
-        io.writing.set(false);
+        io.written();
+        let metrics = io.outq.metrics();
         metrics.frames_out.add(frames as u64);
         metrics.bytes_out.add(bytes as u64);
-        batch.frames.clear();
-        if io.queue.borrow().is_empty() {
-            if let Some(w) = io.flush_waker.take() {
+        batch.clear();
+        if !io.has_queued() {
+            if let Some(w) = wakers.flushed.take() {
                 w.wake();
             }
         }
     }
-    if let Some(w) = io.flush_waker.take() {
+    if let Some(w) = wakers.flushed.take() {
         w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8) -> Bytes {
+        Bytes::from(vec![n])
+    }
+
+    #[test]
+    fn lists_keep_their_order_and_share_the_arena() {
+        let mut arena = FrameArena::default();
+        let (mut a, mut b) = (FrameList::EMPTY, FrameList::EMPTY);
+        for i in 0..5 {
+            arena.push(&mut a, frame(i));
+            arena.push(&mut b, frame(100 + i));
+        }
+        assert_eq!((a.len(), b.len(), arena.live()), (5, 5, 10));
+        assert_eq!(arena.pop(&mut a).unwrap()[0], 0);
+        assert_eq!(arena.pop(&mut a).unwrap()[0], 1);
+        // Freed nodes are reused by the other list, which keeps its order.
+        arena.push(&mut b, frame(105));
+        arena.push(&mut b, frame(106));
+        let got: Vec<u8> = std::iter::from_fn(|| arena.pop(&mut b))
+            .map(|f| f[0])
+            .collect();
+        assert_eq!(got, vec![100, 101, 102, 103, 104, 105, 106]);
+        assert!(b.is_empty());
+        assert_eq!(arena.nodes.len(), 10, "no node allocated past the peak");
+        arena.clear(&mut a);
+        assert!(a.is_empty());
+        assert_eq!(arena.live(), 0);
+        assert!(arena.pop(&mut a).is_none());
+    }
+
+    #[test]
+    fn an_emptied_arena_gives_back_its_memory() {
+        let mut arena = FrameArena::default();
+        let mut lists = vec![FrameList::EMPTY; 100];
+        for round in 0..100 {
+            for l in lists.iter_mut() {
+                arena.push(l, frame(round));
+            }
+        }
+        assert!(arena.nodes.capacity() >= 10_000);
+        for l in lists.iter_mut() {
+            arena.clear(l);
+        }
+        assert_eq!(arena.live(), 0);
+        assert!(arena.nodes.capacity() <= ARENA_KEEP);
+        // And works on afterwards.
+        arena.push(&mut lists[0], frame(7));
+        assert_eq!(arena.pop(&mut lists[0]).unwrap()[0], 7);
     }
 }

@@ -31,7 +31,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 
-use crate::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, ShardId};
+use crate::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, SessionId, ShardId};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::protocol::{
@@ -40,7 +40,7 @@ use crate::protocol::{
 };
 use crate::ws::handshake::{self, HandshakeConfig, Request, Upgrade};
 use crate::ws::{close, frame, Decoder, Message, OpCode};
-use conn::{ConnIo, State};
+use conn::{ConnIo, Outq, State, NEVER};
 use sync::{yield_now, Signal};
 
 /// Mesh messages a shard may hold back (queues full) before its connections
@@ -145,6 +145,8 @@ pub struct Shard {
     node: Arc<Node>,
     engine: RefCell<Engine<Rc<ConnIo>>>,
     outbox: RefCell<Outbox>,
+    /// The outbound side every connection shares: frame arena, clock base.
+    outq: Rc<Outq>,
     registry: RefCell<Registry>,
     scratch: RefCell<json::Scratch>,
     handshake: HandshakeConfig,
@@ -195,6 +197,7 @@ impl Shard {
                 dirty: Vec::new(),
             }),
             registry: RefCell::new(Registry::default()),
+            outq: Outq::new(node.clone(), id),
             scratch: RefCell::new(json::Scratch::default()),
             handshake: HandshakeConfig {
                 allowed_origins: node.config.allowed_origins.clone(),
@@ -207,10 +210,10 @@ impl Shard {
         })
     }
 
-    fn new_session_id(&self) -> String {
+    fn new_session_id(&self) -> SessionId {
         let n = self.session_counter.get() + 1;
         self.session_counter.set(n);
-        format!("{:016x}{:016x}", random_u64(), n)
+        SessionId(random_u64(), n)
     }
 }
 
@@ -348,7 +351,7 @@ async fn sweep(shard: Rc<Shard>) {
         if shard.stop.is_set() {
             return;
         }
-        let now = Instant::now();
+        let now = shard.outq.now_ms();
         for io in shard.registry.borrow().slots.iter().flatten() {
             shard.check_keepalive(io, now, &ping);
         }
@@ -485,21 +488,19 @@ impl Shard {
     /// The sweep's verdict on one open or closing connection: pings a quiet
     /// one, closes one that missed its pong or its `auth`, shuts one whose
     /// close handshake timed out.
-    fn check_keepalive(&self, io: &ConnIo, now: Instant, ping: &bytes::Bytes) {
+    fn check_keepalive(&self, io: &ConnIo, now: u64, ping: &bytes::Bytes) {
         let c = &self.node.config;
+        let since = |t: u64| now.saturating_sub(t);
         match io.state() {
             State::Done => {}
             State::Closing => {
-                if io
-                    .closing_since
-                    .get()
-                    .is_some_and(|t| now - t >= Duration::from_millis(c.close_timeout_ms))
-                {
+                let t = io.closing_since.get();
+                if t != NEVER && since(t) >= c.close_timeout_ms {
                     io.abort();
                 }
             }
             State::Open => {
-                if io.auth_deadline.get().is_some_and(|t| now >= t) {
+                if now >= io.auth_deadline.get() {
                     self.metrics().auth_failures.inc();
                     let msg = ServerMessage::error(
                         None,
@@ -508,13 +509,13 @@ impl Shard {
                     );
                     io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
                     io.close(close::UNAUTHORIZED, "authentication timeout");
-                } else if let Some(sent) = io.ping_sent.get() {
-                    if now - sent >= Duration::from_millis(c.ping_timeout_ms) {
+                } else if io.ping_sent.get() != NEVER {
+                    if since(io.ping_sent.get()) >= c.ping_timeout_ms {
                         self.metrics().keepalive_closes.inc();
                         io.close(close::POLICY_VIOLATION, "ping timeout");
                     }
-                } else if now - io.last_rx.get() >= Duration::from_millis(c.ping_interval_ms) {
-                    io.ping_sent.set(Some(now));
+                } else if since(io.last_rx.get()) >= c.ping_interval_ms {
+                    io.ping_sent.set(now);
                     io.push_control(ping.clone());
                 }
             }
@@ -662,9 +663,10 @@ enum Next {
     Finish,
 }
 
+/// The WebSocket phase of one connection, as the read side sees it. The
+/// shard and the connection's outbound side are passed in by the caller
+/// (the io_uring loop or the epoll task), which already holds them.
 struct Session {
-    shard: Rc<Shard>,
-    io: Rc<ConnIo>,
     protocol: Protocol,
     mode: Mode,
 }
@@ -674,17 +676,13 @@ impl Session {
     /// authenticated by the handshake's token, waiting for `auth` (with a
     /// deadline), or an echo.
     fn new(
-        shard: Rc<Shard>,
-        io: Rc<ConnIo>,
+        shard: &Shard,
+        io: &Rc<ConnIo>,
         protocol: Protocol,
         echo: bool,
         user: Option<String>,
-        now: Instant,
     ) -> Session {
-        let auth_timeout = Duration::from_millis(shard.node.config.auth_timeout_ms);
         let mut s = Session {
-            shard,
-            io,
             protocol,
             mode: if echo {
                 Mode::Echo
@@ -693,64 +691,65 @@ impl Session {
             },
         };
         match user {
-            Some(u) => s.authenticate(u, None),
-            None if !echo => s.io.auth_deadline.set(Some(now + auth_timeout)),
+            Some(u) => s.authenticate(shard, io, u, None),
+            None if !echo => io
+                .auth_deadline
+                .set(shard.outq.now_ms() + shard.node.config.auth_timeout_ms),
             None => {}
         }
         s
     }
 
     /// Takes the connection out of the engine (its channels, its user).
-    fn end(&mut self) {
+    fn end(&mut self, shard: &Shard) {
         if let Mode::Authenticated(id) = self.mode {
-            let mut outbox = self.shard.outbox.borrow_mut();
-            self.shard
-                .engine
-                .borrow_mut()
-                .close(id, now_ms(), &mut *outbox);
+            let mut outbox = shard.outbox.borrow_mut();
+            shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
             outbox.flush();
         }
         self.mode = Mode::Ended;
     }
 
-    fn reply(&self, msg: &ServerMessage) {
-        self.io
-            .push_data(&protocol::encode_frame(self.protocol, msg));
+    fn reply(&self, io: &ConnIo, msg: &ServerMessage) {
+        io.push_data(&protocol::encode_frame(self.protocol, msg));
     }
 
-    fn authenticate(&mut self, user: String, ack: Option<u64>) {
-        let session = self.shard.new_session_id();
+    fn authenticate(&mut self, shard: &Shard, io: &Rc<ConnIo>, user: String, ack: Option<u64>) {
+        let session = shard.new_session_id();
         let member = Member {
             user: user.as_str().into(),
-            session: session.as_str().into(),
+            session,
             protocol: self.protocol,
         };
-        let id = self.shard.engine.borrow_mut().open(self.io.clone(), member);
+        let id = shard.engine.borrow_mut().open(io.clone(), member);
         self.mode = Mode::Authenticated(id);
-        self.io.auth_deadline.set(None);
+        io.auth_deadline.set(NEVER);
         if ack.is_some() {
-            self.reply(&ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+            self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
         }
-        self.reply(&ServerMessage::event(ServerEvent::Ready(Ready {
-            user_id: user,
-            session_id: session,
-            shard: self.shard.id as u32,
-            heartbeat_interval_ms: self.shard.node.config.ping_interval_ms,
-        })));
+        self.reply(
+            io,
+            &ServerMessage::event(ServerEvent::Ready(Ready {
+                user_id: user,
+                session_id: session.to_string(),
+                shard: shard.id as u32,
+                heartbeat_interval_ms: shard.node.config.ping_interval_ms,
+            })),
+        );
     }
 
-    fn on_data(&mut self, text: bool, mut payload: BytesMut) {
-        if self.io.state() != State::Open {
+    fn on_data(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, mut payload: BytesMut) {
+        if io.state() != State::Open {
             return;
         }
         if let Mode::Echo = self.mode {
             let op = if text { OpCode::Text } else { OpCode::Binary };
-            self.io.push_data(&frame::encode(op, &payload));
+            io.push_data(&frame::encode(op, &payload));
             return;
         }
         let decoded = match (self.protocol, text) {
             (Protocol::Json, true) => {
-                json::decode_client(&mut payload, &mut self.shard.scratch.borrow_mut())
+                json::decode_client(&mut payload, &mut shard.scratch.borrow_mut())
             }
             (Protocol::Binary, false) => binary::decode_client(&payload),
             (Protocol::Json, false) => {
@@ -763,54 +762,59 @@ impl Session {
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
-                return self.reply(&ServerMessage::error(
-                    e.id,
-                    ErrorCode::BadRequest,
-                    e.message,
-                ))
+                return self.reply(
+                    io,
+                    &ServerMessage::error(e.id, ErrorCode::BadRequest, e.message),
+                )
             }
         };
         match self.mode {
             Mode::Authenticated(id) => {
-                let mut outbox = self.shard.outbox.borrow_mut();
-                self.shard
+                let mut outbox = shard.outbox.borrow_mut();
+                shard
                     .engine
                     .borrow_mut()
                     .handle(id, msg, now_ms(), &mut *outbox);
             }
             Mode::Unauthenticated => match msg.event {
-                ClientEvent::Auth(a) => match self.shard.node.verifier.verify(&a.token) {
-                    Ok(user) => self.authenticate(user, msg.id),
+                ClientEvent::Auth(a) => match shard.node.verifier.verify(&a.token) {
+                    Ok(user) => self.authenticate(shard, io, user, msg.id),
                     Err(e) => {
-                        self.shard.metrics().auth_failures.inc();
-                        self.reply(&ServerMessage::error(msg.id, ErrorCode::Unauthorized, e.0));
-                        self.io.close(close::UNAUTHORIZED, "unauthorized");
+                        shard.metrics().auth_failures.inc();
+                        self.reply(
+                            io,
+                            &ServerMessage::error(msg.id, ErrorCode::Unauthorized, e.0),
+                        );
+                        io.close(close::UNAUTHORIZED, "unauthorized");
                     }
                 },
-                _ => self.reply(&ServerMessage::error(
-                    msg.id,
-                    ErrorCode::Unauthorized,
-                    "authenticate first: send `auth` with a token",
-                )),
+                _ => self.reply(
+                    io,
+                    &ServerMessage::error(
+                        msg.id,
+                        ErrorCode::Unauthorized,
+                        "authenticate first: send `auth` with a token",
+                    ),
+                ),
             },
             Mode::Echo => unreachable!("handled above"),
             Mode::Ended => {}
         }
     }
 
-    fn on_message(&mut self, m: Message) -> Next {
+    fn on_message(&mut self, shard: &Shard, io: &Rc<ConnIo>, m: Message) -> Next {
         match m {
-            Message::Text(p) => self.on_data(true, p),
-            Message::Binary(p) => self.on_data(false, p),
-            Message::Ping(p) => self.io.push_control(frame::encode(OpCode::Pong, &p)),
+            Message::Text(p) => self.on_data(shard, io, true, p),
+            Message::Binary(p) => self.on_data(shard, io, false, p),
+            Message::Ping(p) => io.push_control(frame::encode(OpCode::Pong, &p)),
             Message::Pong(_) => {}
             Message::Close(c) => {
-                if self.io.state() == State::Open {
+                if io.state() == State::Open {
                     // Echo the peer's code (RFC 6455 §5.5.1).
                     let payload = c
                         .map(|(code, _)| close::payload(code, ""))
                         .unwrap_or_default();
-                    self.io.close_with(payload);
+                    io.close_with(payload);
                 }
                 return Next::Finish;
             }
@@ -827,13 +831,10 @@ async fn serve_ws(
     echo: bool,
     user: Option<String>,
 ) {
-    let now = Instant::now();
-    let io = Rc::new(ConnIo::new(
+    let io = Rc::new(ConnIo::for_task(
         stream.as_raw_fd(),
-        shard.node.clone(),
-        shard.id as usize,
-        now,
-        conn::Notify::task(),
+        shard.outq.clone(),
+        shard.outq.now_ms(),
     ));
     let reg_slot = shard.registry.borrow_mut().insert(io.clone());
     let metrics_conn = shard.metrics();
@@ -841,7 +842,7 @@ async fn serve_ws(
     metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
-    let mut s = Session::new(shard.clone(), io.clone(), up.protocol, echo, user, now);
+    let mut s = Session::new(&shard, &io, up.protocol, echo, user);
     let mut decoder = Decoder::new(shard.node.config.max_message_size);
     let mut read_size = ReadSize::new();
     'conn: loop {
@@ -849,7 +850,7 @@ async fn serve_ws(
             match decoder.decode(&mut buf) {
                 Ok(Some(m)) => {
                     metrics_conn.frames_in.inc();
-                    if let Next::Finish = s.on_message(m) {
+                    if let Next::Finish = s.on_message(&shard, &io, m) {
                         break 'conn;
                     }
                 }
@@ -878,12 +879,12 @@ async fn serve_ws(
             Ok(n) => {
                 read_size.update(n, cap - len);
                 metrics_conn.bytes_in.add(n as u64);
-                io.last_rx.set(Instant::now());
-                io.ping_sent.set(None);
+                io.last_rx.set(shard.outq.now_ms());
+                io.ping_sent.set(NEVER);
             }
         }
     }
-    s.end();
+    s.end(&shard);
     let close_timeout = Duration::from_millis(shard.node.config.close_timeout_ms);
     let _ = monoio::time::timeout(close_timeout, io.flushed()).await;
     io.abort();

@@ -20,7 +20,6 @@
 //! stops decoding received data: the data waits in its buffers, the buffer
 //! ring runs dry, receives stop, and TCP pushes back on the clients.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -33,8 +32,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::conn::{Batch, ConnIo, Notify, State, MAX_IOV};
+use super::conn::{Batch, ConnIo, State, MAX_IOV, NEVER};
 use super::{Next, Routed, Session, Shard, OUTBOX_HIGH, SPIN_ROUNDS};
+use crate::engine::ChunkedVec;
 use crate::node::Node;
 use crate::ws::{close, frame, handshake, Decoder, OpCode};
 
@@ -193,31 +193,39 @@ impl Default for WriteOp {
 }
 
 enum Phase {
-    /// Reading the request head.
-    Handshake { since: Instant },
+    /// Reading the request head, since this time (ms).
+    Handshake { since: u64 },
     /// Speaking WebSocket.
     Ws { session: Session, decoder: Decoder },
     /// Writing a plain HTTP answer or a refusal, then closing.
     Reply,
 }
 
+/// A connection's slot: what the loop needs beyond the outbound side.
 struct Conn {
-    fd: RawFd,
-    gen: u32,
     io: Rc<ConnIo>,
-    phase: Phase,
-    /// Bytes of an incomplete frame or request head; empty (no allocation)
-    /// otherwise.
-    inbuf: BytesMut,
+    gen: u32,
     /// A multishot receive is armed.
     recv: bool,
     /// An asynchronous cancel of that receive was submitted.
     cancelled: bool,
-    write: Option<Box<WriteOp>>,
     /// The read side is over: the session left the engine, and the socket
     /// shuts once everything queued is written (or at `flush_deadline`).
     ended: bool,
-    flush_deadline: Option<Instant>,
+    phase: Phase,
+    /// Bytes of an incomplete frame or request head, held only while there
+    /// are some.
+    inbuf: Option<Box<BytesMut>>,
+    write: Option<Box<WriteOp>>,
+    /// When a connection whose read side is over gets shut (ms, or
+    /// [`NEVER`]).
+    flush_deadline: u64,
+}
+
+impl Conn {
+    fn fd(&self) -> RawFd {
+        self.io.fd()
+    }
 }
 
 struct Recv {
@@ -232,15 +240,14 @@ struct Loop {
     // operations point into (buffers, write descriptors, connections).
     ring: IoUring,
     bufs: BufRing,
-    conns: Vec<Option<Conn>>,
+    conns: ChunkedVec<Option<Conn>>,
     shard: Rc<Shard>,
     listener: RawFd,
     bell: RawFd,
     bell_buf: Box<[u8; 64]>,
-    gens: Vec<u32>,
+    gens: ChunkedVec<u32>,
     free: Vec<u32>,
     live: usize,
-    ready: Rc<RefCell<Vec<u32>>>,
     visiting: Vec<u32>,
     completions: Vec<(u64, i32, u32)>,
     received: VecDeque<Recv>,
@@ -303,14 +310,13 @@ pub fn run(
     let mut lp = Loop {
         ring,
         bufs,
-        conns: Vec::new(),
+        conns: ChunkedVec::default(),
         listener: listener.into_raw_fd(),
         bell: bell.into_raw_fd(),
         bell_buf: Box::new([0; 64]),
-        gens: Vec::new(),
+        gens: ChunkedVec::default(),
         free: Vec::new(),
         live: 0,
-        ready: Rc::new(RefCell::new(Vec::new())),
         visiting: Vec::new(),
         completions: Vec::new(),
         received: VecDeque::new(),
@@ -346,7 +352,7 @@ impl Loop {
             self.shard.outbox.borrow_mut().flush();
             let now = Instant::now();
             if now >= next_sweep {
-                self.sweep(now);
+                self.sweep();
                 next_sweep = now + tick;
             }
             if self.shard.node.is_draining() && self.drain_deadline.is_none() {
@@ -451,7 +457,7 @@ impl Loop {
             return;
         };
         c.recv = true;
-        let e = opcode::RecvMulti::new(types::Fd(c.fd), BUF_GROUP)
+        let e = opcode::RecvMulti::new(types::Fd(c.fd()), BUF_GROUP)
             .build()
             .user_data(token(RECV, slot, c.gen));
         self.push(e);
@@ -535,34 +541,22 @@ impl Loop {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                self.conns.push(None);
                 self.gens.push(0);
-                (self.conns.len() - 1) as u32
+                self.conns.push(None) as u32
             }
         };
-        let now = Instant::now();
-        let io = Rc::new(ConnIo::new(
-            fd,
-            self.shard.node.clone(),
-            self.shard.id as usize,
-            now,
-            Notify::Loop {
-                slot,
-                listed: Default::default(),
-                ready: self.ready.clone(),
-            },
-        ));
+        let now = self.shard.outq.now_ms();
+        let io = Rc::new(ConnIo::for_loop(fd, self.shard.outq.clone(), slot, now));
         self.conns[slot as usize] = Some(Conn {
-            fd,
-            gen: self.gens[slot as usize],
             io,
-            phase: Phase::Handshake { since: now },
-            inbuf: BytesMut::new(),
+            gen: self.gens[slot as usize],
             recv: false,
             cancelled: false,
-            write: None,
             ended: false,
-            flush_deadline: None,
+            phase: Phase::Handshake { since: now },
+            inbuf: None,
+            write: None,
+            flush_deadline: NEVER,
         });
         self.live += 1;
         self.arm_recv(slot);
@@ -613,9 +607,9 @@ impl Loop {
                 let data = self.bufs.bytes(b, r.res as usize);
                 let m = shard.metrics();
                 m.bytes_in.add(r.res as u64);
-                let now = Instant::now();
+                let now = shard.outq.now_ms();
                 conn.io.last_rx.set(now);
-                conn.io.ping_sent.set(None);
+                conn.io.ping_sent.set(NEVER);
                 read_over = feed(&shard, conn, data, &mut self.scratch, now);
                 self.bufs.give(b);
             }
@@ -640,7 +634,7 @@ impl Loop {
     /// The peer is done sending (or must not be read any more): leave the
     /// engine, then shut the socket once what is queued is written.
     fn end_read(&mut self, slot: u32) {
-        let timeout = Duration::from_millis(self.shard.node.config.close_timeout_ms);
+        let shard = &self.shard;
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
@@ -648,9 +642,9 @@ impl Loop {
             return;
         }
         conn.ended = true;
-        conn.flush_deadline = Some(Instant::now() + timeout);
+        conn.flush_deadline = shard.outq.now_ms() + shard.node.config.close_timeout_ms;
         if let Phase::Ws { session, .. } = &mut conn.phase {
-            session.end();
+            session.end(shard);
         }
         if matches!(conn.phase, Phase::Handshake { .. }) {
             conn.io.abort();
@@ -679,7 +673,7 @@ impl Loop {
     fn visit_ready(&mut self) {
         loop {
             let mut list = std::mem::take(&mut self.visiting);
-            std::mem::swap(&mut list, &mut *self.ready.borrow_mut());
+            std::mem::swap(&mut list, &mut *self.shard.outq.ready.borrow_mut());
             if list.is_empty() {
                 self.visiting = list;
                 return;
@@ -712,7 +706,7 @@ impl Loop {
             self.try_free(slot);
             return;
         }
-        if conn.write.is_none() && !conn.io.queue.borrow().is_empty() {
+        if conn.write.is_none() && conn.io.has_queued() {
             self.start_write(slot);
         } else if conn.ended && conn.io.is_flushed() {
             conn.io.abort();
@@ -725,13 +719,8 @@ impl Loop {
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let bytes = w.batch.fill(&mut conn.io.queue.borrow_mut(), MAX_IOV);
-        conn.io
-            .queued_bytes
-            .set(conn.io.queued_bytes.get().saturating_sub(bytes));
-        conn.io.writing.set(true);
-        w.bytes = bytes;
-        let (fd, gen) = (conn.fd, conn.gen);
+        w.bytes = conn.io.take_batch(&mut w.batch, MAX_IOV);
+        let (fd, gen) = (conn.fd(), conn.gen);
         let e = send_entry(&mut w, fd, token(WRITE, slot, gen));
         conn.write = Some(w);
         self.push(e);
@@ -748,7 +737,7 @@ impl Loop {
         if res > 0 {
             w.batch.advance(res as usize);
             if !w.batch.is_done() {
-                let e = send_entry(&mut w, conn.fd, token(WRITE, slot, gen));
+                let e = send_entry(&mut w, conn.fd(), token(WRITE, slot, gen));
                 conn.write = Some(w);
                 self.push(e);
                 return;
@@ -759,7 +748,7 @@ impl Loop {
         } else {
             conn.io.abort();
         }
-        conn.io.writing.set(false);
+        conn.io.written();
         w.batch.clear();
         if self.writes.len() < WRITE_POOL {
             self.writes.push(w);
@@ -780,32 +769,33 @@ impl Loop {
             return;
         };
         if let Phase::Ws { session, .. } = &mut conn.phase {
-            session.end();
+            session.end(&self.shard);
             self.shard.metrics().connections.sub(1);
         }
         // SAFETY: the descriptor belongs to this connection, and no
         // operation on it is in flight any more.
         unsafe {
-            libc::close(conn.fd);
+            libc::close(conn.fd());
         }
         self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
         self.free.push(slot);
         self.live -= 1;
     }
 
-    fn sweep(&mut self, now: Instant) {
+    fn sweep(&mut self) {
         let shard = self.shard.clone();
-        let handshake_timeout = Duration::from_millis(shard.node.config.handshake_timeout_ms);
+        let now = shard.outq.now_ms();
+        let handshake_timeout = shard.node.config.handshake_timeout_ms;
         for conn in self.conns.iter().flatten() {
             if conn.io.state() == State::Done {
                 continue;
             }
-            if conn.flush_deadline.is_some_and(|t| now >= t) {
+            if now >= conn.flush_deadline {
                 conn.io.abort();
                 continue;
             }
             match &conn.phase {
-                Phase::Handshake { since } if now - *since >= handshake_timeout => {
+                Phase::Handshake { since } if now.saturating_sub(*since) >= handshake_timeout => {
                     shard.metrics().handshake_timeouts.inc();
                     conn.io.abort();
                 }
@@ -882,7 +872,7 @@ impl Drop for Loop {
         for conn in self.conns.iter().flatten() {
             // SAFETY: descriptors owned by the loop.
             unsafe {
-                libc::close(conn.fd);
+                libc::close(conn.fd());
             }
         }
         // SAFETY: the listener and doorbell descriptors this loop owns.
@@ -912,19 +902,15 @@ fn is_transient(e: &io::Error) -> bool {
 
 /// Feeds received bytes to a connection. Returns true when its read side is
 /// over (close handshake answered, protocol error).
-fn feed(
-    shard: &Rc<Shard>,
-    conn: &mut Conn,
-    data: &[u8],
-    scratch: &mut BytesMut,
-    now: Instant,
-) -> bool {
+fn feed(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesMut, now: u64) -> bool {
     if conn.ended {
         return false;
     }
     match conn.phase {
         Phase::Handshake { .. } => {
-            conn.inbuf.extend_from_slice(data);
+            conn.inbuf
+                .get_or_insert_with(Default::default)
+                .extend_from_slice(data);
             handshake_step(shard, conn, scratch, now)
         }
         Phase::Ws { .. } => feed_ws(shard, conn, data, scratch),
@@ -932,13 +918,11 @@ fn feed(
     }
 }
 
-fn handshake_step(
-    shard: &Rc<Shard>,
-    conn: &mut Conn,
-    scratch: &mut BytesMut,
-    now: Instant,
-) -> bool {
-    let (req, consumed) = match handshake::parse_request(&conn.inbuf, &shard.handshake) {
+fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, now: u64) -> bool {
+    let Some(head) = conn.inbuf.as_mut() else {
+        return false;
+    };
+    let (req, consumed) = match handshake::parse_request(head, &shard.handshake) {
         Ok(None) => return false,
         Err(e) => {
             shard.metrics().handshake_failures[e.index()].inc();
@@ -947,7 +931,7 @@ fn handshake_step(
         }
         Ok(Some(r)) => r,
     };
-    conn.inbuf.advance(consumed);
+    head.advance(consumed);
     match shard.route(req) {
         Routed::Reply(r) => {
             reply(shard, conn, r, now);
@@ -963,28 +947,25 @@ fn handshake_step(
             let m = shard.metrics();
             m.connections.inc();
             m.connections_total.inc();
-            let session =
-                Session::new(shard.clone(), conn.io.clone(), up.protocol, echo, user, now);
+            let session = Session::new(shard, &conn.io, up.protocol, echo, user);
             conn.phase = Phase::Ws {
                 session,
                 decoder: Decoder::new(shard.node.config.max_message_size),
             };
-            let rest = std::mem::take(&mut conn.inbuf);
-            if rest.is_empty() {
-                false
-            } else {
-                feed_ws(shard, conn, &rest, scratch)
+            match conn.inbuf.take() {
+                Some(rest) if !rest.is_empty() => feed_ws(shard, conn, &rest, scratch),
+                _ => false,
             }
         }
     }
 }
 
-fn reply(shard: &Rc<Shard>, conn: &mut Conn, response: Vec<u8>, now: Instant) {
+fn reply(shard: &Rc<Shard>, conn: &mut Conn, response: Vec<u8>, now: u64) {
     conn.io.push_control(Bytes::from(response));
     conn.phase = Phase::Reply;
-    conn.inbuf = BytesMut::new();
+    conn.inbuf = None;
     conn.ended = true;
-    conn.flush_deadline = Some(now + Duration::from_millis(shard.node.config.close_timeout_ms));
+    conn.flush_deadline = now + shard.node.config.close_timeout_ms;
 }
 
 /// Decodes WebSocket frames. Data goes through the shard's scratch buffer;
@@ -996,22 +977,25 @@ fn feed_ws(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesM
     let Phase::Ws { session, decoder } = phase else {
         return false;
     };
-    if inbuf.is_empty() {
-        scratch.clear();
-        scratch.extend_from_slice(data);
-        let over = decode_all(shard, session, decoder, io, scratch);
-        if !over && !scratch.is_empty() {
-            *inbuf = BytesMut::from(&scratch[..]);
+    match inbuf {
+        None => {
+            scratch.clear();
+            scratch.extend_from_slice(data);
+            let over = decode_all(shard, session, decoder, io, scratch);
+            if !over && !scratch.is_empty() {
+                *inbuf = Some(Box::new(BytesMut::from(&scratch[..])));
+            }
+            scratch.clear();
+            over
         }
-        scratch.clear();
-        over
-    } else {
-        inbuf.extend_from_slice(data);
-        let over = decode_all(shard, session, decoder, io, inbuf);
-        if over || inbuf.is_empty() {
-            *inbuf = BytesMut::new();
+        Some(held) => {
+            held.extend_from_slice(data);
+            let over = decode_all(shard, session, decoder, io, held);
+            if over || held.is_empty() {
+                *inbuf = None;
+            }
+            over
         }
-        over
     }
 }
 
@@ -1019,7 +1003,7 @@ fn decode_all(
     shard: &Shard,
     session: &mut Session,
     decoder: &mut Decoder,
-    io: &ConnIo,
+    io: &Rc<ConnIo>,
     buf: &mut BytesMut,
 ) -> bool {
     let m = shard.metrics();
@@ -1027,7 +1011,7 @@ fn decode_all(
         match decoder.decode(buf) {
             Ok(Some(msg)) => {
                 m.frames_in.inc();
-                if let Next::Finish = session.on_message(msg) {
+                if let Next::Finish = session.on_message(shard, io, msg) {
                     return true;
                 }
             }

@@ -35,7 +35,9 @@ struct Partial {
 
 pub struct Decoder {
     max_message: usize,
-    partial: Option<Partial>,
+    /// A fragmented message being assembled; boxed, as most connections
+    /// never send one and a decoder lives as long as its connection.
+    partial: Option<Box<Partial>>,
 }
 
 impl Decoder {
@@ -93,7 +95,7 @@ impl Decoder {
                     if h.fin {
                         return Ok(Some(finish(p)));
                     }
-                    self.partial = Some(p);
+                    self.partial = Some(Box::new(p));
                 }
                 OpCode::Continuation => {
                     let p = self.partial.as_mut().expect("checked above");
@@ -103,7 +105,7 @@ impl Decoder {
                     }
                     if h.fin {
                         let p = self.partial.take().expect("checked above");
-                        return Ok(Some(finish(p)));
+                        return Ok(Some(finish(*p)));
                     }
                 }
             }
