@@ -16,8 +16,8 @@ use super::report::{
     LOADGEN_BOUND_SHARE,
 };
 use super::{
-    make_content, next_rate, parse_stamp, secs, source_ips_for, BenchError, BenchProtocol, Common,
-    Shape, Workload,
+    make_content, parse_stamp, secs, source_ips_for, BenchError, BenchProtocol, Common, Outcome,
+    Search, Shape, Workload,
 };
 use crate::client::{Client, ConnectOptions, FrameReader, Masker, Url};
 use crate::protocol::{
@@ -452,53 +452,42 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
                 lines.push(r.json(&ctx, "max-warmup", shape));
             }
             let mut best: Option<StepResult> = None;
-            let mut first_fail: Option<f64> = None;
+            let mut search = Search::new(factor, max_rate);
             let mut stop = String::from("reached --max-rate");
             let mut rate = start_rate;
-            let mut refinements = 3;
             for step in 1..=max_steps {
                 let r = load
                     .step(rate, secs(step_duration), &format!("max step {step}"))
                     .await;
                 let verdict = r.verdict(bound_us);
+                let outcome = match &verdict {
+                    None => Outcome::Pass,
+                    Some(_) if r.latency_only_fault() && r.loadgen_bound() => Outcome::Inconclusive,
+                    Some(_) => Outcome::Fail {
+                        closed: r.closed > 0,
+                    },
+                };
                 let mut line = r.json(&ctx, "max-step", shape);
                 line["step"] = json!(step);
                 line["pass"] = json!(verdict.is_none());
+                line["inconclusive"] = json!(outcome == Outcome::Inconclusive);
                 if let Some(v) = &verdict {
                     line["fail"] = json!(v);
                 }
                 lines.push(line);
                 r.print(&format!("max step {step}"), &ctx);
-                let saturated = r.loadgen_bound();
-                let closed = r.closed > 0;
-                match verdict {
-                    None => {
+                match (outcome, verdict) {
+                    (Outcome::Inconclusive, Some(v)) => eprintln!(
+                        "max step {step}: inconclusive ({v} while the load generator was at its limit); going on"
+                    ),
+                    (Outcome::Fail { .. }, Some(v)) => stop = v,
+                    _ => {
                         if best.as_ref().is_none_or(|b| r.rate > b.rate) {
                             best = Some(r);
                         }
                     }
-                    Some(v) => {
-                        stop = v;
-                        first_fail = Some(first_fail.map_or(rate, |f: f64| f.min(rate)));
-                        if closed {
-                            break;
-                        }
-                        if first_fail.is_some() && best.is_some() {
-                            refinements -= 1;
-                        }
-                    }
                 }
-                if saturated {
-                    stop = "the load generator saturated its core".into();
-                    break;
-                }
-                match next_rate(
-                    best.as_ref().map(|b| b.rate),
-                    first_fail,
-                    factor,
-                    max_rate,
-                    refinements.max(0) as u32,
-                ) {
+                match search.next(rate, outcome) {
                     Some(n) => rate = n,
                     None => break,
                 }
@@ -532,10 +521,15 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
                     line["server_cpu_us_per_delivery"] = json!(b.cpu_per_delivery_us());
                     line["loadgen_bound"] = json!(b.loadgen_bound());
                     eprintln!(
-                        "max: sustained {} deliveries/s ({} publishes/s) with p99 {}; stopped: {stop}",
+                        "max: sustained {} deliveries/s ({} publishes/s) with p99 {}{}; stopped: {stop}",
                         si(b.deliveries_per_s()),
                         si(b.rate),
-                        us(b.latency.p99)
+                        us(b.latency.p99),
+                        if b.loadgen_bound() {
+                            " (the load generator was at its limit there: the server did at least this well)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 None => eprintln!("max: no step passed; stopped: {stop}"),
@@ -586,6 +580,11 @@ impl StepResult {
 
     fn loadgen_bound(&self) -> bool {
         self.cpu.loadgen_core_share >= LOADGEN_BOUND_SHARE
+    }
+
+    /// Whether latency is the only criterion of `max` this step misses.
+    fn latency_only_fault(&self) -> bool {
+        self.closed == 0 && self.loss() == 0
     }
 
     fn cpu_per_delivery_us(&self) -> Option<f64> {

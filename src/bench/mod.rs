@@ -117,7 +117,10 @@ pub enum Workload {
     },
     /// The fanout load, stepping the publish rate up until a step loses a
     /// message, closes a connection or exceeds the p99 bound; reports the
-    /// highest passing delivered rate, then the latency at half of it.
+    /// highest passing delivered rate, then the latency at half of it. A
+    /// step that misses only the latency bound while the load generator is
+    /// at its core's limit is inconclusive (the queueing may be the load
+    /// generator's): it is reported, and the search climbs on.
     Max {
         #[command(flatten)]
         shape: Shape,
@@ -404,6 +407,69 @@ pub fn next_rate(
     }
 }
 
+/// What one step of `max` showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    /// Missed only the latency bound while the load generator sat at its
+    /// core's limit: its own queueing may be the cause.
+    Inconclusive,
+    /// Lost messages, closed connections (`closed`) or missed the latency
+    /// bound on its own.
+    Fail {
+        closed: bool,
+    },
+}
+
+/// `max`'s search over publish rates: geometric steps up from the highest
+/// rate that passed (or was inconclusive), then halving the gap to the
+/// first failure a few times. A closed connection ends it.
+pub struct Search {
+    floor: Option<f64>,
+    first_fail: Option<f64>,
+    refinements: u32,
+    factor: f64,
+    max_rate: f64,
+}
+
+impl Search {
+    pub fn new(factor: f64, max_rate: f64) -> Search {
+        Search {
+            floor: None,
+            first_fail: None,
+            refinements: 3,
+            factor,
+            max_rate,
+        }
+    }
+
+    /// Records what the step at `rate` showed; returns the next rate to
+    /// try, or `None` when the search is over.
+    pub fn next(&mut self, rate: f64, outcome: Outcome) -> Option<f64> {
+        match outcome {
+            Outcome::Pass | Outcome::Inconclusive => {
+                self.floor = Some(self.floor.map_or(rate, |f| f.max(rate)));
+            }
+            Outcome::Fail { closed } => {
+                self.first_fail = Some(self.first_fail.map_or(rate, |f| f.min(rate)));
+                if closed {
+                    return None;
+                }
+                if self.floor.is_some() {
+                    self.refinements = self.refinements.saturating_sub(1);
+                }
+            }
+        }
+        next_rate(
+            self.floor,
+            self.first_fail,
+            self.factor,
+            self.max_rate,
+            self.refinements,
+        )
+    }
+}
+
 /// Durations as seconds for the CLI.
 pub fn secs(v: f64) -> Duration {
     Duration::from_secs_f64(v)
@@ -440,6 +506,28 @@ mod tests {
         assert_eq!(next_rate(Some(1000.0), Some(1500.0), 1.5, 1e6, 0), None);
         assert_eq!(next_rate(Some(1000.0), Some(1050.0), 1.5, 1e6, 3), None);
         assert_eq!(next_rate(None, Some(1000.0), 1.5, 1e6, 3), None);
+    }
+
+    #[test]
+    fn the_search_climbs_past_inconclusive_steps() {
+        let mut s = Search::new(2.0, 1e6);
+        assert_eq!(s.next(100.0, Outcome::Pass), Some(200.0));
+        // The load generator saturated: no verdict, keep climbing.
+        assert_eq!(s.next(200.0, Outcome::Inconclusive), Some(400.0));
+        assert_eq!(s.next(400.0, Outcome::Pass), Some(800.0));
+        assert_eq!(s.next(800.0, Outcome::Fail { closed: false }), Some(600.0));
+        assert_eq!(s.next(600.0, Outcome::Pass), Some(700.0));
+        assert_eq!(s.next(700.0, Outcome::Fail { closed: false }), Some(650.0));
+        assert_eq!(s.next(650.0, Outcome::Fail { closed: false }), None);
+
+        // An inconclusive first step is no failure either.
+        let mut s = Search::new(1.5, 1e6);
+        assert_eq!(s.next(1000.0, Outcome::Inconclusive), Some(1500.0));
+        // A closed connection ends the search at once.
+        assert_eq!(s.next(1500.0, Outcome::Fail { closed: true }), None);
+        // A first step that fails on its own ends it too.
+        let mut s = Search::new(1.5, 1e6);
+        assert_eq!(s.next(1000.0, Outcome::Fail { closed: false }), None);
     }
 
     #[test]
