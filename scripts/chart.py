@@ -22,7 +22,8 @@ def main(src, dst):
         if r.get("workload") != "max-step" or r["latency_us"]["samples"] == 0:
             continue
         key = r["server"]
-        series[key][r["rate"]].append((r["deliveries_per_s"], max(r["latency_us"]["p99"], 1), r["loss"]))
+        series[key][r["rate"]].append(
+            (r["deliveries_per_s"], max(r["latency_us"]["p99"], 1), r["loss"], r.get("loadgen_bound", False)))
     if not series:
         sys.exit(f"{src}: no max-step results")
     pts = [p for s in series.values() for ps in s.values() for p in ps]
@@ -69,12 +70,18 @@ def main(src, dst):
             line.append(f"{X(mid[0]):.1f},{Y(mid[1]):.1f}")
             for p in ps:
                 fill = color if p[2] == 0 else "white"
-                out.append(f'<circle cx="{X(p[0]):.1f}" cy="{Y(p[1]):.1f}" r="3" fill="{fill}" stroke="{color}"/>')
+                if p[3]:
+                    x, y = X(p[0]), Y(p[1])
+                    out.append(f'<rect x="{x-3:.1f}" y="{y-3:.1f}" width="6" height="6" fill="{fill}" stroke="{color}"/>')
+                else:
+                    out.append(f'<circle cx="{X(p[0]):.1f}" cy="{Y(p[1]):.1f}" r="3" fill="{fill}" stroke="{color}"/>')
         out.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="{color}" stroke-width="2"/>')
         out.append(f'<rect x="{W-R+15}" y="{ly}" width="12" height="12" fill="{color}"/>')
         out.append(f'<text x="{W-R+32}" y="{ly+11}">{server}</text>')
         ly += 20
     out.append(f'<text x="{W-R+15}" y="{ly+11}" font-size="11">hollow: lost messages</text>')
+    out.append(f'<text x="{W-R+15}" y="{ly+27}" font-size="11">square: load generator</text>')
+    out.append(f'<text x="{W-R+15}" y="{ly+41}" font-size="11">at its limit</text>')
     out.append('</svg>')
     open(dst, "w").write("\n".join(out) + "\n")
     print(f"wrote {dst}")

@@ -55,6 +55,23 @@ def main(path):
             f"| {'; '.join(sorted(set(r['stopped_by'] for r in rs)))} |"
         )
     print()
+    print("Every `max` step, by server and publish rate (medians over the runs that tried that rate):")
+    print()
+    print("| server | publishes/s | runs | deliveries/s | server µs/delivery | server core | p50 µs | p99 µs | loss | load generator core |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    steps = defaultdict(list)
+    for r in runs:
+        if r["workload"] == "max-step":
+            steps[(r["server"], round(r["rate"]))].append(r)
+    for (server, rate), rs in sorted(steps.items()):
+        print(
+            f"| {server} | {rate:,} | {len(rs)} | {fmt(med(r['deliveries_per_s'] for r in rs))} "
+            f"| {fmt(med(r['server_cpu_us_per_delivery'] for r in rs), 2)} "
+            f"| {fmt(med(100 * (r.get('server_core_share') or 0) for r in rs))}% "
+            f"| {fmt(med(r['latency_us']['p50'] for r in rs))} | {fmt(med(r['latency_us']['p99'] for r in rs))} "
+            f"| {fmt(med(r['loss'] for r in rs))} | {fmt(med(100 * r['loadgen_core_share'] for r in rs))}% |"
+        )
+    print()
     print("| load | server | runs | server RSS bytes/connection | connects/s |")
     print("|---|---|---|---|---|")
     for (label, server, w), rs in sorted(groups.items()):

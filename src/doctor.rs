@@ -44,12 +44,18 @@ pub struct Finding {
 
 /// Descriptors beyond one per connection: listeners, rings, logs, mesh.
 const FD_HEADROOM: u64 = 1024;
-/// Server RSS per idle connection measured (docs/BENCHMARKS.md), rounded up.
-const USER_BYTES_PER_CONN: u64 = 8 * 1024;
-/// Kernel memory per mostly idle TCP connection (socket structures, and the
-/// little data buffered on average, which is what `tcp_mem` counts): an
-/// estimate, not a measurement.
-const KERNEL_BYTES_PER_CONN: u64 = 4 * 1024;
+/// Server RSS per idle connection measured on the io_uring loop
+/// (docs/BENCHMARKS.md: 446-456 B at 10,000-19,000), rounded up to leave
+/// room for channel memberships.
+const USER_BYTES_PER_CONN_URING: u64 = 1024;
+/// The same on the epoll fallback (a task pair and a read buffer per
+/// connection: 5.3-5.5 KB measured), rounded up.
+const USER_BYTES_PER_CONN_EPOLL: u64 = 6 * 1024;
+/// Kernel memory per idle TCP connection: socket, inode, file and io_uring
+/// structures. Measured: slab memory grew by 100 MB for 10,000 idle
+/// loopback connections (20,000 sockets, both ends on one host), 5 KB per
+/// socket (docs/BENCHMARKS.md). Buffered data comes on top (`tcp_mem`).
+const KERNEL_BYTES_PER_CONN: u64 = 5 * 1024;
 
 fn finding(level: Level, what: &'static str, message: String) -> Finding {
     Finding {
@@ -141,7 +147,12 @@ pub fn evaluate(r: &Readings, target: u64) -> Vec<Finding> {
         ));
     }
     if let Some(kib) = r.mem_available_kib {
-        let need = target * (USER_BYTES_PER_CONN + KERNEL_BYTES_PER_CONN);
+        let user = if r.io_uring_usable() {
+            USER_BYTES_PER_CONN_URING
+        } else {
+            USER_BYTES_PER_CONN_EPOLL
+        };
+        let need = target * (user + KERNEL_BYTES_PER_CONN);
         let level = if kib * 1024 >= need {
             Level::Ok
         } else {
@@ -217,6 +228,15 @@ fn rlimit(resource: libc::__rlimit_resource_t) -> (Option<u64>, Option<u64>) {
         return (None, None);
     }
     (Some(r.rlim_cur), Some(r.rlim_max))
+}
+
+impl Readings {
+    /// Whether corecast will run its io_uring loop on this host (rather
+    /// than fall back to epoll).
+    pub fn io_uring_usable(&self) -> bool {
+        !matches!(self.io_uring_disabled, Some(1) | Some(2))
+            && self.kernel.is_none_or(|k| k >= (6, 0))
+    }
 }
 
 /// The running kernel's (major, minor) version.
@@ -364,6 +384,29 @@ mod tests {
             ..roomy()
         };
         assert_eq!(level(&evaluate(&new, 10), "io_uring"), Level::Ok);
+    }
+
+    #[test]
+    fn memory_need_follows_the_io_driver() {
+        // 8 GiB hold a million idle connections on the io_uring loop, not
+        // on the epoll fallback.
+        let uring = Readings {
+            mem_available_kib: Some(8 << 20),
+            ..roomy()
+        };
+        assert!(uring.io_uring_usable());
+        assert_eq!(level(&evaluate(&uring, 1_000_000), "memory"), Level::Ok);
+        let epoll = Readings {
+            kernel: Some((5, 15)),
+            ..uring
+        };
+        assert!(!epoll.io_uring_usable());
+        assert_eq!(level(&evaluate(&epoll, 1_000_000), "memory"), Level::Fail);
+        let disabled = Readings {
+            io_uring_disabled: Some(2),
+            ..roomy()
+        };
+        assert!(!disabled.io_uring_usable());
     }
 
     #[test]
