@@ -276,10 +276,6 @@ fn setup() -> io::Result<(IoUring, BufRing)> {
             ));
         }
     }
-    // One thread submits (SINGLE_ISSUER). A receive completing while the
-    // shard runs waits for the loop's next entry into the kernel, which
-    // comes every round (COOP_TASKRUN, with TASKRUN_FLAG to tell the loop),
-    // instead of interrupting the shard's thread for it.
     let ring = IoUring::builder()
         .setup_cqsize(SQ_ENTRIES * 8)
         .setup_clamp()
@@ -414,11 +410,7 @@ impl Loop {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        let nothing = {
-            let sq = self.ring.submission();
-            sq.is_empty() && !sq.taskrun()
-        };
-        if nothing {
+        if self.ring.submission().is_empty() {
             return Ok(());
         }
         match self.ring.submit() {
