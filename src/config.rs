@@ -40,6 +40,11 @@ pub struct Config {
     pub outbound_queue_frames: usize,
     /// Bytes a connection may have queued before it counts as too slow.
     pub outbound_queue_bytes: usize,
+    /// How long a connection's frames may wait so that more of them leave
+    /// in one send (0: send at the end of the round that queued them).
+    /// Trades latency for CPU under heavy fan-out; control frames never
+    /// wait.
+    pub write_delay_ms: u64,
     /// Capacity of each shard-to-shard queue, in messages.
     pub mesh_queue_capacity: usize,
     pub max_channels_per_connection: usize,
@@ -72,6 +77,9 @@ impl Default for Config {
             // so the bytes bound is logical, not memory per connection.
             outbound_queue_frames: 4096,
             outbound_queue_bytes: 16 << 20,
+            // Off: latency first. See docs/BENCHMARKS.md for what a few
+            // milliseconds buy under heavy fan-out.
+            write_delay_ms: 0,
             // Slots are allocated up front (N² queues of about 100 bytes a
             // slot); a full queue spills into the sender's outbox, so this
             // bounds memory, not throughput.
@@ -167,6 +175,9 @@ pub struct ConfigArgs {
     pub outbound_queue_frames: Option<usize>,
     #[arg(long, env = "CORECAST_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
+    /// Let a connection's frames wait this long to share a send [default: 0].
+    #[arg(long, env = "CORECAST_WRITE_DELAY_MS")]
+    pub write_delay_ms: Option<u64>,
     #[arg(long, env = "CORECAST_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
     /// text or json.
@@ -216,6 +227,7 @@ impl ConfigArgs {
             shutdown_timeout_ms,
             outbound_queue_frames,
             outbound_queue_bytes,
+            write_delay_ms,
             max_header_bytes,
             log_format
         );
@@ -267,6 +279,12 @@ impl Config {
         }
         if self.shards > 1024 {
             return Err(ConfigError("at most 1024 shards".into()));
+        }
+        if self.write_delay_ms > 1000 {
+            return Err(ConfigError(format!(
+                "write_delay_ms must be at most 1000, not {}",
+                self.write_delay_ms
+            )));
         }
         for (name, v) in [
             ("ping_interval_ms", self.ping_interval_ms),
@@ -343,5 +361,10 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().0.contains("listen"));
+        let c = Config {
+            write_delay_ms: 5000,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("write_delay_ms"));
     }
 }

@@ -39,6 +39,7 @@ pub struct ShardMetrics {
     pub bytes_in: Counter,
     pub frames_out: Counter,
     pub bytes_out: Counter,
+    pub writes: Counter,
     pub deliveries: Counter,
     pub messages_published: Counter,
     pub queue_drops: Counter,
@@ -72,7 +73,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 14] = [
+    let series: [(&str, &str, &str, Get); 15] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -97,6 +98,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
         ("bytes_out_total", "counter", "Bytes written.", |m| {
             &m.bytes_out
         }),
+        (
+            "writes_total",
+            "counter",
+            "Send operations (frames_out_total / writes_total: frames per send).",
+            |m| &m.writes,
+        ),
         (
             "deliveries_total",
             "counter",

@@ -220,6 +220,8 @@ pub struct ConnIo {
     listed: Cell<bool>,
     /// The writer holds frames it took from the queue.
     writing: Cell<bool>,
+    /// A control frame waits: write without the configured write delay.
+    urgent: Cell<bool>,
     /// When the close frame was queued (ms, [`NEVER`] while open).
     pub closing_since: Cell<u64>,
     /// Last bytes received (ms).
@@ -252,6 +254,7 @@ impl ConnIo {
             state: Cell::new(State::Open),
             listed: Cell::new(false),
             writing: Cell::new(false),
+            urgent: Cell::new(false),
             closing_since: Cell::new(NEVER),
             last_rx: Cell::new(now_ms),
             ping_sent: Cell::new(NEVER),
@@ -290,6 +293,12 @@ impl ConnIo {
     /// Whether frames wait to be written.
     pub fn has_queued(&self) -> bool {
         !self.queue.get().is_empty()
+    }
+
+    /// Whether a control frame is queued (it does not wait for the write
+    /// delay).
+    pub fn is_urgent(&self) -> bool {
+        self.urgent.get()
     }
 
     /// Whether nothing is queued or being written.
@@ -342,6 +351,7 @@ impl ConnIo {
     /// frames are tiny and their number is bounded by what the peer sends.
     pub fn push_control(&self, frame: Bytes) {
         if self.state.get() == State::Open {
+            self.urgent.set(true);
             self.enqueue(frame);
         }
     }
@@ -356,6 +366,7 @@ impl ConnIo {
         if self.state.get() != State::Open {
             return;
         }
+        self.urgent.set(true);
         self.enqueue(frame::encode(OpCode::Close, &payload));
         self.state.set(State::Closing);
         self.closing_since.set(self.outq.now_ms());
@@ -391,6 +402,7 @@ impl ConnIo {
         self.queued_bytes
             .set(self.queued_bytes.get().saturating_sub(taken));
         self.writing.set(true);
+        self.urgent.set(false);
         bytes
     }
 
@@ -512,6 +524,7 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
         unreachable!("the writer task serves task-notified connections")
     };
     let mut batch = Batch::default();
+    let delay = std::time::Duration::from_millis(io.outq.node.config.write_delay_ms);
     loop {
         let go = std::future::poll_fn(|cx| {
             if io.state.get() == State::Done {
@@ -527,11 +540,20 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
         if !go {
             break;
         }
+        if !delay.is_zero() && !io.is_urgent() && io.state() == State::Open {
+            // Let more frames join this send (see `write_delay_ms`).
+            monoio::time::sleep(delay).await;
+            if io.state.get() == State::Done {
+                break;
+            }
+        }
         let bytes = io.take_batch(&mut batch, MAX_IOV);
         let frames = batch.frames.len();
+        let mut writes = 0;
         while !batch.is_done() {
             let (res, b) = wr.writev(batch).await;
             batch = b;
+            writes += 1;
             match res {
                 Ok(0) | Err(_) => {
                     io.written();
@@ -543,6 +565,7 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
         }
         io.written();
         let metrics = io.outq.metrics();
+        metrics.writes.add(writes);
         metrics.frames_out.add(frames as u64);
         metrics.bytes_out.add(bytes as u64);
         batch.clear();

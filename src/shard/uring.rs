@@ -212,6 +212,8 @@ struct Conn {
     /// The read side is over: the session left the engine, and the socket
     /// shuts once everything queued is written (or at `flush_deadline`).
     ended: bool,
+    /// A write waits in the loop's `delayed` list (`write_delay_ms`).
+    write_due: bool,
     phase: Phase,
     /// Bytes of an incomplete frame or request head, held only while there
     /// are some.
@@ -252,6 +254,10 @@ struct Loop {
     completions: Vec<(u64, i32, u32)>,
     received: VecDeque<Recv>,
     rearm: Vec<u32>,
+    /// Writes held back by `write_delay_ms`: (due ms, slot, generation), in
+    /// due order (every delay is the same).
+    delayed: VecDeque<(u64, u32, u32)>,
+    write_delay_ms: u64,
     /// Boxed: the kernel reads a write's header and iovecs in place, so
     /// they must not move while the write is in flight.
     #[allow(clippy::vec_box)]
@@ -321,6 +327,8 @@ pub fn run(
         completions: Vec::new(),
         received: VecDeque::new(),
         rearm: Vec::new(),
+        delayed: VecDeque::new(),
+        write_delay_ms: node.config.write_delay_ms,
         writes: Vec::new(),
         accept_armed: false,
         accept_retry: None,
@@ -368,6 +376,7 @@ impl Loop {
                 self.arm_accept();
             }
             self.visit_ready();
+            work += self.start_delayed_writes();
             self.rearm_receives();
             self.bufs.publish();
 
@@ -386,8 +395,13 @@ impl Loop {
                 if !self.shard.node.mesh.park(me) {
                     continue;
                 }
-                let until = next_sweep.saturating_duration_since(Instant::now());
-                let r = self.wait(until.max(Duration::from_millis(1)));
+                let now = Instant::now();
+                let mut until = next_sweep.saturating_duration_since(now);
+                if let Some(&(due, ..)) = self.delayed.front() {
+                    let wait = due.saturating_sub(self.shard.outq.ms(now));
+                    until = until.min(Duration::from_millis(wait));
+                }
+                let r = self.wait(until.max(Duration::from_micros(100)));
                 self.shard.node.mesh.unpark(me);
                 r?;
             }
@@ -553,6 +567,7 @@ impl Loop {
             recv: false,
             cancelled: false,
             ended: false,
+            write_due: false,
             phase: Phase::Handshake { since: now },
             inbuf: None,
             write: None,
@@ -707,11 +722,49 @@ impl Loop {
             return;
         }
         if conn.write.is_none() && conn.io.has_queued() {
-            self.start_write(slot);
+            let wait =
+                self.write_delay_ms > 0 && !conn.io.is_urgent() && conn.io.state() == State::Open;
+            if !wait {
+                self.start_write(slot);
+            } else if !conn.write_due {
+                conn.write_due = true;
+                let due = self.shard.outq.now_ms() + self.write_delay_ms;
+                self.delayed.push_back((due, slot, conn.gen));
+            }
         } else if conn.ended && conn.io.is_flushed() {
             conn.io.abort();
             self.visit(slot);
         }
+    }
+
+    /// Starts the writes whose delay is over; returns how many.
+    fn start_delayed_writes(&mut self) -> usize {
+        let Some(&(first, ..)) = self.delayed.front() else {
+            return 0;
+        };
+        let now = self.shard.outq.now_ms();
+        if first > now {
+            return 0;
+        }
+        let mut n = 0;
+        while let Some(&(due, slot, gen)) = self.delayed.front() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop_front();
+            let Some(conn) = self.conn(slot, gen) else {
+                continue;
+            };
+            if !conn.write_due {
+                continue;
+            }
+            conn.write_due = false;
+            if conn.write.is_none() && conn.io.has_queued() {
+                self.start_write(slot);
+                n += 1;
+            }
+        }
+        n
     }
 
     fn start_write(&mut self, slot: u32) {
@@ -719,6 +772,7 @@ impl Loop {
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
+        conn.write_due = false;
         w.bytes = conn.io.take_batch(&mut w.batch, MAX_IOV);
         let (fd, gen) = (conn.fd(), conn.gen);
         let e = send_entry(&mut w, fd, token(WRITE, slot, gen));
@@ -735,6 +789,7 @@ impl Loop {
             return;
         };
         if res > 0 {
+            shard.metrics().writes.inc();
             w.batch.advance(res as usize);
             if !w.batch.is_done() {
                 let e = send_entry(&mut w, conn.fd(), token(WRITE, slot, gen));
