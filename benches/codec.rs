@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use corecast::engine::{Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{
-    binary, json, ChannelRef, ClientEvent, ClientMessage, MessageSend, Protocol,
+    binary, json, ChannelJoin, ClientEvent, ClientMessage, MessageSend, Protocol,
 };
 use corecast::ws::frame::{encode, encode_masked};
 use corecast::ws::{Decoder, OpCode};
@@ -67,6 +67,7 @@ fn envelopes(c: &mut Criterion) {
             channel_id: "general".into(),
             content: "hello there, how is everyone doing today?".into(),
             reply_to: Some("0123456789abcdef-17".into()),
+            ..MessageSend::new("", "")
         }),
     };
     let archived = binary::encode_client(&msg);
@@ -120,9 +121,7 @@ fn fanout(c: &mut Criterion) {
             id,
             ClientMessage {
                 id: None,
-                event: ClientEvent::ChannelJoin(ChannelRef {
-                    channel_id: "room".into(),
-                }),
+                event: ClientEvent::ChannelJoin(ChannelJoin::new("room")),
             },
             0,
             &mut NoMesh,
@@ -134,11 +133,7 @@ fn fanout(c: &mut Criterion) {
         b.iter(|| {
             let m = ClientMessage {
                 id: Some(1),
-                event: ClientEvent::MessageSend(MessageSend {
-                    channel_id: "room".into(),
-                    content: "hello".into(),
-                    reply_to: None,
-                }),
+                event: ClientEvent::MessageSend(MessageSend::new("room", "hello")),
             };
             e.handle(ids[0], m, 0, &mut NoMesh);
         })

@@ -16,7 +16,7 @@ use corecast::engine::{
     ConnId, Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId,
 };
 use corecast::metrics::ShardMetrics;
-use corecast::protocol::{ChannelRef, ClientEvent, ClientMessage, MessageSend, Protocol};
+use corecast::protocol::{ChannelJoin, ClientEvent, ClientMessage, MessageSend, Protocol};
 
 struct Counting;
 
@@ -68,11 +68,7 @@ impl MeshTx for NoMesh {
 fn send(content: &str) -> ClientMessage {
     ClientMessage {
         id: Some(1),
-        event: ClientEvent::MessageSend(MessageSend {
-            channel_id: "room".into(),
-            content: content.into(),
-            reply_to: None,
-        }),
+        event: ClientEvent::MessageSend(MessageSend::new("room", content)),
     }
 }
 
@@ -106,9 +102,7 @@ fn room(
             id,
             ClientMessage {
                 id: None,
-                event: ClientEvent::ChannelJoin(ChannelRef {
-                    channel_id: "room".into(),
-                }),
+                event: ClientEvent::ChannelJoin(ChannelJoin::new("room")),
             },
             0,
             &mut NoMesh,

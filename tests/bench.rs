@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Server, SECRET};
 use corecast::client::{Client, ClientError, ConnectOptions};
-use corecast::protocol::{ChannelRef, ClientEvent, ErrorCode, MessageSend, Protocol, ServerEvent};
+use corecast::protocol::{ChannelJoin, ClientEvent, ErrorCode, MessageSend, Protocol, ServerEvent};
 use serde_json::Value;
 
 /// Runs `corecast bench ARGS`; returns its exit status, JSON lines and
@@ -355,19 +355,13 @@ fn client_sdk_round_trip_in_both_protocols() {
             assert_eq!(alice.ready().unwrap().user_id, "alice");
             for c in [&mut alice, &mut bob] {
                 let ack = c
-                    .call(ClientEvent::ChannelJoin(ChannelRef {
-                        channel_id: "sdk".into(),
-                    }))
+                    .call(ClientEvent::ChannelJoin(ChannelJoin::new("sdk")))
                     .await
                     .unwrap();
                 assert!(matches!(ack.event, ServerEvent::Ack(_)), "{ack:?}");
             }
             alice
-                .call(ClientEvent::MessageSend(MessageSend {
-                    channel_id: "sdk".into(),
-                    content: "héllo".into(),
-                    reply_to: None,
-                }))
+                .call(ClientEvent::MessageSend(MessageSend::new("sdk", "héllo")))
                 .await
                 .unwrap();
             let got = loop {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use corecast::protocol::{
-    self, binary, AckBody, ChannelRef, ClientEvent, ClientMessage, MessageSend, ServerEvent,
+    self, binary, AckBody, ChannelJoin, ClientEvent, ClientMessage, MessageSend, ServerEvent,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -94,7 +94,7 @@ async fn bad_input_gets_typed_errors_and_the_connection_stays_open() {
             Some(5),
             "bad_request",
         ),
-        (r#"{"t":"dm:send","id":6,"d":{}}"#, Some(6), "unsupported"),
+        (r#"{"t":"server:dance","id":6,"d":{}}"#, Some(6), "unsupported"),
         (
             r#"{"t":"message:send","id":7,"d":{"channelId":"c","content":"x"}}"#,
             Some(7),
@@ -264,9 +264,7 @@ async fn binary_protocol_speaks_the_same_events() {
     join(&mut j, "mixed", 1).await;
     let join_msg = ClientMessage {
         id: Some(1),
-        event: ClientEvent::ChannelJoin(ChannelRef {
-            channel_id: "mixed".into(),
-        }),
+        event: ClientEvent::ChannelJoin(ChannelJoin::new("mixed")),
     };
     b.send(Message::Binary(binary::encode_client(&join_msg).into()))
         .await
@@ -282,6 +280,7 @@ async fn binary_protocol_speaks_the_same_events() {
             channel_id: "mixed".into(),
             content: "from binary ✓".into(),
             reply_to: Some("m-1".into()),
+            ..MessageSend::new("", "")
         }),
     };
     b.send(Message::Binary(binary::encode_client(&send_msg).into()))

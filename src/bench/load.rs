@@ -21,7 +21,7 @@ use super::{
 };
 use crate::client::{Client, ConnectOptions, FrameReader, Masker, Url};
 use crate::protocol::{
-    binary, ArchivedServerEvent, ArchivedServerMessage, ChannelRef, ClientEvent, ClientMessage,
+    binary, ArchivedServerEvent, ArchivedServerMessage, ChannelJoin, ClientEvent, ClientMessage,
     MessageSend, Protocol,
 };
 use crate::shard::sync::Signal;
@@ -82,8 +82,9 @@ impl Ctx {
             .await
             .map_err(|e| BenchError(format!("connection {i}: {e}")))?;
         if let (Some(r), true) = (room, p != BenchProtocol::Raw) {
-            c.call(ClientEvent::ChannelJoin(ChannelRef {
+            c.call(ClientEvent::ChannelJoin(ChannelJoin {
                 channel_id: self.room(r),
+                since: None,
             }))
             .await
             .map_err(|e| BenchError(format!("connection {i}: channel:join: {e}")))?;
@@ -100,11 +101,7 @@ impl Ctx {
             p => {
                 let msg = ClientMessage {
                     id: None,
-                    event: ClientEvent::MessageSend(MessageSend {
-                        channel_id: self.room(room),
-                        content,
-                        reply_to: None,
-                    }),
+                    event: ClientEvent::MessageSend(MessageSend::new(self.room(room), content)),
                 };
                 if p == BenchProtocol::Json {
                     let mut payload = Vec::with_capacity(128 + self.common.payload);

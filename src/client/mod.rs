@@ -13,18 +13,14 @@
 //!
 //! ```no_run
 //! use corecast::client::{Client, ConnectOptions};
-//! use corecast::protocol::{ClientEvent, ChannelRef, MessageSend, ServerEvent};
+//! use corecast::protocol::{ChannelJoin, ClientEvent, MessageSend, ServerEvent};
 //!
 //! # async fn demo() -> Result<(), corecast::client::ClientError> {
 //! let opts = ConnectOptions::new("ws://127.0.0.1:8080/ws".parse()?).token("<jwt>");
 //! let mut c = Client::connect(&opts).await?;
-//! c.call(ClientEvent::ChannelJoin(ChannelRef { channel_id: "general".into() })).await?;
-//! c.call(ClientEvent::MessageSend(MessageSend {
-//!     channel_id: "general".into(),
-//!     content: "hello".into(),
-//!     reply_to: None,
-//! }))
-//! .await?;
+//! c.call(ClientEvent::ChannelJoin(ChannelJoin::new("general"))).await?;
+//! c.call(ClientEvent::MessageSend(MessageSend::new("general", "hello")))
+//!     .await?;
 //! loop {
 //!     if let ServerEvent::MessageNew(m) = c.next_event().await?.event {
 //!         println!("{}: {}", m.user_id, m.content);

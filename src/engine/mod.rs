@@ -386,18 +386,18 @@ impl<O: Outbound> Engine<O> {
             ClientEvent::Auth(_) => {
                 self.error(id, ack, ErrorCode::BadRequest, "already authenticated")
             }
-            ClientEvent::ChannelJoin(ChannelRef { channel_id }) => {
+            ClientEvent::ChannelJoin(ChannelJoin { channel_id, .. }) => {
                 self.join(id, ack, channel_id, now_ms, tx)
             }
             ClientEvent::ChannelLeave(ChannelRef { channel_id }) => {
                 self.leave(id, ack, &channel_id, now_ms, tx)
             }
             ClientEvent::MessageSend(m) => self.send(id, ack, m, now_ms, tx),
-            ClientEvent::Unsupported(name) => self.error(
+            other @ ClientEvent::Unsupported(_) | other => self.error(
                 id,
                 ack,
                 ErrorCode::Unsupported,
-                format!("unsupported event `{name}`"),
+                format!("unsupported event `{}`", other.name()),
             ),
         }
     }
@@ -635,6 +635,7 @@ impl<O: Outbound> Engine<O> {
                     offset,
                     epoch: epoch.to_string(),
                     members,
+                    recovered: None,
                 });
                 let pending = self.conn_mut(id).and_then(|c| {
                     c.channels
@@ -725,6 +726,8 @@ impl<O: Outbound> Engine<O> {
                             channel_id: channel.to_string(),
                             offset,
                             timestamp: now_ms,
+                            nonce: None,
+                            duplicate: false,
                         }),
                     ),
                 );
@@ -743,6 +746,9 @@ impl<O: Outbound> Engine<O> {
                     user_id: member.user.to_string(),
                     content,
                     reply_to,
+                    thread_id: None,
+                    mentions: Vec::new(),
+                    nonce: None,
                     offset,
                     timestamp: now_ms,
                 }));

@@ -121,8 +121,9 @@ impl Sim {
         self.send(
             c,
             Some(1),
-            ClientEvent::ChannelJoin(ChannelRef {
+            ClientEvent::ChannelJoin(ChannelJoin {
                 channel_id: channel.into(),
+                since: None,
             }),
         );
     }
@@ -132,6 +133,9 @@ impl Sim {
             channel_id: channel.into(),
             content: content.into(),
             reply_to: None,
+            thread_id: None,
+            mentions: Vec::new(),
+            nonce: None,
         };
         self.send(c, Some(2), ClientEvent::MessageSend(m));
     }
@@ -301,8 +305,9 @@ fn close_while_join_in_flight_is_undone() {
         a.conn,
         ClientMessage {
             id: None,
-            event: ClientEvent::ChannelJoin(ChannelRef {
+            event: ClientEvent::ChannelJoin(ChannelJoin {
                 channel_id: ch.clone(),
+                since: None,
             }),
         },
         0,
@@ -379,8 +384,9 @@ fn leave_and_rejoin_while_the_first_join_is_in_flight() {
     rb.take();
     let join = |id| ClientMessage {
         id: Some(id),
-        event: ClientEvent::ChannelJoin(ChannelRef {
+        event: ClientEvent::ChannelJoin(ChannelJoin {
             channel_id: ch.clone(),
+            since: None,
         }),
     };
     let leave = ClientMessage {
@@ -488,9 +494,9 @@ mod sequences {
                         let Some(c) = clients.get_mut(conn).filter(|c| c.open) else { continue };
                         let channel_id = channel(ch);
                         let event = match op {
-                            Op::Join { .. } => ClientEvent::ChannelJoin(ChannelRef { channel_id }),
+                            Op::Join { .. } => ClientEvent::ChannelJoin(ChannelJoin { channel_id, since: None }),
                             Op::Leave { .. } => ClientEvent::ChannelLeave(ChannelRef { channel_id }),
-                            _ => ClientEvent::MessageSend(MessageSend { channel_id, content: format!("m{next_id}"), reply_to: None }),
+                            _ => ClientEvent::MessageSend(MessageSend { channel_id, content: format!("m{next_id}"), reply_to: None, thread_id: None, mentions: Vec::new(), nonce: None }),
                         };
                         c.sent_ids.push(next_id);
                         let msg = ClientMessage { id: Some(next_id), event };

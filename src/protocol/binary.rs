@@ -45,95 +45,617 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerMessage, DecodeError> {
 mod tests {
     use super::super::json;
     use super::*;
+    use proptest::option::of;
     use proptest::prelude::*;
 
     fn text() -> impl Strategy<Value = String> {
         ".{0,40}"
     }
 
-    fn client_event() -> impl Strategy<Value = ClientEvent> {
+    fn texts() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec(text(), 0..4)
+    }
+
+    /// JSON text as both codecs give it back: compact, objects of one key.
+    fn json_value() -> impl Strategy<Value = Json> {
         prop_oneof![
-            text().prop_map(|token| ClientEvent::Auth(Auth { token })),
-            Just(ClientEvent::Heartbeat),
-            text().prop_map(|c| ClientEvent::ChannelJoin(ChannelRef { channel_id: c })),
-            text().prop_map(|c| ClientEvent::ChannelLeave(ChannelRef { channel_id: c })),
-            (text(), text(), proptest::option::of(text())).prop_map(
-                |(channel_id, content, reply_to)| {
-                    ClientEvent::MessageSend(MessageSend {
-                        channel_id,
-                        content,
-                        reply_to,
-                    })
-                }
-            ),
-            "[a-z]{1,8}:[a-z_]{1,12}".prop_map(ClientEvent::Unsupported),
+            any::<u32>().prop_map(|n| Json(n.to_string())),
+            "[a-z ]{0,10}".prop_map(|s| Json(format!("\"{s}\""))),
+            ("[a-z]{1,6}", "[a-z0-9 ]{0,10}")
+                .prop_map(|(k, v)| Json(format!("{{\"{k}\":\"{v}\"}}"))),
         ]
     }
 
+    fn status() -> impl Strategy<Value = Status> {
+        proptest::sample::select(Status::ALL)
+    }
+
+    fn device() -> impl Strategy<Value = DeviceKind> {
+        proptest::sample::select(DeviceKind::ALL)
+    }
+
+    fn activity() -> impl Strategy<Value = Activity> {
+        (text(), text(), of(text())).prop_map(|(kind, name, details)| Activity {
+            kind,
+            name,
+            details,
+        })
+    }
+
+    fn channel() -> impl Strategy<Value = ChannelRef> {
+        text().prop_map(|channel_id| ChannelRef { channel_id })
+    }
+
+    fn message() -> impl Strategy<Value = MessageRef> {
+        (text(), text()).prop_map(|(channel_id, message_id)| MessageRef {
+            channel_id,
+            message_id,
+        })
+    }
+
+    fn users() -> impl Strategy<Value = UserIds> {
+        texts().prop_map(|user_ids| UserIds { user_ids })
+    }
+
+    fn client_event() -> impl Strategy<Value = ClientEvent> {
+        use ClientEvent as E;
+        let a = prop_oneof![
+            text().prop_map(|token| E::Auth(Auth { token })),
+            Just(E::Heartbeat),
+            (
+                text(),
+                proptest::collection::vec((text(), any::<u64>(), text()), 0..3)
+            )
+                .prop_map(|(session_id, p)| E::SessionResume(SessionResume {
+                    session_id,
+                    positions: p
+                        .into_iter()
+                        .map(|(channel_id, offset, epoch)| Position {
+                            channel_id,
+                            offset,
+                            epoch
+                        })
+                        .collect(),
+                })),
+            (text(), of((any::<u64>(), text()))).prop_map(|(channel_id, since)| E::ChannelJoin(
+                ChannelJoin {
+                    channel_id,
+                    since: since.map(|(offset, epoch)| Since { offset, epoch }),
+                }
+            )),
+            channel().prop_map(E::ChannelLeave),
+            (text(), of(any::<u32>()), of(any::<u64>())).prop_map(|(channel_id, limit, before)| {
+                E::ChannelGetHistory(GetHistory {
+                    channel_id,
+                    limit,
+                    before,
+                })
+            }),
+            channel().prop_map(E::ChannelGetMembers),
+            (text(), text(), of(text()), of(text()), texts(), of(text())).prop_map(
+                |(channel_id, content, reply_to, thread_id, mentions, nonce)| {
+                    E::MessageSend(MessageSend {
+                        channel_id,
+                        content,
+                        reply_to,
+                        thread_id,
+                        mentions,
+                        nonce,
+                    })
+                }
+            ),
+            (text(), text(), text()).prop_map(|(channel_id, message_id, content)| {
+                E::MessageEdit(MessageEdit {
+                    channel_id,
+                    message_id,
+                    content,
+                })
+            }),
+            message().prop_map(E::MessageDelete),
+            (text(), text(), text(), any::<bool>()).prop_map(|(c, m, emoji, add)| {
+                E::MessageReact(MessageReact {
+                    channel_id: c,
+                    message_id: m,
+                    emoji,
+                    action: if add {
+                        ReactAction::Add
+                    } else {
+                        ReactAction::Remove
+                    },
+                })
+            }),
+            message().prop_map(E::MessageDelivered),
+            message().prop_map(E::MessageMarkRead),
+            message().prop_map(E::MessageGetReadReceipts),
+        ];
+        let b = prop_oneof![
+            (text(), text(), of(text())).prop_map(|(to_user_id, content, nonce)| E::DmSend(
+                DmSend {
+                    to_user_id,
+                    content,
+                    nonce
+                }
+            )),
+            of(any::<u32>()).prop_map(|limit| E::DmGetConversations(Limit { limit })),
+            (
+                of(status()),
+                of(of(text())),
+                of(of(activity())),
+                of(device())
+            )
+                .prop_map(|(status, custom_status, activity, device)| {
+                    E::PresenceUpdate(PresenceUpdate {
+                        status,
+                        custom_status,
+                        activity,
+                        device,
+                    })
+                }),
+            users().prop_map(E::PresenceSubscribe),
+            users().prop_map(E::PresenceUnsubscribe),
+            users().prop_map(E::PresenceGetBulk),
+            Just(E::PresenceHeartbeat),
+            channel().prop_map(E::TypingStart),
+            channel().prop_map(E::TypingStop),
+            channel().prop_map(E::TypingGetActive),
+            channel().prop_map(E::VoiceJoin),
+            Just(E::VoiceLeave),
+            (
+                of(any::<bool>()),
+                of(any::<bool>()),
+                of(any::<bool>()),
+                of(any::<bool>()),
+                of(any::<bool>())
+            )
+                .prop_map(|(muted, deafened, speaking, video, screen_share)| {
+                    E::VoiceUpdate(VoiceUpdate {
+                        muted,
+                        deafened,
+                        speaking,
+                        video,
+                        screen_share,
+                    })
+                }),
+            channel().prop_map(E::VoiceGetParticipants),
+        ];
+        let c = prop_oneof![
+            (text(), any::<bool>(), of(text())).prop_map(|(to_user_id, video, sdp)| {
+                E::CallInitiate(CallInitiate {
+                    to_user_id,
+                    call_type: if video {
+                        CallType::Video
+                    } else {
+                        CallType::Audio
+                    },
+                    sdp,
+                })
+            }),
+            (text(), of(text()))
+                .prop_map(|(call_id, sdp)| E::CallAnswer(CallAnswer { call_id, sdp })),
+            (text(), of(text()))
+                .prop_map(|(call_id, reason)| E::CallReject(CallReject { call_id, reason })),
+            text().prop_map(|call_id| E::CallEnd(CallRef { call_id })),
+            (text(), json_value()).prop_map(|(call_id, candidate)| E::CallIceCandidate(CallIce {
+                call_id,
+                candidate
+            })),
+            Just(E::NotificationGetPending),
+            texts().prop_map(|notification_ids| E::NotificationRead(NotificationIds {
+                notification_ids
+            })),
+            text().prop_map(|notification_id| E::NotificationClear(NotificationRef {
+                notification_id
+            })),
+            Just(E::NotificationClearAll),
+            "x[a-z]{1,8}:[a-z_]{1,12}".prop_map(E::Unsupported),
+        ];
+        prop_oneof![a, b, c]
+    }
+
+    fn message_new() -> impl Strategy<Value = MessageNew> {
+        (
+            text(),
+            text(),
+            of(text()),
+            of(text()),
+            texts(),
+            of(text()),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(c, content, reply_to, thread_id, mentions, nonce, o)| MessageNew {
+                    message_id: format!("m{o}"),
+                    channel_id: c,
+                    user_id: "u".into(),
+                    content,
+                    reply_to,
+                    thread_id,
+                    mentions,
+                    nonce,
+                    offset: o,
+                    timestamp: o / 2,
+                },
+            )
+    }
+
+    fn presence() -> impl Strategy<Value = PresenceView> {
+        (
+            text(),
+            status(),
+            of(text()),
+            of(activity()),
+            proptest::collection::vec(device(), 0..3),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(user_id, status, custom_status, activity, devices, last_seen)| PresenceView {
+                    user_id,
+                    status,
+                    custom_status,
+                    activity,
+                    devices,
+                    last_seen,
+                },
+            )
+    }
+
+    fn voice_state() -> impl Strategy<Value = VoiceState> {
+        any::<[bool; 5]>().prop_map(|b| VoiceState {
+            muted: b[0],
+            deafened: b[1],
+            speaking: b[2],
+            video: b[3],
+            screen_share: b[4],
+        })
+    }
+
+    fn dm() -> impl Strategy<Value = DmMessage> {
+        (text(), text(), text(), of(text()), any::<u64>()).prop_map(
+            |(from, to, content, nonce, t)| DmMessage {
+                message_id: format!("d{t}"),
+                from_user_id: from,
+                to_user_id: to,
+                content,
+                nonce,
+                timestamp: t,
+            },
+        )
+    }
+
+    fn notification() -> impl Strategy<Value = Notification> {
+        (
+            text(),
+            text(),
+            of(json_value()),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(notification_id, kind, data, read, t)| Notification {
+                notification_id,
+                kind,
+                data,
+                read,
+                created_at: t / 2,
+                expires_at: t,
+            })
+    }
+
+    fn call_event() -> impl Strategy<Value = CallEvent> {
+        (text(), text(), of(text()), of(text())).prop_map(|(call_id, user_id, reason, sdp)| {
+            CallEvent {
+                call_id,
+                user_id,
+                reason,
+                sdp,
+            }
+        })
+    }
+
+    fn ack() -> impl Strategy<Value = AckBody> {
+        let a = prop_oneof![
+            (
+                text(),
+                text(),
+                any::<u64>(),
+                any::<u64>(),
+                of(text()),
+                any::<bool>()
+            )
+                .prop_map(|(m, c, o, t, nonce, duplicate)| AckBody::Send(SendAck {
+                    message_id: m,
+                    channel_id: c,
+                    offset: o,
+                    timestamp: t,
+                    nonce,
+                    duplicate,
+                })),
+            (
+                text(),
+                any::<u64>(),
+                text(),
+                any::<u32>(),
+                of(any::<bool>())
+            )
+                .prop_map(|(c, o, e, n, recovered)| AckBody::Join(JoinAck {
+                    channel_id: c,
+                    offset: o,
+                    epoch: e,
+                    members: n,
+                    recovered,
+                })),
+            (text(), text(), any::<u64>()).prop_map(|(c, m, o)| AckBody::Event(EventAck {
+                channel_id: c,
+                message_id: m,
+                offset: o
+            })),
+            (
+                text(),
+                proptest::collection::vec(
+                    (
+                        message_new(),
+                        of(any::<u64>()),
+                        proptest::collection::vec((text(), any::<u32>(), texts()), 0..2)
+                    ),
+                    0..3
+                ),
+                any::<bool>()
+            )
+                .prop_map(|(c, ms, has_more)| AckBody::History(HistoryAck {
+                    channel_id: c,
+                    messages: ms
+                        .into_iter()
+                        .map(|(message, edited_at, r)| HistoryMessage {
+                            message,
+                            edited_at,
+                            reactions: r
+                                .into_iter()
+                                .map(|(emoji, count, user_ids)| ReactionCount {
+                                    emoji,
+                                    count,
+                                    user_ids
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                    has_more,
+                })),
+            (
+                text(),
+                proptest::collection::vec((text(), any::<u32>()), 0..3)
+            )
+                .prop_map(|(c, m)| {
+                    AckBody::Members(MembersAck {
+                        channel_id: c,
+                        members: m
+                            .into_iter()
+                            .map(|(user_id, connections)| MemberInfo {
+                                user_id,
+                                connections,
+                            })
+                            .collect(),
+                    })
+                }),
+            (
+                text(),
+                text(),
+                proptest::collection::vec((text(), any::<u64>()), 0..3)
+            )
+                .prop_map(|(c, m, r)| AckBody::ReadReceipts(ReadReceiptsAck {
+                    channel_id: c,
+                    message_id: m,
+                    readers: r
+                        .into_iter()
+                        .map(|(user_id, timestamp)| Reader { user_id, timestamp })
+                        .collect(),
+                })),
+            (text(), text(), any::<u64>(), any::<bool>()).prop_map(|(m, to, t, duplicate)| {
+                AckBody::Dm(DmAck {
+                    message_id: m,
+                    to_user_id: to,
+                    timestamp: t,
+                    duplicate,
+                })
+            }),
+        ];
+        let b = prop_oneof![
+            proptest::collection::vec((text(), dm(), any::<u32>()), 0..3).prop_map(|c| {
+                AckBody::Conversations(ConversationsAck {
+                    conversations: c
+                        .into_iter()
+                        .map(|(user_id, last_message, unread)| Conversation {
+                            user_id,
+                            last_message,
+                            unread,
+                        })
+                        .collect(),
+                })
+            }),
+            proptest::collection::vec(presence(), 0..3)
+                .prop_map(|presences| AckBody::Presences(PresencesAck { presences })),
+            (text(), texts()).prop_map(|(channel_id, user_ids)| AckBody::Typing(TypingAck {
+                channel_id,
+                user_ids
+            })),
+            (
+                text(),
+                proptest::collection::vec((text(), voice_state()), 0..3),
+                of(text()),
+                of(text())
+            )
+                .prop_map(|(channel_id, p, token, server_url)| AckBody::Voice(
+                    VoiceAck {
+                        channel_id,
+                        participants: p
+                            .into_iter()
+                            .map(|(user_id, state)| VoiceParticipant { user_id, state })
+                            .collect(),
+                        token,
+                        server_url,
+                    }
+                )),
+            text().prop_map(|call_id| AckBody::Call(CallAck { call_id })),
+            proptest::collection::vec(notification(), 0..3).prop_map(|notifications| {
+                AckBody::Notifications(NotificationsAck { notifications })
+            }),
+            (
+                text(),
+                proptest::collection::vec((text(), any::<bool>(), any::<u64>(), text()), 0..3)
+            )
+                .prop_map(|(session_id, c)| AckBody::Resume(ResumeAck {
+                    session_id,
+                    channels: c
+                        .into_iter()
+                        .map(|(channel_id, recovered, offset, epoch)| ResumedChannel {
+                            channel_id,
+                            recovered,
+                            offset,
+                            epoch,
+                        })
+                        .collect(),
+                })),
+            Just(AckBody::Empty(Empty {})),
+        ];
+        prop_oneof![a, b]
+    }
+
     fn server_event() -> impl Strategy<Value = ServerEvent> {
-        prop_oneof![
+        use ServerEvent as S;
+        let a = prop_oneof![
             (text(), text(), any::<u32>(), any::<u64>()).prop_map(|(u, s, shard, h)| {
-                ServerEvent::Ready(Ready {
+                S::Ready(Ready {
                     user_id: u,
                     session_id: s,
                     shard,
                     heartbeat_interval_ms: h,
                 })
             }),
-            (text(), text(), any::<u64>(), any::<u64>()).prop_map(|(m, c, o, t)| ServerEvent::Ack(
-                AckBody::Send(SendAck {
-                    message_id: m,
+            ack().prop_map(S::Ack),
+            (text(), of(any::<u64>())).prop_map(|(m, r)| S::Error(ErrorBody {
+                code: ErrorCode::RateLimited,
+                message: m,
+                retry_after_ms: r
+            })),
+            any::<u64>().prop_map(|t| S::HeartbeatAck(HeartbeatAck { timestamp: t })),
+            (text(), text(), text()).prop_map(|(c, u, s)| S::MemberJoined(MemberEvent {
+                channel_id: c,
+                user_id: u,
+                session_id: s
+            })),
+            (text(), text(), text()).prop_map(|(c, u, s)| S::MemberLeft(MemberEvent {
+                channel_id: c,
+                user_id: u,
+                session_id: s
+            })),
+            message_new().prop_map(S::MessageNew),
+            (text(), text(), any::<u64>()).prop_map(|(c, content, o)| S::MessageEdited(
+                MessageEdited {
+                    message_id: format!("m{o}"),
                     channel_id: c,
+                    user_id: "u".into(),
+                    content,
                     offset: o,
-                    timestamp: t
-                })
-            )),
-            (text(), any::<u64>(), text(), any::<u32>()).prop_map(|(c, o, e, n)| ServerEvent::Ack(
-                AckBody::Join(JoinAck {
-                    channel_id: c,
-                    offset: o,
-                    epoch: e,
-                    members: n
-                })
-            )),
-            Just(ServerEvent::Ack(AckBody::Empty(Empty {}))),
-            (text(), proptest::option::of(any::<u64>())).prop_map(|(m, r)| ServerEvent::Error(
-                ErrorBody {
-                    code: ErrorCode::RateLimited,
-                    message: m,
-                    retry_after_ms: r
+                    edited_at: o / 3,
                 }
             )),
-            any::<u64>().prop_map(|t| ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: t })),
-            (text(), text(), proptest::option::of(text()), any::<u64>()).prop_map(
-                |(c, content, r, o)| {
-                    ServerEvent::MessageNew(MessageNew {
-                        message_id: format!("m{o}"),
-                        channel_id: c,
-                        user_id: "u".into(),
-                        content,
-                        reply_to: r,
-                        offset: o,
-                        timestamp: o / 2,
-                    })
-                }
+            (text(), any::<u64>()).prop_map(|(c, o)| S::MessageDeleted(MessageDeleted {
+                message_id: format!("m{o}"),
+                channel_id: c,
+                user_id: "u".into(),
+                offset: o,
+                timestamp: o / 3,
+            })),
+            (text(), text(), any::<bool>(), any::<u32>(), any::<u64>()).prop_map(
+                |(c, emoji, add, count, o)| S::MessageReaction(MessageReaction {
+                    message_id: format!("m{o}"),
+                    channel_id: c,
+                    user_id: "u".into(),
+                    emoji,
+                    action: if add {
+                        ReactAction::Add
+                    } else {
+                        ReactAction::Remove
+                    },
+                    count,
+                    offset: o,
+                    timestamp: o / 3,
+                })
             ),
-            (text(), text()).prop_map(|(c, u)| ServerEvent::MemberJoined(MemberEvent {
+            (text(), text(), any::<u64>()).prop_map(|(c, u, t)| S::MessageDelivery(
+                MessageDelivery {
+                    message_id: "m".into(),
+                    channel_id: c,
+                    user_id: u,
+                    timestamp: t,
+                }
+            )),
+            (text(), text(), any::<u64>()).prop_map(|(c, u, o)| S::MessageReadReceipt(
+                ReadReceipt {
+                    channel_id: c,
+                    user_id: u,
+                    message_id: format!("m{o}"),
+                    offset: o,
+                    timestamp: o / 2,
+                }
+            )),
+        ];
+        let b = prop_oneof![
+            dm().prop_map(S::DmNew),
+            dm().prop_map(S::DmSent),
+            presence().prop_map(S::PresenceChanged),
+            (text(), text()).prop_map(|(c, u)| S::TypingUserStart(TypingEvent {
+                channel_id: c,
+                user_id: u
+            })),
+            (text(), text()).prop_map(|(c, u)| S::TypingUserStop(TypingEvent {
+                channel_id: c,
+                user_id: u
+            })),
+            (text(), text(), voice_state()).prop_map(|(c, u, s)| S::VoiceUserJoined(VoiceEvent {
                 channel_id: c,
                 user_id: u,
-                session_id: "s".into()
+                state: Some(s)
             })),
-            (text(), text()).prop_map(|(c, u)| ServerEvent::MemberLeft(MemberEvent {
+            (text(), text()).prop_map(|(c, u)| S::VoiceUserLeft(VoiceEvent {
                 channel_id: c,
                 user_id: u,
-                session_id: "s".into()
+                state: None
             })),
-        ]
+            (text(), text(), voice_state()).prop_map(|(c, u, s)| S::VoiceStateUpdate(VoiceEvent {
+                channel_id: c,
+                user_id: u,
+                state: Some(s)
+            })),
+            (text(), text(), any::<bool>(), of(text())).prop_map(|(call_id, from, video, sdp)| {
+                S::CallIncoming(CallIncoming {
+                    call_id,
+                    from_user_id: from,
+                    call_type: if video {
+                        CallType::Video
+                    } else {
+                        CallType::Audio
+                    },
+                    sdp,
+                })
+            }),
+            call_event().prop_map(S::CallAnswered),
+            call_event().prop_map(S::CallRejected),
+            call_event().prop_map(S::CallEnded),
+            call_event().prop_map(S::CallMissed),
+            (text(), text(), json_value()).prop_map(|(call_id, from, candidate)| {
+                S::CallIceCandidate(CallIceRelay {
+                    call_id,
+                    from_user_id: from,
+                    candidate,
+                })
+            }),
+            notification().prop_map(S::NotificationNew),
+        ];
+        prop_oneof![a, b]
     }
 
     proptest! {
         #[test]
-        fn client_json_and_binary_agree(id in proptest::option::of(any::<u64>()), event in client_event()) {
+        fn client_json_and_binary_agree(id in of(any::<u64>()), event in client_event()) {
             let msg = ClientMessage { id, event };
             let mut j = Vec::new();
             json::encode_client(&msg, &mut j);
@@ -145,7 +667,7 @@ mod tests {
         }
 
         #[test]
-        fn server_json_and_binary_agree(id in proptest::option::of(any::<u64>()), event in server_event()) {
+        fn server_json_and_binary_agree(id in of(any::<u64>()), event in server_event()) {
             let msg = ServerMessage { id, event };
             let mut j = Vec::new();
             json::encode_server(&msg, &mut j);

@@ -1,5 +1,6 @@
 //! Every event the engine speaks, as plain Rust types shared by both codecs.
-//! Field names are camelCase on the JSON wire.
+//! Field names are camelCase on the JSON wire; ids that a JavaScript client
+//! must compare (messages, calls, notifications, sessions) are strings.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,14 +13,114 @@ macro_rules! wire_type {
     };
 }
 
+/// An ack body: like [`wire_type!`], but refusing unknown fields, so that a
+/// client can tell the bodies of `ack` apart by their fields alone.
+macro_rules! ack_type {
+    ($(#[$m:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name { $($body)* }
+    };
+}
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+
+            pub fn parse(s: &str) -> Option<$name> {
+                match s { $($text => Some($name::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+/// A JSON value carried opaquely (WebRTC ICE candidates, notification data):
+/// raw JSON text on the JSON wire, a string in the binary protocol.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Json(pub String);
+
+impl Serialize for Json {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::value::RawValue::from_string(self.0.clone()) {
+            Ok(raw) => raw.serialize(s),
+            Err(_) => serde_json::Value::Null.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    // Through a `Value` (not a raw slice) so that it also works inside the
+    // untagged `AckBody`; the text comes back compact.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(Json(v.to_string()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client payloads
+// ---------------------------------------------------------------------------
+
 wire_type! {
     /// `auth`: the first message of a client that did not authenticate in the handshake.
     pub struct Auth { pub token: String }
 }
 
 wire_type! {
-    /// `channel:join` and `channel:leave`.
+    /// Where a client stands in a channel: the last offset it saw, in that epoch.
+    pub struct Since { pub offset: u64, pub epoch: String }
+}
+
+wire_type! {
+    /// A channel position given to `session:resume`.
+    pub struct Position { pub channel_id: String, pub offset: u64, pub epoch: String }
+}
+
+wire_type! {
+    /// `session:resume`: take over a dropped session within the resume window.
+    pub struct SessionResume {
+        pub session_id: String,
+        /// What the client last saw per channel; without it, the server
+        /// replays from what it last queued to the dropped connection.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub positions: Vec<Position>,
+    }
+}
+
+wire_type! {
+    /// `channel:join`, optionally recovering what was missed since a position.
+    pub struct ChannelJoin {
+        pub channel_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub since: Option<Since>,
+    }
+}
+
+wire_type! {
+    /// A channel: `channel:leave`, `channel:get_members`, `typing:*`,
+    /// `voice:join`, `voice:get_participants`.
     pub struct ChannelRef { pub channel_id: String }
+}
+
+wire_type! {
+    /// `channel:get_history`: up to `limit` messages before offset `before`.
+    pub struct GetHistory {
+        pub channel_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub before: Option<u64>,
+    }
 }
 
 wire_type! {
@@ -29,7 +130,216 @@ wire_type! {
         pub content: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub reply_to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub thread_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub mentions: Vec<String>,
+        /// Chosen by the client, echoed back; a resent nonce is not published twice.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub nonce: Option<String>,
     }
+}
+
+impl MessageSend {
+    /// A plain message: no reply, thread, mentions or nonce.
+    pub fn new(channel_id: impl Into<String>, content: impl Into<String>) -> Self {
+        MessageSend {
+            channel_id: channel_id.into(),
+            content: content.into(),
+            reply_to: None,
+            thread_id: None,
+            mentions: Vec::new(),
+            nonce: None,
+        }
+    }
+}
+
+impl ChannelJoin {
+    /// A join without recovery.
+    pub fn new(channel_id: impl Into<String>) -> Self {
+        ChannelJoin {
+            channel_id: channel_id.into(),
+            since: None,
+        }
+    }
+}
+
+wire_type! {
+    /// `message:edit`.
+    pub struct MessageEdit { pub channel_id: String, pub message_id: String, pub content: String }
+}
+
+wire_type! {
+    /// A message: `message:delete`, `message:delivered`, `message:mark_read`,
+    /// `message:get_read_receipts`.
+    pub struct MessageRef { pub channel_id: String, pub message_id: String }
+}
+
+wire_enum! {
+    /// Whether a reaction is added or removed.
+    pub enum ReactAction { Add => "add", Remove => "remove" }
+}
+
+wire_type! {
+    /// `message:react`.
+    pub struct MessageReact {
+        pub channel_id: String,
+        pub message_id: String,
+        pub emoji: String,
+        pub action: ReactAction,
+    }
+}
+
+wire_type! {
+    /// `dm:send`.
+    pub struct DmSend {
+        pub to_user_id: String,
+        pub content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub nonce: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `dm:get_conversations`.
+    pub struct Limit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub limit: Option<u32>,
+    }
+}
+
+wire_enum! {
+    /// A presence status. `offline` is only ever reported, never set.
+    pub enum Status {
+        Online => "online",
+        Idle => "idle",
+        Dnd => "dnd",
+        Invisible => "invisible",
+        Offline => "offline",
+    }
+}
+
+impl Status {
+    /// How available a status is: the most available device wins.
+    pub fn availability(self) -> u8 {
+        match self {
+            Status::Online => 4,
+            Status::Idle => 3,
+            Status::Dnd => 2,
+            Status::Invisible => 1,
+            Status::Offline => 0,
+        }
+    }
+}
+
+wire_enum! {
+    /// The kind of device a connection runs on.
+    pub enum DeviceKind {
+        Desktop => "desktop",
+        Mobile => "mobile",
+        Web => "web",
+    }
+}
+
+wire_type! {
+    /// What a user is doing: `{"type": "playing", "name": "Chess", "details": "…"}`.
+    pub struct Activity {
+        #[serde(rename = "type")]
+        pub kind: String,
+        pub name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub details: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `presence:update`: every field optional; `customStatus` and `activity`
+    /// are cleared with `null`.
+    pub struct PresenceUpdate {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub status: Option<Status>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub custom_status: Option<Option<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub activity: Option<Option<Activity>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub device: Option<DeviceKind>,
+    }
+}
+
+wire_type! {
+    /// `presence:subscribe`, `presence:unsubscribe`, `presence:get_bulk`.
+    pub struct UserIds { pub user_ids: Vec<String> }
+}
+
+wire_type! {
+    /// `voice:update`: the fields to change.
+    pub struct VoiceUpdate {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub muted: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub deafened: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub speaking: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub video: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub screen_share: Option<bool>,
+    }
+}
+
+wire_enum! {
+    /// What a call carries.
+    pub enum CallType { Audio => "audio", Video => "video" }
+}
+
+wire_type! {
+    /// `call:initiate`.
+    pub struct CallInitiate {
+        pub to_user_id: String,
+        pub call_type: CallType,
+        /// The caller's session description, relayed as is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub sdp: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `call:answer`.
+    pub struct CallAnswer {
+        pub call_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub sdp: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `call:reject`.
+    pub struct CallReject {
+        pub call_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `call:end`.
+    pub struct CallRef { pub call_id: String }
+}
+
+wire_type! {
+    /// `call:ice_candidate`, both ways: the candidate is relayed as is.
+    pub struct CallIce { pub call_id: String, pub candidate: Json }
+}
+
+wire_type! {
+    /// `notification:read`.
+    pub struct NotificationIds { pub notification_ids: Vec<String> }
+}
+
+wire_type! {
+    /// `notification:clear`.
+    pub struct NotificationRef { pub notification_id: String }
 }
 
 /// An event sent by a client.
@@ -37,22 +347,87 @@ wire_type! {
 pub enum ClientEvent {
     Auth(Auth),
     Heartbeat,
-    ChannelJoin(ChannelRef),
+    SessionResume(SessionResume),
+    ChannelJoin(ChannelJoin),
     ChannelLeave(ChannelRef),
+    ChannelGetHistory(GetHistory),
+    ChannelGetMembers(ChannelRef),
     MessageSend(MessageSend),
+    MessageEdit(MessageEdit),
+    MessageDelete(MessageRef),
+    MessageReact(MessageReact),
+    MessageDelivered(MessageRef),
+    MessageMarkRead(MessageRef),
+    MessageGetReadReceipts(MessageRef),
+    DmSend(DmSend),
+    DmGetConversations(Limit),
+    PresenceUpdate(PresenceUpdate),
+    PresenceSubscribe(UserIds),
+    PresenceUnsubscribe(UserIds),
+    PresenceGetBulk(UserIds),
+    PresenceHeartbeat,
+    TypingStart(ChannelRef),
+    TypingStop(ChannelRef),
+    TypingGetActive(ChannelRef),
+    VoiceJoin(ChannelRef),
+    VoiceLeave,
+    VoiceUpdate(VoiceUpdate),
+    VoiceGetParticipants(ChannelRef),
+    CallInitiate(CallInitiate),
+    CallAnswer(CallAnswer),
+    CallReject(CallReject),
+    CallEnd(CallRef),
+    CallIceCandidate(CallIce),
+    NotificationGetPending,
+    NotificationRead(NotificationIds),
+    NotificationClear(NotificationRef),
+    NotificationClearAll,
     /// An event name this engine does not implement (answered `unsupported`).
     Unsupported(String),
 }
 
 impl ClientEvent {
     pub fn name(&self) -> &str {
+        use ClientEvent::*;
         match self {
-            ClientEvent::Auth(_) => "auth",
-            ClientEvent::Heartbeat => "heartbeat",
-            ClientEvent::ChannelJoin(_) => "channel:join",
-            ClientEvent::ChannelLeave(_) => "channel:leave",
-            ClientEvent::MessageSend(_) => "message:send",
-            ClientEvent::Unsupported(name) => name,
+            Auth(_) => "auth",
+            Heartbeat => "heartbeat",
+            SessionResume(_) => "session:resume",
+            ChannelJoin(_) => "channel:join",
+            ChannelLeave(_) => "channel:leave",
+            ChannelGetHistory(_) => "channel:get_history",
+            ChannelGetMembers(_) => "channel:get_members",
+            MessageSend(_) => "message:send",
+            MessageEdit(_) => "message:edit",
+            MessageDelete(_) => "message:delete",
+            MessageReact(_) => "message:react",
+            MessageDelivered(_) => "message:delivered",
+            MessageMarkRead(_) => "message:mark_read",
+            MessageGetReadReceipts(_) => "message:get_read_receipts",
+            DmSend(_) => "dm:send",
+            DmGetConversations(_) => "dm:get_conversations",
+            PresenceUpdate(_) => "presence:update",
+            PresenceSubscribe(_) => "presence:subscribe",
+            PresenceUnsubscribe(_) => "presence:unsubscribe",
+            PresenceGetBulk(_) => "presence:get_bulk",
+            PresenceHeartbeat => "presence:heartbeat",
+            TypingStart(_) => "typing:start",
+            TypingStop(_) => "typing:stop",
+            TypingGetActive(_) => "typing:get_active",
+            VoiceJoin(_) => "voice:join",
+            VoiceLeave => "voice:leave",
+            VoiceUpdate(_) => "voice:update",
+            VoiceGetParticipants(_) => "voice:get_participants",
+            CallInitiate(_) => "call:initiate",
+            CallAnswer(_) => "call:answer",
+            CallReject(_) => "call:reject",
+            CallEnd(_) => "call:end",
+            CallIceCandidate(_) => "call:ice_candidate",
+            NotificationGetPending => "notification:get_pending",
+            NotificationRead(_) => "notification:read",
+            NotificationClear(_) => "notification:clear",
+            NotificationClearAll => "notification:clear_all",
+            Unsupported(name) => name,
         }
     }
 }
@@ -63,6 +438,10 @@ pub struct ClientMessage {
     pub id: Option<u64>,
     pub event: ClientEvent,
 }
+
+// ---------------------------------------------------------------------------
+// Server payloads
+// ---------------------------------------------------------------------------
 
 wire_type! {
     /// `ready`: sent once the connection is authenticated.
@@ -111,26 +490,365 @@ wire_type! {
 }
 
 wire_type! {
+    /// `message:new`, and a message of `channel:get_history`.
+    pub struct MessageNew {
+        pub message_id: String,
+        pub channel_id: String,
+        pub user_id: String,
+        pub content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reply_to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub thread_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub mentions: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub nonce: Option<String>,
+        pub offset: u64,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// `message:edited`.
+    pub struct MessageEdited {
+        pub message_id: String,
+        pub channel_id: String,
+        pub user_id: String,
+        pub content: String,
+        pub offset: u64,
+        pub edited_at: u64,
+    }
+}
+
+wire_type! {
+    /// `message:deleted`.
+    pub struct MessageDeleted {
+        pub message_id: String,
+        pub channel_id: String,
+        /// Who deleted it.
+        pub user_id: String,
+        pub offset: u64,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// `message:reaction`: a reaction added or removed, and the new count.
+    pub struct MessageReaction {
+        pub message_id: String,
+        pub channel_id: String,
+        pub user_id: String,
+        pub emoji: String,
+        pub action: ReactAction,
+        pub count: u32,
+        pub offset: u64,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// `message:delivery`, to a message's author: `userId` received it.
+    pub struct MessageDelivery {
+        pub message_id: String,
+        pub channel_id: String,
+        pub user_id: String,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// `message:read_receipt`: `userId` has read the channel up to `messageId`.
+    pub struct ReadReceipt {
+        pub channel_id: String,
+        pub user_id: String,
+        pub message_id: String,
+        pub offset: u64,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// `channel:member_joined` and `channel:member_left`.
+    pub struct MemberEvent {
+        pub channel_id: String,
+        pub user_id: String,
+        pub session_id: String,
+    }
+}
+
+wire_type! {
+    /// `dm:new` (to the recipient's devices) and `dm:sent` (to the sender's
+    /// other devices).
+    pub struct DmMessage {
+        pub message_id: String,
+        pub from_user_id: String,
+        pub to_user_id: String,
+        pub content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub nonce: Option<String>,
+        pub timestamp: u64,
+    }
+}
+
+wire_type! {
+    /// A user's presence as others see it: `presence:changed` and the
+    /// answers of `presence:get_bulk` and `presence:subscribe`.
+    pub struct PresenceView {
+        pub user_id: String,
+        pub status: Status,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub custom_status: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub activity: Option<Activity>,
+        /// Kinds of the devices that are visible (empty when offline).
+        pub devices: Vec<DeviceKind>,
+        /// When the user was last connected (ms; now while online).
+        pub last_seen: u64,
+    }
+}
+
+wire_type! {
+    /// `typing:user_start` and `typing:user_stop`.
+    pub struct TypingEvent { pub channel_id: String, pub user_id: String }
+}
+
+wire_type! {
+    /// The state of a voice participant.
+    #[derive(Default, Copy)]
+    pub struct VoiceState {
+        pub muted: bool,
+        pub deafened: bool,
+        pub speaking: bool,
+        pub video: bool,
+        pub screen_share: bool,
+    }
+}
+
+wire_type! {
+    /// A voice participant.
+    pub struct VoiceParticipant { pub user_id: String, pub state: VoiceState }
+}
+
+wire_type! {
+    /// `voice:user_joined`, `voice:state_update` (with the state) and
+    /// `voice:user_left`.
+    pub struct VoiceEvent {
+        pub channel_id: String,
+        pub user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub state: Option<VoiceState>,
+    }
+}
+
+wire_type! {
+    /// `call:incoming`, to every device of the callee.
+    pub struct CallIncoming {
+        pub call_id: String,
+        pub from_user_id: String,
+        pub call_type: CallType,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub sdp: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `call:answered`, `call:rejected`, `call:ended` and `call:missed`:
+    /// what happened to a call, by whom (`userId`) and why.
+    pub struct CallEvent {
+        pub call_id: String,
+        pub user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub sdp: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `call:ice_candidate` relayed from the other party.
+    pub struct CallIceRelay { pub call_id: String, pub from_user_id: String, pub candidate: Json }
+}
+
+wire_type! {
+    /// A notification: `notification:new`, and `notification:get_pending`.
+    pub struct Notification {
+        pub notification_id: String,
+        /// `mention`, `missed_call`, or a type set by the application backend.
+        pub kind: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub data: Option<Json>,
+        pub read: bool,
+        pub created_at: u64,
+        pub expires_at: u64,
+    }
+}
+
+wire_type! {
+    /// `heartbeat:ack`.
+    pub struct HeartbeatAck { pub timestamp: u64 }
+}
+
+// ---------------------------------------------------------------------------
+// Ack bodies
+// ---------------------------------------------------------------------------
+
+ack_type! {
     /// The ack of `channel:join`: where the channel's sequence stands.
     pub struct JoinAck {
         pub channel_id: String,
-        /// Offset of the last message published before the join.
+        /// Offset of the last event sequenced before the join.
         pub offset: u64,
         /// Identifies this incarnation of the channel's offsets.
         pub epoch: String,
         /// Connections in the channel, this one included.
         pub members: u32,
+        /// With `since`: whether the missed events follow (`true`), or the
+        /// gap was older than the channel's history (`false`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub recovered: Option<bool>,
     }
 }
 
-wire_type! {
+ack_type! {
     /// The ack of `message:send`: what the server assigned.
     pub struct SendAck {
         pub message_id: String,
         pub channel_id: String,
         pub offset: u64,
         pub timestamp: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub nonce: Option<String>,
+        /// The nonce was seen before: this is the first publication's ack.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub duplicate: bool,
     }
+}
+
+ack_type! {
+    /// The ack of `message:edit`, `message:delete` and `message:react`:
+    /// the offset of the event it caused.
+    pub struct EventAck { pub channel_id: String, pub message_id: String, pub offset: u64 }
+}
+
+wire_type! {
+    /// A reaction of a message in `channel:get_history`.
+    pub struct ReactionCount { pub emoji: String, pub count: u32, pub user_ids: Vec<String> }
+}
+
+wire_type! {
+    /// A message in `channel:get_history`: as published, then edited and reacted to.
+    pub struct HistoryMessage {
+        #[serde(flatten)]
+        pub message: MessageNew,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub edited_at: Option<u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub reactions: Vec<ReactionCount>,
+    }
+}
+
+ack_type! {
+    /// The ack of `channel:get_history`, oldest first.
+    pub struct HistoryAck {
+        pub channel_id: String,
+        pub messages: Vec<HistoryMessage>,
+        /// Older messages remain in the channel's history.
+        pub has_more: bool,
+    }
+}
+
+wire_type! {
+    /// A member in `channel:get_members`.
+    pub struct MemberInfo { pub user_id: String, pub connections: u32 }
+}
+
+ack_type! {
+    /// The ack of `channel:get_members`.
+    pub struct MembersAck { pub channel_id: String, pub members: Vec<MemberInfo> }
+}
+
+wire_type! {
+    /// A reader in `message:get_read_receipts`.
+    pub struct Reader { pub user_id: String, pub timestamp: u64 }
+}
+
+ack_type! {
+    /// The ack of `message:get_read_receipts`: who has read up to the message.
+    pub struct ReadReceiptsAck {
+        pub channel_id: String,
+        pub message_id: String,
+        pub readers: Vec<Reader>,
+    }
+}
+
+ack_type! {
+    /// The ack of `dm:send`.
+    pub struct DmAck {
+        pub message_id: String,
+        pub to_user_id: String,
+        pub timestamp: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub duplicate: bool,
+    }
+}
+
+wire_type! {
+    /// A conversation in `dm:get_conversations`: the other user and the last message.
+    pub struct Conversation { pub user_id: String, pub last_message: DmMessage, pub unread: u32 }
+}
+
+ack_type! {
+    /// The ack of `dm:get_conversations`, most recent first.
+    pub struct ConversationsAck { pub conversations: Vec<Conversation> }
+}
+
+ack_type! {
+    /// The ack of `presence:get_bulk` and `presence:subscribe`.
+    pub struct PresencesAck { pub presences: Vec<PresenceView> }
+}
+
+ack_type! {
+    /// The ack of `typing:get_active`.
+    pub struct TypingAck { pub channel_id: String, pub user_ids: Vec<String> }
+}
+
+ack_type! {
+    /// The ack of `voice:join` (with a LiveKit token when configured) and
+    /// `voice:get_participants`.
+    pub struct VoiceAck {
+        pub channel_id: String,
+        pub participants: Vec<VoiceParticipant>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub token: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub server_url: Option<String>,
+    }
+}
+
+ack_type! {
+    /// The ack of `call:initiate`.
+    pub struct CallAck { pub call_id: String }
+}
+
+ack_type! {
+    /// The ack of `notification:get_pending`, oldest first.
+    pub struct NotificationsAck { pub notifications: Vec<Notification> }
+}
+
+wire_type! {
+    /// A channel restored by `session:resume`.
+    pub struct ResumedChannel {
+        pub channel_id: String,
+        pub recovered: bool,
+        pub offset: u64,
+        pub epoch: String,
+    }
+}
+
+ack_type! {
+    /// The ack of `session:resume`.
+    pub struct ResumeAck { pub session_id: String, pub channels: Vec<ResumedChannel> }
 }
 
 /// The ack of events that return nothing but success.
@@ -147,7 +865,9 @@ wire_type! {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
-/// The `d` of an `ack`.
+/// The `d` of an `ack`. Every body refuses unknown fields and no two have
+/// the same fields, so a client that does not remember what it asked can
+/// still tell them apart.
 #[derive(
     Debug,
     Clone,
@@ -162,35 +882,19 @@ pub struct Empty {}
 pub enum AckBody {
     Send(SendAck),
     Join(JoinAck),
+    Event(EventAck),
+    History(HistoryAck),
+    Members(MembersAck),
+    ReadReceipts(ReadReceiptsAck),
+    Dm(DmAck),
+    Conversations(ConversationsAck),
+    Presences(PresencesAck),
+    Typing(TypingAck),
+    Voice(VoiceAck),
+    Call(CallAck),
+    Notifications(NotificationsAck),
+    Resume(ResumeAck),
     Empty(Empty),
-}
-
-wire_type! {
-    /// `message:new`.
-    pub struct MessageNew {
-        pub message_id: String,
-        pub channel_id: String,
-        pub user_id: String,
-        pub content: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub reply_to: Option<String>,
-        pub offset: u64,
-        pub timestamp: u64,
-    }
-}
-
-wire_type! {
-    /// `channel:member_joined` and `channel:member_left`.
-    pub struct MemberEvent {
-        pub channel_id: String,
-        pub user_id: String,
-        pub session_id: String,
-    }
-}
-
-wire_type! {
-    /// `heartbeat:ack`.
-    pub struct HeartbeatAck { pub timestamp: u64 }
 }
 
 /// An event sent by the server.
@@ -200,21 +904,62 @@ pub enum ServerEvent {
     Ack(AckBody),
     Error(ErrorBody),
     HeartbeatAck(HeartbeatAck),
-    MessageNew(MessageNew),
     MemberJoined(MemberEvent),
     MemberLeft(MemberEvent),
+    MessageNew(MessageNew),
+    MessageEdited(MessageEdited),
+    MessageDeleted(MessageDeleted),
+    MessageReaction(MessageReaction),
+    MessageDelivery(MessageDelivery),
+    MessageReadReceipt(ReadReceipt),
+    DmNew(DmMessage),
+    DmSent(DmMessage),
+    PresenceChanged(PresenceView),
+    TypingUserStart(TypingEvent),
+    TypingUserStop(TypingEvent),
+    VoiceUserJoined(VoiceEvent),
+    VoiceUserLeft(VoiceEvent),
+    VoiceStateUpdate(VoiceEvent),
+    CallIncoming(CallIncoming),
+    CallAnswered(CallEvent),
+    CallRejected(CallEvent),
+    CallEnded(CallEvent),
+    CallMissed(CallEvent),
+    CallIceCandidate(CallIceRelay),
+    NotificationNew(Notification),
 }
 
 impl ServerEvent {
     pub fn name(&self) -> &'static str {
+        use ServerEvent::*;
         match self {
-            ServerEvent::Ready(_) => "ready",
-            ServerEvent::Ack(_) => "ack",
-            ServerEvent::Error(_) => "error",
-            ServerEvent::HeartbeatAck(_) => "heartbeat:ack",
-            ServerEvent::MessageNew(_) => "message:new",
-            ServerEvent::MemberJoined(_) => "channel:member_joined",
-            ServerEvent::MemberLeft(_) => "channel:member_left",
+            Ready(_) => "ready",
+            Ack(_) => "ack",
+            Error(_) => "error",
+            HeartbeatAck(_) => "heartbeat:ack",
+            MemberJoined(_) => "channel:member_joined",
+            MemberLeft(_) => "channel:member_left",
+            MessageNew(_) => "message:new",
+            MessageEdited(_) => "message:edited",
+            MessageDeleted(_) => "message:deleted",
+            MessageReaction(_) => "message:reaction",
+            MessageDelivery(_) => "message:delivery",
+            MessageReadReceipt(_) => "message:read_receipt",
+            DmNew(_) => "dm:new",
+            DmSent(_) => "dm:sent",
+            PresenceChanged(_) => "presence:changed",
+            TypingUserStart(_) => "typing:user_start",
+            TypingUserStop(_) => "typing:user_stop",
+            VoiceUserJoined(_) => "voice:user_joined",
+            VoiceUserLeft(_) => "voice:user_left",
+            VoiceStateUpdate(_) => "voice:state_update",
+            CallIncoming(_) => "call:incoming",
+            CallAnswered(_) => "call:answered",
+            CallRejected(_) => "call:rejected",
+            CallEnded(_) => "call:ended",
+            CallMissed(_) => "call:missed",
+            CallIceCandidate(_) => "call:ice_candidate",
+            NotificationNew(_) => "notification:new",
         }
     }
 }
