@@ -7,10 +7,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use corecast::engine::{Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId};
+use corecast::engine::{Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{
-    binary, json, ChannelJoin, ClientEvent, ClientMessage, MessageSend, Protocol,
+    binary, json, ChannelJoin, ClientEvent, ClientMessage, DeviceKind, MessageSend, Protocol,
 };
 use corecast::ws::frame::{encode, encode_masked};
 use corecast::ws::{Decoder, OpCode};
@@ -104,7 +104,7 @@ fn fanout(c: &mut Criterion) {
     let mut e = Engine::new(
         0,
         1,
-        Limits::default(),
+        Settings::default(),
         Arc::new(ShardMetrics::default()),
         1,
     );
@@ -116,7 +116,7 @@ fn fanout(c: &mut Criterion) {
             session: SessionId(1, i),
             protocol: Protocol::Json,
         };
-        let id = e.open(counter.clone(), m);
+        let id = e.open(counter.clone(), m, DeviceKind::Web, 0, &mut NoMesh);
         e.handle(
             id,
             ClientMessage {

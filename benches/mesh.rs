@@ -56,6 +56,7 @@ fn handoff(c: &mut Criterion) {
                         json: Some(frame.clone()),
                         binary: None,
                     },
+                    offset: 1,
                 };
                 while let Err(m) = mesh.try_push(0, 1, msg) {
                     msg = m;

@@ -50,6 +50,30 @@ pub struct Config {
     pub max_channels_per_connection: usize,
     /// Longest `message:send` content, in characters.
     pub max_content_chars: usize,
+    /// Events (and messages) each channel keeps for history and recovery.
+    pub history_size: usize,
+    /// And for how long, in milliseconds.
+    pub history_ttl_ms: u64,
+    /// A typing indicator not refreshed for this long stops.
+    pub typing_timeout_ms: u64,
+    /// A user whose last connection dropped looks unchanged this long.
+    pub presence_grace_ms: u64,
+    /// How long a dropped session can be taken over with `session:resume`
+    /// (0: never).
+    pub resume_window_ms: u64,
+    /// A call not answered in this time is missed.
+    pub call_ring_timeout_ms: u64,
+    /// Notifications kept per user (the oldest go first).
+    pub max_notifications: usize,
+    /// And for how long.
+    pub notification_ttl_ms: u64,
+    /// Direct-message conversations listed per user.
+    pub max_conversations: usize,
+    /// Presence subscriptions per connection.
+    pub max_presence_subscriptions: usize,
+    /// LiveKit server and key for voice tokens; without it `voice:join`
+    /// answers without a token.
+    pub livekit: Option<crate::auth::LiveKit>,
     /// `text` or `json`.
     pub log_format: String,
     pub auth: AuthConfig,
@@ -86,6 +110,19 @@ impl Default for Config {
             mesh_queue_capacity: 4096,
             max_channels_per_connection: 256,
             max_content_chars: 4000,
+            // A day of a busy channel's last thousand events.
+            history_size: 1000,
+            history_ttl_ms: 24 * 3600 * 1000,
+            typing_timeout_ms: 8000,
+            // Long enough for a page reload or a network switch.
+            presence_grace_ms: 5000,
+            resume_window_ms: 120_000,
+            call_ring_timeout_ms: 30_000,
+            max_notifications: 100,
+            notification_ttl_ms: 7 * 24 * 3600 * 1000,
+            max_conversations: 100,
+            max_presence_subscriptions: 1000,
+            livekit: None,
             log_format: "text".into(),
             auth: AuthConfig::default(),
         }
@@ -180,6 +217,27 @@ pub struct ConfigArgs {
     pub write_delay_ms: Option<u64>,
     #[arg(long, env = "CORECAST_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    #[arg(long, env = "CORECAST_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    #[arg(long, env = "CORECAST_HISTORY_TTL_MS")]
+    pub history_ttl_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_TYPING_TIMEOUT_MS")]
+    pub typing_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_PRESENCE_GRACE_MS")]
+    pub presence_grace_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_RESUME_WINDOW_MS")]
+    pub resume_window_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_CALL_RING_TIMEOUT_MS")]
+    pub call_ring_timeout_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_NOTIFICATION_TTL_MS")]
+    pub notification_ttl_ms: Option<u64>,
+    /// LiveKit server URL given to clients with voice tokens.
+    #[arg(long, env = "CORECAST_LIVEKIT_URL")]
+    pub livekit_url: Option<String>,
+    #[arg(long, env = "CORECAST_LIVEKIT_API_KEY")]
+    pub livekit_api_key: Option<String>,
+    #[arg(long, env = "CORECAST_LIVEKIT_API_SECRET", hide_env_values = true)]
+    pub livekit_api_secret: Option<String>,
     /// text or json.
     #[arg(long, env = "CORECAST_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -229,8 +287,35 @@ impl ConfigArgs {
             outbound_queue_bytes,
             write_delay_ms,
             max_header_bytes,
+            history_size,
+            history_ttl_ms,
+            typing_timeout_ms,
+            presence_grace_ms,
+            resume_window_ms,
+            call_ring_timeout_ms,
+            notification_ttl_ms,
             log_format
         );
+        match (
+            &self.livekit_url,
+            &self.livekit_api_key,
+            &self.livekit_api_secret,
+        ) {
+            (None, None, None) => {}
+            (Some(url), Some(key), Some(secret)) => {
+                c.livekit = Some(crate::auth::LiveKit {
+                    url: url.clone(),
+                    api_key: key.clone(),
+                    api_secret: secret.clone(),
+                    token_ttl_s: c.livekit.as_ref().map_or(600, |l| l.token_ttl_s),
+                })
+            }
+            _ => {
+                return Err(ConfigError(
+                    "--livekit-url, --livekit-api-key and --livekit-api-secret go together".into(),
+                ))
+            }
+        }
         if self.echo_endpoint {
             c.echo_endpoint = true;
         }
@@ -292,13 +377,47 @@ impl Config {
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("auth_timeout_ms", self.auth_timeout_ms),
             ("close_timeout_ms", self.close_timeout_ms),
+            ("history_ttl_ms", self.history_ttl_ms),
+            ("typing_timeout_ms", self.typing_timeout_ms),
+            ("call_ring_timeout_ms", self.call_ring_timeout_ms),
+            ("notification_ttl_ms", self.notification_ttl_ms),
+            ("max_notifications", self.max_notifications as u64),
+            ("max_conversations", self.max_conversations as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError(format!("{name} must be positive")));
             }
         }
+        if let Some(lk) = &self.livekit {
+            if lk.url.is_empty() || lk.api_key.is_empty() || lk.api_secret.len() < 16 {
+                return Err(ConfigError(
+                    "livekit needs a url, an api_key and an api_secret of at least 16 characters"
+                        .into(),
+                ));
+            }
+        }
         crate::auth::Verifier::from_config(&self.auth)?;
         Ok(())
+    }
+
+    /// What the engine of each shard is configured with.
+    pub fn engine_settings(&self) -> crate::engine::Settings {
+        crate::engine::Settings {
+            max_channels_per_connection: self.max_channels_per_connection,
+            max_content_chars: self.max_content_chars,
+            history_size: self.history_size,
+            history_ttl_ms: self.history_ttl_ms,
+            typing_timeout_ms: self.typing_timeout_ms,
+            presence_grace_ms: self.presence_grace_ms,
+            resume_window_ms: self.resume_window_ms,
+            call_ring_timeout_ms: self.call_ring_timeout_ms,
+            max_notifications: self.max_notifications,
+            notification_ttl_ms: self.notification_ttl_ms,
+            max_conversations: self.max_conversations,
+            max_subscriptions: self.max_presence_subscriptions,
+            livekit: self.livekit.clone(),
+            ..crate::engine::Settings::default()
+        }
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {

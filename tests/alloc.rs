@@ -13,10 +13,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use corecast::engine::{
-    ConnId, Engine, Limits, Member, MeshMsg, MeshTx, Outbound, SessionId, ShardId,
+    ConnId, Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId,
 };
 use corecast::metrics::ShardMetrics;
-use corecast::protocol::{ChannelJoin, ClientEvent, ClientMessage, MessageSend, Protocol};
+use corecast::protocol::{
+    ChannelJoin, ClientEvent, ClientMessage, DeviceKind, MessageSend, Protocol,
+};
 
 struct Counting;
 
@@ -82,7 +84,7 @@ fn room(
     let mut e = Engine::new(
         0,
         1,
-        Limits::default(),
+        Settings::default(),
         Arc::new(ShardMetrics::default()),
         1,
     );
@@ -97,6 +99,9 @@ fn room(
                 session: SessionId(1, i as u64),
                 protocol: protocol(i),
             },
+            DeviceKind::Web,
+            0,
+            &mut NoMesh,
         );
         e.handle(
             id,

@@ -94,7 +94,11 @@ async fn bad_input_gets_typed_errors_and_the_connection_stays_open() {
             Some(5),
             "bad_request",
         ),
-        (r#"{"t":"server:dance","id":6,"d":{}}"#, Some(6), "unsupported"),
+        (
+            r#"{"t":"server:dance","id":6,"d":{}}"#,
+            Some(6),
+            "unsupported",
+        ),
         (
             r#"{"t":"message:send","id":7,"d":{"channelId":"c","content":"x"}}"#,
             Some(7),

@@ -1,37 +1,53 @@
-//! The state of one shard, sans-IO: connections, channel membership, and the
-//! channels this shard owns. No sockets, no clock reads, no runtime.
+//! The state of one shard, sans-IO: its connections, the channels it owns,
+//! the users it is home to, and the calls those users receive. No sockets,
+//! no clock reads, no runtime.
 //!
 //! # Ownership
-//! - A connection belongs to the shard that accepted it, for its whole life.
-//! - Each channel has an **owner shard** ([`owner_of`]): it sequences the
-//!   channel's messages (offsets), counts members per shard and protocol, and
-//!   sends each event once to every shard that has members.
-//! - Every shard keeps the local member list of each channel and appends the
-//!   owner's frames to those members' outbound queues.
+//! - A **connection** belongs to the shard that accepted it, for its whole
+//!   life. That shard keeps the connection's channel memberships and
+//!   presence subscriptions, and each channel's local member list.
+//! - Each **channel** has an owner shard ([`owner_of`]). It sequences the
+//!   channel's events (offsets), keeps their log for recovery and the
+//!   messages for history, edits, reactions and receipts, counts members
+//!   per shard and per user, and holds typing and voice state. It sends
+//!   each event once to every shard that has members.
+//! - Each **user** has a home shard ([`home_of`], the same hash). It knows
+//!   the user's devices on every shard and aggregates their presence, keeps
+//!   the presence subscribers, notifications, direct-message conversations,
+//!   the user's voice channel, the calls the user placed and receives, and
+//!   sessions waiting to be resumed.
 //!
 //! # Calling contract
 //! The shell drives an [`Engine`] with these inputs, in any order:
 //! - [`Engine::open`] when a connection has authenticated, [`Engine::close`]
 //!   when it is gone;
 //! - [`Engine::handle`] for each decoded client message;
-//! - [`Engine::handle_mesh`] for each message from another shard's mesh queue.
+//! - [`Engine::handle_mesh`] for each message from another shard's queue;
+//! - [`Engine::tick`] once [`Engine::next_deadline`] has passed.
 //!
-//! Each takes `now_ms` (wall-clock milliseconds, for message timestamps) and
-//! a [`MeshTx`] to which the engine hands messages for other shards. Frames
-//! for local connections go straight to their [`Outbound`] queue. A publish
-//! therefore costs one encoding per protocol in use, one mesh message per
-//! shard with members, and one refcount increment per recipient.
+//! Each takes `now` (wall-clock milliseconds: message timestamps and
+//! deadlines) and a [`MeshTx`] to which the engine hands messages for other
+//! shards. Frames for local connections go straight to their [`Outbound`]
+//! queue. A publish costs one encoding per protocol in use, one mesh message
+//! per shard with members, and one refcount increment per recipient.
 
+pub mod channel;
 pub mod chunked;
+pub mod timers;
+pub mod user;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::auth::LiveKit;
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
+use channel::{apply_voice, offset_of, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
+use timers::{Timer, Timers};
+use user::{Detached, Device, UserState};
 
 pub type ShardId = u16;
 
@@ -61,62 +77,6 @@ pub trait MeshTx {
     fn send(&mut self, to: ShardId, msg: MeshMsg);
 }
 
-/// What crosses between shards. Everything is owned or refcounted: no
-/// shared mutable state. The hot variant, `Deliver`, is kept inline (a
-/// channel name and two refcounted frames); rarer, larger ones are boxed so
-/// that queue slots stay small.
-#[derive(Debug)]
-pub enum MeshMsg {
-    /// To the owner: a connection asks to join.
-    Join(Box<Join>),
-    /// From the owner: the join is sequenced; deliveries follow from here.
-    Joined(Box<Joined>),
-    /// To the owner: a connection left (or closed).
-    Leave(Box<Leave>),
-    /// To the owner: a message to sequence and fan out.
-    Publish(Box<Publish>),
-    /// From the owner: an event for every local member of the channel.
-    Deliver { channel: Arc<str>, frames: Frames },
-    /// A frame for one local connection (an ack or an error).
-    ToConn { conn: ConnId, frame: Bytes },
-}
-
-#[derive(Debug)]
-pub struct Join {
-    pub channel: Arc<str>,
-    pub from: ConnRef,
-    pub member: Member,
-    pub ack: Option<u64>,
-}
-
-#[derive(Debug)]
-pub struct Joined {
-    pub channel: Arc<str>,
-    pub conn: ConnId,
-    pub member: Member,
-    pub ack: Option<u64>,
-    pub offset: u64,
-    pub epoch: Arc<str>,
-    pub members: u32,
-}
-
-#[derive(Debug)]
-pub struct Leave {
-    pub channel: Arc<str>,
-    pub from: ConnRef,
-    pub member: Member,
-}
-
-#[derive(Debug)]
-pub struct Publish {
-    pub channel: Arc<str>,
-    pub from: ConnRef,
-    pub member: Member,
-    pub ack: Option<u64>,
-    pub content: String,
-    pub reply_to: Option<String>,
-}
-
 /// Who a connection is, as carried in membership messages.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -136,20 +96,63 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// Limits that keep per-connection state bounded.
+impl std::str::FromStr for SessionId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(());
+        }
+        let hi = u64::from_str_radix(&s[..16], 16).map_err(|_| ())?;
+        let lo = u64::from_str_radix(&s[16..], 16).map_err(|_| ())?;
+        Ok(SessionId(hi, lo))
+    }
+}
+
+/// Bounds and timings of the engine's state (each configurable; see
+/// `Config`).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct Settings {
     pub max_channels_per_connection: usize,
     pub max_content_chars: usize,
     pub max_channel_id_bytes: usize,
+    /// Events (and messages) a channel keeps for recovery and history.
+    pub history_size: usize,
+    /// And for how long.
+    pub history_ttl_ms: u64,
+    /// Most messages one `channel:get_history` returns.
+    pub max_history_page: u32,
+    pub typing_timeout_ms: u64,
+    /// How long a user whose last connection dropped still looks as before.
+    pub presence_grace_ms: u64,
+    /// How long a dropped session can be resumed (0: never).
+    pub resume_window_ms: u64,
+    pub call_ring_timeout_ms: u64,
+    pub max_notifications: usize,
+    pub notification_ttl_ms: u64,
+    pub max_conversations: usize,
+    /// Presence subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    pub livekit: Option<LiveKit>,
 }
 
-impl Default for Limits {
+impl Default for Settings {
     fn default() -> Self {
-        Limits {
+        Settings {
             max_channels_per_connection: 256,
             max_content_chars: 4000,
             max_channel_id_bytes: 128,
+            history_size: 1000,
+            history_ttl_ms: 24 * 3600 * 1000,
+            max_history_page: 100,
+            typing_timeout_ms: 8000,
+            presence_grace_ms: 5000,
+            resume_window_ms: 120_000,
+            call_ring_timeout_ms: 30_000,
+            max_notifications: 100,
+            notification_ttl_ms: 7 * 24 * 3600 * 1000,
+            max_conversations: 100,
+            max_subscriptions: 1000,
+            livekit: None,
         }
     }
 }
@@ -164,10 +167,280 @@ pub fn owner_of(channel: &str, shards: u16) -> ShardId {
     (h % shards.max(1) as u64) as ShardId
 }
 
+/// The home shard of a user (the same hash as channels).
+pub fn home_of(user: &str, shards: u16) -> ShardId {
+    owner_of(user, shards)
+}
+
+/// Longest user id, message id, thread id, nonce, emoji, status text.
+const MAX_ID_BYTES: usize = 128;
+const MAX_MENTIONS: usize = 100;
+const MAX_EMOJI_BYTES: usize = 64;
+const MAX_REACTIONS_PER_MESSAGE: usize = 50;
+const MAX_SDP_BYTES: usize = 32 * 1024;
+
+// ---------------------------------------------------------------------------
+// What crosses between shards
+// ---------------------------------------------------------------------------
+
+/// What crosses between shards. Everything is owned or refcounted: no
+/// shared mutable state. The hot variant, `Deliver`, is kept inline; the
+/// rest are boxed so that queue slots stay small.
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// To the owner: a connection asks to join.
+    Join(Box<Join>),
+    /// From the owner: the join is sequenced; deliveries follow from here.
+    Joined(Box<Joined>),
+    /// To the owner: a connection left (or closed).
+    Leave(Box<Leave>),
+    /// To the owner: a message to sequence and fan out.
+    Publish(Box<Publish>),
+    /// From the owner: an event for every local member of the channel
+    /// (`offset` is 0 for events that are not sequenced).
+    Deliver {
+        channel: Arc<str>,
+        frames: Frames,
+        offset: u64,
+    },
+    /// The same, skipping the connections of one user (typing).
+    DeliverExcept(Box<DeliverExcept>),
+    /// A frame for one local connection (an ack, an error, an event).
+    ToConn { conn: ConnId, frame: Bytes },
+    /// One event for several local connections.
+    ToConns(Box<ToConns>),
+    /// To the owner: an operation of a member on a channel.
+    ChannelOp(Box<ChannelOp>),
+    /// To a user's home shard.
+    UserOp(Box<UserOp>),
+    /// To the shard that owns a call.
+    CallOp(Box<CallOp>),
+    /// To a home shard: the presence of these users (and subscribe to it).
+    Presence(Box<PresenceQuery>),
+    /// To a home shard: a connection no longer follows these users.
+    Unsubscribe(Box<Unsubscribe>),
+    /// Back to the shard that asked: part of a gathered answer.
+    Gathered(Box<Gathered>),
+}
+
+#[derive(Debug)]
+pub struct Join {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub since: Option<Since>,
+}
+
+#[derive(Debug)]
+pub struct Joined {
+    pub channel: Arc<str>,
+    pub conn: ConnId,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub members: u32,
+    pub recovered: Option<bool>,
+    /// The events missed since the join's `since`, encoded for the joiner.
+    pub replay: Vec<Bytes>,
+}
+
+#[derive(Debug)]
+pub struct Leave {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+}
+
+#[derive(Debug)]
+pub struct Publish {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub send: MessageSend,
+}
+
+#[derive(Debug)]
+pub struct DeliverExcept {
+    pub channel: Arc<str>,
+    pub frames: Frames,
+    pub except: Arc<str>,
+}
+
+#[derive(Debug)]
+pub struct ToConns {
+    pub conns: Vec<ConnId>,
+    pub frames: Frames,
+}
+
+#[derive(Debug)]
+pub struct ChannelOp {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+    pub op: ChanCmd,
+}
+
+/// What a member asks of a channel's owner.
+#[derive(Debug)]
+pub enum ChanCmd {
+    Edit {
+        message_id: String,
+        content: String,
+    },
+    Delete {
+        message_id: String,
+    },
+    React(MessageReact),
+    History(GetHistory),
+    Members,
+    TypingStart,
+    TypingStop,
+    TypingActive,
+    Delivered {
+        message_id: String,
+    },
+    MarkRead {
+        message_id: String,
+    },
+    ReadReceipts {
+        message_id: String,
+    },
+    /// From the user's home shard, which keeps one voice channel per user.
+    VoiceJoin,
+    VoiceLeave,
+    VoiceUpdate(VoiceUpdate),
+    VoiceParticipants,
+}
+
+#[derive(Debug)]
+pub struct UserOp {
+    pub user: Arc<str>,
+    /// The connection it comes from (replies go there), if any.
+    pub from: Option<(ConnRef, Protocol)>,
+    pub ack: Option<u64>,
+    pub op: UserCmd,
+}
+
+/// What a user's home shard is asked or told.
+#[derive(Debug)]
+pub enum UserCmd {
+    Online {
+        session: SessionId,
+        device: DeviceKind,
+    },
+    /// The connection is gone; with its channels when it may be resumed.
+    Offline {
+        resume: Option<ResumePoints>,
+    },
+    Update(PresenceUpdate),
+    Heartbeat,
+    DmSend(DmSend),
+    DmDeliver(DmMessage),
+    Conversations {
+        limit: Option<u32>,
+    },
+    Notify {
+        kind: String,
+        data: Option<Json>,
+    },
+    NotificationsPending,
+    NotificationsRead(Vec<String>),
+    NotificationClear(String),
+    NotificationClearAll,
+    Delivery(MessageDelivery),
+    VoiceJoin {
+        channel: Arc<str>,
+    },
+    VoiceLeave,
+    VoiceUpdate(VoiceUpdate),
+    CallInitiate(CallInitiate),
+    /// A call this user placed is over.
+    CallDone {
+        call: u64,
+    },
+    Resume {
+        session: SessionId,
+        gather: u64,
+    },
+}
+
+#[derive(Debug)]
+pub struct CallOp {
+    pub call: u64,
+    /// Who asks, from which connection.
+    pub user: Arc<str>,
+    pub from: Option<(ConnRef, Protocol)>,
+    pub ack: Option<u64>,
+    pub op: CallCmd,
+}
+
+#[derive(Debug)]
+pub enum CallCmd {
+    Create {
+        callee: Arc<str>,
+        call_type: CallType,
+        sdp: Option<String>,
+    },
+    Answer {
+        sdp: Option<String>,
+    },
+    Reject {
+        reason: Option<String>,
+    },
+    End,
+    Ice(Json),
+    /// The caller's connection is gone.
+    PartyGone,
+}
+
+#[derive(Debug)]
+pub struct PresenceQuery {
+    pub gather: u64,
+    pub from: ConnRef,
+    pub protocol: Protocol,
+    pub users: Vec<Arc<str>>,
+    pub subscribe: bool,
+}
+
+#[derive(Debug)]
+pub struct Unsubscribe {
+    pub subscriber: ConnRef,
+    pub users: Vec<Arc<str>>,
+}
+
+/// A dropped session's channels: each with the last offset its shard
+/// delivered and the channel's epoch.
+pub type ResumePoints = Vec<(Arc<str>, u64, Arc<str>)>;
+
+#[derive(Debug)]
+pub struct Gathered {
+    pub gather: u64,
+    pub part: GatherPart,
+}
+
+#[derive(Debug)]
+pub enum GatherPart {
+    Presences(Vec<PresenceView>),
+    /// The channels of a detached session, or `None` when there is none.
+    Resume(Option<ResumePoints>),
+}
+
+// ---------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JoinState {
-    /// Sent to the owner; the ack id tells overlapping joins apart.
-    Pending(Option<u64>),
+pub(super) enum JoinState {
+    /// Sent to the owner; the ack id tells overlapping joins apart, a gather
+    /// collects the joins of a resumed session.
+    Pending {
+        ack: Option<u64>,
+        gather: Option<u64>,
+    },
     Joined,
 }
 
@@ -175,89 +448,216 @@ enum JoinState {
 pub struct Conn<O> {
     pub out: O,
     pub member: Member,
+    device: DeviceKind,
     channels: Vec<(Arc<str>, JoinState)>,
+    subscriptions: Vec<Arc<str>>,
 }
 
-struct Slot<O> {
+pub(super) struct Slot<O> {
     gen: u32,
     conn: Option<Conn<O>>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct LocalMember {
+pub(super) struct LocalMember {
     conn: ConnId,
     protocol: Protocol,
 }
 
-/// A channel this shard owns.
-struct Owned {
-    /// Offset of the last message sequenced (0: none yet).
+/// A channel as this shard sees it: its local members, and the last offset
+/// delivered here (what a dropped member had been sent, for resume).
+pub(super) struct LocalChannel {
+    members: Vec<LocalMember>,
     offset: u64,
     epoch: Arc<str>,
-    /// Members per shard: `[json, binary]`.
-    per_shard: Vec<[u32; 2]>,
 }
 
-impl Owned {
-    fn total(&self) -> u32 {
-        self.per_shard.iter().map(|c| c[0] + c[1]).sum()
-    }
-    fn protocols(&self) -> (bool, bool) {
-        self.per_shard
-            .iter()
-            .fold((false, false), |(j, b), c| (j || c[0] > 0, b || c[1] > 0))
-    }
+struct Call {
+    caller: Arc<str>,
+    caller_conn: ConnRef,
+    caller_protocol: Protocol,
+    callee: Arc<str>,
+    call_type: CallType,
+    /// The device that answered (ringing while `None`).
+    answered: Option<(ConnRef, Protocol)>,
+    ring_until: u64,
 }
 
-fn proto_index(p: Protocol) -> usize {
+/// An answer being assembled from several shards' replies.
+struct Gather {
+    conn: ConnId,
+    ack: Option<u64>,
+    waiting: usize,
+    kind: GatherKind,
+}
+
+pub(super) enum GatherKind {
+    Presences {
+        order: Vec<Arc<str>>,
+        got: Vec<PresenceView>,
+    },
+    /// Asking the home shard for the session's channels.
+    ResumeLookup {
+        session: SessionId,
+        positions: Vec<Position>,
+    },
+    /// Joining them again.
+    ResumeJoins {
+        session: SessionId,
+        channels: Vec<ResumedChannel>,
+    },
+}
+
+pub(super) fn proto_index(p: Protocol) -> usize {
     match p {
         Protocol::Json => 0,
         Protocol::Binary => 1,
     }
 }
 
+pub(super) fn encode_for(targets: impl Iterator<Item = Protocol>, msg: &ServerMessage) -> Frames {
+    let (json, binary) = targets.fold((false, false), |(j, b), p| {
+        (j || p == Protocol::Json, b || p == Protocol::Binary)
+    });
+    Frames::encode(msg, json, binary)
+}
+
+pub(super) fn ev(event: ServerEvent) -> ServerMessage {
+    ServerMessage::event(event)
+}
+
+pub(super) fn ack_of(id: Option<u64>, body: AckBody) -> ServerMessage {
+    ServerMessage::ack(id, body)
+}
+
+pub(super) fn empty_ack(id: Option<u64>) -> ServerMessage {
+    ack_of(id, AckBody::Empty(Empty {}))
+}
+
+pub(super) fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::error(id, code, message)
+}
+
+pub(super) fn check_id(field: &str, v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > MAX_ID_BYTES || v.chars().any(char::is_control) {
+        return Err(format!(
+            "`{field}` must be 1 to {MAX_ID_BYTES} bytes without control characters"
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_call_id(s: &str, shards: u16) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    let id = u64::from_str_radix(s, 16).ok()?;
+    ((id >> 48) < shards as u64).then_some(id)
+}
+
+pub(super) fn call_id_str(id: u64) -> String {
+    format!("{id:016x}")
+}
+
 pub struct Engine<O> {
     shard: ShardId,
     shards: u16,
-    limits: Limits,
+    s: Settings,
     metrics: Arc<ShardMetrics>,
     slots: ChunkedVec<Slot<O>>,
     free: Vec<u32>,
-    local: HashMap<Arc<str>, Vec<LocalMember>>,
+    local: HashMap<Arc<str>, LocalChannel>,
     owned: HashMap<Arc<str>, Owned>,
+    users: HashMap<Arc<str>, UserState>,
+    calls: HashMap<u64, Call>,
+    gathers: HashMap<u64, Gather>,
+    timers: Timers,
     rng: u64,
+    /// Ids this shard mints (DMs, notifications, calls, gathers).
+    instance: u64,
+    counter: u64,
 }
 
 impl<O: Outbound> Engine<O> {
-    /// `seed` feeds the generator of channel epochs (any value; tests fix it).
+    /// `seed` feeds the generator of channel epochs and ids (any value;
+    /// tests fix it).
     pub fn new(
         shard: ShardId,
         shards: u16,
-        limits: Limits,
+        settings: Settings,
         metrics: Arc<ShardMetrics>,
         seed: u64,
     ) -> Self {
-        Engine {
+        let mut e = Engine {
             shard,
             shards,
-            limits,
+            s: settings,
             metrics,
             slots: ChunkedVec::default(),
             free: Vec::new(),
             local: HashMap::new(),
             owned: HashMap::new(),
+            users: HashMap::new(),
+            calls: HashMap::new(),
+            gathers: HashMap::new(),
+            timers: Timers::default(),
             rng: seed | 1,
-        }
+            instance: 0,
+            counter: 0,
+        };
+        e.instance = e.random();
+        e
     }
 
-    /// Registers an authenticated connection.
-    pub fn open(&mut self, out: O, member: Member) -> ConnId {
+    pub fn settings(&self) -> &Settings {
+        &self.s
+    }
+
+    fn random(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    /// An id no other shard or restart mints: `<prefix><instance>.<n>`.
+    fn mint_id(&mut self, prefix: &str) -> String {
+        let n = self.next_id();
+        format!("{prefix}{:08x}{:04x}.{n}", self.instance as u32, self.shard)
+    }
+
+    fn next_epoch(&mut self) -> Arc<str> {
+        format!("{:016x}", self.random()).into()
+    }
+
+    // -- connections -------------------------------------------------------
+
+    /// Registers an authenticated connection and tells its user's home shard.
+    pub fn open(
+        &mut self,
+        out: O,
+        member: Member,
+        device: DeviceKind,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) -> ConnId {
+        let user = member.user.clone();
+        let (session, protocol) = (member.session, member.protocol);
         let conn = Conn {
             out,
             member,
+            device,
             channels: Vec::new(),
+            subscriptions: Vec::new(),
         };
-        match self.free.pop() {
+        let id = match self.free.pop() {
             Some(slot) => {
                 let s = &mut self.slots[slot as usize];
                 s.conn = Some(conn);
@@ -273,7 +673,17 @@ impl<O: Outbound> Engine<O> {
                     gen: 0,
                 }
             }
-        }
+        };
+        let from = Some((self.here(id), protocol));
+        self.send_user_op(
+            user,
+            from,
+            None,
+            UserCmd::Online { session, device },
+            now,
+            tx,
+        );
+        id
     }
 
     pub fn conn(&self, id: ConnId) -> Option<&Conn<O>> {
@@ -295,8 +705,9 @@ impl<O: Outbound> Engine<O> {
         self.slots.len() - self.free.len()
     }
 
-    /// Forgets a connection: leaves its channels (telling their owners).
-    pub fn close(&mut self, id: ConnId, now_ms: u64, tx: &mut impl MeshTx) {
+    /// Forgets a connection: leaves its channels, drops its subscriptions,
+    /// and tells its user's home shard (which keeps the session for resume).
+    pub fn close(&mut self, id: ConnId, now: u64, tx: &mut impl MeshTx) {
         let Some(slot) = self
             .slots
             .get_mut(id.slot as usize)
@@ -307,22 +718,67 @@ impl<O: Outbound> Engine<O> {
         let Some(conn) = slot.conn.take() else { return };
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.slot);
+        let mut resume = Vec::new();
         for (channel, state) in conn.channels {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
+                if let Some(l) = self.local.get(&channel) {
+                    resume.push((channel.clone(), l.offset, l.epoch.clone()));
+                }
                 self.remove_local(&channel, id);
-                self.tell_owner_left(id, channel, conn.member.clone(), now_ms, tx);
+                self.tell_owner_left(id, channel, conn.member.clone(), now, tx);
             }
+        }
+        self.unsubscribe_all(id, conn.subscriptions, now, tx);
+        let resume = (self.s.resume_window_ms > 0).then_some(resume);
+        let from = Some((self.here(id), conn.member.protocol));
+        self.send_user_op(
+            conn.member.user,
+            from,
+            None,
+            UserCmd::Offline { resume },
+            now,
+            tx,
+        );
+    }
+
+    fn unsubscribe_all(
+        &mut self,
+        id: ConnId,
+        users: Vec<Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let subscriber = self.here(id);
+        for (shard, users) in self.by_home(users) {
+            self.route(
+                shard,
+                MeshMsg::Unsubscribe(Box::new(Unsubscribe { subscriber, users })),
+                now,
+                tx,
+            );
         }
     }
 
-    /// Tells a channel's owner that one of this shard's connections left.
+    /// Groups users by home shard.
+    fn by_home(&self, users: Vec<Arc<str>>) -> Vec<(ShardId, Vec<Arc<str>>)> {
+        let mut groups: Vec<(ShardId, Vec<Arc<str>>)> = Vec::new();
+        for u in users {
+            let home = home_of(&u, self.shards);
+            match groups.iter_mut().find(|(s, _)| *s == home) {
+                Some((_, g)) => g.push(u),
+                None => groups.push((home, vec![u])),
+            }
+        }
+        groups
+    }
+
     fn tell_owner_left(
         &mut self,
         id: ConnId,
         channel: Arc<str>,
         member: Member,
-        now_ms: u64,
+        now: u64,
         tx: &mut impl MeshTx,
     ) {
         let from = self.here(id);
@@ -334,7 +790,7 @@ impl<O: Outbound> Engine<O> {
                 from,
                 member,
             })),
-            now_ms,
+            now,
             tx,
         );
     }
@@ -356,424 +812,113 @@ impl<O: Outbound> Engine<O> {
     }
 
     fn error(&self, id: ConnId, ack: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        self.reply(id, &ServerMessage::error(ack, code, message));
+        self.reply(id, &err(ack, code, message));
     }
 
-    fn check_channel_id(&self, channel: &str) -> Result<(), String> {
-        if channel.is_empty() || channel.len() > self.limits.max_channel_id_bytes {
-            return Err(format!(
-                "`channelId` must be 1 to {} bytes",
-                self.limits.max_channel_id_bytes
-            ));
-        }
-        if !channel.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("`channelId` must be printable ASCII without spaces".into());
-        }
-        Ok(())
-    }
-
-    /// Handles a decoded message from a local, authenticated connection.
-    pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now_ms: u64, tx: &mut impl MeshTx) {
-        let ack = msg.id;
-        match msg.event {
-            ClientEvent::Heartbeat => self.reply(
-                id,
-                &ServerMessage {
-                    id: ack,
-                    event: ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: now_ms }),
-                },
-            ),
-            ClientEvent::Auth(_) => {
-                self.error(id, ack, ErrorCode::BadRequest, "already authenticated")
-            }
-            ClientEvent::ChannelJoin(ChannelJoin { channel_id, .. }) => {
-                self.join(id, ack, channel_id, now_ms, tx)
-            }
-            ClientEvent::ChannelLeave(ChannelRef { channel_id }) => {
-                self.leave(id, ack, &channel_id, now_ms, tx)
-            }
-            ClientEvent::MessageSend(m) => self.send(id, ack, m, now_ms, tx),
-            other @ ClientEvent::Unsupported(_) | other => self.error(
-                id,
-                ack,
-                ErrorCode::Unsupported,
-                format!("unsupported event `{}`", other.name()),
-            ),
-        }
-    }
-
-    fn join(
+    /// Sends `msg` to a connection on any shard, encoded for its protocol.
+    fn send_to(
         &mut self,
-        id: ConnId,
-        ack: Option<u64>,
-        channel_id: String,
-        now_ms: u64,
+        to: ConnRef,
+        protocol: Protocol,
+        msg: &ServerMessage,
+        now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if let Err(e) = self.check_channel_id(&channel_id) {
-            return self.error(id, ack, ErrorCode::BadRequest, e);
-        }
-        let max = self.limits.max_channels_per_connection;
-        let Some(conn) = self.conn_mut(id) else {
-            return;
-        };
-        if conn.channels.iter().any(|(c, _)| **c == *channel_id) {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::BadRequest,
-                format!("already in channel `{channel_id}`"),
-            );
-        }
-        if conn.channels.len() >= max {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::TooLarge,
-                format!("at most {max} channels per connection"),
-            );
-        }
-        let channel: Arc<str> = channel_id.into();
-        conn.channels
-            .push((channel.clone(), JoinState::Pending(ack)));
-        let member = conn.member.clone();
-        let from = self.here(id);
-        let owner = owner_of(&channel, self.shards);
+        let frame = encode_frame(protocol, msg);
         self.route(
-            owner,
-            MeshMsg::Join(Box::new(Join {
-                channel,
-                from,
-                member,
-                ack,
-            })),
-            now_ms,
+            to.shard,
+            MeshMsg::ToConn {
+                conn: to.conn,
+                frame,
+            },
+            now,
             tx,
         );
     }
 
-    fn leave(
+    /// Sends `msg` to several connections on any shards: encoded once per
+    /// protocol, one mesh message per shard.
+    fn send_to_all(
         &mut self,
-        id: ConnId,
-        ack: Option<u64>,
-        channel_id: &str,
-        now_ms: u64,
+        targets: &[(ConnRef, Protocol)],
+        msg: &ServerMessage,
+        now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(conn) = self.conn_mut(id) else {
+        if targets.is_empty() {
             return;
-        };
-        let Some(pos) = conn.channels.iter().position(|(c, _)| **c == *channel_id) else {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::NotFound,
-                format!("not in channel `{channel_id}`"),
-            );
-        };
-        let (channel, state) = conn.channels.swap_remove(pos);
-        let member = conn.member.clone();
-        if state == JoinState::Joined {
-            self.remove_local(&channel, id);
-            self.tell_owner_left(id, channel, member, now_ms, tx);
         }
-        self.reply(id, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+        let frames = encode_for(targets.iter().map(|t| t.1), msg);
+        let mut groups: Vec<(ShardId, Vec<ConnId>)> = Vec::new();
+        for (c, _) in targets {
+            match groups.iter_mut().find(|(s, _)| *s == c.shard) {
+                Some((_, g)) => g.push(c.conn),
+                None => groups.push((c.shard, vec![c.conn])),
+            }
+        }
+        for (shard, conns) in groups {
+            let m = MeshMsg::ToConns(Box::new(ToConns {
+                conns,
+                frames: frames.clone(),
+            }));
+            self.route(shard, m, now, tx);
+        }
     }
 
-    fn send(
-        &mut self,
-        id: ConnId,
-        ack: Option<u64>,
-        m: MessageSend,
-        now_ms: u64,
-        tx: &mut impl MeshTx,
-    ) {
-        let max = self.limits.max_content_chars;
-        if m.content.len() > max && m.content.chars().count() > max {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::TooLarge,
-                format!("`content` is longer than {max} characters"),
-            );
-        }
-        let Some(conn) = self.conn(id) else { return };
-        let Some((channel, _)) = conn
-            .channels
-            .iter()
-            .find(|(c, s)| **c == *m.channel_id && *s == JoinState::Joined)
-        else {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::Forbidden,
-                format!("join `{}` before sending to it", m.channel_id),
-            );
-        };
-        let msg = MeshMsg::Publish(Box::new(Publish {
-            channel: channel.clone(),
-            from: self.here(id),
-            member: conn.member.clone(),
-            ack,
-            content: m.content,
-            reply_to: m.reply_to,
-        }));
-        let owner = owner_of(&m.channel_id, self.shards);
-        self.route(owner, msg, now_ms, tx);
-    }
-
-    fn route(&mut self, to: ShardId, msg: MeshMsg, now_ms: u64, tx: &mut impl MeshTx) {
+    fn route(&mut self, to: ShardId, msg: MeshMsg, now: u64, tx: &mut impl MeshTx) {
         if to == self.shard {
-            self.handle_mesh(msg, now_ms, tx);
+            self.handle_mesh(msg, now, tx);
         } else {
             tx.send(to, msg);
         }
     }
 
     fn remove_local(&mut self, channel: &str, id: ConnId) {
-        if let Some(list) = self.local.get_mut(channel) {
-            if let Some(pos) = list.iter().position(|m| m.conn == id) {
-                list.swap_remove(pos);
+        if let Some(l) = self.local.get_mut(channel) {
+            if let Some(pos) = l.members.iter().position(|m| m.conn == id) {
+                l.members.swap_remove(pos);
             }
-            if list.is_empty() {
+            if l.members.is_empty() {
                 self.local.remove(channel);
             }
         }
     }
 
-    fn next_epoch(&mut self) -> Arc<str> {
-        // splitmix64
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        format!("{:016x}", z ^ (z >> 31)).into()
+    // -- deadlines ---------------------------------------------------------
+
+    /// When [`Engine::tick`] should next run.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.timers.next()
     }
 
-    /// Sends one event to every shard with members of an owned channel.
-    fn fan_out(
-        &mut self,
-        channel: &Arc<str>,
-        msg: &ServerMessage,
-        now_ms: u64,
-        tx: &mut impl MeshTx,
-    ) {
-        let Some(owned) = self.owned.get(channel) else {
-            return;
-        };
-        let (json, binary) = owned.protocols();
-        let frames = Frames::encode(msg, json, binary);
-        let targets: Vec<ShardId> = owned
-            .per_shard
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c[0] + c[1] > 0)
-            .map(|(s, _)| s as ShardId)
-            .collect();
-        for shard in targets {
-            let d = MeshMsg::Deliver {
-                channel: channel.clone(),
-                frames: frames.clone(),
-            };
-            self.route(shard, d, now_ms, tx);
+    /// Runs what is due: typing expiry, presence grace periods, resume
+    /// windows, notification expiry, ringing calls, channel history.
+    pub fn tick(&mut self, now: u64, tx: &mut impl MeshTx) {
+        while let Some(t) = self.timers.pop_due(now) {
+            match t {
+                Timer::Typing { channel } => self.expire_typing(&channel, now, tx),
+                Timer::ChannelGc { channel } => self.channel_gc(&channel, now),
+                Timer::User { user } => self.user_timer(&user, now, tx),
+                Timer::CallRing { call } => self.ring_out(call, now, tx),
+            }
         }
     }
 
+    // -- mesh --------------------------------------------------------------
+
     /// Handles a message from another shard (or routed to this one).
-    pub fn handle_mesh(&mut self, msg: MeshMsg, now_ms: u64, tx: &mut impl MeshTx) {
+    pub fn handle_mesh(&mut self, msg: MeshMsg, now: u64, tx: &mut impl MeshTx) {
         match msg {
-            MeshMsg::Join(j) => {
-                let Join {
-                    channel,
-                    from,
-                    member,
-                    ack,
-                } = *j;
-                if !self.owned.contains_key(&channel) {
-                    let epoch = self.next_epoch();
-                    self.owned.insert(
-                        channel.clone(),
-                        Owned {
-                            offset: 0,
-                            epoch,
-                            per_shard: vec![[0, 0]; self.shards as usize],
-                        },
-                    );
-                }
-                let event = ServerMessage::event(ServerEvent::MemberJoined(MemberEvent {
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    session_id: member.session.to_string(),
-                }));
-                // Existing members hear of the join before the joiner's first delivery.
-                self.fan_out(&channel, &event, now_ms, tx);
-                let owned = self.owned.get_mut(&channel).expect("inserted above");
-                owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
-                let joined = MeshMsg::Joined(Box::new(Joined {
-                    channel,
-                    conn: from.conn,
-                    member,
-                    ack,
-                    offset: owned.offset,
-                    epoch: owned.epoch.clone(),
-                    members: owned.total(),
-                }));
-                self.route(from.shard, joined, now_ms, tx);
-            }
-            MeshMsg::Joined(j) => {
-                let Joined {
-                    channel,
-                    conn: id,
-                    member,
-                    ack,
-                    offset,
-                    epoch,
-                    members,
-                } = *j;
-                let body = AckBody::Join(JoinAck {
-                    channel_id: channel.to_string(),
-                    offset,
-                    epoch: epoch.to_string(),
-                    members,
-                    recovered: None,
-                });
-                let pending = self.conn_mut(id).and_then(|c| {
-                    c.channels
-                        .iter_mut()
-                        .find(|(ch, s)| *ch == channel && *s == JoinState::Pending(ack))
-                        .map(|entry| entry.1 = JoinState::Joined)
-                });
-                match pending {
-                    Some(()) => {
-                        self.local
-                            .entry(channel.clone())
-                            .or_default()
-                            .push(LocalMember {
-                                conn: id,
-                                protocol: member.protocol,
-                            });
-                        self.reply(id, &ServerMessage::ack(ack, body));
-                    }
-                    None => {
-                        // Closed or left while the join was in flight: the
-                        // join did happen (answer it if anyone is there to
-                        // hear), then undo it.
-                        if ack.is_some() {
-                            self.reply(id, &ServerMessage::ack(ack, body));
-                        }
-                        self.tell_owner_left(id, channel, member, now_ms, tx);
-                    }
-                }
-            }
-            MeshMsg::Leave(l) => {
-                let Leave {
-                    channel,
-                    from,
-                    member,
-                } = *l;
-                let Some(owned) = self.owned.get_mut(&channel) else {
-                    return;
-                };
-                let count = &mut owned.per_shard[from.shard as usize][proto_index(member.protocol)];
-                *count = count.saturating_sub(1);
-                if owned.total() == 0 {
-                    self.owned.remove(&channel);
-                    return;
-                }
-                let event = ServerMessage::event(ServerEvent::MemberLeft(MemberEvent {
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    session_id: member.session.to_string(),
-                }));
-                self.fan_out(&channel, &event, now_ms, tx);
-            }
-            MeshMsg::Publish(p) => {
-                let Publish {
-                    channel,
-                    from,
-                    member,
-                    ack,
-                    content,
-                    reply_to,
-                } = *p;
-                let Some(owned) = self.owned.get_mut(&channel) else {
-                    let msg = ServerMessage::error(
-                        ack,
-                        ErrorCode::NotFound,
-                        format!("channel `{channel}` has no members"),
-                    );
-                    let frame = encode_frame(member.protocol, &msg);
-                    return self.route(
-                        from.shard,
-                        MeshMsg::ToConn {
-                            conn: from.conn,
-                            frame,
-                        },
-                        now_ms,
-                        tx,
-                    );
-                };
-                owned.offset += 1;
-                let offset = owned.offset;
-                let message_id = format!("{}-{offset}", owned.epoch);
-                self.metrics.messages_published.inc();
-                let ack_frame = encode_frame(
-                    member.protocol,
-                    &ServerMessage::ack(
-                        ack,
-                        AckBody::Send(SendAck {
-                            message_id: message_id.clone(),
-                            channel_id: channel.to_string(),
-                            offset,
-                            timestamp: now_ms,
-                            nonce: None,
-                            duplicate: false,
-                        }),
-                    ),
-                );
-                self.route(
-                    from.shard,
-                    MeshMsg::ToConn {
-                        conn: from.conn,
-                        frame: ack_frame,
-                    },
-                    now_ms,
-                    tx,
-                );
-                let event = ServerMessage::event(ServerEvent::MessageNew(MessageNew {
-                    message_id,
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    content,
-                    reply_to,
-                    thread_id: None,
-                    mentions: Vec::new(),
-                    nonce: None,
-                    offset,
-                    timestamp: now_ms,
-                }));
-                self.fan_out(&channel, &event, now_ms, tx);
-            }
-            MeshMsg::Deliver { channel, frames } => {
-                let Some(list) = self.local.get(&channel) else {
-                    return;
-                };
-                let mut delivered = 0;
-                let mut dropped = 0;
-                for m in list {
-                    let (Some(frame), Some(conn)) = (frames.get(m.protocol), self.conn(m.conn))
-                    else {
-                        continue;
-                    };
-                    if conn.out.push(frame) {
-                        delivered += 1;
-                    } else {
-                        dropped += 1;
-                    }
-                }
-                self.metrics.deliveries.add(delivered);
-                self.metrics.queue_drops.add(dropped);
-            }
+            MeshMsg::Join(j) => self.on_join(*j, now, tx),
+            MeshMsg::Joined(j) => self.on_joined(*j, now, tx),
+            MeshMsg::Leave(l) => self.on_leave(*l, now, tx),
+            MeshMsg::Publish(p) => self.on_publish(*p, now, tx),
+            MeshMsg::Deliver {
+                channel,
+                frames,
+                offset,
+            } => self.deliver(&channel, &frames, offset, None),
+            MeshMsg::DeliverExcept(d) => self.deliver(&d.channel, &d.frames, 0, Some(&d.except)),
             MeshMsg::ToConn { conn, frame } => {
                 if let Some(c) = self.conn(conn) {
                     if !c.out.push(&frame) {
@@ -781,9 +926,101 @@ impl<O: Outbound> Engine<O> {
                     }
                 }
             }
+            MeshMsg::ToConns(t) => {
+                for id in &t.conns {
+                    if let Some(c) = self.conn(*id) {
+                        if let Some(f) = t.frames.get(c.member.protocol) {
+                            if !c.out.push(f) {
+                                self.metrics.queue_drops.inc();
+                            }
+                        }
+                    }
+                }
+            }
+            MeshMsg::ChannelOp(op) => self.on_channel_op(*op, now, tx),
+            MeshMsg::UserOp(op) => self.on_user_op(*op, now, tx),
+            MeshMsg::CallOp(op) => self.on_call_op(*op, now, tx),
+            MeshMsg::Presence(q) => self.on_presence_query(*q, now, tx),
+            MeshMsg::Unsubscribe(u) => {
+                for user in &u.users {
+                    if let Some(st) = self.users.get_mut(user) {
+                        st.subscribers.retain(|(c, _)| *c != u.subscriber);
+                    }
+                    self.gc_user(user);
+                }
+            }
+            MeshMsg::Gathered(g) => self.on_gathered(*g, now, tx),
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        channel: &Arc<str>,
+        frames: &Frames,
+        offset: u64,
+        except: Option<&Arc<str>>,
+    ) {
+        let Some(l) = self.local.get(channel) else {
+            return;
+        };
+        let mut delivered = 0;
+        let mut dropped = 0;
+        for m in &l.members {
+            let (Some(frame), Some(conn)) = (frames.get(m.protocol), self.conn(m.conn)) else {
+                continue;
+            };
+            if except.is_some_and(|u| *conn.member.user == **u) {
+                continue;
+            }
+            if conn.out.push(frame) {
+                delivered += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+        self.metrics.deliveries.add(delivered);
+        self.metrics.queue_drops.add(dropped);
+        if offset > 0 {
+            // What this shard's members have been sent, for resume.
+            if let Some(l) = self.local.get_mut(channel) {
+                l.offset = offset;
+            }
         }
     }
 }
+
+pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
+    if p.status == Some(Status::Offline) {
+        return Err("`status` cannot be `offline`: set `invisible` to appear offline".into());
+    }
+    if let Some(Some(c)) = &p.custom_status {
+        if c.chars().count() > MAX_ID_BYTES {
+            return Err(format!(
+                "`customStatus` is longer than {MAX_ID_BYTES} characters"
+            ));
+        }
+    }
+    if let Some(Some(a)) = &p.activity {
+        for (field, v) in [
+            ("activity.type", Some(&a.kind)),
+            ("activity.name", Some(&a.name)),
+            ("activity.details", a.details.as_ref()),
+        ] {
+            if v.is_some_and(|v| v.chars().count() > MAX_ID_BYTES) {
+                return Err(format!(
+                    "`{field}` is longer than {MAX_ID_BYTES} characters"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+mod calls;
+mod client;
+mod gather;
+mod home;
+mod owner;
 
 #[cfg(test)]
 mod tests;

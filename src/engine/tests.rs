@@ -59,13 +59,17 @@ struct Sim {
 
 impl Sim {
     fn new(n: u16) -> Sim {
+        Self::with(n, Settings::default())
+    }
+
+    fn with(n: u16, settings: Settings) -> Sim {
         Sim {
             shards: (0..n)
                 .map(|i| {
                     Engine::new(
                         i,
                         n,
-                        Limits::default(),
+                        settings.clone(),
                         Arc::new(ShardMetrics::default()),
                         7 + i as u64,
                     )
@@ -77,6 +81,16 @@ impl Sim {
     }
 
     fn connect(&mut self, shard: u16, user: &str, protocol: Protocol) -> (ConnRef, Recorder) {
+        self.connect_device(shard, user, protocol, DeviceKind::Web)
+    }
+
+    fn connect_device(
+        &mut self,
+        shard: u16,
+        user: &str,
+        protocol: Protocol,
+        device: DeviceKind,
+    ) -> (ConnRef, Recorder) {
         let rec = Recorder::default();
         let member = Member {
             user: user.into(),
@@ -87,7 +101,9 @@ impl Sim {
             ),
             protocol,
         };
-        let conn = self.shards[shard as usize].open(rec.clone(), member);
+        let conn =
+            self.shards[shard as usize].open(rec.clone(), member, device, self.now, &mut self.mesh);
+        self.settle();
         (ConnRef { shard, conn }, rec)
     }
 
@@ -144,6 +160,44 @@ impl Sim {
         self.shards[c.shard as usize].close(c.conn, self.now, &mut self.mesh);
         self.settle();
     }
+
+    /// Moves the clock on and runs every shard's due deadlines.
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        for s in 0..self.shards.len() {
+            self.shards[s].tick(self.now, &mut self.mesh);
+        }
+        self.settle();
+    }
+}
+
+fn names(msgs: &[ServerMessage]) -> Vec<&'static str> {
+    msgs.iter().map(|m| m.event.name()).collect()
+}
+
+/// The ack of request `id`.
+fn ack_body(msgs: &[ServerMessage], id: u64) -> AckBody {
+    msgs.iter()
+        .find_map(|m| match &m.event {
+            ServerEvent::Ack(a) if m.id == Some(id) => Some(a.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ack {id} in {msgs:?}"))
+}
+
+/// The error code that answered request `id`.
+fn error_code(msgs: &[ServerMessage], id: u64) -> ErrorCode {
+    msgs.iter()
+        .find_map(|m| match &m.event {
+            ServerEvent::Error(e) if m.id == Some(id) => Some(e.code),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no error {id} in {msgs:?}"))
+}
+
+/// Every event `pick` recognises, in order.
+fn picked<T>(msgs: &[ServerMessage], pick: impl Fn(&ServerEvent) -> Option<T>) -> Vec<T> {
+    msgs.iter().filter_map(|m| pick(&m.event)).collect()
 }
 
 fn contents(msgs: &[ServerMessage]) -> Vec<(u64, String)> {
@@ -419,6 +473,1320 @@ fn leave_and_rejoin_while_the_first_join_is_in_flight() {
     assert_eq!(sim.shards[0].owned[&*ch].total(), 2);
 }
 
+fn join_since(channel: &str, offset: u64, epoch: &str) -> ClientEvent {
+    ClientEvent::ChannelJoin(ChannelJoin {
+        channel_id: channel.into(),
+        since: Some(Since {
+            offset,
+            epoch: epoch.into(),
+        }),
+    })
+}
+
+fn message_ref(channel: &str, id: &str) -> MessageRef {
+    MessageRef {
+        channel_id: channel.into(),
+        message_id: id.into(),
+    }
+}
+
+/// The epoch of a channel, as the owner numbers it.
+fn epoch_of(sim: &Sim, channel: &str) -> String {
+    let owner = owner_of(channel, sim.shards.len() as u16) as usize;
+    sim.shards[owner].owned[channel].epoch.to_string()
+}
+
+#[test]
+fn recovery_replays_exactly_what_was_missed_or_says_it_cannot() {
+    let settings = Settings {
+        history_size: 4,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(3, settings);
+    let ch = channel_owned_by(2, 3);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &ch);
+    for i in 1..=5 {
+        sim.publish(a, &ch, &format!("m{i}"));
+    }
+    ra.take();
+    let epoch = epoch_of(&sim, &ch);
+    // A client that saw offset 2 comes back on another shard, in binary.
+    let (b, rb) = sim.connect(1, "bob", Protocol::Binary);
+    sim.send(b, Some(7), join_since(&ch, 2, &epoch));
+    let got = rb.take();
+    match ack_body(&got, 7) {
+        AckBody::Join(j) => assert_eq!((j.recovered, j.offset), (Some(true), 5)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(names(&got)[0], "ack", "the answer comes before the replay");
+    assert_eq!(
+        contents(&got),
+        vec![(3, "m3".into()), (4, "m4".into()), (5, "m5".into())]
+    );
+    // Live messages follow the replay, once.
+    sim.publish(a, &ch, "m6");
+    assert_eq!(contents(&rb.take()), vec![(6, "m6".into())]);
+    // The history keeps 4 events: offset 1 is too old to recover from.
+    let (c, rc) = sim.connect(2, "carol", Protocol::Json);
+    sim.send(c, Some(8), join_since(&ch, 1, &epoch));
+    let got = rc.take();
+    match ack_body(&got, 8) {
+        AckBody::Join(j) => assert_eq!(j.recovered, Some(false)),
+        other => panic!("{other:?}"),
+    }
+    assert!(contents(&got).is_empty(), "nothing is papered over");
+    // Another epoch (the channel restarted) cannot be recovered either.
+    let (d, rd) = sim.connect(0, "dave", Protocol::Json);
+    sim.send(d, Some(9), join_since(&ch, 5, "0000000000000000"));
+    match ack_body(&rd.take(), 9) {
+        AckBody::Join(j) => assert_eq!(j.recovered, Some(false)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn history_pages_through_what_the_channel_keeps() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &ch);
+    for i in 1..=7 {
+        sim.publish(a, &ch, &format!("m{i}"));
+    }
+    ra.take();
+    let page = |sim: &mut Sim, id: u64, limit: u32, before: Option<u64>| {
+        sim.send(
+            a,
+            Some(id),
+            ClientEvent::ChannelGetHistory(GetHistory {
+                channel_id: ch.clone(),
+                limit: Some(limit),
+                before,
+            }),
+        );
+        match ack_body(&ra.take(), id) {
+            AckBody::History(h) => (
+                h.messages
+                    .iter()
+                    .map(|m| m.message.content.clone())
+                    .collect::<Vec<_>>(),
+                h.has_more,
+            ),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        page(&mut sim, 10, 3, None),
+        (vec!["m5".into(), "m6".into(), "m7".into()], true)
+    );
+    assert_eq!(
+        page(&mut sim, 11, 3, Some(5)),
+        (vec!["m2".into(), "m3".into(), "m4".into()], true)
+    );
+    assert_eq!(page(&mut sim, 12, 3, Some(2)), (vec!["m1".into()], false));
+    // Only members read a channel's history.
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.send(
+        b,
+        Some(13),
+        ClientEvent::ChannelGetHistory(GetHistory {
+            channel_id: ch.clone(),
+            limit: None,
+            before: None,
+        }),
+    );
+    assert_eq!(error_code(&rb.take(), 13), ErrorCode::Forbidden);
+}
+
+#[test]
+fn edits_deletes_and_reactions_are_sequenced_and_recoverable() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(0, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Binary);
+    sim.join(a, &ch);
+    sim.join(b, &ch);
+    sim.publish(a, &ch, "hello");
+    let id = match ack_body(&ra.take(), 2) {
+        AckBody::Send(s) => s.message_id,
+        other => panic!("{other:?}"),
+    };
+    rb.take();
+    let edit = |content: &str| {
+        ClientEvent::MessageEdit(MessageEdit {
+            channel_id: ch.clone(),
+            message_id: id.clone(),
+            content: content.into(),
+        })
+    };
+    let react = |emoji: &str, action| {
+        ClientEvent::MessageReact(MessageReact {
+            channel_id: ch.clone(),
+            message_id: id.clone(),
+            emoji: emoji.into(),
+            action,
+        })
+    };
+    // Only the author edits.
+    sim.send(b, Some(20), edit("hacked"));
+    assert_eq!(error_code(&rb.take(), 20), ErrorCode::Forbidden);
+    sim.send(a, Some(21), edit("hello, world"));
+    match ack_body(&ra.take(), 21) {
+        AckBody::Event(e) => assert_eq!(e.offset, 2),
+        other => panic!("{other:?}"),
+    }
+    let edited = picked(&rb.take(), |e| match e {
+        ServerEvent::MessageEdited(m) => Some((m.offset, m.content.clone())),
+        _ => None,
+    });
+    assert_eq!(edited, vec![(2, "hello, world".to_string())]);
+    // One reaction per user per emoji; counts per emoji.
+    sim.send(b, Some(22), react("👍", ReactAction::Add));
+    sim.send(b, Some(23), react("👍", ReactAction::Add));
+    sim.send(a, Some(24), react("👍", ReactAction::Add));
+    sim.send(b, Some(25), react("👍", ReactAction::Remove));
+    sim.send(b, Some(26), react("🎉", ReactAction::Remove));
+    let reactions = picked(&ra.take(), |e| match e {
+        ServerEvent::MessageReaction(r) => Some((r.user_id.clone(), r.action, r.count, r.offset)),
+        _ => None,
+    });
+    assert_eq!(
+        reactions,
+        vec![
+            ("bob".to_string(), ReactAction::Add, 1, 3),
+            ("alice".to_string(), ReactAction::Add, 2, 4),
+            ("bob".to_string(), ReactAction::Remove, 1, 5),
+        ],
+        "a repeated add and a remove of nothing change nothing"
+    );
+    let bob_acks = rb.take();
+    for id in [22, 23, 25, 26] {
+        assert!(matches!(ack_body(&bob_acks, id), AckBody::Event(_)));
+    }
+    // History shows the message as it stands.
+    sim.send(
+        a,
+        Some(27),
+        ClientEvent::ChannelGetHistory(GetHistory {
+            channel_id: ch.clone(),
+            limit: None,
+            before: None,
+        }),
+    );
+    match ack_body(&ra.take(), 27) {
+        AckBody::History(h) => {
+            let m = &h.messages[0];
+            assert_eq!(m.message.content, "hello, world");
+            assert_eq!(m.edited_at, Some(sim.now));
+            assert_eq!(m.reactions.len(), 1);
+            assert_eq!(
+                (m.reactions[0].count, m.reactions[0].user_ids.clone()),
+                (1, vec!["alice".to_string()])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Only the author deletes; then the message is gone.
+    sim.send(
+        b,
+        Some(28),
+        ClientEvent::MessageDelete(message_ref(&ch, &id)),
+    );
+    assert_eq!(error_code(&rb.take(), 28), ErrorCode::Forbidden);
+    sim.send(
+        a,
+        Some(29),
+        ClientEvent::MessageDelete(message_ref(&ch, &id)),
+    );
+    assert_eq!(names(&rb.take()), ["message:deleted"]);
+    sim.send(a, Some(30), edit("again"));
+    assert_eq!(error_code(&ra.take(), 30), ErrorCode::NotFound);
+    // A client that saw only the message gets every later event, in order.
+    let epoch = epoch_of(&sim, &ch);
+    let (c, rc) = sim.connect(1, "carol", Protocol::Json);
+    sim.send(c, Some(31), join_since(&ch, 1, &epoch));
+    let replayed: Vec<&str> = names(&rc.take()).into_iter().skip(1).collect();
+    assert_eq!(
+        replayed,
+        [
+            "message:edited",
+            "message:reaction",
+            "message:reaction",
+            "message:reaction",
+            "message:deleted"
+        ]
+    );
+}
+
+#[test]
+fn a_resent_nonce_is_answered_but_not_published_twice() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(a, &ch);
+    sim.join(b, &ch);
+    ra.take();
+    rb.take();
+    let send = MessageSend {
+        nonce: Some("n-1".into()),
+        ..MessageSend::new(ch.as_str(), "once")
+    };
+    sim.send(a, Some(40), ClientEvent::MessageSend(send.clone()));
+    sim.send(a, Some(41), ClientEvent::MessageSend(send));
+    let got = ra.take();
+    let (first, second) = match (ack_body(&got, 40), ack_body(&got, 41)) {
+        (AckBody::Send(x), AckBody::Send(y)) => (x, y),
+        other => panic!("{other:?}"),
+    };
+    assert!(!first.duplicate && second.duplicate);
+    assert_eq!(first.message_id, second.message_id);
+    assert_eq!(second.nonce.as_deref(), Some("n-1"));
+    let news = picked(&rb.take(), |e| match e {
+        ServerEvent::MessageNew(m) => Some(m.nonce.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        news,
+        vec![Some("n-1".to_string())],
+        "published once, nonce echoed"
+    );
+}
+
+fn notifications(msgs: &[ServerMessage]) -> Vec<Notification> {
+    picked(msgs, |e| match e {
+        ServerEvent::NotificationNew(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn mentions_notify_users_outside_the_channel_now_or_when_they_connect() {
+    let mut sim = Sim::new(3);
+    let ch = channel_owned_by(0, 3);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    let (_c, rc) = sim.connect(2, "carol", Protocol::Binary);
+    sim.join(a, &ch);
+    sim.join(b, &ch);
+    ra.take();
+    rb.take();
+    let send = MessageSend {
+        mentions: vec![
+            "bob".into(),
+            "carol".into(),
+            "dave".into(),
+            "alice".into(),
+            "carol".into(),
+        ],
+        ..MessageSend::new(ch.as_str(), "hey all")
+    };
+    sim.send(a, Some(50), ClientEvent::MessageSend(send));
+    let to_bob = rb.take();
+    let mentions = picked(&to_bob, |e| match e {
+        ServerEvent::MessageNew(m) => Some(m.mentions.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        mentions,
+        vec![vec![
+            "bob".to_string(),
+            "carol".into(),
+            "dave".into(),
+            "alice".into()
+        ]]
+    );
+    assert!(notifications(&to_bob).is_empty(), "bob is in the channel");
+    assert!(
+        notifications(&ra.take()).is_empty(),
+        "no notification for mentioning oneself"
+    );
+    let to_carol = notifications(&rc.take());
+    assert_eq!(to_carol.len(), 1, "one notification despite two mentions");
+    assert_eq!(to_carol[0].kind, "mention");
+    let data: serde_json::Value =
+        serde_json::from_str(&to_carol[0].data.as_ref().unwrap().0).unwrap();
+    assert_eq!(
+        (data["channelId"].as_str(), data["fromUserId"].as_str()),
+        (Some(ch.as_str()), Some("alice"))
+    );
+    // Dave was offline: his notification waits for him.
+    sim.advance(1000);
+    let (d, rd) = sim.connect(1, "dave", Protocol::Json);
+    let on_connect = notifications(&rd.take());
+    assert_eq!(on_connect.len(), 1);
+    let nid = on_connect[0].notification_id.clone();
+    sim.send(d, Some(51), ClientEvent::NotificationGetPending);
+    match ack_body(&rd.take(), 51) {
+        AckBody::Notifications(n) => {
+            assert_eq!(n.notifications.len(), 1);
+            assert!(!n.notifications[0].read);
+        }
+        other => panic!("{other:?}"),
+    }
+    sim.send(
+        d,
+        Some(52),
+        ClientEvent::NotificationRead(NotificationIds {
+            notification_ids: vec![nid.clone()],
+        }),
+    );
+    sim.send(d, Some(53), ClientEvent::NotificationGetPending);
+    match ack_body(&rd.take(), 53) {
+        AckBody::Notifications(n) => assert!(n.notifications[0].read),
+        other => panic!("{other:?}"),
+    }
+    sim.send(
+        d,
+        Some(54),
+        ClientEvent::NotificationClear(NotificationRef {
+            notification_id: nid.clone(),
+        }),
+    );
+    sim.send(
+        d,
+        Some(55),
+        ClientEvent::NotificationClear(NotificationRef {
+            notification_id: nid,
+        }),
+    );
+    let got = rd.take();
+    assert!(matches!(ack_body(&got, 54), AckBody::Empty(_)));
+    assert_eq!(error_code(&got, 55), ErrorCode::NotFound);
+}
+
+#[test]
+fn notifications_expire() {
+    let settings = Settings {
+        notification_ttl_ms: 10_000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(2, settings);
+    let ch = channel_owned_by(0, 2);
+    let (a, _ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &ch);
+    let send = MessageSend {
+        mentions: vec!["zed".into()],
+        ..MessageSend::new(ch.as_str(), "ping")
+    };
+    sim.send(a, Some(1), ClientEvent::MessageSend(send));
+    sim.advance(10_001);
+    let (_z, rz) = sim.connect(1, "zed", Protocol::Json);
+    assert!(
+        notifications(&rz.take()).is_empty(),
+        "expired before zed came"
+    );
+    let home = home_of("zed", 2) as usize;
+    assert!(sim.shards[home]
+        .users
+        .get("zed")
+        .is_none_or(|u| u.notifications.is_empty()));
+}
+
+#[test]
+fn typing_is_announced_once_expires_and_stops_with_a_message_or_a_drop() {
+    let settings = Settings {
+        typing_timeout_ms: 8000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(2, settings);
+    let ch = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(a, &ch);
+    sim.join(b, &ch);
+    ra.take();
+    rb.take();
+    let typing = |start| {
+        let c = ChannelRef {
+            channel_id: ch.clone(),
+        };
+        if start {
+            ClientEvent::TypingStart(c)
+        } else {
+            ClientEvent::TypingStop(c)
+        }
+    };
+    sim.send(a, Some(60), typing(true));
+    assert_eq!(names(&rb.take()), ["typing:user_start"]);
+    assert_eq!(
+        names(&ra.take()),
+        ["ack"],
+        "the typist does not hear itself"
+    );
+    sim.advance(3000);
+    sim.send(a, Some(61), typing(true));
+    assert!(
+        rb.take().is_empty(),
+        "a repeated start is not broadcast again"
+    );
+    sim.send(
+        b,
+        Some(62),
+        ClientEvent::TypingGetActive(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    );
+    match ack_body(&rb.take(), 62) {
+        AckBody::Typing(t) => assert_eq!(t.user_ids, ["alice"]),
+        other => panic!("{other:?}"),
+    }
+    // The refresh moved the expiry: 8 s after the first start it still runs.
+    sim.advance(5500);
+    assert!(rb.take().is_empty());
+    sim.advance(3000);
+    assert_eq!(names(&rb.take()), ["typing:user_stop"]);
+    // A message stops typing, before it arrives.
+    sim.send(a, Some(63), typing(true));
+    rb.take();
+    sim.publish(a, &ch, "done");
+    assert_eq!(names(&rb.take()), ["typing:user_stop", "message:new"]);
+    // So does dropping the connection.
+    sim.send(a, Some(64), typing(true));
+    rb.take();
+    sim.close(a);
+    assert_eq!(
+        names(&rb.take()),
+        ["typing:user_stop", "channel:member_left"]
+    );
+    sim.advance(10_000);
+    assert!(rb.take().is_empty(), "nothing left to expire");
+}
+
+fn presence_changes(msgs: &[ServerMessage]) -> Vec<(String, Status, Vec<DeviceKind>)> {
+    picked(msgs, |e| match e {
+        ServerEvent::PresenceChanged(p) => Some((p.user_id.clone(), p.status, p.devices.clone())),
+        _ => None,
+    })
+}
+
+fn presence_update(status: Option<Status>, custom: Option<Option<&str>>) -> ClientEvent {
+    ClientEvent::PresenceUpdate(PresenceUpdate {
+        status,
+        custom_status: custom.map(|c| c.map(Into::into)),
+        activity: None,
+        device: None,
+    })
+}
+
+#[test]
+fn presence_aggregates_devices_announces_only_changes_and_waits_out_the_grace() {
+    let settings = Settings {
+        presence_grace_ms: 5000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(3, settings);
+    let (w, rw) = sim.connect(0, "watcher", Protocol::Json);
+    sim.send(
+        w,
+        Some(1),
+        ClientEvent::PresenceSubscribe(UserIds {
+            user_ids: vec!["alice".into()],
+        }),
+    );
+    match ack_body(&rw.take(), 1) {
+        AckBody::Presences(p) => assert_eq!(p.presences[0].status, Status::Offline),
+        other => panic!("{other:?}"),
+    }
+    use DeviceKind::{Mobile, Web};
+    let (a1, ra1) = sim.connect_device(1, "alice", Protocol::Json, Web);
+    assert_eq!(
+        presence_changes(&rw.take()),
+        [("alice".into(), Status::Online, vec![Web])]
+    );
+    let (a2, ra2) = sim.connect_device(2, "alice", Protocol::Binary, Mobile);
+    assert_eq!(
+        presence_changes(&rw.take()),
+        [("alice".into(), Status::Online, vec![Mobile, Web])]
+    );
+    // The most available device wins: dnd on one, online on the other.
+    sim.send(a1, Some(2), presence_update(Some(Status::Dnd), None));
+    assert!(
+        presence_changes(&rw.take()).is_empty(),
+        "still online thanks to the phone"
+    );
+    sim.send(a2, Some(3), presence_update(Some(Status::Idle), None));
+    assert_eq!(
+        presence_changes(&rw.take()),
+        [("alice".into(), Status::Idle, vec![Mobile, Web])]
+    );
+    // An invisible device disappears from what others see.
+    sim.send(a2, Some(4), presence_update(Some(Status::Invisible), None));
+    assert_eq!(
+        presence_changes(&rw.take()),
+        [("alice".into(), Status::Dnd, vec![Web])]
+    );
+    sim.send(
+        a1,
+        Some(5),
+        presence_update(None, Some(Some("in a meeting"))),
+    );
+    sim.send(
+        a1,
+        Some(6),
+        presence_update(None, Some(Some("in a meeting"))),
+    );
+    let custom = picked(&rw.take(), |e| match e {
+        ServerEvent::PresenceChanged(p) => Some(p.custom_status.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        custom,
+        vec![Some("in a meeting".to_string())],
+        "the same update twice is announced once"
+    );
+    sim.send(a1, Some(7), presence_update(Some(Status::Offline), None));
+    assert_eq!(error_code(&ra1.take(), 7), ErrorCode::BadRequest);
+    ra2.take();
+    // A quick reconnect within the grace period does not flap.
+    sim.close(a2);
+    sim.close(a1);
+    sim.advance(2000);
+    assert!(presence_changes(&rw.take()).is_empty());
+    let (a3, _ra3) = sim.connect_device(1, "alice", Protocol::Json, Web);
+    sim.advance(10_000);
+    let seen = presence_changes(&rw.take());
+    assert_eq!(
+        seen,
+        [("alice".into(), Status::Online, vec![Web])],
+        "back online: her statuses were per device"
+    );
+    // Gone for good: offline once the grace period is over, not before.
+    sim.close(a3);
+    sim.advance(4000);
+    assert!(presence_changes(&rw.take()).is_empty());
+    sim.advance(1001);
+    assert_eq!(
+        presence_changes(&rw.take()),
+        [("alice".into(), Status::Offline, vec![])]
+    );
+    // Bulk queries keep the order asked; unknown users are offline.
+    sim.send(
+        w,
+        Some(8),
+        ClientEvent::PresenceGetBulk(UserIds {
+            user_ids: vec!["nobody".into(), "alice".into(), "watcher".into()],
+        }),
+    );
+    match ack_body(&rw.take(), 8) {
+        AckBody::Presences(p) => {
+            let got: Vec<(&str, Status)> = p
+                .presences
+                .iter()
+                .map(|v| (v.user_id.as_str(), v.status))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("nobody", Status::Offline),
+                    ("alice", Status::Offline),
+                    ("watcher", Status::Online)
+                ]
+            );
+            assert!(p.presences[1].last_seen > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    // After unsubscribing, nothing more arrives.
+    sim.send(
+        w,
+        Some(9),
+        ClientEvent::PresenceUnsubscribe(UserIds {
+            user_ids: vec!["alice".into()],
+        }),
+    );
+    rw.take();
+    sim.connect(2, "alice", Protocol::Json);
+    assert!(presence_changes(&rw.take()).is_empty());
+}
+
+#[test]
+fn presence_subscriptions_are_bounded_and_dropped_with_the_connection() {
+    let settings = Settings {
+        max_subscriptions: 3,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(2, settings);
+    let (w, rw) = sim.connect(0, "watcher", Protocol::Json);
+    let users = |n: usize| UserIds {
+        user_ids: (0..n).map(|i| format!("u{i}")).collect(),
+    };
+    sim.send(w, Some(1), ClientEvent::PresenceSubscribe(users(4)));
+    assert_eq!(error_code(&rw.take(), 1), ErrorCode::TooLarge);
+    sim.send(w, Some(2), ClientEvent::PresenceSubscribe(users(3)));
+    assert!(matches!(ack_body(&rw.take(), 2), AckBody::Presences(p) if p.presences.len() == 3));
+    let subscribers = |sim: &Sim| -> usize {
+        sim.shards
+            .iter()
+            .flat_map(|s| s.users.values())
+            .map(|u| u.subscribers.len())
+            .sum()
+    };
+    assert_eq!(subscribers(&sim), 3);
+    sim.close(w);
+    assert_eq!(
+        subscribers(&sim),
+        0,
+        "closing a connection removes its subscriptions everywhere"
+    );
+}
+
+#[test]
+fn direct_messages_reach_every_device_of_both_users() {
+    let mut sim = Sim::new(3);
+    let (a1, ra1) = sim.connect(0, "alice", Protocol::Json);
+    let (_a2, ra2) = sim.connect(1, "alice", Protocol::Binary);
+    let (b1, rb1) = sim.connect(1, "bob", Protocol::Json);
+    let (_b2, rb2) = sim.connect(2, "bob", Protocol::Json);
+    let dm = |text: &str, nonce: &str| {
+        ClientEvent::DmSend(DmSend {
+            to_user_id: "bob".into(),
+            content: text.into(),
+            nonce: Some(nonce.into()),
+        })
+    };
+    sim.send(a1, Some(1), dm("hi bob", "n1"));
+    let got = ra1.take();
+    let id = match ack_body(&got, 1) {
+        AckBody::Dm(d) => {
+            assert!(!d.duplicate);
+            d.message_id
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        names(&got),
+        ["ack"],
+        "the sending device gets the ack, not dm:sent"
+    );
+    let sent = picked(&ra2.take(), |e| match e {
+        ServerEvent::DmSent(m) => Some(m.message_id.clone()),
+        _ => None,
+    });
+    assert_eq!(sent, vec![id.clone()]);
+    for r in [&rb1, &rb2] {
+        let new = picked(&r.take(), |e| match e {
+            ServerEvent::DmNew(m) => Some((
+                m.message_id.clone(),
+                m.from_user_id.clone(),
+                m.content.clone(),
+            )),
+            _ => None,
+        });
+        assert_eq!(
+            new,
+            vec![(id.clone(), "alice".to_string(), "hi bob".to_string())]
+        );
+    }
+    // A resend is recognised.
+    sim.send(a1, Some(2), dm("hi bob", "n1"));
+    assert!(
+        matches!(ack_body(&ra1.take(), 2), AckBody::Dm(d) if d.duplicate && d.message_id == id)
+    );
+    assert!(rb1.take().is_empty() && rb2.take().is_empty());
+    // Conversations: bob has one unread from alice; alice's is read.
+    sim.send(
+        b1,
+        Some(3),
+        ClientEvent::DmGetConversations(Limit { limit: None }),
+    );
+    match ack_body(&rb1.take(), 3) {
+        AckBody::Conversations(c) => {
+            assert_eq!(c.conversations.len(), 1);
+            assert_eq!(
+                (
+                    c.conversations[0].user_id.as_str(),
+                    c.conversations[0].unread
+                ),
+                ("alice", 1)
+            );
+            assert_eq!(c.conversations[0].last_message.content, "hi bob");
+        }
+        other => panic!("{other:?}"),
+    }
+    sim.send(
+        a1,
+        Some(4),
+        ClientEvent::DmGetConversations(Limit { limit: None }),
+    );
+    match ack_body(&ra1.take(), 4) {
+        AckBody::Conversations(c) => assert_eq!(
+            (
+                c.conversations[0].user_id.as_str(),
+                c.conversations[0].unread
+            ),
+            ("bob", 0)
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Bad input is refused with the field named.
+    sim.send(
+        a1,
+        Some(5),
+        ClientEvent::DmSend(DmSend {
+            to_user_id: String::new(),
+            content: "x".into(),
+            nonce: None,
+        }),
+    );
+    assert_eq!(error_code(&ra1.take(), 5), ErrorCode::BadRequest);
+}
+
+#[test]
+fn delivery_and_read_receipts() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (a2, ra2) = sim.connect(1, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(a, &ch);
+    sim.join(b, &ch);
+    sim.publish(a, &ch, "read me");
+    let id = match ack_body(&ra.take(), 2) {
+        AckBody::Send(s) => s.message_id,
+        other => panic!("{other:?}"),
+    };
+    rb.take();
+    sim.send(
+        b,
+        Some(10),
+        ClientEvent::MessageDelivered(message_ref(&ch, &id)),
+    );
+    // The author hears of it on every device, even one not in the channel.
+    for r in [&ra, &ra2] {
+        let d = picked(&r.take(), |e| match e {
+            ServerEvent::MessageDelivery(d) => Some((d.message_id.clone(), d.user_id.clone())),
+            _ => None,
+        });
+        assert_eq!(d, vec![(id.clone(), "bob".to_string())]);
+    }
+    let _ = a2;
+    sim.send(
+        b,
+        Some(11),
+        ClientEvent::MessageMarkRead(message_ref(&ch, &id)),
+    );
+    sim.send(
+        b,
+        Some(12),
+        ClientEvent::MessageMarkRead(message_ref(&ch, &id)),
+    );
+    let receipts = picked(&ra.take(), |e| match e {
+        ServerEvent::MessageReadReceipt(r) => Some((r.user_id.clone(), r.offset)),
+        _ => None,
+    });
+    assert_eq!(
+        receipts,
+        vec![("bob".to_string(), 1)],
+        "marking again changes nothing"
+    );
+    sim.send(
+        a,
+        Some(13),
+        ClientEvent::MessageGetReadReceipts(message_ref(&ch, &id)),
+    );
+    match ack_body(&ra.take(), 13) {
+        AckBody::ReadReceipts(r) => assert_eq!(
+            r.readers
+                .iter()
+                .map(|r| r.user_id.as_str())
+                .collect::<Vec<_>>(),
+            ["bob"]
+        ),
+        other => panic!("{other:?}"),
+    }
+    sim.send(
+        b,
+        Some(14),
+        ClientEvent::MessageMarkRead(message_ref(&ch, "nope-1")),
+    );
+    assert_eq!(error_code(&rb.take(), 14), ErrorCode::NotFound);
+}
+
+#[test]
+fn voice_keeps_one_channel_per_user_broadcasts_state_and_mints_tokens() {
+    let lk = crate::auth::LiveKit {
+        url: "wss://livekit.example".into(),
+        api_key: "APIkey".into(),
+        api_secret: "a-livekit-secret-of-some-length".into(),
+        token_ttl_s: 600,
+    };
+    let settings = Settings {
+        livekit: Some(lk.clone()),
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(3, settings);
+    let (v1, v2) = (channel_owned_by(1, 3), channel_owned_by(2, 3));
+    let (a1, ra1) = sim.connect(0, "alice", Protocol::Json);
+    let (a2, ra2) = sim.connect(2, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(b, &v1);
+    sim.join(b, &v2);
+    rb.take();
+    let join = |c: &str| {
+        ClientEvent::VoiceJoin(ChannelRef {
+            channel_id: c.into(),
+        })
+    };
+    sim.send(a1, Some(1), join(&v1));
+    let token = match ack_body(&ra1.take(), 1) {
+        AckBody::Voice(v) => {
+            assert_eq!(v.participants.len(), 1);
+            assert_eq!(v.server_url.as_deref(), Some("wss://livekit.example"));
+            v.token.expect("a token")
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_issuer(&["APIkey"]);
+    validation.validate_nbf = true;
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(lk.api_secret.as_bytes()),
+        &validation,
+    );
+    // The clock of the simulation is 1970; check the claims, not the time.
+    let claims = match claims {
+        Ok(c) => c.claims,
+        Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+            let mut v = validation.clone();
+            v.validate_exp = false;
+            v.validate_nbf = false;
+            jsonwebtoken::decode::<serde_json::Value>(
+                &token,
+                &jsonwebtoken::DecodingKey::from_secret(lk.api_secret.as_bytes()),
+                &v,
+            )
+            .unwrap()
+            .claims
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["video"]["room"], v1.as_str());
+    assert_eq!(claims["video"]["roomJoin"], true);
+    assert_eq!(claims["video"]["canPublish"], true);
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["nbf"].as_u64().unwrap(),
+        600
+    );
+    assert_eq!(names(&rb.take()), ["voice:user_joined"]);
+    // State changes are broadcast, no-ops are not.
+    let mute = ClientEvent::VoiceUpdate(VoiceUpdate {
+        muted: Some(true),
+        ..VoiceUpdate::default()
+    });
+    sim.send(a1, Some(2), mute.clone());
+    sim.send(a1, Some(3), mute);
+    let states = picked(&rb.take(), |e| match e {
+        ServerEvent::VoiceStateUpdate(v) => v.state.map(|s| s.muted),
+        _ => None,
+    });
+    assert_eq!(states, vec![true]);
+    // Alice joins another voice channel from her other device: she leaves the first.
+    sim.send(a2, Some(4), join(&v2));
+    let got = rb.take();
+    let voice: Vec<(&str, String)> = got
+        .iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::VoiceUserLeft(v) => Some(("left", v.channel_id.clone())),
+            ServerEvent::VoiceUserJoined(v) => Some(("joined", v.channel_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(voice, [("left", v1.clone()), ("joined", v2.clone())]);
+    ra2.take();
+    sim.send(
+        a1,
+        Some(5),
+        ClientEvent::VoiceUpdate(VoiceUpdate::default()),
+    );
+    assert_eq!(
+        error_code(&ra1.take(), 5),
+        ErrorCode::NotFound,
+        "the first device is no longer in voice"
+    );
+    // Dropping the connection leaves voice.
+    sim.close(a2);
+    assert_eq!(names(&rb.take()), ["voice:user_left"]);
+    sim.send(
+        b,
+        Some(6),
+        ClientEvent::VoiceGetParticipants(ChannelRef {
+            channel_id: v2.clone(),
+        }),
+    );
+    assert!(
+        matches!(ack_body(&rb.take(), 6), AckBody::Voice(v) if v.participants.is_empty() && v.token.is_none())
+    );
+}
+
+fn call_events(msgs: &[ServerMessage]) -> Vec<(&'static str, Option<String>)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::CallIncoming(c) => Some(("incoming", c.sdp.clone())),
+            ServerEvent::CallAnswered(c) => Some(("answered", c.sdp.clone())),
+            ServerEvent::CallRejected(c) => Some(("rejected", c.reason.clone())),
+            ServerEvent::CallEnded(c) => Some(("ended", c.reason.clone())),
+            ServerEvent::CallMissed(c) => Some(("missed", c.reason.clone())),
+            ServerEvent::CallIceCandidate(c) => Some(("ice", Some(c.candidate.0.clone()))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn initiate(to: &str) -> ClientEvent {
+    ClientEvent::CallInitiate(CallInitiate {
+        to_user_id: to.into(),
+        call_type: CallType::Video,
+        sdp: Some("offer".into()),
+    })
+}
+
+fn call_id(msgs: &[ServerMessage], id: u64) -> String {
+    match ack_body(msgs, id) {
+        AckBody::Call(c) => c.call_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn calls_ring_every_device_and_the_first_answer_wins() {
+    let mut sim = Sim::new(3);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b1, rb1) = sim.connect(1, "bob", Protocol::Json);
+    let (b2, rb2) = sim.connect(2, "bob", Protocol::Binary);
+    let (c, rc) = sim.connect(2, "carol", Protocol::Json);
+    sim.send(a, Some(1), initiate("bob"));
+    let call = call_id(&ra.take(), 1);
+    for r in [&rb1, &rb2] {
+        assert_eq!(call_events(&r.take()), [("incoming", Some("offer".into()))]);
+    }
+    let ice = |call: &str, text: &str| {
+        ClientEvent::CallIceCandidate(CallIce {
+            call_id: call.into(),
+            candidate: Json(format!("{{\"candidate\":\"{text}\"}}")),
+        })
+    };
+    // Before an answer, the caller's candidates reach every ringing device.
+    sim.send(a, Some(2), ice(&call, "c1"));
+    assert_eq!(call_events(&rb1.take()).len(), 1);
+    assert_eq!(call_events(&rb2.take()).len(), 1);
+    sim.send(
+        b2,
+        Some(3),
+        ClientEvent::CallAnswer(CallAnswer {
+            call_id: call.clone(),
+            sdp: Some("answer".into()),
+        }),
+    );
+    assert_eq!(
+        call_events(&ra.take()),
+        [("answered", Some("answer".into()))]
+    );
+    assert_eq!(
+        call_events(&rb1.take()),
+        [("ended", Some("answered_elsewhere".into()))]
+    );
+    rb2.take();
+    sim.send(
+        b1,
+        Some(4),
+        ClientEvent::CallAnswer(CallAnswer {
+            call_id: call.clone(),
+            sdp: None,
+        }),
+    );
+    assert_eq!(
+        error_code(&rb1.take(), 4),
+        ErrorCode::BadRequest,
+        "the second answer loses"
+    );
+    // Now candidates go only between the two parties.
+    sim.send(a, Some(5), ice(&call, "c2"));
+    assert!(call_events(&rb1.take()).is_empty());
+    assert_eq!(
+        call_events(&rb2.take()),
+        [("ice", Some("{\"candidate\":\"c2\"}".into()))]
+    );
+    sim.send(b2, Some(6), ice(&call, "c3"));
+    assert_eq!(
+        call_events(&ra.take()),
+        [("ice", Some("{\"candidate\":\"c3\"}".into()))]
+    );
+    sim.send(c, Some(7), ice(&call, "evil"));
+    assert_eq!(error_code(&rc.take(), 7), ErrorCode::Forbidden);
+    sim.send(c, Some(8), ice("00ff000000000001", "evil"));
+    assert_eq!(error_code(&rc.take(), 8), ErrorCode::NotFound);
+    sim.send(
+        a,
+        Some(9),
+        ClientEvent::CallEnd(CallRef {
+            call_id: call.clone(),
+        }),
+    );
+    assert_eq!(call_events(&rb2.take()), [("ended", Some("ended".into()))]);
+    assert!(call_events(&rb1.take()).is_empty());
+    let placed: usize = sim
+        .shards
+        .iter()
+        .flat_map(|s| s.users.values())
+        .map(|u| u.calls.len())
+        .sum();
+    assert_eq!(placed, 0, "the caller's home forgot the call");
+    assert!(sim.shards.iter().all(|s| s.calls.is_empty()));
+}
+
+#[test]
+fn unanswered_rejected_and_dropped_calls() {
+    let settings = Settings {
+        call_ring_timeout_ms: 30_000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(2, settings);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    // Nobody answers: missed, and bob is told.
+    sim.send(a, Some(1), initiate("bob"));
+    ra.take();
+    rb.take();
+    sim.advance(29_000);
+    assert!(call_events(&ra.take()).is_empty());
+    sim.advance(1_000);
+    assert_eq!(
+        call_events(&ra.take()),
+        [("missed", Some("no_answer".into()))]
+    );
+    let got = rb.take();
+    assert_eq!(call_events(&got), [("ended", Some("missed".into()))]);
+    assert_eq!(notifications(&got)[0].kind, "missed_call");
+    // Rejected.
+    sim.send(a, Some(2), initiate("bob"));
+    let call = call_id(&ra.take(), 2);
+    rb.take();
+    sim.send(
+        b,
+        Some(3),
+        ClientEvent::CallReject(CallReject {
+            call_id: call,
+            reason: Some("busy".into()),
+        }),
+    );
+    assert_eq!(call_events(&ra.take()), [("rejected", Some("busy".into()))]);
+    // Calling someone offline: missed at once, noted for later.
+    sim.send(a, Some(4), initiate("dave"));
+    let got = ra.take();
+    assert!(matches!(ack_body(&got, 4), AckBody::Call(_)));
+    assert_eq!(call_events(&got), [("missed", Some("offline".into()))]);
+    let (_d, rd) = sim.connect(1, "dave", Protocol::Json);
+    assert_eq!(notifications(&rd.take())[0].kind, "missed_call");
+    // The caller drops while ringing: bob stops ringing.
+    sim.send(a, Some(5), initiate("bob"));
+    ra.take();
+    rb.take();
+    sim.close(a);
+    assert_eq!(
+        call_events(&rb.take()),
+        [("ended", Some("disconnected".into()))]
+    );
+    // The answering device drops: the caller is told.
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.send(a, Some(6), initiate("bob"));
+    let call = call_id(&ra.take(), 6);
+    sim.send(
+        b,
+        Some(7),
+        ClientEvent::CallAnswer(CallAnswer {
+            call_id: call,
+            sdp: None,
+        }),
+    );
+    ra.take();
+    sim.close(b);
+    assert_eq!(
+        call_events(&ra.take()),
+        [("ended", Some("disconnected".into()))]
+    );
+    assert!(sim.shards.iter().all(|s| s.calls.is_empty()));
+    sim.advance(60_000);
+    assert!(
+        call_events(&ra.take()).is_empty(),
+        "nothing rings out later"
+    );
+}
+
+#[test]
+fn a_dropped_session_resumes_on_another_shard_with_exactly_what_it_missed() {
+    let settings = Settings {
+        resume_window_ms: 60_000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(3, settings);
+    let (c1, c2) = (channel_owned_by(1, 3), channel_owned_by(2, 3));
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(2, "bob", Protocol::Json);
+    for c in [&c1, &c2] {
+        sim.join(a, c);
+        sim.join(b, c);
+    }
+    sim.publish(b, &c1, "m1");
+    assert_eq!(contents(&ra.take()), vec![(1, "m1".into())]);
+    let session = sim.shards[0]
+        .conn(a.conn)
+        .unwrap()
+        .member
+        .session
+        .to_string();
+    sim.close(a);
+    sim.publish(b, &c1, "m2");
+    sim.publish(b, &c1, "m3");
+    sim.publish(b, &c2, "n1");
+    rb.take();
+    // Alice comes back elsewhere and takes her session over.
+    let (a2, ra2) = sim.connect(1, "alice", Protocol::Json);
+    sim.send(
+        a2,
+        Some(9),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: session.clone(),
+            positions: vec![],
+        }),
+    );
+    let got = ra2.take();
+    match ack_body(&got, 9) {
+        AckBody::Resume(r) => {
+            assert_eq!(r.session_id, session);
+            let mut chans: Vec<(String, bool, u64)> = r
+                .channels
+                .iter()
+                .map(|c| (c.channel_id.clone(), c.recovered, c.offset))
+                .collect();
+            chans.sort();
+            let mut want = vec![(c1.clone(), true, 3), (c2.clone(), true, 1)];
+            want.sort();
+            assert_eq!(chans, want);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut missed: Vec<String> = picked(&got, |e| match e {
+        ServerEvent::MessageNew(m) => Some(m.content.clone()),
+        _ => None,
+    });
+    missed.sort();
+    assert_eq!(
+        missed,
+        ["m2", "m3", "n1"],
+        "each missed message once, m1 not again"
+    );
+    assert_eq!(
+        sim.shards[1]
+            .conn(a2.conn)
+            .unwrap()
+            .member
+            .session
+            .to_string(),
+        session
+    );
+    // Live delivery continues on the new connection.
+    sim.publish(b, &c1, "m4");
+    assert_eq!(contents(&ra2.take()), vec![(4, "m4".into())]);
+    // A session resumes once.
+    let (a3, ra3) = sim.connect(2, "alice", Protocol::Json);
+    sim.send(
+        a3,
+        Some(10),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: session.clone(),
+            positions: vec![],
+        }),
+    );
+    assert_eq!(error_code(&ra3.take(), 10), ErrorCode::NotFound);
+    // The client's own positions win over the server's record.
+    let s3 = sim.shards[2]
+        .conn(a3.conn)
+        .unwrap()
+        .member
+        .session
+        .to_string();
+    sim.send(
+        a3,
+        Some(11),
+        ClientEvent::ChannelJoin(ChannelJoin::new(c1.as_str())),
+    );
+    ra3.take();
+    sim.close(a3);
+    let (a4, ra4) = sim.connect(0, "alice", Protocol::Json);
+    let positions = vec![Position {
+        channel_id: c1.clone(),
+        offset: 2,
+        epoch: epoch_of(&sim, &c1),
+    }];
+    sim.send(
+        a4,
+        Some(12),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: s3.clone(),
+            positions,
+        }),
+    );
+    assert_eq!(
+        contents(&ra4.take()),
+        vec![(3, "m3".into()), (4, "m4".into())]
+    );
+    // After the window, nothing to resume.
+    sim.close(a4);
+    sim.advance(60_001);
+    let (a5, ra5) = sim.connect(0, "alice", Protocol::Json);
+    sim.send(
+        a5,
+        Some(13),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: s3,
+            positions: vec![],
+        }),
+    );
+    assert_eq!(error_code(&ra5.take(), 13), ErrorCode::NotFound);
+    sim.send(
+        a5,
+        Some(14),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: "nope".into(),
+            positions: vec![],
+        }),
+    );
+    assert_eq!(error_code(&ra5.take(), 14), ErrorCode::BadRequest);
+}
+
+#[test]
+fn an_emptied_channel_keeps_its_history_for_recovery_then_goes() {
+    let settings = Settings {
+        history_ttl_ms: 10_000,
+        ..Settings::default()
+    };
+    let mut sim = Sim::with(2, settings);
+    let ch = channel_owned_by(1, 2);
+    let (a, _ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &ch);
+    sim.publish(a, &ch, "kept");
+    let epoch = epoch_of(&sim, &ch);
+    sim.close(a);
+    sim.advance(5000);
+    let (b, rb) = sim.connect(0, "alice", Protocol::Json);
+    sim.send(b, Some(1), join_since(&ch, 0, &epoch));
+    let got = rb.take();
+    assert!(
+        matches!(ack_body(&got, 1), AckBody::Join(j) if j.recovered == Some(true) && j.epoch == epoch)
+    );
+    assert_eq!(contents(&got), vec![(1, "kept".into())]);
+    sim.close(b);
+    sim.advance(10_001);
+    assert!(
+        sim.shards[1].owned.is_empty(),
+        "gone once its history expired"
+    );
+}
+
 mod sequences {
     //! Random operation sequences against three shards, with mesh messages
     //! delivered in random partial batches; then invariants.
@@ -547,7 +1915,7 @@ mod sequences {
                 let counted: Vec<[u32; 2]> = sim.shards[owner].owned.get(&*name).map(|o| o.per_shard.clone()).unwrap_or_else(|| vec![[0, 0]; 3]);
                 for (s, engine) in sim.shards.iter().enumerate() {
                     let mut actual = [0u32; 2];
-                    for m in engine.local.get(&*name).into_iter().flatten() {
+                    for m in engine.local.get(&*name).into_iter().flat_map(|l| l.members.iter()) {
                         actual[proto_index(m.protocol)] += 1;
                     }
                     prop_assert_eq!(counted[s], actual, "channel {} shard {}", name, s);
@@ -557,7 +1925,7 @@ mod sequences {
             for ch in 0..3u8 {
                 let name = channel(ch);
                 let members: Vec<usize> = clients.iter().enumerate().filter(|(_, c)| {
-                    c.open && sim.shards[c.at.shard as usize].local.get(&*name).is_some_and(|l| l.iter().any(|m| m.conn == c.at.conn))
+                    c.open && sim.shards[c.at.shard as usize].local.get(&*name).is_some_and(|l| l.members.iter().any(|m| m.conn == c.at.conn))
                 }).map(|(i, _)| i).collect();
                 let Some(&first) = members.first() else { continue };
                 sim.publish(clients[first].at, &name, "final");

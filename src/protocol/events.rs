@@ -274,6 +274,7 @@ wire_type! {
 
 wire_type! {
     /// `voice:update`: the fields to change.
+    #[derive(Default)]
     pub struct VoiceUpdate {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub muted: Option<bool>,

@@ -31,12 +31,12 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 
-use crate::engine::{ConnId, Engine, Limits, Member, MeshMsg, MeshTx, SessionId, ShardId};
+use crate::engine::{ConnId, Engine, Member, MeshMsg, MeshTx, SessionId, ShardId};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::protocol::{
-    self, binary, json, AckBody, ClientEvent, DecodeError, Empty, ErrorCode, Protocol, Ready,
-    ServerEvent, ServerMessage,
+    self, binary, json, AckBody, ClientEvent, DecodeError, DeviceKind, Empty, ErrorCode, Protocol,
+    Ready, ServerEvent, ServerMessage,
 };
 use crate::ws::handshake::{self, HandshakeConfig, Request, Upgrade};
 use crate::ws::{close, frame, Decoder, Message, OpCode};
@@ -181,11 +181,7 @@ impl Shard {
             engine: RefCell::new(Engine::new(
                 id as ShardId,
                 n as u16,
-                Limits {
-                    max_channels_per_connection: node.config.max_channels_per_connection,
-                    max_content_chars: node.config.max_content_chars,
-                    ..Limits::default()
-                },
+                node.config.engine_settings(),
                 node.metrics[id].clone(),
                 random_u64(),
             )),
@@ -259,6 +255,7 @@ async fn shard_main(
     let shard = Shard::new(id, node);
     monoio::spawn(drain_mesh(shard.clone(), bell));
     monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(engine_timers(shard.clone()));
     monoio::spawn(accept_loop(shard.clone(), listener));
     shard.node.shard_started(id, driver);
     tracing::info!(shard = id, io_driver = driver, "shard started");
@@ -358,6 +355,23 @@ async fn sweep(shard: Rc<Shard>) {
     }
 }
 
+/// Runs the engine's deadlines (epoll driver; the io_uring loop checks them
+/// every round). Wakes at the next deadline, or every 100 ms to notice new
+/// ones.
+async fn engine_timers(shard: Rc<Shard>) {
+    loop {
+        let wait = shard
+            .engine_wait()
+            .unwrap_or(Duration::from_millis(100))
+            .clamp(Duration::from_millis(1), Duration::from_millis(100));
+        monoio::time::sleep(wait).await;
+        if shard.stop.is_set() {
+            return;
+        }
+        shard.tick_engine();
+    }
+}
+
 async fn write_and_close(mut stream: TcpStream, response: Vec<u8>) {
     let (_, _) = stream.write_all(response).await;
     let _ = stream.shutdown().await;
@@ -408,6 +422,7 @@ enum Routed {
         up: Upgrade,
         echo: bool,
         user: Option<String>,
+        device: DeviceKind,
         response: Vec<u8>,
     },
 }
@@ -435,6 +450,20 @@ impl Shard {
         if self.node.is_draining() {
             return Routed::Reply(handshake::http_response(503, "", "text/plain", b"draining"));
         }
+        let device = match up.device.as_deref() {
+            None => DeviceKind::Web,
+            Some(d) => match DeviceKind::parse(d) {
+                Some(k) => k,
+                None => {
+                    return Routed::Reply(handshake::http_response(
+                        400,
+                        "",
+                        "text/plain",
+                        b"bad_device: device must be desktop, mobile or web",
+                    ))
+                }
+            },
+        };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
             (Some(t), false) => match self.node.verifier.verify(t) {
@@ -457,6 +486,7 @@ impl Shard {
             up,
             echo,
             user,
+            device,
             response,
         }
     }
@@ -522,6 +552,27 @@ impl Shard {
         }
     }
 
+    /// Runs the engine's deadlines that are due (typing expiry, presence
+    /// grace, ringing calls, …).
+    fn tick_engine(&self) {
+        let Some(due) = self.engine.borrow().next_deadline() else {
+            return;
+        };
+        let now = now_ms();
+        if now < due {
+            return;
+        }
+        let mut outbox = self.outbox.borrow_mut();
+        self.engine.borrow_mut().tick(now, &mut *outbox);
+        outbox.flush();
+    }
+
+    /// Time until the engine's next deadline, if it has one.
+    fn engine_wait(&self) -> Option<Duration> {
+        let due = self.engine.borrow().next_deadline()?;
+        Some(Duration::from_millis(due.saturating_sub(now_ms())))
+    }
+
     /// How often the sweep runs: a quarter of the shortest timeout.
     fn sweep_tick(&self) -> Duration {
         let c = &self.node.config;
@@ -551,14 +602,15 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
         Some(Ok(r)) => r,
     };
     let _ = buf.split_to(consumed);
-    let (up, echo, user, response) = match shard.route(req) {
+    let (up, echo, user, device, response) = match shard.route(req) {
         Routed::Reply(r) => return write_and_close(stream, r).await,
         Routed::Accept {
             up,
             echo,
             user,
+            device,
             response,
-        } => (up, echo, user, response),
+        } => (up, echo, user, device, response),
     };
     let (res, _) = stream.write_all(response).await;
     if res.is_err() {
@@ -570,7 +622,7 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
     if buf.is_empty() {
         buf = BytesMut::new();
     }
-    monoio::spawn(serve_ws(shard, stream, buf, up, echo, user));
+    monoio::spawn(serve_ws(shard, stream, buf, up, echo, user, device));
 }
 
 fn plain_http(node: &Node, method: &str, path: &str) -> Vec<u8> {
@@ -668,6 +720,7 @@ enum Next {
 /// (the io_uring loop or the epoll task), which already holds them.
 struct Session {
     protocol: Protocol,
+    device: DeviceKind,
     mode: Mode,
 }
 
@@ -679,11 +732,13 @@ impl Session {
         shard: &Shard,
         io: &Rc<ConnIo>,
         protocol: Protocol,
+        device: DeviceKind,
         echo: bool,
         user: Option<String>,
     ) -> Session {
         let mut s = Session {
             protocol,
+            device,
             mode: if echo {
                 Mode::Echo
             } else {
@@ -721,7 +776,18 @@ impl Session {
             session,
             protocol: self.protocol,
         };
-        let id = shard.engine.borrow_mut().open(io.clone(), member);
+        let id = {
+            let mut outbox = shard.outbox.borrow_mut();
+            let id = shard.engine.borrow_mut().open(
+                io.clone(),
+                member,
+                self.device,
+                now_ms(),
+                &mut *outbox,
+            );
+            outbox.flush();
+            id
+        };
         self.mode = Mode::Authenticated(id);
         io.auth_deadline.set(NEVER);
         if ack.is_some() {
@@ -830,6 +896,7 @@ async fn serve_ws(
     up: Upgrade,
     echo: bool,
     user: Option<String>,
+    device: DeviceKind,
 ) {
     let io = Rc::new(ConnIo::for_task(
         stream.as_raw_fd(),
@@ -842,7 +909,7 @@ async fn serve_ws(
     metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
-    let mut s = Session::new(&shard, &io, up.protocol, echo, user);
+    let mut s = Session::new(&shard, &io, up.protocol, device, echo, user);
     let mut decoder = Decoder::new(shard.node.config.max_message_size);
     let mut read_size = ReadSize::new();
     'conn: loop {

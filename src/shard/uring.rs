@@ -357,6 +357,7 @@ impl Loop {
             let mut work = self.complete();
             work += self.decode_received();
             work += self.shard.drain_mesh();
+            self.shard.tick_engine();
             self.shard.outbox.borrow_mut().flush();
             let now = Instant::now();
             if now >= next_sweep {
@@ -400,6 +401,9 @@ impl Loop {
                 if let Some(&(due, ..)) = self.delayed.front() {
                     let wait = due.saturating_sub(self.shard.outq.ms(now));
                     until = until.min(Duration::from_millis(wait));
+                }
+                if let Some(engine) = self.shard.engine_wait() {
+                    until = until.min(engine);
                 }
                 let r = self.wait(until.max(Duration::from_micros(100)));
                 self.shard.node.mesh.unpark(me);
@@ -1005,13 +1009,14 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
             up,
             echo,
             user,
+            device,
             response,
         } => {
             conn.io.push_control(Bytes::from(response));
             let m = shard.metrics();
             m.connections.inc();
             m.connections_total.inc();
-            let session = Session::new(shard, &conn.io, up.protocol, echo, user);
+            let session = Session::new(shard, &conn.io, up.protocol, device, echo, user);
             conn.phase = Phase::Ws {
                 session,
                 decoder: Decoder::new(shard.node.config.max_message_size),

@@ -51,6 +51,8 @@ pub struct Upgrade {
     pub path: String,
     /// `?token=` from the query string.
     pub query_token: Option<String>,
+    /// `?device=` (desktop, mobile, web) from the query string.
+    pub device: Option<String>,
     /// The token from `Authorization: Bearer`.
     pub bearer: Option<String>,
     pub protocol: Protocol,
@@ -263,10 +265,12 @@ pub fn parse_request(
     });
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     let query_token = query_param(query, "token");
+    let device = query_param(query, "device");
     Ok(Some((
         Request::Upgrade(Upgrade {
             path: route.to_owned(),
             query_token,
+            device,
             bearer,
             protocol,
             protocol_offered,

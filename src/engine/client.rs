@@ -1,0 +1,735 @@
+//! The connection's shard: client messages checked and passed on to the
+//! owner or home shard they concern, and the answers to joins.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn check_channel_id(&self, channel: &str) -> Result<(), String> {
+        if channel.is_empty() || channel.len() > self.s.max_channel_id_bytes {
+            return Err(format!(
+                "`channelId` must be 1 to {} bytes",
+                self.s.max_channel_id_bytes
+            ));
+        }
+        if !channel.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("`channelId` must be printable ASCII without spaces".into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_content(
+        &self,
+        field: &str,
+        content: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let max = self.s.max_content_chars;
+        if content.len() > max && content.chars().count() > max {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("`{field}` is longer than {max} characters"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The channel, when this connection has joined it.
+    pub(super) fn joined(&self, id: ConnId, channel: &str) -> Option<Arc<str>> {
+        self.conn(id)?
+            .channels
+            .iter()
+            .find(|(c, s)| **c == *channel && *s == JoinState::Joined)
+            .map(|(c, _)| c.clone())
+    }
+
+    /// Handles a decoded message from a local, authenticated connection.
+    pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let ack = msg.id;
+        let from = Some((self.here(id), member.protocol));
+        use ClientEvent as E;
+        match msg.event {
+            E::Heartbeat => self.reply(
+                id,
+                &ServerMessage {
+                    id: ack,
+                    event: ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: now }),
+                },
+            ),
+            E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
+            E::SessionResume(r) => self.resume(id, ack, r, now, tx),
+            E::ChannelJoin(j) => self.join(id, ack, j.channel_id, j.since, None, now, tx),
+            E::ChannelLeave(c) => self.leave(id, ack, &c.channel_id, now, tx),
+            E::MessageSend(m) => self.send(id, ack, m, now, tx),
+            E::MessageEdit(m) => {
+                if let Err((code, e)) = self.check_content("content", &m.content) {
+                    return self.error(id, ack, code, e);
+                }
+                self.channel_op(
+                    id,
+                    ack,
+                    &m.channel_id,
+                    ChanCmd::Edit {
+                        message_id: m.message_id,
+                        content: m.content,
+                    },
+                    now,
+                    tx,
+                )
+            }
+            E::MessageDelete(m) => self.channel_op(
+                id,
+                ack,
+                &m.channel_id,
+                ChanCmd::Delete {
+                    message_id: m.message_id,
+                },
+                now,
+                tx,
+            ),
+            E::MessageReact(r) => {
+                if r.emoji.is_empty()
+                    || r.emoji.len() > MAX_EMOJI_BYTES
+                    || r.emoji.chars().any(char::is_control)
+                {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::BadRequest,
+                        format!("`emoji` must be 1 to {MAX_EMOJI_BYTES} bytes"),
+                    );
+                }
+                let channel = r.channel_id.clone();
+                self.channel_op(id, ack, &channel, ChanCmd::React(r), now, tx)
+            }
+            E::MessageDelivered(m) => self.channel_op(
+                id,
+                ack,
+                &m.channel_id,
+                ChanCmd::Delivered {
+                    message_id: m.message_id,
+                },
+                now,
+                tx,
+            ),
+            E::MessageMarkRead(m) => self.channel_op(
+                id,
+                ack,
+                &m.channel_id,
+                ChanCmd::MarkRead {
+                    message_id: m.message_id,
+                },
+                now,
+                tx,
+            ),
+            E::MessageGetReadReceipts(m) => self.channel_op(
+                id,
+                ack,
+                &m.channel_id,
+                ChanCmd::ReadReceipts {
+                    message_id: m.message_id,
+                },
+                now,
+                tx,
+            ),
+            E::ChannelGetHistory(h) => {
+                let channel = h.channel_id.clone();
+                self.channel_op(id, ack, &channel, ChanCmd::History(h), now, tx)
+            }
+            E::ChannelGetMembers(c) => {
+                self.channel_op(id, ack, &c.channel_id, ChanCmd::Members, now, tx)
+            }
+            E::TypingStart(c) => {
+                self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingStart, now, tx)
+            }
+            E::TypingStop(c) => {
+                self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingStop, now, tx)
+            }
+            E::TypingGetActive(c) => {
+                self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingActive, now, tx)
+            }
+            E::DmSend(d) => {
+                if let Err(e) = check_id("toUserId", &d.to_user_id) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                if let Err((code, e)) = self.check_content("content", &d.content) {
+                    return self.error(id, ack, code, e);
+                }
+                if let Some(Err(e)) = d.nonce.as_deref().map(|n| check_id("nonce", n)) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                self.send_user_op(member.user, from, ack, UserCmd::DmSend(d), now, tx)
+            }
+            E::DmGetConversations(l) => self.send_user_op(
+                member.user,
+                from,
+                ack,
+                UserCmd::Conversations { limit: l.limit },
+                now,
+                tx,
+            ),
+            E::PresenceUpdate(p) => {
+                if let Err(e) = check_presence(&p) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                if let Some(d) = p.device {
+                    if let Some(c) = self.conn_mut(id) {
+                        c.device = d;
+                    }
+                }
+                self.send_user_op(member.user, from, ack, UserCmd::Update(p), now, tx)
+            }
+            E::PresenceHeartbeat => {
+                self.send_user_op(member.user, from, ack, UserCmd::Heartbeat, now, tx)
+            }
+            E::PresenceSubscribe(u) => self.presence_query(id, ack, u.user_ids, true, now, tx),
+            E::PresenceGetBulk(u) => self.presence_query(id, ack, u.user_ids, false, now, tx),
+            E::PresenceUnsubscribe(u) => {
+                let Some(c) = self.conn_mut(id) else { return };
+                let mut gone = Vec::new();
+                c.subscriptions.retain(|s| {
+                    let drop = u.user_ids.iter().any(|u| **u == **s);
+                    if drop {
+                        gone.push(s.clone());
+                    }
+                    !drop
+                });
+                self.unsubscribe_all(id, gone, now, tx);
+                self.reply(id, &empty_ack(ack));
+            }
+            E::VoiceJoin(c) => {
+                if let Err(e) = self.check_channel_id(&c.channel_id) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                let channel = c.channel_id.into();
+                self.send_user_op(
+                    member.user,
+                    from,
+                    ack,
+                    UserCmd::VoiceJoin { channel },
+                    now,
+                    tx,
+                )
+            }
+            E::VoiceLeave => {
+                self.send_user_op(member.user, from, ack, UserCmd::VoiceLeave, now, tx)
+            }
+            E::VoiceUpdate(u) => {
+                self.send_user_op(member.user, from, ack, UserCmd::VoiceUpdate(u), now, tx)
+            }
+            E::VoiceGetParticipants(c) => {
+                if let Err(e) = self.check_channel_id(&c.channel_id) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                // Any connection may look (membership is not required for voice).
+                let channel: Arc<str> = c.channel_id.into();
+                let op = ChannelOp {
+                    channel: channel.clone(),
+                    from: self.here(id),
+                    member,
+                    ack,
+                    op: ChanCmd::VoiceParticipants,
+                };
+                let owner = owner_of(&channel, self.shards);
+                self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+            }
+            E::CallInitiate(c) => {
+                if let Err(e) = check_id("toUserId", &c.to_user_id) {
+                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                }
+                if *c.to_user_id == *member.user {
+                    return self.error(id, ack, ErrorCode::BadRequest, "cannot call yourself");
+                }
+                if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::TooLarge,
+                        format!("`sdp` is longer than {MAX_SDP_BYTES} bytes"),
+                    );
+                }
+                self.send_user_op(member.user, from, ack, UserCmd::CallInitiate(c), now, tx)
+            }
+            E::CallAnswer(c) => {
+                if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::TooLarge,
+                        format!("`sdp` is longer than {MAX_SDP_BYTES} bytes"),
+                    );
+                }
+                self.call_op(id, ack, &c.call_id, CallCmd::Answer { sdp: c.sdp }, now, tx)
+            }
+            E::CallReject(c) => self.call_op(
+                id,
+                ack,
+                &c.call_id,
+                CallCmd::Reject { reason: c.reason },
+                now,
+                tx,
+            ),
+            E::CallEnd(c) => self.call_op(id, ack, &c.call_id, CallCmd::End, now, tx),
+            E::CallIceCandidate(c) => {
+                if c.candidate.0.len() > MAX_SDP_BYTES {
+                    return self.error(id, ack, ErrorCode::TooLarge, "`candidate` is too large");
+                }
+                self.call_op(id, ack, &c.call_id, CallCmd::Ice(c.candidate), now, tx)
+            }
+            E::NotificationGetPending => self.send_user_op(
+                member.user,
+                from,
+                ack,
+                UserCmd::NotificationsPending,
+                now,
+                tx,
+            ),
+            E::NotificationRead(n) => self.send_user_op(
+                member.user,
+                from,
+                ack,
+                UserCmd::NotificationsRead(n.notification_ids),
+                now,
+                tx,
+            ),
+            E::NotificationClear(n) => self.send_user_op(
+                member.user,
+                from,
+                ack,
+                UserCmd::NotificationClear(n.notification_id),
+                now,
+                tx,
+            ),
+            E::NotificationClearAll => self.send_user_op(
+                member.user,
+                from,
+                ack,
+                UserCmd::NotificationClearAll,
+                now,
+                tx,
+            ),
+            other @ E::Unsupported(_) => self.error(
+                id,
+                ack,
+                ErrorCode::Unsupported,
+                format!("unsupported event `{}`", other.name()),
+            ),
+        }
+    }
+
+    pub(super) fn send_user_op(
+        &mut self,
+        user: Arc<str>,
+        from: Option<(ConnRef, Protocol)>,
+        ack: Option<u64>,
+        op: UserCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let home = home_of(&user, self.shards);
+        let msg = MeshMsg::UserOp(Box::new(UserOp {
+            user,
+            from,
+            ack,
+            op,
+        }));
+        self.route(home, msg, now, tx);
+    }
+
+    /// Passes a member's operation to the channel's owner, once this
+    /// connection is known to be in the channel.
+    pub(super) fn channel_op(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        channel_id: &str,
+        op: ChanCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(channel) = self.joined(id, channel_id) else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::Forbidden,
+                format!("join `{channel_id}` first"),
+            );
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let owner = owner_of(&channel, self.shards);
+        let op = ChannelOp {
+            channel,
+            from: self.here(id),
+            member,
+            ack,
+            op,
+        };
+        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+    }
+
+    pub(super) fn call_op(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        call_id: &str,
+        op: CallCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(call) = parse_call_id(call_id, self.shards) else {
+            return self.error(id, ack, ErrorCode::NotFound, format!("no call `{call_id}`"));
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let msg = CallOp {
+            call,
+            user: member.user,
+            from: Some((self.here(id), member.protocol)),
+            ack,
+            op,
+        };
+        self.route(
+            (call >> 48) as ShardId,
+            MeshMsg::CallOp(Box::new(msg)),
+            now,
+            tx,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn join(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        channel_id: String,
+        since: Option<Since>,
+        gather: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Err(e) = self.check_channel_id(&channel_id) {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        let max = self.s.max_channels_per_connection;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        if conn.channels.iter().any(|(c, _)| **c == *channel_id) {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::BadRequest,
+                format!("already in channel `{channel_id}`"),
+            );
+        }
+        if conn.channels.len() >= max {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::TooLarge,
+                format!("at most {max} channels per connection"),
+            );
+        }
+        let channel: Arc<str> = channel_id.into();
+        conn.channels
+            .push((channel.clone(), JoinState::Pending { ack, gather }));
+        let member = conn.member.clone();
+        let from = self.here(id);
+        let owner = owner_of(&channel, self.shards);
+        self.route(
+            owner,
+            MeshMsg::Join(Box::new(Join {
+                channel,
+                from,
+                member,
+                ack,
+                since,
+            })),
+            now,
+            tx,
+        );
+    }
+
+    pub(super) fn leave(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        channel_id: &str,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let Some(pos) = conn.channels.iter().position(|(c, _)| **c == *channel_id) else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::NotFound,
+                format!("not in channel `{channel_id}`"),
+            );
+        };
+        let (channel, state) = conn.channels.swap_remove(pos);
+        let member = conn.member.clone();
+        if state == JoinState::Joined {
+            self.remove_local(&channel, id);
+            self.tell_owner_left(id, channel, member, now, tx);
+        }
+        self.reply(id, &empty_ack(ack));
+    }
+
+    pub(super) fn send(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageSend,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Err((code, e)) = self.check_content("content", &m.content) {
+            return self.error(id, ack, code, e);
+        }
+        let ids = [
+            ("replyTo", m.reply_to.as_deref()),
+            ("threadId", m.thread_id.as_deref()),
+            ("nonce", m.nonce.as_deref()),
+        ];
+        for (field, v) in ids {
+            if let Some(Err(e)) = v.map(|v| check_id(field, v)) {
+                return self.error(id, ack, ErrorCode::BadRequest, e);
+            }
+        }
+        if m.mentions.len() > MAX_MENTIONS {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::TooLarge,
+                format!("at most {MAX_MENTIONS} `mentions`"),
+            );
+        }
+        if let Some(Err(e)) = m
+            .mentions
+            .iter()
+            .map(|u| check_id("mentions", u))
+            .find(Result::is_err)
+        {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        let Some(channel) = self.joined(id, &m.channel_id) else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::Forbidden,
+                format!("join `{}` before sending to it", m.channel_id),
+            );
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let msg = MeshMsg::Publish(Box::new(Publish {
+            channel: channel.clone(),
+            from: self.here(id),
+            member,
+            ack,
+            send: m,
+        }));
+        let owner = owner_of(&channel, self.shards);
+        self.route(owner, msg, now, tx);
+    }
+
+    pub(super) fn presence_query(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        user_ids: Vec<String>,
+        subscribe: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Some(Err(e)) = user_ids
+            .iter()
+            .map(|u| check_id("userIds", u))
+            .find(Result::is_err)
+        {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        let mut order: Vec<Arc<str>> = Vec::with_capacity(user_ids.len());
+        for u in user_ids {
+            if !order.iter().any(|o| **o == *u) {
+                order.push(u.into());
+            }
+        }
+        let max = self.s.max_subscriptions;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let protocol = conn.member.protocol;
+        if subscribe {
+            let new: Vec<Arc<str>> = order
+                .iter()
+                .filter(|u| !conn.subscriptions.contains(u))
+                .cloned()
+                .collect();
+            if conn.subscriptions.len() + new.len() > max {
+                return self.error(
+                    id,
+                    ack,
+                    ErrorCode::TooLarge,
+                    format!("at most {max} presence subscriptions per connection"),
+                );
+            }
+            conn.subscriptions.extend(new);
+        }
+        if order.is_empty() {
+            return self.reply(
+                id,
+                &ack_of(ack, AckBody::Presences(PresencesAck { presences: vec![] })),
+            );
+        }
+        let groups = self.by_home(order.clone());
+        let gather = self.next_id();
+        self.gathers.insert(
+            gather,
+            Gather {
+                conn: id,
+                ack,
+                waiting: groups.len(),
+                kind: GatherKind::Presences {
+                    order,
+                    got: Vec::new(),
+                },
+            },
+        );
+        let from = self.here(id);
+        for (shard, users) in groups {
+            let q = PresenceQuery {
+                gather,
+                from,
+                protocol,
+                users,
+                subscribe,
+            };
+            self.route(shard, MeshMsg::Presence(Box::new(q)), now, tx);
+        }
+    }
+
+    pub(super) fn resume(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        r: SessionResume,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Ok(session) = r.session_id.parse::<SessionId>() else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::BadRequest,
+                "`sessionId` must be 32 hex digits",
+            );
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let gather = self.next_id();
+        self.gathers.insert(
+            gather,
+            Gather {
+                conn: id,
+                ack,
+                waiting: 1,
+                kind: GatherKind::ResumeLookup {
+                    session,
+                    positions: r.positions,
+                },
+            },
+        );
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            None,
+            UserCmd::Resume { session, gather },
+            now,
+            tx,
+        );
+    }
+
+    pub(super) fn on_joined(&mut self, j: Joined, now: u64, tx: &mut impl MeshTx) {
+        let Joined {
+            channel,
+            conn: id,
+            member,
+            ack,
+            offset,
+            epoch,
+            members,
+            recovered,
+            replay,
+        } = j;
+        let pending = self.conn_mut(id).and_then(|c| {
+            c.channels
+                .iter_mut()
+                .find(|(ch, s)| {
+                    *ch == channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+                })
+                .map(|entry| {
+                    let JoinState::Pending { gather, .. } = entry.1 else {
+                        unreachable!("matched above")
+                    };
+                    entry.1 = JoinState::Joined;
+                    gather
+                })
+        });
+        let body = JoinAck {
+            channel_id: channel.to_string(),
+            offset,
+            epoch: epoch.to_string(),
+            members,
+            recovered,
+        };
+        let Some(gather) = pending else {
+            // Closed or left while the join was in flight: the join did
+            // happen (answer it if anyone is there to hear), then undo it.
+            if ack.is_some() {
+                self.reply(id, &ack_of(ack, AckBody::Join(body)));
+            }
+            return self.tell_owner_left(id, channel, member, now, tx);
+        };
+        let local = self
+            .local
+            .entry(channel.clone())
+            .or_insert_with(|| LocalChannel {
+                members: Vec::new(),
+                offset,
+                epoch: epoch.clone(),
+            });
+        if local.epoch != epoch {
+            local.epoch = epoch;
+            local.offset = offset;
+        }
+        local.offset = local.offset.max(offset);
+        local.members.push(LocalMember {
+            conn: id,
+            protocol: member.protocol,
+        });
+        match gather {
+            Some(g) => self.resumed_join(g, body),
+            None => self.reply(id, &ack_of(ack, AckBody::Join(body))),
+        }
+        if let Some(c) = self.conn(id) {
+            for f in &replay {
+                if !c.out.push(f) {
+                    self.metrics.queue_drops.inc();
+                }
+            }
+        }
+    }
+}

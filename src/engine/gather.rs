@@ -1,0 +1,120 @@
+//! Answers assembled from several shards: presence of many users, and a
+//! resumed session's joins.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn on_gathered(&mut self, g: Gathered, now: u64, tx: &mut impl MeshTx) {
+        let Some(mut gather) = self.gathers.remove(&g.gather) else {
+            return;
+        };
+        match (&mut gather.kind, g.part) {
+            (GatherKind::Presences { got, .. }, GatherPart::Presences(views)) => {
+                got.extend(views);
+                gather.waiting -= 1;
+                if gather.waiting > 0 {
+                    self.gathers.insert(g.gather, gather);
+                    return;
+                }
+                let GatherKind::Presences { order, mut got } = gather.kind else {
+                    unreachable!("matched above")
+                };
+                got.sort_by_key(|v| order.iter().position(|o| **o == *v.user_id));
+                let body = AckBody::Presences(PresencesAck { presences: got });
+                self.reply(gather.conn, &ack_of(gather.ack, body));
+            }
+            (GatherKind::ResumeLookup { session, positions }, GatherPart::Resume(found)) => {
+                let (session, positions) = (*session, std::mem::take(positions));
+                let Some(channels) = found else {
+                    return self.error(
+                        gather.conn,
+                        gather.ack,
+                        ErrorCode::NotFound,
+                        format!("session `{session}` cannot be resumed (unknown, expired or already resumed)"),
+                    );
+                };
+                let id = gather.conn;
+                let max = self.s.max_channels_per_connection;
+                let Some(conn) = self.conn_mut(id) else {
+                    return;
+                };
+                // The connection takes over the session.
+                conn.member.session = session;
+                let joins: Vec<(Arc<str>, Since)> = channels
+                    .into_iter()
+                    .filter(|(c, ..)| !conn.channels.iter().any(|(j, _)| j == c))
+                    .take(max.saturating_sub(conn.channels.len()))
+                    .map(|(channel, offset, epoch)| {
+                        let since = match positions.iter().find(|p| *p.channel_id == *channel) {
+                            Some(p) => Since {
+                                offset: p.offset,
+                                epoch: p.epoch.clone(),
+                            },
+                            None => Since {
+                                offset,
+                                epoch: epoch.to_string(),
+                            },
+                        };
+                        (channel, since)
+                    })
+                    .collect();
+                gather.waiting = joins.len();
+                gather.kind = GatherKind::ResumeJoins {
+                    session,
+                    channels: Vec::new(),
+                };
+                let done = joins.is_empty();
+                let ack = gather.ack;
+                self.gathers.insert(g.gather, gather);
+                if done {
+                    return self.finish_resume(g.gather);
+                }
+                for (channel, since) in joins {
+                    self.join(
+                        id,
+                        ack,
+                        channel.to_string(),
+                        Some(since),
+                        Some(g.gather),
+                        now,
+                        tx,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn resumed_join(&mut self, gather: u64, joined: JoinAck) {
+        let Some(g) = self.gathers.get_mut(&gather) else {
+            return;
+        };
+        if let GatherKind::ResumeJoins { channels, .. } = &mut g.kind {
+            channels.push(ResumedChannel {
+                channel_id: joined.channel_id,
+                recovered: joined.recovered.unwrap_or(false),
+                offset: joined.offset,
+                epoch: joined.epoch,
+            });
+        }
+        g.waiting = g.waiting.saturating_sub(1);
+        if g.waiting == 0 {
+            self.finish_resume(gather);
+        }
+    }
+
+    pub(super) fn finish_resume(&mut self, gather: u64) {
+        let Some(g) = self.gathers.remove(&gather) else {
+            return;
+        };
+        if let GatherKind::ResumeJoins { session, channels } = g.kind {
+            let body = AckBody::Resume(ResumeAck {
+                session_id: session.to_string(),
+                channels,
+            });
+            self.reply(g.conn, &ack_of(g.ack, body));
+        }
+    }
+}

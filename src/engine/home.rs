@@ -1,0 +1,540 @@
+//! A user's home shard: devices and presence, subscribers, direct
+//! messages, notifications, the voice channel, and resumable sessions.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn user(&mut self, user: &Arc<str>) -> &mut UserState {
+        self.users.entry(user.clone()).or_default()
+    }
+
+    /// Drops a user's state once nothing is left in it.
+    pub(super) fn gc_user(&mut self, user: &Arc<str>) {
+        if self.users.get(user).is_some_and(|u| u.is_empty()) {
+            self.users.remove(user);
+        }
+    }
+
+    /// Tells subscribers when the user's presence changed.
+    pub(super) fn announce(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        let Some(view) = st.change(user, now) else {
+            return;
+        };
+        let targets = st.subscribers.clone();
+        self.send_to_all(&targets, &ev(ServerEvent::PresenceChanged(view)), now, tx);
+    }
+
+    pub(super) fn devices(&self, user: &Arc<str>) -> Vec<(ConnRef, Protocol)> {
+        self.users
+            .get(user)
+            .map(|u| u.devices.iter().map(|d| (d.conn, d.protocol)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends an event to every device of a user (this shard is its home).
+    pub(super) fn send_devices(
+        &mut self,
+        user: &Arc<str>,
+        event: ServerEvent,
+        except: Option<ConnRef>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let targets: Vec<_> = self
+            .devices(user)
+            .into_iter()
+            .filter(|(c, _)| Some(*c) != except)
+            .collect();
+        self.send_to_all(&targets, &ev(event), now, tx);
+    }
+
+    pub(super) fn on_user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
+        let UserOp {
+            user,
+            from,
+            ack,
+            op,
+        } = op;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            if let Some((conn, p)) = from {
+                e.send_to(conn, p, &msg, now, tx);
+            }
+        };
+        let s = self.s.clone();
+        match op {
+            UserCmd::Online { session, device } => {
+                let Some((conn, protocol)) = from else { return };
+                let st = self.user(&user);
+                st.devices.push(Device {
+                    conn,
+                    session,
+                    kind: device,
+                    status: Status::Online,
+                    protocol,
+                });
+                st.left_at = None;
+                st.last_seen = now;
+                st.expire_notifications(now);
+                let pending: Vec<Notification> = st
+                    .notifications
+                    .iter()
+                    .filter(|n| !n.read)
+                    .cloned()
+                    .collect();
+                self.announce(&user, now, tx);
+                for n in pending {
+                    self.send_to(
+                        conn,
+                        protocol,
+                        &ev(ServerEvent::NotificationNew(n)),
+                        now,
+                        tx,
+                    );
+                }
+            }
+            UserCmd::Offline { resume } => {
+                let Some((conn, _)) = from else { return };
+                let Some(st) = self.users.get_mut(&user) else {
+                    return;
+                };
+                let Some(i) = st.devices.iter().position(|d| d.conn == conn) else {
+                    return;
+                };
+                let device = st.devices.remove(i);
+                st.last_seen = now;
+                let mut wake = Vec::new();
+                if let Some(channels) = resume {
+                    st.detached.push(Detached {
+                        session: device.session,
+                        channels,
+                        until: now + s.resume_window_ms,
+                    });
+                    wake.push(now + s.resume_window_ms);
+                }
+                if st.devices.is_empty() {
+                    st.left_at = Some(now);
+                    wake.push(now + s.presence_grace_ms);
+                }
+                let voice = st.voice.take_if(|(_, c)| *c == conn);
+                let placed: Vec<u64> = st
+                    .calls
+                    .iter()
+                    .filter(|(_, c)| *c == conn)
+                    .map(|(id, _)| *id)
+                    .collect();
+                st.calls.retain(|(_, c)| *c != conn);
+                for at in wake {
+                    self.timers.at(at, Timer::User { user: user.clone() });
+                }
+                if let Some((channel, _)) = voice {
+                    self.voice_leave(
+                        &user,
+                        channel,
+                        conn,
+                        device.session,
+                        device.protocol,
+                        None,
+                        now,
+                        tx,
+                    );
+                }
+                for call in placed {
+                    let op = CallOp {
+                        call,
+                        user: user.clone(),
+                        from: Some((conn, device.protocol)),
+                        ack: None,
+                        op: CallCmd::PartyGone,
+                    };
+                    self.route(
+                        (call >> 48) as ShardId,
+                        MeshMsg::CallOp(Box::new(op)),
+                        now,
+                        tx,
+                    );
+                }
+                // Calls this device answered end with it.
+                let answered: Vec<u64> = self
+                    .calls
+                    .iter()
+                    .filter(|(_, c)| c.callee == user && c.answered.is_some_and(|(a, _)| a == conn))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for call in answered {
+                    self.end_call(call, "disconnected", &user, now, tx);
+                }
+                self.announce(&user, now, tx);
+                self.gc_user(&user);
+            }
+            UserCmd::Update(p) => {
+                let Some((conn, _)) = from else { return };
+                let st = self.user(&user);
+                if let Some(d) = st.device_mut(conn) {
+                    if let Some(status) = p.status {
+                        d.status = status;
+                    }
+                    if let Some(kind) = p.device {
+                        d.kind = kind;
+                    }
+                }
+                if let Some(c) = p.custom_status {
+                    st.custom_status = c;
+                }
+                if let Some(a) = p.activity {
+                    st.activity = a;
+                }
+                st.last_seen = now;
+                self.announce(&user, now, tx);
+                reply(self, empty_ack(ack), tx);
+            }
+            UserCmd::Heartbeat => {
+                self.user(&user).last_seen = now;
+                reply(self, empty_ack(ack), tx);
+            }
+            UserCmd::DmSend(d) => {
+                let st = self.user(&user);
+                if let Some(first) = d.nonce.as_deref().and_then(|n| st.dm_by_nonce(n)) {
+                    let body = AckBody::Dm(DmAck {
+                        message_id: first.message_id.clone(),
+                        to_user_id: first.to_user_id.clone(),
+                        timestamp: first.timestamp,
+                        duplicate: true,
+                    });
+                    return reply(self, ack_of(ack, body), tx);
+                }
+                let message_id = self.mint_id("dm");
+                let to: Arc<str> = d.to_user_id.as_str().into();
+                let msg = DmMessage {
+                    message_id: message_id.clone(),
+                    from_user_id: user.to_string(),
+                    to_user_id: d.to_user_id.clone(),
+                    content: d.content,
+                    nonce: d.nonce.clone(),
+                    timestamp: now,
+                };
+                let st = self.user(&user);
+                if let Some(n) = &d.nonce {
+                    st.remember_dm_nonce(n, msg.clone());
+                }
+                st.record_dm(&to, msg.clone(), false, s.max_conversations);
+                let body = AckBody::Dm(DmAck {
+                    message_id,
+                    to_user_id: d.to_user_id,
+                    timestamp: now,
+                    duplicate: false,
+                });
+                reply(self, ack_of(ack, body), tx);
+                self.send_devices(
+                    &user,
+                    ServerEvent::DmSent(msg.clone()),
+                    from.map(|f| f.0),
+                    now,
+                    tx,
+                );
+                self.send_user_op(to, None, None, UserCmd::DmDeliver(msg), now, tx);
+            }
+            UserCmd::DmDeliver(msg) => {
+                let from_user: Arc<str> = msg.from_user_id.as_str().into();
+                self.user(&user)
+                    .record_dm(&from_user, msg.clone(), true, s.max_conversations);
+                self.send_devices(&user, ServerEvent::DmNew(msg), None, now, tx);
+            }
+            UserCmd::Conversations { limit } => {
+                let limit = limit.unwrap_or(50) as usize;
+                let conversations = self
+                    .users
+                    .get(&user)
+                    .map(|st| {
+                        st.conversations
+                            .iter()
+                            .take(limit)
+                            .map(|c| Conversation {
+                                user_id: c.peer.to_string(),
+                                last_message: c.last.clone(),
+                                unread: c.unread,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let body = AckBody::Conversations(ConversationsAck { conversations });
+                reply(self, ack_of(ack, body), tx);
+            }
+            UserCmd::Notify { kind, data } => self.notify(&user, kind, data, now, tx),
+            UserCmd::NotificationsPending => {
+                let notifications = match self.users.get_mut(&user) {
+                    Some(st) => {
+                        st.expire_notifications(now);
+                        st.notifications.iter().cloned().collect()
+                    }
+                    None => Vec::new(),
+                };
+                let body = AckBody::Notifications(NotificationsAck { notifications });
+                reply(self, ack_of(ack, body), tx);
+            }
+            UserCmd::NotificationsRead(ids) => {
+                if let Some(st) = self.users.get_mut(&user) {
+                    for n in st.notifications.iter_mut() {
+                        if ids.contains(&n.notification_id) {
+                            n.read = true;
+                        }
+                    }
+                }
+                reply(self, empty_ack(ack), tx);
+            }
+            UserCmd::NotificationClear(id) => {
+                let found = self.users.get_mut(&user).and_then(|st| {
+                    let i = st
+                        .notifications
+                        .iter()
+                        .position(|n| n.notification_id == id)?;
+                    st.notifications.remove(i)
+                });
+                let msg = match found {
+                    Some(_) => empty_ack(ack),
+                    None => err(ack, ErrorCode::NotFound, format!("no notification `{id}`")),
+                };
+                reply(self, msg, tx);
+                self.gc_user(&user);
+            }
+            UserCmd::NotificationClearAll => {
+                if let Some(st) = self.users.get_mut(&user) {
+                    st.notifications.clear();
+                }
+                reply(self, empty_ack(ack), tx);
+                self.gc_user(&user);
+            }
+            UserCmd::Delivery(d) => {
+                self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
+            }
+            UserCmd::VoiceJoin { channel } => {
+                let Some((conn, protocol)) = from else { return };
+                let Some(session) = self
+                    .users
+                    .get(&user)
+                    .and_then(|st| st.devices.iter().find(|d| d.conn == conn))
+                    .map(|d| d.session)
+                else {
+                    return;
+                };
+                // One voice channel per user: leave the one before.
+                let st = self.user(&user);
+                if let Some((old, old_conn)) = st.voice.take() {
+                    if old != channel || old_conn != conn {
+                        let (old_session, old_protocol) = st
+                            .devices
+                            .iter()
+                            .find(|d| d.conn == old_conn)
+                            .map_or((session, protocol), |d| (d.session, d.protocol));
+                        self.voice_leave(
+                            &user,
+                            old,
+                            old_conn,
+                            old_session,
+                            old_protocol,
+                            None,
+                            now,
+                            tx,
+                        );
+                    }
+                }
+                self.user(&user).voice = Some((channel.clone(), conn));
+                let op = ChannelOp {
+                    channel: channel.clone(),
+                    from: conn,
+                    member: Member {
+                        user,
+                        session,
+                        protocol,
+                    },
+                    ack,
+                    op: ChanCmd::VoiceJoin,
+                };
+                let owner = owner_of(&channel, self.shards);
+                self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+            }
+            UserCmd::VoiceLeave | UserCmd::VoiceUpdate(_) => {
+                let Some((conn, protocol)) = from else { return };
+                let st = self.user(&user);
+                let session = st
+                    .devices
+                    .iter()
+                    .find(|d| d.conn == conn)
+                    .map(|d| d.session);
+                let in_voice = st.voice.as_ref().is_some_and(|(_, c)| *c == conn);
+                let (Some(session), true) = (session, in_voice) else {
+                    let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
+                    return reply(self, e, tx);
+                };
+                match op {
+                    UserCmd::VoiceLeave => {
+                        let (channel, _) = st.voice.take().expect("checked");
+                        self.voice_leave(&user, channel, conn, session, protocol, ack, now, tx);
+                        self.gc_user(&user);
+                    }
+                    UserCmd::VoiceUpdate(u) => {
+                        let channel = st.voice.as_ref().expect("checked").0.clone();
+                        let op = ChannelOp {
+                            channel: channel.clone(),
+                            from: conn,
+                            member: Member {
+                                user,
+                                session,
+                                protocol,
+                            },
+                            ack,
+                            op: ChanCmd::VoiceUpdate(u),
+                        };
+                        let owner = owner_of(&channel, self.shards);
+                        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+                    }
+                    _ => unreachable!("matched above"),
+                }
+            }
+            UserCmd::CallInitiate(c) => {
+                let Some((conn, protocol)) = from else { return };
+                let callee: Arc<str> = c.to_user_id.as_str().into();
+                let owner = home_of(&callee, self.shards);
+                let n = self.next_id() & 0xffff_ffff;
+                let call = ((owner as u64) << 48) | ((self.shard as u64) << 32) | n;
+                self.user(&user).calls.push((call, conn));
+                let op = CallOp {
+                    call,
+                    user,
+                    from: Some((conn, protocol)),
+                    ack,
+                    op: CallCmd::Create {
+                        callee,
+                        call_type: c.call_type,
+                        sdp: c.sdp,
+                    },
+                };
+                self.route(owner, MeshMsg::CallOp(Box::new(op)), now, tx);
+            }
+            UserCmd::CallDone { call } => {
+                if let Some(st) = self.users.get_mut(&user) {
+                    st.calls.retain(|(id, _)| *id != call);
+                }
+                self.gc_user(&user);
+            }
+            UserCmd::Resume { session, gather } => {
+                let Some((conn, _)) = from else { return };
+                let channels = self.users.get_mut(&user).and_then(|st| {
+                    let i = st
+                        .detached
+                        .iter()
+                        .position(|d| d.session == session && d.until > now)?;
+                    Some(st.detached.remove(i).channels)
+                });
+                let g = Gathered {
+                    gather,
+                    part: GatherPart::Resume(channels),
+                };
+                self.route(conn.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
+                self.gc_user(&user);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn voice_leave(
+        &mut self,
+        user: &Arc<str>,
+        channel: Arc<str>,
+        conn: ConnRef,
+        session: SessionId,
+        protocol: Protocol,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        // The owner answers only when the client asked with an ack id.
+        let op = ChannelOp {
+            channel: channel.clone(),
+            from: conn,
+            member: Member {
+                user: user.clone(),
+                session,
+                protocol,
+            },
+            ack,
+            op: ChanCmd::VoiceLeave,
+        };
+        let owner = owner_of(&channel, self.shards);
+        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+    }
+
+    pub(super) fn notify(
+        &mut self,
+        user: &Arc<str>,
+        kind: String,
+        data: Option<Json>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let notification_id = self.mint_id("n");
+        let n = Notification {
+            notification_id,
+            kind,
+            data,
+            read: false,
+            created_at: now,
+            expires_at: now + self.s.notification_ttl_ms,
+        };
+        let max = self.s.max_notifications;
+        self.user(user).push_notification(n.clone(), max);
+        self.timers
+            .at(n.expires_at, Timer::User { user: user.clone() });
+        self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
+    }
+
+    /// A user's grace period, resume windows and notifications, as due.
+    pub(super) fn user_timer(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let grace = self.s.presence_grace_ms;
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        let mut next = st.expire_notifications(now);
+        st.detached.retain(|d| d.until > now);
+        if let Some(d) = st.detached.iter().map(|d| d.until).min() {
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
+        if let Some(left) = st.left_at {
+            if st.devices.is_empty() && now >= left + grace {
+                st.left_at = None;
+                self.announce(user, now, tx);
+            } else if st.devices.is_empty() {
+                next = Some(next.map_or(left + grace, |n| n.min(left + grace)));
+            }
+        }
+        if let Some(at) = next {
+            self.timers.at(at, Timer::User { user: user.clone() });
+        }
+        self.gc_user(user);
+    }
+
+    pub(super) fn on_presence_query(&mut self, q: PresenceQuery, now: u64, tx: &mut impl MeshTx) {
+        let mut views = Vec::with_capacity(q.users.len());
+        for user in &q.users {
+            if q.subscribe {
+                let st = self.user(user);
+                if !st.subscribers.iter().any(|(c, _)| *c == q.from) {
+                    st.subscribers.push((q.from, q.protocol));
+                }
+            }
+            views.push(match self.users.get(user) {
+                Some(st) => st.view(user, now),
+                None => UserState::default().view(user, now),
+            });
+        }
+        let g = Gathered {
+            gather: q.gather,
+            part: GatherPart::Presences(views),
+        };
+        self.route(q.from.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
+    }
+}

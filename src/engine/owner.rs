@@ -1,0 +1,707 @@
+//! A channel's owner shard: joins and leaves, sequencing and fan-out,
+//! history, edits, reactions, receipts, typing and voice.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// Sends one event to every shard with members of an owned channel.
+    pub(super) fn fan_out(
+        &mut self,
+        channel: &Arc<str>,
+        msg: &ServerMessage,
+        offset: u64,
+        except: Option<&Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) -> Option<Frames> {
+        let owned = self.owned.get(channel)?;
+        let (json, binary) = owned.protocols();
+        let frames = Frames::encode(msg, json, binary);
+        let targets: Vec<ShardId> = owned
+            .per_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c[0] + c[1] > 0)
+            .map(|(s, _)| s as ShardId)
+            .collect();
+        for shard in targets {
+            let d = match except {
+                None => MeshMsg::Deliver {
+                    channel: channel.clone(),
+                    frames: frames.clone(),
+                    offset,
+                },
+                Some(u) => MeshMsg::DeliverExcept(Box::new(DeliverExcept {
+                    channel: channel.clone(),
+                    frames: frames.clone(),
+                    except: u.clone(),
+                })),
+            };
+            self.route(shard, d, now, tx);
+        }
+        Some(frames)
+    }
+
+    /// Sequences an event of an owned channel: fans it out and logs it.
+    pub(super) fn sequence(
+        &mut self,
+        channel: &Arc<str>,
+        offset: u64,
+        msg: ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let frames = self.fan_out(channel, &msg, offset, None, now, tx);
+        let s = &self.s;
+        if let (Some(o), Some(frames)) = (self.owned.get_mut(channel), frames) {
+            o.log(offset, now, msg, &frames, s);
+        }
+    }
+
+    pub(super) fn on_join(&mut self, j: Join, now: u64, tx: &mut impl MeshTx) {
+        let Join {
+            channel,
+            from,
+            member,
+            ack,
+            since,
+        } = j;
+        self.ensure_owned(&channel);
+        let event = ev(ServerEvent::MemberJoined(MemberEvent {
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            session_id: member.session.to_string(),
+        }));
+        // Existing members hear of the join before the joiner's first delivery.
+        self.fan_out(&channel, &event, 0, None, now, tx);
+        let owned = self.owned.get_mut(&channel).expect("owned above");
+        owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
+        owned.count_user(&member.user, 1);
+        let (recovered, replay) = match &since {
+            None => (None, Vec::new()),
+            Some(s) => match owned.replay(s, member.protocol) {
+                Some(frames) => (Some(true), frames),
+                None => (Some(false), Vec::new()),
+            },
+        };
+        let joined = MeshMsg::Joined(Box::new(Joined {
+            channel,
+            conn: from.conn,
+            member,
+            ack,
+            offset: owned.offset,
+            epoch: owned.epoch.clone(),
+            members: owned.total(),
+            recovered,
+            replay,
+        }));
+        self.route(from.shard, joined, now, tx);
+    }
+
+    /// Creates the owned state of a channel (a new epoch) if this shard
+    /// does not hold it.
+    pub(super) fn ensure_owned(&mut self, channel: &Arc<str>) {
+        if !self.owned.contains_key(channel) {
+            let epoch = self.next_epoch();
+            self.owned
+                .insert(channel.clone(), Owned::new(epoch, self.shards as usize));
+        }
+    }
+
+    pub(super) fn on_leave(&mut self, l: Leave, now: u64, tx: &mut impl MeshTx) {
+        let Leave {
+            channel,
+            from,
+            member,
+        } = l;
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let count = &mut owned.per_shard[from.shard as usize][proto_index(member.protocol)];
+        *count = count.saturating_sub(1);
+        owned.count_user(&member.user, -1);
+        let was_typing = owned
+            .typing
+            .iter()
+            .position(|t| t.conn == from)
+            .map(|i| owned.typing.remove(i));
+        if owned.total() == 0 {
+            return self.channel_gc(&channel, now);
+        }
+        if let Some(t) = was_typing {
+            self.typing_event(&channel, &t.user, false, now, tx);
+        }
+        let event = ev(ServerEvent::MemberLeft(MemberEvent {
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            session_id: member.session.to_string(),
+        }));
+        self.fan_out(&channel, &event, 0, None, now, tx);
+    }
+
+    /// Drops an owned channel without members once nothing is left to ask
+    /// of it, or files a check for when its history runs out.
+    pub(super) fn channel_gc(&mut self, channel: &Arc<str>, now: u64) {
+        let s = &self.s;
+        let Some(owned) = self.owned.get_mut(channel) else {
+            return;
+        };
+        if owned.total() > 0 {
+            return;
+        }
+        owned.trim(now, s);
+        owned.typing.clear();
+        if owned.is_idle() {
+            self.owned.remove(channel);
+        } else if let Some(at) = owned.history_expires(s) {
+            self.timers.at(
+                at + 1,
+                Timer::ChannelGc {
+                    channel: channel.clone(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_publish(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
+        let Publish {
+            channel,
+            from,
+            member,
+            ack,
+            send,
+        } = p;
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            let msg = err(
+                ack,
+                ErrorCode::NotFound,
+                format!("channel `{channel}` has no members"),
+            );
+            return self.send_to(from, member.protocol, &msg, now, tx);
+        };
+        if let Some(first) = send
+            .nonce
+            .as_deref()
+            .and_then(|n| owned.by_nonce(&member.user, n))
+        {
+            // A resend: answer as the first time, publish nothing.
+            let body = AckBody::Send(SendAck {
+                message_id: first.msg.message_id.clone(),
+                channel_id: channel.to_string(),
+                offset: first.msg.offset,
+                timestamp: first.msg.timestamp,
+                nonce: send.nonce.clone(),
+                duplicate: true,
+            });
+            return self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
+        }
+        let was_typing = owned
+            .typing
+            .iter()
+            .position(|t| t.user == member.user)
+            .map(|i| owned.typing.remove(i));
+        let offset = owned.next_offset();
+        let message_id = owned.message_id(offset);
+        let mut mentions: Vec<String> = Vec::with_capacity(send.mentions.len());
+        for m in send.mentions {
+            if !mentions.contains(&m) {
+                mentions.push(m);
+            }
+        }
+        // Mentioned users who are not in the channel are told another way.
+        let absent: Vec<Arc<str>> = mentions
+            .iter()
+            .filter(|u| **u != *member.user && !owned.users.contains_key(u.as_str()))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
+        self.metrics.messages_published.inc();
+        if let Some(t) = was_typing {
+            self.typing_event(&channel, &t.user, false, now, tx);
+        }
+        let body = AckBody::Send(SendAck {
+            message_id: message_id.clone(),
+            channel_id: channel.to_string(),
+            offset,
+            timestamp: now,
+            nonce: send.nonce.clone(),
+            duplicate: false,
+        });
+        self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
+        let message = MessageNew {
+            message_id: message_id.clone(),
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            content: send.content,
+            reply_to: send.reply_to,
+            thread_id: send.thread_id,
+            mentions,
+            nonce: send.nonce,
+            offset,
+            timestamp: now,
+        };
+        for user in absent {
+            let data = serde_json::json!({
+                "channelId": &*channel,
+                "messageId": &message_id,
+                "fromUserId": &*member.user,
+                "content": &message.content,
+            });
+            let op = UserCmd::Notify {
+                kind: "mention".into(),
+                data: Some(Json(data.to_string())),
+            };
+            self.send_user_op(user, None, None, op, now, tx);
+        }
+        let event = ev(ServerEvent::MessageNew(message.clone()));
+        self.sequence(&channel, offset, event, now, tx);
+        let s = &self.s;
+        if let Some(o) = self.owned.get_mut(&channel) {
+            o.store(&member.user, message, now, s);
+        }
+    }
+
+    pub(super) fn typing_event(
+        &mut self,
+        channel: &Arc<str>,
+        user: &Arc<str>,
+        start: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let e = TypingEvent {
+            channel_id: channel.to_string(),
+            user_id: user.to_string(),
+        };
+        let event = ev(if start {
+            ServerEvent::TypingUserStart(e)
+        } else {
+            ServerEvent::TypingUserStop(e)
+        });
+        self.fan_out(channel, &event, 0, Some(user), now, tx);
+    }
+
+    pub(super) fn expire_typing(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let Some(owned) = self.owned.get_mut(channel) else {
+            return;
+        };
+        let mut expired = Vec::new();
+        owned.typing.retain(|t| {
+            if t.until <= now {
+                expired.push(t.user.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for user in expired {
+            self.typing_event(channel, &user, false, now, tx);
+        }
+    }
+
+    pub(super) fn on_channel_op(&mut self, op: ChannelOp, now: u64, tx: &mut impl MeshTx) {
+        let ChannelOp {
+            channel,
+            from,
+            member,
+            ack,
+            op,
+        } = op;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        // Voice works without text membership; everything else needs the
+        // channel (the member's shard checked that it joined).
+        if matches!(op, ChanCmd::VoiceJoin) {
+            self.ensure_owned(&channel);
+        }
+        let owned = match self.owned.get_mut(&channel) {
+            Some(o) => o,
+            None => {
+                let msg = match op {
+                    ChanCmd::VoiceParticipants => ack_of(
+                        ack,
+                        AckBody::Voice(VoiceAck {
+                            channel_id: channel.to_string(),
+                            participants: vec![],
+                            token: None,
+                            server_url: None,
+                        }),
+                    ),
+                    ChanCmd::VoiceLeave => empty_ack(ack),
+                    _ => err(ack, ErrorCode::NotFound, format!("no channel `{channel}`")),
+                };
+                return reply_to(self, msg, tx);
+            }
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        match op {
+            ChanCmd::Edit {
+                message_id,
+                content,
+            } => {
+                let Some(m) = owned.find(&message_id) else {
+                    return reply_to(self, not_found(&message_id), tx);
+                };
+                if *m.msg.user_id != *member.user {
+                    let e = err(
+                        ack,
+                        ErrorCode::Forbidden,
+                        "only the author may edit a message",
+                    );
+                    return reply_to(self, e, tx);
+                }
+                let offset = owned.next_offset();
+                let m = owned.find_mut(&message_id).expect("found above");
+                m.msg.content = content.clone();
+                m.edited_at = Some(now);
+                let event = ev(ServerEvent::MessageEdited(MessageEdited {
+                    message_id: message_id.clone(),
+                    channel_id: channel.to_string(),
+                    user_id: member.user.to_string(),
+                    content,
+                    offset,
+                    edited_at: now,
+                }));
+                self.event_ack(&channel, from, &member, ack, &message_id, offset, now, tx);
+                self.sequence(&channel, offset, event, now, tx);
+            }
+            ChanCmd::Delete { message_id } => {
+                let Some(m) = owned.find(&message_id) else {
+                    return reply_to(self, not_found(&message_id), tx);
+                };
+                if *m.msg.user_id != *member.user {
+                    let e = err(
+                        ack,
+                        ErrorCode::Forbidden,
+                        "only the author may delete a message",
+                    );
+                    return reply_to(self, e, tx);
+                }
+                let stored = m.msg.offset;
+                owned.remove(stored);
+                let offset = owned.next_offset();
+                let event = ev(ServerEvent::MessageDeleted(MessageDeleted {
+                    message_id: message_id.clone(),
+                    channel_id: channel.to_string(),
+                    user_id: member.user.to_string(),
+                    offset,
+                    timestamp: now,
+                }));
+                self.event_ack(&channel, from, &member, ack, &message_id, offset, now, tx);
+                self.sequence(&channel, offset, event, now, tx);
+            }
+            ChanCmd::React(r) => {
+                let current = owned.offset;
+                let Some(m) = owned.find_mut(&r.message_id) else {
+                    return reply_to(self, not_found(&r.message_id), tx);
+                };
+                let pos = m.reactions.iter().position(|(e, _)| *e == r.emoji);
+                let count = match (r.action, pos) {
+                    (ReactAction::Add, Some(i)) => {
+                        let users = &mut m.reactions[i].1;
+                        if users.contains(&member.user) {
+                            None
+                        } else {
+                            users.push(member.user.clone());
+                            Some(users.len())
+                        }
+                    }
+                    (ReactAction::Add, None) => {
+                        if m.reactions.len() >= MAX_REACTIONS_PER_MESSAGE {
+                            let e = err(
+                                ack,
+                                ErrorCode::TooLarge,
+                                format!("at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"),
+                            );
+                            return reply_to(self, e, tx);
+                        }
+                        m.reactions
+                            .push((r.emoji.clone(), vec![member.user.clone()]));
+                        Some(1)
+                    }
+                    (ReactAction::Remove, Some(i)) => {
+                        let users = &mut m.reactions[i].1;
+                        match users.iter().position(|u| *u == member.user) {
+                            Some(j) => {
+                                users.remove(j);
+                                let n = users.len();
+                                if n == 0 {
+                                    m.reactions.remove(i);
+                                }
+                                Some(n)
+                            }
+                            None => None,
+                        }
+                    }
+                    (ReactAction::Remove, None) => None,
+                };
+                let Some(count) = count else {
+                    // Already so: nothing changes, nothing is broadcast.
+                    return self.event_ack(
+                        &channel,
+                        from,
+                        &member,
+                        ack,
+                        &r.message_id,
+                        current,
+                        now,
+                        tx,
+                    );
+                };
+                let offset = owned.next_offset();
+                let event = ev(ServerEvent::MessageReaction(MessageReaction {
+                    message_id: r.message_id.clone(),
+                    channel_id: channel.to_string(),
+                    user_id: member.user.to_string(),
+                    emoji: r.emoji,
+                    action: r.action,
+                    count: count as u32,
+                    offset,
+                    timestamp: now,
+                }));
+                self.event_ack(&channel, from, &member, ack, &r.message_id, offset, now, tx);
+                self.sequence(&channel, offset, event, now, tx);
+            }
+            ChanCmd::History(h) => {
+                let limit = h.limit.unwrap_or(50).min(self.s.max_history_page) as usize;
+                owned.trim(now, &self.s);
+                let (messages, has_more) = owned.history(h.before, limit);
+                let body = AckBody::History(HistoryAck {
+                    channel_id: channel.to_string(),
+                    messages,
+                    has_more,
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+            ChanCmd::Members => {
+                let mut members: Vec<MemberInfo> = owned
+                    .users
+                    .iter()
+                    .map(|(u, n)| MemberInfo {
+                        user_id: u.to_string(),
+                        connections: *n,
+                    })
+                    .collect();
+                members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+                let body = AckBody::Members(MembersAck {
+                    channel_id: channel.to_string(),
+                    members,
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+            ChanCmd::TypingStart => {
+                let until = now + self.s.typing_timeout_ms;
+                let new = match owned.typing.iter_mut().find(|t| t.user == member.user) {
+                    Some(t) => {
+                        // Still typing: a later expiry, no new broadcast.
+                        t.until = until;
+                        t.conn = from;
+                        false
+                    }
+                    None => {
+                        owned.typing.push(Typing {
+                            user: member.user.clone(),
+                            conn: from,
+                            until,
+                        });
+                        true
+                    }
+                };
+                self.timers.at(
+                    until,
+                    Timer::Typing {
+                        channel: channel.clone(),
+                    },
+                );
+                if new {
+                    self.typing_event(&channel, &member.user, true, now, tx);
+                }
+                reply_to(self, empty_ack(ack), tx);
+            }
+            ChanCmd::TypingStop => {
+                let was = owned
+                    .typing
+                    .iter()
+                    .position(|t| t.user == member.user)
+                    .map(|i| owned.typing.remove(i));
+                if was.is_some() {
+                    self.typing_event(&channel, &member.user, false, now, tx);
+                }
+                reply_to(self, empty_ack(ack), tx);
+            }
+            ChanCmd::TypingActive => {
+                let body = AckBody::Typing(TypingAck {
+                    channel_id: channel.to_string(),
+                    user_ids: owned.typing.iter().map(|t| t.user.to_string()).collect(),
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+            ChanCmd::Delivered { message_id } => {
+                let Some(m) = owned.find(&message_id) else {
+                    return reply_to(self, not_found(&message_id), tx);
+                };
+                let author: Arc<str> = m.msg.user_id.as_str().into();
+                if author != member.user {
+                    let d = MessageDelivery {
+                        message_id,
+                        channel_id: channel.to_string(),
+                        user_id: member.user.to_string(),
+                        timestamp: now,
+                    };
+                    self.send_user_op(author, None, None, UserCmd::Delivery(d), now, tx);
+                }
+                reply_to(self, empty_ack(ack), tx);
+            }
+            ChanCmd::MarkRead { message_id } => {
+                let Some(offset) =
+                    offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
+                else {
+                    return reply_to(self, not_found(&message_id), tx);
+                };
+                if owned.mark_read(&member.user, offset, now) {
+                    let event = ev(ServerEvent::MessageReadReceipt(ReadReceipt {
+                        channel_id: channel.to_string(),
+                        user_id: member.user.to_string(),
+                        message_id,
+                        offset,
+                        timestamp: now,
+                    }));
+                    self.fan_out(&channel, &event, 0, None, now, tx);
+                }
+                reply_to(self, empty_ack(ack), tx);
+            }
+            ChanCmd::ReadReceipts { message_id } => {
+                let Some(offset) =
+                    offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
+                else {
+                    return reply_to(self, not_found(&message_id), tx);
+                };
+                let body = AckBody::ReadReceipts(ReadReceiptsAck {
+                    channel_id: channel.to_string(),
+                    message_id,
+                    readers: owned.readers(offset),
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+            ChanCmd::VoiceJoin => {
+                let state = match owned.voice.iter_mut().find(|p| p.user == member.user) {
+                    Some(p) => {
+                        p.conn = from;
+                        p.state
+                    }
+                    None => {
+                        owned.voice.push(Participant {
+                            user: member.user.clone(),
+                            conn: from,
+                            state: VoiceState::default(),
+                        });
+                        VoiceState::default()
+                    }
+                };
+                let participants = owned.voice_participants();
+                let event = ev(ServerEvent::VoiceUserJoined(VoiceEvent {
+                    channel_id: channel.to_string(),
+                    user_id: member.user.to_string(),
+                    state: Some(state),
+                }));
+                self.fan_out(&channel, &event, 0, None, now, tx);
+                let (token, server_url) = match &self.s.livekit {
+                    Some(lk) => (
+                        Some(crate::auth::livekit_token(
+                            lk,
+                            &channel,
+                            &member.user,
+                            now / 1000,
+                        )),
+                        Some(lk.url.clone()),
+                    ),
+                    None => (None, None),
+                };
+                let body = AckBody::Voice(VoiceAck {
+                    channel_id: channel.to_string(),
+                    participants,
+                    token,
+                    server_url,
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+            ChanCmd::VoiceLeave => {
+                let was = owned
+                    .voice
+                    .iter()
+                    .position(|p| p.user == member.user && p.conn == from)
+                    .map(|i| owned.voice.remove(i));
+                if was.is_some() {
+                    let event = ev(ServerEvent::VoiceUserLeft(VoiceEvent {
+                        channel_id: channel.to_string(),
+                        user_id: member.user.to_string(),
+                        state: None,
+                    }));
+                    self.fan_out(&channel, &event, 0, None, now, tx);
+                    if self.owned.get(&channel).is_some_and(|o| o.total() == 0) {
+                        self.channel_gc(&channel, now);
+                    }
+                }
+                if ack.is_some() {
+                    reply_to(self, empty_ack(ack), tx);
+                }
+            }
+            ChanCmd::VoiceUpdate(u) => {
+                let Some(p) = owned
+                    .voice
+                    .iter_mut()
+                    .find(|p| p.user == member.user && p.conn == from)
+                else {
+                    let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
+                    return reply_to(self, e, tx);
+                };
+                if apply_voice(&mut p.state, &u) {
+                    let event = ev(ServerEvent::VoiceStateUpdate(VoiceEvent {
+                        channel_id: channel.to_string(),
+                        user_id: member.user.to_string(),
+                        state: Some(p.state),
+                    }));
+                    self.fan_out(&channel, &event, 0, None, now, tx);
+                }
+                reply_to(self, empty_ack(ack), tx);
+            }
+            ChanCmd::VoiceParticipants => {
+                let body = AckBody::Voice(VoiceAck {
+                    channel_id: channel.to_string(),
+                    participants: owned.voice_participants(),
+                    token: None,
+                    server_url: None,
+                });
+                reply_to(self, ack_of(ack, body), tx);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn event_ack(
+        &mut self,
+        channel: &Arc<str>,
+        from: ConnRef,
+        member: &Member,
+        ack: Option<u64>,
+        message_id: &str,
+        offset: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let body = AckBody::Event(EventAck {
+            channel_id: channel.to_string(),
+            message_id: message_id.to_string(),
+            offset,
+        });
+        self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
+    }
+}
