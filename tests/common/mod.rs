@@ -392,3 +392,141 @@ pub async fn join(ws: &mut Ws, channel: &str, id: u64) -> Value {
         assert_ne!(v["t"], "error", "{v}");
     }
 }
+
+/// A JSON client that keeps what it receives, so that a test can wait for
+/// an ack or an event without losing the others that arrive meanwhile.
+pub struct Peer {
+    pub ws: Ws,
+    pub inbox: std::collections::VecDeque<Value>,
+    pub ready: Value,
+    next_id: u64,
+}
+
+impl Peer {
+    /// Connects as `user` (query `extra`, e.g. `&device=mobile`) until the
+    /// connection lands on `shard` (the kernel spreads connections over the
+    /// shards' listeners).
+    pub async fn on(server: &Server, user: &str, shard: u64, extra: &str) -> Peer {
+        for _ in 0..200 {
+            let url = server.url(&format!("/ws?token={}{extra}", token(user, 600)));
+            let mut ws = ws_connect(&url, None).await;
+            let ready = recv_event(&mut ws, "ready").await;
+            if ready["d"]["shard"] == shard {
+                return Peer {
+                    ws,
+                    inbox: Default::default(),
+                    ready,
+                    next_id: 1000,
+                };
+            }
+            // Close the others properly: once the server's close frame is
+            // back, it has told the user's home shard the device is gone.
+            let _ = ws.close(None).await;
+            let _ = recv_close(&mut ws).await;
+        }
+        panic!("no connection landed on shard {shard}");
+    }
+
+    pub fn session(&self) -> String {
+        self.ready["d"]["sessionId"].as_str().unwrap().to_string()
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        send(&mut self.ws, v).await
+    }
+
+    /// Sends event `t` with payload `d` and waits for its answer (an `ack`,
+    /// an `error`, or a `heartbeat:ack`), keeping everything else.
+    pub async fn request(&mut self, t: &str, d: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(json!({"t": t, "id": id, "d": d})).await;
+        loop {
+            let v = recv(&mut self.ws).await;
+            let answer = v["t"] == "ack" || v["t"] == "error" || v["t"] == "heartbeat:ack";
+            if answer && v["id"] == id {
+                return v;
+            }
+            self.inbox.push_back(v);
+        }
+    }
+
+    /// Like [`Peer::request`], expecting an ack; returns its `d`.
+    pub async fn ok(&mut self, t: &str, d: Value) -> Value {
+        let v = self.request(t, d.clone()).await;
+        assert_eq!(v["t"], "ack", "{t} {d}: {v}");
+        v["d"].clone()
+    }
+
+    /// Like [`Peer::request`], expecting an error; returns its code.
+    pub async fn refused(&mut self, t: &str, d: Value) -> String {
+        let v = self.request(t, d.clone()).await;
+        assert_eq!(v["t"], "error", "{t} {d}: {v}");
+        v["d"]["code"].as_str().unwrap().to_string()
+    }
+
+    /// The next event named `t` (from what was kept, then from the socket),
+    /// dropping other events before it.
+    pub async fn event(&mut self, t: &str) -> Value {
+        while let Some(v) = self.inbox.pop_front() {
+            if v["t"] == t {
+                return v;
+            }
+        }
+        recv_event(&mut self.ws, t).await
+    }
+
+    /// The next event named `t` whose `d.<key>` is `value`.
+    pub async fn event_for(&mut self, t: &str, key: &str, value: &str) -> Value {
+        loop {
+            let v = self.event(t).await;
+            if v["d"][key] == value {
+                return v;
+            }
+        }
+    }
+
+    /// Asks for `user`'s presence and forgets the `presence:changed` events
+    /// received before the answer: the answer travels from the user's home
+    /// shard the way those events do, so it comes after all of them.
+    pub async fn settle_presence(&mut self, user: &str) -> Value {
+        let bulk = self
+            .ok("presence:get_bulk", json!({"userIds": [user]}))
+            .await;
+        self.inbox.retain(|v| v["t"] != "presence:changed");
+        bulk["presences"][0].clone()
+    }
+
+    /// Reads `presence:changed` events until one satisfies `want`.
+    pub async fn presence_until(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let v = self.event("presence:changed").await;
+            if want(&v["d"]) {
+                return v;
+            }
+        }
+    }
+
+    /// Every event received until (and with) the next one named `last`.
+    pub async fn events_until(&mut self, last: &str) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        loop {
+            let v = match self.inbox.pop_front() {
+                Some(v) => v,
+                None => recv(&mut self.ws).await,
+            };
+            let done = v["t"] == last;
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Sends a heartbeat and returns what arrived before its answer: a
+    /// barrier showing that nothing else was queued for this connection.
+    pub async fn drain(&mut self) -> Vec<Value> {
+        self.request("heartbeat", json!({})).await;
+        self.inbox.drain(..).collect()
+    }
+}
