@@ -164,6 +164,9 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => match args.load() {
             Ok(c) => {
                 let mut shown = c.clone();
+                if let Some(lk) = shown.livekit.as_mut() {
+                    lk.api_secret = "<hidden>".into();
+                }
                 if shown.auth.secret.is_some() {
                     shown.auth.secret = Some("<hidden>".into());
                 }

@@ -445,6 +445,35 @@ fn token_and_check_config_commands() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("io_driver"));
+    // Secrets are never printed.
+    let shown = std::process::Command::new(bin)
+        .args([
+            "check-config",
+            "--auth-secret",
+            "auth-secret-0123456789",
+            "--livekit-url",
+            "wss://lk.example",
+            "--livekit-api-key",
+            "key",
+            "--livekit-api-secret",
+            "livekit-secret-0123456789",
+        ])
+        .output()
+        .unwrap();
+    assert!(shown.status.success());
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("wss://lk.example"), "{text}");
+    assert!(
+        !text.contains("auth-secret-0123456789") && !text.contains("livekit-secret-0123456789"),
+        "{text}"
+    );
+    // LiveKit settings come as a set.
+    let partial = std::process::Command::new(bin)
+        .args(["check-config", "--livekit-url", "wss://lk.example"])
+        .output()
+        .unwrap();
+    assert_eq!(partial.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&partial.stderr).contains("go together"));
 }
 
 #[test]
