@@ -61,7 +61,9 @@ impl<O: Outbound> Engine<O> {
             ),
             E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
             E::SessionResume(r) => self.resume(id, ack, r, now, tx),
-            E::ChannelJoin(j) => self.join(id, ack, j.channel_id, j.since, None, now, tx),
+            E::ChannelJoin(j) => {
+                self.join(id, ack, j.channel_id, j.since, None, now, tx);
+            }
             E::ChannelLeave(c) => self.leave(id, ack, &c.channel_id, now, tx),
             E::MessageSend(m) => self.send(id, ack, m, now, tx),
             E::MessageEdit(m) => {
@@ -412,29 +414,32 @@ impl<O: Outbound> Engine<O> {
         gather: Option<u64>,
         now: u64,
         tx: &mut impl MeshTx,
-    ) {
+    ) -> bool {
         if let Err(e) = self.check_channel_id(&channel_id) {
-            return self.error(id, ack, ErrorCode::BadRequest, e);
+            self.error(id, ack, ErrorCode::BadRequest, e);
+            return false;
         }
         let max = self.s.max_channels_per_connection;
         let Some(conn) = self.conn_mut(id) else {
-            return;
+            return false;
         };
         if conn.channels.iter().any(|(c, _)| **c == *channel_id) {
-            return self.error(
+            self.error(
                 id,
                 ack,
                 ErrorCode::BadRequest,
                 format!("already in channel `{channel_id}`"),
             );
+            return false;
         }
         if conn.channels.len() >= max {
-            return self.error(
+            self.error(
                 id,
                 ack,
                 ErrorCode::TooLarge,
                 format!("at most {max} channels per connection"),
             );
+            return false;
         }
         let channel: Arc<str> = channel_id.into();
         conn.channels
@@ -454,6 +459,7 @@ impl<O: Outbound> Engine<O> {
             now,
             tx,
         );
+        true
     }
 
     pub(super) fn leave(
@@ -477,9 +483,17 @@ impl<O: Outbound> Engine<O> {
         };
         let (channel, state) = conn.channels.swap_remove(pos);
         let member = conn.member.clone();
-        if state == JoinState::Joined {
-            self.remove_local(&channel, id);
-            self.tell_owner_left(id, channel, member, now, tx);
+        match state {
+            JoinState::Joined => {
+                self.remove_local(&channel, id);
+                self.tell_owner_left(id, channel, member, now, tx);
+            }
+            // A channel a resumed session was rejoining: the resume no
+            // longer waits for it (its `Joined` will undo the join).
+            JoinState::Pending {
+                gather: Some(g), ..
+            } => self.resumed_join_gone(g),
+            JoinState::Pending { .. } => {}
         }
         self.reply(id, &empty_ack(ack));
     }

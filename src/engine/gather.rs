@@ -66,21 +66,23 @@ impl<O: Outbound> Engine<O> {
                     channels: Vec::new(),
                 };
                 let done = joins.is_empty();
-                let ack = gather.ack;
                 self.gathers.insert(g.gather, gather);
                 if done {
                     return self.finish_resume(g.gather);
                 }
                 for (channel, since) in joins {
-                    self.join(
+                    let sent = self.join(
                         id,
-                        ack,
+                        None,
                         channel.to_string(),
                         Some(since),
                         Some(g.gather),
                         now,
                         tx,
                     );
+                    if !sent {
+                        self.resumed_join_gone(g.gather);
+                    }
                 }
             }
             _ => {}
@@ -99,6 +101,18 @@ impl<O: Outbound> Engine<O> {
                 epoch: joined.epoch,
             });
         }
+        g.waiting = g.waiting.saturating_sub(1);
+        if g.waiting == 0 {
+            self.finish_resume(gather);
+        }
+    }
+
+    /// A channel the resume was rejoining was left before its join came
+    /// back: one answer less to wait for.
+    pub(super) fn resumed_join_gone(&mut self, gather: u64) {
+        let Some(g) = self.gathers.get_mut(&gather) else {
+            return;
+        };
         g.waiting = g.waiting.saturating_sub(1);
         if g.waiting == 0 {
             self.finish_resume(gather);

@@ -11,9 +11,29 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// Drops a user's state once nothing is left in it.
-    pub(super) fn gc_user(&mut self, user: &Arc<str>) {
-        if self.users.get(user).is_some_and(|u| u.is_empty()) {
+    /// After any change to a user's state: drops it once nothing is left
+    /// in it; otherwise makes sure a deviceless user's state has a timer
+    /// that will let it expire.
+    pub(super) fn maintain_user(&mut self, user: &Arc<str>, now: u64) {
+        let Some(st) = self.users.get(user) else {
+            return;
+        };
+        if st.is_empty() {
             self.users.remove(user);
+        } else if st.devices.is_empty() && st.wake.is_none() {
+            self.wake_user(user, now + 1);
+        }
+    }
+
+    /// Files the user's timer for `at`, unless an earlier one is pending
+    /// (it will file the next one when it runs).
+    pub(super) fn wake_user(&mut self, user: &Arc<str>, at: u64) {
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        if st.wake.is_none_or(|w| at < w) {
+            st.wake = Some(at);
+            self.timers.at(at, Timer::User { user: user.clone() });
         }
     }
 
@@ -54,6 +74,12 @@ impl<O: Outbound> Engine<O> {
     }
 
     pub(super) fn on_user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
+        let user = op.user.clone();
+        self.user_op(op, now, tx);
+        self.maintain_user(&user, now);
+    }
+
+    fn user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
         let UserOp {
             user,
             from,
@@ -129,7 +155,7 @@ impl<O: Outbound> Engine<O> {
                     .collect();
                 st.calls.retain(|(_, c)| *c != conn);
                 for at in wake {
-                    self.timers.at(at, Timer::User { user: user.clone() });
+                    self.wake_user(&user, at);
                 }
                 if let Some((channel, _)) = voice {
                     self.voice_leave(
@@ -169,7 +195,6 @@ impl<O: Outbound> Engine<O> {
                     self.end_call(call, "disconnected", &user, now, tx);
                 }
                 self.announce(&user, now, tx);
-                self.gc_user(&user);
             }
             UserCmd::Update(p) => {
                 let Some((conn, _)) = from else { return };
@@ -299,14 +324,12 @@ impl<O: Outbound> Engine<O> {
                     None => err(ack, ErrorCode::NotFound, format!("no notification `{id}`")),
                 };
                 reply(self, msg, tx);
-                self.gc_user(&user);
             }
             UserCmd::NotificationClearAll => {
                 if let Some(st) = self.users.get_mut(&user) {
                     st.notifications.clear();
                 }
                 reply(self, empty_ack(ack), tx);
-                self.gc_user(&user);
             }
             UserCmd::Delivery(d) => {
                 self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
@@ -374,7 +397,6 @@ impl<O: Outbound> Engine<O> {
                     UserCmd::VoiceLeave => {
                         let (channel, _) = st.voice.take().expect("checked");
                         self.voice_leave(&user, channel, conn, session, protocol, ack, now, tx);
-                        self.gc_user(&user);
                     }
                     UserCmd::VoiceUpdate(u) => {
                         let channel = st.voice.as_ref().expect("checked").0.clone();
@@ -419,7 +441,6 @@ impl<O: Outbound> Engine<O> {
                 if let Some(st) = self.users.get_mut(&user) {
                     st.calls.retain(|(id, _)| *id != call);
                 }
-                self.gc_user(&user);
             }
             UserCmd::Resume { session, gather } => {
                 let Some((conn, _)) = from else { return };
@@ -435,7 +456,6 @@ impl<O: Outbound> Engine<O> {
                     part: GatherPart::Resume(channels),
                 };
                 self.route(conn.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
-                self.gc_user(&user);
             }
         }
     }
@@ -487,34 +507,62 @@ impl<O: Outbound> Engine<O> {
         };
         let max = self.s.max_notifications;
         self.user(user).push_notification(n.clone(), max);
-        self.timers
-            .at(n.expires_at, Timer::User { user: user.clone() });
+        self.wake_user(user, n.expires_at);
         self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
     }
 
-    /// A user's grace period, resume windows and notifications, as due.
+    /// Whatever is due for a user: the end of the grace period, resume
+    /// windows, notifications, and (for a user without devices) the
+    /// conversation list, kept `notification_ttl_ms` after the last activity.
+    /// Files the next wake-up from everything still pending.
     pub(super) fn user_timer(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
-        let grace = self.s.presence_grace_ms;
+        let (grace, ttl) = (self.s.presence_grace_ms, self.s.notification_ttl_ms);
         let Some(st) = self.users.get_mut(user) else {
             return;
         };
-        let mut next = st.expire_notifications(now);
-        st.detached.retain(|d| d.until > now);
-        if let Some(d) = st.detached.iter().map(|d| d.until).min() {
-            next = Some(next.map_or(d, |n| n.min(d)));
+        st.wake = None;
+        let mut next: Option<u64> = None;
+        let mut soon = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        if let Some(n) = st.expire_notifications(now) {
+            soon(n);
         }
-        if let Some(left) = st.left_at {
-            if st.devices.is_empty() && now >= left + grace {
-                st.left_at = None;
-                self.announce(user, now, tx);
-            } else if st.devices.is_empty() {
-                next = Some(next.map_or(left + grace, |n| n.min(left + grace)));
+        st.detached.retain(|d| d.until > now);
+        for d in &st.detached {
+            soon(d.until);
+        }
+        let mut gone = false;
+        if st.devices.is_empty() {
+            if let Some(left) = st.left_at {
+                if now >= left + grace {
+                    st.left_at = None;
+                    gone = true;
+                } else {
+                    soon(left + grace);
+                }
+            }
+            if !st.conversations.is_empty() || !st.dm_nonces.is_empty() {
+                let last = st
+                    .conversations
+                    .iter()
+                    .map(|c| c.last.timestamp)
+                    .max()
+                    .unwrap_or(0)
+                    .max(st.last_seen);
+                if now >= last + ttl {
+                    st.conversations.clear();
+                    st.dm_nonces.clear();
+                } else {
+                    soon(last + ttl);
+                }
             }
         }
-        if let Some(at) = next {
-            self.timers.at(at, Timer::User { user: user.clone() });
+        if gone {
+            self.announce(user, now, tx);
         }
-        self.gc_user(user);
+        if let Some(at) = next {
+            self.wake_user(user, at);
+        }
+        self.maintain_user(user, now);
     }
 
     pub(super) fn on_presence_query(&mut self, q: PresenceQuery, now: u64, tx: &mut impl MeshTx) {

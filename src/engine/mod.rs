@@ -719,6 +719,15 @@ impl<O: Outbound> Engine<O> {
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.slot);
         let mut resume = Vec::new();
+        for (_, state) in &conn.channels {
+            // A resume still rejoining has no one left to answer.
+            if let JoinState::Pending {
+                gather: Some(g), ..
+            } = state
+            {
+                self.gathers.remove(g);
+            }
+        }
         for (channel, state) in conn.channels {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
@@ -946,7 +955,7 @@ impl<O: Outbound> Engine<O> {
                     if let Some(st) = self.users.get_mut(user) {
                         st.subscribers.retain(|(c, _)| *c != u.subscriber);
                     }
-                    self.gc_user(user);
+                    self.maintain_user(user, now);
                 }
             }
             MeshMsg::Gathered(g) => self.on_gathered(*g, now, tx),

@@ -1937,3 +1937,482 @@ mod sequences {
         }
     }
 }
+
+mod chat_sequences {
+    //! Random sequences of every kind of client event against three shards,
+    //! with mesh messages delivered in random partial batches and the clock
+    //! jumping: nothing panics, every request of a connection still open
+    //! is answered exactly once, and once everyone has gone and every
+    //! window has passed, no state is left behind.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const USERS: usize = 4;
+    const CHANNELS: u8 = 3;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Connect {
+            shard: u16,
+            user: usize,
+            binary: bool,
+        },
+        Close {
+            conn: usize,
+        },
+        Event {
+            conn: usize,
+            what: What,
+        },
+        Step {
+            shard: u16,
+            n: u8,
+        },
+        Advance {
+            ms: u32,
+        },
+    }
+
+    #[derive(Debug, Clone)]
+    enum What {
+        Join {
+            ch: u8,
+            since: Option<u8>,
+        },
+        Leave {
+            ch: u8,
+        },
+        Send {
+            ch: u8,
+            nonce: Option<u8>,
+            mention: Option<usize>,
+        },
+        Edit {
+            ch: u8,
+            offset: u8,
+        },
+        Delete {
+            ch: u8,
+            offset: u8,
+        },
+        React {
+            ch: u8,
+            offset: u8,
+            emoji: u8,
+            add: bool,
+        },
+        History {
+            ch: u8,
+        },
+        Members {
+            ch: u8,
+        },
+        Typing {
+            ch: u8,
+            start: bool,
+        },
+        TypingActive {
+            ch: u8,
+        },
+        Delivered {
+            ch: u8,
+            offset: u8,
+        },
+        MarkRead {
+            ch: u8,
+            offset: u8,
+        },
+        Receipts {
+            ch: u8,
+            offset: u8,
+        },
+        Dm {
+            to: usize,
+            nonce: Option<u8>,
+        },
+        Conversations,
+        Presence {
+            status: u8,
+            custom: bool,
+        },
+        Subscribe {
+            users: Vec<usize>,
+        },
+        Unsubscribe {
+            users: Vec<usize>,
+        },
+        Bulk {
+            users: Vec<usize>,
+        },
+        PresenceHeartbeat,
+        VoiceJoin {
+            ch: u8,
+        },
+        VoiceLeave,
+        VoiceUpdate {
+            muted: bool,
+        },
+        VoiceParticipants {
+            ch: u8,
+        },
+        Call {
+            to: usize,
+        },
+        Answer {
+            call: usize,
+        },
+        Reject {
+            call: usize,
+        },
+        End {
+            call: usize,
+        },
+        Ice {
+            call: usize,
+        },
+        Notifications {
+            op: u8,
+        },
+        Resume {
+            of: usize,
+        },
+    }
+
+    fn what() -> impl Strategy<Value = What> {
+        let ch = || 0..CHANNELS;
+        let off = || 0u8..8;
+        let user = || 0..USERS;
+        let users = || proptest::collection::vec(0..USERS, 0..4);
+        let a = prop_oneof![
+            (ch(), proptest::option::of(off())).prop_map(|(ch, since)| What::Join { ch, since }),
+            ch().prop_map(|ch| What::Leave { ch }),
+            (
+                ch(),
+                proptest::option::of(0u8..3),
+                proptest::option::of(user())
+            )
+                .prop_map(|(ch, nonce, mention)| What::Send { ch, nonce, mention }),
+            (ch(), off()).prop_map(|(ch, offset)| What::Edit { ch, offset }),
+            (ch(), off()).prop_map(|(ch, offset)| What::Delete { ch, offset }),
+            (ch(), off(), 0u8..2, any::<bool>()).prop_map(|(ch, offset, emoji, add)| What::React {
+                ch,
+                offset,
+                emoji,
+                add
+            }),
+            ch().prop_map(|ch| What::History { ch }),
+            ch().prop_map(|ch| What::Members { ch }),
+            (ch(), any::<bool>()).prop_map(|(ch, start)| What::Typing { ch, start }),
+            ch().prop_map(|ch| What::TypingActive { ch }),
+            (ch(), off()).prop_map(|(ch, offset)| What::Delivered { ch, offset }),
+            (ch(), off()).prop_map(|(ch, offset)| What::MarkRead { ch, offset }),
+            (ch(), off()).prop_map(|(ch, offset)| What::Receipts { ch, offset }),
+        ];
+        let b = prop_oneof![
+            (user(), proptest::option::of(0u8..3)).prop_map(|(to, nonce)| What::Dm { to, nonce }),
+            Just(What::Conversations),
+            (0u8..5, any::<bool>()).prop_map(|(status, custom)| What::Presence { status, custom }),
+            users().prop_map(|users| What::Subscribe { users }),
+            users().prop_map(|users| What::Unsubscribe { users }),
+            users().prop_map(|users| What::Bulk { users }),
+            Just(What::PresenceHeartbeat),
+            ch().prop_map(|ch| What::VoiceJoin { ch }),
+            Just(What::VoiceLeave),
+            any::<bool>().prop_map(|muted| What::VoiceUpdate { muted }),
+            ch().prop_map(|ch| What::VoiceParticipants { ch }),
+        ];
+        let c = prop_oneof![
+            user().prop_map(|to| What::Call { to }),
+            (0usize..6).prop_map(|call| What::Answer { call }),
+            (0usize..6).prop_map(|call| What::Reject { call }),
+            (0usize..6).prop_map(|call| What::End { call }),
+            (0usize..6).prop_map(|call| What::Ice { call }),
+            (0u8..4).prop_map(|op| What::Notifications { op }),
+            (0usize..16).prop_map(|of| What::Resume { of }),
+        ];
+        prop_oneof![4 => a, 3 => b, 2 => c]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0u16..3, 0..USERS, any::<bool>())
+                .prop_map(|(shard, user, binary)| Op::Connect { shard, user, binary }),
+            1 => (0usize..16).prop_map(|conn| Op::Close { conn }),
+            10 => ((0usize..16), what()).prop_map(|(conn, what)| Op::Event { conn, what }),
+            3 => (0u16..3, 1u8..10).prop_map(|(shard, n)| Op::Step { shard, n }),
+            1 => (0u32..40_000).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    struct Client {
+        at: ConnRef,
+        rec: Recorder,
+        open: bool,
+        session: String,
+        sent: Vec<u64>,
+        answers: Vec<u64>,
+    }
+
+    fn epoch(sim: &Sim, ch: &str) -> String {
+        let owner = owner_of(ch, 3) as usize;
+        sim.shards[owner]
+            .owned
+            .get(ch)
+            .map_or("0000000000000000".to_string(), |o| o.epoch.to_string())
+    }
+
+    fn event(sim: &Sim, what: &What, calls: &[String], clients: &[Client]) -> ClientEvent {
+        use ClientEvent as E;
+        let chan = |ch: u8| format!("ch-{ch}");
+        let mid = |ch: u8, offset: u8| format!("{}-{offset}", epoch(sim, &chan(ch)));
+        let user = |u: usize| format!("u{u}");
+        let call = |i: usize| {
+            calls
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| "00000000000000ff".into())
+        };
+        let users = |us: &Vec<usize>| UserIds {
+            user_ids: us.iter().map(|u| user(*u)).collect(),
+        };
+        match what.clone() {
+            What::Join { ch, since } => E::ChannelJoin(ChannelJoin {
+                channel_id: chan(ch),
+                since: since.map(|o| Since {
+                    offset: o as u64,
+                    epoch: epoch(sim, &chan(ch)),
+                }),
+            }),
+            What::Leave { ch } => E::ChannelLeave(ChannelRef {
+                channel_id: chan(ch),
+            }),
+            What::Send { ch, nonce, mention } => E::MessageSend(MessageSend {
+                nonce: nonce.map(|n| format!("n{n}")),
+                mentions: mention.map(|u| vec![user(u)]).unwrap_or_default(),
+                ..MessageSend::new(chan(ch), "x")
+            }),
+            What::Edit { ch, offset } => E::MessageEdit(MessageEdit {
+                channel_id: chan(ch),
+                message_id: mid(ch, offset),
+                content: "y".into(),
+            }),
+            What::Delete { ch, offset } => {
+                E::MessageDelete(message_ref(&chan(ch), &mid(ch, offset)))
+            }
+            What::React {
+                ch,
+                offset,
+                emoji,
+                add,
+            } => E::MessageReact(MessageReact {
+                channel_id: chan(ch),
+                message_id: mid(ch, offset),
+                emoji: ["👍", "🎉"][emoji as usize].into(),
+                action: if add {
+                    ReactAction::Add
+                } else {
+                    ReactAction::Remove
+                },
+            }),
+            What::History { ch } => E::ChannelGetHistory(GetHistory {
+                channel_id: chan(ch),
+                limit: Some(3),
+                before: None,
+            }),
+            What::Members { ch } => E::ChannelGetMembers(ChannelRef {
+                channel_id: chan(ch),
+            }),
+            What::Typing { ch, start } => {
+                let c = ChannelRef {
+                    channel_id: chan(ch),
+                };
+                if start {
+                    E::TypingStart(c)
+                } else {
+                    E::TypingStop(c)
+                }
+            }
+            What::TypingActive { ch } => E::TypingGetActive(ChannelRef {
+                channel_id: chan(ch),
+            }),
+            What::Delivered { ch, offset } => {
+                E::MessageDelivered(message_ref(&chan(ch), &mid(ch, offset)))
+            }
+            What::MarkRead { ch, offset } => {
+                E::MessageMarkRead(message_ref(&chan(ch), &mid(ch, offset)))
+            }
+            What::Receipts { ch, offset } => {
+                E::MessageGetReadReceipts(message_ref(&chan(ch), &mid(ch, offset)))
+            }
+            What::Dm { to, nonce } => E::DmSend(DmSend {
+                to_user_id: user(to),
+                content: "dm".into(),
+                nonce: nonce.map(|n| format!("d{n}")),
+            }),
+            What::Conversations => E::DmGetConversations(Limit { limit: Some(5) }),
+            What::Presence { status, custom } => E::PresenceUpdate(PresenceUpdate {
+                status: Some(Status::ALL[status as usize]),
+                custom_status: Some(custom.then(|| "busy".to_string())),
+                activity: None,
+                device: None,
+            }),
+            What::Subscribe { users: u } => E::PresenceSubscribe(users(&u)),
+            What::Unsubscribe { users: u } => E::PresenceUnsubscribe(users(&u)),
+            What::Bulk { users: u } => E::PresenceGetBulk(users(&u)),
+            What::PresenceHeartbeat => E::PresenceHeartbeat,
+            What::VoiceJoin { ch } => E::VoiceJoin(ChannelRef {
+                channel_id: chan(ch),
+            }),
+            What::VoiceLeave => E::VoiceLeave,
+            What::VoiceUpdate { muted } => E::VoiceUpdate(VoiceUpdate {
+                muted: Some(muted),
+                ..VoiceUpdate::default()
+            }),
+            What::VoiceParticipants { ch } => E::VoiceGetParticipants(ChannelRef {
+                channel_id: chan(ch),
+            }),
+            What::Call { to } => E::CallInitiate(CallInitiate {
+                to_user_id: user(to),
+                call_type: CallType::Audio,
+                sdp: None,
+            }),
+            What::Answer { call: c } => E::CallAnswer(CallAnswer {
+                call_id: call(c),
+                sdp: None,
+            }),
+            What::Reject { call: c } => E::CallReject(CallReject {
+                call_id: call(c),
+                reason: None,
+            }),
+            What::End { call: c } => E::CallEnd(CallRef { call_id: call(c) }),
+            What::Ice { call: c } => E::CallIceCandidate(CallIce {
+                call_id: call(c),
+                candidate: Json("{}".into()),
+            }),
+            What::Notifications { op } => match op {
+                0 => E::NotificationGetPending,
+                1 => E::NotificationRead(NotificationIds {
+                    notification_ids: vec!["x".into()],
+                }),
+                2 => E::NotificationClear(NotificationRef {
+                    notification_id: "x".into(),
+                }),
+                _ => E::NotificationClearAll,
+            },
+            What::Resume { of } => E::SessionResume(SessionResume {
+                session_id: clients
+                    .get(of)
+                    .map_or("00000000000000000000000000000000".into(), |c| {
+                        c.session.clone()
+                    }),
+                positions: vec![],
+            }),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn every_request_is_answered_once_and_nothing_is_left_behind(
+            ops in proptest::collection::vec(op(), 1..150)
+        ) {
+            let settings = Settings {
+                max_channels_per_connection: 2,
+                history_size: 5,
+                history_ttl_ms: 20_000,
+                typing_timeout_ms: 1_000,
+                presence_grace_ms: 500,
+                resume_window_ms: 5_000,
+                call_ring_timeout_ms: 3_000,
+                notification_ttl_ms: 30_000,
+                max_subscriptions: 3,
+                ..Settings::default()
+            };
+            let mut sim = Sim::with(3, settings);
+            let mut clients: Vec<Client> = Vec::new();
+            let mut calls: Vec<String> = Vec::new();
+            let mut next_id = 1u64;
+            let collect = |clients: &mut Vec<Client>, calls: &mut Vec<String>| {
+                for c in clients.iter_mut() {
+                    for m in c.rec.take() {
+                        if let ServerEvent::Ack(AckBody::Call(a)) = &m.event {
+                            calls.push(a.call_id.clone());
+                        }
+                        if let ServerEvent::CallIncoming(i) = &m.event {
+                            calls.push(i.call_id.clone());
+                        }
+                        let answer = matches!(m.event, ServerEvent::Ack(_) | ServerEvent::Error(_) | ServerEvent::HeartbeatAck(_));
+                        if let (true, Some(id)) = (answer, m.id) {
+                            c.answers.push(id);
+                        }
+                    }
+                }
+            };
+            for op in ops {
+                match op {
+                    Op::Connect { shard, user, binary } => {
+                        let p = if binary { Protocol::Binary } else { Protocol::Json };
+                        let (at, rec) = sim.connect(shard, &format!("u{user}"), p);
+                        let session = sim.shards[shard as usize].conn(at.conn).unwrap().member.session.to_string();
+                        clients.push(Client { at, rec, open: true, session, sent: vec![], answers: vec![] });
+                    }
+                    Op::Close { conn } => {
+                        let Some(c) = clients.get_mut(conn).filter(|c| c.open) else { continue };
+                        c.open = false;
+                        sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
+                    }
+                    Op::Event { conn, what } => {
+                        if !clients.get(conn).is_some_and(|c| c.open) {
+                            continue;
+                        }
+                        let event = event(&sim, &what, &calls, &clients);
+                        let c = &mut clients[conn];
+                        c.sent.push(next_id);
+                        let msg = ClientMessage { id: Some(next_id), event };
+                        next_id += 1;
+                        sim.shards[c.at.shard as usize].handle(c.at.conn, msg, sim.now, &mut sim.mesh);
+                    }
+                    Op::Step { shard, n } => {
+                        for _ in 0..n {
+                            let Some(m) = sim.mesh.0[shard as usize].pop_front() else { break };
+                            sim.shards[shard as usize].handle_mesh(m, sim.now, &mut sim.mesh);
+                        }
+                    }
+                    Op::Advance { ms } => {
+                        sim.now += ms as u64;
+                        for s in 0..3 {
+                            sim.shards[s].tick(sim.now, &mut sim.mesh);
+                        }
+                    }
+                }
+                collect(&mut clients, &mut calls);
+            }
+            sim.settle();
+            collect(&mut clients, &mut calls);
+            for c in clients.iter().filter(|c| c.open) {
+                let mut answers = c.answers.clone();
+                answers.sort();
+                prop_assert_eq!(&answers, &c.sent, "every request answered exactly once");
+            }
+            // Everyone leaves and every window passes: nothing is left.
+            for c in clients.iter_mut().filter(|c| c.open) {
+                c.open = false;
+                sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
+            }
+            sim.settle();
+            for _ in 0..3 {
+                sim.advance(100_000);
+            }
+            for (i, s) in sim.shards.iter().enumerate() {
+                prop_assert_eq!(s.connections(), 0, "shard {}", i);
+                prop_assert!(s.local.is_empty(), "shard {} local {:?}", i, s.local.keys().collect::<Vec<_>>());
+                prop_assert!(s.owned.is_empty(), "shard {} owned {:?}", i, s.owned.keys().collect::<Vec<_>>());
+                prop_assert!(s.users.is_empty(), "shard {} users {:?}", i, s.users.keys().collect::<Vec<_>>());
+                prop_assert!(s.calls.is_empty(), "shard {} calls", i);
+                prop_assert!(s.gathers.is_empty(), "shard {} gathers", i);
+                prop_assert!(s.timers.is_empty(), "shard {} timers {}", i, s.timers.len());
+            }
+        }
+    }
+}

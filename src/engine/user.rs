@@ -61,6 +61,8 @@ pub struct UserState {
     /// Calls placed from this user's connections: (call, connection).
     pub calls: Vec<(u64, ConnRef)>,
     pub detached: Vec<Detached>,
+    /// When the pending user timer is due, if one is.
+    pub wake: Option<u64>,
 }
 
 impl UserState {
