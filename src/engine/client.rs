@@ -37,7 +37,7 @@ impl<O: Outbound> Engine<O> {
     /// The channel, when this connection has joined it.
     pub(super) fn joined(&self, id: ConnId, channel: &str) -> Option<Arc<str>> {
         self.conn(id)?
-            .channels
+            .channels()
             .iter()
             .find(|(c, s)| **c == *channel && *s == JoinState::Joined)
             .map(|(c, _)| c.clone())
@@ -192,7 +192,7 @@ impl<O: Outbound> Engine<O> {
             E::PresenceUnsubscribe(u) => {
                 let Some(c) = self.conn_mut(id) else { return };
                 let mut gone = Vec::new();
-                c.subscriptions.retain(|s| {
+                c.links().subscriptions.retain(|s| {
                     let drop = u.user_ids.iter().any(|u| **u == **s);
                     if drop {
                         gone.push(s.clone());
@@ -423,7 +423,7 @@ impl<O: Outbound> Engine<O> {
         let Some(conn) = self.conn_mut(id) else {
             return false;
         };
-        if conn.channels.iter().any(|(c, _)| **c == *channel_id) {
+        if conn.channels().iter().any(|(c, _)| **c == *channel_id) {
             self.error(
                 id,
                 ack,
@@ -432,7 +432,7 @@ impl<O: Outbound> Engine<O> {
             );
             return false;
         }
-        if conn.channels.len() >= max {
+        if conn.channels().len() >= max {
             self.error(
                 id,
                 ack,
@@ -442,7 +442,8 @@ impl<O: Outbound> Engine<O> {
             return false;
         }
         let channel: Arc<str> = channel_id.into();
-        conn.channels
+        conn.links()
+            .channels
             .push((channel.clone(), JoinState::Pending { ack, gather }));
         let member = conn.member.clone();
         let from = self.here(id);
@@ -473,7 +474,7 @@ impl<O: Outbound> Engine<O> {
         let Some(conn) = self.conn_mut(id) else {
             return;
         };
-        let Some(pos) = conn.channels.iter().position(|(c, _)| **c == *channel_id) else {
+        let Some(pos) = conn.channels().iter().position(|(c, _)| **c == *channel_id) else {
             return self.error(
                 id,
                 ack,
@@ -481,7 +482,7 @@ impl<O: Outbound> Engine<O> {
                 format!("not in channel `{channel_id}`"),
             );
         };
-        let (channel, state) = conn.channels.swap_remove(pos);
+        let (channel, state) = conn.links().channels.swap_remove(pos);
         let member = conn.member.clone();
         match state {
             JoinState::Joined => {
@@ -587,10 +588,10 @@ impl<O: Outbound> Engine<O> {
         if subscribe {
             let new: Vec<Arc<str>> = order
                 .iter()
-                .filter(|u| !conn.subscriptions.contains(u))
+                .filter(|u| !conn.subscriptions().contains(u))
                 .cloned()
                 .collect();
-            if conn.subscriptions.len() + new.len() > max {
+            if conn.subscriptions().len() + new.len() > max {
                 return self.error(
                     id,
                     ack,
@@ -598,7 +599,7 @@ impl<O: Outbound> Engine<O> {
                     format!("at most {max} presence subscriptions per connection"),
                 );
             }
-            conn.subscriptions.extend(new);
+            conn.links().subscriptions.extend(new);
         }
         if order.is_empty() {
             return self.reply(
@@ -689,7 +690,9 @@ impl<O: Outbound> Engine<O> {
             replay,
         } = j;
         let pending = self.conn_mut(id).and_then(|c| {
-            c.channels
+            c.links
+                .as_mut()?
+                .channels
                 .iter_mut()
                 .find(|(ch, s)| {
                     *ch == channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)

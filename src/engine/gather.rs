@@ -44,8 +44,8 @@ impl<O: Outbound> Engine<O> {
                 conn.member.session = session;
                 let joins: Vec<(Arc<str>, Since)> = channels
                     .into_iter()
-                    .filter(|(c, ..)| !conn.channels.iter().any(|(j, _)| j == c))
-                    .take(max.saturating_sub(conn.channels.len()))
+                    .filter(|(c, ..)| !conn.channels().iter().any(|(j, _)| j == c))
+                    .take(max.saturating_sub(conn.channels().len()))
                     .map(|(channel, offset, epoch)| {
                         let since = match positions.iter().find(|p| *p.channel_id == *channel) {
                             Some(p) => Since {

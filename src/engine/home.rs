@@ -15,9 +15,10 @@ impl<O: Outbound> Engine<O> {
     /// in it; otherwise makes sure a deviceless user's state has a timer
     /// that will let it expire.
     pub(super) fn maintain_user(&mut self, user: &Arc<str>, now: u64) {
-        let Some(st) = self.users.get(user) else {
+        let Some(st) = self.users.get_mut(user) else {
             return;
         };
+        st.shrink();
         if st.is_empty() {
             self.users.remove(user);
         } else if st.devices.is_empty() && st.wake.is_none() {
@@ -31,8 +32,8 @@ impl<O: Outbound> Engine<O> {
         let Some(st) = self.users.get_mut(user) else {
             return;
         };
-        if st.wake.is_none_or(|w| at < w) {
-            st.wake = Some(at);
+        if st.wake.is_none_or(|w| at < w.get()) {
+            st.wake = Some(user::at(at));
             self.timers.at(at, Timer::User { user: user.clone() });
         }
     }
@@ -45,7 +46,10 @@ impl<O: Outbound> Engine<O> {
         let Some(view) = st.change(user, now) else {
             return;
         };
-        let targets = st.subscribers.clone();
+        let targets = st
+            .extra()
+            .map(|m| m.subscribers.clone())
+            .unwrap_or_default();
         self.send_to_all(&targets, &ev(ServerEvent::PresenceChanged(view)), now, tx);
     }
 
@@ -96,7 +100,7 @@ impl<O: Outbound> Engine<O> {
             UserCmd::Online { session, device } => {
                 let Some((conn, protocol)) = from else { return };
                 let st = self.user(&user);
-                st.devices.push(Device {
+                st.add_device(Device {
                     conn,
                     session,
                     kind: device,
@@ -107,6 +111,7 @@ impl<O: Outbound> Engine<O> {
                 st.last_seen = now;
                 st.expire_notifications(now);
                 let pending: Vec<Notification> = st
+                    .more()
                     .notifications
                     .iter()
                     .filter(|n| !n.read)
@@ -135,7 +140,7 @@ impl<O: Outbound> Engine<O> {
                 st.last_seen = now;
                 let mut wake = Vec::new();
                 if let Some(channels) = resume {
-                    st.detached.push(Detached {
+                    st.more().detached.push(Detached {
                         session: device.session,
                         channels,
                         until: now + s.resume_window_ms,
@@ -143,17 +148,25 @@ impl<O: Outbound> Engine<O> {
                     wake.push(now + s.resume_window_ms);
                 }
                 if st.devices.is_empty() {
-                    st.left_at = Some(now);
+                    st.left_at = Some(user::at(now));
                     wake.push(now + s.presence_grace_ms);
                 }
-                let voice = st.voice.take_if(|(_, c)| *c == conn);
+                let voice = st
+                    .extra_mut()
+                    .and_then(|m| m.voice.take_if(|(_, c)| *c == conn));
                 let placed: Vec<u64> = st
-                    .calls
-                    .iter()
-                    .filter(|(_, c)| *c == conn)
-                    .map(|(id, _)| *id)
-                    .collect();
-                st.calls.retain(|(_, c)| *c != conn);
+                    .extra_mut()
+                    .map(|m| {
+                        let placed = m
+                            .calls
+                            .iter()
+                            .filter(|(_, c)| *c == conn)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        m.calls.retain(|(_, c)| *c != conn);
+                        placed
+                    })
+                    .unwrap_or_default();
                 for at in wake {
                     self.wake_user(&user, at);
                 }
@@ -208,10 +221,10 @@ impl<O: Outbound> Engine<O> {
                     }
                 }
                 if let Some(c) = p.custom_status {
-                    st.custom_status = c;
+                    st.more().custom_status = c;
                 }
                 if let Some(a) = p.activity {
-                    st.activity = a;
+                    st.more().activity = a;
                 }
                 st.last_seen = now;
                 self.announce(&user, now, tx);
@@ -274,8 +287,9 @@ impl<O: Outbound> Engine<O> {
                 let conversations = self
                     .users
                     .get(&user)
-                    .map(|st| {
-                        st.conversations
+                    .and_then(|st| st.extra())
+                    .map(|m| {
+                        m.conversations
                             .iter()
                             .take(limit)
                             .map(|c| Conversation {
@@ -294,7 +308,7 @@ impl<O: Outbound> Engine<O> {
                 let notifications = match self.users.get_mut(&user) {
                     Some(st) => {
                         st.expire_notifications(now);
-                        st.notifications.iter().cloned().collect()
+                        st.more().notifications.iter().cloned().collect()
                     }
                     None => Vec::new(),
                 };
@@ -303,7 +317,7 @@ impl<O: Outbound> Engine<O> {
             }
             UserCmd::NotificationsRead(ids) => {
                 if let Some(st) = self.users.get_mut(&user) {
-                    for n in st.notifications.iter_mut() {
+                    for n in st.more().notifications.iter_mut() {
                         if ids.contains(&n.notification_id) {
                             n.read = true;
                         }
@@ -314,10 +328,11 @@ impl<O: Outbound> Engine<O> {
             UserCmd::NotificationClear(id) => {
                 let found = self.users.get_mut(&user).and_then(|st| {
                     let i = st
+                        .more()
                         .notifications
                         .iter()
                         .position(|n| n.notification_id == id)?;
-                    st.notifications.remove(i)
+                    st.more().notifications.remove(i)
                 });
                 let msg = match found {
                     Some(_) => empty_ack(ack),
@@ -327,7 +342,7 @@ impl<O: Outbound> Engine<O> {
             }
             UserCmd::NotificationClearAll => {
                 if let Some(st) = self.users.get_mut(&user) {
-                    st.notifications.clear();
+                    st.more().notifications.clear();
                 }
                 reply(self, empty_ack(ack), tx);
             }
@@ -346,7 +361,7 @@ impl<O: Outbound> Engine<O> {
                 };
                 // One voice channel per user: leave the one before.
                 let st = self.user(&user);
-                if let Some((old, old_conn)) = st.voice.take() {
+                if let Some((old, old_conn)) = st.more().voice.take() {
                     if old != channel || old_conn != conn {
                         let (old_session, old_protocol) = st
                             .devices
@@ -365,7 +380,7 @@ impl<O: Outbound> Engine<O> {
                         );
                     }
                 }
-                self.user(&user).voice = Some((channel.clone(), conn));
+                self.user(&user).more().voice = Some((channel.clone(), conn));
                 let op = ChannelOp {
                     channel: channel.clone(),
                     from: conn,
@@ -388,18 +403,21 @@ impl<O: Outbound> Engine<O> {
                     .iter()
                     .find(|d| d.conn == conn)
                     .map(|d| d.session);
-                let in_voice = st.voice.as_ref().is_some_and(|(_, c)| *c == conn);
+                let in_voice = st
+                    .extra()
+                    .and_then(|m| m.voice.as_ref())
+                    .is_some_and(|(_, c)| *c == conn);
                 let (Some(session), true) = (session, in_voice) else {
                     let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
                     return reply(self, e, tx);
                 };
                 match op {
                     UserCmd::VoiceLeave => {
-                        let (channel, _) = st.voice.take().expect("checked");
+                        let (channel, _) = st.more().voice.take().expect("checked");
                         self.voice_leave(&user, channel, conn, session, protocol, ack, now, tx);
                     }
                     UserCmd::VoiceUpdate(u) => {
-                        let channel = st.voice.as_ref().expect("checked").0.clone();
+                        let channel = st.more().voice.as_ref().expect("checked").0.clone();
                         let op = ChannelOp {
                             channel: channel.clone(),
                             from: conn,
@@ -423,7 +441,7 @@ impl<O: Outbound> Engine<O> {
                 let owner = home_of(&callee, self.shards);
                 let n = self.next_id() & 0xffff_ffff;
                 let call = ((owner as u64) << 48) | ((self.shard as u64) << 32) | n;
-                self.user(&user).calls.push((call, conn));
+                self.user(&user).more().calls.push((call, conn));
                 let op = CallOp {
                     call,
                     user,
@@ -439,17 +457,18 @@ impl<O: Outbound> Engine<O> {
             }
             UserCmd::CallDone { call } => {
                 if let Some(st) = self.users.get_mut(&user) {
-                    st.calls.retain(|(id, _)| *id != call);
+                    st.more().calls.retain(|(id, _)| *id != call);
                 }
             }
             UserCmd::Resume { session, gather } => {
                 let Some((conn, _)) = from else { return };
                 let channels = self.users.get_mut(&user).and_then(|st| {
                     let i = st
+                        .more()
                         .detached
                         .iter()
                         .position(|d| d.session == session && d.until > now)?;
-                    Some(st.detached.remove(i).channels)
+                    Some(st.more().detached.remove(i).channels)
                 });
                 let g = Gathered {
                     gather,
@@ -526,13 +545,15 @@ impl<O: Outbound> Engine<O> {
         if let Some(n) = st.expire_notifications(now) {
             soon(n);
         }
-        st.detached.retain(|d| d.until > now);
-        for d in &st.detached {
-            soon(d.until);
+        if let Some(m) = st.extra_mut() {
+            m.detached.retain(|d| d.until > now);
+            for d in &m.detached {
+                soon(d.until);
+            }
         }
         let mut gone = false;
         if st.devices.is_empty() {
-            if let Some(left) = st.left_at {
+            if let Some(left) = st.left_at.map(|l| l.get()) {
                 if now >= left + grace {
                     st.left_at = None;
                     gone = true;
@@ -540,17 +561,21 @@ impl<O: Outbound> Engine<O> {
                     soon(left + grace);
                 }
             }
-            if !st.conversations.is_empty() || !st.dm_nonces.is_empty() {
-                let last = st
+            let last_seen = st.last_seen;
+            if let Some(m) = st
+                .extra_mut()
+                .filter(|m| !m.conversations.is_empty() || !m.dm_nonces.is_empty())
+            {
+                let last = m
                     .conversations
                     .iter()
                     .map(|c| c.last.timestamp)
                     .max()
                     .unwrap_or(0)
-                    .max(st.last_seen);
+                    .max(last_seen);
                 if now >= last + ttl {
-                    st.conversations.clear();
-                    st.dm_nonces.clear();
+                    m.conversations.clear();
+                    m.dm_nonces.clear();
                 } else {
                     soon(last + ttl);
                 }
@@ -570,8 +595,8 @@ impl<O: Outbound> Engine<O> {
         for user in &q.users {
             if q.subscribe {
                 let st = self.user(user);
-                if !st.subscribers.iter().any(|(c, _)| *c == q.from) {
-                    st.subscribers.push((q.from, q.protocol));
+                if !st.more().subscribers.iter().any(|(c, _)| *c == q.from) {
+                    st.more().subscribers.push((q.from, q.protocol));
                 }
             }
             views.push(match self.users.get(user) {

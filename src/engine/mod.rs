@@ -449,8 +449,29 @@ pub struct Conn<O> {
     pub out: O,
     pub member: Member,
     device: DeviceKind,
-    channels: Vec<(Arc<str>, JoinState)>,
-    subscriptions: Vec<Arc<str>>,
+    /// Channels and subscriptions, made on the first of either: an idle
+    /// connection has neither.
+    links: Option<Box<Links>>,
+}
+
+#[derive(Default)]
+pub(super) struct Links {
+    pub(super) channels: Vec<(Arc<str>, JoinState)>,
+    pub(super) subscriptions: Vec<Arc<str>>,
+}
+
+impl<O> Conn<O> {
+    pub(super) fn channels(&self) -> &[(Arc<str>, JoinState)] {
+        self.links.as_ref().map_or(&[], |l| &l.channels)
+    }
+
+    pub(super) fn subscriptions(&self) -> &[Arc<str>] {
+        self.links.as_ref().map_or(&[], |l| &l.subscriptions)
+    }
+
+    pub(super) fn links(&mut self) -> &mut Links {
+        self.links.get_or_insert_with(Default::default)
+    }
 }
 
 pub(super) struct Slot<O> {
@@ -568,7 +589,8 @@ pub struct Engine<O> {
     free: Vec<u32>,
     local: HashMap<Arc<str>, LocalChannel>,
     owned: HashMap<Arc<str>, Owned>,
-    users: HashMap<Arc<str>, UserState>,
+    /// Boxed: every online user has one, and a map stores its values inline.
+    users: HashMap<Arc<str>, Box<UserState>>,
     calls: HashMap<u64, Call>,
     gathers: HashMap<u64, Gather>,
     timers: Timers,
@@ -654,8 +676,7 @@ impl<O: Outbound> Engine<O> {
             out,
             member,
             device,
-            channels: Vec::new(),
-            subscriptions: Vec::new(),
+            links: None,
         };
         let id = match self.free.pop() {
             Some(slot) => {
@@ -719,7 +740,8 @@ impl<O: Outbound> Engine<O> {
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.slot);
         let mut resume = Vec::new();
-        for (_, state) in &conn.channels {
+        let links = conn.links.map(|l| *l).unwrap_or_default();
+        for (_, state) in &links.channels {
             // A resume still rejoining has no one left to answer.
             if let JoinState::Pending {
                 gather: Some(g), ..
@@ -728,7 +750,7 @@ impl<O: Outbound> Engine<O> {
                 self.gathers.remove(g);
             }
         }
-        for (channel, state) in conn.channels {
+        for (channel, state) in links.channels {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
                 if let Some(l) = self.local.get(&channel) {
@@ -738,7 +760,7 @@ impl<O: Outbound> Engine<O> {
                 self.tell_owner_left(id, channel, conn.member.clone(), now, tx);
             }
         }
-        self.unsubscribe_all(id, conn.subscriptions, now, tx);
+        self.unsubscribe_all(id, links.subscriptions, now, tx);
         let resume = (self.s.resume_window_ms > 0).then_some(resume);
         let from = Some((self.here(id), conn.member.protocol));
         self.send_user_op(
@@ -953,7 +975,7 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Unsubscribe(u) => {
                 for user in &u.users {
                     if let Some(st) = self.users.get_mut(user) {
-                        st.subscribers.retain(|(c, _)| *c != u.subscriber);
+                        st.more().subscribers.retain(|(c, _)| *c != u.subscriber);
                     }
                     self.maintain_user(user, now);
                 }

@@ -881,7 +881,7 @@ fn notifications_expire() {
     assert!(sim.shards[home]
         .users
         .get("zed")
-        .is_none_or(|u| u.notifications.is_empty()));
+        .is_none_or(|u| u.extra().is_none_or(|m| m.notifications.is_empty())));
 }
 
 #[test]
@@ -1120,7 +1120,7 @@ fn presence_subscriptions_are_bounded_and_dropped_with_the_connection() {
         sim.shards
             .iter()
             .flat_map(|s| s.users.values())
-            .map(|u| u.subscribers.len())
+            .map(|u| u.extra().map_or(0, |m| m.subscribers.len()))
             .sum()
     };
     assert_eq!(subscribers(&sim), 3);
@@ -1532,7 +1532,7 @@ fn calls_ring_every_device_and_the_first_answer_wins() {
         .shards
         .iter()
         .flat_map(|s| s.users.values())
-        .map(|u| u.calls.len())
+        .map(|u| u.extra().map_or(0, |m| m.calls.len()))
         .sum();
     assert_eq!(placed, 0, "the caller's home forgot the call");
     assert!(sim.shards.iter().all(|s| s.calls.is_empty()));

@@ -10,6 +10,7 @@
 //! grace period before others see them offline.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use super::{ConnRef, SessionId};
@@ -40,18 +41,39 @@ pub struct Conv {
 /// Recent direct-message nonces kept per user to drop resends.
 const DM_NONCES: usize = 64;
 
+/// What others last saw of a user, as a key: enough to tell whether a new
+/// view is news.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shown {
+    status: Status,
+    /// One bit per [`DeviceKind`].
+    devices: u8,
+    /// A hash of the custom status and activity.
+    detail: u64,
+}
+
+/// A user's state on its home shard. The common part is small (every
+/// online user has one); the rest comes in [`More`], made when needed.
 #[derive(Default)]
 pub struct UserState {
     pub devices: Vec<Device>,
-    pub custom_status: Option<String>,
-    pub activity: Option<Activity>,
     /// When the user was last connected (ms).
     pub last_seen: u64,
     /// The last device left at this time; others see the user offline once
-    /// the grace period is over.
-    pub left_at: Option<u64>,
-    /// What subscribers last saw (status, custom status, activity, devices).
-    pub announced: Option<PresenceView>,
+    /// the grace period is over. (Non-zero types keep the option in 8 bytes.)
+    pub left_at: Option<NonZeroU64>,
+    /// When the pending user timer is due, if one is.
+    pub wake: Option<NonZeroU64>,
+    /// What subscribers last saw.
+    announced: Option<Shown>,
+    more: Option<Box<More>>,
+}
+
+/// The rarer part of a user's state.
+#[derive(Default)]
+pub struct More {
+    pub custom_status: Option<String>,
+    pub activity: Option<Activity>,
     pub subscribers: Vec<(ConnRef, Protocol)>,
     pub notifications: VecDeque<Notification>,
     pub conversations: Vec<Conv>,
@@ -61,33 +83,104 @@ pub struct UserState {
     /// Calls placed from this user's connections: (call, connection).
     pub calls: Vec<(u64, ConnRef)>,
     pub detached: Vec<Detached>,
-    /// When the pending user timer is due, if one is.
-    pub wake: Option<u64>,
 }
 
-impl UserState {
-    /// Whether nothing is left to keep (the state can be dropped).
-    pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
-            && self.left_at.is_none()
+impl More {
+    fn is_empty(&self) -> bool {
+        self.custom_status.is_none()
+            && self.activity.is_none()
             && self.subscribers.is_empty()
             && self.notifications.is_empty()
             && self.conversations.is_empty()
+            && self.dm_nonces.is_empty()
             && self.voice.is_none()
             && self.calls.is_empty()
             && self.detached.is_empty()
+    }
+}
+
+fn hash_detail(custom: Option<&String>, activity: Option<&Activity>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    custom.hash(&mut h);
+    activity
+        .map(|a| (&a.kind, &a.name, &a.details))
+        .hash(&mut h);
+    h.finish()
+}
+
+/// A timestamp as a non-zero value (0 ms is taken as 1 ms).
+pub fn at(t: u64) -> NonZeroU64 {
+    NonZeroU64::new(t.max(1)).expect("not zero")
+}
+
+impl UserState {
+    /// The rarer part, made if missing.
+    pub fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_with(Default::default)
+    }
+
+    /// The rarer part, if there is one.
+    pub fn extra(&self) -> Option<&More> {
+        self.more.as_deref()
+    }
+
+    pub fn extra_mut(&mut self) -> Option<&mut More> {
+        self.more.as_deref_mut()
+    }
+
+    /// Drops the rarer part when nothing is in it.
+    pub fn shrink(&mut self) {
+        if self.more.as_ref().is_some_and(|m| m.is_empty()) {
+            self.more = None;
+        }
+    }
+
+    /// Whether nothing is left to keep (the state can be dropped). Custom
+    /// status and activity alone do not keep a user without devices.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+            && self.left_at.is_none()
+            && self.extra().is_none_or(|m| {
+                m.subscribers.is_empty()
+                    && m.notifications.is_empty()
+                    && m.conversations.is_empty()
+                    && m.voice.is_none()
+                    && m.calls.is_empty()
+                    && m.detached.is_empty()
+            })
+    }
+
+    pub fn add_device(&mut self, d: Device) {
+        // Most users have one device: no room for four.
+        self.devices.reserve_exact(1);
+        self.devices.push(d);
     }
 
     /// The presence others see now. During the grace period after the last
     /// device left, that is what they last saw.
     pub fn view(&self, user: &str, now: u64) -> PresenceView {
+        let (custom_status, activity) = match self.extra() {
+            Some(m) => (m.custom_status.clone(), m.activity.clone()),
+            None => (None, None),
+        };
         if self.devices.is_empty() {
-            if self.left_at.is_some() {
-                if let Some(a) = &self.announced {
-                    return a.clone();
-                }
-            }
-            return offline(user, self.last_seen);
+            return match (self.left_at, self.announced) {
+                (Some(_), Some(shown)) if shown.status != Status::Offline => PresenceView {
+                    user_id: user.to_string(),
+                    status: shown.status,
+                    custom_status,
+                    activity,
+                    devices: DeviceKind::ALL
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| shown.devices & (1 << i) != 0)
+                        .map(|(_, k)| *k)
+                        .collect(),
+                    last_seen: self.last_seen,
+                },
+                _ => offline(user, self.last_seen),
+            };
         }
         let best = self
             .devices
@@ -98,19 +191,20 @@ impl UserState {
         if best == Status::Invisible {
             return offline(user, self.last_seen);
         }
-        let mut devices: Vec<DeviceKind> = self
-            .devices
+        let devices: Vec<DeviceKind> = DeviceKind::ALL
             .iter()
-            .filter(|d| d.status != Status::Invisible)
-            .map(|d| d.kind)
+            .copied()
+            .filter(|k| {
+                self.devices
+                    .iter()
+                    .any(|d| d.kind == *k && d.status != Status::Invisible)
+            })
             .collect();
-        devices.sort_by_key(|k| k.as_str());
-        devices.dedup();
         PresenceView {
             user_id: user.to_string(),
             status: best,
-            custom_status: self.custom_status.clone(),
-            activity: self.activity.clone(),
+            custom_status,
+            activity,
             devices,
             last_seen: now,
         }
@@ -120,17 +214,20 @@ impl UserState {
     /// last saw in anything but `lastSeen`; remembers it as announced.
     pub fn change(&mut self, user: &str, now: u64) -> Option<PresenceView> {
         let v = self.view(user, now);
-        let same = self.announced.as_ref().is_some_and(|a| {
-            a.status == v.status
-                && a.custom_status == v.custom_status
-                && a.activity == v.activity
-                && a.devices == v.devices
-        });
-        if same {
+        let shown = Shown {
+            status: v.status,
+            devices: DeviceKind::ALL
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| v.devices.contains(k))
+                .fold(0, |m, (i, _)| m | (1 << i)),
+            detail: hash_detail(v.custom_status.as_ref(), v.activity.as_ref()),
+        };
+        if self.announced == Some(shown) {
             return None;
         }
         let first_offline = self.announced.is_none() && v.status == Status::Offline;
-        self.announced = Some(v.clone());
+        self.announced = Some(shown);
         // A user nobody saw online going offline is no news.
         (!first_offline).then_some(v)
     }
@@ -142,11 +239,12 @@ impl UserState {
     /// Records a direct message in the conversation with `peer`, most
     /// recent first, at most `max` conversations.
     pub fn record_dm(&mut self, peer: &Arc<str>, msg: DmMessage, incoming: bool, max: usize) {
-        let unread = match self.conversations.iter().position(|c| c.peer == *peer) {
-            Some(i) => self.conversations.remove(i).unread,
+        let m = self.more();
+        let unread = match m.conversations.iter().position(|c| c.peer == *peer) {
+            Some(i) => m.conversations.remove(i).unread,
             None => 0,
         };
-        self.conversations.insert(
+        m.conversations.insert(
             0,
             Conv {
                 peer: peer.clone(),
@@ -155,35 +253,39 @@ impl UserState {
                 unread: if incoming { unread + 1 } else { 0 },
             },
         );
-        self.conversations.truncate(max);
+        m.conversations.truncate(max);
     }
 
     /// The message already sent with this nonce, if recent.
     pub fn dm_by_nonce(&self, nonce: &str) -> Option<&DmMessage> {
-        self.dm_nonces
+        self.extra()?
+            .dm_nonces
             .iter()
             .find(|(n, _)| &**n == nonce)
             .map(|(_, m)| m)
     }
 
     pub fn remember_dm_nonce(&mut self, nonce: &str, msg: DmMessage) {
-        if self.dm_nonces.len() >= DM_NONCES {
-            self.dm_nonces.pop_front();
+        let m = self.more();
+        if m.dm_nonces.len() >= DM_NONCES {
+            m.dm_nonces.pop_front();
         }
-        self.dm_nonces.push_back((nonce.into(), msg));
+        m.dm_nonces.push_back((nonce.into(), msg));
     }
 
     /// Drops expired notifications; returns the next expiry.
     pub fn expire_notifications(&mut self, now: u64) -> Option<u64> {
-        self.notifications.retain(|n| n.expires_at > now);
-        self.notifications.iter().map(|n| n.expires_at).min()
+        let m = self.more.as_mut()?;
+        m.notifications.retain(|n| n.expires_at > now);
+        m.notifications.iter().map(|n| n.expires_at).min()
     }
 
     /// Adds a notification, dropping the oldest past `max`.
     pub fn push_notification(&mut self, n: Notification, max: usize) {
-        self.notifications.push_back(n);
-        while self.notifications.len() > max {
-            self.notifications.pop_front();
+        let m = self.more();
+        m.notifications.push_back(n);
+        while m.notifications.len() > max {
+            m.notifications.pop_front();
         }
     }
 }
@@ -238,7 +340,7 @@ mod tests {
             (Status::Dnd, vec![DeviceKind::Mobile])
         );
         u.device_mut(conn(1)).unwrap().status = Status::Invisible;
-        u.custom_status = Some("secret".into());
+        u.more().custom_status = Some("secret".into());
         let v = u.view("a", 7);
         assert_eq!(v.status, Status::Offline);
         assert!(v.devices.is_empty() && v.custom_status.is_none());
@@ -259,14 +361,14 @@ mod tests {
             u.change("a", 4).is_none(),
             "a second web device changes nothing"
         );
-        u.custom_status = Some("lunch".into());
+        u.more().custom_status = Some("lunch".into());
         assert_eq!(
             u.change("a", 5).unwrap().custom_status.as_deref(),
             Some("lunch")
         );
         // The last device leaves: during the grace period nothing changes.
         u.devices.clear();
-        u.left_at = Some(6);
+        u.left_at = Some(at(6));
         u.last_seen = 6;
         assert!(u.change("a", 7).is_none());
         u.left_at = None;
@@ -289,14 +391,17 @@ mod tests {
         u.record_dm(&b, dm("1"), true, 2);
         u.record_dm(&b, dm("2"), true, 2);
         u.record_dm(&c, dm("3"), true, 2);
-        assert_eq!(u.conversations[1].unread, 2);
+        assert_eq!(u.more().conversations[1].unread, 2);
         u.record_dm(&b, dm("4"), false, 2);
         assert_eq!(
-            (&*u.conversations[0].peer, u.conversations[0].unread),
+            (
+                &*u.extra().unwrap().conversations[0].peer,
+                u.extra().unwrap().conversations[0].unread
+            ),
             ("b", 0)
         );
         u.record_dm(&d, dm("5"), true, 2);
-        let peers: Vec<&str> = u.conversations.iter().map(|c| &*c.peer).collect();
+        let peers: Vec<&str> = u.more().conversations.iter().map(|c| &*c.peer).collect();
         assert_eq!(peers, ["d", "b"], "bounded, oldest dropped");
     }
 
@@ -317,13 +422,15 @@ mod tests {
             );
         }
         let ids: Vec<&str> = u
+            .extra()
+            .unwrap()
             .notifications
             .iter()
             .map(|n| n.notification_id.as_str())
             .collect();
         assert_eq!(ids, ["2", "3", "4"]);
         assert_eq!(u.expire_notifications(103), Some(104));
-        assert_eq!(u.notifications.len(), 1);
+        assert_eq!(u.more().notifications.len(), 1);
         assert_eq!(u.expire_notifications(200), None);
     }
 }
