@@ -81,6 +81,8 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        // The engine's limits and durations have one source of defaults.
+        let e = crate::engine::Settings::default();
         Config {
             listen: "0.0.0.0:8080".into(),
             shards: 0,
@@ -108,20 +110,18 @@ impl Default for Config {
             // slot); a full queue spills into the sender's outbox, so this
             // bounds memory, not throughput.
             mesh_queue_capacity: 4096,
-            max_channels_per_connection: 256,
-            max_content_chars: 4000,
-            // A day of a busy channel's last thousand events.
-            history_size: 1000,
-            history_ttl_ms: 24 * 3600 * 1000,
-            typing_timeout_ms: 8000,
-            // Long enough for a page reload or a network switch.
-            presence_grace_ms: 5000,
-            resume_window_ms: 120_000,
-            call_ring_timeout_ms: 30_000,
-            max_notifications: 100,
-            notification_ttl_ms: 7 * 24 * 3600 * 1000,
-            max_conversations: 100,
-            max_presence_subscriptions: 1000,
+            max_channels_per_connection: e.max_channels_per_connection,
+            max_content_chars: e.max_content_chars,
+            history_size: e.history_size,
+            history_ttl_ms: e.history_ttl_ms,
+            typing_timeout_ms: e.typing_timeout_ms,
+            presence_grace_ms: e.presence_grace_ms,
+            resume_window_ms: e.resume_window_ms,
+            call_ring_timeout_ms: e.call_ring_timeout_ms,
+            max_notifications: e.max_notifications,
+            notification_ttl_ms: e.notification_ttl_ms,
+            max_conversations: e.max_conversations,
+            max_presence_subscriptions: e.max_subscriptions,
             livekit: None,
             log_format: "text".into(),
             auth: AuthConfig::default(),

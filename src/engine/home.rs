@@ -171,16 +171,12 @@ impl<O: Outbound> Engine<O> {
                     self.wake_user(&user, at);
                 }
                 if let Some((channel, _)) = voice {
-                    self.voice_leave(
-                        &user,
-                        channel,
-                        conn,
-                        device.session,
-                        device.protocol,
-                        None,
-                        now,
-                        tx,
-                    );
+                    let member = Member {
+                        user: user.clone(),
+                        session: device.session,
+                        protocol: device.protocol,
+                    };
+                    self.voice_op(channel, conn, member, None, ChanCmd::VoiceLeave, now, tx);
                 }
                 for call in placed {
                     let op = CallOp {
@@ -368,32 +364,21 @@ impl<O: Outbound> Engine<O> {
                             .iter()
                             .find(|d| d.conn == old_conn)
                             .map_or((session, protocol), |d| (d.session, d.protocol));
-                        self.voice_leave(
-                            &user,
-                            old,
-                            old_conn,
-                            old_session,
-                            old_protocol,
-                            None,
-                            now,
-                            tx,
-                        );
+                        let member = Member {
+                            user: user.clone(),
+                            session: old_session,
+                            protocol: old_protocol,
+                        };
+                        self.voice_op(old, old_conn, member, None, ChanCmd::VoiceLeave, now, tx);
                     }
                 }
                 self.user(&user).more().voice = Some((channel.clone(), conn));
-                let op = ChannelOp {
-                    channel: channel.clone(),
-                    from: conn,
-                    member: Member {
-                        user,
-                        session,
-                        protocol,
-                    },
-                    ack,
-                    op: ChanCmd::VoiceJoin,
+                let member = Member {
+                    user,
+                    session,
+                    protocol,
                 };
-                let owner = owner_of(&channel, self.shards);
-                self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+                self.voice_op(channel, conn, member, ack, ChanCmd::VoiceJoin, now, tx);
             }
             UserCmd::VoiceLeave | UserCmd::VoiceUpdate(_) => {
                 let Some((conn, protocol)) = from else { return };
@@ -411,29 +396,22 @@ impl<O: Outbound> Engine<O> {
                     let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
                     return reply(self, e, tx);
                 };
-                match op {
-                    UserCmd::VoiceLeave => {
-                        let (channel, _) = st.more().voice.take().expect("checked");
-                        self.voice_leave(&user, channel, conn, session, protocol, ack, now, tx);
-                    }
+                let (channel, cmd) = match op {
                     UserCmd::VoiceUpdate(u) => {
                         let channel = st.more().voice.as_ref().expect("checked").0.clone();
-                        let op = ChannelOp {
-                            channel: channel.clone(),
-                            from: conn,
-                            member: Member {
-                                user,
-                                session,
-                                protocol,
-                            },
-                            ack,
-                            op: ChanCmd::VoiceUpdate(u),
-                        };
-                        let owner = owner_of(&channel, self.shards);
-                        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+                        (channel, ChanCmd::VoiceUpdate(u))
                     }
-                    _ => unreachable!("matched above"),
-                }
+                    _ => {
+                        let (channel, _) = st.more().voice.take().expect("checked");
+                        (channel, ChanCmd::VoiceLeave)
+                    }
+                };
+                let member = Member {
+                    user,
+                    session,
+                    protocol,
+                };
+                self.voice_op(channel, conn, member, ack, cmd, now, tx);
             }
             UserCmd::CallInitiate(c) => {
                 let Some((conn, protocol)) = from else { return };
@@ -479,31 +457,27 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// Sends a voice command for `member` on connection `conn` to the
+    /// channel's owner; the owner answers only when `ack` is set.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn voice_leave(
+    fn voice_op(
         &mut self,
-        user: &Arc<str>,
         channel: Arc<str>,
         conn: ConnRef,
-        session: SessionId,
-        protocol: Protocol,
+        member: Member,
         ack: Option<u64>,
+        op: ChanCmd,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        // The owner answers only when the client asked with an ack id.
-        let op = ChannelOp {
-            channel: channel.clone(),
-            from: conn,
-            member: Member {
-                user: user.clone(),
-                session,
-                protocol,
-            },
-            ack,
-            op: ChanCmd::VoiceLeave,
-        };
         let owner = owner_of(&channel, self.shards);
+        let op = ChannelOp {
+            channel,
+            from: conn,
+            member,
+            ack,
+            op,
+        };
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
     }
 

@@ -141,10 +141,12 @@ impl Default for Settings {
             max_channels_per_connection: 256,
             max_content_chars: 4000,
             max_channel_id_bytes: 128,
+            // A day of a busy channel's last thousand events.
             history_size: 1000,
             history_ttl_ms: 24 * 3600 * 1000,
             max_history_page: 100,
             typing_timeout_ms: 8000,
+            // Long enough for a page reload or a network switch.
             presence_grace_ms: 5000,
             resume_window_ms: 120_000,
             call_ring_timeout_ms: 30_000,

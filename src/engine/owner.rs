@@ -342,21 +342,23 @@ impl<O: Outbound> Engine<O> {
                 format!("message `{id}` is not in the channel's history"),
             )
         };
+        // Only a message's author may change it.
+        let authored = |owned: &Owned, id: &str, verb: &str| match owned.find(id) {
+            None => Err(Box::new(not_found(id))),
+            Some(m) if *m.msg.user_id != *member.user => Err(Box::new(err(
+                ack,
+                ErrorCode::Forbidden,
+                format!("only the author may {verb} a message"),
+            ))),
+            Some(m) => Ok(m.msg.offset),
+        };
         match op {
             ChanCmd::Edit {
                 message_id,
                 content,
             } => {
-                let Some(m) = owned.find(&message_id) else {
-                    return reply_to(self, not_found(&message_id), tx);
-                };
-                if *m.msg.user_id != *member.user {
-                    let e = err(
-                        ack,
-                        ErrorCode::Forbidden,
-                        "only the author may edit a message",
-                    );
-                    return reply_to(self, e, tx);
+                if let Err(e) = authored(owned, &message_id, "edit") {
+                    return reply_to(self, *e, tx);
                 }
                 let offset = owned.next_offset();
                 let m = owned.find_mut(&message_id).expect("found above");
@@ -374,18 +376,10 @@ impl<O: Outbound> Engine<O> {
                 self.sequence(&channel, offset, event, now, tx);
             }
             ChanCmd::Delete { message_id } => {
-                let Some(m) = owned.find(&message_id) else {
-                    return reply_to(self, not_found(&message_id), tx);
+                let stored = match authored(owned, &message_id, "delete") {
+                    Ok(stored) => stored,
+                    Err(e) => return reply_to(self, *e, tx),
                 };
-                if *m.msg.user_id != *member.user {
-                    let e = err(
-                        ack,
-                        ErrorCode::Forbidden,
-                        "only the author may delete a message",
-                    );
-                    return reply_to(self, e, tx);
-                }
-                let stored = m.msg.offset;
                 owned.remove(stored);
                 let offset = owned.next_offset();
                 let event = ev(ServerEvent::MessageDeleted(MessageDeleted {
