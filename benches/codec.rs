@@ -7,6 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use corecast::access::Access;
 use corecast::engine::{Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{
@@ -116,7 +117,14 @@ fn fanout(c: &mut Criterion) {
             session: SessionId(1, i),
             protocol: Protocol::Json,
         };
-        let id = e.open(counter.clone(), m, DeviceKind::Web, 0, &mut NoMesh);
+        let id = e.open(
+            counter.clone(),
+            m,
+            DeviceKind::Web,
+            Access::default(),
+            0,
+            &mut NoMesh,
+        );
         e.handle(
             id,
             ClientMessage {

@@ -4,6 +4,9 @@
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
+use crate::access::{Access, Grants, Identity, Patterns, Roles};
 use crate::config::{AuthConfig, ConfigError};
 
 /// The secret used when no key is configured. It is public: development mode
@@ -11,7 +14,12 @@ use crate::config::{AuthConfig, ConfigError};
 pub const DEV_SECRET: &str = "corecast-development-secret-do-not-use-in-production";
 
 /// The claims corecast reads. `sub` is the user id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// A connection token may carry `channels` (names or `*` patterns of the
+/// channels it may join), `users` (the users it may message or call
+/// directly) and `roles` (`moderator`, `admin`). A subscription token
+/// carries `channel` instead: the one channel it grants to `sub`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
@@ -21,6 +29,50 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+}
+
+impl Claims {
+    /// A connection token's claims for `user`, expiring at `exp` (seconds).
+    pub fn new(user: impl Into<String>, exp: u64) -> Claims {
+        Claims {
+            sub: user.into(),
+            exp,
+            ..Claims::default()
+        }
+    }
+
+    pub fn channels<S: Into<String>>(mut self, c: impl IntoIterator<Item = S>) -> Claims {
+        self.channels = Some(c.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn users<S: Into<String>>(mut self, u: impl IntoIterator<Item = S>) -> Claims {
+        self.users = Some(u.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn roles<S: Into<String>>(mut self, r: impl IntoIterator<Item = S>) -> Claims {
+        self.roles = r.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A subscription token's claims: `user` may join `channel`.
+    pub fn subscription(user: impl Into<String>, channel: impl Into<String>, exp: u64) -> Claims {
+        Claims {
+            sub: user.into(),
+            exp,
+            channel: Some(channel.into()),
+            ..Claims::default()
+        }
+    }
 }
 
 /// Why a token was refused.
@@ -38,6 +90,8 @@ pub struct Verifier {
     validation: Validation,
     /// True when running with [`DEV_SECRET`].
     pub dev_mode: bool,
+    /// Without a `channels` claim, may a connection join any channel?
+    open_channels: bool,
 }
 
 pub fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
@@ -106,23 +160,84 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&["exp", "sub"]);
+        let open_channels = match cfg.channel_access.as_str() {
+            "grants" => false,
+            "open" => true,
+            other => {
+                return Err(ConfigError(format!(
+                    "auth.channel_access must be `grants` or `open`, not `{other}`"
+                )))
+            }
+        };
         Ok(Verifier {
             key,
             validation,
             dev_mode,
+            open_channels,
         })
     }
 
-    /// Verifies a token and returns the user id.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+    fn claims(&self, token: &str) -> Result<Claims, AuthError> {
         let data = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError(format!("invalid token: {e}")))?;
-        if data.claims.sub.is_empty() || data.claims.sub.len() > 256 {
+        if data.claims.sub.is_empty() || data.claims.sub.len() > 128 {
             return Err(AuthError(
-                "invalid token: `sub` must be 1 to 256 bytes".into(),
+                "invalid token: `sub` must be 1 to 128 bytes".into(),
             ));
         }
-        Ok(data.claims.sub)
+        if data.claims.sub.chars().any(char::is_control) {
+            return Err(AuthError(
+                "invalid token: `sub` has control characters".into(),
+            ));
+        }
+        Ok(data.claims)
+    }
+
+    /// Verifies a connection token: the user, its roles and what it may
+    /// reach.
+    pub fn identify(&self, token: &str) -> Result<Identity, AuthError> {
+        let c = self.claims(token)?;
+        if c.channel.is_some() {
+            return Err(AuthError(
+                "invalid token: a subscription token (with `channel`) cannot authenticate a connection".into(),
+            ));
+        }
+        let bad = |e: String| AuthError(format!("invalid token: {e}"));
+        let channels = match &c.channels {
+            Some(list) => Some(Patterns::new("channels", list).map_err(bad)?),
+            None if self.open_channels => None,
+            None => Some(Patterns::new("channels", &[]).expect("empty is valid")),
+        };
+        let users = match &c.users {
+            Some(list) => Some(Patterns::new("users", list).map_err(bad)?),
+            None => None,
+        };
+        let grants =
+            (channels.is_some() || users.is_some()).then(|| Arc::new(Grants { channels, users }));
+        Ok(Identity {
+            access: Access {
+                roles: Roles::from_names(c.roles.iter().map(String::as_str)),
+                grants,
+            },
+            user: c.sub,
+        })
+    }
+
+    /// Verifies a subscription token: signed like connection tokens, for
+    /// this user and this channel.
+    pub fn check_subscription(&self, token: &str, user: &str, channel: &str) -> Result<(), String> {
+        let c = self.claims(token).map_err(|e| e.0)?;
+        match c.channel.as_deref() {
+            None => Err("`token` is not a subscription token (it has no `channel` claim)".into()),
+            Some(_) if c.sub != user => Err("`token` was issued to another user".into()),
+            Some(ch) if ch != channel => Err(format!("`token` grants `{ch}`, not `{channel}`")),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Verifies a connection token and returns the user id.
+    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.identify(token).map(|i| i.user)
     }
 }
 
@@ -189,12 +304,13 @@ pub fn livekit_token(lk: &LiveKit, room: &str, user: &str, now_s: u64) -> String
     .expect("HS256 signing of plain claims cannot fail")
 }
 
-pub fn mint(
+/// Mints a token with `claims` (`iss` and `aud` default to the
+/// configured ones). HS256 signs with the secret (or [`DEV_SECRET`]); RS256
+/// and ES256 need a PEM private key.
+pub fn mint_claims(
     cfg: &AuthConfig,
-    user: &str,
-    ttl_s: i64,
+    claims: &Claims,
     private_key_pem: Option<&[u8]>,
-    now_s: u64,
 ) -> Result<String, ConfigError> {
     let alg = parse_algorithm(&cfg.algorithm)?;
     let key = match alg {
@@ -213,14 +329,26 @@ pub fn mint(
             k.map_err(|e| ConfigError(format!("private key: {e}")))?
         }
     };
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp: (now_s as i64 + ttl_s).max(0) as u64,
-        nbf: None,
-        iss: cfg.issuer.clone(),
-        aud: cfg.audience.clone(),
-    };
+    let mut claims = claims.clone();
+    claims.iss = claims.iss.or_else(|| cfg.issuer.clone());
+    claims.aud = claims.aud.or_else(|| cfg.audience.clone());
     encode(&Header::new(alg), &claims, &key).map_err(|e| ConfigError(format!("cannot sign: {e}")))
+}
+
+/// Mints a connection token for `user` that grants every channel.
+pub fn mint(
+    cfg: &AuthConfig,
+    user: &str,
+    ttl_s: i64,
+    private_key_pem: Option<&[u8]>,
+    now_s: u64,
+) -> Result<String, ConfigError> {
+    let exp = (now_s as i64 + ttl_s).max(0) as u64;
+    mint_claims(
+        cfg,
+        &Claims::new(user, exp).channels(["*"]),
+        private_key_pem,
+    )
 }
 
 #[cfg(test)]
@@ -332,6 +460,74 @@ mod tests {
                 .verify(&mint(&hs, "alice", 60, None, now()).unwrap())
                 .is_err());
         }
+    }
+
+    #[test]
+    fn claims_become_grants_and_roles() {
+        let cfg = AuthConfig::default();
+        let v = Verifier::from_config(&cfg).unwrap();
+        let exp = now() + 60;
+        let t = mint_claims(
+            &cfg,
+            &Claims::new("alice", exp)
+                .channels(["team-1:*"])
+                .users(["bob"])
+                .roles(["moderator", "owner"]),
+            None,
+        )
+        .unwrap();
+        let id = v.identify(&t).unwrap();
+        assert_eq!(id.user, "alice");
+        assert!(id.access.roles.moderates() && !id.access.roles.administers());
+        assert!(id.access.channel("team-1:x") && !id.access.channel("team-2:x"));
+        assert!(id.access.user("bob") && !id.access.user("carol"));
+        // Without a `channels` claim: nothing in `grants` mode...
+        let bare = mint_claims(&cfg, &Claims::new("alice", exp), None).unwrap();
+        let id = v.identify(&bare).unwrap();
+        assert!(!id.access.channel("general") && id.access.user("anyone"));
+        // ...everything in `open` mode.
+        let open = AuthConfig {
+            channel_access: "open".into(),
+            ..cfg.clone()
+        };
+        let id = Verifier::from_config(&open)
+            .unwrap()
+            .identify(&bare)
+            .unwrap();
+        assert!(id.access.channel("general") && id.access.grants.is_none());
+        // A claim past its bounds refuses the token.
+        let huge = Claims::new("alice", exp).channels(vec!["x"; crate::access::MAX_PATTERNS + 1]);
+        let e = v
+            .identify(&mint_claims(&cfg, &huge, None).unwrap())
+            .unwrap_err();
+        assert!(e.0.contains("channels"), "{e}");
+        let bad = AuthConfig {
+            channel_access: "sometimes".into(),
+            ..cfg
+        };
+        assert!(Verifier::from_config(&bad).is_err());
+    }
+
+    #[test]
+    fn subscription_tokens_grant_one_channel_to_one_user() {
+        let cfg = AuthConfig::default();
+        let v = Verifier::from_config(&cfg).unwrap();
+        let exp = now() + 60;
+        let sub = mint_claims(&cfg, &Claims::subscription("alice", "secret", exp), None).unwrap();
+        assert_eq!(v.check_subscription(&sub, "alice", "secret"), Ok(()));
+        assert!(v.check_subscription(&sub, "bob", "secret").is_err());
+        assert!(v.check_subscription(&sub, "alice", "other").is_err());
+        // It cannot stand in for a connection token, nor the reverse.
+        assert!(v.identify(&sub).unwrap_err().0.contains("subscription"));
+        let conn = mint(&cfg, "alice", 60, None, now()).unwrap();
+        assert!(v.check_subscription(&conn, "alice", "secret").is_err());
+        let expired = mint_claims(
+            &cfg,
+            &Claims::subscription("alice", "secret", now() - 120),
+            None,
+        )
+        .unwrap();
+        assert!(v.check_subscription(&expired, "alice", "secret").is_err());
     }
 
     #[test]

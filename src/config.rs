@@ -144,6 +144,10 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_s: u64,
+    /// `grants`: a connection may join the channels its token's `channels`
+    /// claim grants, and those a subscription token grants. `open`: a token
+    /// without a `channels` claim may join any channel.
+    pub channel_access: String,
 }
 
 impl Default for AuthConfig {
@@ -155,6 +159,7 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             leeway_s: 30,
+            channel_access: "grants".into(),
         }
     }
 }

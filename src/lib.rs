@@ -16,6 +16,7 @@
 //! - [`client`]: the Rust client (sans-IO framing plus a monoio connection),
 //!   used by `corecast bench`.
 
+pub mod access;
 pub mod auth;
 pub mod bench;
 pub mod client;

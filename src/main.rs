@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use corecast::auth::Claims;
 use corecast::config::ConfigArgs;
 
 #[global_allocator]
@@ -33,6 +34,21 @@ enum Command {
         /// PEM private key, for RS256 and ES256.
         #[arg(long)]
         private_key: Option<PathBuf>,
+        /// Channels the token grants, as names or `*` patterns
+        /// (comma-separated; `--channels ''` grants none).
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        channels: Vec<String>,
+        /// Users the token may message or call directly (comma-separated
+        /// names or patterns; without it, anyone).
+        #[arg(long, value_delimiter = ',')]
+        users: Option<Vec<String>>,
+        /// Roles: `moderator`, `admin` (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Mint a subscription token for this one channel instead of a
+        /// connection token.
+        #[arg(long)]
+        subscription: Option<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -191,6 +207,10 @@ fn main() -> ExitCode {
             user,
             ttl,
             private_key,
+            channels,
+            users,
+            roles,
+            subscription,
             config,
         } => {
             let cfg = match config.load() {
@@ -207,7 +227,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match corecast::auth::mint(&cfg.auth, &user, ttl, pem.as_deref(), jsonwebtoken_now()) {
+            let exp = (jsonwebtoken_now() as i64 + ttl).max(0) as u64;
+            let claims = match subscription {
+                Some(channel) => Claims::subscription(user, channel, exp),
+                None => {
+                    let mut c = Claims::new(user, exp)
+                        .channels(channels.into_iter().filter(|c| !c.is_empty()))
+                        .roles(roles);
+                    c.users = users;
+                    c
+                }
+            };
+            match corecast::auth::mint_claims(&cfg.auth, &claims, pem.as_deref()) {
                 Ok(t) => {
                     println!("{t}");
                     ExitCode::SUCCESS

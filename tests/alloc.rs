@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use corecast::access::Access;
 use corecast::engine::{
     ConnId, Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId,
 };
@@ -100,6 +101,7 @@ fn room(
                 protocol: protocol(i),
             },
             DeviceKind::Web,
+            Access::default(),
             0,
             &mut NoMesh,
         );

@@ -82,12 +82,9 @@ impl Ctx {
             .await
             .map_err(|e| BenchError(format!("connection {i}: {e}")))?;
         if let (Some(r), true) = (room, p != BenchProtocol::Raw) {
-            c.call(ClientEvent::ChannelJoin(ChannelJoin {
-                channel_id: self.room(r),
-                since: None,
-            }))
-            .await
-            .map_err(|e| BenchError(format!("connection {i}: channel:join: {e}")))?;
+            c.call(ClientEvent::ChannelJoin(ChannelJoin::new(self.room(r))))
+                .await
+                .map_err(|e| BenchError(format!("connection {i}: channel:join: {e}")))?;
         }
         let (stream, reader) = c.into_parts();
         Ok(Conn { stream, reader })

@@ -43,6 +43,30 @@ impl<O: Outbound> Engine<O> {
             .map(|(c, _)| c.clone())
     }
 
+    /// Whether a connection may join a channel: granted by its token, or
+    /// by a subscription token for this user and channel.
+    fn may_join(&self, id: ConnId, channel: &str, token: Option<&str>) -> Result<(), String> {
+        let Some(conn) = self.conn(id) else {
+            return Err("connection gone".into());
+        };
+        if conn.granted(channel) {
+            return Ok(());
+        }
+        match (token, &self.subscriptions) {
+            (None, _) => Err(format!(
+                "channel `{channel}` is not granted to this connection (its token's `channels` claim does not cover it; pass a subscription token in `token`)"
+            )),
+            (Some(_), None) => Err("subscription tokens are not accepted here".into()),
+            (Some(t), Some(check)) => check(t, &conn.member.user, channel),
+        }
+    }
+
+    /// Whether a connection may see or enter a channel's voice room: it is
+    /// granted the channel, or it has joined it.
+    fn may_use_voice(&self, id: ConnId, channel: &str) -> bool {
+        self.conn(id).is_some_and(|c| c.granted(channel)) || self.joined(id, channel).is_some()
+    }
+
     /// Handles a decoded message from a local, authenticated connection.
     pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
         let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
@@ -62,7 +86,7 @@ impl<O: Outbound> Engine<O> {
             E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
             E::SessionResume(r) => self.resume(id, ack, r, now, tx),
             E::ChannelJoin(j) => {
-                self.join(id, ack, j.channel_id, j.since, None, now, tx);
+                self.join(id, ack, j, None, now, tx);
             }
             E::ChannelLeave(c) => self.leave(id, ack, &c.channel_id, now, tx),
             E::MessageSend(m) => self.send(id, ack, m, now, tx),
@@ -82,16 +106,20 @@ impl<O: Outbound> Engine<O> {
                     tx,
                 )
             }
-            E::MessageDelete(m) => self.channel_op(
-                id,
-                ack,
-                &m.channel_id,
-                ChanCmd::Delete {
-                    message_id: m.message_id,
-                },
-                now,
-                tx,
-            ),
+            E::MessageDelete(m) => {
+                let moderator = self.conn(id).is_some_and(|c| c.roles.moderates());
+                self.channel_op(
+                    id,
+                    ack,
+                    &m.channel_id,
+                    ChanCmd::Delete {
+                        message_id: m.message_id,
+                        moderator,
+                    },
+                    now,
+                    tx,
+                )
+            }
             E::MessageReact(r) => {
                 if r.emoji.is_empty()
                     || r.emoji.len() > MAX_EMOJI_BYTES
@@ -157,6 +185,17 @@ impl<O: Outbound> Engine<O> {
                 if let Err(e) = check_id("toUserId", &d.to_user_id) {
                     return self.error(id, ack, ErrorCode::BadRequest, e);
                 }
+                if !self
+                    .conn(id)
+                    .is_some_and(|c| c.may_reach_user(&d.to_user_id))
+                {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::Forbidden,
+                        format!("user `{}` is not granted to this connection", d.to_user_id),
+                    );
+                }
                 if let Err((code, e)) = self.check_content("content", &d.content) {
                     return self.error(id, ack, code, e);
                 }
@@ -206,6 +245,17 @@ impl<O: Outbound> Engine<O> {
                 if let Err(e) = self.check_channel_id(&c.channel_id) {
                     return self.error(id, ack, ErrorCode::BadRequest, e);
                 }
+                if !self.may_use_voice(id, &c.channel_id) {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::Forbidden,
+                        format!(
+                            "channel `{}` is not granted to this connection",
+                            c.channel_id
+                        ),
+                    );
+                }
                 let channel = c.channel_id.into();
                 self.send_user_op(
                     member.user,
@@ -226,7 +276,18 @@ impl<O: Outbound> Engine<O> {
                 if let Err(e) = self.check_channel_id(&c.channel_id) {
                     return self.error(id, ack, ErrorCode::BadRequest, e);
                 }
-                // Any connection may look (membership is not required for voice).
+                if !self.may_use_voice(id, &c.channel_id) {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::Forbidden,
+                        format!(
+                            "channel `{}` is not granted to this connection",
+                            c.channel_id
+                        ),
+                    );
+                }
+                // Text membership is not required to look.
                 let channel: Arc<str> = c.channel_id.into();
                 let op = ChannelOp {
                     channel: channel.clone(),
@@ -244,6 +305,17 @@ impl<O: Outbound> Engine<O> {
                 }
                 if *c.to_user_id == *member.user {
                     return self.error(id, ack, ErrorCode::BadRequest, "cannot call yourself");
+                }
+                if !self
+                    .conn(id)
+                    .is_some_and(|x| x.may_reach_user(&c.to_user_id))
+                {
+                    return self.error(
+                        id,
+                        ack,
+                        ErrorCode::Forbidden,
+                        format!("user `{}` is not granted to this connection", c.to_user_id),
+                    );
                 }
                 if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
                     return self.error(
@@ -404,19 +476,28 @@ impl<O: Outbound> Engine<O> {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Asks the owner to add this connection to a channel; false when
+    /// refused here (the refusal is answered).
     pub(super) fn join(
         &mut self,
         id: ConnId,
         ack: Option<u64>,
-        channel_id: String,
-        since: Option<Since>,
+        j: ChannelJoin,
         gather: Option<u64>,
         now: u64,
         tx: &mut impl MeshTx,
     ) -> bool {
+        let ChannelJoin {
+            channel_id,
+            since,
+            token,
+        } = j;
         if let Err(e) = self.check_channel_id(&channel_id) {
             self.error(id, ack, ErrorCode::BadRequest, e);
+            return false;
+        }
+        if let Err(e) = self.may_join(id, &channel_id, token.as_deref()) {
+            self.error(id, ack, ErrorCode::Forbidden, e);
             return false;
         }
         let max = self.s.max_channels_per_connection;

@@ -42,9 +42,12 @@ impl<O: Outbound> Engine<O> {
                 };
                 // The connection takes over the session.
                 conn.member.session = session;
+                // Channels the new connection's token does not grant are
+                // left out (a subscription token is needed again).
                 let joins: Vec<(Arc<str>, Since)> = channels
                     .into_iter()
                     .filter(|(c, ..)| !conn.channels().iter().any(|(j, _)| j == c))
+                    .filter(|(c, ..)| conn.granted(c))
                     .take(max.saturating_sub(conn.channels().len()))
                     .map(|(channel, offset, epoch)| {
                         let since = match positions.iter().find(|p| *p.channel_id == *channel) {
@@ -71,15 +74,12 @@ impl<O: Outbound> Engine<O> {
                     return self.finish_resume(g.gather);
                 }
                 for (channel, since) in joins {
-                    let sent = self.join(
-                        id,
-                        None,
-                        channel.to_string(),
-                        Some(since),
-                        Some(g.gather),
-                        now,
-                        tx,
-                    );
+                    let j = ChannelJoin {
+                        channel_id: channel.to_string(),
+                        since: Some(since),
+                        token: None,
+                    };
+                    let sent = self.join(id, None, j, Some(g.gather), now, tx);
                     if !sent {
                         self.resumed_join_gone(g.gather);
                     }

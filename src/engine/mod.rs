@@ -41,6 +41,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::access::{Access, Grants, Roles};
 use crate::auth::LiveKit;
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
@@ -295,6 +296,8 @@ pub enum ChanCmd {
     },
     Delete {
         message_id: String,
+        /// Sent by a moderator, who may delete others' messages.
+        moderator: bool,
     },
     React(MessageReact),
     History(GetHistory),
@@ -451,6 +454,9 @@ pub struct Conn<O> {
     pub out: O,
     pub member: Member,
     device: DeviceKind,
+    roles: Roles,
+    /// What it may reach (`None`: everything).
+    grants: Option<Arc<Grants>>,
     /// Channels and subscriptions, made on the first of either: an idle
     /// connection has neither.
     links: Option<Box<Links>>,
@@ -463,6 +469,16 @@ pub(super) struct Links {
 }
 
 impl<O> Conn<O> {
+    /// May this connection join `channel` without a subscription token?
+    pub(super) fn granted(&self, channel: &str) -> bool {
+        Grants::channel(self.grants.as_deref(), channel)
+    }
+
+    /// May it message or call `user` directly?
+    pub(super) fn may_reach_user(&self, user: &str) -> bool {
+        Grants::user(self.grants.as_deref(), user)
+    }
+
     pub(super) fn channels(&self) -> &[(Arc<str>, JoinState)] {
         self.links.as_ref().map_or(&[], |l| &l.channels)
     }
@@ -582,7 +598,12 @@ pub(super) fn call_id_str(id: u64) -> String {
     format!("{id:016x}")
 }
 
+/// Checks a subscription token: `(token, user, channel)`.
+pub type SubscriptionCheck = Box<dyn Fn(&str, &str, &str) -> Result<(), String>>;
+
 pub struct Engine<O> {
+    /// Without one, subscription tokens are refused.
+    subscriptions: Option<SubscriptionCheck>,
     shard: ShardId,
     shards: u16,
     s: Settings,
@@ -613,6 +634,7 @@ impl<O: Outbound> Engine<O> {
         seed: u64,
     ) -> Self {
         let mut e = Engine {
+            subscriptions: None,
             shard,
             shards,
             s: settings,
@@ -635,6 +657,11 @@ impl<O: Outbound> Engine<O> {
 
     pub fn settings(&self) -> &Settings {
         &self.s
+    }
+
+    /// Sets how subscription tokens (in `channel:join`) are verified.
+    pub fn set_subscription_check(&mut self, check: SubscriptionCheck) {
+        self.subscriptions = Some(check);
     }
 
     fn random(&mut self) -> u64 {
@@ -669,6 +696,7 @@ impl<O: Outbound> Engine<O> {
         out: O,
         member: Member,
         device: DeviceKind,
+        access: Access,
         now: u64,
         tx: &mut impl MeshTx,
     ) -> ConnId {
@@ -678,6 +706,8 @@ impl<O: Outbound> Engine<O> {
             out,
             member,
             device,
+            roles: access.roles,
+            grants: access.grants,
             links: None,
         };
         let id = match self.free.pop() {

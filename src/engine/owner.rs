@@ -342,10 +342,10 @@ impl<O: Outbound> Engine<O> {
                 format!("message `{id}` is not in the channel's history"),
             )
         };
-        // Only a message's author may change it.
-        let authored = |owned: &Owned, id: &str, verb: &str| match owned.find(id) {
+        // Only a message's author may change it (and a moderator delete it).
+        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
             None => Err(Box::new(not_found(id))),
-            Some(m) if *m.msg.user_id != *member.user => Err(Box::new(err(
+            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
                 ack,
                 ErrorCode::Forbidden,
                 format!("only the author may {verb} a message"),
@@ -357,7 +357,7 @@ impl<O: Outbound> Engine<O> {
                 message_id,
                 content,
             } => {
-                if let Err(e) = authored(owned, &message_id, "edit") {
+                if let Err(e) = authored(owned, &message_id, "edit", false) {
                     return reply_to(self, *e, tx);
                 }
                 let offset = owned.next_offset();
@@ -375,8 +375,11 @@ impl<O: Outbound> Engine<O> {
                 self.event_ack(&channel, from, &member, ack, &message_id, offset, now, tx);
                 self.sequence(&channel, offset, event, now, tx);
             }
-            ChanCmd::Delete { message_id } => {
-                let stored = match authored(owned, &message_id, "delete") {
+            ChanCmd::Delete {
+                message_id,
+                moderator,
+            } => {
+                let stored = match authored(owned, &message_id, "delete", moderator) {
                     Ok(stored) => stored,
                     Err(e) => return reply_to(self, *e, tx),
                 };

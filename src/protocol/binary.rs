@@ -117,12 +117,13 @@ mod tests {
                         })
                         .collect(),
                 })),
-            (text(), of((any::<u64>(), text()))).prop_map(|(channel_id, since)| E::ChannelJoin(
-                ChannelJoin {
+            (text(), of((any::<u64>(), text())), of(text())).prop_map(
+                |(channel_id, since, token)| E::ChannelJoin(ChannelJoin {
                     channel_id,
                     since: since.map(|(offset, epoch)| Since { offset, epoch }),
-                }
-            )),
+                    token,
+                })
+            ),
             channel().prop_map(E::ChannelLeave),
             (text(), of(any::<u32>()), of(any::<u64>())).prop_map(|(channel_id, limit, before)| {
                 E::ChannelGetHistory(GetHistory {

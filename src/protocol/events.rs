@@ -103,6 +103,10 @@ wire_type! {
         pub channel_id: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub since: Option<Since>,
+        /// A subscription token from the application backend, for a
+        /// channel the connection token does not grant.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub token: Option<String>,
     }
 }
 
@@ -160,6 +164,7 @@ impl ChannelJoin {
         ChannelJoin {
             channel_id: channel_id.into(),
             since: None,
+            token: None,
         }
     }
 }

@@ -109,6 +109,7 @@ fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
                 }),
                 None => None,
             },
+            token: f.opt_string("token")?,
         }),
         "channel:leave" => E::ChannelLeave(channel(f)?),
         "channel:get_history" => E::ChannelGetHistory(GetHistory {

@@ -31,6 +31,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 
+use crate::access::Identity;
 use crate::engine::{ConnId, Engine, Member, MeshMsg, MeshTx, SessionId, ShardId};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
@@ -176,15 +177,20 @@ impl Shard {
 
     fn new(id: usize, node: Arc<Node>) -> Rc<Shard> {
         let n = node.shards();
+        let mut engine = Engine::new(
+            id as ShardId,
+            n as u16,
+            node.config.engine_settings(),
+            node.metrics[id].clone(),
+            random_u64(),
+        );
+        let verifier = node.clone();
+        engine.set_subscription_check(Box::new(move |token, user, channel| {
+            verifier.verifier.check_subscription(token, user, channel)
+        }));
         Rc::new(Shard {
             id: id as ShardId,
-            engine: RefCell::new(Engine::new(
-                id as ShardId,
-                n as u16,
-                node.config.engine_settings(),
-                node.metrics[id].clone(),
-                random_u64(),
-            )),
+            engine: RefCell::new(engine),
             outbox: RefCell::new(Outbox {
                 node: node.clone(),
                 me: id as ShardId,
@@ -421,7 +427,7 @@ enum Routed {
     Accept {
         up: Upgrade,
         echo: bool,
-        user: Option<String>,
+        user: Option<Identity>,
         device: DeviceKind,
         response: Vec<u8>,
     },
@@ -466,8 +472,8 @@ impl Shard {
         };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
-            (Some(t), false) => match self.node.verifier.verify(t) {
-                Ok(user) => Some(user),
+            (Some(t), false) => match self.node.verifier.identify(t) {
+                Ok(identity) => Some(identity),
                 Err(e) => {
                     self.metrics().auth_failures.inc();
                     tracing::debug!(shard = self.id, error = %e, "handshake token refused");
@@ -734,7 +740,7 @@ impl Session {
         protocol: Protocol,
         device: DeviceKind,
         echo: bool,
-        user: Option<String>,
+        user: Option<Identity>,
     ) -> Session {
         let mut s = Session {
             protocol,
@@ -769,8 +775,15 @@ impl Session {
         io.push_data(&protocol::encode_frame(self.protocol, msg));
     }
 
-    fn authenticate(&mut self, shard: &Shard, io: &Rc<ConnIo>, user: String, ack: Option<u64>) {
+    fn authenticate(
+        &mut self,
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        identity: Identity,
+        ack: Option<u64>,
+    ) {
         let session = shard.new_session_id();
+        let Identity { user, access } = identity;
         let member = Member {
             user: user.as_str().into(),
             session,
@@ -782,6 +795,7 @@ impl Session {
                 io.clone(),
                 member,
                 self.device,
+                access,
                 now_ms(),
                 &mut *outbox,
             );
@@ -843,8 +857,8 @@ impl Session {
                     .handle(id, msg, now_ms(), &mut *outbox);
             }
             Mode::Unauthenticated => match msg.event {
-                ClientEvent::Auth(a) => match shard.node.verifier.verify(&a.token) {
-                    Ok(user) => self.authenticate(shard, io, user, msg.id),
+                ClientEvent::Auth(a) => match shard.node.verifier.identify(&a.token) {
+                    Ok(identity) => self.authenticate(shard, io, identity, msg.id),
                     Err(e) => {
                         shard.metrics().auth_failures.inc();
                         self.reply(
@@ -895,7 +909,7 @@ async fn serve_ws(
     mut buf: BytesMut,
     up: Upgrade,
     echo: bool,
-    user: Option<String>,
+    user: Option<Identity>,
     device: DeviceKind,
 ) {
     let io = Rc::new(ConnIo::for_task(

@@ -66,13 +66,22 @@ impl Sim {
         Sim {
             shards: (0..n)
                 .map(|i| {
-                    Engine::new(
+                    let mut e = Engine::new(
                         i,
                         n,
                         settings.clone(),
                         Arc::new(ShardMetrics::default()),
                         7 + i as u64,
-                    )
+                    );
+                    // A subscription token here is `sub:<user>:<channel>`.
+                    e.set_subscription_check(Box::new(|token, user, channel| {
+                        if token == format!("sub:{user}:{channel}") {
+                            Ok(())
+                        } else {
+                            Err(format!("bad subscription token `{token}`"))
+                        }
+                    }));
+                    e
                 })
                 .collect(),
             mesh: Queues((0..n).map(|_| VecDeque::new()).collect()),
@@ -91,6 +100,22 @@ impl Sim {
         protocol: Protocol,
         device: DeviceKind,
     ) -> (ConnRef, Recorder) {
+        self.connect_with(shard, user, protocol, device, Access::default())
+    }
+
+    /// A JSON web connection with these roles and grants.
+    fn connect_as(&mut self, shard: u16, user: &str, access: Access) -> (ConnRef, Recorder) {
+        self.connect_with(shard, user, Protocol::Json, DeviceKind::Web, access)
+    }
+
+    fn connect_with(
+        &mut self,
+        shard: u16,
+        user: &str,
+        protocol: Protocol,
+        device: DeviceKind,
+        access: Access,
+    ) -> (ConnRef, Recorder) {
         let rec = Recorder::default();
         let member = Member {
             user: user.into(),
@@ -101,8 +126,14 @@ impl Sim {
             ),
             protocol,
         };
-        let conn =
-            self.shards[shard as usize].open(rec.clone(), member, device, self.now, &mut self.mesh);
+        let conn = self.shards[shard as usize].open(
+            rec.clone(),
+            member,
+            device,
+            access,
+            self.now,
+            &mut self.mesh,
+        );
         self.settle();
         (ConnRef { shard, conn }, rec)
     }
@@ -140,6 +171,7 @@ impl Sim {
             ClientEvent::ChannelJoin(ChannelJoin {
                 channel_id: channel.into(),
                 since: None,
+                token: None,
             }),
         );
     }
@@ -362,6 +394,7 @@ fn close_while_join_in_flight_is_undone() {
             event: ClientEvent::ChannelJoin(ChannelJoin {
                 channel_id: ch.clone(),
                 since: None,
+                token: None,
             }),
         },
         0,
@@ -441,6 +474,7 @@ fn leave_and_rejoin_while_the_first_join_is_in_flight() {
         event: ClientEvent::ChannelJoin(ChannelJoin {
             channel_id: ch.clone(),
             since: None,
+            token: None,
         }),
     };
     let leave = ClientMessage {
@@ -480,6 +514,7 @@ fn join_since(channel: &str, offset: u64, epoch: &str) -> ClientEvent {
             offset,
             epoch: epoch.into(),
         }),
+        token: None,
     })
 }
 
@@ -1862,7 +1897,7 @@ mod sequences {
                         let Some(c) = clients.get_mut(conn).filter(|c| c.open) else { continue };
                         let channel_id = channel(ch);
                         let event = match op {
-                            Op::Join { .. } => ClientEvent::ChannelJoin(ChannelJoin { channel_id, since: None }),
+                            Op::Join { .. } => ClientEvent::ChannelJoin(ChannelJoin::new(channel_id)),
                             Op::Leave { .. } => ClientEvent::ChannelLeave(ChannelRef { channel_id }),
                             _ => ClientEvent::MessageSend(MessageSend { channel_id, content: format!("m{next_id}"), reply_to: None, thread_id: None, mentions: Vec::new(), nonce: None }),
                         };
@@ -2183,6 +2218,7 @@ mod chat_sequences {
                     offset: o as u64,
                     epoch: epoch(sim, &chan(ch)),
                 }),
+                token: None,
             }),
             What::Leave { ch } => E::ChannelLeave(ChannelRef {
                 channel_id: chan(ch),
@@ -2416,3 +2452,5 @@ mod chat_sequences {
         }
     }
 }
+
+mod safety;
