@@ -89,6 +89,10 @@ impl Outbound for Count {
         self.0.set(self.0.get() + 1);
         true
     }
+
+    fn close(&self, _: u16, _: &str) {
+        unreachable!("nothing is closed here")
+    }
 }
 
 struct NoMesh;

@@ -38,7 +38,7 @@ for round in $(seq "$ROUNDS"); do
     bin=${BINS[$i]}
     port=$((port + 1))
     log=$(mktemp)
-    taskset -c "$SERVER_CORE" "$bin" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
+    CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$bin" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
     pid=$!
     for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
     line=$(taskset -c "$LOADGEN_CORE" "$LOADGEN" bench --url "ws://127.0.0.1:$port/ws" \

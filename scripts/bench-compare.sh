@@ -49,12 +49,12 @@ start_server() { # $1 = a name of SERVERS
   URL="ws://127.0.0.1:$port/ws"
   PROTO=json
   case $1 in
-    corecast) taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
-    corecast-epoll) taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
+    corecast) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    corecast-epoll) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
       --io-driver epoll 2>"$log" & ;;
-    prev) taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    prev) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
     baseline)
-      taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+      CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
       URL="ws://127.0.0.1:$port/"
       PROTO=raw
       ;;

@@ -76,6 +76,9 @@ pub struct Config {
     pub livekit: Option<crate::auth::LiveKit>,
     /// `text` or `json`.
     pub log_format: String,
+    /// Where bans are kept across restarts (JSON lines; empty: in memory
+    /// only).
+    pub ban_file: String,
     pub auth: AuthConfig,
 }
 
@@ -124,6 +127,7 @@ impl Default for Config {
             max_presence_subscriptions: e.max_subscriptions,
             livekit: None,
             log_format: "text".into(),
+            ban_file: "corecast-bans.jsonl".into(),
             auth: AuthConfig::default(),
         }
     }
@@ -259,6 +263,14 @@ pub struct ConfigArgs {
     pub auth_issuer: Option<String>,
     #[arg(long, env = "CORECAST_AUTH_AUDIENCE")]
     pub auth_audience: Option<String>,
+    /// grants (the token's `channels` claim or a subscription token) or
+    /// open (any channel without a claim) [default: grants].
+    #[arg(long, env = "CORECAST_AUTH_CHANNEL_ACCESS")]
+    pub auth_channel_access: Option<String>,
+    /// Where bans are kept across restarts; '' keeps them in memory only
+    /// [default: corecast-bans.jsonl].
+    #[arg(long, env = "CORECAST_BAN_FILE")]
+    pub ban_file: Option<String>,
 }
 
 impl ConfigArgs {
@@ -299,7 +311,8 @@ impl ConfigArgs {
             resume_window_ms,
             call_ring_timeout_ms,
             notification_ttl_ms,
-            log_format
+            log_format,
+            ban_file
         );
         match (
             &self.livekit_url,
@@ -338,6 +351,9 @@ impl ConfigArgs {
         }
         if let Some(v) = &self.auth_audience {
             c.auth.audience = Some(v.clone());
+        }
+        if let Some(v) = &self.auth_channel_access {
+            c.auth.channel_access = v.clone();
         }
         c.validate()?;
         Ok(c)

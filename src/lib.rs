@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod bans;
 pub mod bench;
 pub mod client;
 pub mod config;

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
 use crate::auth::Verifier;
+use crate::bans::BanStore;
 use crate::config::Config;
+use crate::engine::Moderation;
 use crate::mesh::Mesh;
 use crate::metrics::ShardMetrics;
 
@@ -16,6 +18,10 @@ const DRAINING: u8 = 2;
 pub struct Node {
     pub config: Config,
     pub verifier: Verifier,
+    /// Where bans are made durable (none: in memory only).
+    pub ban_store: Option<Arc<BanStore>>,
+    /// The bans in force at start-up, for each shard's table.
+    pub initial_bans: Vec<Moderation>,
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub mesh: Mesh,
     state: AtomicU8,
@@ -29,6 +35,8 @@ impl Node {
         Node {
             config,
             verifier,
+            ban_store: None,
+            initial_bans: Vec::new(),
             metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
             mesh,
             state: AtomicU8::new(STARTING),

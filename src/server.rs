@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Socket, Type};
 
 use crate::auth::Verifier;
+use crate::bans::BanStore;
 use crate::config::{Config, ConfigError};
 use crate::mesh::Mesh;
 use crate::node::Node;
@@ -90,9 +91,23 @@ pub fn start(config: Config) -> Result<Server, StartError> {
                 .map_err(|e| StartError::Io(format!("cannot listen on {local_addr}: {e}")))?,
         );
     }
+    let (ban_store, initial_bans) = if config.ban_file.is_empty() {
+        tracing::warn!("ban_file is empty: bans last until the node stops");
+        (None, Vec::new())
+    } else {
+        let (store, bans) = BanStore::open(
+            std::path::Path::new(&config.ban_file),
+            crate::shard::now_ms(),
+        )
+        .map_err(StartError::Io)?;
+        (Some(store), bans)
+    };
     let (mesh, bells) =
         Mesh::new(shards, config.mesh_queue_capacity).map_err(|e| StartError::Io(e.to_string()))?;
-    let node = Arc::new(Node::new(config, verifier, mesh));
+    let mut node = Node::new(config, verifier, mesh);
+    node.ban_store = ban_store;
+    node.initial_bans = initial_bans;
+    let node = Arc::new(node);
     let mut threads = Vec::with_capacity(shards);
     for (id, (listener, bell)) in listeners.into_iter().zip(bells).enumerate() {
         let node = node.clone();

@@ -58,6 +58,10 @@ impl Outbound for Queue {
         self.0.borrow_mut().push(frame.clone());
         true
     }
+
+    fn close(&self, _: u16, _: &str) {
+        unreachable!("nothing is closed here")
+    }
 }
 
 struct NoMesh;

@@ -385,6 +385,43 @@ impl<O: Outbound> Engine<O> {
                 now,
                 tx,
             ),
+            E::ModerationKickUser(k) => self.client_moderation(
+                id,
+                ack,
+                ModKind::Kick,
+                k.user_id,
+                k.channel_id,
+                k.reason,
+                now,
+                tx,
+            ),
+            E::ModerationBanUser(b) => {
+                let until = match b.duration_ms {
+                    None => None,
+                    Some(d) if (1..=moderation::MAX_BAN_MS).contains(&d) => Some(now + d),
+                    Some(_) => {
+                        return self.error(
+                            id,
+                            ack,
+                            ErrorCode::BadRequest,
+                            format!(
+                                "`durationMs` must be 1 to {} (ten years)",
+                                moderation::MAX_BAN_MS
+                            ),
+                        )
+                    }
+                };
+                self.client_moderation(
+                    id,
+                    ack,
+                    ModKind::Ban { until },
+                    b.user_id,
+                    b.channel_id,
+                    b.reason,
+                    now,
+                    tx,
+                )
+            }
             other @ E::Unsupported(_) => self.error(
                 id,
                 ack,
@@ -500,6 +537,15 @@ impl<O: Outbound> Engine<O> {
             self.error(id, ack, ErrorCode::Forbidden, e);
             return false;
         }
+        let ban = self.conn(id).and_then(|c| {
+            self.bans
+                .channel(&c.member.user, &channel_id, now)
+                .map(|b| moderation::banned_message(b))
+        });
+        if let Some(e) = ban {
+            self.error(id, ack, ErrorCode::Forbidden, e);
+            return false;
+        }
         let max = self.s.max_channels_per_connection;
         let Some(conn) = self.conn_mut(id) else {
             return false;
@@ -568,7 +614,7 @@ impl<O: Outbound> Engine<O> {
         match state {
             JoinState::Joined => {
                 self.remove_local(&channel, id);
-                self.tell_owner_left(id, channel, member, now, tx);
+                self.tell_owner_left(id, channel, member, None, now, tx);
             }
             // A channel a resumed session was rejoining: the resume no
             // longer waits for it (its `Joined` will undo the join).
@@ -769,7 +815,11 @@ impl<O: Outbound> Engine<O> {
             members,
             recovered,
             replay,
+            refused,
         } = j;
+        if let Some(reason) = refused {
+            return self.join_refused(id, &channel, ack, reason);
+        }
         let pending = self.conn_mut(id).and_then(|c| {
             c.links
                 .as_mut()?
@@ -799,7 +849,7 @@ impl<O: Outbound> Engine<O> {
             if ack.is_some() {
                 self.reply(id, &ack_of(ack, AckBody::Join(body)));
             }
-            return self.tell_owner_left(id, channel, member, now, tx);
+            return self.tell_owner_left(id, channel, member, None, now, tx);
         };
         let local = self
             .local
@@ -828,6 +878,25 @@ impl<O: Outbound> Engine<O> {
                     self.metrics.queue_drops.inc();
                 }
             }
+        }
+    }
+
+    /// The owner refused a join: forget it, and answer.
+    fn join_refused(&mut self, id: ConnId, channel: &str, ack: Option<u64>, reason: String) {
+        let gather = self.conn_mut(id).and_then(|c| {
+            let links = c.links.as_mut()?;
+            let i = links.channels.iter().position(|(ch, s)| {
+                **ch == *channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+            })?;
+            match links.channels.remove(i).1 {
+                JoinState::Pending { gather, .. } => Some(gather),
+                JoinState::Joined => None,
+            }
+        });
+        match gather {
+            Some(Some(g)) => self.resumed_join_gone(g),
+            Some(None) => self.error(id, ack, ErrorCode::Forbidden, reason),
+            None => {}
         }
     }
 }

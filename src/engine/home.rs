@@ -99,6 +99,14 @@ impl<O: Outbound> Engine<O> {
         match op {
             UserCmd::Online { session, device } => {
                 let Some((conn, protocol)) = from else { return };
+                if let Some(ban) = self.bans.server(&user, now) {
+                    // Banned while this connection was authenticating.
+                    let msg = MeshMsg::Disconnect {
+                        conn: conn.conn,
+                        moderation: ban.clone(),
+                    };
+                    return self.route(conn.shard, msg, now, tx);
+                }
                 let st = self.user(&user);
                 st.add_device(Device {
                     conn,
@@ -432,6 +440,14 @@ impl<O: Outbound> Engine<O> {
                     },
                 };
                 self.route(owner, MeshMsg::CallOp(Box::new(op)), now, tx);
+            }
+            UserCmd::VoiceGone { channel } => {
+                if let Some(st) = self.users.get_mut(&user) {
+                    if let Some(m) = st.extra_mut() {
+                        m.voice.take_if(|(c, _)| *c == channel);
+                    }
+                }
+                self.maintain_user(&user, now);
             }
             UserCmd::CallDone { call } => {
                 if let Some(st) = self.users.get_mut(&user) {

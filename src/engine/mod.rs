@@ -31,6 +31,7 @@
 //! queue. A publish costs one encoding per protocol in use, one mesh message
 //! per shard with members, and one refcount increment per recipient.
 
+pub mod bans;
 pub mod channel;
 pub mod chunked;
 pub mod timers;
@@ -71,6 +72,9 @@ pub trait Outbound {
     /// Queues a frame. Returns false when the connection refused it (it is
     /// closing, or it was too slow and is being closed).
     fn push(&self, frame: &Bytes) -> bool;
+
+    /// Closes the connection with a close frame (after what is queued).
+    fn close(&self, code: u16, reason: &str);
 }
 
 /// Where the engine sends messages for other shards.
@@ -224,6 +228,44 @@ pub enum MeshMsg {
     Unsubscribe(Box<Unsubscribe>),
     /// Back to the shard that asked: part of a gathered answer.
     Gathered(Box<Gathered>),
+    /// A kick (to the shard in charge: the user's home, or the channel's
+    /// owner), or a ban or unban (to every shard, which all keep the table).
+    Moderate(Arc<Moderation>),
+    /// From a channel's owner: take the user's connections out of the
+    /// channel.
+    Evict(Arc<Moderation>),
+    /// From a user's home: close this connection of the user.
+    Disconnect {
+        conn: ConnId,
+        moderation: Arc<Moderation>,
+    },
+}
+
+/// A moderation action.
+#[derive(Debug, Clone)]
+pub struct Moderation {
+    pub kind: ModKind,
+    pub user: Arc<str>,
+    /// The channel, or `None` for the whole server.
+    pub channel: Option<Arc<str>>,
+    pub reason: Option<String>,
+    /// Who did it: a moderator's user id, or what the server API named.
+    pub by: String,
+    /// When (milliseconds).
+    pub at: u64,
+    /// Who asked, answered by the shard in charge.
+    pub from: Option<(ConnRef, Protocol)>,
+    pub ack: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModKind {
+    Kick,
+    /// Until a time (milliseconds), or until lifted.
+    Ban {
+        until: Option<u64>,
+    },
+    Unban,
 }
 
 #[derive(Debug)]
@@ -247,6 +289,8 @@ pub struct Joined {
     pub recovered: Option<bool>,
     /// The events missed since the join's `since`, encoded for the joiner.
     pub replay: Vec<Bytes>,
+    /// Set when the owner refused the join (the user is banned from it).
+    pub refused: Option<String>,
 }
 
 #[derive(Debug)]
@@ -254,6 +298,8 @@ pub struct Leave {
     pub channel: Arc<str>,
     pub from: ConnRef,
     pub member: Member,
+    /// Set when a server-wide kick or ban closed the connection.
+    pub moderation: Option<Arc<Moderation>>,
 }
 
 #[derive(Debug)]
@@ -363,6 +409,10 @@ pub enum UserCmd {
     VoiceLeave,
     VoiceUpdate(VoiceUpdate),
     CallInitiate(CallInitiate),
+    /// The user was removed from this channel's voice room.
+    VoiceGone {
+        channel: Arc<str>,
+    },
     /// A call this user placed is over.
     CallDone {
         call: u64,
@@ -601,9 +651,15 @@ pub(super) fn call_id_str(id: u64) -> String {
 /// Checks a subscription token: `(token, user, channel)`.
 pub type SubscriptionCheck = Box<dyn Fn(&str, &str, &str) -> Result<(), String>>;
 
+/// Makes a ban or unban durable before it takes effect.
+pub type BanSink = Box<dyn Fn(&Moderation) -> Result<(), String>>;
+
 pub struct Engine<O> {
     /// Without one, subscription tokens are refused.
     subscriptions: Option<SubscriptionCheck>,
+    /// Without one, bans last as long as the process.
+    ban_sink: Option<BanSink>,
+    bans: bans::Bans,
     shard: ShardId,
     shards: u16,
     s: Settings,
@@ -635,6 +691,8 @@ impl<O: Outbound> Engine<O> {
     ) -> Self {
         let mut e = Engine {
             subscriptions: None,
+            ban_sink: None,
+            bans: bans::Bans::default(),
             shard,
             shards,
             s: settings,
@@ -761,6 +819,19 @@ impl<O: Outbound> Engine<O> {
     /// Forgets a connection: leaves its channels, drops its subscriptions,
     /// and tells its user's home shard (which keeps the session for resume).
     pub fn close(&mut self, id: ConnId, now: u64, tx: &mut impl MeshTx) {
+        self.close_conn(id, None, now, tx);
+    }
+
+    /// Forgets a connection; after a kick or ban (`moderation`), the
+    /// session cannot be resumed and the owners of its channels are told
+    /// why it left.
+    pub(super) fn close_conn(
+        &mut self,
+        id: ConnId,
+        moderation: Option<&Arc<Moderation>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         let Some(slot) = self
             .slots
             .get_mut(id.slot as usize)
@@ -789,11 +860,12 @@ impl<O: Outbound> Engine<O> {
                     resume.push((channel.clone(), l.offset, l.epoch.clone()));
                 }
                 self.remove_local(&channel, id);
-                self.tell_owner_left(id, channel, conn.member.clone(), now, tx);
+                let m = moderation.cloned();
+                self.tell_owner_left(id, channel, conn.member.clone(), m, now, tx);
             }
         }
         self.unsubscribe_all(id, links.subscriptions, now, tx);
-        let resume = (self.s.resume_window_ms > 0).then_some(resume);
+        let resume = (self.s.resume_window_ms > 0 && moderation.is_none()).then_some(resume);
         let from = Some((self.here(id), conn.member.protocol));
         self.send_user_op(
             conn.member.user,
@@ -841,6 +913,7 @@ impl<O: Outbound> Engine<O> {
         id: ConnId,
         channel: Arc<str>,
         member: Member,
+        moderation: Option<Arc<Moderation>>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
@@ -852,6 +925,7 @@ impl<O: Outbound> Engine<O> {
                 channel,
                 from,
                 member,
+                moderation,
             })),
             now,
             tx,
@@ -963,6 +1037,7 @@ impl<O: Outbound> Engine<O> {
                 Timer::ChannelGc { channel } => self.channel_gc(&channel, now),
                 Timer::User { user } => self.user_timer(&user, now, tx),
                 Timer::CallRing { call } => self.ring_out(call, now, tx),
+                Timer::Bans => self.bans.prune(now),
             }
         }
     }
@@ -1013,6 +1088,9 @@ impl<O: Outbound> Engine<O> {
                 }
             }
             MeshMsg::Gathered(g) => self.on_gathered(*g, now, tx),
+            MeshMsg::Moderate(m) => self.on_moderate(m, now, tx),
+            MeshMsg::Evict(m) => self.on_evict(&m, now, tx),
+            MeshMsg::Disconnect { conn, moderation } => self.disconnect(conn, &moderation, now, tx),
         }
     }
 
@@ -1083,6 +1161,7 @@ mod calls;
 mod client;
 mod gather;
 mod home;
+mod moderation;
 mod owner;
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::moderation::{banned_message, moderation_event};
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -68,6 +69,22 @@ impl<O: Outbound> Engine<O> {
             ack,
             since,
         } = j;
+        if let Some(ban) = self.bans.channel(&member.user, &channel, now) {
+            let refused = Some(banned_message(ban));
+            let joined = MeshMsg::Joined(Box::new(Joined {
+                channel,
+                conn: from.conn,
+                member,
+                ack,
+                offset: 0,
+                epoch: "".into(),
+                members: 0,
+                recovered: None,
+                replay: Vec::new(),
+                refused,
+            }));
+            return self.route(from.shard, joined, now, tx);
+        }
         self.ensure_owned(&channel);
         let event = ev(ServerEvent::MemberJoined(MemberEvent {
             channel_id: channel.to_string(),
@@ -96,6 +113,7 @@ impl<O: Outbound> Engine<O> {
             members: owned.total(),
             recovered,
             replay,
+            refused: None,
         }));
         self.route(from.shard, joined, now, tx);
     }
@@ -115,6 +133,7 @@ impl<O: Outbound> Engine<O> {
             channel,
             from,
             member,
+            moderation,
         } = l;
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
@@ -122,6 +141,16 @@ impl<O: Outbound> Engine<O> {
         let count = &mut owned.per_shard[from.shard as usize][proto_index(member.protocol)];
         *count = count.saturating_sub(1);
         owned.count_user(&member.user, -1);
+        let gone = !owned.users.contains_key(&member.user);
+        if let (Some(m), true) = (moderation, gone) {
+            // A server-wide kick or ban: each channel the user was in hears
+            // of it once, when the user's last connection there leaves.
+            let event = moderation_event(&m, Some(&channel), true);
+            self.fan_out(&channel, &event, 0, None, now, tx);
+        }
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
         let was_typing = owned
             .typing
             .iter()
@@ -314,6 +343,14 @@ impl<O: Outbound> Engine<O> {
         // Voice works without text membership; everything else needs the
         // channel (the member's shard checked that it joined).
         if matches!(op, ChanCmd::VoiceJoin) {
+            if let Some(ban) = self.bans.channel(&member.user, &channel, now) {
+                let e = err(ack, ErrorCode::Forbidden, banned_message(ban));
+                let gone = UserCmd::VoiceGone {
+                    channel: channel.clone(),
+                };
+                self.send_user_op(member.user.clone(), None, None, gone, now, tx);
+                return reply_to(self, e, tx);
+            }
             self.ensure_owned(&channel);
         }
         let owned = match self.owned.get_mut(&channel) {

@@ -21,6 +21,8 @@ pub enum Timer {
     User { user: Arc<str> },
     /// A call may have rung out (callee's home shard).
     CallRing { call: u64 },
+    /// Timed bans may have ended (every shard).
+    Bans,
 }
 
 #[derive(Default)]

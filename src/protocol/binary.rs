@@ -248,9 +248,36 @@ mod tests {
                 notification_id
             })),
             Just(E::NotificationClearAll),
+            (text(), of(text()), of(text())).prop_map(|(user_id, channel_id, reason)| {
+                E::ModerationKickUser(KickUser {
+                    user_id,
+                    channel_id,
+                    reason,
+                })
+            }),
+            (text(), of(text()), of(any::<u64>()), of(text())).prop_map(
+                |(user_id, channel_id, duration_ms, reason)| E::ModerationBanUser(BanUser {
+                    user_id,
+                    channel_id,
+                    duration_ms,
+                    reason,
+                })
+            ),
             "x[a-z]{1,8}:[a-z_]{1,12}".prop_map(E::Unsupported),
         ];
         prop_oneof![a, b, c]
+    }
+
+    fn moderation() -> impl Strategy<Value = ModerationEvent> {
+        (text(), of(text()), of(text()), text(), of(any::<u64>())).prop_map(
+            |(user_id, channel_id, reason, by, until)| ModerationEvent {
+                user_id,
+                channel_id,
+                reason,
+                by,
+                until,
+            },
+        )
     }
 
     fn message_new() -> impl Strategy<Value = MessageNew> {
@@ -651,7 +678,13 @@ mod tests {
             }),
             notification().prop_map(S::NotificationNew),
         ];
-        prop_oneof![a, b]
+        let c = prop_oneof![
+            moderation().prop_map(S::ModerationKicked),
+            moderation().prop_map(S::ModerationBanned),
+            moderation().prop_map(S::ModerationUserKicked),
+            moderation().prop_map(S::ModerationUserBanned),
+        ];
+        prop_oneof![a, b, c]
     }
 
     proptest! {

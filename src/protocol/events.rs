@@ -170,6 +170,32 @@ impl ChannelJoin {
 }
 
 wire_type! {
+    /// `moderation:kick_user`: out of a channel, or (without `channelId`)
+    /// off the server: every connection of the user is closed.
+    pub struct KickUser {
+        pub user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub channel_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+    }
+}
+
+wire_type! {
+    /// `moderation:ban_user`: a kick that lasts, from a channel or the
+    /// server, for `durationMs` or (without it) until lifted.
+    pub struct BanUser {
+        pub user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub channel_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub duration_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+    }
+}
+
+wire_type! {
     /// `message:edit`.
     pub struct MessageEdit { pub channel_id: String, pub message_id: String, pub content: String }
 }
@@ -388,6 +414,8 @@ pub enum ClientEvent {
     NotificationRead(NotificationIds),
     NotificationClear(NotificationRef),
     NotificationClearAll,
+    ModerationKickUser(KickUser),
+    ModerationBanUser(BanUser),
     /// An event name this engine does not implement (answered `unsupported`).
     Unsupported(String),
 }
@@ -433,6 +461,8 @@ impl ClientEvent {
             NotificationRead(_) => "notification:read",
             NotificationClear(_) => "notification:clear",
             NotificationClearAll => "notification:clear_all",
+            ModerationKickUser(_) => "moderation:kick_user",
+            ModerationBanUser(_) => "moderation:ban_user",
             Unsupported(name) => name,
         }
     }
@@ -903,6 +933,23 @@ pub enum AckBody {
     Empty(Empty),
 }
 
+wire_type! {
+    /// `moderation:kicked` and `moderation:banned` (to the user), and
+    /// `moderation:user_kicked` and `moderation:user_banned` (to the
+    /// channel's members). `by` is the moderator's user id (or what the
+    /// server API named); `until` ends a ban (absent: until lifted).
+    pub struct ModerationEvent {
+        pub user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub channel_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reason: Option<String>,
+        pub by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub until: Option<u64>,
+    }
+}
+
 /// An event sent by the server.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ServerEvent {
@@ -933,6 +980,10 @@ pub enum ServerEvent {
     CallMissed(CallEvent),
     CallIceCandidate(CallIceRelay),
     NotificationNew(Notification),
+    ModerationKicked(ModerationEvent),
+    ModerationBanned(ModerationEvent),
+    ModerationUserKicked(ModerationEvent),
+    ModerationUserBanned(ModerationEvent),
 }
 
 impl ServerEvent {
@@ -966,6 +1017,10 @@ impl ServerEvent {
             CallMissed(_) => "call:missed",
             CallIceCandidate(_) => "call:ice_candidate",
             NotificationNew(_) => "notification:new",
+            ModerationKicked(_) => "moderation:kicked",
+            ModerationBanned(_) => "moderation:banned",
+            ModerationUserKicked(_) => "moderation:user_kicked",
+            ModerationUserBanned(_) => "moderation:user_banned",
         }
     }
 }

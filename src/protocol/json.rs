@@ -211,6 +211,17 @@ fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
             notification_id: f.string("notificationId")?,
         }),
         "notification:clear_all" => E::NotificationClearAll,
+        "moderation:kick_user" => E::ModerationKickUser(KickUser {
+            user_id: f.string("userId")?,
+            channel_id: f.opt_string("channelId")?,
+            reason: f.opt_string("reason")?,
+        }),
+        "moderation:ban_user" => E::ModerationBanUser(BanUser {
+            user_id: f.string("userId")?,
+            channel_id: f.opt_string("channelId")?,
+            duration_ms: f.opt_u64("durationMs")?,
+            reason: f.opt_string("reason")?,
+        }),
         other => E::Unsupported(other.to_owned()),
     })
 }
@@ -503,6 +514,10 @@ pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
         }
         CallIceCandidate(d) => write_envelope(name, id, Some(d), out),
         NotificationNew(d) => write_envelope(name, id, Some(d), out),
+        ModerationKicked(d)
+        | ModerationBanned(d)
+        | ModerationUserKicked(d)
+        | ModerationUserBanned(d) => write_envelope(name, id, Some(d), out),
     }
 }
 
@@ -548,6 +563,8 @@ pub fn encode_client(msg: &ClientMessage, out: &mut Vec<u8>) {
         CallIceCandidate(d) => write_envelope(name, id, Some(d), out),
         NotificationRead(d) => write_envelope(name, id, Some(d), out),
         NotificationClear(d) => write_envelope(name, id, Some(d), out),
+        ModerationKickUser(d) => write_envelope(name, id, Some(d), out),
+        ModerationBanUser(d) => write_envelope(name, id, Some(d), out),
     }
 }
 
@@ -596,6 +613,10 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerMessage, DecodeError> {
         "call:missed" => S::CallMissed(d(&raw)?),
         "call:ice_candidate" => S::CallIceCandidate(d(&raw)?),
         "notification:new" => S::NotificationNew(d(&raw)?),
+        "moderation:kicked" => S::ModerationKicked(d(&raw)?),
+        "moderation:banned" => S::ModerationBanned(d(&raw)?),
+        "moderation:user_kicked" => S::ModerationUserKicked(d(&raw)?),
+        "moderation:user_banned" => S::ModerationUserBanned(d(&raw)?),
         other => {
             return Err(DecodeError::new(
                 raw.id,

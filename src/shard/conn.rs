@@ -441,6 +441,10 @@ impl Outbound for Rc<ConnIo> {
     fn push(&self, frame: &Bytes) -> bool {
         self.push_data(frame)
     }
+
+    fn close(&self, code: u16, reason: &str) {
+        ConnIo::close(self, code, reason)
+    }
 }
 
 /// Frames taken from the queue, with the iovec array the kernel reads.

@@ -188,6 +188,10 @@ impl Shard {
         engine.set_subscription_check(Box::new(move |token, user, channel| {
             verifier.verifier.check_subscription(token, user, channel)
         }));
+        engine.load_bans(node.initial_bans.iter().cloned(), now_ms());
+        if let Some(store) = node.ban_store.clone() {
+            engine.set_ban_sink(Box::new(move |m| store.append(m)));
+        }
         Rc::new(Shard {
             id: id as ShardId,
             engine: RefCell::new(engine),
@@ -473,7 +477,19 @@ impl Shard {
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
             (Some(t), false) => match self.node.verifier.identify(t) {
-                Ok(identity) => Some(identity),
+                Ok(identity) => {
+                    let ban = self.engine.borrow().server_ban(&identity.user, now_ms());
+                    if let Some(why) = ban {
+                        self.metrics().auth_failures.inc();
+                        return Routed::Reply(handshake::http_response(
+                            403,
+                            "",
+                            "text/plain",
+                            format!("banned: {why}").as_bytes(),
+                        ));
+                    }
+                    Some(identity)
+                }
                 Err(e) => {
                     self.metrics().auth_failures.inc();
                     tracing::debug!(shard = self.id, error = %e, "handshake token refused");
@@ -858,7 +874,20 @@ impl Session {
             }
             Mode::Unauthenticated => match msg.event {
                 ClientEvent::Auth(a) => match shard.node.verifier.identify(&a.token) {
-                    Ok(identity) => self.authenticate(shard, io, identity, msg.id),
+                    Ok(identity) => {
+                        let ban = shard.engine.borrow().server_ban(&identity.user, now_ms());
+                        match ban {
+                            None => self.authenticate(shard, io, identity, msg.id),
+                            Some(why) => {
+                                shard.metrics().auth_failures.inc();
+                                self.reply(
+                                    io,
+                                    &ServerMessage::error(msg.id, ErrorCode::Forbidden, why),
+                                );
+                                io.close(close::BANNED, "banned");
+                            }
+                        }
+                    }
                     Err(e) => {
                         shard.metrics().auth_failures.inc();
                         self.reply(

@@ -15,6 +15,10 @@ pub const INTERNAL_ERROR: u16 = 1011;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Application range: authentication failed or did not arrive in time.
 pub const UNAUTHORIZED: u16 = 4001;
+/// A moderator (or the server API) kicked the user off the server.
+pub const KICKED: u16 = 4003;
+/// The user is banned from the server.
+pub const BANNED: u16 = 4004;
 
 /// Whether `code` may be sent in a close frame (RFC 6455 §7.4.1-2).
 pub fn is_valid_wire_code(code: u16) -> bool {

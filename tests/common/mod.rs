@@ -39,7 +39,9 @@ impl Server {
         cmd.args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .env("CORECAST_LOG", "info,corecast=debug");
+            .env("CORECAST_LOG", "info,corecast=debug")
+            // Tests that keep bans say where.
+            .env("CORECAST_BAN_FILE", "");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -148,6 +150,24 @@ pub fn token(user: &str, ttl: i64) -> String {
         .unwrap()
         .as_secs();
     corecast::auth::mint(&cfg, user, ttl, None, now).unwrap()
+}
+
+/// A token with these claims, signed with the test secret.
+pub fn token_with(claims: &corecast::auth::Claims) -> String {
+    let cfg = AuthConfig {
+        secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    };
+    corecast::auth::mint_claims(&cfg, claims, None).unwrap()
+}
+
+/// Seconds since the epoch, `ahead` from now.
+pub fn exp_in(ahead: i64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (now as i64 + ahead) as u64
 }
 
 /// A plain HTTP GET; returns the status and the body.
@@ -407,8 +427,13 @@ impl Peer {
     /// connection lands on `shard` (the kernel spreads connections over the
     /// shards' listeners).
     pub async fn on(server: &Server, user: &str, shard: u64, extra: &str) -> Peer {
+        Self::with_token(server, &token(user, 600), shard, extra).await
+    }
+
+    /// Like [`Peer::on`], with a token of one's own.
+    pub async fn with_token(server: &Server, token: &str, shard: u64, extra: &str) -> Peer {
         for _ in 0..200 {
-            let url = server.url(&format!("/ws?token={}{extra}", token(user, 600)));
+            let url = server.url(&format!("/ws?token={token}{extra}"));
             let mut ws = ws_connect(&url, None).await;
             let ready = recv_event(&mut ws, "ready").await;
             if ready["d"]["shard"] == shard {

@@ -12,6 +12,8 @@ use crate::protocol::json;
 struct Recorder {
     frames: Rc<RefCell<Vec<Bytes>>>,
     refuse: Rc<std::cell::Cell<bool>>,
+    /// The close code, once the engine closed the connection.
+    closed: Rc<std::cell::Cell<Option<u16>>>,
 }
 
 impl Outbound for Recorder {
@@ -21,6 +23,10 @@ impl Outbound for Recorder {
         }
         self.frames.borrow_mut().push(frame.clone());
         true
+    }
+
+    fn close(&self, code: u16, _reason: &str) {
+        self.closed.set(Some(code));
     }
 }
 
@@ -2112,6 +2118,16 @@ mod chat_sequences {
         Resume {
             of: usize,
         },
+        /// Only `u0` holds the roles; from anyone else it is refused.
+        Kick {
+            to: usize,
+            ch: Option<u8>,
+        },
+        Ban {
+            to: usize,
+            ch: Option<u8>,
+            ms: u16,
+        },
     }
 
     fn what() -> impl Strategy<Value = What> {
@@ -2157,15 +2173,19 @@ mod chat_sequences {
             any::<bool>().prop_map(|muted| What::VoiceUpdate { muted }),
             ch().prop_map(|ch| What::VoiceParticipants { ch }),
         ];
-        let c = prop_oneof![
-            user().prop_map(|to| What::Call { to }),
-            (0usize..6).prop_map(|call| What::Answer { call }),
-            (0usize..6).prop_map(|call| What::Reject { call }),
-            (0usize..6).prop_map(|call| What::End { call }),
-            (0usize..6).prop_map(|call| What::Ice { call }),
-            (0u8..4).prop_map(|op| What::Notifications { op }),
-            (0usize..16).prop_map(|of| What::Resume { of }),
-        ];
+        let c =
+            prop_oneof![
+                user().prop_map(|to| What::Call { to }),
+                (0usize..6).prop_map(|call| What::Answer { call }),
+                (0usize..6).prop_map(|call| What::Reject { call }),
+                (0usize..6).prop_map(|call| What::End { call }),
+                (0usize..6).prop_map(|call| What::Ice { call }),
+                (0u8..4).prop_map(|op| What::Notifications { op }),
+                (0usize..16).prop_map(|of| What::Resume { of }),
+                (user(), proptest::option::of(ch())).prop_map(|(to, ch)| What::Kick { to, ch }),
+                (user(), proptest::option::of(ch()), 1u16..30_000)
+                    .prop_map(|(to, ch, ms)| What::Ban { to, ch, ms }),
+            ];
         prop_oneof![4 => a, 3 => b, 2 => c]
     }
 
@@ -2344,6 +2364,17 @@ mod chat_sequences {
                     }),
                 positions: vec![],
             }),
+            What::Kick { to, ch } => E::ModerationKickUser(KickUser {
+                user_id: user(to),
+                channel_id: ch.map(chan),
+                reason: None,
+            }),
+            What::Ban { to, ch, ms } => E::ModerationBanUser(BanUser {
+                user_id: user(to),
+                channel_id: ch.map(chan),
+                duration_ms: Some(ms as u64),
+                reason: None,
+            }),
         }
     }
 
@@ -2371,6 +2402,10 @@ mod chat_sequences {
             let mut next_id = 1u64;
             let collect = |clients: &mut Vec<Client>, calls: &mut Vec<String>| {
                 for c in clients.iter_mut() {
+                    // Kicked or banned: the engine closed it.
+                    if c.rec.closed.get().is_some() {
+                        c.open = false;
+                    }
                     for m in c.rec.take() {
                         if let ServerEvent::Ack(AckBody::Call(a)) = &m.event {
                             calls.push(a.call_id.clone());
@@ -2389,8 +2424,13 @@ mod chat_sequences {
                 match op {
                     Op::Connect { shard, user, binary } => {
                         let p = if binary { Protocol::Binary } else { Protocol::Json };
-                        let (at, rec) = sim.connect(shard, &format!("u{user}"), p);
-                        let session = sim.shards[shard as usize].conn(at.conn).unwrap().member.session.to_string();
+                        let roles = if user == 0 { Roles::ADMIN } else { Roles::NONE };
+                        let access = Access { roles, grants: None };
+                        let (at, rec) = sim.connect_with(shard, &format!("u{user}"), p, DeviceKind::Web, access);
+                        // A banned user's connection is closed at once.
+                        let session = sim.shards[shard as usize]
+                            .conn(at.conn)
+                            .map_or(String::new(), |c| c.member.session.to_string());
                         clients.push(Client { at, rec, open: true, session, sent: vec![], answers: vec![] });
                     }
                     Op::Close { conn } => {
@@ -2448,6 +2488,7 @@ mod chat_sequences {
                 prop_assert!(s.calls.is_empty(), "shard {} calls", i);
                 prop_assert!(s.gathers.is_empty(), "shard {} gathers", i);
                 prop_assert!(s.timers.is_empty(), "shard {} timers {}", i, s.timers.len());
+                prop_assert!(s.bans.is_empty(), "shard {} bans {}", i, s.bans.len());
             }
         }
     }

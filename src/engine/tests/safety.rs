@@ -198,3 +198,363 @@ fn only_authors_edit_and_moderators_may_delete_others_messages() {
     });
     assert_eq!(deleted, [ids[0].clone()]);
 }
+
+fn role(r: Roles) -> Access {
+    Access {
+        roles: r,
+        grants: None,
+    }
+}
+
+fn kick(user: &str, channel: Option<&str>) -> ClientEvent {
+    ClientEvent::ModerationKickUser(KickUser {
+        user_id: user.into(),
+        channel_id: channel.map(Into::into),
+        reason: Some("spam".into()),
+    })
+}
+
+fn ban(user: &str, channel: Option<&str>, duration_ms: Option<u64>) -> ClientEvent {
+    ClientEvent::ModerationBanUser(BanUser {
+        user_id: user.into(),
+        channel_id: channel.map(Into::into),
+        duration_ms,
+        reason: None,
+    })
+}
+
+fn moderation_of(msgs: &[ServerMessage]) -> Vec<(&'static str, ModerationEvent)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::ModerationKicked(e)
+            | ServerEvent::ModerationBanned(e)
+            | ServerEvent::ModerationUserKicked(e)
+            | ServerEvent::ModerationUserBanned(e) => Some((m.event.name(), e.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_kick_from_a_channel_reaches_every_connection_of_the_user_on_every_shard() {
+    let mut sim = Sim::new(3);
+    let ch = channel_owned_by(2, 3);
+    let (m, rm) = sim.connect_as(0, "mod", role(Roles::MODERATOR));
+    let (t1, rt1) = sim.connect(0, "troll", Protocol::Json);
+    let (t2, rt2) = sim.connect(1, "troll", Protocol::Binary);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    for c in [m, t1, t2, b] {
+        sim.join(c, &ch);
+    }
+    for r in [&rm, &rt1, &rt2, &rb] {
+        r.take();
+    }
+    sim.send(m, Some(1), kick("troll", Some(&ch)));
+    assert!(matches!(ack_body(&rm.take(), 1), AckBody::Empty(_)));
+    for r in [&rt1, &rt2] {
+        let got = moderation_of(&r.take());
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "moderation:kicked");
+        assert_eq!(got[0].1.channel_id.as_deref(), Some(ch.as_str()));
+        assert_eq!(
+            (got[0].1.by.as_str(), got[0].1.reason.as_deref()),
+            ("mod", Some("spam"))
+        );
+    }
+    let seen = rb.take();
+    let told = moderation_of(&seen);
+    assert_eq!(
+        told.len(),
+        1,
+        "one event for the channel, not one per connection"
+    );
+    assert_eq!(told[0].0, "moderation:user_kicked");
+    assert_eq!(told[0].1.user_id, "troll");
+    assert_eq!(
+        names(&seen)
+            .iter()
+            .filter(|n| **n == "channel:member_left")
+            .count(),
+        2
+    );
+    // Out of the channel: it hears nothing more and cannot act in it.
+    sim.publish(b, &ch, "after");
+    sim.publish(t1, &ch, "still here?");
+    assert!(contents(&rt2.take()).is_empty());
+    assert_eq!(error_code(&rt1.take(), 2), ErrorCode::Forbidden);
+    // A kick does not last: it may join again.
+    sim.join(t1, &ch);
+    assert!(matches!(ack_body(&rt1.take(), 1), AckBody::Join(_)));
+    // Kicking someone who is not there is `not_found`.
+    sim.send(m, Some(2), kick("nobody", Some(&ch)));
+    assert_eq!(error_code(&rm.take(), 2), ErrorCode::NotFound);
+}
+
+#[test]
+fn moderation_needs_its_role_and_a_reachable_channel() {
+    let mut sim = Sim::new(2);
+    let (u, ru) = sim.connect(0, "user", Protocol::Json);
+    let (m, rm) = sim.connect_as(
+        1,
+        "mod",
+        Access {
+            roles: Roles::MODERATOR,
+            ..granted(&["mine"], None)
+        },
+    );
+    sim.send(u, Some(1), kick("mod", Some("mine")));
+    sim.send(u, Some(2), ban("mod", None, None));
+    let got = ru.take();
+    assert_eq!(error_code(&got, 1), ErrorCode::Forbidden);
+    assert_eq!(error_code(&got, 2), ErrorCode::Forbidden);
+    sim.send(m, Some(3), ban("user", None, None));
+    sim.send(m, Some(4), ban("user", Some("theirs"), None));
+    sim.send(m, Some(5), ban("mod", Some("mine"), None));
+    sim.send(m, Some(6), ban("user", Some("mine"), Some(0)));
+    sim.send(m, Some(7), ban("", Some("mine"), None));
+    let got = rm.take();
+    assert_eq!(
+        error_code(&got, 3),
+        ErrorCode::Forbidden,
+        "server-wide needs admin"
+    );
+    assert_eq!(
+        error_code(&got, 4),
+        ErrorCode::Forbidden,
+        "channel not granted"
+    );
+    assert_eq!(error_code(&got, 5), ErrorCode::BadRequest, "oneself");
+    assert_eq!(error_code(&got, 6), ErrorCode::BadRequest, "zero duration");
+    assert_eq!(error_code(&got, 7), ErrorCode::BadRequest, "empty user id");
+    assert!(sim.shards.iter().all(|s| s.ban_count() == 0));
+    // The user's connection was never touched.
+    assert_eq!(ru.closed.get(), None);
+}
+
+#[test]
+fn a_channel_ban_keeps_the_user_out_until_it_expires() {
+    let mut sim = Sim::new(2);
+    let ch = channel_owned_by(1, 2);
+    let (m, rm) = sim.connect_as(0, "mod", role(Roles::MODERATOR));
+    let (t, rt) = sim.connect(0, "troll", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    for c in [m, t, b] {
+        sim.join(c, &ch);
+    }
+    // In the channel's voice room too.
+    sim.send(
+        t,
+        Some(5),
+        ClientEvent::VoiceJoin(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    );
+    for r in [&rm, &rt, &rb] {
+        r.take();
+    }
+    sim.send(m, Some(1), ban("troll", Some(&ch), Some(60_000)));
+    assert!(matches!(ack_body(&rm.take(), 1), AckBody::Empty(_)));
+    let got = moderation_of(&rt.take());
+    assert_eq!(got[0].0, "moderation:banned");
+    assert_eq!(got[0].1.until, Some(sim.now + 60_000));
+    let seen = rb.take();
+    assert_eq!(moderation_of(&seen)[0].0, "moderation:user_banned");
+    assert!(names(&seen).contains(&"voice:user_left"));
+    // Its voice seat is gone too.
+    sim.send(t, Some(2), ClientEvent::VoiceLeave);
+    assert_eq!(error_code(&rt.take(), 2), ErrorCode::NotFound);
+    // Refused on every shard while the ban lasts.
+    let (t2, rt2) = sim.connect(1, "troll", Protocol::Json);
+    sim.join(t, &ch);
+    sim.join(t2, &ch);
+    sim.send(
+        t2,
+        Some(3),
+        ClientEvent::VoiceJoin(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    );
+    assert_eq!(error_code(&rt.take(), 1), ErrorCode::Forbidden);
+    let got = rt2.take();
+    assert_eq!(error_code(&got, 1), ErrorCode::Forbidden);
+    assert_eq!(error_code(&got, 3), ErrorCode::Forbidden);
+    // The owner checks too: a join that got past a shard's copy (a ban
+    // still on its way) is refused there, and forgotten by the joiner.
+    sim.shards[0].bans = bans::Bans::default();
+    sim.join(t, &ch);
+    assert_eq!(error_code(&rt.take(), 1), ErrorCode::Forbidden);
+    assert!(sim.shards[0].joined(t.conn, &ch).is_none());
+    sim.send(
+        t,
+        Some(4),
+        ClientEvent::ChannelLeave(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    );
+    assert_eq!(
+        error_code(&rt.take(), 4),
+        ErrorCode::NotFound,
+        "no pending join left"
+    );
+    // Other channels are unaffected, and once the ban ends it may return.
+    let other = channel_owned_by(0, 2);
+    sim.join(t, &other);
+    assert!(matches!(ack_body(&rt.take(), 1), AckBody::Join(_)));
+    sim.advance(60_001);
+    sim.join(t2, &ch);
+    assert!(matches!(ack_body(&rt2.take(), 1), AckBody::Join(_)));
+}
+
+fn session_of(sim: &Sim, c: ConnRef) -> String {
+    sim.shards[c.shard as usize]
+        .conn(c.conn)
+        .unwrap()
+        .member
+        .session
+        .to_string()
+}
+
+#[test]
+fn a_server_ban_closes_every_session_refuses_reconnects_and_tells_each_channel_once() {
+    let mut sim = Sim::new(3);
+    let (c1, c2) = (channel_owned_by(0, 3), channel_owned_by(2, 3));
+    let (admin, radmin) = sim.connect_as(1, "admin", role(Roles::ADMIN));
+    let (t1, rt1) = sim.connect(0, "troll", Protocol::Json);
+    let (t2, rt2) = sim.connect(2, "troll", Protocol::Binary);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    for c in [t1, t2, b] {
+        sim.join(c, &c1);
+    }
+    sim.join(t1, &c2);
+    sim.join(b, &c2);
+    let session = session_of(&sim, t1);
+    for r in [&radmin, &rt1, &rt2, &rb] {
+        r.take();
+    }
+    sim.send(admin, Some(1), ban("troll", None, None));
+    assert!(matches!(ack_body(&radmin.take(), 1), AckBody::Empty(_)));
+    for r in [&rt1, &rt2] {
+        let got = moderation_of(&r.take());
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].0, got[0].1.channel_id.as_ref()),
+            ("moderation:banned", None)
+        );
+        assert_eq!(r.closed.get(), Some(crate::ws::close::BANNED));
+    }
+    let told = moderation_of(&rb.take());
+    let mut channels: Vec<String> = told
+        .iter()
+        .map(|(name, e)| {
+            assert_eq!(*name, "moderation:user_banned");
+            e.channel_id.clone().unwrap()
+        })
+        .collect();
+    channels.sort();
+    let mut want = vec![c1.clone(), c2.clone()];
+    want.sort();
+    assert_eq!(
+        channels, want,
+        "each channel once, though two connections were in c1"
+    );
+    // Every shard refuses the user at authentication.
+    for s in &sim.shards {
+        assert!(s.server_ban("troll", sim.now).is_some());
+        assert!(s.server_ban("bob", sim.now).is_none());
+    }
+    // A connection that got through before its shard heard of the ban is
+    // closed by the user's home.
+    let (t3, rt3) = sim.connect(1, "troll", Protocol::Json);
+    assert_eq!(rt3.closed.get(), Some(crate::ws::close::BANNED));
+    assert!(sim.shards[1].conn(t3.conn).is_none());
+    // The banned session cannot be resumed, and nothing of it is left.
+    sim.shards
+        .iter_mut()
+        .for_each(|s| s.bans = bans::Bans::default());
+    let (t4, rt4) = sim.connect(0, "troll", Protocol::Json);
+    sim.send(
+        t4,
+        Some(2),
+        ClientEvent::SessionResume(SessionResume {
+            session_id: session,
+            positions: vec![],
+        }),
+    );
+    assert_eq!(error_code(&rt4.take(), 2), ErrorCode::NotFound);
+}
+
+#[test]
+fn a_server_kick_closes_sessions_but_does_not_last_and_unban_lifts_a_ban() {
+    let mut sim = Sim::new(2);
+    let (admin, radmin) = sim.connect_as(0, "admin", role(Roles::ADMIN));
+    let (t, rt) = sim.connect(1, "troll", Protocol::Json);
+    sim.send(admin, Some(1), kick("troll", None));
+    assert!(matches!(ack_body(&radmin.take(), 1), AckBody::Empty(_)));
+    assert_eq!(moderation_of(&rt.take())[0].0, "moderation:kicked");
+    assert_eq!(rt.closed.get(), Some(crate::ws::close::KICKED));
+    assert!(sim.shards[1].conn(t.conn).is_none());
+    assert!(sim
+        .shards
+        .iter()
+        .all(|s| s.server_ban("troll", sim.now).is_none()));
+    // Kicking a user who is not connected is `not_found`.
+    sim.send(admin, Some(2), kick("troll", None));
+    assert_eq!(error_code(&radmin.take(), 2), ErrorCode::NotFound);
+    // A timed ban ends by itself; an unban ends one early.
+    sim.send(admin, Some(3), ban("troll", None, Some(1_000)));
+    radmin.take();
+    assert!(sim.shards[0].server_ban("troll", sim.now).is_some());
+    sim.advance(1_001);
+    assert!(sim.shards[0].server_ban("troll", sim.now).is_none());
+    sim.send(admin, Some(4), ban("troll", None, None));
+    radmin.take();
+    let unban = Moderation {
+        kind: ModKind::Unban,
+        user: "troll".into(),
+        channel: None,
+        reason: None,
+        by: "api".into(),
+        at: sim.now,
+        from: None,
+        ack: None,
+    };
+    sim.shards[1].moderate(unban, sim.now, &mut sim.mesh);
+    sim.settle();
+    assert!(sim
+        .shards
+        .iter()
+        .all(|s| s.server_ban("troll", sim.now).is_none()));
+}
+
+#[test]
+fn a_ban_that_cannot_be_stored_is_refused_and_not_applied() {
+    let mut sim = Sim::new(2);
+    let stored = Rc::new(RefCell::new(Vec::new()));
+    let log = stored.clone();
+    sim.shards[0].set_ban_sink(Box::new(move |m: &Moderation| {
+        if m.user.starts_with("full") {
+            return Err("disk full".into());
+        }
+        log.borrow_mut().push((m.user.to_string(), m.kind));
+        Ok(())
+    }));
+    let (admin, radmin) = sim.connect_as(0, "admin", role(Roles::ADMIN));
+    sim.send(admin, Some(1), ban("full-disk", None, None));
+    sim.send(admin, Some(2), ban("troll", None, Some(5_000)));
+    let got = radmin.take();
+    assert_eq!(error_code(&got, 1), ErrorCode::Internal);
+    assert!(matches!(ack_body(&got, 2), AckBody::Empty(_)));
+    assert!(sim
+        .shards
+        .iter()
+        .all(|s| s.server_ban("full-disk", sim.now).is_none()));
+    assert_eq!(
+        *stored.borrow(),
+        [(
+            "troll".to_string(),
+            ModKind::Ban {
+                until: Some(sim.now + 5_000)
+            }
+        )]
+    );
+}

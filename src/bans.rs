@@ -1,0 +1,244 @@
+//! The ban store of a single node: one JSON line per ban or unban,
+//! appended and synced before the ban takes effect, compacted (expired and
+//! lifted bans dropped) each time the node starts.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{ModKind, Moderation};
+
+/// One line of the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Line {
+    op: Op,
+    user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channel_id: Option<String>,
+    /// When a ban ends (milliseconds); absent: until lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    by: String,
+    at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    Ban,
+    Unban,
+}
+
+impl Line {
+    fn of(m: &Moderation) -> Option<Line> {
+        let (op, until) = match m.kind {
+            ModKind::Ban { until } => (Op::Ban, until),
+            ModKind::Unban => (Op::Unban, None),
+            ModKind::Kick => return None,
+        };
+        Some(Line {
+            op,
+            user_id: m.user.to_string(),
+            channel_id: m.channel.as_ref().map(|c| c.to_string()),
+            until,
+            reason: m.reason.clone(),
+            by: m.by.clone(),
+            at: m.at,
+        })
+    }
+
+    fn moderation(&self) -> Moderation {
+        Moderation {
+            kind: match self.op {
+                Op::Ban => ModKind::Ban { until: self.until },
+                Op::Unban => ModKind::Unban,
+            },
+            user: self.user_id.as_str().into(),
+            channel: self.channel_id.as_deref().map(Into::into),
+            reason: self.reason.clone(),
+            by: self.by.clone(),
+            at: self.at,
+            from: None,
+            ack: None,
+        }
+    }
+}
+
+pub struct BanStore {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl BanStore {
+    /// Opens (or creates) the store, compacts it, and returns the bans in
+    /// force at `now`.
+    pub fn open(path: &Path, now: u64) -> Result<(Arc<BanStore>, Vec<Moderation>), String> {
+        let what = |e: std::io::Error| format!("ban file {}: {e}", path.display());
+        let mut live: HashMap<(String, Option<String>), Line> = HashMap::new();
+        match File::open(path) {
+            Ok(f) => {
+                let mut lines = BufReader::new(f).lines().enumerate().peekable();
+                while let Some((n, line)) = lines.next() {
+                    let line = line.map_err(what)?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let parsed: Line = match serde_json::from_str(&line) {
+                        Ok(l) => l,
+                        // A last line cut short by a crash never took effect.
+                        Err(_) if lines.peek().is_none() => {
+                            tracing::warn!(file = %path.display(), line = n + 1, "ignoring an incomplete last line");
+                            break;
+                        }
+                        Err(e) => {
+                            return Err(format!("ban file {} line {}: {e}", path.display(), n + 1))
+                        }
+                    };
+                    let key = (parsed.user_id.clone(), parsed.channel_id.clone());
+                    match parsed.op {
+                        Op::Ban => live.insert(key, parsed),
+                        Op::Unban => live.remove(&key),
+                    };
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(what(e)),
+        }
+        let mut bans: Vec<Line> = live
+            .into_values()
+            .filter(|l| l.until.is_none_or(|u| u > now))
+            .collect();
+        bans.sort_by_key(|l| l.at);
+        // Rewrite it compacted, then append from there.
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp).map_err(what)?;
+            for l in &bans {
+                let mut text = serde_json::to_vec(l).expect("plain data serializes");
+                text.push(b'\n');
+                f.write_all(&text).map_err(what)?;
+            }
+            f.sync_all().map_err(what)?;
+        }
+        std::fs::rename(&tmp, path).map_err(what)?;
+        let file = OpenOptions::new().append(true).open(path).map_err(what)?;
+        let store = Arc::new(BanStore {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        });
+        Ok((store, bans.iter().map(Line::moderation).collect()))
+    }
+
+    /// Appends a ban or unban and waits until it is on disk.
+    pub fn append(&self, m: &Moderation) -> Result<(), String> {
+        let Some(line) = Line::of(m) else {
+            return Ok(());
+        };
+        let mut text = serde_json::to_vec(&line).expect("plain data serializes");
+        text.push(b'\n');
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_all(&text)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| format!("ban file {}: {e}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(user: &str, channel: Option<&str>, until: Option<u64>) -> Moderation {
+        Moderation {
+            kind: ModKind::Ban { until },
+            user: user.into(),
+            channel: channel.map(Into::into),
+            reason: Some("why".into()),
+            by: "mod".into(),
+            at: 10,
+            from: None,
+            ack: None,
+        }
+    }
+
+    fn summary(bans: &[Moderation]) -> Vec<(String, Option<String>, ModKind)> {
+        let mut v: Vec<_> = bans
+            .iter()
+            .map(|m| {
+                (
+                    m.user.to_string(),
+                    m.channel.as_ref().map(|c| c.to_string()),
+                    m.kind,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
+    #[test]
+    fn bans_survive_a_restart_and_lifted_or_expired_ones_go() {
+        let dir = tempdir();
+        let path = dir.join("bans.jsonl");
+        let (store, none) = BanStore::open(&path, 0).unwrap();
+        assert!(none.is_empty());
+        store.append(&ban("troll", None, None)).unwrap();
+        store
+            .append(&ban("troll", Some("general"), Some(1_000)))
+            .unwrap();
+        store.append(&ban("brief", None, Some(50))).unwrap();
+        store.append(&ban("lifted", None, None)).unwrap();
+        let mut unban = ban("lifted", None, None);
+        unban.kind = ModKind::Unban;
+        store.append(&unban).unwrap();
+        drop(store);
+        let (_, bans) = BanStore::open(&path, 100).unwrap();
+        assert_eq!(
+            summary(&bans),
+            [
+                ("troll".into(), None, ModKind::Ban { until: None }),
+                (
+                    "troll".into(),
+                    Some("general".into()),
+                    ModKind::Ban { until: Some(1_000) }
+                ),
+            ]
+        );
+        assert_eq!(bans[0].reason.as_deref(), Some("why"));
+        // Compacted: two lines left.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        // An incomplete last line (a crash mid-write) is ignored; a bad
+        // line elsewhere refuses to start.
+        std::fs::write(&path, format!("{text}{{\"op\":\"ban\",\"us")).unwrap();
+        assert_eq!(BanStore::open(&path, 100).unwrap().1.len(), 2);
+        std::fs::write(&path, format!("garbage\n{text}")).unwrap();
+        let e = BanStore::open(&path, 100).err().unwrap();
+        assert!(e.contains("line 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_place_is_an_error() {
+        let e = BanStore::open(Path::new("/proc/no/such/dir/bans.jsonl"), 0)
+            .err()
+            .unwrap();
+        assert!(e.contains("/proc/no/such/dir/bans.jsonl"), "{e}");
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "corecast-bans-{}-{}",
+            std::process::id(),
+            crate::shard::now_ms()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
