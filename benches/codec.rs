@@ -93,6 +93,12 @@ impl Outbound for Count {
     fn close(&self, _: u16, _: &str) {
         unreachable!("nothing is closed here")
     }
+
+    fn admitted(&self) {}
+
+    fn refused(&self, _: &str) {
+        unreachable!("one connection per user here")
+    }
 }
 
 struct NoMesh;

@@ -11,6 +11,10 @@
 # generator (this tree's release build) on core $LOADGEN_CORE (1). Uses
 # ports 9700-9999 on 127.0.0.1.
 set -euo pipefail
+# Servers under load test run without their abuse limits (one address,
+# one user opening thousands of connections, publishing flat out).
+UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
+  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
 
 [ $# -ge 4 ] || { sed -n 2,12p "$0"; exit 2; }
@@ -38,7 +42,7 @@ for round in $(seq "$ROUNDS"); do
     bin=${BINS[$i]}
     port=$((port + 1))
     log=$(mktemp)
-    CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$bin" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$bin" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
     pid=$!
     for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
     line=$(taskset -c "$LOADGEN_CORE" "$LOADGEN" bench --url "ws://127.0.0.1:$port/ws" \

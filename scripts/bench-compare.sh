@@ -17,6 +17,10 @@
 #
 # Needs two cores. Uses ports 9600-9699 on 127.0.0.1.
 set -euo pipefail
+# Servers under load test run without their abuse limits (one address,
+# one user opening thousands of connections, publishing flat out).
+UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
+  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-3}
@@ -49,12 +53,12 @@ start_server() { # $1 = a name of SERVERS
   URL="ws://127.0.0.1:$port/ws"
   PROTO=json
   case $1 in
-    corecast) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
-    corecast-epoll) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
+    corecast) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    corecast-epoll) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
       --io-driver epoll 2>"$log" & ;;
-    prev) CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    prev) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
     baseline)
-      CORECAST_BAN_FILE= taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+      "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
       URL="ws://127.0.0.1:$port/"
       PROTO=raw
       ;;

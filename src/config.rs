@@ -79,6 +79,26 @@ pub struct Config {
     /// Where bans are kept across restarts (JSON lines; empty: in memory
     /// only).
     pub ban_file: String,
+    /// Rate limits per user and event, over the defaults: event name (or
+    /// `default` for events without their own, or `*` for all) to
+    /// `COUNT/DURATION` (`30/60s`, `5/500ms`) or `off`. `*` applies first.
+    pub rate_limits: std::collections::BTreeMap<String, String>,
+    /// Rate-limit refusals (less one per accepted event) after which a
+    /// connection is closed with 1008; 0: never.
+    pub rate_limit_strikes: u32,
+    /// Sockets one shard holds at most, handshakes included (503 beyond;
+    /// 0: no cap).
+    pub max_connections_per_shard: usize,
+    /// Upgrade requests per second from one address (429 beyond; 0: off).
+    pub max_handshakes_per_ip: u32,
+    /// Connections from one address (429 beyond; 0: off).
+    pub max_connections_per_ip: u32,
+    /// Connections of one user across the node (429 beyond, or close 1008
+    /// when it authenticated with `auth`; 0: off).
+    pub max_connections_per_user: u32,
+    /// Proxies (addresses or address/prefix) whose `X-Forwarded-For` names
+    /// the client for the per-IP limits.
+    pub trusted_proxies: Vec<String>,
     pub auth: AuthConfig,
 }
 
@@ -128,6 +148,15 @@ impl Default for Config {
             livekit: None,
             log_format: "text".into(),
             ban_file: "corecast-bans.jsonl".into(),
+            rate_limits: Default::default(),
+            rate_limit_strikes: e.rate_limit_strikes,
+            // About 1.5 GB of state at the measured 400-500 B per idle
+            // connection plus the kernel's share, per core.
+            max_connections_per_shard: 100_000,
+            max_handshakes_per_ip: 100,
+            max_connections_per_ip: 1_000,
+            max_connections_per_user: e.max_connections_per_user,
+            trusted_proxies: Vec::new(),
             auth: AuthConfig::default(),
         }
     }
@@ -271,6 +300,33 @@ pub struct ConfigArgs {
     /// [default: corecast-bans.jsonl].
     #[arg(long, env = "CORECAST_BAN_FILE")]
     pub ban_file: Option<String>,
+    /// A rate limit, EVENT=COUNT/DURATION or EVENT=off (EVENT may be
+    /// `default` or `*`); repeat or separate with commas.
+    #[arg(
+        long = "rate-limit",
+        env = "CORECAST_RATE_LIMITS",
+        value_delimiter = ','
+    )]
+    pub rate_limits: Vec<String>,
+    /// Refusals after which a client is closed with 1008 [default: 10].
+    #[arg(long, env = "CORECAST_RATE_LIMIT_STRIKES")]
+    pub rate_limit_strikes: Option<u32>,
+    /// Sockets per shard (0: no cap) [default: 100000].
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_SHARD")]
+    pub max_connections_per_shard: Option<usize>,
+    /// Upgrade requests per second per address (0: off) [default: 100].
+    #[arg(long, env = "CORECAST_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<u32>,
+    /// Connections per address (0: off) [default: 1000].
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Connections per user (0: off) [default: 10].
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<u32>,
+    /// Proxies whose X-Forwarded-For is believed (comma-separated
+    /// addresses or address/prefix).
+    #[arg(long, env = "CORECAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 impl ConfigArgs {
@@ -312,8 +368,21 @@ impl ConfigArgs {
             call_ring_timeout_ms,
             notification_ttl_ms,
             log_format,
-            ban_file
+            ban_file,
+            rate_limit_strikes,
+            max_connections_per_shard,
+            max_handshakes_per_ip,
+            max_connections_per_ip,
+            max_connections_per_user,
+            trusted_proxies
         );
+        for rule in &self.rate_limits {
+            let (event, spec) = rule.split_once('=').ok_or_else(|| {
+                ConfigError(format!("--rate-limit `{rule}`: use EVENT=COUNT/DURATION"))
+            })?;
+            c.rate_limits
+                .insert(event.trim().into(), spec.trim().into());
+        }
         match (
             &self.livekit_url,
             &self.livekit_api_key,
@@ -383,6 +452,14 @@ impl Config {
         if self.outbound_queue_frames == 0 || self.mesh_queue_capacity == 0 {
             return Err(ConfigError("queue bounds must be at least 1".into()));
         }
+        self.rate_limits()?;
+        self.trusted_proxies()?;
+        if self.rate_limit_strikes > 250 {
+            return Err(ConfigError(format!(
+                "rate_limit_strikes must be at most 250, not {}",
+                self.rate_limit_strikes
+            )));
+        }
         if self.shards > 1024 {
             return Err(ConfigError("at most 1024 shards".into()));
         }
@@ -422,8 +499,42 @@ impl Config {
     }
 
     /// What the engine of each shard is configured with.
+    /// `trusted_proxies`, parsed.
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::admission::Net>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                crate::admission::Net::parse(p)
+                    .map_err(|e| ConfigError(format!("trusted_proxies: {e}")))
+            })
+            .collect()
+    }
+
+    pub fn admission_limits(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            max_connections_per_shard: self.max_connections_per_shard,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            max_connections_per_ip: self.max_connections_per_ip,
+        }
+    }
+
+    /// The effective rate limits: the defaults, then `rate_limits`.
+    pub fn rate_limits(&self) -> Result<crate::engine::limits::RateLimits, ConfigError> {
+        use crate::engine::limits::{Limit, RateLimits};
+        let mut r = RateLimits::default();
+        for (event, spec) in &self.rate_limits {
+            let limit = Limit::parse(spec).map_err(|e| ConfigError(format!("rate_limits: {e}")))?;
+            r.set(event, limit)
+                .map_err(|e| ConfigError(format!("rate_limits: {e}")))?;
+        }
+        Ok(r)
+    }
+
     pub fn engine_settings(&self) -> crate::engine::Settings {
         crate::engine::Settings {
+            rate_limits: self.rate_limits().expect("checked by validate"),
+            rate_limit_strikes: self.rate_limit_strikes,
+            max_connections_per_user: self.max_connections_per_user,
             max_channels_per_connection: self.max_channels_per_connection,
             max_content_chars: self.max_content_chars,
             history_size: self.history_size,

@@ -17,6 +17,7 @@
 //!   used by `corecast bench`.
 
 pub mod access;
+pub mod admission;
 pub mod auth;
 pub mod bans;
 pub mod bench;

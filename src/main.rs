@@ -187,6 +187,11 @@ fn main() -> ExitCode {
                     shown.auth.secret = Some("<hidden>".into());
                 }
                 print!("{}", toml::to_string(&shown).expect("config serializes"));
+                println!("\n# Effective rate limits per user (defaults, then rate_limits):");
+                for (event, limit) in c.rate_limits().expect("validated").entries() {
+                    let limit = limit.map_or("off".to_string(), |l| l.to_string());
+                    println!("#   {event:<28} {limit}");
+                }
                 let dev = c.auth.secret.is_none() && c.auth.public_key_file.is_none();
                 eprintln!(
                     "configuration OK{}",

@@ -50,6 +50,10 @@ pub struct ShardMetrics {
     pub mesh_messages_in: Counter,
     pub handshake_failures: [Counter; HandshakeError::ALL.len()],
     pub handshake_timeouts: Counter,
+    pub rate_limited: Counter,
+    pub rate_limit_closes: Counter,
+    /// Connections refused, by [`crate::admission::Refusal::index`].
+    pub refused: [Counter; 4],
 }
 
 /// Renders all shards' metrics in the Prometheus text format.
@@ -73,7 +77,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 15] = [
+    let series: [(&str, &str, &str, Get); 17] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -152,6 +156,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "Sockets closed for not completing the handshake in time.",
             |m| &m.handshake_timeouts,
         ),
+        (
+            "rate_limited_total",
+            "counter",
+            "Client events refused by a rate limit.",
+            |m| &m.rate_limited,
+        ),
+        (
+            "rate_limit_closes_total",
+            "counter",
+            "Connections closed (1008) for going on past their rate limits.",
+            |m| &m.rate_limit_closes,
+        ),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(out, "# HELP corecast_{name} {help}");
@@ -159,6 +175,19 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
         for (i, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "corecast_{name}{{shard=\"{i}\"}} {}", get(m).get());
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP corecast_connections_refused_total Connections refused by a connection limit, by reason."
+    );
+    let _ = writeln!(out, "# TYPE corecast_connections_refused_total counter");
+    for r in crate::admission::Refusal::ALL {
+        let total: u64 = shards.iter().map(|m| m.refused[r.index()].get()).sum();
+        let _ = writeln!(
+            out,
+            "corecast_connections_refused_total{{reason=\"{}\"}} {total}",
+            r.reason()
+        );
     }
     let _ = writeln!(
         out,

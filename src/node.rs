@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
+use crate::admission::{Admission, Net};
 use crate::auth::Verifier;
 use crate::bans::BanStore;
 use crate::config::Config;
@@ -22,6 +23,11 @@ pub struct Node {
     pub ban_store: Option<Arc<BanStore>>,
     /// The bans in force at start-up, for each shard's table.
     pub initial_bans: Vec<Moderation>,
+    /// Per-IP and per-shard connection limits.
+    pub admission: Admission,
+    pub trusted_proxies: Vec<Net>,
+    /// Said once: requests carry `X-Forwarded-For` from an untrusted peer.
+    pub forwarded_warned: std::sync::atomic::AtomicBool,
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub mesh: Mesh,
     state: AtomicU8,
@@ -32,11 +38,17 @@ pub struct Node {
 impl Node {
     pub fn new(config: Config, verifier: Verifier, mesh: Mesh) -> Node {
         let n = mesh.shards();
+        let capacity = n.saturating_mul(config.max_connections_per_shard);
+        let admission = Admission::new(config.admission_limits(), capacity);
+        let trusted_proxies = config.trusted_proxies().unwrap_or_default();
         Node {
             config,
             verifier,
             ban_store: None,
             initial_bans: Vec::new(),
+            admission,
+            trusted_proxies,
+            forwarded_warned: Default::default(),
             metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
             mesh,
             state: AtomicU8::new(STARTING),

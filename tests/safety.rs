@@ -15,7 +15,7 @@ fn two_shards(extra: &[&str]) -> Server {
 
 /// The status line of an upgrade request carrying `token`.
 fn upgrade_status(s: &Server, token: &str) -> String {
-    let r = http_raw(
+    let (r, _) = http_head(
         s.addr,
         upgrade_request(&format!("/ws?token={token}"), "").as_bytes(),
     );
@@ -344,4 +344,292 @@ async fn bans_survive_a_restart() {
     pest.ok("channel:join", json!({"channelId": "elsewhere"}))
         .await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_flood_is_rate_limited_then_closed_and_others_are_still_served() {
+    let s = two_shards(&[
+        "--rate-limit",
+        "message:send=3/60s",
+        "--rate-limit-strikes",
+        "5",
+    ]);
+    let mut flood = Peer::on(&s, "flood", 0, "").await;
+    let mut bob = Peer::on(&s, "bob", 0, "").await;
+    let mut carol = Peer::on(&s, "carol", 1, "").await;
+    for p in [&mut flood, &mut bob, &mut carol] {
+        p.ok("channel:join", json!({"channelId": "general"})).await;
+    }
+    let send = json!({"channelId": "general", "content": "spam"});
+    for _ in 0..3 {
+        flood.ok("message:send", send.clone()).await;
+    }
+    let refused = flood.request("message:send", send.clone()).await;
+    assert_eq!(refused["d"]["code"], "rate_limited", "{refused}");
+    let retry = refused["d"]["retryAfterMs"].as_u64().unwrap();
+    assert!((1..=20_000).contains(&retry), "{refused}");
+    // Past the strikes: closed with 1008, without waiting for answers.
+    for i in 0..20 {
+        flood
+            .send(json!({"t": "message:send", "id": 500 + i, "d": send}))
+            .await;
+    }
+    assert_eq!(recv_close(&mut flood.ws).await.map(u16::from), Some(1008));
+    // Bob, on the flooder's shard, and carol on the other, are served.
+    bob.ok(
+        "message:send",
+        json!({"channelId": "general", "content": "hi"}),
+    )
+    .await;
+    // Carol saw exactly the flooder's three accepted messages, then bob's.
+    let seen: Vec<String> = carol
+        .events_until("message:new")
+        .await
+        .into_iter()
+        .filter(|v| v["t"] == "message:new")
+        .map(|v| v["d"]["content"].as_str().unwrap().to_string())
+        .collect();
+    let mut all = seen;
+    while all.last().map(String::as_str) != Some("hi") {
+        let v = carol.event("message:new").await;
+        all.push(v["d"]["content"].as_str().unwrap().to_string());
+    }
+    assert_eq!(all, ["spam", "spam", "spam", "hi"]);
+    assert!(s.metric("corecast_rate_limited_total") >= 6);
+    assert_eq!(s.metric("corecast_rate_limit_closes_total"), 1);
+}
+
+fn status_of(response: &str) -> &str {
+    response.lines().next().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_user_past_its_connection_cap_is_refused_before_the_upgrade_io_uring() {
+    user_cap("io_uring").await
+}
+
+#[tokio::test]
+async fn a_user_past_its_connection_cap_is_refused_before_the_upgrade_epoll() {
+    user_cap("epoll").await
+}
+
+async fn user_cap(driver: &str) {
+    let s = two_shards(&["--max-connections-per-user", "2", "--io-driver", driver]);
+    let t = token("alice", 600);
+    let _a = ws_connect(&s.url(&format!("/ws?token={t}")), None).await;
+    let mut b = ws_connect(&s.url(&format!("/ws?token={t}")), None).await;
+    recv_event(&mut b, "ready").await;
+    let (third, _) = http_head(
+        s.addr,
+        upgrade_request(&format!("/ws?token={t}"), "").as_bytes(),
+    );
+    assert!(status_of(&third).contains("429"), "{third}");
+    assert!(third.ends_with("too_many_connections_for_user"), "{third}");
+    // Authenticating with `auth` instead: an error, then close 1008.
+    let mut raw = Raw::connect(s.addr, "/ws", "");
+    raw.json(json!({"t": "auth", "id": 1, "d": {"token": t}}));
+    let mut saw_error = false;
+    let code = loop {
+        match raw.recv() {
+            Some(f) if f.opcode == corecast::ws::OpCode::Close => break f.close_code(),
+            Some(f) => {
+                let v: Value = serde_json::from_slice(&f.payload).unwrap();
+                if v["t"] == "error" {
+                    assert_eq!(v["d"]["code"], "forbidden", "{v}");
+                    saw_error = true;
+                }
+            }
+            None => break None,
+        }
+    };
+    assert!(saw_error);
+    assert_eq!(code, Some(1008));
+    // Bob is not held back; and once one of alice's goes, she may again.
+    let (_bob, _) = ws_user(&s, "bob").await;
+    let _ = b.close(None).await;
+    let _ = recv_close(&mut b).await;
+    let mut again = None;
+    for _ in 0..50 {
+        let (r, _) = http_head(
+            s.addr,
+            upgrade_request(&format!("/ws?token={t}"), "").as_bytes(),
+        );
+        if status_of(&r).contains("101") {
+            again = Some(r);
+            break;
+        }
+        // The home shard may not have counted the close yet.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "never admitted again");
+    assert!(
+        s.metric("corecast_connections_refused_total{reason=\"too_many_connections_for_user\"}")
+            >= 2
+    );
+}
+
+#[test]
+fn per_address_limits_count_the_client_behind_a_trusted_proxy() {
+    let s = Server::start(&[
+        "--shards",
+        "2",
+        "--max-connections-per-ip",
+        "3",
+        "--trusted-proxies",
+        "127.0.0.0/8",
+    ]);
+    let connect = |xff: &str| {
+        let header = if xff.is_empty() {
+            String::new()
+        } else {
+            format!("X-Forwarded-For: {xff}\r\n")
+        };
+        let mut sock = std::net::TcpStream::connect(s.addr).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        use std::io::{Read, Write};
+        sock.write_all(
+            upgrade_request(&format!("/ws?token={}", token("u", 600)), &header).as_bytes(),
+        )
+        .unwrap();
+        let mut head = vec![0u8; 256];
+        let n = sock.read(&mut head).unwrap();
+        (String::from_utf8_lossy(&head[..n]).into_owned(), sock)
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (r, sock) = connect("203.0.113.1");
+        assert!(status_of(&r).contains("101"), "{r}");
+        held.push(sock);
+    }
+    let (r, _) = connect("203.0.113.1");
+    assert!(status_of(&r).contains("429"), "{r}");
+    assert!(r.contains("too_many_connections_from_ip"), "{r}");
+    // Another client behind the same proxy has its own count.
+    let (r, other) = connect("198.51.100.2, 203.0.113.99");
+    assert!(status_of(&r).contains("101"), "{r}");
+    held.push(other);
+    // Closing one frees its place.
+    drop(held.remove(0));
+    let mut ok = false;
+    for _ in 0..50 {
+        let (r, sock) = connect("203.0.113.1");
+        if status_of(&r).contains("101") {
+            held.push(sock);
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ok, "the place was never given back");
+    assert!(
+        s.metric("corecast_connections_refused_total{reason=\"too_many_connections_from_ip\"}")
+            >= 1
+    );
+}
+
+#[test]
+fn handshake_floods_and_full_shards_are_refused_with_a_reason_io_uring() {
+    floods_and_full_shards("io_uring")
+}
+
+#[test]
+fn handshake_floods_and_full_shards_are_refused_with_a_reason_epoll() {
+    floods_and_full_shards("epoll")
+}
+
+fn floods_and_full_shards(driver: &str) {
+    let s = Server::start(&[
+        "--shards",
+        "1",
+        "--max-handshakes-per-ip",
+        "5",
+        "--io-driver",
+        driver,
+    ]);
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    for i in 0..20 {
+        let (r, sock) = http_head(
+            s.addr,
+            upgrade_request(&format!("/ws?token={}", token(&format!("u{i}"), 600)), "").as_bytes(),
+        );
+        open.push(sock);
+        statuses.push(status_of(&r).to_string());
+        if status_of(&r).contains("429") {
+            assert!(r.contains("Retry-After: 1"), "{r}");
+            assert!(r.ends_with("too_many_handshakes"), "{r}");
+        }
+    }
+    let ok = statuses.iter().filter(|s| s.contains("101")).count();
+    // Five a second: the loop may straddle one second's end.
+    assert!((5..=10).contains(&ok), "{statuses:?}");
+    assert_eq!(
+        ok + statuses.iter().filter(|s| s.contains("429")).count(),
+        20
+    );
+    assert!(s.metric("corecast_connections_refused_total{reason=\"too_many_handshakes\"}") >= 10);
+    // A shard holding its cap of sockets answers 503 to the next one,
+    // whatever it sends.
+    let s = Server::start(&[
+        "--shards",
+        "1",
+        "--max-connections-per-shard",
+        "3",
+        "--io-driver",
+        driver,
+    ]);
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(s.addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = http_raw(s.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(status_of(&r).contains("503"), "{r}");
+    assert!(
+        r.contains("Retry-After") && r.ends_with("server_full"),
+        "{r}"
+    );
+    drop(idle);
+    assert_eq!(
+        s.metric("corecast_connections_refused_total{reason=\"server_full\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_trickled_request_head_does_not_extend_the_handshake_deadline() {
+    use std::io::{Read, Write};
+    let s = Server::start(&["--shards", "1", "--handshake-timeout-ms", "400"]);
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    let head = upgrade_request("/ws", "");
+    let mut sent = 0;
+    let mut closed = false;
+    // One byte every 50 ms: the whole head would take over 8 seconds.
+    for b in head.as_bytes() {
+        if c.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        sent += 1;
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => panic!("answered a head it never got"),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the trickle got through");
+    assert!(sent < head.len(), "{sent} of {} bytes", head.len());
+    assert_eq!(s.metric("corecast_handshake_timeouts_total"), 1);
 }

@@ -73,6 +73,10 @@ impl<O: Outbound> Engine<O> {
             return;
         };
         let ack = msg.id;
+        match self.rate_check(&member.user, &msg.event, now) {
+            Ok(()) => self.rate_accepted(id),
+            Err((why, retry)) => return self.rate_refused(id, ack, why, retry, now, tx),
+        }
         let from = Some((self.here(id), member.protocol));
         use ClientEvent as E;
         match msg.event {

@@ -107,6 +107,21 @@ impl<O: Outbound> Engine<O> {
                     };
                     return self.route(conn.shard, msg, now, tx);
                 }
+                let max = self.s.max_connections_per_user as usize;
+                let full = max > 0
+                    && self
+                        .users
+                        .get(&user)
+                        .is_some_and(|st| st.devices.len() >= max);
+                let admission = MeshMsg::Admission {
+                    conn: conn.conn,
+                    refused: full,
+                };
+                self.route(conn.shard, admission, now, tx);
+                if full {
+                    return;
+                }
+                let before = self.user_shards(&user);
                 let st = self.user(&user);
                 st.add_device(Device {
                     conn,
@@ -115,6 +130,8 @@ impl<O: Outbound> Engine<O> {
                     status: Status::Online,
                     protocol,
                 });
+                self.spread(&user, &before, now, tx);
+                let st = self.user(&user);
                 st.left_at = None;
                 st.last_seen = now;
                 st.expire_notifications(now);
@@ -138,6 +155,7 @@ impl<O: Outbound> Engine<O> {
             }
             UserCmd::Offline { resume } => {
                 let Some((conn, _)) = from else { return };
+                let before = self.user_shards(&user);
                 let Some(st) = self.users.get_mut(&user) else {
                     return;
                 };
@@ -145,6 +163,10 @@ impl<O: Outbound> Engine<O> {
                     return;
                 };
                 let device = st.devices.remove(i);
+                self.spread(&user, &before, now, tx);
+                let Some(st) = self.users.get_mut(&user) else {
+                    return;
+                };
                 st.last_seen = now;
                 let mut wake = Vec::new();
                 if let Some(channels) = resume {
@@ -495,6 +517,42 @@ impl<O: Outbound> Engine<O> {
             op,
         };
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+    }
+
+    /// The shards holding the user's connections.
+    fn user_shards(&self, user: &Arc<str>) -> Vec<ShardId> {
+        let mut shards: Vec<ShardId> = self
+            .users
+            .get(user)
+            .map(|st| st.devices.iter().map(|d| d.conn.shard).collect())
+            .unwrap_or_default();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// Tells the shards holding the user's connections how many they are,
+    /// when that changed and matters (each takes that share of the user's
+    /// rate limits).
+    fn spread(&mut self, user: &Arc<str>, before: &[ShardId], now: u64, tx: &mut impl MeshTx) {
+        let after = self.user_shards(user);
+        if after == before || (before.len() <= 1 && after.len() <= 1) {
+            return;
+        }
+        for s in &after {
+            let msg = MeshMsg::Spread {
+                user: user.clone(),
+                shards: after.len() as u16,
+            };
+            self.route(*s, msg, now, tx);
+        }
+        for s in before.iter().filter(|s| !after.contains(s)) {
+            let msg = MeshMsg::Spread {
+                user: user.clone(),
+                shards: 0,
+            };
+            self.route(*s, msg, now, tx);
+        }
     }
 
     pub(super) fn notify(

@@ -34,6 +34,7 @@
 pub mod bans;
 pub mod channel;
 pub mod chunked;
+pub mod limits;
 pub mod timers;
 pub mod user;
 
@@ -75,6 +76,15 @@ pub trait Outbound {
 
     /// Closes the connection with a close frame (after what is queued).
     fn close(&self, code: u16, reason: &str);
+
+    /// The user's home shard took the connection: what is queued may go
+    /// (a shell may hold a new connection's first frames until then).
+    fn admitted(&self);
+
+    /// The user's home shard refused the connection (the user holds too
+    /// many): the engine has forgotten it; the shell refuses the upgrade if
+    /// it still can, or closes with 1008.
+    fn refused(&self, reason: &str);
 }
 
 /// Where the engine sends messages for other shards.
@@ -138,6 +148,13 @@ pub struct Settings {
     /// Presence subscriptions one connection may hold.
     pub max_subscriptions: usize,
     pub livekit: Option<LiveKit>,
+    /// Per user and event.
+    pub rate_limits: limits::RateLimits,
+    /// Refusals (less one per accepted event) after which a connection is
+    /// closed with 1008 (0: never).
+    pub rate_limit_strikes: u32,
+    /// Connections of one user, counted by its home shard (0: no limit).
+    pub max_connections_per_user: u32,
 }
 
 impl Default for Settings {
@@ -160,6 +177,9 @@ impl Default for Settings {
             max_conversations: 100,
             max_subscriptions: 1000,
             livekit: None,
+            rate_limits: limits::RateLimits::default(),
+            rate_limit_strikes: 10,
+            max_connections_per_user: 10,
         }
     }
 }
@@ -239,6 +259,12 @@ pub enum MeshMsg {
         conn: ConnId,
         moderation: Arc<Moderation>,
     },
+    /// From a user's home, for each new connection: whether it was taken
+    /// (a user holds at most `max_connections_per_user`).
+    Admission { conn: ConnId, refused: bool },
+    /// From a user's home: the user's connections are on this many shards
+    /// (each takes that share of the user's rate limits; 0: none here).
+    Spread { user: Arc<str>, shards: u16 },
 }
 
 /// A moderation action.
@@ -505,6 +531,8 @@ pub struct Conn<O> {
     pub member: Member,
     device: DeviceKind,
     roles: Roles,
+    /// Rate-limit refusals, less one per accepted event.
+    strikes: u8,
     /// What it may reach (`None`: everything).
     grants: Option<Arc<Grants>>,
     /// Channels and subscriptions, made on the first of either: an idle
@@ -660,6 +688,7 @@ pub struct Engine<O> {
     /// Without one, bans last as long as the process.
     ban_sink: Option<BanSink>,
     bans: bans::Bans,
+    limiter: limits::Limiter,
     shard: ShardId,
     shards: u16,
     s: Settings,
@@ -693,6 +722,7 @@ impl<O: Outbound> Engine<O> {
             subscriptions: None,
             ban_sink: None,
             bans: bans::Bans::default(),
+            limiter: limits::Limiter::default(),
             shard,
             shards,
             s: settings,
@@ -765,6 +795,7 @@ impl<O: Outbound> Engine<O> {
             member,
             device,
             roles: access.roles,
+            strikes: 0,
             grants: access.grants,
             links: None,
         };
@@ -819,7 +850,7 @@ impl<O: Outbound> Engine<O> {
     /// Forgets a connection: leaves its channels, drops its subscriptions,
     /// and tells its user's home shard (which keeps the session for resume).
     pub fn close(&mut self, id: ConnId, now: u64, tx: &mut impl MeshTx) {
-        self.close_conn(id, None, now, tx);
+        self.close_conn(id, None, true, now, tx);
     }
 
     /// Forgets a connection; after a kick or ban (`moderation`), the
@@ -829,6 +860,7 @@ impl<O: Outbound> Engine<O> {
         &mut self,
         id: ConnId,
         moderation: Option<&Arc<Moderation>>,
+        resumable: bool,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
@@ -865,7 +897,7 @@ impl<O: Outbound> Engine<O> {
             }
         }
         self.unsubscribe_all(id, links.subscriptions, now, tx);
-        let resume = (self.s.resume_window_ms > 0 && moderation.is_none()).then_some(resume);
+        let resume = (self.s.resume_window_ms > 0 && resumable).then_some(resume);
         let from = Some((self.here(id), conn.member.protocol));
         self.send_user_op(
             conn.member.user,
@@ -875,6 +907,22 @@ impl<O: Outbound> Engine<O> {
             now,
             tx,
         );
+    }
+
+    fn on_admission(&mut self, id: ConnId, refused: bool, now: u64, tx: &mut impl MeshTx) {
+        let Some(conn) = self.conn(id) else { return };
+        if !refused {
+            return conn.out.admitted();
+        }
+        let i = crate::admission::Refusal::TooManyForUser.index();
+        self.metrics.refused[i].inc();
+        let max = self.s.max_connections_per_user;
+        let why = format!("too many connections for this user (at most {max})");
+        self.error(id, None, ErrorCode::Forbidden, why.as_str());
+        if let Some(conn) = self.conn(id) {
+            conn.out.refused(&why);
+        }
+        self.close_conn(id, None, false, now, tx);
     }
 
     fn unsubscribe_all(
@@ -1038,6 +1086,7 @@ impl<O: Outbound> Engine<O> {
                 Timer::User { user } => self.user_timer(&user, now, tx),
                 Timer::CallRing { call } => self.ring_out(call, now, tx),
                 Timer::Bans => self.bans.prune(now),
+                Timer::Buckets { user } => self.buckets_timer(user, now),
             }
         }
     }
@@ -1091,6 +1140,8 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Moderate(m) => self.on_moderate(m, now, tx),
             MeshMsg::Evict(m) => self.on_evict(&m, now, tx),
             MeshMsg::Disconnect { conn, moderation } => self.disconnect(conn, &moderation, now, tx),
+            MeshMsg::Spread { user, shards } => self.limiter.set_spread(&user, shards),
+            MeshMsg::Admission { conn, refused } => self.on_admission(conn, refused, now, tx),
         }
     }
 
@@ -1163,6 +1214,7 @@ mod gather;
 mod home;
 mod moderation;
 mod owner;
+mod rate;
 
 #[cfg(test)]
 mod tests;

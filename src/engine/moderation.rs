@@ -336,6 +336,6 @@ impl<O: Outbound> Engine<O> {
         if let Some(conn) = self.conn(id) {
             conn.out.close(code, reason);
         }
-        self.close_conn(id, Some(m), now, tx);
+        self.close_conn(id, Some(m), false, now, tx);
     }
 }

@@ -23,6 +23,8 @@ pub enum Timer {
     CallRing { call: u64 },
     /// Timed bans may have ended (every shard).
     Bans,
+    /// A user's rate-limit buckets may have refilled (connection's shard).
+    Buckets { user: Arc<str> },
 }
 
 #[derive(Default)]

@@ -222,6 +222,9 @@ pub struct ConnIo {
     writing: Cell<bool>,
     /// A control frame waits: write without the configured write delay.
     urgent: Cell<bool>,
+    /// Nothing is written until the user's home shard admits the
+    /// connection (its 101 response waits with the rest).
+    held: Cell<bool>,
     /// When the close frame was queued (ms, [`NEVER`] while open).
     pub closing_since: Cell<u64>,
     /// Last bytes received (ms).
@@ -255,6 +258,7 @@ impl ConnIo {
             listed: Cell::new(false),
             writing: Cell::new(false),
             urgent: Cell::new(false),
+            held: Cell::new(false),
             closing_since: Cell::new(NEVER),
             last_rx: Cell::new(now_ms),
             ping_sent: Cell::new(NEVER),
@@ -293,6 +297,39 @@ impl ConnIo {
     /// Whether frames wait to be written.
     pub fn has_queued(&self) -> bool {
         !self.queue.get().is_empty()
+    }
+
+    /// Whether frames wait and may be written now.
+    pub fn has_writable(&self) -> bool {
+        !self.held.get() && self.has_queued()
+    }
+
+    /// Holds every write until [`ConnIo::release`] or [`ConnIo::refuse`].
+    pub fn hold(&self) {
+        self.held.set(true);
+    }
+
+    pub fn release(&self) {
+        if self.held.replace(false) && self.has_queued() {
+            self.wake_writer();
+        }
+    }
+
+    /// Refuses a held connection with an HTTP response instead of what was
+    /// queued (nothing of it was written); a connection already released
+    /// is closed with `code` instead.
+    pub fn refuse(&self, response: Bytes, code: u16, reason: &str) {
+        if !self.held.replace(false) {
+            return self.close(code, reason);
+        }
+        if self.state.get() == State::Done {
+            return;
+        }
+        self.drop_queue();
+        self.urgent.set(true);
+        self.enqueue(response);
+        self.state.set(State::Closing);
+        self.closing_since.set(self.outq.now_ms());
     }
 
     /// Whether a control frame is queued (it does not wait for the write
@@ -445,6 +482,15 @@ impl Outbound for Rc<ConnIo> {
     fn close(&self, code: u16, reason: &str) {
         ConnIo::close(self, code, reason)
     }
+
+    fn admitted(&self) {
+        self.release();
+    }
+
+    fn refused(&self, reason: &str) {
+        let r = crate::admission::Refusal::TooManyForUser;
+        self.refuse(Bytes::from(r.response()), close::POLICY_VIOLATION, reason);
+    }
 }
 
 /// Frames taken from the queue, with the iovec array the kernel reads.
@@ -533,7 +579,7 @@ pub async fn writer<W: AsyncWriteRent>(io: Rc<ConnIo>, mut wr: W) {
         let go = std::future::poll_fn(|cx| {
             if io.state.get() == State::Done {
                 Poll::Ready(false)
-            } else if io.has_queued() {
+            } else if io.has_writable() {
                 Poll::Ready(true)
             } else {
                 wakers.writer.set(Some(cx.waker().clone()));

@@ -19,9 +19,11 @@ mod uring;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +34,7 @@ use monoio::net::{TcpListener, TcpStream};
 use monoio::{LegacyDriver, RuntimeBuilder};
 
 use crate::access::Identity;
+use crate::admission::{self, Refusal, Slots};
 use crate::engine::{ConnId, Engine, Member, MeshMsg, MeshTx, SessionId, ShardId};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
@@ -154,6 +157,25 @@ pub struct Shard {
     draining: Signal,
     stop: Signal,
     session_counter: Cell<u64>,
+    /// Open sockets, handshakes included (the epoll driver's count; the
+    /// io_uring loop keeps its own).
+    sockets: Cell<usize>,
+}
+
+/// Counts a socket for the epoll driver's cap while it lives.
+struct SocketCount(Rc<Shard>);
+
+impl SocketCount {
+    fn new(shard: &Rc<Shard>) -> SocketCount {
+        shard.sockets.set(shard.sockets.get() + 1);
+        SocketCount(shard.clone())
+    }
+}
+
+impl Drop for SocketCount {
+    fn drop(&mut self) {
+        self.0.sockets.set(self.0.sockets.get() - 1);
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -212,6 +234,7 @@ impl Shard {
             draining: Signal::default(),
             stop: Signal::default(),
             session_counter: Cell::new(0),
+            sockets: Cell::new(0),
             node,
         })
     }
@@ -427,20 +450,14 @@ async fn read_request(
 enum Routed {
     /// Answer, then close (plain HTTP requests and refusals).
     Reply(Vec<u8>),
-    /// Switch protocols: write `response`, then speak WebSocket.
-    Accept {
-        up: Upgrade,
-        echo: bool,
-        user: Option<Identity>,
-        device: DeviceKind,
-        response: Vec<u8>,
-    },
+    /// Switch protocols: write the 101 response, then speak WebSocket.
+    Accept(Box<Accepted>),
 }
 
 impl Shard {
     /// Decides on a complete request: plain HTTP, refusal, or upgrade (with
     /// the user when the request carried a valid token).
-    fn route(&self, req: Request) -> Routed {
+    fn route(&self, req: Request, peer: IpAddr) -> Routed {
         let up = match req {
             Request::Plain(p) => return Routed::Reply(plain_http(&self.node, &p.method, &p.path)),
             Request::Upgrade(up) => up,
@@ -474,43 +491,65 @@ impl Shard {
                 }
             },
         };
+        let node = &self.node;
+        if up.forwarded_for.is_some()
+            && node.trusted_proxies.is_empty()
+            && !node.forwarded_warned.swap(true, Relaxed)
+        {
+            tracing::warn!(
+                "upgrade requests carry X-Forwarded-For but trusted_proxies is empty: per-IP limits count the proxy's address"
+            );
+        }
+        let client = admission::client_ip(peer, up.forwarded_for.as_deref(), &node.trusted_proxies);
+        let ip = match node.admission.admit_ip(client, now_ms()) {
+            Ok(slots) => slots,
+            Err(refusal) => {
+                self.metrics().refused[refusal.index()].inc();
+                return Routed::Reply(refusal.response());
+            }
+        };
+        let refuse = |status: u16, body: &[u8]| {
+            node.admission.release_ip(ip);
+            Routed::Reply(handshake::http_response(status, "", "text/plain", body))
+        };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
-            (Some(t), false) => match self.node.verifier.identify(t) {
+            (Some(t), false) => match node.verifier.identify(t) {
                 Ok(identity) => {
                     let ban = self.engine.borrow().server_ban(&identity.user, now_ms());
                     if let Some(why) = ban {
                         self.metrics().auth_failures.inc();
-                        return Routed::Reply(handshake::http_response(
-                            403,
-                            "",
-                            "text/plain",
-                            format!("banned: {why}").as_bytes(),
-                        ));
+                        return refuse(403, format!("banned: {why}").as_bytes());
                     }
                     Some(identity)
                 }
                 Err(e) => {
                     self.metrics().auth_failures.inc();
                     tracing::debug!(shard = self.id, error = %e, "handshake token refused");
-                    return Routed::Reply(handshake::http_response(
-                        401,
-                        "",
-                        "text/plain",
-                        e.0.as_bytes(),
-                    ));
+                    return refuse(401, e.0.as_bytes());
                 }
             },
             _ => None,
         };
         let response = handshake::accept_response(&up);
-        Routed::Accept {
+        Routed::Accept(Box::new(Accepted {
             up,
             echo,
             user,
             device,
             response,
+            ip,
+        }))
+    }
+
+    /// Whether a new socket finds the shard over its cap (then it has been
+    /// counted as refused).
+    fn full(&self, sockets: usize) -> bool {
+        let full = self.node.admission.shard_full(sockets);
+        if full {
+            self.metrics().refused[Refusal::ServerFull.index()].inc();
         }
+        full
     }
 
     /// Takes what other shards sent, up to a batch from each, and passes
@@ -613,7 +652,15 @@ impl Shard {
     }
 }
 
-async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
+    let count = SocketCount::new(&shard);
+    if shard.full(shard.sockets.get()) {
+        return refuse_at_accept(stream, Refusal::ServerFull.response()).await;
+    }
+    let peer = stream
+        .peer_addr()
+        .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let mut stream = stream;
     let mut buf = BytesMut::with_capacity(2048);
     let (req, consumed) = match read_request(&shard, &mut stream, &mut buf).await {
         None => return,
@@ -624,27 +671,49 @@ async fn serve_socket(shard: Rc<Shard>, mut stream: TcpStream) {
         Some(Ok(r)) => r,
     };
     let _ = buf.split_to(consumed);
-    let (up, echo, user, device, response) = match shard.route(req) {
+    let accepted = match shard.route(req, peer) {
         Routed::Reply(r) => return write_and_close(stream, r).await,
-        Routed::Accept {
-            up,
-            echo,
-            user,
-            device,
-            response,
-        } => (up, echo, user, device, response),
+        Routed::Accept(a) => a,
     };
-    let (res, _) = stream.write_all(response).await;
-    if res.is_err() {
-        return;
-    }
     // The WebSocket phase runs as a task of its own, so that the handshake's
     // state (its buffer, timer and parser) is freed rather than carried for
     // the life of the connection.
     if buf.is_empty() {
         buf = BytesMut::new();
     }
-    monoio::spawn(serve_ws(shard, stream, buf, up, echo, user, device));
+    monoio::spawn(serve_ws(shard, stream, buf, accepted, count));
+}
+
+/// An upgrade the shard accepted (its 101 response not yet written).
+pub(super) struct Accepted {
+    up: Upgrade,
+    echo: bool,
+    user: Option<Identity>,
+    device: DeviceKind,
+    response: Vec<u8>,
+    ip: Slots,
+}
+
+/// Answers a socket refused before its request was read, then reads what
+/// the client sends for a moment, so that closing does not reset the
+/// connection before the client has read the answer.
+async fn refuse_at_accept(mut stream: TcpStream, response: Vec<u8>) {
+    let (res, _) = stream.write_all(response).await;
+    if res.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (res, b) = stream.read(buf).await;
+            buf = b;
+            if !matches!(res, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    };
+    let _ = monoio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn plain_http(node: &Node, method: &str, path: &str) -> Vec<u8> {
@@ -744,12 +813,15 @@ struct Session {
     protocol: Protocol,
     device: DeviceKind,
     mode: Mode,
+    /// The client address's counters (given back at the end).
+    ip: Slots,
 }
 
 impl Session {
     /// The WebSocket phase of an accepted upgrade: a session that is either
     /// authenticated by the handshake's token, waiting for `auth` (with a
     /// deadline), or an echo.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         shard: &Shard,
         io: &Rc<ConnIo>,
@@ -757,6 +829,7 @@ impl Session {
         device: DeviceKind,
         echo: bool,
         user: Option<Identity>,
+        ip: Slots,
     ) -> Session {
         let mut s = Session {
             protocol,
@@ -766,9 +839,17 @@ impl Session {
             } else {
                 Mode::Unauthenticated
             },
+            ip,
         };
         match user {
-            Some(u) => s.authenticate(shard, io, u, None),
+            Some(u) => {
+                // The 101 waits for the user's home shard to count the
+                // connection: over the per-user cap it becomes a 429.
+                if shard.node.config.max_connections_per_user > 0 {
+                    io.hold();
+                }
+                s.authenticate(shard, io, u, None)
+            }
             None if !echo => io
                 .auth_deadline
                 .set(shard.outq.now_ms() + shard.node.config.auth_timeout_ms),
@@ -779,6 +860,10 @@ impl Session {
 
     /// Takes the connection out of the engine (its channels, its user).
     fn end(&mut self, shard: &Shard) {
+        shard
+            .node
+            .admission
+            .release_ip(std::mem::take(&mut self.ip));
         if let Mode::Authenticated(id) = self.mode {
             let mut outbox = shard.outbox.borrow_mut();
             shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
@@ -936,23 +1021,32 @@ async fn serve_ws(
     shard: Rc<Shard>,
     stream: TcpStream,
     mut buf: BytesMut,
-    up: Upgrade,
-    echo: bool,
-    user: Option<Identity>,
-    device: DeviceKind,
+    a: Box<Accepted>,
+    _count: SocketCount,
 ) {
+    let Accepted {
+        up,
+        echo,
+        user,
+        device,
+        response,
+        ip,
+    } = *a;
     let io = Rc::new(ConnIo::for_task(
         stream.as_raw_fd(),
         shard.outq.clone(),
         shard.outq.now_ms(),
     ));
+    // The 101 goes first through the queue (it may be held: see
+    // `Session::new`).
+    io.push_control(bytes::Bytes::from(response));
     let reg_slot = shard.registry.borrow_mut().insert(io.clone());
     let metrics_conn = shard.metrics();
     metrics_conn.connections.inc();
     metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
-    let mut s = Session::new(&shard, &io, up.protocol, device, echo, user);
+    let mut s = Session::new(&shard, &io, up.protocol, device, echo, user, ip);
     let mut decoder = Decoder::new(shard.node.config.max_message_size);
     let mut read_size = ReadSize::new();
     'conn: loop {

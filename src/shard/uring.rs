@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
@@ -34,6 +35,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::conn::{Batch, ConnIo, State, MAX_IOV, NEVER};
 use super::{Next, Routed, Session, Shard, OUTBOX_HIGH, SPIN_ROUNDS};
+use crate::admission::Refusal;
 use crate::engine::ChunkedVec;
 use crate::node::Node;
 use crate::ws::{close, frame, handshake, Decoder, OpCode};
@@ -193,8 +195,8 @@ impl Default for WriteOp {
 }
 
 enum Phase {
-    /// Reading the request head, since this time (ms).
-    Handshake { since: u64 },
+    /// Reading the request head, since this time (ms), from this address.
+    Handshake { since: u64, peer: IpAddr },
     /// Speaking WebSocket.
     Ws { session: Session, decoder: Decoder },
     /// Writing a plain HTTP answer or a refusal, then closing.
@@ -572,12 +574,21 @@ impl Loop {
             cancelled: false,
             ended: false,
             write_due: false,
-            phase: Phase::Handshake { since: now },
+            phase: Phase::Handshake {
+                since: now,
+                peer: peer_of(fd),
+            },
             inbuf: None,
             write: None,
             flush_deadline: NEVER,
         });
         self.live += 1;
+        if self.shard.full(self.live) {
+            // Refused before its request is read; what it sends is read
+            // and dropped until it closes (or the close timeout).
+            let conn = self.conns[slot as usize].as_mut().expect("just added");
+            reply(&self.shard, conn, Refusal::ServerFull.response(), now);
+        }
         self.arm_recv(slot);
     }
 
@@ -725,7 +736,7 @@ impl Loop {
             self.try_free(slot);
             return;
         }
-        if conn.write.is_none() && conn.io.has_queued() {
+        if conn.write.is_none() && conn.io.has_writable() {
             let wait =
                 self.write_delay_ms > 0 && !conn.io.is_urgent() && conn.io.state() == State::Open;
             if !wait {
@@ -763,7 +774,7 @@ impl Loop {
                 continue;
             }
             conn.write_due = false;
-            if conn.write.is_none() && conn.io.has_queued() {
+            if conn.write.is_none() && conn.io.has_writable() {
                 self.start_write(slot);
                 n += 1;
             }
@@ -854,7 +865,9 @@ impl Loop {
                 continue;
             }
             match &conn.phase {
-                Phase::Handshake { since } if now.saturating_sub(*since) >= handshake_timeout => {
+                Phase::Handshake { since, .. }
+                    if now.saturating_sub(*since) >= handshake_timeout =>
+                {
                     shard.metrics().handshake_timeouts.inc();
                     conn.io.abort();
                 }
@@ -961,6 +974,35 @@ fn send_entry(w: &mut WriteOp, fd: RawFd, user_data: u64) -> squeue::Entry {
     entry.user_data(user_data)
 }
 
+/// The address at the other end of a connected socket.
+fn peer_of(fd: RawFd) -> IpAddr {
+    // SAFETY: getpeername(2) writes at most `len` bytes into the storage,
+    // which is large enough for any address family.
+    unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getpeername(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
+            return IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        }
+        match addr.ss_family as libc::c_int {
+            libc::AF_INET => {
+                let a = &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)))
+            }
+            libc::AF_INET6 => {
+                let a = &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr))
+            }
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }
+    }
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -1000,23 +1042,29 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
         Ok(Some(r)) => r,
     };
     head.advance(consumed);
-    match shard.route(req) {
+    let peer = match conn.phase {
+        Phase::Handshake { peer, .. } => peer,
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    match shard.route(req, peer) {
         Routed::Reply(r) => {
             reply(shard, conn, r, now);
             false
         }
-        Routed::Accept {
-            up,
-            echo,
-            user,
-            device,
-            response,
-        } => {
+        Routed::Accept(a) => {
+            let super::Accepted {
+                up,
+                echo,
+                user,
+                device,
+                response,
+                ip,
+            } = *a;
             conn.io.push_control(Bytes::from(response));
             let m = shard.metrics();
             m.connections.inc();
             m.connections_total.inc();
-            let session = Session::new(shard, &conn.io, up.protocol, device, echo, user);
+            let session = Session::new(shard, &conn.io, up.protocol, device, echo, user, ip);
             conn.phase = Phase::Ws {
                 session,
                 decoder: Decoder::new(shard.node.config.max_message_size),

@@ -60,6 +60,8 @@ pub struct Upgrade {
     pub protocol_offered: bool,
     /// The `Sec-WebSocket-Accept` value to answer with.
     pub accept: String,
+    /// `X-Forwarded-For` (several headers joined with commas).
+    pub forwarded_for: Option<String>,
 }
 
 /// A request without an upgrade (health, readiness, metrics).
@@ -263,6 +265,13 @@ pub fn parse_request(
             .filter(|p| p.eq_ignore_ascii_case("bearer "))
             .map(|_| v[7..].trim().to_owned())
     });
+    let forwarded: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     let query_token = query_param(query, "token");
     let device = query_param(query, "device");
@@ -275,6 +284,7 @@ pub fn parse_request(
             protocol,
             protocol_offered,
             accept: accept_key(key),
+            forwarded_for,
         }),
         consumed,
     )))

@@ -40,8 +40,12 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("CORECAST_LOG", "info,corecast=debug")
-            // Tests that keep bans say where.
-            .env("CORECAST_BAN_FILE", "");
+            // Tests that keep bans say where; tests of rate limits set them.
+            .env("CORECAST_BAN_FILE", "")
+            .env("CORECAST_RATE_LIMITS", "*=off")
+            // Tests open connections from 127.0.0.1 by the hundred.
+            .env("CORECAST_MAX_HANDSHAKES_PER_IP", "0")
+            .env("CORECAST_MAX_CONNECTIONS_PER_IP", "0");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -195,6 +199,30 @@ pub fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends a request and reads the response head (and the body of a refusal,
+/// which closes): for upgrades that may succeed, where reading to the end
+/// would wait for the connection to close. Returns it and the socket.
+pub fn http_head(addr: SocketAddr, request: &[u8]) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut tmp = [0u8; 1024];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).into_owned();
+            if head.starts_with("HTTP/1.1 101") {
+                return (head, s);
+            }
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&tmp[..n]),
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), s)
 }
 
 pub fn upgrade_request(path: &str, extra: &str) -> String {

@@ -14,6 +14,8 @@ struct Recorder {
     refuse: Rc<std::cell::Cell<bool>>,
     /// The close code, once the engine closed the connection.
     closed: Rc<std::cell::Cell<Option<u16>>>,
+    /// The user's home shard took the connection.
+    admitted: Rc<std::cell::Cell<bool>>,
 }
 
 impl Outbound for Recorder {
@@ -27,6 +29,14 @@ impl Outbound for Recorder {
 
     fn close(&self, code: u16, _reason: &str) {
         self.closed.set(Some(code));
+    }
+
+    fn admitted(&self) {
+        self.admitted.set(true);
+    }
+
+    fn refused(&self, _reason: &str) {
+        self.closed.set(Some(crate::ws::close::POLICY_VIOLATION));
     }
 }
 
@@ -48,6 +58,17 @@ impl Recorder {
     }
 }
 
+/// The default settings without rate limits (the tests of limits and the
+/// random sequences keep them).
+fn unlimited() -> Settings {
+    let mut rate_limits = limits::RateLimits::default();
+    rate_limits.set("*", None).unwrap();
+    Settings {
+        rate_limits,
+        ..Settings::default()
+    }
+}
+
 #[derive(Default)]
 struct Queues(Vec<VecDeque<MeshMsg>>);
 
@@ -65,7 +86,7 @@ struct Sim {
 
 impl Sim {
     fn new(n: u16) -> Sim {
-        Self::with(n, Settings::default())
+        Self::with(n, unlimited())
     }
 
     fn with(n: u16, settings: Settings) -> Sim {
@@ -541,7 +562,7 @@ fn epoch_of(sim: &Sim, channel: &str) -> String {
 fn recovery_replays_exactly_what_was_missed_or_says_it_cannot() {
     let settings = Settings {
         history_size: 4,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(3, settings);
     let ch = channel_owned_by(2, 3);
@@ -901,7 +922,7 @@ fn mentions_notify_users_outside_the_channel_now_or_when_they_connect() {
 fn notifications_expire() {
     let settings = Settings {
         notification_ttl_ms: 10_000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(2, settings);
     let ch = channel_owned_by(0, 2);
@@ -929,7 +950,7 @@ fn notifications_expire() {
 fn typing_is_announced_once_expires_and_stops_with_a_message_or_a_drop() {
     let settings = Settings {
         typing_timeout_ms: 8000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(2, settings);
     let ch = channel_owned_by(1, 2);
@@ -1015,7 +1036,7 @@ fn presence_update(status: Option<Status>, custom: Option<Option<&str>>) -> Clie
 fn presence_aggregates_devices_announces_only_changes_and_waits_out_the_grace() {
     let settings = Settings {
         presence_grace_ms: 5000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(3, settings);
     let (w, rw) = sim.connect(0, "watcher", Protocol::Json);
@@ -1146,7 +1167,7 @@ fn presence_aggregates_devices_announces_only_changes_and_waits_out_the_grace() 
 fn presence_subscriptions_are_bounded_and_dropped_with_the_connection() {
     let settings = Settings {
         max_subscriptions: 3,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(2, settings);
     let (w, rw) = sim.connect(0, "watcher", Protocol::Json);
@@ -1355,7 +1376,7 @@ fn voice_keeps_one_channel_per_user_broadcasts_state_and_mints_tokens() {
     };
     let settings = Settings {
         livekit: Some(lk.clone()),
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(3, settings);
     let (v1, v2) = (channel_owned_by(1, 3), channel_owned_by(2, 3));
@@ -1583,7 +1604,7 @@ fn calls_ring_every_device_and_the_first_answer_wins() {
 fn unanswered_rejected_and_dropped_calls() {
     let settings = Settings {
         call_ring_timeout_ms: 30_000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(2, settings);
     let (a, ra) = sim.connect(0, "alice", Protocol::Json);
@@ -1661,7 +1682,7 @@ fn unanswered_rejected_and_dropped_calls() {
 fn a_dropped_session_resumes_on_another_shard_with_exactly_what_it_missed() {
     let settings = Settings {
         resume_window_ms: 60_000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(3, settings);
     let (c1, c2) = (channel_owned_by(1, 3), channel_owned_by(2, 3));
@@ -1803,7 +1824,7 @@ fn a_dropped_session_resumes_on_another_shard_with_exactly_what_it_missed() {
 fn an_emptied_channel_keeps_its_history_for_recovery_then_goes() {
     let settings = Settings {
         history_ttl_ms: 10_000,
-        ..Settings::default()
+        ..unlimited()
     };
     let mut sim = Sim::with(2, settings);
     let ch = channel_owned_by(1, 2);

@@ -558,3 +558,168 @@ fn a_ban_that_cannot_be_stored_is_refused_and_not_applied() {
         )]
     );
 }
+
+fn limited(rules: &[(&str, &str)], strikes: u32) -> Settings {
+    let mut rate_limits = limits::RateLimits::default();
+    rate_limits.set("*", None).unwrap();
+    for (event, spec) in rules {
+        rate_limits
+            .set(event, limits::Limit::parse(spec).unwrap())
+            .unwrap();
+    }
+    Settings {
+        rate_limits,
+        rate_limit_strikes: strikes,
+        ..Settings::default()
+    }
+}
+
+/// The `retryAfterMs` of each `rate_limited` error, by request id.
+fn retries(msgs: &[ServerMessage]) -> Vec<(u64, u64)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::Error(e) if e.code == ErrorCode::RateLimited => {
+                Some((m.id?, e.retry_after_ms?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn send_msg(sim: &mut Sim, c: ConnRef, id: u64, ch: &str) {
+    sim.send(
+        c,
+        Some(id),
+        ClientEvent::MessageSend(MessageSend::new(ch, "x")),
+    );
+}
+
+#[test]
+fn a_rate_limit_holds_per_user_across_its_connections_and_refills() {
+    let mut sim = Sim::with(2, limited(&[("message:send", "3/3s")], 0));
+    let ch = channel_owned_by(1, 2);
+    let (a1, ra1) = sim.connect(0, "alice", Protocol::Json);
+    let (a2, ra2) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(0, "bob", Protocol::Json);
+    for c in [a1, a2, b] {
+        sim.join(c, &ch);
+    }
+    for (i, c) in [a1, a2, a1, a2, a1].into_iter().enumerate() {
+        send_msg(&mut sim, c, 10 + i as u64, &ch);
+    }
+    let mut refused = retries(&ra1.take());
+    refused.extend(retries(&ra2.take()));
+    refused.sort();
+    assert_eq!(
+        refused,
+        [(13, 1000), (14, 1000)],
+        "3 of alice's 5 went through"
+    );
+    // Others have buckets of their own; joins and reads are not limited here.
+    send_msg(&mut sim, b, 20, &ch);
+    assert!(retries(&rb.take()).is_empty());
+    sim.advance(1_000);
+    send_msg(&mut sim, a1, 21, &ch);
+    send_msg(&mut sim, a1, 22, &ch);
+    assert_eq!(
+        retries(&ra1.take()),
+        [(22, 1000)],
+        "one token back per second"
+    );
+    // The buckets of an idle user go.
+    sim.advance(60_000);
+    assert!(sim.shards[0].limiter.buckets.is_empty());
+}
+
+#[test]
+fn a_user_spread_over_shards_gets_a_share_on_each() {
+    let mut sim = Sim::with(3, limited(&[("typing:start", "4/60s")], 0));
+    let ch = channel_owned_by(2, 3);
+    let (a0, ra0) = sim.connect(0, "alice", Protocol::Json);
+    let (a1, ra1) = sim.connect(1, "alice", Protocol::Json);
+    sim.join(a0, &ch);
+    sim.join(a1, &ch);
+    let typing = || {
+        ClientEvent::TypingStart(ChannelRef {
+            channel_id: "x".into(),
+        })
+    };
+    for i in 0..4 {
+        sim.send(a0, Some(100 + i), typing());
+        sim.send(a1, Some(200 + i), typing());
+    }
+    let (r0, r1) = (retries(&ra0.take()), retries(&ra1.take()));
+    assert_eq!(
+        (r0.len(), r1.len()),
+        (2, 2),
+        "{r0:?} {r1:?}: 2 + 2 = the limit of 4"
+    );
+    // Once the user is on one shard again, that shard has the whole limit.
+    sim.close(a1);
+    assert_eq!(sim.shards[0].limiter.share("alice"), 1);
+    sim.advance(60_000);
+    for i in 0..5 {
+        sim.send(a0, Some(300 + i), typing());
+    }
+    assert_eq!(retries(&ra0.take()).len(), 1);
+}
+
+#[test]
+fn a_client_that_keeps_hammering_is_closed_and_others_are_served() {
+    let mut sim = Sim::with(2, limited(&[("default", "2/10s")], 3));
+    let ch = channel_owned_by(0, 2);
+    let (f, rf) = sim.connect(0, "flooder", Protocol::Json);
+    let (b, rb) = sim.connect(0, "bob", Protocol::Json);
+    sim.join(f, &ch);
+    sim.join(b, &ch);
+    rb.take();
+    for i in 0..10 {
+        sim.send(f, Some(i), ClientEvent::Heartbeat);
+    }
+    let got = rf.take();
+    // Two accepted (the join took the first token), then refusals until
+    // the fourth strike closes it: nothing after that is answered.
+    assert_eq!(retries(&got).len(), 4, "{got:?}");
+    assert_eq!(rf.closed.get(), Some(crate::ws::close::POLICY_VIOLATION));
+    assert!(sim.shards[0].conn(f.conn).is_none());
+    assert_eq!(sim.shards[0].metrics.rate_limit_closes.get(), 1);
+    // Bob, on the same shard, carries on; the flooder left the channel.
+    sim.send(b, Some(1), ClientEvent::Heartbeat);
+    let seen = rb.take();
+    assert!(names(&seen).contains(&"channel:member_left"));
+    assert!(names(&seen).contains(&"heartbeat:ack"));
+}
+
+#[test]
+fn a_user_holds_at_most_its_connections_across_shards() {
+    let settings = Settings {
+        max_connections_per_user: 2,
+        ..unlimited()
+    };
+    let mut sim = Sim::with(3, settings);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "alice", Protocol::Json);
+    assert!(ra.admitted.get() && rb.admitted.get());
+    // The third, on yet another shard, is refused by alice's home shard.
+    let (c, rc) = sim.connect(2, "alice", Protocol::Json);
+    assert!(!rc.admitted.get());
+    assert_eq!(rc.closed.get(), Some(crate::ws::close::POLICY_VIOLATION));
+    let got = rc.take();
+    assert!(
+        got.iter()
+            .any(|m| matches!(&m.event, ServerEvent::Error(e) if e.code == ErrorCode::Forbidden)),
+        "{got:?}"
+    );
+    assert!(sim.shards[2].conn(c.conn).is_none());
+    assert_eq!(
+        sim.shards[2].metrics.refused[crate::admission::Refusal::TooManyForUser.index()].get(),
+        1
+    );
+    // Others are not affected; once one of alice's closes, she may again.
+    let (_, rbob) = sim.connect(2, "bob", Protocol::Json);
+    assert!(rbob.admitted.get());
+    sim.close(a);
+    let (_, rd) = sim.connect(2, "alice", Protocol::Json);
+    assert!(rd.admitted.get() && rd.closed.get().is_none());
+    let _ = b;
+}
