@@ -633,3 +633,84 @@ fn a_trickled_request_head_does_not_extend_the_handshake_deadline() {
     assert!(sent < head.len(), "{sent} of {} bytes", head.len());
     assert_eq!(s.metric("corecast_handshake_timeouts_total"), 1);
 }
+
+#[tokio::test]
+async fn oversize_and_malformed_payloads_never_disturb_others() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = two_shards(&["--max-message-size", "65536"]);
+    let mut bob = Peer::on(&s, "bob", 1, "").await;
+    bob.ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    // Too long, though within the frame size: a typed error.
+    let long = "é".repeat(4001);
+    assert_eq!(
+        alice
+            .refused(
+                "message:send",
+                json!({"channelId": "general", "content": long})
+            )
+            .await,
+        "too_large"
+    );
+    // 4,000 characters of two bytes each is within the limit, verbatim.
+    let fine = "é".repeat(4000);
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": fine}),
+        )
+        .await;
+    assert_eq!(bob.event("message:new").await["d"]["content"], fine);
+    // Markup is relayed as sent: escaping is the client's business.
+    let markup = "<script>alert(1)</script> & \"quotes\"";
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": markup}),
+        )
+        .await;
+    assert_eq!(bob.event("message:new").await["d"]["content"], markup);
+    // Deeply nested JSON, a wrong type, an unknown event: errors naming
+    // the problem, and the connection stays.
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    for (input, code) in [
+        (format!(r#"{{"t":"message:send","id":1,"d":{{"channelId":"general","content":{deep}}}}}"#), "bad_request"),
+        (r#"{"t":"presence:subscribe","id":2,"d":{"userIds":"bob"}}"#.to_string(), "bad_request"),
+        (r#"{"t":"message:send","id":3,"d":{"channelId":"general","content":"x","mentions":[1]}}"#.to_string(), "bad_request"),
+    ] {
+        alice.ws.send(Message::Text(input.clone().into())).await.unwrap();
+        let v = loop {
+            let v = recv(&mut alice.ws).await;
+            if v["t"] == "error" || v["t"] == "ack" {
+                break v;
+            }
+        };
+        assert_eq!((v["t"].as_str(), v["d"]["code"].as_str()), (Some("error"), Some(code)), "{input:.80}: {v}");
+    }
+    // A frame past max_message_size closes that connection with 1009.
+    let huge = json!({"t": "message:send", "id": 9, "d": {"channelId": "general", "content": "x".repeat(70_000)}});
+    alice
+        .ws
+        .send(Message::Text(huge.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(recv_close(&mut alice.ws).await.map(u16::from), Some(1009));
+    // Invalid UTF-8 in a text frame: 1007, on a raw socket.
+    let mut raw = Raw::connect(s.addr, &format!("/ws?token={}", token("carol", 600)), "");
+    assert_eq!(raw.recv_json()["t"], "ready");
+    raw.send(true, corecast::ws::OpCode::Text, &[b'{', 0xff, 0xfe, b'}']);
+    assert_eq!(raw.recv_close(), Some(1007));
+    // Bob saw only what was accepted, and is served.
+    let seen: Vec<Value> = bob.drain().await;
+    assert!(seen.iter().all(|v| v["t"] != "message:new"), "{seen:?}");
+    bob.ok(
+        "message:send",
+        json!({"channelId": "general", "content": "still fine"}),
+    )
+    .await;
+}

@@ -69,6 +69,22 @@ impl<O: Outbound> Engine<O> {
 
     /// Handles a decoded message from a local, authenticated connection.
     pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
+        if let Err((code, e)) = check_event(&msg.event) {
+            let Some(member) = self.conn(id).map(|c| c.member.user.clone()) else {
+                return;
+            };
+            // A refused event still takes a token: a flood of bad input
+            // meets the rate limit like any other.
+            if let Err((why, retry)) = self.rate_check(&member, &msg.event, now) {
+                return self.rate_refused(id, msg.id, why, retry, now, tx);
+            }
+            return self.error(id, msg.id, code, e);
+        }
+        self.handle_checked(id, msg, now, tx)
+    }
+
+    /// Handles a message whose lists and ids are within bounds.
+    fn handle_checked(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
         let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
             return;
         };
@@ -902,5 +918,56 @@ impl<O: Outbound> Engine<O> {
             Some(None) => self.error(id, ack, ErrorCode::Forbidden, reason),
             None => {}
         }
+    }
+}
+
+/// Bounds on what any client event carries, whichever protocol decoded it
+/// (the JSON decoder bounds lists itself; a binary archive is only bounded
+/// by the message size): list lengths, and ids not checked where they are
+/// used.
+pub(super) fn check_event(event: &ClientEvent) -> Result<(), (ErrorCode, String)> {
+    use crate::protocol::json::MAX_LIST;
+    use ClientEvent as E;
+    let bad = |e: String| (ErrorCode::BadRequest, e);
+    let list = |field: &str, len: usize| {
+        if len > MAX_LIST {
+            return Err(bad(format!("`{field}` has more than {MAX_LIST} entries")));
+        }
+        Ok(())
+    };
+    let ids = |field: &str, v: &[String]| -> Result<(), (ErrorCode, String)> {
+        list(field, v.len())?;
+        v.iter().try_for_each(|x| check_id(field, x).map_err(bad))
+    };
+    match event {
+        E::PresenceSubscribe(u) | E::PresenceUnsubscribe(u) | E::PresenceGetBulk(u) => {
+            ids("userIds", &u.user_ids)
+        }
+        E::NotificationRead(n) => ids("notificationIds", &n.notification_ids),
+        E::NotificationClear(n) => check_id("notificationId", &n.notification_id).map_err(bad),
+        E::SessionResume(r) => list("positions", r.positions.len()),
+        E::MessageEdit(m) => check_id("messageId", &m.message_id).map_err(bad),
+        E::MessageDelete(m)
+        | E::MessageDelivered(m)
+        | E::MessageMarkRead(m)
+        | E::MessageGetReadReceipts(m) => check_id("messageId", &m.message_id).map_err(bad),
+        E::MessageReact(m) => check_id("messageId", &m.message_id).map_err(bad),
+        E::CallAnswer(CallAnswer { call_id, .. })
+        | E::CallEnd(CallRef { call_id })
+        | E::CallIceCandidate(CallIce { call_id, .. }) => check_id("callId", call_id).map_err(bad),
+        E::CallReject(r) => {
+            check_id("callId", &r.call_id).map_err(bad)?;
+            match &r.reason {
+                Some(x) if x.chars().count() > moderation::MAX_REASON_CHARS => Err((
+                    ErrorCode::TooLarge,
+                    format!(
+                        "`reason` is longer than {} characters",
+                        moderation::MAX_REASON_CHARS
+                    ),
+                )),
+                _ => Ok(()),
+            }
+        }
+        _ => Ok(()),
     }
 }

@@ -731,3 +731,29 @@ mod tests {
         assert_eq!(decode_client(&shifted[3..]).unwrap(), msg);
     }
 }
+
+#[cfg(test)]
+mod utf8_tests {
+    use super::*;
+
+    #[test]
+    fn invalid_utf8_in_a_string_is_refused() {
+        let msg = ClientMessage {
+            id: Some(1),
+            event: ClientEvent::MessageSend(MessageSend::new("general", "caf\u{e9} au lait")),
+        };
+        let mut bytes = encode_client(&msg);
+        // Cut the two bytes of `é` in half: no longer UTF-8.
+        let at = bytes
+            .windows(2)
+            .position(|w| w == [0xc3, 0xa9])
+            .expect("the content is in the archive");
+        bytes[at + 1] = b'!';
+        let e = decode_client(&bytes).unwrap_err();
+        assert!(
+            e.message.contains("invalid binary envelope"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -723,3 +723,61 @@ fn a_user_holds_at_most_its_connections_across_shards() {
     assert!(rd.admitted.get() && rd.closed.get().is_none());
     let _ = b;
 }
+
+#[test]
+fn lists_and_ids_are_bounded_whatever_decoded_them() {
+    let mut sim = Sim::new(2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Binary);
+    let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    sim.send(
+        a,
+        Some(1),
+        ClientEvent::PresenceGetBulk(UserIds {
+            user_ids: many.clone(),
+        }),
+    );
+    sim.send(
+        a,
+        Some(2),
+        ClientEvent::NotificationRead(NotificationIds {
+            notification_ids: vec!["x".repeat(129)],
+        }),
+    );
+    sim.send(
+        a,
+        Some(3),
+        ClientEvent::CallEnd(CallRef {
+            call_id: "\u{0}".into(),
+        }),
+    );
+    sim.send(
+        a,
+        Some(4),
+        ClientEvent::MessageDelete(MessageRef {
+            channel_id: "general".into(),
+            message_id: String::new(),
+        }),
+    );
+    sim.send(
+        a,
+        Some(5),
+        ClientEvent::CallReject(CallReject {
+            call_id: "0000000000000001".into(),
+            reason: Some("x".repeat(501)),
+        }),
+    );
+    let got = ra.take();
+    for id in 1..=4 {
+        assert_eq!(error_code(&got, id), ErrorCode::BadRequest, "request {id}");
+    }
+    assert_eq!(error_code(&got, 5), ErrorCode::TooLarge);
+    // The connection is fine afterwards.
+    sim.send(
+        a,
+        Some(6),
+        ClientEvent::PresenceGetBulk(UserIds {
+            user_ids: many[..3].to_vec(),
+        }),
+    );
+    assert!(matches!(ack_body(&ra.take(), 6), AckBody::Presences(_)));
+}
