@@ -18,7 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 /// thread on core 1 that pops as fast as it can). Measures the producer's
 /// time per message until the consumer has taken them all.
 fn handoff(c: &mut Criterion) {
-    let (mesh, _bells) = Mesh::new(2, 4096).unwrap();
+    let (mesh, _bells) = Mesh::new(2, 0, 4096).unwrap();
     let mesh = Arc::new(mesh);
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit, property and
 # integration tests (real sockets, real clients), the Autobahn|Testsuite
-# fuzzingclient against `corecast serve`, and a short run of every fuzz
-# target. Installs what it needs; fails loudly when something cannot run.
+# fuzzingclient against `corecast serve`, schemathesis against the server
+# API and its OpenAPI document, and a short run of every fuzz target.
+# Installs what it needs; fails loudly when something cannot run.
 #
 #   scripts/test.sh            everything
 #   FUZZ_RUNS=1000000 scripts/test.sh   longer fuzzing
@@ -79,6 +80,34 @@ python3 tests/autobahn/check.py "$abdir/reports/index.json" 301 || die "Autobahn
 kill $server; wait $server 2>/dev/null || true
 trap - EXIT
 rm -rf "$abdir"
+
+step "server API: schemathesis against docs/openapi.yaml (every check)"
+if [ ! -x "$cache/st/bin/schemathesis" ]; then
+    echo "installing schemathesis into $cache/st (about 30 s)"
+    python3 -m venv "$cache/st"
+    "$cache/st/bin/pip" install -q schemathesis==4.32.5
+    [ -x "$cache/st/bin/schemathesis" ] || die "schemathesis did not install"
+fi
+stdir=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+api_port=$(free_port)
+key="schemathesis-key-$(date +%s%N)"
+CORECAST_BAN_FILE="$stdir/bans.jsonl" target/debug/corecast serve --listen "127.0.0.1:$port" --shards 2 \
+    --api-listen "127.0.0.1:$api_port" --api-key "$key" >"$stdir/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; rm -rf "$stdir"' EXIT
+for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+(cd "$stdir" && timeout 600 "$cache/st/bin/schemathesis" run "$root/docs/openapi.yaml" \
+    -u "http://127.0.0.1:$api_port" -H "Authorization: Bearer $key" \
+    --checks all --max-examples 100 --no-color) || { tail -20 "$stdir/server.log"; die "schemathesis found the API and docs/openapi.yaml disagreeing"; }
+kill -0 $server 2>/dev/null || { cat "$stdir/server.log"; die "corecast died during the schemathesis run"; }
+kill $server; wait $server 2>/dev/null || true
+trap - EXIT
+rm -rf "$stdir"
 
 step "fuzz targets: build, then $FUZZ_RUNS runs each from the seed corpus"
 rustup toolchain list | grep -q '^nightly' || die "cargo fuzz needs a nightly toolchain (rustup toolchain install nightly)"

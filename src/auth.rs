@@ -180,9 +180,9 @@ impl Verifier {
     fn claims(&self, token: &str) -> Result<Claims, AuthError> {
         let data = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError(format!("invalid token: {e}")))?;
-        if data.claims.sub.is_empty() || data.claims.sub.len() > 128 {
+        if data.claims.sub.is_empty() || data.claims.sub.chars().count() > 128 {
             return Err(AuthError(
-                "invalid token: `sub` must be 1 to 128 bytes".into(),
+                "invalid token: `sub` must be 1 to 128 characters".into(),
             ));
         }
         if data.claims.sub.chars().any(char::is_control) {

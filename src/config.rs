@@ -99,6 +99,12 @@ pub struct Config {
     /// Proxies (addresses or address/prefix) whose `X-Forwarded-For` names
     /// the client for the per-IP limits.
     pub trusted_proxies: Vec<String>,
+    /// Address of the server API for the application backend (keep it
+    /// private); it runs only when `api_keys` has a key.
+    pub api_listen: String,
+    /// Keys the server API accepts (at least 16 bytes each; two during a
+    /// rotation).
+    pub api_keys: Vec<String>,
     pub auth: AuthConfig,
 }
 
@@ -157,6 +163,8 @@ impl Default for Config {
             max_connections_per_ip: 1_000,
             max_connections_per_user: e.max_connections_per_user,
             trusted_proxies: Vec::new(),
+            api_listen: "127.0.0.1:8081".into(),
+            api_keys: Vec::new(),
             auth: AuthConfig::default(),
         }
     }
@@ -327,6 +335,17 @@ pub struct ConfigArgs {
     /// addresses or address/prefix).
     #[arg(long, env = "CORECAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Address of the server API [default: 127.0.0.1:8081].
+    #[arg(long, env = "CORECAST_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// Keys of the server API (comma-separated); without one it does not run.
+    #[arg(
+        long = "api-key",
+        env = "CORECAST_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Option<Vec<String>>,
 }
 
 impl ConfigArgs {
@@ -374,7 +393,9 @@ impl ConfigArgs {
             max_handshakes_per_ip,
             max_connections_per_ip,
             max_connections_per_user,
-            trusted_proxies
+            trusted_proxies,
+            api_listen,
+            api_keys
         );
         for rule in &self.rate_limits {
             let (event, spec) = rule.split_once('=').ok_or_else(|| {
@@ -454,6 +475,15 @@ impl Config {
         }
         self.rate_limits()?;
         self.trusted_proxies()?;
+        if let Some(k) = self.api_keys.iter().find(|k| k.len() < 16) {
+            return Err(ConfigError(format!(
+                "api_keys: a key of {} bytes is too short (at least 16)",
+                k.len()
+            )));
+        }
+        if !self.api_keys.is_empty() {
+            self.api_addr()?;
+        }
         if self.rate_limit_strikes > 250 {
             return Err(ConfigError(format!(
                 "rate_limit_strikes must be at most 250, not {}",
@@ -550,6 +580,16 @@ impl Config {
             livekit: self.livekit.clone(),
             ..crate::engine::Settings::default()
         }
+    }
+
+    /// Where the server API listens, when it runs.
+    pub fn api_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.api_listen.parse().map_err(|e| {
+            ConfigError(format!(
+                "api_listen `{}` is not an address:port: {e}",
+                self.api_listen
+            ))
+        })
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {

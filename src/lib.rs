@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod bans;
 pub mod bench;

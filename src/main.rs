@@ -122,6 +122,10 @@ fn serve(args: ConfigArgs) -> ExitCode {
         "corecast listening on {}",
         server.local_addr
     );
+    match server.api_addr {
+        Some(a) => tracing::info!(addr = %a, "server API listening on {a}"),
+        None => tracing::info!("server API off (set api_keys to run it)"),
+    }
     let node = server.node.clone();
     match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -185,6 +189,9 @@ fn main() -> ExitCode {
                 }
                 if shown.auth.secret.is_some() {
                     shown.auth.secret = Some("<hidden>".into());
+                }
+                for k in shown.api_keys.iter_mut() {
+                    *k = "<hidden>".into();
                 }
                 print!("{}", toml::to_string(&shown).expect("config serializes"));
                 println!("\n# Effective rate limits per user (defaults, then rate_limits):");

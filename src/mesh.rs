@@ -1,5 +1,6 @@
-//! The mesh: one bounded lock-free queue for every ordered pair of shards,
-//! and a doorbell per shard.
+//! The mesh: one bounded lock-free queue for every ordered pair of
+//! endpoints, and a doorbell per endpoint. The endpoints are the shards,
+//! then any extra threads that talk to them the same way (the server API).
 //!
 //! A receiving shard drains its queues in batches. Only when it finds them
 //! all empty does it set its `parked` flag and wait on its doorbell (a
@@ -8,7 +9,9 @@
 //! ([`Mesh::wake`] clears the flag as it rings), so a busy mesh makes no
 //! syscalls at all. Nothing here takes a lock.
 //!
-//! Cost: N² queues for N shards, each of `capacity` slots.
+//! Cost: N² queues for N shards, each of `capacity` slots; a queue to or
+//! from an extra endpoint has at most [`EXTRA_CAPACITY`] slots (the traffic
+//! there is requests and their answers, not fan-out).
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -21,34 +24,54 @@ use crate::engine::{MeshMsg, ShardId};
 #[repr(align(128))]
 struct Parked(AtomicBool);
 
+/// Slots of a queue to or from an extra endpoint.
+pub const EXTRA_CAPACITY: usize = 1024;
+
 pub struct Mesh {
     shards: usize,
-    /// `queues[from * shards + to]`.
+    /// Shards and extra endpoints.
+    endpoints: usize,
+    /// `queues[from * endpoints + to]`.
     queues: Vec<ArrayQueue<MeshMsg>>,
     parked: Vec<Parked>,
     bells: Vec<UnixStream>,
 }
 
 impl Mesh {
-    /// Creates the mesh and returns, for each shard, the receiving end of
-    /// its doorbell (to be awaited on that shard's runtime).
-    pub fn new(shards: usize, capacity: usize) -> std::io::Result<(Mesh, Vec<UnixStream>)> {
-        let mut bells = Vec::with_capacity(shards);
-        let mut receivers = Vec::with_capacity(shards);
-        for _ in 0..shards {
+    /// Creates the mesh of `shards` shards and `extra` other endpoints,
+    /// and returns, for each endpoint, the receiving end of its doorbell
+    /// (to be awaited on that endpoint's runtime).
+    pub fn new(
+        shards: usize,
+        extra: usize,
+        capacity: usize,
+    ) -> std::io::Result<(Mesh, Vec<UnixStream>)> {
+        let endpoints = shards + extra;
+        let mut bells = Vec::with_capacity(endpoints);
+        let mut receivers = Vec::with_capacity(endpoints);
+        for _ in 0..endpoints {
             let (tx, rx) = UnixStream::pair()?;
             tx.set_nonblocking(true)?;
             rx.set_nonblocking(true)?;
             bells.push(tx);
             receivers.push(rx);
         }
+        let queues = (0..endpoints * endpoints)
+            .map(|i| {
+                let (from, to) = (i / endpoints, i % endpoints);
+                if from < shards && to < shards {
+                    ArrayQueue::new(capacity)
+                } else {
+                    ArrayQueue::new(capacity.min(EXTRA_CAPACITY))
+                }
+            })
+            .collect();
         Ok((
             Mesh {
                 shards,
-                queues: (0..shards * shards)
-                    .map(|_| ArrayQueue::new(capacity))
-                    .collect(),
-                parked: (0..shards)
+                endpoints,
+                queues,
+                parked: (0..endpoints)
                     .map(|_| Parked(AtomicBool::new(false)))
                     .collect(),
                 bells,
@@ -61,8 +84,13 @@ impl Mesh {
         self.shards
     }
 
+    /// Shards and extra endpoints.
+    pub fn endpoints(&self) -> usize {
+        self.endpoints
+    }
+
     fn queue(&self, from: ShardId, to: ShardId) -> &ArrayQueue<MeshMsg> {
-        &self.queues[from as usize * self.shards + to as usize]
+        &self.queues[from as usize * self.endpoints + to as usize]
     }
 
     /// Queues a message; gives it back when the queue is full.
@@ -76,7 +104,7 @@ impl Mesh {
 
     /// Whether any queue into `to` holds a message.
     pub fn has_pending(&self, to: ShardId) -> bool {
-        (0..self.shards).any(|from| !self.queue(from as ShardId, to).is_empty())
+        (0..self.endpoints).any(|from| !self.queue(from as ShardId, to).is_empty())
     }
 
     /// Marks `me` as about to sleep. Returns false if a message arrived in
@@ -126,7 +154,7 @@ mod tests {
 
     #[test]
     fn bounded_fifo_per_pair() {
-        let (m, _rx) = Mesh::new(2, 2).unwrap();
+        let (m, _rx) = Mesh::new(2, 0, 2).unwrap();
         assert!(m.try_push(0, 1, msg(1)).is_ok());
         assert!(m.try_push(0, 1, msg(2)).is_ok());
         assert!(m.try_push(0, 1, msg(3)).is_err(), "bounded");
@@ -142,7 +170,7 @@ mod tests {
 
     #[test]
     fn rings_only_a_parked_shard_and_only_once() {
-        let (m, mut rx) = Mesh::new(2, 8).unwrap();
+        let (m, mut rx) = Mesh::new(2, 0, 8).unwrap();
         assert!(!m.wake(1), "not parked: no syscall");
         assert!(m.park(1));
         assert!(m.wake(1));
@@ -151,5 +179,23 @@ mod tests {
         assert_eq!(rx[1].read(&mut buf).unwrap(), 1);
         m.try_push(0, 1, msg(0)).unwrap();
         assert!(!m.park(1), "pending messages prevent parking");
+    }
+
+    #[test]
+    fn an_extra_endpoint_talks_to_every_shard_through_small_queues() {
+        let (m, mut rx) = Mesh::new(2, 1, 4096).unwrap();
+        assert_eq!((m.shards(), m.endpoints(), rx.len()), (2, 3, 3));
+        m.try_push(2, 0, msg(7)).unwrap();
+        assert!(
+            m.has_pending(0),
+            "a shard sees what the extra endpoint sent"
+        );
+        assert!(m.park(2));
+        m.try_push(1, 2, msg(8)).unwrap();
+        assert!(m.wake(2));
+        let mut buf = [0u8; 8];
+        assert_eq!(rx[2].read(&mut buf).unwrap(), 1);
+        assert_eq!(m.queue(1, 2).capacity(), EXTRA_CAPACITY);
+        assert_eq!(m.queue(0, 1).capacity(), 4096);
     }
 }

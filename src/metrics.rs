@@ -27,6 +27,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+    /// For gauges written by one thread.
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Relaxed);
+    }
 }
 
 /// Everything one shard counts. Padded so shards never share a cache line.
@@ -54,6 +58,12 @@ pub struct ShardMetrics {
     pub rate_limit_closes: Counter,
     /// Connections refused, by [`crate::admission::Refusal::index`].
     pub refused: [Counter; 4],
+    /// Channels this shard owns (gauge).
+    pub channels: Counter,
+    /// Users this shard is home to that are connected (gauge).
+    pub online_users: Counter,
+    /// Bans in force (gauge; every shard holds them all).
+    pub bans: Counter,
 }
 
 /// Renders all shards' metrics in the Prometheus text format.
@@ -77,7 +87,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 17] = [
+    let series: [(&str, &str, &str, Get); 20] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -167,6 +177,24 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Connections closed (1008) for going on past their rate limits.",
             |m| &m.rate_limit_closes,
+        ),
+        (
+            "channels",
+            "gauge",
+            "Channels owned by the shard (members, or history still kept).",
+            |m| &m.channels,
+        ),
+        (
+            "online_users",
+            "gauge",
+            "Connected users whose home is the shard.",
+            |m| &m.online_users,
+        ),
+        (
+            "bans",
+            "gauge",
+            "Bans in force (each shard holds all of them).",
+            |m| &m.bans,
         ),
     ];
     for (name, kind, help, get) in series {

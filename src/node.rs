@@ -90,7 +90,7 @@ impl Node {
     /// to close its connections with 1001.
     pub fn begin_drain(&self) {
         self.state.store(DRAINING, SeqCst);
-        for s in 0..self.shards() {
+        for s in 0..self.mesh.endpoints() {
             self.mesh.ring(s as u16);
         }
     }

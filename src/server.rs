@@ -16,6 +16,8 @@ use crate::node::Node;
 pub struct Server {
     pub node: Arc<Node>,
     pub local_addr: SocketAddr,
+    /// Where the server API listens (when it runs).
+    pub api_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -102,14 +104,35 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .map_err(StartError::Io)?;
         (Some(store), bans)
     };
-    let (mesh, bells) =
-        Mesh::new(shards, config.mesh_queue_capacity).map_err(|e| StartError::Io(e.to_string()))?;
+    let (mesh, bells) = Mesh::new(shards, 1, config.mesh_queue_capacity)
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    // The server API listens on an address of its own, bound before any
+    // thread starts so that a taken port fails the start.
+    let api_listener = if config.api_keys.is_empty() || config.api_listen.is_empty() {
+        None
+    } else {
+        let addr = config.api_addr().map_err(StartError::Config)?;
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| StartError::Io(format!("cannot listen on {addr} (api_listen): {e}")))?;
+        l.set_nonblocking(true)
+            .map_err(|e| StartError::Io(e.to_string()))?;
+        Some(l)
+    };
+    let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
     let mut node = Node::new(config, verifier, mesh);
     node.ban_store = ban_store;
     node.initial_bans = initial_bans;
     let node = Arc::new(node);
-    let mut threads = Vec::with_capacity(shards);
-    for (id, (listener, bell)) in listeners.into_iter().zip(bells).enumerate() {
+    let mut bells = bells.into_iter();
+    let shard_bells: Vec<_> = bells.by_ref().take(shards).collect();
+    let api_bell = bells.next().expect("the mesh has the API's endpoint");
+    let mut threads = Vec::with_capacity(shards + 1);
+    if let Some(l) = api_listener {
+        let t = crate::api::spawn(node.clone(), l, api_bell)
+            .map_err(|e| StartError::Io(format!("cannot start the API thread: {e}")))?;
+        threads.push(t);
+    }
+    for (id, (listener, bell)) in listeners.into_iter().zip(shard_bells).enumerate() {
         let node = node.clone();
         let t = std::thread::Builder::new()
             .name(format!("corecast-shard-{id}"))
@@ -129,6 +152,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     Ok(Server {
         node,
         local_addr,
+        api_addr,
         threads,
     })
 }

@@ -657,31 +657,8 @@ impl<O: Outbound> Engine<O> {
         if let Err((code, e)) = self.check_content("content", &m.content) {
             return self.error(id, ack, code, e);
         }
-        let ids = [
-            ("replyTo", m.reply_to.as_deref()),
-            ("threadId", m.thread_id.as_deref()),
-            ("nonce", m.nonce.as_deref()),
-        ];
-        for (field, v) in ids {
-            if let Some(Err(e)) = v.map(|v| check_id(field, v)) {
-                return self.error(id, ack, ErrorCode::BadRequest, e);
-            }
-        }
-        if m.mentions.len() > MAX_MENTIONS {
-            return self.error(
-                id,
-                ack,
-                ErrorCode::TooLarge,
-                format!("at most {MAX_MENTIONS} `mentions`"),
-            );
-        }
-        if let Some(Err(e)) = m
-            .mentions
-            .iter()
-            .map(|u| check_id("mentions", u))
-            .find(Result::is_err)
-        {
-            return self.error(id, ack, ErrorCode::BadRequest, e);
+        if let Err((code, e)) = api::check_send_ids(&m) {
+            return self.error(id, ack, code, e);
         }
         let Some(channel) = self.joined(id, &m.channel_id) else {
             return self.error(

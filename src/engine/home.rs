@@ -95,7 +95,12 @@ impl<O: Outbound> Engine<O> {
                 e.send_to(conn, p, &msg, now, tx);
             }
         };
-        let s = self.s.clone();
+        // Copied out: the arms below borrow the user's state mutably.
+        let (resume_window_ms, presence_grace_ms, max_conversations) = (
+            self.s.resume_window_ms,
+            self.s.presence_grace_ms,
+            self.s.max_conversations,
+        );
         match op {
             UserCmd::Online { session, device } => {
                 let Some((conn, protocol)) = from else { return };
@@ -122,6 +127,11 @@ impl<O: Outbound> Engine<O> {
                     return;
                 }
                 let before = self.user_shards(&user);
+                let st = self.user(&user);
+                if st.devices.is_empty() {
+                    self.online_users += 1;
+                    self.metrics.online_users.set(self.online_users as u64);
+                }
                 let st = self.user(&user);
                 st.add_device(Device {
                     conn,
@@ -163,6 +173,10 @@ impl<O: Outbound> Engine<O> {
                     return;
                 };
                 let device = st.devices.remove(i);
+                if st.devices.is_empty() {
+                    self.online_users -= 1;
+                    self.metrics.online_users.set(self.online_users as u64);
+                }
                 self.spread(&user, &before, now, tx);
                 let Some(st) = self.users.get_mut(&user) else {
                     return;
@@ -173,13 +187,13 @@ impl<O: Outbound> Engine<O> {
                     st.more().detached.push(Detached {
                         session: device.session,
                         channels,
-                        until: now + s.resume_window_ms,
+                        until: now + resume_window_ms,
                     });
-                    wake.push(now + s.resume_window_ms);
+                    wake.push(now + resume_window_ms);
                 }
                 if st.devices.is_empty() {
                     st.left_at = Some(user::at(now));
-                    wake.push(now + s.presence_grace_ms);
+                    wake.push(now + presence_grace_ms);
                 }
                 let voice = st
                     .extra_mut()
@@ -285,7 +299,7 @@ impl<O: Outbound> Engine<O> {
                 if let Some(n) = &d.nonce {
                     st.remember_dm_nonce(n, msg.clone());
                 }
-                st.record_dm(&to, msg.clone(), false, s.max_conversations);
+                st.record_dm(&to, msg.clone(), false, max_conversations);
                 let body = AckBody::Dm(DmAck {
                     message_id,
                     to_user_id: d.to_user_id,
@@ -305,7 +319,7 @@ impl<O: Outbound> Engine<O> {
             UserCmd::DmDeliver(msg) => {
                 let from_user: Arc<str> = msg.from_user_id.as_str().into();
                 self.user(&user)
-                    .record_dm(&from_user, msg.clone(), true, s.max_conversations);
+                    .record_dm(&from_user, msg.clone(), true, max_conversations);
                 self.send_devices(&user, ServerEvent::DmNew(msg), None, now, tx);
             }
             UserCmd::Conversations { limit } => {
@@ -329,7 +343,9 @@ impl<O: Outbound> Engine<O> {
                 let body = AckBody::Conversations(ConversationsAck { conversations });
                 reply(self, ack_of(ack, body), tx);
             }
-            UserCmd::Notify { kind, data } => self.notify(&user, kind, data, now, tx),
+            UserCmd::Notify { kind, data } => {
+                self.notify(&user, kind, data, now, tx);
+            }
             UserCmd::NotificationsPending => {
                 let notifications = match self.users.get_mut(&user) {
                     Some(st) => {
@@ -555,6 +571,8 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// Queues a notification for a user (delivered at once to its devices)
+    /// and returns it.
     pub(super) fn notify(
         &mut self,
         user: &Arc<str>,
@@ -562,7 +580,7 @@ impl<O: Outbound> Engine<O> {
         data: Option<Json>,
         now: u64,
         tx: &mut impl MeshTx,
-    ) {
+    ) -> Notification {
         let notification_id = self.mint_id("n");
         let n = Notification {
             notification_id,
@@ -575,7 +593,8 @@ impl<O: Outbound> Engine<O> {
         let max = self.s.max_notifications;
         self.user(user).push_notification(n.clone(), max);
         self.wake_user(user, n.expires_at);
-        self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
+        self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
+        n
     }
 
     /// Whatever is due for a user: the end of the grace period, resume

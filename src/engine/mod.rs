@@ -200,7 +200,7 @@ pub fn home_of(user: &str, shards: u16) -> ShardId {
 }
 
 /// Longest user id, message id, thread id, nonce, emoji, status text.
-const MAX_ID_BYTES: usize = 128;
+const MAX_ID_CHARS: usize = 128;
 const MAX_MENTIONS: usize = 100;
 const MAX_EMOJI_BYTES: usize = 64;
 const MAX_REACTIONS_PER_MESSAGE: usize = 50;
@@ -259,12 +259,42 @@ pub enum MeshMsg {
         conn: ConnId,
         moderation: Arc<Moderation>,
     },
+    /// From the server API thread: a request of the application backend,
+    /// to the shard that carries it out (which answers `from`).
+    Api(Box<ApiCall>),
     /// From a user's home, for each new connection: whether it was taken
     /// (a user holds at most `max_connections_per_user`).
     Admission { conn: ConnId, refused: bool },
     /// From a user's home: the user's connections are on this many shards
     /// (each takes that share of the user's rate limits; 0: none here).
     Spread { user: Arc<str>, shards: u16 },
+}
+
+/// A request of the server API. Answers go to `from` (the API thread's
+/// endpoint) as `ToConn` frames carrying an `ack` or an `error` with id
+/// `id`, like a client's.
+#[derive(Debug)]
+pub struct ApiCall {
+    pub from: ConnRef,
+    pub id: u64,
+    pub op: ApiOp,
+}
+
+#[derive(Debug)]
+pub enum ApiOp {
+    /// To the channel's owner: a message from `user`, sequenced and kept
+    /// like any other (the channel need not have members).
+    Publish { user: String, send: MessageSend },
+    /// To the user's home: a notification, delivered now or kept.
+    Notify {
+        user: String,
+        kind: String,
+        data: Option<Json>,
+    },
+    /// To any shard: a kick, ban or unban (`by` names who asked).
+    Moderate(Moderation),
+    /// To the channel's owner: its members.
+    Members { channel: String },
 }
 
 /// A moderation action.
@@ -655,10 +685,13 @@ pub(super) fn err(id: Option<u64>, code: ErrorCode, message: impl Into<String>) 
     ServerMessage::error(id, code, message)
 }
 
-pub(super) fn check_id(field: &str, v: &str) -> Result<(), String> {
-    if v.is_empty() || v.len() > MAX_ID_BYTES || v.chars().any(char::is_control) {
+/// Checks an id (user, message, nonce…): 1 to 128 characters, no control
+/// characters. The error names `field`.
+pub fn check_id(field: &str, v: &str) -> Result<(), String> {
+    let too_long = v.len() > MAX_ID_CHARS && v.chars().count() > MAX_ID_CHARS;
+    if v.is_empty() || too_long || v.chars().any(char::is_control) {
         return Err(format!(
-            "`{field}` must be 1 to {MAX_ID_BYTES} bytes without control characters"
+            "`{field}` must be 1 to {MAX_ID_CHARS} characters without control characters"
         ));
     }
     Ok(())
@@ -676,6 +709,14 @@ pub(super) fn call_id_str(id: u64) -> String {
     format!("{id:016x}")
 }
 
+/// Counts of one shard's state (see [`Engine::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub channels: usize,
+    pub online_users: usize,
+    pub bans: usize,
+}
+
 /// Checks a subscription token: `(token, user, channel)`.
 pub type SubscriptionCheck = Box<dyn Fn(&str, &str, &str) -> Result<(), String>>;
 
@@ -689,6 +730,8 @@ pub struct Engine<O> {
     ban_sink: Option<BanSink>,
     bans: bans::Bans,
     limiter: limits::Limiter,
+    /// Users this shard is home to that have at least one connection.
+    online_users: usize,
     shard: ShardId,
     shards: u16,
     s: Settings,
@@ -723,6 +766,7 @@ impl<O: Outbound> Engine<O> {
             ban_sink: None,
             bans: bans::Bans::default(),
             limiter: limits::Limiter::default(),
+            online_users: 0,
             shard,
             shards,
             s: settings,
@@ -845,6 +889,17 @@ impl<O: Outbound> Engine<O> {
     /// Number of open connections known to the engine.
     pub fn connections(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// What this shard holds: channels it owns, users it is home to that
+    /// have a connection, bans in its table (also kept in the shard's
+    /// gauges as they change).
+    pub fn stats(&self) -> Stats {
+        Stats {
+            channels: self.owned.len(),
+            online_users: self.online_users,
+            bans: self.bans.len(),
+        }
     }
 
     /// Forgets a connection: leaves its channels, drops its subscriptions,
@@ -1085,7 +1140,10 @@ impl<O: Outbound> Engine<O> {
                 Timer::ChannelGc { channel } => self.channel_gc(&channel, now),
                 Timer::User { user } => self.user_timer(&user, now, tx),
                 Timer::CallRing { call } => self.ring_out(call, now, tx),
-                Timer::Bans => self.bans.prune(now),
+                Timer::Bans => {
+                    self.bans.prune(now);
+                    self.metrics.bans.set(self.bans.len() as u64);
+                }
                 Timer::Buckets { user } => self.buckets_timer(user, now),
             }
         }
@@ -1142,6 +1200,7 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Disconnect { conn, moderation } => self.disconnect(conn, &moderation, now, tx),
             MeshMsg::Spread { user, shards } => self.limiter.set_spread(&user, shards),
             MeshMsg::Admission { conn, refused } => self.on_admission(conn, refused, now, tx),
+            MeshMsg::Api(call) => self.on_api(*call, now, tx),
         }
     }
 
@@ -1186,9 +1245,9 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
         return Err("`status` cannot be `offline`: set `invisible` to appear offline".into());
     }
     if let Some(Some(c)) = &p.custom_status {
-        if c.chars().count() > MAX_ID_BYTES {
+        if c.chars().count() > MAX_ID_CHARS {
             return Err(format!(
-                "`customStatus` is longer than {MAX_ID_BYTES} characters"
+                "`customStatus` is longer than {MAX_ID_CHARS} characters"
             ));
         }
     }
@@ -1198,9 +1257,9 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
             ("activity.name", Some(&a.name)),
             ("activity.details", a.details.as_ref()),
         ] {
-            if v.is_some_and(|v| v.chars().count() > MAX_ID_BYTES) {
+            if v.is_some_and(|v| v.chars().count() > MAX_ID_CHARS) {
                 return Err(format!(
-                    "`{field}` is longer than {MAX_ID_BYTES} characters"
+                    "`{field}` is longer than {MAX_ID_CHARS} characters"
                 ));
             }
         }
@@ -1208,8 +1267,10 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
     Ok(())
 }
 
+mod api;
 mod calls;
 mod client;
+pub use moderation::{MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;
 mod moderation;

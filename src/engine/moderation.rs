@@ -73,6 +73,7 @@ impl<O: Outbound> Engine<O> {
     /// Updates the table; a timed ban leaves it when it ends.
     fn apply_ban(&mut self, m: &Arc<Moderation>, now: u64) {
         self.bans.apply(m, now);
+        self.metrics.bans.set(self.bans.len() as u64);
         if let ModKind::Ban { until: Some(t) } = m.kind {
             self.timers.at(t, Timer::Bans);
         }

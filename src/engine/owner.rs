@@ -125,6 +125,7 @@ impl<O: Outbound> Engine<O> {
             let epoch = self.next_epoch();
             self.owned
                 .insert(channel.clone(), Owned::new(epoch, self.shards as usize));
+            self.metrics.channels.set(self.owned.len() as u64);
         }
     }
 
@@ -184,6 +185,7 @@ impl<O: Outbound> Engine<O> {
         owned.typing.clear();
         if owned.is_idle() {
             self.owned.remove(channel);
+            self.metrics.channels.set(self.owned.len() as u64);
         } else if let Some(at) = owned.history_expires(s) {
             self.timers.at(
                 at + 1,

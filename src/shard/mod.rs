@@ -220,7 +220,9 @@ impl Shard {
             outbox: RefCell::new(Outbox {
                 node: node.clone(),
                 me: id as ShardId,
-                pending: (0..n).map(|_| VecDeque::new()).collect(),
+                pending: (0..node.mesh.endpoints())
+                    .map(|_| VecDeque::new())
+                    .collect(),
                 backlog: 0,
                 dirty: Vec::new(),
             }),
@@ -561,7 +563,7 @@ impl Shard {
             let mut engine = self.engine.borrow_mut();
             let mut outbox = self.outbox.borrow_mut();
             let now = now_ms();
-            for from in 0..node.shards() as ShardId {
+            for from in 0..node.mesh.endpoints() as ShardId {
                 while got < DRAIN_BATCH {
                     let Some(m) = node.mesh.pop(from, self.id) else {
                         break;

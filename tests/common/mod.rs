@@ -93,6 +93,18 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Where the server API listens (it says so right after starting).
+    pub fn api_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(rest) = self.log().split("server API listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the server API did not start:\n{}", self.log());
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }

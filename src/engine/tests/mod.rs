@@ -111,7 +111,8 @@ impl Sim {
                     e
                 })
                 .collect(),
-            mesh: Queues((0..n).map(|_| VecDeque::new()).collect()),
+            // The shards, then one extra endpoint (the server API).
+            mesh: Queues((0..=n).map(|_| VecDeque::new()).collect()),
             now: 1_000,
         }
     }
@@ -2510,6 +2511,8 @@ mod chat_sequences {
                 prop_assert!(s.gathers.is_empty(), "shard {} gathers", i);
                 prop_assert!(s.timers.is_empty(), "shard {} timers {}", i, s.timers.len());
                 prop_assert!(s.bans.is_empty(), "shard {} bans {}", i, s.bans.len());
+                prop_assert_eq!(s.stats().online_users, 0, "shard {}", i);
+                prop_assert!(s.limiter.buckets.is_empty() && s.limiter.spread.is_empty(), "shard {} limiter", i);
             }
         }
     }

@@ -781,3 +781,164 @@ fn lists_and_ids_are_bounded_whatever_decoded_them() {
     );
     assert!(matches!(ack_body(&ra.take(), 6), AckBody::Presences(_)));
 }
+
+/// Sends a server API request to `shard` and returns the answers that
+/// came back to the API's endpoint (the queue after the shards').
+fn api(sim: &mut Sim, shard: u16, id: u64, op: ApiOp) -> Vec<ServerMessage> {
+    let n = sim.shards.len();
+    let from = ConnRef {
+        shard: n as u16,
+        conn: ConnId {
+            slot: id as u32,
+            gen: 0,
+        },
+    };
+    let call = MeshMsg::Api(Box::new(ApiCall { from, id, op }));
+    sim.shards[shard as usize].handle_mesh(call, sim.now, &mut sim.mesh);
+    sim.settle();
+    sim.mesh.0[n]
+        .drain(..)
+        .flat_map(|m| match m {
+            MeshMsg::ToConn { frame, .. } => vec![frame],
+            other => panic!("unexpected {other:?}"),
+        })
+        .map(|f| {
+            let h = crate::ws::frame::parse_header(&f).unwrap().unwrap();
+            json::decode_server(&f[h.header_len..]).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_server_api_publishes_notifies_moderates_and_lists_members() {
+    let mut sim = Sim::new(3);
+    let ch = channel_owned_by(2, 3);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &ch);
+    ra.take();
+    // Publish: sequenced, delivered and kept like any message.
+    let got = api(
+        &mut sim,
+        2,
+        7,
+        ApiOp::Publish {
+            user: "backend".into(),
+            send: MessageSend::new(ch.as_str(), "maintenance at noon"),
+        },
+    );
+    match ack_body(&got, 7) {
+        AckBody::Send(s) => assert_eq!(s.offset, 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        contents(&ra.take()),
+        [(1, "maintenance at noon".to_string())]
+    );
+    // Into a channel nobody is in: kept for whoever joins and recovers.
+    let empty = channel_owned_by(1, 3);
+    let got = api(
+        &mut sim,
+        1,
+        8,
+        ApiOp::Publish {
+            user: "backend".into(),
+            send: MessageSend::new(empty.as_str(), "you missed this"),
+        },
+    );
+    assert!(matches!(ack_body(&got, 8), AckBody::Send(_)));
+    sim.send(
+        a,
+        Some(3),
+        ClientEvent::ChannelGetHistory(GetHistory {
+            channel_id: empty.clone(),
+            limit: None,
+            before: None,
+        }),
+    );
+    assert_eq!(
+        error_code(&ra.take(), 3),
+        ErrorCode::Forbidden,
+        "join first"
+    );
+    sim.join(a, &empty);
+    sim.send(
+        a,
+        Some(4),
+        ClientEvent::ChannelGetHistory(GetHistory {
+            channel_id: empty.clone(),
+            limit: None,
+            before: None,
+        }),
+    );
+    match ack_body(&ra.take(), 4) {
+        AckBody::History(h) => assert_eq!(h.messages[0].message.content, "you missed this"),
+        other => panic!("{other:?}"),
+    }
+    // Bad input is answered with the field at fault.
+    let got = api(
+        &mut sim,
+        2,
+        9,
+        ApiOp::Publish {
+            user: "".into(),
+            send: MessageSend::new(ch.as_str(), "x"),
+        },
+    );
+    assert_eq!(error_code(&got, 9), ErrorCode::BadRequest);
+    // Notify: at once to an online user, kept for an offline one.
+    let home = home_of("alice", 3);
+    let got = api(
+        &mut sim,
+        home,
+        10,
+        ApiOp::Notify {
+            user: "alice".into(),
+            kind: "invoice".into(),
+            data: Some(Json(r#"{"amount":3}"#.into())),
+        },
+    );
+    assert!(
+        matches!(ack_body(&got, 10), AckBody::Notifications(n) if n.notifications[0].kind == "invoice")
+    );
+    assert!(names(&ra.take()).contains(&"notification:new"));
+    let home = home_of("bob", 3);
+    api(
+        &mut sim,
+        home,
+        11,
+        ApiOp::Notify {
+            user: "bob".into(),
+            kind: "welcome".into(),
+            data: None,
+        },
+    );
+    let (_, rb) = sim.connect(1, "bob", Protocol::Json);
+    assert!(names(&rb.take()).contains(&"notification:new"));
+    // Members, from the owner.
+    let got = api(
+        &mut sim,
+        2,
+        12,
+        ApiOp::Members {
+            channel: ch.clone(),
+        },
+    );
+    match ack_body(&got, 12) {
+        AckBody::Members(m) => assert_eq!(m.members[0].user_id, "alice"),
+        other => panic!("{other:?}"),
+    }
+    // Ban from anywhere: the user's connections are closed.
+    let ban = Moderation {
+        kind: ModKind::Ban { until: None },
+        user: "alice".into(),
+        channel: None,
+        reason: Some("fraud".into()),
+        by: "backend".into(),
+        at: 0,
+        from: None,
+        ack: None,
+    };
+    let got = api(&mut sim, 0, 13, ApiOp::Moderate(ban));
+    assert!(matches!(ack_body(&got, 13), AckBody::Empty(_)));
+    assert_eq!(ra.closed.get(), Some(crate::ws::close::BANNED));
+}

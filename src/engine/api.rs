@@ -1,0 +1,144 @@
+//! Requests of the server API (the application backend), carried out on
+//! the shard in charge and answered like a client's requests.
+
+use std::sync::Arc;
+
+use super::moderation::MAX_REASON_CHARS;
+use super::*;
+
+/// Longest notification `data`, in bytes of JSON.
+pub const MAX_NOTIFICATION_DATA: usize = 32 * 1024;
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn on_api(&mut self, call: ApiCall, now: u64, tx: &mut impl MeshTx) {
+        let ApiCall { from, id, op } = call;
+        let ack = Some(id);
+        let answer = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, Protocol::Json, &msg, now, tx)
+        };
+        let bad = |e: String| (ErrorCode::BadRequest, e);
+        let too_large = |e: String| (ErrorCode::TooLarge, e);
+        let refuse = |e: &mut Self, (code, m): (ErrorCode, String), tx: &mut _| {
+            answer(e, err(ack, code, m), tx)
+        };
+        match op {
+            ApiOp::Publish { user, send } => {
+                let checked = check_id("userId", &user)
+                    .and_then(|_| self.check_channel_id(&send.channel_id))
+                    .map_err(bad)
+                    .and_then(|_| self.check_content("content", &send.content))
+                    .and_then(|_| check_send_ids(&send));
+                if let Err(e) = checked {
+                    return refuse(self, e, tx);
+                }
+                let channel: Arc<str> = send.channel_id.as_str().into();
+                self.ensure_owned(&channel);
+                let p = Publish {
+                    channel: channel.clone(),
+                    from,
+                    member: Member {
+                        user: user.into(),
+                        session: SessionId(0, 0),
+                        protocol: Protocol::Json,
+                    },
+                    ack,
+                    send,
+                };
+                self.on_publish(p, now, tx);
+                // Without members the channel still keeps the message for
+                // as long as its history lasts.
+                self.channel_gc(&channel, now);
+            }
+            ApiOp::Notify { user, kind, data } => {
+                let checked = check_id("userId", &user)
+                    .and_then(|_| check_id("kind", &kind))
+                    .map_err(bad)
+                    .and_then(|_| match &data {
+                        Some(d) if d.0.len() > MAX_NOTIFICATION_DATA => Err(too_large(format!(
+                            "`data` is larger than {MAX_NOTIFICATION_DATA} bytes"
+                        ))),
+                        _ => Ok(()),
+                    });
+                if let Err(e) = checked {
+                    return refuse(self, e, tx);
+                }
+                let n = self.notify(&user.into(), kind, data, now, tx);
+                let body = AckBody::Notifications(NotificationsAck {
+                    notifications: vec![n],
+                });
+                answer(self, ack_of(ack, body), tx);
+            }
+            ApiOp::Moderate(mut m) => {
+                let checked = check_id("userId", &m.user)
+                    .and_then(|_| match &m.channel {
+                        Some(c) => self.check_channel_id(c),
+                        None => Ok(()),
+                    })
+                    .and_then(|_| check_id("by", &m.by))
+                    .map_err(bad)
+                    .and_then(|_| match &m.reason {
+                        Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(too_large(format!(
+                            "`reason` is longer than {MAX_REASON_CHARS} characters"
+                        ))),
+                        _ => Ok(()),
+                    });
+                if let Err(e) = checked {
+                    return refuse(self, e, tx);
+                }
+                m.from = Some((from, Protocol::Json));
+                m.ack = ack;
+                m.at = now;
+                self.moderate(m, now, tx);
+            }
+            ApiOp::Members { channel } => {
+                if let Err(e) = self.check_channel_id(&channel) {
+                    return refuse(self, bad(e), tx);
+                }
+                if !self.owned.contains_key(channel.as_str()) {
+                    // A channel nobody is in has no members.
+                    let body = AckBody::Members(MembersAck {
+                        channel_id: channel,
+                        members: Vec::new(),
+                    });
+                    return answer(self, ack_of(ack, body), tx);
+                }
+                let op = ChannelOp {
+                    channel: channel.as_str().into(),
+                    from,
+                    member: Member {
+                        user: "".into(),
+                        session: SessionId(0, 0),
+                        protocol: Protocol::Json,
+                    },
+                    ack,
+                    op: ChanCmd::Members,
+                };
+                self.on_channel_op(op, now, tx);
+            }
+        }
+    }
+}
+
+/// The ids and mentions of a message, checked as for a client.
+pub(super) fn check_send_ids(m: &MessageSend) -> Result<(), (ErrorCode, String)> {
+    let ids = [
+        ("replyTo", m.reply_to.as_deref()),
+        ("threadId", m.thread_id.as_deref()),
+        ("nonce", m.nonce.as_deref()),
+    ];
+    for (field, v) in ids {
+        if let Some(Err(e)) = v.map(|v| check_id(field, v)) {
+            return Err((ErrorCode::BadRequest, e));
+        }
+    }
+    if m.mentions.len() > MAX_MENTIONS {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("at most {MAX_MENTIONS} `mentions`"),
+        ));
+    }
+    m.mentions
+        .iter()
+        .try_for_each(|u| check_id("mentions", u))
+        .map_err(|e| (ErrorCode::BadRequest, e))
+}
