@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use corecast::access::Access;
-use corecast::engine::{Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId};
+use corecast::engine::limits::{Limit, RateLimits};
+use corecast::engine::{
+    ConnId, Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId,
+};
 use corecast::metrics::ShardMetrics;
 use corecast::protocol::{
     binary, json, ChannelJoin, ClientEvent, ClientMessage, DeviceKind, MessageSend, Protocol,
@@ -26,10 +29,10 @@ fn frames(c: &mut Criterion) {
         let wire = encode_masked(true, OpCode::Binary, &payload, [1, 2, 3, 4]);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_function(format!("decode/{size}"), |b| {
-            let mut d = Decoder::new(1 << 20);
+            let mut d = Decoder::new();
             b.iter_batched(
                 || BytesMut::from(&wire[..]),
-                |mut src| black_box(d.decode(&mut src).unwrap()),
+                |mut src| black_box(d.decode(&mut src, 1 << 20).unwrap()),
                 BatchSize::SmallInput,
             )
         });
@@ -109,19 +112,25 @@ impl MeshTx for NoMesh {
     }
 }
 
-fn fanout(c: &mut Criterion) {
-    let mut g = c.benchmark_group("fanout");
-    const MEMBERS: u64 = 1000;
-    let mut e = Engine::new(
-        0,
-        1,
-        Settings::default(),
-        Arc::new(ShardMetrics::default()),
-        1,
-    );
+/// A shard with `members` local members of `room`, every one a user of
+/// its own; with rate limits (high enough never to refuse here) or
+/// without.
+fn room(members: u64, limits: bool) -> (Engine<Count>, Vec<ConnId>, Count) {
+    let mut rate_limits = RateLimits::default();
+    rate_limits.set("*", None).unwrap();
+    if limits {
+        rate_limits
+            .set("*", Limit::parse("1000000000/1ms").unwrap())
+            .unwrap();
+    }
+    let settings = Settings {
+        rate_limits,
+        ..Settings::default()
+    };
+    let mut e = Engine::new(0, 1, settings, Arc::new(ShardMetrics::default()), 1);
     let counter = Count(std::rc::Rc::new(Cell::new(0)));
     let mut ids = Vec::new();
-    for i in 0..MEMBERS {
+    for i in 0..members {
         let m = Member {
             user: format!("u{i}").into(),
             session: SessionId(1, i),
@@ -146,18 +155,40 @@ fn fanout(c: &mut Criterion) {
         );
         ids.push(id);
     }
-    g.throughput(Throughput::Elements(MEMBERS));
-    g.bench_function("publish_to_1000_local_members", |b| {
-        b.iter(|| {
-            let m = ClientMessage {
-                id: Some(1),
-                event: ClientEvent::MessageSend(MessageSend::new("room", "hello")),
-            };
-            e.handle(ids[0], m, 0, &mut NoMesh);
-        })
-    });
+    (e, ids, counter)
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fanout");
+    for (members, limits, name) in [
+        (1000, true, "publish_to_1000_local_members"),
+        (10, true, "publish_to_10_local_members/rate_limits_on"),
+        (10, false, "publish_to_10_local_members/rate_limits_off"),
+    ] {
+        let (mut e, ids, counter) = room(members, limits);
+        g.throughput(Throughput::Elements(members));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let m = ClientMessage {
+                    id: Some(1),
+                    event: ClientEvent::MessageSend(MessageSend::new("room", "hello")),
+                };
+                e.handle(ids[0], m, 0, &mut NoMesh);
+            })
+        });
+        // Publishes are still delivered after the run: no limit refused them.
+        let before = counter.0.get();
+        let m = ClientMessage {
+            id: Some(1),
+            event: ClientEvent::MessageSend(MessageSend::new("room", "hello")),
+        };
+        e.handle(ids[0], m, 0, &mut NoMesh);
+        assert!(
+            counter.0.get() - before > members,
+            "{name}: a publish was refused"
+        );
+    }
     g.finish();
-    assert!(counter.0.get() > MEMBERS);
 }
 
 criterion_group!(benches, frames, envelopes, fanout);

@@ -78,14 +78,15 @@ impl Refusal {
     }
 }
 
-/// The two counters of a key in a sketch (0: none taken).
+/// The two counters of a key in a sketch (0: none taken). Four bytes, as
+/// every connection keeps one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Slots(u64);
+pub struct Slots(u32);
 
 /// Concurrent counts per key, never under-counted.
 struct Sketch {
     cells: Box<[AtomicU32]>,
-    mask: u64,
+    mask: u32,
 }
 
 /// `size` zeroed counters, in pages the kernel maps only when first
@@ -97,28 +98,35 @@ fn zeroed(size: usize) -> Box<[AtomicU32]> {
     unsafe { Box::from_raw(Box::into_raw(cells) as *mut [AtomicU32]) }
 }
 
+/// A key's two cells, from its (non-zero) 32-bit hash: the low bits, and
+/// the bits of a multiplicative remix.
+fn two_cells(hash: u32, mask: u32) -> (usize, usize) {
+    let a = hash & mask;
+    let mut b = hash.wrapping_mul(0x9E37_79B9).rotate_left(16) & mask;
+    if b == a {
+        b = (b + 1) & mask;
+    }
+    (a as usize, b as usize)
+}
+
+/// A 32-bit hash that is never 0 (0 means "no slots").
+fn key32(hash: u64) -> u32 {
+    ((hash ^ (hash >> 32)) as u32) | 1
+}
+
 impl Sketch {
     fn new(size: usize) -> Sketch {
         let size = size.next_power_of_two();
         Sketch {
             cells: zeroed(size),
-            mask: size as u64 - 1,
+            mask: size as u32 - 1,
         }
-    }
-
-    fn cells(&self, hash: u64) -> (usize, usize) {
-        let a = hash & self.mask;
-        let mut b = (hash >> 32) & self.mask;
-        if b == a {
-            b = (b + 1) & self.mask;
-        }
-        (a as usize, b as usize)
     }
 
     /// Counts one more for `hash` unless that would pass `limit`.
     fn take(&self, hash: u64, limit: u32) -> Option<Slots> {
-        let hash = hash | 1;
-        let (a, b) = self.cells(hash);
+        let key = key32(hash);
+        let (a, b) = two_cells(key, self.mask);
         let na = self.cells[a].fetch_add(1, Relaxed) + 1;
         let nb = self.cells[b].fetch_add(1, Relaxed) + 1;
         if na.min(nb) > limit {
@@ -126,20 +134,20 @@ impl Sketch {
             self.cells[b].fetch_sub(1, Relaxed);
             return None;
         }
-        Some(Slots(hash))
+        Some(Slots(key))
     }
 
     fn give_back(&self, slots: Slots) {
         if slots.0 == 0 {
             return;
         }
-        let (a, b) = self.cells(slots.0);
+        let (a, b) = two_cells(slots.0, self.mask);
         self.cells[a].fetch_sub(1, Relaxed);
         self.cells[b].fetch_sub(1, Relaxed);
     }
 
     fn count(&self, hash: u64) -> u32 {
-        let (a, b) = self.cells(hash | 1);
+        let (a, b) = two_cells(key32(hash), self.mask);
         self.cells[a].load(Relaxed).min(self.cells[b].load(Relaxed))
     }
 }
@@ -148,7 +156,7 @@ impl Sketch {
 /// (low 16 bits) and the count (high 16 bits).
 struct RateSketch {
     cells: Box<[AtomicU32]>,
-    mask: u64,
+    mask: u32,
 }
 
 impl RateSketch {
@@ -156,15 +164,14 @@ impl RateSketch {
         let size = size.next_power_of_two();
         RateSketch {
             cells: zeroed(size),
-            mask: size as u64 - 1,
+            mask: size as u32 - 1,
         }
     }
 
     /// Counts an event; false when the key already had `limit` this second.
     fn hit(&self, hash: u64, limit: u32, now_ms: u64) -> bool {
         let second = (now_ms / 1000) as u32 & 0xffff;
-        let a = (hash & self.mask) as usize;
-        let b = ((hash >> 32) & self.mask) as usize;
+        let (a, b) = two_cells(key32(hash), self.mask);
         let bump = |cell: &AtomicU32| -> u32 {
             let mut cur = cell.load(Relaxed);
             loop {
@@ -176,12 +183,7 @@ impl RateSketch {
                 }
             }
         };
-        let n = if a == b {
-            bump(&self.cells[a])
-        } else {
-            bump(&self.cells[a]).min(bump(&self.cells[b]))
-        };
-        n <= limit
+        bump(&self.cells[a]).min(bump(&self.cells[b])) <= limit
     }
 }
 

@@ -203,13 +203,20 @@ impl Verifier {
             ));
         }
         let bad = |e: String| AuthError(format!("invalid token: {e}"));
+        // A list holding `*` grants everything: kept as no restriction at
+        // all, which costs a connection nothing.
+        let restrict = |claim: &str, list: &[String]| match Patterns::new(claim, list) {
+            Ok(_) if list.iter().any(|p| p == "*") => Ok(None),
+            Ok(p) => Ok(Some(p)),
+            Err(e) => Err(bad(e)),
+        };
         let channels = match &c.channels {
-            Some(list) => Some(Patterns::new("channels", list).map_err(bad)?),
+            Some(list) => restrict("channels", list)?,
             None if self.open_channels => None,
             None => Some(Patterns::new("channels", &[]).expect("empty is valid")),
         };
         let users = match &c.users {
-            Some(list) => Some(Patterns::new("users", list).map_err(bad)?),
+            Some(list) => restrict("users", list)?,
             None => None,
         };
         let grants =

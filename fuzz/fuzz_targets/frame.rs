@@ -9,12 +9,12 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk, rest)) = data.split_first() else { return };
     let chunk = (chunk as usize % 64) + 1;
-    let mut d = Decoder::new(4096);
+    let mut d = Decoder::new();
     let mut src = BytesMut::new();
     for piece in rest.chunks(chunk) {
         src.extend_from_slice(piece);
         loop {
-            match d.decode(&mut src) {
+            match d.decode(&mut src, 4096) {
                 Ok(Some(Message::Text(t))) => {
                     assert!(std::str::from_utf8(&t).is_ok());
                     assert!(t.len() <= 4096);

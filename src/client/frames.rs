@@ -274,13 +274,13 @@ mod tests {
         let mut out = vec![];
         m.append(&mut out, OpCode::Text, b"hello");
         m.append(&mut out, OpCode::Binary, &[9u8; 300]);
-        let mut d = crate::ws::Decoder::new(1 << 16);
+        let mut d = crate::ws::Decoder::new();
         let mut b = bytes::BytesMut::from(&out[..]);
-        match d.decode(&mut b).unwrap().unwrap() {
+        match d.decode(&mut b, 1 << 16).unwrap().unwrap() {
             crate::ws::Message::Text(t) => assert_eq!(&t[..], b"hello"),
             other => panic!("{other:?}"),
         }
-        match d.decode(&mut b).unwrap().unwrap() {
+        match d.decode(&mut b, 1 << 16).unwrap().unwrap() {
             crate::ws::Message::Binary(p) => assert_eq!(&p[..], &[9u8; 300][..]),
             other => panic!("{other:?}"),
         }

@@ -174,7 +174,7 @@ impl RateLimits {
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     event: u8,
-    tokens: f32,
+    tokens: f64,
     at: u64,
 }
 
@@ -188,9 +188,9 @@ impl Buckets {
     /// Takes a token for `event`, whose bucket holds `limit` divided by
     /// `share`. Refused: the milliseconds until a token is back.
     pub fn take(&mut self, event: usize, limit: Limit, share: u16, now: u64) -> Result<(), u64> {
-        let share = share.max(1) as f32;
-        let capacity = (limit.count as f32 / share).max(1.0);
-        let per_ms = limit.count as f32 / share / limit.per_ms as f32;
+        let share = share.max(1) as f64;
+        let capacity = (limit.count as f64 / share).max(1.0);
+        let per_ms = limit.count as f64 / share / limit.per_ms as f64;
         let event = event as u8;
         let b = match self.slots.iter_mut().find(|b| b.event == event) {
             Some(b) => b,
@@ -203,7 +203,7 @@ impl Buckets {
                 self.slots.last_mut().expect("just pushed")
             }
         };
-        let elapsed = now.saturating_sub(b.at) as f32;
+        let elapsed = now.saturating_sub(b.at) as f64;
         b.tokens = (b.tokens + elapsed * per_ms).min(capacity);
         b.at = now;
         if b.tokens >= 1.0 {

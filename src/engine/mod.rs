@@ -563,8 +563,6 @@ pub struct Conn<O> {
     roles: Roles,
     /// Rate-limit refusals, less one per accepted event.
     strikes: u8,
-    /// What it may reach (`None`: everything).
-    grants: Option<Arc<Grants>>,
     /// Channels and subscriptions, made on the first of either: an idle
     /// connection has neither.
     links: Option<Box<Links>>,
@@ -574,17 +572,25 @@ pub struct Conn<O> {
 pub(super) struct Links {
     pub(super) channels: Vec<(Arc<str>, JoinState)>,
     pub(super) subscriptions: Vec<Arc<str>>,
+    /// What the connection may reach, when its token restricts it (here
+    /// rather than in the slot: most connections that have grants also
+    /// join channels, and those without pay nothing).
+    pub(super) grants: Option<Arc<Grants>>,
 }
 
 impl<O> Conn<O> {
     /// May this connection join `channel` without a subscription token?
     pub(super) fn granted(&self, channel: &str) -> bool {
-        Grants::channel(self.grants.as_deref(), channel)
+        Grants::channel(self.grants(), channel)
+    }
+
+    fn grants(&self) -> Option<&Grants> {
+        self.links.as_ref().and_then(|l| l.grants.as_deref())
     }
 
     /// May it message or call `user` directly?
     pub(super) fn may_reach_user(&self, user: &str) -> bool {
-        Grants::user(self.grants.as_deref(), user)
+        Grants::user(self.grants(), user)
     }
 
     pub(super) fn channels(&self) -> &[(Arc<str>, JoinState)] {
@@ -732,6 +738,8 @@ pub struct Engine<O> {
     limiter: limits::Limiter,
     /// Users this shard is home to that have at least one connection.
     online_users: usize,
+    grant_sets: std::collections::HashSet<Arc<Grants>>,
+    grant_sets_kept: usize,
     shard: ShardId,
     shards: u16,
     s: Settings,
@@ -767,6 +775,8 @@ impl<O: Outbound> Engine<O> {
             bans: bans::Bans::default(),
             limiter: limits::Limiter::default(),
             online_users: 0,
+            grant_sets: Default::default(),
+            grant_sets_kept: 0,
             shard,
             shards,
             s: settings,
@@ -834,14 +844,19 @@ impl<O: Outbound> Engine<O> {
     ) -> ConnId {
         let user = member.user.clone();
         let (session, protocol) = (member.session, member.protocol);
+        let links = access.grants.map(|g| {
+            Box::new(Links {
+                grants: Some(self.intern(g)),
+                ..Links::default()
+            })
+        });
         let conn = Conn {
             out,
             member,
             device,
             roles: access.roles,
             strikes: 0,
-            grants: access.grants,
-            links: None,
+            links,
         };
         let id = match self.free.pop() {
             Some(slot) => {
@@ -872,6 +887,21 @@ impl<O: Outbound> Engine<O> {
         id
     }
 
+    /// One shared copy of each distinct set of grants on this shard (many
+    /// users' tokens carry the same claims).
+    fn intern(&mut self, g: Arc<Grants>) -> Arc<Grants> {
+        if let Some(known) = self.grant_sets.get(&*g) {
+            return known.clone();
+        }
+        if self.grant_sets.len() >= 2 * self.grant_sets_kept.max(64) {
+            // Forget the sets no connection holds any more.
+            self.grant_sets.retain(|s| Arc::strong_count(s) > 1);
+            self.grant_sets_kept = self.grant_sets.len();
+        }
+        self.grant_sets.insert(g.clone());
+        g
+    }
+
     pub fn conn(&self, id: ConnId) -> Option<&Conn<O>> {
         self.slots
             .get(id.slot as usize)
@@ -884,6 +914,12 @@ impl<O: Outbound> Engine<O> {
             .get_mut(id.slot as usize)
             .filter(|s| s.gen == id.gen)
             .and_then(|s| s.conn.as_mut())
+    }
+
+    /// Bytes of the engine's slot of one connection (without what it
+    /// points to).
+    pub fn slot_size() -> usize {
+        std::mem::size_of::<Slot<O>>()
     }
 
     /// Number of open connections known to the engine.

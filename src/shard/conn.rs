@@ -44,6 +44,16 @@ pub enum State {
 pub const NEVER: u64 = u64::MAX;
 /// End of a frame list.
 const NIL: u32 = u32::MAX;
+
+/// On the loop's ready list.
+const LISTED: u8 = 1;
+/// The writer holds frames it took from the queue.
+const WRITING: u8 = 2;
+/// A control frame waits: write without the configured write delay.
+const URGENT: u8 = 4;
+/// Nothing is written until the user's home shard admits the connection
+/// (its 101 response waits with the rest).
+const HELD: u8 = 8;
 /// An arena that empties keeps at most this many nodes' worth of memory.
 const ARENA_KEEP: usize = 4096;
 
@@ -216,15 +226,8 @@ pub struct ConnIo {
     queue: Cell<FrameList>,
     queued_bytes: Cell<u32>,
     state: Cell<State>,
-    /// On the loop's ready list.
-    listed: Cell<bool>,
-    /// The writer holds frames it took from the queue.
-    writing: Cell<bool>,
-    /// A control frame waits: write without the configured write delay.
-    urgent: Cell<bool>,
-    /// Nothing is written until the user's home shard admits the
-    /// connection (its 101 response waits with the rest).
-    held: Cell<bool>,
+    /// [`LISTED`], [`WRITING`], [`URGENT`], [`HELD`].
+    flags: Cell<u8>,
     /// When the close frame was queued (ms, [`NEVER`] while open).
     pub closing_since: Cell<u64>,
     /// Last bytes received (ms).
@@ -255,10 +258,7 @@ impl ConnIo {
             queue: Cell::new(FrameList::EMPTY),
             queued_bytes: Cell::new(0),
             state: Cell::new(State::Open),
-            listed: Cell::new(false),
-            writing: Cell::new(false),
-            urgent: Cell::new(false),
-            held: Cell::new(false),
+            flags: Cell::new(0),
             closing_since: Cell::new(NEVER),
             last_rx: Cell::new(now_ms),
             ping_sent: Cell::new(NEVER),
@@ -274,6 +274,17 @@ impl ConnIo {
         self.state.get()
     }
 
+    fn flag(&self, f: u8) -> bool {
+        self.flags.get() & f != 0
+    }
+
+    /// Sets or clears a flag; returns whether it was set.
+    fn set_flag(&self, f: u8, on: bool) -> bool {
+        let old = self.flags.get();
+        self.flags.set(if on { old | f } else { old & !f });
+        old & f != 0
+    }
+
     fn wake_writer(&self) {
         match &self.notify {
             Notify::Task(w) => {
@@ -282,7 +293,7 @@ impl ConnIo {
                 }
             }
             Notify::Loop { slot } => {
-                if !self.listed.replace(true) {
+                if !self.set_flag(LISTED, true) {
                     self.outq.ready.borrow_mut().push(*slot);
                 }
             }
@@ -291,7 +302,7 @@ impl ConnIo {
 
     /// Called by the loop when it takes this connection off its list.
     pub(super) fn unlist(&self) {
-        self.listed.set(false);
+        self.set_flag(LISTED, false);
     }
 
     /// Whether frames wait to be written.
@@ -301,16 +312,16 @@ impl ConnIo {
 
     /// Whether frames wait and may be written now.
     pub fn has_writable(&self) -> bool {
-        !self.held.get() && self.has_queued()
+        !self.flag(HELD) && self.has_queued()
     }
 
     /// Holds every write until [`ConnIo::release`] or [`ConnIo::refuse`].
     pub fn hold(&self) {
-        self.held.set(true);
+        self.set_flag(HELD, true);
     }
 
     pub fn release(&self) {
-        if self.held.replace(false) && self.has_queued() {
+        if self.set_flag(HELD, false) && self.has_queued() {
             self.wake_writer();
         }
     }
@@ -319,14 +330,14 @@ impl ConnIo {
     /// queued (nothing of it was written); a connection already released
     /// is closed with `code` instead.
     pub fn refuse(&self, response: Bytes, code: u16, reason: &str) {
-        if !self.held.replace(false) {
+        if !self.set_flag(HELD, false) {
             return self.close(code, reason);
         }
         if self.state.get() == State::Done {
             return;
         }
         self.drop_queue();
-        self.urgent.set(true);
+        self.set_flag(URGENT, true);
         self.enqueue(response);
         self.state.set(State::Closing);
         self.closing_since.set(self.outq.now_ms());
@@ -335,12 +346,12 @@ impl ConnIo {
     /// Whether a control frame is queued (it does not wait for the write
     /// delay).
     pub fn is_urgent(&self) -> bool {
-        self.urgent.get()
+        self.flag(URGENT)
     }
 
     /// Whether nothing is queued or being written.
     pub fn is_flushed(&self) -> bool {
-        !self.has_queued() && !self.writing.get()
+        !self.has_queued() && !self.flag(WRITING)
     }
 
     fn enqueue(&self, frame: Bytes) {
@@ -388,7 +399,7 @@ impl ConnIo {
     /// frames are tiny and their number is bounded by what the peer sends.
     pub fn push_control(&self, frame: Bytes) {
         if self.state.get() == State::Open {
-            self.urgent.set(true);
+            self.set_flag(URGENT, true);
             self.enqueue(frame);
         }
     }
@@ -403,7 +414,7 @@ impl ConnIo {
         if self.state.get() != State::Open {
             return;
         }
-        self.urgent.set(true);
+        self.set_flag(URGENT, true);
         self.enqueue(frame::encode(OpCode::Close, &payload));
         self.state.set(State::Closing);
         self.closing_since.set(self.outq.now_ms());
@@ -438,15 +449,15 @@ impl ConnIo {
         let taken = bytes.min(u32::MAX as usize) as u32;
         self.queued_bytes
             .set(self.queued_bytes.get().saturating_sub(taken));
-        self.writing.set(true);
-        self.urgent.set(false);
+        self.set_flag(WRITING, true);
+        self.set_flag(URGENT, false);
         bytes
     }
 
     /// The frames of the last [`ConnIo::take_batch`] are written (or the
     /// write failed).
     pub(super) fn written(&self) {
-        self.writing.set(false);
+        self.set_flag(WRITING, false);
     }
 
     /// Waits until everything queued has been written (or the socket died).

@@ -1049,11 +1049,12 @@ async fn serve_ws(
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
     let mut s = Session::new(&shard, &io, up.protocol, device, echo, user, ip);
-    let mut decoder = Decoder::new(shard.node.config.max_message_size);
+    let mut decoder = Decoder::new();
+    let max_message = shard.node.config.max_message_size;
     let mut read_size = ReadSize::new();
     'conn: loop {
         loop {
-            match decoder.decode(&mut buf) {
+            match decoder.decode(&mut buf, max_message) {
                 Ok(Some(m)) => {
                     metrics_conn.frames_in.inc();
                     if let Next::Finish = s.on_message(&shard, &io, m) {
@@ -1096,4 +1097,20 @@ async fn serve_ws(
     io.abort();
     shard.registry.borrow_mut().remove(reg_slot);
     metrics_conn.connections.sub(1);
+}
+
+#[cfg(test)]
+mod tests {
+    /// What every connection costs in the shard's tables, whatever it does
+    /// (docs/BENCHMARKS.md itemises it): a regression here is memory on
+    /// every idle connection.
+    #[test]
+    fn a_connection_stays_small() {
+        assert_eq!(std::mem::size_of::<super::conn::ConnIo>(), 80);
+        assert_eq!(
+            super::Engine::<std::rc::Rc<super::conn::ConnIo>>::slot_size(),
+            72
+        );
+        assert_eq!(super::uring::loop_slot_size(), 72);
+    }
 }

@@ -195,8 +195,8 @@ impl Default for WriteOp {
 }
 
 enum Phase {
-    /// Reading the request head, since this time (ms), from this address.
-    Handshake { since: u64, peer: IpAddr },
+    /// Reading the request head, since this time (ms).
+    Handshake { since: u64 },
     /// Speaking WebSocket.
     Ws { session: Session, decoder: Decoder },
     /// Writing a plain HTTP answer or a refusal, then closing.
@@ -574,10 +574,7 @@ impl Loop {
             cancelled: false,
             ended: false,
             write_due: false,
-            phase: Phase::Handshake {
-                since: now,
-                peer: peer_of(fd),
-            },
+            phase: Phase::Handshake { since: now },
             inbuf: None,
             write: None,
             flush_deadline: NEVER,
@@ -865,9 +862,7 @@ impl Loop {
                 continue;
             }
             match &conn.phase {
-                Phase::Handshake { since, .. }
-                    if now.saturating_sub(*since) >= handshake_timeout =>
-                {
+                Phase::Handshake { since } if now.saturating_sub(*since) >= handshake_timeout => {
                     shard.metrics().handshake_timeouts.inc();
                     conn.io.abort();
                 }
@@ -1042,11 +1037,8 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
         Ok(Some(r)) => r,
     };
     head.advance(consumed);
-    let peer = match conn.phase {
-        Phase::Handshake { peer, .. } => peer,
-        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    };
-    match shard.route(req, peer) {
+    // Asked now rather than kept from the accept: a slot stays small.
+    match shard.route(req, peer_of(conn.fd())) {
         Routed::Reply(r) => {
             reply(shard, conn, r, now);
             false
@@ -1067,7 +1059,7 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
             let session = Session::new(shard, &conn.io, up.protocol, device, echo, user, ip);
             conn.phase = Phase::Ws {
                 session,
-                decoder: Decoder::new(shard.node.config.max_message_size),
+                decoder: Decoder::new(),
             };
             match conn.inbuf.take() {
                 Some(rest) if !rest.is_empty() => feed_ws(shard, conn, &rest, scratch),
@@ -1125,7 +1117,7 @@ fn decode_all(
 ) -> bool {
     let m = shard.metrics();
     loop {
-        match decoder.decode(buf) {
+        match decoder.decode(buf, shard.node.config.max_message_size) {
             Ok(Some(msg)) => {
                 m.frames_in.inc();
                 if let Next::Finish = session.on_message(shard, io, msg) {
@@ -1141,4 +1133,10 @@ fn decode_all(
             }
         }
     }
+}
+
+/// Bytes of the loop's slot of one connection (without what it points to).
+#[cfg(test)]
+pub(super) fn loop_slot_size() -> usize {
+    std::mem::size_of::<Option<Conn>>()
 }

@@ -33,22 +33,28 @@ struct Partial {
     validated: usize,
 }
 
+/// Assembles messages from frames. Eight bytes: a decoder lives as long as
+/// its connection, so the message size limit is passed to each call
+/// rather than kept.
+#[derive(Default)]
 pub struct Decoder {
-    max_message: usize,
     /// A fragmented message being assembled; boxed, as most connections
-    /// never send one and a decoder lives as long as its connection.
+    /// never send one.
     partial: Option<Box<Partial>>,
 }
 
 impl Decoder {
-    pub fn new(max_message: usize) -> Self {
-        Decoder {
-            max_message,
-            partial: None,
-        }
+    pub fn new() -> Self {
+        Decoder::default()
     }
 
-    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, WsError> {
+    /// The next complete message in `src`, if any; a message (all its
+    /// fragments together) may be at most `max_message` bytes.
+    pub fn decode(
+        &mut self,
+        src: &mut BytesMut,
+        max_message: usize,
+    ) -> Result<Option<Message>, WsError> {
         loop {
             let Some(h) = parse_header(src)? else {
                 return Ok(None);
@@ -66,10 +72,8 @@ impl Decoder {
                 }
                 _ => {}
             }
-            if !h.opcode.is_control() && in_progress + h.payload_len > self.max_message as u64 {
-                return Err(WsError::MessageTooBig {
-                    limit: self.max_message,
-                });
+            if !h.opcode.is_control() && in_progress + h.payload_len > max_message as u64 {
+                return Err(WsError::MessageTooBig { limit: max_message });
             }
             let total = h.header_len + h.payload_len as usize;
             if src.len() < total {
@@ -160,10 +164,10 @@ mod tests {
     const M: [u8; 4] = [0xA1, 0xB2, 0xC3, 0xD4];
 
     fn decode_all(bytes: &[u8], max: usize) -> Result<Vec<Message>, WsError> {
-        let mut d = Decoder::new(max);
+        let mut d = Decoder::new();
         let mut src = BytesMut::from(bytes);
         let mut out = vec![];
-        while let Some(m) = d.decode(&mut src)? {
+        while let Some(m) = d.decode(&mut src, max)? {
             out.push(m);
         }
         Ok(out)
@@ -207,11 +211,11 @@ mod tests {
 
     #[test]
     fn invalid_utf8_fails_at_the_bad_fragment() {
-        let mut d = Decoder::new(1024);
+        let mut d = Decoder::new();
         let mut src = BytesMut::from(&encode_masked(false, OpCode::Text, b"ok", M)[..]);
-        assert_eq!(d.decode(&mut src), Ok(None));
+        assert_eq!(d.decode(&mut src, 1024), Ok(None));
         src.extend_from_slice(&encode_masked(false, OpCode::Continuation, &[0xFF], M));
-        assert_eq!(d.decode(&mut src), Err(WsError::InvalidUtf8));
+        assert_eq!(d.decode(&mut src, 1024), Err(WsError::InvalidUtf8));
         assert_eq!(WsError::InvalidUtf8.close_code(), 1007);
     }
 
@@ -297,12 +301,12 @@ mod tests {
                 start = p;
                 if fin { break; }
             }
-            let mut d = Decoder::new(1 << 20);
+            let mut d = Decoder::new();
             let mut src = BytesMut::new();
             let mut got = None;
             for piece in wire.chunks(chunk) {
                 src.extend_from_slice(piece);
-                if let Some(m) = d.decode(&mut src).unwrap() {
+                if let Some(m) = d.decode(&mut src, 1 << 20).unwrap() {
                     got = Some(m);
                 }
             }
