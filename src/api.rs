@@ -236,6 +236,19 @@ impl Api {
         (id, from, w)
     }
 
+    /// Waits for every part of request `id` to be answered (504 past
+    /// `ANSWER_TIMEOUT`), then forgets the request.
+    async fn answered(&self, id: u64, w: &Waiting) -> Result<(), (u16, Value)> {
+        let got = monoio::time::timeout(ANSWER_TIMEOUT, w.done.wait()).await;
+        self.waiting.borrow_mut().remove(&id);
+        got.map_err(|_| {
+            (
+                504,
+                error_body(ErrorCode::Internal, "no answer from the node in time"),
+            )
+        })
+    }
+
     /// Queues a message for a shard, waiting while its queue is full.
     async fn send(&self, to: ShardId, mut msg: MeshMsg) {
         loop {
@@ -257,14 +270,7 @@ impl Api {
         let (id, from, w) = self.new_request(0);
         self.send(to, MeshMsg::Api(Box::new(ApiCall { from, id, op })))
             .await;
-        let got = monoio::time::timeout(ANSWER_TIMEOUT, w.done.wait()).await;
-        self.waiting.borrow_mut().remove(&id);
-        if got.is_err() {
-            return Err((
-                504,
-                error_body(ErrorCode::Internal, "no answer from the node in time"),
-            ));
-        }
+        self.answered(id, &w).await?;
         let answer = w.answer.borrow_mut().take();
         match answer.map(|m| m.event) {
             Some(ServerEvent::Ack(body)) => Ok(body),
@@ -300,14 +306,7 @@ impl Api {
             };
             self.send(home, MeshMsg::Presence(Box::new(q))).await;
         }
-        let got = monoio::time::timeout(ANSWER_TIMEOUT, w.done.wait()).await;
-        self.waiting.borrow_mut().remove(&id);
-        if got.is_err() {
-            return Err((
-                504,
-                error_body(ErrorCode::Internal, "no answer from the node in time"),
-            ));
-        }
+        self.answered(id, &w).await?;
         let mut views = std::mem::take(&mut *w.presences.borrow_mut());
         views.sort_by_key(|v| order.iter().position(|o| *o == v.user_id));
         Ok(json!({ "presences": views }))
@@ -791,21 +790,7 @@ fn error_body(code: ErrorCode, message: &str) -> Value {
 }
 
 fn response(status: u16, body: &Value, keep_alive: bool) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Internal Server Error",
-    };
+    let reason = crate::ws::handshake::reason_phrase(status);
     let body = serde_json::to_vec(body).expect("JSON values serialize");
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut r = format!(

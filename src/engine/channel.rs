@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{ConnRef, Settings};
+use super::{ConnRef, Settings, ShardId};
 use crate::protocol::*;
 
 /// One sequenced event of a channel, encoded lazily per protocol.
@@ -113,6 +113,16 @@ impl Owned {
 
     pub fn total(&self) -> u32 {
         self.per_shard.iter().map(|c| c[0] + c[1]).sum()
+    }
+
+    /// The shards with members of this channel.
+    pub fn member_shards(&self) -> Vec<ShardId> {
+        self.per_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c[0] + c[1] > 0)
+            .map(|(s, _)| s as ShardId)
+            .collect()
     }
 
     pub fn protocols(&self) -> (bool, bool) {

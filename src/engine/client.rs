@@ -61,10 +61,36 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
-    /// Whether a connection may see or enter a channel's voice room: it is
-    /// granted the channel, or it has joined it.
-    fn may_use_voice(&self, id: ConnId, channel: &str) -> bool {
-        self.conn(id).is_some_and(|c| c.granted(channel)) || self.joined(id, channel).is_some()
+    /// Whether a connection may see or enter a channel's voice room: a
+    /// valid id, and it is granted the channel or has joined it.
+    fn check_voice(&self, id: ConnId, channel: &str) -> Result<(), (ErrorCode, String)> {
+        self.check_channel_id(channel)
+            .map_err(|e| (ErrorCode::BadRequest, e))?;
+        if self.conn(id).is_some_and(|c| c.granted(channel)) || self.joined(id, channel).is_some() {
+            return Ok(());
+        }
+        Err((
+            ErrorCode::Forbidden,
+            format!("channel `{channel}` is not granted to this connection"),
+        ))
+    }
+
+    /// Whether a connection may send to a user (a direct message, a call):
+    /// a valid id, within its token's `users` claim.
+    fn check_user_target(
+        &self,
+        id: ConnId,
+        field: &str,
+        user: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        check_id(field, user).map_err(|e| (ErrorCode::BadRequest, e))?;
+        if self.conn(id).is_some_and(|c| c.may_reach_user(user)) {
+            return Ok(());
+        }
+        Err((
+            ErrorCode::Forbidden,
+            format!("user `{user}` is not granted to this connection"),
+        ))
     }
 
     /// Handles a decoded message from a local, authenticated connection.
@@ -202,19 +228,8 @@ impl<O: Outbound> Engine<O> {
                 self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingActive, now, tx)
             }
             E::DmSend(d) => {
-                if let Err(e) = check_id("toUserId", &d.to_user_id) {
-                    return self.error(id, ack, ErrorCode::BadRequest, e);
-                }
-                if !self
-                    .conn(id)
-                    .is_some_and(|c| c.may_reach_user(&d.to_user_id))
-                {
-                    return self.error(
-                        id,
-                        ack,
-                        ErrorCode::Forbidden,
-                        format!("user `{}` is not granted to this connection", d.to_user_id),
-                    );
+                if let Err((code, e)) = self.check_user_target(id, "toUserId", &d.to_user_id) {
+                    return self.error(id, ack, code, e);
                 }
                 if let Err((code, e)) = self.check_content("content", &d.content) {
                     return self.error(id, ack, code, e);
@@ -262,19 +277,8 @@ impl<O: Outbound> Engine<O> {
                 self.reply(id, &empty_ack(ack));
             }
             E::VoiceJoin(c) => {
-                if let Err(e) = self.check_channel_id(&c.channel_id) {
-                    return self.error(id, ack, ErrorCode::BadRequest, e);
-                }
-                if !self.may_use_voice(id, &c.channel_id) {
-                    return self.error(
-                        id,
-                        ack,
-                        ErrorCode::Forbidden,
-                        format!(
-                            "channel `{}` is not granted to this connection",
-                            c.channel_id
-                        ),
-                    );
+                if let Err((code, e)) = self.check_voice(id, &c.channel_id) {
+                    return self.error(id, ack, code, e);
                 }
                 let channel = c.channel_id.into();
                 self.send_user_op(
@@ -293,19 +297,8 @@ impl<O: Outbound> Engine<O> {
                 self.send_user_op(member.user, from, ack, UserCmd::VoiceUpdate(u), now, tx)
             }
             E::VoiceGetParticipants(c) => {
-                if let Err(e) = self.check_channel_id(&c.channel_id) {
-                    return self.error(id, ack, ErrorCode::BadRequest, e);
-                }
-                if !self.may_use_voice(id, &c.channel_id) {
-                    return self.error(
-                        id,
-                        ack,
-                        ErrorCode::Forbidden,
-                        format!(
-                            "channel `{}` is not granted to this connection",
-                            c.channel_id
-                        ),
-                    );
+                if let Err((code, e)) = self.check_voice(id, &c.channel_id) {
+                    return self.error(id, ack, code, e);
                 }
                 // Text membership is not required to look.
                 let channel: Arc<str> = c.channel_id.into();
@@ -320,22 +313,11 @@ impl<O: Outbound> Engine<O> {
                 self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
             }
             E::CallInitiate(c) => {
-                if let Err(e) = check_id("toUserId", &c.to_user_id) {
-                    return self.error(id, ack, ErrorCode::BadRequest, e);
+                if let Err((code, e)) = self.check_user_target(id, "toUserId", &c.to_user_id) {
+                    return self.error(id, ack, code, e);
                 }
                 if *c.to_user_id == *member.user {
                     return self.error(id, ack, ErrorCode::BadRequest, "cannot call yourself");
-                }
-                if !self
-                    .conn(id)
-                    .is_some_and(|x| x.may_reach_user(&c.to_user_id))
-                {
-                    return self.error(
-                        id,
-                        ack,
-                        ErrorCode::Forbidden,
-                        format!("user `{}` is not granted to this connection", c.to_user_id),
-                    );
                 }
                 if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
                     return self.error(

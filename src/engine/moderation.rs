@@ -156,12 +156,14 @@ impl<O: Outbound> Engine<O> {
         self.moderate(m, now, tx);
     }
 
-    /// Carries out a moderation action that has been allowed: a ban or
-    /// unban is made durable, then sent to every shard; a kick goes to the
-    /// shard in charge. The shard in charge answers `m.from`.
+    /// Carries out a moderation action that has been allowed. A kick goes
+    /// to the shard in charge, which answers `m.from`. A ban or unban is
+    /// made durable, then goes round every shard's table starting with the
+    /// shard in charge (which acts on it); the last shard of the round
+    /// answers, so an answer means every shard enforces it.
     pub fn moderate(&mut self, m: Moderation, now: u64, tx: &mut impl MeshTx) {
+        let to = self.in_charge_of(&m);
         if matches!(m.kind, ModKind::Kick) {
-            let to = self.in_charge_of(&m);
             return self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
         }
         if let Some(sink) = &self.ban_sink {
@@ -178,10 +180,7 @@ impl<O: Outbound> Engine<O> {
                 return;
             }
         }
-        let m = Arc::new(m);
-        for shard in 0..self.shards {
-            self.route(shard, MeshMsg::Moderate(m.clone()), now, tx);
-        }
+        self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
     }
 
     fn in_charge_of(&self, m: &Moderation) -> ShardId {
@@ -193,11 +192,10 @@ impl<O: Outbound> Engine<O> {
 
     pub(super) fn on_moderate(&mut self, m: Arc<Moderation>, now: u64, tx: &mut impl MeshTx) {
         self.apply_ban(&m, now);
-        if self.in_charge_of(&m) != self.shard {
-            return;
-        }
+        let in_charge = self.in_charge_of(&m);
         let kick = matches!(m.kind, ModKind::Kick);
         let answer = match (&m.kind, &m.channel) {
+            _ if in_charge != self.shard => Ok(()),
             (ModKind::Unban, _) => Ok(()),
             (_, None) => {
                 let devices: Vec<ConnRef> = self
@@ -230,14 +228,7 @@ impl<O: Outbound> Engine<O> {
                     self.fan_out(channel, &event, 0, Some(&m.user), now, tx);
                 }
                 if member {
-                    let shards: Vec<ShardId> = self.owned[channel]
-                        .per_shard
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c[0] + c[1] > 0)
-                        .map(|(s, _)| s as ShardId)
-                        .collect();
-                    for s in shards {
+                    for s in self.owned[channel].member_shards() {
                         self.route(s, MeshMsg::Evict(m.clone()), now, tx);
                     }
                 }
@@ -248,6 +239,10 @@ impl<O: Outbound> Engine<O> {
                 }
             }
         };
+        let next = (self.shard + 1) % self.shards;
+        if !kick && next != in_charge {
+            return self.route(next, MeshMsg::Moderate(m), now, tx);
+        }
         if let Some((to, protocol)) = m.from {
             let msg = match answer {
                 Ok(()) => empty_ack(m.ack),

@@ -20,14 +20,7 @@ impl<O: Outbound> Engine<O> {
         let owned = self.owned.get(channel)?;
         let (json, binary) = owned.protocols();
         let frames = Frames::encode(msg, json, binary);
-        let targets: Vec<ShardId> = owned
-            .per_shard
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c[0] + c[1] > 0)
-            .map(|(s, _)| s as ShardId)
-            .collect();
-        for shard in targets {
+        for shard in owned.member_shards() {
             let d = match except {
                 None => MeshMsg::Deliver {
                     channel: channel.clone(),

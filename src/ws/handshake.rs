@@ -347,21 +347,29 @@ pub fn accept_response(up: &Upgrade) -> Vec<u8> {
     r.into_bytes()
 }
 
-/// A complete HTTP/1.1 response that closes the connection.
-pub fn http_response(status: u16, extra_headers: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
-    let text = match status {
+/// The reason phrase for the HTTP status codes this server sends.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
-        _ => "Error",
-    };
+        504 => "Gateway Timeout",
+        _ => "Internal Server Error",
+    }
+}
+
+/// A complete HTTP/1.1 response that closes the connection.
+pub fn http_response(status: u16, extra_headers: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let text = reason_phrase(status);
     let mut r = format!(
         "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

@@ -526,6 +526,98 @@ fn a_server_kick_closes_sessions_but_does_not_last_and_unban_lifts_a_ban() {
         .all(|s| s.server_ban("troll", sim.now).is_none()));
 }
 
+/// Delivers one mesh message at a time, from a queue picked by `pick`,
+/// until `done` holds (checked after every message) or nothing is left.
+fn step_until(
+    sim: &mut Sim,
+    mut pick: impl FnMut(usize) -> usize,
+    mut done: impl FnMut(&Sim) -> bool,
+) -> bool {
+    loop {
+        if done(sim) {
+            return true;
+        }
+        let busy: Vec<usize> = (0..sim.shards.len())
+            .filter(|&s| !sim.mesh.0[s].is_empty())
+            .collect();
+        if busy.is_empty() {
+            return false;
+        }
+        let s = busy[pick(busy.len())];
+        let m = sim.mesh.0[s].pop_front().unwrap();
+        sim.shards[s].handle_mesh(m, sim.now, &mut sim.mesh);
+    }
+}
+
+#[test]
+fn a_ban_or_unban_is_answered_only_once_every_shard_enforces_it() {
+    // Whatever order the shards run in, the answer comes after the last
+    // shard's table has it: a client told "done" cannot still get in (or
+    // still be kept out) through another shard.
+    for seed in 0..40u64 {
+        let mut sim = Sim::new(3);
+        let (admin, radmin) = sim.connect_as(0, "admin", role(Roles::ADMIN));
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut pick = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let (user, channel) = match seed % 2 {
+            0 => ("troll", None),
+            _ => ("pest", Some("general")),
+        };
+        let banned = |sim: &Sim| -> Vec<bool> {
+            let now = sim.now;
+            sim.shards
+                .iter()
+                .map(|s| match channel {
+                    None => s.server_ban(user, now).is_some(),
+                    Some(c) => s.bans.channel(user, c, now).is_some(),
+                })
+                .collect()
+        };
+        sim.shards[0].handle(
+            admin.conn,
+            ClientMessage {
+                id: Some(1),
+                event: ban(user, channel, None),
+            },
+            sim.now,
+            &mut sim.mesh,
+        );
+        let mut acked = Vec::new();
+        let answered = step_until(&mut sim, &mut pick, |_| {
+            acked.extend(radmin.take());
+            !acked.is_empty()
+        });
+        assert!(answered, "seed {seed}: the ban was never answered");
+        assert!(matches!(ack_body(&acked, 1), AckBody::Empty(_)));
+        assert_eq!(banned(&sim), [true; 3], "seed {seed}: answered early");
+        sim.settle();
+        let unban = Moderation {
+            kind: ModKind::Unban,
+            user: user.into(),
+            channel: channel.map(Into::into),
+            reason: None,
+            by: "api".into(),
+            at: sim.now,
+            from: Some((admin, Protocol::Json)),
+            ack: Some(2),
+        };
+        sim.shards[(seed % 3) as usize].moderate(unban, sim.now, &mut sim.mesh);
+        let mut acked = Vec::new();
+        let answered = step_until(&mut sim, &mut pick, |_| {
+            acked.extend(radmin.take());
+            !acked.is_empty()
+        });
+        assert!(answered, "seed {seed}: the unban was never answered");
+        assert!(matches!(ack_body(&acked, 2), AckBody::Empty(_)));
+        assert_eq!(banned(&sim), [false; 3], "seed {seed}: answered early");
+    }
+}
+
 #[test]
 fn a_ban_that_cannot_be_stored_is_refused_and_not_applied() {
     let mut sim = Sim::new(2);
