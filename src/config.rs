@@ -105,6 +105,9 @@ pub struct Config {
     /// Keys the server API accepts (at least 16 bytes each; two during a
     /// rotation).
     pub api_keys: Vec<String>,
+    /// Cluster mode: the Redis server the nodes share
+    /// (`redis://host:port/db`, `rediss://` for TLS); empty: a single node.
+    pub redis: String,
     pub auth: AuthConfig,
 }
 
@@ -165,6 +168,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             api_listen: "127.0.0.1:8081".into(),
             api_keys: Vec::new(),
+            redis: String::new(),
             auth: AuthConfig::default(),
         }
     }
@@ -346,6 +350,10 @@ pub struct ConfigArgs {
         hide_env_values = true
     )]
     pub api_keys: Option<Vec<String>>,
+    /// Cluster mode: the Redis server the nodes share, e.g.
+    /// redis://127.0.0.1:6379 (without it the node stands alone).
+    #[arg(long, env = "CORECAST_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
 }
 
 impl ConfigArgs {
@@ -395,7 +403,8 @@ impl ConfigArgs {
             max_connections_per_user,
             trusted_proxies,
             api_listen,
-            api_keys
+            api_keys,
+            redis
         );
         for rule in &self.rate_limits {
             let (event, spec) = rule.split_once('=').ok_or_else(|| {
@@ -483,6 +492,11 @@ impl Config {
         }
         if !self.api_keys.is_empty() {
             self.api_addr()?;
+        }
+        if !self.redis.is_empty() {
+            redis::Client::open(self.redis.as_str()).map_err(|e| {
+                ConfigError(format!("redis: `{}` is not a Redis URL: {e}", self.redis))
+            })?;
         }
         if self.rate_limit_strikes > 250 {
             return Err(ConfigError(format!(

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod bans;
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod doctor;
 pub mod engine;

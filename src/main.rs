@@ -193,6 +193,7 @@ fn main() -> ExitCode {
                 for k in shown.api_keys.iter_mut() {
                     *k = "<hidden>".into();
                 }
+                shown.redis = corecast::cluster::without_password(&shown.redis);
                 print!("{}", toml::to_string(&shown).expect("config serializes"));
                 println!("\n# Effective rate limits per user (defaults, then rate_limits):");
                 for (event, limit) in c.rate_limits().expect("validated").entries() {

@@ -64,6 +64,73 @@ pub struct ShardMetrics {
     pub online_users: Counter,
     /// Bans in force (gauge; every shard holds them all).
     pub bans: Counter,
+    /// Sequenced channel events that did not follow the last one applied
+    /// (cluster mode: events lost between Redis and this node).
+    pub cluster_gaps: Counter,
+}
+
+/// The bridge's figures (cluster mode).
+#[derive(Default)]
+pub struct ClusterMetrics {
+    /// 1 while the bridge reaches Redis (gauge).
+    pub up: Counter,
+    /// Connections to Redis made again after a loss.
+    pub reconnects: Counter,
+    /// Channel events this node sent to the cluster.
+    pub sent: Counter,
+    /// Channel events this node received from the cluster.
+    pub received: Counter,
+    /// Events that could not be sent (Redis unreachable): sequenced here.
+    pub failed: Counter,
+    /// Channels this node follows (gauge).
+    pub channels: Counter,
+}
+
+/// Appends the bridge's figures to [`render`]'s text.
+pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
+    let series: [(&str, &str, &str, &Counter); 6] = [
+        (
+            "cluster_up",
+            "gauge",
+            "1 while the node reaches Redis.",
+            &m.up,
+        ),
+        (
+            "cluster_reconnects_total",
+            "counter",
+            "Connections to Redis made again after a loss.",
+            &m.reconnects,
+        ),
+        (
+            "cluster_sent_total",
+            "counter",
+            "Channel events sent to the other nodes through Redis.",
+            &m.sent,
+        ),
+        (
+            "cluster_received_total",
+            "counter",
+            "Channel events received from Redis.",
+            &m.received,
+        ),
+        (
+            "cluster_failed_total",
+            "counter",
+            "Sequenced events Redis could not take (sequenced by this node instead).",
+            &m.failed,
+        ),
+        (
+            "cluster_channels",
+            "gauge",
+            "Channels this node follows in Redis.",
+            &m.channels,
+        ),
+    ];
+    for (name, kind, help, c) in series {
+        let _ = writeln!(out, "# HELP corecast_{name} {help}");
+        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
+        let _ = writeln!(out, "corecast_{name} {}", c.get());
+    }
 }
 
 /// Renders all shards' metrics in the Prometheus text format.
@@ -87,7 +154,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 20] = [
+    let series: [(&str, &str, &str, Get); 21] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -195,6 +262,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "gauge",
             "Bans in force (each shard holds all of them).",
             |m| &m.bans,
+        ),
+        (
+            "cluster_gaps_total",
+            "counter",
+            "Channel events from Redis that did not follow the last one (lost on the way).",
+            |m| &m.cluster_gaps,
         ),
     ];
     for (name, kind, help, get) in series {

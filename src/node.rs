@@ -30,6 +30,8 @@ pub struct Node {
     pub forwarded_warned: std::sync::atomic::AtomicBool,
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub mesh: Mesh,
+    /// Cluster mode: this node's id and the bridge's figures.
+    pub cluster: Option<(u64, Arc<crate::metrics::ClusterMetrics>)>,
     state: AtomicU8,
     started: AtomicUsize,
     drivers: Vec<OnceLock<&'static str>>,
@@ -51,6 +53,7 @@ impl Node {
             forwarded_warned: Default::default(),
             metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
             mesh,
+            cluster: None,
             state: AtomicU8::new(STARTING),
             started: AtomicUsize::new(0),
             drivers: (0..n).map(|_| OnceLock::new()).collect(),
@@ -111,6 +114,10 @@ impl Node {
     }
 
     pub fn metrics_text(&self) -> String {
-        crate::metrics::render(&self.metrics, self.io_driver(), self.is_ready())
+        let mut out = crate::metrics::render(&self.metrics, self.io_driver(), self.is_ready());
+        if let Some((_, m)) = &self.cluster {
+            crate::metrics::render_cluster(&mut out, m);
+        }
+        out
     }
 }

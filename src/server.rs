@@ -104,7 +104,8 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .map_err(StartError::Io)?;
         (Some(store), bans)
     };
-    let (mesh, bells) = Mesh::new(shards, 1, config.mesh_queue_capacity)
+    // Extra endpoints: the server API's thread, then the cluster's bridge.
+    let (mesh, bells) = Mesh::new(shards, 2, config.mesh_queue_capacity)
         .map_err(|e| StartError::Io(e.to_string()))?;
     // The server API listens on an address of its own, bound before any
     // thread starts so that a taken port fails the start.
@@ -122,11 +123,21 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let mut node = Node::new(config, verifier, mesh);
     node.ban_store = ban_store;
     node.initial_bans = initial_bans;
+    if !node.config.redis.is_empty() {
+        let id = crate::shard::random_u64();
+        node.cluster = Some((id, Arc::default()));
+    }
     let node = Arc::new(node);
     let mut bells = bells.into_iter();
     let shard_bells: Vec<_> = bells.by_ref().take(shards).collect();
     let api_bell = bells.next().expect("the mesh has the API's endpoint");
-    let mut threads = Vec::with_capacity(shards + 1);
+    let bridge_bell = bells.next().expect("the mesh has the bridge's endpoint");
+    let mut threads = Vec::with_capacity(shards + 2);
+    if node.cluster.is_some() {
+        let t = crate::cluster::spawn(node.clone(), bridge_bell)
+            .map_err(|e| StartError::Io(format!("cannot start the cluster bridge: {e}")))?;
+        threads.push(t);
+    }
     if let Some(l) = api_listener {
         let t = crate::api::spawn(node.clone(), l, api_bell)
             .map_err(|e| StartError::Io(format!("cannot start the API thread: {e}")))?;

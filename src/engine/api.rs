@@ -32,7 +32,7 @@ impl<O: Outbound> Engine<O> {
                     return refuse(self, e, tx);
                 }
                 let channel: Arc<str> = send.channel_id.as_str().into();
-                self.ensure_owned(&channel);
+                self.ensure_owned(&channel, now, tx);
                 let p = Publish {
                     channel: channel.clone(),
                     from,
@@ -47,7 +47,7 @@ impl<O: Outbound> Engine<O> {
                 self.on_publish(p, now, tx);
                 // Without members the channel still keeps the message for
                 // as long as its history lasts.
-                self.channel_gc(&channel, now);
+                self.channel_gc(&channel, now, tx);
             }
             ApiOp::Notify { user, kind, data } => {
                 let checked = check_id("userId", &user)

@@ -93,6 +93,22 @@ pub struct Owned {
     pub voice: Vec<Participant>,
     /// Per user: the offset read up to, and when.
     read: HashMap<Arc<str>, (u64, u64)>,
+    /// Whether the cluster sequences this channel (then offsets come from
+    /// Redis) or this node does.
+    pub link: Link,
+}
+
+/// Who sequences an owned channel.
+#[derive(Default)]
+pub enum Link {
+    /// This node (a single node, or the cluster unreachable).
+    #[default]
+    Local,
+    /// The cluster, once the bridge has loaded the channel's state; joins
+    /// wait until then.
+    Attaching(Vec<super::Join>),
+    /// The cluster: sequenced events come back from the bridge in order.
+    Attached,
 }
 
 impl Owned {
@@ -108,7 +124,13 @@ impl Owned {
             typing: Vec::new(),
             voice: Vec::new(),
             read: HashMap::new(),
+            link: Link::Local,
         }
+    }
+
+    /// Whether the cluster sequences this channel.
+    pub fn clustered(&self) -> bool {
+        !matches!(self.link, Link::Local)
     }
 
     pub fn total(&self) -> u32 {
@@ -140,10 +162,66 @@ impl Owned {
         format!("{}-{offset}", self.epoch)
     }
 
-    /// Takes the next offset.
+    /// Forgets the history (the cluster's state replaces it).
+    pub fn reset_history(&mut self) {
+        self.log.clear();
+        self.messages.clear();
+        self.nonces.clear();
+    }
+
+    /// Takes the next offset (0 when the cluster sequences the channel:
+    /// Redis gives the offset, and the event is applied when it comes back).
     pub fn next_offset(&mut self) -> u64 {
+        if self.clustered() {
+            return 0;
+        }
         self.offset += 1;
         self.offset
+    }
+
+    /// Applies a sequenced event that the cluster ordered (made here or on
+    /// another node): the stored messages follow it, whoever made it.
+    /// Idempotent, since the node that made it may have applied it already.
+    pub fn apply(&mut self, msg: &ServerMessage, now: u64, s: &Settings) {
+        match &msg.event {
+            ServerEvent::MessageNew(m) if self.stored(m.offset).is_none() => {
+                let user: Arc<str> = m.user_id.as_str().into();
+                self.store(&user, m.clone(), now, s);
+            }
+            ServerEvent::MessageEdited(e) => {
+                if let Some(m) = self.find_mut(&e.message_id) {
+                    m.msg.content = e.content.clone();
+                    m.edited_at = Some(e.edited_at);
+                }
+            }
+            ServerEvent::MessageDeleted(d) => {
+                if let Some(offset) = offset_of(&self.epoch, &d.message_id) {
+                    self.remove(offset);
+                }
+            }
+            ServerEvent::MessageReaction(r) => {
+                if let Some(m) = self.find_mut(&r.message_id) {
+                    let pos = m.reactions.iter().position(|(e, _)| *e == r.emoji);
+                    let user: Arc<str> = r.user_id.as_str().into();
+                    match (r.action, pos) {
+                        (ReactAction::Add, Some(i)) => {
+                            if !m.reactions[i].1.contains(&user) {
+                                m.reactions[i].1.push(user);
+                            }
+                        }
+                        (ReactAction::Add, None) => m.reactions.push((r.emoji.clone(), vec![user])),
+                        (ReactAction::Remove, Some(i)) => {
+                            m.reactions[i].1.retain(|u| *u != user);
+                            if m.reactions[i].1.is_empty() {
+                                m.reactions.remove(i);
+                            }
+                        }
+                        (ReactAction::Remove, None) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Logs a sequenced event (already encoded as `frames` for the

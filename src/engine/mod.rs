@@ -47,8 +47,9 @@ use crate::access::{Access, Grants, Roles};
 use crate::auth::LiveKit;
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
-use channel::{apply_voice, offset_of, Owned, Participant, Typing};
+use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
+use cluster::Reply;
 use timers::{Timer, Timers};
 use user::{Detached, Device, UserState};
 
@@ -268,6 +269,8 @@ pub enum MeshMsg {
     /// From a user's home: the user's connections are on this many shards
     /// (each takes that share of the user's rate limits; 0: none here).
     Spread { user: Arc<str>, shards: u16 },
+    /// Between a shard and its node's bridge (cluster mode).
+    Cluster(Box<ClusterMsg>),
 }
 
 /// A request of the server API. Answers go to `from` (the API thread's
@@ -757,6 +760,8 @@ pub struct Engine<O> {
     /// Ids this shard mints (DMs, notifications, calls, gathers).
     instance: u64,
     counter: u64,
+    /// Cluster mode: the bridge, and whether it reaches Redis.
+    cluster: Option<cluster::ClusterLink>,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -790,6 +795,7 @@ impl<O: Outbound> Engine<O> {
             gathers: HashMap::new(),
             timers: Timers::default(),
             rng: seed | 1,
+            cluster: None,
             instance: 0,
             counter: 0,
         };
@@ -1173,7 +1179,7 @@ impl<O: Outbound> Engine<O> {
         while let Some(t) = self.timers.pop_due(now) {
             match t {
                 Timer::Typing { channel } => self.expire_typing(&channel, now, tx),
-                Timer::ChannelGc { channel } => self.channel_gc(&channel, now),
+                Timer::ChannelGc { channel } => self.channel_gc(&channel, now, tx),
                 Timer::User { user } => self.user_timer(&user, now, tx),
                 Timer::CallRing { call } => self.ring_out(call, now, tx),
                 Timer::Bans => {
@@ -1237,6 +1243,7 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Spread { user, shards } => self.limiter.set_spread(&user, shards),
             MeshMsg::Admission { conn, refused } => self.on_admission(conn, refused, now, tx),
             MeshMsg::Api(call) => self.on_api(*call, now, tx),
+            MeshMsg::Cluster(m) => self.on_cluster(*m, now, tx),
         }
     }
 
@@ -1306,6 +1313,8 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
 mod api;
 mod calls;
 mod client;
+pub mod cluster;
+pub use cluster::{ClusterMsg, Incoming, Outgoing};
 pub use moderation::{MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;

@@ -225,7 +225,7 @@ impl<O: Outbound> Engine<O> {
                     // not in the channel); the user's connections get their
                     // own event as they are taken out.
                     let event = moderation_event(&m, Some(channel), true);
-                    self.fan_out(channel, &event, 0, Some(&m.user), now, tx);
+                    self.fan_out(channel, &event, Some(&m.user), now, tx);
                 }
                 if member {
                     for s in self.owned[channel].member_shards() {
@@ -274,13 +274,13 @@ impl<O: Outbound> Engine<O> {
             user_id: user.to_string(),
             state: None,
         }));
-        self.fan_out(channel, &event, 0, None, now, tx);
+        self.fan_out(channel, &event, None, now, tx);
         let gone = UserCmd::VoiceGone {
             channel: channel.clone(),
         };
         self.send_user_op(user.clone(), None, None, gone, now, tx);
         if self.owned.get(channel).is_some_and(|o| o.total() == 0) {
-            self.channel_gc(channel, now);
+            self.channel_gc(channel, now, tx);
         }
         true
     }

@@ -7,8 +7,31 @@ use super::moderation::{banned_message, moderation_event};
 use super::*;
 
 impl<O: Outbound> Engine<O> {
-    /// Sends one event to every shard with members of an owned channel.
+    /// Sends an unsequenced event to every shard with members of an owned
+    /// channel, and to the other nodes' members when the cluster follows it.
     pub(super) fn fan_out(
+        &mut self,
+        channel: &Arc<str>,
+        msg: &ServerMessage,
+        except: Option<&Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.owned.get(channel).is_some_and(|o| o.clustered()) {
+            let out = Outgoing {
+                channel: channel.clone(),
+                msg: msg.clone(),
+                except: except.cloned(),
+                reply: None,
+            };
+            self.send_bridge(ClusterMsg::Relay(Box::new(out)), now, tx);
+        }
+        self.fan_out_local(channel, msg, 0, except, now, tx);
+    }
+
+    /// Sends one event to every shard of this node with members of an
+    /// owned channel; returns its frames (none: the channel is not owned).
+    pub(super) fn fan_out_local(
         &mut self,
         channel: &Arc<str>,
         msg: &ServerMessage,
@@ -38,18 +61,37 @@ impl<O: Outbound> Engine<O> {
         Some(frames)
     }
 
-    /// Sequences an event of an owned channel: fans it out and logs it.
+    /// Sequences an event of an owned channel: answers its sender
+    /// (`reply`), fans it out and logs it. When the cluster follows the
+    /// channel, Redis orders it instead, and it is applied here when it
+    /// comes back (see `cluster`).
     pub(super) fn sequence(
         &mut self,
         channel: &Arc<str>,
         offset: u64,
         msg: ServerMessage,
+        reply: Option<Reply>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let frames = self.fan_out(channel, &msg, offset, None, now, tx);
+        if self.owned.get(channel).is_some_and(|o| o.clustered()) {
+            let out = Outgoing {
+                channel: channel.clone(),
+                msg,
+                except: None,
+                reply,
+            };
+            return self.send_bridge(ClusterMsg::Sequence(Box::new(out)), now, tx);
+        }
+        if let Some(r) = reply {
+            if let Some(ack) = cluster::ack_for(&msg, r.id) {
+                self.send_to(r.to, r.protocol, &ack, now, tx);
+            }
+        }
+        let frames = self.fan_out_local(channel, &msg, offset, None, now, tx);
         let s = &self.s;
         if let (Some(o), Some(frames)) = (self.owned.get_mut(channel), frames) {
+            o.apply(&msg, now, s);
             o.log(offset, now, msg, &frames, s);
         }
     }
@@ -78,14 +120,25 @@ impl<O: Outbound> Engine<O> {
             }));
             return self.route(from.shard, joined, now, tx);
         }
-        self.ensure_owned(&channel);
+        self.ensure_owned(&channel, now, tx);
+        if let Some(Link::Attaching(waiting)) = self.owned.get_mut(&channel).map(|o| &mut o.link) {
+            // Answered once the cluster's state of the channel is here.
+            waiting.push(Join {
+                channel,
+                from,
+                member,
+                ack,
+                since,
+            });
+            return;
+        }
         let event = ev(ServerEvent::MemberJoined(MemberEvent {
             channel_id: channel.to_string(),
             user_id: member.user.to_string(),
             session_id: member.session.to_string(),
         }));
         // Existing members hear of the join before the joiner's first delivery.
-        self.fan_out(&channel, &event, 0, None, now, tx);
+        self.fan_out(&channel, &event, None, now, tx);
         let owned = self.owned.get_mut(&channel).expect("owned above");
         owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
         owned.count_user(&member.user, 1);
@@ -113,12 +166,13 @@ impl<O: Outbound> Engine<O> {
 
     /// Creates the owned state of a channel (a new epoch) if this shard
     /// does not hold it.
-    pub(super) fn ensure_owned(&mut self, channel: &Arc<str>) {
+    pub(super) fn ensure_owned(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
         if !self.owned.contains_key(channel) {
             let epoch = self.next_epoch();
             self.owned
                 .insert(channel.clone(), Owned::new(epoch, self.shards as usize));
             self.metrics.channels.set(self.owned.len() as u64);
+            self.attach(channel, now, tx);
         }
     }
 
@@ -140,7 +194,7 @@ impl<O: Outbound> Engine<O> {
             // A server-wide kick or ban: each channel the user was in hears
             // of it once, when the user's last connection there leaves.
             let event = moderation_event(&m, Some(&channel), true);
-            self.fan_out(&channel, &event, 0, None, now, tx);
+            self.fan_out(&channel, &event, None, now, tx);
         }
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
@@ -150,8 +204,10 @@ impl<O: Outbound> Engine<O> {
             .iter()
             .position(|t| t.conn == from)
             .map(|i| owned.typing.remove(i));
-        if owned.total() == 0 {
-            return self.channel_gc(&channel, now);
+        // Without members here, only other nodes' members could hear of it.
+        let last = owned.total() == 0;
+        if last && !owned.clustered() {
+            return self.channel_gc(&channel, now, tx);
         }
         if let Some(t) = was_typing {
             self.typing_event(&channel, &t.user, false, now, tx);
@@ -161,12 +217,15 @@ impl<O: Outbound> Engine<O> {
             user_id: member.user.to_string(),
             session_id: member.session.to_string(),
         }));
-        self.fan_out(&channel, &event, 0, None, now, tx);
+        self.fan_out(&channel, &event, None, now, tx);
+        if last {
+            self.channel_gc(&channel, now, tx);
+        }
     }
 
     /// Drops an owned channel without members once nothing is left to ask
     /// of it, or files a check for when its history runs out.
-    pub(super) fn channel_gc(&mut self, channel: &Arc<str>, now: u64) {
+    pub(super) fn channel_gc(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
         let s = &self.s;
         let Some(owned) = self.owned.get_mut(channel) else {
             return;
@@ -176,6 +235,19 @@ impl<O: Outbound> Engine<O> {
         }
         owned.trim(now, s);
         owned.typing.clear();
+        match &owned.link {
+            Link::Attaching(waiting) if !waiting.is_empty() => return,
+            Link::Local => {}
+            // The cluster keeps the history: without members here, the
+            // channel is no longer followed.
+            _ if owned.voice.is_empty() => {
+                self.owned.remove(channel);
+                self.metrics.channels.set(self.owned.len() as u64);
+                let channel = channel.clone();
+                return self.send_bridge(ClusterMsg::Detach { channel }, now, tx);
+            }
+            _ => return,
+        }
         if owned.is_idle() {
             self.owned.remove(channel);
             self.metrics.channels.set(self.owned.len() as u64);
@@ -228,31 +300,17 @@ impl<O: Outbound> Engine<O> {
             .map(|i| owned.typing.remove(i));
         let offset = owned.next_offset();
         let message_id = owned.message_id(offset);
+        let clustered = owned.clustered();
         let mut mentions: Vec<String> = Vec::with_capacity(send.mentions.len());
         for m in send.mentions {
             if !mentions.contains(&m) {
                 mentions.push(m);
             }
         }
-        // Mentioned users who are not in the channel are told another way.
-        let absent: Vec<Arc<str>> = mentions
-            .iter()
-            .filter(|u| **u != *member.user && !owned.users.contains_key(u.as_str()))
-            .map(|u| Arc::from(u.as_str()))
-            .collect();
         self.metrics.messages_published.inc();
         if let Some(t) = was_typing {
             self.typing_event(&channel, &t.user, false, now, tx);
         }
-        let body = AckBody::Send(SendAck {
-            message_id: message_id.clone(),
-            channel_id: channel.to_string(),
-            offset,
-            timestamp: now,
-            nonce: send.nonce.clone(),
-            duplicate: false,
-        });
-        self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
         let message = MessageNew {
             message_id: message_id.clone(),
             channel_id: channel.to_string(),
@@ -265,11 +323,41 @@ impl<O: Outbound> Engine<O> {
             offset,
             timestamp: now,
         };
+        // In the cluster, once Redis has given the message its id.
+        if !clustered {
+            self.notify_mentions(&channel, &message, now, tx);
+        }
+        let event = ev(ServerEvent::MessageNew(message));
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        self.sequence(&channel, offset, event, Some(reply), now, tx);
+    }
+
+    /// Tells users mentioned in a message who are not in its channel.
+    pub(super) fn notify_mentions(
+        &mut self,
+        channel: &Arc<str>,
+        message: &MessageNew,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(owned) = self.owned.get(channel) else {
+            return;
+        };
+        let absent: Vec<Arc<str>> = message
+            .mentions
+            .iter()
+            .filter(|u| **u != message.user_id && !owned.users.contains_key(u.as_str()))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
         for user in absent {
             let data = serde_json::json!({
-                "channelId": &*channel,
-                "messageId": &message_id,
-                "fromUserId": &*member.user,
+                "channelId": &**channel,
+                "messageId": &message.message_id,
+                "fromUserId": &message.user_id,
                 "content": &message.content,
             });
             let op = UserCmd::Notify {
@@ -277,12 +365,6 @@ impl<O: Outbound> Engine<O> {
                 data: Some(Json(data.to_string())),
             };
             self.send_user_op(user, None, None, op, now, tx);
-        }
-        let event = ev(ServerEvent::MessageNew(message.clone()));
-        self.sequence(&channel, offset, event, now, tx);
-        let s = &self.s;
-        if let Some(o) = self.owned.get_mut(&channel) {
-            o.store(&member.user, message, now, s);
         }
     }
 
@@ -303,7 +385,7 @@ impl<O: Outbound> Engine<O> {
         } else {
             ServerEvent::TypingUserStop(e)
         });
-        self.fan_out(channel, &event, 0, Some(user), now, tx);
+        self.fan_out(channel, &event, Some(user), now, tx);
     }
 
     pub(super) fn expire_typing(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
@@ -346,7 +428,7 @@ impl<O: Outbound> Engine<O> {
                 self.send_user_op(member.user.clone(), None, None, gone, now, tx);
                 return reply_to(self, e, tx);
             }
-            self.ensure_owned(&channel);
+            self.ensure_owned(&channel, now, tx);
         }
         let owned = match self.owned.get_mut(&channel) {
             Some(o) => o,
@@ -373,6 +455,11 @@ impl<O: Outbound> Engine<O> {
                 ErrorCode::NotFound,
                 format!("message `{id}` is not in the channel's history"),
             )
+        };
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
         };
         // Only a message's author may change it (and a moderator delete it).
         let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
@@ -404,8 +491,7 @@ impl<O: Outbound> Engine<O> {
                     offset,
                     edited_at: now,
                 }));
-                self.event_ack(&channel, from, &member, ack, &message_id, offset, now, tx);
-                self.sequence(&channel, offset, event, now, tx);
+                self.sequence(&channel, offset, event, Some(reply), now, tx);
             }
             ChanCmd::Delete {
                 message_id,
@@ -424,8 +510,7 @@ impl<O: Outbound> Engine<O> {
                     offset,
                     timestamp: now,
                 }));
-                self.event_ack(&channel, from, &member, ack, &message_id, offset, now, tx);
-                self.sequence(&channel, offset, event, now, tx);
+                self.sequence(&channel, offset, event, Some(reply), now, tx);
             }
             ChanCmd::React(r) => {
                 let current = owned.offset;
@@ -496,8 +581,7 @@ impl<O: Outbound> Engine<O> {
                     offset,
                     timestamp: now,
                 }));
-                self.event_ack(&channel, from, &member, ack, &r.message_id, offset, now, tx);
-                self.sequence(&channel, offset, event, now, tx);
+                self.sequence(&channel, offset, event, Some(reply), now, tx);
             }
             ChanCmd::History(h) => {
                 let limit = h.limit.unwrap_or(50).min(self.s.max_history_page) as usize;
@@ -603,7 +687,7 @@ impl<O: Outbound> Engine<O> {
                         offset,
                         timestamp: now,
                     }));
-                    self.fan_out(&channel, &event, 0, None, now, tx);
+                    self.fan_out(&channel, &event, None, now, tx);
                 }
                 reply_to(self, empty_ack(ack), tx);
             }
@@ -641,7 +725,7 @@ impl<O: Outbound> Engine<O> {
                     user_id: member.user.to_string(),
                     state: Some(state),
                 }));
-                self.fan_out(&channel, &event, 0, None, now, tx);
+                self.fan_out(&channel, &event, None, now, tx);
                 let (token, server_url) = match &self.s.livekit {
                     Some(lk) => (
                         Some(crate::auth::livekit_token(
@@ -674,9 +758,9 @@ impl<O: Outbound> Engine<O> {
                         user_id: member.user.to_string(),
                         state: None,
                     }));
-                    self.fan_out(&channel, &event, 0, None, now, tx);
+                    self.fan_out(&channel, &event, None, now, tx);
                     if self.owned.get(&channel).is_some_and(|o| o.total() == 0) {
-                        self.channel_gc(&channel, now);
+                        self.channel_gc(&channel, now, tx);
                     }
                 }
                 if ack.is_some() {
@@ -698,7 +782,7 @@ impl<O: Outbound> Engine<O> {
                         user_id: member.user.to_string(),
                         state: Some(p.state),
                     }));
-                    self.fan_out(&channel, &event, 0, None, now, tx);
+                    self.fan_out(&channel, &event, None, now, tx);
                 }
                 reply_to(self, empty_ack(ack), tx);
             }

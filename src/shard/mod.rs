@@ -184,7 +184,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         return now_ms() ^ 0x9E37_79B9_7F4A_7C15;
@@ -213,6 +213,9 @@ impl Shard {
         engine.load_bans(node.initial_bans.iter().cloned(), now_ms());
         if let Some(store) = node.ban_store.clone() {
             engine.set_ban_sink(Box::new(move |m| store.append(m)));
+        }
+        if let Some((node_id, _)) = &node.cluster {
+            engine.set_cluster(crate::cluster::bridge_endpoint(n), *node_id);
         }
         Rc::new(Shard {
             id: id as ShardId,

@@ -1,0 +1,650 @@
+//! The cluster bridge: one thread per node that talks to Redis for the
+//! shards (the `redis` crate on a tokio current-thread runtime). It is an
+//! endpoint of the node's mesh, like the server API's thread; the engine's
+//! side of cluster mode is in `engine::cluster`.
+//!
+//! Redis keys and channels, per corecast channel `C` (the braces are a hash
+//! tag, so that a channel's keys share a Redis Cluster slot):
+//!
+//! | key | type | holds | bounded by |
+//! |---|---|---|---|
+//! | `cc:{C}:seq` | string | the channel's last offset | expires `history_ttl_ms` after the last event |
+//! | `cc:{C}:epoch` | string | the channel's epoch | the same |
+//! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
+//! | `cc:{C}` | pub/sub channel | every event of the channel, for the nodes that follow it | not stored |
+//!
+//! A published payload is `offset:epoch:` then the node-to-node archive
+//! (offset 0 and no epoch for unsequenced events); the archive is rkyv, as
+//! the binary protocol, and carries the event itself, so a receiving node
+//! encodes each frame once for its members.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+use rkyv::rancor;
+
+use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
+use crate::engine::{owner_of, MeshMsg, ShardId};
+use crate::metrics::ClusterMetrics;
+use crate::node::Node;
+use crate::protocol::ServerMessage;
+
+/// The bridge's mesh endpoint on a node of `shards` shards (after the
+/// server API's).
+pub fn bridge_endpoint(shards: usize) -> ShardId {
+    (shards + 1) as ShardId
+}
+
+/// How long a Redis command may take before the link counts as lost.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Reconnection backoff: from the first to the last, doubling.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// Sequenced events in flight to Redis at most (then the bridge waits for
+/// answers before taking more off the mesh).
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// Orders, keeps and publishes one sequenced event.
+/// KEYS: seq, epoch, log. ARGV: pub/sub channel, archive, history depth,
+/// an epoch for a channel that has none, expiry (ms).
+const SEQUENCE: &str = r#"
+if redis.call('SET', KEYS[2], ARGV[4], 'NX') then
+  redis.call('DEL', KEYS[1], KEYS[3])
+end
+local epoch = redis.call('GET', KEYS[2])
+local offset = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'm', ARGV[2])
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
+return {offset, epoch}
+"#;
+
+/// A channel's state: its offset, epoch and last events (newest first).
+/// KEYS: seq, epoch, log. ARGV: how many events, an epoch for a channel
+/// that has none, expiry (ms).
+const LOAD: &str = r#"
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  redis.call('DEL', KEYS[1], KEYS[3])
+end
+local epoch = redis.call('GET', KEYS[2])
+local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {offset, epoch, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])}
+"#;
+
+/// What one node sends another about a channel event.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Wire {
+    origin: u64,
+    except: Option<String>,
+    msg: ServerMessage,
+}
+
+fn encode_wire(origin: u64, out: &Outgoing) -> Vec<u8> {
+    let w = Wire {
+        origin,
+        except: out.except.as_deref().map(str::to_string),
+        msg: out.msg.clone(),
+    };
+    rkyv::to_bytes::<rancor::Error>(&w)
+        .expect("events always serialize")
+        .to_vec()
+}
+
+fn decode_wire(bytes: &[u8]) -> Result<Wire, String> {
+    rkyv::from_bytes::<Wire, rancor::Error>(bytes).map_err(|e| format!("bad archive: {e}"))
+}
+
+/// Splits a published payload into offset, epoch and archive.
+fn split_payload(p: &[u8]) -> Option<(u64, &str, &[u8])> {
+    let a = p.iter().position(|&b| b == b':')?;
+    let b = a + 1 + p[a + 1..].iter().position(|&b| b == b':')?;
+    let offset = std::str::from_utf8(&p[..a]).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(&p[a + 1..b]).ok()?;
+    Some((offset, epoch, &p[b + 1..]))
+}
+
+fn pubsub_channel(channel: &str) -> String {
+    format!("cc:{{{channel}}}")
+}
+
+fn keys(channel: &str) -> [String; 3] {
+    [
+        format!("cc:{{{channel}}}:seq"),
+        format!("cc:{{{channel}}}:epoch"),
+        format!("cc:{{{channel}}}:log"),
+    ]
+}
+
+/// The channel a pub/sub channel name stands for.
+fn channel_of(name: &str) -> Option<&str> {
+    name.strip_prefix("cc:{")?.strip_suffix('}')
+}
+
+/// A Redis URL without its password, for logs and `check-config`.
+pub fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:<hidden>{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Starts the bridge's thread; `bell` is the receiving end of its mesh
+/// doorbell. The thread ends when the node drains.
+pub fn spawn(node: Arc<Node>, bell: StdUnixStream) -> io::Result<JoinHandle<io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("corecast-bridge".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let bell = tokio::net::UnixStream::from_std(bell)?;
+                Bridge::new(node).run(bell).await;
+                Ok(())
+            })
+        })
+}
+
+/// Why the link to Redis ended.
+enum End {
+    /// The node drains.
+    Stop,
+    Lost(String),
+}
+
+impl From<RedisError> for End {
+    fn from(e: RedisError) -> End {
+        End::Lost(e.to_string())
+    }
+}
+
+struct Link {
+    conn: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: PubSubStream,
+}
+
+type Answer = (Box<Outgoing>, Result<(u64, String), RedisError>);
+
+struct Bridge {
+    node: Arc<Node>,
+    me: ShardId,
+    shards: usize,
+    id: u64,
+    metrics: Arc<ClusterMetrics>,
+    url: String,
+    history_size: usize,
+    ttl_ms: u64,
+    sequence: Arc<Script>,
+    load: Script,
+    /// Channels this node follows.
+    followed: HashSet<Arc<str>>,
+}
+
+impl Bridge {
+    fn new(node: Arc<Node>) -> Bridge {
+        let (id, metrics) = node.cluster.clone().expect("cluster mode");
+        let shards = node.shards();
+        let s = node.config.engine_settings();
+        Bridge {
+            me: bridge_endpoint(shards),
+            shards,
+            id,
+            metrics,
+            url: node.config.redis.clone(),
+            history_size: s.history_size,
+            ttl_ms: s.history_ttl_ms,
+            sequence: Arc::new(Script::new(SEQUENCE)),
+            load: Script::new(LOAD),
+            followed: HashSet::new(),
+            node,
+        }
+    }
+
+    async fn run(mut self, mut bell: tokio::net::UnixStream) {
+        let shown = without_password(&self.url);
+        let client = match Client::open(self.url.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(redis = %shown, error = %e, "cannot use the Redis URL; the node stays alone");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF.0;
+        let mut was_up = false;
+        loop {
+            match self.connect(&client).await {
+                Ok(link) => {
+                    tracing::info!(redis = %shown, node = format!("{:016x}", self.id), "cluster: connected to Redis");
+                    if was_up {
+                        self.metrics.reconnects.inc();
+                    }
+                    was_up = true;
+                    backoff = BACKOFF.0;
+                    self.metrics.up.set(1);
+                    self.tell_all(|| ClusterMsg::Up).await;
+                    let end = self.serve(link, &mut bell).await;
+                    self.metrics.up.set(0);
+                    self.followed.clear();
+                    self.metrics.channels.set(0);
+                    self.tell_all(|| ClusterMsg::Down).await;
+                    match end {
+                        End::Stop => return,
+                        End::Lost(e) => {
+                            tracing::warn!(redis = %shown, error = %e, "cluster: lost Redis; channels are sequenced by this node until it is back")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(redis = %shown, error = %e, retry_ms = backoff.as_millis() as u64, "cluster: cannot reach Redis");
+                }
+            }
+            if let End::Stop = self.wait_down(&mut bell, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+    }
+
+    async fn connect(&self, client: &Client) -> Result<Link, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                RedisError::from(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "pub/sub connection timed out",
+                ))
+            })??;
+        let (sink, stream) = pubsub.split();
+        let mut conn = conn;
+        // Loaded up front: a script loaded on first use would run some
+        // events after others sent later (each would retry after NOSCRIPT).
+        self.sequence.load_async(&mut conn).await?;
+        self.load.load_async(&mut conn).await?;
+        Ok(Link { conn, sink, stream })
+    }
+
+    /// Sends a message to a shard, waiting while its queue is full.
+    async fn send(&self, to: ShardId, msg: ClusterMsg) {
+        let mut msg = MeshMsg::Cluster(Box::new(msg));
+        loop {
+            match self.node.mesh.try_push(self.me, to, msg) {
+                Ok(()) => {
+                    self.node.mesh.wake(to);
+                    return;
+                }
+                Err(m) => {
+                    if self.node.is_draining() {
+                        return;
+                    }
+                    msg = m;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        }
+    }
+
+    async fn tell_all(&self, msg: impl Fn() -> ClusterMsg) {
+        for s in 0..self.shards {
+            self.send(s as ShardId, msg()).await;
+        }
+    }
+
+    fn owner(&self, channel: &str) -> ShardId {
+        owner_of(channel, self.shards as u16)
+    }
+
+    /// Takes what the shards sent off the mesh.
+    fn take(&self) -> Vec<ClusterMsg> {
+        let mut got = Vec::new();
+        for from in 0..self.shards as ShardId {
+            while let Some(m) = self.node.mesh.pop(from, self.me) {
+                match m {
+                    MeshMsg::Cluster(c) => got.push(*c),
+                    other => tracing::debug!(?other, "the bridge ignores a mesh message"),
+                }
+            }
+        }
+        got
+    }
+
+    /// Waits for the doorbell (or `limit`). Returns false when the node
+    /// stops.
+    async fn doorbell(&self, bell: &mut tokio::net::UnixStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match bell.try_read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        !self.node.is_draining()
+    }
+
+    /// While Redis is out of reach: sequenced events go back to their
+    /// owners to be sequenced there; the rest waits for the cluster.
+    async fn wait_down(&mut self, bell: &mut tokio::net::UnixStream, wait: Duration) -> End {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            for m in self.take() {
+                if let ClusterMsg::Sequence(out) = m {
+                    self.metrics.failed.inc();
+                    let owner = self.owner(&out.channel);
+                    self.send(owner, ClusterMsg::Unsequenced(out)).await;
+                }
+            }
+            if self.node.is_draining() {
+                return End::Stop;
+            }
+            let parked = self.node.mesh.park(self.me);
+            if !parked {
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {
+                    self.node.mesh.unpark(self.me);
+                    return End::Lost(String::new());
+                }
+                r = bell.readable() => {
+                    self.node.mesh.unpark(self.me);
+                    if r.is_err() || !self.doorbell(bell).await {
+                        return End::Stop;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, mut link: Link, bell: &mut tokio::net::UnixStream) -> End {
+        let mut in_flight: FuturesOrdered<
+            std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>,
+        > = FuturesOrdered::new();
+        loop {
+            if in_flight.len() < MAX_IN_FLIGHT {
+                for m in self.take() {
+                    if let Err(e) = self.handle(m, &mut link, &mut in_flight).await {
+                        return e;
+                    }
+                }
+            }
+            if self.node.is_draining() {
+                return End::Stop;
+            }
+            let parked = in_flight.len() < MAX_IN_FLIGHT && self.node.mesh.park(self.me);
+            tokio::select! {
+                biased;
+                Some((out, r)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.node.mesh.unpark(self.me);
+                    if let Err(e) = self.sequenced(out, r).await {
+                        return e;
+                    }
+                }
+                m = link.stream.next() => {
+                    self.node.mesh.unpark(self.me);
+                    match m {
+                        Some(m) => self.received(&m).await,
+                        None => return End::Lost("the pub/sub connection closed".into()),
+                    }
+                }
+                r = bell.readable(), if parked => {
+                    self.node.mesh.unpark(self.me);
+                    if r.is_err() || !self.doorbell(bell).await {
+                        return End::Stop;
+                    }
+                }
+                _ = std::future::ready(()), if !parked && in_flight.len() < MAX_IN_FLIGHT => {}
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        m: ClusterMsg,
+        link: &mut Link,
+        in_flight: &mut FuturesOrdered<
+            std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>,
+        >,
+    ) -> Result<(), End> {
+        match m {
+            ClusterMsg::Attach { channel } => {
+                tracing::debug!(%channel, "cluster: attach");
+                if self.followed.insert(channel.clone()) {
+                    link.sink.subscribe(pubsub_channel(&channel)).await?;
+                    self.metrics.channels.set(self.followed.len() as u64);
+                }
+                // Loaded after subscribing: whatever is published from here
+                // on arrives by pub/sub, and what came before is in the load
+                // (the owner skips what it already has).
+                let [seq, epoch, log] = keys(&channel);
+                let fresh = format!("{:016x}", crate::shard::random_u64());
+                let v: Value = self
+                    .load
+                    .key(seq)
+                    .key(epoch)
+                    .key(log)
+                    .arg(self.history_size)
+                    .arg(fresh)
+                    .arg(self.ttl_ms)
+                    .invoke_async(&mut link.conn)
+                    .await?;
+                let (offset, epoch, entries) = parse_load(v).map_err(End::Lost)?;
+                let owner = self.owner(&channel);
+                let msg = ClusterMsg::Attached {
+                    channel,
+                    epoch: epoch.into(),
+                    offset,
+                    entries,
+                };
+                self.send(owner, msg).await;
+            }
+            ClusterMsg::Detach { channel } => {
+                if self.followed.remove(&channel) {
+                    link.sink.unsubscribe(pubsub_channel(&channel)).await?;
+                    self.metrics.channels.set(self.followed.len() as u64);
+                }
+            }
+            ClusterMsg::Sequence(out) => {
+                let wire = encode_wire(self.id, &out);
+                let [seq, epoch, log] = keys(&out.channel);
+                let script = self.sequence.clone();
+                let mut conn = link.conn.clone();
+                let args = (
+                    pubsub_channel(&out.channel),
+                    format!("{:016x}", crate::shard::random_u64()),
+                    self.history_size,
+                    self.ttl_ms,
+                );
+                in_flight.push_back(Box::pin(async move {
+                    let r = script
+                        .key(seq)
+                        .key(epoch)
+                        .key(log)
+                        .arg(args.0)
+                        .arg(wire)
+                        .arg(args.2)
+                        .arg(args.1)
+                        .arg(args.3)
+                        .invoke_async::<(u64, String)>(&mut conn)
+                        .await;
+                    (out, r)
+                }));
+                self.metrics.sent.inc();
+            }
+            ClusterMsg::Relay(out) => {
+                tracing::debug!(channel = %out.channel, event = out.msg.event.name(), "cluster: relay");
+                let mut payload = b"0::".to_vec();
+                payload.extend_from_slice(&encode_wire(self.id, &out));
+                let name = pubsub_channel(&out.channel);
+                let mut conn = link.conn.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd("PUBLISH")
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map(|_| (0, String::new()));
+                    (out, r)
+                }));
+                self.metrics.sent.inc();
+            }
+            other => tracing::debug!(?other, "the bridge ignores a message meant for shards"),
+        }
+        Ok(())
+    }
+
+    /// Redis answered a sequenced (or relayed) event.
+    async fn sequenced(
+        &mut self,
+        mut out: Box<Outgoing>,
+        r: Result<(u64, String), RedisError>,
+    ) -> Result<(), End> {
+        match r {
+            Ok((0, _)) => Ok(()),
+            Ok((offset, epoch)) => {
+                if out.reply.is_some() {
+                    set_offset(&mut out.msg, &epoch, offset);
+                    let owner = self.owner(&out.channel);
+                    self.send(owner, ClusterMsg::Sequenced(out)).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                if sequenced_event(&out) {
+                    // Not lost: its owner sequences it.
+                    self.metrics.failed.inc();
+                    let owner = self.owner(&out.channel);
+                    self.send(owner, ClusterMsg::Unsequenced(out)).await;
+                }
+                if lost {
+                    return Err(End::Lost(e.to_string()));
+                }
+                tracing::error!(error = %e, "cluster: Redis refused an event");
+                Ok(())
+            }
+        }
+    }
+
+    /// An event published by a node (this one included).
+    async fn received(&mut self, m: &redis::Msg) {
+        let Some(channel) = channel_of(m.get_channel_name()) else {
+            return;
+        };
+        let Some(channel) = self.followed.get(channel).cloned() else {
+            return;
+        };
+        let Some((offset, epoch, archive)) = split_payload(m.get_payload_bytes()) else {
+            tracing::warn!(%channel, "cluster: a payload that is not ours");
+            return;
+        };
+        let w = match decode_wire(archive) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "cluster: an event that cannot be read");
+                return;
+            }
+        };
+        self.metrics.received.inc();
+        tracing::debug!(%channel, offset, event = w.msg.event.name(), "cluster: received");
+        let mut msg = w.msg;
+        if offset > 0 {
+            set_offset(&mut msg, epoch, offset);
+        }
+        let owner = self.owner(&channel);
+        let inc = Incoming {
+            channel,
+            offset,
+            epoch: epoch.into(),
+            origin: w.origin,
+            except: w.except.map(Into::into),
+            msg,
+        };
+        self.send(owner, ClusterMsg::Event(Box::new(inc))).await;
+    }
+}
+
+/// Whether an event that Redis did not take must be sequenced by its owner
+/// (a relayed one is not: its members here already have it).
+fn sequenced_event(out: &Outgoing) -> bool {
+    crate::engine::cluster::sequenced_offset(&out.msg).is_some()
+}
+
+/// Reads the answer of the `LOAD` script.
+fn parse_load(v: Value) -> Result<(u64, String, Vec<ServerMessage>), String> {
+    let bad = |what: &str| format!("unexpected answer from Redis loading a channel: {what}");
+    let Value::Array(parts) = v else {
+        return Err(bad("not an array"));
+    };
+    let [offset, epoch, entries] = <[Value; 3]>::try_from(parts).map_err(|_| bad("length"))?;
+    let offset: u64 = redis::from_redis_value(offset).map_err(|e| bad(&e.to_string()))?;
+    let epoch: String = redis::from_redis_value(epoch).map_err(|e| bad(&e.to_string()))?;
+    let Value::Array(entries) = entries else {
+        return Err(bad("entries"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    // Newest first: give them oldest first.
+    for e in entries.into_iter().rev() {
+        let Value::Array(e) = e else {
+            return Err(bad("entry"));
+        };
+        let [id, fields] = <[Value; 2]>::try_from(e).map_err(|_| bad("entry length"))?;
+        let id: String = redis::from_redis_value(id).map_err(|e| bad(&e.to_string()))?;
+        let offset: u64 = id
+            .split('-')
+            .next()
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| bad("entry id"))?;
+        let fields: Vec<Vec<u8>> =
+            redis::from_redis_value(fields).map_err(|e| bad(&e.to_string()))?;
+        let Some(archive) = fields.get(1) else {
+            return Err(bad("entry fields"));
+        };
+        match decode_wire(archive) {
+            Ok(w) => {
+                let mut msg = w.msg;
+                set_offset(&mut msg, &epoch, offset);
+                out.push(msg);
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster: a stored event that cannot be read"),
+        }
+    }
+    Ok((offset, epoch, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_and_names_round_trip() {
+        assert_eq!(split_payload(b"12:ab:xyz"), Some((12, "ab", &b"xyz"[..])));
+        assert_eq!(split_payload(b"0::x:y"), Some((0, "", &b"x:y"[..])));
+        assert_eq!(split_payload(b"nope"), None);
+        assert_eq!(channel_of(&pubsub_channel("room:1")), Some("room:1"));
+        assert_eq!(channel_of("other"), None);
+        assert_eq!(
+            without_password("redis://u:secret@h:6379/0"),
+            "redis://u:<hidden>@h:6379/0"
+        );
+        assert_eq!(without_password("redis://h:6379"), "redis://h:6379");
+    }
+}

@@ -1,0 +1,354 @@
+//! Cluster mode, the engine's side. Several nodes serve one product through
+//! Redis; each node's bridge thread is an endpoint of its mesh and speaks
+//! Redis for the shards.
+//!
+//! A channel's owner shard on each node keeps the channel's state for that
+//! node's members. While the cluster is reachable, Redis orders the
+//! channel: a sequenced event (a message, an edit, a deletion, a reaction)
+//! goes to the bridge instead of being fanned out, Redis gives it the
+//! channel's next offset, keeps it in the channel's stream (the history
+//! every node recovers from) and publishes it; every node, this one
+//! included, applies and delivers it when it comes back, so every member
+//! on every node sees one order. Unsequenced events (joins, typing, voice)
+//! are delivered here at once and relayed to the other nodes.
+//!
+//! When the cluster is unreachable the owner sequences its channels itself
+//! under a new epoch (local delivery goes on; a client recovering across the
+//! gap is told `recovered: false`), and takes them back to the cluster,
+//! reloading their state, once the bridge is up again.
+
+use std::sync::Arc;
+
+use super::channel::Link;
+use super::*;
+
+/// This node's link to the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterLink {
+    /// The bridge's mesh endpoint.
+    pub bridge: ShardId,
+    /// This node's id (random at start).
+    pub node: u64,
+    /// Whether the bridge reaches Redis (as it last said).
+    pub up: bool,
+}
+
+/// Where an answer to a sequenced event goes once Redis has ordered it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub to: ConnRef,
+    pub protocol: Protocol,
+    pub id: Option<u64>,
+}
+
+/// A channel event on its way to, or back from, the cluster.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub channel: Arc<str>,
+    pub msg: ServerMessage,
+    /// Members of this user do not get it (typing).
+    pub except: Option<Arc<str>>,
+    pub reply: Option<Reply>,
+}
+
+/// Between a shard and its node's bridge.
+#[derive(Debug)]
+pub enum ClusterMsg {
+    /// To the bridge: follow a channel (subscribe, then load its state).
+    Attach {
+        channel: Arc<str>,
+    },
+    /// To the bridge: this node no longer has the channel's members.
+    Detach {
+        channel: Arc<str>,
+    },
+    /// To the bridge: order, keep and publish a sequenced event.
+    Sequence(Box<Outgoing>),
+    /// To the bridge: an unsequenced event for the other nodes.
+    Relay(Box<Outgoing>),
+    /// From the bridge: a channel's state in the cluster (its recent
+    /// sequenced events, oldest first).
+    Attached {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        entries: Vec<ServerMessage>,
+    },
+    /// From the bridge: Redis ordered an event of this shard (`msg` carries
+    /// its offset); answer its sender.
+    Sequenced(Box<Outgoing>),
+    /// From the bridge: the cluster could not take an event; it is
+    /// sequenced here.
+    Unsequenced(Box<Outgoing>),
+    /// From the bridge: an event of a channel, from any node.
+    Event(Box<Incoming>),
+    /// From the bridge: Redis is reachable again, or no longer.
+    Up,
+    Down,
+}
+
+/// A channel event as the cluster delivered it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub channel: Arc<str>,
+    /// 0 for unsequenced events.
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// The node that made it.
+    pub origin: u64,
+    pub except: Option<Arc<str>>,
+    pub msg: ServerMessage,
+}
+
+/// Puts the offset Redis gave into a sequenced event (and, for a new
+/// message, the id made of it).
+pub fn set_offset(msg: &mut ServerMessage, epoch: &str, offset: u64) {
+    match &mut msg.event {
+        ServerEvent::MessageNew(m) => {
+            m.offset = offset;
+            m.message_id = format!("{epoch}-{offset}");
+        }
+        ServerEvent::MessageEdited(m) => m.offset = offset,
+        ServerEvent::MessageDeleted(m) => m.offset = offset,
+        ServerEvent::MessageReaction(m) => m.offset = offset,
+        _ => {}
+    }
+}
+
+/// The offset of a sequenced event.
+pub fn sequenced_offset(msg: &ServerMessage) -> Option<u64> {
+    match &msg.event {
+        ServerEvent::MessageNew(m) => Some(m.offset),
+        ServerEvent::MessageEdited(m) => Some(m.offset),
+        ServerEvent::MessageDeleted(m) => Some(m.offset),
+        ServerEvent::MessageReaction(m) => Some(m.offset),
+        _ => None,
+    }
+}
+
+/// The answer to the sender of a sequenced event.
+pub fn ack_for(msg: &ServerMessage, id: Option<u64>) -> Option<ServerMessage> {
+    let body = match &msg.event {
+        ServerEvent::MessageNew(m) => AckBody::Send(SendAck {
+            message_id: m.message_id.clone(),
+            channel_id: m.channel_id.clone(),
+            offset: m.offset,
+            timestamp: m.timestamp,
+            nonce: m.nonce.clone(),
+            duplicate: false,
+        }),
+        ServerEvent::MessageEdited(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        ServerEvent::MessageDeleted(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        ServerEvent::MessageReaction(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        _ => return None,
+    };
+    Some(ack_of(id, body))
+}
+
+fn event_ack_body(channel: &str, message_id: &str, offset: u64) -> AckBody {
+    AckBody::Event(EventAck {
+        channel_id: channel.to_string(),
+        message_id: message_id.to_string(),
+        offset,
+    })
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Puts this shard in cluster mode: `bridge` is the bridge's endpoint.
+    /// The bridge says `Up` once it reaches Redis.
+    pub fn set_cluster(&mut self, bridge: ShardId, node: u64) {
+        self.cluster = Some(ClusterLink {
+            bridge,
+            node,
+            up: false,
+        });
+    }
+
+    /// Whether new channels are sequenced by the cluster.
+    pub(super) fn cluster_up(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.up)
+    }
+
+    pub(super) fn send_bridge(&mut self, msg: ClusterMsg, now: u64, tx: &mut impl MeshTx) {
+        if let Some(c) = &self.cluster {
+            let bridge = c.bridge;
+            self.route(bridge, MeshMsg::Cluster(Box::new(msg)), now, tx);
+        }
+    }
+
+    /// A new owned channel: the cluster sequences it when it is up.
+    pub(super) fn attach(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        if !self.cluster_up() {
+            return;
+        }
+        if let Some(o) = self.owned.get_mut(channel) {
+            o.link = Link::Attaching(Vec::new());
+            let channel = channel.clone();
+            self.send_bridge(ClusterMsg::Attach { channel }, now, tx);
+        }
+    }
+
+    pub(super) fn on_cluster(&mut self, msg: ClusterMsg, now: u64, tx: &mut impl MeshTx) {
+        match msg {
+            ClusterMsg::Attached {
+                channel,
+                epoch,
+                offset,
+                entries,
+            } => self.on_attached(channel, epoch, offset, entries, now, tx),
+            ClusterMsg::Sequenced(out) => {
+                if let (Some(r), Some(ack)) =
+                    (out.reply, ack_for(&out.msg, out.reply.and_then(|r| r.id)))
+                {
+                    self.send_to(r.to, r.protocol, &ack, now, tx);
+                }
+            }
+            ClusterMsg::Unsequenced(out) => {
+                self.cluster_down(now, tx);
+                let Outgoing {
+                    channel,
+                    msg,
+                    except: _,
+                    reply,
+                } = *out;
+                let Some(owned) = self.owned.get_mut(&channel) else {
+                    return;
+                };
+                let offset = owned.next_offset();
+                let mut msg = msg;
+                set_offset(&mut msg, &owned.epoch.clone(), offset);
+                self.sequence(&channel, offset, msg, reply, now, tx);
+            }
+            ClusterMsg::Event(inc) => self.on_cluster_event(*inc, now, tx),
+            ClusterMsg::Up => {
+                if let Some(c) = &mut self.cluster {
+                    c.up = true;
+                }
+                let channels: Vec<Arc<str>> = self.owned.keys().cloned().collect();
+                for ch in channels {
+                    self.attach(&ch, now, tx);
+                }
+            }
+            ClusterMsg::Down => self.cluster_down(now, tx),
+            // Meant for the bridge.
+            ClusterMsg::Attach { .. }
+            | ClusterMsg::Detach { .. }
+            | ClusterMsg::Sequence(_)
+            | ClusterMsg::Relay(_) => {}
+        }
+    }
+
+    /// The cluster is out of reach: this node sequences its channels under
+    /// new epochs (a recovery across the gap is refused, not wrong), and
+    /// joins that waited for the cluster go on.
+    fn cluster_down(&mut self, now: u64, tx: &mut impl MeshTx) {
+        match &mut self.cluster {
+            Some(c) if c.up => c.up = false,
+            _ => return,
+        }
+        let channels: Vec<Arc<str>> = self.owned.keys().cloned().collect();
+        for ch in channels {
+            let epoch = self.next_epoch();
+            let Some(o) = self.owned.get_mut(&ch) else {
+                continue;
+            };
+            if !o.clustered() {
+                continue;
+            }
+            o.epoch = epoch;
+            let waiting = match std::mem::take(&mut o.link) {
+                Link::Attaching(w) => w,
+                _ => Vec::new(),
+            };
+            for j in waiting {
+                self.on_join(j, now, tx);
+            }
+        }
+    }
+
+    fn on_attached(
+        &mut self,
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        entries: Vec<ServerMessage>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let s = &self.s;
+        let Some(o) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        if !matches!(o.link, Link::Attaching(_)) {
+            return;
+        }
+        o.reset_history();
+        o.epoch = epoch;
+        for msg in entries {
+            if let Some(off) = sequenced_offset(&msg) {
+                o.apply(&msg, now, s);
+                o.log(off, now, msg, &Frames::default(), s);
+            }
+        }
+        o.offset = offset;
+        let waiting = match std::mem::replace(&mut o.link, Link::Attached) {
+            Link::Attaching(w) => w,
+            _ => Vec::new(),
+        };
+        for j in waiting {
+            self.on_join(j, now, tx);
+        }
+        self.channel_gc(&channel, now, tx);
+    }
+
+    fn on_cluster_event(&mut self, inc: Incoming, now: u64, tx: &mut impl MeshTx) {
+        let Incoming {
+            channel,
+            offset,
+            epoch,
+            origin,
+            except,
+            msg,
+        } = inc;
+        let me = self.cluster.as_ref().map_or(0, |c| c.node);
+        if offset == 0 {
+            // Delivered here when it was made.
+            if origin != me {
+                self.fan_out_local(&channel, &msg, 0, except.as_ref(), now, tx);
+            }
+            return;
+        }
+        let s = &self.s;
+        let Some(o) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        if !matches!(o.link, Link::Attached) || offset <= o.offset {
+            // Not followed (yet), or already loaded with the channel.
+            return;
+        }
+        if *o.epoch != *epoch {
+            // The channel's keys expired in Redis and it started over.
+            o.reset_history();
+            o.epoch = epoch;
+        } else if offset != o.offset + 1 {
+            self.metrics.cluster_gaps.inc();
+            tracing::warn!(%channel, expected = o.offset + 1, got = offset, "events of a channel were lost between Redis and this node");
+        }
+        o.offset = offset;
+        o.apply(&msg, now, s);
+        let mentioned = match (&msg.event, origin == me) {
+            (ServerEvent::MessageNew(m), true) => Some(m.clone()),
+            _ => None,
+        };
+        let frames = self
+            .fan_out_local(&channel, &msg, offset, None, now, tx)
+            .unwrap_or_default();
+        let s = &self.s;
+        if let Some(o) = self.owned.get_mut(&channel) {
+            o.log(offset, now, msg, &frames, s);
+        }
+        if let Some(m) = mentioned {
+            self.notify_mentions(&channel, &m, now, tx);
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Cluster mode over real sockets: a real redis-server of the test's own on
+//! a free port, and two corecast nodes (two shards each) sharing it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A redis-server of the test's own: no persistence, 127.0.0.1 only.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: scripts/test.sh installs it (apt-get install redis-server)");
+        let r = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if r.ping() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 16];
+        s.write_all(b"PING\r\n").is_ok()
+            && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node(redis: &Redis) -> Server {
+    Server::start(&["--shards", "2", "--redis", &redis.url()])
+}
+
+/// Waits until the node's bridge says whether it reaches Redis.
+fn wait_cluster(s: &Server, up: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if s.metric("corecast_cluster_up") == up {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("corecast_cluster_up never became {up}:\n{}", s.log());
+}
+
+/// The next `count` `message:new` events: (offset, content).
+async fn messages(p: &mut Peer, count: usize) -> Vec<(u64, String)> {
+    messages_and_acks(p, count).await.0
+}
+
+/// The same, with the acks received meanwhile.
+async fn messages_and_acks(p: &mut Peer, count: usize) -> (Vec<(u64, String)>, Vec<Value>) {
+    let (mut out, mut acks) = (Vec::new(), Vec::new());
+    while out.len() < count {
+        let v = match p.inbox.pop_front() {
+            Some(v) => v,
+            None => recv(&mut p.ws).await,
+        };
+        if v["t"] == "ack" {
+            acks.push(v);
+        } else if v["t"] == "message:new" {
+            out.push((
+                v["d"]["offset"].as_u64().unwrap(),
+                v["d"]["content"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    (out, acks)
+}
+
+#[tokio::test]
+async fn every_member_on_every_node_sees_one_order() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    let mut carol = Peer::on(&b, "carol", 0, "").await;
+    let j = alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    let j = bob
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    assert_eq!(j["epoch"], epoch.as_str(), "one epoch in the cluster");
+    // Joins cross nodes too.
+    let joined =
+        tokio::time::timeout(Duration::from_secs(3), alice.event("channel:member_joined")).await;
+    let Ok(joined) = joined else {
+        panic!("no member:joined\nA:\n{}\nB:\n{}", a.log(), b.log());
+    };
+    assert_eq!(joined["d"]["userId"], "bob");
+    carol
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    // Two nodes publish at once, without waiting for their acks.
+    const N: usize = 25;
+    for i in 0..N {
+        alice
+            .send(json!({"t": "message:send", "id": i, "d": {"channelId": "general", "content": format!("a{i}")}}))
+            .await;
+        bob.send(json!({"t": "message:send", "id": i, "d": {"channelId": "general", "content": format!("b{i}")}}))
+            .await;
+    }
+    let (seen_a, mut acks) = messages_and_acks(&mut alice, 2 * N).await;
+    let seen_b = messages(&mut bob, 2 * N).await;
+    let seen_c = messages(&mut carol, 2 * N).await;
+    assert_eq!(seen_a, seen_b, "one order on both nodes");
+    assert_eq!(seen_a, seen_c);
+    let offsets: Vec<u64> = seen_a.iter().map(|m| m.0).collect();
+    assert_eq!(offsets, (1..=2 * N as u64).collect::<Vec<_>>());
+    // Each node's messages keep their own order within the shared one.
+    let mine: Vec<&str> = seen_a
+        .iter()
+        .map(|m| m.1.as_str())
+        .filter(|c| c.starts_with('a'))
+        .collect();
+    assert_eq!(mine, (0..N).map(|i| format!("a{i}")).collect::<Vec<_>>());
+    // Every sender had its ack, with the offset every member saw.
+    while acks.len() < N {
+        acks.push(recv(&mut alice.ws).await);
+    }
+    assert!(acks.iter().all(|v| v["t"] == "ack"), "{acks:?}");
+    for ack in &acks {
+        let i = ack["id"].as_u64().unwrap() as usize;
+        let offset = ack["d"]["offset"].as_u64().unwrap();
+        assert_eq!(seen_a[offset as usize - 1].1, format!("a{i}"));
+    }
+    // Edits and reactions cross nodes, in the same order.
+    let id = format!("{epoch}-1");
+    let first_author = if seen_a[0].1.starts_with('a') {
+        &mut alice
+    } else {
+        &mut bob
+    };
+    first_author
+        .ok(
+            "message:edit",
+            json!({"channelId": "general", "messageId": id, "content": "edited"}),
+        )
+        .await;
+    carol
+        .ok(
+            "message:react",
+            json!({"channelId": "general", "messageId": id, "emoji": "👍", "action": "add"}),
+        )
+        .await;
+    for p in [&mut alice, &mut bob, &mut carol] {
+        let e = p.event("message:edited").await;
+        assert_eq!(
+            (e["d"]["content"].as_str(), e["d"]["offset"].as_u64()),
+            (Some("edited"), Some(51))
+        );
+        let r = p.event("message:reaction").await;
+        assert_eq!(
+            (r["d"]["count"].as_u64(), r["d"]["offset"].as_u64()),
+            (Some(1), Some(52))
+        );
+    }
+    // Typing is relayed, not sequenced.
+    bob.ok("typing:start", json!({"channelId": "general"}))
+        .await;
+    assert_eq!(alice.event("typing:user_start").await["d"]["userId"], "bob");
+    assert!(a.metric("corecast_cluster_sent_total") > 0);
+    assert_eq!(a.metric("corecast_cluster_gaps_total"), 0);
+}
+
+#[tokio::test]
+async fn history_and_recovery_work_on_another_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    let j = alice.ok("channel:join", json!({"channelId": "news"})).await;
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    bob.ok("channel:join", json!({"channelId": "news"})).await;
+    for i in 1..=3 {
+        bob.ok(
+            "message:send",
+            json!({"channelId": "news", "content": format!("m{i}")}),
+        )
+        .await;
+    }
+    let seen = messages(&mut alice, 3).await;
+    assert_eq!(seen.last().unwrap().0, 3);
+    // Alice drops; more is said while she is away.
+    drop(alice);
+    for i in 4..=6 {
+        bob.ok(
+            "message:send",
+            json!({"channelId": "news", "content": format!("m{i}")}),
+        )
+        .await;
+    }
+    // She comes back through the other node, on a shard that does not own
+    // the channel or on one that does: either way it recovers from Redis.
+    for shard in [0, 1] {
+        let mut again = Peer::on(&b, "alice", shard, "").await;
+        let j = again
+            .ok(
+                "channel:join",
+                json!({"channelId": "news", "since": {"offset": 3, "epoch": epoch}}),
+            )
+            .await;
+        assert_eq!(j["recovered"], true, "{j}");
+        assert_eq!(j["epoch"], epoch.as_str());
+        let replay = messages(&mut again, 3).await;
+        assert_eq!(
+            replay,
+            (4..=6).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>()
+        );
+        let h = again
+            .ok("channel:get_history", json!({"channelId": "news"}))
+            .await;
+        assert_eq!(h["messages"].as_array().unwrap().len(), 6, "{h}");
+        assert!(again.drain().await.iter().all(|v| v["t"] != "message:new"));
+    }
+    // A third node that never saw the channel serves its history too.
+    let c = node(&redis);
+    wait_cluster(&c, 1);
+    let mut dave = Peer::on(&c, "dave", 0, "").await;
+    let j = dave
+        .ok(
+            "channel:join",
+            json!({"channelId": "news", "since": {"offset": 0, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(j["recovered"], true, "{j}");
+    assert_eq!(j["offset"], 6);
+    assert_eq!(messages(&mut dave, 6).await.len(), 6);
+}
+
+#[tokio::test]
+async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut anna = Peer::on(&a, "anna", 1, "").await;
+    let mut bob = Peer::on(&b, "bob", 0, "").await;
+    for p in [&mut alice, &mut anna, &mut bob] {
+        p.ok("channel:join", json!({"channelId": "ops"})).await;
+    }
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "ops", "content": "before"}),
+        )
+        .await;
+    for p in [&mut anna, &mut bob] {
+        assert_eq!(messages(p, 1).await[0].1, "before");
+    }
+    redis.kill();
+    wait_cluster(&a, 0);
+    // Redis is gone: node a's members still hear each other at once.
+    for i in 0..5 {
+        let ack = alice
+            .ok(
+                "message:send",
+                json!({"channelId": "ops", "content": format!("alone{i}")}),
+            )
+            .await;
+        assert!(ack["offset"].as_u64().unwrap() > 0);
+    }
+    let got: Vec<String> = messages(&mut anna, 5)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(got, (0..5).map(|i| format!("alone{i}")).collect::<Vec<_>>());
+    assert!(a.metrics().contains("corecast_cluster_up 0"));
+    assert_eq!(
+        http_get(a.addr, "/ready").0,
+        200,
+        "a node without Redis still serves"
+    );
+    // Redis is back: the bridges reconnect and the nodes talk again.
+    let _redis = Redis::start_on(port);
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    // The channels are followed again once their owners re-attach them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        alice
+            .ok(
+                "message:send",
+                json!({"channelId": "ops", "content": "after"}),
+            )
+            .await;
+        let v = tokio::time::timeout(Duration::from_millis(500), bob.event("message:new")).await;
+        if let Ok(v) = v {
+            if v["d"]["content"] == "after" {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cross-node delivery did not resume:\n{}",
+            a.log()
+        );
+    }
+    assert!(a.metric("corecast_cluster_reconnects_total") >= 1);
+}
