@@ -217,6 +217,10 @@ impl<O: Outbound> Engine<O> {
                 let offset = owned.next_offset();
                 let mut msg = msg;
                 set_offset(&mut msg, &owned.epoch.clone(), offset);
+                if let ServerEvent::MessageNew(m) = &msg.event {
+                    let m = m.clone();
+                    self.notify_mentions(&channel, &m, now, tx);
+                }
                 self.sequence(&channel, offset, msg, reply, now, tx);
             }
             ClusterMsg::Event(inc) => self.on_cluster_event(*inc, now, tx),
@@ -282,11 +286,17 @@ impl<O: Outbound> Engine<O> {
         if !matches!(o.link, Link::Attaching(_)) {
             return;
         }
+        // Reloaded after a gap: the members here get what they missed.
+        let missed_after = (*o.epoch == *epoch).then_some(o.offset);
         o.reset_history();
         o.epoch = epoch;
+        let mut missed = Vec::new();
         for msg in entries {
             if let Some(off) = sequenced_offset(&msg) {
                 o.apply(&msg, now, s);
+                if missed_after.is_some_and(|after| off > after) {
+                    missed.push((off, msg.clone()));
+                }
                 o.log(off, now, msg, &Frames::default(), s);
             }
         }
@@ -295,6 +305,9 @@ impl<O: Outbound> Engine<O> {
             Link::Attaching(w) => w,
             _ => Vec::new(),
         };
+        for (off, msg) in missed {
+            self.fan_out_local(&channel, &msg, off, None, now, tx);
+        }
         for j in waiting {
             self.on_join(j, now, tx);
         }
@@ -331,8 +344,12 @@ impl<O: Outbound> Engine<O> {
             o.reset_history();
             o.epoch = epoch;
         } else if offset != o.offset + 1 {
+            // Events were lost between Redis and this node: load the
+            // channel again; what was missed is delivered then.
             self.metrics.cluster_gaps.inc();
-            tracing::warn!(%channel, expected = o.offset + 1, got = offset, "events of a channel were lost between Redis and this node");
+            tracing::warn!(%channel, expected = o.offset + 1, got = offset, "events of a channel were lost between Redis and this node; reloading it");
+            o.link = Link::Attaching(Vec::new());
+            return self.send_bridge(ClusterMsg::Attach { channel }, now, tx);
         }
         o.offset = offset;
         o.apply(&msg, now, s);

@@ -2518,4 +2518,5 @@ mod chat_sequences {
     }
 }
 
+mod cluster;
 mod safety;

@@ -1,0 +1,347 @@
+//! Cluster mode, driven in memory: two nodes of two shards each, and a
+//! stand-in for the bridges and Redis that orders each channel's events the
+//! way the Redis scripts do (an offset per channel, a log, pub/sub to the
+//! nodes that follow the channel), and can be taken down.
+
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+
+#[derive(Default)]
+struct Chan {
+    epoch: String,
+    offset: u64,
+    log: Vec<ServerMessage>,
+}
+
+/// Redis and the bridges of every node.
+#[derive(Default)]
+struct Cluster {
+    up: bool,
+    channels: HashMap<String, Chan>,
+    /// Per node: the channels it follows.
+    followed: Vec<HashSet<Arc<str>>>,
+    next_epoch: u64,
+}
+
+const SHARDS: u16 = 2;
+const BRIDGE: ShardId = SHARDS + 1;
+
+fn nodes() -> (Vec<Sim>, Cluster) {
+    let mut sims = Vec::new();
+    for n in 0..2u64 {
+        let mut sim = Sim::new(SHARDS);
+        sim.mesh.0.push(VecDeque::new()); // the bridge's queue
+        for e in &mut sim.shards {
+            e.set_cluster(BRIDGE, n + 1);
+        }
+        sims.push(sim);
+    }
+    let mut c = Cluster {
+        followed: vec![HashSet::new(), HashSet::new()],
+        ..Default::default()
+    };
+    set_up(&mut sims, &mut c, true);
+    (sims, c)
+}
+
+fn to_owner(sim: &mut Sim, channel: &str, msg: ClusterMsg) {
+    let owner = owner_of(channel, SHARDS) as usize;
+    sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(msg)));
+}
+
+fn set_up(sims: &mut [Sim], c: &mut Cluster, up: bool) {
+    c.up = up;
+    for (n, sim) in sims.iter_mut().enumerate() {
+        c.followed[n].clear();
+        for s in 0..SHARDS as usize {
+            let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
+            sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+        }
+    }
+    pump(sims, c);
+}
+
+/// Runs every node and the cluster until nothing moves. `lose` drops the
+/// pub/sub copies of sequenced events for node 1 while it returns true.
+fn pump_losing(sims: &mut [Sim], c: &mut Cluster, lose: &mut dyn FnMut(u64) -> bool) {
+    loop {
+        for sim in sims.iter_mut() {
+            sim.settle();
+        }
+        let mut moved = false;
+        for n in 0..sims.len() {
+            while let Some(m) = sims[n].mesh.0[BRIDGE as usize].pop_front() {
+                moved = true;
+                let MeshMsg::Cluster(m) = m else { continue };
+                bridge(sims, c, n, *m, lose);
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn pump(sims: &mut [Sim], c: &mut Cluster) {
+    pump_losing(sims, c, &mut |_| false);
+}
+
+fn bridge(
+    sims: &mut [Sim],
+    c: &mut Cluster,
+    n: usize,
+    m: ClusterMsg,
+    lose: &mut dyn FnMut(u64) -> bool,
+) {
+    if !c.up {
+        if let ClusterMsg::Sequence(out) = m {
+            let ch = out.channel.clone();
+            to_owner(&mut sims[n], &ch, ClusterMsg::Unsequenced(out));
+        }
+        return;
+    }
+    match m {
+        ClusterMsg::Attach { channel } => {
+            c.followed[n].insert(channel.clone());
+            c.next_epoch += 1;
+            let fresh = format!("e{}", c.next_epoch);
+            let ch = c.channels.entry(channel.to_string()).or_default();
+            if ch.epoch.is_empty() {
+                ch.epoch = fresh;
+            }
+            let msg = ClusterMsg::Attached {
+                channel: channel.clone(),
+                epoch: ch.epoch.as_str().into(),
+                offset: ch.offset,
+                entries: ch.log.clone(),
+            };
+            to_owner(&mut sims[n], &channel, msg);
+        }
+        ClusterMsg::Detach { channel } => {
+            c.followed[n].remove(&channel);
+        }
+        ClusterMsg::Sequence(mut out) => {
+            c.next_epoch += 1;
+            let fresh = format!("e{}", c.next_epoch);
+            let ch = c.channels.entry(out.channel.to_string()).or_default();
+            if ch.epoch.is_empty() {
+                ch.epoch = fresh;
+            }
+            ch.offset += 1;
+            let (offset, epoch) = (ch.offset, ch.epoch.clone());
+            super::super::cluster::set_offset(&mut out.msg, &epoch, offset);
+            ch.log.push(out.msg.clone());
+            for (k, sim) in sims.iter_mut().enumerate() {
+                if !c.followed[k].contains(&out.channel) || (k == 1 && lose(offset)) {
+                    continue;
+                }
+                let inc = Incoming {
+                    channel: out.channel.clone(),
+                    offset,
+                    epoch: epoch.as_str().into(),
+                    origin: n as u64 + 1,
+                    except: None,
+                    msg: out.msg.clone(),
+                };
+                to_owner(sim, &out.channel, ClusterMsg::Event(Box::new(inc)));
+            }
+            let ch = out.channel.clone();
+            to_owner(&mut sims[n], &ch, ClusterMsg::Sequenced(out));
+        }
+        ClusterMsg::Relay(out) => {
+            for (k, sim) in sims.iter_mut().enumerate() {
+                if !c.followed[k].contains(&out.channel) {
+                    continue;
+                }
+                let inc = Incoming {
+                    channel: out.channel.clone(),
+                    offset: 0,
+                    epoch: "".into(),
+                    origin: n as u64 + 1,
+                    except: out.except.clone(),
+                    msg: out.msg.clone(),
+                };
+                to_owner(sim, &out.channel, ClusterMsg::Event(Box::new(inc)));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn contents(msgs: &[ServerMessage]) -> Vec<(u64, String)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::MessageNew(n) => Some((n.offset, n.content.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publish(sims: &mut [Sim], c: &mut Cluster, node: usize, who: ConnRef, text: &str) {
+    sims[node].publish(who, "general", text);
+    pump(sims, c);
+}
+
+#[test]
+fn nodes_share_one_order_history_and_recovery() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    pump(&mut sims, &mut c);
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    assert!(names(&ra.take()).contains(&"channel:member_joined"));
+    rb.take();
+    // Interleaved publishes from both nodes, pumped only at the end.
+    for i in 0..4 {
+        let sim = &mut sims[0];
+        sim.shards[0].handle(
+            a.conn,
+            ClientMessage {
+                id: Some(10 + i),
+                event: ClientEvent::MessageSend(MessageSend {
+                    channel_id: "general".into(),
+                    content: format!("a{i}"),
+                    reply_to: None,
+                    thread_id: None,
+                    mentions: Vec::new(),
+                    nonce: None,
+                }),
+            },
+            sim.now,
+            &mut sim.mesh,
+        );
+        publish(&mut sims, &mut c, 1, b, &format!("b{i}"));
+    }
+    pump(&mut sims, &mut c);
+    let (got_a, got_b) = (ra.take(), rb.take());
+    assert_eq!(contents(&got_a), contents(&got_b));
+    assert_eq!(
+        contents(&got_a).iter().map(|m| m.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    // Alice's acks carry the offsets Redis gave.
+    for i in 0..4 {
+        let AckBody::Send(s) = ack_body(&got_a, 10 + i) else {
+            panic!("no send ack");
+        };
+        let seen = contents(&got_a);
+        assert_eq!(seen[s.offset as usize - 1].1, format!("a{i}"));
+    }
+    // A third connection on node 1 recovers from offset 2 of the epoch.
+    let epoch = c.channels["general"].epoch.clone();
+    let (d, rd) = sims[1].connect(0, "dave", Protocol::Json);
+    sims[1].send(
+        d,
+        Some(5),
+        ClientEvent::ChannelJoin(ChannelJoin {
+            channel_id: "general".into(),
+            since: Some(Since {
+                offset: 2,
+                epoch: epoch.clone(),
+            }),
+            token: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    let got = rd.take();
+    let AckBody::Join(j) = ack_body(&got, 5) else {
+        panic!("no join ack: {got:?}");
+    };
+    assert_eq!((j.recovered, j.offset), (Some(true), 8));
+    assert_eq!(
+        contents(&got).iter().map(|m| m.0).collect::<Vec<_>>(),
+        (3..=8).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn lost_events_are_reloaded_and_delivered() {
+    let (mut sims, mut c) = nodes();
+    let (a, _ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    rb.take();
+    // Node 1 misses offsets 2 and 3; offset 4 shows the gap.
+    let mut lose = |offset: u64| offset == 2 || offset == 3;
+    for i in 1..=4 {
+        sims[0].publish(a, "general", &format!("m{i}"));
+        pump_losing(&mut sims, &mut c, &mut lose);
+    }
+    let got = contents(&rb.take());
+    assert_eq!(
+        got,
+        (1..=4).map(|i| (i, format!("m{i}"))).collect::<Vec<_>>()
+    );
+    let gaps: u64 = sims[1]
+        .shards
+        .iter()
+        .map(|e| e.metrics.cluster_gaps.get())
+        .sum();
+    assert_eq!(gaps, 1);
+}
+
+#[test]
+fn without_the_cluster_a_node_goes_on_alone_and_comes_back() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (a2, ra2) = sims[0].connect(1, "anna", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    for (k, who) in [(0, a), (0, a2), (1, b)] {
+        sims[k].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 0, a, "together");
+    assert_eq!(contents(&rb.take())[0].1, "together");
+    // A publish in flight when Redis goes away is sequenced by its owner.
+    sims[0].publish(a, "general", "in flight");
+    c.up = false;
+    pump(&mut sims, &mut c);
+    set_up(&mut sims, &mut c, false);
+    publish(&mut sims, &mut c, 0, a, "alone");
+    let here = contents(&ra2.take());
+    assert_eq!(
+        here.iter().map(|m| m.1.as_str()).collect::<Vec<_>>(),
+        ["together", "in flight", "alone"]
+    );
+    let acks = ra.take();
+    assert!(acks.iter().any(|m| matches!(&m.event, ServerEvent::Ack(_))));
+    assert!(rb.take().is_empty(), "node 1 hears nothing while apart");
+    // A join while apart is answered at once, under the node's own epoch.
+    let (d, rd) = sims[0].connect(0, "dave", Protocol::Json);
+    sims[0].join(d, "general");
+    pump(&mut sims, &mut c);
+    let AckBody::Join(j) = ack_body(&rd.take(), 1) else {
+        panic!("no join ack");
+    };
+    assert_ne!(*j.epoch, *c.channels["general"].epoch);
+    // Back together: both nodes follow the channel again.
+    set_up(&mut sims, &mut c, true);
+    publish(&mut sims, &mut c, 1, b, "again");
+    assert_eq!(contents(&ra2.take()).last().unwrap().1, "again");
+    assert_eq!(contents(&rb.take()).last().unwrap().1, "again");
+}
+
+#[test]
+fn a_node_without_members_stops_following_a_channel() {
+    let (mut sims, mut c) = nodes();
+    let (a, _ra) = sims[0].connect(0, "alice", Protocol::Json);
+    sims[0].join(a, "general");
+    pump(&mut sims, &mut c);
+    assert!(c.followed[0].contains("general"));
+    sims[0].send(
+        a,
+        Some(3),
+        ClientEvent::ChannelLeave(ChannelRef {
+            channel_id: "general".into(),
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert!(!c.followed[0].contains("general"));
+    // The history stays in the cluster for whoever comes next.
+    assert_eq!(c.channels["general"].offset, 0);
+}
