@@ -34,6 +34,8 @@ struct Line {
 enum Op {
     Ban,
     Unban,
+    /// Only between cluster nodes, never in the file.
+    Kick,
 }
 
 impl Line {
@@ -41,7 +43,7 @@ impl Line {
         let (op, until) = match m.kind {
             ModKind::Ban { until } => (Op::Ban, until),
             ModKind::Unban => (Op::Unban, None),
-            ModKind::Kick => return None,
+            ModKind::Kick => (Op::Kick, None),
         };
         Some(Line {
             op,
@@ -59,6 +61,7 @@ impl Line {
             kind: match self.op {
                 Op::Ban => ModKind::Ban { until: self.until },
                 Op::Unban => ModKind::Unban,
+                Op::Kick => ModKind::Kick,
             },
             user: self.user_id.as_str().into(),
             channel: self.channel_id.as_deref().map(Into::into),
@@ -69,6 +72,20 @@ impl Line {
             ack: None,
         }
     }
+}
+
+/// A moderation action as one JSON object: a line of the ban file, and what
+/// cluster nodes publish to each other (kicks included) and keep in Redis.
+pub fn to_json(m: &Moderation) -> String {
+    let line = Line::of(m).expect("every action has a line");
+    serde_json::to_string(&line).expect("plain data serializes")
+}
+
+/// The action of [`to_json`]'s text.
+pub fn from_json(text: &str) -> Result<Moderation, String> {
+    serde_json::from_str::<Line>(text)
+        .map(|l| l.moderation())
+        .map_err(|e| format!("not a moderation action: {e}"))
 }
 
 pub struct BanStore {
@@ -105,6 +122,7 @@ impl BanStore {
                     match parsed.op {
                         Op::Ban => live.insert(key, parsed),
                         Op::Unban => live.remove(&key),
+                        Op::Kick => None,
                     };
                 }
             }
@@ -138,7 +156,7 @@ impl BanStore {
 
     /// Appends a ban or unban and waits until it is on disk.
     pub fn append(&self, m: &Moderation) -> Result<(), String> {
-        let Some(line) = Line::of(m) else {
+        let Some(line) = Line::of(m).filter(|l| l.op != Op::Kick) else {
             return Ok(());
         };
         let mut text = serde_json::to_vec(&line).expect("plain data serializes");

@@ -13,6 +13,9 @@
 //! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
 //! | `cc:{C}` | pub/sub channel | every event of the channel, for the nodes that follow it | not stored |
 //!
+//! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |
+//! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
+//!
 //! A published payload is `offset:epoch:` then the node-to-node archive
 //! (offset 0 and no epoch for unsequenced events); the archive is rkyv, as
 //! the binary protocol, and carries the event itself, so a receiving node
@@ -31,9 +34,10 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use rkyv::rancor;
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
-use crate::engine::{owner_of, MeshMsg, ShardId};
+use crate::engine::{home_of, owner_of, ConnRef, MeshMsg, ModKind, Moderation, ShardId};
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
+use crate::protocol::Protocol;
 use crate::protocol::ServerMessage;
 
 /// The bridge's mesh endpoint on a node of `shards` shards (after the
@@ -77,6 +81,22 @@ local epoch = redis.call('GET', KEYS[2])
 local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
 return {offset, epoch, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])}
 "#;
+
+/// Keeps or lifts a ban, then tells every node.
+/// KEYS: the bans hash. ARGV: field, `ban`/`unban`/`kick`, the ban as JSON,
+/// the payload to publish.
+const MODERATE: &str = r#"
+if ARGV[2] == 'ban' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+elseif ARGV[2] == 'unban' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', 'cc:moderation', ARGV[4])
+return 1
+"#;
+
+const BANS: &str = "cc:bans";
+const MODERATION: &str = "cc:moderation";
 
 /// What one node sends another about a channel event.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -177,6 +197,9 @@ struct Link {
 
 type Answer = (Box<Outgoing>, Result<(u64, String), RedisError>);
 
+/// Who asked for a moderation action, and the ack id.
+type Asker = (Option<(ConnRef, Protocol)>, Option<u64>);
+
 struct Bridge {
     node: Arc<Node>,
     me: ShardId,
@@ -188,8 +211,13 @@ struct Bridge {
     ttl_ms: u64,
     sequence: Arc<Script>,
     load: Script,
+    moderate: Script,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
+    /// Moderation actions of this node on their way through Redis: who
+    /// asked, by token.
+    pending: std::collections::HashMap<u64, Asker>,
+    next_token: u64,
 }
 
 impl Bridge {
@@ -207,7 +235,10 @@ impl Bridge {
             ttl_ms: s.history_ttl_ms,
             sequence: Arc::new(Script::new(SEQUENCE)),
             load: Script::new(LOAD),
+            moderate: Script::new(MODERATE),
             followed: HashSet::new(),
+            pending: Default::default(),
+            next_token: 1,
             node,
         }
     }
@@ -232,9 +263,39 @@ impl Bridge {
                     }
                     was_up = true;
                     backoff = BACKOFF.0;
+                    let mut link = link;
+                    let bans = match load_bans(&mut link.conn).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster: cannot load the bans");
+                            if let End::Stop = self.wait_down(&mut bell, backoff).await {
+                                return;
+                            }
+                            backoff = (backoff * 2).min(BACKOFF.1);
+                            continue;
+                        }
+                    };
                     self.metrics.up.set(1);
+                    self.tell_all(|| ClusterMsg::Bans(bans.clone())).await;
                     self.tell_all(|| ClusterMsg::Up).await;
                     let end = self.serve(link, &mut bell).await;
+                    for (_, (from, ack)) in std::mem::take(&mut self.pending) {
+                        if from.is_some() {
+                            let m = Moderation {
+                                kind: ModKind::Kick,
+                                user: "".into(),
+                                channel: None,
+                                reason: None,
+                                by: String::new(),
+                                at: 0,
+                                from,
+                                ack,
+                            };
+                            let e = "the cluster's Redis went away: try again".to_string();
+                            self.send(0, ClusterMsg::ModerationFailed(Box::new(m), e))
+                                .await;
+                        }
+                    }
                     self.metrics.up.set(0);
                     self.followed.clear();
                     self.metrics.channels.set(0);
@@ -278,6 +339,9 @@ impl Bridge {
         // events after others sent later (each would retry after NOSCRIPT).
         self.sequence.load_async(&mut conn).await?;
         self.load.load_async(&mut conn).await?;
+        self.moderate.load_async(&mut conn).await?;
+        let mut sink = sink;
+        sink.subscribe(MODERATION).await?;
         Ok(Link { conn, sink, stream })
     }
 
@@ -506,9 +570,94 @@ impl Bridge {
                 }));
                 self.metrics.sent.inc();
             }
+            ClusterMsg::Moderate(m) => {
+                let token = self.next_token;
+                self.next_token += 1;
+                let op = match m.kind {
+                    ModKind::Ban { .. } => "ban",
+                    ModKind::Unban => "unban",
+                    ModKind::Kick => "kick",
+                };
+                let json = crate::bans::to_json(&m);
+                let payload = format!("{:016x}:{token}:{json}", self.id);
+                let r = self
+                    .moderate
+                    .key(BANS)
+                    .arg(ban_field(&m))
+                    .arg(op)
+                    .arg(&json)
+                    .arg(payload)
+                    .invoke_async::<i64>(&mut link.conn)
+                    .await;
+                match r {
+                    Ok(_) => {
+                        self.pending.insert(token, (m.from, m.ack));
+                    }
+                    Err(e) => {
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        let why = format!("the cluster's Redis did not take it: {e}");
+                        self.send(0, ClusterMsg::ModerationFailed(m, why)).await;
+                        if lost {
+                            return Err(End::Lost(e.to_string()));
+                        }
+                    }
+                }
+            }
             other => tracing::debug!(?other, "the bridge ignores a message meant for shards"),
         }
         Ok(())
+    }
+
+    /// A kick, ban or unban published by a node (this one included): the
+    /// shard in charge on this node carries it out.
+    async fn moderation(&mut self, payload: &[u8]) {
+        let parsed = std::str::from_utf8(payload).ok().and_then(|p| {
+            let (node, rest) = p.split_once(':')?;
+            let (token, json) = rest.split_once(':')?;
+            Some((
+                u64::from_str_radix(node, 16).ok()?,
+                token.parse::<u64>().ok()?,
+                json,
+            ))
+        });
+        let Some((node, token, json)) = parsed else {
+            tracing::warn!("cluster: a moderation payload that is not ours");
+            return;
+        };
+        let mut m = match crate::bans::from_json(json) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: a moderation action that cannot be read");
+                return;
+            }
+        };
+        if node == self.id {
+            if let Some((from, ack)) = self.pending.remove(&token) {
+                m.from = from;
+                m.ack = ack;
+            }
+        }
+        let shards = self.shards as u16;
+        let to = match &m.channel {
+            None => home_of(&m.user, shards),
+            Some(c) => owner_of(c, shards),
+        };
+        let mut msg = MeshMsg::Moderate(Arc::new(m));
+        loop {
+            match self.node.mesh.try_push(self.me, to, msg) {
+                Ok(()) => {
+                    self.node.mesh.wake(to);
+                    return;
+                }
+                Err(back) => {
+                    if self.node.is_draining() {
+                        return;
+                    }
+                    msg = back;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        }
     }
 
     /// Redis answered a sequenced (or relayed) event.
@@ -546,6 +695,9 @@ impl Bridge {
 
     /// An event published by a node (this one included).
     async fn received(&mut self, m: &redis::Msg) {
+        if m.get_channel_name() == MODERATION {
+            return self.moderation(m.get_payload_bytes()).await;
+        }
         let Some(channel) = channel_of(m.get_channel_name()) else {
             return;
         };
@@ -586,6 +738,36 @@ impl Bridge {
 /// (a relayed one is not: its members here already have it).
 fn sequenced_event(out: &Outgoing) -> bool {
     crate::engine::cluster::sequenced_offset(&out.msg).is_some()
+}
+
+/// The field of a ban in the bans hash.
+fn ban_field(m: &Moderation) -> String {
+    serde_json::json!([&*m.user, m.channel.as_deref()]).to_string()
+}
+
+/// The bans in force, from Redis (expired ones are dropped there).
+async fn load_bans(conn: &mut MultiplexedConnection) -> Result<Vec<Moderation>, RedisError> {
+    let all: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg(BANS).query_async(conn).await?;
+    let now = crate::shard::now_ms();
+    let (mut live, mut expired) = (Vec::new(), Vec::new());
+    for (field, json) in all {
+        match crate::bans::from_json(&json) {
+            Ok(m) => match m.kind {
+                ModKind::Ban { until: Some(t) } if t <= now => expired.push(field),
+                _ => live.push(m),
+            },
+            Err(e) => tracing::warn!(%field, error = %e, "cluster: a ban that cannot be read"),
+        }
+    }
+    if !expired.is_empty() {
+        redis::cmd("HDEL")
+            .arg(BANS)
+            .arg(expired)
+            .query_async::<i64>(conn)
+            .await?;
+    }
+    Ok(live)
 }
 
 /// Reads the answer of the `LOAD` script.

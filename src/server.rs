@@ -93,7 +93,10 @@ pub fn start(config: Config) -> Result<Server, StartError> {
                 .map_err(|e| StartError::Io(format!("cannot listen on {local_addr}: {e}")))?,
         );
     }
-    let (ban_store, initial_bans) = if config.ban_file.is_empty() {
+    let (ban_store, initial_bans) = if !config.redis.is_empty() {
+        // The cluster keeps the bans in Redis.
+        (None, Vec::new())
+    } else if config.ban_file.is_empty() {
         tracing::warn!("ban_file is empty: bans last until the node stops");
         (None, Vec::new())
     } else {

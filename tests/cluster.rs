@@ -352,3 +352,95 @@ async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
     }
     assert!(a.metric("corecast_cluster_reconnects_total") >= 1);
 }
+
+fn upgrade_status(s: &Server, token: &str) -> String {
+    let (head, _) = http_head(
+        s.addr,
+        upgrade_request(&format!("/ws?token={token}"), "").as_bytes(),
+    );
+    head.lines().next().unwrap_or("").to_string()
+}
+
+fn eventually_refused(s: &Server, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = upgrade_status(s, &token(user, 600));
+        if status.contains("403") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{user} still let in: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn kicks_and_bans_reach_every_node_and_bans_live_in_redis() {
+    use corecast::auth::Claims;
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let admin = token_with(
+        &Claims::new("root", exp_in(600))
+            .channels(["*"])
+            .roles(["admin"]),
+    );
+    let mut root = Peer::with_token(&a, &admin, 0, "").await;
+    let mut troll = Peer::on(&b, "troll", 1, "").await;
+    let mut pest = Peer::on(&b, "pest", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    for p in [&mut troll, &mut pest, &mut bob] {
+        p.ok("channel:join", json!({"channelId": "general"})).await;
+    }
+    // A kick from the channel, made on node a, for a user on node b.
+    root.ok(
+        "moderation:kick_user",
+        json!({"userId": "pest", "channelId": "general"}),
+    )
+    .await;
+    assert_eq!(pest.event("moderation:kicked").await["d"]["by"], "root");
+    assert_eq!(
+        bob.event("moderation:user_kicked").await["d"]["userId"],
+        "pest"
+    );
+    // A server ban: the user's session on node b is closed, and no node
+    // lets it in again.
+    root.ok(
+        "moderation:ban_user",
+        json!({"userId": "troll", "reason": "spam"}),
+    )
+    .await;
+    assert_eq!(
+        troll.event("moderation:banned").await["d"]["reason"],
+        "spam"
+    );
+    assert_eq!(recv_close(&mut troll.ws).await.map(u16::from), Some(4004));
+    // The node that made it enforces it once it answered; the others as
+    // soon as Redis's message reaches them.
+    assert!(upgrade_status(&a, &token("troll", 600)).contains("403"));
+    eventually_refused(&b, "troll");
+    // Kept in Redis: a node started later knows it.
+    let c = node(&redis);
+    wait_cluster(&c, 1);
+    assert!(upgrade_status(&c, &token("troll", 600)).contains("403"));
+    // A timed ban made on node b holds on every node.
+    let mut root_b = Peer::with_token(&b, &admin, 0, "").await;
+    root_b
+        .ok(
+            "moderation:ban_user",
+            json!({"userId": "pest", "durationMs": 60000}),
+        )
+        .await;
+    assert!(upgrade_status(&b, &token("pest", 600)).contains("403"));
+    eventually_refused(&a, "pest");
+    eventually_refused(&c, "pest");
+    drop(c);
+    drop(root_b);
+    // Every node restarted: the bans are still there.
+    drop(a);
+    drop(b);
+    let a = node(&redis);
+    wait_cluster(&a, 1);
+    assert!(upgrade_status(&a, &token("troll", 600)).contains("403"));
+    assert!(upgrade_status(&a, &token("bob", 600)).contains("101"));
+}

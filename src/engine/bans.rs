@@ -69,6 +69,11 @@ impl Bans {
             .filter(|m| until(m) > now)
     }
 
+    pub fn clear(&mut self) {
+        self.server.clear();
+        self.channels.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.server.len() + self.channels.values().map(HashMap::len).sum::<usize>()
     }

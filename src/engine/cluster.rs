@@ -82,6 +82,14 @@ pub enum ClusterMsg {
     Unsequenced(Box<Outgoing>),
     /// From the bridge: an event of a channel, from any node.
     Event(Box<Incoming>),
+    /// To the bridge: a kick, ban or unban allowed here, for every node
+    /// (bans and unbans are kept in Redis).
+    Moderate(Box<Moderation>),
+    /// From the bridge: Redis did not take a moderation action.
+    ModerationFailed(Box<Moderation>, String),
+    /// From the bridge, to every shard: the bans in force in the cluster
+    /// (they replace the shard's table).
+    Bans(Vec<Moderation>),
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
@@ -234,11 +242,22 @@ impl<O: Outbound> Engine<O> {
                 }
             }
             ClusterMsg::Down => self.cluster_down(now, tx),
+            ClusterMsg::Bans(bans) => {
+                self.bans.clear();
+                self.load_bans(bans, now);
+            }
+            ClusterMsg::ModerationFailed(m, e) => {
+                if let Some((to, protocol)) = m.from {
+                    let msg = err(m.ack, ErrorCode::Internal, e);
+                    self.send_to(to, protocol, &msg, now, tx);
+                }
+            }
             // Meant for the bridge.
             ClusterMsg::Attach { .. }
             | ClusterMsg::Detach { .. }
             | ClusterMsg::Sequence(_)
-            | ClusterMsg::Relay(_) => {}
+            | ClusterMsg::Relay(_)
+            | ClusterMsg::Moderate(_) => {}
         }
     }
 

@@ -162,6 +162,23 @@ impl<O: Outbound> Engine<O> {
     /// shard in charge (which acts on it); the last shard of the round
     /// answers, so an answer means every shard enforces it.
     pub fn moderate(&mut self, m: Moderation, now: u64, tx: &mut impl MeshTx) {
+        if let Some(c) = &self.cluster {
+            // Every node carries it out when Redis publishes it.
+            if c.up {
+                return self.send_bridge(ClusterMsg::Moderate(Box::new(m)), now, tx);
+            }
+            if !matches!(m.kind, ModKind::Kick) {
+                if let Some((to, protocol)) = m.from {
+                    let msg = err(
+                        m.ack,
+                        ErrorCode::Internal,
+                        "bans are kept in the cluster's Redis, which is unreachable: try again",
+                    );
+                    self.send_to(to, protocol, &msg, now, tx);
+                }
+                return;
+            }
+        }
         let to = self.in_charge_of(&m);
         if matches!(m.kind, ModKind::Kick) {
             return self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
@@ -183,7 +200,7 @@ impl<O: Outbound> Engine<O> {
         self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
     }
 
-    fn in_charge_of(&self, m: &Moderation) -> ShardId {
+    pub(super) fn in_charge_of(&self, m: &Moderation) -> ShardId {
         match &m.channel {
             None => home_of(&m.user, self.shards),
             Some(c) => owner_of(c, self.shards),
@@ -210,7 +227,8 @@ impl<O: Outbound> Engine<O> {
                     };
                     self.route(d.shard, msg, now, tx);
                 }
-                match devices.is_empty() && kick {
+                // In a cluster the user may be connected to another node.
+                match devices.is_empty() && kick && self.cluster.is_none() {
                     true => Err(format!("user `{}` is not connected", m.user)),
                     false => Ok(()),
                 }
@@ -233,7 +251,7 @@ impl<O: Outbound> Engine<O> {
                     }
                 }
                 let in_voice = self.leave_voice_room(channel, &m.user, now, tx);
-                match !member && !in_voice && kick {
+                match !member && !in_voice && kick && self.cluster.is_none() {
                     true => Err(format!("user `{}` is not in channel `{channel}`", m.user)),
                     false => Ok(()),
                 }

@@ -149,6 +149,17 @@ fn bridge(
             let ch = out.channel.clone();
             to_owner(&mut sims[n], &ch, ClusterMsg::Sequenced(out));
         }
+        ClusterMsg::Moderate(m) => {
+            for (k, sim) in sims.iter_mut().enumerate() {
+                let mut m = (*m).clone();
+                if k != n {
+                    m.from = None;
+                    m.ack = None;
+                }
+                let to = sim.shards[0].in_charge_of(&m) as usize;
+                sim.mesh.0[to].push_back(MeshMsg::Moderate(Arc::new(m)));
+            }
+        }
         ClusterMsg::Relay(out) => {
             for (k, sim) in sims.iter_mut().enumerate() {
                 if !c.followed[k].contains(&out.channel) {
@@ -344,4 +355,76 @@ fn a_node_without_members_stops_following_a_channel() {
     assert!(!c.followed[0].contains("general"));
     // The history stays in the cluster for whoever comes next.
     assert_eq!(c.channels["general"].offset, 0);
+}
+
+#[test]
+fn kicks_and_bans_reach_every_node_and_wait_for_the_cluster() {
+    let (mut sims, mut c) = nodes();
+    let admin = crate::access::Access {
+        roles: crate::access::Roles::ADMIN,
+        grants: None,
+    };
+    let (root, rroot) = sims[0].connect_as(0, "root", admin);
+    let (t, rt) = sims[1].connect(1, "troll", Protocol::Json);
+    let ban = |user: &str| {
+        ClientEvent::ModerationBanUser(BanUser {
+            user_id: user.into(),
+            channel_id: None,
+            duration_ms: None,
+            reason: None,
+        })
+    };
+    sims[0].send(root, Some(1), ban("troll"));
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rroot.take(), 1), AckBody::Empty(_)));
+    assert_eq!(rt.closed.get(), Some(crate::ws::close::BANNED));
+    assert!(sims[1].shards[1].conn(t.conn).is_none());
+    for sim in &sims {
+        assert!(sim
+            .shards
+            .iter()
+            .all(|e| e.server_ban("troll", sim.now).is_some()));
+    }
+    // A kick of a user on no node is not an error in a cluster: another
+    // node may hold it.
+    sims[0].send(
+        root,
+        Some(2),
+        ClientEvent::ModerationKickUser(KickUser {
+            user_id: "nobody".into(),
+            channel_id: None,
+            reason: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rroot.take(), 2), AckBody::Empty(_)));
+    // Without Redis a ban cannot be kept for the cluster: it is refused.
+    set_up(&mut sims, &mut c, false);
+    sims[0].send(root, Some(3), ban("pest"));
+    pump(&mut sims, &mut c);
+    assert_eq!(error_code(&rroot.take(), 3), ErrorCode::Internal);
+    assert!(sims[0].shards[0].server_ban("pest", sims[0].now).is_none());
+    // Coming back, the bridge hands every shard the cluster's bans.
+    let m = Moderation {
+        kind: ModKind::Ban { until: None },
+        user: "troll".into(),
+        channel: None,
+        reason: None,
+        by: "root".into(),
+        at: 1,
+        from: None,
+        ack: None,
+    };
+    for sim in sims.iter_mut() {
+        for e in sim.shards.iter_mut() {
+            e.handle_mesh(
+                MeshMsg::Cluster(Box::new(ClusterMsg::Bans(vec![m.clone()]))),
+                sim.now,
+                &mut sim.mesh,
+            );
+        }
+    }
+    set_up(&mut sims, &mut c, true);
+    assert!(sims[1].shards[0].server_ban("troll", sims[1].now).is_some());
+    assert_eq!(sims[1].shards[0].ban_count(), 1);
 }
