@@ -33,7 +33,8 @@ const IDLE_READ: usize = 256;
 
 struct Ctx {
     common: Common,
-    url: Url,
+    /// The nodes; connection i goes to `urls[i % len]`.
+    urls: Vec<Url>,
     sources: u32,
     /// Time base of the timestamps in messages.
     epoch: Instant,
@@ -60,16 +61,16 @@ impl Ctx {
     /// Connects connection `i`, in `room` when given.
     async fn open(&self, i: usize, room: Option<&str>) -> Result<Conn, BenchError> {
         let p = self.common.protocol;
+        let url = &self.urls[i % self.urls.len()];
         let mut opts = match p {
-            BenchProtocol::Raw => ConnectOptions::new(
-                self.url
-                    .with_query("room", &self.room(room.unwrap_or("idle"))),
-            ),
+            BenchProtocol::Raw => {
+                ConnectOptions::new(url.with_query("room", &self.room(room.unwrap_or("idle"))))
+            }
             BenchProtocol::Json | BenchProtocol::Binary => {
                 let now = jsonwebtoken::get_current_timestamp();
                 let token = crate::auth::mint(&self.auth, &format!("bench-{i}"), 86_400, None, now)
                     .map_err(|e| BenchError(format!("cannot mint a token: {e}")))?;
-                let o = ConnectOptions::new(self.url.clone()).token(token);
+                let o = ConnectOptions::new(url.clone()).token(token);
                 if p == BenchProtocol::Binary {
                     o.protocol(Protocol::Binary)
                 } else {
@@ -380,9 +381,16 @@ async fn open_all(
 }
 
 pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, BenchError> {
-    let url: Url = common.url.parse()?;
-    // Fail before opening anything when the host does not resolve.
-    url.resolve()?;
+    let urls = common
+        .url
+        .split(',')
+        .map(|u| u.parse::<Url>())
+        .collect::<Result<Vec<_>, _>>()?;
+    // Fail before opening anything when a host does not resolve.
+    for u in &urls {
+        u.resolve()?;
+    }
+    let url = &urls[0];
     let conns = match workload {
         Workload::Echo { connections, .. } | Workload::Idle { connections, .. } => connections,
         Workload::Fanout { shape, .. } | Workload::Max { shape, .. } => {
@@ -403,7 +411,7 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
     });
     let ctx = Rc::new(Ctx {
         common,
-        url,
+        urls,
         sources,
         epoch: Instant::now(),
         prefix,
@@ -714,7 +722,7 @@ impl Fanout {
         let channels = self.shape.channels;
         let burst = self.shape.burst;
         let mut maskers: Vec<Masker> = (0..channels).map(|_| Masker::new()).collect();
-        let procs = Procs::start(ctx.common.server_pid);
+        let procs = Procs::start(&ctx.common.server_pid);
         let t0 = Instant::now();
         let mut published = 0u64;
         let mut next_report = Duration::from_secs(1);
@@ -798,7 +806,7 @@ async fn echo(ctx: &Rc<Ctx>, n: usize, dur: Duration) -> Result<Value, BenchErro
     let stats = Stats::new();
     stats.counting.set(true);
     let deadline = Instant::now() + dur;
-    let procs = Procs::start(ctx.common.server_pid);
+    let procs = Procs::start(&ctx.common.server_pid);
     let t0 = Instant::now();
     let mut handles = vec![];
     for (i, c) in conns.into_iter().enumerate() {
@@ -922,7 +930,7 @@ async fn echo_loop(
 }
 
 async fn idle(ctx: &Rc<Ctx>, n: usize, hold: Duration) -> Result<Value, BenchError> {
-    let pid = ctx.common.server_pid;
+    let pid = ctx.common.server_pid.first().copied();
     let server_before = pid.and_then(|p| report::rss_bytes(Some(p)));
     let own_before = report::rss_bytes(None);
     if pid.is_some() && server_before.is_none() {

@@ -44,7 +44,9 @@ impl BenchProtocol {
 /// Options shared by every workload.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The server's WebSocket URL.
+    /// The server's WebSocket URL. Several, comma-separated (the nodes of a
+    /// cluster): connection i goes to URL i mod n, so each channel's members
+    /// are spread over the nodes.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws", global = true)]
     pub url: String,
     /// Wire protocol.
@@ -61,9 +63,10 @@ pub struct Common {
     )]
     pub secret: Option<String>,
     /// The server's PID, for its CPU time per delivery and its memory
-    /// (read from /proc; same host only).
-    #[arg(long, global = true)]
-    pub server_pid: Option<u32>,
+    /// (read from /proc; same host only). Several, comma-separated: their
+    /// CPU time is added up (the memory figure reads the first).
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Message payload size in bytes (the timestamp plus padding).
     #[arg(long, default_value_t = 64, global = true)]
     pub payload: usize,
@@ -231,7 +234,12 @@ fn epoll_runtime(
 }
 
 fn validate(common: &Common, w: &Workload) -> Result<(), BenchError> {
-    let url: crate::client::Url = common.url.parse()?;
+    let mut url: Option<crate::client::Url> = None;
+    for u in common.url.split(',') {
+        let parsed: crate::client::Url = u.parse()?;
+        url.get_or_insert(parsed);
+    }
+    let url = url.ok_or_else(|| BenchError("--url is empty".into()))?;
     let err = |m: &str| Err(BenchError(m.into()));
     if common.payload < 24 {
         return err("--payload must be at least 24 bytes (it carries the timestamp)");
@@ -545,7 +553,7 @@ mod tests {
             url: "ws://127.0.0.1:1/ws".into(),
             protocol: BenchProtocol::Json,
             secret: None,
-            server_pid: None,
+            server_pid: Vec::new(),
             payload: 64,
             connect_parallel: 8,
             source_ips: 0,

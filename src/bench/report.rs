@@ -62,6 +62,15 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / clock_ticks())
 }
 
+/// CPU seconds of several processes together (None: none given, or one
+/// cannot be read).
+fn servers_cpu(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_seconds(Some(p))).sum()
+}
+
 /// Resident set size of a process in bytes (this one when `None`).
 pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
     let path = match pid {
@@ -75,9 +84,10 @@ pub fn rss_bytes(pid: Option<u32>) -> Option<u64> {
 }
 
 /// CPU readings of the server and of this process over a window.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Procs {
-    server: Option<u32>,
+    /// The server's processes (their CPU time is added up).
+    server: Vec<u32>,
     at: Instant,
     server_cpu: Option<f64>,
     own_cpu: Option<f64>,
@@ -95,21 +105,18 @@ pub struct CpuUse {
 }
 
 impl Procs {
-    pub fn start(server: Option<u32>) -> Procs {
+    pub fn start(server: &[u32]) -> Procs {
         Procs {
-            server,
+            server: server.to_vec(),
             at: Instant::now(),
-            server_cpu: server.and_then(|p| cpu_seconds(Some(p))),
+            server_cpu: servers_cpu(server),
             own_cpu: cpu_seconds(None),
         }
     }
 
     pub fn finish(&self) -> CpuUse {
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
-        let server_cpu_s = match (
-            self.server_cpu,
-            self.server.and_then(|p| cpu_seconds(Some(p))),
-        ) {
+        let server_cpu_s = match (self.server_cpu, servers_cpu(&self.server)) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
@@ -194,7 +201,7 @@ mod tests {
     fn proc_readings_of_this_process() {
         let rss = rss_bytes(None).unwrap();
         assert!(rss > 1 << 20, "{rss}");
-        let p = Procs::start(Some(std::process::id()));
+        let p = Procs::start(&[std::process::id()]);
         let mut x = 0u64;
         let t = Instant::now();
         while t.elapsed().as_millis() < 60 {

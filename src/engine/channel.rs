@@ -96,6 +96,10 @@ pub struct Owned {
     /// Whether the cluster sequences this channel (then offsets come from
     /// Redis) or this node does.
     pub link: Link,
+    /// While the cluster is out of reach: the cluster's epoch and the last
+    /// offset applied from it, so that what other nodes published meanwhile
+    /// is delivered here once the channel is followed again.
+    pub cluster_mark: Option<(Arc<str>, u64)>,
 }
 
 /// Who sequences an owned channel.
@@ -125,6 +129,7 @@ impl Owned {
             voice: Vec::new(),
             read: HashMap::new(),
             link: Link::Local,
+            cluster_mark: None,
         }
     }
 

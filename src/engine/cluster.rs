@@ -278,6 +278,9 @@ impl<O: Outbound> Engine<O> {
             if !o.clustered() {
                 continue;
             }
+            if matches!(o.link, Link::Attached) {
+                o.cluster_mark = Some((o.epoch.clone(), o.offset));
+            }
             o.epoch = epoch;
             let waiting = match std::mem::take(&mut o.link) {
                 Link::Attaching(w) => w,
@@ -305,8 +308,12 @@ impl<O: Outbound> Engine<O> {
         if !matches!(o.link, Link::Attaching(_)) {
             return;
         }
-        // Reloaded after a gap: the members here get what they missed.
-        let missed_after = (*o.epoch == *epoch).then_some(o.offset);
+        // Reloaded after a gap, or after the cluster was out of reach: the
+        // members here get what other nodes published meanwhile.
+        let missed_after = match o.cluster_mark.take() {
+            Some((e, offset)) => (*e == *epoch).then_some(offset),
+            None => (*o.epoch == *epoch).then_some(o.offset),
+        };
         o.reset_history();
         o.epoch = epoch;
         let mut missed = Vec::new();

@@ -21,6 +21,8 @@ struct Cluster {
     channels: HashMap<String, Chan>,
     /// Per node: the channels it follows.
     followed: Vec<HashSet<Arc<str>>>,
+    /// Nodes whose bridge cannot reach Redis.
+    cut: HashSet<usize>,
     next_epoch: u64,
 }
 
@@ -48,6 +50,21 @@ fn nodes() -> (Vec<Sim>, Cluster) {
 fn to_owner(sim: &mut Sim, channel: &str, msg: ClusterMsg) {
     let owner = owner_of(channel, SHARDS) as usize;
     sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(msg)));
+}
+
+/// Cuts one node off Redis, or joins it again.
+fn set_node(sims: &mut [Sim], c: &mut Cluster, n: usize, up: bool) {
+    if up {
+        c.cut.remove(&n);
+    } else {
+        c.cut.insert(n);
+    }
+    c.followed[n].clear();
+    for s in 0..SHARDS as usize {
+        let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
+        sims[n].mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+    }
+    pump(sims, c);
 }
 
 fn set_up(sims: &mut [Sim], c: &mut Cluster, up: bool) {
@@ -94,7 +111,7 @@ fn bridge(
     m: ClusterMsg,
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
-    if !c.up {
+    if !c.up || c.cut.contains(&n) {
         if let ClusterMsg::Sequence(out) = m {
             let ch = out.channel.clone();
             to_owner(&mut sims[n], &ch, ClusterMsg::Unsequenced(out));
@@ -133,7 +150,10 @@ fn bridge(
             super::super::cluster::set_offset(&mut out.msg, &epoch, offset);
             ch.log.push(out.msg.clone());
             for (k, sim) in sims.iter_mut().enumerate() {
-                if !c.followed[k].contains(&out.channel) || (k == 1 && lose(offset)) {
+                if !c.followed[k].contains(&out.channel)
+                    || (k == 1 && lose(offset))
+                    || c.cut.contains(&k)
+                {
                     continue;
                 }
                 let inc = Incoming {
@@ -427,4 +447,31 @@ fn kicks_and_bans_reach_every_node_and_wait_for_the_cluster() {
     set_up(&mut sims, &mut c, true);
     assert!(sims[1].shards[0].server_ban("troll", sims[1].now).is_some());
     assert_eq!(sims[1].shards[0].ban_count(), 1);
+}
+
+#[test]
+fn a_node_cut_off_gets_what_the_others_said_meanwhile() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 1, b, "one");
+    assert_eq!(contents(&ra.take()), [(1, "one".to_string())]);
+    set_node(&mut sims, &mut c, 0, false);
+    publish(&mut sims, &mut c, 1, b, "two");
+    publish(&mut sims, &mut c, 1, b, "three");
+    assert!(contents(&ra.take()).is_empty());
+    set_node(&mut sims, &mut c, 0, true);
+    assert_eq!(
+        contents(&ra.take()),
+        [(2, "two".to_string()), (3, "three".to_string())]
+    );
+    // And on from there in the cluster's order.
+    publish(&mut sims, &mut c, 0, a, "four");
+    assert_eq!(
+        contents(&rb.take()).last().unwrap(),
+        &(4, "four".to_string())
+    );
 }

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One fan-out load on a single node, then on two nodes sharing a Redis
+# (each channel's members spread over both), interleaved round by round.
+# Prints each run and the medians: deliveries/s, corecast CPU per delivery
+# (both nodes added up), Redis CPU per publish, p50 and p99.
+#
+#   scripts/bench-cluster.sh ROUNDS -- FANOUT ARGS
+#   scripts/bench-cluster.sh 3 -- -r 10 -m 100 -s 1000 -t 5
+#
+# corecast (one shard per node) and redis-server run on core $SERVER_CORE
+# (0), the load generator on core $LOADGEN_CORE (1). Needs redis-server;
+# uses ports 9400-9699 on 127.0.0.1. Appends the JSON lines, tagged, to
+# $RESULTS (docs/bench-results.jsonl) when set.
+set -euo pipefail
+UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
+  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
+cd "$(dirname "$0")/.."
+
+[ $# -ge 2 ] && [ "$2" = "--" ] || { sed -n 2,13p "$0"; exit 2; }
+ROUNDS=$1
+shift 2
+ARGS=("$@")
+SERVER_CORE=${SERVER_CORE:-0}
+LOADGEN_CORE=${LOADGEN_CORE:-1}
+BIN=target/release/corecast
+[ -x "$BIN" ] || cargo build --release --bin corecast
+command -v redis-server >/dev/null || { echo "redis-server is missing (apt-get install redis-server)" >&2; exit 2; }
+OUT=$(mktemp)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f "$OUT"; }
+trap cleanup EXIT
+
+cpu_s() { python3 -c '
+import os, sys
+f = open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split()
+print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$1"; }
+
+start_node() { # PORT [REDIS_URL]
+  local log
+  log=$(mktemp)
+  if [ -n "${2:-}" ]; then
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis "$2" 2>"$log" &
+  else
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 2>"$log" &
+  fi
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
+  if [ -n "${2:-}" ]; then
+    for _ in $(seq 100); do curl -s "http://127.0.0.1:$1/metrics" | grep -q '^corecast_cluster_up 1' && break; sleep 0.05; done
+  fi
+  rm -f "$log"
+  echo "$pid"
+}
+
+port=9400
+for round in $(seq "$ROUNDS"); do
+  for mode in single cluster; do
+    port=$((port + 3))
+    redis_pid=""
+    if [ "$mode" = single ]; then
+      a=$(start_node "$port")
+      urls="ws://127.0.0.1:$port/ws"
+      pids="$a"
+    else
+      taskset -c "$SERVER_CORE" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+      redis_pid=$!
+      PIDS+=("$redis_pid")
+      for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+      a=$(start_node $((port + 1)) "redis://127.0.0.1:$port")
+      b=$(start_node $((port + 2)) "redis://127.0.0.1:$port")
+      urls="ws://127.0.0.1:$((port + 1))/ws,ws://127.0.0.1:$((port + 2))/ws"
+      pids="$a,$b"
+    fi
+    redis_before=${redis_pid:+$(cpu_s "$redis_pid")}
+    line=$(taskset -c "$LOADGEN_CORE" "$BIN" bench --url "$urls" --server-pid "$pids" \
+      --driver epoll fanout "${ARGS[@]}" 2>/dev/null || true)
+    redis_cpu=0
+    if [ -n "$redis_pid" ]; then
+      redis_cpu=$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$redis_before" "$(cpu_s "$redis_pid")")
+    fi
+    for p in ${pids//,/ } $redis_pid; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    PIDS=()
+    [ -n "$line" ] || { echo "round $round, $mode: the bench failed" >&2; exit 1; }
+    line=$(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1]); r["nodes"] = sys.argv[2]; r["redis_cpu_s"] = float(sys.argv[3])
+print(json.dumps(r))' "$line" "$mode" "$redis_cpu")
+    echo "$line" >>"$OUT"
+    [ -z "${RESULTS:-}" ] || echo "$line" >>"$RESULTS"
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1]); lat = r["latency_us"]
+print("round %s %-7s: %s deliveries/s, %.3f µs/delivery (corecast), p50 %d µs, p99 %d µs, loss %d, redis %.1f µs/publish, load generator %.0f%%" % (
+    sys.argv[2], r["nodes"], format(r["deliveries_per_s"], ",.0f"), r["server_cpu_us_per_delivery"],
+    lat["p50"], lat["p99"], r["loss"], 1e6 * r["redis_cpu_s"] / max(1, r["published"]), 100 * r["loadgen_core_share"]))
+' "$line" "$round"
+  done
+done
+
+python3 - "$OUT" <<'EOF'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    runs.setdefault(r["nodes"], []).append(r)
+print("\nmedians:")
+for mode, rs in runs.items():
+    med = lambda f: statistics.median(f(r) for r in rs)
+    print(f"  {mode:7}: {med(lambda r: r['deliveries_per_s']):,.0f} deliveries/s, "
+          f"{med(lambda r: r['server_cpu_us_per_delivery']):.3f} µs/delivery, "
+          f"p50 {med(lambda r: r['latency_us']['p50']):.0f} µs, p99 {med(lambda r: r['latency_us']['p99']):.0f} µs, "
+          f"redis {med(lambda r: 1e6 * r['redis_cpu_s'] / max(1, r['published'])):.1f} µs/publish ({len(rs)} runs)")
+EOF
