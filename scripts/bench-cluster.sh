@@ -39,9 +39,9 @@ start_node() { # PORT [REDIS_URL]
   local log
   log=$(mktemp)
   if [ -n "${2:-}" ]; then
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis "$2" 2>"$log" &
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis "$2" >/dev/null 2>"$log" &
   else
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 2>"$log" &
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 >/dev/null 2>"$log" &
   fi
   local pid=$!
   PIDS+=("$pid")
