@@ -15,6 +15,7 @@
 //!
 //! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |
 //! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
+//! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`), followed by the nodes where `U` is connected | not stored |
 //!
 //! A published payload is `offset:epoch:` then the node-to-node archive
 //! (offset 0 and no epoch for unsequenced events); the archive is rkyv, as
@@ -140,6 +141,15 @@ fn keys(channel: &str) -> [String; 3] {
         format!("cc:{{{channel}}}:epoch"),
         format!("cc:{{{channel}}}:log"),
     ]
+}
+
+fn user_channel(user: &str) -> String {
+    format!("cc:u:{{{user}}}")
+}
+
+/// The user a user channel name stands for.
+fn user_of(name: &str) -> Option<&str> {
+    name.strip_prefix("cc:u:{")?.strip_suffix('}')
 }
 
 /// The channel a pub/sub channel name stands for.
@@ -570,6 +580,37 @@ impl Bridge {
                 }));
                 self.metrics.sent.inc();
             }
+            ClusterMsg::FollowUser { user } => {
+                link.sink.subscribe(user_channel(&user)).await?;
+            }
+            ClusterMsg::UnfollowUser { user } => {
+                link.sink.unsubscribe(user_channel(&user)).await?;
+            }
+            ClusterMsg::ToUser { user, msg } => {
+                // Published like a relayed channel event; nothing falls back
+                // to this node if Redis refuses it (the user's connections
+                // here have it already).
+                let out = Box::new(Outgoing {
+                    channel: user,
+                    msg,
+                    except: None,
+                    reply: None,
+                });
+                let mut payload = b"0::".to_vec();
+                payload.extend_from_slice(&encode_wire(self.id, &out));
+                let name = user_channel(&out.channel);
+                let mut conn = link.conn.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd("PUBLISH")
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                        .map(|_| (0, String::new()));
+                    (out, r)
+                }));
+                self.metrics.sent.inc();
+            }
             ClusterMsg::Moderate(m) => {
                 let token = self.next_token;
                 self.next_token += 1;
@@ -698,6 +739,23 @@ impl Bridge {
         if m.get_channel_name() == MODERATION {
             return self.moderation(m.get_payload_bytes()).await;
         }
+        if let Some(user) = user_of(m.get_channel_name()) {
+            let w = split_payload(m.get_payload_bytes()).and_then(|(_, _, a)| decode_wire(a).ok());
+            let Some(w) = w else {
+                tracing::warn!(%user, "cluster: a user event that cannot be read");
+                return;
+            };
+            if w.origin == self.id {
+                return;
+            }
+            self.metrics.received.inc();
+            let to = home_of(user, self.shards as u16);
+            let msg = ClusterMsg::ToUser {
+                user: user.into(),
+                msg: w.msg,
+            };
+            return self.send(to, msg).await;
+        }
         let Some(channel) = channel_of(m.get_channel_name()) else {
             return;
         };
@@ -823,6 +881,8 @@ mod tests {
         assert_eq!(split_payload(b"nope"), None);
         assert_eq!(channel_of(&pubsub_channel("room:1")), Some("room:1"));
         assert_eq!(channel_of("other"), None);
+        assert_eq!(user_of(&user_channel("a:b")), Some("a:b"));
+        assert_eq!(channel_of(&user_channel("a")), None);
         assert_eq!(
             without_password("redis://u:secret@h:6379/0"),
             "redis://u:<hidden>@h:6379/0"

@@ -444,3 +444,93 @@ async fn kicks_and_bans_reach_every_node_and_bans_live_in_redis() {
     assert!(upgrade_status(&a, &token("troll", 600)).contains("403"));
     assert!(upgrade_status(&a, &token("bob", 600)).contains("101"));
 }
+
+#[tokio::test]
+async fn direct_messages_and_receipts_reach_devices_on_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut alice_a = Peer::on(&a, "alice", 0, "").await;
+    let mut alice_b = Peer::on(&b, "alice", 1, "").await;
+    let mut bob_b = Peer::on(&b, "bob", 0, "").await;
+    let mut bob_a = Peer::on(&a, "bob", 1, "").await;
+    // A node follows a user once the user's connection is registered:
+    // wait until both nodes follow both users.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_numsub(&redis, &["cc:u:{alice}", "cc:u:{bob}"]) != [2, 2] {
+        assert!(Instant::now() < deadline, "users not followed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = alice_a
+        .ok("dm:send", json!({"toUserId": "bob", "content": "hi bob"}))
+        .await;
+    let id = sent["messageId"].as_str().unwrap().to_string();
+    for bob in [&mut bob_b, &mut bob_a] {
+        let m = bob.event("dm:new").await;
+        assert_eq!(
+            (m["d"]["messageId"].as_str(), m["d"]["content"].as_str()),
+            (Some(id.as_str()), Some("hi bob"))
+        );
+    }
+    assert_eq!(
+        alice_b.event("dm:sent").await["d"]["messageId"],
+        id.as_str()
+    );
+    // Each node keeps the conversation for the devices it serves.
+    let convs = bob_b.ok("dm:get_conversations", json!({})).await;
+    assert_eq!(convs["conversations"][0]["userId"], "alice", "{convs}");
+    // Nothing arrives twice on the node that made it.
+    let again: Vec<Value> = bob_a.drain().await;
+    assert!(again.iter().all(|v| v["t"] != "dm:new"), "{again:?}");
+    // A delivery receipt made on node b reaches the author on node a.
+    alice_a
+        .ok("channel:join", json!({"channelId": "room"}))
+        .await;
+    bob_b.ok("channel:join", json!({"channelId": "room"})).await;
+    let m = alice_a
+        .ok(
+            "message:send",
+            json!({"channelId": "room", "content": "ping"}),
+        )
+        .await;
+    let target = json!({"channelId": "room", "messageId": m["messageId"]});
+    bob_b.event("message:new").await;
+    bob_b.ok("message:delivered", target).await;
+    let d = alice_a.event("message:delivery").await;
+    assert_eq!(d["d"]["userId"], "bob");
+    // A user gone from a node is no longer followed there.
+    drop(bob_a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_numsub(&redis, &["cc:u:{bob}"]) != [1] {
+        assert!(Instant::now() < deadline, "bob still followed by node a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Subscribers per pub/sub channel (`PUBSUB NUMSUB`).
+fn redis_numsub(redis: &Redis, channels: &[&str]) -> Vec<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    let mut cmd = format!(
+        "*{}\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n",
+        channels.len() + 2
+    );
+    for c in channels {
+        cmd.push_str(&format!("${}\r\n{c}\r\n", c.len()));
+    }
+    s.write_all(cmd.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut text = String::new();
+    // *2n, then $len name, :count for each channel.
+    let counts = |t: &str| t.lines().filter(|l| l.starts_with(':')).count();
+    while counts(&text) < channels.len() || !text.ends_with("\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "redis closed");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}

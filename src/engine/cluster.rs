@@ -90,6 +90,21 @@ pub enum ClusterMsg {
     /// From the bridge, to every shard: the bans in force in the cluster
     /// (they replace the shard's table).
     Bans(Vec<Moderation>),
+    /// To the bridge: this node has (or no longer has) connections of a
+    /// user, so it follows (or stops following) what reaches the user.
+    FollowUser {
+        user: Arc<str>,
+    },
+    UnfollowUser {
+        user: Arc<str>,
+    },
+    /// To the bridge: an event for the user's connections on the other
+    /// nodes (`dm:new`, `dm:sent`, `message:delivery`). From the bridge, to
+    /// the user's home: such an event from another node.
+    ToUser {
+        user: Arc<str>,
+        msg: ServerMessage,
+    },
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
@@ -184,6 +199,22 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// Passes an event for a user's connections to the other nodes (the
+    /// user's home on this node has delivered it here).
+    pub(super) fn tell_other_nodes(
+        &mut self,
+        user: &Arc<str>,
+        event: ServerEvent,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let msg = ServerMessage { id: None, event };
+            let user = user.clone();
+            self.send_bridge(ClusterMsg::ToUser { user, msg }, now, tx);
+        }
+    }
+
     /// A new owned channel: the cluster sequences it when it is up.
     pub(super) fn attach(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
         if !self.cluster_up() {
@@ -240,6 +271,31 @@ impl<O: Outbound> Engine<O> {
                 for ch in channels {
                     self.attach(&ch, now, tx);
                 }
+                let users: Vec<Arc<str>> = self
+                    .users
+                    .iter()
+                    .filter(|(_, st)| !st.devices.is_empty())
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                for user in users {
+                    self.send_bridge(ClusterMsg::FollowUser { user }, now, tx);
+                }
+            }
+            ClusterMsg::ToUser { user, msg } => {
+                let max = self.s.max_conversations;
+                match &msg.event {
+                    ServerEvent::DmNew(m) => {
+                        let peer: Arc<str> = m.from_user_id.as_str().into();
+                        self.user(&user).record_dm(&peer, m.clone(), true, max);
+                    }
+                    ServerEvent::DmSent(m) => {
+                        let peer: Arc<str> = m.to_user_id.as_str().into();
+                        self.user(&user).record_dm(&peer, m.clone(), false, max);
+                    }
+                    _ => {}
+                }
+                self.send_devices(&user, msg.event, None, now, tx);
+                self.maintain_user(&user, now);
             }
             ClusterMsg::Down => self.cluster_down(now, tx),
             ClusterMsg::Bans(bans) => {
@@ -257,7 +313,9 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::Detach { .. }
             | ClusterMsg::Sequence(_)
             | ClusterMsg::Relay(_)
-            | ClusterMsg::Moderate(_) => {}
+            | ClusterMsg::Moderate(_)
+            | ClusterMsg::FollowUser { .. }
+            | ClusterMsg::UnfollowUser { .. } => {}
         }
     }
 

@@ -79,7 +79,19 @@ impl<O: Outbound> Engine<O> {
 
     pub(super) fn on_user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
         let user = op.user.clone();
+        let devices = |e: &Self| e.users.get(&user).is_some_and(|st| !st.devices.is_empty());
+        let before = devices(self);
         self.user_op(op, now, tx);
+        // In a cluster, a node follows the users it has connections of.
+        let after = devices(self);
+        if before != after && self.cluster_up() {
+            let user = user.clone();
+            let msg = match after {
+                true => ClusterMsg::FollowUser { user },
+                false => ClusterMsg::UnfollowUser { user },
+            };
+            self.send_bridge(msg, now, tx);
+        }
         self.maintain_user(&user, now);
     }
 
@@ -314,12 +326,14 @@ impl<O: Outbound> Engine<O> {
                     now,
                     tx,
                 );
+                self.tell_other_nodes(&user, ServerEvent::DmSent(msg.clone()), now, tx);
                 self.send_user_op(to, None, None, UserCmd::DmDeliver(msg), now, tx);
             }
             UserCmd::DmDeliver(msg) => {
                 let from_user: Arc<str> = msg.from_user_id.as_str().into();
                 self.user(&user)
                     .record_dm(&from_user, msg.clone(), true, max_conversations);
+                self.tell_other_nodes(&user, ServerEvent::DmNew(msg.clone()), now, tx);
                 self.send_devices(&user, ServerEvent::DmNew(msg), None, now, tx);
             }
             UserCmd::Conversations { limit } => {
@@ -389,6 +403,7 @@ impl<O: Outbound> Engine<O> {
                 reply(self, empty_ack(ack), tx);
             }
             UserCmd::Delivery(d) => {
+                self.tell_other_nodes(&user, ServerEvent::MessageDelivery(d.clone()), now, tx);
                 self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
             }
             UserCmd::VoiceJoin { channel } => {

@@ -21,6 +21,8 @@ struct Cluster {
     channels: HashMap<String, Chan>,
     /// Per node: the channels it follows.
     followed: Vec<HashSet<Arc<str>>>,
+    /// Per node: the users it follows.
+    users: Vec<HashSet<Arc<str>>>,
     /// Nodes whose bridge cannot reach Redis.
     cut: HashSet<usize>,
     next_epoch: u64,
@@ -41,6 +43,7 @@ fn nodes() -> (Vec<Sim>, Cluster) {
     }
     let mut c = Cluster {
         followed: vec![HashSet::new(), HashSet::new()],
+        users: vec![HashSet::new(), HashSet::new()],
         ..Default::default()
     };
     set_up(&mut sims, &mut c, true);
@@ -168,6 +171,25 @@ fn bridge(
             }
             let ch = out.channel.clone();
             to_owner(&mut sims[n], &ch, ClusterMsg::Sequenced(out));
+        }
+        ClusterMsg::FollowUser { user } => {
+            c.users[n].insert(user);
+        }
+        ClusterMsg::UnfollowUser { user } => {
+            c.users[n].remove(&user);
+        }
+        ClusterMsg::ToUser { user, msg } => {
+            for (k, sim) in sims.iter_mut().enumerate() {
+                if k == n || !c.users[k].contains(&user) {
+                    continue;
+                }
+                let to = home_of(&user, SHARDS) as usize;
+                let m = ClusterMsg::ToUser {
+                    user: user.clone(),
+                    msg: msg.clone(),
+                };
+                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
         }
         ClusterMsg::Moderate(m) => {
             for (k, sim) in sims.iter_mut().enumerate() {
@@ -474,4 +496,34 @@ fn a_node_cut_off_gets_what_the_others_said_meanwhile() {
         contents(&rb.take()).last().unwrap(),
         &(4, "four".to_string())
     );
+}
+
+#[test]
+fn direct_messages_reach_a_users_connections_on_every_node() {
+    let (mut sims, mut c) = nodes();
+    let (a, _ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (_a2, ra2) = sims[1].connect(0, "alice", Protocol::Json);
+    let (_b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    pump(&mut sims, &mut c);
+    assert!(c.users[0].contains("alice") && c.users[1].contains("alice"));
+    assert!(c.users[1].contains("bob") && !c.users[0].contains("bob"));
+    sims[0].send(
+        a,
+        Some(4),
+        ClientEvent::DmSend(DmSend {
+            to_user_id: "bob".into(),
+            content: "hi".into(),
+            nonce: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert_eq!(names(&rb.take()), ["dm:new"]);
+    assert_eq!(names(&ra2.take()), ["dm:sent"]);
+    // Bob's conversations on node 1 have it.
+    let convs = sims[1].shards[home_of("bob", SHARDS) as usize]
+        .users
+        .get("bob")
+        .and_then(|st| st.extra())
+        .map_or(0, |m| m.conversations.len());
+    assert_eq!(convs, 1);
 }
