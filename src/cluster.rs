@@ -207,6 +207,9 @@ struct Link {
 
 type Answer = (Box<Outgoing>, Result<(u64, String), RedisError>);
 
+/// Requests to Redis whose answers are awaited in order.
+type InFlight = FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>>;
+
 /// Who asked for a moderation action, and the ack id.
 type Asker = (Option<(ConnRef, Protocol)>, Option<u64>);
 
@@ -420,11 +423,7 @@ impl Bridge {
         let until = tokio::time::Instant::now() + wait;
         loop {
             for m in self.take() {
-                if let ClusterMsg::Sequence(out) = m {
-                    self.metrics.failed.inc();
-                    let owner = self.owner(&out.channel);
-                    self.send(owner, ClusterMsg::Unsequenced(out)).await;
-                }
+                self.refuse(m).await;
             }
             if self.node.is_draining() {
                 return End::Stop;
@@ -448,14 +447,65 @@ impl Bridge {
         }
     }
 
+    /// What a shard asked for that Redis cannot take now: a sequenced event
+    /// goes back to its owner to be sequenced there, a moderation action
+    /// is answered with an error; the rest is redone when Redis is back
+    /// (the shards follow their channels and users again on `Up`) or does
+    /// not outlive the moment (relayed events).
+    async fn refuse(&mut self, m: ClusterMsg) {
+        match m {
+            ClusterMsg::Sequence(out) => {
+                self.metrics.failed.inc();
+                let owner = self.owner(&out.channel);
+                self.send(owner, ClusterMsg::Unsequenced(out)).await;
+            }
+            ClusterMsg::Moderate(m) => {
+                let why = "the cluster's Redis is unreachable: try again".to_string();
+                self.send(0, ClusterMsg::ModerationFailed(m, why)).await;
+            }
+            _ => {}
+        }
+    }
+
     async fn serve(&mut self, mut link: Link, bell: &mut tokio::net::UnixStream) -> End {
-        let mut in_flight: FuturesOrdered<
-            std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>,
-        > = FuturesOrdered::new();
+        let mut in_flight: InFlight = FuturesOrdered::new();
+        let mut leftover = Vec::new();
+        let end = self
+            .serve_link(&mut link, bell, &mut in_flight, &mut leftover)
+            .await;
+        // Nothing accepted is dropped: what is in flight gets its answer
+        // (on a dead link, an error, and its owner sequences it), and what
+        // was not sent yet goes back.
+        let settle = async {
+            while let Some((out, r)) = in_flight.next().await {
+                let _ = self.sequenced(out, r).await;
+            }
+        };
+        if tokio::time::timeout(RESPONSE_TIMEOUT, settle)
+            .await
+            .is_err()
+        {
+            tracing::error!("cluster: events still in flight to Redis were given up");
+        }
+        for m in leftover {
+            self.refuse(m).await;
+        }
+        end
+    }
+
+    async fn serve_link(
+        &mut self,
+        link: &mut Link,
+        bell: &mut tokio::net::UnixStream,
+        in_flight: &mut InFlight,
+        leftover: &mut Vec<ClusterMsg>,
+    ) -> End {
         loop {
             if in_flight.len() < MAX_IN_FLIGHT {
-                for m in self.take() {
-                    if let Err(e) = self.handle(m, &mut link, &mut in_flight).await {
+                let mut batch = self.take().into_iter();
+                while let Some(m) = batch.next() {
+                    if let Err(e) = self.handle(m, link, in_flight).await {
+                        leftover.extend(batch);
                         return e;
                     }
                 }
@@ -494,9 +544,7 @@ impl Bridge {
         &mut self,
         m: ClusterMsg,
         link: &mut Link,
-        in_flight: &mut FuturesOrdered<
-            std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>,
-        >,
+        in_flight: &mut InFlight,
     ) -> Result<(), End> {
         match m {
             ClusterMsg::Attach { channel } => {

@@ -534,3 +534,57 @@ fn redis_numsub(redis: &Redis, channels: &[&str]) -> Vec<u64> {
         .map(|n| n.trim().parse().unwrap())
         .collect()
 }
+
+#[tokio::test]
+async fn the_server_api_of_any_node_publishes_kicks_and_bans_for_the_cluster() {
+    const KEY: &str = "api-key-for-the-cluster-0123";
+    let redis = Redis::start();
+    let a = Server::start(&[
+        "--shards",
+        "2",
+        "--redis",
+        &redis.url(),
+        "--api-listen",
+        "127.0.0.1:0",
+        "--api-key",
+        KEY,
+    ]);
+    let b = node(&redis);
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let api = a.api_addr();
+    let post = |path: &str, body: Value| {
+        let body = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(api).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        (head.get(9..12).unwrap_or("").to_string(), v)
+    };
+    // Node a has no member of the channel: its API still publishes there,
+    // in the cluster's order.
+    let mut bob = Peer::on(&b, "bob", 0, "").await;
+    bob.ok("channel:join", json!({"channelId": "news"})).await;
+    let (status, v) = post(
+        "/api/publish",
+        json!({"channelId": "news", "userId": "backend", "content": "from the api"}),
+    );
+    assert_eq!(status, "200", "{v}");
+    assert_eq!(v["offset"], 1, "{v}");
+    let m = bob.event("message:new").await;
+    assert_eq!(
+        (m["d"]["content"].as_str(), m["d"]["offset"].as_u64()),
+        (Some("from the api"), Some(1))
+    );
+    // A ban through node a's API closes bob's session on node b.
+    let (status, v) = post("/api/ban", json!({"userId": "bob", "reason": "api"}));
+    assert_eq!(status, "200", "{v}");
+    assert_eq!(recv_close(&mut bob.ws).await.map(u16::from), Some(4004));
+}
