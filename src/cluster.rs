@@ -613,20 +613,8 @@ impl Bridge {
             }
             ClusterMsg::Relay(out) => {
                 tracing::debug!(channel = %out.channel, event = out.msg.event.name(), "cluster: relay");
-                let mut payload = b"0::".to_vec();
-                payload.extend_from_slice(&encode_wire(self.id, &out));
                 let name = pubsub_channel(&out.channel);
-                let mut conn = link.conn.clone();
-                in_flight.push_back(Box::pin(async move {
-                    let r = redis::cmd("PUBLISH")
-                        .arg(name)
-                        .arg(payload)
-                        .query_async::<i64>(&mut conn)
-                        .await
-                        .map(|_| (0, String::new()));
-                    (out, r)
-                }));
-                self.metrics.sent.inc();
+                self.publish(name, out, link, in_flight);
             }
             ClusterMsg::FollowUser { user } => {
                 link.sink.subscribe(user_channel(&user)).await?;
@@ -638,26 +626,14 @@ impl Bridge {
                 // Published like a relayed channel event; nothing falls back
                 // to this node if Redis refuses it (the user's connections
                 // here have it already).
+                let name = user_channel(&user);
                 let out = Box::new(Outgoing {
                     channel: user,
                     msg,
                     except: None,
                     reply: None,
                 });
-                let mut payload = b"0::".to_vec();
-                payload.extend_from_slice(&encode_wire(self.id, &out));
-                let name = user_channel(&out.channel);
-                let mut conn = link.conn.clone();
-                in_flight.push_back(Box::pin(async move {
-                    let r = redis::cmd("PUBLISH")
-                        .arg(name)
-                        .arg(payload)
-                        .query_async::<i64>(&mut conn)
-                        .await
-                        .map(|_| (0, String::new()));
-                    (out, r)
-                }));
-                self.metrics.sent.inc();
+                self.publish(name, out, link, in_flight);
             }
             ClusterMsg::Moderate(m) => {
                 let token = self.next_token;
@@ -695,6 +671,24 @@ impl Bridge {
             other => tracing::debug!(?other, "the bridge ignores a message meant for shards"),
         }
         Ok(())
+    }
+
+    /// Publishes an unsequenced event on pub/sub channel `name` (offset 0,
+    /// no epoch); its answer comes in order with the sequenced ones.
+    fn publish(&self, name: String, out: Box<Outgoing>, link: &Link, in_flight: &mut InFlight) {
+        let mut payload = b"0::".to_vec();
+        payload.extend_from_slice(&encode_wire(self.id, &out));
+        let mut conn = link.conn.clone();
+        in_flight.push_back(Box::pin(async move {
+            let r = redis::cmd("PUBLISH")
+                .arg(name)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(|_| (0, String::new()));
+            (out, r)
+        }));
+        self.metrics.sent.inc();
     }
 
     /// A kick, ban or unban published by a node (this one included): the

@@ -76,6 +76,15 @@ fn node(redis: &Redis) -> Server {
     Server::start(&["--shards", "2", "--redis", &redis.url()])
 }
 
+/// A redis-server and two nodes that reach it.
+fn two_nodes() -> (Redis, Server, Server) {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    (redis, a, b)
+}
+
 /// Waits until the node's bridge says whether it reaches Redis.
 fn wait_cluster(s: &Server, up: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -115,10 +124,7 @@ async fn messages_and_acks(p: &mut Peer, count: usize) -> (Vec<(u64, String)>, V
 
 #[tokio::test]
 async fn every_member_on_every_node_sees_one_order() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (_redis, a, b) = two_nodes();
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 1, "").await;
     let mut carol = Peer::on(&b, "carol", 0, "").await;
@@ -214,10 +220,7 @@ async fn every_member_on_every_node_sees_one_order() {
 
 #[tokio::test]
 async fn history_and_recovery_work_on_another_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (redis, a, b) = two_nodes();
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 1, "").await;
     let j = alice.ok("channel:join", json!({"channelId": "news"})).await;
@@ -281,11 +284,8 @@ async fn history_and_recovery_work_on_another_node() {
 
 #[tokio::test]
 async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
-    let mut redis = Redis::start();
+    let (mut redis, a, b) = two_nodes();
     let port = redis.port;
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut anna = Peer::on(&a, "anna", 1, "").await;
     let mut bob = Peer::on(&b, "bob", 0, "").await;
@@ -376,10 +376,7 @@ fn eventually_refused(s: &Server, user: &str) {
 #[tokio::test]
 async fn kicks_and_bans_reach_every_node_and_bans_live_in_redis() {
     use corecast::auth::Claims;
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (redis, a, b) = two_nodes();
     let admin = token_with(
         &Claims::new("root", exp_in(600))
             .channels(["*"])
@@ -447,10 +444,7 @@ async fn kicks_and_bans_reach_every_node_and_bans_live_in_redis() {
 
 #[tokio::test]
 async fn direct_messages_and_receipts_reach_devices_on_every_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (redis, a, b) = two_nodes();
     let mut alice_a = Peer::on(&a, "alice", 0, "").await;
     let mut alice_b = Peer::on(&b, "alice", 1, "").await;
     let mut bob_b = Peer::on(&b, "bob", 0, "").await;
