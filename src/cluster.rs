@@ -231,6 +231,9 @@ struct Bridge {
     /// asked, by token.
     pending: std::collections::HashMap<u64, Asker>,
     next_token: u64,
+    /// Sequenced events the lost link did not take, for their owners once
+    /// the shards know the cluster is down.
+    requeue: Vec<Outgoing>,
 }
 
 impl Bridge {
@@ -252,6 +255,7 @@ impl Bridge {
             followed: HashSet::new(),
             pending: Default::default(),
             next_token: 1,
+            requeue: Vec::new(),
             node,
         }
     }
@@ -309,10 +313,6 @@ impl Bridge {
                                 .await;
                         }
                     }
-                    self.metrics.up.set(0);
-                    self.followed.clear();
-                    self.metrics.channels.set(0);
-                    self.tell_all(|| ClusterMsg::Down).await;
                     match end {
                         End::Stop => return,
                         End::Lost(e) => {
@@ -473,6 +473,12 @@ impl Bridge {
         let end = self
             .serve_link(&mut link, bell, &mut in_flight, &mut leftover)
             .await;
+        // The shards hear first that the cluster is down, so that they
+        // sequence what comes back to them.
+        self.metrics.up.set(0);
+        self.followed.clear();
+        self.metrics.channels.set(0);
+        self.tell_all(|| ClusterMsg::Down).await;
         // Nothing accepted is dropped: what is in flight gets its answer
         // (on a dead link, an error, and its owner sequences it), and what
         // was not sent yet goes back.
@@ -486,6 +492,9 @@ impl Bridge {
             .is_err()
         {
             tracing::error!("cluster: events still in flight to Redis were given up");
+        }
+        for out in std::mem::take(&mut self.requeue) {
+            self.refuse(ClusterMsg::Sequence(Box::new(out))).await;
         }
         for m in leftover {
             self.refuse(m).await;
@@ -761,16 +770,21 @@ impl Bridge {
             }
             Err(e) => {
                 let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                if sequenced_event(&out) {
-                    // Not lost: its owner sequences it.
-                    self.metrics.failed.inc();
-                    let owner = self.owner(&out.channel);
-                    self.send(owner, ClusterMsg::Unsequenced(out)).await;
-                }
                 if lost {
+                    // Not lost: its owner sequences it, once the shards
+                    // know the cluster is down.
+                    if sequenced_event(&out) {
+                        self.requeue.push(*out);
+                    }
                     return Err(End::Lost(e.to_string()));
                 }
                 tracing::error!(error = %e, "cluster: Redis refused an event");
+                if sequenced_event(&out) {
+                    self.metrics.failed.inc();
+                    let owner = self.owner(&out.channel);
+                    let why = format!("the cluster's Redis refused the event: {e}");
+                    self.send(owner, ClusterMsg::Refused(out, why)).await;
+                }
                 Ok(())
             }
         }
@@ -849,6 +863,19 @@ fn ban_field(m: &Moderation) -> String {
 async fn load_bans(conn: &mut MultiplexedConnection) -> Result<Vec<Moderation>, RedisError> {
     let all: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg(BANS).query_async(conn).await?;
+    let (live, expired) = read_bans(all);
+    if !expired.is_empty() {
+        redis::cmd("HDEL")
+            .arg(BANS)
+            .arg(expired)
+            .query_async::<i64>(conn)
+            .await?;
+    }
+    Ok(live)
+}
+
+/// The bans in force, and the fields of expired ones.
+fn read_bans(all: std::collections::HashMap<String, String>) -> (Vec<Moderation>, Vec<String>) {
     let now = crate::shard::now_ms();
     let (mut live, mut expired) = (Vec::new(), Vec::new());
     for (field, json) in all {
@@ -860,14 +887,23 @@ async fn load_bans(conn: &mut MultiplexedConnection) -> Result<Vec<Moderation>, 
             Err(e) => tracing::warn!(%field, error = %e, "cluster: a ban that cannot be read"),
         }
     }
-    if !expired.is_empty() {
-        redis::cmd("HDEL")
-            .arg(BANS)
-            .arg(expired)
-            .query_async::<i64>(conn)
-            .await?;
-    }
-    Ok(live)
+    (live, expired)
+}
+
+/// The cluster's bans, read before the shards start (so that a node does
+/// not let a banned user in while its bridge connects).
+pub fn initial_bans(url: &str) -> Result<Vec<Moderation>, String> {
+    let client = Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_connection_with_timeout(CONNECT_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(RESPONSE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(BANS)
+        .query(&mut conn)
+        .map_err(|e| e.to_string())?;
+    Ok(read_bans(all).0)
 }
 
 /// Reads the answer of the `LOAD` script.

@@ -94,8 +94,16 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         );
     }
     let (ban_store, initial_bans) = if !config.redis.is_empty() {
-        // The cluster keeps the bans in Redis.
-        (None, Vec::new())
+        // The cluster keeps the bans in Redis; the bridge reloads them each
+        // time it connects.
+        match crate::cluster::initial_bans(&config.redis) {
+            Ok(bans) => (None, bans),
+            Err(e) => {
+                tracing::error!(redis = %crate::cluster::without_password(&config.redis), error = %e,
+                    "cluster: cannot read the bans from Redis; starting without them until Redis is reachable");
+                (None, Vec::new())
+            }
+        }
     } else if config.ban_file.is_empty() {
         tracing::warn!("ban_file is empty: bans last until the node stops");
         (None, Vec::new())

@@ -77,9 +77,12 @@ pub enum ClusterMsg {
     /// From the bridge: Redis ordered an event of this shard (`msg` carries
     /// its offset); answer its sender.
     Sequenced(Box<Outgoing>),
-    /// From the bridge: the cluster could not take an event; it is
-    /// sequenced here.
+    /// From the bridge, after `Down`: the cluster could not take an event;
+    /// it is sequenced here.
     Unsequenced(Box<Outgoing>),
+    /// From the bridge: Redis refused an event (not for being out of
+    /// reach); its sender is told.
+    Refused(Box<Outgoing>, String),
     /// From the bridge: an event of a channel, from any node.
     Event(Box<Incoming>),
     /// To the bridge: a kick, ban or unban allowed here, for every node
@@ -242,17 +245,32 @@ impl<O: Outbound> Engine<O> {
                     self.send_to(r.to, r.protocol, &ack, now, tx);
                 }
             }
+            ClusterMsg::Refused(out, why) => {
+                if let Some(r) = out.reply {
+                    let msg = err(r.id, ErrorCode::Internal, why);
+                    self.send_to(r.to, r.protocol, &msg, now, tx);
+                }
+            }
             ClusterMsg::Unsequenced(out) => {
-                self.cluster_down(now, tx);
                 let Outgoing {
                     channel,
                     msg,
                     except: _,
                     reply,
                 } = *out;
-                let Some(owned) = self.owned.get_mut(&channel) else {
+                // The channel may have gone meanwhile (a publish of the
+                // server API to a channel without members here).
+                self.ensure_owned(&channel, now, tx);
+                let owned = self.owned.get_mut(&channel).expect("owned above");
+                if owned.clustered() {
+                    // Back in the cluster already: the sender may retry.
+                    if let Some(r) = reply {
+                        let e = "the cluster's Redis went away for a moment: try again";
+                        let msg = err(r.id, ErrorCode::Internal, e);
+                        self.send_to(r.to, r.protocol, &msg, now, tx);
+                    }
                     return;
-                };
+                }
                 let offset = owned.next_offset();
                 let mut msg = msg;
                 set_offset(&mut msg, &owned.epoch.clone(), offset);
@@ -261,6 +279,7 @@ impl<O: Outbound> Engine<O> {
                     self.notify_mentions(&channel, &m, now, tx);
                 }
                 self.sequence(&channel, offset, msg, reply, now, tx);
+                self.channel_gc(&channel, now, tx);
             }
             ClusterMsg::Event(inc) => self.on_cluster_event(*inc, now, tx),
             ClusterMsg::Up => {

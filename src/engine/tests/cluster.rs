@@ -116,6 +116,12 @@ fn bridge(
 ) {
     if !c.up || c.cut.contains(&n) {
         if let ClusterMsg::Sequence(out) = m {
+            // As the bridge does: the shards hear of it before the event
+            // comes back to be sequenced.
+            for s in 0..SHARDS as usize {
+                let down = MeshMsg::Cluster(Box::new(ClusterMsg::Down));
+                sims[n].mesh.0[s].push_back(down);
+            }
             let ch = out.channel.clone();
             to_owner(&mut sims[n], &ch, ClusterMsg::Unsequenced(out));
         }
