@@ -8,8 +8,7 @@
 //!
 //! | key | type | holds | bounded by |
 //! |---|---|---|---|
-//! | `cc:{C}:seq` | string | the channel's last offset | expires `history_ttl_ms` after the last event |
-//! | `cc:{C}:epoch` | string | the channel's epoch | the same |
+//! | `cc:{C}:meta` | hash | the channel's `epoch` and last `offset` | expires `history_ttl_ms` after the last event |
 //! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
 //! | `cc:{C}` | pub/sub channel | every event of the channel, for the nodes that follow it | not stored |
 //!
@@ -57,30 +56,37 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const MAX_IN_FLIGHT: usize = 4096;
 
 /// Orders, keeps and publishes one sequenced event.
-/// KEYS: seq, epoch, log. ARGV: pub/sub channel, archive, history depth,
-/// an epoch for a channel that has none, expiry (ms).
+/// KEYS: meta (a hash of `epoch` and `offset`), log. ARGV: pub/sub channel,
+/// archive, history depth, an epoch for a channel that has none, expiry
+/// (ms).
 const SEQUENCE: &str = r#"
-if redis.call('SET', KEYS[2], ARGV[4], 'NX') then
-  redis.call('DEL', KEYS[1], KEYS[3])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
-local epoch = redis.call('GET', KEYS[2])
-local offset = redis.call('INCR', KEYS[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'm', ARGV[2])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'm', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
 return {offset, epoch}
 "#;
 
 /// A channel's state: its offset, epoch and last events (newest first).
-/// KEYS: seq, epoch, log. ARGV: how many events, an epoch for a channel
-/// that has none, expiry (ms).
+/// KEYS: meta, log. ARGV: how many events, an epoch for a channel that has
+/// none, expiry (ms).
 const LOAD: &str = r#"
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
-  redis.call('DEL', KEYS[1], KEYS[3])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-local epoch = redis.call('GET', KEYS[2])
-local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
-return {offset, epoch, redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])}
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+return {offset, epoch, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 "#;
 
 /// Keeps or lifts a ban, then tells every node.
@@ -135,10 +141,9 @@ fn pubsub_channel(channel: &str) -> String {
     format!("cc:{{{channel}}}")
 }
 
-fn keys(channel: &str) -> [String; 3] {
+fn keys(channel: &str) -> [String; 2] {
     [
-        format!("cc:{{{channel}}}:seq"),
-        format!("cc:{{{channel}}}:epoch"),
+        format!("cc:{{{channel}}}:meta"),
         format!("cc:{{{channel}}}:log"),
     ]
 }
@@ -565,12 +570,11 @@ impl Bridge {
                 // Loaded after subscribing: whatever is published from here
                 // on arrives by pub/sub, and what came before is in the load
                 // (the owner skips what it already has).
-                let [seq, epoch, log] = keys(&channel);
+                let [meta, log] = keys(&channel);
                 let fresh = format!("{:016x}", crate::shard::random_u64());
                 let v: Value = self
                     .load
-                    .key(seq)
-                    .key(epoch)
+                    .key(meta)
                     .key(log)
                     .arg(self.history_size)
                     .arg(fresh)
@@ -595,7 +599,7 @@ impl Bridge {
             }
             ClusterMsg::Sequence(out) => {
                 let wire = encode_wire(self.id, &out);
-                let [seq, epoch, log] = keys(&out.channel);
+                let [meta, log] = keys(&out.channel);
                 let script = self.sequence.clone();
                 let mut conn = link.conn.clone();
                 let args = (
@@ -606,8 +610,7 @@ impl Bridge {
                 );
                 in_flight.push_back(Box::pin(async move {
                     let r = script
-                        .key(seq)
-                        .key(epoch)
+                        .key(meta)
                         .key(log)
                         .arg(args.0)
                         .arg(wire)
