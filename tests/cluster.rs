@@ -582,3 +582,101 @@ async fn the_server_api_of_any_node_publishes_kicks_and_bans_for_the_cluster() {
     assert_eq!(status, "200", "{v}");
     assert_eq!(recv_close(&mut bob.ws).await.map(u16::from), Some(4004));
 }
+
+/// A TCP proxy to Redis that can cut a node off (its connections dropped,
+/// new ones closed at once) and let it back.
+struct Proxy {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let (o, c) = (open.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if !o.load(SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let mut held = c.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, open, conns }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_gets_what_the_others_said_meanwhile() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let via_proxy = format!("redis://127.0.0.1:{}", proxy.port);
+    let a = Server::start(&["--shards", "2", "--redis", &via_proxy]);
+    let b = node(&redis);
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    alice.ok("channel:join", json!({"channelId": "ops"})).await;
+    bob.ok("channel:join", json!({"channelId": "ops"})).await;
+    bob.ok(
+        "message:send",
+        json!({"channelId": "ops", "content": "one"}),
+    )
+    .await;
+    assert_eq!(messages(&mut alice, 1).await, [(1, "one".to_string())]);
+    // Node a loses Redis; node b carries on.
+    proxy.cut();
+    wait_cluster(&a, 0);
+    for text in ["two", "three"] {
+        bob.ok("message:send", json!({"channelId": "ops", "content": text}))
+            .await;
+    }
+    // Node a comes back: alice gets what bob said meanwhile, in order.
+    proxy.restore();
+    wait_cluster(&a, 1);
+    let got = tokio::time::timeout(Duration::from_secs(10), messages(&mut alice, 2))
+        .await
+        .unwrap_or_else(|_| panic!("alice never got what she missed:\n{}", a.log()));
+    assert_eq!(got, [(2, "two".to_string()), (3, "three".to_string())]);
+    // And the nodes share one order again.
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "ops", "content": "four"}),
+        )
+        .await;
+    let m = bob.event_for("message:new", "content", "four").await;
+    assert_eq!(m["d"]["offset"], 4);
+}
