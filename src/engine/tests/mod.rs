@@ -2035,6 +2035,17 @@ mod chat_sequences {
         Advance {
             ms: u32,
         },
+        /// Cluster mode: the stand-in for the bridge and Redis takes up to
+        /// `n` of the shards' messages.
+        Bridge {
+            n: u8,
+        },
+        /// Cluster mode: Redis becomes reachable, or not.
+        Redis {
+            up: bool,
+        },
+        /// Every queue, the bridge's included, until nothing moves.
+        Settle,
     }
 
     #[derive(Debug, Clone)]
@@ -2222,6 +2233,159 @@ mod chat_sequences {
         ]
     }
 
+    /// Fewer connections and more joins and messages than `op`, so that
+    /// channels get followed and events sequenced through the cluster.
+    fn cluster_op() -> impl Strategy<Value = Op> {
+        let ch = || 0..CHANNELS;
+        let busy = prop_oneof![
+            3 => (ch(), proptest::option::of(0u8..8)).prop_map(|(ch, since)| What::Join { ch, since }),
+            4 => (ch(), proptest::option::of(0u8..3), proptest::option::of(0..USERS))
+                .prop_map(|(ch, nonce, mention)| What::Send { ch, nonce, mention }),
+            6 => what(),
+        ];
+        prop_oneof![
+            2 => (0u16..3, 0..USERS, any::<bool>())
+                .prop_map(|(shard, user, binary)| Op::Connect { shard, user, binary }),
+            1 => (0usize..6).prop_map(|conn| Op::Close { conn }),
+            10 => ((0usize..6), busy).prop_map(|(conn, what)| Op::Event { conn, what }),
+            3 => (0u16..3, 1u8..10).prop_map(|(shard, n)| Op::Step { shard, n }),
+            1 => (0u32..40_000).prop_map(|ms| Op::Advance { ms }),
+            3 => (1u8..20).prop_map(|n| Op::Bridge { n }),
+            2 => Just(Op::Settle),
+            1 => any::<bool>().prop_map(|up| Op::Redis { up }),
+        ]
+    }
+
+    const BRIDGE: usize = 4;
+
+    /// One node's bridge and Redis, as the cluster tests model them: an
+    /// offset and a short log per channel, pub/sub back to this node.
+    #[derive(Default)]
+    struct Solo {
+        up: bool,
+        channels: HashMap<String, (String, u64, Vec<ServerMessage>)>,
+        followed: std::collections::HashSet<Arc<str>>,
+        epochs: u64,
+    }
+
+    impl Solo {
+        fn to_owner(sim: &mut Sim, channel: &str, m: ClusterMsg) {
+            let owner = owner_of(channel, 3) as usize;
+            sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+        }
+
+        fn set(&mut self, sim: &mut Sim, up: bool) {
+            self.up = up;
+            self.followed.clear();
+            for s in 0..3 {
+                let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
+                sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
+        }
+
+        fn take(&mut self, sim: &mut Sim, n: usize) -> bool {
+            let mut moved = false;
+            for _ in 0..n {
+                // Without cluster mode there is no bridge.
+                let Some(m) = sim.mesh.0.get_mut(BRIDGE).and_then(|q| q.pop_front()) else {
+                    break;
+                };
+                moved = true;
+                let MeshMsg::Cluster(m) = m else { continue };
+                self.handle(sim, *m);
+            }
+            moved
+        }
+
+        fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            if !self.up {
+                match m {
+                    ClusterMsg::Sequence(out) => {
+                        for s in 0..3 {
+                            sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(ClusterMsg::Down)));
+                        }
+                        let ch = out.channel.clone();
+                        Self::to_owner(sim, &ch, ClusterMsg::Unsequenced(out));
+                    }
+                    ClusterMsg::Moderate(m) => {
+                        let why = "down".to_string();
+                        sim.mesh.0[0].push_back(MeshMsg::Cluster(Box::new(
+                            ClusterMsg::ModerationFailed(m, why),
+                        )));
+                    }
+                    _ => {}
+                }
+                return;
+            }
+            match m {
+                ClusterMsg::Attach { channel } => {
+                    self.followed.insert(channel.clone());
+                    self.epochs += 1;
+                    let fresh = format!("c{}", self.epochs);
+                    let (epoch, offset, log) = self
+                        .channels
+                        .entry(channel.to_string())
+                        .or_insert((fresh, 0, Vec::new()));
+                    let m = ClusterMsg::Attached {
+                        channel: channel.clone(),
+                        epoch: epoch.as_str().into(),
+                        offset: *offset,
+                        entries: log.clone(),
+                    };
+                    Self::to_owner(sim, &channel, m);
+                }
+                ClusterMsg::Detach { channel } => {
+                    self.followed.remove(&channel);
+                }
+                ClusterMsg::Sequence(mut out) => {
+                    self.epochs += 1;
+                    let fresh = format!("c{}", self.epochs);
+                    let (epoch, offset, log) = self
+                        .channels
+                        .entry(out.channel.to_string())
+                        .or_insert((fresh, 0, Vec::new()));
+                    *offset += 1;
+                    super::super::cluster::set_offset(&mut out.msg, epoch, *offset);
+                    log.push(out.msg.clone());
+                    if log.len() > 5 {
+                        log.remove(0);
+                    }
+                    let (epoch, offset) = (epoch.clone(), *offset);
+                    let ch = out.channel.clone();
+                    if self.followed.contains(&ch) {
+                        let inc = Incoming {
+                            channel: ch.clone(),
+                            offset,
+                            epoch: epoch.as_str().into(),
+                            origin: 1,
+                            except: None,
+                            msg: out.msg.clone(),
+                        };
+                        Self::to_owner(sim, &ch, ClusterMsg::Event(Box::new(inc)));
+                    }
+                    if out.reply.is_some() {
+                        Self::to_owner(sim, &ch, ClusterMsg::Sequenced(out));
+                    }
+                }
+                ClusterMsg::Moderate(m) => {
+                    let to = sim.shards[0].in_charge_of(&m) as usize;
+                    sim.mesh.0[to].push_back(MeshMsg::Moderate(Arc::new(*m)));
+                }
+                _ => {}
+            }
+        }
+
+        /// Shards and bridge until nothing moves.
+        fn pump(&mut self, sim: &mut Sim) {
+            loop {
+                sim.settle();
+                if !self.take(sim, usize::MAX) {
+                    return;
+                }
+            }
+        }
+    }
+
     struct Client {
         at: ConnRef,
         rec: Recorder,
@@ -2406,6 +2570,22 @@ mod chat_sequences {
         fn every_request_is_answered_once_and_nothing_is_left_behind(
             ops in proptest::collection::vec(op(), 1..150)
         ) {
+            run(ops, None)?;
+        }
+
+        /// The same in cluster mode (Redis reachable at first), with Redis
+        /// coming and going.
+        #[test]
+        fn in_a_cluster_too(
+            ops in proptest::collection::vec(cluster_op(), 1..150),
+        ) {
+            run(ops, Some(true))?;
+        }
+    }
+
+    /// Runs `ops`; `cluster`: in cluster mode, Redis reachable at first or not.
+    fn run(ops: Vec<Op>, cluster: Option<bool>) -> Result<(), TestCaseError> {
+        {
             let settings = Settings {
                 max_channels_per_connection: 2,
                 history_size: 5,
@@ -2419,6 +2599,14 @@ mod chat_sequences {
                 ..Settings::default()
             };
             let mut sim = Sim::with(3, settings);
+            let mut solo = Solo::default();
+            if let Some(up) = cluster {
+                sim.mesh.0.push(VecDeque::new());
+                for e in &mut sim.shards {
+                    e.set_cluster(BRIDGE as ShardId, 1);
+                }
+                solo.set(&mut sim, up);
+            }
             let mut clients: Vec<Client> = Vec::new();
             let mut calls: Vec<String> = Vec::new();
             let mut next_id = 1u64;
@@ -2435,7 +2623,12 @@ mod chat_sequences {
                         if let ServerEvent::CallIncoming(i) = &m.event {
                             calls.push(i.call_id.clone());
                         }
-                        let answer = matches!(m.event, ServerEvent::Ack(_) | ServerEvent::Error(_) | ServerEvent::HeartbeatAck(_));
+                        let answer = matches!(
+                            m.event,
+                            ServerEvent::Ack(_)
+                                | ServerEvent::Error(_)
+                                | ServerEvent::HeartbeatAck(_)
+                        );
                         if let (true, Some(id)) = (answer, m.id) {
                             c.answers.push(id);
                         }
@@ -2444,19 +2637,45 @@ mod chat_sequences {
             };
             for op in ops {
                 match op {
-                    Op::Connect { shard, user, binary } => {
-                        let p = if binary { Protocol::Binary } else { Protocol::Json };
+                    Op::Connect {
+                        shard,
+                        user,
+                        binary,
+                    } => {
+                        let p = if binary {
+                            Protocol::Binary
+                        } else {
+                            Protocol::Json
+                        };
                         let roles = if user == 0 { Roles::ADMIN } else { Roles::NONE };
-                        let access = Access { roles, grants: None };
-                        let (at, rec) = sim.connect_with(shard, &format!("u{user}"), p, DeviceKind::Web, access);
+                        let access = Access {
+                            roles,
+                            grants: None,
+                        };
+                        let (at, rec) = sim.connect_with(
+                            shard,
+                            &format!("u{user}"),
+                            p,
+                            DeviceKind::Web,
+                            access,
+                        );
                         // A banned user's connection is closed at once.
                         let session = sim.shards[shard as usize]
                             .conn(at.conn)
                             .map_or(String::new(), |c| c.member.session.to_string());
-                        clients.push(Client { at, rec, open: true, session, sent: vec![], answers: vec![] });
+                        clients.push(Client {
+                            at,
+                            rec,
+                            open: true,
+                            session,
+                            sent: vec![],
+                            answers: vec![],
+                        });
                     }
                     Op::Close { conn } => {
-                        let Some(c) = clients.get_mut(conn).filter(|c| c.open) else { continue };
+                        let Some(c) = clients.get_mut(conn).filter(|c| c.open) else {
+                            continue;
+                        };
                         c.open = false;
                         sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
                     }
@@ -2467,13 +2686,23 @@ mod chat_sequences {
                         let event = event(&sim, &what, &calls, &clients);
                         let c = &mut clients[conn];
                         c.sent.push(next_id);
-                        let msg = ClientMessage { id: Some(next_id), event };
+                        let msg = ClientMessage {
+                            id: Some(next_id),
+                            event,
+                        };
                         next_id += 1;
-                        sim.shards[c.at.shard as usize].handle(c.at.conn, msg, sim.now, &mut sim.mesh);
+                        sim.shards[c.at.shard as usize].handle(
+                            c.at.conn,
+                            msg,
+                            sim.now,
+                            &mut sim.mesh,
+                        );
                     }
                     Op::Step { shard, n } => {
                         for _ in 0..n {
-                            let Some(m) = sim.mesh.0[shard as usize].pop_front() else { break };
+                            let Some(m) = sim.mesh.0[shard as usize].pop_front() else {
+                                break;
+                            };
                             sim.shards[shard as usize].handle_mesh(m, sim.now, &mut sim.mesh);
                         }
                     }
@@ -2483,10 +2712,21 @@ mod chat_sequences {
                             sim.shards[s].tick(sim.now, &mut sim.mesh);
                         }
                     }
+                    Op::Bridge { n } => {
+                        if cluster.is_some() {
+                            solo.take(&mut sim, n as usize);
+                        }
+                    }
+                    Op::Redis { up } => {
+                        if cluster.is_some() && up != solo.up {
+                            solo.set(&mut sim, up);
+                        }
+                    }
+                    Op::Settle => solo.pump(&mut sim),
                 }
                 collect(&mut clients, &mut calls);
             }
-            sim.settle();
+            solo.pump(&mut sim);
             collect(&mut clients, &mut calls);
             for c in clients.iter().filter(|c| c.open) {
                 let mut answers = c.answers.clone();
@@ -2498,23 +2738,44 @@ mod chat_sequences {
                 c.open = false;
                 sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
             }
-            sim.settle();
+            solo.pump(&mut sim);
             for _ in 0..3 {
                 sim.advance(100_000);
+                solo.pump(&mut sim);
             }
             for (i, s) in sim.shards.iter().enumerate() {
                 prop_assert_eq!(s.connections(), 0, "shard {}", i);
-                prop_assert!(s.local.is_empty(), "shard {} local {:?}", i, s.local.keys().collect::<Vec<_>>());
-                prop_assert!(s.owned.is_empty(), "shard {} owned {:?}", i, s.owned.keys().collect::<Vec<_>>());
-                prop_assert!(s.users.is_empty(), "shard {} users {:?}", i, s.users.keys().collect::<Vec<_>>());
+                prop_assert!(
+                    s.local.is_empty(),
+                    "shard {} local {:?}",
+                    i,
+                    s.local.keys().collect::<Vec<_>>()
+                );
+                prop_assert!(
+                    s.owned.is_empty(),
+                    "shard {} owned {:?}",
+                    i,
+                    s.owned.keys().collect::<Vec<_>>()
+                );
+                prop_assert!(
+                    s.users.is_empty(),
+                    "shard {} users {:?}",
+                    i,
+                    s.users.keys().collect::<Vec<_>>()
+                );
                 prop_assert!(s.calls.is_empty(), "shard {} calls", i);
                 prop_assert!(s.gathers.is_empty(), "shard {} gathers", i);
                 prop_assert!(s.timers.is_empty(), "shard {} timers {}", i, s.timers.len());
                 prop_assert!(s.bans.is_empty(), "shard {} bans {}", i, s.bans.len());
                 prop_assert_eq!(s.stats().online_users, 0, "shard {}", i);
-                prop_assert!(s.limiter.buckets.is_empty() && s.limiter.spread.is_empty(), "shard {} limiter", i);
+                prop_assert!(
+                    s.limiter.buckets.is_empty() && s.limiter.spread.is_empty(),
+                    "shard {} limiter",
+                    i
+                );
             }
         }
+        Ok(())
     }
 }
 
