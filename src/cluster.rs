@@ -210,7 +210,14 @@ struct Link {
     stream: PubSubStream,
 }
 
-type Answer = (Box<Outgoing>, Result<(u64, String), RedisError>);
+/// What a request to Redis came back with.
+enum Answer {
+    /// A sequenced or published event: its offset and epoch (0 when not
+    /// sequenced).
+    Event(Box<Outgoing>, Result<(u64, String), RedisError>),
+    /// A subscription changed.
+    Done(Result<(), RedisError>),
+}
 
 /// Requests to Redis whose answers are awaited in order.
 type InFlight = FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Answer>>>>;
@@ -488,8 +495,8 @@ impl Bridge {
         // (on a dead link, an error, and its owner sequences it), and what
         // was not sent yet goes back.
         let settle = async {
-            while let Some((out, r)) = in_flight.next().await {
-                let _ = self.sequenced(out, r).await;
+            while let Some(answer) = in_flight.next().await {
+                let _ = self.answered(answer).await;
             }
         };
         if tokio::time::timeout(RESPONSE_TIMEOUT, settle)
@@ -530,9 +537,9 @@ impl Bridge {
             let parked = in_flight.len() < MAX_IN_FLIGHT && self.node.mesh.park(self.me);
             tokio::select! {
                 biased;
-                Some((out, r)) = in_flight.next(), if !in_flight.is_empty() => {
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
                     self.node.mesh.unpark(self.me);
-                    if let Err(e) = self.sequenced(out, r).await {
+                    if let Err(e) = self.answered(answer).await {
                         return e;
                     }
                 }
@@ -619,7 +626,7 @@ impl Bridge {
                         .arg(args.3)
                         .invoke_async::<(u64, String)>(&mut conn)
                         .await;
-                    (out, r)
+                    Answer::Event(out, r)
                 }));
                 self.metrics.sent.inc();
             }
@@ -628,11 +635,19 @@ impl Bridge {
                 let name = pubsub_channel(&out.channel);
                 self.publish(name, out, link, in_flight);
             }
+            // Many at once when users reconnect: in flight together, not
+            // one round trip after the other.
             ClusterMsg::FollowUser { user } => {
-                link.sink.subscribe(user_channel(&user)).await?;
+                let mut sink = link.sink.clone();
+                in_flight.push_back(Box::pin(async move {
+                    Answer::Done(sink.subscribe(user_channel(&user)).await)
+                }));
             }
             ClusterMsg::UnfollowUser { user } => {
-                link.sink.unsubscribe(user_channel(&user)).await?;
+                let mut sink = link.sink.clone();
+                in_flight.push_back(Box::pin(async move {
+                    Answer::Done(sink.unsubscribe(user_channel(&user)).await)
+                }));
             }
             ClusterMsg::ToUser { user, msg } => {
                 // Published like a relayed channel event; nothing falls back
@@ -698,7 +713,7 @@ impl Bridge {
                 .query_async::<i64>(&mut conn)
                 .await
                 .map(|_| (0, String::new()));
-            (out, r)
+            Answer::Event(out, r)
         }));
         self.metrics.sent.inc();
     }
@@ -752,6 +767,15 @@ impl Bridge {
                     tokio::time::sleep(Duration::from_micros(200)).await;
                 }
             }
+        }
+    }
+
+    async fn answered(&mut self, answer: Answer) -> Result<(), End> {
+        match answer {
+            Answer::Event(out, r) => self.sequenced(out, r).await,
+            Answer::Done(Ok(())) => Ok(()),
+            // The subscriptions are made again when the link is.
+            Answer::Done(Err(e)) => Err(End::Lost(e.to_string())),
         }
     }
 
