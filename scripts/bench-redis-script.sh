@@ -2,10 +2,12 @@
 # Redis CPU per call of the channel sequencing script, before (three keys, eight commands) and after (a meta hash, six commands), interleaved (INFO commandstats).
 # Runs its own redis-server on port 9377 (core 0) and redis-benchmark on core 1.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 P=9377
 taskset -c 0 redis-server --port $P --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
 R=$!
 sleep 0.3
+# The script before: three keys, eight commands.
 OLD=$(cat <<'L'
 if redis.call('SET', KEYS[2], ARGV[4], 'NX') then redis.call('DEL', KEYS[1], KEYS[3]) end
 local epoch = redis.call('GET', KEYS[2])
@@ -16,21 +18,9 @@ redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
 return {offset, epoch}
 L
 )
-NEW=$(cat <<'L'
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'm', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
-return {offset, epoch}
-L
-)
+# The script as the bridge runs it today.
+NEW=$(awk '/^const SEQUENCE: &str = r#"/ {f = 1; next} /^"#;/ {if (f) exit} f' src/cluster.rs)
+[ -n "$NEW" ] || { echo "cannot find SEQUENCE in src/cluster.rs" >&2; exit 1; }
 OLD_SHA=$(redis-cli -p $P SCRIPT LOAD "$OLD")
 NEW_SHA=$(redis-cli -p $P SCRIPT LOAD "$NEW")
 PAY=$(head -c 150 /dev/zero | tr '\0' 'x')

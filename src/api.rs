@@ -251,17 +251,9 @@ impl Api {
 
     /// Queues a message for a shard, waiting while its queue is full.
     async fn send(&self, to: ShardId, mut msg: MeshMsg) {
-        loop {
-            match self.node.mesh.try_push(self.me, to, msg) {
-                Ok(()) => {
-                    self.node.mesh.wake(to);
-                    return;
-                }
-                Err(m) => {
-                    msg = m;
-                    monoio::time::sleep(Duration::from_micros(200)).await;
-                }
-            }
+        while let Err(back) = self.node.mesh.send(self.me, to, msg) {
+            msg = back;
+            monoio::time::sleep(Duration::from_micros(200)).await;
         }
     }
 

@@ -34,7 +34,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use rkyv::rancor;
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
-use crate::engine::{home_of, owner_of, ConnRef, MeshMsg, ModKind, Moderation, ShardId};
+use crate::engine::{home_of, in_charge, owner_of, ConnRef, MeshMsg, ModKind, Moderation, ShardId};
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
 use crate::protocol::Protocol;
@@ -372,21 +372,16 @@ impl Bridge {
 
     /// Sends a message to a shard, waiting while its queue is full.
     async fn send(&self, to: ShardId, msg: ClusterMsg) {
-        let mut msg = MeshMsg::Cluster(Box::new(msg));
-        loop {
-            match self.node.mesh.try_push(self.me, to, msg) {
-                Ok(()) => {
-                    self.node.mesh.wake(to);
-                    return;
-                }
-                Err(m) => {
-                    if self.node.is_draining() {
-                        return;
-                    }
-                    msg = m;
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
+        self.send_mesh(to, MeshMsg::Cluster(Box::new(msg))).await
+    }
+
+    async fn send_mesh(&self, to: ShardId, mut msg: MeshMsg) {
+        while let Err(back) = self.node.mesh.send(self.me, to, msg) {
+            if self.node.is_draining() {
+                return;
             }
+            msg = back;
+            tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
 
@@ -747,27 +742,8 @@ impl Bridge {
                 m.ack = ack;
             }
         }
-        let shards = self.shards as u16;
-        let to = match &m.channel {
-            None => home_of(&m.user, shards),
-            Some(c) => owner_of(c, shards),
-        };
-        let mut msg = MeshMsg::Moderate(Arc::new(m));
-        loop {
-            match self.node.mesh.try_push(self.me, to, msg) {
-                Ok(()) => {
-                    self.node.mesh.wake(to);
-                    return;
-                }
-                Err(back) => {
-                    if self.node.is_draining() {
-                        return;
-                    }
-                    msg = back;
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-            }
-        }
+        let to = in_charge(&m, self.shards as u16);
+        self.send_mesh(to, MeshMsg::Moderate(Arc::new(m))).await;
     }
 
     async fn answered(&mut self, answer: Answer) -> Result<(), End> {

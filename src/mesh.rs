@@ -98,6 +98,14 @@ impl Mesh {
         self.queue(from, to).push(msg)
     }
 
+    /// Queues a message and rings `to` if it sleeps; gives the message back
+    /// when the queue is full (for the caller's runtime to wait and retry).
+    pub fn send(&self, from: ShardId, to: ShardId, msg: MeshMsg) -> Result<(), MeshMsg> {
+        self.try_push(from, to, msg)?;
+        self.wake(to);
+        Ok(())
+    }
+
     pub fn pop(&self, from: ShardId, to: ShardId) -> Option<MeshMsg> {
         self.queue(from, to).pop()
     }

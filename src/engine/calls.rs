@@ -14,11 +14,7 @@ impl<O: Outbound> Engine<O> {
             ack,
             op,
         } = op;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            if let Some((conn, p)) = from {
-                e.send_to(conn, p, &msg, now, tx);
-            }
-        };
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         if let CallCmd::Create {
             callee,
             call_type,
@@ -108,19 +104,18 @@ impl<O: Outbound> Engine<O> {
             reason: reason.map(Into::into),
             sdp,
         };
+        let not_ringing = || {
+            err(
+                ack,
+                ErrorCode::BadRequest,
+                "the call is not ringing for you",
+            )
+        };
         match op {
             CallCmd::Create { .. } => unreachable!("handled above"),
             CallCmd::Answer { sdp } => {
                 let (Some(from), None, true) = (from, call.answered, is_callee) else {
-                    return reply(
-                        self,
-                        err(
-                            ack,
-                            ErrorCode::BadRequest,
-                            "the call is not ringing for you",
-                        ),
-                        tx,
-                    );
+                    return reply(self, not_ringing(), tx);
                 };
                 call.answered = Some(from);
                 let (caller_conn, caller_protocol, callee) =
@@ -134,15 +129,7 @@ impl<O: Outbound> Engine<O> {
             }
             CallCmd::Reject { reason } => {
                 if call.answered.is_some() || !is_callee {
-                    return reply(
-                        self,
-                        err(
-                            ack,
-                            ErrorCode::BadRequest,
-                            "the call is not ringing for you",
-                        ),
-                        tx,
-                    );
+                    return reply(self, not_ringing(), tx);
                 }
                 let (caller_conn, caller_protocol, callee, caller) = (
                     call.caller_conn,

@@ -322,10 +322,7 @@ impl<O: Outbound> Engine<O> {
                 self.load_bans(bans, now);
             }
             ClusterMsg::ModerationFailed(m, e) => {
-                if let Some((to, protocol)) = m.from {
-                    let msg = err(m.ack, ErrorCode::Internal, e);
-                    self.send_to(to, protocol, &msg, now, tx);
-                }
+                self.answer(m.from, &err(m.ack, ErrorCode::Internal, e), now, tx);
             }
             // Meant for the bridge.
             ClusterMsg::Attach { .. }

@@ -102,11 +102,7 @@ impl<O: Outbound> Engine<O> {
             ack,
             op,
         } = op;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            if let Some((conn, p)) = from {
-                e.send_to(conn, p, &msg, now, tx);
-            }
-        };
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         // Copied out: the arms below borrow the user's state mutably.
         let (resume_window_ms, presence_grace_ms, max_conversations) = (
             self.s.resume_window_ms,

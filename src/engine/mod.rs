@@ -1097,6 +1097,20 @@ impl<O: Outbound> Engine<O> {
         self.reply(id, &err(ack, code, message));
     }
 
+    /// Answers whoever asked, if anyone did (a request from the mesh
+    /// carries its asker when it wants an answer).
+    fn answer(
+        &mut self,
+        asker: Option<(ConnRef, Protocol)>,
+        msg: &ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Some((to, protocol)) = asker {
+            self.send_to(to, protocol, msg, now, tx);
+        }
+    }
+
     /// Sends `msg` to a connection on any shard, encoded for its protocol.
     fn send_to(
         &mut self,
@@ -1315,7 +1329,7 @@ mod calls;
 mod client;
 pub mod cluster;
 pub use cluster::{ClusterMsg, Incoming, Outgoing};
-pub use moderation::{MAX_BAN_MS, MAX_REASON_CHARS};
+pub use moderation::{in_charge, MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;
 mod moderation;

@@ -56,6 +56,15 @@ pub(super) fn moderation_event(
     })
 }
 
+/// The shard that carries out a moderation action on a node of `shards`
+/// shards: the channel's owner, or the user's home for the whole server.
+pub fn in_charge(m: &Moderation, shards: u16) -> ShardId {
+    match &m.channel {
+        None => home_of(&m.user, shards),
+        Some(c) => owner_of(c, shards),
+    }
+}
+
 impl<O: Outbound> Engine<O> {
     /// Sets where bans and unbans are made durable. Without it they last
     /// as long as the process.
@@ -168,15 +177,12 @@ impl<O: Outbound> Engine<O> {
                 return self.send_bridge(ClusterMsg::Moderate(Box::new(m)), now, tx);
             }
             if !matches!(m.kind, ModKind::Kick) {
-                if let Some((to, protocol)) = m.from {
-                    let msg = err(
-                        m.ack,
-                        ErrorCode::Internal,
-                        "bans are kept in the cluster's Redis, which is unreachable: try again",
-                    );
-                    self.send_to(to, protocol, &msg, now, tx);
-                }
-                return;
+                let msg = err(
+                    m.ack,
+                    ErrorCode::Internal,
+                    "bans are kept in the cluster's Redis, which is unreachable: try again",
+                );
+                return self.answer(m.from, &msg, now, tx);
             }
         }
         let to = self.in_charge_of(&m);
@@ -186,25 +192,19 @@ impl<O: Outbound> Engine<O> {
         if let Some(sink) = &self.ban_sink {
             if let Err(e) = sink(&m) {
                 tracing::error!(error = %e, "cannot store a ban");
-                if let Some((to, protocol)) = m.from {
-                    let msg = err(
-                        m.ack,
-                        ErrorCode::Internal,
-                        format!("cannot store the ban: {e}"),
-                    );
-                    self.send_to(to, protocol, &msg, now, tx);
-                }
-                return;
+                let msg = err(
+                    m.ack,
+                    ErrorCode::Internal,
+                    format!("cannot store the ban: {e}"),
+                );
+                return self.answer(m.from, &msg, now, tx);
             }
         }
         self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
     }
 
     pub(super) fn in_charge_of(&self, m: &Moderation) -> ShardId {
-        match &m.channel {
-            None => home_of(&m.user, self.shards),
-            Some(c) => owner_of(c, self.shards),
-        }
+        in_charge(m, self.shards)
     }
 
     pub(super) fn on_moderate(&mut self, m: Arc<Moderation>, now: u64, tx: &mut impl MeshTx) {
@@ -261,13 +261,11 @@ impl<O: Outbound> Engine<O> {
         if !kick && next != in_charge {
             return self.route(next, MeshMsg::Moderate(m), now, tx);
         }
-        if let Some((to, protocol)) = m.from {
-            let msg = match answer {
-                Ok(()) => empty_ack(m.ack),
-                Err(e) => err(m.ack, ErrorCode::NotFound, e),
-            };
-            self.send_to(to, protocol, &msg, now, tx);
-        }
+        let msg = match answer {
+            Ok(()) => empty_ack(m.ack),
+            Err(e) => err(m.ack, ErrorCode::NotFound, e),
+        };
+        self.answer(m.from, &msg, now, tx);
     }
 
     /// Takes a user out of a channel's voice room (owner side). Returns

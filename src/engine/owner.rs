@@ -7,6 +7,12 @@ use super::moderation::{banned_message, moderation_event};
 use super::*;
 
 impl<O: Outbound> Engine<O> {
+    /// Whether the cluster sequences an owned channel (a single node does
+    /// not look the channel up for it).
+    fn clustered(&self, channel: &str) -> bool {
+        self.cluster.is_some() && self.owned.get(channel).is_some_and(|o| o.clustered())
+    }
+
     /// Sends an unsequenced event to every shard with members of an owned
     /// channel, and to the other nodes' members when the cluster follows it.
     pub(super) fn fan_out(
@@ -17,7 +23,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if self.owned.get(channel).is_some_and(|o| o.clustered()) {
+        if self.clustered(channel) {
             let out = Outgoing {
                 channel: channel.clone(),
                 msg: msg.clone(),
@@ -74,7 +80,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if self.owned.get(channel).is_some_and(|o| o.clustered()) {
+        if self.clustered(channel) {
             let out = Outgoing {
                 channel: channel.clone(),
                 msg,

@@ -823,6 +823,25 @@ struct Session {
 }
 
 impl Session {
+    /// Starts the WebSocket phase of an accepted upgrade (either IO
+    /// driver): the 101 goes first through the connection's queue (it may be
+    /// held: see `Session::new`), and the connection is counted.
+    fn start(shard: &Shard, io: &Rc<ConnIo>, a: Accepted) -> Session {
+        let Accepted {
+            up,
+            echo,
+            user,
+            device,
+            response,
+            ip,
+        } = a;
+        io.push_control(bytes::Bytes::from(response));
+        let m = shard.metrics();
+        m.connections.inc();
+        m.connections_total.inc();
+        Session::new(shard, io, up.protocol, device, echo, user, ip)
+    }
+
     /// The WebSocket phase of an accepted upgrade: a session that is either
     /// authenticated by the handshake's token, waiting for `auth` (with a
     /// deadline), or an echo.
@@ -1029,29 +1048,16 @@ async fn serve_ws(
     a: Box<Accepted>,
     _count: SocketCount,
 ) {
-    let Accepted {
-        up,
-        echo,
-        user,
-        device,
-        response,
-        ip,
-    } = *a;
     let io = Rc::new(ConnIo::for_task(
         stream.as_raw_fd(),
         shard.outq.clone(),
         shard.outq.now_ms(),
     ));
-    // The 101 goes first through the queue (it may be held: see
-    // `Session::new`).
-    io.push_control(bytes::Bytes::from(response));
     let reg_slot = shard.registry.borrow_mut().insert(io.clone());
     let metrics_conn = shard.metrics();
-    metrics_conn.connections.inc();
-    metrics_conn.connections_total.inc();
     let (mut rd, wr) = stream.into_split();
     monoio::spawn(conn::writer(io.clone(), wr));
-    let mut s = Session::new(&shard, &io, up.protocol, device, echo, user, ip);
+    let mut s = Session::start(&shard, &io, *a);
     let mut decoder = Decoder::new();
     let max_message = shard.node.config.max_message_size;
     let mut read_size = ReadSize::new();

@@ -1044,19 +1044,7 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
             false
         }
         Routed::Accept(a) => {
-            let super::Accepted {
-                up,
-                echo,
-                user,
-                device,
-                response,
-                ip,
-            } = *a;
-            conn.io.push_control(Bytes::from(response));
-            let m = shard.metrics();
-            m.connections.inc();
-            m.connections_total.inc();
-            let session = Session::new(shard, &conn.io, up.protocol, device, echo, user, ip);
+            let session = Session::start(shard, &conn.io, *a);
             conn.phase = Phase::Ws {
                 session,
                 decoder: Decoder::new(),
