@@ -101,14 +101,11 @@ impl<O: Outbound> Engine<O> {
                 epoch: joined.epoch,
             });
         }
-        g.waiting = g.waiting.saturating_sub(1);
-        if g.waiting == 0 {
-            self.finish_resume(gather);
-        }
+        self.resumed_join_gone(gather);
     }
 
-    /// A channel the resume was rejoining was left before its join came
-    /// back: one answer less to wait for.
+    /// One answer less to wait for: a rejoined channel's came back, or the
+    /// channel was left before it did.
     pub(super) fn resumed_join_gone(&mut self, gather: u64) {
         let Some(g) = self.gathers.get_mut(&gather) else {
             return;
