@@ -14,7 +14,11 @@
 //!
 //! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |
 //! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
-//! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`), followed by the nodes where `U` is connected | not stored |
+//! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`) and changes of `U`'s presence, followed by the nodes where `U` is connected or watched | not stored |
+//! | `cc:p:{U}` | hash | user `U`'s presence on each node where it is connected: field the node's id, value the node's view (archive) | one field per node with devices of `U`; a node's fields are removed when it goes offline there, stops, or is taken for gone |
+//! | `cc:nodes` | sorted set | the live nodes, scored by their last heartbeat (Redis time, ms) | one member per node; silent ones removed after `node_timeout_ms` × 3/4 |
+//! | `cc:node:{N}:users` | set | the users node `N` has a field of in `cc:p:{U}` (to clean up after it) | one member per user online there; removed with the node |
+//! | `cc:gone` | pub/sub channel | ids of nodes that stopped or were taken for gone | not stored |
 //!
 //! A published payload is `offset:epoch:` then the node-to-node archive
 //! (offset 0 and no epoch for unsequenced events); the archive is rkyv, as
@@ -34,7 +38,10 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use rkyv::rancor;
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
-use crate::engine::{home_of, in_charge, owner_of, ConnRef, MeshMsg, ModKind, Moderation, ShardId};
+use crate::engine::user::NodePresence;
+use crate::engine::{
+    home_of, in_charge, owner_of, ConnRef, MeshMsg, ModKind, Moderation, PresenceQuery, ShardId,
+};
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
 use crate::protocol::Protocol;
@@ -102,8 +109,27 @@ redis.call('PUBLISH', 'cc:moderation', ARGV[4])
 return 1
 "#;
 
+/// Marks this node alive and finds the nodes that went silent.
+/// KEYS: the live nodes (a sorted set). ARGV: this node's id, how long a
+/// node may be silent (ms). Returns whether this node was new there, the
+/// silent nodes it removed, and the live ones.
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local new = redis.call('ZADD', KEYS[1], now, ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+for _, n in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], n)
+end
+return {new, gone, redis.call('ZRANGE', KEYS[1], 0, -1)}
+"#;
+
 const BANS: &str = "cc:bans";
 const MODERATION: &str = "cc:moderation";
+const NODES: &str = "cc:nodes";
+const GONE: &str = "cc:gone";
+/// A published presence payload starts with this (events with an offset).
+const PRESENCE_PREFIX: &[u8] = b"p:";
 
 /// What one node sends another about a channel event.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -150,6 +176,29 @@ fn keys(channel: &str) -> [String; 2] {
 
 fn user_channel(user: &str) -> String {
     format!("cc:u:{{{user}}}")
+}
+
+fn presence_key(user: &str) -> String {
+    format!("cc:p:{{{user}}}")
+}
+
+fn node_users_key(node: &str) -> String {
+    format!("cc:node:{{{node}}}:users")
+}
+
+fn node_name(node: u64) -> String {
+    format!("{node:016x}")
+}
+
+fn encode_presence(p: &NodePresence) -> Vec<u8> {
+    rkyv::to_bytes::<rancor::Error>(p)
+        .expect("presence always serializes")
+        .to_vec()
+}
+
+fn decode_presence(bytes: &[u8]) -> Result<NodePresence, String> {
+    rkyv::from_bytes::<NodePresence, rancor::Error>(bytes)
+        .map_err(|e| format!("bad presence archive: {e}"))
 }
 
 /// The user a user channel name stands for.
@@ -215,8 +264,18 @@ enum Answer {
     /// A sequenced or published event: its offset and epoch (0 when not
     /// sequenced).
     Event(Box<Outgoing>, Result<(u64, String), RedisError>),
-    /// A subscription changed.
+    /// A subscription changed, or presence was kept.
     Done(Result<(), RedisError>),
+    /// A user followed, with the other nodes' presence of it.
+    Followed(Arc<str>, Result<Vec<NodePresence>, RedisError>),
+    /// The other nodes' presence of a query's users.
+    Loaded(
+        Box<PresenceQuery>,
+        Result<Vec<Vec<NodePresence>>, RedisError>,
+    ),
+    /// A heartbeat: whether this node was new in the live set, the silent
+    /// nodes it removed, the live ones.
+    Beat(Result<(i64, Vec<String>, Vec<String>), RedisError>),
 }
 
 /// Requests to Redis whose answers are awaited in order.
@@ -237,6 +296,11 @@ struct Bridge {
     sequence: Arc<Script>,
     load: Script,
     moderate: Script,
+    heartbeat: Script,
+    /// How long a silent node lives on in the others' eyes (ms).
+    node_timeout_ms: u64,
+    /// The live nodes (this one included), as the last heartbeat found.
+    live: HashSet<u64>,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
     /// Moderation actions of this node on their way through Redis: who
@@ -264,6 +328,9 @@ impl Bridge {
             sequence: Arc::new(Script::new(SEQUENCE)),
             load: Script::new(LOAD),
             moderate: Script::new(MODERATE),
+            heartbeat: Script::new(HEARTBEAT),
+            node_timeout_ms: node.config.node_timeout_ms,
+            live: HashSet::new(),
             followed: HashSet::new(),
             pending: Default::default(),
             next_token: 1,
@@ -304,6 +371,18 @@ impl Bridge {
                             continue;
                         }
                     };
+                    // The live nodes are known before users are followed
+                    // (their presence is read from the live nodes only).
+                    let beat = self.beat(link.conn.clone()).await;
+                    if let Err(e) = self.on_beat(beat, true, &link).await {
+                        let End::Lost(e) = e else { return };
+                        tracing::warn!(error = %e, "cluster: cannot join the live nodes");
+                        if let End::Stop = self.wait_down(&mut bell, backoff).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(BACKOFF.1);
+                        continue;
+                    }
                     self.metrics.up.set(1);
                     self.tell_all(|| ClusterMsg::Bans(bans.clone())).await;
                     self.tell_all(|| ClusterMsg::Up).await;
@@ -365,8 +444,10 @@ impl Bridge {
         self.sequence.load_async(&mut conn).await?;
         self.load.load_async(&mut conn).await?;
         self.moderate.load_async(&mut conn).await?;
+        self.heartbeat.load_async(&mut conn).await?;
         let mut sink = sink;
         sink.subscribe(MODERATION).await?;
+        sink.subscribe(GONE).await?;
         Ok(Link { conn, sink, stream })
     }
 
@@ -470,7 +551,103 @@ impl Bridge {
                 let why = "the cluster's Redis is unreachable: try again".to_string();
                 self.send(0, ClusterMsg::ModerationFailed(m, why)).await;
             }
+            // Answered with what this node knows.
+            ClusterMsg::LoadPresence(q) => self.loaded(q, Vec::new()).await,
             _ => {}
+        }
+    }
+
+    /// Answers a presence query's home with the other nodes' views (none
+    /// when they could not be read).
+    async fn loaded(&self, q: Box<PresenceQuery>, mut views: Vec<Vec<NodePresence>>) {
+        views.resize_with(q.users.len(), Vec::new);
+        let home = q
+            .users
+            .first()
+            .map_or(0, |u| home_of(u, self.shards as u16));
+        self.send(home, ClusterMsg::PresenceLoaded(q, views)).await;
+    }
+
+    /// Runs the heartbeat script.
+    fn beat(
+        &self,
+        mut conn: MultiplexedConnection,
+    ) -> impl std::future::Future<Output = Result<(i64, Vec<String>, Vec<String>), RedisError>>
+    {
+        let script = self.heartbeat.clone();
+        let (me, silent) = (node_name(self.id), self.node_timeout_ms * 3 / 4);
+        async move {
+            script
+                .key(NODES)
+                .arg(me)
+                .arg(silent)
+                .invoke_async(&mut conn)
+                .await
+        }
+    }
+
+    /// What a heartbeat found: nodes gone since the last one are dropped
+    /// by the shards (their users' presence with them); the nodes this one
+    /// found silent are cleaned up after and announced. A node that was
+    /// not among the live ones although it had joined was taken for gone:
+    /// it publishes its users' presence again.
+    async fn on_beat(
+        &mut self,
+        r: Result<(i64, Vec<String>, Vec<String>), RedisError>,
+        first: bool,
+        link: &Link,
+    ) -> Result<(), End> {
+        let (new, removed, live) = r?;
+        let parse = |v: &[String]| -> HashSet<u64> {
+            v.iter()
+                .filter_map(|n| u64::from_str_radix(n, 16).ok())
+                .collect()
+        };
+        let live = parse(&live);
+        if new == 1 && !first {
+            tracing::warn!(
+                "cluster: the other nodes took this one for gone; publishing its presence again"
+            );
+            self.tell_all(|| ClusterMsg::Republish).await;
+        }
+        let mut gone: HashSet<u64> = self.live.difference(&live).copied().collect();
+        gone.extend(parse(&removed));
+        gone.remove(&self.id);
+        let gone: Vec<u64> = gone.into_iter().collect();
+        self.live = live;
+        for n in &removed {
+            tracing::warn!(node = %n, "cluster: a node went silent; its users are offline now");
+            let conn = link.conn.clone();
+            let n = n.clone();
+            tokio::spawn(async move {
+                if let Err(e) = forget_node(conn, &n).await {
+                    tracing::warn!(node = %n, error = %e, "cluster: cannot clean up after a gone node");
+                }
+            });
+        }
+        if !gone.is_empty() {
+            self.tell_all(|| ClusterMsg::NodesGone(gone.clone())).await;
+        }
+        Ok(())
+    }
+
+    /// This node stops: the others take its users offline now, not after
+    /// `node_timeout_ms`.
+    async fn leave(&self, link: &Link) {
+        let me = node_name(self.id);
+        let mut conn = link.conn.clone();
+        let left = async {
+            redis::cmd("ZREM")
+                .arg(NODES)
+                .arg(&me)
+                .query_async::<i64>(&mut conn)
+                .await?;
+            forget_node(conn.clone(), &me).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), left).await {
+            Ok(Ok(())) => tracing::info!("cluster: left the live nodes"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cluster: cannot leave the live nodes"),
+            Err(_) => tracing::warn!("cluster: leaving the live nodes timed out"),
         }
     }
 
@@ -491,7 +668,7 @@ impl Bridge {
         // was not sent yet goes back.
         let settle = async {
             while let Some(answer) = in_flight.next().await {
-                let _ = self.answered(answer).await;
+                let _ = self.answered(answer, None).await;
             }
         };
         if tokio::time::timeout(RESPONSE_TIMEOUT, settle)
@@ -516,6 +693,9 @@ impl Bridge {
         in_flight: &mut InFlight,
         leftover: &mut Vec<ClusterMsg>,
     ) -> End {
+        let every = Duration::from_millis(self.node_timeout_ms / 4);
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if in_flight.len() < MAX_IN_FLIGHT {
                 let mut batch = self.take().into_iter();
@@ -527,6 +707,7 @@ impl Bridge {
                 }
             }
             if self.node.is_draining() {
+                self.leave(link).await;
                 return End::Stop;
             }
             let parked = in_flight.len() < MAX_IN_FLIGHT && self.node.mesh.park(self.me);
@@ -534,7 +715,7 @@ impl Bridge {
                 biased;
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
                     self.node.mesh.unpark(self.me);
-                    if let Err(e) = self.answered(answer).await {
+                    if let Err(e) = self.answered(answer, Some(link)).await {
                         return e;
                     }
                 }
@@ -548,8 +729,14 @@ impl Bridge {
                 r = bell.readable(), if parked => {
                     self.node.mesh.unpark(self.me);
                     if r.is_err() || !self.doorbell(bell).await {
+                        self.leave(link).await;
                         return End::Stop;
                     }
+                }
+                _ = heartbeat.tick() => {
+                    self.node.mesh.unpark(self.me);
+                    let beat = self.beat(link.conn.clone());
+                    in_flight.push_back(Box::pin(async move { Answer::Beat(beat.await) }));
                 }
                 _ = std::future::ready(()), if !parked && in_flight.len() < MAX_IN_FLIGHT => {}
             }
@@ -632,10 +819,54 @@ impl Bridge {
             }
             // Many at once when users reconnect: in flight together, not
             // one round trip after the other.
+            // Subscribed first, then read: a later change arrives by
+            // pub/sub, and the home keeps the latest of each node's views.
             ClusterMsg::FollowUser { user } => {
                 let mut sink = link.sink.clone();
+                let mut conn = link.conn.clone();
+                let (me, live) = (self.id, self.live.clone());
                 in_flight.push_back(Box::pin(async move {
-                    Answer::Done(sink.subscribe(user_channel(&user)).await)
+                    let r = async {
+                        sink.subscribe(user_channel(&user)).await?;
+                        read_presence(&mut conn, &user, me, &live).await
+                    }
+                    .await;
+                    Answer::Followed(user, r)
+                }));
+            }
+            ClusterMsg::Presence(p) => {
+                let mut conn = link.conn.clone();
+                let (me, user) = (node_name(self.id), p.view.user_id.clone());
+                let archive = encode_presence(&p);
+                let offline = p.view.status == crate::protocol::Status::Offline;
+                in_flight.push_back(Box::pin(async move {
+                    Answer::Done(keep_presence(&mut conn, &me, &user, archive, offline).await)
+                }));
+                self.metrics.sent.inc();
+            }
+            // The users' reads are pipelined on the connection.
+            ClusterMsg::LoadPresence(q) => {
+                let conn = link.conn.clone();
+                let (me, live) = (self.id, self.live.clone());
+                in_flight.push_back(Box::pin(async move {
+                    let mut reads: FuturesOrdered<_> = q
+                        .users
+                        .iter()
+                        .map(|u| {
+                            let (mut conn, live) = (conn.clone(), &live);
+                            async move { read_presence(&mut conn, u, me, live).await }
+                        })
+                        .collect();
+                    let mut all = Vec::with_capacity(q.users.len());
+                    let mut failed = None;
+                    while let Some(v) = reads.next().await {
+                        match v {
+                            Ok(v) => all.push(v),
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    drop(reads);
+                    Answer::Loaded(q, failed.map_or(Ok(all), Err))
                 }));
             }
             ClusterMsg::UnfollowUser { user } => {
@@ -746,12 +977,41 @@ impl Bridge {
         self.send_mesh(to, MeshMsg::Moderate(Arc::new(m))).await;
     }
 
-    async fn answered(&mut self, answer: Answer) -> Result<(), End> {
+    async fn answered(&mut self, answer: Answer, link: Option<&Link>) -> Result<(), End> {
         match answer {
             Answer::Event(out, r) => self.sequenced(out, r).await,
             Answer::Done(Ok(())) => Ok(()),
             // The subscriptions are made again when the link is.
             Answer::Done(Err(e)) => Err(End::Lost(e.to_string())),
+            Answer::Followed(user, Ok(views)) => {
+                if !views.is_empty() {
+                    let home = home_of(&user, self.shards as u16);
+                    self.send(home, ClusterMsg::Presences { user, views }).await;
+                }
+                Ok(())
+            }
+            Answer::Followed(_, Err(e)) => Err(End::Lost(e.to_string())),
+            Answer::Loaded(q, r) => {
+                let (views, end) = match r {
+                    Ok(v) => (v, Ok(())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: cannot read presence from Redis; answering with this node's");
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        let end = if lost {
+                            Err(End::Lost(e.to_string()))
+                        } else {
+                            Ok(())
+                        };
+                        (Vec::new(), end)
+                    }
+                };
+                self.loaded(q, views).await;
+                end
+            }
+            Answer::Beat(r) => match link {
+                Some(link) => self.on_beat(r, false, link).await,
+                None => Ok(()),
+            },
         }
     }
 
@@ -798,7 +1058,46 @@ impl Bridge {
         if m.get_channel_name() == MODERATION {
             return self.moderation(m.get_payload_bytes()).await;
         }
+        if m.get_channel_name() == GONE {
+            let node = std::str::from_utf8(m.get_payload_bytes())
+                .ok()
+                .and_then(|n| u64::from_str_radix(n, 16).ok());
+            match node {
+                Some(n) if n == self.id => {
+                    tracing::warn!("cluster: the other nodes took this one for gone; publishing its presence again");
+                    self.tell_all(|| ClusterMsg::Republish).await;
+                }
+                Some(n) => {
+                    if self.live.remove(&n) {
+                        self.tell_all(|| ClusterMsg::NodesGone(vec![n])).await;
+                    }
+                }
+                None => tracing::warn!("cluster: a node id that is not ours"),
+            }
+            return;
+        }
         if let Some(user) = user_of(m.get_channel_name()) {
+            if let Some(archive) = m.get_payload_bytes().strip_prefix(PRESENCE_PREFIX) {
+                let p = match decode_presence(archive) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "cluster: a presence that cannot be read");
+                        return;
+                    }
+                };
+                if p.node == self.id {
+                    return;
+                }
+                self.metrics.received.inc();
+                // A node that publishes lives (its heartbeat may come later).
+                self.live.insert(p.node);
+                let to = home_of(user, self.shards as u16);
+                let msg = ClusterMsg::Presences {
+                    user: user.into(),
+                    views: vec![p],
+                };
+                return self.send(to, msg).await;
+            }
             let w = split_payload(m.get_payload_bytes()).and_then(|(_, _, a)| decode_wire(a).ok());
             let Some(w) = w else {
                 tracing::warn!(%user, "cluster: a user event that cannot be read");
@@ -849,6 +1148,104 @@ impl Bridge {
         };
         self.send(owner, ClusterMsg::Event(Box::new(inc))).await;
     }
+}
+
+/// Keeps (or, offline, removes) this node's view of a user in Redis and
+/// publishes it to the nodes that follow the user.
+async fn keep_presence(
+    conn: &mut MultiplexedConnection,
+    me: &str,
+    user: &str,
+    archive: Vec<u8>,
+    offline: bool,
+) -> Result<(), RedisError> {
+    let key = presence_key(user);
+    let mine = node_users_key(me);
+    if offline {
+        redis::cmd("HDEL")
+            .arg(&key)
+            .arg(me)
+            .query_async::<i64>(conn)
+            .await?;
+        redis::cmd("SREM")
+            .arg(&mine)
+            .arg(user)
+            .query_async::<i64>(conn)
+            .await?;
+    } else {
+        redis::cmd("HSET")
+            .arg(&key)
+            .arg(me)
+            .arg(&archive)
+            .query_async::<i64>(conn)
+            .await?;
+        redis::cmd("SADD")
+            .arg(&mine)
+            .arg(user)
+            .query_async::<i64>(conn)
+            .await?;
+    }
+    let mut payload = PRESENCE_PREFIX.to_vec();
+    payload.extend_from_slice(&archive);
+    redis::cmd("PUBLISH")
+        .arg(user_channel(user))
+        .arg(payload)
+        .query_async::<i64>(conn)
+        .await?;
+    Ok(())
+}
+
+/// The other live nodes' views of a user, from Redis.
+async fn read_presence(
+    conn: &mut MultiplexedConnection,
+    user: &str,
+    me: u64,
+    live: &HashSet<u64>,
+) -> Result<Vec<NodePresence>, RedisError> {
+    let all: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(presence_key(user))
+        .query_async(conn)
+        .await?;
+    let mut views = Vec::with_capacity(all.len());
+    for (node, archive) in all {
+        let Ok(n) = u64::from_str_radix(&node, 16) else {
+            continue;
+        };
+        if n == me || !live.contains(&n) {
+            continue;
+        }
+        match decode_presence(&archive) {
+            Ok(p) => views.push(p),
+            Err(e) => tracing::warn!(%user, error = %e, "cluster: a presence that cannot be read"),
+        }
+    }
+    Ok(views)
+}
+
+/// Removes a gone node's presence from Redis and tells the other nodes.
+async fn forget_node(mut conn: MultiplexedConnection, node: &str) -> Result<(), RedisError> {
+    let set = node_users_key(node);
+    let users: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&set)
+        .query_async(&mut conn)
+        .await?;
+    for user in users {
+        redis::cmd("HDEL")
+            .arg(presence_key(&user))
+            .arg(node)
+            .query_async::<i64>(&mut conn)
+            .await?;
+    }
+    redis::cmd("DEL")
+        .arg(&set)
+        .query_async::<i64>(&mut conn)
+        .await?;
+    redis::cmd("PUBLISH")
+        .arg(GONE)
+        .arg(node)
+        .query_async::<i64>(&mut conn)
+        .await?;
+    Ok(())
 }
 
 /// Whether an event that Redis did not take must be sequenced by its owner

@@ -108,6 +108,10 @@ pub struct Config {
     /// Cluster mode: the Redis server the nodes share
     /// (`redis://host:port/db`, `rediss://` for TLS); empty: a single node.
     pub redis: String,
+    /// Cluster mode: a node that stops refreshing its liveness in Redis is
+    /// taken for gone by the others within this time, and its users go
+    /// offline everywhere.
+    pub node_timeout_ms: u64,
     pub auth: AuthConfig,
 }
 
@@ -169,6 +173,7 @@ impl Default for Config {
             api_listen: "127.0.0.1:8081".into(),
             api_keys: Vec::new(),
             redis: String::new(),
+            node_timeout_ms: 30_000,
             auth: AuthConfig::default(),
         }
     }
@@ -354,6 +359,10 @@ pub struct ConfigArgs {
     /// redis://127.0.0.1:6379 (without it the node stands alone).
     #[arg(long, env = "CORECAST_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
+    /// Cluster mode: how soon the other nodes take a silent node for gone
+    /// (and its users offline) [default: 30000].
+    #[arg(long, env = "CORECAST_NODE_TIMEOUT_MS")]
+    pub node_timeout_ms: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -404,7 +413,8 @@ impl ConfigArgs {
             trusted_proxies,
             api_listen,
             api_keys,
-            redis
+            redis,
+            node_timeout_ms
         );
         for rule in &self.rate_limits {
             let (event, spec) = rule.split_once('=').ok_or_else(|| {
@@ -497,6 +507,12 @@ impl Config {
             redis::Client::open(self.redis.as_str()).map_err(|e| {
                 ConfigError(format!("redis: `{}` is not a Redis URL: {e}", self.redis))
             })?;
+        }
+        if !(400..=3_600_000).contains(&self.node_timeout_ms) {
+            return Err(ConfigError(format!(
+                "node_timeout_ms must be between 400 and 3600000, not {}",
+                self.node_timeout_ms
+            )));
         }
         if self.rate_limit_strikes > 250 {
             return Err(ConfigError(format!(

@@ -680,3 +680,121 @@ async fn a_node_cut_off_from_redis_gets_what_the_others_said_meanwhile() {
     let m = bob.event_for("message:new", "content", "four").await;
     assert_eq!(m["d"]["offset"], 4);
 }
+
+/// A Redis command through `redis-cli` (installed with redis-server).
+fn redis_cli(redis: &Redis, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is missing: scripts/test.sh installs it (apt-get install redis-server)");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn devices(d: &Value) -> Vec<&str> {
+    d["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn presence_adds_up_over_nodes_and_a_killed_node_takes_its_users_offline() {
+    const TIMEOUT_MS: u64 = 2000;
+    let redis = Redis::start();
+    let start = || {
+        let s = Server::start(&[
+            "--shards",
+            "2",
+            "--redis",
+            &redis.url(),
+            "--node-timeout-ms",
+            &TIMEOUT_MS.to_string(),
+            "--presence-grace-ms",
+            "300",
+        ]);
+        wait_cluster(&s, 1);
+        s
+    };
+    let (a, b, mut c) = (start(), start(), start());
+    // A watcher on node a, subscribed before dana connects anywhere.
+    let mut watcher = Peer::on(&a, "watcher", 0, "").await;
+    let sub = watcher
+        .ok("presence:subscribe", json!({"userIds": ["dana"]}))
+        .await;
+    assert_eq!(sub["presences"][0]["status"], "offline");
+    // Dana on node b (web), then on node c (mobile): one presence.
+    let mut web = Peer::on(&b, "dana", 0, "&device=web").await;
+    let v = watcher.presence_until(|d| d["status"] == "online").await;
+    assert_eq!(devices(&v["d"]), ["web"]);
+    let mut mobile = Peer::on(&c, "dana", 1, "&device=mobile").await;
+    watcher
+        .presence_until(|d| devices(d) == ["mobile", "web"] || devices(d) == ["web", "mobile"])
+        .await;
+    // The status set last on any node shows, and the most available wins.
+    mobile
+        .ok("presence:update", json!({"customStatus": "on the train"}))
+        .await;
+    watcher
+        .presence_until(|d| d["customStatus"] == "on the train")
+        .await;
+    web.ok("presence:update", json!({"status": "dnd"})).await;
+    mobile
+        .ok("presence:update", json!({"status": "idle"}))
+        .await;
+    let v = watcher.presence_until(|d| d["status"] == "idle").await;
+    assert_eq!(v["d"]["customStatus"], "on the train");
+    // A node that never saw dana reads her presence from Redis.
+    let mut eve = Peer::on(&b, "eve", 1, "").await;
+    let bulk = eve
+        .ok("presence:get_bulk", json!({"userIds": ["dana", "nobody"]}))
+        .await;
+    assert_eq!(bulk["presences"][0]["status"], "idle", "{bulk}");
+    assert_eq!(bulk["presences"][0]["customStatus"], "on the train");
+    assert_eq!(bulk["presences"][0]["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(bulk["presences"][1]["status"], "offline");
+    // Web leaves node b: after the grace period only the mobile is left.
+    drop(web);
+    let v = watcher.presence_until(|d| devices(d) == ["mobile"]).await;
+    assert_eq!(v["d"]["status"], "idle");
+    // Node c dies without a word: its users go offline everywhere within
+    // the node timeout (here 2 s; the test allows for a slow machine).
+    let _ = c.child.kill();
+    let _ = c.child.wait();
+    drop(mobile);
+    let offline = tokio::time::timeout(
+        Duration::from_millis(TIMEOUT_MS * 5),
+        watcher.presence_until(|d| d["status"] == "offline"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("dana stayed online after her node died:\n{}", a.log()));
+    assert!(devices(&offline["d"]).is_empty());
+    assert!(a.log().contains("a node went silent") || b.log().contains("a node went silent"));
+    // Redis forgets the dead node and what it showed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_cli(&redis, &["HLEN", "cc:p:{dana}"]) != "0"
+        || redis_cli(&redis, &["ZCARD", "cc:nodes"]) != "2"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the dead node's presence stayed in Redis"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A node that stops properly takes its users offline at once.
+    let _frank = Peer::on(&b, "frank", 0, "").await;
+    let sub = watcher
+        .ok("presence:subscribe", json!({"userIds": ["frank"]}))
+        .await;
+    assert_eq!(sub["presences"][0]["status"], "online");
+    b.sigterm();
+    tokio::time::timeout(
+        Duration::from_millis(TIMEOUT_MS / 2),
+        watcher.presence_until(|d| d["userId"] == "frank" && d["status"] == "offline"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("frank stayed online after his node stopped:\n{}", b.log()));
+}

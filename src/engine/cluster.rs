@@ -108,6 +108,26 @@ pub enum ClusterMsg {
         user: Arc<str>,
         msg: ServerMessage,
     },
+    /// To the bridge: this node's part of a user's presence changed (to
+    /// keep in Redis and publish to the nodes that follow the user). From
+    /// the bridge, to the user's home: other nodes' parts (published, or
+    /// read when the node began to follow the user).
+    Presence(Box<NodePresence>),
+    Presences {
+        user: Arc<str>,
+        views: Vec<NodePresence>,
+    },
+    /// To the bridge: read the other nodes' presence of these users; it
+    /// comes back as `PresenceLoaded` (one list per user, in order; empty
+    /// lists when Redis cannot be read).
+    LoadPresence(Box<PresenceQuery>),
+    PresenceLoaded(Box<PresenceQuery>, Vec<Vec<NodePresence>>),
+    /// From the bridge, to every shard: these nodes stopped (or stopped
+    /// refreshing their liveness in Redis); what they showed is dropped.
+    NodesGone(Vec<u64>),
+    /// From the bridge, to every shard: the other nodes took this one for
+    /// gone; publish every user's presence again.
+    Republish,
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
@@ -290,17 +310,59 @@ impl<O: Outbound> Engine<O> {
                 for ch in channels {
                     self.attach(&ch, now, tx);
                 }
+                // Followed again (the bridge's subscriptions went with the
+                // link), and published again: Redis may have lost this
+                // node's presence, or other nodes taken it for gone.
+                let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
+                for user in users {
+                    if let Some(m) = self.users.get_mut(&user).and_then(|st| st.extra_mut()) {
+                        m.following = false;
+                        m.published = None;
+                    }
+                    self.announce(&user, now, tx);
+                    self.maintain_user(&user, now, tx);
+                }
+            }
+            ClusterMsg::Presences { user, views } => {
+                let Some(st) = self.users.get_mut(&user) else {
+                    return;
+                };
+                if !st.extra().is_some_and(|m| m.following) {
+                    return;
+                }
+                for p in views {
+                    st.set_remote(p);
+                }
+                self.announce(&user, now, tx);
+            }
+            ClusterMsg::PresenceLoaded(q, loaded) => {
+                self.on_presence_query(*q, Some(loaded), now, tx)
+            }
+            ClusterMsg::NodesGone(nodes) => {
                 let users: Vec<Arc<str>> = self
                     .users
-                    .iter()
-                    .filter(|(_, st)| !st.devices.is_empty())
-                    .map(|(u, _)| u.clone())
+                    .iter_mut()
+                    .filter_map(|(u, st)| st.drop_nodes(&nodes).then(|| u.clone()))
                     .collect();
                 for user in users {
-                    self.send_bridge(ClusterMsg::FollowUser { user }, now, tx);
+                    self.announce(&user, now, tx);
+                    self.maintain_user(&user, now, tx);
+                }
+            }
+            ClusterMsg::Republish => {
+                let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
+                for user in users {
+                    if let Some(m) = self.users.get_mut(&user).and_then(|st| st.extra_mut()) {
+                        m.published = None;
+                    }
+                    self.announce(&user, now, tx);
                 }
             }
             ClusterMsg::ToUser { user, msg } => {
+                if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
+                    // Followed for its presence only: no device here.
+                    return;
+                }
                 let max = self.s.max_conversations;
                 match &msg.event {
                     ServerEvent::DmNew(m) => {
@@ -314,7 +376,7 @@ impl<O: Outbound> Engine<O> {
                     _ => {}
                 }
                 self.send_devices(&user, msg.event, None, now, tx);
-                self.maintain_user(&user, now);
+                self.maintain_user(&user, now, tx);
             }
             ClusterMsg::Down => self.cluster_down(now, tx),
             ClusterMsg::Bans(bans) => {
@@ -331,7 +393,9 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::Relay(_)
             | ClusterMsg::Moderate(_)
             | ClusterMsg::FollowUser { .. }
-            | ClusterMsg::UnfollowUser { .. } => {}
+            | ClusterMsg::UnfollowUser { .. }
+            | ClusterMsg::Presence(_)
+            | ClusterMsg::LoadPresence(_) => {}
         }
     }
 

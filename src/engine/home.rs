@@ -10,11 +10,32 @@ impl<O: Outbound> Engine<O> {
         self.users.entry(user.clone()).or_default()
     }
 
-    /// Drops a user's state once nothing is left in it.
-    /// After any change to a user's state: drops it once nothing is left
-    /// in it; otherwise makes sure a deviceless user's state has a timer
-    /// that will let it expire.
-    pub(super) fn maintain_user(&mut self, user: &Arc<str>, now: u64) {
+    /// After any change to a user's state: in a cluster, follows the user
+    /// while it has devices or presence subscribers here; drops the state
+    /// once nothing is left in it; otherwise makes sure a deviceless user's
+    /// state has a timer that will let it expire.
+    pub(super) fn maintain_user(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let up = self.cluster_up();
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        let wanted = self.cluster.is_some() && st.wants_following();
+        let following = st.extra().is_some_and(|m| m.following);
+        if wanted != following {
+            st.more().following = wanted;
+            if !wanted {
+                // What other nodes show is only kept while followed.
+                st.more().remote.clear();
+            }
+            if up {
+                let user = user.clone();
+                let msg = match wanted {
+                    true => ClusterMsg::FollowUser { user },
+                    false => ClusterMsg::UnfollowUser { user },
+                };
+                self.send_bridge(msg, now, tx);
+            }
+        }
         let Some(st) = self.users.get_mut(user) else {
             return;
         };
@@ -38,8 +59,17 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
-    /// Tells subscribers when the user's presence changed.
+    /// Tells subscribers when the user's presence changed, and in a cluster
+    /// the other nodes when this node's part of it did.
     pub(super) fn announce(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let node = self.cluster.as_ref().filter(|c| c.up).map(|c| c.node);
+        let seq = self.next_id();
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        if let Some(p) = node.and_then(|node| st.publish(user, now, node, seq)) {
+            self.send_bridge(ClusterMsg::Presence(Box::new(p)), now, tx);
+        }
         let Some(st) = self.users.get_mut(user) else {
             return;
         };
@@ -79,20 +109,8 @@ impl<O: Outbound> Engine<O> {
 
     pub(super) fn on_user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
         let user = op.user.clone();
-        let devices = |e: &Self| e.users.get(&user).is_some_and(|st| !st.devices.is_empty());
-        let before = devices(self);
         self.user_op(op, now, tx);
-        // In a cluster, a node follows the users it has connections of.
-        let after = devices(self);
-        if before != after && self.cluster_up() {
-            let user = user.clone();
-            let msg = match after {
-                true => ClusterMsg::FollowUser { user },
-                false => ClusterMsg::UnfollowUser { user },
-            };
-            self.send_bridge(msg, now, tx);
-        }
-        self.maintain_user(&user, now);
+        self.maintain_user(&user, now, tx);
     }
 
     fn user_op(&mut self, op: UserOp, now: u64, tx: &mut impl MeshTx) {
@@ -267,6 +285,9 @@ impl<O: Outbound> Engine<O> {
                     if let Some(kind) = p.device {
                         d.kind = kind;
                     }
+                }
+                if p.custom_status.is_some() || p.activity.is_some() {
+                    st.more().detail_at = now;
                 }
                 if let Some(c) = p.custom_status {
                     st.more().custom_status = c;
@@ -496,7 +517,7 @@ impl<O: Outbound> Engine<O> {
                         m.voice.take_if(|(c, _)| *c == channel);
                     }
                 }
-                self.maintain_user(&user, now);
+                self.maintain_user(&user, now, tx);
             }
             UserCmd::CallDone { call } => {
                 if let Some(st) = self.users.get_mut(&user) {
@@ -665,21 +686,45 @@ impl<O: Outbound> Engine<O> {
         if let Some(at) = next {
             self.wake_user(user, at);
         }
-        self.maintain_user(user, now);
+        self.maintain_user(user, now, tx);
     }
 
-    pub(super) fn on_presence_query(&mut self, q: PresenceQuery, now: u64, tx: &mut impl MeshTx) {
-        let mut views = Vec::with_capacity(q.users.len());
-        for user in &q.users {
-            if q.subscribe {
+    /// Presence of this shard's users. In a cluster the other nodes' views
+    /// are read from Redis first (the bridge comes back with them).
+    pub(super) fn on_presence_query(
+        &mut self,
+        q: PresenceQuery,
+        loaded: Option<Vec<Vec<NodePresence>>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if loaded.is_none() && q.subscribe {
+            for user in &q.users {
                 let st = self.user(user);
                 if !st.more().subscribers.iter().any(|(c, _)| *c == q.from) {
                     st.more().subscribers.push((q.from, q.protocol));
                 }
+                self.maintain_user(user, now, tx);
             }
-            views.push(match self.users.get(user) {
-                Some(st) => st.view(user, now),
-                None => UserState::default().view(user, now),
+        }
+        if loaded.is_none() && self.cluster_up() {
+            return self.send_bridge(ClusterMsg::LoadPresence(Box::new(q)), now, tx);
+        }
+        let mut loaded = loaded.unwrap_or_default().into_iter();
+        let mut views = Vec::with_capacity(q.users.len());
+        for user in &q.users {
+            let remote = loaded.next().unwrap_or_default();
+            views.push(match self.users.get_mut(user) {
+                Some(st) if st.extra().is_some_and(|m| m.following) => {
+                    // Followed: what was read is kept (a later view that
+                    // came meanwhile stays).
+                    for p in remote {
+                        st.set_remote(p);
+                    }
+                    st.view(user, now)
+                }
+                Some(st) => user::merge(st.local_view(user, now), 0, &remote),
+                None => user::merge(UserState::default().view(user, now), 0, &remote),
             });
         }
         let g = Gathered {

@@ -51,7 +51,7 @@ use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
 use cluster::Reply;
 use timers::{Timer, Timers};
-use user::{Detached, Device, UserState};
+use user::{Detached, Device, NodePresence, UserState};
 
 pub type ShardId = u16;
 
@@ -1241,13 +1241,13 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::ChannelOp(op) => self.on_channel_op(*op, now, tx),
             MeshMsg::UserOp(op) => self.on_user_op(*op, now, tx),
             MeshMsg::CallOp(op) => self.on_call_op(*op, now, tx),
-            MeshMsg::Presence(q) => self.on_presence_query(*q, now, tx),
+            MeshMsg::Presence(q) => self.on_presence_query(*q, None, now, tx),
             MeshMsg::Unsubscribe(u) => {
                 for user in &u.users {
                     if let Some(st) = self.users.get_mut(user) {
                         st.more().subscribers.retain(|(c, _)| *c != u.subscriber);
                     }
-                    self.maintain_user(user, now);
+                    self.maintain_user(user, now, tx);
                 }
             }
             MeshMsg::Gathered(g) => self.on_gathered(*g, now, tx),

@@ -83,6 +83,27 @@ pub struct More {
     /// Calls placed from this user's connections: (call, connection).
     pub calls: Vec<(u64, ConnRef)>,
     pub detached: Vec<Detached>,
+    /// In a cluster: the user's presence on other nodes, as each last
+    /// published it (offline ones kept for their sequence).
+    pub remote: Vec<NodePresence>,
+    /// In a cluster: this node's part of the presence as last published.
+    pub published: Option<Shown>,
+    /// When the custom status or activity was last set here (ms; 0: never).
+    pub detail_at: u64,
+    /// In a cluster: whether the bridge was told to follow the user.
+    pub following: bool,
+}
+
+/// A user's presence on one node of a cluster, for the others.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NodePresence {
+    pub node: u64,
+    /// Grows with every view the node publishes of the user.
+    pub seq: u64,
+    /// When the custom status or activity was last set there (0: never).
+    pub detail_at: u64,
+    /// The presence the node's devices make (offline: none there).
+    pub view: PresenceView,
 }
 
 impl More {
@@ -96,6 +117,9 @@ impl More {
             && self.voice.is_none()
             && self.calls.is_empty()
             && self.detached.is_empty()
+            && self.remote.is_empty()
+            && self.published.is_none_or(|p| p.status == Status::Offline)
+            && !self.following
     }
 }
 
@@ -157,15 +181,27 @@ impl UserState {
         self.devices.push(d);
     }
 
-    /// The presence others see now. During the grace period after the last
-    /// device left, that is what they last saw.
+    /// The presence others see now: this node's devices, and in a cluster
+    /// the other nodes' (the most available status wins, the devices add
+    /// up, the custom status and activity set last are shown).
     pub fn view(&self, user: &str, now: u64) -> PresenceView {
+        let local = self.local_view(user, now);
+        match self.extra() {
+            Some(m) if !m.remote.is_empty() => merge(local, m.detail_at, &m.remote),
+            _ => local,
+        }
+    }
+
+    /// The presence this node's devices make. During the grace period
+    /// after the last device left, that is what others last saw of them.
+    pub fn local_view(&self, user: &str, now: u64) -> PresenceView {
         let (custom_status, activity) = match self.extra() {
             Some(m) => (m.custom_status.clone(), m.activity.clone()),
             None => (None, None),
         };
         if self.devices.is_empty() {
-            return match (self.left_at, self.announced) {
+            let before = self.extra().and_then(|m| m.published).or(self.announced);
+            return match (self.left_at, before) {
                 (Some(_), Some(shown)) if shown.status != Status::Offline => PresenceView {
                     user_id: user.to_string(),
                     status: shown.status,
@@ -214,15 +250,7 @@ impl UserState {
     /// last saw in anything but `lastSeen`; remembers it as announced.
     pub fn change(&mut self, user: &str, now: u64) -> Option<PresenceView> {
         let v = self.view(user, now);
-        let shown = Shown {
-            status: v.status,
-            devices: DeviceKind::ALL
-                .iter()
-                .enumerate()
-                .filter(|(_, k)| v.devices.contains(k))
-                .fold(0, |m, (i, _)| m | (1 << i)),
-            detail: hash_detail(v.custom_status.as_ref(), v.activity.as_ref()),
-        };
+        let shown = Shown::of(&v);
         if self.announced == Some(shown) {
             return None;
         }
@@ -230,6 +258,50 @@ impl UserState {
         self.announced = Some(shown);
         // A user nobody saw online going offline is no news.
         (!first_offline).then_some(v)
+    }
+
+    /// This node's part of the presence, to publish to the other nodes of
+    /// a cluster, when it changed since last published.
+    pub fn publish(&mut self, user: &str, now: u64, node: u64, seq: u64) -> Option<NodePresence> {
+        let view = self.local_view(user, now);
+        let shown = Shown::of(&view);
+        let m = self.more();
+        if m.published == Some(shown) || (m.published.is_none() && view.status == Status::Offline) {
+            return None;
+        }
+        m.published = Some(shown);
+        Some(NodePresence {
+            node,
+            seq,
+            detail_at: m.detail_at,
+            view,
+        })
+    }
+
+    /// Takes another node's view of the user, unless a later one is here.
+    pub fn set_remote(&mut self, p: NodePresence) {
+        let m = self.more();
+        match m.remote.iter_mut().find(|r| r.node == p.node) {
+            Some(r) if r.seq < p.seq => *r = p,
+            Some(_) => {}
+            None => m.remote.push(p),
+        }
+    }
+
+    /// Forgets what nodes that are gone showed; whether there was any.
+    pub fn drop_nodes(&mut self, nodes: &[u64]) -> bool {
+        let Some(m) = self.extra_mut() else {
+            return false;
+        };
+        let before = m.remote.len();
+        m.remote.retain(|r| !nodes.contains(&r.node));
+        m.remote.len() != before
+    }
+
+    /// Whether the node follows the user in a cluster: it has devices of
+    /// the user, or subscribers to the user's presence.
+    pub fn wants_following(&self) -> bool {
+        !self.devices.is_empty() || self.extra().is_some_and(|m| !m.subscribers.is_empty())
     }
 
     pub fn device_mut(&mut self, conn: ConnRef) -> Option<&mut Device> {
@@ -288,6 +360,54 @@ impl UserState {
             m.notifications.pop_front();
         }
     }
+}
+
+impl Shown {
+    fn of(v: &PresenceView) -> Shown {
+        Shown {
+            status: v.status,
+            devices: device_bits(&v.devices),
+            detail: hash_detail(v.custom_status.as_ref(), v.activity.as_ref()),
+        }
+    }
+}
+
+fn device_bits(devices: &[DeviceKind]) -> u8 {
+    DeviceKind::ALL
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| devices.contains(k))
+        .fold(0, |m, (i, _)| m | (1 << i))
+}
+
+/// A user's presence over the nodes of a cluster: this node's view
+/// (`local`, its details set at `detail_at`) with the others'.
+pub fn merge(local: PresenceView, detail_at: u64, remote: &[NodePresence]) -> PresenceView {
+    let mut v = local;
+    let mut bits = device_bits(&v.devices);
+    let mut detail = (v.status != Status::Offline).then_some(detail_at);
+    for r in remote {
+        v.last_seen = v.last_seen.max(r.view.last_seen);
+        if r.view.status == Status::Offline {
+            continue;
+        }
+        if r.view.status.availability() > v.status.availability() {
+            v.status = r.view.status;
+        }
+        bits |= device_bits(&r.view.devices);
+        if detail.is_none_or(|d| r.detail_at > d) {
+            detail = Some(r.detail_at);
+            v.custom_status = r.view.custom_status.clone();
+            v.activity = r.view.activity.clone();
+        }
+    }
+    v.devices = DeviceKind::ALL
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, k)| *k)
+        .collect();
+    v
 }
 
 fn offline(user: &str, last_seen: u64) -> PresenceView {

@@ -26,6 +26,8 @@ struct Cluster {
     /// Nodes whose bridge cannot reach Redis.
     cut: HashSet<usize>,
     next_epoch: u64,
+    /// Per user: each node's presence (the `cc:p:{U}` hashes).
+    presence: HashMap<Arc<str>, HashMap<u64, NodePresence>>,
 }
 
 const SHARDS: u16 = 2;
@@ -115,6 +117,14 @@ fn bridge(
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
     if !c.up || c.cut.contains(&n) {
+        if let ClusterMsg::LoadPresence(q) = m {
+            // Answered with this node's presence only.
+            let home = home_of(&q.users[0], SHARDS) as usize;
+            let loaded = vec![Vec::new(); q.users.len()];
+            let m = ClusterMsg::PresenceLoaded(q, loaded);
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+            return;
+        }
         if let ClusterMsg::Sequence(out) = m {
             // As the bridge does: the shards hear of it before the event
             // comes back to be sequenced.
@@ -179,7 +189,40 @@ fn bridge(
             to_owner(&mut sims[n], &ch, ClusterMsg::Sequenced(out));
         }
         ClusterMsg::FollowUser { user } => {
-            c.users[n].insert(user);
+            c.users[n].insert(user.clone());
+            // Subscribed, then the others' presence read.
+            let views = others(c, &user, n);
+            if !views.is_empty() {
+                let to = home_of(&user, SHARDS) as usize;
+                let m = ClusterMsg::Presences { user, views };
+                sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
+        }
+        ClusterMsg::Presence(p) => {
+            let user: Arc<str> = p.view.user_id.as_str().into();
+            let views = c.presence.entry(user.clone()).or_default();
+            if p.view.status == Status::Offline {
+                views.remove(&p.node);
+            } else {
+                views.insert(p.node, (*p).clone());
+            }
+            for (k, sim) in sims.iter_mut().enumerate() {
+                if k == n || !c.users[k].contains(&user) {
+                    continue;
+                }
+                let to = home_of(&user, SHARDS) as usize;
+                let m = ClusterMsg::Presences {
+                    user: user.clone(),
+                    views: vec![(*p).clone()],
+                };
+                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
+        }
+        ClusterMsg::LoadPresence(q) => {
+            let loaded = q.users.iter().map(|u| others(c, u, n)).collect();
+            let home = home_of(&q.users[0], SHARDS) as usize;
+            let m = ClusterMsg::PresenceLoaded(q, loaded);
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
         }
         ClusterMsg::UnfollowUser { user } => {
             c.users[n].remove(&user);
@@ -226,6 +269,33 @@ fn bridge(
         }
         _ => {}
     }
+}
+
+/// Other nodes' presence of a user, as Redis holds it.
+fn others(c: &Cluster, user: &str, n: usize) -> Vec<NodePresence> {
+    c.presence.get(user).map_or(Vec::new(), |v| {
+        v.values()
+            .filter(|p| p.node != n as u64 + 1)
+            .cloned()
+            .collect()
+    })
+}
+
+/// Node `n` dies: Redis forgets its presence and the others hear of it.
+fn node_dies(sims: &mut [Sim], c: &mut Cluster, n: usize) {
+    c.cut.insert(n);
+    for views in c.presence.values_mut() {
+        views.remove(&(n as u64 + 1));
+    }
+    for (k, sim) in sims.iter_mut().enumerate() {
+        if k != n {
+            for s in 0..SHARDS as usize {
+                let m = ClusterMsg::NodesGone(vec![n as u64 + 1]);
+                sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
+        }
+    }
+    pump(sims, c);
 }
 
 fn contents(msgs: &[ServerMessage]) -> Vec<(u64, String)> {
@@ -532,4 +602,139 @@ fn direct_messages_reach_a_users_connections_on_every_node() {
         .and_then(|st| st.extra())
         .map_or(0, |m| m.conversations.len());
     assert_eq!(convs, 1);
+}
+
+fn presences(msgs: &[ServerMessage]) -> Vec<(Status, Vec<DeviceKind>, Option<String>)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::PresenceChanged(p) => {
+                Some((p.status, p.devices.clone(), p.custom_status.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn bulk(
+    sims: &mut [Sim],
+    c: &mut Cluster,
+    n: usize,
+    who: ConnRef,
+    rec: &Recorder,
+    user: &str,
+) -> PresenceView {
+    sims[n].send(
+        who,
+        Some(77),
+        ClientEvent::PresenceGetBulk(UserIds {
+            user_ids: vec![user.into()],
+        }),
+    );
+    pump(sims, c);
+    match super::ack_body(&rec.take(), 77) {
+        AckBody::Presences(mut p) => p.presences.remove(0),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn presence_adds_up_over_nodes_and_a_dead_node_goes_offline() {
+    use DeviceKind::{Mobile, Web};
+    let (mut sims, mut c) = nodes();
+    let (w, rw) = sims[0].connect(0, "watcher", Protocol::Json);
+    sims[0].send(
+        w,
+        Some(1),
+        ClientEvent::PresenceSubscribe(UserIds {
+            user_ids: vec!["dana".into()],
+        }),
+    );
+    pump(&mut sims, &mut c);
+    rw.take();
+    assert!(c.users[0].contains("dana"), "a watched user is followed");
+    // Dana on node 1: the watcher on node 0 sees her.
+    let (d1, _) = sims[1].connect_device(1, "dana", Protocol::Json, Web);
+    pump(&mut sims, &mut c);
+    assert_eq!(presences(&rw.take()), [(Status::Online, vec![Web], None)]);
+    // And on node 0 too, with a custom status set there.
+    let (d0, _) = sims[0].connect_device(1, "dana", Protocol::Json, Mobile);
+    pump(&mut sims, &mut c);
+    sims[0].send(
+        d0,
+        Some(2),
+        super::presence_update(Some(Status::Dnd), Some(Some("busy"))),
+    );
+    sims[1].send(
+        d1,
+        Some(3),
+        super::presence_update(Some(Status::Idle), None),
+    );
+    pump(&mut sims, &mut c);
+    let seen = presences(&rw.take());
+    assert_eq!(
+        seen.last().unwrap(),
+        &(Status::Idle, vec![Mobile, Web], Some("busy".into())),
+        "{seen:?}"
+    );
+    // A node that follows nobody reads the presence on demand.
+    let (e, re) = sims[1].connect(0, "eve", Protocol::Json);
+    pump(&mut sims, &mut c);
+    let v = bulk(&mut sims, &mut c, 1, e, &re, "dana");
+    assert_eq!((v.status, v.devices.len()), (Status::Idle, 2));
+    let v = bulk(&mut sims, &mut c, 1, e, &re, "nobody");
+    assert_eq!(v.status, Status::Offline);
+    // Node 1 dies: only node 0's mobile is left.
+    node_dies(&mut sims, &mut c, 1);
+    assert_eq!(
+        presences(&rw.take()),
+        [(Status::Dnd, vec![Mobile], Some("busy".into()))]
+    );
+    // The last device leaves: offline once the grace is over, and Redis
+    // no longer holds the user.
+    sims[0].close(d0);
+    pump(&mut sims, &mut c);
+    sims[0].advance(60_000);
+    pump(&mut sims, &mut c);
+    assert_eq!(presences(&rw.take()), [(Status::Offline, vec![], None)]);
+    assert!(c.presence.get("dana").is_none_or(|v| v.is_empty()));
+    // The watcher leaves: nothing is followed any more.
+    sims[0].close(w);
+    pump(&mut sims, &mut c);
+    sims[0].advance(60_000);
+    pump(&mut sims, &mut c);
+    assert!(c.users[0].is_empty(), "{:?}", c.users[0]);
+    // Once the resume window is over, nothing is left.
+    sims[0].advance(200_000);
+    pump(&mut sims, &mut c);
+    assert!(sims[0].shards.iter().all(|e| e.users.is_empty()));
+}
+
+#[test]
+fn an_older_view_of_a_node_does_not_replace_a_newer_one() {
+    let mut st = UserState::default();
+    let view = |status| PresenceView {
+        user_id: "u".into(),
+        status,
+        custom_status: None,
+        activity: None,
+        devices: vec![],
+        last_seen: 1,
+    };
+    let p = |seq, status| NodePresence {
+        node: 9,
+        seq,
+        detail_at: 0,
+        view: view(status),
+    };
+    st.set_remote(p(5, Status::Offline));
+    st.set_remote(p(4, Status::Online));
+    assert_eq!(
+        st.view("u", 10).status,
+        Status::Offline,
+        "the later offline stays"
+    );
+    st.set_remote(p(6, Status::Idle));
+    assert_eq!(st.view("u", 10).status, Status::Idle);
+    assert!(st.drop_nodes(&[9]));
+    assert_eq!(st.view("u", 10).status, Status::Offline);
 }

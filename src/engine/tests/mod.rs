@@ -2298,6 +2298,14 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            if let ClusterMsg::LoadPresence(q) = m {
+                // One node: no other node's presence to read, up or down.
+                let home = q.users.first().map_or(0, |u| home_of(u, 3) as usize);
+                let loaded = vec![Vec::new(); q.users.len()];
+                let m = ClusterMsg::PresenceLoaded(q, loaded);
+                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             if !self.up {
                 match m {
                     ClusterMsg::Sequence(out) => {
