@@ -315,9 +315,9 @@ impl<O: Outbound> Engine<O> {
                 // node's presence, or other nodes taken it for gone.
                 let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
                 for user in users {
-                    if let Some(m) = self.users.get_mut(&user).and_then(|st| st.extra_mut()) {
-                        m.following = false;
-                        m.published = None;
+                    if let Some(st) = self.users.get_mut(&user) {
+                        st.following = false;
+                        st.published = None;
                     }
                     self.announce(&user, now, tx);
                     self.maintain_user(&user, now, tx);
@@ -327,7 +327,7 @@ impl<O: Outbound> Engine<O> {
                 let Some(st) = self.users.get_mut(&user) else {
                     return;
                 };
-                if !st.extra().is_some_and(|m| m.following) {
+                if !st.following {
                     return;
                 }
                 for p in views {
@@ -352,8 +352,8 @@ impl<O: Outbound> Engine<O> {
             ClusterMsg::Republish => {
                 let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
                 for user in users {
-                    if let Some(m) = self.users.get_mut(&user).and_then(|st| st.extra_mut()) {
-                        m.published = None;
+                    if let Some(st) = self.users.get_mut(&user) {
+                        st.published = None;
                     }
                     self.announce(&user, now, tx);
                 }

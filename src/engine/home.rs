@@ -20,12 +20,11 @@ impl<O: Outbound> Engine<O> {
             return;
         };
         let wanted = self.cluster.is_some() && st.wants_following();
-        let following = st.extra().is_some_and(|m| m.following);
-        if wanted != following {
-            st.more().following = wanted;
-            if !wanted {
+        if wanted != st.following {
+            st.following = wanted;
+            if let Some(m) = st.extra_mut().filter(|_| !wanted) {
                 // What other nodes show is only kept while followed.
-                st.more().remote.clear();
+                m.remote.clear();
             }
             if up {
                 let user = user.clone();
@@ -715,7 +714,7 @@ impl<O: Outbound> Engine<O> {
         for user in &q.users {
             let remote = loaded.next().unwrap_or_default();
             views.push(match self.users.get_mut(user) {
-                Some(st) if st.extra().is_some_and(|m| m.following) => {
+                Some(st) if st.following => {
                     // Followed: what was read is kept (a later view that
                     // came meanwhile stays).
                     for p in remote {

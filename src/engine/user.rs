@@ -48,8 +48,9 @@ pub struct Shown {
     status: Status,
     /// One bit per [`DeviceKind`].
     devices: u8,
-    /// A hash of the custom status and activity.
-    detail: u64,
+    /// A hash of the custom status and activity (32 bits keep the key in 8
+    /// bytes; a collision would only hide one change of them).
+    detail: u32,
 }
 
 /// A user's state on its home shard. The common part is small (every
@@ -66,6 +67,10 @@ pub struct UserState {
     pub wake: Option<NonZeroU64>,
     /// What subscribers last saw.
     announced: Option<Shown>,
+    /// In a cluster: this node's part of the presence as last published.
+    pub published: Option<Shown>,
+    /// In a cluster: whether the bridge was told to follow the user.
+    pub following: bool,
     more: Option<Box<More>>,
 }
 
@@ -86,12 +91,8 @@ pub struct More {
     /// In a cluster: the user's presence on other nodes, as each last
     /// published it (offline ones kept for their sequence).
     pub remote: Vec<NodePresence>,
-    /// In a cluster: this node's part of the presence as last published.
-    pub published: Option<Shown>,
     /// When the custom status or activity was last set here (ms; 0: never).
     pub detail_at: u64,
-    /// In a cluster: whether the bridge was told to follow the user.
-    pub following: bool,
 }
 
 /// A user's presence on one node of a cluster, for the others.
@@ -118,19 +119,17 @@ impl More {
             && self.calls.is_empty()
             && self.detached.is_empty()
             && self.remote.is_empty()
-            && self.published.is_none_or(|p| p.status == Status::Offline)
-            && !self.following
     }
 }
 
-fn hash_detail(custom: Option<&String>, activity: Option<&Activity>) -> u64 {
+fn hash_detail(custom: Option<&String>, activity: Option<&Activity>) -> u32 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     custom.hash(&mut h);
     activity
         .map(|a| (&a.kind, &a.name, &a.details))
         .hash(&mut h);
-    h.finish()
+    h.finish() as u32
 }
 
 /// A timestamp as a non-zero value (0 ms is taken as 1 ms).
@@ -200,7 +199,7 @@ impl UserState {
             None => (None, None),
         };
         if self.devices.is_empty() {
-            let before = self.extra().and_then(|m| m.published).or(self.announced);
+            let before = self.published.or(self.announced);
             return match (self.left_at, before) {
                 (Some(_), Some(shown)) if shown.status != Status::Offline => PresenceView {
                     user_id: user.to_string(),
@@ -265,15 +264,16 @@ impl UserState {
     pub fn publish(&mut self, user: &str, now: u64, node: u64, seq: u64) -> Option<NodePresence> {
         let view = self.local_view(user, now);
         let shown = Shown::of(&view);
-        let m = self.more();
-        if m.published == Some(shown) || (m.published.is_none() && view.status == Status::Offline) {
+        if self.published == Some(shown)
+            || (self.published.is_none() && view.status == Status::Offline)
+        {
             return None;
         }
-        m.published = Some(shown);
+        self.published = Some(shown);
         Some(NodePresence {
             node,
             seq,
-            detail_at: m.detail_at,
+            detail_at: self.extra().map_or(0, |m| m.detail_at),
             view,
         })
     }
@@ -441,6 +441,15 @@ mod tests {
             status,
             protocol: Protocol::Json,
         }
+    }
+
+    #[test]
+    fn an_online_users_state_stays_small() {
+        // Every online user has one, on its home shard; cluster mode adds
+        // its published part and follow flag (8 bytes) here, the rest only
+        // to users that need it.
+        assert_eq!(std::mem::size_of::<Option<Shown>>(), 8);
+        assert_eq!(std::mem::size_of::<UserState>(), 80);
     }
 
     #[test]
