@@ -108,6 +108,9 @@ pub struct Config {
     /// Cluster mode: the Redis server the nodes share
     /// (`redis://host:port/db`, `rediss://` for TLS); empty: a single node.
     pub redis: String,
+    /// Cluster mode on a Redis Cluster: some of its nodes' URLs (the rest
+    /// are discovered); channels and users use sharded pub/sub.
+    pub redis_cluster: Vec<String>,
     /// Cluster mode: a node that stops refreshing its liveness in Redis is
     /// taken for gone by the others within this time, and its users go
     /// offline everywhere.
@@ -173,6 +176,7 @@ impl Default for Config {
             api_listen: "127.0.0.1:8081".into(),
             api_keys: Vec::new(),
             redis: String::new(),
+            redis_cluster: Vec::new(),
             node_timeout_ms: 30_000,
             auth: AuthConfig::default(),
         }
@@ -359,6 +363,15 @@ pub struct ConfigArgs {
     /// redis://127.0.0.1:6379 (without it the node stands alone).
     #[arg(long, env = "CORECAST_REDIS", hide_env_values = true)]
     pub redis: Option<String>,
+    /// Cluster mode on a Redis Cluster: some of its nodes (comma-separated
+    /// URLs), e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379.
+    #[arg(
+        long,
+        env = "CORECAST_REDIS_CLUSTER",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub redis_cluster: Option<Vec<String>>,
     /// Cluster mode: how soon the other nodes take a silent node for gone
     /// (and its users offline) [default: 30000].
     #[arg(long, env = "CORECAST_NODE_TIMEOUT_MS")]
@@ -414,6 +427,7 @@ impl ConfigArgs {
             api_listen,
             api_keys,
             redis,
+            redis_cluster,
             node_timeout_ms
         );
         for rule in &self.rate_limits {
@@ -507,6 +521,21 @@ impl Config {
             redis::Client::open(self.redis.as_str()).map_err(|e| {
                 ConfigError(format!("redis: `{}` is not a Redis URL: {e}", self.redis))
             })?;
+        }
+        if !self.redis_cluster.is_empty() {
+            if !self.redis.is_empty() {
+                return Err(ConfigError(
+                    "redis and redis_cluster: give one (a single Redis, or a Redis Cluster)".into(),
+                ));
+            }
+            for url in &self.redis_cluster {
+                redis::Client::open(url.as_str()).map_err(|e| {
+                    ConfigError(format!(
+                        "redis_cluster: `{}` is not a Redis URL: {e}",
+                        crate::cluster::without_password(url)
+                    ))
+                })?;
+            }
         }
         if !(400..=3_600_000).contains(&self.node_timeout_ms) {
             return Err(ConfigError(format!(
@@ -613,6 +642,25 @@ impl Config {
     }
 
     /// Where the server API listens, when it runs.
+    /// Whether the node is part of a cluster (a Redis or a Redis Cluster
+    /// is given).
+    pub fn cluster_mode(&self) -> bool {
+        !self.redis.is_empty() || !self.redis_cluster.is_empty()
+    }
+
+    /// The cluster's Redis for logs, without passwords.
+    pub fn redis_shown(&self) -> String {
+        if self.redis_cluster.is_empty() {
+            crate::cluster::without_password(&self.redis)
+        } else {
+            self.redis_cluster
+                .iter()
+                .map(|u| crate::cluster::without_password(u))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    }
+
     pub fn api_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.api_listen.parse().map_err(|e| {
             ConfigError(format!(
@@ -687,5 +735,22 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().0.contains("write_delay_ms"));
+        let c = Config {
+            redis: "redis://127.0.0.1:6379".into(),
+            redis_cluster: vec!["redis://127.0.0.1:7000".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("redis_cluster"));
+        let c = Config {
+            redis_cluster: vec!["redis://u:secret@127.0.0.1:7000".into(), "nope://x".into()],
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("nope://x") && !e.contains("secret"), "{e}");
+        let c = Config {
+            node_timeout_ms: 10,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("node_timeout_ms"));
     }
 }

@@ -194,6 +194,9 @@ fn main() -> ExitCode {
                     *k = "<hidden>".into();
                 }
                 shown.redis = corecast::cluster::without_password(&shown.redis);
+                for url in shown.redis_cluster.iter_mut() {
+                    *url = corecast::cluster::without_password(url);
+                }
                 print!("{}", toml::to_string(&shown).expect("config serializes"));
                 println!("\n# Effective rate limits per user (defaults, then rate_limits):");
                 for (event, limit) in c.rate_limits().expect("validated").entries() {

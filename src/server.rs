@@ -93,13 +93,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
                 .map_err(|e| StartError::Io(format!("cannot listen on {local_addr}: {e}")))?,
         );
     }
-    let (ban_store, initial_bans) = if !config.redis.is_empty() {
+    let (ban_store, initial_bans) = if config.cluster_mode() {
         // The cluster keeps the bans in Redis; the bridge reloads them each
         // time it connects.
-        match crate::cluster::initial_bans(&config.redis) {
+        match crate::cluster::initial_bans(&config.redis, &config.redis_cluster) {
             Ok(bans) => (None, bans),
             Err(e) => {
-                tracing::error!(redis = %crate::cluster::without_password(&config.redis), error = %e,
+                tracing::error!(redis = %config.redis_shown(), error = %e,
                     "cluster: cannot read the bans from Redis; starting without them until Redis is reachable");
                 (None, Vec::new())
             }
@@ -134,7 +134,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let mut node = Node::new(config, verifier, mesh);
     node.ban_store = ban_store;
     node.initial_bans = initial_bans;
-    if !node.config.redis.is_empty() {
+    if node.config.cluster_mode() {
         let id = crate::shard::random_u64();
         node.cluster = Some((id, Arc::default()));
     }

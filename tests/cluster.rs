@@ -28,9 +28,14 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -797,4 +802,231 @@ async fn presence_adds_up_over_nodes_and_a_killed_node_takes_its_users_offline()
     )
     .await
     .unwrap_or_else(|_| panic!("frank stayed online after his node stopped:\n{}", b.log()));
+}
+
+/// A three-master Redis Cluster of the test's own (redis-server with
+/// `--cluster-enabled`, joined by `redis-cli --cluster create`), its files
+/// in a temporary directory.
+struct RedisCluster {
+    masters: Vec<Redis>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "corecast-redis-cluster-{}-{:x}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut masters = Vec::new();
+        while masters.len() < 3 {
+            // The cluster bus listens on the port + 10000.
+            let port = free_port();
+            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = dir.join(format!("nodes-{port}.conf"));
+            masters.push(Redis::start_with(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--dir",
+                    dir.to_str().unwrap(),
+                ],
+            ));
+        }
+        let addrs: Vec<String> = masters
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect(
+                "redis-cli is missing: scripts/test.sh installs it (apt-get install redis-server)",
+            );
+        assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
+        let c = RedisCluster { masters, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c
+            .masters
+            .iter()
+            .all(|m| redis_cli(m, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster never became ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn urls(&self) -> String {
+        self.masters
+            .iter()
+            .map(|m| m.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Subscribers of a sharded pub/sub channel, over the masters (only the
+    /// one serving the channel's slot has any).
+    fn shard_subscribers(&self, channel: &str) -> Vec<u64> {
+        self.masters
+            .iter()
+            .map(|m| {
+                let out = redis_cli(m, &["PUBSUB", "SHARDNUMSUB", channel]);
+                out.lines().nth(1).unwrap_or("0").trim().parse().unwrap()
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for m in &mut self.masters {
+            m.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(1);
+    h.finish()
+}
+
+#[tokio::test]
+async fn on_a_redis_cluster_channels_and_users_use_sharded_pub_sub() {
+    let rc = RedisCluster::start();
+    let start = || {
+        let s = Server::start(&["--shards", "2", "--redis-cluster", &rc.urls()]);
+        wait_cluster(&s, 1);
+        s
+    };
+    let (a, b) = (start(), start());
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    // Channels spread over the masters' slots: each one ordered by the
+    // master that owns it, and delivered through sharded pub/sub.
+    let channels: Vec<String> = (0..6).map(|i| format!("room-{i}")).collect();
+    let mut epochs = Vec::new();
+    for ch in &channels {
+        let j = alice.ok("channel:join", json!({"channelId": ch})).await;
+        epochs.push(j["epoch"].as_str().unwrap().to_string());
+        bob.ok("channel:join", json!({"channelId": ch})).await;
+    }
+    let mut owners = std::collections::HashSet::new();
+    for ch in &channels {
+        let subs = rc.shard_subscribers(&format!("cc:{{{ch}}}"));
+        assert_eq!(subs.iter().sum::<u64>(), 2, "{ch}: {subs:?}");
+        owners.insert(subs.iter().position(|n| *n == 2).unwrap());
+        let classic = redis_cli(
+            &rc.masters[0],
+            &["PUBSUB", "NUMSUB", &format!("cc:{{{ch}}}")],
+        );
+        assert_eq!(classic.lines().nth(1), Some("0"), "not classic pub/sub");
+    }
+    assert!(owners.len() > 1, "the channels all landed on one master");
+    const N: usize = 10;
+    for i in 0..N {
+        for ch in &channels {
+            alice
+                .send(json!({"t": "message:send", "d": {"channelId": ch, "content": format!("a{i}")}}))
+                .await;
+            bob.send(
+                json!({"t": "message:send", "d": {"channelId": ch, "content": format!("b{i}")}}),
+            )
+            .await;
+        }
+    }
+    // Per channel: both nodes see the same order, offsets 1..=2N.
+    let mut seen_a: std::collections::HashMap<String, Vec<(u64, String)>> = Default::default();
+    let mut seen_b = seen_a.clone();
+    for (p, seen) in [(&mut alice, &mut seen_a), (&mut bob, &mut seen_b)] {
+        while seen.values().map(Vec::len).sum::<usize>() < 2 * N * channels.len() {
+            let v = match p.inbox.pop_front() {
+                Some(v) => v,
+                None => recv(&mut p.ws).await,
+            };
+            if v["t"] == "message:new" {
+                seen.entry(v["d"]["channelId"].as_str().unwrap().to_string())
+                    .or_default()
+                    .push((
+                        v["d"]["offset"].as_u64().unwrap(),
+                        v["d"]["content"].as_str().unwrap().to_string(),
+                    ));
+            }
+        }
+    }
+    for ch in &channels {
+        assert_eq!(seen_a[ch], seen_b[ch], "{ch}: one order on both nodes");
+        let offsets: Vec<u64> = seen_a[ch].iter().map(|m| m.0).collect();
+        assert_eq!(offsets, (1..=2 * N as u64).collect::<Vec<_>>());
+    }
+    // History and recovery on the other node, from the channel's master.
+    drop(alice);
+    let mut again = Peer::on(&b, "alice", 0, "").await;
+    let j = again
+        .ok(
+            "channel:join",
+            json!({"channelId": "room-3", "since": {"offset": 15, "epoch": epochs[3]}}),
+        )
+        .await;
+    assert_eq!(j["recovered"], true, "{j}");
+    assert_eq!(messages(&mut again, 5).await, seen_a["room-3"][15..]);
+    // Users: a direct message and presence cross nodes on the users'
+    // sharded channels.
+    let mut carol = Peer::on(&a, "carol", 1, "").await;
+    let sub = carol
+        .ok("presence:subscribe", json!({"userIds": ["bob"]}))
+        .await;
+    assert_eq!(sub["presences"][0]["status"], "online");
+    again
+        .ok("dm:send", json!({"toUserId": "carol", "content": "psst"}))
+        .await;
+    assert_eq!(carol.event("dm:new").await["d"]["content"], "psst");
+    assert_eq!(rc.shard_subscribers("cc:u:{bob}").iter().sum::<u64>(), 2);
+    drop(bob);
+    let v = tokio::time::timeout(
+        Duration::from_secs(10),
+        carol.presence_until(|d| d["userId"] == "bob" && d["status"] == "offline"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("bob stayed online:\n{}", b.log()));
+    assert!(devices(&v["d"]).is_empty());
+    // A kick made on node a reaches alice on node b.
+    use corecast::auth::Claims;
+    let admin = token_with(
+        &Claims::new("root", exp_in(600))
+            .channels(["*"])
+            .roles(["admin"]),
+    );
+    let mut root = Peer::with_token(&a, &admin, 0, "").await;
+    root.ok(
+        "moderation:kick_user",
+        json!({"userId": "alice", "channelId": "room-3"}),
+    )
+    .await;
+    assert_eq!(again.event("moderation:kicked").await["d"]["by"], "root");
+    assert_eq!(a.metric("corecast_cluster_gaps_total"), 0);
+    assert_eq!(b.metric("corecast_cluster_failed_total"), 0);
 }

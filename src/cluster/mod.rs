@@ -33,9 +33,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+use redis::{RedisError, Script, Value};
 use rkyv::rancor;
+
+mod link;
+use link::{Conn, Push, Pushes, Subs, Target};
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
 use crate::engine::user::NodePresence;
@@ -65,7 +67,8 @@ const MAX_IN_FLIGHT: usize = 4096;
 /// Orders, keeps and publishes one sequenced event.
 /// KEYS: meta (a hash of `epoch` and `offset`), log. ARGV: pub/sub channel,
 /// archive, history depth, an epoch for a channel that has none, expiry
-/// (ms).
+/// (ms), the publish command (`SPUBLISH` on a Redis Cluster: the channel
+/// shares the keys' slot).
 const SEQUENCE: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -77,7 +80,7 @@ local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'm', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
+redis.call(ARGV[6], ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
 return {offset, epoch}
 "#;
 
@@ -254,9 +257,9 @@ impl From<RedisError> for End {
 }
 
 struct Link {
-    conn: MultiplexedConnection,
-    sink: PubSubSink,
-    stream: PubSubStream,
+    conn: Conn,
+    sink: Subs,
+    stream: Pushes,
 }
 
 /// What a request to Redis came back with.
@@ -290,7 +293,10 @@ struct Bridge {
     shards: usize,
     id: u64,
     metrics: Arc<ClusterMetrics>,
-    url: String,
+    /// Redis as the logs show it (without a password).
+    shown: String,
+    /// `PUBLISH`, or `SPUBLISH` on a Redis Cluster.
+    publish_cmd: &'static str,
     history_size: usize,
     ttl_ms: u64,
     sequence: Arc<Script>,
@@ -301,6 +307,10 @@ struct Bridge {
     node_timeout_ms: u64,
     /// The live nodes (this one included), as the last heartbeat found.
     live: HashSet<u64>,
+    /// Nodes taken for gone (their presence, if Redis still has it for a
+    /// moment, is not read). A node that started since the last heartbeat
+    /// is in neither set, and is read.
+    gone: HashSet<u64>,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
     /// Moderation actions of this node on their way through Redis: who
@@ -322,7 +332,8 @@ impl Bridge {
             shards,
             id,
             metrics,
-            url: node.config.redis.clone(),
+            shown: node.config.redis_shown(),
+            publish_cmd: "PUBLISH",
             history_size: s.history_size,
             ttl_ms: s.history_ttl_ms,
             sequence: Arc::new(Script::new(SEQUENCE)),
@@ -331,6 +342,7 @@ impl Bridge {
             heartbeat: Script::new(HEARTBEAT),
             node_timeout_ms: node.config.node_timeout_ms,
             live: HashSet::new(),
+            gone: HashSet::new(),
             followed: HashSet::new(),
             pending: Default::default(),
             next_token: 1,
@@ -340,14 +352,16 @@ impl Bridge {
     }
 
     async fn run(mut self, mut bell: tokio::net::UnixStream) {
-        let shown = without_password(&self.url);
-        let client = match Client::open(self.url.as_str()) {
+        let shown = self.shown.clone();
+        let config = &self.node.config;
+        let client = match Target::new(&config.redis, &config.redis_cluster) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(redis = %shown, error = %e, "cannot use the Redis URL; the node stays alone");
                 return;
             }
         };
+        self.publish_cmd = client.publish_command();
         let mut backoff = BACKOFF.0;
         let mut was_up = false;
         loop {
@@ -371,8 +385,8 @@ impl Bridge {
                             continue;
                         }
                     };
-                    // The live nodes are known before users are followed
-                    // (their presence is read from the live nodes only).
+                    // The gone nodes are known before users are followed
+                    // (their presence is not read).
                     let beat = self.beat(link.conn.clone()).await;
                     if let Err(e) = self.on_beat(beat, true, &link).await {
                         let End::Lost(e) = e else { return };
@@ -422,32 +436,18 @@ impl Bridge {
         }
     }
 
-    async fn connect(&self, client: &Client) -> Result<Link, RedisError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-            .await
-            .map_err(|_| {
-                RedisError::from(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "pub/sub connection timed out",
-                ))
-            })??;
-        let (sink, stream) = pubsub.split();
-        let mut conn = conn;
-        // Loaded up front: a script loaded on first use would run some
-        // events after others sent later (each would retry after NOSCRIPT).
+    async fn connect(&self, target: &Target) -> Result<Link, RedisError> {
+        let (mut conn, mut sink, stream) =
+            target.connect(CONNECT_TIMEOUT, RESPONSE_TIMEOUT).await?;
+        // Loaded up front (on every master of a cluster): a script loaded
+        // on first use would run some events after others sent later (each
+        // would retry after NOSCRIPT).
         self.sequence.load_async(&mut conn).await?;
         self.load.load_async(&mut conn).await?;
         self.moderate.load_async(&mut conn).await?;
         self.heartbeat.load_async(&mut conn).await?;
-        let mut sink = sink;
-        sink.subscribe(MODERATION).await?;
-        sink.subscribe(GONE).await?;
+        sink.subscribe_all(MODERATION).await?;
+        sink.subscribe_all(GONE).await?;
         Ok(Link { conn, sink, stream })
     }
 
@@ -571,7 +571,7 @@ impl Bridge {
     /// Runs the heartbeat script.
     fn beat(
         &self,
-        mut conn: MultiplexedConnection,
+        mut conn: Conn,
     ) -> impl std::future::Future<Output = Result<(i64, Vec<String>, Vec<String>), RedisError>>
     {
         let script = self.heartbeat.clone();
@@ -614,6 +614,8 @@ impl Bridge {
         gone.extend(parse(&removed));
         gone.remove(&self.id);
         let gone: Vec<u64> = gone.into_iter().collect();
+        self.gone.extend(&gone);
+        self.gone.retain(|n| !live.contains(n));
         self.live = live;
         for n in &removed {
             tracing::warn!(node = %n, "cluster: a node went silent; its users are offline now");
@@ -753,7 +755,7 @@ impl Bridge {
             ClusterMsg::Attach { channel } => {
                 tracing::debug!(%channel, "cluster: attach");
                 if self.followed.insert(channel.clone()) {
-                    link.sink.subscribe(pubsub_channel(&channel)).await?;
+                    link.sink.follow(&pubsub_channel(&channel)).await?;
                     self.metrics.channels.set(self.followed.len() as u64);
                 }
                 // Loaded after subscribing: whatever is published from here
@@ -782,7 +784,7 @@ impl Bridge {
             }
             ClusterMsg::Detach { channel } => {
                 if self.followed.remove(&channel) {
-                    link.sink.unsubscribe(pubsub_channel(&channel)).await?;
+                    link.sink.unfollow(&pubsub_channel(&channel)).await?;
                     self.metrics.channels.set(self.followed.len() as u64);
                 }
             }
@@ -796,6 +798,7 @@ impl Bridge {
                     format!("{:016x}", crate::shard::random_u64()),
                     self.history_size,
                     self.ttl_ms,
+                    self.publish_cmd,
                 );
                 in_flight.push_back(Box::pin(async move {
                     let r = script
@@ -806,6 +809,7 @@ impl Bridge {
                         .arg(args.2)
                         .arg(args.1)
                         .arg(args.3)
+                        .arg(args.4)
                         .invoke_async::<(u64, String)>(&mut conn)
                         .await;
                     Answer::Event(out, r)
@@ -824,11 +828,11 @@ impl Bridge {
             ClusterMsg::FollowUser { user } => {
                 let mut sink = link.sink.clone();
                 let mut conn = link.conn.clone();
-                let (me, live) = (self.id, self.live.clone());
+                let (me, gone) = (self.id, self.gone.clone());
                 in_flight.push_back(Box::pin(async move {
                     let r = async {
-                        sink.subscribe(user_channel(&user)).await?;
-                        read_presence(&mut conn, &user, me, &live).await
+                        sink.follow(&user_channel(&user)).await?;
+                        read_presence(&mut conn, &user, me, &gone).await
                     }
                     .await;
                     Answer::Followed(user, r)
@@ -839,22 +843,24 @@ impl Bridge {
                 let (me, user) = (node_name(self.id), p.view.user_id.clone());
                 let archive = encode_presence(&p);
                 let offline = p.view.status == crate::protocol::Status::Offline;
+                let publish = self.publish_cmd;
                 in_flight.push_back(Box::pin(async move {
-                    Answer::Done(keep_presence(&mut conn, &me, &user, archive, offline).await)
+                    let r = keep_presence(&mut conn, publish, &me, &user, archive, offline).await;
+                    Answer::Done(r)
                 }));
                 self.metrics.sent.inc();
             }
             // The users' reads are pipelined on the connection.
             ClusterMsg::LoadPresence(q) => {
                 let conn = link.conn.clone();
-                let (me, live) = (self.id, self.live.clone());
+                let (me, gone) = (self.id, self.gone.clone());
                 in_flight.push_back(Box::pin(async move {
                     let mut reads: FuturesOrdered<_> = q
                         .users
                         .iter()
                         .map(|u| {
-                            let (mut conn, live) = (conn.clone(), &live);
-                            async move { read_presence(&mut conn, u, me, live).await }
+                            let (mut conn, gone) = (conn.clone(), &gone);
+                            async move { read_presence(&mut conn, u, me, gone).await }
                         })
                         .collect();
                     let mut all = Vec::with_capacity(q.users.len());
@@ -872,7 +878,7 @@ impl Bridge {
             ClusterMsg::UnfollowUser { user } => {
                 let mut sink = link.sink.clone();
                 in_flight.push_back(Box::pin(async move {
-                    Answer::Done(sink.unsubscribe(user_channel(&user)).await)
+                    Answer::Done(sink.unfollow(&user_channel(&user)).await)
                 }));
             }
             ClusterMsg::ToUser { user, msg } => {
@@ -932,8 +938,9 @@ impl Bridge {
         let mut payload = b"0::".to_vec();
         payload.extend_from_slice(&encode_wire(self.id, &out));
         let mut conn = link.conn.clone();
+        let publish = self.publish_cmd;
         in_flight.push_back(Box::pin(async move {
-            let r = redis::cmd("PUBLISH")
+            let r = redis::cmd(publish)
                 .arg(name)
                 .arg(payload)
                 .query_async::<i64>(&mut conn)
@@ -1054,12 +1061,12 @@ impl Bridge {
     }
 
     /// An event published by a node (this one included).
-    async fn received(&mut self, m: &redis::Msg) {
-        if m.get_channel_name() == MODERATION {
-            return self.moderation(m.get_payload_bytes()).await;
+    async fn received(&mut self, m: &Push) {
+        if m.channel == MODERATION {
+            return self.moderation(&m.payload).await;
         }
-        if m.get_channel_name() == GONE {
-            let node = std::str::from_utf8(m.get_payload_bytes())
+        if m.channel == GONE {
+            let node = std::str::from_utf8(&m.payload)
                 .ok()
                 .and_then(|n| u64::from_str_radix(n, 16).ok());
             match node {
@@ -1068,6 +1075,7 @@ impl Bridge {
                     self.tell_all(|| ClusterMsg::Republish).await;
                 }
                 Some(n) => {
+                    self.gone.insert(n);
                     if self.live.remove(&n) {
                         self.tell_all(|| ClusterMsg::NodesGone(vec![n])).await;
                     }
@@ -1076,8 +1084,8 @@ impl Bridge {
             }
             return;
         }
-        if let Some(user) = user_of(m.get_channel_name()) {
-            if let Some(archive) = m.get_payload_bytes().strip_prefix(PRESENCE_PREFIX) {
+        if let Some(user) = user_of(&m.channel) {
+            if let Some(archive) = m.payload.strip_prefix(PRESENCE_PREFIX) {
                 let p = match decode_presence(archive) {
                     Ok(p) => p,
                     Err(e) => {
@@ -1091,6 +1099,7 @@ impl Bridge {
                 self.metrics.received.inc();
                 // A node that publishes lives (its heartbeat may come later).
                 self.live.insert(p.node);
+                self.gone.remove(&p.node);
                 let to = home_of(user, self.shards as u16);
                 let msg = ClusterMsg::Presences {
                     user: user.into(),
@@ -1098,7 +1107,7 @@ impl Bridge {
                 };
                 return self.send(to, msg).await;
             }
-            let w = split_payload(m.get_payload_bytes()).and_then(|(_, _, a)| decode_wire(a).ok());
+            let w = split_payload(&m.payload).and_then(|(_, _, a)| decode_wire(a).ok());
             let Some(w) = w else {
                 tracing::warn!(%user, "cluster: a user event that cannot be read");
                 return;
@@ -1114,13 +1123,13 @@ impl Bridge {
             };
             return self.send(to, msg).await;
         }
-        let Some(channel) = channel_of(m.get_channel_name()) else {
+        let Some(channel) = channel_of(&m.channel) else {
             return;
         };
         let Some(channel) = self.followed.get(channel).cloned() else {
             return;
         };
-        let Some((offset, epoch, archive)) = split_payload(m.get_payload_bytes()) else {
+        let Some((offset, epoch, archive)) = split_payload(&m.payload) else {
             tracing::warn!(%channel, "cluster: a payload that is not ours");
             return;
         };
@@ -1153,7 +1162,8 @@ impl Bridge {
 /// Keeps (or, offline, removes) this node's view of a user in Redis and
 /// publishes it to the nodes that follow the user.
 async fn keep_presence(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
+    publish: &str,
     me: &str,
     user: &str,
     archive: Vec<u8>,
@@ -1187,7 +1197,7 @@ async fn keep_presence(
     }
     let mut payload = PRESENCE_PREFIX.to_vec();
     payload.extend_from_slice(&archive);
-    redis::cmd("PUBLISH")
+    redis::cmd(publish)
         .arg(user_channel(user))
         .arg(payload)
         .query_async::<i64>(conn)
@@ -1195,12 +1205,13 @@ async fn keep_presence(
     Ok(())
 }
 
-/// The other live nodes' views of a user, from Redis.
+/// The other nodes' views of a user, from Redis (but those of nodes taken
+/// for gone, whose fields may not be cleaned up yet).
 async fn read_presence(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     user: &str,
     me: u64,
-    live: &HashSet<u64>,
+    gone: &HashSet<u64>,
 ) -> Result<Vec<NodePresence>, RedisError> {
     let all: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
         .arg(presence_key(user))
@@ -1211,7 +1222,7 @@ async fn read_presence(
         let Ok(n) = u64::from_str_radix(&node, 16) else {
             continue;
         };
-        if n == me || !live.contains(&n) {
+        if n == me || gone.contains(&n) {
             continue;
         }
         match decode_presence(&archive) {
@@ -1223,7 +1234,7 @@ async fn read_presence(
 }
 
 /// Removes a gone node's presence from Redis and tells the other nodes.
-async fn forget_node(mut conn: MultiplexedConnection, node: &str) -> Result<(), RedisError> {
+async fn forget_node(mut conn: Conn, node: &str) -> Result<(), RedisError> {
     let set = node_users_key(node);
     let users: Vec<String> = redis::cmd("SMEMBERS")
         .arg(&set)
@@ -1260,7 +1271,7 @@ fn ban_field(m: &Moderation) -> String {
 }
 
 /// The bans in force, from Redis (expired ones are dropped there).
-async fn load_bans(conn: &mut MultiplexedConnection) -> Result<Vec<Moderation>, RedisError> {
+async fn load_bans(conn: &mut Conn) -> Result<Vec<Moderation>, RedisError> {
     let all: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg(BANS).query_async(conn).await?;
     let (live, expired) = read_bans(all);
@@ -1292,17 +1303,30 @@ fn read_bans(all: std::collections::HashMap<String, String>) -> (Vec<Moderation>
 
 /// The cluster's bans, read before the shards start (so that a node does
 /// not let a banned user in while its bridge connects).
-pub fn initial_bans(url: &str) -> Result<Vec<Moderation>, String> {
-    let client = Client::open(url).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_connection_with_timeout(CONNECT_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(RESPONSE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let all: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(BANS)
-        .query(&mut conn)
-        .map_err(|e| e.to_string())?;
+pub fn initial_bans(one: &str, cluster: &[String]) -> Result<Vec<Moderation>, String> {
+    let all: std::collections::HashMap<String, String> = if cluster.is_empty() {
+        let client = redis::Client::open(one).map_err(|e| e.to_string())?;
+        let mut conn = client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(RESPONSE_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        redis::cmd("HGETALL")
+            .arg(BANS)
+            .query(&mut conn)
+            .map_err(|e| e.to_string())?
+    } else {
+        let client = redis::cluster::ClusterClientBuilder::new(cluster.to_vec())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut conn = client.get_connection().map_err(|e| e.to_string())?;
+        redis::cmd("HGETALL")
+            .arg(BANS)
+            .query(&mut conn)
+            .map_err(|e| e.to_string())?
+    };
     Ok(read_bans(all).0)
 }
 
