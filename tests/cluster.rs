@@ -1030,3 +1030,64 @@ async fn on_a_redis_cluster_channels_and_users_use_sharded_pub_sub() {
     assert_eq!(a.metric("corecast_cluster_gaps_total"), 0);
     assert_eq!(b.metric("corecast_cluster_failed_total"), 0);
 }
+
+#[tokio::test]
+async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
+    let (redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    alice.ok("channel:join", json!({"channelId": "team"})).await;
+    // Bob is connected to node b only: a mention made on node a reaches him.
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    alice
+        .ok("message:send", json!({"channelId": "team", "content": "@bob @carol look", "mentions": ["bob", "carol"]}))
+        .await;
+    let n = bob.event("notification:new").await;
+    assert_eq!(n["d"]["kind"], "mention");
+    assert_eq!(n["d"]["data"]["fromUserId"], "alice");
+    // Carol is connected nowhere: Redis keeps hers, and the node she
+    // connects to later gives it to her.
+    assert_eq!(redis_cli(&redis, &["HLEN", "cc:n:{carol}"]), "1");
+    let mut carol_b = Peer::on(&b, "carol", 0, "").await;
+    let n = carol_b.event("notification:new").await;
+    let nid = n["d"]["notificationId"].as_str().unwrap().to_string();
+    assert_eq!(n["d"]["data"]["channelId"], "team");
+    // Read on node b: her device on node a sees it read, with nothing
+    // pending to deliver.
+    carol_b
+        .ok("notification:read", json!({"notificationIds": [nid]}))
+        .await;
+    let mut carol_a = Peer::on(&a, "carol", 1, "").await;
+    let pending = carol_a.ok("notification:get_pending", json!({})).await;
+    assert_eq!(pending["notifications"][0]["read"], true, "{pending}");
+    assert!(carol_a
+        .drain()
+        .await
+        .iter()
+        .all(|v| v["t"] != "notification:new"));
+    // A new one reaches both of her devices, one on each node.
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "team", "content": "@carol again", "mentions": ["carol"]}),
+        )
+        .await;
+    for p in [&mut carol_a, &mut carol_b] {
+        let n = p.event("notification:new").await;
+        assert_eq!(n["d"]["data"]["content"], "@carol again");
+    }
+    // Cleared on node a: gone on node b and in Redis.
+    carol_a.ok("notification:clear_all", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pending = carol_b.ok("notification:get_pending", json!({})).await;
+        if pending["notifications"] == json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still pending on node b: {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(redis_cli(&redis, &["EXISTS", "cc:n:{carol}"]), "0");
+}

@@ -16,6 +16,7 @@
 //! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
 //! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`) and changes of `U`'s presence, followed by the nodes where `U` is connected or watched | not stored |
 //! | `cc:p:{U}` | hash | user `U`'s presence on each node where it is connected: field the node's id, value the node's view (archive) | one field per node with devices of `U`; a node's fields are removed when it goes offline there, stops, or is taken for gone |
+//! | `cc:n:{U}` | hash | user `U`'s notifications: field `<created_at hex>.<id>`, value JSON | at most `max_notifications`, the oldest dropped; expires `notification_ttl_ms` after the newest |
 //! | `cc:nodes` | sorted set | the live nodes, scored by their last heartbeat (Redis time, ms) | one member per node; silent ones removed after `node_timeout_ms` × 3/4 |
 //! | `cc:node:{N}:users` | set | the users node `N` has a field of in `cc:p:{U}` (to clean up after it) | one member per user online there; removed with the node |
 //! | `cc:gone` | pub/sub channel | ids of nodes that stopped or were taken for gone | not stored |
@@ -41,13 +42,13 @@ use link::{Conn, Push, Pushes, Subs, Target};
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
 use crate::engine::user::NodePresence;
+use crate::engine::NotificationChange;
 use crate::engine::{
     home_of, in_charge, owner_of, ConnRef, MeshMsg, ModKind, Moderation, PresenceQuery, ShardId,
 };
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
-use crate::protocol::Protocol;
-use crate::protocol::ServerMessage;
+use crate::protocol::{Notification, Protocol, ServerMessage};
 
 /// The bridge's mesh endpoint on a node of `shards` shards (after the
 /// server API's).
@@ -127,12 +128,52 @@ end
 return {new, gone, redis.call('ZRANGE', KEYS[1], 0, -1)}
 "#;
 
+/// Keeps a change of a user's notifications and tells the nodes that
+/// follow the user. KEYS: the user's notifications (a hash: field
+/// `<created_at as 16 hex digits>.<id>`, value the notification as JSON).
+/// ARGV: `add`/`set`/`del`/`clear`, the publish command, the user's
+/// pub/sub channel, the payload, at most how many, expiry (ms), then
+/// field and value pairs (`add`, `set`: `set` only rewrites fields still
+/// there) or fields (`del`).
+const NOTIFICATIONS: &str = r#"
+local op = ARGV[1]
+if op == 'clear' then
+  redis.call('DEL', KEYS[1])
+else
+  local step = 2
+  if op == 'del' then step = 1 end
+  for i = 7, #ARGV, step do
+    if op == 'del' then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    elseif op == 'add' or redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  end
+  if op == 'add' then
+    local max = tonumber(ARGV[5])
+    local n = redis.call('HLEN', KEYS[1])
+    if n > max then
+      local fields = redis.call('HKEYS', KEYS[1])
+      table.sort(fields)
+      for i = 1, n - max do
+        redis.call('HDEL', KEYS[1], fields[i])
+      end
+    end
+    redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  end
+end
+redis.call(ARGV[2], ARGV[3], ARGV[4])
+return 1
+"#;
+
 const BANS: &str = "cc:bans";
 const MODERATION: &str = "cc:moderation";
 const NODES: &str = "cc:nodes";
 const GONE: &str = "cc:gone";
 /// A published presence payload starts with this (events with an offset).
 const PRESENCE_PREFIX: &[u8] = b"p:";
+/// A published change of notifications: `n:<node>:<JSON>`.
+const NOTIFICATIONS_PREFIX: &[u8] = b"n:";
 
 /// What one node sends another about a channel event.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -183,6 +224,15 @@ fn user_channel(user: &str) -> String {
 
 fn presence_key(user: &str) -> String {
     format!("cc:p:{{{user}}}")
+}
+
+fn notifications_key(user: &str) -> String {
+    format!("cc:n:{{{user}}}")
+}
+
+/// A notification's field in the user's hash: by age, then id.
+fn notification_field(n: &Notification) -> String {
+    format!("{:016x}.{}", n.created_at, n.notification_id)
 }
 
 fn node_users_key(node: &str) -> String {
@@ -276,6 +326,12 @@ enum Answer {
         Box<PresenceQuery>,
         Result<Vec<Vec<NodePresence>>, RedisError>,
     ),
+    /// A user's notifications, read from Redis.
+    Notifications(
+        Arc<str>,
+        Option<crate::engine::cluster::Asker>,
+        Result<Vec<Notification>, RedisError>,
+    ),
     /// A heartbeat: whether this node was new in the live set, the silent
     /// nodes it removed, the live ones.
     Beat(Result<(i64, Vec<String>, Vec<String>), RedisError>),
@@ -303,6 +359,9 @@ struct Bridge {
     load: Script,
     moderate: Script,
     heartbeat: Script,
+    notifications: Arc<Script>,
+    max_notifications: usize,
+    notification_ttl_ms: u64,
     /// How long a silent node lives on in the others' eyes (ms).
     node_timeout_ms: u64,
     /// The live nodes (this one included), as the last heartbeat found.
@@ -340,6 +399,9 @@ impl Bridge {
             load: Script::new(LOAD),
             moderate: Script::new(MODERATE),
             heartbeat: Script::new(HEARTBEAT),
+            notifications: Arc::new(Script::new(NOTIFICATIONS)),
+            max_notifications: s.max_notifications,
+            notification_ttl_ms: s.notification_ttl_ms,
             node_timeout_ms: node.config.node_timeout_ms,
             live: HashSet::new(),
             gone: HashSet::new(),
@@ -446,6 +508,7 @@ impl Bridge {
         self.load.load_async(&mut conn).await?;
         self.moderate.load_async(&mut conn).await?;
         self.heartbeat.load_async(&mut conn).await?;
+        self.notifications.load_async(&mut conn).await?;
         sink.subscribe_all(MODERATION).await?;
         sink.subscribe_all(GONE).await?;
         Ok(Link { conn, sink, stream })
@@ -553,6 +616,13 @@ impl Bridge {
             }
             // Answered with what this node knows.
             ClusterMsg::LoadPresence(q) => self.loaded(q, Vec::new()).await,
+            ClusterMsg::LoadNotifications {
+                user,
+                asker: Some(asker),
+            } => {
+                self.loaded_notifications(user, Vec::new(), Some(asker))
+                    .await
+            }
             _ => {}
         }
     }
@@ -566,6 +636,22 @@ impl Bridge {
             .first()
             .map_or(0, |u| home_of(u, self.shards as u16));
         self.send(home, ClusterMsg::PresenceLoaded(q, views)).await;
+    }
+
+    /// Gives a user's notifications read from Redis to its home.
+    async fn loaded_notifications(
+        &self,
+        user: Arc<str>,
+        notifications: Vec<Notification>,
+        asker: Option<crate::engine::cluster::Asker>,
+    ) {
+        let home = home_of(&user, self.shards as u16);
+        let msg = ClusterMsg::NotificationsLoaded {
+            user,
+            notifications,
+            asker,
+        };
+        self.send(home, msg).await;
     }
 
     /// Runs the heartbeat script.
@@ -850,6 +936,62 @@ impl Bridge {
                 }));
                 self.metrics.sent.inc();
             }
+            ClusterMsg::Notifications { user, change, keep } => {
+                let (op, pairs): (&str, Vec<String>) = match &change {
+                    NotificationChange::New(n) => ("add", field_and_json(std::slice::from_ref(n))),
+                    NotificationChange::Read(_) => ("set", field_and_json(&keep)),
+                    NotificationChange::Clear(_) => {
+                        ("del", keep.iter().map(notification_field).collect())
+                    }
+                    NotificationChange::ClearAll => ("clear", Vec::new()),
+                };
+                let json = serde_json::to_string(&change).expect("changes serialize");
+                let mut payload = NOTIFICATIONS_PREFIX.to_vec();
+                payload.extend_from_slice(format!("{}:{json}", node_name(self.id)).as_bytes());
+                let script = self.notifications.clone();
+                let mut conn = link.conn.clone();
+                let args = (
+                    op,
+                    self.publish_cmd,
+                    self.max_notifications,
+                    self.notification_ttl_ms,
+                );
+                in_flight.push_back(Box::pin(async move {
+                    let mut call = script.key(notifications_key(&user));
+                    call.arg(args.0)
+                        .arg(args.1)
+                        .arg(user_channel(&user))
+                        .arg(payload)
+                        .arg(args.2)
+                        .arg(args.3);
+                    for p in pairs {
+                        call.arg(p);
+                    }
+                    Answer::Done(call.invoke_async::<i64>(&mut conn).await.map(|_| ()))
+                }));
+                self.metrics.sent.inc();
+            }
+            ClusterMsg::LoadNotifications { user, asker } => {
+                let mut conn = link.conn.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd("HVALS")
+                        .arg(notifications_key(&user))
+                        .query_async::<Vec<String>>(&mut conn)
+                        .await
+                        .map(|all| {
+                            all.iter()
+                                .filter_map(|j| match serde_json::from_str(j) {
+                                    Ok(n) => Some(n),
+                                    Err(e) => {
+                                        tracing::warn!(%user, error = %e, "cluster: a notification that cannot be read");
+                                        None
+                                    }
+                                })
+                                .collect()
+                        });
+                    Answer::Notifications(user, asker, r)
+                }));
+            }
             // The users' reads are pipelined on the connection.
             ClusterMsg::LoadPresence(q) => {
                 let conn = link.conn.clone();
@@ -1015,6 +1157,27 @@ impl Bridge {
                 self.loaded(q, views).await;
                 end
             }
+            Answer::Notifications(user, asker, r) => {
+                let (notifications, end) = match r {
+                    Ok(n) => (n, Ok(())),
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "cluster: cannot read a user's notifications");
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        (
+                            Vec::new(),
+                            if lost {
+                                Err(End::Lost(e.to_string()))
+                            } else {
+                                Ok(())
+                            },
+                        )
+                    }
+                };
+                if !notifications.is_empty() || asker.is_some() {
+                    self.loaded_notifications(user, notifications, asker).await;
+                }
+                end
+            }
             Answer::Beat(r) => match link {
                 Some(link) => self.on_beat(r, false, link).await,
                 None => Ok(()),
@@ -1085,6 +1248,28 @@ impl Bridge {
             return;
         }
         if let Some(user) = user_of(&m.channel) {
+            if let Some(rest) = m.payload.strip_prefix(NOTIFICATIONS_PREFIX) {
+                let parsed = std::str::from_utf8(rest).ok().and_then(|r| {
+                    let (node, json) = r.split_once(':')?;
+                    let node = u64::from_str_radix(node, 16).ok()?;
+                    Some((node, serde_json::from_str::<NotificationChange>(json).ok()?))
+                });
+                let Some((node, change)) = parsed else {
+                    tracing::warn!(%user, "cluster: a change of notifications that cannot be read");
+                    return;
+                };
+                if node == self.id {
+                    return;
+                }
+                self.metrics.received.inc();
+                let to = home_of(user, self.shards as u16);
+                let msg = ClusterMsg::Notifications {
+                    user: user.into(),
+                    change,
+                    keep: Vec::new(),
+                };
+                return self.send(to, msg).await;
+            }
             if let Some(archive) = m.payload.strip_prefix(PRESENCE_PREFIX) {
                 let p = match decode_presence(archive) {
                     Ok(p) => p,
@@ -1157,6 +1342,18 @@ impl Bridge {
         };
         self.send(owner, ClusterMsg::Event(Box::new(inc))).await;
     }
+}
+
+/// Field and JSON value of each notification, one after the other.
+fn field_and_json(ns: &[Notification]) -> Vec<String> {
+    ns.iter()
+        .flat_map(|n| {
+            [
+                notification_field(n),
+                serde_json::to_string(n).expect("notifications serialize"),
+            ]
+        })
+        .collect()
 }
 
 /// Keeps (or, offline, removes) this node's view of a user in Redis and

@@ -128,9 +128,43 @@ pub enum ClusterMsg {
     /// From the bridge, to every shard: the other nodes took this one for
     /// gone; publish every user's presence again.
     Republish,
+    /// To the bridge: a change of a user's notifications made here (to keep
+    /// in Redis, with `keep` the notifications to write again, and publish
+    /// to the nodes that follow the user). From the bridge, to the user's
+    /// home: such a change made on another node.
+    Notifications {
+        user: Arc<str>,
+        change: NotificationChange,
+        keep: Vec<Notification>,
+    },
+    /// To the bridge: read the user's notifications from Redis (a node's
+    /// first device of the user connected, or `asker` wants them all).
+    /// They come back as `NotificationsLoaded` (none when Redis cannot be
+    /// read), to be added to those here.
+    LoadNotifications {
+        user: Arc<str>,
+        asker: Option<Asker>,
+    },
+    NotificationsLoaded {
+        user: Arc<str>,
+        notifications: Vec<Notification>,
+        asker: Option<Asker>,
+    },
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
+}
+
+/// A connection waiting for an answer: where, in which protocol, its id.
+pub type Asker = (ConnRef, Protocol, Option<u64>);
+
+/// A change of a user's notifications, for the other nodes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum NotificationChange {
+    New(Notification),
+    Read(Vec<String>),
+    Clear(String),
+    ClearAll,
 }
 
 /// A channel event as the cluster delivered it.
@@ -358,6 +392,28 @@ impl<O: Outbound> Engine<O> {
                     self.announce(&user, now, tx);
                 }
             }
+            ClusterMsg::Notifications { user, change, .. } => {
+                if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
+                    // Redis keeps them for when the user connects here.
+                    return;
+                }
+                if let NotificationChange::New(n) = &change {
+                    let event = ServerEvent::NotificationNew(n.clone());
+                    self.send_devices(&user, event, None, now, tx);
+                }
+                self.change_notifications(&user, &change, now);
+            }
+            ClusterMsg::NotificationsLoaded {
+                user,
+                notifications,
+                asker,
+            } => {
+                self.add_notifications(&user, notifications, now, tx);
+                if let Some((conn, protocol, id)) = asker {
+                    let msg = self.pending_notifications(&user, id, now);
+                    self.send_to(conn, protocol, &msg, now, tx);
+                }
+            }
             ClusterMsg::ToUser { user, msg } => {
                 if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
                     // Followed for its presence only: no device here.
@@ -395,7 +451,50 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::FollowUser { .. }
             | ClusterMsg::UnfollowUser { .. }
             | ClusterMsg::Presence(_)
-            | ClusterMsg::LoadPresence(_) => {}
+            | ClusterMsg::LoadPresence(_)
+            | ClusterMsg::LoadNotifications { .. } => {}
+        }
+    }
+
+    /// Adds notifications read from Redis to those here (for devices here),
+    /// and sends the unread ones that are new to the user's devices.
+    fn add_notifications(
+        &mut self,
+        user: &Arc<str>,
+        notifications: Vec<Notification>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let max = self.s.max_notifications;
+        let Some(st) = self.users.get_mut(user).filter(|st| !st.devices.is_empty()) else {
+            return;
+        };
+        st.expire_notifications(now);
+        let mut new = Vec::new();
+        for n in notifications {
+            let known = st.extra().is_some_and(|m| {
+                m.notifications
+                    .iter()
+                    .any(|k| k.notification_id == n.notification_id)
+            });
+            if known || n.expires_at <= now {
+                continue;
+            }
+            if !n.read {
+                new.push(n.clone());
+            }
+            st.push_notification(n, max);
+        }
+        if let Some(m) = st.extra_mut() {
+            m.notifications
+                .make_contiguous()
+                .sort_by_key(|n| n.created_at);
+        }
+        if let Some(next) = st.expire_notifications(now) {
+            self.wake_user(user, next);
+        }
+        for n in new {
+            self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
         }
     }
 

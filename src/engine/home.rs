@@ -166,6 +166,13 @@ impl<O: Outbound> Engine<O> {
                     protocol,
                 });
                 self.spread(&user, &before, now, tx);
+                let first_here = self.user(&user).devices.len() == 1;
+                if first_here && self.cluster_up() {
+                    // Notifications made on other nodes meanwhile.
+                    let user = user.clone();
+                    let msg = ClusterMsg::LoadNotifications { user, asker: None };
+                    self.send_bridge(msg, now, tx);
+                }
                 let st = self.user(&user);
                 st.left_at = None;
                 st.last_seen = now;
@@ -377,45 +384,36 @@ impl<O: Outbound> Engine<O> {
                 self.notify(&user, kind, data, now, tx);
             }
             UserCmd::NotificationsPending => {
-                let notifications = match self.users.get_mut(&user) {
-                    Some(st) => {
-                        st.expire_notifications(now);
-                        st.more().notifications.iter().cloned().collect()
-                    }
-                    None => Vec::new(),
-                };
-                let body = AckBody::Notifications(NotificationsAck { notifications });
-                reply(self, ack_of(ack, body), tx);
+                // In a cluster, with those made elsewhere that did not reach
+                // this node (the user was not connected here then).
+                if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
+                    let asker = Some((conn, protocol, ack));
+                    let msg = ClusterMsg::LoadNotifications { user, asker };
+                    return self.send_bridge(msg, now, tx);
+                }
+                let msg = self.pending_notifications(&user, ack, now);
+                reply(self, msg, tx);
             }
             UserCmd::NotificationsRead(ids) => {
-                if let Some(st) = self.users.get_mut(&user) {
-                    for n in st.more().notifications.iter_mut() {
-                        if ids.contains(&n.notification_id) {
-                            n.read = true;
-                        }
-                    }
-                }
+                let change = NotificationChange::Read(ids);
+                let keep = self.change_notifications(&user, &change, now);
+                self.tell_notifications(&user, change, keep, now, tx);
                 reply(self, empty_ack(ack), tx);
             }
             UserCmd::NotificationClear(id) => {
-                let found = self.users.get_mut(&user).and_then(|st| {
-                    let i = st
-                        .more()
-                        .notifications
-                        .iter()
-                        .position(|n| n.notification_id == id)?;
-                    st.more().notifications.remove(i)
-                });
-                let msg = match found {
-                    Some(_) => empty_ack(ack),
-                    None => err(ack, ErrorCode::NotFound, format!("no notification `{id}`")),
-                };
-                reply(self, msg, tx);
+                let change = NotificationChange::Clear(id.clone());
+                let gone = self.change_notifications(&user, &change, now);
+                if gone.is_empty() {
+                    let e = err(ack, ErrorCode::NotFound, format!("no notification `{id}`"));
+                    return reply(self, e, tx);
+                }
+                self.tell_notifications(&user, change, gone, now, tx);
+                reply(self, empty_ack(ack), tx);
             }
             UserCmd::NotificationClearAll => {
-                if let Some(st) = self.users.get_mut(&user) {
-                    st.more().notifications.clear();
-                }
+                let change = NotificationChange::ClearAll;
+                self.change_notifications(&user, &change, now);
+                self.tell_notifications(&user, change, Vec::new(), now, tx);
                 reply(self, empty_ack(ack), tx);
             }
             UserCmd::Delivery(d) => {
@@ -621,11 +619,105 @@ impl<O: Outbound> Engine<O> {
             created_at: now,
             expires_at: now + self.s.notification_ttl_ms,
         };
-        let max = self.s.max_notifications;
-        self.user(user).push_notification(n.clone(), max);
-        self.wake_user(user, n.expires_at);
-        self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
+        // In a cluster, Redis keeps it for the nodes the user connects to
+        // later; this node keeps it only for devices here.
+        let here = !self.cluster_up()
+            || self
+                .users
+                .get(user)
+                .is_some_and(|st| !st.devices.is_empty());
+        if here {
+            let max = self.s.max_notifications;
+            self.user(user).push_notification(n.clone(), max);
+            self.wake_user(user, n.expires_at);
+            self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
+        }
+        let change = NotificationChange::New(n.clone());
+        self.tell_notifications(user, change, Vec::new(), now, tx);
         n
+    }
+
+    /// The answer to `notification:get_pending`.
+    pub(super) fn pending_notifications(
+        &mut self,
+        user: &Arc<str>,
+        ack: Option<u64>,
+        now: u64,
+    ) -> ServerMessage {
+        let notifications = match self.users.get_mut(user) {
+            Some(st) => {
+                st.expire_notifications(now);
+                st.extra()
+                    .map(|m| m.notifications.iter().cloned().collect())
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        ack_of(
+            ack,
+            AckBody::Notifications(NotificationsAck { notifications }),
+        )
+    }
+
+    /// Applies a change to the user's notifications here; returns the
+    /// notifications it touched (read, or cleared).
+    pub(super) fn change_notifications(
+        &mut self,
+        user: &Arc<str>,
+        change: &NotificationChange,
+        now: u64,
+    ) -> Vec<Notification> {
+        let max = self.s.max_notifications;
+        let Some(st) = self.users.get_mut(user) else {
+            return Vec::new();
+        };
+        let m = st.more();
+        let touched = match change {
+            NotificationChange::New(n) => {
+                st.push_notification(n.clone(), max);
+                let at = n.expires_at;
+                self.wake_user(user, at);
+                return vec![n.clone()];
+            }
+            NotificationChange::Read(ids) => m
+                .notifications
+                .iter_mut()
+                .filter(|n| ids.contains(&n.notification_id))
+                .map(|n| {
+                    n.read = true;
+                    n.clone()
+                })
+                .collect(),
+            NotificationChange::Clear(id) => {
+                let i = m
+                    .notifications
+                    .iter()
+                    .position(|n| n.notification_id == *id);
+                i.and_then(|i| m.notifications.remove(i))
+                    .into_iter()
+                    .collect()
+            }
+            NotificationChange::ClearAll => m.notifications.drain(..).collect(),
+        };
+        st.expire_notifications(now);
+        touched
+    }
+
+    /// In a cluster: a change of the user's notifications made here, for
+    /// Redis and the other nodes.
+    fn tell_notifications(
+        &mut self,
+        user: &Arc<str>,
+        change: NotificationChange,
+        keep: Vec<Notification>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let user = user.clone();
+            let msg = ClusterMsg::Notifications { user, change, keep };
+            self.send_bridge(msg, now, tx);
+        }
     }
 
     /// Whatever is due for a user: the end of the grace period, resume

@@ -1328,7 +1328,7 @@ mod api;
 mod calls;
 mod client;
 pub mod cluster;
-pub use cluster::{ClusterMsg, Incoming, Outgoing};
+pub use cluster::{ClusterMsg, Incoming, NotificationChange, Outgoing};
 pub use moderation::{in_charge, MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;

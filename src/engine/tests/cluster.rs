@@ -28,6 +28,8 @@ struct Cluster {
     next_epoch: u64,
     /// Per user: each node's presence (the `cc:p:{U}` hashes).
     presence: HashMap<Arc<str>, HashMap<u64, NodePresence>>,
+    /// Per user: the notifications (the `cc:n:{U}` hashes).
+    notifications: HashMap<Arc<str>, Vec<Notification>>,
 }
 
 const SHARDS: u16 = 2;
@@ -117,6 +119,16 @@ fn bridge(
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
     if !c.up || c.cut.contains(&n) {
+        if let ClusterMsg::LoadNotifications { user, asker } = m {
+            let home = home_of(&user, SHARDS) as usize;
+            let m = ClusterMsg::NotificationsLoaded {
+                user,
+                notifications: Vec::new(),
+                asker,
+            };
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+            return;
+        }
         if let ClusterMsg::LoadPresence(q) = m {
             // Answered with this node's presence only.
             let home = home_of(&q.users[0], SHARDS) as usize;
@@ -214,6 +226,45 @@ fn bridge(
                 let m = ClusterMsg::Presences {
                     user: user.clone(),
                     views: vec![(*p).clone()],
+                };
+                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
+        }
+        ClusterMsg::LoadNotifications { user, asker } => {
+            let home = home_of(&user, SHARDS) as usize;
+            let notifications = c.notifications.get(&user).cloned().unwrap_or_default();
+            let m = ClusterMsg::NotificationsLoaded {
+                user,
+                notifications,
+                asker,
+            };
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+        }
+        ClusterMsg::Notifications { user, change, keep } => {
+            let kept = c.notifications.entry(user.clone()).or_default();
+            match &change {
+                NotificationChange::New(x) => kept.push(x.clone()),
+                NotificationChange::Read(_) => {
+                    for k in kept.iter_mut() {
+                        if let Some(r) =
+                            keep.iter().find(|r| r.notification_id == k.notification_id)
+                        {
+                            *k = r.clone();
+                        }
+                    }
+                }
+                NotificationChange::Clear(id) => kept.retain(|k| k.notification_id != *id),
+                NotificationChange::ClearAll => kept.clear(),
+            }
+            for (k, sim) in sims.iter_mut().enumerate() {
+                if k == n || !c.users[k].contains(&user) {
+                    continue;
+                }
+                let to = home_of(&user, SHARDS) as usize;
+                let m = ClusterMsg::Notifications {
+                    user: user.clone(),
+                    change: change.clone(),
+                    keep: Vec::new(),
                 };
                 sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
             }
@@ -737,4 +788,69 @@ fn an_older_view_of_a_node_does_not_replace_a_newer_one() {
     assert_eq!(st.view("u", 10).status, Status::Idle);
     assert!(st.drop_nodes(&[9]));
     assert_eq!(st.view("u", 10).status, Status::Offline);
+}
+
+#[test]
+fn notifications_reach_every_node_and_wait_for_a_user_away() {
+    let (mut sims, mut c) = nodes();
+    let (_b1, rb1) = sims[1].connect(0, "bob", Protocol::Json);
+    pump(&mut sims, &mut c);
+    // Made on node 0 (the server API), where bob has no device: node 1
+    // delivers it, node 0 does not keep it.
+    let notify = |sims: &mut [Sim], user: &str| {
+        let op = UserCmd::Notify {
+            kind: "invite".into(),
+            data: None,
+        };
+        let sim = &mut sims[0];
+        sim.shards[0].send_user_op(user.into(), None, None, op, 0, &mut sim.mesh);
+    };
+    notify(&mut sims, "bob");
+    pump(&mut sims, &mut c);
+    assert_eq!(names(&rb1.take()), ["notification:new"]);
+    assert!(sims[0].shards.iter().all(|e| !e.users.contains_key("bob")));
+    // Carol is away: the next node she connects to delivers hers.
+    notify(&mut sims, "carol");
+    pump(&mut sims, &mut c);
+    let (c0, rc0) = sims[0].connect(1, "carol", Protocol::Json);
+    pump(&mut sims, &mut c);
+    let got = rc0.take();
+    let ids: Vec<String> = got
+        .iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::NotificationNew(n) => Some(n.notification_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{got:?}");
+    // Read on node 0: pending on node 1 (read from Redis) shows it read.
+    sims[0].send(
+        c0,
+        Some(5),
+        ClientEvent::NotificationRead(NotificationIds {
+            notification_ids: ids.clone(),
+        }),
+    );
+    pump(&mut sims, &mut c);
+    let (c1, rc1) = sims[1].connect(1, "carol", Protocol::Json);
+    pump(&mut sims, &mut c);
+    assert!(names(&rc1.take()).is_empty(), "nothing unread");
+    sims[1].send(c1, Some(6), ClientEvent::NotificationGetPending);
+    pump(&mut sims, &mut c);
+    match super::ack_body(&rc1.take(), 6) {
+        AckBody::Notifications(n) => {
+            assert_eq!(n.notifications.len(), 1);
+            assert!(n.notifications[0].read);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Cleared on node 1: gone on node 0 too.
+    sims[1].send(c1, Some(7), ClientEvent::NotificationClearAll);
+    pump(&mut sims, &mut c);
+    sims[0].send(c0, Some(8), ClientEvent::NotificationGetPending);
+    pump(&mut sims, &mut c);
+    match super::ack_body(&rc0.take(), 8) {
+        AckBody::Notifications(n) => assert!(n.notifications.is_empty()),
+        other => panic!("{other:?}"),
+    }
 }

@@ -2298,6 +2298,17 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            if let ClusterMsg::LoadNotifications { user, asker } = m {
+                // One node: nothing made elsewhere, up or down.
+                let home = home_of(&user, 3) as usize;
+                let m = ClusterMsg::NotificationsLoaded {
+                    user,
+                    notifications: Vec::new(),
+                    asker,
+                };
+                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             if let ClusterMsg::LoadPresence(q) = m {
                 // One node: no other node's presence to read, up or down.
                 let home = q.users.first().map_or(0, |u| home_of(u, 3) as usize);
