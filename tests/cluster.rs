@@ -1091,3 +1091,95 @@ async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
     }
     assert_eq!(redis_cli(&redis, &["EXISTS", "cc:n:{carol}"]), "0");
 }
+
+#[tokio::test]
+async fn calls_ring_answer_and_signal_across_nodes() {
+    let (_redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    // Bob on both nodes; Carol on node b only.
+    let mut bob_a = Peer::on(&a, "bob", 1, "&device=desktop").await;
+    let mut bob_b = Peer::on(&b, "bob", 0, "&device=mobile").await;
+    let mut carol = Peer::on(&b, "carol", 1, "").await;
+    // Rings on every node; the device on node b answers.
+    let c = alice
+        .ok(
+            "call:initiate",
+            json!({"toUserId": "bob", "callType": "video", "sdp": "v=0 offer"}),
+        )
+        .await;
+    let call = c["callId"].as_str().unwrap().to_string();
+    for p in [&mut bob_a, &mut bob_b] {
+        let inc = p.event_for("call:incoming", "callId", &call).await;
+        assert_eq!(inc["d"]["sdp"], "v=0 offer");
+        assert_eq!(inc["d"]["fromUserId"], "alice");
+    }
+    bob_b
+        .ok("call:answer", json!({"callId": call, "sdp": "v=0 answer"}))
+        .await;
+    assert_eq!(alice.event("call:answered").await["d"]["sdp"], "v=0 answer");
+    let ended = bob_a.event_for("call:ended", "callId", &call).await;
+    assert_eq!(ended["d"]["reason"], "answered_elsewhere");
+    assert_eq!(
+        bob_a.refused("call:answer", json!({"callId": call})).await,
+        "bad_request"
+    );
+    // Candidates travel between the parties, whichever node they are on.
+    let cand = json!({"candidate": "candidate:1 1 UDP 2122252543 10.0.0.2 50000 typ host", "sdpMLineIndex": 0});
+    alice
+        .ok(
+            "call:ice_candidate",
+            json!({"callId": call, "candidate": cand}),
+        )
+        .await;
+    assert_eq!(
+        bob_b.event("call:ice_candidate").await["d"]["candidate"],
+        cand
+    );
+    bob_b
+        .ok(
+            "call:ice_candidate",
+            json!({"callId": call, "candidate": {"x": 1}}),
+        )
+        .await;
+    let ice = alice.event("call:ice_candidate").await;
+    assert_eq!(
+        (
+            ice["d"]["fromUserId"].as_str(),
+            ice["d"]["candidate"]["x"].as_u64()
+        ),
+        (Some("bob"), Some(1))
+    );
+    // The answering device did not hear "answered elsewhere".
+    assert!(bob_b.drain().await.iter().all(|v| v["t"] != "call:ended"));
+    // The callee hangs up on node b.
+    bob_b.ok("call:end", json!({"callId": call})).await;
+    assert_eq!(alice.event("call:ended").await["d"]["reason"], "ended");
+    assert_eq!(
+        bob_b.refused("call:end", json!({"callId": call})).await,
+        "not_found"
+    );
+    // A callee connected to another node only: rejected there.
+    let c = alice
+        .ok("call:initiate", json!({"toUserId": "carol"}))
+        .await;
+    let call = c["callId"].as_str().unwrap().to_string();
+    carol.event_for("call:incoming", "callId", &call).await;
+    carol
+        .ok("call:reject", json!({"callId": call, "reason": "busy"}))
+        .await;
+    assert_eq!(alice.event("call:rejected").await["d"]["reason"], "busy");
+    // Answered on node b, then that connection drops: the caller hears so.
+    let c = alice
+        .ok("call:initiate", json!({"toUserId": "carol"}))
+        .await;
+    let call = c["callId"].as_str().unwrap().to_string();
+    carol.event_for("call:incoming", "callId", &call).await;
+    carol.ok("call:answer", json!({"callId": call})).await;
+    alice.event("call:answered").await;
+    drop(carol);
+    let ended = alice.event_for("call:ended", "callId", &call).await;
+    assert_eq!(ended["d"]["reason"], "disconnected");
+    // Nobody anywhere: missed at once.
+    alice.ok("call:initiate", json!({"toUserId": "dave"})).await;
+    assert_eq!(alice.event("call:missed").await["d"]["reason"], "offline");
+}

@@ -19,6 +19,7 @@
 //! | `cc:n:{U}` | hash | user `U`'s notifications: field `<created_at hex>.<id>`, value JSON | at most `max_notifications`, the oldest dropped; expires `notification_ttl_ms` after the newest |
 //! | `cc:nodes` | sorted set | the live nodes, scored by their last heartbeat (Redis time, ms) | one member per node; silent ones removed after `node_timeout_ms` × 3/4 |
 //! | `cc:node:{N}:users` | set | the users node `N` has a field of in `cc:p:{U}` (to clean up after it) | one member per user online there; removed with the node |
+//! | `cc:to:{N}` | pub/sub channel | node `N`'s own: call operations for the calls it holds, and events for its connections from calls held elsewhere | not stored |
 //! | `cc:gone` | pub/sub channel | ids of nodes that stopped or were taken for gone | not stored |
 //!
 //! A published payload is `offset:epoch:` then the node-to-node archive
@@ -38,13 +39,16 @@ use redis::{RedisError, Script, Value};
 use rkyv::rancor;
 
 mod link;
+pub(crate) mod proxy;
 use link::{Conn, Push, Pushes, Subs, Target};
+use proxy::{Proxies, Remote};
 
 use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
 use crate::engine::user::NodePresence;
 use crate::engine::NotificationChange;
 use crate::engine::{
-    home_of, in_charge, owner_of, ConnRef, MeshMsg, ModKind, Moderation, PresenceQuery, ShardId,
+    home_of, in_charge, owner_of, CallCmd, CallOp, ConnId, ConnRef, MeshMsg, ModKind, Moderation,
+    PresenceQuery, ShardId,
 };
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
@@ -174,6 +178,144 @@ const GONE: &str = "cc:gone";
 const PRESENCE_PREFIX: &[u8] = b"p:";
 /// A published change of notifications: `n:<node>:<JSON>`.
 const NOTIFICATIONS_PREFIX: &[u8] = b"n:";
+/// On a node's own channel: a call operation (`c:` JSON), or a frame for
+/// one of its connections (`f:` shard, slot, generation, frame).
+const CALL_PREFIX: &[u8] = b"c:";
+const FRAME_PREFIX: &[u8] = b"f:";
+
+/// A call operation on its way to the node that holds the call.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CallWire {
+    origin: u64,
+    call: u64,
+    user: String,
+    /// The asking connection on `origin`: shard, slot, generation, binary.
+    from: Option<(u16, u32, u32, bool)>,
+    ack: Option<u64>,
+    op: CallWireOp,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum CallWireOp {
+    Answer(Option<String>),
+    Reject(Option<String>),
+    End,
+    /// The candidate as JSON text.
+    Ice(String),
+    PartyGone,
+}
+
+impl CallWire {
+    fn new(origin: u64, op: &CallOp) -> Option<CallWire> {
+        let wire_op = match &op.op {
+            CallCmd::Answer { sdp } => CallWireOp::Answer(sdp.clone()),
+            CallCmd::Reject { reason } => CallWireOp::Reject(reason.clone()),
+            CallCmd::End => CallWireOp::End,
+            CallCmd::Ice(c) => CallWireOp::Ice(c.0.clone()),
+            CallCmd::PartyGone => CallWireOp::PartyGone,
+            // Calls are made on the caller's node.
+            CallCmd::Create { .. } => return None,
+        };
+        Some(CallWire {
+            origin,
+            call: op.call,
+            user: op.user.to_string(),
+            from: op
+                .from
+                .map(|(c, p)| (c.shard, c.conn.slot, c.conn.gen, p == Protocol::Binary)),
+            ack: op.ack,
+            op: wire_op,
+        })
+    }
+
+    /// The operation, its asker stood in for by `stand_in`.
+    fn into_op(self, stand_in: impl FnOnce(Remote) -> ConnRef) -> CallOp {
+        let from = self.from.map(|(shard, slot, gen, binary)| {
+            let protocol = if binary {
+                Protocol::Binary
+            } else {
+                Protocol::Json
+            };
+            let conn = ConnRef {
+                shard,
+                conn: ConnId { slot, gen },
+            };
+            let r = Remote {
+                node: self.origin,
+                conn,
+                protocol,
+            };
+            (stand_in(r), protocol)
+        });
+        CallOp {
+            call: self.call,
+            user: self.user.into(),
+            from,
+            ack: self.ack,
+            op: match self.op {
+                CallWireOp::Answer(sdp) => CallCmd::Answer { sdp },
+                CallWireOp::Reject(reason) => CallCmd::Reject { reason },
+                CallWireOp::End => CallCmd::End,
+                CallWireOp::Ice(c) => CallCmd::Ice(crate::protocol::Json(c)),
+                CallWireOp::PartyGone => CallCmd::PartyGone,
+            },
+        }
+    }
+}
+
+/// A frame for a connection of another node.
+fn frame_payload(conn: ConnRef, frame: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(FRAME_PREFIX.len() + 10 + frame.len());
+    p.extend_from_slice(FRAME_PREFIX);
+    p.extend_from_slice(&conn.shard.to_be_bytes());
+    p.extend_from_slice(&conn.conn.slot.to_be_bytes());
+    p.extend_from_slice(&conn.conn.gen.to_be_bytes());
+    p.extend_from_slice(frame);
+    p
+}
+
+fn parse_frame(p: &[u8]) -> Option<(ConnRef, &[u8])> {
+    let p = p.strip_prefix(FRAME_PREFIX)?;
+    if p.len() < 10 {
+        return None;
+    }
+    let shard = u16::from_be_bytes(p[0..2].try_into().ok()?);
+    let slot = u32::from_be_bytes(p[2..6].try_into().ok()?);
+    let gen = u32::from_be_bytes(p[6..10].try_into().ok()?);
+    let conn = ConnRef {
+        shard,
+        conn: ConnId { slot, gen },
+    };
+    Some((conn, &p[10..]))
+}
+
+/// The "epoch" part of a user event's payload names a connection to skip
+/// (`<node>.<shard>.<slot>.<gen>`), or is empty.
+fn except_spec(r: &Remote) -> String {
+    format!(
+        "{:016x}.{}.{}.{}",
+        r.node, r.conn.shard, r.conn.conn.slot, r.conn.conn.gen
+    )
+}
+
+fn parse_except(s: &str) -> Option<(u64, ConnRef)> {
+    let mut parts = s.split('.');
+    let node = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let shard = parts.next()?.parse().ok()?;
+    let slot = parts.next()?.parse().ok()?;
+    let gen = parts.next()?.parse().ok()?;
+    Some((
+        node,
+        ConnRef {
+            shard,
+            conn: ConnId { slot, gen },
+        },
+    ))
+}
+
+fn node_channel(node: u64) -> String {
+    format!("cc:to:{{{}}}", node_name(node))
+}
 
 /// What one node sends another about a channel event.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -332,6 +474,11 @@ enum Answer {
         Option<crate::engine::cluster::Asker>,
         Result<Vec<Notification>, RedisError>,
     ),
+    /// A call operation published for the node holding the call, with how
+    /// many subscribers heard it.
+    Forwarded(Box<CallOp>, Result<i64, RedisError>),
+    /// Whether a new call's callee is online on another node.
+    Reached(Box<CallOp>, Result<bool, RedisError>),
     /// A heartbeat: whether this node was new in the live set, the silent
     /// nodes it removed, the live ones.
     Beat(Result<(i64, Vec<String>, Vec<String>), RedisError>),
@@ -372,6 +519,10 @@ struct Bridge {
     gone: HashSet<u64>,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
+    /// Connections of other nodes the bridge stands in for.
+    proxies: Proxies,
+    /// Frames the shards sent to stand-ins, to pass on.
+    frames: Vec<(ConnId, bytes::Bytes)>,
     /// Moderation actions of this node on their way through Redis: who
     /// asked, by token.
     pending: std::collections::HashMap<u64, Asker>,
@@ -406,6 +557,8 @@ impl Bridge {
             live: HashSet::new(),
             gone: HashSet::new(),
             followed: HashSet::new(),
+            proxies: Proxies::new(bridge_endpoint(shards)),
+            frames: Vec::new(),
             pending: Default::default(),
             next_token: 1,
             requeue: Vec::new(),
@@ -511,6 +664,7 @@ impl Bridge {
         self.notifications.load_async(&mut conn).await?;
         sink.subscribe_all(MODERATION).await?;
         sink.subscribe_all(GONE).await?;
+        sink.follow(&node_channel(self.id)).await?;
         Ok(Link { conn, sink, stream })
     }
 
@@ -540,17 +694,51 @@ impl Bridge {
     }
 
     /// Takes what the shards sent off the mesh.
-    fn take(&self) -> Vec<ClusterMsg> {
+    /// Frames for stand-ins are kept in `frames`.
+    fn take(&mut self) -> Vec<ClusterMsg> {
         let mut got = Vec::new();
         for from in 0..self.shards as ShardId {
             while let Some(m) = self.node.mesh.pop(from, self.me) {
                 match m {
                     MeshMsg::Cluster(c) => got.push(*c),
+                    MeshMsg::ToConn { conn, frame } => self.frames.push((conn, frame)),
+                    MeshMsg::ToConns(t) => {
+                        for conn in t.conns {
+                            let frame = self
+                                .proxies
+                                .get(conn)
+                                .and_then(|r| t.frames.get(r.protocol).cloned());
+                            if let Some(f) = frame {
+                                self.frames.push((conn, f));
+                            }
+                        }
+                    }
                     other => tracing::debug!(?other, "the bridge ignores a mesh message"),
                 }
             }
         }
         got
+    }
+
+    /// Passes frames for stand-ins to their connections' nodes.
+    fn pass_frames(&mut self, link: &Link, in_flight: &mut InFlight) {
+        for (id, frame) in std::mem::take(&mut self.frames) {
+            let Some(r) = self.proxies.get(id) else {
+                continue;
+            };
+            let payload = frame_payload(r.conn, &frame);
+            let mut conn = link.conn.clone();
+            let publish = self.publish_cmd;
+            let name = node_channel(r.node);
+            in_flight.push_back(Box::pin(async move {
+                let r = redis::cmd(publish)
+                    .arg(name)
+                    .arg(payload)
+                    .query_async::<i64>(&mut conn)
+                    .await;
+                Answer::Done(r.map(|_| ()))
+            }));
+        }
     }
 
     /// Waits for the doorbell (or `limit`). Returns false when the node
@@ -576,6 +764,8 @@ impl Bridge {
             for m in self.take() {
                 self.refuse(m).await;
             }
+            // Frames for other nodes' connections cannot reach them now.
+            self.frames.clear();
             if self.node.is_draining() {
                 return End::Stop;
             }
@@ -616,6 +806,12 @@ impl Bridge {
             }
             // Answered with what this node knows.
             ClusterMsg::LoadPresence(q) => self.loaded(q, Vec::new()).await,
+            ClusterMsg::CallReach(op, _) => {
+                let owner = (op.call >> 48) as ShardId;
+                self.send(owner, ClusterMsg::CallReach(op, Some(false)))
+                    .await
+            }
+            ClusterMsg::CallTo { op, .. } => self.call_gone(op).await,
             ClusterMsg::LoadNotifications {
                 user,
                 asker: Some(asker),
@@ -636,6 +832,12 @@ impl Bridge {
             .first()
             .map_or(0, |u| home_of(u, self.shards as u16));
         self.send(home, ClusterMsg::PresenceLoaded(q, views)).await;
+    }
+
+    /// Tells the asker of a call operation that no node holds the call.
+    async fn call_gone(&self, op: Box<CallOp>) {
+        let to = op.from.map_or(0, |(c, _)| c.shard);
+        self.send(to, ClusterMsg::CallGone(op)).await;
     }
 
     /// Gives a user's notifications read from Redis to its home.
@@ -793,6 +995,7 @@ impl Bridge {
                         return e;
                     }
                 }
+                self.pass_frames(link, in_flight);
             }
             if self.node.is_draining() {
                 self.leave(link).await;
@@ -1023,18 +1226,58 @@ impl Bridge {
                     Answer::Done(sink.unfollow(&user_channel(&user)).await)
                 }));
             }
-            ClusterMsg::ToUser { user, msg } => {
+            ClusterMsg::ToUser {
+                user, msg, except, ..
+            } => {
                 // Published like a relayed channel event; nothing falls back
                 // to this node if Redis refuses it (the user's connections
                 // here have it already).
                 let name = user_channel(&user);
+                let skip = except
+                    .and_then(|c| self.proxies.get(c.conn))
+                    .map(|r| except_spec(&r));
                 let out = Box::new(Outgoing {
                     channel: user,
                     msg,
                     except: None,
                     reply: None,
                 });
-                self.publish(name, out, link, in_flight);
+                self.publish_with(name, skip.as_deref().unwrap_or(""), out, link, in_flight);
+            }
+            ClusterMsg::CallTo { node, op } => {
+                let Some(wire) = CallWire::new(self.id, &op) else {
+                    return Ok(());
+                };
+                let mut payload = CALL_PREFIX.to_vec();
+                payload.extend_from_slice(&serde_json::to_vec(&wire).expect("calls serialize"));
+                let mut conn = link.conn.clone();
+                let (publish, name) = (self.publish_cmd, node_channel(node));
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd(publish)
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await;
+                    Answer::Forwarded(op, r)
+                }));
+                self.metrics.sent.inc();
+            }
+            ClusterMsg::CallReach(op, _) => {
+                let CallCmd::Create { callee, .. } = &op.op else {
+                    return Ok(());
+                };
+                let (callee, me, gone) = (callee.clone(), self.id, self.gone.clone());
+                let mut conn = link.conn.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let r = read_presence(&mut conn, &callee, me, &gone)
+                        .await
+                        .map(|views| {
+                            views
+                                .iter()
+                                .any(|p| p.view.status != crate::protocol::Status::Offline)
+                        });
+                    Answer::Reached(op, r)
+                }));
             }
             ClusterMsg::Moderate(m) => {
                 let token = self.next_token;
@@ -1077,7 +1320,20 @@ impl Bridge {
     /// Publishes an unsequenced event on pub/sub channel `name` (offset 0,
     /// no epoch); its answer comes in order with the sequenced ones.
     fn publish(&self, name: String, out: Box<Outgoing>, link: &Link, in_flight: &mut InFlight) {
-        let mut payload = b"0::".to_vec();
+        self.publish_with(name, "", out, link, in_flight)
+    }
+
+    /// The same, with `tag` in the epoch's place (a user event: the
+    /// connection to skip).
+    fn publish_with(
+        &self,
+        name: String,
+        tag: &str,
+        out: Box<Outgoing>,
+        link: &Link,
+        in_flight: &mut InFlight,
+    ) {
+        let mut payload = format!("0:{tag}:").into_bytes();
         payload.extend_from_slice(&encode_wire(self.id, &out));
         let mut conn = link.conn.clone();
         let publish = self.publish_cmd;
@@ -1091,6 +1347,39 @@ impl Bridge {
             Answer::Event(out, r)
         }));
         self.metrics.sent.inc();
+    }
+
+    /// A message on this node's own channel: a call operation for a call
+    /// held here, or a frame for a connection here.
+    async fn for_this_node(&mut self, payload: &[u8]) {
+        if let Some((conn, frame)) = parse_frame(payload) {
+            if (conn.shard as usize) < self.shards {
+                let frame = bytes::Bytes::copy_from_slice(frame);
+                let msg = MeshMsg::ToConn {
+                    conn: conn.conn,
+                    frame,
+                };
+                self.send_mesh(conn.shard, msg).await;
+            }
+            return;
+        }
+        let wire = payload
+            .strip_prefix(CALL_PREFIX)
+            .and_then(|j| serde_json::from_slice::<CallWire>(j).ok());
+        let Some(wire) = wire else {
+            tracing::warn!("cluster: a message for this node that cannot be read");
+            return;
+        };
+        self.metrics.received.inc();
+        let proxies = &mut self.proxies;
+        let op = wire.into_op(|r| proxies.stand_in(r));
+        let holder = (op.call >> 48) as ShardId;
+        let to = if (holder as usize) < self.shards {
+            holder
+        } else {
+            home_of(&op.user, self.shards as u16)
+        };
+        self.send_mesh(to, MeshMsg::CallOp(Box::new(op))).await;
     }
 
     /// A kick, ban or unban published by a node (this one included): the
@@ -1178,6 +1467,37 @@ impl Bridge {
                 }
                 end
             }
+            Answer::Forwarded(op, r) => {
+                let heard = match r {
+                    Ok(n) => n > 0,
+                    Err(e) => {
+                        self.call_gone(op).await;
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        return if lost {
+                            Err(End::Lost(e.to_string()))
+                        } else {
+                            Ok(())
+                        };
+                    }
+                };
+                if !heard {
+                    self.call_gone(op).await;
+                }
+                Ok(())
+            }
+            Answer::Reached(op, r) => {
+                let online = match r {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: cannot read a callee's presence");
+                        false
+                    }
+                };
+                let owner = (op.call >> 48) as ShardId;
+                self.send(owner, ClusterMsg::CallReach(op, Some(online)))
+                    .await;
+                Ok(())
+            }
             Answer::Beat(r) => match link {
                 Some(link) => self.on_beat(r, false, link).await,
                 None => Ok(()),
@@ -1227,6 +1547,9 @@ impl Bridge {
     async fn received(&mut self, m: &Push) {
         if m.channel == MODERATION {
             return self.moderation(&m.payload).await;
+        }
+        if m.channel == node_channel(self.id) {
+            return self.for_this_node(&m.payload).await;
         }
         if m.channel == GONE {
             let node = std::str::from_utf8(&m.payload)
@@ -1292,8 +1615,9 @@ impl Bridge {
                 };
                 return self.send(to, msg).await;
             }
-            let w = split_payload(&m.payload).and_then(|(_, _, a)| decode_wire(a).ok());
-            let Some(w) = w else {
+            let w = split_payload(&m.payload)
+                .and_then(|(_, tag, a)| Some((parse_except(tag), decode_wire(a).ok()?)));
+            let Some((skip, w)) = w else {
                 tracing::warn!(%user, "cluster: a user event that cannot be read");
                 return;
             };
@@ -1305,6 +1629,8 @@ impl Bridge {
             let msg = ClusterMsg::ToUser {
                 user: user.into(),
                 msg: w.msg,
+                except: skip.filter(|(n, _)| *n == self.id).map(|(_, c)| c),
+                origin: w.origin,
             };
             return self.send(to, msg).await;
         }

@@ -19,9 +19,27 @@ impl<O: Outbound> Engine<O> {
             callee,
             call_type,
             sdp,
+            elsewhere,
         } = op
         {
             let Some((conn, protocol)) = from else { return };
+            let here = !self.devices(&callee).is_empty();
+            if !here && elsewhere.is_none() && self.cluster_up() {
+                // Connected to another node? Its presence in Redis says.
+                let op = CallOp {
+                    call: id,
+                    user,
+                    from,
+                    ack,
+                    op: CallCmd::Create {
+                        callee,
+                        call_type,
+                        sdp,
+                        elsewhere,
+                    },
+                };
+                return self.send_bridge(ClusterMsg::CallReach(Box::new(op), None), now, tx);
+            }
             let call_id = call_id_str(id);
             reply(
                 self,
@@ -33,7 +51,7 @@ impl<O: Outbound> Engine<O> {
                 ),
                 tx,
             );
-            if self.devices(&callee).is_empty() {
+            if !here && elsewhere != Some(true) {
                 let missed = ev(ServerEvent::CallMissed(CallEvent {
                     call_id: call_id.clone(),
                     user_id: callee.to_string(),
@@ -71,19 +89,19 @@ impl<O: Outbound> Engine<O> {
                 call_type,
                 sdp,
             });
-            return self.send_devices(&callee, incoming, None, now, tx);
+            return self.tell_callee(&callee, incoming, None, now, tx);
         }
-        let Some(call) = self.calls.get_mut(&id) else {
-            return reply(
-                self,
-                err(
-                    ack,
-                    ErrorCode::NotFound,
-                    format!("no call `{}`", call_id_str(id)),
-                ),
-                tx,
-            );
-        };
+        if !self.calls.contains_key(&id) {
+            let op = CallOp {
+                call: id,
+                user,
+                from,
+                ack,
+                op,
+            };
+            return self.call_elsewhere(op, now, tx);
+        }
+        let call = self.calls.get_mut(&id).expect("checked above");
         let conn = from.map(|f| f.0);
         let is_caller = user == call.caller && conn == Some(call.caller_conn);
         let is_callee = user == call.callee;
@@ -124,7 +142,7 @@ impl<O: Outbound> Engine<O> {
                 self.send_to(caller_conn, caller_protocol, &answered, now, tx);
                 let elsewhere =
                     ServerEvent::CallEnded(call_event(&callee, Some("answered_elsewhere"), None));
-                self.send_devices(&callee, elsewhere, Some(from.0), now, tx);
+                self.tell_callee(&callee, elsewhere, Some(from.0), now, tx);
                 reply(self, empty_ack(ack), tx);
             }
             CallCmd::Reject { reason } => {
@@ -145,7 +163,7 @@ impl<O: Outbound> Engine<O> {
                 )));
                 self.send_to(caller_conn, caller_protocol, &rejected, now, tx);
                 let ended = ServerEvent::CallEnded(call_event(&callee, Some("rejected"), None));
-                self.send_devices(&callee, ended, conn, now, tx);
+                self.tell_callee(&callee, ended, conn, now, tx);
                 reply(self, empty_ack(ack), tx);
                 self.send_user_op(caller, None, None, UserCmd::CallDone { call: id }, now, tx);
             }
@@ -170,18 +188,15 @@ impl<O: Outbound> Engine<O> {
             CallCmd::Ice(candidate) => {
                 let (answered, callee) = (call.answered, call.callee.clone());
                 let (caller_conn, caller_protocol) = (call.caller_conn, call.caller_protocol);
-                let relay = ev(ServerEvent::CallIceCandidate(CallIceRelay {
+                let relay = ServerEvent::CallIceCandidate(CallIceRelay {
                     call_id: call_id.clone(),
                     from_user_id: user.to_string(),
                     candidate,
-                }));
+                });
                 if is_caller {
                     match answered {
-                        Some((c, p)) => self.send_to(c, p, &relay, now, tx),
-                        None => {
-                            let targets = self.devices(&callee);
-                            self.send_to_all(&targets, &relay, now, tx);
-                        }
+                        Some((c, p)) => self.send_to(c, p, &ev(relay), now, tx),
+                        None => self.tell_callee(&callee, relay, None, now, tx),
                     }
                 } else {
                     if answered.is_some_and(|(a, _)| Some(a) != conn) {
@@ -191,12 +206,13 @@ impl<O: Outbound> Engine<O> {
                             tx,
                         );
                     }
-                    self.send_to(caller_conn, caller_protocol, &relay, now, tx);
+                    self.send_to(caller_conn, caller_protocol, &ev(relay), now, tx);
                 }
                 reply(self, empty_ack(ack), tx);
             }
             CallCmd::PartyGone => {
-                if is_caller {
+                let answered_by = call.answered.is_some_and(|(a, _)| Some(a) == conn);
+                if is_caller || (is_callee && answered_by) {
                     self.end_call(id, "disconnected", &user, now, tx);
                 }
             }
@@ -215,26 +231,23 @@ impl<O: Outbound> Engine<O> {
         let Some(call) = self.calls.remove(&id) else {
             return;
         };
-        let ended = ev(ServerEvent::CallEnded(CallEvent {
+        let ended = ServerEvent::CallEnded(CallEvent {
             call_id: call_id_str(id),
             user_id: by.to_string(),
             reason: Some(reason.into()),
             sdp: None,
-        }));
+        });
         if *by == call.caller {
             match call.answered {
-                Some((c, p)) => self.send_to(c, p, &ended, now, tx),
-                None => {
-                    let targets = self.devices(&call.callee);
-                    self.send_to_all(&targets, &ended, now, tx);
-                }
+                Some((c, p)) => self.send_to(c, p, &ev(ended), now, tx),
+                None => self.tell_callee(&call.callee, ended, None, now, tx),
             }
         } else {
-            self.send_to(call.caller_conn, call.caller_protocol, &ended, now, tx);
+            let msg = ev(ended.clone());
+            self.send_to(call.caller_conn, call.caller_protocol, &msg, now, tx);
             // The callee's other devices stop ringing too.
             if call.answered.is_none() {
-                let targets = self.devices(&call.callee);
-                self.send_to_all(&targets, &ended, now, tx);
+                self.tell_callee(&call.callee, ended, None, now, tx);
             }
         }
         self.send_user_op(
@@ -269,7 +282,7 @@ impl<O: Outbound> Engine<O> {
             reason: Some("missed".into()),
             sdp: None,
         });
-        self.send_devices(&call.callee, ended, None, now, tx);
+        self.tell_callee(&call.callee, ended, None, now, tx);
         self.missed_call_notice(
             &call.callee,
             &call_id,
@@ -286,6 +299,66 @@ impl<O: Outbound> Engine<O> {
             now,
             tx,
         );
+    }
+
+    /// A call event for every device of the callee: here, and in a cluster
+    /// on the other nodes (but `except`, here or, through the bridge,
+    /// there).
+    fn tell_callee(
+        &mut self,
+        callee: &Arc<str>,
+        event: ServerEvent,
+        except: Option<ConnRef>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let msg = ClusterMsg::ToUser {
+                user: callee.clone(),
+                msg: ev(event.clone()),
+                except: except.filter(|c| c.shard as usize >= self.shards as usize),
+                origin: 0,
+            };
+            self.send_bridge(msg, now, tx);
+        }
+        self.send_devices(callee, event, except, now, tx);
+    }
+
+    /// A call operation for a call this shard does not hold. In a cluster,
+    /// the user's home on this node knows the calls of other nodes that
+    /// ring the user here, and passes the operation to the node holding
+    /// it; otherwise the call is unknown.
+    fn call_elsewhere(&mut self, op: CallOp, now: u64, tx: &mut impl MeshTx) {
+        let local = op
+            .from
+            .is_some_and(|(c, _)| (c.shard as usize) < self.shards as usize);
+        if self.cluster_up() && local {
+            let home = home_of(&op.user, self.shards);
+            if home != self.shard {
+                return self.route(home, MeshMsg::CallOp(Box::new(op)), now, tx);
+            }
+            let answer = matches!(op.op, CallCmd::Answer { .. });
+            let conn = op.from.map(|(c, _)| c);
+            let node = self
+                .users
+                .get_mut(&op.user)
+                .and_then(|st| st.extra_mut())
+                .and_then(|m| m.remote_calls.iter_mut().find(|r| r.call == op.call))
+                .map(|r| {
+                    if answer {
+                        r.answered_by = conn;
+                    }
+                    r.node
+                });
+            if let Some(node) = node {
+                let op = Box::new(op);
+                return self.send_bridge(ClusterMsg::CallTo { node, op }, now, tx);
+            }
+        }
+        if !matches!(op.op, CallCmd::PartyGone) {
+            let e = format!("no call `{}`", call_id_str(op.call));
+            self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
+        }
     }
 
     pub(super) fn missed_call_notice(

@@ -494,11 +494,18 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(call) = parse_call_id(call_id, self.shards) else {
-            return self.error(id, ack, ErrorCode::NotFound, format!("no call `{call_id}`"));
-        };
         let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
             return;
+        };
+        // The call's shard, or in a cluster (a call held by a node with
+        // more shards) the user's home, which knows the node.
+        let target = parse_call_id(call_id).and_then(|call| match call >> 48 {
+            s if s < self.shards as u64 => Some((call, s as ShardId)),
+            _ if self.cluster.is_some() => Some((call, home_of(&member.user, self.shards))),
+            _ => None,
+        });
+        let Some((call, target)) = target else {
+            return self.error(id, ack, ErrorCode::NotFound, format!("no call `{call_id}`"));
         };
         let msg = CallOp {
             call,
@@ -507,12 +514,7 @@ impl<O: Outbound> Engine<O> {
             ack,
             op,
         };
-        self.route(
-            (call >> 48) as ShardId,
-            MeshMsg::CallOp(Box::new(msg)),
-            now,
-            tx,
-        );
+        self.route(target, MeshMsg::CallOp(Box::new(msg)), now, tx);
     }
 
     /// Asks the owner to add this connection to a channel; false when

@@ -102,12 +102,28 @@ pub enum ClusterMsg {
         user: Arc<str>,
     },
     /// To the bridge: an event for the user's connections on the other
-    /// nodes (`dm:new`, `dm:sent`, `message:delivery`). From the bridge, to
-    /// the user's home: such an event from another node.
+    /// nodes (`dm:new`, `dm:sent`, `message:delivery`, call events), but
+    /// `except` (a connection of another node, as the bridge stands in for
+    /// it here). From the bridge, to the user's home: such an event from
+    /// node `origin` (`except` then a connection here).
     ToUser {
         user: Arc<str>,
         msg: ServerMessage,
+        except: Option<ConnRef>,
+        origin: u64,
     },
+    /// To the bridge: a call operation of a connection here, for the node
+    /// that holds the call (it comes in there as a `CallOp` from a
+    /// connection the bridge stands in for).
+    CallTo {
+        node: u64,
+        op: Box<CallOp>,
+    },
+    /// From the bridge: no node holds the call any more.
+    CallGone(Box<CallOp>),
+    /// To the bridge: is the callee of this new call connected to another
+    /// node? It comes back as `CallReach` with the answer.
+    CallReach(Box<CallOp>, Option<bool>),
     /// To the bridge: this node's part of a user's presence changed (to
     /// keep in Redis and publish to the nodes that follow the user). From
     /// the bridge, to the user's home: other nodes' parts (published, or
@@ -268,7 +284,17 @@ impl<O: Outbound> Engine<O> {
         if self.cluster_up() {
             let msg = ServerMessage { id: None, event };
             let user = user.clone();
-            self.send_bridge(ClusterMsg::ToUser { user, msg }, now, tx);
+            let (except, origin) = (None, 0);
+            self.send_bridge(
+                ClusterMsg::ToUser {
+                    user,
+                    msg,
+                    except,
+                    origin,
+                },
+                now,
+                tx,
+            );
         }
     }
 
@@ -414,13 +440,32 @@ impl<O: Outbound> Engine<O> {
                     self.send_to(conn, protocol, &msg, now, tx);
                 }
             }
-            ClusterMsg::ToUser { user, msg } => {
+            ClusterMsg::ToUser {
+                user,
+                msg,
+                except,
+                origin,
+            } => {
                 if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
                     // Followed for its presence only: no device here.
                     return;
                 }
                 let max = self.s.max_conversations;
                 match &msg.event {
+                    // A call held by another node rings here: this node's
+                    // devices answer it through that node.
+                    ServerEvent::CallIncoming(c) => {
+                        if let Some(call) = parse_call_id(&c.call_id) {
+                            self.user(&user).add_remote_call(call, origin);
+                        }
+                    }
+                    ServerEvent::CallEnded(c) | ServerEvent::CallMissed(c) => {
+                        let answered_here =
+                            except.is_some() && c.reason.as_deref() == Some("answered_elsewhere");
+                        if let (Some(call), false) = (parse_call_id(&c.call_id), answered_here) {
+                            self.user(&user).remote_call_over(call);
+                        }
+                    }
                     ServerEvent::DmNew(m) => {
                         let peer: Arc<str> = m.from_user_id.as_str().into();
                         self.user(&user).record_dm(&peer, m.clone(), true, max);
@@ -431,8 +476,21 @@ impl<O: Outbound> Engine<O> {
                     }
                     _ => {}
                 }
-                self.send_devices(&user, msg.event, None, now, tx);
+                self.send_devices(&user, msg.event, except, now, tx);
                 self.maintain_user(&user, now, tx);
+            }
+            ClusterMsg::CallReach(op, answer) => {
+                let mut op = *op;
+                if let CallCmd::Create { elsewhere, .. } = &mut op.op {
+                    *elsewhere = Some(answer.unwrap_or(false));
+                }
+                self.on_call_op(op, now, tx);
+            }
+            ClusterMsg::CallGone(op) => {
+                if !matches!(op.op, CallCmd::PartyGone) {
+                    let e = format!("no call `{}`", call_id_str(op.call));
+                    self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
+                }
             }
             ClusterMsg::Down => self.cluster_down(now, tx),
             ClusterMsg::Bans(bans) => {
@@ -452,7 +510,8 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::UnfollowUser { .. }
             | ClusterMsg::Presence(_)
             | ClusterMsg::LoadPresence(_)
-            | ClusterMsg::LoadNotifications { .. } => {}
+            | ClusterMsg::LoadNotifications { .. }
+            | ClusterMsg::CallTo { .. } => {}
         }
     }
 

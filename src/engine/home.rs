@@ -279,6 +279,33 @@ impl<O: Outbound> Engine<O> {
                 for call in answered {
                     self.end_call(call, "disconnected", &user, now, tx);
                 }
+                // And calls of other nodes it answered.
+                let remote: Vec<(u64, u64)> = self
+                    .users
+                    .get_mut(&user)
+                    .and_then(|st| st.extra_mut())
+                    .map(|m| {
+                        let gone = m
+                            .remote_calls
+                            .iter()
+                            .filter(|r| r.answered_by == Some(conn))
+                            .map(|r| (r.call, r.node))
+                            .collect();
+                        m.remote_calls.retain(|r| r.answered_by != Some(conn));
+                        gone
+                    })
+                    .unwrap_or_default();
+                for (call, node) in remote {
+                    let op = CallOp {
+                        call,
+                        user: user.clone(),
+                        from: Some((conn, device.protocol)),
+                        ack: None,
+                        op: CallCmd::PartyGone,
+                    };
+                    let op = Box::new(op);
+                    self.send_bridge(ClusterMsg::CallTo { node, op }, now, tx);
+                }
                 self.announce(&user, now, tx);
             }
             UserCmd::Update(p) => {
@@ -504,6 +531,7 @@ impl<O: Outbound> Engine<O> {
                         callee,
                         call_type: c.call_type,
                         sdp: c.sdp,
+                        elsewhere: None,
                     },
                 };
                 self.route(owner, MeshMsg::CallOp(Box::new(op)), now, tx);

@@ -498,6 +498,9 @@ pub enum CallCmd {
         callee: Arc<str>,
         call_type: CallType,
         sdp: Option<String>,
+        /// In a cluster, whether the callee is connected to another node
+        /// (`None`: not asked yet).
+        elsewhere: Option<bool>,
     },
     Answer {
         sdp: Option<String>,
@@ -507,7 +510,7 @@ pub enum CallCmd {
     },
     End,
     Ice(Json),
-    /// The caller's connection is gone.
+    /// The caller's connection, or the callee's that answered, is gone.
     PartyGone,
 }
 
@@ -706,15 +709,15 @@ pub fn check_id(field: &str, v: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn parse_call_id(s: &str, shards: u16) -> Option<u64> {
+/// A call id: 16 hex digits (the holding shard in the top 16 bits).
+pub fn parse_call_id(s: &str) -> Option<u64> {
     if s.len() != 16 {
         return None;
     }
-    let id = u64::from_str_radix(s, 16).ok()?;
-    ((id >> 48) < shards as u64).then_some(id)
+    u64::from_str_radix(s, 16).ok()
 }
 
-pub(super) fn call_id_str(id: u64) -> String {
+pub fn call_id_str(id: u64) -> String {
     format!("{id:016x}")
 }
 

@@ -93,7 +93,22 @@ pub struct More {
     pub remote: Vec<NodePresence>,
     /// When the custom status or activity was last set here (ms; 0: never).
     pub detail_at: u64,
+    /// In a cluster: calls to this user held by other nodes, ringing or
+    /// answered here.
+    pub remote_calls: Vec<RemoteCall>,
 }
+
+/// A call to a user held by another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteCall {
+    pub call: u64,
+    pub node: u64,
+    /// The connection here that answered it.
+    pub answered_by: Option<ConnRef>,
+}
+
+/// Calls of other nodes remembered per user at most (the oldest go).
+const REMOTE_CALLS: usize = 8;
 
 /// A user's presence on one node of a cluster, for the others.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -119,6 +134,7 @@ impl More {
             && self.calls.is_empty()
             && self.detached.is_empty()
             && self.remote.is_empty()
+            && self.remote_calls.is_empty()
     }
 }
 
@@ -296,6 +312,26 @@ impl UserState {
         let before = m.remote.len();
         m.remote.retain(|r| !nodes.contains(&r.node));
         m.remote.len() != before
+    }
+
+    /// A call of another node rings this user's devices here.
+    pub fn add_remote_call(&mut self, call: u64, node: u64) {
+        let m = self.more();
+        m.remote_calls.retain(|r| r.call != call);
+        if m.remote_calls.len() >= REMOTE_CALLS {
+            m.remote_calls.remove(0);
+        }
+        m.remote_calls.push(RemoteCall {
+            call,
+            node,
+            answered_by: None,
+        });
+    }
+
+    pub fn remote_call_over(&mut self, call: u64) {
+        if let Some(m) = self.extra_mut() {
+            m.remote_calls.retain(|r| r.call != call);
+        }
     }
 
     /// Whether the node follows the user in a cluster: it has devices of

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
+use crate::cluster::proxy::{Proxies, Remote};
 
 #[derive(Default)]
 struct Chan {
@@ -30,6 +31,8 @@ struct Cluster {
     presence: HashMap<Arc<str>, HashMap<u64, NodePresence>>,
     /// Per user: the notifications (the `cc:n:{U}` hashes).
     notifications: HashMap<Arc<str>, Vec<Notification>>,
+    /// Per node: the connections of other nodes its bridge stands in for.
+    proxies: Vec<Proxies>,
 }
 
 const SHARDS: u16 = 2;
@@ -48,6 +51,7 @@ fn nodes() -> (Vec<Sim>, Cluster) {
     let mut c = Cluster {
         followed: vec![HashSet::new(), HashSet::new()],
         users: vec![HashSet::new(), HashSet::new()],
+        proxies: vec![Proxies::new(BRIDGE), Proxies::new(BRIDGE)],
         ..Default::default()
     };
     set_up(&mut sims, &mut c, true);
@@ -97,8 +101,19 @@ fn pump_losing(sims: &mut [Sim], c: &mut Cluster, lose: &mut dyn FnMut(u64) -> b
         for n in 0..sims.len() {
             while let Some(m) = sims[n].mesh.0[BRIDGE as usize].pop_front() {
                 moved = true;
-                let MeshMsg::Cluster(m) = m else { continue };
-                bridge(sims, c, n, *m, lose);
+                match m {
+                    MeshMsg::Cluster(m) => bridge(sims, c, n, *m, lose),
+                    // Frames for connections of the other node.
+                    MeshMsg::ToConn { conn, frame } => pass_frame(sims, c, n, conn, frame),
+                    MeshMsg::ToConns(t) => {
+                        for conn in t.conns {
+                            let r = c.proxies[n].get(conn).expect("a stand-in");
+                            let frame = t.frames.get(r.protocol).unwrap().clone();
+                            pass_frame(sims, c, n, conn, frame);
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         if !moved {
@@ -109,6 +124,16 @@ fn pump_losing(sims: &mut [Sim], c: &mut Cluster, lose: &mut dyn FnMut(u64) -> b
 
 fn pump(sims: &mut [Sim], c: &mut Cluster) {
     pump_losing(sims, c, &mut |_| false);
+}
+
+fn pass_frame(sims: &mut [Sim], c: &Cluster, n: usize, conn: ConnId, frame: Bytes) {
+    let r = c.proxies[n].get(conn).expect("a stand-in");
+    let to = r.node as usize - 1;
+    let msg = MeshMsg::ToConn {
+        conn: r.conn.conn,
+        frame,
+    };
+    sims[to].mesh.0[r.conn.shard as usize].push_back(msg);
 }
 
 fn bridge(
@@ -230,6 +255,30 @@ fn bridge(
                 sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
             }
         }
+        ClusterMsg::CallReach(op, _) => {
+            let CallCmd::Create { callee, .. } = &op.op else {
+                unreachable!("only new calls are checked")
+            };
+            let online = others(c, callee, n)
+                .iter()
+                .any(|p| p.view.status != Status::Offline);
+            let owner = (op.call >> 48) as usize;
+            let m = ClusterMsg::CallReach(op, Some(online));
+            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+        }
+        ClusterMsg::CallTo { node, mut op } => {
+            let k = node as usize - 1;
+            op.from = op.from.map(|(conn, protocol)| {
+                let r = Remote {
+                    node: n as u64 + 1,
+                    conn,
+                    protocol,
+                };
+                (c.proxies[k].stand_in(r), protocol)
+            });
+            let holder = (op.call >> 48) as usize;
+            sims[k].mesh.0[holder].push_back(MeshMsg::CallOp(op));
+        }
         ClusterMsg::LoadNotifications { user, asker } => {
             let home = home_of(&user, SHARDS) as usize;
             let notifications = c.notifications.get(&user).cloned().unwrap_or_default();
@@ -278,7 +327,10 @@ fn bridge(
         ClusterMsg::UnfollowUser { user } => {
             c.users[n].remove(&user);
         }
-        ClusterMsg::ToUser { user, msg } => {
+        ClusterMsg::ToUser {
+            user, msg, except, ..
+        } => {
+            let skip = except.and_then(|e| c.proxies[n].get(e.conn));
             for (k, sim) in sims.iter_mut().enumerate() {
                 if k == n || !c.users[k].contains(&user) {
                     continue;
@@ -287,6 +339,8 @@ fn bridge(
                 let m = ClusterMsg::ToUser {
                     user: user.clone(),
                     msg: msg.clone(),
+                    except: skip.filter(|r| r.node == k as u64 + 1).map(|r| r.conn),
+                    origin: n as u64 + 1,
                 };
                 sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
             }
@@ -853,4 +907,89 @@ fn notifications_reach_every_node_and_wait_for_a_user_away() {
         AckBody::Notifications(n) => assert!(n.notifications.is_empty()),
         other => panic!("{other:?}"),
     }
+}
+
+fn call_events(msgs: &[ServerMessage]) -> Vec<(&'static str, Option<String>)> {
+    msgs.iter()
+        .filter_map(|m| match &m.event {
+            ServerEvent::CallIncoming(_) => Some(("call:incoming", None)),
+            ServerEvent::CallAnswered(_) => Some(("call:answered", None)),
+            ServerEvent::CallEnded(e) => Some(("call:ended", e.reason.clone())),
+            ServerEvent::CallRejected(_) => Some(("call:rejected", None)),
+            ServerEvent::CallMissed(e) => Some(("call:missed", e.reason.clone())),
+            ServerEvent::CallIceCandidate(_) => Some(("call:ice_candidate", None)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_call_held_by_one_node_is_answered_and_ended_on_another() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (_b0, rb0) = sims[0].connect(1, "bob", Protocol::Json);
+    let (b1, rb1) = sims[1].connect(1, "bob", Protocol::Binary);
+    pump(&mut sims, &mut c);
+    sims[0].send(
+        a,
+        Some(1),
+        ClientEvent::CallInitiate(CallInitiate {
+            to_user_id: "bob".into(),
+            call_type: CallType::Audio,
+            sdp: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    let call = match super::ack_body(&ra.take(), 1) {
+        AckBody::Call(c) => c.call_id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(call_events(&rb0.take()), [("call:incoming", None)]);
+    assert_eq!(call_events(&rb1.take()), [("call:incoming", None)]);
+    // Node 1's device answers (the call is held by node 0).
+    let id = |call: &str| CallRef {
+        call_id: call.to_string(),
+    };
+    sims[1].send(
+        b1,
+        Some(2),
+        ClientEvent::CallAnswer(CallAnswer {
+            call_id: call.clone(),
+            sdp: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    let got = rb1.take();
+    assert!(
+        matches!(super::ack_body(&got, 2), AckBody::Empty(_)),
+        "{got:?}"
+    );
+    assert!(
+        call_events(&got).is_empty(),
+        "the answering device: {got:?}"
+    );
+    assert_eq!(call_events(&ra.take()), [("call:answered", None)]);
+    assert_eq!(
+        call_events(&rb0.take()),
+        [("call:ended", Some("answered_elsewhere".into()))]
+    );
+    // Its connection drops: the call ends for the caller.
+    sims[1].close(b1);
+    pump(&mut sims, &mut c);
+    assert_eq!(
+        call_events(&ra.take()),
+        [("call:ended", Some("disconnected".into()))]
+    );
+    assert!(sims[0].shards.iter().all(|e| e.calls.is_empty()));
+    // A call no node holds: not found, from node 1.
+    let (b2, rb2) = sims[1].connect(0, "bob", Protocol::Json);
+    pump(&mut sims, &mut c);
+    sims[1].send(b2, Some(3), ClientEvent::CallEnd(id(&call)));
+    pump(&mut sims, &mut c);
+    let got = rb2.take();
+    assert!(
+        got.iter().any(|m| m.id == Some(3)
+            && matches!(&m.event, ServerEvent::Error(e) if e.code == ErrorCode::NotFound)),
+        "{got:?}"
+    );
 }

@@ -2298,6 +2298,19 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            // One node: no callee elsewhere, no call held elsewhere.
+            if let ClusterMsg::CallReach(op, _) = m {
+                let owner = (op.call >> 48) as usize;
+                let m = ClusterMsg::CallReach(op, Some(false));
+                sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
+            if let ClusterMsg::CallTo { op, .. } = m {
+                let to = op.from.map_or(0, |(c, _)| c.shard as usize);
+                let m = ClusterMsg::CallGone(op);
+                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             if let ClusterMsg::LoadNotifications { user, asker } = m {
                 // One node: nothing made elsewhere, up or down.
                 let home = home_of(&user, 3) as usize;
