@@ -914,6 +914,21 @@ impl Session {
             session,
             protocol: self.protocol,
         };
+        // The ack and `ready` come first: opening the connection may queue
+        // events for it at once (pending notifications, when the user's home
+        // is this shard).
+        if ack.is_some() {
+            self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+        }
+        self.reply(
+            io,
+            &ServerMessage::event(ServerEvent::Ready(Ready {
+                user_id: user.clone(),
+                session_id: session.to_string(),
+                shard: shard.id as u32,
+                heartbeat_interval_ms: shard.node.config.ping_interval_ms,
+            })),
+        );
         let id = {
             let mut outbox = shard.outbox.borrow_mut();
             let id = shard.engine.borrow_mut().open(
@@ -929,18 +944,6 @@ impl Session {
         };
         self.mode = Mode::Authenticated(id);
         io.auth_deadline.set(NEVER);
-        if ack.is_some() {
-            self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
-        }
-        self.reply(
-            io,
-            &ServerMessage::event(ServerEvent::Ready(Ready {
-                user_id: user,
-                session_id: session.to_string(),
-                shard: shard.id as u32,
-                heartbeat_interval_ms: shard.node.config.ping_interval_ms,
-            })),
-        );
     }
 
     fn on_data(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, mut payload: BytesMut) {
