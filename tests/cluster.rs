@@ -582,6 +582,27 @@ async fn the_server_api_of_any_node_publishes_kicks_and_bans_for_the_cluster() {
         (m["d"]["content"].as_str(), m["d"]["offset"].as_u64()),
         (Some("from the api"), Some(1))
     );
+    // Node a's API lists the channel's members on every node.
+    let get = |path: &str| {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        );
+        let mut s = TcpStream::connect(api).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (_, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        serde_json::from_str::<Value>(body).unwrap_or(Value::Null)
+    };
+    let v = get("/api/channels/news/members");
+    assert_eq!(
+        v["members"],
+        json!([{"userId": "bob", "connections": 1}]),
+        "{v}"
+    );
+    let v = get("/api/presence?userIds=bob");
+    assert_eq!(v["presences"][0]["status"], "online", "{v}");
     // A ban through node a's API closes bob's session on node b.
     let (status, v) = post("/api/ban", json!({"userId": "bob", "reason": "api"}));
     assert_eq!(status, "200", "{v}");
@@ -1048,7 +1069,9 @@ async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
     // connects to later gives it to her.
     assert_eq!(redis_cli(&redis, &["HLEN", "cc:n:{carol}"]), "1");
     let mut carol_b = Peer::on(&b, "carol", 0, "").await;
-    let n = carol_b.event("notification:new").await;
+    let n = tokio::time::timeout(Duration::from_secs(5), carol_b.event("notification:new"))
+        .await
+        .unwrap_or_else(|_| panic!("no notification for carol:\n{}", b.log()));
     let nid = n["d"]["notificationId"].as_str().unwrap().to_string();
     assert_eq!(n["d"]["data"]["channelId"], "team");
     // Read on node b: her device on node a sees it read, with nothing
@@ -1182,4 +1205,36 @@ async fn calls_ring_answer_and_signal_across_nodes() {
     // Nobody anywhere: missed at once.
     alice.ok("call:initiate", json!({"toUserId": "dave"})).await;
     assert_eq!(alice.event("call:missed").await["d"]["reason"], "offline");
+}
+
+#[tokio::test]
+async fn members_typing_and_voice_participants_add_up_over_nodes() {
+    let (_redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    let mut bob2 = Peer::on(&a, "bob", 1, "").await;
+    for p in [&mut alice, &mut bob, &mut bob2] {
+        p.ok("channel:join", json!({"channelId": "general"})).await;
+    }
+    let m = alice
+        .ok("channel:get_members", json!({"channelId": "general"}))
+        .await;
+    assert_eq!(
+        m["members"],
+        json!([{"userId": "alice", "connections": 1}, {"userId": "bob", "connections": 2}])
+    );
+    bob.ok("typing:start", json!({"channelId": "general"}))
+        .await;
+    alice.event("typing:user_start").await;
+    let t = alice
+        .ok("typing:get_active", json!({"channelId": "general"}))
+        .await;
+    assert_eq!(t["userIds"], json!(["bob"]));
+    // A voice channel with a participant on node b only.
+    bob.ok("voice:join", json!({"channelId": "lounge"})).await;
+    let v = alice
+        .ok("voice:get_participants", json!({"channelId": "lounge"}))
+        .await;
+    assert_eq!(v["participants"][0]["userId"], "bob", "{v}");
+    assert_eq!(v["participants"].as_array().unwrap().len(), 1);
 }

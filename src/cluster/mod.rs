@@ -47,8 +47,8 @@ use crate::engine::cluster::{set_offset, ClusterMsg, Incoming, Outgoing};
 use crate::engine::user::NodePresence;
 use crate::engine::NotificationChange;
 use crate::engine::{
-    home_of, in_charge, owner_of, CallCmd, CallOp, ConnId, ConnRef, MeshMsg, ModKind, Moderation,
-    PresenceQuery, ShardId,
+    home_of, in_charge, owner_of, CallCmd, CallOp, ChannelPart, ConnId, ConnRef, MeshMsg, ModKind,
+    Moderation, PresenceQuery, ShardId,
 };
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
@@ -182,6 +182,23 @@ const NOTIFICATIONS_PREFIX: &[u8] = b"n:";
 /// one of its connections (`f:` shard, slot, generation, frame).
 const CALL_PREFIX: &[u8] = b"c:";
 const FRAME_PREFIX: &[u8] = b"f:";
+/// On a channel's pub/sub channel: a query of the channel's state from a
+/// node (`q:<node>:<token>:<JSON of an empty part>`); on the node's own
+/// channel, a node's answer (`r:<token>:<JSON part>`).
+const QUERY_PREFIX: &[u8] = b"q:";
+const PART_PREFIX: &[u8] = b"r:";
+/// How long a query of a channel's state waits for the other nodes.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A query of a channel's state waiting for the other nodes' parts.
+struct Query {
+    channel: Arc<str>,
+    parts: Vec<ChannelPart>,
+    reply: crate::engine::cluster::Reply,
+    /// Parts still expected (unknown until Redis says how many heard it).
+    waiting: Option<usize>,
+    until: tokio::time::Instant,
+}
 
 /// A call operation on its way to the node that holds the call.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -474,6 +491,9 @@ enum Answer {
         Option<crate::engine::cluster::Asker>,
         Result<Vec<Notification>, RedisError>,
     ),
+    /// A query of a channel's state published, with how many nodes heard
+    /// it.
+    Asked(u64, Result<i64, RedisError>),
     /// A call operation published for the node holding the call, with how
     /// many subscribers heard it.
     Forwarded(Box<CallOp>, Result<i64, RedisError>),
@@ -521,6 +541,8 @@ struct Bridge {
     followed: HashSet<Arc<str>>,
     /// Connections of other nodes the bridge stands in for.
     proxies: Proxies,
+    /// Queries of channels' state waiting for other nodes, by token.
+    queries: std::collections::HashMap<u64, Query>,
     /// Frames the shards sent to stand-ins, to pass on.
     frames: Vec<(ConnId, bytes::Bytes)>,
     /// Moderation actions of this node on their way through Redis: who
@@ -558,6 +580,7 @@ impl Bridge {
             gone: HashSet::new(),
             followed: HashSet::new(),
             proxies: Proxies::new(bridge_endpoint(shards)),
+            queries: Default::default(),
             frames: Vec::new(),
             pending: Default::default(),
             next_token: 1,
@@ -812,6 +835,13 @@ impl Bridge {
                     .await
             }
             ClusterMsg::CallTo { op, .. } => self.call_gone(op).await,
+            // Answered with this node's part.
+            msg @ ClusterMsg::ChannelQuery { .. } => {
+                if let ClusterMsg::ChannelQuery { channel, .. } = &msg {
+                    let owner = self.owner(channel);
+                    self.send(owner, msg).await;
+                }
+            }
             ClusterMsg::LoadNotifications {
                 user,
                 asker: Some(asker),
@@ -832,6 +862,42 @@ impl Bridge {
             .first()
             .map_or(0, |u| home_of(u, self.shards as u16));
         self.send(home, ClusterMsg::PresenceLoaded(q, views)).await;
+    }
+
+    /// Answers a query with the parts it has (its own first).
+    async fn answer_query(&mut self, token: u64) {
+        let Some(q) = self.queries.remove(&token) else {
+            return;
+        };
+        let owner = self.owner(&q.channel);
+        let msg = ClusterMsg::ChannelQuery {
+            channel: q.channel,
+            parts: q.parts,
+            reply: q.reply,
+        };
+        self.send(owner, msg).await;
+    }
+
+    fn next_query_deadline(&self) -> tokio::time::Instant {
+        self.queries
+            .values()
+            .map(|q| q.until)
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + QUERY_TIMEOUT)
+    }
+
+    /// Answers the queries whose time is up.
+    async fn answer_late_queries(&mut self) {
+        let now = tokio::time::Instant::now();
+        let late: Vec<u64> = self
+            .queries
+            .iter()
+            .filter(|(_, q)| q.until <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            self.answer_query(token).await;
+        }
     }
 
     /// Tells the asker of a call operation that no node holds the call.
@@ -970,6 +1036,10 @@ impl Bridge {
         for out in std::mem::take(&mut self.requeue) {
             self.refuse(ClusterMsg::Sequence(Box::new(out))).await;
         }
+        let tokens: Vec<u64> = self.queries.keys().copied().collect();
+        for token in tokens {
+            self.answer_query(token).await;
+        }
         for m in leftover {
             self.refuse(m).await;
         }
@@ -1023,6 +1093,10 @@ impl Bridge {
                         self.leave(link).await;
                         return End::Stop;
                     }
+                }
+                _ = tokio::time::sleep_until(self.next_query_deadline()), if !self.queries.is_empty() => {
+                    self.node.mesh.unpark(self.me);
+                    self.answer_late_queries().await;
                 }
                 _ = heartbeat.tick() => {
                     self.node.mesh.unpark(self.me);
@@ -1244,6 +1318,61 @@ impl Bridge {
                 });
                 self.publish_with(name, skip.as_deref().unwrap_or(""), out, link, in_flight);
             }
+            ClusterMsg::ChannelQuery {
+                channel,
+                parts,
+                reply,
+            } => {
+                let token = self.next_token;
+                self.next_token += 1;
+                let Some(kind) = parts.first().map(|p| p.empty()) else {
+                    return Ok(());
+                };
+                let mut payload = QUERY_PREFIX.to_vec();
+                payload.extend_from_slice(format!("{}:{token}:", node_name(self.id)).as_bytes());
+                payload.extend_from_slice(&serde_json::to_vec(&kind).expect("parts serialize"));
+                let name = pubsub_channel(&channel);
+                self.queries.insert(
+                    token,
+                    Query {
+                        channel,
+                        parts,
+                        reply,
+                        waiting: None,
+                        until: tokio::time::Instant::now() + QUERY_TIMEOUT,
+                    },
+                );
+                let mut conn = link.conn.clone();
+                let publish = self.publish_cmd;
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd(publish)
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await;
+                    Answer::Asked(token, r)
+                }));
+            }
+            ClusterMsg::ChannelPart {
+                part,
+                origin,
+                token,
+                ..
+            } => {
+                let mut payload = PART_PREFIX.to_vec();
+                payload.extend_from_slice(format!("{token}:").as_bytes());
+                payload.extend_from_slice(&serde_json::to_vec(&part).expect("parts serialize"));
+                let mut conn = link.conn.clone();
+                let (publish, name) = (self.publish_cmd, node_channel(origin));
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd(publish)
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await;
+                    Answer::Done(r.map(|_| ()))
+                }));
+            }
             ClusterMsg::CallTo { node, op } => {
                 let Some(wire) = CallWire::new(self.id, &op) else {
                     return Ok(());
@@ -1352,6 +1481,27 @@ impl Bridge {
     /// A message on this node's own channel: a call operation for a call
     /// held here, or a frame for a connection here.
     async fn for_this_node(&mut self, payload: &[u8]) {
+        if let Some(rest) = payload.strip_prefix(PART_PREFIX) {
+            let parsed = std::str::from_utf8(rest).ok().and_then(|r| {
+                let (token, json) = r.split_once(':')?;
+                Some((
+                    token.parse::<u64>().ok()?,
+                    serde_json::from_str::<ChannelPart>(json).ok()?,
+                ))
+            });
+            let Some((token, part)) = parsed else {
+                tracing::warn!("cluster: a channel's part that cannot be read");
+                return;
+            };
+            let Some(q) = self.queries.get_mut(&token) else {
+                return;
+            };
+            q.parts.push(part);
+            if q.waiting.is_some_and(|w| q.parts.len() > w) {
+                self.answer_query(token).await;
+            }
+            return;
+        }
         if let Some((conn, frame)) = parse_frame(payload) {
             if (conn.shard as usize) < self.shards {
                 let frame = bytes::Bytes::copy_from_slice(frame);
@@ -1466,6 +1616,30 @@ impl Bridge {
                     self.loaded_notifications(user, notifications, asker).await;
                 }
                 end
+            }
+            Answer::Asked(token, r) => {
+                let heard = match r {
+                    Ok(n) => n.max(0) as usize,
+                    Err(e) => {
+                        self.answer_query(token).await;
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        return if lost {
+                            Err(End::Lost(e.to_string()))
+                        } else {
+                            Ok(())
+                        };
+                    }
+                };
+                if let Some(q) = self.queries.get_mut(&token) {
+                    // This node hears its own query when it follows the
+                    // channel; it does not answer it.
+                    let me = usize::from(self.followed.contains(&q.channel));
+                    q.waiting = Some(heard.saturating_sub(me));
+                    if q.parts.len() > q.waiting.unwrap_or(0) {
+                        self.answer_query(token).await;
+                    }
+                }
+                Ok(())
             }
             Answer::Forwarded(op, r) => {
                 let heard = match r {
@@ -1640,6 +1814,32 @@ impl Bridge {
         let Some(channel) = self.followed.get(channel).cloned() else {
             return;
         };
+        if let Some(rest) = m.payload.strip_prefix(QUERY_PREFIX) {
+            let parsed = std::str::from_utf8(rest).ok().and_then(|r| {
+                let (node, rest) = r.split_once(':')?;
+                let (token, json) = rest.split_once(':')?;
+                Some((
+                    u64::from_str_radix(node, 16).ok()?,
+                    token.parse::<u64>().ok()?,
+                    serde_json::from_str::<ChannelPart>(json).ok()?,
+                ))
+            });
+            let Some((origin, token, part)) = parsed else {
+                tracing::warn!(%channel, "cluster: a query that cannot be read");
+                return;
+            };
+            if origin != self.id {
+                let owner = self.owner(&channel);
+                let msg = ClusterMsg::ChannelPart {
+                    channel,
+                    part,
+                    origin,
+                    token,
+                };
+                self.send(owner, msg).await;
+            }
+            return;
+        }
         let Some((offset, epoch, archive)) = split_payload(&m.payload) else {
             tracing::warn!(%channel, "cluster: a payload that is not ours");
             return;

@@ -94,6 +94,16 @@ impl<O: Outbound> Engine<O> {
                 if let Err(e) = self.check_channel_id(&channel) {
                     return refuse(self, bad(e), tx);
                 }
+                if !self.owned.contains_key(channel.as_str()) && self.cluster_up() {
+                    // None here; other nodes may have some.
+                    let reply = Reply {
+                        to: from,
+                        protocol: Protocol::Json,
+                        id: ack,
+                    };
+                    let part = ChannelPart::Members(Vec::new());
+                    return self.channel_answer(&channel.as_str().into(), part, reply, now, tx);
+                }
                 if !self.owned.contains_key(channel.as_str()) {
                     // A channel nobody is in has no members.
                     let body = AckBody::Members(MembersAck {

@@ -166,9 +166,102 @@ pub enum ClusterMsg {
         notifications: Vec<Notification>,
         asker: Option<Asker>,
     },
+    /// To the bridge: a query of a channel's state (members, typing, voice
+    /// participants) to answer with every node's part; `parts` holds this
+    /// node's. From the bridge: every part it got (within a second), to
+    /// merge and answer.
+    ChannelQuery {
+        channel: Arc<str>,
+        parts: Vec<ChannelPart>,
+        reply: Reply,
+    },
+    /// From the bridge: another node's query wants this node's part (of
+    /// kind `part`, empty); to the bridge: the part, for node `origin`.
+    ChannelPart {
+        channel: Arc<str>,
+        part: ChannelPart,
+        origin: u64,
+        token: u64,
+    },
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
+}
+
+/// One node's part of a channel's state, for a query made on another node.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum ChannelPart {
+    Members(Vec<MemberInfo>),
+    Typing(Vec<String>),
+    Voice(Vec<VoiceParticipant>),
+}
+
+impl ChannelPart {
+    /// An empty part of the same kind.
+    pub fn empty(&self) -> ChannelPart {
+        match self {
+            ChannelPart::Members(_) => ChannelPart::Members(Vec::new()),
+            ChannelPart::Typing(_) => ChannelPart::Typing(Vec::new()),
+            ChannelPart::Voice(_) => ChannelPart::Voice(Vec::new()),
+        }
+    }
+
+    /// Every node's parts as one (the first one's kind): a user's
+    /// connections add up, users and participants appear once, sorted.
+    pub fn merge(parts: Vec<ChannelPart>) -> Option<ChannelPart> {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next()?;
+        for p in parts {
+            match (&mut all, p) {
+                (ChannelPart::Members(all), ChannelPart::Members(more)) => {
+                    for m in more {
+                        match all.iter_mut().find(|a| a.user_id == m.user_id) {
+                            Some(a) => a.connections += m.connections,
+                            None => all.push(m),
+                        }
+                    }
+                }
+                (ChannelPart::Typing(all), ChannelPart::Typing(more)) => all.extend(more),
+                (ChannelPart::Voice(all), ChannelPart::Voice(more)) => {
+                    for v in more {
+                        if !all.iter().any(|a| a.user_id == v.user_id) {
+                            all.push(v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        match &mut all {
+            ChannelPart::Members(m) => m.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
+            ChannelPart::Typing(t) => {
+                t.sort();
+                t.dedup();
+            }
+            ChannelPart::Voice(v) => v.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
+        }
+        Some(all)
+    }
+
+    pub fn into_body(self, channel: &str) -> AckBody {
+        let channel_id = channel.to_string();
+        match self {
+            ChannelPart::Members(members) => AckBody::Members(MembersAck {
+                channel_id,
+                members,
+            }),
+            ChannelPart::Typing(user_ids) => AckBody::Typing(TypingAck {
+                channel_id,
+                user_ids,
+            }),
+            ChannelPart::Voice(participants) => AckBody::Voice(VoiceAck {
+                channel_id,
+                participants,
+                token: None,
+                server_url: None,
+            }),
+        }
+    }
 }
 
 /// A connection waiting for an answer: where, in which protocol, its id.
@@ -492,6 +585,31 @@ impl<O: Outbound> Engine<O> {
                     self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
                 }
             }
+            ClusterMsg::ChannelQuery {
+                channel,
+                parts,
+                reply,
+            } => {
+                if let Some(all) = ChannelPart::merge(parts) {
+                    let msg = ack_of(reply.id, all.into_body(&channel));
+                    self.send_to(reply.to, reply.protocol, &msg, now, tx);
+                }
+            }
+            ClusterMsg::ChannelPart {
+                channel,
+                part,
+                origin,
+                token,
+            } => {
+                let part = self.local_part(&channel, part);
+                let msg = ClusterMsg::ChannelPart {
+                    channel,
+                    part,
+                    origin,
+                    token,
+                };
+                self.send_bridge(msg, now, tx);
+            }
             ClusterMsg::Down => self.cluster_down(now, tx),
             ClusterMsg::Bans(bans) => {
                 self.bans.clear();
@@ -513,6 +631,56 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::LoadNotifications { .. }
             | ClusterMsg::CallTo { .. } => {}
         }
+    }
+
+    /// This node's part of a channel's state, of the kind of `like`.
+    pub(super) fn local_part(&self, channel: &str, like: ChannelPart) -> ChannelPart {
+        let Some(o) = self.owned.get(channel) else {
+            return like.empty();
+        };
+        match like {
+            ChannelPart::Members(_) => {
+                let mut members: Vec<MemberInfo> = o
+                    .users
+                    .iter()
+                    .map(|(u, n)| MemberInfo {
+                        user_id: u.to_string(),
+                        connections: *n,
+                    })
+                    .collect();
+                members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+                ChannelPart::Members(members)
+            }
+            ChannelPart::Typing(_) => {
+                ChannelPart::Typing(o.typing.iter().map(|t| t.user.to_string()).collect())
+            }
+            ChannelPart::Voice(_) => ChannelPart::Voice(o.voice_participants()),
+        }
+    }
+
+    /// Answers a query of a channel's state: with every node's part in a
+    /// cluster (the bridge gathers them), with this node's otherwise.
+    pub(super) fn channel_answer(
+        &mut self,
+        channel: &Arc<str>,
+        part: ChannelPart,
+        reply: Reply,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        // Also for a channel without members here: the query reaches the
+        // nodes that follow it.
+        let local_only = self.owned.get(channel).is_some_and(|o| !o.clustered());
+        if self.cluster_up() && !local_only {
+            let msg = ClusterMsg::ChannelQuery {
+                channel: channel.clone(),
+                parts: vec![part],
+                reply,
+            };
+            return self.send_bridge(msg, now, tx);
+        }
+        let msg = ack_of(reply.id, part.into_body(channel));
+        self.send_to(reply.to, reply.protocol, &msg, now, tx);
     }
 
     /// Adds notifications read from Redis to those here (for devices here),

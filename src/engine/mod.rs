@@ -1331,7 +1331,7 @@ mod api;
 mod calls;
 mod client;
 pub mod cluster;
-pub use cluster::{ClusterMsg, Incoming, NotificationChange, Outgoing};
+pub use cluster::{ChannelPart, ClusterMsg, Incoming, NotificationChange, Outgoing};
 pub use moderation::{in_charge, MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;

@@ -436,8 +436,19 @@ impl<O: Outbound> Engine<O> {
             }
             self.ensure_owned(&channel, now, tx);
         }
+        let up = self.cluster_up();
         let owned = match self.owned.get_mut(&channel) {
             Some(o) => o,
+            None if matches!(op, ChanCmd::VoiceParticipants) && up => {
+                // None here; other nodes may have some.
+                let reply = Reply {
+                    to: from,
+                    protocol: member.protocol,
+                    id: ack,
+                };
+                let part = ChannelPart::Voice(Vec::new());
+                return self.channel_answer(&channel, part, reply, now, tx);
+            }
             None => {
                 let msg = match op {
                     ChanCmd::VoiceParticipants => ack_of(
@@ -601,20 +612,8 @@ impl<O: Outbound> Engine<O> {
                 reply_to(self, ack_of(ack, body), tx);
             }
             ChanCmd::Members => {
-                let mut members: Vec<MemberInfo> = owned
-                    .users
-                    .iter()
-                    .map(|(u, n)| MemberInfo {
-                        user_id: u.to_string(),
-                        connections: *n,
-                    })
-                    .collect();
-                members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-                let body = AckBody::Members(MembersAck {
-                    channel_id: channel.to_string(),
-                    members,
-                });
-                reply_to(self, ack_of(ack, body), tx);
+                let part = self.local_part(&channel, ChannelPart::Members(Vec::new()));
+                self.channel_answer(&channel, part, reply, now, tx);
             }
             ChanCmd::TypingStart => {
                 let until = now + self.s.typing_timeout_ms;
@@ -657,11 +656,8 @@ impl<O: Outbound> Engine<O> {
                 reply_to(self, empty_ack(ack), tx);
             }
             ChanCmd::TypingActive => {
-                let body = AckBody::Typing(TypingAck {
-                    channel_id: channel.to_string(),
-                    user_ids: owned.typing.iter().map(|t| t.user.to_string()).collect(),
-                });
-                reply_to(self, ack_of(ack, body), tx);
+                let part = self.local_part(&channel, ChannelPart::Typing(Vec::new()));
+                self.channel_answer(&channel, part, reply, now, tx);
             }
             ChanCmd::Delivered { message_id } => {
                 let Some(m) = owned.find(&message_id) else {
@@ -793,13 +789,8 @@ impl<O: Outbound> Engine<O> {
                 reply_to(self, empty_ack(ack), tx);
             }
             ChanCmd::VoiceParticipants => {
-                let body = AckBody::Voice(VoiceAck {
-                    channel_id: channel.to_string(),
-                    participants: owned.voice_participants(),
-                    token: None,
-                    server_url: None,
-                });
-                reply_to(self, ack_of(ack, body), tx);
+                let part = self.local_part(&channel, ChannelPart::Voice(Vec::new()));
+                self.channel_answer(&channel, part, reply, now, tx);
             }
         }
     }

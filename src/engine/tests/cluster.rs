@@ -144,6 +144,11 @@ fn bridge(
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
     if !c.up || c.cut.contains(&n) {
+        if let ClusterMsg::ChannelQuery { channel, .. } = &m {
+            let owner = owner_of(channel, SHARDS) as usize;
+            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+            return;
+        }
         if let ClusterMsg::LoadNotifications { user, asker } = m {
             let home = home_of(&user, SHARDS) as usize;
             let m = ClusterMsg::NotificationsLoaded {
@@ -254,6 +259,25 @@ fn bridge(
                 };
                 sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
             }
+        }
+        ClusterMsg::ChannelQuery {
+            channel,
+            mut parts,
+            reply,
+        } => {
+            let owner = owner_of(&channel, SHARDS) as usize;
+            let kind = parts[0].empty();
+            for (k, sim) in sims.iter().enumerate() {
+                if k != n && c.followed[k].contains(&channel) {
+                    parts.push(sim.shards[owner].local_part(&channel, kind.clone()));
+                }
+            }
+            let m = ClusterMsg::ChannelQuery {
+                channel,
+                parts,
+                reply,
+            };
+            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
         }
         ClusterMsg::CallReach(op, _) => {
             let CallCmd::Create { callee, .. } = &op.op else {
@@ -992,4 +1016,48 @@ fn a_call_held_by_one_node_is_answered_and_ended_on_another() {
             && matches!(&m.event, ServerEvent::Error(e) if e.code == ErrorCode::NotFound)),
         "{got:?}"
     );
+}
+
+#[test]
+fn members_typing_and_voice_add_up_over_nodes() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, _) = sims[1].connect(1, "bob", Protocol::Json);
+    let (b2, _) = sims[0].connect(1, "bob", Protocol::Json);
+    for (n, who) in [(0, a), (1, b), (0, b2)] {
+        sims[n].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    sims[1].send(
+        b,
+        Some(1),
+        ClientEvent::TypingStart(ChannelRef {
+            channel_id: "general".into(),
+        }),
+    );
+    pump(&mut sims, &mut c);
+    ra.take();
+    let ask = |sims: &mut [Sim], c: &mut Cluster, e: ClientEvent| {
+        sims[0].send(a, Some(9), e);
+        pump(sims, c);
+        super::ack_body(&ra.take(), 9)
+    };
+    let general = || ChannelRef {
+        channel_id: "general".into(),
+    };
+    match ask(&mut sims, &mut c, ClientEvent::ChannelGetMembers(general())) {
+        AckBody::Members(m) => {
+            let got: Vec<(&str, u32)> = m
+                .members
+                .iter()
+                .map(|m| (m.user_id.as_str(), m.connections))
+                .collect();
+            assert_eq!(got, [("alice", 1), ("bob", 2)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match ask(&mut sims, &mut c, ClientEvent::TypingGetActive(general())) {
+        AckBody::Typing(t) => assert_eq!(t.user_ids, ["bob"]),
+        other => panic!("{other:?}"),
+    }
 }

@@ -2298,6 +2298,12 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            // One node: no other node's part of a channel's state.
+            if let ClusterMsg::ChannelQuery { channel, .. } = &m {
+                let owner = owner_of(channel, 3) as usize;
+                sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             // One node: no callee elsewhere, no call held elsewhere.
             if let ClusterMsg::CallReach(op, _) = m {
                 let owner = (op.call >> 48) as usize;
