@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | `cc:{C}:meta` | hash | the channel's `epoch` and last `offset` | expires `history_ttl_ms` after the last event |
 //! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
-//! | `cc:{C}` | pub/sub channel | every event of the channel, for the nodes that follow it | not stored |
+//! | `cc:{C}` | pub/sub channel | every event of the channel, and queries of its state, for the nodes that follow it | not stored |
 //!
 //! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |
 //! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
@@ -19,7 +19,7 @@
 //! | `cc:n:{U}` | hash | user `U`'s notifications: field `<created_at hex>.<id>`, value JSON | at most `max_notifications`, the oldest dropped; expires `notification_ttl_ms` after the newest |
 //! | `cc:nodes` | sorted set | the live nodes, scored by their last heartbeat (Redis time, ms) | one member per node; silent ones removed after `node_timeout_ms` × 3/4 |
 //! | `cc:node:{N}:users` | set | the users node `N` has a field of in `cc:p:{U}` (to clean up after it) | one member per user online there; removed with the node |
-//! | `cc:to:{N}` | pub/sub channel | node `N`'s own: call operations for the calls it holds, and events for its connections from calls held elsewhere | not stored |
+//! | `cc:to:{N}` | pub/sub channel | node `N`'s own: call operations for the calls it holds, events for its connections from calls held elsewhere, other nodes' parts of its queries | not stored |
 //! | `cc:gone` | pub/sub channel | ids of nodes that stopped or were taken for gone | not stored |
 //!
 //! A published payload is `offset:epoch:` then the node-to-node archive
