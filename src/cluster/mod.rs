@@ -1963,12 +1963,25 @@ async fn forget_node(mut conn: Conn, node: &str) -> Result<(), RedisError> {
         .arg(&set)
         .query_async(&mut conn)
         .await?;
-    for user in users {
-        redis::cmd("HDEL")
-            .arg(presence_key(&user))
-            .arg(node)
-            .query_async::<i64>(&mut conn)
-            .await?;
+    // Many at once (a node may have had many users), in order of no
+    // importance.
+    for chunk in users.chunks(256) {
+        let mut dels: futures_util::stream::FuturesUnordered<_> = chunk
+            .iter()
+            .map(|user| {
+                let mut conn = conn.clone();
+                async move {
+                    redis::cmd("HDEL")
+                        .arg(presence_key(user))
+                        .arg(node)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            })
+            .collect();
+        while let Some(r) = dels.next().await {
+            r?;
+        }
     }
     redis::cmd("DEL")
         .arg(&set)
