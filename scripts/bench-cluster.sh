@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # One fan-out load on a single node, then on two nodes sharing a Redis
 # (each channel's members spread over both), interleaved round by round.
-# Prints each run and the medians: deliveries/s, corecast CPU per delivery
-# (both nodes added up), Redis CPU per publish, p50 and p99.
+# With MODES="single cluster rcluster", also on two nodes sharing a
+# three-master Redis Cluster (sharded pub/sub). Prints each run and the
+# medians: deliveries/s, corecast CPU per delivery (both nodes added up),
+# Redis CPU per publish (every Redis process added up), p50 and p99.
 #
 #   scripts/bench-cluster.sh ROUNDS -- FANOUT ARGS
 #   scripts/bench-cluster.sh 3 -- -r 10 -m 100 -s 1000 -t 5
 #
 # corecast (one shard per node) and redis-server run on core $SERVER_CORE
-# (0), the load generator on core $LOADGEN_CORE (1). Needs redis-server;
-# uses ports 9400-9699 on 127.0.0.1. Appends the JSON lines, tagged, to
+# (0), the load generator on core $LOADGEN_CORE (1). Needs redis-server
+# (and redis-cli for the Redis Cluster); uses ports 9400-9699 on 127.0.0.1
+# (and 19400-19699 for the Redis Cluster's bus). Appends the JSON lines, tagged, to
 # $RESULTS (docs/bench-results.jsonl) when set.
 set -euo pipefail
 UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
   CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
 
-[ $# -ge 2 ] && [ "$2" = "--" ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -ge 2 ] && [ "$2" = "--" ] || { sed -n 2,16p "$0"; exit 2; }
+MODES=${MODES:-single cluster}
 ROUNDS=$1
 shift 2
 ARGS=("$@")
@@ -27,7 +31,12 @@ BIN=target/release/corecast
 command -v redis-server >/dev/null || { echo "redis-server is missing (apt-get install redis-server)" >&2; exit 2; }
 OUT=$(mktemp)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f "$OUT"; }
+DIRS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -f "$OUT"
+  for d in "${DIRS[@]}"; do rm -rf "$d"; done
+}
 trap cleanup EXIT
 
 cpu_s() { python3 -c '
@@ -35,10 +44,12 @@ import os, sys
 f = open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split()
 print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$1"; }
 
-start_node() { # PORT [REDIS_URL]
+start_node() { # PORT [REDIS_URL | cluster:URLS]
   local log
   log=$(mktemp)
-  if [ -n "${2:-}" ]; then
+  if [ -n "${2:-}" ] && [ "${2#cluster:}" != "$2" ]; then
+    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis-cluster "${2#cluster:}" >/dev/null 2>"$log" &
+  elif [ -n "${2:-}" ]; then
     "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis "$2" >/dev/null 2>"$log" &
   else
     "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 >/dev/null 2>"$log" &
@@ -55,13 +66,35 @@ start_node() { # PORT [REDIS_URL]
 
 port=9400
 for round in $(seq "$ROUNDS"); do
-  for mode in single cluster; do
-    port=$((port + 3))
+  for mode in $MODES; do
+    port=$((port + 5))
     redis_pid=""
     if [ "$mode" = single ]; then
       a=$(start_node "$port")
       urls="ws://127.0.0.1:$port/ws"
       pids="$a"
+    elif [ "$mode" = rcluster ]; then
+      dir=$(mktemp -d)
+      DIRS+=("$dir")
+      redis_pids=()
+      for p in $((port + 2)) $((port + 3)) $((port + 4)); do
+        (cd "$dir" && exec taskset -c "$SERVER_CORE" redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no \
+          --cluster-enabled yes --cluster-config-file "nodes-$p.conf") >/dev/null &
+        redis_pids+=($!)
+        PIDS+=($!)
+      done
+      for p in $((port + 2)) $((port + 3)) $((port + 4)); do
+        for _ in $(seq 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.05; done
+      done
+      redis-cli --cluster create "127.0.0.1:$((port + 2))" "127.0.0.1:$((port + 3))" "127.0.0.1:$((port + 4))" \
+        --cluster-replicas 0 --cluster-yes >/dev/null
+      for _ in $(seq 200); do redis-cli -p "$((port + 2))" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
+      seeds="cluster:redis://127.0.0.1:$((port + 2)),redis://127.0.0.1:$((port + 3)),redis://127.0.0.1:$((port + 4))"
+      a=$(start_node "$port" "$seeds")
+      b=$(start_node $((port + 1)) "$seeds")
+      urls="ws://127.0.0.1:$port/ws,ws://127.0.0.1:$((port + 1))/ws"
+      pids="$a,$b"
+      redis_pid="${redis_pids[*]}"
     else
       taskset -c "$SERVER_CORE" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
       redis_pid=$!
@@ -72,12 +105,13 @@ for round in $(seq "$ROUNDS"); do
       urls="ws://127.0.0.1:$((port + 1))/ws,ws://127.0.0.1:$((port + 2))/ws"
       pids="$a,$b"
     fi
-    redis_before=${redis_pid:+$(cpu_s "$redis_pid")}
+    redis_cpu_all() { local t=0; for p in $redis_pid; do t=$(python3 -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[2]))' "$t" "$(cpu_s "$p")"); done; echo "$t"; }
+    redis_before=${redis_pid:+$(redis_cpu_all)}
     line=$(taskset -c "$LOADGEN_CORE" "$BIN" bench --url "$urls" --server-pid "$pids" \
       --driver epoll fanout "${ARGS[@]}" 2>/dev/null || true)
     redis_cpu=0
     if [ -n "$redis_pid" ]; then
-      redis_cpu=$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$redis_before" "$(cpu_s "$redis_pid")")
+      redis_cpu=$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$redis_before" "$(redis_cpu_all)")
     fi
     for p in ${pids//,/ } $redis_pid; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     PIDS=()
