@@ -1098,6 +1098,21 @@ async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
         let n = p.event("notification:new").await;
         assert_eq!(n["d"]["data"]["content"], "@carol again");
     }
+    // A member of the channel through another node is not notified of a
+    // mention; a user who is no member anywhere is.
+    let mut dave = Peer::on(&b, "dave", 0, "").await;
+    dave.ok("channel:join", json!({"channelId": "team"})).await;
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "team", "content": "@dave @bob", "mentions": ["dave", "bob"]}),
+        )
+        .await;
+    let n = bob.event("notification:new").await;
+    assert_eq!(n["d"]["data"]["content"], "@dave @bob");
+    let pending = dave.ok("notification:get_pending", json!({})).await;
+    assert_eq!(pending["notifications"], json!([]), "{pending}");
+    assert_eq!(redis_cli(&redis, &["EXISTS", "cc:n:{dave}"]), "0");
     // Cleared on node a: gone on node b and in Redis.
     carol_a.ok("notification:clear_all", json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(5);

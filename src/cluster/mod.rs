@@ -194,7 +194,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 struct Query {
     channel: Arc<str>,
     parts: Vec<ChannelPart>,
-    reply: crate::engine::cluster::Reply,
+    then: crate::engine::cluster::QueryThen,
     /// Parts still expected (unknown until Redis says how many heard it).
     waiting: Option<usize>,
     until: tokio::time::Instant,
@@ -873,7 +873,7 @@ impl Bridge {
         let msg = ClusterMsg::ChannelQuery {
             channel: q.channel,
             parts: q.parts,
-            reply: q.reply,
+            then: q.then,
         };
         self.send(owner, msg).await;
     }
@@ -1321,7 +1321,7 @@ impl Bridge {
             ClusterMsg::ChannelQuery {
                 channel,
                 parts,
-                reply,
+                then,
             } => {
                 let token = self.next_token;
                 self.next_token += 1;
@@ -1337,7 +1337,7 @@ impl Bridge {
                     Query {
                         channel,
                         parts,
-                        reply,
+                        then,
                         waiting: None,
                         until: tokio::time::Instant::now() + QUERY_TIMEOUT,
                     },

@@ -173,7 +173,7 @@ pub enum ClusterMsg {
     ChannelQuery {
         channel: Arc<str>,
         parts: Vec<ChannelPart>,
-        reply: Reply,
+        then: QueryThen,
     },
     /// From the bridge: another node's query wants this node's part (of
     /// kind `part`, empty); to the bridge: the part, for node `origin`.
@@ -186,6 +186,15 @@ pub enum ClusterMsg {
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
+}
+
+/// What to do with the answer to a query of a channel's state.
+#[derive(Debug)]
+pub enum QueryThen {
+    /// Answer a connection (or the server API).
+    Reply(Reply),
+    /// Notify the users a message mentions who are members on no node.
+    Mentions(Box<MessageNew>),
 }
 
 /// One node's part of a channel's state, for a query made on another node.
@@ -588,11 +597,30 @@ impl<O: Outbound> Engine<O> {
             ClusterMsg::ChannelQuery {
                 channel,
                 parts,
-                reply,
+                then,
             } => {
-                if let Some(all) = ChannelPart::merge(parts) {
-                    let msg = ack_of(reply.id, all.into_body(&channel));
-                    self.send_to(reply.to, reply.protocol, &msg, now, tx);
+                let Some(all) = ChannelPart::merge(parts) else {
+                    return;
+                };
+                match then {
+                    QueryThen::Reply(reply) => {
+                        let msg = ack_of(reply.id, all.into_body(&channel));
+                        self.send_to(reply.to, reply.protocol, &msg, now, tx);
+                    }
+                    QueryThen::Mentions(m) => {
+                        let ChannelPart::Members(members) = all else {
+                            return;
+                        };
+                        let absent = m
+                            .mentions
+                            .iter()
+                            .filter(|u| {
+                                **u != m.user_id && !members.iter().any(|x| x.user_id == **u)
+                            })
+                            .map(|u| Arc::from(u.as_str()))
+                            .collect();
+                        self.notify_absent(&channel, &m, absent, now, tx);
+                    }
                 }
             }
             ClusterMsg::ChannelPart {
@@ -675,7 +703,7 @@ impl<O: Outbound> Engine<O> {
             let msg = ClusterMsg::ChannelQuery {
                 channel: channel.clone(),
                 parts: vec![part],
-                reply,
+                then: QueryThen::Reply(reply),
             };
             return self.send_bridge(msg, now, tx);
         }

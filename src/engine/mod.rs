@@ -49,7 +49,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::*;
 use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
-use cluster::Reply;
+use cluster::{QueryThen, Reply};
 use timers::{Timer, Timers};
 use user::{Detached, Device, NodePresence, UserState};
 

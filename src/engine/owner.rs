@@ -359,6 +359,32 @@ impl<O: Outbound> Engine<O> {
             .filter(|u| **u != message.user_id && !owned.users.contains_key(u.as_str()))
             .map(|u| Arc::from(u.as_str()))
             .collect();
+        if absent.is_empty() {
+            return;
+        }
+        if self.cluster_up() && owned.clustered() {
+            // Members here or on another node are not notified: the other
+            // nodes say who is a member there.
+            let part = self.local_part(channel, ChannelPart::Members(Vec::new()));
+            let msg = ClusterMsg::ChannelQuery {
+                channel: channel.clone(),
+                parts: vec![part],
+                then: QueryThen::Mentions(Box::new(message.clone())),
+            };
+            return self.send_bridge(msg, now, tx);
+        }
+        self.notify_absent(channel, message, absent, now, tx);
+    }
+
+    /// Notifies mentioned users who are not members of the channel.
+    pub(super) fn notify_absent(
+        &mut self,
+        channel: &Arc<str>,
+        message: &MessageNew,
+        absent: Vec<Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         for user in absent {
             let data = serde_json::json!({
                 "channelId": &**channel,

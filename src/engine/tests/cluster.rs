@@ -263,7 +263,7 @@ fn bridge(
         ClusterMsg::ChannelQuery {
             channel,
             mut parts,
-            reply,
+            then,
         } => {
             let owner = owner_of(&channel, SHARDS) as usize;
             let kind = parts[0].empty();
@@ -275,7 +275,7 @@ fn bridge(
             let m = ClusterMsg::ChannelQuery {
                 channel,
                 parts,
-                reply,
+                then,
             };
             sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
         }
