@@ -476,9 +476,37 @@ async fn direct_messages_and_receipts_reach_devices_on_every_node() {
         alice_b.event("dm:sent").await["d"]["messageId"],
         id.as_str()
     );
-    // Each node keeps the conversation for the devices it serves.
+    // The conversation is listed on every node, from Redis: also on a node
+    // where carol had no device when alice wrote to her.
     let convs = bob_b.ok("dm:get_conversations", json!({})).await;
     assert_eq!(convs["conversations"][0]["userId"], "alice", "{convs}");
+    assert_eq!(convs["conversations"][0]["unread"], 1, "{convs}");
+    alice_a
+        .ok("dm:send", json!({"toUserId": "carol", "content": "one"}))
+        .await;
+    alice_a
+        .ok("dm:send", json!({"toUserId": "carol", "content": "two"}))
+        .await;
+    let mut carol_b = Peer::on(&b, "carol", 0, "").await;
+    let convs = carol_b.ok("dm:get_conversations", json!({})).await;
+    let c = &convs["conversations"][0];
+    assert_eq!(
+        (
+            c["userId"].as_str(),
+            c["unread"].as_u64(),
+            c["lastMessage"]["content"].as_str()
+        ),
+        (Some("alice"), Some(2), Some("two")),
+        "{convs}"
+    );
+    let convs = alice_b.ok("dm:get_conversations", json!({})).await;
+    let peers: Vec<&str> = convs["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(peers, ["carol", "bob"], "latest first: {convs}");
     // Nothing arrives twice on the node that made it.
     let again: Vec<Value> = bob_a.drain().await;
     assert!(again.iter().all(|v| v["t"] != "dm:new"), "{again:?}");

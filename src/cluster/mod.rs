@@ -17,6 +17,7 @@
 //! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`) and changes of `U`'s presence, followed by the nodes where `U` is connected or watched | not stored |
 //! | `cc:p:{U}` | hash | user `U`'s presence on each node where it is connected: field the node's id, value the node's view (archive) | one field per node with devices of `U`; a node's fields are removed when it goes offline there, stops, or is taken for gone |
 //! | `cc:n:{U}` | hash | user `U`'s notifications: field `<created_at hex>.<id>`, value JSON | at most `max_notifications`, the oldest dropped; expires `notification_ttl_ms` after the newest |
+//! | `cc:c:{U}` | hash | user `U`'s conversations: field the peer, value `<unread>:<timestamp>:<last message as JSON>` | at most `max_conversations`, the oldest dropped; expires `notification_ttl_ms` after the last message |
 //! | `cc:nodes` | sorted set | the live nodes, scored by their last heartbeat (Redis time, ms) | one member per node; silent ones removed after `node_timeout_ms` × 3/4 |
 //! | `cc:node:{N}:users` | set | the users node `N` has a field of in `cc:p:{U}` (to clean up after it) | one member per user online there; removed with the node |
 //! | `cc:to:{N}` | pub/sub channel | node `N`'s own: call operations for the calls it holds, events for its connections from calls held elsewhere, other nodes' parts of its queries | not stored |
@@ -52,7 +53,7 @@ use crate::engine::{
 };
 use crate::metrics::ClusterMetrics;
 use crate::node::Node;
-use crate::protocol::{Notification, Protocol, ServerMessage};
+use crate::protocol::{Conversation, Notification, Protocol, ServerMessage};
 
 /// The bridge's mesh endpoint on a node of `shards` shards (after the
 /// server API's).
@@ -167,6 +168,36 @@ else
   end
 end
 redis.call(ARGV[2], ARGV[3], ARGV[4])
+return 1
+"#;
+
+/// Keeps the last direct message of a user's conversation with a peer.
+/// KEYS: the user's conversations (a hash: field the peer, value
+/// `<unread>:<timestamp>:<message as JSON>`). ARGV: peer, timestamp, the
+/// message, `1` if it is to the user (one more unread; `0` reads the
+/// conversation), at most how many, expiry (ms).
+const CONVERSATION: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local unread = 0
+if ARGV[4] == '1' then
+  if cur then unread = tonumber(string.match(cur, '^(%d+):')) or 0 end
+  unread = unread + 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], unread .. ':' .. ARGV[2] .. ':' .. ARGV[3])
+local max = tonumber(ARGV[5])
+local n = redis.call('HLEN', KEYS[1])
+if n > max then
+  local all = redis.call('HGETALL', KEYS[1])
+  local by_age = {}
+  for i = 1, #all, 2 do
+    table.insert(by_age, {all[i], tonumber(string.match(all[i + 1], '^%d+:(%d+):')) or 0})
+  end
+  table.sort(by_age, function(a, b) return a[2] < b[2] end)
+  for i = 1, n - max do
+    redis.call('HDEL', KEYS[1], by_age[i][1])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
 "#;
 
@@ -385,6 +416,33 @@ fn presence_key(user: &str) -> String {
     format!("cc:p:{{{user}}}")
 }
 
+fn conversations_key(user: &str) -> String {
+    format!("cc:c:{{{user}}}")
+}
+
+/// A user's conversations as Redis keeps them, most recent first.
+fn read_conversations(all: Vec<(String, String)>, limit: usize) -> Vec<Conversation> {
+    let mut out: Vec<(u64, Conversation)> = all
+        .into_iter()
+        .filter_map(|(peer, v)| {
+            let mut parts = v.splitn(3, ':');
+            let unread = parts.next()?.parse().ok()?;
+            let at = parts.next()?.parse().ok()?;
+            let last_message = serde_json::from_str(parts.next()?).ok()?;
+            Some((
+                at,
+                Conversation {
+                    user_id: peer,
+                    last_message,
+                    unread,
+                },
+            ))
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.into_iter().take(limit).map(|(_, c)| c).collect()
+}
+
 fn notifications_key(user: &str) -> String {
     format!("cc:n:{{{user}}}")
 }
@@ -494,6 +552,13 @@ enum Answer {
     /// A query of a channel's state published, with how many nodes heard
     /// it.
     Asked(u64, Result<i64, RedisError>),
+    /// A user's conversations, read from Redis.
+    Conversations(
+        Arc<str>,
+        usize,
+        crate::engine::cluster::Asker,
+        Result<Vec<Conversation>, RedisError>,
+    ),
     /// A call operation published for the node holding the call, with how
     /// many subscribers heard it.
     Forwarded(Box<CallOp>, Result<i64, RedisError>),
@@ -527,6 +592,8 @@ struct Bridge {
     moderate: Script,
     heartbeat: Script,
     notifications: Arc<Script>,
+    conversation: Arc<Script>,
+    max_conversations: usize,
     max_notifications: usize,
     notification_ttl_ms: u64,
     /// How long a silent node lives on in the others' eyes (ms).
@@ -573,6 +640,8 @@ impl Bridge {
             moderate: Script::new(MODERATE),
             heartbeat: Script::new(HEARTBEAT),
             notifications: Arc::new(Script::new(NOTIFICATIONS)),
+            conversation: Arc::new(Script::new(CONVERSATION)),
+            max_conversations: s.max_conversations,
             max_notifications: s.max_notifications,
             notification_ttl_ms: s.notification_ttl_ms,
             node_timeout_ms: node.config.node_timeout_ms,
@@ -685,6 +754,7 @@ impl Bridge {
         self.moderate.load_async(&mut conn).await?;
         self.heartbeat.load_async(&mut conn).await?;
         self.notifications.load_async(&mut conn).await?;
+        self.conversation.load_async(&mut conn).await?;
         sink.subscribe_all(MODERATION).await?;
         sink.subscribe_all(GONE).await?;
         sink.follow(&node_channel(self.id)).await?;
@@ -835,6 +905,9 @@ impl Bridge {
                     .await
             }
             ClusterMsg::CallTo { op, .. } => self.call_gone(op).await,
+            ClusterMsg::LoadConversations { user, limit, asker } => {
+                self.loaded_conversations(user, limit, None, asker).await
+            }
             // Answered with this node's part.
             msg @ ClusterMsg::ChannelQuery { .. } => {
                 if let ClusterMsg::ChannelQuery { channel, .. } = &msg {
@@ -862,6 +935,23 @@ impl Bridge {
             .first()
             .map_or(0, |u| home_of(u, self.shards as u16));
         self.send(home, ClusterMsg::PresenceLoaded(q, views)).await;
+    }
+
+    async fn loaded_conversations(
+        &self,
+        user: Arc<str>,
+        limit: usize,
+        conversations: Option<Vec<Conversation>>,
+        asker: crate::engine::cluster::Asker,
+    ) {
+        let home = home_of(&user, self.shards as u16);
+        let msg = ClusterMsg::ConversationsLoaded {
+            user,
+            limit,
+            conversations,
+            asker,
+        };
+        self.send(home, msg).await;
     }
 
     /// Answers a query with the parts it has (its own first).
@@ -1318,6 +1408,41 @@ impl Bridge {
                 });
                 self.publish_with(name, skip.as_deref().unwrap_or(""), out, link, in_flight);
             }
+            ClusterMsg::Conversation {
+                user,
+                peer,
+                msg,
+                incoming,
+            } => {
+                let json = serde_json::to_string(&msg).expect("messages serialize");
+                let script = self.conversation.clone();
+                let mut conn = link.conn.clone();
+                let (max, ttl) = (self.max_conversations, self.notification_ttl_ms);
+                in_flight.push_back(Box::pin(async move {
+                    let r = script
+                        .key(conversations_key(&user))
+                        .arg(&*peer)
+                        .arg(msg.timestamp)
+                        .arg(json)
+                        .arg(if incoming { "1" } else { "0" })
+                        .arg(max)
+                        .arg(ttl)
+                        .invoke_async::<i64>(&mut conn)
+                        .await;
+                    Answer::Done(r.map(|_| ()))
+                }));
+            }
+            ClusterMsg::LoadConversations { user, limit, asker } => {
+                let mut conn = link.conn.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let r = redis::cmd("HGETALL")
+                        .arg(conversations_key(&user))
+                        .query_async::<Vec<(String, String)>>(&mut conn)
+                        .await
+                        .map(|all| read_conversations(all, limit));
+                    Answer::Conversations(user, limit, asker, r)
+                }));
+            }
             ClusterMsg::ChannelQuery {
                 channel,
                 parts,
@@ -1615,6 +1740,26 @@ impl Bridge {
                 if !notifications.is_empty() || asker.is_some() {
                     self.loaded_notifications(user, notifications, asker).await;
                 }
+                end
+            }
+            Answer::Conversations(user, limit, asker, r) => {
+                let (conversations, end) = match r {
+                    Ok(c) => (Some(c), Ok(())),
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "cluster: cannot read a user's conversations");
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        (
+                            None,
+                            if lost {
+                                Err(End::Lost(e.to_string()))
+                            } else {
+                                Ok(())
+                            },
+                        )
+                    }
+                };
+                self.loaded_conversations(user, limit, conversations, asker)
+                    .await;
                 end
             }
             Answer::Asked(token, r) => {

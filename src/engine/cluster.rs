@@ -183,6 +183,29 @@ pub enum ClusterMsg {
         origin: u64,
         token: u64,
     },
+    /// To the bridge: a direct message in `user`'s conversation with
+    /// `peer`, to keep in Redis (`incoming`: to the user, one more unread).
+    Conversation {
+        user: Arc<str>,
+        peer: Arc<str>,
+        msg: Box<DmMessage>,
+        incoming: bool,
+    },
+    /// To the bridge: read a user's conversations from Redis for `asker`.
+    /// From the bridge, to the user's home: them, most recent first
+    /// (`None` when Redis could not be read: the home answers with its
+    /// own).
+    LoadConversations {
+        user: Arc<str>,
+        limit: usize,
+        asker: Asker,
+    },
+    ConversationsLoaded {
+        user: Arc<str>,
+        limit: usize,
+        conversations: Option<Vec<Conversation>>,
+        asker: Asker,
+    },
     /// From the bridge: Redis is reachable again, or no longer.
     Up,
     Down,
@@ -638,6 +661,17 @@ impl<O: Outbound> Engine<O> {
                 };
                 self.send_bridge(msg, now, tx);
             }
+            ClusterMsg::ConversationsLoaded {
+                user,
+                limit,
+                conversations,
+                asker: (conn, protocol, id),
+            } => {
+                let conversations =
+                    conversations.unwrap_or_else(|| self.local_conversations(&user, limit));
+                let body = AckBody::Conversations(ConversationsAck { conversations });
+                self.send_to(conn, protocol, &ack_of(id, body), now, tx);
+            }
             ClusterMsg::Down => self.cluster_down(now, tx),
             ClusterMsg::Bans(bans) => {
                 self.bans.clear();
@@ -657,7 +691,9 @@ impl<O: Outbound> Engine<O> {
             | ClusterMsg::Presence(_)
             | ClusterMsg::LoadPresence(_)
             | ClusterMsg::LoadNotifications { .. }
-            | ClusterMsg::CallTo { .. } => {}
+            | ClusterMsg::CallTo { .. }
+            | ClusterMsg::Conversation { .. }
+            | ClusterMsg::LoadConversations { .. } => {}
         }
     }
 

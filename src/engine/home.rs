@@ -362,6 +362,7 @@ impl<O: Outbound> Engine<O> {
                     st.remember_dm_nonce(n, msg.clone());
                 }
                 st.record_dm(&to, msg.clone(), false, max_conversations);
+                self.keep_conversation(&user, &to, &msg, false, now, tx);
                 let body = AckBody::Dm(DmAck {
                     message_id,
                     to_user_id: d.to_user_id,
@@ -383,27 +384,19 @@ impl<O: Outbound> Engine<O> {
                 let from_user: Arc<str> = msg.from_user_id.as_str().into();
                 self.user(&user)
                     .record_dm(&from_user, msg.clone(), true, max_conversations);
+                self.keep_conversation(&user, &from_user, &msg, true, now, tx);
                 self.tell_other_nodes(&user, ServerEvent::DmNew(msg.clone()), now, tx);
                 self.send_devices(&user, ServerEvent::DmNew(msg), None, now, tx);
             }
             UserCmd::Conversations { limit } => {
                 let limit = limit.unwrap_or(50) as usize;
-                let conversations = self
-                    .users
-                    .get(&user)
-                    .and_then(|st| st.extra())
-                    .map(|m| {
-                        m.conversations
-                            .iter()
-                            .take(limit)
-                            .map(|c| Conversation {
-                                user_id: c.peer.to_string(),
-                                last_message: c.last.clone(),
-                                unread: c.unread,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                // In a cluster, Redis has every node's.
+                if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
+                    let asker = (conn, protocol, ack);
+                    let msg = ClusterMsg::LoadConversations { user, limit, asker };
+                    return self.send_bridge(msg, now, tx);
+                }
+                let conversations = self.local_conversations(&user, limit);
                 let body = AckBody::Conversations(ConversationsAck { conversations });
                 reply(self, ack_of(ack, body), tx);
             }
@@ -663,6 +656,47 @@ impl<O: Outbound> Engine<O> {
         let change = NotificationChange::New(n.clone());
         self.tell_notifications(user, change, Vec::new(), now, tx);
         n
+    }
+
+    /// The user's conversations kept here, most recent first.
+    pub(super) fn local_conversations(&self, user: &Arc<str>, limit: usize) -> Vec<Conversation> {
+        self.users
+            .get(user)
+            .and_then(|st| st.extra())
+            .map(|m| {
+                m.conversations
+                    .iter()
+                    .take(limit)
+                    .map(|c| Conversation {
+                        user_id: c.peer.to_string(),
+                        last_message: c.last.clone(),
+                        unread: c.unread,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// In a cluster: a direct message in a conversation, for Redis (the
+    /// node where it is sent keeps it for both users).
+    fn keep_conversation(
+        &mut self,
+        user: &Arc<str>,
+        peer: &Arc<str>,
+        msg: &DmMessage,
+        incoming: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let msg = ClusterMsg::Conversation {
+                user: user.clone(),
+                peer: peer.clone(),
+                msg: Box::new(msg.clone()),
+                incoming,
+            };
+            self.send_bridge(msg, now, tx);
+        }
     }
 
     /// The answer to `notification:get_pending`.

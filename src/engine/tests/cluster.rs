@@ -33,6 +33,8 @@ struct Cluster {
     notifications: HashMap<Arc<str>, Vec<Notification>>,
     /// Per node: the connections of other nodes its bridge stands in for.
     proxies: Vec<Proxies>,
+    /// Per user: the conversations (the `cc:c:{U}` hashes), latest first.
+    conversations: HashMap<Arc<str>, Vec<Conversation>>,
 }
 
 const SHARDS: u16 = 2;
@@ -144,6 +146,17 @@ fn bridge(
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
     if !c.up || c.cut.contains(&n) {
+        if let ClusterMsg::LoadConversations { user, limit, asker } = m {
+            let home = home_of(&user, SHARDS) as usize;
+            let m = ClusterMsg::ConversationsLoaded {
+                user,
+                limit,
+                conversations: None,
+                asker,
+            };
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+            return;
+        }
         if let ClusterMsg::ChannelQuery { channel, .. } = &m {
             let owner = owner_of(channel, SHARDS) as usize;
             sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
@@ -278,6 +291,38 @@ fn bridge(
                 then,
             };
             sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
+        }
+        ClusterMsg::Conversation {
+            user,
+            peer,
+            msg,
+            incoming,
+        } => {
+            let convs = c.conversations.entry(user).or_default();
+            let unread = convs
+                .iter()
+                .position(|x| x.user_id == *peer)
+                .map_or(0, |i| convs.remove(i).unread);
+            convs.insert(
+                0,
+                Conversation {
+                    user_id: peer.to_string(),
+                    last_message: *msg,
+                    unread: if incoming { unread + 1 } else { 0 },
+                },
+            );
+        }
+        ClusterMsg::LoadConversations { user, limit, asker } => {
+            let home = home_of(&user, SHARDS) as usize;
+            let mut conversations = c.conversations.get(&user).cloned().unwrap_or_default();
+            conversations.truncate(limit);
+            let m = ClusterMsg::ConversationsLoaded {
+                user,
+                limit,
+                conversations: Some(conversations),
+                asker,
+            };
+            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
         }
         ClusterMsg::CallReach(op, _) => {
             let CallCmd::Create { callee, .. } = &op.op else {
@@ -731,6 +776,28 @@ fn direct_messages_reach_a_users_connections_on_every_node() {
         .and_then(|st| st.extra())
         .map_or(0, |m| m.conversations.len());
     assert_eq!(convs, 1);
+    // And so does a node bob had no device on when it was sent.
+    let (b0, rb0) = sims[0].connect(1, "bob", Protocol::Json);
+    pump(&mut sims, &mut c);
+    sims[0].send(
+        b0,
+        Some(5),
+        ClientEvent::DmGetConversations(Limit { limit: None }),
+    );
+    pump(&mut sims, &mut c);
+    match super::ack_body(&rb0.take(), 5) {
+        AckBody::Conversations(cs) => {
+            assert_eq!(cs.conversations.len(), 1);
+            assert_eq!(
+                (
+                    cs.conversations[0].user_id.as_str(),
+                    cs.conversations[0].unread
+                ),
+                ("alice", 1)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 fn presences(msgs: &[ServerMessage]) -> Vec<(Status, Vec<DeviceKind>, Option<String>)> {

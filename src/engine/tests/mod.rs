@@ -2298,6 +2298,18 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            // One node: its own conversations are all there are.
+            if let ClusterMsg::LoadConversations { user, limit, asker } = m {
+                let home = home_of(&user, 3) as usize;
+                let m = ClusterMsg::ConversationsLoaded {
+                    user,
+                    limit,
+                    conversations: None,
+                    asker,
+                };
+                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             // One node: no other node's part of a channel's state.
             if let ClusterMsg::ChannelQuery { channel, .. } = &m {
                 let owner = owner_of(channel, 3) as usize;
