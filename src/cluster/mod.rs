@@ -439,7 +439,7 @@ fn read_conversations(all: Vec<(String, String)>, limit: usize) -> Vec<Conversat
             ))
         })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     out.into_iter().take(limit).map(|(_, c)| c).collect()
 }
 
