@@ -2271,5 +2271,42 @@ mod tests {
             "redis://u:<hidden>@h:6379/0"
         );
         assert_eq!(without_password("redis://h:6379"), "redis://h:6379");
+        let conn = ConnRef {
+            shard: 3,
+            conn: ConnId {
+                slot: 70_000,
+                gen: 9,
+            },
+        };
+        let r = Remote {
+            node: 0xabc,
+            conn,
+            protocol: Protocol::Binary,
+        };
+        assert_eq!(parse_except(&except_spec(&r)), Some((0xabc, conn)));
+        assert_eq!(parse_except(""), None);
+        let p = frame_payload(conn, b"frame");
+        assert_eq!(parse_frame(&p), Some((conn, &b"frame"[..])));
+        assert_eq!(parse_frame(b"f:short"), None);
+    }
+
+    #[test]
+    fn conversations_read_from_redis_come_latest_first_and_bad_ones_are_skipped() {
+        let dm = |content: &str, at: u64| {
+            serde_json::json!({"messageId": "m", "fromUserId": "a", "toUserId": "b",
+                "content": content, "timestamp": at})
+            .to_string()
+        };
+        let all = vec![
+            ("old".to_string(), format!("0:10:{}", dm("x", 10))),
+            ("new".to_string(), format!("3:30:{}", dm("y:z", 30))),
+            ("bad".to_string(), "garbage".to_string()),
+            ("mid".to_string(), format!("1:20:{}", dm("w", 20))),
+        ];
+        let got = read_conversations(all.clone(), 10);
+        let peers: Vec<(&str, u32)> = got.iter().map(|c| (c.user_id.as_str(), c.unread)).collect();
+        assert_eq!(peers, [("new", 3), ("mid", 1), ("old", 0)]);
+        assert_eq!(got[0].last_message.content, "y:z");
+        assert_eq!(read_conversations(all, 1).len(), 1);
     }
 }
