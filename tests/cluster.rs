@@ -336,7 +336,7 @@ async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
     wait_cluster(&b, 1);
     // The channels are followed again once their owners re-attach them.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let last = loop {
         alice
             .ok(
                 "message:send",
@@ -346,7 +346,7 @@ async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
         let v = tokio::time::timeout(Duration::from_millis(500), bob.event("message:new")).await;
         if let Ok(v) = v {
             if v["d"]["content"] == "after" {
-                break;
+                break v;
             }
         }
         assert!(
@@ -354,8 +354,45 @@ async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
             "cross-node delivery did not resume:\n{}",
             a.log()
         );
-    }
+    };
     assert!(a.metric("corecast_cluster_reconnects_total") >= 1);
+    // Bob drops, misses three messages, and recovers them exactly through
+    // the other node (from the history in the restarted Redis).
+    let (offset, epoch) = (
+        last["d"]["offset"].as_u64().unwrap(),
+        last["d"]["messageId"]
+            .as_str()
+            .unwrap()
+            .rsplit_once('-')
+            .unwrap()
+            .0
+            .to_string(),
+    );
+    drop(bob);
+    for i in 0..3 {
+        alice
+            .ok(
+                "message:send",
+                json!({"channelId": "ops", "content": format!("missed{i}")}),
+            )
+            .await;
+    }
+    let mut again = Peer::on(&a, "bob", 1, "").await;
+    let j = again
+        .ok(
+            "channel:join",
+            json!({"channelId": "ops", "since": {"offset": offset, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(j["recovered"], true, "{j}");
+    let got = messages(&mut again, 3).await;
+    assert_eq!(
+        got,
+        (0..3)
+            .map(|i| (offset + 1 + i as u64, format!("missed{i}")))
+            .collect::<Vec<_>>()
+    );
+    assert!(again.drain().await.iter().all(|v| v["t"] != "message:new"));
 }
 
 fn upgrade_status(s: &Server, token: &str) -> String {
