@@ -221,6 +221,40 @@ const PART_PREFIX: &[u8] = b"r:";
 /// How long a query of a channel's state waits for the other nodes.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Nodes taken for gone, for a while: long enough for their presence to be
+/// cleaned up from Redis (by whichever node found them silent).
+#[derive(Default)]
+struct Gone {
+    since: std::collections::HashMap<u64, tokio::time::Instant>,
+    /// The same ids, shared with the reads in flight.
+    set: Arc<HashSet<u64>>,
+}
+
+impl Gone {
+    fn add(&mut self, nodes: &[u64]) {
+        let now = tokio::time::Instant::now();
+        for n in nodes {
+            self.since.entry(*n).or_insert(now);
+        }
+        self.set = Arc::new(self.since.keys().copied().collect());
+    }
+
+    /// Keeps the nodes `keep` says, and none taken for gone more than ten
+    /// node timeouts (at least ten minutes) ago.
+    fn keep(&mut self, keep: impl Fn(u64) -> bool, node_timeout_ms: u64) {
+        let ttl = Duration::from_millis((10 * node_timeout_ms).max(600_000));
+        let before = self.since.len();
+        self.since.retain(|n, at| keep(*n) && at.elapsed() < ttl);
+        if self.since.len() != before {
+            self.set = Arc::new(self.since.keys().copied().collect());
+        }
+    }
+
+    fn set(&self) -> Arc<HashSet<u64>> {
+        self.set.clone()
+    }
+}
+
 /// A query of a channel's state waiting for the other nodes' parts.
 struct Query {
     channel: Arc<str>,
@@ -603,7 +637,7 @@ struct Bridge {
     /// Nodes taken for gone (their presence, if Redis still has it for a
     /// moment, is not read). A node that started since the last heartbeat
     /// is in neither set, and is read.
-    gone: HashSet<u64>,
+    gone: Gone,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
     /// Connections of other nodes the bridge stands in for.
@@ -646,7 +680,7 @@ impl Bridge {
             notification_ttl_ms: s.notification_ttl_ms,
             node_timeout_ms: node.config.node_timeout_ms,
             live: HashSet::new(),
-            gone: HashSet::new(),
+            gone: Gone::default(),
             followed: HashSet::new(),
             proxies: Proxies::new(bridge_endpoint(shards)),
             queries: Default::default(),
@@ -1058,8 +1092,8 @@ impl Bridge {
         gone.extend(parse(&removed));
         gone.remove(&self.id);
         let gone: Vec<u64> = gone.into_iter().collect();
-        self.gone.extend(&gone);
-        self.gone.retain(|n| !live.contains(n));
+        self.gone.add(&gone);
+        self.gone.keep(|n| !live.contains(&n), self.node_timeout_ms);
         self.live = live;
         for n in &removed {
             tracing::warn!(node = %n, "cluster: a node went silent; its users are offline now");
@@ -1281,7 +1315,7 @@ impl Bridge {
             ClusterMsg::FollowUser { user } => {
                 let mut sink = link.sink.clone();
                 let mut conn = link.conn.clone();
-                let (me, gone) = (self.id, self.gone.clone());
+                let (me, gone) = (self.id, self.gone.set());
                 in_flight.push_back(Box::pin(async move {
                     let r = async {
                         sink.follow(&user_channel(&user)).await?;
@@ -1362,7 +1396,7 @@ impl Bridge {
             // The users' reads are pipelined on the connection.
             ClusterMsg::LoadPresence(q) => {
                 let conn = link.conn.clone();
-                let (me, gone) = (self.id, self.gone.clone());
+                let (me, gone) = (self.id, self.gone.set());
                 in_flight.push_back(Box::pin(async move {
                     let mut reads: FuturesOrdered<_> = q
                         .users
@@ -1520,7 +1554,7 @@ impl Bridge {
                 let CallCmd::Create { callee, .. } = &op.op else {
                     return Ok(());
                 };
-                let (callee, me, gone) = (callee.clone(), self.id, self.gone.clone());
+                let (callee, me, gone) = (callee.clone(), self.id, self.gone.set());
                 let mut conn = link.conn.clone();
                 in_flight.push_back(Box::pin(async move {
                     let r = read_presence(&mut conn, &callee, me, &gone)
@@ -1880,7 +1914,7 @@ impl Bridge {
                     self.tell_all(|| ClusterMsg::Republish).await;
                 }
                 Some(n) => {
-                    self.gone.insert(n);
+                    self.gone.add(&[n]);
                     if self.live.remove(&n) {
                         self.tell_all(|| ClusterMsg::NodesGone(vec![n])).await;
                     }
@@ -1926,7 +1960,7 @@ impl Bridge {
                 self.metrics.received.inc();
                 // A node that publishes lives (its heartbeat may come later).
                 self.live.insert(p.node);
-                self.gone.remove(&p.node);
+                self.gone.keep(|n| n != p.node, self.node_timeout_ms);
                 let to = home_of(user, self.shards as u16);
                 let msg = ClusterMsg::Presences {
                     user: user.into(),
