@@ -586,6 +586,11 @@ enum Answer {
     /// A query of a channel's state published, with how many nodes heard
     /// it.
     Asked(u64, Result<i64, RedisError>),
+    /// A change of notifications kept, for its asker.
+    Kept(
+        Option<crate::engine::cluster::Asker>,
+        Result<(), RedisError>,
+    ),
     /// A user's conversations, read from Redis.
     Conversations(
         Arc<str>,
@@ -941,6 +946,14 @@ impl Bridge {
             ClusterMsg::CallTo { op, .. } => self.call_gone(op).await,
             ClusterMsg::LoadConversations { user, limit, asker } => {
                 self.loaded_conversations(user, limit, None, asker).await
+            }
+            // Kept on this node.
+            ClusterMsg::Notifications {
+                asker: Some(asker), ..
+            } => {
+                let to = asker.0.shard;
+                let msg = ClusterMsg::NotificationsKept { asker, error: None };
+                self.send(to, msg).await
             }
             // Answered with this node's part.
             msg @ ClusterMsg::ChannelQuery { .. } => {
@@ -1337,7 +1350,12 @@ impl Bridge {
                 }));
                 self.metrics.sent.inc();
             }
-            ClusterMsg::Notifications { user, change, keep } => {
+            ClusterMsg::Notifications {
+                user,
+                change,
+                keep,
+                asker,
+            } => {
                 let (op, pairs): (&str, Vec<String>) = match &change {
                     NotificationChange::New(n) => ("add", field_and_json(std::slice::from_ref(n))),
                     NotificationChange::Read(_) => ("set", field_and_json(&keep)),
@@ -1368,7 +1386,8 @@ impl Bridge {
                     for p in pairs {
                         call.arg(p);
                     }
-                    Answer::Done(call.invoke_async::<i64>(&mut conn).await.map(|_| ()))
+                    let r = call.invoke_async::<i64>(&mut conn).await.map(|_| ());
+                    Answer::Kept(asker, r)
                 }));
                 self.metrics.sent.inc();
             }
@@ -1776,6 +1795,31 @@ impl Bridge {
                 }
                 end
             }
+            Answer::Kept(asker, r) => {
+                let (error, end) = match r {
+                    Ok(()) => (None, Ok(())),
+                    Err(e) => {
+                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                        let why = format!(
+                            "kept on this node only, the cluster's Redis did not take it: {e}"
+                        );
+                        (
+                            Some(why),
+                            if lost {
+                                Err(End::Lost(e.to_string()))
+                            } else {
+                                Ok(())
+                            },
+                        )
+                    }
+                };
+                if let Some(asker) = asker {
+                    let to = asker.0.shard;
+                    self.send(to, ClusterMsg::NotificationsKept { asker, error })
+                        .await;
+                }
+                end
+            }
             Answer::Conversations(user, limit, asker, r) => {
                 let (conversations, end) = match r {
                     Ok(c) => (Some(c), Ok(())),
@@ -1943,6 +1987,7 @@ impl Bridge {
                     user: user.into(),
                     change,
                     keep: Vec::new(),
+                    asker: None,
                 };
                 return self.send(to, msg).await;
             }

@@ -152,6 +152,14 @@ pub enum ClusterMsg {
         user: Arc<str>,
         change: NotificationChange,
         keep: Vec<Notification>,
+        /// Answered once Redis has the change (`NotificationsKept`).
+        asker: Option<Asker>,
+    },
+    /// From the bridge: Redis has (or, with an error, did not take) a
+    /// change of notifications; its asker is answered.
+    NotificationsKept {
+        asker: Asker,
+        error: Option<String>,
     },
     /// To the bridge: read the user's notifications from Redis (a node's
     /// first device of the user connected, or `asker` wants them all).
@@ -542,6 +550,16 @@ impl<O: Outbound> Engine<O> {
                     }
                     self.announce(&user, now, tx);
                 }
+            }
+            ClusterMsg::NotificationsKept {
+                asker: (conn, protocol, id),
+                error,
+            } => {
+                let msg = match error {
+                    None => empty_ack(id),
+                    Some(e) => err(id, ErrorCode::Internal, e),
+                };
+                self.send_to(conn, protocol, &msg, now, tx);
             }
             ClusterMsg::Notifications { user, change, .. } => {
                 if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {

@@ -414,11 +414,12 @@ impl<O: Outbound> Engine<O> {
                 let msg = self.pending_notifications(&user, ack, now);
                 reply(self, msg, tx);
             }
+            // In a cluster, answered once Redis has the change: a device
+            // that connects next anywhere sees it.
             UserCmd::NotificationsRead(ids) => {
                 let change = NotificationChange::Read(ids);
                 let keep = self.change_notifications(&user, &change, now);
-                self.tell_notifications(&user, change, keep, now, tx);
-                reply(self, empty_ack(ack), tx);
+                self.tell_notifications(&user, change, keep, from, ack, now, tx);
             }
             UserCmd::NotificationClear(id) => {
                 let change = NotificationChange::Clear(id.clone());
@@ -427,14 +428,12 @@ impl<O: Outbound> Engine<O> {
                     let e = err(ack, ErrorCode::NotFound, format!("no notification `{id}`"));
                     return reply(self, e, tx);
                 }
-                self.tell_notifications(&user, change, gone, now, tx);
-                reply(self, empty_ack(ack), tx);
+                self.tell_notifications(&user, change, gone, from, ack, now, tx);
             }
             UserCmd::NotificationClearAll => {
                 let change = NotificationChange::ClearAll;
                 self.change_notifications(&user, &change, now);
-                self.tell_notifications(&user, change, Vec::new(), now, tx);
-                reply(self, empty_ack(ack), tx);
+                self.tell_notifications(&user, change, Vec::new(), from, ack, now, tx);
             }
             UserCmd::Delivery(d) => {
                 self.tell_other_nodes(&user, ServerEvent::MessageDelivery(d.clone()), now, tx);
@@ -654,7 +653,7 @@ impl<O: Outbound> Engine<O> {
             self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
         }
         let change = NotificationChange::New(n.clone());
-        self.tell_notifications(user, change, Vec::new(), now, tx);
+        self.tell_notifications(user, change, Vec::new(), None, None, now, tx);
         n
     }
 
@@ -766,20 +765,31 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// In a cluster: a change of the user's notifications made here, for
-    /// Redis and the other nodes.
+    /// Redis and the other nodes. Its asker (if any) is answered once Redis
+    /// has it, or at once on a single node.
+    #[allow(clippy::too_many_arguments)]
     fn tell_notifications(
         &mut self,
         user: &Arc<str>,
         change: NotificationChange,
         keep: Vec<Notification>,
+        from: Option<(ConnRef, Protocol)>,
+        ack: Option<u64>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
         if self.cluster_up() {
             let user = user.clone();
-            let msg = ClusterMsg::Notifications { user, change, keep };
-            self.send_bridge(msg, now, tx);
+            let asker = from.map(|(c, p)| (c, p, ack));
+            let msg = ClusterMsg::Notifications {
+                user,
+                change,
+                keep,
+                asker,
+            };
+            return self.send_bridge(msg, now, tx);
         }
+        self.answer(from, &empty_ack(ack), now, tx);
     }
 
     /// Whatever is due for a user: the end of the grace period, resume

@@ -146,6 +146,15 @@ fn bridge(
     lose: &mut dyn FnMut(u64) -> bool,
 ) {
     if !c.up || c.cut.contains(&n) {
+        if let ClusterMsg::Notifications {
+            asker: Some(asker), ..
+        } = m
+        {
+            let to = asker.0.shard as usize;
+            let m = ClusterMsg::NotificationsKept { asker, error: None };
+            sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            return;
+        }
         if let ClusterMsg::LoadConversations { user, limit, asker } = m {
             let home = home_of(&user, SHARDS) as usize;
             let m = ClusterMsg::ConversationsLoaded {
@@ -358,7 +367,17 @@ fn bridge(
             };
             sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
         }
-        ClusterMsg::Notifications { user, change, keep } => {
+        ClusterMsg::Notifications {
+            user,
+            change,
+            keep,
+            asker,
+        } => {
+            if let Some(asker) = asker {
+                let to = asker.0.shard as usize;
+                let m = ClusterMsg::NotificationsKept { asker, error: None };
+                sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+            }
             let kept = c.notifications.entry(user.clone()).or_default();
             match &change {
                 NotificationChange::New(x) => kept.push(x.clone()),
@@ -383,6 +402,7 @@ fn bridge(
                     user: user.clone(),
                     change: change.clone(),
                     keep: Vec::new(),
+                    asker: None,
                 };
                 sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
             }

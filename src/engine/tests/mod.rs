@@ -2298,6 +2298,16 @@ mod chat_sequences {
         }
 
         fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
+            // One node: Redis keeps notifications, up or down.
+            if let ClusterMsg::Notifications {
+                asker: Some(asker), ..
+            } = m
+            {
+                let to = asker.0.shard as usize;
+                let m = ClusterMsg::NotificationsKept { asker, error: None };
+                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
+                return;
+            }
             // One node: its own conversations are all there are.
             if let ClusterMsg::LoadConversations { user, limit, asker } = m {
                 let home = home_of(&user, 3) as usize;
