@@ -525,7 +525,15 @@ async fn direct_messages_and_receipts_reach_devices_on_every_node() {
         .ok("dm:send", json!({"toUserId": "carol", "content": "two"}))
         .await;
     let mut carol_b = Peer::on(&b, "carol", 0, "").await;
-    let convs = carol_b.ok("dm:get_conversations", json!({})).await;
+    // Written to Redis right after the sender's ack: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let convs = loop {
+        let convs = carol_b.ok("dm:get_conversations", json!({})).await;
+        if convs["conversations"][0]["unread"] == 2 || Instant::now() > deadline {
+            break convs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let c = &convs["conversations"][0];
     assert_eq!(
         (
