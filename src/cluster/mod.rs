@@ -852,24 +852,36 @@ impl Bridge {
         got
     }
 
+    /// Publishes `payload` on pub/sub channel `name` (sharded on a Redis
+    /// Cluster); the future answers with how many subscribers heard it.
+    fn publish_bytes(
+        &self,
+        link: &Link,
+        name: String,
+        payload: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<i64, RedisError>> + 'static {
+        let mut conn = link.conn.clone();
+        let publish = self.publish_cmd;
+        async move {
+            redis::cmd(publish)
+                .arg(name)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+        }
+    }
+
     /// Passes frames for stand-ins to their connections' nodes.
     fn pass_frames(&mut self, link: &Link, in_flight: &mut InFlight) {
         for (id, frame) in std::mem::take(&mut self.frames) {
             let Some(r) = self.proxies.get(id) else {
                 continue;
             };
-            let payload = frame_payload(r.conn, &frame);
-            let mut conn = link.conn.clone();
-            let publish = self.publish_cmd;
-            let name = node_channel(r.node);
-            in_flight.push_back(Box::pin(async move {
-                let r = redis::cmd(publish)
-                    .arg(name)
-                    .arg(payload)
-                    .query_async::<i64>(&mut conn)
-                    .await;
-                Answer::Done(r.map(|_| ()))
-            }));
+            let sent =
+                self.publish_bytes(link, node_channel(r.node), frame_payload(r.conn, &frame));
+            in_flight.push_back(Box::pin(
+                async move { Answer::Done(sent.await.map(|_| ())) },
+            ));
         }
     }
 
@@ -1520,16 +1532,8 @@ impl Bridge {
                         until: tokio::time::Instant::now() + QUERY_TIMEOUT,
                     },
                 );
-                let mut conn = link.conn.clone();
-                let publish = self.publish_cmd;
-                in_flight.push_back(Box::pin(async move {
-                    let r = redis::cmd(publish)
-                        .arg(name)
-                        .arg(payload)
-                        .query_async::<i64>(&mut conn)
-                        .await;
-                    Answer::Asked(token, r)
-                }));
+                let sent = self.publish_bytes(link, name, payload);
+                in_flight.push_back(Box::pin(async move { Answer::Asked(token, sent.await) }));
             }
             ClusterMsg::ChannelPart {
                 part,
@@ -1540,16 +1544,10 @@ impl Bridge {
                 let mut payload = PART_PREFIX.to_vec();
                 payload.extend_from_slice(format!("{token}:").as_bytes());
                 payload.extend_from_slice(&serde_json::to_vec(&part).expect("parts serialize"));
-                let mut conn = link.conn.clone();
-                let (publish, name) = (self.publish_cmd, node_channel(origin));
-                in_flight.push_back(Box::pin(async move {
-                    let r = redis::cmd(publish)
-                        .arg(name)
-                        .arg(payload)
-                        .query_async::<i64>(&mut conn)
-                        .await;
-                    Answer::Done(r.map(|_| ()))
-                }));
+                let sent = self.publish_bytes(link, node_channel(origin), payload);
+                in_flight.push_back(Box::pin(
+                    async move { Answer::Done(sent.await.map(|_| ())) },
+                ));
             }
             ClusterMsg::CallTo { node, op } => {
                 let Some(wire) = CallWire::new(self.id, &op) else {
@@ -1557,16 +1555,8 @@ impl Bridge {
                 };
                 let mut payload = CALL_PREFIX.to_vec();
                 payload.extend_from_slice(&serde_json::to_vec(&wire).expect("calls serialize"));
-                let mut conn = link.conn.clone();
-                let (publish, name) = (self.publish_cmd, node_channel(node));
-                in_flight.push_back(Box::pin(async move {
-                    let r = redis::cmd(publish)
-                        .arg(name)
-                        .arg(payload)
-                        .query_async::<i64>(&mut conn)
-                        .await;
-                    Answer::Forwarded(op, r)
-                }));
+                let sent = self.publish_bytes(link, node_channel(node), payload);
+                in_flight.push_back(Box::pin(async move { Answer::Forwarded(op, sent.await) }));
                 self.metrics.sent.inc();
             }
             ClusterMsg::CallReach(op, _) => {
@@ -1642,16 +1632,9 @@ impl Bridge {
     ) {
         let mut payload = format!("0:{tag}:").into_bytes();
         payload.extend_from_slice(&encode_wire(self.id, &out));
-        let mut conn = link.conn.clone();
-        let publish = self.publish_cmd;
+        let sent = self.publish_bytes(link, name, payload);
         in_flight.push_back(Box::pin(async move {
-            let r = redis::cmd(publish)
-                .arg(name)
-                .arg(payload)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map(|_| (0, String::new()));
-            Answer::Event(out, r)
+            Answer::Event(out, sent.await.map(|_| (0, String::new())))
         }));
         self.metrics.sent.inc();
     }

@@ -254,20 +254,19 @@ impl<O: Outbound> Engine<O> {
                     };
                     self.voice_op(channel, conn, member, None, ChanCmd::VoiceLeave, now, tx);
                 }
-                for call in placed {
-                    let op = CallOp {
+                // A gone party's operation on a call, from this connection.
+                let gone = |call| {
+                    Box::new(CallOp {
                         call,
                         user: user.clone(),
                         from: Some((conn, device.protocol)),
                         ack: None,
                         op: CallCmd::PartyGone,
-                    };
-                    self.route(
-                        (call >> 48) as ShardId,
-                        MeshMsg::CallOp(Box::new(op)),
-                        now,
-                        tx,
-                    );
+                    })
+                };
+                for call in placed {
+                    let op = MeshMsg::CallOp(gone(call));
+                    self.route((call >> 48) as ShardId, op, now, tx);
                 }
                 // Calls this device answered end with it.
                 let answered: Vec<u64> = self
@@ -296,14 +295,7 @@ impl<O: Outbound> Engine<O> {
                     })
                     .unwrap_or_default();
                 for (call, node) in remote {
-                    let op = CallOp {
-                        call,
-                        user: user.clone(),
-                        from: Some((conn, device.protocol)),
-                        ack: None,
-                        op: CallCmd::PartyGone,
-                    };
-                    let op = Box::new(op);
+                    let op = gone(call);
                     self.send_bridge(ClusterMsg::CallTo { node, op }, now, tx);
                 }
                 self.announce(&user, now, tx);
