@@ -567,6 +567,20 @@ impl<O: Outbound> Engine<O> {
                     return;
                 }
                 if let NotificationChange::New(n) = &change {
+                    let known = self
+                        .users
+                        .get(&user)
+                        .and_then(|st| st.extra())
+                        .is_some_and(|m| {
+                            m.notifications
+                                .iter()
+                                .any(|k| k.notification_id == n.notification_id)
+                        });
+                    if known {
+                        // Read from Redis already, when the user's first
+                        // device here connected.
+                        return;
+                    }
                     let event = ServerEvent::NotificationNew(n.clone());
                     self.send_devices(&user, event, None, now, tx);
                 }
@@ -781,12 +795,17 @@ impl<O: Outbound> Engine<O> {
         st.expire_notifications(now);
         let mut new = Vec::new();
         for n in notifications {
-            let known = st.extra().is_some_and(|m| {
+            let known = st.extra_mut().and_then(|m| {
                 m.notifications
-                    .iter()
-                    .any(|k| k.notification_id == n.notification_id)
+                    .iter_mut()
+                    .find(|k| k.notification_id == n.notification_id)
             });
-            if known || n.expires_at <= now {
+            if let Some(k) = known {
+                // Read on another node meanwhile.
+                k.read |= n.read;
+                continue;
+            }
+            if n.expires_at <= now {
                 continue;
             }
             if !n.read {
