@@ -3,15 +3,15 @@
 //! endpoint of the node's mesh, like the server API's thread; the engine's
 //! side of cluster mode is in `engine::cluster`.
 //!
-//! Redis keys and channels, per corecast channel `C` (the braces are a hash
-//! tag, so that a channel's keys share a Redis Cluster slot):
+//! Redis keys and channels, for a corecast channel `C`, a user `U` and a
+//! node `N` (the braces are hash tags: a channel's or a user's keys and
+//! channels share a Redis Cluster slot):
 //!
 //! | key | type | holds | bounded by |
 //! |---|---|---|---|
 //! | `cc:{C}:meta` | hash | the channel's `epoch` and last `offset` | expires `history_ttl_ms` after the last event |
 //! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
 //! | `cc:{C}` | pub/sub channel | every event of the channel, and queries of its state, for the nodes that follow it | not stored |
-//!
 //! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |
 //! | `cc:moderation` | pub/sub channel | kicks, bans and unbans, for every node | not stored |
 //! | `cc:u:{U}` | pub/sub channel | events for user `U`'s connections (`dm:new`, `dm:sent`, `message:delivery`) and changes of `U`'s presence, followed by the nodes where `U` is connected or watched | not stored |
