@@ -645,6 +645,8 @@ struct Bridge {
     gone: Gone,
     /// Channels this node follows.
     followed: HashSet<Arc<str>>,
+    /// This node's own pub/sub channel (`cc:to:{N}`).
+    own_channel: String,
     /// Connections of other nodes the bridge stands in for.
     proxies: Proxies,
     /// Queries of channels' state waiting for other nodes, by token.
@@ -687,6 +689,7 @@ impl Bridge {
             live: HashSet::new(),
             gone: Gone::default(),
             followed: HashSet::new(),
+            own_channel: node_channel(id),
             proxies: Proxies::new(bridge_endpoint(shards)),
             queries: Default::default(),
             frames: Vec::new(),
@@ -796,7 +799,7 @@ impl Bridge {
         self.conversation.load_async(&mut conn).await?;
         sink.subscribe_all(MODERATION).await?;
         sink.subscribe_all(GONE).await?;
-        sink.follow(&node_channel(self.id)).await?;
+        sink.follow(&self.own_channel).await?;
         Ok(Link { conn, sink, stream })
     }
 
@@ -1928,7 +1931,7 @@ impl Bridge {
         if m.channel == MODERATION {
             return self.moderation(&m.payload).await;
         }
-        if m.channel == node_channel(self.id) {
+        if m.channel == self.own_channel {
             return self.for_this_node(&m.payload).await;
         }
         if m.channel == GONE {
