@@ -32,8 +32,10 @@ command -v cargo >/dev/null || die "cargo is missing: install Rust from rustup f
 need_apt cc gcc
 need_apt python3 python3
 need_apt curl curl
-# The cluster tests run their own redis-server processes.
+# The cluster tests run their own redis-server processes (and make a Redis
+# Cluster with redis-cli, from redis-tools).
 need_apt redis-server redis-server
+need_apt redis-cli redis-tools
 python3 -c 'import venv' 2>/dev/null || need_apt false python3-venv
 
 step "cargo fmt --check"
