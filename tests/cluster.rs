@@ -1290,6 +1290,34 @@ async fn calls_ring_answer_and_signal_across_nodes() {
     drop(carol);
     let ended = alice.event_for("call:ended", "callId", &call).await;
     assert_eq!(ended["d"]["reason"], "disconnected");
+    // Invisible on node b only: others see her offline, a call reaches her.
+    let mut erin = Peer::on(&b, "erin", 0, "").await;
+    erin.ok("presence:update", json!({"status": "invisible"}))
+        .await;
+    // (Written to Redis right after her ack: wait for it.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = alice
+            .ok("presence:get_bulk", json!({"userIds": ["erin"]}))
+            .await;
+        if seen["presences"][0]["status"] == "offline" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "erin still shown: {seen}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = alice.ok("call:initiate", json!({"toUserId": "erin"})).await;
+    let call = c["callId"].as_str().unwrap().to_string();
+    let inc = tokio::time::timeout(
+        Duration::from_secs(3),
+        erin.event_for("call:incoming", "callId", &call),
+    )
+    .await;
+    if inc.is_err() {
+        panic!("DBG alice: {:?}", alice.drain().await);
+    }
+    erin.ok("call:reject", json!({"callId": call})).await;
+    alice.event("call:rejected").await;
     // Nobody anywhere: missed at once.
     alice.ok("call:initiate", json!({"toUserId": "dave"})).await;
     assert_eq!(alice.event("call:missed").await["d"]["reason"], "offline");

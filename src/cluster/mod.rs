@@ -1357,7 +1357,8 @@ impl Bridge {
                 let mut conn = link.conn.clone();
                 let (me, user) = (node_name(self.id), p.view.user_id.clone());
                 let archive = encode_presence(&p);
-                let offline = p.view.status == crate::protocol::Status::Offline;
+                // Kept while the user has devices here, invisible ones too.
+                let offline = p.view.status == crate::protocol::Status::Offline && !p.connected;
                 let publish = self.publish_cmd;
                 in_flight.push_back(Box::pin(async move {
                     let r = keep_presence(&mut conn, publish, &me, &user, archive, offline).await;
@@ -1572,9 +1573,9 @@ impl Bridge {
                     let r = read_presence(&mut conn, &callee, me, &gone)
                         .await
                         .map(|views| {
-                            views
-                                .iter()
-                                .any(|p| p.view.status != crate::protocol::Status::Offline)
+                            views.iter().any(|p| {
+                                p.connected || p.view.status != crate::protocol::Status::Offline
+                            })
                         });
                     Answer::Reached(op, r)
                 }));

@@ -118,9 +118,17 @@ pub struct NodePresence {
     pub seq: u64,
     /// When the custom status or activity was last set there (0: never).
     pub detail_at: u64,
-    /// The presence the node's devices make (offline: none there).
+    /// The presence the node's devices make (offline: none there, or all
+    /// invisible).
     pub view: PresenceView,
+    /// Whether the user has devices there (invisible ones too): a call can
+    /// reach them.
+    pub connected: bool,
 }
+
+/// In a published key, beyond the device kinds' bits: the user has devices
+/// here (invisible ones count).
+const CONNECTED: u8 = 0x80;
 
 impl More {
     fn is_empty(&self) -> bool {
@@ -279,9 +287,13 @@ impl UserState {
     /// a cluster, when it changed since last published.
     pub fn publish(&mut self, user: &str, now: u64, node: u64, seq: u64) -> Option<NodePresence> {
         let view = self.local_view(user, now);
-        let shown = Shown::of(&view);
+        let connected = !self.devices.is_empty();
+        let mut shown = Shown::of(&view);
+        if connected {
+            shown.devices |= CONNECTED;
+        }
         if self.published == Some(shown)
-            || (self.published.is_none() && view.status == Status::Offline)
+            || (self.published.is_none() && view.status == Status::Offline && !connected)
         {
             return None;
         }
@@ -291,6 +303,7 @@ impl UserState {
             seq,
             detail_at: self.extra().map_or(0, |m| m.detail_at),
             view,
+            connected,
         })
     }
 

@@ -265,7 +265,7 @@ fn bridge(
         ClusterMsg::Presence(p) => {
             let user: Arc<str> = p.view.user_id.as_str().into();
             let views = c.presence.entry(user.clone()).or_default();
-            if p.view.status == Status::Offline {
+            if p.view.status == Status::Offline && !p.connected {
                 views.remove(&p.node);
             } else {
                 views.insert(p.node, (*p).clone());
@@ -339,7 +339,7 @@ fn bridge(
             };
             let online = others(c, callee, n)
                 .iter()
-                .any(|p| p.view.status != Status::Offline);
+                .any(|p| p.connected || p.view.status != Status::Offline);
             let owner = (op.call >> 48) as usize;
             let m = ClusterMsg::CallReach(op, Some(online));
             sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
@@ -941,6 +941,7 @@ fn an_older_view_of_a_node_does_not_replace_a_newer_one() {
         seq,
         detail_at: 0,
         view: view(status),
+        connected: status != Status::Offline,
     };
     st.set_remote(p(5, Status::Offline));
     st.set_remote(p(4, Status::Online));
