@@ -15,8 +15,6 @@
 # (and 19400-19699 for the Redis Cluster's bus). Appends the JSON lines, tagged, to
 # $RESULTS (docs/bench-results.jsonl) when set.
 set -euo pipefail
-UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
 
 [ $# -ge 2 ] && [ "$2" = "--" ] || { sed -n 2,16p "$0"; exit 2; }
@@ -39,30 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cpu_s() { python3 -c '
-import os, sys
-f = open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split()
-print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$1"; }
-
-start_node() { # PORT [REDIS_URL | cluster:URLS]
-  local log
-  log=$(mktemp)
-  if [ -n "${2:-}" ] && [ "${2#cluster:}" != "$2" ]; then
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis-cluster "${2#cluster:}" >/dev/null 2>"$log" &
-  elif [ -n "${2:-}" ]; then
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 --redis "$2" >/dev/null 2>"$log" &
-  else
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$1" --shards 1 >/dev/null 2>"$log" &
-  fi
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
-  if [ -n "${2:-}" ]; then
-    for _ in $(seq 100); do curl -s "http://127.0.0.1:$1/metrics" | grep -q '^corecast_cluster_up 1' && break; sleep 0.05; done
-  fi
-  rm -f "$log"
-  echo "$pid"
-}
+source scripts/bench-lib.sh
 
 port=9400
 for round in $(seq "$ROUNDS"); do
@@ -71,6 +46,7 @@ for round in $(seq "$ROUNDS"); do
     redis_pid=""
     if [ "$mode" = single ]; then
       a=$(start_node "$port")
+      PIDS+=("$a")
       urls="ws://127.0.0.1:$port/ws"
       pids="$a"
     elif [ "$mode" = rcluster ]; then
@@ -89,9 +65,10 @@ for round in $(seq "$ROUNDS"); do
       redis-cli --cluster create "127.0.0.1:$((port + 2))" "127.0.0.1:$((port + 3))" "127.0.0.1:$((port + 4))" \
         --cluster-replicas 0 --cluster-yes >/dev/null
       for _ in $(seq 200); do redis-cli -p "$((port + 2))" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
-      seeds="cluster:redis://127.0.0.1:$((port + 2)),redis://127.0.0.1:$((port + 3)),redis://127.0.0.1:$((port + 4))"
-      a=$(start_node "$port" "$seeds")
-      b=$(start_node $((port + 1)) "$seeds")
+      seeds="redis://127.0.0.1:$((port + 2)),redis://127.0.0.1:$((port + 3)),redis://127.0.0.1:$((port + 4))"
+      a=$(start_node "$port" --redis-cluster "$seeds")
+      b=$(start_node $((port + 1)) --redis-cluster "$seeds")
+      PIDS+=("$a" "$b")
       urls="ws://127.0.0.1:$port/ws,ws://127.0.0.1:$((port + 1))/ws"
       pids="$a,$b"
       redis_pid="${redis_pids[*]}"
@@ -100,8 +77,9 @@ for round in $(seq "$ROUNDS"); do
       redis_pid=$!
       PIDS+=("$redis_pid")
       for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
-      a=$(start_node $((port + 1)) "redis://127.0.0.1:$port")
-      b=$(start_node $((port + 2)) "redis://127.0.0.1:$port")
+      a=$(start_node $((port + 1)) --redis "redis://127.0.0.1:$port")
+      b=$(start_node $((port + 2)) --redis "redis://127.0.0.1:$port")
+      PIDS+=("$a" "$b")
       urls="ws://127.0.0.1:$((port + 1))/ws,ws://127.0.0.1:$((port + 2))/ws"
       pids="$a,$b"
     fi

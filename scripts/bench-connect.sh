@@ -12,8 +12,6 @@
 # load generator on core $LOADGEN_CORE (1). Needs redis-server; uses ports
 # 9700-9999 on 127.0.0.1.
 set -euo pipefail
-UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
 
 [ $# -eq 2 ] || { sed -n 2,13p "$0"; exit 2; }
@@ -29,10 +27,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -f "$OUT"; }
 trap cleanup EXIT
 
-cpu_s() { python3 -c '
-import os, sys
-f = open("/proc/%s/stat" % sys.argv[1]).read().rsplit(")", 1)[1].split()
-print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$1"; }
+source scripts/bench-lib.sh
 
 port=9700
 for round in $(seq "$ROUNDS"); do
@@ -47,15 +42,8 @@ for round in $(seq "$ROUNDS"); do
       for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
       extra=(--redis "redis://127.0.0.1:$port")
     fi
-    log=$(mktemp)
-    "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$((port + 1))" --shards 1 "${extra[@]}" >/dev/null 2>"$log" &
-    node=$!
+    node=$(start_node $((port + 1)) "${extra[@]}")
     PIDS+=("$node")
-    for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.05; done
-    if [ "$mode" = cluster ]; then
-      for _ in $(seq 100); do curl -s "http://127.0.0.1:$((port + 1))/metrics" | grep -q '^corecast_cluster_up 1' && break; sleep 0.05; done
-    fi
-    rm -f "$log"
     node_before=$(cpu_s "$node")
     redis_before=${redis_pid:+$(cpu_s "$redis_pid")}
     redis_mem_before=${redis_pid:+$(redis-cli -p "$port" info memory | awk -F: '/^used_memory:/ {print $2+0}')}
