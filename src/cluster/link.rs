@@ -168,10 +168,27 @@ impl Subs {
     }
 }
 
-/// A published message.
-pub struct Push {
-    pub channel: String,
-    pub payload: Vec<u8>,
+/// A published message: as one Redis's pub/sub connection gave it (not
+/// copied), or taken out of a Redis Cluster's push.
+pub enum Push {
+    One(redis::Msg),
+    Cluster { channel: String, payload: Vec<u8> },
+}
+
+impl Push {
+    pub fn channel(&self) -> &str {
+        match self {
+            Push::One(m) => m.get_channel_name(),
+            Push::Cluster { channel, .. } => channel,
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            Push::One(m) => m.get_payload_bytes(),
+            Push::Cluster { payload, .. } => payload,
+        }
+    }
 }
 
 /// What the subscriptions receive.
@@ -186,10 +203,7 @@ impl Pushes {
     /// makes the link again and reloads what it follows).
     pub async fn next(&mut self) -> Option<Push> {
         match self {
-            Pushes::One(s) => s.next().await.map(|m| Push {
-                channel: m.get_channel_name().to_string(),
-                payload: m.get_payload_bytes().to_vec(),
-            }),
+            Pushes::One(s) => s.next().await.map(Push::One),
             Pushes::Cluster(rx, overflow) => loop {
                 if overflow.load(Ordering::Relaxed) {
                     tracing::warn!("cluster: Redis Cluster messages overflowed");
@@ -208,7 +222,7 @@ impl Pushes {
                         ) else {
                             continue;
                         };
-                        return Some(Push { channel, payload });
+                        return Some(Push::Cluster { channel, payload });
                     }
                     PushKind::Disconnection => return None,
                     _ => continue,

@@ -1604,12 +1604,9 @@ impl Bridge {
                         self.pending.insert(token, (m.from, m.ack));
                     }
                     Err(e) => {
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
                         let why = format!("the cluster's Redis did not take it: {e}");
                         self.send(0, ClusterMsg::ModerationFailed(m, why)).await;
-                        if lost {
-                            return Err(End::Lost(e.to_string()));
-                        }
+                        after(&e)?;
                     }
                 }
             }
@@ -1749,13 +1746,7 @@ impl Bridge {
                     Ok(v) => (v, Ok(())),
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster: cannot read presence from Redis; answering with this node's");
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                        let end = if lost {
-                            Err(End::Lost(e.to_string()))
-                        } else {
-                            Ok(())
-                        };
-                        (Vec::new(), end)
+                        (Vec::new(), after(&e))
                     }
                 };
                 self.loaded(q, views).await;
@@ -1766,15 +1757,7 @@ impl Bridge {
                     Ok(n) => (n, Ok(())),
                     Err(e) => {
                         tracing::warn!(%user, error = %e, "cluster: cannot read a user's notifications");
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                        (
-                            Vec::new(),
-                            if lost {
-                                Err(End::Lost(e.to_string()))
-                            } else {
-                                Ok(())
-                            },
-                        )
+                        (Vec::new(), after(&e))
                     }
                 };
                 if !notifications.is_empty() || asker.is_some() {
@@ -1786,18 +1769,10 @@ impl Bridge {
                 let (error, end) = match r {
                     Ok(()) => (None, Ok(())),
                     Err(e) => {
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
                         let why = format!(
                             "kept on this node only, the cluster's Redis did not take it: {e}"
                         );
-                        (
-                            Some(why),
-                            if lost {
-                                Err(End::Lost(e.to_string()))
-                            } else {
-                                Ok(())
-                            },
-                        )
+                        (Some(why), after(&e))
                     }
                 };
                 if let Some(asker) = asker {
@@ -1812,15 +1787,7 @@ impl Bridge {
                     Ok(c) => (Some(c), Ok(())),
                     Err(e) => {
                         tracing::warn!(%user, error = %e, "cluster: cannot read a user's conversations");
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                        (
-                            None,
-                            if lost {
-                                Err(End::Lost(e.to_string()))
-                            } else {
-                                Ok(())
-                            },
-                        )
+                        (None, after(&e))
                     }
                 };
                 self.loaded_conversations(user, limit, conversations, asker)
@@ -1832,12 +1799,7 @@ impl Bridge {
                     Ok(n) => n.max(0) as usize,
                     Err(e) => {
                         self.answer_query(token).await;
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                        return if lost {
-                            Err(End::Lost(e.to_string()))
-                        } else {
-                            Ok(())
-                        };
+                        return after(&e);
                     }
                 };
                 if let Some(q) = self.queries.get_mut(&token) {
@@ -1856,12 +1818,7 @@ impl Bridge {
                     Ok(n) => n > 0,
                     Err(e) => {
                         self.call_gone(op).await;
-                        let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                        return if lost {
-                            Err(End::Lost(e.to_string()))
-                        } else {
-                            Ok(())
-                        };
+                        return after(&e);
                     }
                 };
                 if !heard {
@@ -1906,8 +1863,7 @@ impl Bridge {
                 Ok(())
             }
             Err(e) => {
-                let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                if lost {
+                if link_lost(&e) {
                     // Not lost: its owner sequences it, once the shards
                     // know the cluster is down.
                     if sequenced_event(&out) {
@@ -1929,14 +1885,14 @@ impl Bridge {
 
     /// An event published by a node (this one included).
     async fn received(&mut self, m: &Push) {
-        if m.channel == MODERATION {
-            return self.moderation(&m.payload).await;
+        if m.channel() == MODERATION {
+            return self.moderation(m.payload()).await;
         }
-        if m.channel == self.own_channel {
-            return self.for_this_node(&m.payload).await;
+        if m.channel() == self.own_channel {
+            return self.for_this_node(m.payload()).await;
         }
-        if m.channel == GONE {
-            let node = std::str::from_utf8(&m.payload)
+        if m.channel() == GONE {
+            let node = std::str::from_utf8(m.payload())
                 .ok()
                 .and_then(|n| u64::from_str_radix(n, 16).ok());
             match node {
@@ -1954,8 +1910,8 @@ impl Bridge {
             }
             return;
         }
-        if let Some(user) = user_of(&m.channel) {
-            if let Some(rest) = m.payload.strip_prefix(NOTIFICATIONS_PREFIX) {
+        if let Some(user) = user_of(m.channel()) {
+            if let Some(rest) = m.payload().strip_prefix(NOTIFICATIONS_PREFIX) {
                 let parsed = std::str::from_utf8(rest).ok().and_then(|r| {
                     let (node, json) = r.split_once(':')?;
                     let node = u64::from_str_radix(node, 16).ok()?;
@@ -1978,7 +1934,7 @@ impl Bridge {
                 };
                 return self.send(to, msg).await;
             }
-            if let Some(archive) = m.payload.strip_prefix(PRESENCE_PREFIX) {
+            if let Some(archive) = m.payload().strip_prefix(PRESENCE_PREFIX) {
                 let p = match decode_presence(archive) {
                     Ok(p) => p,
                     Err(e) => {
@@ -2000,7 +1956,7 @@ impl Bridge {
                 };
                 return self.send(to, msg).await;
             }
-            let w = split_payload(&m.payload)
+            let w = split_payload(m.payload())
                 .and_then(|(_, tag, a)| Some((parse_except(tag), decode_wire(a).ok()?)));
             let Some((skip, w)) = w else {
                 tracing::warn!(%user, "cluster: a user event that cannot be read");
@@ -2019,13 +1975,13 @@ impl Bridge {
             };
             return self.send(to, msg).await;
         }
-        let Some(channel) = channel_of(&m.channel) else {
+        let Some(channel) = channel_of(m.channel()) else {
             return;
         };
         let Some(channel) = self.followed.get(channel).cloned() else {
             return;
         };
-        if let Some(rest) = m.payload.strip_prefix(QUERY_PREFIX) {
+        if let Some(rest) = m.payload().strip_prefix(QUERY_PREFIX) {
             let parsed = std::str::from_utf8(rest).ok().and_then(|r| {
                 let (node, rest) = r.split_once(':')?;
                 let (token, json) = rest.split_once(':')?;
@@ -2051,7 +2007,7 @@ impl Bridge {
             }
             return;
         }
-        let Some((offset, epoch, archive)) = split_payload(&m.payload) else {
+        let Some((offset, epoch, archive)) = split_payload(m.payload()) else {
             tracing::warn!(%channel, "cluster: a payload that is not ours");
             return;
         };
@@ -2204,6 +2160,21 @@ async fn forget_node(mut conn: Conn, node: &str) -> Result<(), RedisError> {
         .query_async::<i64>(&mut conn)
         .await?;
     Ok(())
+}
+
+/// Whether an error means the link to Redis is gone (rather than Redis
+/// refusing one command).
+fn link_lost(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
+}
+
+/// How the link fares after an error: lost, or still up.
+fn after(e: &RedisError) -> Result<(), End> {
+    if link_lost(e) {
+        Err(End::Lost(e.to_string()))
+    } else {
+        Ok(())
+    }
 }
 
 /// Whether an event that Redis did not take must be sequenced by its owner

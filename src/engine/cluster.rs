@@ -569,13 +569,9 @@ impl<O: Outbound> Engine<O> {
                 if let NotificationChange::New(n) = &change {
                     let known = self
                         .users
-                        .get(&user)
-                        .and_then(|st| st.extra())
-                        .is_some_and(|m| {
-                            m.notifications
-                                .iter()
-                                .any(|k| k.notification_id == n.notification_id)
-                        });
+                        .get_mut(&user)
+                        .and_then(|st| st.notification_mut(&n.notification_id))
+                        .is_some();
                     if known {
                         // Read from Redis already, when the user's first
                         // device here connected.
@@ -795,12 +791,7 @@ impl<O: Outbound> Engine<O> {
         st.expire_notifications(now);
         let mut new = Vec::new();
         for n in notifications {
-            let known = st.extra_mut().and_then(|m| {
-                m.notifications
-                    .iter_mut()
-                    .find(|k| k.notification_id == n.notification_id)
-            });
-            if let Some(k) = known {
+            if let Some(k) = st.notification_mut(&n.notification_id) {
                 // Read on another node meanwhile.
                 k.read |= n.read;
                 continue;

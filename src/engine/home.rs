@@ -62,11 +62,14 @@ impl<O: Outbound> Engine<O> {
     /// the other nodes when this node's part of it did.
     pub(super) fn announce(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
         let node = self.cluster.as_ref().filter(|c| c.up).map(|c| c.node);
-        let seq = self.next_id();
+        let seq = node.map(|_| self.next_id());
         let Some(st) = self.users.get_mut(user) else {
             return;
         };
-        if let Some(p) = node.and_then(|node| st.publish(user, now, node, seq)) {
+        if let Some(p) = node
+            .zip(seq)
+            .and_then(|(node, seq)| st.publish(user, now, node, seq))
+        {
             self.send_bridge(ClusterMsg::Presence(Box::new(p)), now, tx);
         }
         let Some(st) = self.users.get_mut(user) else {

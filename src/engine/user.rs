@@ -401,6 +401,14 @@ impl UserState {
         m.notifications.iter().map(|n| n.expires_at).min()
     }
 
+    /// The notification kept here with this id.
+    pub fn notification_mut(&mut self, id: &str) -> Option<&mut Notification> {
+        self.extra_mut()?
+            .notifications
+            .iter_mut()
+            .find(|n| n.notification_id == id)
+    }
+
     /// Adds a notification, dropping the oldest past `max`.
     pub fn push_notification(&mut self, n: Notification, max: usize) {
         let m = self.more();
