@@ -6,10 +6,12 @@
 //! refcount increment). Frames waiting to be written are linked into one
 //! arena per shard ([`Outq`]), so a connection with nothing queued holds no
 //! queue buffer at all. The writer takes every queued frame at once and
-//! hands them to the kernel in one vectored submission. When the queue
-//! already holds `max_frames` frames or `max_bytes` bytes, the connection is
-//! too slow for its bound: its queue is dropped, it is sent close 1013 and,
-//! if it does not take even that, its socket is shut after the close timeout.
+//! hands them to the kernel in one vectored submission. Every frame counts
+//! against the bound, whatever its kind (data, pong, ping, HTTP response):
+//! when the queue already holds `max_frames` frames or `max_bytes` bytes,
+//! the connection is too slow for its bound: its queue is dropped, it is
+//! sent close 1013 and, if it does not take even that, its socket is shut
+//! after the close timeout.
 //!
 //! Deadlines are kept as milliseconds since the shard started ([`Outq::ms`])
 //! rather than `Instant`s, which keeps [`ConnIo`] at 80 bytes.
@@ -371,40 +373,53 @@ impl ConnIo {
         self.queued_bytes.set(0);
     }
 
+    /// Whether a frame of `len` bytes fits within the connection's bound.
+    /// When it does not, the connection is too slow for its bound: its
+    /// queue is dropped (its memory given back at once) and it is closed
+    /// with 1013.
+    fn admit(&self, len: usize) -> bool {
+        let (frames, queued) = (self.queue.get().len, self.queued_bytes.get());
+        let o = &self.outq;
+        if frames == 0 || (frames < o.max_frames && queued as usize + len <= o.max_bytes as usize) {
+            return true;
+        }
+        o.metrics().slow_consumer_closes.inc();
+        tracing::debug!(
+            shard = o.shard,
+            queued_frames = frames,
+            queued_bytes = queued,
+            "slow consumer closed"
+        );
+        self.drop_queue();
+        self.close(close::TRY_AGAIN_LATER, "slow consumer: outbound queue full");
+        false
+    }
+
     /// Queues a data frame within the bound (see the module doc).
     pub fn push_data(&self, frame: &Bytes) -> bool {
-        if self.state.get() != State::Open {
-            return false;
-        }
-        let (len, queued) = (self.queue.get().len, self.queued_bytes.get());
-        let o = &self.outq;
-        if len > 0 && (len >= o.max_frames || queued as usize + frame.len() > o.max_bytes as usize)
-        {
-            o.metrics().slow_consumer_closes.inc();
-            tracing::debug!(
-                shard = o.shard,
-                queued_frames = len,
-                queued_bytes = queued,
-                "slow consumer closed"
-            );
-            self.drop_queue();
-            self.close(close::TRY_AGAIN_LATER, "slow consumer: outbound queue full");
+        if self.state.get() != State::Open || !self.admit(frame.len()) {
             return false;
         }
         self.enqueue(frame.clone());
         true
     }
 
-    /// Queues a control frame (pong, ping) regardless of the bound: control
-    /// frames are tiny and their number is bounded by what the peer sends.
-    pub fn push_control(&self, frame: Bytes) {
-        if self.state.get() == State::Open {
-            self.set_flag(URGENT, true);
-            self.enqueue(frame);
+    /// Queues a control frame (a pong, a keep-alive ping) or an HTTP
+    /// response: it does not wait for the write delay, and it counts
+    /// against the same bound as data, so a peer that sends pings and never
+    /// reads the pongs is closed like any slow reader.
+    pub fn push_control(&self, frame: Bytes) -> bool {
+        if self.state.get() != State::Open || !self.admit(frame.len()) {
+            return false;
         }
+        self.set_flag(URGENT, true);
+        self.enqueue(frame);
+        true
     }
 
-    /// Starts the closing handshake: queues a close frame; data stops.
+    /// Starts the closing handshake: queues a close frame; data stops. The
+    /// close frame is the one frame queued past the bound (at most 127
+    /// bytes, once per connection), so that a peer is always told why.
     pub fn close(&self, code: u16, reason: &str) {
         self.close_with(close::payload(code, reason));
     }
@@ -647,6 +662,51 @@ mod tests {
 
     fn frame(n: u8) -> Bytes {
         Bytes::from(vec![n])
+    }
+
+    /// The outbound side of a shard whose connections may queue `frames`
+    /// frames or `bytes` bytes.
+    pub(crate) fn outq(frames: usize, bytes: usize) -> Rc<Outq> {
+        let config = crate::config::Config {
+            outbound_queue_frames: frames,
+            outbound_queue_bytes: bytes,
+            ..Default::default()
+        };
+        let verifier = crate::auth::Verifier::from_config(&config.auth).unwrap();
+        let (mesh, _bells) = crate::mesh::Mesh::new(1, 0, 16).unwrap();
+        let node = Arc::new(Node::new(config, verifier, mesh));
+        Outq::new(node, 0)
+    }
+
+    #[test]
+    fn every_kind_of_frame_counts_against_the_bound() {
+        // A peer that sends pings and never reads: its pongs fill the
+        // queue up to the bound, then it is closed as too slow, and what
+        // was queued is given back.
+        let q = outq(8, 1 << 20);
+        let io = ConnIo::for_task(-1, q.clone(), 0);
+        let pong = frame::encode(OpCode::Pong, &[b'p'; 125]);
+        let mut queued = 0;
+        while io.push_control(pong.clone()) {
+            queued += 1;
+            assert!(queued <= 8, "past the frame bound");
+        }
+        assert_eq!(queued, 8);
+        assert_eq!(io.state(), State::Closing);
+        assert_eq!(q.queued_frames(), 1, "only the close frame is left");
+        assert_eq!(q.metrics().slow_consumer_closes.get(), 1);
+        assert!(!io.push_data(&pong) && !io.push_control(pong.clone()));
+
+        // The byte bound holds for control frames and HTTP responses too.
+        let q = outq(4096, 1000);
+        let io = ConnIo::for_task(-1, q.clone(), 0);
+        assert!(
+            io.push_control(Bytes::from(vec![0u8; 900])),
+            "an empty queue takes any frame"
+        );
+        assert!(!io.push_control(pong.clone()), "900 + 127 > 1000");
+        assert_eq!(io.state(), State::Closing);
+        assert_eq!(q.queued_frames(), 1);
     }
 
     #[test]
