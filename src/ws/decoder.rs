@@ -48,8 +48,15 @@ impl Decoder {
         Decoder::default()
     }
 
+    /// Bytes held by a fragmented message being assembled.
+    pub fn buffered(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.buf.capacity())
+    }
+
     /// The next complete message in `src`, if any; a message (all its
-    /// fragments together) may be at most `max_message` bytes.
+    /// fragments together) may be at most `max_message` bytes. Nothing is
+    /// reserved for a frame's announced length: `src` grows only with the
+    /// bytes that arrive.
     pub fn decode(
         &mut self,
         src: &mut BytesMut,
@@ -77,7 +84,8 @@ impl Decoder {
             }
             let total = h.header_len + h.payload_len as usize;
             if src.len() < total {
-                src.reserve(total - src.len());
+                // Memory follows the bytes that arrive: the announced
+                // length is a promise, and nothing is set aside for it.
                 return Ok(None);
             }
             let mut payload = src.split_to(total);
@@ -254,6 +262,20 @@ mod tests {
             Err(WsError::MessageTooBig { limit: 100 })
         );
         assert_eq!(WsError::MessageTooBig { limit: 1 }.close_code(), 1009);
+    }
+
+    #[test]
+    fn an_announced_length_reserves_nothing() {
+        // A header that announces 1 MiB, then a few bytes: the buffer holds
+        // what arrived, not what was promised.
+        let mut f = encode_masked(true, OpCode::Binary, &vec![7u8; 1 << 20], M);
+        f.truncate(14 + 16);
+        let mut d = Decoder::new();
+        let mut src = BytesMut::with_capacity(64);
+        src.extend_from_slice(&f);
+        assert_eq!(d.decode(&mut src, 2 << 20), Ok(None));
+        assert!(src.capacity() < 4096, "reserved {}", src.capacity());
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]
