@@ -151,15 +151,25 @@ impl Verifier {
         validation.leeway = cfg.leeway_s;
         validation.validate_nbf = true;
         validation.validate_exp = true;
+        // Every claim the configuration names is required: a token without
+        // `iss` is refused when an issuer is configured, as one with another
+        // issuer is. `nbf` is checked when present.
+        let mut required = vec!["exp", "sub"];
         match &cfg.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&required);
         let open_channels = match cfg.channel_access.as_str() {
             "grants" => false,
             "open" => true,
@@ -426,6 +436,100 @@ mod tests {
         // alg: none is refused.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJib2IiLCJleHAiOjk5OTk5OTk5OTl9.";
         assert!(v.verify(none).is_err());
+    }
+
+    /// Signs any claims with `alg` (the fixtures' keys for RS256 and ES256).
+    fn sign(alg: &str, secret: &str, claims: &serde_json::Value) -> String {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let key = match alg {
+            "HS256" => EncodingKey::from_secret(secret.as_bytes()),
+            "RS256" => {
+                EncodingKey::from_rsa_pem(&std::fs::read(fixtures.join("rs256.key.pem")).unwrap())
+                    .unwrap()
+            }
+            _ => EncodingKey::from_ec_pem(&std::fs::read(fixtures.join("es256.key.pem")).unwrap())
+                .unwrap(),
+        };
+        encode(&Header::new(parse_algorithm(alg).unwrap()), claims, &key).unwrap()
+    }
+
+    /// A configuration for `alg` that names an issuer and an audience.
+    fn strict(alg: &str) -> AuthConfig {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let stem = alg.to_ascii_lowercase();
+        AuthConfig {
+            algorithm: alg.into(),
+            secret: (alg == "HS256").then(|| "0123456789abcdef0123".into()),
+            public_key_file: (alg != "HS256").then(|| fixtures.join(format!("{stem}.pub.pem"))),
+            issuer: Some("app".into()),
+            audience: Some("chat".into()),
+            leeway_s: 0,
+            ..AuthConfig::default()
+        }
+    }
+
+    #[test]
+    fn every_configured_claim_is_required_for_every_algorithm_and_token_kind() {
+        let exp = now() + 60;
+        for alg in ["HS256", "RS256", "ES256"] {
+            let cfg = strict(alg);
+            let v = Verifier::from_config(&cfg).unwrap();
+            let secret = "0123456789abcdef0123";
+            let full = serde_json::json!({"sub": "bob", "exp": exp, "iss": "app", "aud": "chat", "channels": ["*"]});
+            let without = |claim: &str| {
+                let mut c = full.clone();
+                c.as_object_mut().unwrap().remove(claim);
+                c
+            };
+            let with = |claim: &str, value: serde_json::Value| {
+                let mut c = full.clone();
+                c[claim] = value;
+                c
+            };
+            assert_eq!(v.verify(&sign(alg, secret, &full)).unwrap(), "bob", "{alg}");
+            for (case, claims) in [
+                ("no iss", without("iss")),
+                ("no aud", without("aud")),
+                ("no exp", without("exp")),
+                ("no sub", without("sub")),
+                ("wrong iss", with("iss", "evil".into())),
+                ("wrong aud", with("aud", "other".into())),
+                ("expired", with("exp", (now() - 10).into())),
+                ("not yet valid", with("nbf", (now() + 600).into())),
+            ] {
+                assert!(
+                    v.verify(&sign(alg, secret, &claims)).is_err(),
+                    "{alg}: a token with {case} was accepted"
+                );
+            }
+            assert!(v
+                .verify(&sign(alg, secret, &with("nbf", (now() - 10).into())))
+                .is_ok());
+            // Subscription tokens follow the same rules.
+            let sub = serde_json::json!({"sub": "bob", "exp": exp, "iss": "app", "aud": "chat", "channel": "room"});
+            assert_eq!(
+                v.check_subscription(&sign(alg, secret, &sub), "bob", "room"),
+                Ok(())
+            );
+            for claim in ["iss", "aud", "exp"] {
+                let mut c = sub.clone();
+                c.as_object_mut().unwrap().remove(claim);
+                assert!(
+                    v.check_subscription(&sign(alg, secret, &c), "bob", "room")
+                        .is_err(),
+                    "{alg}: a subscription token without {claim} was accepted"
+                );
+            }
+            // Without an issuer or an audience configured, neither is needed.
+            let lax = AuthConfig {
+                issuer: None,
+                audience: None,
+                ..cfg
+            };
+            let v = Verifier::from_config(&lax).unwrap();
+            let bare = serde_json::json!({"sub": "bob", "exp": exp});
+            assert!(v.verify(&sign(alg, secret, &bare)).is_ok(), "{alg}");
+        }
     }
 
     #[test]
