@@ -395,19 +395,8 @@ async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Requ
                     Some(c) if c.eq_ignore_ascii_case("close") => false,
                     _ => req.version == Some(1),
                 };
-                if header("transfer-encoding").is_some() {
-                    return Err(bad(
-                        411,
-                        ErrorCode::BadRequest,
-                        "send the body with Content-Length, not chunked",
-                    ));
-                }
-                let length = match header("content-length") {
-                    None => 0,
-                    Some(v) => v.parse::<usize>().map_err(|_| {
-                        bad(400, ErrorCode::BadRequest, "Content-Length is not a number")
-                    })?,
-                };
+                let length = body_length(req.headers)
+                    .map_err(|(status, m)| bad(status, ErrorCode::BadRequest, m))?;
                 if length > MAX_BODY {
                     return Err(bad(
                         413,
@@ -453,6 +442,39 @@ async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Requ
             }
         }
     }
+}
+
+/// The length of a request's body from its headers. Framing that two
+/// readers could understand differently (the request-smuggling class) is
+/// refused: `Transfer-Encoding` (411 alone, 400 beside `Content-Length`),
+/// `Content-Length` given twice (even with one value) or as anything but
+/// digits.
+fn body_length(headers: &[httparse::Header<'_>]) -> Result<usize, (u16, &'static str)> {
+    let named = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+    };
+    let mut lengths = named("content-length");
+    let length = lengths.next();
+    if lengths.next().is_some() {
+        return Err((400, "ambiguous framing: more than one Content-Length"));
+    }
+    if named("transfer-encoding").next().is_some() {
+        return Err(match length {
+            Some(_) => (
+                400,
+                "ambiguous framing: Transfer-Encoding and Content-Length",
+            ),
+            None => (411, "send the body with Content-Length, not chunked"),
+        });
+    }
+    let Some(h) = length else { return Ok(0) };
+    let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+    if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err((400, "Content-Length is not a number"));
+    }
+    Ok(v.parse().expect("at most 19 digits"))
 }
 
 async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), ReadError> {
@@ -798,5 +820,39 @@ fn response(status: u16, body: &Value, keep_alive: bool) -> Vec<u8> {
 fn insert_header(r: &mut Vec<u8>, header: &str) {
     if let Some(end) = r.windows(4).position(|w| w == b"\r\n\r\n") {
         r.splice(end + 2..end + 2, header.bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body_length;
+
+    fn length(head: &str) -> Result<usize, u16> {
+        let text = format!("POST /api/publish HTTP/1.1\r\nHost: x\r\n{head}\r\n");
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(text.as_bytes()).unwrap();
+        body_length(req.headers).map_err(|(status, _)| status)
+    }
+
+    #[test]
+    fn only_one_unambiguous_content_length_frames_a_body() {
+        assert_eq!(length(""), Ok(0));
+        assert_eq!(length("Content-Length: 12\r\n"), Ok(12));
+        assert_eq!(length("content-length:  7 \r\n"), Ok(7));
+        for smuggling in [
+            "Content-Length: 5\r\nContent-Length: 50\r\n",
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: 0x10\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 99999999999999999999\r\n",
+        ] {
+            assert_eq!(length(smuggling), Err(400), "{smuggling:?}");
+        }
+        assert_eq!(length("Transfer-Encoding: chunked\r\n"), Err(411));
     }
 }

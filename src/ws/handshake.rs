@@ -212,6 +212,15 @@ pub fn parse_request(
     if method != "GET" {
         return Err(HandshakeError::BadMethod);
     }
+    // An upgrade has no body: bytes after the head are frames. A request
+    // that frames a body could be read two ways by a proxy in front.
+    let framed = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
+    });
+    if framed {
+        return Err(HandshakeError::Malformed);
+    }
     if header("host").is_none() {
         return Err(HandshakeError::MissingHost);
     }
@@ -455,6 +464,15 @@ mod tests {
                 HandshakeError::MissingKey,
             ),
             ("GARBAGE\r\n\r\n".to_string(), HandshakeError::Malformed),
+            // An upgrade that frames a body could be read two ways.
+            (
+                with("Host: x\r\n", "Host: x\r\nContent-Length: 5\r\n"),
+                HandshakeError::Malformed,
+            ),
+            (
+                with("Host: x\r\n", "Host: x\r\nTransfer-Encoding: chunked\r\n"),
+                HandshakeError::Malformed,
+            ),
         ];
         for (req, want) in cases {
             assert_eq!(parse_request(req.as_bytes(), &cfg()), Err(want), "{req}");
