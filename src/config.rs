@@ -18,6 +18,14 @@ pub struct Config {
     pub io_driver: String,
     /// Largest message accepted, in bytes (close 1009 beyond it).
     pub max_message_size: usize,
+    /// Largest message a connection may send before it has authenticated
+    /// (its `auth`), in bytes (close 1009 beyond it).
+    pub max_unauthenticated_message_size: usize,
+    /// Bytes a shard may hold buffered for connections that have not
+    /// authenticated yet (request heads, partial frames); past it the
+    /// connection whose buffer grew is closed (1013, or 503 during the
+    /// handshake).
+    pub max_preauth_bytes_per_shard: usize,
     /// Serve `/echo`, which echoes every message (for conformance suites).
     pub echo_endpoint: bool,
     /// Allowed `Origin` values; empty allows any.
@@ -127,6 +135,11 @@ impl Default for Config {
             shards: 0,
             io_driver: "auto".into(),
             max_message_size: 1 << 20,
+            // An `auth` message carries one token, and a token that fits in
+            // an 8 KiB request head fits in this.
+            max_unauthenticated_message_size: 16 << 10,
+            // 1,000 connections at that limit, per core.
+            max_preauth_bytes_per_shard: 16 << 20,
             echo_endpoint: false,
             allowed_origins: vec![],
             // Browsers send 0.5-2 KiB; 8 KiB leaves room for large cookies.
@@ -249,6 +262,13 @@ pub struct ConfigArgs {
     /// Largest message accepted, in bytes [default: 1048576].
     #[arg(long, env = "CORECAST_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<usize>,
+    /// Largest message before authentication, in bytes [default: 16384].
+    #[arg(long, env = "CORECAST_MAX_UNAUTHENTICATED_MESSAGE_SIZE")]
+    pub max_unauthenticated_message_size: Option<usize>,
+    /// Bytes buffered per shard for connections not yet authenticated
+    /// [default: 16777216].
+    #[arg(long, env = "CORECAST_MAX_PREAUTH_BYTES_PER_SHARD")]
+    pub max_preauth_bytes_per_shard: Option<usize>,
     /// Serve /echo (for conformance suites).
     #[arg(long, env = "CORECAST_ECHO_ENDPOINT")]
     pub echo_endpoint: bool,
@@ -398,6 +418,8 @@ impl ConfigArgs {
             shards,
             io_driver,
             max_message_size,
+            max_unauthenticated_message_size,
+            max_preauth_bytes_per_shard,
             allowed_origins,
             ping_interval_ms,
             ping_timeout_ms,
@@ -501,6 +523,16 @@ impl Config {
         if self.max_message_size < 125 {
             return Err(ConfigError(
                 "max_message_size must be at least 125 bytes".into(),
+            ));
+        }
+        if self.max_unauthenticated_message_size < 125 {
+            return Err(ConfigError(
+                "max_unauthenticated_message_size must be at least 125 bytes".into(),
+            ));
+        }
+        if self.max_preauth_bytes_per_shard < 64 << 10 {
+            return Err(ConfigError(
+                "max_preauth_bytes_per_shard must be at least 65536 bytes".into(),
             ));
         }
         if self.outbound_queue_frames == 0 || self.mesh_queue_capacity == 0 {

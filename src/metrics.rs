@@ -67,6 +67,14 @@ pub struct ShardMetrics {
     /// Sequenced channel events that did not follow the last one applied
     /// (cluster mode: events lost between Redis and this node).
     pub cluster_gaps: Counter,
+    /// Client messages that were not valid events (answered with an error,
+    /// charged a rate token and a strike).
+    pub malformed: Counter,
+    /// Bytes buffered for connections not authenticated yet (gauge).
+    pub preauth_bytes: Counter,
+    /// Connections closed because the shard's pre-authentication buffer
+    /// budget was spent.
+    pub preauth_closes: Counter,
 }
 
 /// The bridge's figures (cluster mode).
@@ -154,7 +162,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 21] = [
+    let series: [(&str, &str, &str, Get); 24] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -268,6 +276,24 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Channel events from Redis that did not follow the last one (lost on the way).",
             |m| &m.cluster_gaps,
+        ),
+        (
+            "malformed_total",
+            "counter",
+            "Client messages that were not valid events (each charged a rate token and a strike).",
+            |m| &m.malformed,
+        ),
+        (
+            "preauth_bytes",
+            "gauge",
+            "Bytes buffered for connections that have not authenticated yet.",
+            |m| &m.preauth_bytes,
+        ),
+        (
+            "preauth_closes_total",
+            "counter",
+            "Connections closed because the shard's pre-authentication buffer budget was spent.",
+            |m| &m.preauth_closes,
         ),
     ];
     for (name, kind, help, get) in series {

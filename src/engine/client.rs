@@ -93,19 +93,70 @@ impl<O: Outbound> Engine<O> {
         ))
     }
 
-    /// Handles a decoded message from a local, authenticated connection.
-    pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
-        if let Err((code, e)) = check_event(&msg.event) {
-            let Some(member) = self.conn(id).map(|c| c.member.user.clone()) else {
-                return;
-            };
-            // A refused event still takes a token: a flood of bad input
-            // meets the rate limit like any other.
-            if let Err((why, retry)) = self.rate_check(&member, &msg.event, now) {
-                return self.rate_refused(id, msg.id, why, retry, now, tx);
-            }
-            return self.error(id, msg.id, code, e);
+    /// Handles a frame's payload from a local, authenticated connection
+    /// (`text`: a text frame). The event is charged to its rate-limit
+    /// bucket as soon as it is named: for JSON, once the envelope's `t` is
+    /// read and before its payload is; an archive of the binary protocol
+    /// is validated whole first. Input that does not decode costs a token
+    /// (from the default bucket when no event can be named) and a strike.
+    pub fn handle_frame(
+        &mut self,
+        id: ConnId,
+        text: bool,
+        payload: &mut [u8],
+        scratch: &mut crate::protocol::json::Scratch,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        use crate::protocol::{binary, json, DecodeError};
+        let Some(protocol) = self.conn(id).map(|c| c.member.protocol) else {
+            return;
+        };
+        match (protocol, text) {
+            (Protocol::Json, true) => match json::envelope(payload, scratch) {
+                Err(e) => self.malformed(id, e, now, tx),
+                Ok(env) if self.charge(id, env.bucket(), env.id, now, tx) => match env.decode() {
+                    Ok(m) => self.handle_charged(id, m, now, tx),
+                    Err(e) => self.malformed_charged(id, e, now, tx),
+                },
+                Ok(_) => {}
+            },
+            (Protocol::Binary, false) => match binary::decode_client(payload) {
+                Ok(m) => self.handle(id, m, now, tx),
+                Err(e) => self.malformed(id, e, now, tx),
+            },
+            (p, _) => self.malformed(id, DecodeError::wrong_frame(p), now, tx),
         }
+    }
+
+    /// Handles a decoded message from a local, authenticated connection:
+    /// charges its rate-limit bucket, then [`Engine::handle_charged`].
+    pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
+        if self.charge(id, msg.event.index(), msg.id, now, tx) {
+            self.handle_charged(id, msg, now, tx)
+        }
+    }
+
+    /// Handles a message whose bucket [`Engine::charge`] took a token from
+    /// (the shell charges a JSON envelope as soon as it has read `t`):
+    /// checks its lists and ids, then carries it out.
+    pub fn handle_charged(
+        &mut self,
+        id: ConnId,
+        msg: ClientMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Err((code, message)) = check_event(&msg.event) {
+            let e = crate::protocol::DecodeError {
+                id: msg.id,
+                code,
+                message,
+                event: Some(msg.event.index()),
+            };
+            return self.malformed_charged(id, e, now, tx);
+        }
+        self.rate_accepted(id);
         self.handle_checked(id, msg, now, tx)
     }
 
@@ -115,10 +166,6 @@ impl<O: Outbound> Engine<O> {
             return;
         };
         let ack = msg.id;
-        match self.rate_check(&member.user, &msg.event, now) {
-            Ok(()) => self.rate_accepted(id),
-            Err((why, retry)) => return self.rate_refused(id, ack, why, retry, now, tx),
-        }
         let from = Some((self.here(id), member.protocol));
         use ClientEvent as E;
         match msg.event {
@@ -892,7 +939,10 @@ pub(super) fn check_event(event: &ClientEvent) -> Result<(), (ErrorCode, String)
     let bad = |e: String| (ErrorCode::BadRequest, e);
     let list = |field: &str, len: usize| {
         if len > MAX_LIST {
-            return Err(bad(format!("`{field}` has more than {MAX_LIST} entries")));
+            return Err((
+                ErrorCode::TooLarge,
+                format!("`{field}` has more than {MAX_LIST} entries"),
+            ));
         }
         Ok(())
     };

@@ -31,6 +31,21 @@ impl Default for Scratch {
 
 /// Parses a client envelope in place (`buf` is overwritten).
 pub fn decode_client(buf: &mut [u8], scratch: &mut Scratch) -> Result<ClientMessage, DecodeError> {
+    envelope(buf, scratch)?.decode()
+}
+
+/// A client envelope parsed as far as its ack id and its event name: enough
+/// to charge the event's rate-limit bucket before its payload is read.
+pub struct Envelope<'v> {
+    pub id: Option<u64>,
+    /// The event's [`ClientEvent::index`] (past the end when unknown).
+    pub event: usize,
+    root: Value<'v>,
+}
+
+/// Parses a client envelope in place (`buf` is overwritten) and reads its
+/// `id` and `t`; [`Envelope::decode`] reads the rest.
+pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope<'v>, DecodeError> {
     let root = simd_json::value::borrowed::to_value_with_buffers(buf, &mut scratch.0)
         .map_err(|e| DecodeError::new(None, format!("invalid JSON: {e}")))?;
     let Value::Object(env) = &root else {
@@ -50,8 +65,8 @@ pub fn decode_client(buf: &mut [u8], scratch: &mut Scratch) -> Result<ClientMess
             ))
         }
     };
-    let t = match env.get("t") {
-        Some(Value::String(t)) => t,
+    let event = match env.get("t") {
+        Some(Value::String(t)) => event_index(t),
         Some(other) => {
             return Err(DecodeError::new(
                 id,
@@ -60,23 +75,52 @@ pub fn decode_client(buf: &mut [u8], scratch: &mut Scratch) -> Result<ClientMess
         }
         None => return Err(DecodeError::new(id, "missing `t` (the event name)")),
     };
-    let d = match env.get("d") {
-        None | Some(Value::Static(StaticNode::Null)) => None,
-        Some(Value::Object(o)) => Some(&**o),
-        Some(other) => {
-            return Err(DecodeError::new(
-                id,
-                format!("`d` must be an object, not {}", kind(other)),
-            ))
-        }
-    };
-    let f = Fields {
-        id,
-        path: Cow::Borrowed("d"),
-        obj: d,
-    };
-    let event = event(t, &f)?;
-    Ok(ClientMessage { id, event })
+    Ok(Envelope { id, event, root })
+}
+
+impl Envelope<'_> {
+    /// The rate-limit bucket the message is charged to.
+    pub fn bucket(&self) -> usize {
+        self.event
+    }
+
+    /// Reads the event's payload.
+    pub fn decode(&self) -> Result<ClientMessage, DecodeError> {
+        let id = self.id;
+        let named = |mut e: DecodeError| {
+            e.event = Some(self.event);
+            e
+        };
+        let (Value::Object(env), Some(Value::String(t))) = (&self.root, self.root.get("t")) else {
+            unreachable!("checked by `envelope`")
+        };
+        let d = match env.get("d") {
+            None | Some(Value::Static(StaticNode::Null)) => None,
+            Some(Value::Object(o)) => Some(&**o),
+            Some(other) => {
+                return Err(named(DecodeError::new(
+                    id,
+                    format!("`d` must be an object, not {}", kind(other)),
+                )))
+            }
+        };
+        let f = Fields {
+            id,
+            path: Cow::Borrowed("d"),
+            obj: d,
+        };
+        let event = event(t, &f).map_err(named)?;
+        Ok(ClientMessage { id, event })
+    }
+}
+
+/// The position of event `t` in [`CLIENT_EVENT_NAMES`] (past the end when
+/// the server does not know it), as [`ClientEvent::index`] numbers it.
+pub fn event_index(t: &str) -> usize {
+    CLIENT_EVENT_NAMES
+        .iter()
+        .position(|n| *n == t)
+        .unwrap_or(CLIENT_EVENT_NAMES.len())
 }
 
 fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
@@ -415,7 +459,7 @@ impl<'o, 'v> Fields<'o, 'v> {
             return Err(f.wrong("an array"));
         };
         if items.len() > MAX_LIST {
-            return Err(DecodeError::new(
+            return Err(DecodeError::too_large(
                 self.id,
                 format!("`{}` has more than {MAX_LIST} entries", f.name),
             ));

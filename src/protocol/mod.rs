@@ -19,20 +19,50 @@ pub use events::*;
 
 use crate::ws::frame::{FrameBuf, OpCode};
 
-/// Why a client envelope could not be decoded. Answered with `bad_request`
-/// (and the ack id when it could be read); the connection stays open.
+/// Why a client envelope could not be decoded. Answered with its `code`
+/// (`bad_request`, or `too_large` for a list past its bound) and the ack id
+/// when it could be read; the connection stays open. It still costs a rate
+/// token, from the bucket of the event it names ([`DecodeError::bucket`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeError {
     pub id: Option<u64>,
+    pub code: ErrorCode,
     pub message: String,
+    /// The event named by `t` ([`ClientEvent::index`] numbering), when the
+    /// envelope got that far.
+    pub event: Option<usize>,
 }
 
 impl DecodeError {
     pub fn new(id: Option<u64>, message: impl Into<String>) -> Self {
         DecodeError {
             id,
+            code: ErrorCode::BadRequest,
             message: message.into(),
+            event: None,
         }
+    }
+
+    pub fn too_large(id: Option<u64>, message: impl Into<String>) -> Self {
+        DecodeError {
+            code: ErrorCode::TooLarge,
+            ..Self::new(id, message)
+        }
+    }
+
+    /// A frame of the wrong kind for the connection's protocol.
+    pub fn wrong_frame(p: Protocol) -> Self {
+        match p {
+            Protocol::Json => DecodeError::new(None, "corecast.json takes text frames"),
+            Protocol::Binary => DecodeError::new(None, "corecast.bin takes binary frames"),
+        }
+    }
+
+    /// The rate-limit bucket the message is charged to: its event's, or
+    /// the default one (that of events the server does not know) when the
+    /// event could not be read.
+    pub fn bucket(&self) -> usize {
+        self.event.unwrap_or(CLIENT_EVENT_NAMES.len())
     }
 }
 

@@ -160,6 +160,9 @@ pub struct Shard {
     /// Open sockets, handshakes included (the epoll driver's count; the
     /// io_uring loop keeps its own).
     sockets: Cell<usize>,
+    /// Bytes buffered for connections not authenticated yet (request
+    /// heads, partial frames), within `max_preauth_bytes_per_shard`.
+    preauth_bytes: Cell<usize>,
 }
 
 /// Counts a socket for the epoll driver's cap while it lives.
@@ -240,8 +243,30 @@ impl Shard {
             stop: Signal::default(),
             session_counter: Cell::new(0),
             sockets: Cell::new(0),
+            preauth_bytes: Cell::new(0),
             node,
         })
+    }
+
+    /// A connection not authenticated yet now buffers `after` bytes instead
+    /// of `before`. False when that grew the shard's total past
+    /// `max_preauth_bytes_per_shard`: the caller closes the connection,
+    /// which gives its bytes back.
+    fn preauth_change(&self, before: usize, after: usize) -> bool {
+        let total = self.preauth_bytes.get() - before + after;
+        self.preauth_bytes.set(total);
+        let m = self.metrics();
+        m.preauth_bytes.set(total as u64);
+        if after > before && total > self.node.config.max_preauth_bytes_per_shard {
+            m.preauth_closes.inc();
+            tracing::debug!(
+                shard = self.id,
+                preauth_bytes = total,
+                "closed a connection: too many bytes buffered before authentication"
+            );
+            return false;
+        }
+        true
     }
 
     fn new_session_id(&self) -> SessionId {
@@ -415,12 +440,22 @@ async fn write_and_close(mut stream: TcpStream, response: Vec<u8>) {
     let _ = stream.shutdown().await;
 }
 
+/// Why no request head came.
+enum HeadError {
+    /// The peer went away or missed the deadline.
+    Gone,
+    Invalid(handshake::HandshakeError),
+    /// The shard's budget for bytes of unauthenticated connections is spent.
+    Busy,
+}
+
 /// Reads the request head within the handshake deadline.
 async fn read_request(
     shard: &Shard,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-) -> Option<Result<(Request, usize), handshake::HandshakeError>> {
+    held: &mut PreAuth,
+) -> Result<(Request, usize), HeadError> {
     let cfg = &shard.handshake;
     let deadline = Duration::from_millis(shard.node.config.handshake_timeout_ms);
     let read = async {
@@ -428,17 +463,21 @@ async fn read_request(
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(2048);
             }
+            if !held.set(buf.capacity()) {
+                return Err(HeadError::Busy);
+            }
             let (len, cap) = (buf.len(), buf.capacity());
             let owned = std::mem::take(buf);
             let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
             *buf = slice.into_inner();
             match res {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Err(HeadError::Gone),
                 Ok(_) => {}
             }
             match handshake::parse_request(buf, cfg) {
                 Ok(None) => continue,
-                other => return other.transpose(),
+                Ok(Some(r)) => return Ok(r),
+                Err(e) => return Err(HeadError::Invalid(e)),
             }
         }
     };
@@ -446,8 +485,38 @@ async fn read_request(
         Ok(r) => r,
         Err(_) => {
             shard.metrics().handshake_timeouts.inc();
-            None
+            Err(HeadError::Gone)
         }
+    }
+}
+
+/// The bytes an epoll connection holds before it has authenticated, counted
+/// in its shard's budget while it lives.
+struct PreAuth {
+    shard: Rc<Shard>,
+    held: usize,
+}
+
+impl PreAuth {
+    fn new(shard: &Rc<Shard>) -> PreAuth {
+        PreAuth {
+            shard: shard.clone(),
+            held: 0,
+        }
+    }
+
+    /// Counts `n` bytes instead of what was counted; false when that spent
+    /// the shard's budget.
+    fn set(&mut self, n: usize) -> bool {
+        let ok = self.shard.preauth_change(self.held, n);
+        self.held = n;
+        ok
+    }
+}
+
+impl Drop for PreAuth {
+    fn drop(&mut self) {
+        self.shard.preauth_change(self.held, 0);
     }
 }
 
@@ -667,13 +736,17 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(2048);
-    let (req, consumed) = match read_request(&shard, &mut stream, &mut buf).await {
-        None => return,
-        Some(Err(e)) => {
+    let mut held = PreAuth::new(&shard);
+    let (req, consumed) = match read_request(&shard, &mut stream, &mut buf, &mut held).await {
+        Ok(r) => r,
+        Err(HeadError::Gone) => return,
+        Err(HeadError::Invalid(e)) => {
             shard.metrics().handshake_failures[e.index()].inc();
             return write_and_close(stream, e.response()).await;
         }
-        Some(Ok(r)) => r,
+        Err(HeadError::Busy) => {
+            return write_and_close(stream, Refusal::ServerFull.response()).await
+        }
     };
     let _ = buf.split_to(consumed);
     let accepted = match shard.route(req, peer) {
@@ -686,7 +759,7 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
     if buf.is_empty() {
         buf = BytesMut::new();
     }
-    monoio::spawn(serve_ws(shard, stream, buf, accepted, count));
+    monoio::spawn(serve_ws(shard, stream, buf, accepted, count, held));
 }
 
 /// An upgrade the shard accepted (its 101 response not yet written).
@@ -818,11 +891,28 @@ struct Session {
     protocol: Protocol,
     device: DeviceKind,
     mode: Mode,
+    /// Messages other than a valid `auth` sent before authenticating.
+    preauth_strikes: u8,
     /// The client address's counters (given back at the end).
     ip: Slots,
 }
 
 impl Session {
+    /// Whether the connection waits for its `auth` message.
+    fn preauth(&self) -> bool {
+        matches!(self.mode, Mode::Unauthenticated)
+    }
+
+    /// The largest message the connection may send now: small until it
+    /// has authenticated.
+    fn max_message(&self, c: &crate::config::Config) -> usize {
+        if self.preauth() {
+            c.max_unauthenticated_message_size.min(c.max_message_size)
+        } else {
+            c.max_message_size
+        }
+    }
+
     /// Starts the WebSocket phase of an accepted upgrade (either IO
     /// driver): the 101 goes first through the connection's queue (it may be
     /// held: see `Session::new`), and the connection is counted.
@@ -863,6 +953,7 @@ impl Session {
             } else {
                 Mode::Unauthenticated
             },
+            preauth_strikes: 0,
             ip,
         };
         match user {
@@ -882,7 +973,9 @@ impl Session {
         s
     }
 
-    /// Takes the connection out of the engine (its channels, its user).
+    /// Takes the connection out of the engine (its channels, its user). A
+    /// connection that never authenticated stays counted as such until its
+    /// buffers are freed.
     fn end(&mut self, shard: &Shard) {
         shard
             .node
@@ -892,8 +985,8 @@ impl Session {
             let mut outbox = shard.outbox.borrow_mut();
             shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
             outbox.flush();
+            self.mode = Mode::Ended;
         }
-        self.mode = Mode::Ended;
     }
 
     fn reply(&self, io: &ConnIo, msg: &ServerMessage) {
@@ -955,35 +1048,24 @@ impl Session {
             io.push_data(&frame::encode(op, &payload));
             return;
         }
+        if let Mode::Authenticated(id) = self.mode {
+            return self.on_event(shard, id, text, payload);
+        }
         let decoded = match (self.protocol, text) {
             (Protocol::Json, true) => {
                 json::decode_client(&mut payload, &mut shard.scratch.borrow_mut())
             }
             (Protocol::Binary, false) => binary::decode_client(&payload),
-            (Protocol::Json, false) => {
-                Err(DecodeError::new(None, "corecast.json takes text frames"))
-            }
-            (Protocol::Binary, true) => {
-                Err(DecodeError::new(None, "corecast.bin takes binary frames"))
-            }
+            (p, _) => Err(DecodeError::wrong_frame(p)),
         };
         let msg = match decoded {
             Ok(m) => m,
             Err(e) => {
-                return self.reply(
-                    io,
-                    &ServerMessage::error(e.id, ErrorCode::BadRequest, e.message),
-                )
+                self.reply(io, &ServerMessage::error(e.id, e.code, e.message));
+                return self.preauth_strike(shard, io);
             }
         };
         match self.mode {
-            Mode::Authenticated(id) => {
-                let mut outbox = shard.outbox.borrow_mut();
-                shard
-                    .engine
-                    .borrow_mut()
-                    .handle(id, msg, now_ms(), &mut *outbox);
-            }
             Mode::Unauthenticated => match msg.event {
                 ClientEvent::Auth(a) => match shard.node.verifier.identify(&a.token) {
                     Ok(identity) => {
@@ -1009,17 +1091,48 @@ impl Session {
                         io.close(close::UNAUTHORIZED, "unauthorized");
                     }
                 },
-                _ => self.reply(
-                    io,
-                    &ServerMessage::error(
-                        msg.id,
-                        ErrorCode::Unauthorized,
-                        "authenticate first: send `auth` with a token",
-                    ),
-                ),
+                _ => {
+                    self.reply(
+                        io,
+                        &ServerMessage::error(
+                            msg.id,
+                            ErrorCode::Unauthorized,
+                            "authenticate first: send `auth` with a token",
+                        ),
+                    );
+                    self.preauth_strike(shard, io);
+                }
             },
-            Mode::Echo => unreachable!("handled above"),
+            Mode::Echo | Mode::Authenticated(_) => unreachable!("handled above"),
             Mode::Ended => {}
+        }
+    }
+
+    /// A message of an authenticated connection, for the engine.
+    fn on_event(&self, shard: &Shard, id: ConnId, text: bool, mut payload: BytesMut) {
+        let mut outbox = shard.outbox.borrow_mut();
+        let mut scratch = shard.scratch.borrow_mut();
+        shard.engine.borrow_mut().handle_frame(
+            id,
+            text,
+            &mut payload,
+            &mut scratch,
+            now_ms(),
+            &mut *outbox,
+        );
+    }
+
+    /// Counts a message that was not a valid `auth` before authentication;
+    /// past `rate_limit_strikes` of them the connection is closed (1008).
+    fn preauth_strike(&mut self, shard: &Shard, io: &ConnIo) {
+        self.preauth_strikes = self.preauth_strikes.saturating_add(1);
+        let max = shard.node.config.rate_limit_strikes;
+        if max > 0 && self.preauth_strikes as u32 > max {
+            shard.metrics().rate_limit_closes.inc();
+            io.close(
+                close::POLICY_VIOLATION,
+                "too many invalid messages before authentication",
+            );
         }
     }
 
@@ -1027,7 +1140,9 @@ impl Session {
         match m {
             Message::Text(p) => self.on_data(shard, io, true, p),
             Message::Binary(p) => self.on_data(shard, io, false, p),
-            Message::Ping(p) => io.push_control(frame::encode(OpCode::Pong, &p)),
+            Message::Ping(p) => {
+                io.push_control(frame::encode(OpCode::Pong, &p));
+            }
             Message::Pong(_) => {}
             Message::Close(c) => {
                 if io.state() == State::Open {
@@ -1050,6 +1165,7 @@ async fn serve_ws(
     mut buf: BytesMut,
     a: Box<Accepted>,
     _count: SocketCount,
+    mut held: PreAuth,
 ) {
     let io = Rc::new(ConnIo::for_task(
         stream.as_raw_fd(),
@@ -1062,11 +1178,11 @@ async fn serve_ws(
     monoio::spawn(conn::writer(io.clone(), wr));
     let mut s = Session::start(&shard, &io, *a);
     let mut decoder = Decoder::new();
-    let max_message = shard.node.config.max_message_size;
+    let config = &shard.node.config;
     let mut read_size = ReadSize::new();
     'conn: loop {
         loop {
-            match decoder.decode(&mut buf, max_message) {
+            match decoder.decode(&mut buf, s.max_message(config)) {
                 Ok(Some(m)) => {
                     metrics_conn.frames_in.inc();
                     if let Next::Finish = s.on_message(&shard, &io, m) {
@@ -1090,6 +1206,18 @@ async fn serve_ws(
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
         read_size.prepare(&mut buf);
+        let preauth = if s.preauth() {
+            buf.capacity() + decoder.buffered()
+        } else {
+            0
+        };
+        if !held.set(preauth) {
+            io.close(
+                close::TRY_AGAIN_LATER,
+                "server busy: too many bytes buffered before authentication",
+            );
+            break;
+        }
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = rd.read(std::mem::take(&mut buf).slice_mut(len..cap)).await;
         buf = slice.into_inner();
@@ -1104,6 +1232,8 @@ async fn serve_ws(
         }
     }
     s.end(&shard);
+    // What was buffered goes now, not after the closing handshake.
+    drop((buf, decoder, held));
     let close_timeout = Duration::from_millis(shard.node.config.close_timeout_ms);
     let _ = monoio::time::timeout(close_timeout, io.flushed()).await;
     io.abort();

@@ -637,7 +637,11 @@ impl Loop {
                 let now = shard.outq.now_ms();
                 conn.io.last_rx.set(now);
                 conn.io.ping_sent.set(NEVER);
+                let before = preauth_held(conn);
                 read_over = feed(&shard, conn, data, &mut self.scratch, now);
+                if !shard.preauth_change(before, preauth_held(conn)) {
+                    read_over |= refuse_preauth(&shard, conn, now);
+                }
                 self.bufs.give(b);
             }
             if !more && !read_over {
@@ -835,6 +839,7 @@ impl Loop {
         let Some(mut conn) = self.conns[slot as usize].take() else {
             return;
         };
+        self.shard.preauth_change(preauth_held(&conn), 0);
         if let Phase::Ws { session, .. } = &mut conn.phase {
             session.end(&self.shard);
             self.shard.metrics().connections.sub(1);
@@ -1005,6 +1010,44 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
+/// Bytes a connection holds while it has not authenticated: its request
+/// head, the bytes of an incomplete frame, a fragmented message.
+fn preauth_held(conn: &Conn) -> usize {
+    let inbuf = conn.inbuf.as_ref().map_or(0, |b| b.capacity());
+    match &conn.phase {
+        Phase::Handshake { .. } => inbuf,
+        Phase::Ws { session, decoder } if session.preauth() => inbuf + decoder.buffered(),
+        _ => 0,
+    }
+}
+
+/// Closes a connection whose buffer grew past the shard's budget for
+/// connections not authenticated yet, and gives its bytes back. Returns
+/// true when its read side is over.
+fn refuse_preauth(shard: &Rc<Shard>, conn: &mut Conn, now: u64) -> bool {
+    let before = preauth_held(conn);
+    let over = match conn.phase {
+        Phase::Handshake { .. } => {
+            reply(shard, conn, Refusal::ServerFull.response(), now);
+            false
+        }
+        Phase::Ws {
+            ref mut decoder, ..
+        } => {
+            conn.io.close(
+                close::TRY_AGAIN_LATER,
+                "server busy: too many bytes buffered before authentication",
+            );
+            *decoder = Decoder::new();
+            conn.inbuf = None;
+            true
+        }
+        Phase::Reply => false,
+    };
+    shard.preauth_change(before, preauth_held(conn));
+    over
+}
+
 /// Feeds received bytes to a connection. Returns true when its read side is
 /// over (close handshake answered, protocol error).
 fn feed(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesMut, now: u64) -> bool {
@@ -1105,7 +1148,7 @@ fn decode_all(
 ) -> bool {
     let m = shard.metrics();
     loop {
-        match decoder.decode(buf, shard.node.config.max_message_size) {
+        match decoder.decode(buf, session.max_message(&shard.node.config)) {
             Ok(Some(msg)) => {
                 m.frames_in.inc();
                 if let Next::Finish = session.on_message(shard, io, msg) {

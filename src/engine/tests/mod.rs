@@ -192,6 +192,20 @@ impl Sim {
         self.settle();
     }
 
+    /// Sends a frame's payload as the shell does (`text`: a text frame).
+    fn send_frame(&mut self, c: ConnRef, text: bool, payload: &[u8]) {
+        let mut buf = payload.to_vec();
+        self.shards[c.shard as usize].handle_frame(
+            c.conn,
+            text,
+            &mut buf,
+            &mut json::Scratch::default(),
+            self.now,
+            &mut self.mesh,
+        );
+        self.settle();
+    }
+
     fn join(&mut self, c: ConnRef, channel: &str) {
         self.send(
             c,

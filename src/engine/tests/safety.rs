@@ -783,6 +783,73 @@ fn a_client_that_keeps_hammering_is_closed_and_others_are_served() {
 }
 
 #[test]
+fn malformed_input_costs_a_token_and_a_strike() {
+    // Unparseable frames come out of the default bucket and each is a
+    // strike: the eleventh closes the connection (strikes 10), although
+    // the bucket still had tokens.
+    let mut sim = Sim::with(1, limited(&[("default", "100/60s")], 10));
+    let (f, rf) = sim.connect(0, "flooder", Protocol::Json);
+    let (b, rb) = sim.connect(0, "bob", Protocol::Json);
+    for _ in 0..150 {
+        sim.send_frame(f, true, b"{not json");
+    }
+    let got = rf.take();
+    let bad = got
+        .iter()
+        .filter(|m| matches!(&m.event, ServerEvent::Error(e) if e.code == ErrorCode::BadRequest))
+        .count();
+    assert_eq!(bad, 11, "answered until the strike that closed it");
+    assert_eq!(rf.closed.get(), Some(crate::ws::close::POLICY_VIOLATION));
+    assert!(sim.shards[0].conn(f.conn).is_none());
+    assert_eq!(sim.shards[0].metrics.malformed.get(), 11);
+    // A frame of the wrong kind and an unknown event count the same way.
+    let (g, rg) = sim.connect(0, "gremlin", Protocol::Json);
+    sim.send_frame(g, false, b"\x00binary");
+    sim.send_frame(g, true, br#"{"t":"no:such","id":5}"#);
+    let got = rg.take();
+    assert!(
+        got.iter().all(|m| matches!(m.event, ServerEvent::Error(_))),
+        "{got:?}"
+    );
+    assert_eq!(error_code(&got, 5), ErrorCode::Unsupported);
+    // Bob, on the same shard, is served.
+    sim.send_frame(b, true, br#"{"t":"heartbeat","id":1}"#);
+    assert!(names(&rb.take()).contains(&"heartbeat:ack"));
+}
+
+#[test]
+fn a_malformed_event_is_charged_to_the_bucket_it_names() {
+    // 60 malformed joins against 50 per minute (strikes off): the last ten
+    // are refused by the limit, and a valid join is refused too.
+    let mut sim = Sim::with(1, limited(&[("channel:join", "50/60s")], 0));
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    for i in 0..60 {
+        let bad = format!(r#"{{"t":"channel:join","id":{i},"d":{{"channelId":7}}}}"#);
+        sim.send_frame(a, true, bad.as_bytes());
+    }
+    let got = ra.take();
+    assert_eq!(retries(&got).len(), 10, "{got:?}");
+    assert_eq!(error_code(&got, 0), ErrorCode::BadRequest);
+    sim.send_frame(
+        a,
+        true,
+        br#"{"t":"channel:join","id":99,"d":{"channelId":"general"}}"#,
+    );
+    assert_eq!(error_code(&ra.take(), 99), ErrorCode::RateLimited);
+    // Other events have buckets of their own.
+    sim.send_frame(a, true, br#"{"t":"heartbeat","id":100}"#);
+    assert!(names(&ra.take()).contains(&"heartbeat:ack"));
+    // The binary protocol's malformed archives come from the default bucket.
+    let mut sim = Sim::with(1, limited(&[("default", "3/60s")], 0));
+    let (b, rb) = sim.connect(0, "bob", Protocol::Binary);
+    for _ in 0..5 {
+        sim.send_frame(b, false, &[1, 2, 3]);
+    }
+    assert_eq!(retries(&rb.take()).len(), 0, "no ack ids to answer");
+    assert_eq!(sim.shards[0].metrics.rate_limited.get(), 2);
+}
+
+#[test]
 fn a_user_holds_at_most_its_connections_across_shards() {
     let settings = Settings {
         max_connections_per_user: 2,
@@ -859,7 +926,9 @@ fn lists_and_ids_are_bounded_whatever_decoded_them() {
         }),
     );
     let got = ra.take();
-    for id in 1..=4 {
+    // A list past its bound is too large, as the error table says.
+    assert_eq!(error_code(&got, 1), ErrorCode::TooLarge);
+    for id in 2..=4 {
         assert_eq!(error_code(&got, id), ErrorCode::BadRequest, "request {id}");
     }
     assert_eq!(error_code(&got, 5), ErrorCode::TooLarge);
