@@ -300,23 +300,62 @@ impl Admission {
         cap > 0 && sockets > cap
     }
 
-    /// A complete upgrade request from `ip`. On success, the slots to give
-    /// back when the connection closes.
-    pub fn admit_ip(&self, ip: IpAddr, now_ms: u64) -> Result<Slots, Refusal> {
-        if self.ip_rate.is_none() && self.ip_conns.is_none() {
-            return Ok(Slots::default());
+    /// A socket just accepted from `peer`, before anything is read from
+    /// it: it counts against the peer's address from now on. A trusted
+    /// proxy's sockets are not counted here: the client behind it is, once
+    /// its request names it ([`Admission::admit_upgrade`]). On success, the
+    /// slots to give back when the socket closes.
+    pub fn admit_socket(&self, peer: IpAddr, trusted_proxy: bool) -> Result<Slots, Refusal> {
+        match &self.ip_conns {
+            Some(s) if !trusted_proxy => s
+                .take(
+                    self.hasher.hash_one(canonical(peer)),
+                    self.limits.max_connections_per_ip,
+                )
+                .ok_or(Refusal::TooManyFromIp),
+            _ => Ok(Slots::default()),
         }
-        let hash = self.hasher.hash_one(canonical(ip));
+    }
+
+    /// A complete upgrade request from `client`: its address's handshake
+    /// rate and, when its socket was not counted at accept (it came through
+    /// a trusted proxy), its connections, counted into `held`.
+    pub fn admit_upgrade(
+        &self,
+        client: IpAddr,
+        held: &mut Slots,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        if self.ip_rate.is_none() && self.ip_conns.is_none() {
+            return Ok(());
+        }
+        let hash = self.hasher.hash_one(canonical(client));
         if let Some(r) = &self.ip_rate {
             if !r.hit(hash, self.limits.max_handshakes_per_ip, now_ms) {
                 return Err(Refusal::TooManyHandshakes);
             }
         }
         match &self.ip_conns {
-            Some(s) => s
-                .take(hash, self.limits.max_connections_per_ip)
-                .ok_or(Refusal::TooManyFromIp),
-            None => Ok(Slots::default()),
+            Some(s) if *held == Slots::default() => {
+                *held = s
+                    .take(hash, self.limits.max_connections_per_ip)
+                    .ok_or(Refusal::TooManyFromIp)?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Admission::admit_socket`] then [`Admission::admit_upgrade`], for
+    /// a request straight from `ip` (tests).
+    pub fn admit_ip(&self, ip: IpAddr, now_ms: u64) -> Result<Slots, Refusal> {
+        let mut held = self.admit_socket(ip, false)?;
+        match self.admit_upgrade(ip, &mut held, now_ms) {
+            Ok(()) => Ok(held),
+            Err(r) => {
+                self.release_ip(held);
+                Err(r)
+            }
         }
     }
 

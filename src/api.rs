@@ -49,10 +49,10 @@ use crate::ws::handshake::percent_decode;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Largest request head.
 const MAX_HEAD: usize = 8 * 1024;
-/// Most connections the API serves at once.
-const MAX_CONNECTIONS: usize = 1024;
 /// How long a request waits for the shards' answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection has to send its first complete request.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a kept-alive connection may stay quiet.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -89,9 +89,46 @@ struct Api {
     me: ShardId,
     next: Cell<u64>,
     waiting: RefCell<HashMap<u64, Rc<Waiting>>>,
-    connections: Cell<usize>,
+    /// Every open connection, for eviction when the API is full.
+    conns: RefCell<Vec<Rc<ApiConn>>>,
     stop: Signal,
     started: Instant,
+}
+
+/// An open connection of the API.
+struct ApiConn {
+    fd: std::os::fd::RawFd,
+    /// A request is being answered.
+    busy: Cell<bool>,
+    /// Since when it has been idle (waiting for a request).
+    idle_since: Cell<Instant>,
+}
+
+impl Api {
+    /// Makes room for one more connection when the API holds its most:
+    /// the connection idle the longest (waiting for a first or a next
+    /// request) is shut, so that idle sockets, whoever opened them, never
+    /// lock out the backend. False when every connection is busy.
+    fn make_room(&self) -> bool {
+        let conns = self.conns.borrow();
+        if conns.len() < self.node.budget.api_connections {
+            return true;
+        }
+        let Some(oldest) = conns
+            .iter()
+            .filter(|c| !c.busy.get())
+            .min_by_key(|c| c.idle_since.get())
+        else {
+            return false;
+        };
+        // SAFETY: shutdown(2) on a socket its serving task still owns; the
+        // task's pending read ends and the task closes it.
+        unsafe {
+            libc::shutdown(oldest.fd, libc::SHUT_RDWR);
+        }
+        oldest.busy.set(true);
+        true
+    }
 }
 
 async fn run(
@@ -106,18 +143,19 @@ async fn run(
         node,
         next: Cell::new(1),
         waiting: RefCell::new(HashMap::new()),
-        connections: Cell::new(0),
+        conns: RefCell::new(Vec::new()),
         stop: Signal::default(),
         started: Instant::now(),
     });
     monoio::spawn(drain(api.clone(), bell));
+    let accept_log = crate::logs::Throttle::default();
     loop {
         monoio::select! {
             _ = api.stop.wait() => break,
             res = listener.accept() => match res {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    if api.connections.get() >= MAX_CONNECTIONS {
+                    if !api.make_room() {
                         let r = response(503, &error_body(ErrorCode::Internal, "too many API connections"), false);
                         monoio::spawn(async move {
                             let mut stream = stream;
@@ -128,7 +166,9 @@ async fn run(
                     monoio::spawn(serve(api.clone(), stream));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
+                    if let Some(suppressed) = accept_log.allow(api.started.elapsed().as_millis() as u64) {
+                        tracing::warn!(error = %e, suppressed, "API accept failed");
+                    }
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -346,20 +386,34 @@ enum ReadError {
 }
 
 async fn serve(api: Rc<Api>, mut stream: TcpStream) {
-    api.connections.set(api.connections.get() + 1);
+    let conn = Rc::new(ApiConn {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+        busy: Cell::new(false),
+        idle_since: Cell::new(Instant::now()),
+    });
+    api.conns.borrow_mut().push(conn.clone());
+    serve_requests(&api, &mut stream, &conn).await;
+    api.conns.borrow_mut().retain(|c| !Rc::ptr_eq(c, &conn));
+}
+
+async fn serve_requests(api: &Api, stream: &mut TcpStream, conn: &ApiConn) {
     let mut buf = BytesMut::with_capacity(4096);
+    let mut wait = FIRST_REQUEST_TIMEOUT;
     loop {
-        let req =
-            match monoio::time::timeout(IDLE_TIMEOUT, read_request(&mut stream, &mut buf)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(ReadError::Respond(status, body))) => {
-                    let _ = stream.write_all(response(status, &body, false)).await;
-                    break;
-                }
-                Ok(Err(ReadError::Gone)) | Err(_) => break,
-            };
+        let req = match monoio::time::timeout(wait, read_request(stream, &mut buf)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(ReadError::Respond(status, body))) => {
+                let _ = stream.write_all(response(status, &body, false)).await;
+                break;
+            }
+            Ok(Err(ReadError::Gone)) | Err(_) => break,
+        };
         let keep = req.keep_alive;
-        let (status, body, extra) = handle(&api, req).await;
+        if conn.busy.replace(true) {
+            // Shut to make room while its request arrived.
+            break;
+        }
+        let (status, body, extra) = handle(api, req).await;
         let mut r = response(status, &body, keep);
         if let Some(h) = extra {
             insert_header(&mut r, h);
@@ -368,8 +422,10 @@ async fn serve(api: Rc<Api>, mut stream: TcpStream) {
         if res.is_err() || !keep || api.stop.is_set() {
             break;
         }
+        conn.busy.set(false);
+        conn.idle_since.set(Instant::now());
+        wait = IDLE_TIMEOUT;
     }
-    api.connections.set(api.connections.get() - 1);
 }
 
 async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Request, ReadError> {

@@ -11,6 +11,7 @@
 //! - [`node`]: what the shards of one process share (config, metrics, mesh).
 //! - [`server`]: start-up (listeners, threads, signals) and shutdown.
 //! - [`config`], [`auth`], [`metrics`]: configuration, JWT, counters.
+//! - [`logs`]: log lines that could repeat without end, throttled.
 //! - [`doctor`]: what a host lacks for a connection target.
 //! - [`bench`]: `corecast bench`, the load generator.
 //! - [`client`]: the Rust client (sans-IO framing plus a monoio connection),
@@ -27,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod doctor;
 pub mod engine;
+pub mod logs;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

@@ -1,7 +1,7 @@
 //! What all shards of one process share, read-mostly: configuration, the
 //! token verifier, each shard's metrics, the mesh, and the node's lifecycle.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
 use crate::admission::{Admission, Net};
@@ -32,9 +32,75 @@ pub struct Node {
     pub mesh: Mesh,
     /// Cluster mode: this node's id and the bridge's figures.
     pub cluster: Option<(u64, Arc<crate::metrics::ClusterMetrics>)>,
+    /// Sockets open on the shards' listeners, node-wide, from accept to
+    /// close (handshakes and refusals included).
+    sockets: AtomicUsize,
+    /// How many of those the node may hold: its open-file limit less what
+    /// it keeps for itself ([`Budget`]).
+    pub budget: Budget,
     state: AtomicU8,
     started: AtomicUsize,
     drivers: Vec<OnceLock<&'static str>>,
+}
+
+/// How the node shares its open-file limit. A socket accepted past
+/// `sockets` is refused at once (503), so the node never runs out of
+/// descriptors: its own files, the server API and Redis keep theirs, and
+/// `accept` never fails for want of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Client sockets on the shards' listeners.
+    pub sockets: usize,
+    /// Connections of the server API.
+    pub api_connections: usize,
+}
+
+impl Budget {
+    /// Most connections the server API serves at once.
+    pub const API_MAX: usize = 1024;
+
+    /// The budget within an open-file limit of `nofile`, for `shards`
+    /// shards: 64 descriptors plus 16 per shard kept for the node's own
+    /// use (rings, mesh doorbells, logs, ban file, Redis), an eighth of
+    /// the rest (at most [`Budget::API_MAX`]) for the server API when it
+    /// runs, and the rest for clients.
+    pub fn new(nofile: u64, shards: usize, api: bool) -> Budget {
+        let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+        let rest = nofile.saturating_sub(64 + 16 * shards);
+        let api_connections = if api {
+            (rest / 8).clamp(1, Self::API_MAX)
+        } else {
+            0
+        };
+        Budget {
+            sockets: rest.saturating_sub(api_connections).max(1),
+            api_connections,
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and returns it.
+pub fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write one rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    r.rlim_cur
 }
 
 impl Node {
@@ -54,6 +120,8 @@ impl Node {
             metrics: (0..n).map(|_| Arc::new(ShardMetrics::default())).collect(),
             mesh,
             cluster: None,
+            sockets: AtomicUsize::new(0),
+            budget: Budget::new(u64::MAX, n, false),
             state: AtomicU8::new(STARTING),
             started: AtomicUsize::new(0),
             drivers: (0..n).map(|_| OnceLock::new()).collect(),
@@ -62,6 +130,16 @@ impl Node {
 
     pub fn shards(&self) -> usize {
         self.metrics.len()
+    }
+
+    /// Counts a socket accepted by a shard; false when it is past the
+    /// node's socket budget (it is still counted until closed).
+    pub fn socket_opened(&self) -> bool {
+        self.sockets.fetch_add(1, Relaxed) < self.budget.sockets
+    }
+
+    pub fn socket_closed(&self) {
+        self.sockets.fetch_sub(1, Relaxed);
     }
 
     /// Called by each shard once it accepts connections; the last one makes
@@ -119,5 +197,22 @@ impl Node {
             crate::metrics::render_cluster(&mut out, m);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    #[test]
+    fn the_budget_keeps_headroom_below_the_file_limit() {
+        let b = Budget::new(4096, 2, true);
+        assert_eq!(b.api_connections, (4096 - 96) / 8);
+        assert_eq!(b.sockets + b.api_connections + 96, 4096);
+        let big = Budget::new(1 << 20, 16, true);
+        assert_eq!(big.api_connections, Budget::API_MAX);
+        assert_eq!(Budget::new(4096, 2, false).sockets, 4096 - 96);
+        // A tiny limit still admits something.
+        assert!(Budget::new(10, 4, true).sockets >= 1);
     }
 }

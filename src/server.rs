@@ -131,7 +131,16 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         Some(l)
     };
     let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let nofile = crate::node::raise_nofile();
+    let budget = crate::node::Budget::new(nofile, shards, api_listener.is_some());
+    tracing::info!(
+        open_file_limit = nofile,
+        client_sockets = budget.sockets,
+        api_connections = budget.api_connections,
+        "socket budget"
+    );
     let mut node = Node::new(config, verifier, mesh);
+    node.budget = budget;
     node.ban_store = ban_store;
     node.initial_bans = initial_bans;
     if node.config.cluster_mode() {

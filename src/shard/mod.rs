@@ -36,6 +36,7 @@ use monoio::{LegacyDriver, RuntimeBuilder};
 use crate::access::Identity;
 use crate::admission::{self, Refusal, Slots};
 use crate::engine::{ConnId, Engine, Member, MeshMsg, MeshTx, SessionId, ShardId};
+use crate::logs::Throttle;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::protocol::{
@@ -163,21 +164,43 @@ pub struct Shard {
     /// Bytes buffered for connections not authenticated yet (request
     /// heads, partial frames), within `max_preauth_bytes_per_shard`.
     preauth_bytes: Cell<usize>,
+    logs: ShardLogs,
 }
 
-/// Counts a socket for the epoll driver's cap while it lives.
-struct SocketCount(Rc<Shard>);
+/// The log lines of a shard that could repeat without end, throttled.
+#[derive(Default)]
+struct ShardLogs {
+    accept: Throttle,
+    submit: Throttle,
+    bell: Throttle,
+}
+
+/// Counts a socket of the epoll driver while it lives: in its shard, in
+/// the node's budget, and against its address until its session takes
+/// that over.
+struct SocketCount {
+    shard: Rc<Shard>,
+    within_budget: bool,
+    ip: Slots,
+}
 
 impl SocketCount {
     fn new(shard: &Rc<Shard>) -> SocketCount {
         shard.sockets.set(shard.sockets.get() + 1);
-        SocketCount(shard.clone())
+        SocketCount {
+            shard: shard.clone(),
+            within_budget: shard.node.socket_opened(),
+            ip: Slots::default(),
+        }
     }
 }
 
 impl Drop for SocketCount {
     fn drop(&mut self) {
-        self.0.sockets.set(self.0.sockets.get() - 1);
+        let s = &self.shard;
+        s.sockets.set(s.sockets.get() - 1);
+        s.node.socket_closed();
+        s.node.admission.release_ip(std::mem::take(&mut self.ip));
     }
 }
 
@@ -244,6 +267,7 @@ impl Shard {
             session_counter: Cell::new(0),
             sockets: Cell::new(0),
             preauth_bytes: Cell::new(0),
+            logs: ShardLogs::default(),
             node,
         })
     }
@@ -355,7 +379,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     monoio::spawn(serve_socket(shard.clone(), stream));
                 }
                 Err(e) => {
-                    tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                    if let Some(suppressed) = shard.logs.accept.allow(shard.outq.now_ms()) {
+                        tracing::warn!(shard = shard.id, error = %e, suppressed, "accept failed");
+                    }
                     monoio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -531,7 +557,9 @@ enum Routed {
 impl Shard {
     /// Decides on a complete request: plain HTTP, refusal, or upgrade (with
     /// the user when the request carried a valid token).
-    fn route(&self, req: Request, peer: IpAddr) -> Routed {
+    /// `ip` holds what the socket counts against its address (from the
+    /// accept); an accepted upgrade takes it into its session.
+    fn route(&self, req: Request, peer: IpAddr, ip: &mut Slots) -> Routed {
         let up = match req {
             Request::Plain(p) => return Routed::Reply(plain_http(&self.node, &p.method, &p.path)),
             Request::Upgrade(up) => up,
@@ -575,15 +603,11 @@ impl Shard {
             );
         }
         let client = admission::client_ip(peer, up.forwarded_for.as_deref(), &node.trusted_proxies);
-        let ip = match node.admission.admit_ip(client, now_ms()) {
-            Ok(slots) => slots,
-            Err(refusal) => {
-                self.metrics().refused[refusal.index()].inc();
-                return Routed::Reply(refusal.response());
-            }
-        };
+        if let Err(refusal) = node.admission.admit_upgrade(client, ip, now_ms()) {
+            self.metrics().refused[refusal.index()].inc();
+            return Routed::Reply(refusal.response());
+        }
         let refuse = |status: u16, body: &[u8]| {
-            node.admission.release_ip(ip);
             Routed::Reply(handshake::http_response(status, "", "text/plain", body))
         };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
@@ -612,18 +636,31 @@ impl Shard {
             user,
             device,
             response,
-            ip,
+            ip: std::mem::take(ip),
         }))
     }
 
-    /// Whether a new socket finds the shard over its cap (then it has been
-    /// counted as refused).
-    fn full(&self, sockets: usize) -> bool {
-        let full = self.node.admission.shard_full(sockets);
-        if full {
-            self.metrics().refused[Refusal::ServerFull.index()].inc();
+    /// Whether a socket just accepted from `peer` may stay: the shard holds
+    /// `sockets` of them, the node was `within_budget` of its open files,
+    /// and the peer's address is under its cap (from the accept on, before
+    /// anything is read). On success, what it counts against its address.
+    fn admit_socket(
+        &self,
+        sockets: usize,
+        within_budget: bool,
+        peer: IpAddr,
+    ) -> Result<Slots, Refusal> {
+        let node = &self.node;
+        let admitted = if !within_budget || node.admission.shard_full(sockets) {
+            Err(Refusal::ServerFull)
+        } else {
+            let trusted = node.trusted_proxies.iter().any(|n| n.contains(peer));
+            node.admission.admit_socket(peer, trusted)
+        };
+        if let Err(r) = admitted {
+            self.metrics().refused[r.index()].inc();
         }
-        full
+        admitted
     }
 
     /// Takes what other shards sent, up to a batch from each, and passes
@@ -727,13 +764,14 @@ impl Shard {
 }
 
 async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
-    let count = SocketCount::new(&shard);
-    if shard.full(shard.sockets.get()) {
-        return refuse_at_accept(stream, Refusal::ServerFull.response()).await;
-    }
+    let mut count = SocketCount::new(&shard);
     let peer = stream
         .peer_addr()
         .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    match shard.admit_socket(shard.sockets.get(), count.within_budget, peer) {
+        Ok(ip) => count.ip = ip,
+        Err(r) => return refuse_at_accept(stream, r.response()).await,
+    }
     let mut stream = stream;
     let mut buf = BytesMut::with_capacity(2048);
     let mut held = PreAuth::new(&shard);
@@ -749,7 +787,7 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         }
     };
     let _ = buf.split_to(consumed);
-    let accepted = match shard.route(req, peer) {
+    let accepted = match shard.route(req, peer, &mut count.ip) {
         Routed::Reply(r) => return write_and_close(stream, r).await,
         Routed::Accept(a) => a,
     };

@@ -35,7 +35,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::conn::{Batch, ConnIo, State, MAX_IOV, NEVER};
 use super::{Next, Routed, Session, Shard, OUTBOX_HIGH, SPIN_ROUNDS};
-use crate::admission::Refusal;
+use crate::admission::{Refusal, Slots};
 use crate::engine::ChunkedVec;
 use crate::node::Node;
 use crate::ws::{close, frame, handshake, Decoder, OpCode};
@@ -195,12 +195,13 @@ impl Default for WriteOp {
 }
 
 enum Phase {
-    /// Reading the request head, since this time (ms).
-    Handshake { since: u64 },
+    /// Reading the request head, since this time (ms); the socket counts
+    /// against its address from the accept (`ip`).
+    Handshake { since: u64, ip: Slots },
     /// Speaking WebSocket.
     Ws { session: Session, decoder: Decoder },
     /// Writing a plain HTTP answer or a refusal, then closing.
-    Reply,
+    Reply { ip: Slots },
 }
 
 /// A connection's slot: what the loop needs beyond the outbound side.
@@ -370,6 +371,7 @@ impl Loop {
                 self.begin_drain(now);
             }
             if self.drain_deadline.is_some() && self.drained(now) {
+                self.stop_listening();
                 return Ok(());
             }
             if !self.accept_armed
@@ -423,7 +425,9 @@ impl Loop {
                 return;
             }
             if let Err(e) = self.ring.submit() {
-                tracing::warn!(shard = self.shard.id, error = %e, "io_uring submit failed");
+                if let Some(suppressed) = self.shard.logs.submit.allow(self.shard.outq.now_ms()) {
+                    tracing::warn!(shard = self.shard.id, error = %e, suppressed, "io_uring submit failed");
+                }
                 std::thread::yield_now();
             }
         }
@@ -448,6 +452,19 @@ impl Loop {
             Ok(_) => Ok(()),
             Err(e) if is_transient(&e) => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the listener out of the kernel's tables now. Closing its
+    /// descriptor is not enough: the multishot accept holds a reference to
+    /// the socket until the kernel has torn the ring down, which it does
+    /// after the process exits, and meanwhile a new process could not bind
+    /// the port.
+    fn stop_listening(&mut self) {
+        // SAFETY: shutdown(2) on the listening socket this loop owns; it
+        // is closed in Drop.
+        unsafe {
+            libc::shutdown(self.listener, libc::SHUT_RDWR);
         }
     }
 
@@ -510,8 +527,16 @@ impl Loop {
                         // mesh queues.
                         continue;
                     }
+                    let logs = &self.shard.logs;
                     if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
-                        tracing::warn!(shard = self.shard.id, errno = -res, "doorbell read failed");
+                        if let Some(suppressed) = logs.bell.allow(self.shard.outq.now_ms()) {
+                            tracing::warn!(
+                                shard = self.shard.id,
+                                errno = -res,
+                                suppressed,
+                                "doorbell read failed"
+                            );
+                        }
                     }
                     self.arm_bell();
                 }
@@ -536,11 +561,14 @@ impl Loop {
         if errno == libc::ECANCELED {
             return;
         }
-        tracing::warn!(
-            shard = self.shard.id,
-            error = %io::Error::from_raw_os_error(errno),
-            "accept failed"
-        );
+        if let Some(suppressed) = self.shard.logs.accept.allow(self.shard.outq.now_ms()) {
+            tracing::warn!(
+                shard = self.shard.id,
+                error = %io::Error::from_raw_os_error(errno),
+                suppressed,
+                "accept failed"
+            );
+        }
         if !self.accept_armed {
             self.accept_retry = Some(Instant::now() + Duration::from_millis(10));
         }
@@ -574,17 +602,29 @@ impl Loop {
             cancelled: false,
             ended: false,
             write_due: false,
-            phase: Phase::Handshake { since: now },
+            phase: Phase::Handshake {
+                since: now,
+                ip: Slots::default(),
+            },
             inbuf: None,
             write: None,
             flush_deadline: NEVER,
         });
         self.live += 1;
-        if self.shard.full(self.live) {
+        let within_budget = self.shard.node.socket_opened();
+        let conn = self.conns[slot as usize].as_mut().expect("just added");
+        match self
+            .shard
+            .admit_socket(self.live, within_budget, peer_of(fd))
+        {
+            Ok(held) => {
+                if let Phase::Handshake { ip, .. } = &mut conn.phase {
+                    *ip = held;
+                }
+            }
             // Refused before its request is read; what it sends is read
             // and dropped until it closes (or the close timeout).
-            let conn = self.conns[slot as usize].as_mut().expect("just added");
-            reply(&self.shard, conn, Refusal::ServerFull.response(), now);
+            Err(r) => reply(&self.shard, conn, r.response(), now),
         }
         self.arm_recv(slot);
     }
@@ -840,6 +880,10 @@ impl Loop {
             return;
         };
         self.shard.preauth_change(preauth_held(&conn), 0);
+        self.shard.node.socket_closed();
+        if let Phase::Handshake { ip, .. } | Phase::Reply { ip } = conn.phase {
+            self.shard.node.admission.release_ip(ip);
+        }
         if let Phase::Ws { session, .. } = &mut conn.phase {
             session.end(&self.shard);
             self.shard.metrics().connections.sub(1);
@@ -867,7 +911,9 @@ impl Loop {
                 continue;
             }
             match &conn.phase {
-                Phase::Handshake { since } if now.saturating_sub(*since) >= handshake_timeout => {
+                Phase::Handshake { since, .. }
+                    if now.saturating_sub(*since) >= handshake_timeout =>
+                {
                     shard.metrics().handshake_timeouts.inc();
                     conn.io.abort();
                 }
@@ -895,7 +941,7 @@ impl Loop {
             match conn.phase {
                 Phase::Ws { .. } => conn.io.close(close::GOING_AWAY, "server shutting down"),
                 Phase::Handshake { .. } => conn.io.abort(),
-                Phase::Reply => {}
+                Phase::Reply { .. } => {}
             }
         }
     }
@@ -1042,7 +1088,7 @@ fn refuse_preauth(shard: &Rc<Shard>, conn: &mut Conn, now: u64) -> bool {
             conn.inbuf = None;
             true
         }
-        Phase::Reply => false,
+        Phase::Reply { .. } => false,
     };
     shard.preauth_change(before, preauth_held(conn));
     over
@@ -1062,7 +1108,7 @@ fn feed(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesMut,
             handshake_step(shard, conn, scratch, now)
         }
         Phase::Ws { .. } => feed_ws(shard, conn, data, scratch),
-        Phase::Reply => false,
+        Phase::Reply { .. } => false,
     }
 }
 
@@ -1080,8 +1126,13 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
         Ok(Some(r)) => r,
     };
     head.advance(consumed);
-    // Asked now rather than kept from the accept: a slot stays small.
-    match shard.route(req, peer_of(conn.fd())) {
+    // The peer is asked again rather than kept from the accept: a slot
+    // stays small.
+    let peer = peer_of(conn.fd());
+    let Phase::Handshake { ip, .. } = &mut conn.phase else {
+        return false;
+    };
+    match shard.route(req, peer, ip) {
         Routed::Reply(r) => {
             reply(shard, conn, r, now);
             false
@@ -1102,7 +1153,11 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
 
 fn reply(shard: &Rc<Shard>, conn: &mut Conn, response: Vec<u8>, now: u64) {
     conn.io.push_control(Bytes::from(response));
-    conn.phase = Phase::Reply;
+    let ip = match &mut conn.phase {
+        Phase::Handshake { ip, .. } | Phase::Reply { ip } => std::mem::take(ip),
+        Phase::Ws { .. } => Slots::default(),
+    };
+    conn.phase = Phase::Reply { ip };
     conn.inbuf = None;
     conn.ended = true;
     conn.flush_deadline = now + shard.node.config.close_timeout_ms;
