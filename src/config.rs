@@ -30,6 +30,13 @@ pub struct Config {
     pub echo_endpoint: bool,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// How an upgrade refused for its token, a ban or a limit is answered:
+    /// `http` (the status and the reason in the body), `websocket` (the
+    /// upgrade is accepted and closed at once with a 4xxx code and the
+    /// reason, which a browser can read), or `auto` (`websocket` for
+    /// requests with an `Origin` header, as browsers send, `http` for the
+    /// others).
+    pub upgrade_refusals: String,
     /// Largest HTTP request head, in bytes (431 beyond it).
     pub max_header_bytes: usize,
     /// Time for a new socket to send a complete upgrade request.
@@ -75,6 +82,12 @@ pub struct Config {
     pub max_notifications: usize,
     /// And for how long.
     pub notification_ttl_ms: u64,
+    /// Notifications the node keeps waiting, all users together; past it
+    /// new ones reach devices online but are not kept.
+    pub max_stored_notifications: usize,
+    /// Of those, at most this many made by one user (mentions, missed
+    /// calls).
+    pub max_notifications_per_sender: usize,
     /// Direct-message conversations listed per user.
     pub max_conversations: usize,
     /// Presence subscriptions per connection.
@@ -142,6 +155,8 @@ impl Default for Config {
             max_preauth_bytes_per_shard: 16 << 20,
             echo_endpoint: false,
             allowed_origins: vec![],
+            // Browsers cannot read an HTTP refusal; other clients can.
+            upgrade_refusals: "auto".into(),
             // Browsers send 0.5-2 KiB; 8 KiB leaves room for large cookies.
             max_header_bytes: 8192,
             handshake_timeout_ms: 10_000,
@@ -172,6 +187,8 @@ impl Default for Config {
             call_ring_timeout_ms: e.call_ring_timeout_ms,
             max_notifications: e.max_notifications,
             notification_ttl_ms: e.notification_ttl_ms,
+            max_stored_notifications: e.max_stored_notifications,
+            max_notifications_per_sender: e.max_notifications_per_sender,
             max_conversations: e.max_conversations,
             max_presence_subscriptions: e.max_subscriptions,
             livekit: None,
@@ -275,6 +292,10 @@ pub struct ConfigArgs {
     /// Allowed Origin values, comma-separated.
     #[arg(long, env = "CORECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// How refused upgrades are answered: auto, http or websocket
+    /// [default: auto].
+    #[arg(long, env = "CORECAST_UPGRADE_REFUSALS")]
+    pub upgrade_refusals: Option<String>,
     #[arg(long, env = "CORECAST_PING_INTERVAL_MS")]
     pub ping_interval_ms: Option<u64>,
     #[arg(long, env = "CORECAST_PING_TIMEOUT_MS")]
@@ -310,6 +331,12 @@ pub struct ConfigArgs {
     pub call_ring_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_NOTIFICATION_TTL_MS")]
     pub notification_ttl_ms: Option<u64>,
+    /// Notifications kept waiting on the node [default: 100000].
+    #[arg(long, env = "CORECAST_MAX_STORED_NOTIFICATIONS")]
+    pub max_stored_notifications: Option<usize>,
+    /// Of those, made by one user [default: 1000].
+    #[arg(long, env = "CORECAST_MAX_NOTIFICATIONS_PER_SENDER")]
+    pub max_notifications_per_sender: Option<usize>,
     /// LiveKit server URL given to clients with voice tokens.
     #[arg(long, env = "CORECAST_LIVEKIT_URL")]
     pub livekit_url: Option<String>,
@@ -421,6 +448,7 @@ impl ConfigArgs {
             max_unauthenticated_message_size,
             max_preauth_bytes_per_shard,
             allowed_origins,
+            upgrade_refusals,
             ping_interval_ms,
             ping_timeout_ms,
             handshake_timeout_ms,
@@ -438,6 +466,8 @@ impl ConfigArgs {
             resume_window_ms,
             call_ring_timeout_ms,
             notification_ttl_ms,
+            max_stored_notifications,
+            max_notifications_per_sender,
             log_format,
             ban_file,
             rate_limit_strikes,
@@ -512,6 +542,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "io_driver must be auto, io_uring or epoll, not `{}`",
                 self.io_driver
+            )));
+        }
+        if !["auto", "http", "websocket"].contains(&self.upgrade_refusals.as_str()) {
+            return Err(ConfigError(format!(
+                "upgrade_refusals must be auto, http or websocket, not `{}`",
+                self.upgrade_refusals
             )));
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
@@ -601,6 +637,14 @@ impl Config {
             ("call_ring_timeout_ms", self.call_ring_timeout_ms),
             ("notification_ttl_ms", self.notification_ttl_ms),
             ("max_notifications", self.max_notifications as u64),
+            (
+                "max_stored_notifications",
+                self.max_stored_notifications as u64,
+            ),
+            (
+                "max_notifications_per_sender",
+                self.max_notifications_per_sender as u64,
+            ),
             ("max_conversations", self.max_conversations as u64),
         ] {
             if v == 0 {
@@ -666,6 +710,8 @@ impl Config {
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,
             notification_ttl_ms: self.notification_ttl_ms,
+            max_stored_notifications: self.max_stored_notifications,
+            max_notifications_per_sender: self.max_notifications_per_sender,
             max_conversations: self.max_conversations,
             max_subscriptions: self.max_presence_subscriptions,
             livekit: self.livekit.clone(),

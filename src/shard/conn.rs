@@ -56,6 +56,9 @@ const URGENT: u8 = 4;
 /// Nothing is written until the user's home shard admits the connection
 /// (its 101 response waits with the rest).
 const HELD: u8 = 8;
+/// A refusal by the user's home shard takes the WebSocket form: the 101
+/// goes, then a close frame (4029), instead of an HTTP 429.
+const REFUSE_IN_WEBSOCKET: u8 = 16;
 /// An arena that empties keeps at most this many nodes' worth of memory.
 const ARENA_KEEP: usize = 4096;
 
@@ -328,10 +331,28 @@ impl ConnIo {
         }
     }
 
+    /// See [`REFUSE_IN_WEBSOCKET`].
+    pub fn refuse_in_websocket(&self) {
+        self.set_flag(REFUSE_IN_WEBSOCKET, true);
+    }
+
     /// Refuses a held connection with an HTTP response instead of what was
-    /// queued (nothing of it was written); a connection already released
-    /// is closed with `code` instead.
+    /// queued (nothing of it was written); a connection already released,
+    /// or one refused in the WebSocket form, is closed with `code` instead.
     pub fn refuse(&self, response: Bytes, code: u16, reason: &str) {
+        if self.set_flag(REFUSE_IN_WEBSOCKET, false) && self.flag(HELD) {
+            // The 101 goes (the first frame queued), then the close frame;
+            // what the session queued after the 101 does not.
+            let mut q = self.queue.get();
+            let first = self.outq.frames.borrow_mut().pop(&mut q);
+            self.queue.set(q);
+            self.drop_queue();
+            if let Some(f) = first {
+                self.enqueue(f);
+            }
+            self.release();
+            return self.close(code, reason);
+        }
         if !self.set_flag(HELD, false) {
             return self.close(code, reason);
         }
@@ -515,7 +536,12 @@ impl Outbound for Rc<ConnIo> {
 
     fn refused(&self, reason: &str) {
         let r = crate::admission::Refusal::TooManyForUser;
-        self.refuse(Bytes::from(r.response()), close::POLICY_VIOLATION, reason);
+        let code = if self.flag(REFUSE_IN_WEBSOCKET) {
+            close::TOO_MANY
+        } else {
+            close::POLICY_VIOLATION
+        };
+        self.refuse(Bytes::from(r.response()), code, reason);
     }
 }
 

@@ -577,7 +577,8 @@ impl Shard {
             }
         };
         if self.node.is_draining() {
-            return Routed::Reply(handshake::http_response(503, "", "text/plain", b"draining"));
+            let http = handshake::http_response(503, "", "text/plain", b"draining");
+            return self.refuse_upgrade(&up, http, close::GOING_AWAY, "draining");
         }
         let device = match up.device.as_deref() {
             None => DeviceKind::Web,
@@ -605,10 +606,11 @@ impl Shard {
         let client = admission::client_ip(peer, up.forwarded_for.as_deref(), &node.trusted_proxies);
         if let Err(refusal) = node.admission.admit_upgrade(client, ip, now_ms()) {
             self.metrics().refused[refusal.index()].inc();
-            return Routed::Reply(refusal.response());
+            return self.refuse_upgrade(&up, refusal.response(), close::TOO_MANY, refusal.reason());
         }
-        let refuse = |status: u16, body: &[u8]| {
-            Routed::Reply(handshake::http_response(status, "", "text/plain", body))
+        let refuse = |status: u16, code: u16, reason: &str| {
+            let http = handshake::http_response(status, "", "text/plain", reason.as_bytes());
+            self.refuse_upgrade(&up, http, code, reason)
         };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
@@ -617,20 +619,21 @@ impl Shard {
                     let ban = self.engine.borrow().server_ban(&identity.user, now_ms());
                     if let Some(why) = ban {
                         self.metrics().auth_failures.inc();
-                        return refuse(403, format!("banned: {why}").as_bytes());
+                        return refuse(403, close::BANNED, &format!("banned: {why}"));
                     }
                     Some(identity)
                 }
                 Err(e) => {
                     self.metrics().auth_failures.inc();
                     tracing::debug!(shard = self.id, error = %e, "handshake token refused");
-                    return refuse(401, e.0.as_bytes());
+                    return refuse(401, close::UNAUTHORIZED, &e.0);
                 }
             },
             _ => None,
         };
         let response = handshake::accept_response(&up);
         Routed::Accept(Box::new(Accepted {
+            websocket_refusals: self.websocket_refusals(&up),
             up,
             echo,
             user,
@@ -638,6 +641,30 @@ impl Shard {
             response,
             ip: std::mem::take(ip),
         }))
+    }
+
+    /// Whether refusals of this upgrade take the WebSocket form (see
+    /// `upgrade_refusals`): by default, for browsers, which cannot read an
+    /// HTTP refusal and would see only 1006.
+    fn websocket_refusals(&self, up: &Upgrade) -> bool {
+        match self.node.config.upgrade_refusals.as_str() {
+            "websocket" => true,
+            "http" => false,
+            _ => up.has_origin,
+        }
+    }
+
+    /// An upgrade refused: the HTTP response `http`, or, in the WebSocket
+    /// form, the upgrade accepted and closed at once with `code` and
+    /// `reason` (no session is opened, and the socket is closed once they
+    /// are written).
+    fn refuse_upgrade(&self, up: &Upgrade, http: Vec<u8>, code: u16, reason: &str) -> Routed {
+        if !self.websocket_refusals(up) {
+            return Routed::Reply(http);
+        }
+        let mut r = handshake::accept_response(up);
+        r.extend_from_slice(&frame::encode(OpCode::Close, &close::payload(code, reason)));
+        Routed::Reply(r)
     }
 
     /// Whether a socket just accepted from `peer` may stay: the shard holds
@@ -802,6 +829,8 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
 
 /// An upgrade the shard accepted (its 101 response not yet written).
 pub(super) struct Accepted {
+    /// A later refusal (by the per-user cap) takes the WebSocket form.
+    websocket_refusals: bool,
     up: Upgrade,
     echo: bool,
     user: Option<Identity>,
@@ -956,6 +985,7 @@ impl Session {
     /// held: see `Session::new`), and the connection is counted.
     fn start(shard: &Shard, io: &Rc<ConnIo>, a: Accepted) -> Session {
         let Accepted {
+            websocket_refusals,
             up,
             echo,
             user,
@@ -964,6 +994,9 @@ impl Session {
             ip,
         } = a;
         io.push_control(bytes::Bytes::from(response));
+        if websocket_refusals {
+            io.refuse_in_websocket();
+        }
         let m = shard.metrics();
         m.connections.inc();
         m.connections_total.inc();

@@ -19,6 +19,10 @@ pub const UNAUTHORIZED: u16 = 4001;
 pub const KICKED: u16 = 4003;
 /// The user is banned from the server.
 pub const BANNED: u16 = 4004;
+/// Too many: upgrades per second from the address, connections from the
+/// address, or connections of the user (an upgrade refused in a form a
+/// browser can read; the reason names which).
+pub const TOO_MANY: u16 = 4029;
 
 /// Whether `code` may be sent in a close frame (RFC 6455 §7.4.1-2).
 pub fn is_valid_wire_code(code: u16) -> bool {

@@ -62,6 +62,8 @@ pub struct Upgrade {
     pub accept: String,
     /// `X-Forwarded-For` (several headers joined with commas).
     pub forwarded_for: Option<String>,
+    /// The request carries an `Origin` header, as every browser's does.
+    pub has_origin: bool,
 }
 
 /// A request without an upgrade (health, readiness, metrics).
@@ -294,6 +296,7 @@ pub fn parse_request(
             protocol_offered,
             accept: accept_key(key),
             forwarded_for,
+            has_origin: header("origin").is_some(),
         }),
         consumed,
     )))
