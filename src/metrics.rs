@@ -70,6 +70,12 @@ pub struct ShardMetrics {
     /// Client messages that were not valid events (answered with an error,
     /// charged a rate token and a strike).
     pub malformed: Counter,
+    /// Notifications this shard keeps waiting, or made for other nodes and
+    /// not expired yet (gauge).
+    pub notifications_stored: Counter,
+    /// Notifications not kept: the node's or their sender's bound was
+    /// reached (devices online still got them).
+    pub notifications_dropped: Counter,
     /// Bytes buffered for connections not authenticated yet (gauge).
     pub preauth_bytes: Counter,
     /// Connections closed because the shard's pre-authentication buffer
@@ -162,7 +168,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 24] = [
+    let series: [(&str, &str, &str, Get); 26] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -282,6 +288,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Client messages that were not valid events (each charged a rate token and a strike).",
             |m| &m.malformed,
+        ),
+        (
+            "notifications_stored",
+            "gauge",
+            "Notifications kept waiting by the shard's home users (or made for other nodes, until they expire).",
+            |m| &m.notifications_stored,
+        ),
+        (
+            "notifications_dropped_total",
+            "counter",
+            "Notifications not kept: the node's or the sender's bound was reached (devices online still got them).",
+            |m| &m.notifications_dropped,
         ),
         (
             "preauth_bytes",

@@ -62,11 +62,21 @@ impl<O: Outbound> Engine<O> {
                 if let Err(e) = checked {
                     return refuse(self, e, tx);
                 }
-                let n = self.notify(&user.into(), kind, data, now, tx);
-                let body = AckBody::Notifications(NotificationsAck {
-                    notifications: vec![n],
-                });
-                answer(self, ack_of(ack, body), tx);
+                match self.notify(&user.into(), kind, data, None, now, tx) {
+                    Ok(n) => {
+                        let body = AckBody::Notifications(NotificationsAck {
+                            notifications: vec![n],
+                        });
+                        answer(self, ack_of(ack, body), tx);
+                    }
+                    Err(_) => {
+                        let e = (
+                            ErrorCode::RateLimited,
+                            "the node keeps as many notifications as max_stored_notifications allows: delivered to devices online, not kept".to_string(),
+                        );
+                        refuse(self, e, tx);
+                    }
+                }
             }
             ApiOp::Moderate(mut m) => {
                 let checked = check_id("userId", &m.user)

@@ -375,10 +375,11 @@ impl<O: Outbound> Engine<O> {
             "fromUserId": &**caller,
             "callType": call_type.as_str(),
         });
-        self.notify(
+        let _ = self.notify(
             callee,
             "missed_call".into(),
             Some(Json(data.to_string())),
+            Some(caller.clone()),
             now,
             tx,
         );

@@ -691,6 +691,18 @@ impl<O: Outbound> Engine<O> {
         if let Err((code, e)) = api::check_send_ids(&m) {
             return self.error(id, ack, code, e);
         }
+        // A mention is a message to a user: the token's `users` claim must
+        // cover it, as for a direct message.
+        if let Some(u) = m
+            .mentions
+            .iter()
+            .find(|u| !self.conn(id).is_some_and(|c| c.may_reach_user(u)))
+        {
+            let e = format!(
+                "user `{u}` is not granted to this connection (a mention is a message to them)"
+            );
+            return self.error(id, ack, ErrorCode::Forbidden, e);
+        }
         let Some(channel) = self.joined(id, &m.channel_id) else {
             return self.error(
                 id,

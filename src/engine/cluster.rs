@@ -788,7 +788,7 @@ impl<O: Outbound> Engine<O> {
         let Some(st) = self.users.get_mut(user).filter(|st| !st.devices.is_empty()) else {
             return;
         };
-        st.expire_notifications(now);
+        st.expire_notifications(now, &mut self.notes);
         let mut new = Vec::new();
         for n in notifications {
             if let Some(k) = st.notification_mut(&n.notification_id) {
@@ -802,14 +802,20 @@ impl<O: Outbound> Engine<O> {
             if !n.read {
                 new.push(n.clone());
             }
-            st.push_notification(n, max);
+            // Copies of what Redis keeps: their senders were counted where
+            // they were made.
+            st.push_notification(Kept { n, from: None }, max, &mut self.notes);
         }
         if let Some(m) = st.extra_mut() {
             m.notifications
                 .make_contiguous()
-                .sort_by_key(|n| n.created_at);
+                .sort_by_key(|k| k.n.created_at);
         }
-        if let Some(next) = st.expire_notifications(now) {
+        let next = st.expire_notifications(now, &mut self.notes);
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
+        if let Some(next) = next {
             self.wake_user(user, next);
         }
         for n in new {

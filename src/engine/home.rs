@@ -176,17 +176,12 @@ impl<O: Outbound> Engine<O> {
                     let msg = ClusterMsg::LoadNotifications { user, asker: None };
                     self.send_bridge(msg, now, tx);
                 }
-                let st = self.user(&user);
+                let st = self.users.entry(user.clone()).or_default();
                 st.left_at = None;
                 st.last_seen = now;
-                st.expire_notifications(now);
-                let pending: Vec<Notification> = st
-                    .more()
-                    .notifications
-                    .iter()
-                    .filter(|n| !n.read)
-                    .cloned()
-                    .collect();
+                st.expire_notifications(now, &mut self.notes);
+                let pending: Vec<Notification> =
+                    st.notifications().filter(|n| !n.read).cloned().collect();
                 self.announce(&user, now, tx);
                 for n in pending {
                     self.send_to(
@@ -395,8 +390,10 @@ impl<O: Outbound> Engine<O> {
                 let body = AckBody::Conversations(ConversationsAck { conversations });
                 reply(self, ack_of(ack, body), tx);
             }
-            UserCmd::Notify { kind, data } => {
-                self.notify(&user, kind, data, now, tx);
+            UserCmd::Notify { kind, data, from } => {
+                // Past a bound it is not kept (counted in the metrics): the
+                // sender is not told of a side effect of its message.
+                let _ = self.notify(&user, kind, data, from, now, tx);
             }
             UserCmd::NotificationsPending => {
                 // In a cluster, with those made elsewhere that did not reach
@@ -617,14 +614,19 @@ impl<O: Outbound> Engine<O> {
 
     /// Queues a notification for a user (delivered at once to its devices)
     /// and returns it.
+    /// A notification for `user` made by `from` (none: the server API),
+    /// delivered to its devices and kept for `notification_ttl_ms`, within
+    /// the shard's bounds (engine/notifications.rs). Past them it is
+    /// delivered to devices online but not kept: the error says why.
     pub(super) fn notify(
         &mut self,
         user: &Arc<str>,
         kind: String,
         data: Option<Json>,
+        from: Option<Arc<str>>,
         now: u64,
         tx: &mut impl MeshTx,
-    ) -> Notification {
+    ) -> Result<Notification, notifications::Full> {
         let notification_id = self.mint_id("n");
         let n = Notification {
             notification_id,
@@ -634,6 +636,15 @@ impl<O: Outbound> Engine<O> {
             created_at: now,
             expires_at: now + self.s.notification_ttl_ms,
         };
+        let shards = self.shards.max(1) as usize;
+        let max_total = (self.s.max_stored_notifications / shards).max(1);
+        let max_sender = (self.s.max_notifications_per_sender / shards).max(1);
+        self.notes.expire_away(now);
+        if let Err(full) = self.notes.admit(from.as_ref(), max_total, max_sender) {
+            self.metrics.notifications_dropped.inc();
+            self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
+            return Err(full);
+        }
         // In a cluster, Redis keeps it for the nodes the user connects to
         // later; this node keeps it only for devices here.
         let here = !self.cluster_up()
@@ -643,13 +654,20 @@ impl<O: Outbound> Engine<O> {
                 .is_some_and(|st| !st.devices.is_empty());
         if here {
             let max = self.s.max_notifications;
-            self.user(user).push_notification(n.clone(), max);
+            let kept = Kept { n: n.clone(), from };
+            let st = self.users.entry(user.clone()).or_default();
+            st.push_notification(kept, max, &mut self.notes);
             self.wake_user(user, n.expires_at);
             self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
+        } else {
+            self.notes.add_away(n.expires_at, from);
         }
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
         let change = NotificationChange::New(n.clone());
         self.tell_notifications(user, change, Vec::new(), None, None, now, tx);
-        n
+        Ok(n)
     }
 
     /// The user's conversations kept here, most recent first.
@@ -702,10 +720,8 @@ impl<O: Outbound> Engine<O> {
     ) -> ServerMessage {
         let notifications = match self.users.get_mut(user) {
             Some(st) => {
-                st.expire_notifications(now);
-                st.extra()
-                    .map(|m| m.notifications.iter().cloned().collect())
-                    .unwrap_or_default()
+                st.expire_notifications(now, &mut self.notes);
+                st.notifications().cloned().collect()
             }
             None => Vec::new(),
         };
@@ -727,17 +743,26 @@ impl<O: Outbound> Engine<O> {
         let Some(st) = self.users.get_mut(user) else {
             return Vec::new();
         };
-        let m = st.more();
         let touched = match change {
             NotificationChange::New(n) => {
-                st.push_notification(n.clone(), max);
+                // Made on another node: the sender was counted there.
+                let kept = Kept {
+                    n: n.clone(),
+                    from: None,
+                };
+                st.push_notification(kept, max, &mut self.notes);
                 let at = n.expires_at;
                 self.wake_user(user, at);
+                self.metrics
+                    .notifications_stored
+                    .set(self.notes.total() as u64);
                 return vec![n.clone()];
             }
-            NotificationChange::Read(ids) => m
+            NotificationChange::Read(ids) => st
+                .more()
                 .notifications
                 .iter_mut()
+                .map(|k| &mut k.n)
                 .filter(|n| ids.contains(&n.notification_id))
                 .map(|n| {
                     n.read = true;
@@ -745,17 +770,18 @@ impl<O: Outbound> Engine<O> {
                 })
                 .collect(),
             NotificationChange::Clear(id) => {
-                let i = m
-                    .notifications
-                    .iter()
-                    .position(|n| n.notification_id == *id);
-                i.and_then(|i| m.notifications.remove(i))
-                    .into_iter()
-                    .collect()
+                let mut once = true;
+                st.remove_notifications(
+                    |n| n.notification_id == *id && std::mem::take(&mut once),
+                    &mut self.notes,
+                )
             }
-            NotificationChange::ClearAll => m.notifications.drain(..).collect(),
+            NotificationChange::ClearAll => st.remove_notifications(|_| true, &mut self.notes),
         };
-        st.expire_notifications(now);
+        st.expire_notifications(now, &mut self.notes);
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
         touched
     }
 
@@ -799,9 +825,12 @@ impl<O: Outbound> Engine<O> {
         st.wake = None;
         let mut next: Option<u64> = None;
         let mut soon = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
-        if let Some(n) = st.expire_notifications(now) {
+        if let Some(n) = st.expire_notifications(now, &mut self.notes) {
             soon(n);
         }
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
         if let Some(m) = st.extra_mut() {
             m.detached.retain(|d| d.until > now);
             for d in &m.detached {

@@ -35,6 +35,7 @@ pub mod bans;
 pub mod channel;
 pub mod chunked;
 pub mod limits;
+pub mod notifications;
 pub mod timers;
 pub mod user;
 
@@ -51,7 +52,7 @@ use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
 use cluster::{QueryThen, Reply};
 use timers::{Timer, Timers};
-use user::{Detached, Device, NodePresence, UserState};
+use user::{Detached, Device, Kept, NodePresence, UserState};
 
 pub type ShardId = u16;
 
@@ -145,6 +146,12 @@ pub struct Settings {
     pub call_ring_timeout_ms: u64,
     pub max_notifications: usize,
     pub notification_ttl_ms: u64,
+    /// Notifications the node keeps waiting at most, all users together
+    /// (each home shard takes its share).
+    pub max_stored_notifications: usize,
+    /// Of those, at most this many made by one sender (mentions, missed
+    /// calls).
+    pub max_notifications_per_sender: usize,
     pub max_conversations: usize,
     /// Presence subscriptions one connection may hold.
     pub max_subscriptions: usize,
@@ -175,6 +182,10 @@ impl Default for Settings {
             call_ring_timeout_ms: 30_000,
             max_notifications: 100,
             notification_ttl_ms: 7 * 24 * 3600 * 1000,
+            // About 35 MB at the ~350 bytes of a mention notification.
+            max_stored_notifications: 100_000,
+            // Ten times the notifications one user keeps.
+            max_notifications_per_sender: 1_000,
             max_conversations: 100,
             max_subscriptions: 1000,
             livekit: None,
@@ -456,6 +467,8 @@ pub enum UserCmd {
     Notify {
         kind: String,
         data: Option<Json>,
+        /// Who made it (a mention's author, a missed call's caller).
+        from: Option<Arc<str>>,
     },
     NotificationsPending,
     NotificationsRead(Vec<String>),
@@ -756,6 +769,8 @@ pub struct Engine<O> {
     owned: HashMap<Arc<str>, Owned>,
     /// Boxed: every online user has one, and a map stores its values inline.
     users: HashMap<Arc<str>, Box<UserState>>,
+    /// What the home users' stored notifications count against.
+    notes: notifications::Ledger,
     calls: HashMap<u64, Call>,
     gathers: HashMap<u64, Gather>,
     timers: Timers,
@@ -794,6 +809,7 @@ impl<O: Outbound> Engine<O> {
             local: HashMap::new(),
             owned: HashMap::new(),
             users: HashMap::new(),
+            notes: notifications::Ledger::default(),
             calls: HashMap::new(),
             gathers: HashMap::new(),
             timers: Timers::default(),

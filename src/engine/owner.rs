@@ -385,16 +385,21 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
+        // A reference to the message and an excerpt, not a copy: the
+        // message stays in the channel's history.
+        let data = serde_json::json!({
+            "channelId": &**channel,
+            "messageId": &message.message_id,
+            "fromUserId": &message.user_id,
+            "excerpt": notifications::excerpt(&message.content),
+        })
+        .to_string();
+        let from: Arc<str> = message.user_id.as_str().into();
         for user in absent {
-            let data = serde_json::json!({
-                "channelId": &**channel,
-                "messageId": &message.message_id,
-                "fromUserId": &message.user_id,
-                "content": &message.content,
-            });
             let op = UserCmd::Notify {
                 kind: "mention".into(),
-                data: Some(Json(data.to_string())),
+                data: Some(Json(data.clone())),
+                from: Some(from.clone()),
             };
             self.send_user_op(user, None, None, op, now, tx);
         }

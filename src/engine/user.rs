@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 
+use super::notifications::Ledger;
 use super::{ConnRef, SessionId};
 use crate::protocol::*;
 
@@ -80,7 +81,7 @@ pub struct More {
     pub custom_status: Option<String>,
     pub activity: Option<Activity>,
     pub subscribers: Vec<(ConnRef, Protocol)>,
-    pub notifications: VecDeque<Notification>,
+    pub notifications: VecDeque<Kept>,
     pub conversations: Vec<Conv>,
     pub dm_nonces: VecDeque<(Box<str>, DmMessage)>,
     /// The voice channel the user is in, and from which connection.
@@ -96,6 +97,14 @@ pub struct More {
     /// In a cluster: calls to this user held by other nodes, ringing or
     /// answered here.
     pub remote_calls: Vec<RemoteCall>,
+}
+
+/// A notification kept for a user, with who made it (for the home shard's
+/// [`Ledger`]).
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub n: Notification,
+    pub from: Option<Arc<str>>,
 }
 
 /// A call to a user held by another node.
@@ -395,10 +404,17 @@ impl UserState {
     }
 
     /// Drops expired notifications; returns the next expiry.
-    pub fn expire_notifications(&mut self, now: u64) -> Option<u64> {
-        let m = self.more.as_mut()?;
-        m.notifications.retain(|n| n.expires_at > now);
-        m.notifications.iter().map(|n| n.expires_at).min()
+    pub fn expire_notifications(&mut self, now: u64, ledger: &mut Ledger) -> Option<u64> {
+        self.remove_notifications(|n| n.expires_at <= now, ledger);
+        let m = self.more.as_ref()?;
+        m.notifications.iter().map(|k| k.n.expires_at).min()
+    }
+
+    /// The notifications kept here, oldest first.
+    pub fn notifications(&self) -> impl Iterator<Item = &Notification> {
+        self.extra()
+            .into_iter()
+            .flat_map(|m| m.notifications.iter().map(|k| &k.n))
     }
 
     /// The notification kept here with this id.
@@ -406,16 +422,42 @@ impl UserState {
         self.extra_mut()?
             .notifications
             .iter_mut()
+            .map(|k| &mut k.n)
             .find(|n| n.notification_id == id)
     }
 
-    /// Adds a notification, dropping the oldest past `max`.
-    pub fn push_notification(&mut self, n: Notification, max: usize) {
+    /// Adds a notification (counted in `ledger`), dropping the oldest past
+    /// `max`.
+    pub fn push_notification(&mut self, k: Kept, max: usize, ledger: &mut Ledger) {
+        ledger.add(k.from.as_ref());
         let m = self.more();
-        m.notifications.push_back(n);
+        m.notifications.push_back(k);
         while m.notifications.len() > max {
-            m.notifications.pop_front();
+            if let Some(old) = m.notifications.pop_front() {
+                ledger.remove(old.from.as_ref());
+            }
         }
+    }
+
+    /// Takes out the notifications `pick` chooses; returns them.
+    pub fn remove_notifications(
+        &mut self,
+        mut pick: impl FnMut(&Notification) -> bool,
+        ledger: &mut Ledger,
+    ) -> Vec<Notification> {
+        let Some(m) = self.more.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        m.notifications.retain(|k| {
+            if !pick(&k.n) {
+                return true;
+            }
+            ledger.remove(k.from.as_ref());
+            out.push(k.n.clone());
+            false
+        });
+        out
     }
 }
 
@@ -594,29 +636,33 @@ mod tests {
     #[test]
     fn notifications_are_bounded_and_expire() {
         let mut u = UserState::default();
+        let mut ledger = Ledger::default();
+        let from: Arc<str> = "carol".into();
         for i in 0..5 {
-            u.push_notification(
-                Notification {
-                    notification_id: i.to_string(),
-                    kind: "mention".into(),
-                    data: None,
-                    read: false,
-                    created_at: i,
-                    expires_at: 100 + i,
-                },
-                3,
-            );
+            let n = Notification {
+                notification_id: i.to_string(),
+                kind: "mention".into(),
+                data: None,
+                read: false,
+                created_at: i,
+                expires_at: 100 + i,
+            };
+            let k = Kept {
+                n,
+                from: Some(from.clone()),
+            };
+            u.push_notification(k, 3, &mut ledger);
         }
         let ids: Vec<&str> = u
-            .extra()
-            .unwrap()
-            .notifications
-            .iter()
+            .notifications()
             .map(|n| n.notification_id.as_str())
             .collect();
         assert_eq!(ids, ["2", "3", "4"]);
-        assert_eq!(u.expire_notifications(103), Some(104));
+        assert_eq!((ledger.total(), ledger.of("carol")), (3, 3));
+        assert_eq!(u.expire_notifications(103, &mut ledger), Some(104));
         assert_eq!(u.more().notifications.len(), 1);
-        assert_eq!(u.expire_notifications(200), None);
+        assert_eq!(ledger.total(), 1);
+        assert_eq!(u.expire_notifications(200, &mut ledger), None);
+        assert_eq!((ledger.total(), ledger.of("carol")), (0, 0));
     }
 }

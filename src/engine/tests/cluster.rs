@@ -967,6 +967,7 @@ fn notifications_reach_every_node_and_wait_for_a_user_away() {
         let op = UserCmd::Notify {
             kind: "invite".into(),
             data: None,
+            from: None,
         };
         let sim = &mut sims[0];
         sim.shards[0].send_user_op(user.into(), None, None, op, 0, &mut sim.mesh);

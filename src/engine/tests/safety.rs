@@ -1103,3 +1103,91 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
     assert!(matches!(ack_body(&got, 13), AckBody::Empty(_)));
     assert_eq!(ra.closed.get(), Some(crate::ws::close::BANNED));
 }
+
+/// Sends `content` to `ch` from `c`, mentioning `mentions`.
+fn mention(sim: &mut Sim, c: ConnRef, id: u64, ch: &str, content: &str, mentions: &[&str]) {
+    let mut m = MessageSend::new(ch, content);
+    m.mentions = mentions.iter().map(|u| u.to_string()).collect();
+    sim.send(c, Some(id), ClientEvent::MessageSend(m));
+}
+
+/// The notifications `user` keeps on its home shard.
+fn kept(sim: &Sim, user: &str) -> Vec<Notification> {
+    let home = home_of(user, sim.shards.len() as u16) as usize;
+    sim.shards[home]
+        .users
+        .get(user)
+        .map(|st| st.notifications().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_mention_obeys_the_users_grant_and_keeps_an_excerpt() {
+    let mut sim = Sim::new(2);
+    let (a, ra) = sim.connect_as(0, "alice", granted(&["*"], Some(&["bob"])));
+    sim.join(a, "general");
+    ra.take();
+    // Carol is not granted to alice: neither a direct message nor a
+    // mention reaches her.
+    let long = "y".repeat(4000);
+    mention(&mut sim, a, 10, "general", &long, &["carol"]);
+    assert_eq!(error_code(&ra.take(), 10), ErrorCode::Forbidden);
+    assert!(kept(&sim, "carol").is_empty());
+    // Bob is: he is not in the channel, so the mention is kept for him,
+    // as a reference and an excerpt, not a copy of 4,000 characters.
+    mention(&mut sim, a, 11, "general", &long, &["bob"]);
+    assert!(matches!(ack_body(&ra.take(), 11), AckBody::Send(_)));
+    let n = kept(&sim, "bob");
+    assert_eq!(n.len(), 1);
+    let data: serde_json::Value = serde_json::from_str(&n[0].data.as_ref().unwrap().0).unwrap();
+    assert_eq!(data["channelId"], "general");
+    assert_eq!(data["fromUserId"], "alice");
+    assert!(data["messageId"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(data["excerpt"].as_str().unwrap().chars().count(), 101);
+    assert!(data.get("content").is_none());
+    assert!(n[0].data.as_ref().unwrap().0.len() < 300);
+}
+
+#[test]
+fn stored_notifications_are_bounded_per_sender_and_per_node() {
+    let settings = Settings {
+        max_notifications_per_sender: 5,
+        max_stored_notifications: 8,
+        ..unlimited()
+    };
+    let mut sim = Sim::with(1, settings);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (z, rz) = sim.connect(0, "zed", Protocol::Json);
+    sim.join(a, "general");
+    sim.join(z, "general");
+    // Alice mentions 20 users who are away: 5 are kept.
+    let away: Vec<String> = (0..20).map(|i| format!("away-{i}")).collect();
+    let names: Vec<&str> = away.iter().map(String::as_str).collect();
+    mention(&mut sim, a, 1, "general", "hi", &names);
+    ra.take();
+    let total = |sim: &Sim| away.iter().map(|u| kept(sim, u).len()).sum::<usize>();
+    assert_eq!(total(&sim), 5);
+    assert_eq!(sim.shards[0].metrics.notifications_dropped.get(), 15);
+    // Another sender has a share of its own, up to the node's total.
+    mention(&mut sim, z, 2, "general", "hey", &names);
+    rz.take();
+    assert_eq!(total(&sim), 8);
+    assert_eq!(sim.shards[0].metrics.notifications_stored.get(), 8);
+    // Reading does not free room; clearing does, and expiry does.
+    let first = kept(&sim, "away-0")[0].notification_id.clone();
+    let (r, rr) = sim.connect(0, "away-0", Protocol::Json);
+    rr.take();
+    sim.send(
+        r,
+        Some(3),
+        ClientEvent::NotificationClear(NotificationRef {
+            notification_id: first,
+        }),
+    );
+    assert_eq!(sim.shards[0].metrics.notifications_stored.get(), 7);
+    sim.advance(Settings::default().notification_ttl_ms + 1);
+    assert_eq!(total(&sim), 0);
+    assert_eq!(sim.shards[0].metrics.notifications_stored.get(), 0);
+    mention(&mut sim, a, 4, "general", "again", &names[..3]);
+    assert_eq!(total(&sim), 3, "room again once they expired");
+}
