@@ -48,6 +48,39 @@ mod tests {
     use proptest::option::of;
     use proptest::prelude::*;
 
+    /// The fuzz corpus of the binary protocol holds the binary encoding of
+    /// every seed of the JSON one (both valid envelopes), so that fuzzing
+    /// starts from archives the decoder accepts and reaches its deep paths.
+    /// When the format changes, this fails: write them again with
+    /// `CORECAST_WRITE_SEEDS=1 cargo test --lib fuzz_seeds`.
+    #[test]
+    fn the_fuzz_seeds_are_current() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let write = std::env::var_os("CORECAST_WRITE_SEEDS").is_some();
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(root.join("json_envelope")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_owned();
+            let mut text = std::fs::read(&path).unwrap();
+            let msg = json::decode_client(&mut text, &mut json::Scratch::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let archive = encode_client(&msg);
+            let bin = root.join("binary_envelope").join(&name);
+            if write {
+                std::fs::write(&bin, &archive).unwrap();
+            }
+            let stored = std::fs::read(&bin).unwrap_or_default();
+            assert!(
+                stored == archive,
+                "{} is stale: CORECAST_WRITE_SEEDS=1 cargo test --lib fuzz_seeds",
+                bin.display()
+            );
+            assert_eq!(decode_client(&stored).unwrap(), msg);
+            seeds += 1;
+        }
+        assert!(seeds >= 10);
+    }
+
     fn text() -> impl Strategy<Value = String> {
         ".{0,40}"
     }
