@@ -310,6 +310,11 @@ impl ConnIo {
         self.set_flag(LISTED, false);
     }
 
+    /// Frames and bytes waiting to be written.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.queue.get().len(), self.queued_bytes.get() as usize)
+    }
+
     /// Whether frames wait to be written.
     pub fn has_queued(&self) -> bool {
         !self.queue.get().is_empty()

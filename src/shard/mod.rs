@@ -17,6 +17,9 @@ pub mod conn;
 pub mod sync;
 mod uring;
 
+#[doc(hidden)]
+pub use uring::fuzz_session;
+
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -797,6 +800,9 @@ async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
     match shard.admit_socket(shard.sockets.get(), count.within_budget, peer) {
         Ok(ip) => count.ip = ip,
+        // Past the node's open files, the socket goes at once: lingering
+        // would hold the descriptors the headroom is for.
+        Err(r) if !count.within_budget => return write_and_close(stream, r.response()).await,
         Err(r) => return refuse_at_accept(stream, r.response()).await,
     }
     let mut stream = stream;
@@ -1314,6 +1320,54 @@ async fn serve_ws(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// A session input for [`super::fuzz_session`]: the start byte, then
+    /// each message as a length byte and its bytes.
+    pub(crate) fn session_input(head: u8, messages: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![head];
+        for m in messages {
+            out.push(m.len() as u8);
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn whole_sessions_keep_their_bounds() {
+        let text = |s: &str| [&[1u8][..], s.as_bytes()].concat();
+        let join = text(r#"{"t":"channel:join","id":1,"d":{"channelId":"general"}}"#);
+        let send =
+            text(r#"{"t":"message:send","id":2,"d":{"channelId":"general","content":"hi"}}"#);
+        let ping = [&[3u8][..], &[b'p'; 120][..]].concat();
+        // Authenticated, a peer that never reads: messages, then pings past
+        // every bound.
+        let mut msgs: Vec<&[u8]> = vec![&join, &send, &send];
+        msgs.extend(std::iter::repeat_n(&ping[..], 200));
+        super::fuzz_session(&session_input(2 | 4, &msgs));
+        // The same peer reading, and one without a token sending `auth`.
+        super::fuzz_session(&session_input(2 | 4 | 8, &msgs));
+        let auth = text(r#"{"t":"auth","id":1,"d":{"token":"x.y.z"}}"#);
+        super::fuzz_session(&session_input(1 | 4, &[&auth, &join, &join]));
+        // A request written by the input, trickled.
+        let req = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+        super::fuzz_session(&session_input(
+            0,
+            &[req, b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"],
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_make_a_session_that_keeps_its_bounds(
+            head in 0u8..16,
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..60), 0..12),
+        ) {
+            let msgs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            super::fuzz_session(&session_input(head, &msgs));
+        }
+    }
+
     /// What every connection costs in the shard's tables, whatever it does
     /// (docs/BENCHMARKS.md itemises it): a regression here is memory on
     /// every idle connection.

@@ -1226,3 +1226,138 @@ fn decode_all(
 pub(super) fn loop_slot_size() -> usize {
     std::mem::size_of::<Option<Conn>>()
 }
+
+/// Drives one connection's whole session from bytes, without a socket or a
+/// ring: handshake, authentication, frames and envelopes go through the
+/// code the io_uring loop runs (`feed`), the engine of a one-shard node
+/// answers, and every bound is checked after each step. The fuzz target
+/// `session` calls it.
+///
+/// `data[0]` picks the start: bits 0-1 the request (0: the input writes
+/// its own; 1: an upgrade without a token; 2 and 3: with a valid token, on
+/// `corecast.json` or `corecast.bin`), bit 2 whether the rest is raw bytes
+/// or messages the driver frames (first byte: FIN and opcode), bit 3
+/// whether the peer reads what is written. The rest is chunks, each a
+/// length byte and that many bytes.
+#[doc(hidden)]
+pub fn fuzz_session(data: &[u8]) {
+    use crate::config::Config;
+    let Some((&head, mut rest)) = data.split_first() else {
+        return;
+    };
+    let config = Config {
+        shards: 1,
+        ban_file: String::new(),
+        outbound_queue_frames: 64,
+        outbound_queue_bytes: 64 << 10,
+        max_message_size: 64 << 10,
+        max_preauth_bytes_per_shard: 64 << 10,
+        max_connections_per_ip: 0,
+        max_handshakes_per_ip: 0,
+        ..Config::default()
+    };
+    let (max_frames, max_bytes) = (config.outbound_queue_frames, config.outbound_queue_bytes);
+    let Ok(verifier) = crate::auth::Verifier::from_config(&config.auth) else {
+        return;
+    };
+    let token = crate::auth::mint(&config.auth, "fuzzer", 600, None, super::now_ms() / 1000)
+        .expect("a development token");
+    let Ok((mesh, _bells)) = crate::mesh::Mesh::new(1, 2, 64) else {
+        return;
+    };
+    let node = Arc::new(Node::new(config, verifier, mesh));
+    let shard = Shard::new(0, node.clone());
+    let now = shard.outq.now_ms();
+    let io = Rc::new(ConnIo::for_loop(-1, shard.outq.clone(), 0, now));
+    let mut conn = Conn {
+        io,
+        gen: 0,
+        recv: true,
+        cancelled: false,
+        ended: false,
+        write_due: false,
+        phase: Phase::Handshake {
+            since: now,
+            ip: Slots::default(),
+        },
+        inbuf: None,
+        write: None,
+        flush_deadline: NEVER,
+    };
+    let request = |path: &str, proto: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: f\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proto}\r\n"
+        )
+    };
+    let start = match head & 3 {
+        0 => String::new(),
+        1 => request("/ws", ""),
+        2 => request(&format!("/ws?token={token}"), ""),
+        _ => request(
+            &format!("/ws?token={token}"),
+            "Sec-WebSocket-Protocol: corecast.bin\r\n",
+        ),
+    };
+    let (framed, reader) = (head & 4 != 0, head & 8 != 0);
+    let mut scratch = BytesMut::new();
+    let mut batch = Batch::default();
+    let mut step = |bytes: &[u8], conn: &mut Conn| -> bool {
+        let before = preauth_held(conn);
+        let mut over = feed(&shard, conn, bytes, &mut scratch, now);
+        if !shard.preauth_change(before, preauth_held(conn)) {
+            over |= refuse_preauth(&shard, conn, now);
+        }
+        shard.drain_mesh();
+        shard.tick_engine();
+        shard.outbox.borrow_mut().flush();
+        // Every byte queued for the peer within its bound (a close frame
+        // may pass it once).
+        let queued = conn.io.queued();
+        assert!(queued.0 <= max_frames + 1, "{queued:?} frames queued");
+        assert!(queued.1 <= max_bytes + 127, "{queued:?} bytes queued");
+        assert_eq!(shard.preauth_bytes.get(), preauth_held(conn));
+        if reader {
+            conn.io.take_batch(&mut batch, MAX_IOV);
+            conn.io.written();
+            batch.clear();
+        }
+        over
+    };
+    let mut over = !start.is_empty() && step(start.as_bytes(), &mut conn);
+    while !over && !rest.is_empty() {
+        let len = (rest[0] as usize).min(rest.len() - 1);
+        let (chunk, tail) = rest[1..].split_at(len);
+        rest = tail;
+        over = if framed && !chunk.is_empty() {
+            let (op, payload) = (chunk[0], &chunk[1..]);
+            let opcode = match op & 7 {
+                0 => crate::ws::OpCode::Continuation,
+                1 => crate::ws::OpCode::Text,
+                2 => crate::ws::OpCode::Binary,
+                3 => crate::ws::OpCode::Ping,
+                4 => crate::ws::OpCode::Pong,
+                _ => crate::ws::OpCode::Close,
+            };
+            let f = crate::ws::frame::encode_masked(op & 8 == 0, opcode, payload, [1, 2, 3, 4]);
+            step(&f, &mut conn)
+        } else {
+            step(chunk, &mut conn)
+        };
+    }
+    // The connection goes: its session leaves the engine, and everything
+    // it held is given back.
+    if let Phase::Ws { session, .. } = &mut conn.phase {
+        session.end(&shard);
+    }
+    shard.preauth_change(preauth_held(&conn), 0);
+    shard.outbox.borrow_mut().flush();
+    shard.drain_mesh();
+    assert_eq!(shard.preauth_bytes.get(), 0);
+    drop(conn);
+    assert_eq!(shard.outq.queued_frames(), 0, "frames left in the arena");
+    assert_eq!(
+        node.admission
+            .ip_count(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        0
+    );
+}

@@ -35,7 +35,30 @@ impl Server {
     }
 
     pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_limited(args, env, None)
+    }
+
+    /// Like [`Server::start_raw`], with the process's open-file limit set
+    /// to `nofile` when given.
+    pub fn start_limited(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -593,5 +616,128 @@ impl Peer {
     pub async fn drain(&mut self) -> Vec<Value> {
         self.request("heartbeat", json!({})).await;
         self.inbox.drain(..).collect()
+    }
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// How many log lines contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(text)).count()
+    }
+}
+
+impl Server {
+    /// Waits for the process to exit and returns its code as soon as it
+    /// has (no polling delay), killing it after `within`.
+    pub fn wait_exit_now(&mut self, within: Duration) -> Option<i32> {
+        let pid = self.pid() as i32;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(within);
+            if !watch.load(std::sync::atomic::Ordering::SeqCst) {
+                unsafe {
+                    libc_kill(pid, 9);
+                }
+            }
+        });
+        let status = self.child.wait().unwrap();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        status.code()
+    }
+}
+
+/// A port free at the time of asking, on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request to the server API on a connection of its own: the status
+/// and the JSON body.
+pub fn api_call(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let out = http_raw(api, req.as_bytes());
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Connects with tokio-tungstenite sending these extra request headers
+/// (an `Origin`, as browsers do).
+pub async fn ws_connect_with(url: &str, headers: &[(&str, &str)]) -> Ws {
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ws
+}
+
+/// Reads until the server's close frame; returns its code and reason
+/// (None if the connection ended without one), and the text messages
+/// before it.
+pub async fn close_of(ws: &mut Ws) -> (Option<(u16, String)>, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("timed out waiting for close")
+        {
+            Some(Ok(Message::Close(c))) => {
+                return (c.map(|c| (u16::from(c.code), c.reason.to_string())), before)
+            }
+            Some(Ok(Message::Text(t))) => before.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return (None, before),
+        }
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (tests that
+/// hold many sockets).
+pub fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
 }
