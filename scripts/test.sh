@@ -37,6 +37,9 @@ need_apt curl curl
 need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 python3 -c 'import venv' 2>/dev/null || need_apt false python3-venv
+# The browser tests drive Debian's Chromium with playwright-core (npm).
+need_apt chromium chromium
+command -v node >/dev/null || die "node is missing: install Node.js 20 with npm"
 
 step "cargo fmt --check"
 cargo fmt --check
@@ -48,6 +51,12 @@ step "cargo test (unit, property, integration; benches run once as tests)"
 # tests/bench.rs runs the baseline example server: build it where it looks.
 cargo build --examples
 cargo test --all-targets
+
+step "browser: refusals Chromium can read (tests/browser)"
+(cd tests/browser && npm install --no-package-lock --no-audit --no-fund --silent) \
+    || die "npm could not install tests/browser's packages"
+CORECAST_BIN=target/debug/corecast timeout 180 node tests/browser/refusals.mjs \
+    || die "the browser tests failed"
 
 step "Autobahn|Testsuite fuzzingclient (sections 1-10; 12-13 are compression)"
 [ -x "$PY2" ] || die "the Autobahn suite needs Python 2.7 at $PY2 (set PY2=/path/to/python2.7)"
@@ -123,7 +132,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
 (cd fuzz && cargo +nightly fuzz build -O)
-for t in handshake frame json_envelope binary_envelope; do
+for t in handshake frame json_envelope binary_envelope session; do
     corpus=$(mktemp -d)
     cp fuzz/corpus/$t/seed-* "$corpus/"
     (cd fuzz && cargo +nightly fuzz run -O "$t" "$corpus" -- -runs="$FUZZ_RUNS" -max_len=4096 2>&1 | grep -E '^Done|ERROR|SUMMARY') \
