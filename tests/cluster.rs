@@ -1160,17 +1160,24 @@ async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
         .await
         .iter()
         .all(|v| v["t"] != "notification:new"));
-    // A new one reaches both of her devices, one on each node.
+    // A new one reaches both of her devices, one on each node: a
+    // reference and an excerpt of a long message, in Redis too.
+    let long = format!("@carol again {}", "z".repeat(3900));
     alice
         .ok(
             "message:send",
-            json!({"channelId": "team", "content": "@carol again", "mentions": ["carol"]}),
+            json!({"channelId": "team", "content": long, "mentions": ["carol"]}),
         )
         .await;
     for p in [&mut carol_a, &mut carol_b] {
         let n = p.event("notification:new").await;
-        assert_eq!(n["d"]["data"]["content"], "@carol again");
+        let excerpt = n["d"]["data"]["excerpt"].as_str().unwrap();
+        assert!(excerpt.starts_with("@carol again"), "{n}");
+        assert_eq!(excerpt.chars().count(), 101);
+        assert!(n["d"]["data"].get("content").is_none());
     }
+    let kept = redis_cli(&redis, &["HVALS", "cc:n:{carol}"]);
+    assert!(kept.len() < 1500, "Redis keeps {} bytes for carol", kept.len());
     // A member of the channel through another node is not notified of a
     // mention; a user who is no member anywhere is.
     let mut dave = Peer::on(&b, "dave", 0, "").await;
@@ -1182,7 +1189,7 @@ async fn notifications_reach_every_node_and_wait_in_redis_for_a_user_away() {
         )
         .await;
     let n = bob.event("notification:new").await;
-    assert_eq!(n["d"]["data"]["content"], "@dave @bob");
+    assert_eq!(n["d"]["data"]["excerpt"], "@dave @bob");
     let pending = dave.ok("notification:get_pending", json!({})).await;
     assert_eq!(pending["notifications"], json!([]), "{pending}");
     assert_eq!(redis_cli(&redis, &["EXISTS", "cc:n:{dave}"]), "0");
