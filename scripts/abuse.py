@@ -2,13 +2,15 @@
 """Abuse a running corecast node the way an attacker would and report its RSS.
 
     scripts/abuse.py ping-flood --url ws://127.0.0.1:8080/ws --pid PID [--token T] [--seconds 10]
-    scripts/abuse.py promise    --url ws://127.0.0.1:8080/ws --pid PID [--seconds 10] [--rate 90]
+    scripts/abuse.py promise    --url ws://127.0.0.1:8080/ws --pid PID [--seconds 10] [--rate 90] [--secret S]
 
 ping-flood: one connection sends 125-byte pings as fast as it can and never
 reads the pongs (its receive buffer is made small).
 promise: upgrades (at --rate per second, under the default per-address
 handshake rate), each sending a frame header that announces a 1 MiB payload,
-then a few bytes of it, and holding the socket.
+then a few bytes of it each second, and holding the socket. With --secret
+(the node's HS256 secret, or `dev` for a node in development mode) each
+connection authenticates first, as a user of its own.
 
 Prints the server's RSS every second (from /proc/PID/status), then one JSON
 line: the RSS before, the peak, and what the attack sent.
@@ -16,6 +18,8 @@ line: the RSS before, the peak, and what the attack sent.
 
 import argparse
 import base64
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -59,6 +63,17 @@ def upgrade(url, token=None, rcvbuf=None):
     if status != b"101":
         raise ConnectionError(head.decode(errors="replace").splitlines()[0])
     return s
+
+
+DEV_SECRET = "corecast-development-secret-do-not-use-in-production"
+
+
+def hs256_token(secret, user, ttl=600):
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": user, "exp": int(time.time()) + ttl, "channels": ["*"]}).encode())
+    sig = b64(hmac.new(secret.encode(), head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
 
 
 def masked(opcode, payload, length=None):
@@ -128,7 +143,11 @@ def promise(args):
         if now >= next_conn:
             next_conn += interval
             try:
-                s = upgrade(args.url)
+                token = None
+                if args.secret:
+                    secret = DEV_SECRET if args.secret == "dev" else args.secret
+                    token = hs256_token(secret, f"abuse-{len(held)}")
+                s = upgrade(args.url, token)
                 frame = header + os.urandom(16)
                 s.sendall(frame)
                 sent += len(frame) + 200
@@ -153,7 +172,7 @@ def promise(args):
         s.close()
     time.sleep(1)
     after = rss_kib(args.pid)
-    return {"attack": "promise", "connections": len(held), "refused": refused,
+    return {"attack": "promise", "authenticated": bool(args.secret), "connections": len(held), "refused": refused,
             "sent_bytes": sent, "rss_before_kib": before, "rss_peak_kib": peak,
             "rss_after_kib": after}
 
@@ -166,6 +185,7 @@ def main():
     p.add_argument("--token")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--rate", type=float, default=90, help="upgrades per second (promise)")
+    p.add_argument("--secret", help="HS256 secret for one token per connection (promise); `dev` for development mode")
     args = p.parse_args()
     result = ping_flood(args) if args.attack == "ping-flood" else promise(args)
     print(json.dumps(result))

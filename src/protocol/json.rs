@@ -511,7 +511,13 @@ impl<'o, 'v> Fields<'o, 'v> {
     /// Any JSON value, kept as its text (relayed as is).
     pub fn json(&self, name: &str) -> Result<Json, DecodeError> {
         let f = self.present(name).ok_or_else(|| self.missing(name))?;
-        Ok(Json(f.value.encode()))
+        // Written with its keys sorted: the parser's objects past 32 keys
+        // iterate in hash order, and the same input should be relayed the
+        // same way every time.
+        let canonical = serde_json::to_value(f.value)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| f.value.encode());
+        Ok(Json(canonical))
     }
 }
 
@@ -678,6 +684,29 @@ mod tests {
     fn decode(s: &str) -> Result<ClientMessage, DecodeError> {
         let mut b = s.as_bytes().to_vec();
         decode_client(&mut b, &mut Scratch::default())
+    }
+
+    #[test]
+    fn an_opaque_value_is_written_the_same_way_every_time() {
+        // Past 32 keys the parser's objects iterate in hash order: the
+        // candidate is written with sorted keys, so the same input is
+        // relayed the same way (found by fuzzing json_envelope).
+        let keys: Vec<String> = (0..40).map(|i| format!("\"k{i:02}\":{i}")).collect();
+        let mut reversed = keys.clone();
+        reversed.reverse();
+        let text = format!(
+            r#"{{"t":"call:ice_candidate","d":{{"callId":"c1","candidate":{{{}}}}}}}"#,
+            reversed.join(",")
+        );
+        let candidate = |m: ClientMessage| match m.event {
+            ClientEvent::CallIceCandidate(c) => c.candidate.0,
+            other => panic!("{other:?}"),
+        };
+        let first = candidate(decode(&text).unwrap());
+        assert_eq!(first, format!("{{{}}}", keys.join(",")));
+        for _ in 0..5 {
+            assert_eq!(candidate(decode(&text).unwrap()), first);
+        }
     }
 
     #[test]
