@@ -280,6 +280,9 @@ impl Shard {
     /// `max_preauth_bytes_per_shard`: the caller closes the connection,
     /// which gives its bytes back.
     fn preauth_change(&self, before: usize, after: usize) -> bool {
+        if before == after {
+            return true;
+        }
         let total = self.preauth_bytes.get() - before + after;
         self.preauth_bytes.set(total);
         let m = self.metrics();

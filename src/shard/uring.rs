@@ -371,7 +371,6 @@ impl Loop {
                 self.begin_drain(now);
             }
             if self.drain_deadline.is_some() && self.drained(now) {
-                self.stop_listening();
                 return Ok(());
             }
             if !self.accept_armed
@@ -452,19 +451,6 @@ impl Loop {
             Ok(_) => Ok(()),
             Err(e) if is_transient(&e) => Ok(()),
             Err(e) => Err(e),
-        }
-    }
-
-    /// Takes the listener out of the kernel's tables now. Closing its
-    /// descriptor is not enough: the multishot accept holds a reference to
-    /// the socket until the kernel has torn the ring down, which it does
-    /// after the process exits, and meanwhile a new process could not bind
-    /// the port.
-    fn stop_listening(&mut self) {
-        // SAFETY: shutdown(2) on the listening socket this loop owns; it
-        // is closed in Drop.
-        unsafe {
-            libc::shutdown(self.listener, libc::SHUT_RDWR);
         }
     }
 
@@ -994,7 +980,12 @@ impl Drop for Loop {
             }
         }
         // SAFETY: the listener and doorbell descriptors this loop owns.
+        // The listener is shut first: closing its descriptor is not enough,
+        // as the multishot accept holds the socket until the kernel has
+        // torn the ring down (after the process exits), and meanwhile a
+        // new process could not bind the port.
         unsafe {
+            libc::shutdown(self.listener, libc::SHUT_RDWR);
             libc::close(self.listener);
             libc::close(self.bell);
         }
