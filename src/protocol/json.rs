@@ -40,7 +40,8 @@ pub struct Envelope<'v> {
     pub id: Option<u64>,
     /// The event's [`ClientEvent::index`] (past the end when unknown).
     pub event: usize,
-    root: Value<'v>,
+    t: Cow<'v, str>,
+    d: Option<Value<'v>>,
 }
 
 /// Parses a client envelope in place (`buf` is overwritten) and reads its
@@ -48,7 +49,7 @@ pub struct Envelope<'v> {
 pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope<'v>, DecodeError> {
     let root = simd_json::value::borrowed::to_value_with_buffers(buf, &mut scratch.0)
         .map_err(|e| DecodeError::new(None, format!("invalid JSON: {e}")))?;
-    let Value::Object(env) = &root else {
+    let Value::Object(mut env) = root else {
         return Err(DecodeError::new(
             None,
             "invalid envelope: it must be an object {\"t\", \"id\", \"d\"}",
@@ -65,17 +66,22 @@ pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope
             ))
         }
     };
-    let event = match env.get("t") {
-        Some(Value::String(t)) => event_index(t),
+    let t = match env.remove("t") {
+        Some(Value::String(t)) => t,
         Some(other) => {
             return Err(DecodeError::new(
                 id,
-                format!("`t` must be a string, not {}", kind(other)),
+                format!("`t` must be a string, not {}", kind(&other)),
             ))
         }
         None => return Err(DecodeError::new(id, "missing `t` (the event name)")),
     };
-    Ok(Envelope { id, event, root })
+    Ok(Envelope {
+        id,
+        event: event_index(&t),
+        t,
+        d: env.remove("d"),
+    })
 }
 
 impl Envelope<'_> {
@@ -91,10 +97,7 @@ impl Envelope<'_> {
             e.event = Some(self.event);
             e
         };
-        let (Value::Object(env), Some(Value::String(t))) = (&self.root, self.root.get("t")) else {
-            unreachable!("checked by `envelope`")
-        };
-        let d = match env.get("d") {
+        let d = match &self.d {
             None | Some(Value::Static(StaticNode::Null)) => None,
             Some(Value::Object(o)) => Some(&**o),
             Some(other) => {
@@ -109,7 +112,7 @@ impl Envelope<'_> {
             path: Cow::Borrowed("d"),
             obj: d,
         };
-        let event = event(t, &f).map_err(named)?;
+        let event = event(&self.t, &f).map_err(named)?;
         Ok(ClientMessage { id, event })
     }
 }
