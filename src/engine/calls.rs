@@ -38,7 +38,7 @@ impl<O: Outbound> Engine<O> {
                         elsewhere,
                     },
                 };
-                return self.send_bridge(ClusterMsg::CallReach(Box::new(op), None), now, tx);
+                return self.send_bridge(ToBridge::CallReach(Box::new(op)), now, tx);
             }
             let call_id = call_id_str(id);
             reply(
@@ -313,11 +313,10 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         if self.cluster_up() {
-            let msg = ClusterMsg::ToUser {
+            let msg = ToBridge::ToUser {
                 user: callee.clone(),
                 msg: ev(event.clone()),
                 except: except.filter(|c| c.shard as usize >= self.shards as usize),
-                origin: 0,
             };
             self.send_bridge(msg, now, tx);
         }
@@ -352,7 +351,7 @@ impl<O: Outbound> Engine<O> {
                 });
             if let Some(node) = node {
                 let op = Box::new(op);
-                return self.send_bridge(ClusterMsg::CallTo { node, op }, now, tx);
+                return self.send_bridge(ToBridge::CallTo { node, op }, now, tx);
             }
         }
         if !matches!(op.op, CallCmd::PartyGone) {

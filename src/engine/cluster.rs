@@ -31,6 +31,10 @@ pub struct ClusterLink {
     pub node: u64,
     /// Whether the bridge reaches Redis (as it last said).
     pub up: bool,
+    /// Users whose part published to Redis may still show them online
+    /// although they left while Redis was out of reach (with when they
+    /// were last seen): retracted once it is back.
+    pub retract: HashMap<Arc<str>, u64>,
 }
 
 /// Where an answer to a sequenced event goes once Redis has ordered it.
@@ -49,172 +53,208 @@ pub struct Outgoing {
     /// Members of this user do not get it (typing).
     pub except: Option<Arc<str>>,
     pub reply: Option<Reply>,
+    /// Redis had it already (a message sent again with its nonce): it was
+    /// not published twice.
+    pub duplicate: bool,
 }
 
-/// Between a shard and its node's bridge.
+/// From a shard to its node's bridge: what to ask of Redis and the other
+/// nodes.
 #[derive(Debug)]
-pub enum ClusterMsg {
-    /// To the bridge: follow a channel (subscribe, then load its state).
+pub enum ToBridge {
+    /// Follow a channel (subscribe, then load its state).
     Attach {
         channel: Arc<str>,
     },
-    /// To the bridge: this node no longer has the channel's members.
+    /// This node no longer has the channel's members.
     Detach {
         channel: Arc<str>,
     },
-    /// To the bridge: order, keep and publish a sequenced event.
+    /// Order, keep and publish a sequenced event.
     Sequence(Box<Outgoing>),
-    /// To the bridge: an unsequenced event for the other nodes.
+    /// An unsequenced event for the other nodes.
     Relay(Box<Outgoing>),
-    /// From the bridge: a channel's state in the cluster (its recent
-    /// sequenced events, oldest first).
-    Attached {
-        channel: Arc<str>,
-        epoch: Arc<str>,
-        offset: u64,
-        entries: Vec<ServerMessage>,
-    },
-    /// From the bridge: Redis ordered an event of this shard (`msg` carries
-    /// its offset); answer its sender.
-    Sequenced(Box<Outgoing>),
-    /// From the bridge, after `Down`: the cluster could not take an event;
-    /// it is sequenced here.
-    Unsequenced(Box<Outgoing>),
-    /// From the bridge: Redis refused an event (not for being out of
-    /// reach); its sender is told.
-    Refused(Box<Outgoing>, String),
-    /// From the bridge: an event of a channel, from any node.
-    Event(Box<Incoming>),
-    /// To the bridge: a kick, ban or unban allowed here, for every node
-    /// (bans and unbans are kept in Redis).
+    /// A kick, ban or unban allowed here, for every node (bans and unbans
+    /// are kept in Redis).
     Moderate(Box<Moderation>),
-    /// From the bridge: Redis did not take a moderation action.
-    ModerationFailed(Box<Moderation>, String),
-    /// From the bridge, to every shard: the bans in force in the cluster
-    /// (they replace the shard's table).
-    Bans(Vec<Moderation>),
-    /// To the bridge: this node has (or no longer has) connections of a
-    /// user, so it follows (or stops following) what reaches the user.
+    /// This node has (or no longer has) connections of a user, or watchers
+    /// of its presence: follow (or stop following) what reaches the user.
     FollowUser {
         user: Arc<str>,
     },
     UnfollowUser {
         user: Arc<str>,
     },
-    /// To the bridge: an event for the user's connections on the other
-    /// nodes (`dm:new`, `dm:sent`, `message:delivery`, call events), but
-    /// `except` (a connection of another node, as the bridge stands in for
-    /// it here). From the bridge, to the user's home: such an event from
-    /// node `origin` (`except` then a connection here).
+    /// An event for the user's connections on the other nodes (`dm:new`,
+    /// `dm:sent`, `message:delivery`, call events), but `except` (a
+    /// connection of another node the bridge stands in for).
     ToUser {
         user: Arc<str>,
         msg: ServerMessage,
         except: Option<ConnRef>,
-        origin: u64,
     },
-    /// To the bridge: a call operation of a connection here, for the node
-    /// that holds the call (it comes in there as a `CallOp` from a
-    /// connection the bridge stands in for).
+    /// A call operation of a connection here, for the node that holds the
+    /// call (it comes in there as a `CallOp` from a connection the bridge
+    /// stands in for).
     CallTo {
         node: u64,
         op: Box<CallOp>,
     },
-    /// From the bridge: no node holds the call any more.
-    CallGone(Box<CallOp>),
-    /// To the bridge: is the callee of this new call connected to another
-    /// node? It comes back as `CallReach` with the answer.
-    CallReach(Box<CallOp>, Option<bool>),
-    /// To the bridge: this node's part of a user's presence changed (to
-    /// keep in Redis and publish to the nodes that follow the user). From
-    /// the bridge, to the user's home: other nodes' parts (published, or
-    /// read when the node began to follow the user).
+    /// Is the callee of this new call connected to another node? Answered
+    /// with `FromBridge::CallReach`.
+    CallReach(Box<CallOp>),
+    /// This node's part of a user's presence changed (to keep in Redis and
+    /// publish to the nodes that follow the user).
     Presence(Box<NodePresence>),
-    Presences {
-        user: Arc<str>,
-        views: Vec<NodePresence>,
-    },
-    /// To the bridge: read the other nodes' presence of these users; it
-    /// comes back as `PresenceLoaded` (one list per user, in order; empty
-    /// lists when Redis cannot be read).
+    /// Read the other nodes' presence of these users (answered with
+    /// `FromBridge::PresenceLoaded`).
     LoadPresence(Box<PresenceQuery>),
-    PresenceLoaded(Box<PresenceQuery>, Vec<Vec<NodePresence>>),
-    /// From the bridge, to every shard: these nodes stopped (or stopped
-    /// refreshing their liveness in Redis); what they showed is dropped.
-    NodesGone(Vec<u64>),
-    /// From the bridge, to every shard: the other nodes took this one for
-    /// gone; publish every user's presence again.
-    Republish,
-    /// To the bridge: a change of a user's notifications made here (to keep
-    /// in Redis, with `keep` the notifications to write again, and publish
-    /// to the nodes that follow the user). From the bridge, to the user's
-    /// home: such a change made on another node.
+    /// A change of a user's notifications made here, to keep in Redis
+    /// (`keep`: the notifications to write again) and publish to the nodes
+    /// that follow the user; its asker is answered once Redis has it.
     Notifications {
         user: Arc<str>,
         change: NotificationChange,
         keep: Vec<Notification>,
-        /// Answered once Redis has the change (`NotificationsKept`).
         asker: Option<Asker>,
     },
-    /// From the bridge: Redis has (or, with an error, did not take) a
-    /// change of notifications; its asker is answered.
-    NotificationsKept {
-        asker: Asker,
-        error: Option<String>,
-    },
-    /// To the bridge: read the user's notifications from Redis (a node's
-    /// first device of the user connected, or `asker` wants them all).
-    /// They come back as `NotificationsLoaded` (none when Redis cannot be
-    /// read), to be added to those here.
+    /// Read the user's notifications from Redis (a node's first device of
+    /// the user connected, or `asker` wants them all).
     LoadNotifications {
         user: Arc<str>,
         asker: Option<Asker>,
     },
-    NotificationsLoaded {
-        user: Arc<str>,
-        notifications: Vec<Notification>,
-        asker: Option<Asker>,
-    },
-    /// To the bridge: a query of a channel's state (members, typing, voice
-    /// participants) to answer with every node's part; `parts` holds this
-    /// node's. From the bridge: every part it got (within a second), to
-    /// merge and answer.
+    /// A query of a channel's state (members, typing, voice participants,
+    /// readers) to answer with every node's part; `parts` holds this
+    /// node's.
     ChannelQuery {
         channel: Arc<str>,
         parts: Vec<ChannelPart>,
         then: QueryThen,
     },
-    /// From the bridge: another node's query wants this node's part (of
-    /// kind `part`, empty); to the bridge: the part, for node `origin`.
+    /// This node's part of another node's query.
     ChannelPart {
         channel: Arc<str>,
         part: ChannelPart,
         origin: u64,
         token: u64,
     },
-    /// To the bridge: a direct message in `user`'s conversation with
-    /// `peer`, to keep in Redis (`incoming`: to the user, one more unread).
+    /// A direct message in `user`'s conversation with `peer`, to keep in
+    /// Redis (`incoming`: to the user, one more unread).
     Conversation {
         user: Arc<str>,
         peer: Arc<str>,
         msg: Box<DmMessage>,
         incoming: bool,
     },
-    /// To the bridge: read a user's conversations from Redis for `asker`.
-    /// From the bridge, to the user's home: them, most recent first
-    /// (`None` when Redis could not be read: the home answers with its
-    /// own).
+    /// Read a user's conversations from Redis for `asker`.
     LoadConversations {
         user: Arc<str>,
         limit: usize,
         asker: Asker,
     },
+}
+
+/// From the bridge to a shard.
+#[derive(Debug)]
+pub enum FromBridge {
+    /// A channel's state in the cluster (its recent sequenced events,
+    /// oldest first).
+    Attached {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        entries: Vec<ServerMessage>,
+    },
+    /// Redis ordered an event of this shard (`msg` carries its offset);
+    /// answer its sender.
+    Sequenced(Box<Outgoing>),
+    /// The cluster is out of reach and the event was never sent: it is
+    /// sequenced here.
+    Unsequenced(Box<Outgoing>),
+    /// Redis did not take an event (it refused it, or did not answer: then
+    /// it may still be published); its sender is told.
+    Refused(Box<Outgoing>, String),
+    /// An event of a channel, from any node.
+    Event(Box<Incoming>),
+    /// Redis did not take a moderation action.
+    ModerationFailed(Box<Moderation>, String),
+    /// The bans in force in the cluster (they replace the shard's table).
+    Bans(Vec<Moderation>),
+    /// An event for a user's connections from node `origin` (`except` a
+    /// connection here).
+    ToUser {
+        user: Arc<str>,
+        msg: ServerMessage,
+        except: Option<ConnRef>,
+        origin: u64,
+    },
+    /// No node holds the call any more.
+    CallGone(Box<CallOp>),
+    /// A user's presence from this node may not have reached Redis: it is
+    /// published again, or retracted, when Redis is back.
+    Unpublished {
+        user: Arc<str>,
+        last_seen: u64,
+    },
+    /// Whether a new call's callee is online on another node.
+    CallReach(Box<CallOp>, bool),
+    /// Other nodes' parts of a user's presence (published, or read when the
+    /// node began to follow the user).
+    Presences {
+        user: Arc<str>,
+        views: Vec<NodePresence>,
+    },
+    /// The other nodes' presence of a query's users (one list per user, in
+    /// order; empty lists when Redis cannot be read).
+    PresenceLoaded(Box<PresenceQuery>, Vec<Vec<NodePresence>>),
+    /// These nodes stopped (or stopped refreshing their liveness in Redis);
+    /// what they showed is dropped.
+    NodesGone(Vec<u64>),
+    /// The other nodes took this one for gone: publish every user's
+    /// presence again.
+    Republish,
+    /// A change of a user's notifications made on another node.
+    Notifications {
+        user: Arc<str>,
+        change: NotificationChange,
+    },
+    /// Redis has (or, with an error, did not take) a change of
+    /// notifications; its asker is answered.
+    NotificationsKept {
+        asker: Asker,
+        error: Option<String>,
+    },
+    /// A user's notifications read from Redis (none when it cannot be
+    /// read), to add to those here.
+    NotificationsLoaded {
+        user: Arc<str>,
+        notifications: Vec<Notification>,
+        asker: Option<Asker>,
+    },
+    /// Every node's part of a query (those that answered within a second),
+    /// to merge and answer.
+    ChannelAnswer {
+        channel: Arc<str>,
+        parts: Vec<ChannelPart>,
+        then: QueryThen,
+    },
+    /// Another node's query wants this node's part (of the kind of `like`).
+    PartWanted {
+        channel: Arc<str>,
+        like: ChannelPart,
+        origin: u64,
+        token: u64,
+    },
+    /// A user's conversations, most recent first (`None` when Redis could
+    /// not be read: the home answers with its own).
     ConversationsLoaded {
         user: Arc<str>,
         limit: usize,
         conversations: Option<Vec<Conversation>>,
         asker: Asker,
     },
-    /// From the bridge: Redis is reachable again, or no longer.
+    /// Redis is reachable again, or no longer.
     Up,
     Down,
 }
@@ -229,7 +269,7 @@ pub enum QueryThen {
 }
 
 /// One node's part of a channel's state, for a query made on another node.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ChannelPart {
     Members(Vec<MemberInfo>),
     Typing(Vec<String>),
@@ -308,7 +348,16 @@ impl ChannelPart {
 pub type Asker = (ConnRef, Protocol, Option<u64>);
 
 /// A change of a user's notifications, for the other nodes.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    serde::Serialize,
+    serde::Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub enum NotificationChange {
     New(Notification),
     Read(Vec<String>),
@@ -356,7 +405,7 @@ pub fn sequenced_offset(msg: &ServerMessage) -> Option<u64> {
 }
 
 /// The answer to the sender of a sequenced event.
-pub fn ack_for(msg: &ServerMessage, id: Option<u64>) -> Option<ServerMessage> {
+pub fn ack_for(msg: &ServerMessage, id: Option<u64>, duplicate: bool) -> Option<ServerMessage> {
     let body = match &msg.event {
         ServerEvent::MessageNew(m) => AckBody::Send(SendAck {
             message_id: m.message_id.clone(),
@@ -364,7 +413,7 @@ pub fn ack_for(msg: &ServerMessage, id: Option<u64>) -> Option<ServerMessage> {
             offset: m.offset,
             timestamp: m.timestamp,
             nonce: m.nonce.clone(),
-            duplicate: false,
+            duplicate,
         }),
         ServerEvent::MessageEdited(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
         ServerEvent::MessageDeleted(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
@@ -390,6 +439,7 @@ impl<O: Outbound> Engine<O> {
             bridge,
             node,
             up: false,
+            retract: HashMap::new(),
         });
     }
 
@@ -398,10 +448,10 @@ impl<O: Outbound> Engine<O> {
         self.cluster.as_ref().is_some_and(|c| c.up)
     }
 
-    pub(super) fn send_bridge(&mut self, msg: ClusterMsg, now: u64, tx: &mut impl MeshTx) {
+    pub(super) fn send_bridge(&mut self, msg: ToBridge, now: u64, tx: &mut impl MeshTx) {
         if let Some(c) = &self.cluster {
             let bridge = c.bridge;
-            self.route(bridge, MeshMsg::Cluster(Box::new(msg)), now, tx);
+            self.route(bridge, MeshMsg::ToBridge(Box::new(msg)), now, tx);
         }
     }
 
@@ -417,17 +467,8 @@ impl<O: Outbound> Engine<O> {
         if self.cluster_up() {
             let msg = ServerMessage { id: None, event };
             let user = user.clone();
-            let (except, origin) = (None, 0);
-            self.send_bridge(
-                ClusterMsg::ToUser {
-                    user,
-                    msg,
-                    except,
-                    origin,
-                },
-                now,
-                tx,
-            );
+            let except = None;
+            self.send_bridge(ToBridge::ToUser { user, msg, except }, now, tx);
         }
     }
 
@@ -439,37 +480,36 @@ impl<O: Outbound> Engine<O> {
         if let Some(o) = self.owned.get_mut(channel) {
             o.link = Link::Attaching(Vec::new());
             let channel = channel.clone();
-            self.send_bridge(ClusterMsg::Attach { channel }, now, tx);
+            self.send_bridge(ToBridge::Attach { channel }, now, tx);
         }
     }
 
-    pub(super) fn on_cluster(&mut self, msg: ClusterMsg, now: u64, tx: &mut impl MeshTx) {
+    pub(super) fn on_cluster(&mut self, msg: FromBridge, now: u64, tx: &mut impl MeshTx) {
         match msg {
-            ClusterMsg::Attached {
+            FromBridge::Attached {
                 channel,
                 epoch,
                 offset,
                 entries,
             } => self.on_attached(channel, epoch, offset, entries, now, tx),
-            ClusterMsg::Sequenced(out) => {
-                if let (Some(r), Some(ack)) =
-                    (out.reply, ack_for(&out.msg, out.reply.and_then(|r| r.id)))
-                {
+            FromBridge::Sequenced(out) => {
+                let id = out.reply.and_then(|r| r.id);
+                if let (Some(r), Some(ack)) = (out.reply, ack_for(&out.msg, id, out.duplicate)) {
                     self.send_to(r.to, r.protocol, &ack, now, tx);
                 }
             }
-            ClusterMsg::Refused(out, why) => {
+            FromBridge::Refused(out, why) => {
                 if let Some(r) = out.reply {
                     let msg = err(r.id, ErrorCode::Internal, why);
                     self.send_to(r.to, r.protocol, &msg, now, tx);
                 }
             }
-            ClusterMsg::Unsequenced(out) => {
+            FromBridge::Unsequenced(out) => {
                 let Outgoing {
                     channel,
                     msg,
-                    except: _,
                     reply,
+                    ..
                 } = *out;
                 // The channel may have gone meanwhile (a publish of the
                 // server API to a channel without members here).
@@ -494,8 +534,8 @@ impl<O: Outbound> Engine<O> {
                 self.sequence(&channel, offset, msg, reply, now, tx);
                 self.channel_gc(&channel, now, tx);
             }
-            ClusterMsg::Event(inc) => self.on_cluster_event(*inc, now, tx),
-            ClusterMsg::Up => {
+            FromBridge::Event(inc) => self.on_cluster_event(*inc, now, tx),
+            FromBridge::Up => {
                 if let Some(c) = &mut self.cluster {
                     c.up = true;
                 }
@@ -505,18 +545,38 @@ impl<O: Outbound> Engine<O> {
                 }
                 // Followed again (the bridge's subscriptions went with the
                 // link), and published again: Redis may have lost this
-                // node's presence, or other nodes taken it for gone.
+                // node's presence, or other nodes taken it for gone. What
+                // Redis may still show of users gone offline meanwhile is
+                // retracted.
+                let mut retract = self
+                    .cluster
+                    .as_mut()
+                    .map(|c| std::mem::take(&mut c.retract))
+                    .unwrap_or_default();
                 let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
                 for user in users {
                     if let Some(st) = self.users.get_mut(&user) {
                         st.following = false;
-                        st.published = None;
+                        if st.published.take().is_some() {
+                            retract.insert(user.clone(), st.last_seen);
+                        }
                     }
                     self.announce(&user, now, tx);
                     self.maintain_user(&user, now, tx);
                 }
+                for (user, last_seen) in retract {
+                    // Published again just now: nothing to retract.
+                    if self
+                        .users
+                        .get(&user)
+                        .is_some_and(|st| st.published.is_some())
+                    {
+                        continue;
+                    }
+                    self.retract_presence(user, last_seen, now, tx);
+                }
             }
-            ClusterMsg::Presences { user, views } => {
+            FromBridge::Presences { user, views } => {
                 let Some(st) = self.users.get_mut(&user) else {
                     return;
                 };
@@ -528,10 +588,10 @@ impl<O: Outbound> Engine<O> {
                 }
                 self.announce(&user, now, tx);
             }
-            ClusterMsg::PresenceLoaded(q, loaded) => {
+            FromBridge::PresenceLoaded(q, loaded) => {
                 self.on_presence_query(*q, Some(loaded), now, tx)
             }
-            ClusterMsg::NodesGone(nodes) => {
+            FromBridge::NodesGone(nodes) => {
                 let users: Vec<Arc<str>> = self
                     .users
                     .iter_mut()
@@ -542,7 +602,7 @@ impl<O: Outbound> Engine<O> {
                     self.maintain_user(&user, now, tx);
                 }
             }
-            ClusterMsg::Republish => {
+            FromBridge::Republish => {
                 let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
                 for user in users {
                     if let Some(st) = self.users.get_mut(&user) {
@@ -551,7 +611,7 @@ impl<O: Outbound> Engine<O> {
                     self.announce(&user, now, tx);
                 }
             }
-            ClusterMsg::NotificationsKept {
+            FromBridge::NotificationsKept {
                 asker: (conn, protocol, id),
                 error,
             } => {
@@ -561,7 +621,7 @@ impl<O: Outbound> Engine<O> {
                 };
                 self.send_to(conn, protocol, &msg, now, tx);
             }
-            ClusterMsg::Notifications { user, change, .. } => {
+            FromBridge::Notifications { user, change } => {
                 if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
                     // Redis keeps them for when the user connects here.
                     return;
@@ -582,7 +642,7 @@ impl<O: Outbound> Engine<O> {
                 }
                 self.change_notifications(&user, &change, now);
             }
-            ClusterMsg::NotificationsLoaded {
+            FromBridge::NotificationsLoaded {
                 user,
                 notifications,
                 asker,
@@ -593,7 +653,7 @@ impl<O: Outbound> Engine<O> {
                     self.send_to(conn, protocol, &msg, now, tx);
                 }
             }
-            ClusterMsg::ToUser {
+            FromBridge::ToUser {
                 user,
                 msg,
                 except,
@@ -632,20 +692,20 @@ impl<O: Outbound> Engine<O> {
                 self.send_devices(&user, msg.event, except, now, tx);
                 self.maintain_user(&user, now, tx);
             }
-            ClusterMsg::CallReach(op, answer) => {
+            FromBridge::CallReach(op, answer) => {
                 let mut op = *op;
                 if let CallCmd::Create { elsewhere, .. } = &mut op.op {
-                    *elsewhere = Some(answer.unwrap_or(false));
+                    *elsewhere = Some(answer);
                 }
                 self.on_call_op(op, now, tx);
             }
-            ClusterMsg::CallGone(op) => {
+            FromBridge::CallGone(op) => {
                 if !matches!(op.op, CallCmd::PartyGone) {
                     let e = format!("no call `{}`", call_id_str(op.call));
                     self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
                 }
             }
-            ClusterMsg::ChannelQuery {
+            FromBridge::ChannelAnswer {
                 channel,
                 parts,
                 then,
@@ -674,14 +734,14 @@ impl<O: Outbound> Engine<O> {
                     }
                 }
             }
-            ClusterMsg::ChannelPart {
+            FromBridge::PartWanted {
                 channel,
-                part,
+                like,
                 origin,
                 token,
             } => {
-                let part = self.local_part(&channel, part);
-                let msg = ClusterMsg::ChannelPart {
+                let part = self.local_part(&channel, like);
+                let msg = ToBridge::ChannelPart {
                     channel,
                     part,
                     origin,
@@ -689,7 +749,7 @@ impl<O: Outbound> Engine<O> {
                 };
                 self.send_bridge(msg, now, tx);
             }
-            ClusterMsg::ConversationsLoaded {
+            FromBridge::ConversationsLoaded {
                 user,
                 limit,
                 conversations,
@@ -700,28 +760,19 @@ impl<O: Outbound> Engine<O> {
                 let body = AckBody::Conversations(ConversationsAck { conversations });
                 self.send_to(conn, protocol, &ack_of(id, body), now, tx);
             }
-            ClusterMsg::Down => self.cluster_down(now, tx),
-            ClusterMsg::Bans(bans) => {
+            FromBridge::Down => self.cluster_down(now, tx),
+            FromBridge::Unpublished { user, last_seen } => {
+                if let Some(c) = &mut self.cluster {
+                    c.retract.insert(user, last_seen);
+                }
+            }
+            FromBridge::Bans(bans) => {
                 self.bans.clear();
                 self.load_bans(bans, now);
             }
-            ClusterMsg::ModerationFailed(m, e) => {
+            FromBridge::ModerationFailed(m, e) => {
                 self.answer(m.from, &err(m.ack, ErrorCode::Internal, e), now, tx);
             }
-            // Meant for the bridge.
-            ClusterMsg::Attach { .. }
-            | ClusterMsg::Detach { .. }
-            | ClusterMsg::Sequence(_)
-            | ClusterMsg::Relay(_)
-            | ClusterMsg::Moderate(_)
-            | ClusterMsg::FollowUser { .. }
-            | ClusterMsg::UnfollowUser { .. }
-            | ClusterMsg::Presence(_)
-            | ClusterMsg::LoadPresence(_)
-            | ClusterMsg::LoadNotifications { .. }
-            | ClusterMsg::CallTo { .. }
-            | ClusterMsg::Conversation { .. }
-            | ClusterMsg::LoadConversations { .. } => {}
         }
     }
 
@@ -764,7 +815,7 @@ impl<O: Outbound> Engine<O> {
         // nodes that follow it.
         let local_only = self.owned.get(channel).is_some_and(|o| !o.clustered());
         if self.cluster_up() && !local_only {
-            let msg = ClusterMsg::ChannelQuery {
+            let msg = ToBridge::ChannelQuery {
                 channel: channel.clone(),
                 parts: vec![part],
                 then: QueryThen::Reply(reply),
@@ -826,6 +877,22 @@ impl<O: Outbound> Engine<O> {
     /// The cluster is out of reach: this node sequences its channels under
     /// new epochs (a recovery across the gap is refused, not wrong), and
     /// joins that waited for the cluster go on.
+    /// Publishes that the user has nothing on this node any more, whatever
+    /// this node published of them before.
+    fn retract_presence(&mut self, user: Arc<str>, last_seen: u64, now: u64, tx: &mut impl MeshTx) {
+        let Some(node) = self.cluster.as_ref().map(|c| c.node) else {
+            return;
+        };
+        let p = NodePresence {
+            node,
+            seq: self.next_id(),
+            detail_at: 0,
+            view: super::user::offline(&user, last_seen),
+            connected: false,
+        };
+        self.send_bridge(ToBridge::Presence(Box::new(p)), now, tx);
+    }
+
     fn cluster_down(&mut self, now: u64, tx: &mut impl MeshTx) {
         match &mut self.cluster {
             Some(c) if c.up => c.up = false,
@@ -937,7 +1004,7 @@ impl<O: Outbound> Engine<O> {
             self.metrics.cluster_gaps.inc();
             tracing::warn!(%channel, expected = o.offset + 1, got = offset, "events of a channel were lost between Redis and this node; reloading it");
             o.link = Link::Attaching(Vec::new());
-            return self.send_bridge(ClusterMsg::Attach { channel }, now, tx);
+            return self.send_bridge(ToBridge::Attach { channel }, now, tx);
         }
         o.offset = offset;
         o.apply(&msg, now, s);

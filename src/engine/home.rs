@@ -29,8 +29,8 @@ impl<O: Outbound> Engine<O> {
             if up {
                 let user = user.clone();
                 let msg = match wanted {
-                    true => ClusterMsg::FollowUser { user },
-                    false => ClusterMsg::UnfollowUser { user },
+                    true => ToBridge::FollowUser { user },
+                    false => ToBridge::UnfollowUser { user },
                 };
                 self.send_bridge(msg, now, tx);
             }
@@ -40,6 +40,12 @@ impl<O: Outbound> Engine<O> {
         };
         st.shrink();
         if st.is_empty() {
+            // Gone while Redis is out of reach: what it still shows of the
+            // user from this node is retracted when it is back.
+            let (published, last_seen) = (st.published.is_some(), st.last_seen);
+            if let Some(c) = self.cluster.as_mut().filter(|_| published && !up) {
+                c.retract.insert(user.clone(), last_seen);
+            }
             self.users.remove(user);
         } else if st.devices.is_empty() && st.wake.is_none() {
             self.wake_user(user, now + 1);
@@ -70,7 +76,7 @@ impl<O: Outbound> Engine<O> {
             .zip(seq)
             .and_then(|(node, seq)| st.publish(user, now, node, seq))
         {
-            self.send_bridge(ClusterMsg::Presence(Box::new(p)), now, tx);
+            self.send_bridge(ToBridge::Presence(Box::new(p)), now, tx);
         }
         let Some(st) = self.users.get_mut(user) else {
             return;
@@ -173,7 +179,7 @@ impl<O: Outbound> Engine<O> {
                 if first_here && self.cluster_up() {
                     // Notifications made on other nodes meanwhile.
                     let user = user.clone();
-                    let msg = ClusterMsg::LoadNotifications { user, asker: None };
+                    let msg = ToBridge::LoadNotifications { user, asker: None };
                     self.send_bridge(msg, now, tx);
                 }
                 let st = self.users.entry(user.clone()).or_default();
@@ -294,7 +300,7 @@ impl<O: Outbound> Engine<O> {
                     .unwrap_or_default();
                 for (call, node) in remote {
                     let op = gone(call);
-                    self.send_bridge(ClusterMsg::CallTo { node, op }, now, tx);
+                    self.send_bridge(ToBridge::CallTo { node, op }, now, tx);
                 }
                 self.announce(&user, now, tx);
             }
@@ -383,7 +389,7 @@ impl<O: Outbound> Engine<O> {
                 // In a cluster, Redis has every node's.
                 if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
                     let asker = (conn, protocol, ack);
-                    let msg = ClusterMsg::LoadConversations { user, limit, asker };
+                    let msg = ToBridge::LoadConversations { user, limit, asker };
                     return self.send_bridge(msg, now, tx);
                 }
                 let conversations = self.local_conversations(&user, limit);
@@ -400,7 +406,7 @@ impl<O: Outbound> Engine<O> {
                 // this node (the user was not connected here then).
                 if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
                     let asker = Some((conn, protocol, ack));
-                    let msg = ClusterMsg::LoadNotifications { user, asker };
+                    let msg = ToBridge::LoadNotifications { user, asker };
                     return self.send_bridge(msg, now, tx);
                 }
                 let msg = self.pending_notifications(&user, ack, now);
@@ -701,7 +707,7 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         if self.cluster_up() {
-            let msg = ClusterMsg::Conversation {
+            let msg = ToBridge::Conversation {
                 user: user.clone(),
                 peer: peer.clone(),
                 msg: Box::new(msg.clone()),
@@ -802,7 +808,7 @@ impl<O: Outbound> Engine<O> {
         if self.cluster_up() {
             let user = user.clone();
             let asker = from.map(|(c, p)| (c, p, ack));
-            let msg = ClusterMsg::Notifications {
+            let msg = ToBridge::Notifications {
                 user,
                 change,
                 keep,
@@ -895,7 +901,7 @@ impl<O: Outbound> Engine<O> {
             }
         }
         if loaded.is_none() && self.cluster_up() {
-            return self.send_bridge(ClusterMsg::LoadPresence(Box::new(q)), now, tx);
+            return self.send_bridge(ToBridge::LoadPresence(Box::new(q)), now, tx);
         }
         let mut loaded = loaded.unwrap_or_default().into_iter();
         let mut views = Vec::with_capacity(q.users.len());

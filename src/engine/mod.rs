@@ -280,8 +280,10 @@ pub enum MeshMsg {
     /// From a user's home: the user's connections are on this many shards
     /// (each takes that share of the user's rate limits; 0: none here).
     Spread { user: Arc<str>, shards: u16 },
-    /// Between a shard and its node's bridge (cluster mode).
-    Cluster(Box<ClusterMsg>),
+    /// From a shard to its node's bridge (cluster mode).
+    ToBridge(Box<ToBridge>),
+    /// From the bridge to a shard.
+    FromBridge(Box<FromBridge>),
 }
 
 /// A request of the server API. Answers go to `from` (the API thread's
@@ -1276,7 +1278,10 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Spread { user, shards } => self.limiter.set_spread(&user, shards),
             MeshMsg::Admission { conn, refused } => self.on_admission(conn, refused, now, tx),
             MeshMsg::Api(call) => self.on_api(*call, now, tx),
-            MeshMsg::Cluster(m) => self.on_cluster(*m, now, tx),
+            MeshMsg::FromBridge(m) => self.on_cluster(*m, now, tx),
+            MeshMsg::ToBridge(m) => {
+                tracing::debug!(?m, "a shard ignores a message meant for the bridge")
+            }
         }
     }
 
@@ -1347,7 +1352,7 @@ mod api;
 mod calls;
 mod client;
 pub mod cluster;
-pub use cluster::{ChannelPart, ClusterMsg, Incoming, NotificationChange, Outgoing};
+pub use cluster::{ChannelPart, FromBridge, Incoming, NotificationChange, Outgoing, ToBridge};
 pub use moderation::{in_charge, MAX_BAN_MS, MAX_REASON_CHARS};
 mod gather;
 mod home;

@@ -174,7 +174,7 @@ impl<O: Outbound> Engine<O> {
         if let Some(c) = &self.cluster {
             // Every node carries it out when Redis publishes it.
             if c.up {
-                return self.send_bridge(ClusterMsg::Moderate(Box::new(m)), now, tx);
+                return self.send_bridge(ToBridge::Moderate(Box::new(m)), now, tx);
             }
             if !matches!(m.kind, ModKind::Kick) {
                 let msg = err(

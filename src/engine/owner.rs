@@ -29,8 +29,9 @@ impl<O: Outbound> Engine<O> {
                 msg: msg.clone(),
                 except: except.cloned(),
                 reply: None,
+                duplicate: false,
             };
-            self.send_bridge(ClusterMsg::Relay(Box::new(out)), now, tx);
+            self.send_bridge(ToBridge::Relay(Box::new(out)), now, tx);
         }
         self.fan_out_local(channel, msg, 0, except, now, tx);
     }
@@ -86,11 +87,12 @@ impl<O: Outbound> Engine<O> {
                 msg,
                 except: None,
                 reply,
+                duplicate: false,
             };
-            return self.send_bridge(ClusterMsg::Sequence(Box::new(out)), now, tx);
+            return self.send_bridge(ToBridge::Sequence(Box::new(out)), now, tx);
         }
         if let Some(r) = reply {
-            if let Some(ack) = cluster::ack_for(&msg, r.id) {
+            if let Some(ack) = cluster::ack_for(&msg, r.id, false) {
                 self.send_to(r.to, r.protocol, &ack, now, tx);
             }
         }
@@ -250,7 +252,7 @@ impl<O: Outbound> Engine<O> {
                 self.owned.remove(channel);
                 self.metrics.channels.set(self.owned.len() as u64);
                 let channel = channel.clone();
-                return self.send_bridge(ClusterMsg::Detach { channel }, now, tx);
+                return self.send_bridge(ToBridge::Detach { channel }, now, tx);
             }
             _ => return,
         }
@@ -366,7 +368,7 @@ impl<O: Outbound> Engine<O> {
             // Members here or on another node are not notified: the other
             // nodes say who is a member there.
             let part = self.local_part(channel, ChannelPart::Members(Vec::new()));
-            let msg = ClusterMsg::ChannelQuery {
+            let msg = ToBridge::ChannelQuery {
                 channel: channel.clone(),
                 parts: vec![part],
                 then: QueryThen::Mentions(Box::new(message.clone())),

@@ -509,7 +509,7 @@ pub fn merge(local: PresenceView, detail_at: u64, remote: &[NodePresence]) -> Pr
     v
 }
 
-fn offline(user: &str, last_seen: u64) -> PresenceView {
+pub(super) fn offline(user: &str, last_seen: u64) -> PresenceView {
     PresenceView {
         user_id: user.to_string(),
         status: Status::Offline,

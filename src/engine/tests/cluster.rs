@@ -1,121 +1,505 @@
-//! Cluster mode, driven in memory: two nodes of two shards each, and a
-//! stand-in for the bridges and Redis that orders each channel's events the
-//! way the Redis scripts do (an offset per channel, a log, pub/sub to the
-//! nodes that follow the channel), and can be taken down.
+//! Cluster mode, driven in memory: two nodes of two shards each, each with
+//! the real bridge core (`cluster::core`), over a model of Redis that runs
+//! the core's operations as the Lua scripts and commands do (an offset per
+//! channel, a log, nonces, presence and notification hashes, the live
+//! nodes) and delivers what is published to the nodes that follow it. It
+//! can be taken down, cut off from one node, or lose messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::*;
-use crate::cluster::proxy::{Proxies, Remote};
+use crate::cluster::core::{Core, LinkCmd, Settings as CoreSettings};
+use crate::cluster::keys;
+use crate::cluster::ops::{Fault, Op, Reply};
+use crate::cluster::wire::{self, NodeMsg};
 
 #[derive(Default)]
-struct Chan {
-    epoch: String,
-    offset: u64,
-    log: Vec<ServerMessage>,
+pub(super) struct Chan {
+    pub epoch: String,
+    pub offset: u64,
+    /// (offset, archive), oldest first.
+    pub log: Vec<(u64, Vec<u8>)>,
+    pub nonces: HashMap<String, u64>,
 }
 
-/// Redis and the bridges of every node.
+/// Redis, in memory, at the level of the bridge's operations.
 #[derive(Default)]
-struct Cluster {
-    up: bool,
-    channels: HashMap<String, Chan>,
-    /// Per node: the channels it follows.
-    followed: Vec<HashSet<Arc<str>>>,
-    /// Per node: the users it follows.
-    users: Vec<HashSet<Arc<str>>>,
-    /// Nodes whose bridge cannot reach Redis.
-    cut: HashSet<usize>,
-    next_epoch: u64,
-    /// Per user: each node's presence (the `cc:p:{U}` hashes).
-    presence: HashMap<Arc<str>, HashMap<u64, NodePresence>>,
-    /// Per user: the notifications (the `cc:n:{U}` hashes).
-    notifications: HashMap<Arc<str>, Vec<Notification>>,
-    /// Per node: the connections of other nodes its bridge stands in for.
-    proxies: Vec<Proxies>,
-    /// Per user: the conversations (the `cc:c:{U}` hashes), latest first.
-    conversations: HashMap<Arc<str>, Vec<Conversation>>,
+pub(super) struct Redis {
+    pub up: bool,
+    pub channels: HashMap<String, Chan>,
+    pub members: HashMap<String, BTreeMap<String, u32>>,
+    pub presence: HashMap<String, BTreeMap<String, Vec<u8>>>,
+    pub notifications: HashMap<String, BTreeMap<String, String>>,
+    pub conversations: HashMap<String, BTreeMap<String, String>>,
+    pub bans: BTreeMap<String, String>,
+    pub nodes: BTreeMap<String, u64>,
+    pub beat: Option<u64>,
+    pub sets: HashMap<String, HashSet<String>>,
+    /// Per node: what its link follows, and what was published to it.
+    pub subs: Vec<HashSet<String>>,
+    pub inbox: Vec<VecDeque<(String, Vec<u8>)>>,
+    /// Nodes whose link cannot reach Redis.
+    pub cut: HashSet<usize>,
+    /// Drops a published message for a node (`node`, channel, payload)
+    /// while it returns true.
+    #[allow(clippy::type_complexity)]
+    pub lose: Option<Box<dyn FnMut(usize, &str, &[u8]) -> bool>>,
 }
 
-const SHARDS: u16 = 2;
-const BRIDGE: ShardId = SHARDS + 1;
+impl Redis {
+    fn reaches(&self, n: usize) -> bool {
+        self.up && !self.cut.contains(&n)
+    }
 
-fn nodes() -> (Vec<Sim>, Cluster) {
+    fn publish(&mut self, name: &str, payload: Vec<u8>) -> i64 {
+        let mut heard = 0;
+        for k in 0..self.subs.len() {
+            if !self.subs[k].contains(name) || !self.reaches(k) {
+                continue;
+            }
+            heard += 1;
+            if let Some(lose) = &mut self.lose {
+                if lose(k, name, &payload) {
+                    continue;
+                }
+            }
+            self.inbox[k].push_back((name.to_string(), payload.clone()));
+        }
+        heard
+    }
+
+    fn run(&mut self, n: usize, op: Op, now: u64) -> Result<Reply, Fault> {
+        if !self.reaches(n) {
+            return Err(Fault::Lost("Redis is out of reach".into()));
+        }
+        Ok(match op {
+            Op::Subscribe { names, .. } => {
+                self.subs[n].extend(names);
+                Reply::Done
+            }
+            Op::Unsubscribe { names, .. } => {
+                for name in names {
+                    self.subs[n].remove(&name);
+                }
+                Reply::Done
+            }
+            Op::Sequence {
+                channel,
+                fresh_epoch,
+                depth,
+                events,
+                ..
+            } => {
+                let ch = self.channels.entry(channel.to_string()).or_default();
+                if ch.epoch.is_empty() {
+                    *ch = Chan {
+                        epoch: fresh_epoch,
+                        ..Chan::default()
+                    };
+                }
+                let mut results = Vec::new();
+                let mut frames = Vec::new();
+                let mut first = None;
+                for (archive, nonce) in events {
+                    if let Some(&known) =
+                        (!nonce.is_empty()).then(|| ch.nonces.get(&nonce)).flatten()
+                    {
+                        results.push((known, true));
+                        continue;
+                    }
+                    ch.offset += 1;
+                    ch.log.push((ch.offset, archive.clone()));
+                    if ch.log.len() > depth {
+                        ch.log.remove(0);
+                    }
+                    if !nonce.is_empty() {
+                        ch.nonces.insert(nonce, ch.offset);
+                    }
+                    first.get_or_insert(ch.offset);
+                    wire::push_frame(&mut frames, &archive);
+                    results.push((ch.offset, false));
+                }
+                let epoch = ch.epoch.clone();
+                if let Some(first) = first {
+                    let mut payload = format!("{first}:{epoch}:").into_bytes();
+                    payload.extend(frames);
+                    self.publish(&keys::channel(&channel), payload);
+                }
+                Reply::Sequenced { epoch, results }
+            }
+            Op::Load {
+                channel,
+                fresh_epoch,
+                depth,
+                ..
+            } => {
+                let ch = self.channels.entry(channel.to_string()).or_default();
+                if ch.epoch.is_empty() {
+                    *ch = Chan {
+                        epoch: fresh_epoch,
+                        ..Chan::default()
+                    };
+                }
+                let entries = ch.log.iter().rev().take(depth).cloned().collect();
+                let members = self
+                    .members
+                    .get(&*channel)
+                    .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                    .unwrap_or_default();
+                Reply::Loaded {
+                    offset: ch.offset,
+                    epoch: ch.epoch.clone(),
+                    entries,
+                    members,
+                }
+            }
+            Op::Publish { name, payload, .. } => Reply::Count(self.publish(&name, payload)),
+            Op::Members {
+                channel,
+                node,
+                count,
+                payload,
+                ..
+            } => {
+                let name = keys::node_name(node);
+                let m = self.members.entry(channel.to_string()).or_default();
+                let set = self.sets.entry(keys::node_channels(&name)).or_default();
+                if count == 0 {
+                    m.remove(&name);
+                    set.remove(&*channel);
+                } else {
+                    m.insert(name, count);
+                    set.insert(channel.to_string());
+                }
+                self.publish(&keys::channel(&channel), payload);
+                Reply::Done
+            }
+            Op::Presence {
+                user,
+                node,
+                archive,
+                offline,
+                payload,
+                ..
+            } => {
+                let name = keys::node_name(node);
+                let fields = self.presence.entry(user.to_string()).or_default();
+                let set = self.sets.entry(keys::node_users(&name)).or_default();
+                if offline {
+                    fields.remove(&name);
+                    set.remove(&*user);
+                } else {
+                    fields.insert(name, archive);
+                    set.insert(user.to_string());
+                }
+                self.publish(&keys::user(&user), payload);
+                Reply::Done
+            }
+            Op::ReadPresence { users } => Reply::Presences(
+                users
+                    .iter()
+                    .map(|u| {
+                        self.presence
+                            .get(&**u)
+                            .map(|f| f.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+            ),
+            Op::Notifications {
+                user,
+                op,
+                payload,
+                max,
+                args,
+                ..
+            } => {
+                let kept = self.notifications.entry(user.to_string()).or_default();
+                match op {
+                    "clear" => kept.clear(),
+                    "del" => {
+                        for f in &args {
+                            kept.remove(f);
+                        }
+                    }
+                    _ => {
+                        for pair in args.chunks(2) {
+                            if op == "add" || kept.contains_key(&pair[0]) {
+                                kept.insert(pair[0].clone(), pair[1].clone());
+                            }
+                        }
+                        while kept.len() > max {
+                            let oldest = kept.keys().next().cloned().unwrap();
+                            kept.remove(&oldest);
+                        }
+                    }
+                }
+                self.publish(&keys::user(&user), payload);
+                Reply::Done
+            }
+            Op::ReadNotifications { user } => Reply::Strings(
+                self.notifications
+                    .get(&*user)
+                    .map(|k| k.values().cloned().collect())
+                    .unwrap_or_default(),
+            ),
+            Op::Conversation {
+                user,
+                peer,
+                timestamp,
+                json,
+                incoming,
+                ..
+            } => {
+                let convs = self.conversations.entry(user.to_string()).or_default();
+                let unread = match incoming {
+                    true => {
+                        convs
+                            .get(&*peer)
+                            .and_then(|v| v.split(':').next()?.parse::<u32>().ok())
+                            .unwrap_or(0)
+                            + 1
+                    }
+                    false => 0,
+                };
+                convs.insert(peer.to_string(), format!("{unread}:{timestamp}:{json}"));
+                Reply::Done
+            }
+            Op::ReadConversations { user } => Reply::Pairs(
+                self.conversations
+                    .get(&*user)
+                    .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default(),
+            ),
+            Op::Moderate {
+                field,
+                op,
+                json,
+                payload,
+            } => {
+                match op {
+                    "ban" => {
+                        self.bans.insert(field, json);
+                    }
+                    "unban" => {
+                        self.bans.remove(&field);
+                    }
+                    _ => {}
+                }
+                self.publish(keys::MODERATION, payload);
+                Reply::Done
+            }
+            Op::ReadBans => Reply::Pairs(
+                self.bans
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            Op::DropBans { fields } => {
+                for f in fields {
+                    self.bans.remove(&f);
+                }
+                Reply::Done
+            }
+            Op::Heartbeat { node, silent_ms } => {
+                let last = self.beat.unwrap_or(now);
+                self.beat = Some(now);
+                if now.saturating_sub(last) > silent_ms {
+                    for t in self.nodes.values_mut() {
+                        *t = now;
+                    }
+                }
+                let new = self.nodes.insert(keys::node_name(node), now).is_none();
+                let removed: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, t)| now.saturating_sub(**t) >= silent_ms)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for r in &removed {
+                    self.nodes.remove(r);
+                }
+                let live = self.nodes.keys().cloned().collect();
+                Reply::Beat { new, removed, live }
+            }
+            Op::ForgetNode { node } => {
+                self.forget(node);
+                Reply::Done
+            }
+            Op::Leave { node } => {
+                self.nodes.remove(&keys::node_name(node));
+                self.forget(node);
+                Reply::Done
+            }
+        })
+    }
+
+    /// Removes a node's parts and tells every node (`forget_node`).
+    pub fn forget(&mut self, node: u64) {
+        let name = keys::node_name(node);
+        for fields in self.presence.values_mut() {
+            fields.remove(&name);
+        }
+        for m in self.members.values_mut() {
+            m.remove(&name);
+        }
+        self.sets.remove(&keys::node_users(&name));
+        self.sets.remove(&keys::node_channels(&name));
+        self.publish(keys::GONE, wire::payload(&[NodeMsg::Gone(node)]));
+    }
+}
+
+/// Redis, and the bridge cores of every node.
+pub(super) struct Cluster {
+    pub redis: Redis,
+    pub cores: Vec<Core>,
+    /// The cores' clock (ms): it moves when a test lets time pass.
+    pub clock: u64,
+}
+
+impl Cluster {
+    /// The channels node `n` follows.
+    pub fn followed(&self, n: usize) -> HashSet<String> {
+        self.redis.subs[n]
+            .iter()
+            .filter_map(|s| keys::channel_of(s).map(str::to_string))
+            .collect()
+    }
+
+    /// The users node `n` follows.
+    pub fn users(&self, n: usize) -> HashSet<String> {
+        self.redis.subs[n]
+            .iter()
+            .filter_map(|s| keys::user_of(s).map(str::to_string))
+            .collect()
+    }
+}
+
+pub(super) const SHARDS: u16 = 2;
+pub(super) const BRIDGE: ShardId = SHARDS + 1;
+
+pub(super) fn settings() -> CoreSettings {
+    CoreSettings {
+        history_size: 1000,
+        history_ttl_ms: 86_400_000,
+        max_notifications: 100,
+        notification_ttl_ms: 604_800_000,
+        max_conversations: 100,
+        node_timeout_ms: 30_000,
+        redis_cluster: false,
+    }
+}
+
+pub(super) fn nodes() -> (Vec<Sim>, Cluster) {
+    nodes_with(2, unlimited())
+}
+
+pub(super) fn nodes_with(count: usize, engine: Settings) -> (Vec<Sim>, Cluster) {
     let mut sims = Vec::new();
-    for n in 0..2u64 {
-        let mut sim = Sim::new(SHARDS);
+    let mut cores = Vec::new();
+    for n in 0..count as u64 {
+        let mut sim = Sim::with(SHARDS, engine.clone());
         sim.mesh.0.push(VecDeque::new()); // the bridge's queue
         for e in &mut sim.shards {
             e.set_cluster(BRIDGE, n + 1);
         }
         sims.push(sim);
+        let metrics = Arc::new(crate::metrics::ClusterMetrics::default());
+        cores.push(Core::new(
+            n + 1,
+            SHARDS as usize,
+            settings(),
+            metrics,
+            99 + n,
+        ));
     }
     let mut c = Cluster {
-        followed: vec![HashSet::new(), HashSet::new()],
-        users: vec![HashSet::new(), HashSet::new()],
-        proxies: vec![Proxies::new(BRIDGE), Proxies::new(BRIDGE)],
-        ..Default::default()
+        redis: Redis {
+            up: true,
+            subs: vec![HashSet::new(); count],
+            inbox: vec![VecDeque::new(); count],
+            ..Redis::default()
+        },
+        cores,
+        clock: 1_000,
     };
-    set_up(&mut sims, &mut c, true);
+    pump(&mut sims, &mut c);
     (sims, c)
 }
 
-fn to_owner(sim: &mut Sim, channel: &str, msg: ClusterMsg) {
-    let owner = owner_of(channel, SHARDS) as usize;
-    sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(msg)));
-}
-
-/// Cuts one node off Redis, or joins it again.
-fn set_node(sims: &mut [Sim], c: &mut Cluster, n: usize, up: bool) {
+/// Cuts one node off Redis, or lets it reach Redis again.
+pub(super) fn set_node(sims: &mut [Sim], c: &mut Cluster, n: usize, up: bool) {
     if up {
-        c.cut.remove(&n);
+        c.redis.cut.remove(&n);
+        c.clock += 10_000;
     } else {
-        c.cut.insert(n);
-    }
-    c.followed[n].clear();
-    for s in 0..SHARDS as usize {
-        let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
-        sims[n].mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+        c.redis.cut.insert(n);
+        let now = c.clock;
+        c.cores[n].lost("cut off", now);
+        c.redis.subs[n].clear();
+        c.redis.inbox[n].clear();
     }
     pump(sims, c);
 }
 
-fn set_up(sims: &mut [Sim], c: &mut Cluster, up: bool) {
-    c.up = up;
-    for (n, sim) in sims.iter_mut().enumerate() {
-        c.followed[n].clear();
-        for s in 0..SHARDS as usize {
-            let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
-            sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
+/// Takes Redis down for every node, or brings it back.
+pub(super) fn set_up(sims: &mut [Sim], c: &mut Cluster, up: bool) {
+    c.redis.up = up;
+    if up {
+        c.clock += 10_000;
+    } else {
+        let now = c.clock;
+        for n in 0..c.cores.len() {
+            c.cores[n].lost("Redis went away", now);
+            c.redis.subs[n].clear();
+            c.redis.inbox[n].clear();
         }
     }
     pump(sims, c);
 }
 
-/// Runs every node and the cluster until nothing moves. `lose` drops the
-/// pub/sub copies of sequenced events for node 1 while it returns true.
-fn pump_losing(sims: &mut [Sim], c: &mut Cluster, lose: &mut dyn FnMut(u64) -> bool) {
+/// Runs every node, its bridge core and Redis until nothing moves.
+pub(super) fn pump(sims: &mut [Sim], c: &mut Cluster) {
     loop {
         for sim in sims.iter_mut() {
             sim.settle();
         }
         let mut moved = false;
-        for n in 0..sims.len() {
-            while let Some(m) = sims[n].mesh.0[BRIDGE as usize].pop_front() {
+        let now = c.clock;
+        for (n, sim) in sims.iter_mut().enumerate() {
+            let core = &mut c.cores[n];
+            core.tick(now);
+            while let Some(cmd) = core.poll_link() {
                 moved = true;
-                match m {
-                    MeshMsg::Cluster(m) => bridge(sims, c, n, *m, lose),
-                    // Frames for connections of the other node.
-                    MeshMsg::ToConn { conn, frame } => pass_frame(sims, c, n, conn, frame),
-                    MeshMsg::ToConns(t) => {
-                        for conn in t.conns {
-                            let r = c.proxies[n].get(conn).expect("a stand-in");
-                            let frame = t.frames.get(r.protocol).unwrap().clone();
-                            pass_frame(sims, c, n, conn, frame);
-                        }
+                match cmd {
+                    LinkCmd::Connect { base } if c.redis.reaches(n) => {
+                        c.redis.subs[n] = base.into_iter().map(|(name, _)| name).collect();
+                        core.connected(now);
                     }
-                    _ => {}
+                    LinkCmd::Connect { .. } => core.connect_failed("out of reach", now),
+                    LinkCmd::Drop => {
+                        c.redis.subs[n].clear();
+                        c.redis.inbox[n].clear();
+                    }
                 }
+            }
+            while let Some(m) = sim.mesh.0[BRIDGE as usize].pop_front() {
+                moved = true;
+                core.from_shard(m, now);
+            }
+            core.flush(now);
+            while let Some((id, op)) = core.poll_op() {
+                moved = true;
+                let r = c.redis.run(n, op, now);
+                core.answered(id, r, now);
+            }
+            while let Some((name, payload)) = c.redis.inbox[n].pop_front() {
+                moved = true;
+                core.pushed(&name, &payload, now);
+            }
+            while let Some((to, msg)) = core.poll_mesh() {
+                moved = true;
+                sim.mesh.0[to as usize].push_back(msg);
             }
         }
         if !moved {
@@ -124,371 +508,53 @@ fn pump_losing(sims: &mut [Sim], c: &mut Cluster, lose: &mut dyn FnMut(u64) -> b
     }
 }
 
-fn pump(sims: &mut [Sim], c: &mut Cluster) {
-    pump_losing(sims, c, &mut |_| false);
-}
-
-fn pass_frame(sims: &mut [Sim], c: &Cluster, n: usize, conn: ConnId, frame: Bytes) {
-    let r = c.proxies[n].get(conn).expect("a stand-in");
-    let to = r.node as usize - 1;
-    let msg = MeshMsg::ToConn {
-        conn: r.conn.conn,
-        frame,
-    };
-    sims[to].mesh.0[r.conn.shard as usize].push_back(msg);
-}
-
-fn bridge(
-    sims: &mut [Sim],
-    c: &mut Cluster,
-    n: usize,
-    m: ClusterMsg,
-    lose: &mut dyn FnMut(u64) -> bool,
-) {
-    if !c.up || c.cut.contains(&n) {
-        if let ClusterMsg::Notifications {
-            asker: Some(asker), ..
-        } = m
-        {
-            let to = asker.0.shard as usize;
-            let m = ClusterMsg::NotificationsKept { asker, error: None };
-            sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            return;
+/// One round of every bridge, taking at most `max` of its shards'
+/// messages: what Redis answers and publishes goes back, but the shards do
+/// not run (the random sequences interleave this with them).
+pub(super) fn bridge_round(sims: &mut [Sim], c: &mut Cluster, max: usize) {
+    let now = c.clock;
+    for (n, sim) in sims.iter_mut().enumerate() {
+        let core = &mut c.cores[n];
+        core.tick(now);
+        while let Some(cmd) = core.poll_link() {
+            match cmd {
+                LinkCmd::Connect { base } if c.redis.reaches(n) => {
+                    c.redis.subs[n] = base.into_iter().map(|(name, _)| name).collect();
+                    core.connected(now);
+                }
+                LinkCmd::Connect { .. } => core.connect_failed("out of reach", now),
+                LinkCmd::Drop => {
+                    c.redis.subs[n].clear();
+                    c.redis.inbox[n].clear();
+                }
+            }
         }
-        if let ClusterMsg::LoadConversations { user, limit, asker } = m {
-            let home = home_of(&user, SHARDS) as usize;
-            let m = ClusterMsg::ConversationsLoaded {
-                user,
-                limit,
-                conversations: None,
-                asker,
+        for _ in 0..max {
+            let Some(m) = sim.mesh.0[BRIDGE as usize].pop_front() else {
+                break;
             };
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-            return;
+            core.from_shard(m, now);
         }
-        if let ClusterMsg::ChannelQuery { channel, .. } = &m {
-            let owner = owner_of(channel, SHARDS) as usize;
-            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-            return;
+        core.flush(now);
+        while let Some((id, op)) = core.poll_op() {
+            let r = c.redis.run(n, op, now);
+            core.answered(id, r, now);
         }
-        if let ClusterMsg::LoadNotifications { user, asker } = m {
-            let home = home_of(&user, SHARDS) as usize;
-            let m = ClusterMsg::NotificationsLoaded {
-                user,
-                notifications: Vec::new(),
-                asker,
-            };
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-            return;
+        while let Some((name, payload)) = c.redis.inbox[n].pop_front() {
+            core.pushed(&name, &payload, now);
         }
-        if let ClusterMsg::LoadPresence(q) = m {
-            // Answered with this node's presence only.
-            let home = home_of(&q.users[0], SHARDS) as usize;
-            let loaded = vec![Vec::new(); q.users.len()];
-            let m = ClusterMsg::PresenceLoaded(q, loaded);
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-            return;
+        while let Some((to, msg)) = core.poll_mesh() {
+            sim.mesh.0[to as usize].push_back(msg);
         }
-        if let ClusterMsg::Sequence(out) = m {
-            // As the bridge does: the shards hear of it before the event
-            // comes back to be sequenced.
-            for s in 0..SHARDS as usize {
-                let down = MeshMsg::Cluster(Box::new(ClusterMsg::Down));
-                sims[n].mesh.0[s].push_back(down);
-            }
-            let ch = out.channel.clone();
-            to_owner(&mut sims[n], &ch, ClusterMsg::Unsequenced(out));
-        }
-        return;
-    }
-    match m {
-        ClusterMsg::Attach { channel } => {
-            c.followed[n].insert(channel.clone());
-            c.next_epoch += 1;
-            let fresh = format!("e{}", c.next_epoch);
-            let ch = c.channels.entry(channel.to_string()).or_default();
-            if ch.epoch.is_empty() {
-                ch.epoch = fresh;
-            }
-            let msg = ClusterMsg::Attached {
-                channel: channel.clone(),
-                epoch: ch.epoch.as_str().into(),
-                offset: ch.offset,
-                entries: ch.log.clone(),
-            };
-            to_owner(&mut sims[n], &channel, msg);
-        }
-        ClusterMsg::Detach { channel } => {
-            c.followed[n].remove(&channel);
-        }
-        ClusterMsg::Sequence(mut out) => {
-            c.next_epoch += 1;
-            let fresh = format!("e{}", c.next_epoch);
-            let ch = c.channels.entry(out.channel.to_string()).or_default();
-            if ch.epoch.is_empty() {
-                ch.epoch = fresh;
-            }
-            ch.offset += 1;
-            let (offset, epoch) = (ch.offset, ch.epoch.clone());
-            super::super::cluster::set_offset(&mut out.msg, &epoch, offset);
-            ch.log.push(out.msg.clone());
-            for (k, sim) in sims.iter_mut().enumerate() {
-                if !c.followed[k].contains(&out.channel)
-                    || (k == 1 && lose(offset))
-                    || c.cut.contains(&k)
-                {
-                    continue;
-                }
-                let inc = Incoming {
-                    channel: out.channel.clone(),
-                    offset,
-                    epoch: epoch.as_str().into(),
-                    origin: n as u64 + 1,
-                    except: None,
-                    msg: out.msg.clone(),
-                };
-                to_owner(sim, &out.channel, ClusterMsg::Event(Box::new(inc)));
-            }
-            let ch = out.channel.clone();
-            to_owner(&mut sims[n], &ch, ClusterMsg::Sequenced(out));
-        }
-        ClusterMsg::FollowUser { user } => {
-            c.users[n].insert(user.clone());
-            // Subscribed, then the others' presence read.
-            let views = others(c, &user, n);
-            if !views.is_empty() {
-                let to = home_of(&user, SHARDS) as usize;
-                let m = ClusterMsg::Presences { user, views };
-                sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-        ClusterMsg::Presence(p) => {
-            let user: Arc<str> = p.view.user_id.as_str().into();
-            let views = c.presence.entry(user.clone()).or_default();
-            if p.view.status == Status::Offline && !p.connected {
-                views.remove(&p.node);
-            } else {
-                views.insert(p.node, (*p).clone());
-            }
-            for (k, sim) in sims.iter_mut().enumerate() {
-                if k == n || !c.users[k].contains(&user) {
-                    continue;
-                }
-                let to = home_of(&user, SHARDS) as usize;
-                let m = ClusterMsg::Presences {
-                    user: user.clone(),
-                    views: vec![(*p).clone()],
-                };
-                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-        ClusterMsg::ChannelQuery {
-            channel,
-            mut parts,
-            then,
-        } => {
-            let owner = owner_of(&channel, SHARDS) as usize;
-            let kind = parts[0].empty();
-            for (k, sim) in sims.iter().enumerate() {
-                if k != n && c.followed[k].contains(&channel) {
-                    parts.push(sim.shards[owner].local_part(&channel, kind.clone()));
-                }
-            }
-            let m = ClusterMsg::ChannelQuery {
-                channel,
-                parts,
-                then,
-            };
-            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-        ClusterMsg::Conversation {
-            user,
-            peer,
-            msg,
-            incoming,
-        } => {
-            let convs = c.conversations.entry(user).or_default();
-            let unread = convs
-                .iter()
-                .position(|x| x.user_id == *peer)
-                .map_or(0, |i| convs.remove(i).unread);
-            convs.insert(
-                0,
-                Conversation {
-                    user_id: peer.to_string(),
-                    last_message: *msg,
-                    unread: if incoming { unread + 1 } else { 0 },
-                },
-            );
-        }
-        ClusterMsg::LoadConversations { user, limit, asker } => {
-            let home = home_of(&user, SHARDS) as usize;
-            let mut conversations = c.conversations.get(&user).cloned().unwrap_or_default();
-            conversations.truncate(limit);
-            let m = ClusterMsg::ConversationsLoaded {
-                user,
-                limit,
-                conversations: Some(conversations),
-                asker,
-            };
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-        ClusterMsg::CallReach(op, _) => {
-            let CallCmd::Create { callee, .. } = &op.op else {
-                unreachable!("only new calls are checked")
-            };
-            let online = others(c, callee, n)
-                .iter()
-                .any(|p| p.connected || p.view.status != Status::Offline);
-            let owner = (op.call >> 48) as usize;
-            let m = ClusterMsg::CallReach(op, Some(online));
-            sims[n].mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-        ClusterMsg::CallTo { node, mut op } => {
-            let k = node as usize - 1;
-            op.from = op.from.map(|(conn, protocol)| {
-                let r = Remote {
-                    node: n as u64 + 1,
-                    conn,
-                    protocol,
-                };
-                (c.proxies[k].stand_in(r), protocol)
-            });
-            let holder = (op.call >> 48) as usize;
-            sims[k].mesh.0[holder].push_back(MeshMsg::CallOp(op));
-        }
-        ClusterMsg::LoadNotifications { user, asker } => {
-            let home = home_of(&user, SHARDS) as usize;
-            let notifications = c.notifications.get(&user).cloned().unwrap_or_default();
-            let m = ClusterMsg::NotificationsLoaded {
-                user,
-                notifications,
-                asker,
-            };
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-        ClusterMsg::Notifications {
-            user,
-            change,
-            keep,
-            asker,
-        } => {
-            if let Some(asker) = asker {
-                let to = asker.0.shard as usize;
-                let m = ClusterMsg::NotificationsKept { asker, error: None };
-                sims[n].mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-            let kept = c.notifications.entry(user.clone()).or_default();
-            match &change {
-                NotificationChange::New(x) => kept.push(x.clone()),
-                NotificationChange::Read(_) => {
-                    for k in kept.iter_mut() {
-                        if let Some(r) =
-                            keep.iter().find(|r| r.notification_id == k.notification_id)
-                        {
-                            *k = r.clone();
-                        }
-                    }
-                }
-                NotificationChange::Clear(id) => kept.retain(|k| k.notification_id != *id),
-                NotificationChange::ClearAll => kept.clear(),
-            }
-            for (k, sim) in sims.iter_mut().enumerate() {
-                if k == n || !c.users[k].contains(&user) {
-                    continue;
-                }
-                let to = home_of(&user, SHARDS) as usize;
-                let m = ClusterMsg::Notifications {
-                    user: user.clone(),
-                    change: change.clone(),
-                    keep: Vec::new(),
-                    asker: None,
-                };
-                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-        ClusterMsg::LoadPresence(q) => {
-            let loaded = q.users.iter().map(|u| others(c, u, n)).collect();
-            let home = home_of(&q.users[0], SHARDS) as usize;
-            let m = ClusterMsg::PresenceLoaded(q, loaded);
-            sims[n].mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-        ClusterMsg::UnfollowUser { user } => {
-            c.users[n].remove(&user);
-        }
-        ClusterMsg::ToUser {
-            user, msg, except, ..
-        } => {
-            let skip = except.and_then(|e| c.proxies[n].get(e.conn));
-            for (k, sim) in sims.iter_mut().enumerate() {
-                if k == n || !c.users[k].contains(&user) {
-                    continue;
-                }
-                let to = home_of(&user, SHARDS) as usize;
-                let m = ClusterMsg::ToUser {
-                    user: user.clone(),
-                    msg: msg.clone(),
-                    except: skip.filter(|r| r.node == k as u64 + 1).map(|r| r.conn),
-                    origin: n as u64 + 1,
-                };
-                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-        ClusterMsg::Moderate(m) => {
-            for (k, sim) in sims.iter_mut().enumerate() {
-                let mut m = (*m).clone();
-                if k != n {
-                    m.from = None;
-                    m.ack = None;
-                }
-                let to = sim.shards[0].in_charge_of(&m) as usize;
-                sim.mesh.0[to].push_back(MeshMsg::Moderate(Arc::new(m)));
-            }
-        }
-        ClusterMsg::Relay(out) => {
-            for (k, sim) in sims.iter_mut().enumerate() {
-                if !c.followed[k].contains(&out.channel) {
-                    continue;
-                }
-                let inc = Incoming {
-                    channel: out.channel.clone(),
-                    offset: 0,
-                    epoch: "".into(),
-                    origin: n as u64 + 1,
-                    except: out.except.clone(),
-                    msg: out.msg.clone(),
-                };
-                to_owner(sim, &out.channel, ClusterMsg::Event(Box::new(inc)));
-            }
-        }
-        _ => {}
     }
 }
 
-/// Other nodes' presence of a user, as Redis holds it.
-fn others(c: &Cluster, user: &str, n: usize) -> Vec<NodePresence> {
-    c.presence.get(user).map_or(Vec::new(), |v| {
-        v.values()
-            .filter(|p| p.node != n as u64 + 1)
-            .cloned()
-            .collect()
-    })
-}
-
-/// Node `n` dies: Redis forgets its presence and the others hear of it.
-fn node_dies(sims: &mut [Sim], c: &mut Cluster, n: usize) {
-    c.cut.insert(n);
-    for views in c.presence.values_mut() {
-        views.remove(&(n as u64 + 1));
-    }
-    for (k, sim) in sims.iter_mut().enumerate() {
-        if k != n {
-            for s in 0..SHARDS as usize {
-                let m = ClusterMsg::NodesGone(vec![n as u64 + 1]);
-                sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-    }
+/// Node `n` dies: it is cut off, and the node that finds it silent
+/// removes its parts from Redis and tells the others.
+pub(super) fn node_dies(sims: &mut [Sim], c: &mut Cluster, n: usize) {
+    c.redis.cut.insert(n);
+    c.redis.subs[n].clear();
+    c.redis.forget(n as u64 + 1);
     pump(sims, c);
 }
 
@@ -554,7 +620,7 @@ fn nodes_share_one_order_history_and_recovery() {
         assert_eq!(seen[s.offset as usize - 1].1, format!("a{i}"));
     }
     // A third connection on node 1 recovers from offset 2 of the epoch.
-    let epoch = c.channels["general"].epoch.clone();
+    let epoch = c.redis.channels["general"].epoch.clone();
     let (d, rd) = sims[1].connect(0, "dave", Protocol::Json);
     sims[1].send(
         d,
@@ -590,10 +656,13 @@ fn lost_events_are_reloaded_and_delivered() {
     pump(&mut sims, &mut c);
     rb.take();
     // Node 1 misses offsets 2 and 3; offset 4 shows the gap.
-    let mut lose = |offset: u64| offset == 2 || offset == 3;
+    c.redis.lose = Some(Box::new(|node, name, payload| {
+        let offset = wire::read_payload(payload).map_or(0, |p| p.offset);
+        node == 1 && name == keys::channel("general") && (offset == 2 || offset == 3)
+    }));
     for i in 1..=4 {
         sims[0].publish(a, "general", &format!("m{i}"));
-        pump_losing(&mut sims, &mut c, &mut lose);
+        pump(&mut sims, &mut c);
     }
     let got = contents(&rb.take());
     assert_eq!(
@@ -620,19 +689,37 @@ fn without_the_cluster_a_node_goes_on_alone_and_comes_back() {
     pump(&mut sims, &mut c);
     publish(&mut sims, &mut c, 0, a, "together");
     assert_eq!(contents(&rb.take())[0].1, "together");
-    // A publish in flight when Redis goes away is sequenced by its owner.
-    sims[0].publish(a, "general", "in flight");
-    c.up = false;
+    // A publish sent to Redis when Redis goes away may still be published
+    // by Redis: its sender is told so, and it is not sequenced here too.
+    let sim = &mut sims[0];
+    sim.shards[0].handle(
+        a.conn,
+        ClientMessage {
+            id: Some(40),
+            event: ClientEvent::MessageSend(MessageSend::new("general", "in flight")),
+        },
+        sim.now,
+        &mut sim.mesh,
+    );
+    c.redis.up = false;
     pump(&mut sims, &mut c);
+    let got = ra.take();
+    assert_eq!(error_code(&got, 40), ErrorCode::Internal, "{got:?}");
     set_up(&mut sims, &mut c, false);
-    publish(&mut sims, &mut c, 0, a, "alone");
+    // Redis out of reach: sequenced here, and acked.
+    sims[0].send(
+        a,
+        Some(41),
+        ClientEvent::MessageSend(MessageSend::new("general", "alone")),
+    );
+    pump(&mut sims, &mut c);
     let here = contents(&ra2.take());
     assert_eq!(
         here.iter().map(|m| m.1.as_str()).collect::<Vec<_>>(),
-        ["together", "in flight", "alone"]
+        ["together", "alone"]
     );
     let acks = ra.take();
-    assert!(acks.iter().any(|m| matches!(&m.event, ServerEvent::Ack(_))));
+    assert!(matches!(ack_body(&acks, 41), AckBody::Send(_)));
     assert!(rb.take().is_empty(), "node 1 hears nothing while apart");
     // A join while apart is answered at once, under the node's own epoch.
     let (d, rd) = sims[0].connect(0, "dave", Protocol::Json);
@@ -641,7 +728,7 @@ fn without_the_cluster_a_node_goes_on_alone_and_comes_back() {
     let AckBody::Join(j) = ack_body(&rd.take(), 1) else {
         panic!("no join ack");
     };
-    assert_ne!(*j.epoch, *c.channels["general"].epoch);
+    assert_ne!(*j.epoch, *c.redis.channels["general"].epoch);
     // Back together: both nodes follow the channel again.
     set_up(&mut sims, &mut c, true);
     publish(&mut sims, &mut c, 1, b, "again");
@@ -655,7 +742,7 @@ fn a_node_without_members_stops_following_a_channel() {
     let (a, _ra) = sims[0].connect(0, "alice", Protocol::Json);
     sims[0].join(a, "general");
     pump(&mut sims, &mut c);
-    assert!(c.followed[0].contains("general"));
+    assert!(c.followed(0).contains("general"));
     sims[0].send(
         a,
         Some(3),
@@ -664,9 +751,9 @@ fn a_node_without_members_stops_following_a_channel() {
         }),
     );
     pump(&mut sims, &mut c);
-    assert!(!c.followed[0].contains("general"));
+    assert!(!c.followed(0).contains("general"));
     // The history stays in the cluster for whoever comes next.
-    assert_eq!(c.channels["general"].offset, 0);
+    assert_eq!(c.redis.channels["general"].offset, 0);
 }
 
 #[test]
@@ -717,25 +804,6 @@ fn kicks_and_bans_reach_every_node_and_wait_for_the_cluster() {
     assert_eq!(error_code(&rroot.take(), 3), ErrorCode::Internal);
     assert!(sims[0].shards[0].server_ban("pest", sims[0].now).is_none());
     // Coming back, the bridge hands every shard the cluster's bans.
-    let m = Moderation {
-        kind: ModKind::Ban { until: None },
-        user: "troll".into(),
-        channel: None,
-        reason: None,
-        by: "root".into(),
-        at: 1,
-        from: None,
-        ack: None,
-    };
-    for sim in sims.iter_mut() {
-        for e in sim.shards.iter_mut() {
-            e.handle_mesh(
-                MeshMsg::Cluster(Box::new(ClusterMsg::Bans(vec![m.clone()]))),
-                sim.now,
-                &mut sim.mesh,
-            );
-        }
-    }
     set_up(&mut sims, &mut c, true);
     assert!(sims[1].shards[0].server_ban("troll", sims[1].now).is_some());
     assert_eq!(sims[1].shards[0].ban_count(), 1);
@@ -775,8 +843,8 @@ fn direct_messages_reach_a_users_connections_on_every_node() {
     let (_a2, ra2) = sims[1].connect(0, "alice", Protocol::Json);
     let (_b, rb) = sims[1].connect(1, "bob", Protocol::Json);
     pump(&mut sims, &mut c);
-    assert!(c.users[0].contains("alice") && c.users[1].contains("alice"));
-    assert!(c.users[1].contains("bob") && !c.users[0].contains("bob"));
+    assert!(c.users(0).contains("alice") && c.users(1).contains("alice"));
+    assert!(c.users(1).contains("bob") && !c.users(0).contains("bob"));
     sims[0].send(
         a,
         Some(4),
@@ -867,7 +935,7 @@ fn presence_adds_up_over_nodes_and_a_dead_node_goes_offline() {
     );
     pump(&mut sims, &mut c);
     rw.take();
-    assert!(c.users[0].contains("dana"), "a watched user is followed");
+    assert!(c.users(0).contains("dana"), "a watched user is followed");
     // Dana on node 1: the watcher on node 0 sees her.
     let (d1, _) = sims[1].connect_device(1, "dana", Protocol::Json, Web);
     pump(&mut sims, &mut c);
@@ -912,13 +980,13 @@ fn presence_adds_up_over_nodes_and_a_dead_node_goes_offline() {
     sims[0].advance(60_000);
     pump(&mut sims, &mut c);
     assert_eq!(presences(&rw.take()), [(Status::Offline, vec![], None)]);
-    assert!(c.presence.get("dana").is_none_or(|v| v.is_empty()));
+    assert!(c.redis.presence.get("dana").is_none_or(|v| v.is_empty()));
     // The watcher leaves: nothing is followed any more.
     sims[0].close(w);
     pump(&mut sims, &mut c);
     sims[0].advance(60_000);
     pump(&mut sims, &mut c);
-    assert!(c.users[0].is_empty(), "{:?}", c.users[0]);
+    assert!(c.users(0).is_empty(), "{:?}", c.users(0));
     // Once the resume window is over, nothing is left.
     sims[0].advance(200_000);
     pump(&mut sims, &mut c);

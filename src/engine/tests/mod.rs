@@ -2049,14 +2049,23 @@ mod chat_sequences {
         Advance {
             ms: u32,
         },
-        /// Cluster mode: the stand-in for the bridge and Redis takes up to
-        /// `n` of the shards' messages.
+        /// Cluster mode: one round of every bridge, taking up to `n` of
+        /// its shards' messages.
         Bridge {
             n: u8,
         },
         /// Cluster mode: Redis becomes reachable, or not.
         Redis {
             up: bool,
+        },
+        /// Cluster mode: one node cut off from Redis, or back.
+        Cut {
+            node: usize,
+            up: bool,
+        },
+        /// Cluster mode: one node dies (once per run).
+        Die {
+            node: usize,
         },
         /// Every queue, the bridge's included, until nothing moves.
         Settle,
@@ -2258,209 +2267,82 @@ mod chat_sequences {
             6 => what(),
         ];
         prop_oneof![
-            2 => (0u16..3, 0..USERS, any::<bool>())
+            2 => (0u16..4, 0..USERS, any::<bool>())
                 .prop_map(|(shard, user, binary)| Op::Connect { shard, user, binary }),
             1 => (0usize..6).prop_map(|conn| Op::Close { conn }),
             10 => ((0usize..6), busy).prop_map(|(conn, what)| Op::Event { conn, what }),
-            3 => (0u16..3, 1u8..10).prop_map(|(shard, n)| Op::Step { shard, n }),
+            3 => (0u16..4, 1u8..10).prop_map(|(shard, n)| Op::Step { shard, n }),
             1 => (0u32..40_000).prop_map(|ms| Op::Advance { ms }),
             3 => (1u8..20).prop_map(|n| Op::Bridge { n }),
             2 => Just(Op::Settle),
             1 => any::<bool>().prop_map(|up| Op::Redis { up }),
+            1 => (0usize..2, any::<bool>()).prop_map(|(node, up)| Op::Cut { node, up }),
+            1 => (0usize..2).prop_map(|node| Op::Die { node }),
         ]
     }
 
-    const BRIDGE: usize = 4;
-
-    /// One node's bridge and Redis, as the cluster tests model them: an
-    /// offset and a short log per channel, pub/sub back to this node.
-    #[derive(Default)]
-    struct Solo {
-        up: bool,
-        channels: HashMap<String, (String, u64, Vec<ServerMessage>)>,
-        followed: std::collections::HashSet<Arc<str>>,
-        epochs: u64,
+    /// The nodes of a run: one node of three shards, or two nodes of two
+    /// shards each with their bridge cores over the in-memory Redis of the
+    /// cluster tests.
+    struct World {
+        sims: Vec<Sim>,
+        cluster: Option<super::cluster::Cluster>,
+        /// A node that died: its connections are gone with it.
+        dead: Option<usize>,
     }
 
-    impl Solo {
-        fn to_owner(sim: &mut Sim, channel: &str, m: ClusterMsg) {
-            let owner = owner_of(channel, 3) as usize;
-            sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-        }
-
-        fn set(&mut self, sim: &mut Sim, up: bool) {
-            self.up = up;
-            self.followed.clear();
-            for s in 0..3 {
-                let m = if up { ClusterMsg::Up } else { ClusterMsg::Down };
-                sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(m)));
-            }
-        }
-
-        fn take(&mut self, sim: &mut Sim, n: usize) -> bool {
-            let mut moved = false;
-            for _ in 0..n {
-                // Without cluster mode there is no bridge.
-                let Some(m) = sim.mesh.0.get_mut(BRIDGE).and_then(|q| q.pop_front()) else {
-                    break;
+    impl World {
+        fn new(settings: Settings, cluster: bool) -> World {
+            if !cluster {
+                let sims = vec![Sim::with(3, settings)];
+                return World {
+                    sims,
+                    cluster: None,
+                    dead: None,
                 };
-                moved = true;
-                let MeshMsg::Cluster(m) = m else { continue };
-                self.handle(sim, *m);
             }
-            moved
-        }
-
-        fn handle(&mut self, sim: &mut Sim, m: ClusterMsg) {
-            // One node: Redis keeps notifications, up or down.
-            if let ClusterMsg::Notifications {
-                asker: Some(asker), ..
-            } = m
-            {
-                let to = asker.0.shard as usize;
-                let m = ClusterMsg::NotificationsKept { asker, error: None };
-                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            // One node: its own conversations are all there are.
-            if let ClusterMsg::LoadConversations { user, limit, asker } = m {
-                let home = home_of(&user, 3) as usize;
-                let m = ClusterMsg::ConversationsLoaded {
-                    user,
-                    limit,
-                    conversations: None,
-                    asker,
-                };
-                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            // One node: no other node's part of a channel's state.
-            if let ClusterMsg::ChannelQuery { channel, .. } = &m {
-                let owner = owner_of(channel, 3) as usize;
-                sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            // One node: no callee elsewhere, no call held elsewhere.
-            if let ClusterMsg::CallReach(op, _) = m {
-                let owner = (op.call >> 48) as usize;
-                let m = ClusterMsg::CallReach(op, Some(false));
-                sim.mesh.0[owner].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            if let ClusterMsg::CallTo { op, .. } = m {
-                let to = op.from.map_or(0, |(c, _)| c.shard as usize);
-                let m = ClusterMsg::CallGone(op);
-                sim.mesh.0[to].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            if let ClusterMsg::LoadNotifications { user, asker } = m {
-                // One node: nothing made elsewhere, up or down.
-                let home = home_of(&user, 3) as usize;
-                let m = ClusterMsg::NotificationsLoaded {
-                    user,
-                    notifications: Vec::new(),
-                    asker,
-                };
-                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            if let ClusterMsg::LoadPresence(q) = m {
-                // One node: no other node's presence to read, up or down.
-                let home = q.users.first().map_or(0, |u| home_of(u, 3) as usize);
-                let loaded = vec![Vec::new(); q.users.len()];
-                let m = ClusterMsg::PresenceLoaded(q, loaded);
-                sim.mesh.0[home].push_back(MeshMsg::Cluster(Box::new(m)));
-                return;
-            }
-            if !self.up {
-                match m {
-                    ClusterMsg::Sequence(out) => {
-                        for s in 0..3 {
-                            sim.mesh.0[s].push_back(MeshMsg::Cluster(Box::new(ClusterMsg::Down)));
-                        }
-                        let ch = out.channel.clone();
-                        Self::to_owner(sim, &ch, ClusterMsg::Unsequenced(out));
-                    }
-                    ClusterMsg::Moderate(m) => {
-                        let why = "down".to_string();
-                        sim.mesh.0[0].push_back(MeshMsg::Cluster(Box::new(
-                            ClusterMsg::ModerationFailed(m, why),
-                        )));
-                    }
-                    _ => {}
-                }
-                return;
-            }
-            match m {
-                ClusterMsg::Attach { channel } => {
-                    self.followed.insert(channel.clone());
-                    self.epochs += 1;
-                    let fresh = format!("c{}", self.epochs);
-                    let (epoch, offset, log) = self
-                        .channels
-                        .entry(channel.to_string())
-                        .or_insert((fresh, 0, Vec::new()));
-                    let m = ClusterMsg::Attached {
-                        channel: channel.clone(),
-                        epoch: epoch.as_str().into(),
-                        offset: *offset,
-                        entries: log.clone(),
-                    };
-                    Self::to_owner(sim, &channel, m);
-                }
-                ClusterMsg::Detach { channel } => {
-                    self.followed.remove(&channel);
-                }
-                ClusterMsg::Sequence(mut out) => {
-                    self.epochs += 1;
-                    let fresh = format!("c{}", self.epochs);
-                    let (epoch, offset, log) = self
-                        .channels
-                        .entry(out.channel.to_string())
-                        .or_insert((fresh, 0, Vec::new()));
-                    *offset += 1;
-                    super::super::cluster::set_offset(&mut out.msg, epoch, *offset);
-                    log.push(out.msg.clone());
-                    if log.len() > 5 {
-                        log.remove(0);
-                    }
-                    let (epoch, offset) = (epoch.clone(), *offset);
-                    let ch = out.channel.clone();
-                    if self.followed.contains(&ch) {
-                        let inc = Incoming {
-                            channel: ch.clone(),
-                            offset,
-                            epoch: epoch.as_str().into(),
-                            origin: 1,
-                            except: None,
-                            msg: out.msg.clone(),
-                        };
-                        Self::to_owner(sim, &ch, ClusterMsg::Event(Box::new(inc)));
-                    }
-                    if out.reply.is_some() {
-                        Self::to_owner(sim, &ch, ClusterMsg::Sequenced(out));
-                    }
-                }
-                ClusterMsg::Moderate(m) => {
-                    let to = sim.shards[0].in_charge_of(&m) as usize;
-                    sim.mesh.0[to].push_back(MeshMsg::Moderate(Arc::new(*m)));
-                }
-                _ => {}
+            let (sims, c) = super::cluster::nodes_with(2, settings);
+            World {
+                sims,
+                cluster: Some(c),
+                dead: None,
             }
         }
 
-        /// Shards and bridge until nothing moves.
-        fn pump(&mut self, sim: &mut Sim) {
-            loop {
-                sim.settle();
-                if !self.take(sim, usize::MAX) {
-                    return;
+        /// The node and shard a random shard number stands for.
+        fn place(&self, shard: u16) -> (usize, u16) {
+            let nodes = self.sims.len() as u16;
+            let n = (shard % nodes) as usize;
+            (n, (shard / nodes) % self.sims[n].shards.len() as u16)
+        }
+
+        fn alive(&self, n: usize) -> bool {
+            self.dead != Some(n)
+        }
+
+        /// Every shard of every node, and the bridges, until nothing moves.
+        fn pump(&mut self) {
+            match &mut self.cluster {
+                Some(c) => super::cluster::pump(&mut self.sims, c),
+                None => self.sims[0].settle(),
+            }
+        }
+
+        fn advance(&mut self, ms: u64) {
+            for sim in &mut self.sims {
+                sim.now += ms;
+                for s in 0..sim.shards.len() {
+                    sim.shards[s].tick(sim.now, &mut sim.mesh);
                 }
+            }
+            if let Some(c) = &mut self.cluster {
+                c.clock += ms;
             }
         }
     }
 
     struct Client {
+        node: usize,
         at: ConnRef,
         rec: Recorder,
         open: bool,
@@ -2470,7 +2352,7 @@ mod chat_sequences {
     }
 
     fn epoch(sim: &Sim, ch: &str) -> String {
-        let owner = owner_of(ch, 3) as usize;
+        let owner = owner_of(ch, sim.shards.len() as u16) as usize;
         sim.shards[owner]
             .owned
             .get(ch)
@@ -2644,21 +2526,21 @@ mod chat_sequences {
         fn every_request_is_answered_once_and_nothing_is_left_behind(
             ops in proptest::collection::vec(op(), 1..150)
         ) {
-            run(ops, None)?;
+            run(ops, false)?;
         }
 
-        /// The same in cluster mode (Redis reachable at first), with Redis
-        /// coming and going.
+        /// The same on two nodes of a cluster, with Redis coming and going,
+        /// a node cut off and back, or dying.
         #[test]
         fn in_a_cluster_too(
             ops in proptest::collection::vec(cluster_op(), 1..150),
         ) {
-            run(ops, Some(true))?;
+            run(ops, true)?;
         }
     }
 
-    /// Runs `ops`; `cluster`: in cluster mode, Redis reachable at first or not.
-    fn run(ops: Vec<Op>, cluster: Option<bool>) -> Result<(), TestCaseError> {
+    /// Runs `ops`, on one node or on two nodes of a cluster.
+    fn run(ops: Vec<Op>, cluster: bool) -> Result<(), TestCaseError> {
         {
             let settings = Settings {
                 max_channels_per_connection: 2,
@@ -2672,15 +2554,7 @@ mod chat_sequences {
                 max_subscriptions: 3,
                 ..Settings::default()
             };
-            let mut sim = Sim::with(3, settings);
-            let mut solo = Solo::default();
-            if let Some(up) = cluster {
-                sim.mesh.0.push(VecDeque::new());
-                for e in &mut sim.shards {
-                    e.set_cluster(BRIDGE as ShardId, 1);
-                }
-                solo.set(&mut sim, up);
-            }
+            let mut w = World::new(settings, cluster);
             let mut clients: Vec<Client> = Vec::new();
             let mut calls: Vec<String> = Vec::new();
             let mut next_id = 1u64;
@@ -2716,6 +2590,10 @@ mod chat_sequences {
                         user,
                         binary,
                     } => {
+                        let (node, shard) = w.place(shard);
+                        if !w.alive(node) {
+                            continue;
+                        }
                         let p = if binary {
                             Protocol::Binary
                         } else {
@@ -2726,6 +2604,7 @@ mod chat_sequences {
                             roles,
                             grants: None,
                         };
+                        let sim = &mut w.sims[node];
                         let (at, rec) = sim.connect_with(
                             shard,
                             &format!("u{user}"),
@@ -2738,6 +2617,7 @@ mod chat_sequences {
                             .conn(at.conn)
                             .map_or(String::new(), |c| c.member.session.to_string());
                         clients.push(Client {
+                            node,
                             at,
                             rec,
                             open: true,
@@ -2751,13 +2631,14 @@ mod chat_sequences {
                             continue;
                         };
                         c.open = false;
+                        let sim = &mut w.sims[c.node];
                         sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
                     }
                     Op::Event { conn, what } => {
                         if !clients.get(conn).is_some_and(|c| c.open) {
                             continue;
                         }
-                        let event = event(&sim, &what, &calls, &clients);
+                        let event = event(&w.sims[clients[conn].node], &what, &calls, &clients);
                         let c = &mut clients[conn];
                         c.sent.push(next_id);
                         let msg = ClientMessage {
@@ -2765,6 +2646,7 @@ mod chat_sequences {
                             event,
                         };
                         next_id += 1;
+                        let sim = &mut w.sims[c.node];
                         sim.shards[c.at.shard as usize].handle(
                             c.at.conn,
                             msg,
@@ -2773,6 +2655,11 @@ mod chat_sequences {
                         );
                     }
                     Op::Step { shard, n } => {
+                        let (node, shard) = w.place(shard);
+                        if !w.alive(node) {
+                            continue;
+                        }
+                        let sim = &mut w.sims[node];
                         for _ in 0..n {
                             let Some(m) = sim.mesh.0[shard as usize].pop_front() else {
                                 break;
@@ -2780,27 +2667,52 @@ mod chat_sequences {
                             sim.shards[shard as usize].handle_mesh(m, sim.now, &mut sim.mesh);
                         }
                     }
-                    Op::Advance { ms } => {
-                        sim.now += ms as u64;
-                        for s in 0..3 {
-                            sim.shards[s].tick(sim.now, &mut sim.mesh);
-                        }
-                    }
+                    Op::Advance { ms } => w.advance(ms as u64),
                     Op::Bridge { n } => {
-                        if cluster.is_some() {
-                            solo.take(&mut sim, n as usize);
+                        if let Some(c) = &mut w.cluster {
+                            super::cluster::bridge_round(&mut w.sims, c, n as usize);
                         }
                     }
                     Op::Redis { up } => {
-                        if cluster.is_some() && up != solo.up {
-                            solo.set(&mut sim, up);
+                        if let Some(c) = &mut w.cluster {
+                            if up != c.redis.up {
+                                super::cluster::set_up(&mut w.sims, c, up);
+                            }
                         }
                     }
-                    Op::Settle => solo.pump(&mut sim),
+                    Op::Cut { node, up } => {
+                        let Some(c) = &mut w.cluster else { continue };
+                        if w.dead != Some(node) && up == c.redis.cut.contains(&node) {
+                            super::cluster::set_node(&mut w.sims, c, node, up);
+                        }
+                    }
+                    Op::Die { node } => {
+                        let Some(c) = &mut w.cluster else { continue };
+                        if w.dead.is_some() {
+                            continue;
+                        }
+                        w.dead = Some(node);
+                        for cl in clients.iter_mut().filter(|cl| cl.node == node) {
+                            cl.open = false;
+                        }
+                        super::cluster::node_dies(&mut w.sims, c, node);
+                    }
+                    Op::Settle => w.pump(),
                 }
                 collect(&mut clients, &mut calls);
             }
-            solo.pump(&mut sim);
+            // The cluster comes back whole: Redis up, no node cut off.
+            if let Some(c) = &mut w.cluster {
+                if !c.redis.up {
+                    super::cluster::set_up(&mut w.sims, c, true);
+                }
+                for n in 0..2 {
+                    if w.dead != Some(n) && c.redis.cut.contains(&n) {
+                        super::cluster::set_node(&mut w.sims, c, n, true);
+                    }
+                }
+            }
+            w.pump();
             collect(&mut clients, &mut calls);
             for c in clients.iter().filter(|c| c.open) {
                 let mut answers = c.answers.clone();
@@ -2810,43 +2722,85 @@ mod chat_sequences {
             // Everyone leaves and every window passes: nothing is left.
             for c in clients.iter_mut().filter(|c| c.open) {
                 c.open = false;
+                let sim = &mut w.sims[c.node];
                 sim.shards[c.at.shard as usize].close(c.at.conn, sim.now, &mut sim.mesh);
             }
-            solo.pump(&mut sim);
+            w.pump();
             for _ in 0..3 {
-                sim.advance(100_000);
-                solo.pump(&mut sim);
+                w.advance(100_000);
+                w.pump();
             }
-            for (i, s) in sim.shards.iter().enumerate() {
-                prop_assert_eq!(s.connections(), 0, "shard {}", i);
-                prop_assert!(
-                    s.local.is_empty(),
-                    "shard {} local {:?}",
-                    i,
-                    s.local.keys().collect::<Vec<_>>()
-                );
-                prop_assert!(
-                    s.owned.is_empty(),
-                    "shard {} owned {:?}",
-                    i,
-                    s.owned.keys().collect::<Vec<_>>()
-                );
-                prop_assert!(
-                    s.users.is_empty(),
-                    "shard {} users {:?}",
-                    i,
-                    s.users.keys().collect::<Vec<_>>()
-                );
-                prop_assert!(s.calls.is_empty(), "shard {} calls", i);
-                prop_assert!(s.gathers.is_empty(), "shard {} gathers", i);
-                prop_assert!(s.timers.is_empty(), "shard {} timers {}", i, s.timers.len());
-                prop_assert!(s.bans.is_empty(), "shard {} bans {}", i, s.bans.len());
-                prop_assert_eq!(s.stats().online_users, 0, "shard {}", i);
-                prop_assert!(
-                    s.limiter.buckets.is_empty() && s.limiter.spread.is_empty(),
-                    "shard {} limiter",
-                    i
-                );
+            for (n, sim) in w.sims.iter().enumerate() {
+                if !w.alive(n) {
+                    continue;
+                }
+                for (i, s) in sim.shards.iter().enumerate() {
+                    prop_assert_eq!(s.connections(), 0, "node {} shard {}", n, i);
+                    prop_assert!(
+                        s.local.is_empty(),
+                        "node {} shard {} local {:?}",
+                        n,
+                        i,
+                        s.local.keys().collect::<Vec<_>>()
+                    );
+                    prop_assert!(
+                        s.owned.is_empty(),
+                        "node {} shard {} owned {:?}",
+                        n,
+                        i,
+                        s.owned.keys().collect::<Vec<_>>()
+                    );
+                    prop_assert!(
+                        s.users.is_empty(),
+                        "node {} shard {} users {:?}",
+                        n,
+                        i,
+                        s.users.keys().collect::<Vec<_>>()
+                    );
+                    prop_assert!(s.calls.is_empty(), "node {} shard {} calls", n, i);
+                    prop_assert!(s.gathers.is_empty(), "node {} shard {} gathers", n, i);
+                    prop_assert!(
+                        s.timers.is_empty(),
+                        "node {} shard {} timers {}",
+                        n,
+                        i,
+                        s.timers.len()
+                    );
+                    // In a cluster, bans are kept in Redis until they end.
+                    if w.cluster.is_none() {
+                        prop_assert!(s.bans.is_empty(), "shard {} bans {}", i, s.bans.len());
+                    }
+                    prop_assert_eq!(s.stats().online_users, 0, "node {} shard {}", n, i);
+                    prop_assert!(
+                        s.limiter.buckets.is_empty() && s.limiter.spread.is_empty(),
+                        "node {} shard {} limiter",
+                        n,
+                        i
+                    );
+                }
+            }
+            if let Some(c) = &w.cluster {
+                for n in (0..2).filter(|n| w.alive(*n)) {
+                    prop_assert!(c.cores[n].is_idle(), "node {} bridge busy", n);
+                    prop_assert!(
+                        c.followed(n).is_empty(),
+                        "node {} follows {:?}",
+                        n,
+                        c.followed(n)
+                    );
+                    prop_assert!(c.users(n).is_empty(), "node {} follows {:?}", n, c.users(n));
+                }
+                for (user, fields) in &c.redis.presence {
+                    prop_assert!(
+                        fields.is_empty(),
+                        "presence of {} left: {:?}",
+                        user,
+                        fields.keys()
+                    );
+                }
+                for (channel, m) in &c.redis.members {
+                    prop_assert!(m.is_empty(), "members of {} left: {:?}", channel, m);
+                }
             }
         }
         Ok(())
