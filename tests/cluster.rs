@@ -334,27 +334,54 @@ async fn without_redis_local_delivery_goes_on_and_the_cluster_comes_back() {
     let _redis = Redis::start_on(port);
     wait_cluster(&a, 1);
     wait_cluster(&b, 1);
-    // The channels are followed again once their owners re-attach them.
+    // The channels are followed again once their owners re-attach them;
+    // what node a sequenced alone is handed over to node b then.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let last = loop {
+    let mut seen: Vec<String> = Vec::new();
+    let mut sent = 0;
+    while !seen.iter().any(|m| m.starts_with("after")) {
         alice
             .ok(
                 "message:send",
-                json!({"channelId": "ops", "content": "after"}),
+                json!({"channelId": "ops", "content": format!("after{sent}")}),
             )
             .await;
-        let v = tokio::time::timeout(Duration::from_millis(500), bob.event("message:new")).await;
-        if let Ok(v) = v {
-            if v["d"]["content"] == "after" {
-                break v;
-            }
+        sent += 1;
+        while let Ok(v) =
+            tokio::time::timeout(Duration::from_millis(300), bob.event("message:new")).await
+        {
+            seen.push(v["d"]["content"].as_str().unwrap().to_string());
         }
         assert!(
             Instant::now() < deadline,
             "cross-node delivery did not resume:\n{}",
             a.log()
         );
+    }
+    // A last one, after which nothing else is on its way.
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "ops", "content": "sync"}),
+        )
+        .await;
+    let last = loop {
+        let v = bob.event("message:new").await;
+        if v["d"]["content"] == "sync" {
+            break v;
+        }
+        seen.push(v["d"]["content"].as_str().unwrap().to_string());
     };
+    let alone: Vec<&String> = seen.iter().filter(|m| m.starts_with("alone")).collect();
+    assert_eq!(
+        alone,
+        (0..5)
+            .map(|i| format!("alone{i}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .collect::<Vec<_>>(),
+        "handed over once each, in order: {seen:?}"
+    );
     assert!(a.metric("corecast_cluster_reconnects_total") >= 1);
     // Bob drops, misses three messages, and recovers them exactly through
     // the other node (from the history in the restarted Redis).
@@ -1359,11 +1386,223 @@ async fn members_typing_and_voice_participants_add_up_over_nodes() {
         .ok("typing:get_active", json!({"channelId": "general"}))
         .await;
     assert_eq!(t["userIds"], json!(["bob"]));
-    // A voice channel with a participant on node b only.
+    // A voice channel with a participant on node b only (node b follows
+    // the new channel right after the join).
     bob.ok("voice:join", json!({"channelId": "lounge"})).await;
-    let v = alice
-        .ok("voice:get_participants", json!({"channelId": "lounge"}))
-        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let v = alice
+            .ok("voice:get_participants", json!({"channelId": "lounge"}))
+            .await;
+        if v["participants"] != json!([]) || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(v["participants"][0]["userId"], "bob", "{v}");
     assert_eq!(v["participants"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_session_dropped_on_one_node_resumes_on_the_other_once() {
+    let (_redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    alice.ok("channel:join", json!({"channelId": "news"})).await;
+    bob.ok("channel:join", json!({"channelId": "news"})).await;
+    bob.ok(
+        "message:send",
+        json!({"channelId": "news", "content": "m1"}),
+    )
+    .await;
+    assert_eq!(messages(&mut alice, 1).await, [(1, "m1".to_string())]);
+    let session = alice.session();
+    // Her connection drops; the load balancer sends her back to node b.
+    drop(alice);
+    for i in 2..=3 {
+        bob.ok(
+            "message:send",
+            json!({"channelId": "news", "content": format!("m{i}")}),
+        )
+        .await;
+    }
+    let resume = json!({"sessionId": session, "positions": []});
+    let mut again = Peer::on(&b, "alice", 0, "").await;
+    // (The drop reaches node a's home and Redis right after the close.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let v = again.request("session:resume", resume.clone()).await;
+        if v["t"] == "ack" || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(r["t"], "ack", "{r}");
+    assert_eq!(r["d"]["channels"][0]["channelId"], "news", "{r}");
+    assert_eq!(r["d"]["channels"][0]["recovered"], true, "{r}");
+    assert_eq!(
+        messages(&mut again, 2).await,
+        [(2, "m2".to_string()), (3, "m3".to_string())]
+    );
+    bob.ok(
+        "message:send",
+        json!({"channelId": "news", "content": "m4"}),
+    )
+    .await;
+    assert_eq!(messages(&mut again, 1).await, [(4, "m4".to_string())]);
+    // Once: neither node resumes it again.
+    for s in [&a, &b] {
+        let mut third = Peer::on(s, "alice", 1, "").await;
+        assert_eq!(
+            third.refused("session:resume", resume.clone()).await,
+            "not_found"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_join_ack_counts_the_members_of_every_node() {
+    let (redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    let mut carol = Peer::on(&a, "carol", 1, "").await;
+    let j = alice.ok("channel:join", json!({"channelId": "room"})).await;
+    assert_eq!(j["members"], 1);
+    let j = bob.ok("channel:join", json!({"channelId": "room"})).await;
+    assert_eq!(j["members"], 2, "{j}");
+    // Node b's count reaches node a through Redis right after bob's join.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let j = carol.ok("channel:join", json!({"channelId": "room"})).await;
+        if j["members"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node b's member never counted: {j}"
+        );
+        carol
+            .ok("channel:leave", json!({"channelId": "room"}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis_cli(&redis, &["HLEN", "cc:{room}:members"]),
+        "2",
+        "one field per node"
+    );
+    // Everyone leaves: Redis keeps no count.
+    for p in [&mut alice, &mut bob, &mut carol] {
+        p.ok("channel:leave", json!({"channelId": "room"})).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_cli(&redis, &["EXISTS", "cc:{room}:members"]) != "0" {
+        assert!(Instant::now() < deadline, "counts left in Redis");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn read_receipts_and_one_voice_channel_hold_across_nodes() {
+    let (_redis, a, b) = two_nodes();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    let mut dora = Peer::on(&b, "dora", 0, "").await;
+    for p in [&mut alice, &mut bob, &mut dora] {
+        p.ok("channel:join", json!({"channelId": "room"})).await;
+    }
+    let sent = alice
+        .ok(
+            "message:send",
+            json!({"channelId": "room", "content": "read me"}),
+        )
+        .await;
+    let id = sent["messageId"].as_str().unwrap().to_string();
+    for p in [&mut bob, &mut dora] {
+        p.event("message:new").await;
+        p.ok(
+            "message:mark_read",
+            json!({"channelId": "room", "messageId": id}),
+        )
+        .await;
+    }
+    let r = alice
+        .ok(
+            "message:get_read_receipts",
+            json!({"channelId": "room", "messageId": id}),
+        )
+        .await;
+    let mut readers: Vec<&str> = r["readers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["userId"].as_str().unwrap())
+        .collect();
+    readers.sort();
+    assert_eq!(readers, ["bob", "dora"], "{r}");
+    // Bob in a voice channel on node b, then in another on node a: out of
+    // the first.
+    let mut bob_a = Peer::on(&a, "bob", 1, "").await;
+    bob.ok("voice:join", json!({"channelId": "lounge"})).await;
+    bob_a.ok("voice:join", json!({"channelId": "den"})).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = alice
+            .ok("voice:get_participants", json!({"channelId": "lounge"}))
+            .await;
+        if v["participants"] == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob still in lounge: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = alice
+        .ok("voice:get_participants", json!({"channelId": "den"}))
+        .await;
+    assert_eq!(v["participants"][0]["userId"], "bob", "{v}");
+    assert_eq!(bob.refused("voice:leave", json!({})).await, "not_found");
+}
+
+#[tokio::test]
+async fn members_hear_of_a_kick_once_whichever_nodes_hold_the_user() {
+    use corecast::auth::Claims;
+    let (_redis, a, b) = two_nodes();
+    let admin = token_with(
+        &Claims::new("root", exp_in(600))
+            .channels(["*"])
+            .roles(["admin"]),
+    );
+    let mut root = Peer::with_token(&a, &admin, 0, "").await;
+    let mut troll_a = Peer::on(&a, "troll", 1, "").await;
+    let mut troll_b = Peer::on(&b, "troll", 0, "").await;
+    let mut wa = Peer::on(&a, "wendy", 0, "").await;
+    let mut wb = Peer::on(&b, "walt", 1, "").await;
+    for p in [&mut troll_a, &mut troll_b, &mut wa, &mut wb] {
+        p.ok("channel:join", json!({"channelId": "room"})).await;
+    }
+    root.ok(
+        "moderation:kick_user",
+        json!({"userId": "troll", "channelId": "room"}),
+    )
+    .await;
+    // Then a marker: everything about the kick came before it.
+    for p in [&mut troll_a, &mut troll_b] {
+        p.event("moderation:kicked").await;
+    }
+    wa.ok(
+        "message:send",
+        json!({"channelId": "room", "content": "marker"}),
+    )
+    .await;
+    // (A second copy relayed late would come within moments.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for p in [&mut wa, &mut wb] {
+        let mut events = p.events_until("message:new").await;
+        events.extend(p.drain().await);
+        let kicks = events
+            .iter()
+            .filter(|v| v["t"] == "moderation:user_kicked")
+            .count();
+        assert_eq!(kicks, 1, "{events:?}");
+    }
 }

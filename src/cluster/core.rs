@@ -51,7 +51,7 @@ use crate::engine::{
 };
 use crate::logs::Throttle;
 use crate::metrics::ClusterMetrics;
-use crate::protocol::{Conversation, Notification, Protocol, ServerMessage, Status};
+use crate::protocol::{Conversation, Notification, Protocol, Status};
 
 /// Reconnection backoff, from the first wait to the last (ms), doubling.
 const BACKOFF_MS: (u64, u64) = (100, 5_000);
@@ -153,6 +153,15 @@ enum Pending {
         user: Arc<str>,
         last_seen: u64,
     },
+    /// A dropped session taken out of Redis, for the connection resuming
+    /// it (none: it was here).
+    SessionTaken(Option<(ConnRef, u64)>),
+    /// This node's connections in a channel, kept: a count of 0 is then
+    /// forgotten.
+    MembersKept {
+        channel: Arc<str>,
+        count: u32,
+    },
     /// Users just followed: their presence, for their homes.
     Followed(Vec<Arc<str>>),
     PresenceLoaded(Box<PresenceQuery>),
@@ -231,9 +240,14 @@ pub struct Core {
     then_read: Vec<Arc<str>>,
     unsubscribe: HashSet<String>,
     frames: Vec<(u64, Vec<NodeMsg>)>,
-    to_users: Vec<(Arc<str>, Vec<NodeMsg>)>,
+    to_users: HashMap<Arc<str>, Vec<NodeMsg>>,
     followed: HashMap<Arc<str>, Follow>,
     users: HashSet<Arc<str>>,
+    /// This node's connections per channel as the shards last said, and
+    /// the channels whose count Redis has yet to get (all of them again
+    /// after a reconnection).
+    member_counts: HashMap<Arc<str>, u32>,
+    members_dirty: HashSet<Arc<str>>,
     live: HashSet<u64>,
     /// Nodes taken for gone, and since when (their presence is not read).
     gone: HashMap<u64, u64>,
@@ -286,9 +300,11 @@ impl Core {
             then_read: Vec::new(),
             unsubscribe: HashSet::new(),
             frames: Vec::new(),
-            to_users: Vec::new(),
+            to_users: HashMap::new(),
             followed: HashMap::new(),
             users: HashSet::new(),
+            member_counts: HashMap::new(),
+            members_dirty: HashSet::new(),
             live: HashSet::new(),
             gone: HashMap::new(),
             proxies: Proxies::new(me),
@@ -565,6 +581,9 @@ impl Core {
         self.next_beat = self.now + self.s.node_timeout_ms / 4;
         self.tell_all(|| FromBridge::Bans(bans.clone()));
         self.tell_all(|| FromBridge::Up);
+        // Redis may have lost them (restarted empty), or kept ones that
+        // changed meanwhile.
+        self.members_dirty = self.member_counts.keys().cloned().collect();
     }
 
     /// Time passed: operations unanswered too long drop the link, queries
@@ -626,8 +645,15 @@ impl Core {
     pub fn from_shard(&mut self, msg: MeshMsg, now: u64) {
         self.now = now;
         match msg {
-            MeshMsg::ToBridge(m) if self.is_up() => self.handle(*m),
-            MeshMsg::ToBridge(m) => self.refuse(*m),
+            MeshMsg::ToBridge(m) => match *m {
+                // Kept whether Redis is there or not: sent when it is.
+                ToBridge::Members { channel, count } => {
+                    self.member_counts.insert(channel.clone(), count);
+                    self.members_dirty.insert(channel);
+                }
+                m if self.is_up() => self.handle(m),
+                m => self.refuse(m),
+            },
             MeshMsg::ToConn { conn, frame } => self.frame_for(conn, frame),
             MeshMsg::ToConns(t) => {
                 for conn in t.conns {
@@ -677,6 +703,7 @@ impl Core {
 
     fn handle(&mut self, m: ToBridge) {
         match m {
+            ToBridge::Members { .. } => unreachable!("kept in from_shard"),
             ToBridge::Attach { channel } => match self.followed.get(&channel) {
                 Some(Follow::Following) => self.load(channel),
                 Some(Follow::Subscribing) => {}
@@ -713,6 +740,7 @@ impl Core {
                 let msg = NodeMsg::Event {
                     origin: self.id,
                     except: out.except.as_deref().map(str::to_string),
+                    once: out.once,
                     msg: out.msg,
                 };
                 self.batch(&out.channel).push(Item::Relay(msg));
@@ -745,10 +773,42 @@ impl Core {
                     skip,
                     msg,
                 };
-                match self.to_users.iter_mut().find(|(u, _)| *u == user) {
-                    Some((_, v)) => v.push(msg),
-                    None => self.to_users.push((user, vec![msg])),
-                }
+                self.to_users.entry(user).or_default().push(msg);
+            }
+            ToBridge::KeepSession {
+                user,
+                session,
+                points,
+                ttl_ms,
+            } => {
+                let points: Vec<(&str, u64, &str)> =
+                    points.iter().map(|(c, o, e)| (&**c, *o, &**e)).collect();
+                let op = Op::KeepSession {
+                    user,
+                    session: session.to_string(),
+                    points: serde_json::to_string(&points).expect("plain data serializes"),
+                    ttl_ms,
+                };
+                self.op(op, Pending::Kept);
+            }
+            ToBridge::TakeSession {
+                user,
+                session,
+                asker,
+            } => {
+                let op = Op::TakeSession {
+                    user,
+                    session: session.to_string(),
+                };
+                self.op(op, Pending::SessionTaken(asker));
+            }
+            ToBridge::VoiceJoined { user, channel, at } => {
+                let msg = NodeMsg::VoiceJoined {
+                    origin: self.id,
+                    channel: channel.to_string(),
+                    at,
+                };
+                self.to_users.entry(user).or_default().push(msg);
             }
             ToBridge::Presence(p) => {
                 let offline = p.view.status == Status::Offline && !p.connected;
@@ -964,6 +1024,20 @@ impl Core {
                 self.send(to, FromBridge::ModerationFailed(m, why));
             }
             ToBridge::LoadPresence(q) => self.presence_loaded(q, Vec::new()),
+            ToBridge::TakeSession {
+                asker: Some((conn, gather)),
+                ..
+            } => {
+                let points = None;
+                self.send(
+                    conn.shard,
+                    FromBridge::SessionTaken {
+                        conn,
+                        gather,
+                        points,
+                    },
+                );
+            }
             ToBridge::Presence(p) => {
                 let user: Arc<str> = p.view.user_id.as_str().into();
                 self.unpublished(user, p.view.last_seen);
@@ -1074,6 +1148,23 @@ impl Core {
                 Pending::Followed(users),
             );
         }
+        for channel in std::mem::take(&mut self.members_dirty) {
+            let Some(&count) = self.member_counts.get(&channel) else {
+                continue;
+            };
+            let payload = wire::payload(&[NodeMsg::Members {
+                node: self.id,
+                count,
+            }]);
+            let op = Op::Members {
+                channel: channel.clone(),
+                node: self.id,
+                count,
+                sharded: self.s.redis_cluster,
+                payload,
+            };
+            self.op(op, Pending::MembersKept { channel, count });
+        }
         if !self.unsubscribe.is_empty() {
             let names = self.unsubscribe.drain().collect();
             let sharded = self.s.redis_cluster;
@@ -1126,12 +1217,16 @@ impl Core {
         let events = outs
             .iter()
             .map(|o| {
+                // A handed-over message has no origin: the node that made
+                // it notified its mentions when it sequenced it alone.
+                let origin = if o.handed_over.is_some() { 0 } else { self.id };
                 let msg = NodeMsg::Event {
-                    origin: self.id,
+                    origin,
                     except: None,
+                    once: None,
                     msg: o.msg.clone(),
                 };
-                (wire::encode(&msg), nonce_key(&o.msg))
+                (wire::encode(&msg), nonce_key(o))
             })
             .collect();
         self.metrics.sent.add(outs.len() as u64);
@@ -1195,7 +1290,7 @@ impl Core {
             }
             (Pending::Sequenced { outs }, Ok(Reply::Sequenced { epoch, results })) => {
                 for (mut out, (offset, dup)) in outs.into_iter().zip(results) {
-                    if out.reply.is_none() {
+                    if out.reply.is_none() && out.handed_over.is_none() {
                         continue;
                     }
                     set_offset(&mut out.msg, &epoch, offset);
@@ -1232,7 +1327,7 @@ impl Core {
                     offset,
                     epoch,
                     entries,
-                    ..
+                    members,
                 }),
             ) => {
                 if !self.followed.contains_key(&channel) {
@@ -1249,20 +1344,35 @@ impl Core {
                         Ok(_) | Err(_) => self.unreadable("a stored event"),
                     }
                 }
+                let members = members
+                    .iter()
+                    .filter_map(|(node, n)| Some((keys::parse_node(node)?, *n)))
+                    .filter(|(node, n)| *node != self.id && *n > 0)
+                    .collect();
                 let owner = self.owner(&channel);
                 let msg = FromBridge::Attached {
                     channel,
                     epoch: epoch.into(),
                     offset,
                     entries: events,
+                    members,
                 };
                 self.send(owner, msg);
             }
             (Pending::Loaded { channel }, Err(f)) => {
-                // Followed, not loaded: the owner stays attaching and asks
-                // again after the next `Up`.
-                self.followed.remove(&channel);
+                // Not loaded. Link lost: the owner hears `Down`, and asks
+                // again after the next `Up`. Refused (a full Redis): the
+                // owner hears so, and asks again later.
+                if self.followed.remove(&channel).is_some() {
+                    self.metrics.channels.set(self.followed.len() as u64);
+                    self.unsubscribe.insert(keys::channel(&channel));
+                }
                 self.refused("load", &f);
+                if let Fault::Refused(e) = f {
+                    let owner = self.owner(&channel);
+                    let why = format!("the cluster's Redis refused to load the channel: {e}");
+                    self.send(owner, FromBridge::AttachFailed { channel, why });
+                }
             }
             (Pending::Asked(token), r) => {
                 let heard = match r {
@@ -1412,6 +1522,51 @@ impl Core {
                     }
                 }
             }
+            (Pending::SessionTaken(asker), r) => {
+                let Some((conn, gather)) = asker else {
+                    return;
+                };
+                let points = match r {
+                    Ok(Reply::Taken(Some(json))) => {
+                        match serde_json::from_str::<Vec<(String, u64, String)>>(&json) {
+                            Ok(p) => Some(
+                                p.into_iter()
+                                    .map(|(c, o, e)| (Arc::from(c), o, Arc::from(e)))
+                                    .collect(),
+                            ),
+                            Err(_) => {
+                                self.unreadable("a kept session");
+                                None
+                            }
+                        }
+                    }
+                    Ok(_) => None,
+                    // Out of reach: it cannot be resumed here.
+                    Err(f) => {
+                        self.refused("take a session", &f);
+                        None
+                    }
+                };
+                self.send(
+                    conn.shard,
+                    FromBridge::SessionTaken {
+                        conn,
+                        gather,
+                        points,
+                    },
+                );
+            }
+            (Pending::MembersKept { channel, count }, r) => match r {
+                Ok(_) if count == 0 => {
+                    if self.member_counts.get(&channel) == Some(&0) {
+                        self.member_counts.remove(&channel);
+                    }
+                }
+                Ok(_) => {}
+                // Sent again on the next change, or all of them after a
+                // reconnection.
+                Err(f) => self.refused("a member count", &f),
+            },
             (Pending::Presence { user, last_seen }, Err(f)) => {
                 self.refused("a presence", &f);
                 self.unpublished(user, last_seen);
@@ -1486,6 +1641,7 @@ impl Core {
                 "cluster: the other nodes took this one for gone; publishing its presence again"
             );
             self.tell_all(|| FromBridge::Republish);
+            self.members_dirty = self.member_counts.keys().cloned().collect();
         }
         let mut gone: HashSet<u64> = self.live.difference(&live).copied().collect();
         gone.extend(removed_ids.iter().copied());
@@ -1586,6 +1742,7 @@ impl Core {
             NodeMsg::Gone(n) if n == self.id => {
                 tracing::warn!("cluster: the other nodes took this one for gone; publishing its presence again");
                 self.tell_all(|| FromBridge::Republish);
+                self.members_dirty = self.member_counts.keys().cloned().collect();
             }
             NodeMsg::Gone(n) => {
                 self.gone.entry(n).or_insert(self.now);
@@ -1657,6 +1814,21 @@ impl Core {
                     },
                 );
             }
+            NodeMsg::VoiceJoined {
+                origin,
+                channel,
+                at,
+            } => {
+                if origin != self.id {
+                    let msg = FromBridge::VoiceElsewhere {
+                        user: user.clone(),
+                        channel: channel.into(),
+                        at,
+                        node: origin,
+                    };
+                    self.send(home, msg);
+                }
+            }
             NodeMsg::ToUser { origin, skip, msg } => {
                 if origin == self.id {
                     return;
@@ -1690,6 +1862,7 @@ impl Core {
             NodeMsg::Event {
                 origin,
                 except,
+                once,
                 mut msg,
             } => {
                 self.metrics.received.inc();
@@ -1702,9 +1875,20 @@ impl Core {
                     epoch: epoch.into(),
                     origin,
                     except: except.map(Into::into),
+                    once,
                     msg,
                 };
                 self.send(owner, FromBridge::Event(Box::new(inc)));
+            }
+            NodeMsg::Members { node, count } => {
+                if node != self.id {
+                    let msg = FromBridge::Members {
+                        channel: channel.clone(),
+                        node,
+                        count,
+                    };
+                    self.send(owner, msg);
+                }
             }
             NodeMsg::Query {
                 origin,
@@ -1794,12 +1978,15 @@ fn call_wire(origin: u64, op: &CallOp) -> Option<CallWire> {
 
 /// The key that keeps a message from being published twice when sent
 /// again: its author and nonce (none without a nonce).
-fn nonce_key(msg: &ServerMessage) -> String {
-    match &msg.event {
-        crate::protocol::ServerEvent::MessageNew(m) => match &m.nonce {
-            Some(n) => format!("{}\0{n}", m.user_id),
-            None => String::new(),
-        },
+/// What Redis knows a message by, so that it is not published twice: its
+/// sender's nonce, or for a handed-over message without one the id it was
+/// sequenced under alone (user ids are never empty, so the two cannot meet).
+fn nonce_key(out: &Outgoing) -> String {
+    match (&out.msg.event, &out.handed_over) {
+        (crate::protocol::ServerEvent::MessageNew(m), _) if m.nonce.is_some() => {
+            format!("{}\0{}", m.user_id, m.nonce.as_deref().unwrap_or_default())
+        }
+        (_, Some(id)) => format!("\0h\0{id}"),
         _ => String::new(),
     }
 }

@@ -614,7 +614,6 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             channel,
             node,
             count,
-            ttl_ms,
             sharded,
             payload,
         } => {
@@ -626,7 +625,6 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             );
             c.arg(&name)
                 .arg(count)
-                .arg(ttl_ms)
                 .arg(publish(*sharded))
                 .arg(keys::channel(channel))
                 .arg(payload.as_slice());
@@ -723,6 +721,24 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             c.arg(keys::conversations(user));
             vec![c]
         }
+        Op::KeepSession {
+            user,
+            session,
+            points,
+            ttl_ms,
+        } => {
+            let mut c = redis::cmd("SET");
+            c.arg(keys::session(user, session))
+                .arg(points)
+                .arg("PX")
+                .arg((*ttl_ms).max(1));
+            vec![c]
+        }
+        Op::TakeSession { user, session } => {
+            let mut c = redis::cmd("GETDEL");
+            c.arg(keys::session(user, session));
+            vec![c]
+        }
         Op::Moderate {
             field,
             op,
@@ -811,6 +827,9 @@ fn parse(op: &Op, values: Vec<Value>) -> Result<Reply, Fault> {
                 .map_err(|_| bad("presence"))?;
             Ok(Reply::Presences(all))
         }
+        Op::TakeSession { .. } => redis::from_redis_value::<Option<String>>(first)
+            .map(Reply::Taken)
+            .map_err(|_| bad("session")),
         Op::ReadNotifications { .. } => redis::from_redis_value::<Vec<String>>(first)
             .map(Reply::Strings)
             .map_err(|_| bad("notifications")),

@@ -48,7 +48,6 @@ pub enum Op {
         channel: Arc<str>,
         node: u64,
         count: u32,
-        ttl_ms: u64,
         sharded: bool,
         payload: Vec<u8>,
     },
@@ -94,6 +93,19 @@ pub enum Op {
     /// A user's conversations (`HGETALL`). Answered with `Pairs`.
     ReadConversations {
         user: Arc<str>,
+    },
+    /// A dropped session, for any node to resume (`SET` with an expiry).
+    KeepSession {
+        user: Arc<str>,
+        session: String,
+        points: String,
+        ttl_ms: u64,
+    },
+    /// Takes a dropped session (`GETDEL`): only one node resumes it.
+    /// Answered with `Taken`.
+    TakeSession {
+        user: Arc<str>,
+        session: String,
     },
     /// The `moderate` script.
     Moderate {
@@ -143,6 +155,8 @@ impl Op {
             ),
             Op::Presence { user, .. }
             | Op::Notifications { user, .. }
+            | Op::KeepSession { user, .. }
+            | Op::TakeSession { user, .. }
             | Op::ReadNotifications { user }
             | Op::Conversation { user, .. }
             | Op::ReadConversations { user } => Some(user),
@@ -177,6 +191,8 @@ pub enum Reply {
     Presences(Vec<Vec<(String, Vec<u8>)>>),
     Strings(Vec<String>),
     Pairs(Vec<(String, String)>),
+    /// What a `GETDEL` took.
+    Taken(Option<String>),
     /// A heartbeat: whether this node was new among the live ones, the
     /// silent ones it removed, the live ones.
     Beat {

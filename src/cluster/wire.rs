@@ -52,9 +52,12 @@ pub enum CallWireOp {
 pub enum NodeMsg {
     /// A channel event (on the channel's pub/sub channel; stored in its log
     /// when sequenced). Members of `except` do not get it (typing).
+    /// `once`: an event several nodes may relay (a moderation event):
+    /// its id, by which a node delivers it once.
     Event {
         origin: u64,
         except: Option<String>,
+        once: Option<u64>,
         msg: ServerMessage,
     },
     /// A node's connections in a channel.
@@ -84,7 +87,11 @@ pub enum NodeMsg {
     },
     /// The user joined a voice channel on `origin`: its voice anywhere else
     /// ends (one voice channel per user).
-    VoiceJoined { origin: u64, channel: String },
+    VoiceJoined {
+        origin: u64,
+        channel: String,
+        at: u64,
+    },
     /// A call operation for the node that holds the call.
     Call(CallWire),
     /// A frame for a connection of the node whose channel it is on.
@@ -177,6 +184,7 @@ mod tests {
         NodeMsg::Event {
             origin: 7,
             except: Some(user.into()),
+            once: None,
             msg: ServerMessage {
                 id: None,
                 event: ServerEvent::TypingUserStart(TypingEvent {

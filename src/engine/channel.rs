@@ -100,6 +100,21 @@ pub struct Owned {
     /// offset applied from it, so that what other nodes published meanwhile
     /// is delivered here once the channel is followed again.
     pub cluster_mark: Option<(Arc<str>, u64)>,
+    /// In a cluster without Redis: the epoch under which this node
+    /// sequenced messages alone, and how many.
+    pub alone: Option<(Arc<str>, usize)>,
+    /// Messages sequenced alone, waiting for the cluster to take them
+    /// (oldest first).
+    pub handover: Vec<MessageNew>,
+    /// The cluster refused something of the channel: asked again soon.
+    pub retry_due: bool,
+    /// The other nodes' connections in the channel (in a cluster).
+    pub remote_members: Vec<(u64, u32)>,
+    /// Sequenced events that came while the channel's state was loading.
+    pub early: Vec<super::cluster::Incoming>,
+    /// The last events relayed by several nodes that were delivered here
+    /// (moderation events): each is delivered once.
+    once: Vec<u64>,
 }
 
 /// Who sequences an owned channel.
@@ -130,6 +145,12 @@ impl Owned {
             read: HashMap::new(),
             link: Link::Local,
             cluster_mark: None,
+            alone: None,
+            handover: Vec::new(),
+            retry_due: false,
+            remote_members: Vec::new(),
+            early: Vec::new(),
+            once: Vec::new(),
         }
     }
 
@@ -140,6 +161,31 @@ impl Owned {
 
     pub fn total(&self) -> u32 {
         self.per_shard.iter().map(|c| c[0] + c[1]).sum()
+    }
+
+    /// Connections in the channel on every node.
+    pub fn cluster_total(&self) -> u32 {
+        self.total() + self.remote_members.iter().map(|(_, n)| n).sum::<u32>()
+    }
+
+    pub fn set_remote_members(&mut self, node: u64, count: u32) {
+        self.remote_members.retain(|(n, _)| *n != node);
+        if count > 0 {
+            self.remote_members.push((node, count));
+        }
+    }
+
+    /// Whether an event relayed by several nodes is new here (it is
+    /// remembered).
+    pub fn first_time(&mut self, once: u64) -> bool {
+        if self.once.contains(&once) {
+            return false;
+        }
+        if self.once.len() >= 32 {
+            self.once.remove(0);
+        }
+        self.once.push(once);
+        true
     }
 
     /// The shards with members of this channel.
@@ -158,9 +204,41 @@ impl Owned {
             .fold((false, false), |(j, b), c| (j || c[0] > 0, b || c[1] > 0))
     }
 
-    /// Nothing left that anyone could ask for: no members, no voice, no history.
+    /// Nothing left that anyone could ask for: no members, no voice, no
+    /// history, nothing to hand over.
     pub fn is_idle(&self) -> bool {
-        self.total() == 0 && self.voice.is_empty() && self.log.is_empty()
+        self.total() == 0
+            && self.voice.is_empty()
+            && self.log.is_empty()
+            && self.handover.is_empty()
+    }
+
+    /// Messages sequenced alone and handed over to the cluster, or waiting
+    /// to be: past `history_size` a channel takes no more until the
+    /// cluster is back.
+    pub fn waiting_for_cluster(&self) -> usize {
+        self.alone.as_ref().map_or(0, |a| a.1) + self.handover.len()
+    }
+
+    /// Counts a message sequenced alone under the current epoch.
+    pub fn sequenced_alone(&mut self) {
+        match &mut self.alone {
+            Some((e, n)) if *e == self.epoch => *n += 1,
+            _ => self.alone = Some((self.epoch.clone(), 1)),
+        }
+    }
+
+    /// The messages sequenced alone that the history still holds, as they
+    /// stand now (edited; deleted ones are gone), to hand over.
+    pub fn take_alone(&mut self) -> Vec<MessageNew> {
+        let Some((epoch, _)) = self.alone.take() else {
+            return Vec::new();
+        };
+        self.messages
+            .iter()
+            .filter(|m| offset_of(&epoch, &m.msg.message_id).is_some())
+            .map(|m| m.msg.clone())
+            .collect()
     }
 
     pub fn message_id(&self, offset: u64) -> String {

@@ -857,8 +857,8 @@ impl<O: Outbound> Engine<O> {
             replay,
             refused,
         } = j;
-        if let Some(reason) = refused {
-            return self.join_refused(id, &channel, ack, reason);
+        if let Some((code, reason)) = refused {
+            return self.join_refused(id, &channel, ack, code, reason);
         }
         let pending = self.conn_mut(id).and_then(|c| {
             c.links
@@ -922,7 +922,14 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// The owner refused a join: forget it, and answer.
-    fn join_refused(&mut self, id: ConnId, channel: &str, ack: Option<u64>, reason: String) {
+    fn join_refused(
+        &mut self,
+        id: ConnId,
+        channel: &str,
+        ack: Option<u64>,
+        code: ErrorCode,
+        reason: String,
+    ) {
         let gather = self.conn_mut(id).and_then(|c| {
             let links = c.links.as_mut()?;
             let i = links.channels.iter().position(|(ch, s)| {
@@ -935,7 +942,10 @@ impl<O: Outbound> Engine<O> {
         });
         match gather {
             Some(Some(g)) => self.resumed_join_gone(g),
-            Some(None) => self.error(id, ack, ErrorCode::Forbidden, reason),
+            Some(None) => self.error(id, ack, code, reason),
+            // Left (or closed) while the join was in flight: the join is
+            // still answered, if anyone is there to hear.
+            None if ack.is_some() => self.error(id, ack, code, reason),
             None => {}
         }
     }

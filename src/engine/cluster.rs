@@ -22,6 +22,10 @@ use std::sync::Arc;
 use super::channel::Link;
 use super::*;
 
+/// How long Redis gets before what it refused of a channel (its state,
+/// messages sequenced alone) is asked again.
+const RETRY_MS: u64 = 1_000;
+
 /// This node's link to the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterLink {
@@ -56,6 +60,12 @@ pub struct Outgoing {
     /// Redis had it already (a message sent again with its nonce): it was
     /// not published twice.
     pub duplicate: bool,
+    /// A message this node sequenced alone while Redis was out of reach,
+    /// handed to the cluster once it is back: its id then.
+    pub handed_over: Option<Arc<str>>,
+    /// A relayed event several nodes may relay too (a moderation event):
+    /// its id, by which every node delivers it once.
+    pub once: Option<u64>,
 }
 
 /// From a shard to its node's bridge: what to ask of Redis and the other
@@ -69,6 +79,34 @@ pub enum ToBridge {
     /// This node no longer has the channel's members.
     Detach {
         channel: Arc<str>,
+    },
+    /// This node's connections in a channel (kept in Redis for the other
+    /// nodes' join acks).
+    Members {
+        channel: Arc<str>,
+        count: u32,
+    },
+    /// A dropped session, kept in Redis for `ttl_ms` so that any node may
+    /// resume it.
+    KeepSession {
+        user: Arc<str>,
+        session: SessionId,
+        points: ResumePoints,
+        ttl_ms: u64,
+    },
+    /// Takes a dropped session out of Redis; `asker` (the resuming
+    /// connection and its gather) gets what was there.
+    TakeSession {
+        user: Arc<str>,
+        session: SessionId,
+        asker: Option<(ConnRef, u64)>,
+    },
+    /// A user joined a voice channel here: any other node where the user
+    /// is in one takes it out (one voice channel per user).
+    VoiceJoined {
+        user: Arc<str>,
+        channel: Arc<str>,
+        at: u64,
     },
     /// Order, keep and publish a sequenced event.
     Sequence(Box<Outgoing>),
@@ -159,12 +197,35 @@ pub enum ToBridge {
 #[derive(Debug)]
 pub enum FromBridge {
     /// A channel's state in the cluster (its recent sequenced events,
-    /// oldest first).
+    /// oldest first, and the other nodes' connections in it).
     Attached {
         channel: Arc<str>,
         epoch: Arc<str>,
         offset: u64,
         entries: Vec<ServerMessage>,
+        members: Vec<(u64, u32)>,
+    },
+    /// What Redis kept of a dropped session, for the connection resuming
+    /// it (`None`: nothing).
+    SessionTaken {
+        conn: ConnRef,
+        gather: u64,
+        points: Option<ResumePoints>,
+    },
+    /// The user joined a voice channel on another node: out of any here.
+    /// The user joined a voice channel on node `node` at `at`: out of
+    /// any here joined before (the later join wins on every node).
+    VoiceElsewhere {
+        user: Arc<str>,
+        channel: Arc<str>,
+        at: u64,
+        node: u64,
+    },
+    /// Another node's connections in a channel.
+    Members {
+        channel: Arc<str>,
+        node: u64,
+        count: u32,
     },
     /// Redis ordered an event of this shard (`msg` carries its offset);
     /// answer its sender.
@@ -175,6 +236,11 @@ pub enum FromBridge {
     /// Redis did not take an event (it refused it, or did not answer: then
     /// it may still be published); its sender is told.
     Refused(Box<Outgoing>, String),
+    /// Redis refused to load a channel's state (it is full).
+    AttachFailed {
+        channel: Arc<str>,
+        why: String,
+    },
     /// An event of a channel, from any node.
     Event(Box<Incoming>),
     /// Redis did not take a moderation action.
@@ -274,6 +340,12 @@ pub enum ChannelPart {
     Members(Vec<MemberInfo>),
     Typing(Vec<String>),
     Voice(Vec<VoiceParticipant>),
+    /// Who has read up to message `<epoch>-<offset>`.
+    Readers {
+        epoch: String,
+        offset: u64,
+        readers: Vec<Reader>,
+    },
 }
 
 impl ChannelPart {
@@ -283,6 +355,11 @@ impl ChannelPart {
             ChannelPart::Members(_) => ChannelPart::Members(Vec::new()),
             ChannelPart::Typing(_) => ChannelPart::Typing(Vec::new()),
             ChannelPart::Voice(_) => ChannelPart::Voice(Vec::new()),
+            ChannelPart::Readers { epoch, offset, .. } => ChannelPart::Readers {
+                epoch: epoch.clone(),
+                offset: *offset,
+                readers: Vec::new(),
+            },
         }
     }
 
@@ -309,6 +386,18 @@ impl ChannelPart {
                         }
                     }
                 }
+                // A reader on two nodes: when it first read there.
+                (
+                    ChannelPart::Readers { readers: all, .. },
+                    ChannelPart::Readers { readers: more, .. },
+                ) => {
+                    for r in more {
+                        match all.iter_mut().find(|a| a.user_id == r.user_id) {
+                            Some(a) => a.timestamp = a.timestamp.min(r.timestamp),
+                            None => all.push(r),
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -319,6 +408,11 @@ impl ChannelPart {
                 t.dedup();
             }
             ChannelPart::Voice(v) => v.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
+            ChannelPart::Readers { readers, .. } => readers.sort_by(|a, b| {
+                a.timestamp
+                    .cmp(&b.timestamp)
+                    .then(a.user_id.cmp(&b.user_id))
+            }),
         }
         Some(all)
     }
@@ -339,6 +433,15 @@ impl ChannelPart {
                 participants,
                 token: None,
                 server_url: None,
+            }),
+            ChannelPart::Readers {
+                epoch,
+                offset,
+                readers,
+            } => AckBody::ReadReceipts(ReadReceiptsAck {
+                channel_id,
+                message_id: format!("{epoch}-{offset}"),
+                readers,
             }),
         }
     }
@@ -375,6 +478,8 @@ pub struct Incoming {
     /// The node that made it.
     pub origin: u64,
     pub except: Option<Arc<str>>,
+    /// An event several nodes may relay: its id (delivered once).
+    pub once: Option<u64>,
     pub msg: ServerMessage,
 }
 
@@ -491,19 +596,35 @@ impl<O: Outbound> Engine<O> {
                 epoch,
                 offset,
                 entries,
-            } => self.on_attached(channel, epoch, offset, entries, now, tx),
+                members,
+            } => {
+                if let Some(o) = self.owned.get_mut(&channel) {
+                    o.remote_members = members;
+                }
+                self.on_attached(channel, epoch, offset, entries, now, tx)
+            }
             FromBridge::Sequenced(out) => {
+                if let Some(id) = &out.handed_over {
+                    return self.handed_over(&out.channel, id, now, tx);
+                }
                 let id = out.reply.and_then(|r| r.id);
                 if let (Some(r), Some(ack)) = (out.reply, ack_for(&out.msg, id, out.duplicate)) {
                     self.send_to(r.to, r.protocol, &ack, now, tx);
                 }
             }
             FromBridge::Refused(out, why) => {
+                if out.handed_over.is_some() {
+                    // Offered again in a second (Redis dedupes it).
+                    return self.retry_later(&out.channel, now);
+                }
                 if let Some(r) = out.reply {
                     let msg = err(r.id, ErrorCode::Internal, why);
                     self.send_to(r.to, r.protocol, &msg, now, tx);
                 }
             }
+            // Never sent: still waiting, offered again when the channel is
+            // followed again.
+            FromBridge::Unsequenced(out) if out.handed_over.is_some() => {}
             FromBridge::Unsequenced(out) => {
                 let Outgoing {
                     channel,
@@ -524,6 +645,14 @@ impl<O: Outbound> Engine<O> {
                     }
                     return;
                 }
+                let full = owned.waiting_for_cluster() >= self.s.history_size;
+                if full && matches!(msg.event, ServerEvent::MessageNew(_)) {
+                    if let Some(r) = reply {
+                        let msg = err(r.id, ErrorCode::Internal, super::owner::FULL_ALONE);
+                        self.send_to(r.to, r.protocol, &msg, now, tx);
+                    }
+                    return;
+                }
                 let offset = owned.next_offset();
                 let mut msg = msg;
                 set_offset(&mut msg, &owned.epoch.clone(), offset);
@@ -535,6 +664,34 @@ impl<O: Outbound> Engine<O> {
                 self.channel_gc(&channel, now, tx);
             }
             FromBridge::Event(inc) => self.on_cluster_event(*inc, now, tx),
+            FromBridge::AttachFailed { channel, why } => {
+                let Some(o) = self.owned.get_mut(&channel) else {
+                    return;
+                };
+                let Link::Attaching(waiting) = &mut o.link else {
+                    return;
+                };
+                // The joins that waited are refused (they may try again);
+                // members already here wait for the next try.
+                let waiting = std::mem::take(waiting);
+                for j in waiting {
+                    let joined = MeshMsg::Joined(Box::new(Joined {
+                        channel: j.channel,
+                        conn: j.from.conn,
+                        member: j.member,
+                        ack: j.ack,
+                        offset: 0,
+                        epoch: "".into(),
+                        members: 0,
+                        recovered: None,
+                        replay: Vec::new(),
+                        refused: Some((ErrorCode::Internal, why.clone())),
+                    }));
+                    self.route(j.from.shard, joined, now, tx);
+                }
+                self.retry_later(&channel, now);
+                self.channel_gc(&channel, now, tx);
+            }
             FromBridge::Up => {
                 if let Some(c) = &mut self.cluster {
                     c.up = true;
@@ -591,7 +748,38 @@ impl<O: Outbound> Engine<O> {
             FromBridge::PresenceLoaded(q, loaded) => {
                 self.on_presence_query(*q, Some(loaded), now, tx)
             }
+            FromBridge::SessionTaken { gather, points, .. } => {
+                let g = Gathered {
+                    gather,
+                    part: GatherPart::Resume(points),
+                };
+                self.on_gathered(g, now, tx);
+            }
+            FromBridge::VoiceElsewhere { user, at, node, .. } => {
+                let me = self.cluster.as_ref().map_or(0, |c| c.node);
+                let mine = self
+                    .users
+                    .get(&user)
+                    .and_then(|st| st.extra())
+                    .map(|m| m.voice_at);
+                // The later join wins, the same way on every node.
+                if mine.is_some_and(|t| (at, node) > (t, me)) {
+                    self.leave_voice_for(&user, None, now, tx);
+                }
+            }
+            FromBridge::Members {
+                channel,
+                node,
+                count,
+            } => {
+                if let Some(o) = self.owned.get_mut(&channel) {
+                    o.set_remote_members(node, count);
+                }
+            }
             FromBridge::NodesGone(nodes) => {
+                for o in self.owned.values_mut() {
+                    o.remote_members.retain(|(n, _)| !nodes.contains(n));
+                }
                 let users: Vec<Arc<str>> = self
                     .users
                     .iter_mut()
@@ -798,6 +986,15 @@ impl<O: Outbound> Engine<O> {
                 ChannelPart::Typing(o.typing.iter().map(|t| t.user.to_string()).collect())
             }
             ChannelPart::Voice(_) => ChannelPart::Voice(o.voice_participants()),
+            // Readers of another epoch's message: none here.
+            ChannelPart::Readers { epoch, offset, .. } => ChannelPart::Readers {
+                readers: match *o.epoch == *epoch {
+                    true => o.readers(offset),
+                    false => Vec::new(),
+                },
+                epoch,
+                offset,
+            },
         }
     }
 
@@ -911,6 +1108,7 @@ impl<O: Outbound> Engine<O> {
                 o.cluster_mark = Some((o.epoch.clone(), o.offset));
             }
             o.epoch = epoch;
+            o.early.clear();
             let waiting = match std::mem::take(&mut o.link) {
                 Link::Attaching(w) => w,
                 _ => Vec::new(),
@@ -937,10 +1135,15 @@ impl<O: Outbound> Engine<O> {
         if !matches!(o.link, Link::Attaching(_)) {
             return;
         }
+        // What this node sequenced alone goes to the cluster.
+        let alone = o.take_alone();
+        o.handover.extend(alone);
         // Reloaded after a gap, or after the cluster was out of reach: the
         // members here get what other nodes published meanwhile.
+        // An epoch that began while this node was away (Redis restarted
+        // empty, or the channel's keys expired): all of it is new here.
         let missed_after = match o.cluster_mark.take() {
-            Some((e, offset)) => (*e == *epoch).then_some(offset),
+            Some((e, offset)) => Some(if *e == *epoch { offset } else { 0 }),
             None => (*o.epoch == *epoch).then_some(o.offset),
         };
         o.reset_history();
@@ -966,7 +1169,95 @@ impl<O: Outbound> Engine<O> {
         for j in waiting {
             self.on_join(j, now, tx);
         }
+        // What came while the state was loading, past what it holds.
+        let early = self
+            .owned
+            .get_mut(&channel)
+            .map(|o| std::mem::take(&mut o.early))
+            .unwrap_or_default();
+        for inc in early {
+            self.on_cluster_event(inc, now, tx);
+        }
+        self.hand_over(&channel, now, tx);
         self.channel_gc(&channel, now, tx);
+    }
+
+    /// Offers the cluster the messages this node sequenced alone: Redis
+    /// gives them offsets of the cluster's epoch and publishes them to
+    /// every node (this one too), once each however often they are
+    /// offered.
+    pub(super) fn hand_over(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let Some(o) = self.owned.get(channel) else {
+            return;
+        };
+        if !matches!(o.link, Link::Attached) || !self.cluster_up() {
+            return;
+        }
+        let msgs = o.handover.clone();
+        for m in msgs {
+            let out = Outgoing {
+                channel: channel.clone(),
+                handed_over: Some(m.message_id.as_str().into()),
+                msg: ev(ServerEvent::MessageNew(m)),
+                except: None,
+                reply: None,
+                duplicate: false,
+                once: None,
+            };
+            self.send_bridge(ToBridge::Sequence(Box::new(out)), now, tx);
+        }
+    }
+
+    /// Tells the other nodes how many connections this node has in a
+    /// channel (the bridge sends the last count of a round).
+    pub(super) fn members_changed(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        if self.cluster.is_none() {
+            return;
+        }
+        if let Some(o) = self.owned.get(channel) {
+            let count = o.total();
+            let channel = channel.clone();
+            self.send_bridge(ToBridge::Members { channel, count }, now, tx);
+        }
+    }
+
+    /// Asks the cluster again in a while for what it refused of a channel
+    /// (its state, or messages sequenced alone).
+    fn retry_later(&mut self, channel: &Arc<str>, now: u64) {
+        if let Some(o) = self.owned.get_mut(channel) {
+            if !std::mem::replace(&mut o.retry_due, true) {
+                let channel = channel.clone();
+                self.timers
+                    .at(now + RETRY_MS, Timer::ClusterRetry { channel });
+            }
+        }
+    }
+
+    /// What the cluster refused of a channel, asked again.
+    pub(super) fn cluster_retry(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let up = self.cluster_up();
+        let Some(o) = self.owned.get_mut(channel) else {
+            return;
+        };
+        o.retry_due = false;
+        match o.link {
+            Link::Attaching(_) if up => {
+                let channel = channel.clone();
+                self.send_bridge(ToBridge::Attach { channel }, now, tx);
+            }
+            Link::Attached => self.hand_over(channel, now, tx),
+            _ => {}
+        }
+    }
+
+    /// The cluster took a message sequenced alone.
+    fn handed_over(&mut self, channel: &Arc<str>, id: &str, now: u64, tx: &mut impl MeshTx) {
+        if let Some(o) = self.owned.get_mut(channel) {
+            o.handover.retain(|m| m.message_id != id);
+            if o.handover.is_empty() {
+                self.channel_gc(channel, now, tx);
+            }
+        }
     }
 
     fn on_cluster_event(&mut self, inc: Incoming, now: u64, tx: &mut impl MeshTx) {
@@ -976,12 +1267,19 @@ impl<O: Outbound> Engine<O> {
             epoch,
             origin,
             except,
+            once,
             msg,
         } = inc;
         let me = self.cluster.as_ref().map_or(0, |c| c.node);
         if offset == 0 {
-            // Delivered here when it was made.
-            if origin != me {
+            // Delivered here when it was made; an event several nodes
+            // relay, once.
+            let seen = once.is_some_and(|k| {
+                self.owned
+                    .get_mut(&channel)
+                    .is_none_or(|o| !o.first_time(k))
+            });
+            if origin != me && !seen {
                 self.fan_out_local(&channel, &msg, 0, except.as_ref(), now, tx);
             }
             return;
@@ -990,8 +1288,24 @@ impl<O: Outbound> Engine<O> {
         let Some(o) = self.owned.get_mut(&channel) else {
             return;
         };
+        if matches!(o.link, Link::Attaching(_)) {
+            // Published after the state being loaded was read, maybe: kept
+            // for when it is here (what the state has already is skipped).
+            if o.early.len() < s.history_size {
+                o.early.push(Incoming {
+                    channel,
+                    offset,
+                    epoch,
+                    origin,
+                    except,
+                    once,
+                    msg,
+                });
+            }
+            return;
+        }
         if !matches!(o.link, Link::Attached) || offset <= o.offset {
-            // Not followed (yet), or already loaded with the channel.
+            // Not followed, or already loaded with the channel.
             return;
         }
         if *o.epoch != *epoch {

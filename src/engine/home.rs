@@ -214,16 +214,29 @@ impl<O: Outbound> Engine<O> {
                     self.metrics.online_users.set(self.online_users as u64);
                 }
                 self.spread(&user, &before, now, tx);
+                let up = self.cluster_up();
                 let Some(st) = self.users.get_mut(&user) else {
                     return;
                 };
                 st.last_seen = now;
                 let mut wake = Vec::new();
+                let mut keep = None;
                 if let Some(channels) = resume {
+                    let kept = up;
+                    if up {
+                        // Any node may resume it.
+                        keep = Some(ToBridge::KeepSession {
+                            user: user.clone(),
+                            session: device.session,
+                            points: channels.clone(),
+                            ttl_ms: resume_window_ms,
+                        });
+                    }
                     st.more().detached.push(Detached {
                         session: device.session,
                         channels,
                         until: now + resume_window_ms,
+                        kept,
                     });
                     wake.push(now + resume_window_ms);
                 }
@@ -249,6 +262,9 @@ impl<O: Outbound> Engine<O> {
                     .unwrap_or_default();
                 for at in wake {
                     self.wake_user(&user, at);
+                }
+                if let Some(keep) = keep {
+                    self.send_bridge(keep, now, tx);
                 }
                 if let Some((channel, _)) = voice {
                     let member = Member {
@@ -447,24 +463,27 @@ impl<O: Outbound> Engine<O> {
                 else {
                     return;
                 };
-                // One voice channel per user: leave the one before.
-                let st = self.user(&user);
-                if let Some((old, old_conn)) = st.more().voice.take() {
-                    if old != channel || old_conn != conn {
-                        let (old_session, old_protocol) = st
-                            .devices
-                            .iter()
-                            .find(|d| d.conn == old_conn)
-                            .map_or((session, protocol), |d| (d.session, d.protocol));
-                        let member = Member {
-                            user: user.clone(),
-                            session: old_session,
-                            protocol: old_protocol,
-                        };
-                        self.voice_op(old, old_conn, member, None, ChanCmd::VoiceLeave, now, tx);
-                    }
+                // One voice channel per user: leave the one before, here
+                // and on the other nodes.
+                let same = self
+                    .users
+                    .get(&user)
+                    .and_then(|st| st.extra()?.voice.clone())
+                    .is_some_and(|(old, old_conn)| old == channel && old_conn == conn);
+                if !same {
+                    self.leave_voice_for(&user, Some((session, protocol)), now, tx);
                 }
-                self.user(&user).more().voice = Some((channel.clone(), conn));
+                if self.cluster_up() {
+                    let msg = ToBridge::VoiceJoined {
+                        user: user.clone(),
+                        channel: channel.clone(),
+                        at: now,
+                    };
+                    self.send_bridge(msg, now, tx);
+                }
+                let m = self.user(&user).more();
+                m.voice = Some((channel.clone(), conn));
+                m.voice_at = now;
                 let member = Member {
                     user,
                     session,
@@ -541,14 +560,28 @@ impl<O: Outbound> Engine<O> {
             }
             UserCmd::Resume { session, gather } => {
                 let Some((conn, _)) = from else { return };
-                let channels = self.users.get_mut(&user).and_then(|st| {
+                let here = self.users.get_mut(&user).and_then(|st| {
                     let i = st
                         .more()
                         .detached
                         .iter()
                         .position(|d| d.session == session && d.until > now)?;
-                    Some(st.more().detached.remove(i).channels)
+                    Some(st.more().detached.remove(i))
                 });
+                let kept = here.as_ref().is_none_or(|d| d.kept);
+                if self.cluster_up() && kept {
+                    // Kept in Redis for any node: whoever takes it there
+                    // resumes it (once, whichever node held it).
+                    let take = ToBridge::TakeSession {
+                        user: user.clone(),
+                        session,
+                        asker: Some((conn, gather)),
+                    };
+                    self.send_bridge(take, now, tx);
+                    self.maintain_user(&user, now, tx);
+                    return;
+                }
+                let channels = here.map(|d| d.channels);
                 let g = Gathered {
                     gather,
                     part: GatherPart::Resume(channels),
@@ -556,6 +589,35 @@ impl<O: Outbound> Engine<O> {
                 self.route(conn.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
             }
         }
+    }
+
+    /// Takes the user out of the voice channel it is in here (it joins
+    /// another, here or on another node); `fallback`: the session and
+    /// protocol to leave with if the device in it is gone.
+    pub(super) fn leave_voice_for(
+        &mut self,
+        user: &Arc<str>,
+        fallback: Option<(SessionId, Protocol)>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        let Some((old, old_conn)) = st.extra_mut().and_then(|m| m.voice.take()) else {
+            return;
+        };
+        let device = st.devices.iter().find(|d| d.conn == old_conn);
+        let Some((session, protocol)) = device.map(|d| (d.session, d.protocol)).or(fallback) else {
+            return;
+        };
+        let member = Member {
+            user: user.clone(),
+            session,
+            protocol,
+        };
+        self.voice_op(old, old_conn, member, None, ChanCmd::VoiceLeave, now, tx);
+        self.maintain_user(user, now, tx);
     }
 
     /// Sends a voice command for `member` on connection `conn` to the

@@ -361,8 +361,9 @@ pub struct Joined {
     pub recovered: Option<bool>,
     /// The events missed since the join's `since`, encoded for the joiner.
     pub replay: Vec<Bytes>,
-    /// Set when the owner refused the join (the user is banned from it).
-    pub refused: Option<String>,
+    /// Set when the owner refused the join (the user is banned from it,
+    /// or the cluster's Redis refused to load the channel).
+    pub refused: Option<(ErrorCode, String)>,
 }
 
 #[derive(Debug)]
@@ -1215,6 +1216,7 @@ impl<O: Outbound> Engine<O> {
             match t {
                 Timer::Typing { channel } => self.expire_typing(&channel, now, tx),
                 Timer::ChannelGc { channel } => self.channel_gc(&channel, now, tx),
+                Timer::ClusterRetry { channel } => self.cluster_retry(&channel, now, tx),
                 Timer::User { user } => self.user_timer(&user, now, tx),
                 Timer::CallRing { call } => self.ring_out(call, now, tx),
                 Timer::Bans => {

@@ -56,6 +56,31 @@ pub(super) fn moderation_event(
     })
 }
 
+/// A moderation action's id, the same on every node (they all read it
+/// from Redis): by it a channel's member gets its event once however many
+/// nodes act on it.
+pub(super) fn once_id(m: &Moderation) -> u64 {
+    // FNV-1a: stable across processes, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let kind: &[u8] = match m.kind {
+        ModKind::Kick => b"k",
+        ModKind::Ban { .. } => b"b",
+        ModKind::Unban => b"u",
+    };
+    for part in [
+        kind,
+        m.user.as_bytes(),
+        m.by.as_bytes(),
+        &m.at.to_le_bytes(),
+    ] {
+        for b in part.iter().chain(b"\0") {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// The shard that carries out a moderation action on a node of `shards`
 /// shards: the channel's owner, or the user's home for the whole server.
 pub fn in_charge(m: &Moderation, shards: u16) -> ShardId {
@@ -242,8 +267,10 @@ impl<O: Outbound> Engine<O> {
                     // The others hear of it (of a ban even when the user is
                     // not in the channel); the user's connections get their
                     // own event as they are taken out.
+                    // Each node that acts on it sends it; a member gets it
+                    // once.
                     let event = moderation_event(&m, Some(channel), true);
-                    self.fan_out(channel, &event, Some(&m.user), now, tx);
+                    self.fan_out_once(channel, &event, Some(&m.user), once_id(&m), now, tx);
                 }
                 if member {
                     for s in self.owned[channel].member_shards() {

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use super::moderation::{banned_message, moderation_event};
+use super::moderation::{banned_message, moderation_event, once_id};
 use super::*;
+
+/// Why a message is refused while the cluster is out of reach.
+pub(super) const FULL_ALONE: &str = "the cluster's Redis is out of reach and this channel holds as many messages as it can hand to the other nodes when it is back (history_size): try again later";
 
 impl<O: Outbound> Engine<O> {
     /// Whether the cluster sequences an owned channel (a single node does
@@ -30,6 +33,41 @@ impl<O: Outbound> Engine<O> {
                 except: except.cloned(),
                 reply: None,
                 duplicate: false,
+                handed_over: None,
+                once: None,
+            };
+            self.send_bridge(ToBridge::Relay(Box::new(out)), now, tx);
+        }
+        self.fan_out_local(channel, msg, 0, except, now, tx);
+    }
+
+    /// `fan_out` for an event that several nodes may send (a moderation
+    /// event: each node that acts on it does): every member gets it once.
+    pub(super) fn fan_out_once(
+        &mut self,
+        channel: &Arc<str>,
+        msg: &ServerMessage,
+        except: Option<&Arc<str>>,
+        once: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if !self
+            .owned
+            .get_mut(channel)
+            .is_some_and(|o| o.first_time(once))
+        {
+            return;
+        }
+        if self.clustered(channel) {
+            let out = Outgoing {
+                channel: channel.clone(),
+                msg: msg.clone(),
+                except: except.cloned(),
+                reply: None,
+                duplicate: false,
+                handed_over: None,
+                once: Some(once),
             };
             self.send_bridge(ToBridge::Relay(Box::new(out)), now, tx);
         }
@@ -88,12 +126,20 @@ impl<O: Outbound> Engine<O> {
                 except: None,
                 reply,
                 duplicate: false,
+                handed_over: None,
+                once: None,
             };
             return self.send_bridge(ToBridge::Sequence(Box::new(out)), now, tx);
         }
         if let Some(r) = reply {
             if let Some(ack) = cluster::ack_for(&msg, r.id, false) {
                 self.send_to(r.to, r.protocol, &ack, now, tx);
+            }
+        }
+        if self.cluster.is_some() && matches!(msg.event, ServerEvent::MessageNew(_)) {
+            // Handed over to the other nodes once the cluster is back.
+            if let Some(o) = self.owned.get_mut(channel) {
+                o.sequenced_alone();
             }
         }
         let frames = self.fan_out_local(channel, &msg, offset, None, now, tx);
@@ -113,7 +159,7 @@ impl<O: Outbound> Engine<O> {
             since,
         } = j;
         if let Some(ban) = self.bans.channel(&member.user, &channel, now) {
-            let refused = Some(banned_message(ban));
+            let refused = Some((ErrorCode::Forbidden, banned_message(ban)));
             let joined = MeshMsg::Joined(Box::new(Joined {
                 channel,
                 conn: from.conn,
@@ -150,6 +196,8 @@ impl<O: Outbound> Engine<O> {
         let owned = self.owned.get_mut(&channel).expect("owned above");
         owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
         owned.count_user(&member.user, 1);
+        self.members_changed(&channel, now, tx);
+        let owned = self.owned.get_mut(&channel).expect("owned above");
         let (recovered, replay) = match &since {
             None => (None, Vec::new()),
             Some(s) => match owned.replay(s, member.protocol) {
@@ -164,7 +212,7 @@ impl<O: Outbound> Engine<O> {
             ack,
             offset: owned.offset,
             epoch: owned.epoch.clone(),
-            members: owned.total(),
+            members: owned.cluster_total(),
             recovered,
             replay,
             refused: None,
@@ -198,11 +246,13 @@ impl<O: Outbound> Engine<O> {
         *count = count.saturating_sub(1);
         owned.count_user(&member.user, -1);
         let gone = !owned.users.contains_key(&member.user);
+        self.members_changed(&channel, now, tx);
         if let (Some(m), true) = (moderation, gone) {
             // A server-wide kick or ban: each channel the user was in hears
-            // of it once, when the user's last connection there leaves.
+            // of it once, when the user's last connection there leaves (on
+            // any node: each may relay it, every node delivers it once).
             let event = moderation_event(&m, Some(&channel), true);
-            self.fan_out(&channel, &event, None, now, tx);
+            self.fan_out_once(&channel, &event, None, once_id(&m), now, tx);
         }
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
@@ -247,8 +297,9 @@ impl<O: Outbound> Engine<O> {
             Link::Attaching(waiting) if !waiting.is_empty() => return,
             Link::Local => {}
             // The cluster keeps the history: without members here, the
-            // channel is no longer followed.
-            _ if owned.voice.is_empty() => {
+            // channel is no longer followed (once what it sequenced alone
+            // is handed over).
+            _ if owned.voice.is_empty() && owned.handover.is_empty() => {
                 self.owned.remove(channel);
                 self.metrics.channels.set(self.owned.len() as u64);
                 let channel = channel.clone();
@@ -300,6 +351,13 @@ impl<O: Outbound> Engine<O> {
                 duplicate: true,
             });
             return self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
+        }
+        if self.cluster.is_some()
+            && !owned.clustered()
+            && owned.waiting_for_cluster() >= self.s.history_size
+        {
+            let msg = err(ack, ErrorCode::Internal, FULL_ALONE);
+            return self.send_to(from, member.protocol, &msg, now, tx);
         }
         let was_typing = owned
             .typing
@@ -732,12 +790,13 @@ impl<O: Outbound> Engine<O> {
                 else {
                     return reply_to(self, not_found(&message_id), tx);
                 };
-                let body = AckBody::ReadReceipts(ReadReceiptsAck {
-                    channel_id: channel.to_string(),
-                    message_id,
+                // Readers connected to other nodes are read there.
+                let part = ChannelPart::Readers {
+                    epoch: owned.epoch.to_string(),
+                    offset,
                     readers: owned.readers(offset),
-                });
-                reply_to(self, ack_of(ack, body), tx);
+                };
+                self.channel_answer(&channel, part, reply, now, tx);
             }
             ChanCmd::VoiceJoin => {
                 let state = match owned.voice.iter_mut().find(|p| p.user == member.user) {

@@ -16,6 +16,9 @@ pub enum Timer {
     Typing { channel: Arc<str> },
     /// An owned channel without members may have outlived its history.
     ChannelGc { channel: Arc<str> },
+    /// What Redis refused of a channel (its state, messages sequenced
+    /// alone) is asked again.
+    ClusterRetry { channel: Arc<str> },
     /// A user's grace period may be over, a resume window closed or a
     /// notification expired (home shard).
     User { user: Arc<str> },

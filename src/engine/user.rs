@@ -31,6 +31,9 @@ pub struct Detached {
     /// Its channels, with the last offset queued to it and the epoch.
     pub channels: super::ResumePoints,
     pub until: u64,
+    /// Kept in the cluster's Redis too: whichever node resumes it takes it
+    /// there.
+    pub kept: bool,
 }
 
 pub struct Conv {
@@ -86,6 +89,9 @@ pub struct More {
     pub dm_nonces: VecDeque<(Box<str>, DmMessage)>,
     /// The voice channel the user is in, and from which connection.
     pub voice: Option<(Arc<str>, ConnRef)>,
+    /// When the user joined it (in a cluster, the latest join on any node
+    /// wins).
+    pub voice_at: u64,
     /// Calls placed from this user's connections: (call, connection).
     pub calls: Vec<(u64, ConnRef)>,
     pub detached: Vec<Detached>,

@@ -32,6 +32,8 @@ pub(super) struct Redis {
     pub notifications: HashMap<String, BTreeMap<String, String>>,
     pub conversations: HashMap<String, BTreeMap<String, String>>,
     pub bans: BTreeMap<String, String>,
+    /// Dropped sessions: key, value and when they expire.
+    pub sessions: HashMap<String, (String, u64)>,
     pub nodes: BTreeMap<String, u64>,
     pub beat: Option<u64>,
     pub sets: HashMap<String, HashSet<String>>,
@@ -40,6 +42,9 @@ pub(super) struct Redis {
     pub inbox: Vec<VecDeque<(String, Vec<u8>)>>,
     /// Nodes whose link cannot reach Redis.
     pub cut: HashSet<usize>,
+    /// Redis refuses what would write (a full Redis: `maxmemory` with
+    /// `noeviction`), but answers.
+    pub full: bool,
     /// Drops a published message for a node (`node`, channel, payload)
     /// while it returns true.
     #[allow(clippy::type_complexity)]
@@ -71,6 +76,27 @@ impl Redis {
     fn run(&mut self, n: usize, op: Op, now: u64) -> Result<Reply, Fault> {
         if !self.reaches(n) {
             return Err(Fault::Lost("Redis is out of reach".into()));
+        }
+        // What takes memory (removing runs at the limit too).
+        let writes = match &op {
+            Op::Sequence { .. }
+            | Op::Conversation { .. }
+            | Op::Moderate { .. }
+            | Op::KeepSession { .. }
+            | Op::Presence { offline: false, .. } => true,
+            Op::Members { count, .. } => *count > 0,
+            Op::Notifications { op, .. } => matches!(*op, "add" | "set"),
+            _ => false,
+        };
+        // Loading a channel Redis has no epoch for writes one.
+        let new_channel = match &op {
+            Op::Load { channel, .. } => !self.channels.contains_key(&**channel),
+            _ => false,
+        };
+        if self.full && (writes || new_channel) {
+            return Err(Fault::Refused(
+                "OOM command not allowed when used memory > 'maxmemory'".into(),
+            ));
         }
         Ok(match op {
             Op::Subscribe { names, .. } => {
@@ -265,6 +291,22 @@ impl Redis {
                 convs.insert(peer.to_string(), format!("{unread}:{timestamp}:{json}"));
                 Reply::Done
             }
+            Op::KeepSession {
+                user,
+                session,
+                points,
+                ttl_ms,
+            } => {
+                self.sessions
+                    .insert(keys::session(&user, &session), (points, now + ttl_ms));
+                Reply::Done
+            }
+            Op::TakeSession { user, session } => Reply::Taken(
+                self.sessions
+                    .remove(&keys::session(&user, &session))
+                    .filter(|(_, until)| *until > now)
+                    .map(|(v, _)| v),
+            ),
             Op::ReadConversations { user } => Reply::Pairs(
                 self.conversations
                     .get(&*user)
@@ -736,6 +778,188 @@ fn without_the_cluster_a_node_goes_on_alone_and_comes_back() {
     assert_eq!(contents(&rb.take()).last().unwrap().1, "again");
 }
 
+/// The messages of `general` in Redis's log, oldest first.
+fn logged(c: &Cluster) -> Vec<String> {
+    c.redis.channels["general"]
+        .log
+        .iter()
+        .filter_map(|(_, a)| match wire::decode(a) {
+            Ok(NodeMsg::Event { msg, .. }) => match msg.event {
+                ServerEvent::MessageNew(m) => Some(m.content),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn what_a_node_sequenced_alone_is_handed_over_once_when_redis_is_back() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (a2, ra2) = sims[0].connect(1, "anna", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    for (k, who) in [(0, a), (0, a2), (1, b)] {
+        sims[k].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 0, a, "before");
+    rb.take();
+    set_up(&mut sims, &mut c, false);
+    for text in ["alone-1", "alone-2", "alone-3"] {
+        publish(&mut sims, &mut c, 0, a, text);
+    }
+    // Edited and deleted while alone: handed over as they stand.
+    let seen = ra2.take();
+    let id_of = |text: &str| {
+        seen.iter()
+            .find_map(|m| match &m.event {
+                ServerEvent::MessageNew(n) if n.content == text => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let (one, two, three) = (id_of("alone-1"), id_of("alone-2"), id_of("alone-3"));
+    sims[0].send(
+        a,
+        Some(50),
+        ClientEvent::MessageEdit(MessageEdit {
+            channel_id: "general".into(),
+            message_id: two.message_id,
+            content: "alone-2, edited".into(),
+        }),
+    );
+    sims[0].send(
+        a,
+        Some(51),
+        ClientEvent::MessageDelete(message_ref("general", &three.message_id)),
+    );
+    pump(&mut sims, &mut c);
+    ra.take();
+    ra2.take();
+    assert!(
+        contents(&rb.take()).is_empty(),
+        "node 1 hears nothing while apart"
+    );
+    // Back: node 1's member gets them once, after what it had, under the
+    // cluster's epoch; Redis keeps them in its history.
+    set_up(&mut sims, &mut c, true);
+    let got = contents(&rb.take());
+    assert_eq!(
+        got,
+        [
+            (2, "alone-1".to_string()),
+            (3, "alone-2, edited".to_string())
+        ]
+    );
+    assert_eq!(logged(&c), ["before", "alone-1", "alone-2, edited"]);
+    // Node 0's members get them under the cluster's epoch too.
+    assert_eq!(contents(&ra2.take()), got);
+    // Offered again (as after a lost answer): Redis knows it by the id it
+    // had alone, and publishes nothing twice.
+    let channel: Arc<str> = "general".into();
+    let owner = owner_of("general", SHARDS) as usize;
+    let sim = &mut sims[0];
+    let o = sim.shards[owner].owned.get_mut(&channel).unwrap();
+    assert!(o.handover.is_empty(), "taken, so no longer waiting");
+    o.handover = vec![one];
+    sim.shards[owner].hand_over(&channel, sim.now, &mut sim.mesh);
+    pump(&mut sims, &mut c);
+    assert!(contents(&rb.take()).is_empty());
+    assert_eq!(logged(&c), ["before", "alone-1", "alone-2, edited"]);
+    let o = &sims[0].shards[owner].owned[&channel];
+    assert!(o.handover.is_empty());
+}
+
+#[test]
+fn a_full_redis_refuses_and_takes_what_was_sequenced_alone_once_it_has_room() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    set_up(&mut sims, &mut c, false);
+    publish(&mut sims, &mut c, 0, a, "alone");
+    assert!(matches!(ack_body(&ra.take(), 2), AckBody::Send(_)));
+    // Back, but full: the link stays up, new messages are refused (not
+    // sequenced here), the handover waits.
+    c.redis.full = true;
+    set_up(&mut sims, &mut c, true);
+    assert!(c.cores[0].is_up(), "a full Redis is no lost Redis");
+    sims[0].send(
+        a,
+        Some(7),
+        ClientEvent::MessageSend(MessageSend::new("general", "refused")),
+    );
+    pump(&mut sims, &mut c);
+    assert_eq!(error_code(&ra.take(), 7), ErrorCode::Internal);
+    assert!(contents(&rb.take()).is_empty());
+    // A join of a channel Redis would have to create: refused, not left
+    // waiting.
+    sims[1].send(
+        b,
+        Some(8),
+        ClientEvent::ChannelJoin(ChannelJoin {
+            channel_id: "new".into(),
+            since: None,
+            token: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert_eq!(error_code(&rb.take(), 8), ErrorCode::Internal);
+    // Room again: the next retry hands it over.
+    c.redis.full = false;
+    for sim in sims.iter_mut() {
+        sim.advance(1_500);
+    }
+    c.clock += 1_500;
+    pump(&mut sims, &mut c);
+    assert_eq!(contents(&rb.take()), [(1, "alone".to_string())]);
+    assert_eq!(logged(&c), ["alone"]);
+    sims[1].join(b, "new");
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rb.take(), 1), AckBody::Join(_)));
+}
+
+#[test]
+fn alone_a_channel_takes_no_more_than_it_can_hand_over() {
+    let settings = Settings {
+        history_size: 3,
+        ..unlimited()
+    };
+    let (mut sims, mut c) = nodes_with(2, settings);
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    set_up(&mut sims, &mut c, false);
+    ra.take();
+    for i in 0..4u64 {
+        sims[0].send(
+            a,
+            Some(10 + i),
+            ClientEvent::MessageSend(MessageSend::new("general", format!("m{i}"))),
+        );
+    }
+    pump(&mut sims, &mut c);
+    let got = ra.take();
+    for i in 0..3 {
+        assert!(
+            matches!(ack_body(&got, 10 + i), AckBody::Send(_)),
+            "{got:?}"
+        );
+    }
+    assert_eq!(error_code(&got, 13), ErrorCode::Internal);
+    set_up(&mut sims, &mut c, true);
+    let delivered = contents(&rb.take());
+    assert_eq!(
+        delivered.iter().map(|m| m.1.as_str()).collect::<Vec<_>>(),
+        ["m0", "m1", "m2"]
+    );
+}
+
 #[test]
 fn a_node_without_members_stops_following_a_channel() {
     let (mut sims, mut c) = nodes();
@@ -810,6 +1034,63 @@ fn kicks_and_bans_reach_every_node_and_wait_for_the_cluster() {
 }
 
 #[test]
+fn channel_members_hear_of_a_kick_or_ban_once_whatever_the_nodes() {
+    let (mut sims, mut c) = nodes();
+    let admin = crate::access::Access {
+        roles: crate::access::Roles::ADMIN,
+        grants: None,
+    };
+    let (root, rroot) = sims[0].connect_as(0, "root", admin);
+    // Bob is in the channel through both nodes; a watcher on each.
+    let (b0, _) = sims[0].connect(1, "bob", Protocol::Json);
+    let (b1, _) = sims[1].connect(0, "bob", Protocol::Json);
+    let (w0, rw0) = sims[0].connect(1, "wendy", Protocol::Json);
+    let (w1, rw1) = sims[1].connect(1, "walt", Protocol::Json);
+    for (n, who) in [(0, b0), (1, b1), (0, w0), (1, w1)] {
+        sims[n].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    rw0.take();
+    rw1.take();
+    let heard = |r: &Recorder, name: &str| names(&r.take()).iter().filter(|n| **n == name).count();
+    sims[0].send(
+        root,
+        Some(1),
+        ClientEvent::ModerationKickUser(KickUser {
+            user_id: "bob".into(),
+            channel_id: Some("general".into()),
+            reason: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rroot.take(), 1), AckBody::Empty(_)));
+    assert_eq!(heard(&rw0, "moderation:user_kicked"), 1);
+    assert_eq!(heard(&rw1, "moderation:user_kicked"), 1);
+    // Back in, then banned from the whole server: each channel hears it
+    // once.
+    for (n, who) in [(0, b0), (1, b1)] {
+        sims[n].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    rw0.take();
+    rw1.take();
+    sims[0].send(
+        root,
+        Some(2),
+        ClientEvent::ModerationBanUser(BanUser {
+            user_id: "bob".into(),
+            channel_id: None,
+            duration_ms: None,
+            reason: None,
+        }),
+    );
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rroot.take(), 2), AckBody::Empty(_)));
+    assert_eq!(heard(&rw0, "moderation:user_banned"), 1);
+    assert_eq!(heard(&rw1, "moderation:user_banned"), 1);
+}
+
+#[test]
 fn a_node_cut_off_gets_what_the_others_said_meanwhile() {
     let (mut sims, mut c) = nodes();
     let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
@@ -834,6 +1115,154 @@ fn a_node_cut_off_gets_what_the_others_said_meanwhile() {
         contents(&rb.take()).last().unwrap(),
         &(4, "four".to_string())
     );
+}
+
+#[test]
+fn read_receipts_know_the_readers_of_every_node() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    let (d, _) = sims[1].connect(0, "dora", Protocol::Json);
+    for (n, who) in [(0, a), (1, b), (1, d)] {
+        sims[n].join(who, "general");
+    }
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 0, a, "read me");
+    let id = rb
+        .take()
+        .iter()
+        .find_map(|m| match &m.event {
+            ServerEvent::MessageNew(n) => Some(n.message_id.clone()),
+            _ => None,
+        })
+        .unwrap();
+    for who in [b, d] {
+        sims[1].send(
+            who,
+            Some(5),
+            ClientEvent::MessageMarkRead(message_ref("general", &id)),
+        );
+    }
+    pump(&mut sims, &mut c);
+    ra.take();
+    sims[0].send(
+        a,
+        Some(6),
+        ClientEvent::MessageGetReadReceipts(message_ref("general", &id)),
+    );
+    pump(&mut sims, &mut c);
+    match ack_body(&ra.take(), 6) {
+        AckBody::ReadReceipts(r) => {
+            let mut who: Vec<&str> = r.readers.iter().map(|r| r.user_id.as_str()).collect();
+            who.sort();
+            assert_eq!(who, ["bob", "dora"]);
+            assert_eq!(r.message_id, id);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_session_dropped_on_one_node_resumes_on_another_once() {
+    let (mut sims, mut c) = nodes();
+    let (a, _) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, _) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 1, b, "m1");
+    let session = sims[0].shards[0]
+        .conn(a.conn)
+        .unwrap()
+        .member
+        .session
+        .to_string();
+    sims[0].close(a);
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 1, b, "m2");
+    publish(&mut sims, &mut c, 1, b, "m3");
+    let resume = || {
+        ClientEvent::SessionResume(SessionResume {
+            session_id: session.clone(),
+            positions: vec![],
+        })
+    };
+    // Alice comes back through the other node.
+    let (a2, ra2) = sims[1].connect(0, "alice", Protocol::Json);
+    sims[1].send(a2, Some(9), resume());
+    pump(&mut sims, &mut c);
+    let got = ra2.take();
+    match ack_body(&got, 9) {
+        AckBody::Resume(r) => {
+            let chans: Vec<(&str, bool, u64)> = r
+                .channels
+                .iter()
+                .map(|c| (c.channel_id.as_str(), c.recovered, c.offset))
+                .collect();
+            assert_eq!(chans, [("general", true, 3)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let missed: Vec<(u64, String)> = contents(&got);
+    assert_eq!(missed, [(2, "m2".to_string()), (3, "m3".to_string())]);
+    publish(&mut sims, &mut c, 1, b, "m4");
+    assert_eq!(contents(&ra2.take()), [(4, "m4".to_string())]);
+    // Once: neither node resumes it again.
+    for n in [0, 1] {
+        let (a3, ra3) = sims[n].connect(1, "alice", Protocol::Json);
+        sims[n].send(a3, Some(10), resume());
+        pump(&mut sims, &mut c);
+        assert_eq!(error_code(&ra3.take(), 10), ErrorCode::NotFound, "node {n}");
+    }
+    assert!(c.redis.sessions.is_empty());
+}
+
+#[test]
+fn a_user_is_in_one_voice_channel_across_nodes() {
+    let (mut sims, mut c) = nodes();
+    let (b1, rb1) = sims[1].connect(1, "bob", Protocol::Json);
+    let (b0, rb0) = sims[0].connect(0, "bob", Protocol::Json);
+    let (w, rw) = sims[0].connect(1, "wendy", Protocol::Json);
+    let voice = |ch: &str| {
+        ClientEvent::VoiceJoin(ChannelRef {
+            channel_id: ch.into(),
+        })
+    };
+    sims[1].send(b1, Some(1), voice("lounge"));
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rb1.take(), 1), AckBody::Voice(_)));
+    // The later join wins (at the same millisecond, the node with the
+    // higher id).
+    for sim in sims.iter_mut() {
+        sim.advance(5);
+    }
+    sims[0].send(b0, Some(2), voice("den"));
+    pump(&mut sims, &mut c);
+    assert!(matches!(ack_body(&rb0.take(), 2), AckBody::Voice(_)));
+    let participants = |sims: &mut [Sim], c: &mut Cluster, ch: &str| {
+        sims[0].send(
+            w,
+            Some(3),
+            ClientEvent::VoiceGetParticipants(ChannelRef {
+                channel_id: ch.into(),
+            }),
+        );
+        pump(sims, c);
+        match ack_body(&rw.take(), 3) {
+            AckBody::Voice(v) => v
+                .participants
+                .iter()
+                .map(|p| p.user_id.clone())
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(participants(&mut sims, &mut c, "den"), ["bob"]);
+    assert!(participants(&mut sims, &mut c, "lounge").is_empty());
+    // Node 1's device is out of it: leaving again is refused.
+    sims[1].send(b1, Some(4), ClientEvent::VoiceLeave);
+    pump(&mut sims, &mut c);
+    assert_eq!(error_code(&rb1.take(), 4), ErrorCode::NotFound);
 }
 
 #[test]
@@ -1179,12 +1608,25 @@ fn a_call_held_by_one_node_is_answered_and_ended_on_another() {
 fn members_typing_and_voice_add_up_over_nodes() {
     let (mut sims, mut c) = nodes();
     let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
-    let (b, _) = sims[1].connect(1, "bob", Protocol::Json);
-    let (b2, _) = sims[0].connect(1, "bob", Protocol::Json);
-    for (n, who) in [(0, a), (1, b), (0, b2)] {
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    let (b2, rb2) = sims[0].connect(1, "bob", Protocol::Json);
+    // A join's ack counts the connections on every node.
+    let mut counts = Vec::new();
+    for (n, who, rec) in [(0, a, &ra), (1, b, &rb), (0, b2, &rb2)] {
         sims[n].join(who, "general");
+        pump(&mut sims, &mut c);
+        match super::ack_body(&rec.take(), 1) {
+            AckBody::Join(j) => counts.push(j.members),
+            other => panic!("{other:?}"),
+        }
     }
-    pump(&mut sims, &mut c);
+    assert_eq!(counts, [1, 2, 3]);
+    let name = |n: u64| keys::node_name(n);
+    let kept: Vec<(String, u32)> = c.redis.members["general"]
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    assert_eq!(kept, [(name(1), 2), (name(2), 1)]);
     sims[1].send(
         b,
         Some(1),
@@ -1215,6 +1657,15 @@ fn members_typing_and_voice_add_up_over_nodes() {
     }
     match ask(&mut sims, &mut c, ClientEvent::TypingGetActive(general())) {
         AckBody::Typing(t) => assert_eq!(t.user_ids, ["bob"]),
+        other => panic!("{other:?}"),
+    }
+    // A node that dies takes its connections out of the counts.
+    node_dies(&mut sims, &mut c, 1);
+    let (d, rd) = sims[0].connect(0, "dave", Protocol::Json);
+    sims[0].join(d, "general");
+    pump(&mut sims, &mut c);
+    match super::ack_body(&rd.take(), 1) {
+        AckBody::Join(j) => assert_eq!(j.members, 3),
         other => panic!("{other:?}"),
     }
 }

@@ -2067,6 +2067,11 @@ mod chat_sequences {
         Die {
             node: usize,
         },
+        /// Cluster mode: Redis is at its memory limit (it refuses writes,
+        /// but answers), or no longer.
+        Full {
+            on: bool,
+        },
         /// Every queue, the bridge's included, until nothing moves.
         Settle,
     }
@@ -2278,6 +2283,7 @@ mod chat_sequences {
             1 => any::<bool>().prop_map(|up| Op::Redis { up }),
             1 => (0usize..2, any::<bool>()).prop_map(|(node, up)| Op::Cut { node, up }),
             1 => (0usize..2).prop_map(|node| Op::Die { node }),
+            1 => any::<bool>().prop_map(|on| Op::Full { on }),
         ]
     }
 
@@ -2697,12 +2703,19 @@ mod chat_sequences {
                         }
                         super::cluster::node_dies(&mut w.sims, c, node);
                     }
+                    Op::Full { on } => {
+                        if let Some(c) = &mut w.cluster {
+                            c.redis.full = on;
+                        }
+                    }
                     Op::Settle => w.pump(),
                 }
                 collect(&mut clients, &mut calls);
             }
-            // The cluster comes back whole: Redis up, no node cut off.
+            // The cluster comes back whole: Redis up with room, no node cut
+            // off.
             if let Some(c) = &mut w.cluster {
+                c.redis.full = false;
                 if !c.redis.up {
                     super::cluster::set_up(&mut w.sims, c, true);
                 }
@@ -2712,6 +2725,9 @@ mod chat_sequences {
                     }
                 }
             }
+            w.pump();
+            // What the cluster refused is asked again within a second.
+            w.advance(1_000);
             w.pump();
             collect(&mut clients, &mut calls);
             for c in clients.iter().filter(|c| c.open) {
