@@ -5,102 +5,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis::*;
 use common::*;
 use serde_json::{json, Value};
-
-/// A redis-server of the test's own: no persistence, 127.0.0.1 only.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Redis {
-        Self::start_with(port, &[])
-    }
-
-    fn start_with(port: u16, extra: &[&str]) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is missing: scripts/test.sh installs it (apt-get install redis-server)");
-        let r = Redis { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if r.ping() {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 16];
-        s.write_all(b"PING\r\n").is_ok()
-            && matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn node(redis: &Redis) -> Server {
-    Server::start(&["--shards", "2", "--redis", &redis.url()])
-}
-
-/// A redis-server and two nodes that reach it.
-fn two_nodes() -> (Redis, Server, Server) {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
-    (redis, a, b)
-}
-
-/// Waits until the node's bridge says whether it reaches Redis.
-fn wait_cluster(s: &Server, up: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if s.metric("corecast_cluster_up") == up {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("corecast_cluster_up never became {up}:\n{}", s.log());
-}
 
 /// The next `count` `message:new` events: (offset, content).
 async fn messages(p: &mut Peer, count: usize) -> Vec<(u64, String)> {
@@ -808,16 +717,6 @@ async fn a_node_cut_off_from_redis_gets_what_the_others_said_meanwhile() {
 }
 
 /// A Redis command through `redis-cli` (installed with redis-server).
-fn redis_cli(redis: &Redis, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is missing: scripts/test.sh installs it (apt-get install redis-server)");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn devices(d: &Value) -> Vec<&str> {
     d["devices"]
         .as_array()
@@ -932,116 +831,6 @@ async fn presence_adds_up_over_nodes_and_a_killed_node_takes_its_users_offline()
     )
     .await
     .unwrap_or_else(|_| panic!("frank stayed online after his node stopped:\n{}", b.log()));
-}
-
-/// A three-master Redis Cluster of the test's own (redis-server with
-/// `--cluster-enabled`, joined by `redis-cli --cluster create`), its files
-/// in a temporary directory.
-struct RedisCluster {
-    masters: Vec<Redis>,
-    dir: std::path::PathBuf,
-}
-
-impl RedisCluster {
-    fn start() -> RedisCluster {
-        let dir = std::env::temp_dir().join(format!(
-            "corecast-redis-cluster-{}-{:x}",
-            std::process::id(),
-            rand_u64()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut masters = Vec::new();
-        while masters.len() < 3 {
-            // The cluster bus listens on the port + 10000.
-            let port = free_port();
-            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
-                continue;
-            }
-            let conf = dir.join(format!("nodes-{port}.conf"));
-            masters.push(Redis::start_with(
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf.to_str().unwrap(),
-                    "--dir",
-                    dir.to_str().unwrap(),
-                ],
-            ));
-        }
-        let addrs: Vec<String> = masters
-            .iter()
-            .map(|r| format!("127.0.0.1:{}", r.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect(
-                "redis-cli is missing: scripts/test.sh installs it (apt-get install redis-server)",
-            );
-        assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
-        let c = RedisCluster { masters, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c
-            .masters
-            .iter()
-            .all(|m| redis_cli(m, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the Redis Cluster never became ok"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        c
-    }
-
-    fn urls(&self) -> String {
-        self.masters
-            .iter()
-            .map(|m| m.url())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// Subscribers of a sharded pub/sub channel, over the masters (only the
-    /// one serving the channel's slot has any).
-    fn shard_subscribers(&self, channel: &str) -> Vec<u64> {
-        self.masters
-            .iter()
-            .map(|m| {
-                let out = redis_cli(m, &["PUBSUB", "SHARDNUMSUB", channel]);
-                out.lines().nth(1).unwrap_or("0").trim().parse().unwrap()
-            })
-            .collect()
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for m in &mut self.masters {
-            m.kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(1);
-    h.finish()
 }
 
 #[tokio::test]
