@@ -207,15 +207,15 @@ async fn publisher(mut p: Peer, stop: Arc<AtomicBool>) -> (Vec<String>, Vec<Stri
 
 /// Runs the publisher and a member on each node around `fault`, then
 /// checks that every acked message reached both members, once per epoch.
-async fn around<F, Fut>(redis: Redis, fault: F) -> (Redis, Vec<String>)
-where
-    F: FnOnce(Redis) -> Fut,
-    Fut: std::future::Future<Output = Redis>,
-{
-    let (a, b) = (fault_node(&redis), fault_node(&redis));
-    let pubr = Peer::on(&a, "publisher", 0, "").await;
-    let ma = Peer::on(&a, "member-a", 1, "").await;
-    let mb = Peer::on(&b, "member-b", 0, "").await;
+/// Returns what was refused, and what `fault` gave.
+async fn around<T>(
+    a: &Server,
+    b: &Server,
+    fault: impl std::future::Future<Output = T>,
+) -> (Vec<String>, T) {
+    let pubr = Peer::on(a, "publisher", 0, "").await;
+    let ma = Peer::on(a, "member-a", 1, "").await;
+    let mb = Peer::on(b, "member-b", 0, "").await;
     let ma = tokio::spawn(member(ma, "member on node a"));
     let mb = tokio::spawn(member(mb, "member on node b"));
     // The members are in before anything is published.
@@ -225,9 +225,9 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let sender = tokio::spawn(publisher(pubr, stop.clone()));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let redis = fault(redis).await;
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let out = fault.await;
+    wait_cluster(a, 1);
+    wait_cluster(b, 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, refused, mut pubr) = sender.await.unwrap();
@@ -278,29 +278,28 @@ where
         ca.recoveries,
         cb.recoveries
     );
-    (redis, refused)
+    (refused, out)
 }
 
 #[tokio::test]
 async fn redis_paused_past_every_timeout_loses_no_acked_message() {
     let redis = Redis::start();
-    let (_redis, refused) = around(redis, |redis| async move {
+    let (a, b) = (fault_node(&redis), fault_node(&redis));
+    around(&a, &b, async {
         signal(&redis, "STOP");
         // Past the link's timeout (1 s), the node timeout (2 s) and any
         // request's timeout (5 s).
         tokio::time::sleep(Duration::from_secs(6)).await;
         signal(&redis, "CONT");
-        redis
     })
     .await;
-    // Some were in flight when the link was given up: refused, not acked.
-    let _ = refused;
 }
 
 #[tokio::test]
 async fn redis_at_its_memory_limit_refuses_and_loses_no_acked_message() {
     let redis = Redis::start();
-    let (redis, refused) = around(redis, |redis| async move {
+    let (a, b) = (fault_node(&redis), fault_node(&redis));
+    let (refused, ()) = around(&a, &b, async {
         // Just above what Redis uses now: the log soon fills it.
         let used: u64 = redis_cli(&redis, &["MEMORY", "STATS"])
             .lines()
@@ -313,7 +312,6 @@ async fn redis_at_its_memory_limit_refuses_and_loses_no_acked_message() {
         redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
         tokio::time::sleep(Duration::from_secs(3)).await;
         redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
-        redis
     })
     .await;
     assert!(
@@ -321,17 +319,50 @@ async fn redis_at_its_memory_limit_refuses_and_loses_no_acked_message() {
         "a full Redis refuses: {:?}",
         &refused[..refused.len().min(3)]
     );
-    drop(redis);
 }
 
 #[tokio::test]
 async fn redis_restarted_empty_loses_no_acked_message() {
-    let redis = Redis::start();
-    let (_redis, _) = around(redis, |mut redis| async move {
-        let port = redis.port;
+    let mut redis = Redis::start();
+    let (a, b) = (fault_node(&redis), fault_node(&redis));
+    let port = redis.port;
+    let (_, _redis) = around(&a, &b, async move {
         redis.kill();
         tokio::time::sleep(Duration::from_secs(3)).await;
         Redis::start_on(port)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_cluster_master_killed_mid_stream_fails_over_and_loses_no_acked_message() {
+    // Three masters with a replica each; a replica takes over a second
+    // after its master stops answering.
+    let mut rc = RedisCluster::start_with(1, &["--cluster-node-timeout", "1000"]);
+    let start = || {
+        let s = Server::start(&[
+            "--shards",
+            "2",
+            "--redis-cluster",
+            &rc.urls(),
+            "--node-timeout-ms",
+            NODE_TIMEOUT_MS,
+        ]);
+        wait_cluster(&s, 1);
+        s
+    };
+    let (a, b) = (start(), start());
+    let port = rc.master_of(CHANNEL).port;
+    let rc = &mut rc;
+    around(&a, &b, async move {
+        // The master of the channel's slot dies without a word.
+        let dead = rc.masters.iter_mut().find(|m| m.port == port).unwrap();
+        dead.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rc.try_master_of(CHANNEL).is_none_or(|m| m.port == port) {
+            assert!(Instant::now() < deadline, "no replica took over");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
 }
@@ -343,4 +374,69 @@ fn signal(redis: &Redis, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -{sig}");
+}
+
+/// Runs `sequence.lua` once on `redis` for channel `c` with one event;
+/// returns the epoch it answered.
+fn sequence_once(redis: &Redis, fresh_epoch: &str) -> String {
+    let script = include_str!("../src/cluster/scripts/sequence.lua");
+    let out = redis_cli(
+        redis,
+        &[
+            "EVAL",
+            script,
+            "3",
+            "cc:{c}:meta",
+            "cc:{c}:log",
+            "cc:{c}:nonces",
+            "cc:{c}",
+            fresh_epoch,
+            "100",
+            "60000",
+            "PUBLISH",
+            "an event",
+            "",
+        ],
+    );
+    out.lines().next().unwrap().to_string()
+}
+
+#[test]
+fn a_promoted_replica_starts_each_channel_over_under_a_new_epoch() {
+    // What a replica lacks of its dead master's last writes must not be
+    // given again under the same epoch: on a promoted replica (a new
+    // replication id) the channel starts over.
+    let mut master = Redis::start();
+    let replica = Redis::start();
+    assert_eq!(sequence_once(&master, "e1"), "e1");
+    assert_eq!(
+        sequence_once(&master, "unused"),
+        "e1",
+        "the same Redis keeps it"
+    );
+    redis_cli(
+        &replica,
+        &["REPLICAOF", "127.0.0.1", &master.port.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis_cli(&replica, &["INFO", "replication"]).contains("master_link_status:up") {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    while redis_cli(&replica, &["EXISTS", "cc:{c}:meta"]) != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the channel never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    master.kill();
+    redis_cli(&replica, &["REPLICAOF", "NO", "ONE"]);
+    assert_eq!(sequence_once(&replica, "e2"), "e2", "promoted: a new epoch");
+    assert_eq!(
+        redis_cli(&replica, &["XLEN", "cc:{c}:log"]),
+        "1",
+        "started over"
+    );
+    assert_eq!(sequence_once(&replica, "unused"), "e2");
 }

@@ -62,11 +62,27 @@ impl Ctx {
     async fn open(&self, i: usize, room: Option<&str>) -> Result<Conn, BenchError> {
         let p = self.common.protocol;
         let url = &self.urls[i % self.urls.len()];
+        if p == BenchProtocol::SocketIo {
+            let now = jsonwebtoken::get_current_timestamp();
+            let token = crate::auth::mint(&self.auth, &format!("bench-{i}"), 86_400, None, now)
+                .map_err(|e| BenchError(format!("cannot mint a token: {e}")))?;
+            let room = room.map(|r| self.room(r));
+            let (stream, reader) = super::socketio::open(
+                url,
+                self.source(i),
+                &token,
+                room.as_deref(),
+                secs(self.common.connect_timeout),
+            )
+            .await
+            .map_err(|e| BenchError(format!("connection {i}: {e}")))?;
+            return Ok(Conn { stream, reader });
+        }
         let mut opts = match p {
             BenchProtocol::Raw => {
                 ConnectOptions::new(url.with_query("room", &self.room(room.unwrap_or("idle"))))
             }
-            BenchProtocol::Json | BenchProtocol::Binary => {
+            BenchProtocol::Json | BenchProtocol::Binary | BenchProtocol::SocketIo => {
                 let now = jsonwebtoken::get_current_timestamp();
                 let token = crate::auth::mint(&self.auth, &format!("bench-{i}"), 86_400, None, now)
                     .map_err(|e| BenchError(format!("cannot mint a token: {e}")))?;
@@ -79,6 +95,7 @@ impl Ctx {
             }
         };
         opts.source_ip = self.source(i);
+        opts.timeout = secs(self.common.connect_timeout);
         let mut c = Client::connect(&opts)
             .await
             .map_err(|e| BenchError(format!("connection {i}: {e}")))?;
@@ -96,6 +113,9 @@ impl Ctx {
         let content = make_content(stamp, self.common.payload);
         match self.common.protocol {
             BenchProtocol::Raw => masker.append(out, OpCode::Text, content.as_bytes()),
+            BenchProtocol::SocketIo => {
+                super::socketio::publish(out, masker, &self.room(room), &content)
+            }
             p => {
                 let msg = ClientMessage {
                     id: None,
@@ -122,6 +142,7 @@ struct Conn {
 fn stamp_of(p: BenchProtocol, payload: &[u8]) -> Option<u64> {
     match p {
         BenchProtocol::Raw => parse_stamp(payload),
+        BenchProtocol::SocketIo => parse_stamp(super::socketio::content_of(payload)?),
         BenchProtocol::Json => {
             const NEW: &[u8] = br#"{"t":"message:new""#;
             const CONTENT: &[u8] = br#""content":""#;
@@ -233,6 +254,11 @@ async fn reader(
         loop {
             match frames.next() {
                 Ok(Some(f)) => match f.opcode {
+                    OpCode::Text
+                        if p == BenchProtocol::SocketIo && super::socketio::is_ping(f.payload) =>
+                    {
+                        masker.append(&mut pong, OpCode::Text, b"3")
+                    }
                     OpCode::Text | OpCode::Binary if count && stats.counting.get() => {
                         if let Some(sent) = stamp_of(p, f.payload) {
                             stats.delivery(sent, now);
@@ -392,7 +418,9 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
     }
     let url = &urls[0];
     let conns = match workload {
-        Workload::Echo { connections, .. } | Workload::Idle { connections, .. } => connections,
+        Workload::Echo { connections, .. }
+        | Workload::Idle { connections, .. }
+        | Workload::Connect { connections, .. } => connections,
         Workload::Fanout { shape, .. } | Workload::Max { shape, .. } => {
             shape.channels * (shape.members + 1)
         }
@@ -547,6 +575,13 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
         Workload::Idle { connections, hold } => {
             idle(&ctx, connections, secs(hold)).await.map(|v| vec![v])
         }
+        Workload::Connect {
+            connections,
+            channels,
+            hold,
+        } => connect(&ctx, connections, channels, secs(hold))
+            .await
+            .map(|v| vec![v]),
     }
 }
 
@@ -927,6 +962,56 @@ async fn echo_loop(
         }
     }
     Ok(())
+}
+
+/// A reconnect storm: every connection opens, authenticates and joins its
+/// channel, `--connect-parallel` at a time.
+async fn connect(
+    ctx: &Rc<Ctx>,
+    n: usize,
+    channels: usize,
+    hold: Duration,
+) -> Result<Value, BenchError> {
+    let procs = Procs::start(&ctx.common.server_pid);
+    let t0 = Instant::now();
+    let conns = open_all(
+        ctx,
+        n,
+        Rc::new(move |i| Some(format!("storm{}", i % channels))),
+        "connect",
+    )
+    .await?;
+    let joined_s = t0.elapsed().as_secs_f64();
+    let cpu = procs.finish();
+    let stats = Stats::new();
+    for c in conns {
+        start(c, stats.clone(), ctx.clone(), false, IDLE_READ);
+    }
+    monoio::time::sleep(hold).await;
+    let per_connect_us = cpu.server_cpu_s.map(|s| s * 1e6 / n as f64);
+    eprintln!(
+        "connect: {n} connections over {} node(s) joined {channels} channels in {joined_s:.2} s ({}/s), {} parallel; server CPU {}; load generator {:.0}% of its core; {} closed while held",
+        ctx.urls.len(),
+        si(n as f64 / joined_s),
+        ctx.common.connect_parallel,
+        per_connect_us.map_or("not measured (give --server-pid)".to_string(), |u| format!("{u:.1} µs per connect")),
+        cpu.loadgen_core_share * 100.0,
+        stats.closed.get()
+    );
+    Ok(json!({
+        "workload": "connect",
+        "target": ctx.common.url,
+        "protocol": ctx.common.protocol.name(),
+        "connections": n,
+        "channels": channels,
+        "connect_parallel": ctx.common.connect_parallel,
+        "joined_seconds": joined_s,
+        "connects_per_s": (n as f64 / joined_s).round(),
+        "server_cpu_s": cpu.server_cpu_s,
+        "server_cpu_us_per_connect": per_connect_us,
+        "loadgen_core_share": cpu.loadgen_core_share,
+        "closed_connections": stats.closed.get(),
+    }))
 }
 
 async fn idle(ctx: &Rc<Ctx>, n: usize, hold: Duration) -> Result<Value, BenchError> {

@@ -10,6 +10,7 @@
 
 mod load;
 mod report;
+mod socketio;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -29,6 +30,12 @@ pub enum BenchProtocol {
     /// Any broadcast server: connect to `URL?room=NAME`, send text, every
     /// member of the room (the sender included) receives it.
     Raw,
+    /// A Socket.IO 4 server (WebSocket transport) with corecast's event
+    /// names: `channel:join` with an ack, `message:send` /
+    /// `message:new`; the token goes in the namespace's auth. The URL is
+    /// the server's `/socket.io/` path.
+    #[value(name = "socketio")]
+    SocketIo,
 }
 
 impl BenchProtocol {
@@ -37,6 +44,7 @@ impl BenchProtocol {
             BenchProtocol::Json => "json",
             BenchProtocol::Binary => "binary",
             BenchProtocol::Raw => "raw",
+            BenchProtocol::SocketIo => "socketio",
         }
     }
 }
@@ -73,6 +81,10 @@ pub struct Common {
     /// Connections opened at once while setting up.
     #[arg(long, default_value_t = 64, global = true)]
     pub connect_parallel: usize,
+    /// Seconds a connection may take to open, authenticate and join (a
+    /// storm against a slow server needs more than the default).
+    #[arg(long, default_value_t = 10.0, global = true)]
+    pub connect_timeout: f64,
     /// Local addresses to connect from, 127.0.0.1 and up (loopback
     /// targets only; each gives about 28,000 ports). 0 picks enough for
     /// the connection count.
@@ -149,6 +161,22 @@ pub enum Workload {
         /// A step passes when its p99 latency is at most this (ms).
         #[arg(long, default_value_t = 10.0)]
         p99_bound_ms: f64,
+    },
+    /// A reconnect storm: N connections, each its own user, each joining
+    /// one of R channels (connection i joins channel i mod R), opened
+    /// --connect-parallel at a time; reports the time until every one is
+    /// joined, and the servers' CPU per connect (with --server-pid).
+    Connect {
+        /// Connections.
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        connections: usize,
+        /// Channels.
+        #[arg(long, short = 'r', default_value_t = 100)]
+        channels: usize,
+        /// Seconds to hold them once joined (a connection the server
+        /// closes meanwhile is counted).
+        #[arg(long, default_value_t = 1.0)]
+        hold: f64,
     },
     /// Opens N connections and holds them, then reports the server's RSS
     /// per connection (with --server-pid) and the connect rate.
@@ -250,6 +278,9 @@ fn validate(common: &Common, w: &Workload) -> Result<(), BenchError> {
     if common.connect_parallel == 0 {
         return err("--connect-parallel must be at least 1");
     }
+    if !(common.connect_timeout > 0.0 && common.connect_timeout <= 3600.0) {
+        return err("--connect-timeout must be between 0 and 3600 seconds");
+    }
     if common.source_ips > 1 && !is_loopback_host(&url.host) {
         return err("--source-ips needs a loopback target (127.0.0.0/8)");
     }
@@ -300,6 +331,17 @@ fn validate(common: &Common, w: &Workload) -> Result<(), BenchError> {
                 return err("--p99-bound-ms must be positive");
             }
         }
+        Workload::Connect {
+            connections,
+            channels,
+            hold,
+        } => {
+            if connections == 0 || channels == 0 || !(0.0..=3600.0).contains(&hold) {
+                return err(
+                    "connect needs --connections >= 1, --channels >= 1 and 0 <= --hold <= 3600",
+                );
+            }
+        }
         Workload::Idle { connections, hold } => {
             if connections == 0 || !(0.0..=86_400.0).contains(&hold) {
                 return err("idle needs --connections >= 1 and 0 <= --hold <= 86400");
@@ -324,7 +366,9 @@ fn is_loopback_host(host: &str) -> bool {
 
 fn needed_fds(w: &Workload) -> u64 {
     let conns = match *w {
-        Workload::Echo { connections, .. } | Workload::Idle { connections, .. } => connections,
+        Workload::Echo { connections, .. }
+        | Workload::Idle { connections, .. }
+        | Workload::Connect { connections, .. } => connections,
         Workload::Fanout { shape, .. } | Workload::Max { shape, .. } => {
             shape.channels * (shape.members + 1)
         }
@@ -556,6 +600,7 @@ mod tests {
             server_pid: Vec::new(),
             payload: 64,
             connect_parallel: 8,
+            connect_timeout: 10.0,
             source_ips: 0,
             driver: Driver::Uring,
             prefix: None,

@@ -346,12 +346,8 @@ fn run_ops(link: &Link, scripts: &Scripts, ops: Vec<(OpId, Op)>) -> Batch {
             let mut out = Vec::with_capacity(subs.len());
             for (id, op) in subs {
                 let r = match op {
-                    Op::Subscribe { names, sharded } => {
-                        subscribe(sink.clone(), &names, sharded, true).await
-                    }
-                    Op::Unsubscribe { names, sharded } => {
-                        subscribe(sink.clone(), &names, sharded, false).await
-                    }
+                    Op::Subscribe { names, .. } => subscribe(sink.clone(), &names, true).await,
+                    Op::Unsubscribe { names, .. } => subscribe(sink.clone(), &names, false).await,
                     _ => unreachable!("only subscriptions here"),
                 };
                 out.push((id, r));
@@ -452,20 +448,10 @@ pub async fn leave(mut conn: Conn, node: u64) -> Result<(), RedisError> {
     forget_node(conn, node).await
 }
 
-async fn subscribe(
-    mut sink: Subs,
-    names: &[String],
-    sharded: bool,
-    on: bool,
-) -> Result<Reply, Fault> {
-    for name in names {
-        let r = match (on, sharded) {
-            (true, true) => sink.follow(name).await,
-            (true, false) => sink.subscribe_all(name).await,
-            (false, _) => sink.unfollow(name).await,
-        };
-        r.map_err(|e| fault(&e))?;
-    }
+/// Follows or stops following (`on`) channels and users: sharded pub/sub
+/// on a Redis Cluster (the link knows which it is).
+async fn subscribe(mut sink: Subs, names: &[String], on: bool) -> Result<Reply, Fault> {
+    sink.follow_many(names, on).await.map_err(|e| fault(&e))?;
     Ok(Reply::Done)
 }
 
@@ -591,12 +577,12 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             depth,
             ttl_ms,
         } => {
-            let [meta, log, _] = keys::channel_keys(channel);
+            let [meta, log, nonces] = keys::channel_keys(channel);
             let members = keys::members(channel);
             let mut c = script(
                 &s.load,
                 include_str!("scripts/load.lua"),
-                &[&meta, &log, &members],
+                &[&meta, &log, &members, &nonces],
             );
             c.arg(depth).arg(fresh_epoch).arg(ttl_ms);
             vec![c]

@@ -166,7 +166,45 @@ impl Subs {
             Subs::Cluster(c) => c.subscribe(name).await,
         }
     }
+
+    /// Follows (or stops following, `on` false) many channels and users at
+    /// once: on one Redis, a command per `SUBSCRIBE_BATCH` names; on a
+    /// Redis Cluster, each name at its slot's master, all side by side.
+    pub async fn follow_many(&mut self, names: &[String], on: bool) -> RedisResult<()> {
+        match self {
+            Subs::One(s) => {
+                for chunk in names.chunks(SUBSCRIBE_BATCH) {
+                    match on {
+                        true => s.subscribe(chunk).await?,
+                        false => s.unsubscribe(chunk).await?,
+                    }
+                }
+                Ok(())
+            }
+            Subs::Cluster(c) => {
+                let mut each: futures_util::stream::FuturesUnordered<_> = names
+                    .iter()
+                    .map(|name| {
+                        let mut c = c.clone();
+                        async move {
+                            match on {
+                                true => c.ssubscribe(name).await,
+                                false => c.sunsubscribe(name).await,
+                            }
+                        }
+                    })
+                    .collect();
+                while let Some(r) = each.next().await {
+                    r?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
+
+/// Names per `SUBSCRIBE` command on one Redis.
+const SUBSCRIBE_BATCH: usize = 1024;
 
 /// A published message: as one Redis's pub/sub connection gave it (not
 /// copied), or taken out of a Redis Cluster's push.

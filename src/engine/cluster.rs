@@ -1304,15 +1304,23 @@ impl<O: Outbound> Engine<O> {
             }
             return;
         }
-        if !matches!(o.link, Link::Attached) || offset <= o.offset {
-            // Not followed, or already loaded with the channel.
+        if !matches!(o.link, Link::Attached) {
+            // Not followed.
             return;
         }
         if *o.epoch != *epoch {
-            // The channel's keys expired in Redis and it started over.
-            o.reset_history();
-            o.epoch = epoch;
-        } else if offset != o.offset + 1 {
+            // The channel started over in Redis (its keys expired, or
+            // Redis restarted or failed over): reloaded, and everything
+            // of the new epoch is delivered then.
+            o.cluster_mark = Some((o.epoch.clone(), o.offset));
+            o.link = Link::Attaching(Vec::new());
+            return self.send_bridge(ToBridge::Attach { channel }, now, tx);
+        }
+        if offset <= o.offset {
+            // Already loaded with the channel.
+            return;
+        }
+        if offset != o.offset + 1 {
             // Events were lost between Redis and this node: load the
             // channel again; what was missed is delivered then.
             self.metrics.cluster_gaps.inc();

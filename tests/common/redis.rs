@@ -119,6 +119,12 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        Self::start_with(0, &[])
+    }
+
+    /// Three masters with `replicas` replicas each (the first three of
+    /// `masters` are the masters then), every server started with `extra`.
+    pub fn start_with(replicas: usize, extra: &[&str]) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "corecast-redis-cluster-{}-{:x}",
             std::process::id(),
@@ -126,23 +132,34 @@ impl RedisCluster {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let mut masters = Vec::new();
-        while masters.len() < 3 {
+        while masters.len() < 3 * (1 + replicas) {
             // The cluster bus listens on the port + 10000.
             let port = free_port();
             if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
                 continue;
             }
             let conf = dir.join(format!("nodes-{port}.conf"));
+            let dump = format!("dump-{port}.rdb");
             masters.push(Redis::start_with(
                 port,
                 &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf.to_str().unwrap(),
-                    "--dir",
-                    dir.to_str().unwrap(),
-                ],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        conf.to_str().unwrap(),
+                        "--dir",
+                        dir.to_str().unwrap(),
+                        "--dbfilename",
+                        &dump,
+                        // A replica is in sync at once (a replica that
+                        // never synced cannot take over).
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ][..],
+                    extra,
+                ]
+                .concat(),
             ));
         }
         let addrs: Vec<String> = masters
@@ -152,7 +169,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect(
                 "redis-cli is missing: scripts/test.sh installs it (apt-get install redis-server)",
@@ -171,6 +188,17 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for r in &c.masters {
+            loop {
+                let info = redis_cli(r, &["INFO", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a replica never synced:\n{info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         c
     }
 
@@ -180,6 +208,41 @@ impl RedisCluster {
             .map(|m| m.url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The server that is master of `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> &Redis {
+        self.try_master_of(key)
+            .unwrap_or_else(|| panic!("no master serves the slot of {key}"))
+    }
+
+    /// The same; `None` while no live master serves it (a failover).
+    pub fn try_master_of(&self, key: &str) -> Option<&Redis> {
+        let any = self
+            .masters
+            .iter()
+            .find(|m| m.ping())
+            .expect("a live server");
+        let slot: u64 = redis_cli(any, &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap();
+        let nodes = redis_cli(any, &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) {
+                    if (a..=b).contains(&slot) {
+                        return self.masters.iter().find(|m| m.port == port);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Subscribers of a sharded pub/sub channel, over the masters (only the

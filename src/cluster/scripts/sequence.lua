@@ -9,11 +9,18 @@
 -- message sent again (then not kept nor published: the offset is the
 -- first one's). The new events are published as one payload,
 -- `<first offset>:<epoch>:` and `<length>:<archive>` for each.
+--
+-- The channel's epoch remembers the replication id of the Redis that keeps
+-- it: a replica promoted after its master died (or a Redis restarted from
+-- a snapshot) may lack what the other published last, so there the
+-- channel starts over under a new epoch, as on a Redis restarted empty
+-- (an offset is never given twice in one epoch).
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
+if not epoch or redis.call('HGET', KEYS[1], 'rid') ~= rid then
   epoch = ARGV[2]
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'rid', rid)
 end
 local depth = tonumber(ARGV[3])
 local out = {epoch}

@@ -872,6 +872,38 @@ fn what_a_node_sequenced_alone_is_handed_over_once_when_redis_is_back() {
 }
 
 #[test]
+fn a_channel_that_starts_over_in_redis_is_reloaded_and_nothing_is_missed() {
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    for text in ["one", "two", "three"] {
+        publish(&mut sims, &mut c, 1, b, text);
+    }
+    assert_eq!(contents(&ra.take()).len(), 3);
+    rb.take();
+    // Redis forgets the channel (its keys expired, or a replica that
+    // lacked them took over): the next events start over at offset 1.
+    c.redis.channels.remove("general");
+    publish(&mut sims, &mut c, 1, b, "four");
+    publish(&mut sims, &mut c, 1, b, "five");
+    let got = contents(&ra.take());
+    assert_eq!(
+        got,
+        [(1, "four".to_string()), (2, "five".to_string())],
+        "the new epoch, whole, on the node that had more"
+    );
+    let epoch = c.redis.channels["general"].epoch.clone();
+    let owner = owner_of("general", SHARDS) as usize;
+    assert_eq!(
+        &*sims[0].shards[owner].owned[&Arc::<str>::from("general")].epoch,
+        epoch.as_str()
+    );
+}
+
+#[test]
 fn a_full_redis_refuses_and_takes_what_was_sequenced_alone_once_it_has_room() {
     let (mut sims, mut c) = nodes();
     let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
