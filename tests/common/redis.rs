@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use super::Server;
 
-/// A redis-server of the test's own: no persistence, 127.0.0.1 only.
+/// A redis-server of the test's own: no persistence, 127.0.0.1 only, its
+/// files (a replica's copy) in a directory of its own, removed with it.
 pub struct Redis {
     pub child: Child,
     pub port: u16,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -29,15 +31,24 @@ impl Redis {
     }
 
     pub fn start_with(port: u16, extra: &[&str]) -> Redis {
+        let dir = (!extra.contains(&"--dir")).then(|| {
+            let d = std::env::temp_dir().join(format!("corecast-redis-{port}-{:x}", rand_u64()));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        });
+        let dir_args = dir
+            .iter()
+            .flat_map(|d| ["--dir".to_string(), d.display().to_string()]);
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(dir_args)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is missing: scripts/test.sh installs it (apt-get install redis-server)");
-        let r = Redis { child, port };
+        let r = Redis { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if r.ping() {
@@ -71,6 +82,9 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
