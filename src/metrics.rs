@@ -98,11 +98,15 @@ pub struct ClusterMetrics {
     pub failed: Counter,
     /// Channels this node follows (gauge).
     pub channels: Counter,
+    /// Round trips to Redis: rounds of operations sent at once.
+    pub rounds: Counter,
+    /// Operations sent to Redis (many to a round).
+    pub ops: Counter,
 }
 
 /// Appends the bridge's figures to [`render`]'s text.
 pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
-    let series: [(&str, &str, &str, &Counter); 6] = [
+    let series: [(&str, &str, &str, &Counter); 8] = [
         (
             "cluster_up",
             "gauge",
@@ -138,6 +142,18 @@ pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
             "gauge",
             "Channels this node follows in Redis.",
             &m.channels,
+        ),
+        (
+            "cluster_rounds_total",
+            "counter",
+            "Round trips to Redis (each carries every operation of a round).",
+            &m.rounds,
+        ),
+        (
+            "cluster_ops_total",
+            "counter",
+            "Operations sent to Redis (scripts, publishes, reads; many to a round).",
+            &m.ops,
         ),
     ];
     for (name, kind, help, c) in series {

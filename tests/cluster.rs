@@ -1395,3 +1395,92 @@ async fn members_hear_of_a_kick_once_whichever_nodes_hold_the_user() {
         assert_eq!(kicks, 1, "{events:?}");
     }
 }
+
+#[tokio::test]
+async fn a_reconnect_storm_joins_everyone_without_a_redis_round_trip_on_the_way() {
+    // 10 rooms followed by both nodes, then Redis paused: a storm of
+    // clients, each its own user, connects, authenticates and joins while
+    // Redis answers nothing. Every one is joined (nothing on the way waited
+    // for Redis); once Redis runs again, what the storm needs of it goes in
+    // a few rounds, not one per connection, and every user is online on
+    // both nodes.
+    const N: usize = 300;
+    const ROOMS: usize = 10;
+    let (redis, a, b) = two_nodes();
+    let mut anchors = Vec::new();
+    for (k, s) in [(0, &a), (1, &b)] {
+        for r in 0..ROOMS {
+            let mut p = Peer::on(s, &format!("anchor{k}-{r}"), 0, "").await;
+            p.ok("channel:join", json!({"channelId": format!("room{r}")}))
+                .await;
+            anchors.push(p);
+        }
+    }
+    let rounds =
+        || a.metric("corecast_cluster_rounds_total") + b.metric("corecast_cluster_rounds_total");
+    let ops = || a.metric("corecast_cluster_ops_total") + b.metric("corecast_cluster_ops_total");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &redis.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let (rounds_before, ops_before) = (rounds(), ops());
+    let clients = futures_util::future::join_all((0..N).map(|i| {
+        let server = if i % 2 == 0 { &a } else { &b };
+        async move {
+            let (mut ws, _) = ws_user(server, &format!("storm{i}")).await;
+            let ack = join(&mut ws, &format!("room{}", i % ROOMS), 1).await;
+            (ws, ack)
+        }
+    }))
+    .await;
+    let joined = clients.iter().filter(|(_, ack)| ack["t"] == "ack").count();
+    assert_eq!(joined, N, "every client joined while Redis was paused");
+    // With Redis paused at most one round per node is in flight.
+    assert!(
+        rounds() - rounds_before <= 2,
+        "{} rounds",
+        rounds() - rounds_before
+    );
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let online = |v: &Value| {
+        v["presences"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|p| p["status"] == "online").count())
+    };
+    // Each node sees the users connected to the other one online.
+    let (on_a, on_b) = anchors.split_at_mut(ROOMS);
+    for (k, watcher) in [(0usize, &mut on_a[0]), (1, &mut on_b[0])] {
+        let others: Vec<String> = (0..N)
+            .filter(|i| i % 2 != k)
+            .map(|i| format!("storm{i}"))
+            .collect();
+        loop {
+            let v = watcher
+                .ok("presence:get_bulk", json!({"userIds": others}))
+                .await;
+            if online(&v) == others.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {k} sees {} of {} online",
+                online(&v),
+                others.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (r, o) = (rounds() - rounds_before, ops() - ops_before);
+    eprintln!("{N} connections: {r} rounds to Redis, {o} operations");
+    assert!(
+        r * 10 < N as u64,
+        "{r} rounds to Redis for {N} connections ({o} operations)"
+    );
+    drop(clients);
+}

@@ -116,6 +116,7 @@ async fn run(node: Arc<Node>, mut bell: tokio::net::UnixStream) {
         }
     };
     let (id, metrics) = node.cluster.clone().expect("cluster mode");
+    let round_trips = metrics.clone();
     let shards = node.shards();
     let me = super::bridge_endpoint(shards);
     let started = Instant::now();
@@ -186,7 +187,11 @@ async fn run(node: Arc<Node>, mut bell: tokio::net::UnixStream) {
         if !queued.is_empty() && in_flight.is_empty() {
             let ops = std::mem::take(&mut queued);
             match &link {
-                Some(l) => in_flight.push(run_ops(l, &scripts, ops)),
+                Some(l) => {
+                    round_trips.rounds.inc();
+                    round_trips.ops.add(ops.len() as u64);
+                    in_flight.push(run_ops(l, &scripts, ops))
+                }
                 None => {
                     for (id, _) in ops {
                         core.answered(id, Err(Fault::Lost("no link".into())), now());
