@@ -100,9 +100,11 @@ pub struct Owned {
     /// offset applied from it, so that what other nodes published meanwhile
     /// is delivered here once the channel is followed again.
     pub cluster_mark: Option<(Arc<str>, u64)>,
-    /// In a cluster without Redis: the epoch under which this node
-    /// sequenced messages alone, and how many.
-    pub alone: Option<(Arc<str>, usize)>,
+    /// In a cluster without Redis: the epochs under which this node
+    /// sequenced messages alone, and how many under each (oldest first;
+    /// more than one when Redis went away again before the channel was
+    /// loaded, so that nothing of an earlier outage is forgotten).
+    pub alone: Vec<(Arc<str>, usize)>,
     /// Messages sequenced alone, waiting for the cluster to take them
     /// (oldest first).
     pub handover: Vec<MessageNew>,
@@ -145,7 +147,7 @@ impl Owned {
             read: HashMap::new(),
             link: Link::Local,
             cluster_mark: None,
-            alone: None,
+            alone: Vec::new(),
             handover: Vec::new(),
             retry_due: false,
             remote_members: Vec::new(),
@@ -217,26 +219,31 @@ impl Owned {
     /// to be: past `history_size` a channel takes no more until the
     /// cluster is back.
     pub fn waiting_for_cluster(&self) -> usize {
-        self.alone.as_ref().map_or(0, |a| a.1) + self.handover.len()
+        self.alone.iter().map(|a| a.1).sum::<usize>() + self.handover.len()
     }
 
     /// Counts a message sequenced alone under the current epoch.
     pub fn sequenced_alone(&mut self) {
-        match &mut self.alone {
+        match self.alone.last_mut() {
             Some((e, n)) if *e == self.epoch => *n += 1,
-            _ => self.alone = Some((self.epoch.clone(), 1)),
+            _ => self.alone.push((self.epoch.clone(), 1)),
         }
     }
 
     /// The messages sequenced alone that the history still holds, as they
     /// stand now (edited; deleted ones are gone), to hand over.
     pub fn take_alone(&mut self) -> Vec<MessageNew> {
-        let Some((epoch, _)) = self.alone.take() else {
+        let alone = std::mem::take(&mut self.alone);
+        if alone.is_empty() {
             return Vec::new();
-        };
+        }
         self.messages
             .iter()
-            .filter(|m| offset_of(&epoch, &m.msg.message_id).is_some())
+            .filter(|m| {
+                alone
+                    .iter()
+                    .any(|(epoch, _)| offset_of(epoch, &m.msg.message_id).is_some())
+            })
             .map(|m| m.msg.clone())
             .collect()
     }

@@ -52,6 +52,18 @@ pub(super) struct Redis {
 }
 
 impl Redis {
+    /// A channel's state, made under `fresh_epoch` if Redis has none.
+    fn chan(&mut self, channel: &str, fresh_epoch: String) -> &mut Chan {
+        let ch = self.channels.entry(channel.to_string()).or_default();
+        if ch.epoch.is_empty() {
+            *ch = Chan {
+                epoch: fresh_epoch,
+                ..Chan::default()
+            };
+        }
+        ch
+    }
+
     fn reaches(&self, n: usize) -> bool {
         self.up && !self.cut.contains(&n)
     }
@@ -116,13 +128,7 @@ impl Redis {
                 events,
                 ..
             } => {
-                let ch = self.channels.entry(channel.to_string()).or_default();
-                if ch.epoch.is_empty() {
-                    *ch = Chan {
-                        epoch: fresh_epoch,
-                        ..Chan::default()
-                    };
-                }
+                let ch = self.chan(&channel, fresh_epoch);
                 let mut results = Vec::new();
                 let mut frames = Vec::new();
                 let mut first = None;
@@ -159,19 +165,13 @@ impl Redis {
                 depth,
                 ..
             } => {
-                let ch = self.channels.entry(channel.to_string()).or_default();
-                if ch.epoch.is_empty() {
-                    *ch = Chan {
-                        epoch: fresh_epoch,
-                        ..Chan::default()
-                    };
-                }
-                let entries = ch.log.iter().rev().take(depth).cloned().collect();
                 let members = self
                     .members
                     .get(&*channel)
                     .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
                     .unwrap_or_default();
+                let ch = self.chan(&channel, fresh_epoch);
+                let entries = ch.log.iter().rev().take(depth).cloned().collect();
                 Reply::Loaded {
                     offset: ch.offset,
                     epoch: ch.epoch.clone(),
@@ -869,6 +869,43 @@ fn what_a_node_sequenced_alone_is_handed_over_once_when_redis_is_back() {
     assert_eq!(logged(&c), ["before", "alone-1", "alone-2, edited"]);
     let o = &sims[0].shards[owner].owned[&channel];
     assert!(o.handover.is_empty());
+}
+
+#[test]
+fn what_a_node_sequenced_alone_over_two_outages_is_all_handed_over() {
+    // Redis comes back for a moment and goes again before the channel's
+    // state is loaded (a failover in progress): the second outage starts
+    // another epoch here, and what the first one sequenced is handed over
+    // all the same.
+    let (mut sims, mut c) = nodes();
+    let (a, _ra) = sims[0].connect(0, "alice", Protocol::Json);
+    let (b, rb) = sims[1].connect(1, "bob", Protocol::Json);
+    sims[0].join(a, "general");
+    sims[1].join(b, "general");
+    pump(&mut sims, &mut c);
+    publish(&mut sims, &mut c, 0, a, "before");
+    rb.take();
+    set_up(&mut sims, &mut c, false);
+    publish(&mut sims, &mut c, 0, a, "first outage");
+    // The link comes up and the shards hear it, but it is lost before
+    // the bridge loads the channel.
+    c.redis.up = true;
+    c.clock += 10_000;
+    bridge_round(&mut sims, &mut c, usize::MAX);
+    for sim in sims.iter_mut() {
+        sim.settle();
+    }
+    set_up(&mut sims, &mut c, false);
+    publish(&mut sims, &mut c, 0, a, "second outage");
+    set_up(&mut sims, &mut c, true);
+    assert_eq!(
+        contents(&rb.take()),
+        [
+            (2, "first outage".to_string()),
+            (3, "second outage".to_string())
+        ]
+    );
+    assert_eq!(logged(&c), ["before", "first outage", "second outage"]);
 }
 
 #[test]
