@@ -6,9 +6,9 @@
 //!
 //! | key | type | holds | bounded by |
 //! |---|---|---|---|
-//! | `cc:{C}:meta` | hash | the channel's `epoch` and last `offset` | expires `history_ttl_ms` after the last event |
+//! | `cc:{C}:meta` | hash | the channel's `epoch`, last `offset`, and `rid`: the replication id of the Redis that keeps it (another one starts the channel over) | expires `history_ttl_ms` after the last event |
 //! | `cc:{C}:log` | stream | the last `history_size` sequenced events (entry id `offset-1`) | `MAXLEN ~ history_size`, the same expiry |
-//! | `cc:{C}:nonces` | sorted set | `user\0nonce` of the recent messages that carried a nonce, scored by offset: a message sent again is not published twice | the last `history_size`, the same expiry |
+//! | `cc:{C}:nonces` | sorted set | `user\0nonce` of the recent messages that carried a nonce (`\0h\0<id>` of those handed over without one), scored by offset: a message sent again is not published twice | the last `history_size`, the same expiry |
 //! | `cc:{C}:members` | hash | each node's connections in the channel | a node's field goes when it has none, stops, or is taken for gone |
 //! | `cc:{C}` | pub/sub channel | the channel's events, queries of its state, member counts, for the nodes that follow it | not stored |
 //! | `cc:bans` | hash | the bans in force: field `["user","channel"]` (JSON; channel `null` for the server), value the ban as JSON | one field per ban; expired ones are dropped when a node connects |

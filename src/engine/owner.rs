@@ -26,19 +26,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if self.clustered(channel) {
-            let out = Outgoing {
-                channel: channel.clone(),
-                msg: msg.clone(),
-                except: except.cloned(),
-                reply: None,
-                duplicate: false,
-                handed_over: None,
-                once: None,
-            };
-            self.send_bridge(ToBridge::Relay(Box::new(out)), now, tx);
-        }
-        self.fan_out_local(channel, msg, 0, except, now, tx);
+        self.relay_and_deliver(channel, msg, except, None, now, tx);
     }
 
     /// `fan_out` for an event that several nodes may send (a moderation
@@ -52,13 +40,24 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if !self
+        if self
             .owned
             .get_mut(channel)
             .is_some_and(|o| o.first_time(once))
         {
-            return;
+            self.relay_and_deliver(channel, msg, except, Some(once), now, tx);
         }
+    }
+
+    fn relay_and_deliver(
+        &mut self,
+        channel: &Arc<str>,
+        msg: &ServerMessage,
+        except: Option<&Arc<str>>,
+        once: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         if self.clustered(channel) {
             let out = Outgoing {
                 channel: channel.clone(),
@@ -67,7 +66,7 @@ impl<O: Outbound> Engine<O> {
                 reply: None,
                 duplicate: false,
                 handed_over: None,
-                once: Some(once),
+                once,
             };
             self.send_bridge(ToBridge::Relay(Box::new(out)), now, tx);
         }
