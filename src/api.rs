@@ -139,7 +139,7 @@ async fn run(
     let listener = TcpListener::from_std(listener)?;
     let bell = monoio::net::UnixStream::from_std(bell)?;
     let api = Rc::new(Api {
-        me: node.mesh.shards() as ShardId,
+        me: crate::mesh::api_endpoint(node.mesh.shards()),
         node,
         next: Cell::new(1),
         waiting: RefCell::new(HashMap::new()),
@@ -778,7 +778,7 @@ async fn ban(api: &Api, body: &[u8]) -> Outcome {
     let b: BanBody = parse(body)?;
     let until = match b.duration_ms {
         None => None,
-        Some(d) if (1..=MAX_BAN_MS).contains(&d) => Some(crate::shard::now_ms() + d),
+        Some(d) if (1..=MAX_BAN_MS).contains(&d) => Some(crate::clock::now_ms() + d),
         Some(_) => {
             return Err(bad_request(format!(
                 "`durationMs` must be 1 to {MAX_BAN_MS} (ten years)"

@@ -4,14 +4,61 @@
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::access::{Access, Grants, Identity, Patterns, Roles};
-use crate::config::{AuthConfig, ConfigError};
 
 /// The secret used when no key is configured. It is public: development mode
 /// exists so that `corecast serve` runs out of the box, never in production.
 pub const DEV_SECRET: &str = "corecast-development-secret-do-not-use-in-production";
+
+/// JWT verification. With neither `secret` nor `public_key_file` set the
+/// server runs in development mode with a well-known secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
+    pub algorithm: String,
+    /// Shared secret for HS256.
+    pub secret: Option<String>,
+    /// PEM public key for RS256 or ES256.
+    pub public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// `grants`: a connection may join the channels its token's `channels`
+    /// claim grants, and those a subscription token grants. `open`: a token
+    /// without a `channels` claim may join any channel.
+    pub channel_access: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithm: "HS256".into(),
+            secret: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 30,
+            channel_access: "grants".into(),
+        }
+    }
+}
+
+/// An authentication configuration that cannot be used, with the reason.
+#[derive(Debug)]
+pub struct AuthConfigError(pub String);
+
+impl std::fmt::Display for AuthConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AuthConfigError {}
 
 /// The claims corecast reads. `sub` is the user id.
 ///
@@ -94,24 +141,26 @@ pub struct Verifier {
     open_channels: bool,
 }
 
-pub fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, AuthConfigError> {
     match name {
         "HS256" => Ok(Algorithm::HS256),
         "RS256" => Ok(Algorithm::RS256),
         "ES256" => Ok(Algorithm::ES256),
-        other => Err(ConfigError(format!(
+        other => Err(AuthConfigError(format!(
             "auth.algorithm must be HS256, RS256 or ES256, not `{other}`"
         ))),
     }
 }
 
 impl Verifier {
-    pub fn from_config(cfg: &AuthConfig) -> Result<Verifier, ConfigError> {
+    pub fn from_config(cfg: &AuthConfig) -> Result<Verifier, AuthConfigError> {
         let alg = parse_algorithm(&cfg.algorithm)?;
         let (key, dev_mode) = match (alg, &cfg.secret, &cfg.public_key_file) {
             (Algorithm::HS256, Some(secret), _) => {
                 if secret.len() < 16 {
-                    return Err(ConfigError("auth.secret must be at least 16 bytes".into()));
+                    return Err(AuthConfigError(
+                        "auth.secret must be at least 16 bytes".into(),
+                    ));
                 }
                 (DecodingKey::from_secret(secret.as_bytes()), false)
             }
@@ -119,13 +168,13 @@ impl Verifier {
                 (DecodingKey::from_secret(DEV_SECRET.as_bytes()), true)
             }
             (Algorithm::HS256, None, Some(_)) => {
-                return Err(ConfigError(
+                return Err(AuthConfigError(
                     "HS256 takes auth.secret, not a public key".into(),
                 ))
             }
             (_, _, Some(path)) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    ConfigError(format!(
+                    AuthConfigError(format!(
                         "cannot read auth.public_key_file {}: {e}",
                         path.display()
                     ))
@@ -136,12 +185,12 @@ impl Verifier {
                     DecodingKey::from_ec_pem(&pem)
                 };
                 let key = key.map_err(|e| {
-                    ConfigError(format!("auth.public_key_file {}: {e}", path.display()))
+                    AuthConfigError(format!("auth.public_key_file {}: {e}", path.display()))
                 })?;
                 (key, false)
             }
             (_, _, None) => {
-                return Err(ConfigError(format!(
+                return Err(AuthConfigError(format!(
                     "{} needs auth.public_key_file (a PEM public key)",
                     cfg.algorithm
                 )))
@@ -174,7 +223,7 @@ impl Verifier {
             "grants" => false,
             "open" => true,
             other => {
-                return Err(ConfigError(format!(
+                return Err(AuthConfigError(format!(
                     "auth.channel_access must be `grants` or `open`, not `{other}`"
                 )))
             }
@@ -258,69 +307,6 @@ impl Verifier {
     }
 }
 
-/// Mints a token. HS256 signs with `secret` (or [`DEV_SECRET`]); RS256 and
-/// ES256 need a PEM private key.
-/// LiveKit settings: the server URL clients connect to, and the API key and
-/// secret that sign access tokens.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LiveKit {
-    pub url: String,
-    pub api_key: String,
-    pub api_secret: String,
-    /// Lifetime of a token, in seconds (long enough to join with it).
-    #[serde(default = "LiveKit::default_ttl")]
-    pub token_ttl_s: u64,
-}
-
-impl LiveKit {
-    fn default_ttl() -> u64 {
-        600
-    }
-}
-
-/// A LiveKit access token for `user` to join room `room`: HS256 with the
-/// API secret, the API key as issuer, the user as identity, and a video
-/// grant to join, publish and subscribe in that room.
-pub fn livekit_token(lk: &LiveKit, room: &str, user: &str, now_s: u64) -> String {
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Grant<'a> {
-        room: &'a str,
-        room_join: bool,
-        can_publish: bool,
-        can_subscribe: bool,
-    }
-    #[derive(serde::Serialize)]
-    struct Claims<'a> {
-        iss: &'a str,
-        sub: &'a str,
-        name: &'a str,
-        nbf: u64,
-        exp: u64,
-        video: Grant<'a>,
-    }
-    let claims = Claims {
-        iss: &lk.api_key,
-        sub: user,
-        name: user,
-        nbf: now_s,
-        exp: now_s + lk.token_ttl_s,
-        video: Grant {
-            room,
-            room_join: true,
-            can_publish: true,
-            can_subscribe: true,
-        },
-    };
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(lk.api_secret.as_bytes()),
-    )
-    .expect("HS256 signing of plain claims cannot fail")
-}
-
 /// Mints a token with `claims` (`iss` and `aud` default to the
 /// configured ones). HS256 signs with the secret (or [`DEV_SECRET`]); RS256
 /// and ES256 need a PEM private key.
@@ -328,7 +314,7 @@ pub fn mint_claims(
     cfg: &AuthConfig,
     claims: &Claims,
     private_key_pem: Option<&[u8]>,
-) -> Result<String, ConfigError> {
+) -> Result<String, AuthConfigError> {
     let alg = parse_algorithm(&cfg.algorithm)?;
     let key = match alg {
         Algorithm::HS256 => {
@@ -336,20 +322,21 @@ pub fn mint_claims(
         }
         _ => {
             let pem = private_key_pem.ok_or_else(|| {
-                ConfigError(format!("{} tokens need --private-key", cfg.algorithm))
+                AuthConfigError(format!("{} tokens need --private-key", cfg.algorithm))
             })?;
             let k = if alg == Algorithm::RS256 {
                 EncodingKey::from_rsa_pem(pem)
             } else {
                 EncodingKey::from_ec_pem(pem)
             };
-            k.map_err(|e| ConfigError(format!("private key: {e}")))?
+            k.map_err(|e| AuthConfigError(format!("private key: {e}")))?
         }
     };
     let mut claims = claims.clone();
     claims.iss = claims.iss.or_else(|| cfg.issuer.clone());
     claims.aud = claims.aud.or_else(|| cfg.audience.clone());
-    encode(&Header::new(alg), &claims, &key).map_err(|e| ConfigError(format!("cannot sign: {e}")))
+    encode(&Header::new(alg), &claims, &key)
+        .map_err(|e| AuthConfigError(format!("cannot sign: {e}")))
 }
 
 /// Mints a connection token for `user` that grants every channel.
@@ -359,7 +346,7 @@ pub fn mint(
     ttl_s: i64,
     private_key_pem: Option<&[u8]>,
     now_s: u64,
-) -> Result<String, ConfigError> {
+) -> Result<String, AuthConfigError> {
     let exp = (now_s as i64 + ttl_s).max(0) as u64;
     mint_claims(
         cfg,

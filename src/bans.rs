@@ -254,7 +254,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "corecast-bans-{}-{}",
             std::process::id(),
-            crate::shard::now_ms()
+            crate::clock::now_ms()
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

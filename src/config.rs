@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::{AuthConfig, AuthConfigError};
+
 /// Everything `corecast serve` can be told. Field names are the TOML keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -94,7 +96,7 @@ pub struct Config {
     pub max_presence_subscriptions: usize,
     /// LiveKit server and key for voice tokens; without it `voice:join`
     /// answers without a token.
-    pub livekit: Option<crate::auth::LiveKit>,
+    pub livekit: Option<crate::livekit::LiveKit>,
     /// `text` or `json`.
     pub log_format: String,
     /// Where bans are kept across restarts (JSON lines; empty: in memory
@@ -213,38 +215,15 @@ impl Default for Config {
     }
 }
 
-/// JWT verification. With neither `secret` nor `public_key_file` set the
-/// server runs in development mode with a well-known secret.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
-    pub algorithm: String,
-    /// Shared secret for HS256.
-    pub secret: Option<String>,
-    /// PEM public key for RS256 or ES256.
-    pub public_key_file: Option<PathBuf>,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    /// Clock skew allowed on `exp` and `nbf`, in seconds.
-    pub leeway_s: u64,
-    /// `grants`: a connection may join the channels its token's `channels`
-    /// claim grants, and those a subscription token grants. `open`: a token
-    /// without a `channels` claim may join any channel.
-    pub channel_access: String,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            algorithm: "HS256".into(),
-            secret: None,
-            public_key_file: None,
-            issuer: None,
-            audience: None,
-            leeway_s: 30,
-            channel_access: "grants".into(),
+/// A Redis URL without its password, for logs and `check-config`.
+pub fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:<hidden>{}", &url[..s + 3], &url[at..])
         }
+        _ => url.to_string(),
     }
 }
 
@@ -259,6 +238,12 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl From<AuthConfigError> for ConfigError {
+    fn from(e: AuthConfigError) -> Self {
+        ConfigError(e.0)
+    }
+}
 
 /// Flags of `corecast serve` and `corecast check-config`; each also reads
 /// its `CORECAST_*` environment variable.
@@ -496,7 +481,7 @@ impl ConfigArgs {
         ) {
             (None, None, None) => {}
             (Some(url), Some(key), Some(secret)) => {
-                c.livekit = Some(crate::auth::LiveKit {
+                c.livekit = Some(crate::livekit::LiveKit {
                     url: url.clone(),
                     api_key: key.clone(),
                     api_secret: secret.clone(),
@@ -600,7 +585,7 @@ impl Config {
                 redis::Client::open(url.as_str()).map_err(|e| {
                     ConfigError(format!(
                         "redis_cluster: `{}` is not a Redis URL: {e}",
-                        crate::cluster::without_password(url)
+                        without_password(url)
                     ))
                 })?;
             }
@@ -729,11 +714,11 @@ impl Config {
     /// The cluster's Redis for logs, without passwords.
     pub fn redis_shown(&self) -> String {
         if self.redis_cluster.is_empty() {
-            crate::cluster::without_password(&self.redis)
+            without_password(&self.redis)
         } else {
             self.redis_cluster
                 .iter()
-                .map(|u| crate::cluster::without_password(u))
+                .map(|u| without_password(u))
                 .collect::<Vec<_>>()
                 .join(",")
         }
@@ -770,6 +755,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            without_password("redis://user:secret@host:6379/0"),
+            "redis://user:<hidden>@host:6379/0"
+        );
+        assert_eq!(without_password("redis://host:6379"), "redis://host:6379");
+    }
 
     #[test]
     fn file_then_flags() {

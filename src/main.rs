@@ -193,9 +193,9 @@ fn main() -> ExitCode {
                 for k in shown.api_keys.iter_mut() {
                     *k = "<hidden>".into();
                 }
-                shown.redis = corecast::cluster::without_password(&shown.redis);
+                shown.redis = corecast::config::without_password(&shown.redis);
                 for url in shown.redis_cluster.iter_mut() {
-                    *url = corecast::cluster::without_password(url);
+                    *url = corecast::config::without_password(url);
                 }
                 print!("{}", toml::to_string(&shown).expect("config serializes"));
                 println!("\n# Effective rate limits per user (defaults, then rate_limits):");

@@ -27,6 +27,26 @@ struct Parked(AtomicBool);
 /// Slots of a queue to or from an extra endpoint.
 pub const EXTRA_CAPACITY: usize = 1024;
 
+/// Extra endpoints after the shards: the server API, the cluster's
+/// bridge, the ban store (each whether its thread runs or not, so that
+/// their numbers never move).
+pub const EXTRA_ENDPOINTS: usize = 3;
+
+/// The server API's mesh endpoint on a node of `shards` shards.
+pub fn api_endpoint(shards: usize) -> ShardId {
+    shards as ShardId
+}
+
+/// The cluster bridge's mesh endpoint on a node of `shards` shards.
+pub fn bridge_endpoint(shards: usize) -> ShardId {
+    (shards + 1) as ShardId
+}
+
+/// The ban store's mesh endpoint on a node of `shards` shards.
+pub fn store_endpoint(shards: usize) -> ShardId {
+    (shards + 2) as ShardId
+}
+
 pub struct Mesh {
     shards: usize,
     /// Shards and extra endpoints.

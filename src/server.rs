@@ -76,7 +76,7 @@ fn ensure_port_free(addr: SocketAddr) -> Result<(), StartError> {
 /// Binds the listeners and starts one thread per shard.
 pub fn start(config: Config) -> Result<Server, StartError> {
     config.validate().map_err(StartError::Config)?;
-    let verifier = Verifier::from_config(&config.auth).map_err(StartError::Config)?;
+    let verifier = Verifier::from_config(&config.auth).map_err(|e| StartError::Config(e.into()))?;
     let shards = config.shard_count();
     let addr = config.listen_addr().map_err(StartError::Config)?;
     ensure_port_free(addr)?;
@@ -110,14 +110,19 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     } else {
         let (store, bans) = BanStore::open(
             std::path::Path::new(&config.ban_file),
-            crate::shard::now_ms(),
+            crate::clock::now_ms(),
         )
         .map_err(StartError::Io)?;
         (Some(store), bans)
     };
-    // Extra endpoints: the server API's thread, then the cluster's bridge.
-    let (mesh, bells) = Mesh::new(shards, 2, config.mesh_queue_capacity)
-        .map_err(|e| StartError::Io(e.to_string()))?;
+    // Extra endpoints: the server API's thread, the cluster's bridge, the
+    // ban store (numbered by `crate::mesh`).
+    let (mesh, bells) = Mesh::new(
+        shards,
+        crate::mesh::EXTRA_ENDPOINTS,
+        config.mesh_queue_capacity,
+    )
+    .map_err(|e| StartError::Io(e.to_string()))?;
     // The server API listens on an address of its own, bound before any
     // thread starts so that a taken port fails the start.
     let api_listener = if config.api_keys.is_empty() || config.api_listen.is_empty() {
@@ -144,7 +149,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     node.ban_store = ban_store;
     node.initial_bans = initial_bans;
     if node.config.cluster_mode() {
-        let id = crate::shard::random_u64();
+        let id = crate::clock::random_u64();
         node.cluster = Some((id, Arc::default()));
     }
     let node = Arc::new(node);

@@ -275,7 +275,7 @@ impl Core {
         metrics: Arc<ClusterMetrics>,
         seed: u64,
     ) -> Core {
-        let me = crate::cluster::bridge_endpoint(shards);
+        let me = crate::mesh::bridge_endpoint(shards);
         Core {
             id,
             shards,

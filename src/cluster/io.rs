@@ -118,7 +118,7 @@ async fn run(node: Arc<Node>, mut bell: tokio::net::UnixStream) {
     let (id, metrics) = node.cluster.clone().expect("cluster mode");
     let round_trips = metrics.clone();
     let shards = node.shards();
-    let me = super::bridge_endpoint(shards);
+    let me = crate::mesh::bridge_endpoint(shards);
     let started = Instant::now();
     let now = || started.elapsed().as_millis() as u64;
     let mut core = Core::new(
@@ -126,7 +126,7 @@ async fn run(node: Arc<Node>, mut bell: tokio::net::UnixStream) {
         shards,
         Settings::of(config),
         metrics,
-        crate::shard::random_u64(),
+        crate::clock::random_u64(),
     );
     let scripts = Scripts::new();
     let mut link: Option<Link> = None;

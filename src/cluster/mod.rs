@@ -29,25 +29,7 @@ use std::time::Duration;
 
 pub use io::spawn;
 
-use crate::engine::{Moderation, ShardId};
-
-/// The bridge's mesh endpoint on a node of `shards` shards (after the
-/// server API's).
-pub fn bridge_endpoint(shards: usize) -> ShardId {
-    (shards + 1) as ShardId
-}
-
-/// A Redis URL without its password, for logs and `check-config`.
-pub fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:<hidden>{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
+use crate::engine::Moderation;
 
 /// The cluster's bans, read before the shards start (so that a node does
 /// not let a banned user in while its bridge connects).
@@ -76,19 +58,5 @@ pub fn initial_bans(one: &str, cluster: &[String]) -> Result<Vec<Moderation>, St
             .query(&mut conn)
             .map_err(|e| e.to_string())?
     };
-    Ok(core::read_bans(all, crate::shard::now_ms()).0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            without_password("redis://user:secret@host:6379/0"),
-            "redis://user:<hidden>@host:6379/0"
-        );
-        assert_eq!(without_password("redis://host:6379"), "redis://host:6379");
-    }
+    Ok(core::read_bans(all, crate::clock::now_ms()).0)
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::access::{Access, Grants, Roles};
-use crate::auth::LiveKit;
+use crate::livekit::LiveKit;
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
 use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};

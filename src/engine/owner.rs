@@ -821,7 +821,7 @@ impl<O: Outbound> Engine<O> {
                 self.fan_out(&channel, &event, None, now, tx);
                 let (token, server_url) = match &self.s.livekit {
                     Some(lk) => (
-                        Some(crate::auth::livekit_token(
+                        Some(crate::livekit::livekit_token(
                             lk,
                             &channel,
                             &member.user,

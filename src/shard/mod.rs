@@ -28,7 +28,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
@@ -38,6 +38,7 @@ use monoio::{LegacyDriver, RuntimeBuilder};
 
 use crate::access::Identity;
 use crate::admission::{self, Refusal, Slots};
+use crate::clock::{now_ms, random_u64};
 use crate::engine::{ConnId, Engine, Member, MeshMsg, MeshTx, SessionId, ShardId};
 use crate::logs::Throttle;
 use crate::metrics::ShardMetrics;
@@ -207,20 +208,6 @@ impl Drop for SocketCount {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub(crate) fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return now_ms() ^ 0x9E37_79B9_7F4A_7C15;
-    }
-    u64::from_ne_bytes(b)
-}
-
 impl Shard {
     fn metrics(&self) -> &ShardMetrics {
         &self.node.metrics[self.id as usize]
@@ -244,7 +231,7 @@ impl Shard {
             engine.set_ban_sink(Box::new(move |m| store.append(m)));
         }
         if let Some((node_id, _)) = &node.cluster {
-            engine.set_cluster(crate::cluster::bridge_endpoint(n), *node_id);
+            engine.set_cluster(crate::mesh::bridge_endpoint(n), *node_id);
         }
         Rc::new(Shard {
             id: id as ShardId,

@@ -1251,8 +1251,14 @@ pub fn fuzz_session(data: &[u8]) {
     let Ok(verifier) = crate::auth::Verifier::from_config(&config.auth) else {
         return;
     };
-    let token = crate::auth::mint(&config.auth, "fuzzer", 600, None, super::now_ms() / 1000)
-        .expect("a development token");
+    let token = crate::auth::mint(
+        &config.auth,
+        "fuzzer",
+        600,
+        None,
+        crate::clock::now_ms() / 1000,
+    )
+    .expect("a development token");
     let Ok((mesh, _bells)) = crate::mesh::Mesh::new(1, 2, 64) else {
         return;
     };

@@ -1383,7 +1383,7 @@ fn delivery_and_read_receipts() {
 
 #[test]
 fn voice_keeps_one_channel_per_user_broadcasts_state_and_mints_tokens() {
-    let lk = crate::auth::LiveKit {
+    let lk = crate::livekit::LiveKit {
         url: "wss://livekit.example".into(),
         api_key: "APIkey".into(),
         api_secret: "a-livekit-secret-of-some-length".into(),
