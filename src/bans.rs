@@ -1,16 +1,26 @@
 //! The ban store of a single node: one JSON line per ban or unban,
 //! appended and synced before the ban takes effect, compacted (expired and
 //! lifted bans dropped) each time the node starts.
+//!
+//! The file is written on a thread of its own, an endpoint of the mesh
+//! ([`spawn`]): a shard asks it to store a ban (`MeshMsg::StoreBan`) and
+//! applies the ban when it answers (`MeshMsg::BanStored`), so no shard
+//! waits for a disk. Bans asked for together are written together and
+//! synced once.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ModKind, Moderation};
+use crate::engine::{MeshMsg, ModKind, Moderation, ShardId};
+use crate::node::Node;
 
 /// One line of the file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,13 +100,13 @@ pub fn from_json(text: &str) -> Result<Moderation, String> {
 
 pub struct BanStore {
     path: PathBuf,
-    file: Mutex<File>,
+    file: File,
 }
 
 impl BanStore {
     /// Opens (or creates) the store, compacts it, and returns the bans in
     /// force at `now`.
-    pub fn open(path: &Path, now: u64) -> Result<(Arc<BanStore>, Vec<Moderation>), String> {
+    pub fn open(path: &Path, now: u64) -> Result<(BanStore, Vec<Moderation>), String> {
         let what = |e: std::io::Error| format!("ban file {}: {e}", path.display());
         let mut live: HashMap<(String, Option<String>), Line> = HashMap::new();
         match File::open(path) {
@@ -147,24 +157,118 @@ impl BanStore {
         }
         std::fs::rename(&tmp, path).map_err(what)?;
         let file = OpenOptions::new().append(true).open(path).map_err(what)?;
-        let store = Arc::new(BanStore {
+        let store = BanStore {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
-        });
+            file,
+        };
         Ok((store, bans.iter().map(Line::moderation).collect()))
     }
 
     /// Appends a ban or unban and waits until it is on disk.
-    pub fn append(&self, m: &Moderation) -> Result<(), String> {
-        let Some(line) = Line::of(m).filter(|l| l.op != Op::Kick) else {
+    pub fn append(&mut self, m: &Moderation) -> Result<(), String> {
+        self.append_all([m])
+    }
+
+    /// Appends bans and unbans (kicks leave no line) in one write and
+    /// waits until they are on disk: one sync for all of them. On an error
+    /// none of them may take effect (some may be on disk all the same, and
+    /// take effect at the next start).
+    pub fn append_all<'a>(
+        &mut self,
+        all: impl IntoIterator<Item = &'a Moderation>,
+    ) -> Result<(), String> {
+        let mut text = Vec::new();
+        for line in all
+            .into_iter()
+            .filter_map(Line::of)
+            .filter(|l| l.op != Op::Kick)
+        {
+            serde_json::to_writer(&mut text, &line).expect("plain data serializes");
+            text.push(b'\n');
+        }
+        if text.is_empty() {
             return Ok(());
-        };
-        let mut text = serde_json::to_vec(&line).expect("plain data serializes");
-        text.push(b'\n');
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        f.write_all(&text)
-            .and_then(|_| f.sync_data())
+        }
+        self.file
+            .write_all(&text)
+            .and_then(|_| self.file.sync_data())
             .map_err(|e| format!("ban file {}: {e}", self.path.display()))
+    }
+}
+
+/// Starts the ban store's thread, the mesh endpoint
+/// [`crate::mesh::store_endpoint`]; `bell` is the receiving end of its
+/// doorbell. The thread ends when the node drains.
+pub fn spawn(
+    node: Arc<Node>,
+    store: BanStore,
+    bell: UnixStream,
+) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("corecast-bans".into())
+        .spawn(move || run(&node, store, bell))
+}
+
+fn run(node: &Node, mut store: BanStore, mut bell: UnixStream) -> std::io::Result<()> {
+    use std::io::Read;
+    bell.set_nonblocking(false)?;
+    // A backstop: the doorbell rings on drain too.
+    bell.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let shards = node.mesh.shards();
+    let me = crate::mesh::store_endpoint(shards);
+    let mut batch: Vec<(ShardId, Box<Moderation>)> = Vec::new();
+    loop {
+        for from in 0..shards as ShardId {
+            while let Some(msg) = node.mesh.pop(from, me) {
+                match msg {
+                    MeshMsg::StoreBan { from, moderation } => batch.push((from, moderation)),
+                    other => tracing::debug!(?other, "the ban store ignores a message"),
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let result = store.append_all(batch.iter().map(|(_, m)| &**m));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, bans = batch.len(), "cannot store bans");
+            }
+            for (to, moderation) in batch.drain(..) {
+                let error = result.as_ref().err().cloned();
+                send(node, me, to, MeshMsg::BanStored { moderation, error });
+            }
+            continue;
+        }
+        if node.is_draining() {
+            return Ok(());
+        }
+        if !node.mesh.park(me) {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        let r = bell.read(&mut buf);
+        node.mesh.unpark(me);
+        match r {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a message to a shard, waiting while its queue is full.
+fn send(node: &Node, me: ShardId, to: ShardId, mut msg: MeshMsg) {
+    while let Err(back) = node.mesh.send(me, to, msg) {
+        if node.is_draining() {
+            return;
+        }
+        msg = back;
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -204,7 +308,7 @@ mod tests {
     fn bans_survive_a_restart_and_lifted_or_expired_ones_go() {
         let dir = tempdir();
         let path = dir.join("bans.jsonl");
-        let (store, none) = BanStore::open(&path, 0).unwrap();
+        let (mut store, none) = BanStore::open(&path, 0).unwrap();
         assert!(none.is_empty());
         store.append(&ban("troll", None, None)).unwrap();
         store

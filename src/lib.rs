@@ -17,8 +17,9 @@
 //! - [`config`]: configuration from defaults, file, environment and flags.
 //! - [`clock`]: the wall clock and randomness, read by the IO shells only.
 //! - [`logs`]: log lines that could repeat without end, throttled.
-//! - [`bans`]: the ban file of a single node.
 //! - [`node`]: what the shards of one process share (config, metrics, mesh).
+//! - [`bans`]: the ban file of a single node, written on a thread of its
+//!   own (a mesh endpoint).
 //! - [`cluster`]: the bridge to Redis, its decisions sans-IO in `core`.
 //! - [`doctor`]: what a host lacks for a connection target.
 //! - [`shard`]: one core's IO: sockets, timers, the io_uring and epoll

@@ -6,7 +6,6 @@ use std::sync::{Arc, OnceLock};
 
 use crate::admission::{Admission, Net};
 use crate::auth::Verifier;
-use crate::bans::BanStore;
 use crate::config::Config;
 use crate::engine::Moderation;
 use crate::mesh::Mesh;
@@ -19,8 +18,8 @@ const DRAINING: u8 = 2;
 pub struct Node {
     pub config: Config,
     pub verifier: Verifier,
-    /// Where bans are made durable (none: in memory only).
-    pub ban_store: Option<Arc<BanStore>>,
+    /// The mesh endpoint that makes bans durable (none: in memory only).
+    pub ban_store: Option<crate::engine::ShardId>,
     /// The bans in force at start-up, for each shard's table.
     pub initial_bans: Vec<Moderation>,
     /// Per-IP and per-shard connection limits.

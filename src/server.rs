@@ -146,7 +146,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     );
     let mut node = Node::new(config, verifier, mesh);
     node.budget = budget;
-    node.ban_store = ban_store;
+    node.ban_store = ban_store
+        .is_some()
+        .then(|| crate::mesh::store_endpoint(shards));
     node.initial_bans = initial_bans;
     if node.config.cluster_mode() {
         let id = crate::clock::random_u64();
@@ -157,7 +159,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let shard_bells: Vec<_> = bells.by_ref().take(shards).collect();
     let api_bell = bells.next().expect("the mesh has the API's endpoint");
     let bridge_bell = bells.next().expect("the mesh has the bridge's endpoint");
+    let store_bell = bells.next().expect("the mesh has the ban store's endpoint");
     let mut threads = Vec::with_capacity(shards + 2);
+    if let Some(store) = ban_store {
+        let t = crate::bans::spawn(node.clone(), store, store_bell)
+            .map_err(|e| StartError::Io(format!("cannot start the ban store's thread: {e}")))?;
+        threads.push(t);
+    }
     if node.cluster.is_some() {
         let t = crate::cluster::spawn(node.clone(), bridge_bell)
             .map_err(|e| StartError::Io(format!("cannot start the cluster bridge: {e}")))?;

@@ -284,6 +284,18 @@ pub enum MeshMsg {
     ToBridge(Box<ToBridge>),
     /// From the bridge to a shard.
     FromBridge(Box<FromBridge>),
+    /// From a shard to the ban store: make this ban or unban durable, then
+    /// answer `from`.
+    StoreBan {
+        from: ShardId,
+        moderation: Box<Moderation>,
+    },
+    /// From the ban store: the ban is on disk (`error`: it is not, and
+    /// must not take effect).
+    BanStored {
+        moderation: Box<Moderation>,
+        error: Option<String>,
+    },
 }
 
 /// A request of the server API. Answers go to `from` (the API thread's
@@ -748,14 +760,12 @@ pub struct Stats {
 /// Checks a subscription token: `(token, user, channel)`.
 pub type SubscriptionCheck = Box<dyn Fn(&str, &str, &str) -> Result<(), String>>;
 
-/// Makes a ban or unban durable before it takes effect.
-pub type BanSink = Box<dyn Fn(&Moderation) -> Result<(), String>>;
-
 pub struct Engine<O> {
     /// Without one, subscription tokens are refused.
     subscriptions: Option<SubscriptionCheck>,
-    /// Without one, bans last as long as the process.
-    ban_sink: Option<BanSink>,
+    /// The mesh endpoint that makes bans durable before they take effect
+    /// (none: they last as long as the process).
+    ban_store: Option<ShardId>,
     bans: bans::Bans,
     limiter: limits::Limiter,
     /// Users this shard is home to that have at least one connection.
@@ -797,7 +807,7 @@ impl<O: Outbound> Engine<O> {
     ) -> Self {
         let mut e = Engine {
             subscriptions: None,
-            ban_sink: None,
+            ban_store: None,
             bans: bans::Bans::default(),
             limiter: limits::Limiter::default(),
             online_users: 0,
@@ -1281,8 +1291,17 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::Admission { conn, refused } => self.on_admission(conn, refused, now, tx),
             MeshMsg::Api(call) => self.on_api(*call, now, tx),
             MeshMsg::FromBridge(m) => self.on_cluster(*m, now, tx),
+            MeshMsg::BanStored { moderation, error } => {
+                self.ban_stored(*moderation, error, now, tx)
+            }
             MeshMsg::ToBridge(m) => {
                 tracing::debug!(?m, "a shard ignores a message meant for the bridge")
+            }
+            MeshMsg::StoreBan { moderation, .. } => {
+                tracing::debug!(
+                    ?moderation,
+                    "a shard ignores a message meant for the ban store"
+                )
             }
         }
     }

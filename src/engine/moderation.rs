@@ -91,10 +91,10 @@ pub fn in_charge(m: &Moderation, shards: u16) -> ShardId {
 }
 
 impl<O: Outbound> Engine<O> {
-    /// Sets where bans and unbans are made durable. Without it they last
-    /// as long as the process.
-    pub fn set_ban_sink(&mut self, sink: BanSink) {
-        self.ban_sink = Some(sink);
+    /// Sets the mesh endpoint that makes bans and unbans durable (the ban
+    /// store's thread). Without it they last as long as the process.
+    pub fn set_ban_store(&mut self, endpoint: ShardId) {
+        self.ban_store = Some(endpoint);
     }
 
     /// Loads the bans in force at start-up (already durable).
@@ -214,18 +214,41 @@ impl<O: Outbound> Engine<O> {
         if matches!(m.kind, ModKind::Kick) {
             return self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
         }
-        if let Some(sink) = &self.ban_sink {
-            if let Err(e) = sink(&m) {
+        if let Some(store) = self.ban_store {
+            // Applied once the store says it is on disk.
+            let msg = MeshMsg::StoreBan {
+                from: self.shard,
+                moderation: Box::new(m),
+            };
+            return self.route(store, msg, now, tx);
+        }
+        self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
+    }
+
+    /// The ban store's answer: the ban goes round every shard's table, or
+    /// its sender hears why it could not be stored.
+    pub(super) fn ban_stored(
+        &mut self,
+        m: Moderation,
+        error: Option<String>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        match error {
+            None => {
+                let to = self.in_charge_of(&m);
+                self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
+            }
+            Some(e) => {
                 tracing::error!(error = %e, "cannot store a ban");
                 let msg = err(
                     m.ack,
                     ErrorCode::Internal,
                     format!("cannot store the ban: {e}"),
                 );
-                return self.answer(m.from, &msg, now, tx);
+                self.answer(m.from, &msg, now, tx);
             }
         }
-        self.route(to, MeshMsg::Moderate(Arc::new(m)), now, tx);
     }
 
     pub(super) fn in_charge_of(&self, m: &Moderation) -> ShardId {

@@ -227,8 +227,8 @@ impl Shard {
             verifier.verifier.check_subscription(token, user, channel)
         }));
         engine.load_bans(node.initial_bans.iter().cloned(), now_ms());
-        if let Some(store) = node.ban_store.clone() {
-            engine.set_ban_sink(Box::new(move |m| store.append(m)));
+        if let Some(store) = node.ban_store {
+            engine.set_ban_store(store);
         }
         if let Some((node_id, _)) = &node.cluster {
             engine.set_cluster(crate::mesh::bridge_endpoint(n), *node_id);

@@ -111,8 +111,9 @@ impl Sim {
                     e
                 })
                 .collect(),
-            // The shards, then one extra endpoint (the server API).
-            mesh: Queues((0..=n).map(|_| VecDeque::new()).collect()),
+            // The shards, then the extra endpoints (server API, bridge, ban
+            // store).
+            mesh: Queues((0..n + 3).map(|_| VecDeque::new()).collect()),
             now: 1_000,
         }
     }

@@ -619,29 +619,51 @@ fn a_ban_or_unban_is_answered_only_once_every_shard_enforces_it() {
 }
 
 #[test]
-fn a_ban_that_cannot_be_stored_is_refused_and_not_applied() {
+fn a_ban_takes_effect_once_stored_and_not_at_all_if_it_cannot_be() {
+    // The store is an endpoint of the mesh (its own thread in a node):
+    // nothing is applied until it answers, and a ban it could not write is
+    // refused.
     let mut sim = Sim::new(2);
-    let stored = Rc::new(RefCell::new(Vec::new()));
-    let log = stored.clone();
-    sim.shards[0].set_ban_sink(Box::new(move |m: &Moderation| {
-        if m.user.starts_with("full") {
-            return Err("disk full".into());
-        }
-        log.borrow_mut().push((m.user.to_string(), m.kind));
-        Ok(())
-    }));
+    let store: ShardId = 2 + 2;
+    for s in &mut sim.shards {
+        s.set_ban_store(store);
+    }
     let (admin, radmin) = sim.connect_as(0, "admin", role(Roles::ADMIN));
     sim.send(admin, Some(1), ban("full-disk", None, None));
     sim.send(admin, Some(2), ban("troll", None, Some(5_000)));
+    sim.settle();
+    assert!(radmin.take().is_empty(), "answered before it is stored");
+    let banned = |sim: &Sim, user: &str| {
+        sim.shards
+            .iter()
+            .filter(|s| s.server_ban(user, sim.now).is_some())
+            .count()
+    };
+    assert_eq!(banned(&sim, "troll"), 0, "applied before it is stored");
+    // The store writes what it was asked, in order, and answers each.
+    let mut stored = Vec::new();
+    while let Some(msg) = sim.mesh.0[store as usize].pop_front() {
+        let MeshMsg::StoreBan { from, moderation } = msg else {
+            panic!("the store got {msg:?}");
+        };
+        assert_eq!(from, 0, "asked by the admin's shard");
+        let error = moderation
+            .user
+            .starts_with("full")
+            .then(|| "disk full".to_string());
+        if error.is_none() {
+            stored.push((moderation.user.to_string(), moderation.kind));
+        }
+        sim.mesh.0[from as usize].push_back(MeshMsg::BanStored { moderation, error });
+    }
+    sim.settle();
     let got = radmin.take();
     assert_eq!(error_code(&got, 1), ErrorCode::Internal);
     assert!(matches!(ack_body(&got, 2), AckBody::Empty(_)));
-    assert!(sim
-        .shards
-        .iter()
-        .all(|s| s.server_ban("full-disk", sim.now).is_none()));
+    assert_eq!(banned(&sim, "full-disk"), 0);
+    assert_eq!(banned(&sim, "troll"), 2, "every shard enforces it");
     assert_eq!(
-        *stored.borrow(),
+        stored,
         [(
             "troll".to_string(),
             ModKind::Ban {
