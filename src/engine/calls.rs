@@ -384,3 +384,116 @@ impl<O: Outbound> Engine<O> {
         );
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `call:initiate`, on the caller's home: the call is numbered and
+    /// created on the callee's home.
+    pub(super) fn call_initiate(
+        &mut self,
+        r: UserReq,
+        c: CallInitiate,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let Some((conn, protocol)) = from else { return };
+        let callee: Arc<str> = c.to_user_id.as_str().into();
+        let owner = home_of(&callee, self.shards);
+        let n = self.next_id() & 0xffff_ffff;
+        let call = ((owner as u64) << 48) | ((self.shard as u64) << 32) | n;
+        self.user(&user).more().calls.push((call, conn));
+        let op = CallOp {
+            call,
+            user,
+            from: Some((conn, protocol)),
+            ack,
+            op: CallCmd::Create {
+                callee,
+                call_type: c.call_type,
+                sdp: c.sdp,
+                elsewhere: None,
+            },
+        };
+        self.route(owner, MeshMsg::CallOp(Box::new(op)), now, tx);
+    }
+
+    /// A call this user placed is over.
+    pub(super) fn call_done_home(&mut self, user: &Arc<str>, call: u64) {
+        if let Some(st) = self.users.get_mut(user) {
+            st.more().calls.retain(|(id, _)| *id != call);
+        }
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// A device of `user` is gone: the calls it placed hear that their
+    /// party is gone, and those it answered end, here or on other nodes.
+    pub(super) fn calls_of_gone_device(
+        &mut self,
+        user: &Arc<str>,
+        conn: ConnRef,
+        protocol: Protocol,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let placed: Vec<u64> = self
+            .users
+            .get_mut(user)
+            .and_then(|st| st.extra_mut())
+            .map(|m| {
+                let placed = m
+                    .calls
+                    .iter()
+                    .filter(|(_, c)| *c == conn)
+                    .map(|(id, _)| *id)
+                    .collect();
+                m.calls.retain(|(_, c)| *c != conn);
+                placed
+            })
+            .unwrap_or_default();
+        // A gone party's operation on a call, from this connection.
+        let gone = |call| {
+            Box::new(CallOp {
+                call,
+                user: user.clone(),
+                from: Some((conn, protocol)),
+                ack: None,
+                op: CallCmd::PartyGone,
+            })
+        };
+        for call in placed {
+            let op = MeshMsg::CallOp(gone(call));
+            self.route((call >> 48) as ShardId, op, now, tx);
+        }
+        // Calls this device answered end with it.
+        let answered: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.callee == *user && c.answered.is_some_and(|(a, _)| a == conn))
+            .map(|(id, _)| *id)
+            .collect();
+        for call in answered {
+            self.end_call(call, "disconnected", user, now, tx);
+        }
+        // And calls of other nodes it answered.
+        let remote: Vec<(u64, u64)> = self
+            .users
+            .get_mut(user)
+            .and_then(|st| st.extra_mut())
+            .map(|m| {
+                let gone = m
+                    .remote_calls
+                    .iter()
+                    .filter(|r| r.answered_by == Some(conn))
+                    .map(|r| (r.call, r.node))
+                    .collect();
+                m.remote_calls.retain(|r| r.answered_by != Some(conn));
+                gone
+            })
+            .unwrap_or_default();
+        for (call, node) in remote {
+            let op = gone(call);
+            self.send_bridge(ToBridge::CallTo { node, op }, now, tx);
+        }
+    }
+}

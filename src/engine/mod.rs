@@ -461,6 +461,13 @@ pub struct UserOp {
     pub op: UserCmd,
 }
 
+/// Who asked a user's home shard: a [`UserOp`] without its command.
+pub(super) struct UserReq {
+    pub user: Arc<str>,
+    pub from: Option<(ConnRef, Protocol)>,
+    pub ack: Option<u64>,
+}
+
 /// What a user's home shard is asked or told.
 #[derive(Debug)]
 pub enum UserCmd {
@@ -1369,16 +1376,26 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
     Ok(())
 }
 
+// Roles: which shard does what (routing tables).
+mod client;
+mod home;
+mod owner;
+// Features: one handler per event, named after it.
 mod api;
 mod calls;
-mod client;
+mod dm;
+mod gather;
+mod messages;
+mod moderation;
+mod presence;
+mod receipts;
+mod sessions;
+mod typing;
+mod voice;
+// The cluster's side of every feature.
 pub mod cluster;
 pub use cluster::{ChannelPart, FromBridge, Incoming, NotificationChange, Outgoing, ToBridge};
 pub use moderation::{in_charge, MAX_BAN_MS, MAX_REASON_CHARS};
-mod gather;
-mod home;
-mod moderation;
-mod owner;
 mod rate;
 
 #[cfg(test)]

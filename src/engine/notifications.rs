@@ -11,6 +11,8 @@
 //! the same, and `corecast_notifications_dropped_total` counts it.
 
 use std::collections::{HashMap, VecDeque};
+
+use super::*;
 use std::sync::Arc;
 
 /// Characters of a message a mention notification holds (the message
@@ -107,6 +109,228 @@ pub fn excerpt(content: &str) -> String {
     match content.char_indices().nth(MENTION_EXCERPT_CHARS) {
         None => content.to_string(),
         Some((i, _)) => format!("{}…", &content[..i]),
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// `notification:get_pending`: the unread ones (in a cluster, with
+    /// those made on other nodes).
+    pub(super) fn notifications_pending(&mut self, r: UserReq, now: u64, tx: &mut impl MeshTx) {
+        let UserReq { user, from, ack } = r;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        // In a cluster, with those made elsewhere that did not reach
+        // this node (the user was not connected here then).
+        if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
+            let asker = Some((conn, protocol, ack));
+            let msg = ToBridge::LoadNotifications { user, asker };
+            return self.send_bridge(msg, now, tx);
+        }
+        let msg = self.pending_notifications(&user, ack, now);
+        reply(self, msg, tx);
+    }
+
+    /// `notification:mark_read`; in a cluster, answered once Redis has the
+    /// change (a device that connects next anywhere sees it).
+    pub(super) fn notifications_read(
+        &mut self,
+        r: UserReq,
+        ids: Vec<String>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let change = NotificationChange::Read(ids);
+        let keep = self.change_notifications(&user, &change, now);
+        self.tell_notifications(&user, change, keep, from, ack, now, tx);
+    }
+
+    /// `notification:clear` of one notification.
+    pub(super) fn notification_clear(
+        &mut self,
+        r: UserReq,
+        id: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let change = NotificationChange::Clear(id.clone());
+        let gone = self.change_notifications(&user, &change, now);
+        if gone.is_empty() {
+            let e = err(ack, ErrorCode::NotFound, format!("no notification `{id}`"));
+            return reply(self, e, tx);
+        }
+        self.tell_notifications(&user, change, gone, from, ack, now, tx);
+    }
+
+    /// `notification:clear_all`.
+    pub(super) fn notifications_clear_all(&mut self, r: UserReq, now: u64, tx: &mut impl MeshTx) {
+        let UserReq { user, from, ack } = r;
+        let change = NotificationChange::ClearAll;
+        self.change_notifications(&user, &change, now);
+        self.tell_notifications(&user, change, Vec::new(), from, ack, now, tx);
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Queues a notification for a user (delivered at once to its devices)
+    /// and returns it.
+    /// A notification for `user` made by `from` (none: the server API),
+    /// delivered to its devices and kept for `notification_ttl_ms`, within
+    /// the shard's bounds (engine/notifications.rs). Past them it is
+    /// delivered to devices online but not kept: the error says why.
+    pub(super) fn notify(
+        &mut self,
+        user: &Arc<str>,
+        kind: String,
+        data: Option<Json>,
+        from: Option<Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) -> Result<Notification, notifications::Full> {
+        let notification_id = self.mint_id("n");
+        let n = Notification {
+            notification_id,
+            kind,
+            data,
+            read: false,
+            created_at: now,
+            expires_at: now + self.s.notification_ttl_ms,
+        };
+        let shards = self.shards.max(1) as usize;
+        let max_total = (self.s.max_stored_notifications / shards).max(1);
+        let max_sender = (self.s.max_notifications_per_sender / shards).max(1);
+        self.notes.expire_away(now);
+        if let Err(full) = self.notes.admit(from.as_ref(), max_total, max_sender) {
+            self.metrics.notifications_dropped.inc();
+            self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
+            return Err(full);
+        }
+        // In a cluster, Redis keeps it for the nodes the user connects to
+        // later; this node keeps it only for devices here.
+        let here = !self.cluster_up()
+            || self
+                .users
+                .get(user)
+                .is_some_and(|st| !st.devices.is_empty());
+        if here {
+            let max = self.s.max_notifications;
+            let kept = Kept { n: n.clone(), from };
+            let st = self.users.entry(user.clone()).or_default();
+            st.push_notification(kept, max, &mut self.notes);
+            self.wake_user(user, n.expires_at);
+            self.send_devices(user, ServerEvent::NotificationNew(n.clone()), None, now, tx);
+        } else {
+            self.notes.add_away(n.expires_at, from);
+        }
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
+        let change = NotificationChange::New(n.clone());
+        self.tell_notifications(user, change, Vec::new(), None, None, now, tx);
+        Ok(n)
+    }
+
+    /// The answer to `notification:get_pending`.
+    pub(super) fn pending_notifications(
+        &mut self,
+        user: &Arc<str>,
+        ack: Option<u64>,
+        now: u64,
+    ) -> ServerMessage {
+        let notifications = match self.users.get_mut(user) {
+            Some(st) => {
+                st.expire_notifications(now, &mut self.notes);
+                st.notifications().cloned().collect()
+            }
+            None => Vec::new(),
+        };
+        ack_of(
+            ack,
+            AckBody::Notifications(NotificationsAck { notifications }),
+        )
+    }
+
+    /// Applies a change to the user's notifications here; returns the
+    /// notifications it touched (read, or cleared).
+    pub(super) fn change_notifications(
+        &mut self,
+        user: &Arc<str>,
+        change: &NotificationChange,
+        now: u64,
+    ) -> Vec<Notification> {
+        let max = self.s.max_notifications;
+        let Some(st) = self.users.get_mut(user) else {
+            return Vec::new();
+        };
+        let touched = match change {
+            NotificationChange::New(n) => {
+                // Made on another node: the sender was counted there.
+                let kept = Kept {
+                    n: n.clone(),
+                    from: None,
+                };
+                st.push_notification(kept, max, &mut self.notes);
+                let at = n.expires_at;
+                self.wake_user(user, at);
+                self.metrics
+                    .notifications_stored
+                    .set(self.notes.total() as u64);
+                return vec![n.clone()];
+            }
+            NotificationChange::Read(ids) => st
+                .more()
+                .notifications
+                .iter_mut()
+                .map(|k| &mut k.n)
+                .filter(|n| ids.contains(&n.notification_id))
+                .map(|n| {
+                    n.read = true;
+                    n.clone()
+                })
+                .collect(),
+            NotificationChange::Clear(id) => {
+                let mut once = true;
+                st.remove_notifications(
+                    |n| n.notification_id == *id && std::mem::take(&mut once),
+                    &mut self.notes,
+                )
+            }
+            NotificationChange::ClearAll => st.remove_notifications(|_| true, &mut self.notes),
+        };
+        st.expire_notifications(now, &mut self.notes);
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
+        touched
+    }
+
+    /// In a cluster: a change of the user's notifications made here, for
+    /// Redis and the other nodes. Its asker (if any) is answered once Redis
+    /// has it, or at once on a single node.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tell_notifications(
+        &mut self,
+        user: &Arc<str>,
+        change: NotificationChange,
+        keep: Vec<Notification>,
+        from: Option<(ConnRef, Protocol)>,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let user = user.clone();
+            let asker = from.map(|(c, p)| (c, p, ack));
+            let msg = ToBridge::Notifications {
+                user,
+                change,
+                keep,
+                asker,
+            };
+            return self.send_bridge(msg, now, tx);
+        }
+        self.answer(from, &empty_ack(ack), now, tx);
     }
 }
 

@@ -1,0 +1,140 @@
+//! Direct messages, on the sender's and the recipient's home shards, and
+//! the conversation list.
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// `dm:send`, on the sender's home: once per nonce, to the sender's
+    /// other devices and to the recipient's home.
+    pub(super) fn dm_send(&mut self, r: UserReq, d: DmSend, now: u64, tx: &mut impl MeshTx) {
+        let UserReq { user, from, ack } = r;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let max_conversations = self.s.max_conversations;
+        let st = self.user(&user);
+        if let Some(first) = d.nonce.as_deref().and_then(|n| st.dm_by_nonce(n)) {
+            let body = AckBody::Dm(DmAck {
+                message_id: first.message_id.clone(),
+                to_user_id: first.to_user_id.clone(),
+                timestamp: first.timestamp,
+                duplicate: true,
+            });
+            return reply(self, ack_of(ack, body), tx);
+        }
+        let message_id = self.mint_id("dm");
+        let to: Arc<str> = d.to_user_id.as_str().into();
+        let msg = DmMessage {
+            message_id: message_id.clone(),
+            from_user_id: user.to_string(),
+            to_user_id: d.to_user_id.clone(),
+            content: d.content,
+            nonce: d.nonce.clone(),
+            timestamp: now,
+        };
+        let st = self.user(&user);
+        if let Some(n) = &d.nonce {
+            st.remember_dm_nonce(n, msg.clone());
+        }
+        st.record_dm(&to, msg.clone(), false, max_conversations);
+        self.keep_conversation(&user, &to, &msg, false, now, tx);
+        let body = AckBody::Dm(DmAck {
+            message_id,
+            to_user_id: d.to_user_id,
+            timestamp: now,
+            duplicate: false,
+        });
+        reply(self, ack_of(ack, body), tx);
+        self.send_devices(
+            &user,
+            ServerEvent::DmSent(msg.clone()),
+            from.map(|f| f.0),
+            now,
+            tx,
+        );
+        self.tell_other_nodes(&user, ServerEvent::DmSent(msg.clone()), now, tx);
+        self.send_user_op(to, None, None, UserCmd::DmDeliver(msg), now, tx);
+    }
+
+    /// A direct message, on the recipient's home: to every device of the
+    /// recipient, on every node.
+    pub(super) fn dm_deliver(
+        &mut self,
+        r: UserReq,
+        msg: DmMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, .. } = r;
+        let max_conversations = self.s.max_conversations;
+        let from_user: Arc<str> = msg.from_user_id.as_str().into();
+        self.user(&user)
+            .record_dm(&from_user, msg.clone(), true, max_conversations);
+        self.keep_conversation(&user, &from_user, &msg, true, now, tx);
+        self.tell_other_nodes(&user, ServerEvent::DmNew(msg.clone()), now, tx);
+        self.send_devices(&user, ServerEvent::DmNew(msg), None, now, tx);
+    }
+
+    /// `dm:get_conversations`: the latest first (in a cluster, from Redis).
+    pub(super) fn dm_conversations(
+        &mut self,
+        r: UserReq,
+        limit: Option<u32>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let limit = limit.unwrap_or(50) as usize;
+        // In a cluster, Redis has every node's.
+        if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
+            let asker = (conn, protocol, ack);
+            let msg = ToBridge::LoadConversations { user, limit, asker };
+            return self.send_bridge(msg, now, tx);
+        }
+        let conversations = self.local_conversations(&user, limit);
+        let body = AckBody::Conversations(ConversationsAck { conversations });
+        reply(self, ack_of(ack, body), tx);
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// The user's conversations kept here, most recent first.
+    pub(super) fn local_conversations(&self, user: &Arc<str>, limit: usize) -> Vec<Conversation> {
+        self.users
+            .get(user)
+            .and_then(|st| st.extra())
+            .map(|m| {
+                m.conversations
+                    .iter()
+                    .take(limit)
+                    .map(|c| Conversation {
+                        user_id: c.peer.to_string(),
+                        last_message: c.last.clone(),
+                        unread: c.unread,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// In a cluster: a direct message in a conversation, for Redis (the
+    /// node where it is sent keeps it for both users).
+    pub(super) fn keep_conversation(
+        &mut self,
+        user: &Arc<str>,
+        peer: &Arc<str>,
+        msg: &DmMessage,
+        incoming: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.cluster_up() {
+            let msg = ToBridge::Conversation {
+                user: user.clone(),
+                peer: peer.clone(),
+                msg: Box::new(msg.clone()),
+                incoming,
+            };
+            self.send_bridge(msg, now, tx);
+        }
+    }
+}

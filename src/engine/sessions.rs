@@ -1,0 +1,79 @@
+//! Resumable sessions, on the user's home: a dropped connection's
+//! channels kept for `resume_window_ms`, taken back by `session:resume`.
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// `session:resume`, on the user's home: the dropped session's channels
+    /// (in a cluster, taken from Redis by whichever node kept them).
+    pub(super) fn session_resume(
+        &mut self,
+        r: UserReq,
+        session: SessionId,
+        gather: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, .. } = r;
+        let Some((conn, _)) = from else { return };
+        let here = self.users.get_mut(&user).and_then(|st| {
+            let i = st
+                .more()
+                .detached
+                .iter()
+                .position(|d| d.session == session && d.until > now)?;
+            Some(st.more().detached.remove(i))
+        });
+        let kept = here.as_ref().is_none_or(|d| d.kept);
+        if self.cluster_up() && kept {
+            // Kept in Redis for any node: whoever takes it there
+            // resumes it (once, whichever node held it).
+            let take = ToBridge::TakeSession {
+                user: user.clone(),
+                session,
+                asker: Some((conn, gather)),
+            };
+            self.send_bridge(take, now, tx);
+            self.maintain_user(&user, now, tx);
+            return;
+        }
+        let channels = here.map(|d| d.channels);
+        let g = Gathered {
+            gather,
+            part: GatherPart::Resume(channels),
+        };
+        self.route(conn.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// A dropped connection that may be resumed: its channels are kept for
+    /// `resume_window_ms` (in a cluster, in Redis too, for any node).
+    pub(super) fn detach_session(
+        &mut self,
+        user: &Arc<str>,
+        session: SessionId,
+        channels: ResumePoints,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let window = self.s.resume_window_ms;
+        let kept = self.cluster_up();
+        if kept {
+            let keep = ToBridge::KeepSession {
+                user: user.clone(),
+                session,
+                points: channels.clone(),
+                ttl_ms: window,
+            };
+            self.send_bridge(keep, now, tx);
+        }
+        self.user(user).more().detached.push(Detached {
+            session,
+            channels,
+            until: now + window,
+            kept,
+        });
+        self.wake_user(user, now + window);
+    }
+}

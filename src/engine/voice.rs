@@ -1,0 +1,171 @@
+//! Voice channels: on the user's home (one voice channel per user) and on
+//! the channel's owner (the room, its participants and their states).
+
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// `voice:join`, on the user's home: one voice channel per user (the
+    /// one before is left, here and on other nodes), then the channel's
+    /// owner adds the member.
+    pub(super) fn voice_join_home(
+        &mut self,
+        r: UserReq,
+        channel: Arc<str>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let Some((conn, protocol)) = from else { return };
+        let Some(session) = self
+            .users
+            .get(&user)
+            .and_then(|st| st.devices.iter().find(|d| d.conn == conn))
+            .map(|d| d.session)
+        else {
+            return;
+        };
+        // One voice channel per user: leave the one before, here
+        // and on the other nodes.
+        let same = self
+            .users
+            .get(&user)
+            .and_then(|st| st.extra()?.voice.clone())
+            .is_some_and(|(old, old_conn)| old == channel && old_conn == conn);
+        if !same {
+            self.leave_voice_for(&user, Some((session, protocol)), now, tx);
+        }
+        if self.cluster_up() {
+            let msg = ToBridge::VoiceJoined {
+                user: user.clone(),
+                channel: channel.clone(),
+                at: now,
+            };
+            self.send_bridge(msg, now, tx);
+        }
+        let m = self.user(&user).more();
+        m.voice = Some((channel.clone(), conn));
+        m.voice_at = now;
+        let member = Member {
+            user,
+            session,
+            protocol,
+        };
+        self.voice_op(channel, conn, member, ack, ChanCmd::VoiceJoin, now, tx);
+    }
+
+    /// `voice:leave` or `voice:update`, on the user's home, for the
+    /// device that is in the user's voice channel.
+    pub(super) fn voice_leave_or_update_home(
+        &mut self,
+        r: UserReq,
+        op: UserCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, from, ack } = r;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let Some((conn, protocol)) = from else { return };
+        let st = self.user(&user);
+        let session = st
+            .devices
+            .iter()
+            .find(|d| d.conn == conn)
+            .map(|d| d.session);
+        let in_voice = st
+            .extra()
+            .and_then(|m| m.voice.as_ref())
+            .is_some_and(|(_, c)| *c == conn);
+        let (Some(session), true) = (session, in_voice) else {
+            let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
+            return reply(self, e, tx);
+        };
+        let (channel, cmd) = match op {
+            UserCmd::VoiceUpdate(u) => {
+                let channel = st.more().voice.as_ref().expect("checked").0.clone();
+                (channel, ChanCmd::VoiceUpdate(u))
+            }
+            _ => {
+                let (channel, _) = st.more().voice.take().expect("checked");
+                (channel, ChanCmd::VoiceLeave)
+            }
+        };
+        let member = Member {
+            user,
+            session,
+            protocol,
+        };
+        self.voice_op(channel, conn, member, ack, cmd, now, tx);
+    }
+
+    /// The user was taken out of this channel's voice room.
+    pub(super) fn voice_gone_home(
+        &mut self,
+        r: UserReq,
+        channel: Arc<str>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let UserReq { user, .. } = r;
+        if let Some(st) = self.users.get_mut(&user) {
+            if let Some(m) = st.extra_mut() {
+                m.voice.take_if(|(c, _)| *c == channel);
+            }
+        }
+        self.maintain_user(&user, now, tx);
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Takes the user out of the voice channel it is in here (it joins
+    /// another, here or on another node); `fallback`: the session and
+    /// protocol to leave with if the device in it is gone.
+    pub(super) fn leave_voice_for(
+        &mut self,
+        user: &Arc<str>,
+        fallback: Option<(SessionId, Protocol)>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(st) = self.users.get_mut(user) else {
+            return;
+        };
+        let Some((old, old_conn)) = st.extra_mut().and_then(|m| m.voice.take()) else {
+            return;
+        };
+        let device = st.devices.iter().find(|d| d.conn == old_conn);
+        let Some((session, protocol)) = device.map(|d| (d.session, d.protocol)).or(fallback) else {
+            return;
+        };
+        let member = Member {
+            user: user.clone(),
+            session,
+            protocol,
+        };
+        self.voice_op(old, old_conn, member, None, ChanCmd::VoiceLeave, now, tx);
+        self.maintain_user(user, now, tx);
+    }
+
+    /// Sends a voice command for `member` on connection `conn` to the
+    /// channel's owner; the owner answers only when `ack` is set.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn voice_op(
+        &mut self,
+        channel: Arc<str>,
+        conn: ConnRef,
+        member: Member,
+        ack: Option<u64>,
+        op: ChanCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let owner = owner_of(&channel, self.shards);
+        let op = ChannelOp {
+            channel,
+            from: conn,
+            member,
+            ack,
+            op,
+        };
+        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+    }
+}
