@@ -1,1 +1,266 @@
+//! Messages, on the channel's owner: edits, deletions, reactions and
+//! history (sending is the owner's sequencing, in `owner.rs`).
 
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// `message:edit`, on the channel's owner: by its author only, sequenced
+    /// like a new message.
+    pub(super) fn message_edit(
+        &mut self,
+        req: ChanReq,
+        message_id: String,
+        content: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        // Only a message's author may change it (and a moderator delete it).
+        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
+            None => Err(Box::new(not_found(id))),
+            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
+                ack,
+                ErrorCode::Forbidden,
+                format!("only the author may {verb} a message"),
+            ))),
+            Some(m) => Ok(m.msg.offset),
+        };
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        if let Err(e) = authored(owned, &message_id, "edit", false) {
+            return reply_to(self, *e, tx);
+        }
+        let offset = owned.next_offset();
+        let m = owned.find_mut(&message_id).expect("found above");
+        m.msg.content = content.clone();
+        m.edited_at = Some(now);
+        let event = ev(ServerEvent::MessageEdited(MessageEdited {
+            message_id: message_id.clone(),
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            content,
+            offset,
+            edited_at: now,
+        }));
+        self.sequence(&channel, offset, event, Some(reply), now, tx);
+    }
+
+    /// `message:delete`, on the channel's owner: by its author or a
+    /// moderator.
+    pub(super) fn message_delete(
+        &mut self,
+        req: ChanReq,
+        message_id: String,
+        moderator: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        // Only a message's author may change it (and a moderator delete it).
+        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
+            None => Err(Box::new(not_found(id))),
+            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
+                ack,
+                ErrorCode::Forbidden,
+                format!("only the author may {verb} a message"),
+            ))),
+            Some(m) => Ok(m.msg.offset),
+        };
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let stored = match authored(owned, &message_id, "delete", moderator) {
+            Ok(stored) => stored,
+            Err(e) => return reply_to(self, *e, tx),
+        };
+        owned.remove(stored);
+        let offset = owned.next_offset();
+        let event = ev(ServerEvent::MessageDeleted(MessageDeleted {
+            message_id: message_id.clone(),
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            offset,
+            timestamp: now,
+        }));
+        self.sequence(&channel, offset, event, Some(reply), now, tx);
+    }
+
+    /// `message:react`, on the channel's owner: a reaction added or
+    /// removed, within the bounds on reactions.
+    pub(super) fn message_react(
+        &mut self,
+        req: ChanReq,
+        r: MessageReact,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let current = owned.offset;
+        let Some(m) = owned.find_mut(&r.message_id) else {
+            return reply_to(self, not_found(&r.message_id), tx);
+        };
+        let pos = m.reactions.iter().position(|(e, _)| *e == r.emoji);
+        let count = match (r.action, pos) {
+            (ReactAction::Add, Some(i)) => {
+                let users = &mut m.reactions[i].1;
+                if users.contains(&member.user) {
+                    None
+                } else {
+                    users.push(member.user.clone());
+                    Some(users.len())
+                }
+            }
+            (ReactAction::Add, None) => {
+                if m.reactions.len() >= MAX_REACTIONS_PER_MESSAGE {
+                    let e = err(
+                        ack,
+                        ErrorCode::TooLarge,
+                        format!(
+                            "at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"
+                        ),
+                    );
+                    return reply_to(self, e, tx);
+                }
+                m.reactions
+                    .push((r.emoji.clone(), vec![member.user.clone()]));
+                Some(1)
+            }
+            (ReactAction::Remove, Some(i)) => {
+                let users = &mut m.reactions[i].1;
+                match users.iter().position(|u| *u == member.user) {
+                    Some(j) => {
+                        users.remove(j);
+                        let n = users.len();
+                        if n == 0 {
+                            m.reactions.remove(i);
+                        }
+                        Some(n)
+                    }
+                    None => None,
+                }
+            }
+            (ReactAction::Remove, None) => None,
+        };
+        let Some(count) = count else {
+            // Already so: nothing changes, nothing is broadcast.
+            return self.event_ack(
+                &channel,
+                from,
+                &member,
+                ack,
+                &r.message_id,
+                current,
+                now,
+                tx,
+            );
+        };
+        let offset = owned.next_offset();
+        let event = ev(ServerEvent::MessageReaction(MessageReaction {
+            message_id: r.message_id.clone(),
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            emoji: r.emoji,
+            action: r.action,
+            count: count as u32,
+            offset,
+            timestamp: now,
+        }));
+        self.sequence(&channel, offset, event, Some(reply), now, tx);
+    }
+
+    /// `channel:get_history`: a page of the channel's messages, newest
+    /// last.
+    pub(super) fn message_history(
+        &mut self,
+        req: ChanReq,
+        h: GetHistory,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let limit = h.limit.unwrap_or(50).min(self.s.max_history_page) as usize;
+        owned.trim(now, &self.s);
+        let (messages, has_more) = owned.history(h.before, limit);
+        let body = AckBody::History(HistoryAck {
+            channel_id: channel.to_string(),
+            messages,
+            has_more,
+        });
+        reply_to(self, ack_of(ack, body), tx);
+    }
+}

@@ -418,6 +418,14 @@ pub struct ChannelOp {
     pub op: ChanCmd,
 }
 
+/// Who asked a channel's owner: a [`ChannelOp`] without its command.
+pub(super) struct ChanReq {
+    pub channel: Arc<str>,
+    pub from: ConnRef,
+    pub member: Member,
+    pub ack: Option<u64>,
+}
+
 /// What a member asks of a channel's owner.
 #[derive(Debug)]
 pub enum ChanCmd {
@@ -1385,6 +1393,7 @@ mod api;
 mod calls;
 mod dm;
 mod gather;
+mod members;
 mod messages;
 mod moderation;
 mod presence;

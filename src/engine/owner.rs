@@ -502,6 +502,8 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// What a channel's owner does, by request: each has its handler in
+    /// the feature's file.
     pub(super) fn on_channel_op(&mut self, op: ChannelOp, now: u64, tx: &mut impl MeshTx) {
         let ChannelOp {
             channel,
@@ -526,363 +528,62 @@ impl<O: Outbound> Engine<O> {
             }
             self.ensure_owned(&channel, now, tx);
         }
-        let up = self.cluster_up();
-        let owned = match self.owned.get_mut(&channel) {
-            Some(o) => o,
-            None if matches!(op, ChanCmd::VoiceParticipants) && up => {
-                // None here; other nodes may have some.
-                let reply = Reply {
-                    to: from,
-                    protocol: member.protocol,
-                    id: ack,
-                };
-                let part = ChannelPart::Voice(Vec::new());
-                return self.channel_answer(&channel, part, reply, now, tx);
-            }
-            None => {
-                let msg = match op {
-                    ChanCmd::VoiceParticipants => ack_of(
-                        ack,
-                        AckBody::Voice(VoiceAck {
-                            channel_id: channel.to_string(),
-                            participants: vec![],
-                            token: None,
-                            server_url: None,
-                        }),
-                    ),
-                    ChanCmd::VoiceLeave => empty_ack(ack),
-                    _ => err(ack, ErrorCode::NotFound, format!("no channel `{channel}`")),
-                };
-                return reply_to(self, msg, tx);
-            }
-        };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
-        // Only a message's author may change it (and a moderator delete it).
-        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
-            None => Err(Box::new(not_found(id))),
-            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
-                ack,
-                ErrorCode::Forbidden,
-                format!("only the author may {verb} a message"),
-            ))),
-            Some(m) => Ok(m.msg.offset),
+        if !self.owned.contains_key(&channel) {
+            let msg = match op {
+                ChanCmd::VoiceParticipants if self.cluster_up() => {
+                    // None here; other nodes may have some.
+                    let reply = Reply {
+                        to: from,
+                        protocol: member.protocol,
+                        id: ack,
+                    };
+                    let part = ChannelPart::Voice(Vec::new());
+                    return self.channel_answer(&channel, part, reply, now, tx);
+                }
+                ChanCmd::VoiceParticipants => ack_of(
+                    ack,
+                    AckBody::Voice(VoiceAck {
+                        channel_id: channel.to_string(),
+                        participants: vec![],
+                        token: None,
+                        server_url: None,
+                    }),
+                ),
+                ChanCmd::VoiceLeave => empty_ack(ack),
+                _ => err(ack, ErrorCode::NotFound, format!("no channel `{channel}`")),
+            };
+            return reply_to(self, msg, tx);
+        }
+        let req = ChanReq {
+            channel,
+            from,
+            member,
+            ack,
         };
         match op {
             ChanCmd::Edit {
                 message_id,
                 content,
-            } => {
-                if let Err(e) = authored(owned, &message_id, "edit", false) {
-                    return reply_to(self, *e, tx);
-                }
-                let offset = owned.next_offset();
-                let m = owned.find_mut(&message_id).expect("found above");
-                m.msg.content = content.clone();
-                m.edited_at = Some(now);
-                let event = ev(ServerEvent::MessageEdited(MessageEdited {
-                    message_id: message_id.clone(),
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    content,
-                    offset,
-                    edited_at: now,
-                }));
-                self.sequence(&channel, offset, event, Some(reply), now, tx);
-            }
+            } => self.message_edit(req, message_id, content, now, tx),
             ChanCmd::Delete {
                 message_id,
                 moderator,
-            } => {
-                let stored = match authored(owned, &message_id, "delete", moderator) {
-                    Ok(stored) => stored,
-                    Err(e) => return reply_to(self, *e, tx),
-                };
-                owned.remove(stored);
-                let offset = owned.next_offset();
-                let event = ev(ServerEvent::MessageDeleted(MessageDeleted {
-                    message_id: message_id.clone(),
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    offset,
-                    timestamp: now,
-                }));
-                self.sequence(&channel, offset, event, Some(reply), now, tx);
-            }
-            ChanCmd::React(r) => {
-                let current = owned.offset;
-                let Some(m) = owned.find_mut(&r.message_id) else {
-                    return reply_to(self, not_found(&r.message_id), tx);
-                };
-                let pos = m.reactions.iter().position(|(e, _)| *e == r.emoji);
-                let count = match (r.action, pos) {
-                    (ReactAction::Add, Some(i)) => {
-                        let users = &mut m.reactions[i].1;
-                        if users.contains(&member.user) {
-                            None
-                        } else {
-                            users.push(member.user.clone());
-                            Some(users.len())
-                        }
-                    }
-                    (ReactAction::Add, None) => {
-                        if m.reactions.len() >= MAX_REACTIONS_PER_MESSAGE {
-                            let e = err(
-                                ack,
-                                ErrorCode::TooLarge,
-                                format!("at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"),
-                            );
-                            return reply_to(self, e, tx);
-                        }
-                        m.reactions
-                            .push((r.emoji.clone(), vec![member.user.clone()]));
-                        Some(1)
-                    }
-                    (ReactAction::Remove, Some(i)) => {
-                        let users = &mut m.reactions[i].1;
-                        match users.iter().position(|u| *u == member.user) {
-                            Some(j) => {
-                                users.remove(j);
-                                let n = users.len();
-                                if n == 0 {
-                                    m.reactions.remove(i);
-                                }
-                                Some(n)
-                            }
-                            None => None,
-                        }
-                    }
-                    (ReactAction::Remove, None) => None,
-                };
-                let Some(count) = count else {
-                    // Already so: nothing changes, nothing is broadcast.
-                    return self.event_ack(
-                        &channel,
-                        from,
-                        &member,
-                        ack,
-                        &r.message_id,
-                        current,
-                        now,
-                        tx,
-                    );
-                };
-                let offset = owned.next_offset();
-                let event = ev(ServerEvent::MessageReaction(MessageReaction {
-                    message_id: r.message_id.clone(),
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    emoji: r.emoji,
-                    action: r.action,
-                    count: count as u32,
-                    offset,
-                    timestamp: now,
-                }));
-                self.sequence(&channel, offset, event, Some(reply), now, tx);
-            }
-            ChanCmd::History(h) => {
-                let limit = h.limit.unwrap_or(50).min(self.s.max_history_page) as usize;
-                owned.trim(now, &self.s);
-                let (messages, has_more) = owned.history(h.before, limit);
-                let body = AckBody::History(HistoryAck {
-                    channel_id: channel.to_string(),
-                    messages,
-                    has_more,
-                });
-                reply_to(self, ack_of(ack, body), tx);
-            }
-            ChanCmd::Members => {
-                let part = self.local_part(&channel, ChannelPart::Members(Vec::new()));
-                self.channel_answer(&channel, part, reply, now, tx);
-            }
-            ChanCmd::TypingStart => {
-                let until = now + self.s.typing_timeout_ms;
-                let new = match owned.typing.iter_mut().find(|t| t.user == member.user) {
-                    Some(t) => {
-                        // Still typing: a later expiry, no new broadcast.
-                        t.until = until;
-                        t.conn = from;
-                        false
-                    }
-                    None => {
-                        owned.typing.push(Typing {
-                            user: member.user.clone(),
-                            conn: from,
-                            until,
-                        });
-                        true
-                    }
-                };
-                self.timers.at(
-                    until,
-                    Timer::Typing {
-                        channel: channel.clone(),
-                    },
-                );
-                if new {
-                    self.typing_event(&channel, &member.user, true, now, tx);
-                }
-                reply_to(self, empty_ack(ack), tx);
-            }
-            ChanCmd::TypingStop => {
-                let was = owned
-                    .typing
-                    .iter()
-                    .position(|t| t.user == member.user)
-                    .map(|i| owned.typing.remove(i));
-                if was.is_some() {
-                    self.typing_event(&channel, &member.user, false, now, tx);
-                }
-                reply_to(self, empty_ack(ack), tx);
-            }
-            ChanCmd::TypingActive => {
-                let part = self.local_part(&channel, ChannelPart::Typing(Vec::new()));
-                self.channel_answer(&channel, part, reply, now, tx);
-            }
-            ChanCmd::Delivered { message_id } => {
-                let Some(m) = owned.find(&message_id) else {
-                    return reply_to(self, not_found(&message_id), tx);
-                };
-                let author: Arc<str> = m.msg.user_id.as_str().into();
-                if author != member.user {
-                    let d = MessageDelivery {
-                        message_id,
-                        channel_id: channel.to_string(),
-                        user_id: member.user.to_string(),
-                        timestamp: now,
-                    };
-                    self.send_user_op(author, None, None, UserCmd::Delivery(d), now, tx);
-                }
-                reply_to(self, empty_ack(ack), tx);
-            }
-            ChanCmd::MarkRead { message_id } => {
-                let Some(offset) =
-                    offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
-                else {
-                    return reply_to(self, not_found(&message_id), tx);
-                };
-                if owned.mark_read(&member.user, offset, now) {
-                    let event = ev(ServerEvent::MessageReadReceipt(ReadReceipt {
-                        channel_id: channel.to_string(),
-                        user_id: member.user.to_string(),
-                        message_id,
-                        offset,
-                        timestamp: now,
-                    }));
-                    self.fan_out(&channel, &event, None, now, tx);
-                }
-                reply_to(self, empty_ack(ack), tx);
-            }
+            } => self.message_delete(req, message_id, moderator, now, tx),
+            ChanCmd::React(r) => self.message_react(req, r, now, tx),
+            ChanCmd::History(h) => self.message_history(req, h, now, tx),
+            ChanCmd::Members => self.channel_members(req, now, tx),
+            ChanCmd::TypingStart => self.typing_start(req, now, tx),
+            ChanCmd::TypingStop => self.typing_stop(req, now, tx),
+            ChanCmd::TypingActive => self.typing_active(req, now, tx),
+            ChanCmd::Delivered { message_id } => self.message_delivered(req, message_id, now, tx),
+            ChanCmd::MarkRead { message_id } => self.message_mark_read(req, message_id, now, tx),
             ChanCmd::ReadReceipts { message_id } => {
-                let Some(offset) =
-                    offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
-                else {
-                    return reply_to(self, not_found(&message_id), tx);
-                };
-                // Readers connected to other nodes are read there.
-                let part = ChannelPart::Readers {
-                    epoch: owned.epoch.to_string(),
-                    offset,
-                    readers: owned.readers(offset),
-                };
-                self.channel_answer(&channel, part, reply, now, tx);
+                self.message_read_receipts(req, message_id, now, tx)
             }
-            ChanCmd::VoiceJoin => {
-                let state = match owned.voice.iter_mut().find(|p| p.user == member.user) {
-                    Some(p) => {
-                        p.conn = from;
-                        p.state
-                    }
-                    None => {
-                        owned.voice.push(Participant {
-                            user: member.user.clone(),
-                            conn: from,
-                            state: VoiceState::default(),
-                        });
-                        VoiceState::default()
-                    }
-                };
-                let participants = owned.voice_participants();
-                let event = ev(ServerEvent::VoiceUserJoined(VoiceEvent {
-                    channel_id: channel.to_string(),
-                    user_id: member.user.to_string(),
-                    state: Some(state),
-                }));
-                self.fan_out(&channel, &event, None, now, tx);
-                let (token, server_url) = match &self.s.livekit {
-                    Some(lk) => (
-                        Some(crate::livekit::livekit_token(
-                            lk,
-                            &channel,
-                            &member.user,
-                            now / 1000,
-                        )),
-                        Some(lk.url.clone()),
-                    ),
-                    None => (None, None),
-                };
-                let body = AckBody::Voice(VoiceAck {
-                    channel_id: channel.to_string(),
-                    participants,
-                    token,
-                    server_url,
-                });
-                reply_to(self, ack_of(ack, body), tx);
-            }
-            ChanCmd::VoiceLeave => {
-                let was = owned
-                    .voice
-                    .iter()
-                    .position(|p| p.user == member.user && p.conn == from)
-                    .map(|i| owned.voice.remove(i));
-                if was.is_some() {
-                    let event = ev(ServerEvent::VoiceUserLeft(VoiceEvent {
-                        channel_id: channel.to_string(),
-                        user_id: member.user.to_string(),
-                        state: None,
-                    }));
-                    self.fan_out(&channel, &event, None, now, tx);
-                    if self.owned.get(&channel).is_some_and(|o| o.total() == 0) {
-                        self.channel_gc(&channel, now, tx);
-                    }
-                }
-                if ack.is_some() {
-                    reply_to(self, empty_ack(ack), tx);
-                }
-            }
-            ChanCmd::VoiceUpdate(u) => {
-                let Some(p) = owned
-                    .voice
-                    .iter_mut()
-                    .find(|p| p.user == member.user && p.conn == from)
-                else {
-                    let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
-                    return reply_to(self, e, tx);
-                };
-                if apply_voice(&mut p.state, &u) {
-                    let event = ev(ServerEvent::VoiceStateUpdate(VoiceEvent {
-                        channel_id: channel.to_string(),
-                        user_id: member.user.to_string(),
-                        state: Some(p.state),
-                    }));
-                    self.fan_out(&channel, &event, None, now, tx);
-                }
-                reply_to(self, empty_ack(ack), tx);
-            }
-            ChanCmd::VoiceParticipants => {
-                let part = self.local_part(&channel, ChannelPart::Voice(Vec::new()));
-                self.channel_answer(&channel, part, reply, now, tx);
-            }
+            ChanCmd::VoiceJoin => self.voice_join_owner(req, now, tx),
+            ChanCmd::VoiceLeave => self.voice_leave_owner(req, now, tx),
+            ChanCmd::VoiceUpdate(u) => self.voice_update_owner(req, u, now, tx),
+            ChanCmd::VoiceParticipants => self.voice_participants(req, now, tx),
         }
     }
 

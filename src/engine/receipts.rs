@@ -18,3 +18,139 @@ impl<O: Outbound> Engine<O> {
         self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `message:delivered`, on the channel's owner: the author's home hears
+    /// it.
+    pub(super) fn message_delivered(
+        &mut self,
+        req: ChanReq,
+        message_id: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let Some(m) = owned.find(&message_id) else {
+            return reply_to(self, not_found(&message_id), tx);
+        };
+        let author: Arc<str> = m.msg.user_id.as_str().into();
+        if author != member.user {
+            let d = MessageDelivery {
+                message_id,
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                timestamp: now,
+            };
+            self.send_user_op(author, None, None, UserCmd::Delivery(d), now, tx);
+        }
+        reply_to(self, empty_ack(ack), tx);
+    }
+
+    /// `message:mark_read`, on the channel's owner: the member's read
+    /// marker moves forward, and the channel hears it.
+    pub(super) fn message_mark_read(
+        &mut self,
+        req: ChanReq,
+        message_id: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
+        else {
+            return reply_to(self, not_found(&message_id), tx);
+        };
+        if owned.mark_read(&member.user, offset, now) {
+            let event = ev(ServerEvent::MessageReadReceipt(ReadReceipt {
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                message_id,
+                offset,
+                timestamp: now,
+            }));
+            self.fan_out(&channel, &event, None, now, tx);
+        }
+        reply_to(self, empty_ack(ack), tx);
+    }
+
+    /// `message:get_read_receipts`: who read a message, on every node.
+    pub(super) fn message_read_receipts(
+        &mut self,
+        req: ChanReq,
+        message_id: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let not_found = |id: &str| {
+            err(
+                ack,
+                ErrorCode::NotFound,
+                format!("message `{id}` is not in the channel's history"),
+            )
+        };
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
+        else {
+            return reply_to(self, not_found(&message_id), tx);
+        };
+        // Readers connected to other nodes are read there.
+        let part = ChannelPart::Readers {
+            epoch: owned.epoch.to_string(),
+            offset,
+            readers: owned.readers(offset),
+        };
+        self.channel_answer(&channel, part, reply, now, tx);
+    }
+}

@@ -1,1 +1,92 @@
+//! Typing indicators, on the channel's owner: who types, told once to
+//! the others, stopped by itself after `typing_timeout_ms`.
 
+use super::*;
+
+impl<O: Outbound> Engine<O> {
+    /// `typing:start`, on the channel's owner: the others hear it once,
+    /// and it stops by itself after `typing_timeout_ms`.
+    pub(super) fn typing_start(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let until = now + self.s.typing_timeout_ms;
+        let new = match owned.typing.iter_mut().find(|t| t.user == member.user) {
+            Some(t) => {
+                // Still typing: a later expiry, no new broadcast.
+                t.until = until;
+                t.conn = from;
+                false
+            }
+            None => {
+                owned.typing.push(Typing {
+                    user: member.user.clone(),
+                    conn: from,
+                    until,
+                });
+                true
+            }
+        };
+        self.timers.at(
+            until,
+            Timer::Typing {
+                channel: channel.clone(),
+            },
+        );
+        if new {
+            self.typing_event(&channel, &member.user, true, now, tx);
+        }
+        reply_to(self, empty_ack(ack), tx);
+    }
+
+    /// `typing:stop`, on the channel's owner.
+    pub(super) fn typing_stop(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let was = owned
+            .typing
+            .iter()
+            .position(|t| t.user == member.user)
+            .map(|i| owned.typing.remove(i));
+        if was.is_some() {
+            self.typing_event(&channel, &member.user, false, now, tx);
+        }
+        reply_to(self, empty_ack(ack), tx);
+    }
+
+    /// `typing:get_active`: who types in the channel, on every node.
+    pub(super) fn typing_active(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let part = self.local_part(&channel, ChannelPart::Typing(Vec::new()));
+        self.channel_answer(&channel, part, reply, now, tx);
+    }
+}

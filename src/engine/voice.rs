@@ -169,3 +169,154 @@ impl<O: Outbound> Engine<O> {
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `voice:join`, on the channel's owner (the user's home chose this
+    /// channel): a participant, with a LiveKit token when configured.
+    pub(super) fn voice_join_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let state = match owned.voice.iter_mut().find(|p| p.user == member.user) {
+            Some(p) => {
+                p.conn = from;
+                p.state
+            }
+            None => {
+                owned.voice.push(Participant {
+                    user: member.user.clone(),
+                    conn: from,
+                    state: VoiceState::default(),
+                });
+                VoiceState::default()
+            }
+        };
+        let participants = owned.voice_participants();
+        let event = ev(ServerEvent::VoiceUserJoined(VoiceEvent {
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            state: Some(state),
+        }));
+        self.fan_out(&channel, &event, None, now, tx);
+        let (token, server_url) = match &self.s.livekit {
+            Some(lk) => (
+                Some(crate::livekit::livekit_token(
+                    lk,
+                    &channel,
+                    &member.user,
+                    now / 1000,
+                )),
+                Some(lk.url.clone()),
+            ),
+            None => (None, None),
+        };
+        let body = AckBody::Voice(VoiceAck {
+            channel_id: channel.to_string(),
+            participants,
+            token,
+            server_url,
+        });
+        reply_to(self, ack_of(ack, body), tx);
+    }
+
+    /// `voice:leave`, on the channel's owner.
+    pub(super) fn voice_leave_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let was = owned
+            .voice
+            .iter()
+            .position(|p| p.user == member.user && p.conn == from)
+            .map(|i| owned.voice.remove(i));
+        if was.is_some() {
+            let event = ev(ServerEvent::VoiceUserLeft(VoiceEvent {
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                state: None,
+            }));
+            self.fan_out(&channel, &event, None, now, tx);
+            if self.owned.get(&channel).is_some_and(|o| o.total() == 0) {
+                self.channel_gc(&channel, now, tx);
+            }
+        }
+        if ack.is_some() {
+            reply_to(self, empty_ack(ack), tx);
+        }
+    }
+
+    /// `voice:update`, on the channel's owner: a participant's mute, deaf
+    /// or video state.
+    pub(super) fn voice_update_owner(
+        &mut self,
+        req: ChanReq,
+        u: VoiceUpdate,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
+            e.send_to(from, member.protocol, &msg, now, tx)
+        };
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let Some(p) = owned
+            .voice
+            .iter_mut()
+            .find(|p| p.user == member.user && p.conn == from)
+        else {
+            let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
+            return reply_to(self, e, tx);
+        };
+        if apply_voice(&mut p.state, &u) {
+            let event = ev(ServerEvent::VoiceStateUpdate(VoiceEvent {
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                state: Some(p.state),
+            }));
+            self.fan_out(&channel, &event, None, now, tx);
+        }
+        reply_to(self, empty_ack(ack), tx);
+    }
+
+    /// `voice:get_participants`: every participant, on every node.
+    pub(super) fn voice_participants(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+        let ChanReq {
+            channel,
+            from,
+            member,
+            ack,
+        } = req;
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        let part = self.local_part(&channel, ChannelPart::Voice(Vec::new()));
+        self.channel_answer(&channel, part, reply, now, tx);
+    }
+}
