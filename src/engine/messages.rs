@@ -1,6 +1,7 @@
-//! Messages, on the channel's owner: edits, deletions, reactions and
-//! history (sending is the owner's sequencing, in `owner.rs`).
+//! Messages, on the channel's owner: sending (then sequenced by the owner,
+//! in `owner.rs`), edits, deletions, reactions and history.
 
+use super::owner::FULL_ALONE;
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -262,5 +263,89 @@ impl<O: Outbound> Engine<O> {
             has_more,
         });
         reply_to(self, ack_of(ack, body), tx);
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn on_publish(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
+        let Publish {
+            channel,
+            from,
+            member,
+            ack,
+            send,
+        } = p;
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            let msg = err(
+                ack,
+                ErrorCode::NotFound,
+                format!("channel `{channel}` has no members"),
+            );
+            return self.send_to(from, member.protocol, &msg, now, tx);
+        };
+        if let Some(first) = send
+            .nonce
+            .as_deref()
+            .and_then(|n| owned.by_nonce(&member.user, n))
+        {
+            // A resend: answer as the first time, publish nothing.
+            let body = AckBody::Send(SendAck {
+                message_id: first.msg.message_id.clone(),
+                channel_id: channel.to_string(),
+                offset: first.msg.offset,
+                timestamp: first.msg.timestamp,
+                nonce: send.nonce.clone(),
+                duplicate: true,
+            });
+            return self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
+        }
+        if self.cluster.is_some()
+            && !owned.clustered()
+            && owned.waiting_for_cluster() >= self.s.history_size
+        {
+            let msg = err(ack, ErrorCode::Internal, FULL_ALONE);
+            return self.send_to(from, member.protocol, &msg, now, tx);
+        }
+        let was_typing = owned
+            .typing
+            .iter()
+            .position(|t| t.user == member.user)
+            .map(|i| owned.typing.remove(i));
+        let offset = owned.next_offset();
+        let message_id = owned.message_id(offset);
+        let clustered = owned.clustered();
+        let mut mentions: Vec<String> = Vec::with_capacity(send.mentions.len());
+        for m in send.mentions {
+            if !mentions.contains(&m) {
+                mentions.push(m);
+            }
+        }
+        self.metrics.messages_published.inc();
+        if let Some(t) = was_typing {
+            self.typing_event(&channel, &t.user, false, now, tx);
+        }
+        let message = MessageNew {
+            message_id: message_id.clone(),
+            channel_id: channel.to_string(),
+            user_id: member.user.to_string(),
+            content: send.content,
+            reply_to: send.reply_to,
+            thread_id: send.thread_id,
+            mentions,
+            nonce: send.nonce,
+            offset,
+            timestamp: now,
+        };
+        // In the cluster, once Redis has given the message its id.
+        if !clustered {
+            self.notify_mentions(&channel, &message, now, tx);
+        }
+        let event = ev(ServerEvent::MessageNew(message));
+        let reply = Reply {
+            to: from,
+            protocol: member.protocol,
+            id: ack,
+        };
+        self.sequence(&channel, offset, event, Some(reply), now, tx);
     }
 }

@@ -334,6 +334,71 @@ impl<O: Outbound> Engine<O> {
     }
 }
 
+impl<O: Outbound> Engine<O> {
+    /// Tells users mentioned in a message who are not in its channel.
+    pub(super) fn notify_mentions(
+        &mut self,
+        channel: &Arc<str>,
+        message: &MessageNew,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(owned) = self.owned.get(channel) else {
+            return;
+        };
+        let absent: Vec<Arc<str>> = message
+            .mentions
+            .iter()
+            .filter(|u| **u != message.user_id && !owned.users.contains_key(u.as_str()))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
+        if absent.is_empty() {
+            return;
+        }
+        if self.cluster_up() && owned.clustered() {
+            // Members here or on another node are not notified: the other
+            // nodes say who is a member there.
+            let part = self.local_part(channel, ChannelPart::Members(Vec::new()));
+            let msg = ToBridge::ChannelQuery {
+                channel: channel.clone(),
+                parts: vec![part],
+                then: QueryThen::Mentions(Box::new(message.clone())),
+            };
+            return self.send_bridge(msg, now, tx);
+        }
+        self.notify_absent(channel, message, absent, now, tx);
+    }
+
+    /// Notifies mentioned users who are not members of the channel.
+    pub(super) fn notify_absent(
+        &mut self,
+        channel: &Arc<str>,
+        message: &MessageNew,
+        absent: Vec<Arc<str>>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        // A reference to the message and an excerpt, not a copy: the
+        // message stays in the channel's history.
+        let data = serde_json::json!({
+            "channelId": &**channel,
+            "messageId": &message.message_id,
+            "fromUserId": &message.user_id,
+            "excerpt": notifications::excerpt(&message.content),
+        })
+        .to_string();
+        let from: Arc<str> = message.user_id.as_str().into();
+        for user in absent {
+            let op = UserCmd::Notify {
+                kind: "mention".into(),
+                data: Some(Json(data.clone())),
+                from: Some(from.clone()),
+            };
+            self.send_user_op(user, None, None, op, now, tx);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

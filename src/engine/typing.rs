@@ -90,3 +90,43 @@ impl<O: Outbound> Engine<O> {
         self.channel_answer(&channel, part, reply, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn typing_event(
+        &mut self,
+        channel: &Arc<str>,
+        user: &Arc<str>,
+        start: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let e = TypingEvent {
+            channel_id: channel.to_string(),
+            user_id: user.to_string(),
+        };
+        let event = ev(if start {
+            ServerEvent::TypingUserStart(e)
+        } else {
+            ServerEvent::TypingUserStop(e)
+        });
+        self.fan_out(channel, &event, Some(user), now, tx);
+    }
+
+    pub(super) fn expire_typing(&mut self, channel: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
+        let Some(owned) = self.owned.get_mut(channel) else {
+            return;
+        };
+        let mut expired = Vec::new();
+        owned.typing.retain(|t| {
+            if t.until <= now {
+                expired.push(t.user.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for user in expired {
+            self.typing_event(channel, &user, false, now, tx);
+        }
+    }
+}
