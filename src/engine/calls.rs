@@ -497,3 +497,101 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `call:initiate`: checked here, then to the caller's home.
+    pub(super) fn on_call_initiate(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: CallInitiate,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        if let Err((code, e)) = self.check_user_target(id, "toUserId", &c.to_user_id) {
+            return self.error(id, ack, code, e);
+        }
+        if *c.to_user_id == *member.user {
+            return self.error(id, ack, ErrorCode::BadRequest, "cannot call yourself");
+        }
+        if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::TooLarge,
+                format!("`sdp` is longer than {MAX_SDP_BYTES} bytes"),
+            );
+        }
+        self.send_user_op(member.user, from, ack, UserCmd::CallInitiate(c), now, tx)
+    }
+
+    /// `call:answer`: checked here, then to the shard holding the call.
+    pub(super) fn on_call_answer(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: CallAnswer,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if c.sdp.as_ref().is_some_and(|s| s.len() > MAX_SDP_BYTES) {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::TooLarge,
+                format!("`sdp` is longer than {MAX_SDP_BYTES} bytes"),
+            );
+        }
+        self.call_op(id, ack, &c.call_id, CallCmd::Answer { sdp: c.sdp }, now, tx)
+    }
+
+    /// `call:reject`, to the shard holding the call.
+    pub(super) fn on_call_reject(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: CallReject,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.call_op(
+            id,
+            ack,
+            &c.call_id,
+            CallCmd::Reject { reason: c.reason },
+            now,
+            tx,
+        )
+    }
+
+    /// `call:end`, to the shard holding the call.
+    pub(super) fn on_call_end(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: CallRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.call_op(id, ack, &c.call_id, CallCmd::End, now, tx)
+    }
+
+    /// `call:ice_candidate`: checked here, then to the shard holding the call.
+    pub(super) fn on_call_ice_candidate(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: CallIce,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if c.candidate.0.len() > MAX_SDP_BYTES {
+            return self.error(id, ack, ErrorCode::TooLarge, "`candidate` is too large");
+        }
+        self.call_op(id, ack, &c.call_id, CallCmd::Ice(c.candidate), now, tx)
+    }
+}

@@ -138,3 +138,53 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `dm:send`: checked here, then to the sender's home.
+    pub(super) fn on_dm_send(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        d: DmSend,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        if let Err((code, e)) = self.check_user_target(id, "toUserId", &d.to_user_id) {
+            return self.error(id, ack, code, e);
+        }
+        if let Err((code, e)) = self.check_content("content", &d.content) {
+            return self.error(id, ack, code, e);
+        }
+        if let Some(Err(e)) = d.nonce.as_deref().map(|n| check_id("nonce", n)) {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        self.send_user_op(member.user, from, ack, UserCmd::DmSend(d), now, tx)
+    }
+
+    /// `dm:get_conversations`, to the user's home.
+    pub(super) fn on_dm_get_conversations(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        l: Limit,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::Conversations { limit: l.limit },
+            now,
+            tx,
+        )
+    }
+}

@@ -143,3 +143,238 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `channel:get_members` from a member, to the channel's owner.
+    pub(super) fn on_channel_get_members(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(id, ack, &c.channel_id, ChanCmd::Members, now, tx)
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Asks the owner to add this connection to a channel; false when
+    /// refused here (the refusal is answered).
+    pub(super) fn join(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        j: ChannelJoin,
+        gather: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) -> bool {
+        let ChannelJoin {
+            channel_id,
+            since,
+            token,
+        } = j;
+        if let Err(e) = self.check_channel_id(&channel_id) {
+            self.error(id, ack, ErrorCode::BadRequest, e);
+            return false;
+        }
+        if let Err(e) = self.may_join(id, &channel_id, token.as_deref()) {
+            self.error(id, ack, ErrorCode::Forbidden, e);
+            return false;
+        }
+        let ban = self.conn(id).and_then(|c| {
+            self.bans
+                .channel(&c.member.user, &channel_id, now)
+                .map(|b| moderation::banned_message(b))
+        });
+        if let Some(e) = ban {
+            self.error(id, ack, ErrorCode::Forbidden, e);
+            return false;
+        }
+        let max = self.s.max_channels_per_connection;
+        let Some(conn) = self.conn_mut(id) else {
+            return false;
+        };
+        if conn.channels().iter().any(|(c, _)| **c == *channel_id) {
+            self.error(
+                id,
+                ack,
+                ErrorCode::BadRequest,
+                format!("already in channel `{channel_id}`"),
+            );
+            return false;
+        }
+        if conn.channels().len() >= max {
+            self.error(
+                id,
+                ack,
+                ErrorCode::TooLarge,
+                format!("at most {max} channels per connection"),
+            );
+            return false;
+        }
+        let channel: Arc<str> = channel_id.into();
+        conn.links()
+            .channels
+            .push((channel.clone(), JoinState::Pending { ack, gather }));
+        let member = conn.member.clone();
+        let from = self.here(id);
+        let owner = owner_of(&channel, self.shards);
+        self.route(
+            owner,
+            MeshMsg::Join(Box::new(Join {
+                channel,
+                from,
+                member,
+                ack,
+                since,
+            })),
+            now,
+            tx,
+        );
+        true
+    }
+
+    pub(super) fn on_channel_leave(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        channel_id: &str,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let Some(pos) = conn.channels().iter().position(|(c, _)| **c == *channel_id) else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::NotFound,
+                format!("not in channel `{channel_id}`"),
+            );
+        };
+        let (channel, state) = conn.links().channels.swap_remove(pos);
+        let member = conn.member.clone();
+        match state {
+            JoinState::Joined => {
+                self.remove_local(&channel, id);
+                self.tell_owner_left(id, channel, member, None, now, tx);
+            }
+            // A channel a resumed session was rejoining: the resume no
+            // longer waits for it (its `Joined` will undo the join).
+            JoinState::Pending {
+                gather: Some(g), ..
+            } => self.resumed_join_gone(g),
+            JoinState::Pending { .. } => {}
+        }
+        self.reply(id, &empty_ack(ack));
+    }
+
+    pub(super) fn on_joined(&mut self, j: Joined, now: u64, tx: &mut impl MeshTx) {
+        let Joined {
+            channel,
+            conn: id,
+            member,
+            ack,
+            offset,
+            epoch,
+            members,
+            recovered,
+            replay,
+            refused,
+        } = j;
+        if let Some((code, reason)) = refused {
+            return self.join_refused(id, &channel, ack, code, reason);
+        }
+        let pending = self.conn_mut(id).and_then(|c| {
+            c.links
+                .as_mut()?
+                .channels
+                .iter_mut()
+                .find(|(ch, s)| {
+                    *ch == channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+                })
+                .map(|entry| {
+                    let JoinState::Pending { gather, .. } = entry.1 else {
+                        unreachable!("matched above")
+                    };
+                    entry.1 = JoinState::Joined;
+                    gather
+                })
+        });
+        let body = JoinAck {
+            channel_id: channel.to_string(),
+            offset,
+            epoch: epoch.to_string(),
+            members,
+            recovered,
+        };
+        let Some(gather) = pending else {
+            // Closed or left while the join was in flight: the join did
+            // happen (answer it if anyone is there to hear), then undo it.
+            if ack.is_some() {
+                self.reply(id, &ack_of(ack, AckBody::Join(body)));
+            }
+            return self.tell_owner_left(id, channel, member, None, now, tx);
+        };
+        let local = self
+            .local
+            .entry(channel.clone())
+            .or_insert_with(|| LocalChannel {
+                members: Vec::new(),
+                offset,
+                epoch: epoch.clone(),
+            });
+        if local.epoch != epoch {
+            local.epoch = epoch;
+            local.offset = offset;
+        }
+        local.offset = local.offset.max(offset);
+        local.members.push(LocalMember {
+            conn: id,
+            protocol: member.protocol,
+        });
+        match gather {
+            Some(g) => self.resumed_join(g, body),
+            None => self.reply(id, &ack_of(ack, AckBody::Join(body))),
+        }
+        if let Some(c) = self.conn(id) {
+            for f in &replay {
+                if !c.out.push(f) {
+                    self.metrics.queue_drops.inc();
+                }
+            }
+        }
+    }
+
+    /// The owner refused a join: forget it, and answer.
+    pub(super) fn join_refused(
+        &mut self,
+        id: ConnId,
+        channel: &str,
+        ack: Option<u64>,
+        code: ErrorCode,
+        reason: String,
+    ) {
+        let gather = self.conn_mut(id).and_then(|c| {
+            let links = c.links.as_mut()?;
+            let i = links.channels.iter().position(|(ch, s)| {
+                **ch == *channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+            })?;
+            match links.channels.remove(i).1 {
+                JoinState::Pending { gather, .. } => Some(gather),
+                JoinState::Joined => None,
+            }
+        });
+        match gather {
+            Some(Some(g)) => self.resumed_join_gone(g),
+            Some(None) => self.error(id, ack, code, reason),
+            // Left (or closed) while the join was in flight: the join is
+            // still answered, if anyone is there to hear.
+            None if ack.is_some() => self.error(id, ack, code, reason),
+            None => {}
+        }
+    }
+}

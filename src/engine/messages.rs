@@ -349,3 +349,140 @@ impl<O: Outbound> Engine<O> {
         self.sequence(&channel, offset, event, Some(reply), now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `message:edit` from a member: checked here, carried out by the owner.
+    pub(super) fn on_message_edit(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageEdit,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Err((code, e)) = self.check_content("content", &m.content) {
+            return self.error(id, ack, code, e);
+        }
+        self.channel_op(
+            id,
+            ack,
+            &m.channel_id,
+            ChanCmd::Edit {
+                message_id: m.message_id,
+                content: m.content,
+            },
+            now,
+            tx,
+        )
+    }
+
+    /// `message:delete` from a member (a moderator may delete any).
+    pub(super) fn on_message_delete(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let moderator = self.conn(id).is_some_and(|c| c.roles.moderates());
+        self.channel_op(
+            id,
+            ack,
+            &m.channel_id,
+            ChanCmd::Delete {
+                message_id: m.message_id,
+                moderator,
+            },
+            now,
+            tx,
+        )
+    }
+
+    /// `message:react` from a member: the emoji checked here.
+    pub(super) fn on_message_react(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        r: MessageReact,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if r.emoji.is_empty()
+            || r.emoji.len() > MAX_EMOJI_BYTES
+            || r.emoji.chars().any(char::is_control)
+        {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::BadRequest,
+                format!("`emoji` must be 1 to {MAX_EMOJI_BYTES} bytes"),
+            );
+        }
+        let channel = r.channel_id.clone();
+        self.channel_op(id, ack, &channel, ChanCmd::React(r), now, tx)
+    }
+
+    /// `channel:get_history` from a member, to the channel's owner.
+    pub(super) fn on_channel_get_history(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        h: GetHistory,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let channel = h.channel_id.clone();
+        self.channel_op(id, ack, &channel, ChanCmd::History(h), now, tx)
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn on_message_send(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageSend,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Err((code, e)) = self.check_content("content", &m.content) {
+            return self.error(id, ack, code, e);
+        }
+        if let Err((code, e)) = api::check_send_ids(&m) {
+            return self.error(id, ack, code, e);
+        }
+        // A mention is a message to a user: the token's `users` claim must
+        // cover it, as for a direct message.
+        if let Some(u) = m
+            .mentions
+            .iter()
+            .find(|u| !self.conn(id).is_some_and(|c| c.may_reach_user(u)))
+        {
+            let e = format!(
+                "user `{u}` is not granted to this connection (a mention is a message to them)"
+            );
+            return self.error(id, ack, ErrorCode::Forbidden, e);
+        }
+        let Some(channel) = self.joined(id, &m.channel_id) else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::Forbidden,
+                format!("join `{}` before sending to it", m.channel_id),
+            );
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let msg = MeshMsg::Publish(Box::new(Publish {
+            channel: channel.clone(),
+            from: self.here(id),
+            member,
+            ack,
+            send: m,
+        }));
+        let owner = owner_of(&channel, self.shards);
+        self.route(owner, msg, now, tx);
+    }
+}

@@ -1385,7 +1385,7 @@ pub(super) fn check_presence(p: &PresenceUpdate) -> Result<(), String> {
 }
 
 // Roles: which shard does what (routing tables).
-mod client;
+mod connection;
 mod home;
 mod owner;
 // Features: one handler per event, named after it.

@@ -401,3 +401,62 @@ impl<O: Outbound> Engine<O> {
         self.close_conn(id, Some(m), false, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `moderation:kick_user` from a moderator.
+    pub(super) fn on_moderation_kick_user(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        k: KickUser,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.client_moderation(
+            id,
+            ack,
+            ModKind::Kick,
+            k.user_id,
+            k.channel_id,
+            k.reason,
+            now,
+            tx,
+        )
+    }
+
+    /// `moderation:ban_user` from a moderator: the duration checked here.
+    pub(super) fn on_moderation_ban_user(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        b: BanUser,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let until = match b.duration_ms {
+            None => None,
+            Some(d) if (1..=moderation::MAX_BAN_MS).contains(&d) => Some(now + d),
+            Some(_) => {
+                return self.error(
+                    id,
+                    ack,
+                    ErrorCode::BadRequest,
+                    format!(
+                        "`durationMs` must be 1 to {} (ten years)",
+                        moderation::MAX_BAN_MS
+                    ),
+                )
+            }
+        };
+        self.client_moderation(
+            id,
+            ack,
+            ModKind::Ban { until },
+            b.user_id,
+            b.channel_id,
+            b.reason,
+            now,
+            tx,
+        )
+    }
+}

@@ -399,6 +399,98 @@ impl<O: Outbound> Engine<O> {
     }
 }
 
+impl<O: Outbound> Engine<O> {
+    /// `notification:get_pending`, to the user's home.
+    pub(super) fn on_notification_get_pending(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::NotificationsPending,
+            now,
+            tx,
+        )
+    }
+
+    /// `notification:mark_read`, to the user's home.
+    pub(super) fn on_notification_read(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        n: NotificationIds,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::NotificationsRead(n.notification_ids),
+            now,
+            tx,
+        )
+    }
+
+    /// `notification:clear`, to the user's home.
+    pub(super) fn on_notification_clear(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        n: NotificationRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::NotificationClear(n.notification_id),
+            now,
+            tx,
+        )
+    }
+
+    /// `notification:clear_all`, to the user's home.
+    pub(super) fn on_notification_clear_all(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::NotificationClearAll,
+            now,
+            tx,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,3 +248,144 @@ impl<O: Outbound> Engine<O> {
         self.route(q.from.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `presence:update`: checked here, then to the user's home.
+    pub(super) fn on_presence_update(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        p: PresenceUpdate,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        if let Err(e) = check_presence(&p) {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        if let Some(d) = p.device {
+            if let Some(c) = self.conn_mut(id) {
+                c.device = d;
+            }
+        }
+        self.send_user_op(member.user, from, ack, UserCmd::Update(p), now, tx)
+    }
+
+    /// `presence:heartbeat`, to the user's home.
+    pub(super) fn on_presence_heartbeat(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(member.user, from, ack, UserCmd::Heartbeat, now, tx)
+    }
+
+    /// `presence:unsubscribe`: this connection stops following these users.
+    pub(super) fn on_presence_unsubscribe(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        u: UserIds,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(c) = self.conn_mut(id) else { return };
+        let mut gone = Vec::new();
+        c.links().subscriptions.retain(|s| {
+            let drop = u.user_ids.iter().any(|u| **u == **s);
+            if drop {
+                gone.push(s.clone());
+            }
+            !drop
+        });
+        self.unsubscribe_all(id, gone, now, tx);
+        self.reply(id, &empty_ack(ack));
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn presence_query(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        user_ids: Vec<String>,
+        subscribe: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let Some(Err(e)) = user_ids
+            .iter()
+            .map(|u| check_id("userIds", u))
+            .find(Result::is_err)
+        {
+            return self.error(id, ack, ErrorCode::BadRequest, e);
+        }
+        let mut order: Vec<Arc<str>> = Vec::with_capacity(user_ids.len());
+        for u in user_ids {
+            if !order.iter().any(|o| **o == *u) {
+                order.push(u.into());
+            }
+        }
+        let max = self.s.max_subscriptions;
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        let protocol = conn.member.protocol;
+        if subscribe {
+            let new: Vec<Arc<str>> = order
+                .iter()
+                .filter(|u| !conn.subscriptions().contains(u))
+                .cloned()
+                .collect();
+            if conn.subscriptions().len() + new.len() > max {
+                return self.error(
+                    id,
+                    ack,
+                    ErrorCode::TooLarge,
+                    format!("at most {max} presence subscriptions per connection"),
+                );
+            }
+            conn.links().subscriptions.extend(new);
+        }
+        if order.is_empty() {
+            return self.reply(
+                id,
+                &ack_of(ack, AckBody::Presences(PresencesAck { presences: vec![] })),
+            );
+        }
+        let groups = self.by_home(order.clone());
+        let gather = self.next_id();
+        self.gathers.insert(
+            gather,
+            Gather {
+                conn: id,
+                ack,
+                waiting: groups.len(),
+                kind: GatherKind::Presences {
+                    order,
+                    got: Vec::new(),
+                },
+            },
+        );
+        let from = self.here(id);
+        for (shard, users) in groups {
+            let q = PresenceQuery {
+                gather,
+                from,
+                protocol,
+                users,
+                subscribe,
+            };
+            self.route(shard, MeshMsg::Presence(Box::new(q)), now, tx);
+        }
+    }
+}

@@ -154,3 +154,68 @@ impl<O: Outbound> Engine<O> {
         self.channel_answer(&channel, part, reply, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `message:delivered` from a member, to the channel's owner.
+    pub(super) fn on_message_delivered(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(
+            id,
+            ack,
+            &m.channel_id,
+            ChanCmd::Delivered {
+                message_id: m.message_id,
+            },
+            now,
+            tx,
+        )
+    }
+
+    /// `message:mark_read` from a member, to the channel's owner.
+    pub(super) fn on_message_mark_read(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(
+            id,
+            ack,
+            &m.channel_id,
+            ChanCmd::MarkRead {
+                message_id: m.message_id,
+            },
+            now,
+            tx,
+        )
+    }
+
+    /// `message:get_read_receipts` from a member, to the channel's owner.
+    pub(super) fn on_message_get_read_receipts(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        m: MessageRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(
+            id,
+            ack,
+            &m.channel_id,
+            ChanCmd::ReadReceipts {
+                message_id: m.message_id,
+            },
+            now,
+            tx,
+        )
+    }
+}

@@ -77,3 +77,48 @@ impl<O: Outbound> Engine<O> {
         self.wake_user(user, now + window);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    pub(super) fn on_session_resume(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        r: SessionResume,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Ok(session) = r.session_id.parse::<SessionId>() else {
+            return self.error(
+                id,
+                ack,
+                ErrorCode::BadRequest,
+                "`sessionId` must be 32 hex digits",
+            );
+        };
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let gather = self.next_id();
+        self.gathers.insert(
+            gather,
+            Gather {
+                conn: id,
+                ack,
+                waiting: 1,
+                kind: GatherKind::ResumeLookup {
+                    session,
+                    positions: r.positions,
+                },
+            },
+        );
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(
+            member.user,
+            from,
+            None,
+            UserCmd::Resume { session, gather },
+            now,
+            tx,
+        );
+    }
+}

@@ -130,3 +130,41 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `typing:start` from a member, to the channel's owner.
+    pub(super) fn on_typing_start(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingStart, now, tx)
+    }
+
+    /// `typing:stop` from a member, to the channel's owner.
+    pub(super) fn on_typing_stop(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingStop, now, tx)
+    }
+
+    /// `typing:get_active` from a member, to the channel's owner.
+    pub(super) fn on_typing_get_active(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.channel_op(id, ack, &c.channel_id, ChanCmd::TypingActive, now, tx)
+    }
+}

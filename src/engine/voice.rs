@@ -320,3 +320,91 @@ impl<O: Outbound> Engine<O> {
         self.channel_answer(&channel, part, reply, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// `voice:join`: checked here, then to the user's home (one voice channel per user).
+    pub(super) fn on_voice_join(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        if let Err((code, e)) = self.check_voice(id, &c.channel_id) {
+            return self.error(id, ack, code, e);
+        }
+        let channel = c.channel_id.into();
+        self.send_user_op(
+            member.user,
+            from,
+            ack,
+            UserCmd::VoiceJoin { channel },
+            now,
+            tx,
+        )
+    }
+
+    /// `voice:leave`, to the user's home.
+    pub(super) fn on_voice_leave(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(member.user, from, ack, UserCmd::VoiceLeave, now, tx)
+    }
+
+    /// `voice:update`, to the user's home.
+    pub(super) fn on_voice_update(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        u: VoiceUpdate,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(member.user, from, ack, UserCmd::VoiceUpdate(u), now, tx)
+    }
+
+    /// `voice:get_participants`, to the channel's owner (text membership is not required).
+    pub(super) fn on_voice_get_participants(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        c: ChannelRef,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        if let Err((code, e)) = self.check_voice(id, &c.channel_id) {
+            return self.error(id, ack, code, e);
+        }
+        // Text membership is not required to look.
+        let channel: Arc<str> = c.channel_id.into();
+        let op = ChannelOp {
+            channel: channel.clone(),
+            from: self.here(id),
+            member,
+            ack,
+            op: ChanCmd::VoiceParticipants,
+        };
+        let owner = owner_of(&channel, self.shards);
+        self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
+    }
+}
