@@ -595,3 +595,28 @@ impl<O: Outbound> Engine<O> {
         self.call_op(id, ack, &c.call_id, CallCmd::Ice(c.candidate), now, tx)
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// Whether a callee is connected to another node: the call rings or is
+    /// missed.
+    pub(super) fn on_call_reach(
+        &mut self,
+        mut op: CallOp,
+        answer: bool,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if let CallCmd::Create { elsewhere, .. } = &mut op.op {
+            *elsewhere = Some(answer);
+        }
+        self.on_call_op(op, now, tx);
+    }
+
+    /// A call's operation that no node holds.
+    pub(super) fn on_call_gone(&mut self, op: CallOp, now: u64, tx: &mut impl MeshTx) {
+        if !matches!(op.op, CallCmd::PartyGone) {
+            let e = format!("no call `{}`", call_id_str(op.call));
+            self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
+        }
+    }
+}

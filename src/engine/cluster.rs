@@ -598,153 +598,21 @@ impl<O: Outbound> Engine<O> {
                 entries,
                 members,
             } => {
-                if let Some(o) = self.owned.get_mut(&channel) {
-                    o.remote_members = members;
-                }
-                self.on_attached(channel, epoch, offset, entries, now, tx)
+                let loaded = (epoch, offset, entries, members);
+                self.on_attached(channel, loaded, now, tx)
             }
-            FromBridge::Sequenced(out) => {
-                if let Some(id) = &out.handed_over {
-                    return self.handed_over(&out.channel, id, now, tx);
-                }
-                let id = out.reply.and_then(|r| r.id);
-                if let (Some(r), Some(ack)) = (out.reply, ack_for(&out.msg, id, out.duplicate)) {
-                    self.send_to(r.to, r.protocol, &ack, now, tx);
-                }
-            }
-            FromBridge::Refused(out, why) => {
-                if out.handed_over.is_some() {
-                    // Offered again in a second (Redis dedupes it).
-                    return self.retry_later(&out.channel, now);
-                }
-                if let Some(r) = out.reply {
-                    let msg = err(r.id, ErrorCode::Internal, why);
-                    self.send_to(r.to, r.protocol, &msg, now, tx);
-                }
-            }
+            FromBridge::Sequenced(out) => self.on_sequenced(out, now, tx),
+            FromBridge::Refused(out, why) => self.on_refused(out, why, now, tx),
             // Never sent: still waiting, offered again when the channel is
             // followed again.
             FromBridge::Unsequenced(out) if out.handed_over.is_some() => {}
-            FromBridge::Unsequenced(out) => {
-                let Outgoing {
-                    channel,
-                    msg,
-                    reply,
-                    ..
-                } = *out;
-                // The channel may have gone meanwhile (a publish of the
-                // server API to a channel without members here).
-                self.ensure_owned(&channel, now, tx);
-                let owned = self.owned.get_mut(&channel).expect("owned above");
-                if owned.clustered() {
-                    // Back in the cluster already: the sender may retry.
-                    if let Some(r) = reply {
-                        let e = "the cluster's Redis went away for a moment: try again";
-                        let msg = err(r.id, ErrorCode::Internal, e);
-                        self.send_to(r.to, r.protocol, &msg, now, tx);
-                    }
-                    return;
-                }
-                let full = owned.waiting_for_cluster() >= self.s.history_size;
-                if full && matches!(msg.event, ServerEvent::MessageNew(_)) {
-                    if let Some(r) = reply {
-                        let msg = err(r.id, ErrorCode::Internal, super::owner::FULL_ALONE);
-                        self.send_to(r.to, r.protocol, &msg, now, tx);
-                    }
-                    return;
-                }
-                let offset = owned.next_offset();
-                let mut msg = msg;
-                set_offset(&mut msg, &owned.epoch.clone(), offset);
-                if let ServerEvent::MessageNew(m) = &msg.event {
-                    let m = m.clone();
-                    self.notify_mentions(&channel, &m, now, tx);
-                }
-                self.sequence(&channel, offset, msg, reply, now, tx);
-                self.channel_gc(&channel, now, tx);
-            }
+            FromBridge::Unsequenced(out) => self.on_unsequenced(out, now, tx),
             FromBridge::Event(inc) => self.on_cluster_event(*inc, now, tx),
             FromBridge::AttachFailed { channel, why } => {
-                let Some(o) = self.owned.get_mut(&channel) else {
-                    return;
-                };
-                let Link::Attaching(waiting) = &mut o.link else {
-                    return;
-                };
-                // The joins that waited are refused (they may try again);
-                // members already here wait for the next try.
-                let waiting = std::mem::take(waiting);
-                for j in waiting {
-                    let joined = MeshMsg::Joined(Box::new(Joined {
-                        channel: j.channel,
-                        conn: j.from.conn,
-                        member: j.member,
-                        ack: j.ack,
-                        offset: 0,
-                        epoch: "".into(),
-                        members: 0,
-                        recovered: None,
-                        replay: Vec::new(),
-                        refused: Some((ErrorCode::Internal, why.clone())),
-                    }));
-                    self.route(j.from.shard, joined, now, tx);
-                }
-                self.retry_later(&channel, now);
-                self.channel_gc(&channel, now, tx);
+                self.on_attach_failed(channel, why, now, tx)
             }
-            FromBridge::Up => {
-                if let Some(c) = &mut self.cluster {
-                    c.up = true;
-                }
-                let channels: Vec<Arc<str>> = self.owned.keys().cloned().collect();
-                for ch in channels {
-                    self.attach(&ch, now, tx);
-                }
-                // Followed again (the bridge's subscriptions went with the
-                // link), and published again: Redis may have lost this
-                // node's presence, or other nodes taken it for gone. What
-                // Redis may still show of users gone offline meanwhile is
-                // retracted.
-                let mut retract = self
-                    .cluster
-                    .as_mut()
-                    .map(|c| std::mem::take(&mut c.retract))
-                    .unwrap_or_default();
-                let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
-                for user in users {
-                    if let Some(st) = self.users.get_mut(&user) {
-                        st.following = false;
-                        if st.published.take().is_some() {
-                            retract.insert(user.clone(), st.last_seen);
-                        }
-                    }
-                    self.announce(&user, now, tx);
-                    self.maintain_user(&user, now, tx);
-                }
-                for (user, last_seen) in retract {
-                    // Published again just now: nothing to retract.
-                    if self
-                        .users
-                        .get(&user)
-                        .is_some_and(|st| st.published.is_some())
-                    {
-                        continue;
-                    }
-                    self.retract_presence(user, last_seen, now, tx);
-                }
-            }
-            FromBridge::Presences { user, views } => {
-                let Some(st) = self.users.get_mut(&user) else {
-                    return;
-                };
-                if !st.following {
-                    return;
-                }
-                for p in views {
-                    st.set_remote(p);
-                }
-                self.announce(&user, now, tx);
-            }
+            FromBridge::Up => self.on_cluster_up(now, tx),
+            FromBridge::Presences { user, views } => self.on_remote_presences(user, views, now, tx),
             FromBridge::PresenceLoaded(q, loaded) => {
                 self.on_presence_query(*q, Some(loaded), now, tx)
             }
@@ -756,16 +624,7 @@ impl<O: Outbound> Engine<O> {
                 self.on_gathered(g, now, tx);
             }
             FromBridge::VoiceElsewhere { user, at, node, .. } => {
-                let me = self.cluster.as_ref().map_or(0, |c| c.node);
-                let mine = self
-                    .users
-                    .get(&user)
-                    .and_then(|st| st.extra())
-                    .map(|m| m.voice_at);
-                // The later join wins, the same way on every node.
-                if mine.is_some_and(|t| (at, node) > (t, me)) {
-                    self.leave_voice_for(&user, None, now, tx);
-                }
+                self.on_voice_elsewhere(user, at, node, now, tx)
             }
             FromBridge::Members {
                 channel,
@@ -776,179 +635,47 @@ impl<O: Outbound> Engine<O> {
                     o.set_remote_members(node, count);
                 }
             }
-            FromBridge::NodesGone(nodes) => {
-                for o in self.owned.values_mut() {
-                    o.remote_members.retain(|(n, _)| !nodes.contains(n));
-                }
-                let users: Vec<Arc<str>> = self
-                    .users
-                    .iter_mut()
-                    .filter_map(|(u, st)| st.drop_nodes(&nodes).then(|| u.clone()))
-                    .collect();
-                for user in users {
-                    self.announce(&user, now, tx);
-                    self.maintain_user(&user, now, tx);
-                }
-            }
-            FromBridge::Republish => {
-                let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
-                for user in users {
-                    if let Some(st) = self.users.get_mut(&user) {
-                        st.published = None;
-                    }
-                    self.announce(&user, now, tx);
-                }
-            }
+            FromBridge::NodesGone(nodes) => self.on_nodes_gone(nodes, now, tx),
+            FromBridge::Republish => self.on_republish(now, tx),
             FromBridge::NotificationsKept {
                 asker: (conn, protocol, id),
                 error,
-            } => {
-                let msg = match error {
-                    None => empty_ack(id),
-                    Some(e) => err(id, ErrorCode::Internal, e),
-                };
-                self.send_to(conn, protocol, &msg, now, tx);
-            }
+            } => self.on_notifications_kept((conn, protocol, id), error, now, tx),
             FromBridge::Notifications { user, change } => {
-                if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
-                    // Redis keeps them for when the user connects here.
-                    return;
-                }
-                if let NotificationChange::New(n) = &change {
-                    let known = self
-                        .users
-                        .get_mut(&user)
-                        .and_then(|st| st.notification_mut(&n.notification_id))
-                        .is_some();
-                    if known {
-                        // Read from Redis already, when the user's first
-                        // device here connected.
-                        return;
-                    }
-                    let event = ServerEvent::NotificationNew(n.clone());
-                    self.send_devices(&user, event, None, now, tx);
-                }
-                self.change_notifications(&user, &change, now);
+                self.on_remote_notifications(user, change, now, tx)
             }
             FromBridge::NotificationsLoaded {
                 user,
                 notifications,
                 asker,
-            } => {
-                self.add_notifications(&user, notifications, now, tx);
-                if let Some((conn, protocol, id)) = asker {
-                    let msg = self.pending_notifications(&user, id, now);
-                    self.send_to(conn, protocol, &msg, now, tx);
-                }
-            }
+            } => self.on_notifications_loaded(user, notifications, asker, now, tx),
             FromBridge::ToUser {
                 user,
                 msg,
                 except,
                 origin,
-            } => {
-                if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
-                    // Followed for its presence only: no device here.
-                    return;
-                }
-                let max = self.s.max_conversations;
-                match &msg.event {
-                    // A call held by another node rings here: this node's
-                    // devices answer it through that node.
-                    ServerEvent::CallIncoming(c) => {
-                        if let Some(call) = parse_call_id(&c.call_id) {
-                            self.user(&user).add_remote_call(call, origin);
-                        }
-                    }
-                    ServerEvent::CallEnded(c) | ServerEvent::CallMissed(c) => {
-                        let answered_here =
-                            except.is_some() && c.reason.as_deref() == Some("answered_elsewhere");
-                        if let (Some(call), false) = (parse_call_id(&c.call_id), answered_here) {
-                            self.user(&user).remote_call_over(call);
-                        }
-                    }
-                    ServerEvent::DmNew(m) => {
-                        let peer: Arc<str> = m.from_user_id.as_str().into();
-                        self.user(&user).record_dm(&peer, m.clone(), true, max);
-                    }
-                    ServerEvent::DmSent(m) => {
-                        let peer: Arc<str> = m.to_user_id.as_str().into();
-                        self.user(&user).record_dm(&peer, m.clone(), false, max);
-                    }
-                    _ => {}
-                }
-                self.send_devices(&user, msg.event, except, now, tx);
-                self.maintain_user(&user, now, tx);
-            }
-            FromBridge::CallReach(op, answer) => {
-                let mut op = *op;
-                if let CallCmd::Create { elsewhere, .. } = &mut op.op {
-                    *elsewhere = Some(answer);
-                }
-                self.on_call_op(op, now, tx);
-            }
-            FromBridge::CallGone(op) => {
-                if !matches!(op.op, CallCmd::PartyGone) {
-                    let e = format!("no call `{}`", call_id_str(op.call));
-                    self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
-                }
-            }
+            } => self.on_to_user(user, msg, except, origin, now, tx),
+            FromBridge::CallReach(op, answer) => self.on_call_reach(*op, answer, now, tx),
+            FromBridge::CallGone(op) => self.on_call_gone(*op, now, tx),
             FromBridge::ChannelAnswer {
                 channel,
                 parts,
                 then,
-            } => {
-                let Some(all) = ChannelPart::merge(parts) else {
-                    return;
-                };
-                match then {
-                    QueryThen::Reply(reply) => {
-                        let msg = ack_of(reply.id, all.into_body(&channel));
-                        self.send_to(reply.to, reply.protocol, &msg, now, tx);
-                    }
-                    QueryThen::Mentions(m) => {
-                        let ChannelPart::Members(members) = all else {
-                            return;
-                        };
-                        let absent = m
-                            .mentions
-                            .iter()
-                            .filter(|u| {
-                                **u != m.user_id && !members.iter().any(|x| x.user_id == **u)
-                            })
-                            .map(|u| Arc::from(u.as_str()))
-                            .collect();
-                        self.notify_absent(&channel, &m, absent, now, tx);
-                    }
-                }
-            }
+            } => self.on_channel_answer(channel, parts, then, now, tx),
             FromBridge::PartWanted {
                 channel,
                 like,
                 origin,
                 token,
-            } => {
-                let part = self.local_part(&channel, like);
-                let msg = ToBridge::ChannelPart {
-                    channel,
-                    part,
-                    origin,
-                    token,
-                };
-                self.send_bridge(msg, now, tx);
-            }
+            } => self.on_part_wanted(channel, like, origin, token, now, tx),
             FromBridge::ConversationsLoaded {
                 user,
                 limit,
                 conversations,
-                asker: (conn, protocol, id),
-            } => {
-                let conversations =
-                    conversations.unwrap_or_else(|| self.local_conversations(&user, limit));
-                let body = AckBody::Conversations(ConversationsAck { conversations });
-                self.send_to(conn, protocol, &ack_of(id, body), now, tx);
-            }
+                asker,
+            } => self.on_conversations_loaded(user, limit, conversations, asker, now, tx),
             FromBridge::Down => self.cluster_down(now, tx),
+            // Retracted when Redis is back.
             FromBridge::Unpublished { user, last_seen } => {
                 if let Some(c) = &mut self.cluster {
                     c.retract.insert(user, last_seen);
@@ -1023,54 +750,6 @@ impl<O: Outbound> Engine<O> {
         self.send_to(reply.to, reply.protocol, &msg, now, tx);
     }
 
-    /// Adds notifications read from Redis to those here (for devices here),
-    /// and sends the unread ones that are new to the user's devices.
-    fn add_notifications(
-        &mut self,
-        user: &Arc<str>,
-        notifications: Vec<Notification>,
-        now: u64,
-        tx: &mut impl MeshTx,
-    ) {
-        let max = self.s.max_notifications;
-        let Some(st) = self.users.get_mut(user).filter(|st| !st.devices.is_empty()) else {
-            return;
-        };
-        st.expire_notifications(now, &mut self.notes);
-        let mut new = Vec::new();
-        for n in notifications {
-            if let Some(k) = st.notification_mut(&n.notification_id) {
-                // Read on another node meanwhile.
-                k.read |= n.read;
-                continue;
-            }
-            if n.expires_at <= now {
-                continue;
-            }
-            if !n.read {
-                new.push(n.clone());
-            }
-            // Copies of what Redis keeps: their senders were counted where
-            // they were made.
-            st.push_notification(Kept { n, from: None }, max, &mut self.notes);
-        }
-        if let Some(m) = st.extra_mut() {
-            m.notifications
-                .make_contiguous()
-                .sort_by_key(|k| k.n.created_at);
-        }
-        let next = st.expire_notifications(now, &mut self.notes);
-        self.metrics
-            .notifications_stored
-            .set(self.notes.total() as u64);
-        if let Some(next) = next {
-            self.wake_user(user, next);
-        }
-        for n in new {
-            self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
-        }
-    }
-
     /// The cluster is out of reach: this node sequences its channels under
     /// new epochs (a recovery across the gap is refused, not wrong), and
     /// joins that waited for the cluster go on.
@@ -1119,12 +798,13 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// A channel's state loaded from Redis: its epoch, offset, history
+    /// and every node's member count.
+    #[allow(clippy::type_complexity)]
     fn on_attached(
         &mut self,
         channel: Arc<str>,
-        epoch: Arc<str>,
-        offset: u64,
-        entries: Vec<ServerMessage>,
+        (epoch, offset, entries, members): (Arc<str>, u64, Vec<ServerMessage>, Vec<(u64, u32)>),
         now: u64,
         tx: &mut impl MeshTx,
     ) {
@@ -1132,6 +812,7 @@ impl<O: Outbound> Engine<O> {
         let Some(o) = self.owned.get_mut(&channel) else {
             return;
         };
+        o.remote_members = members;
         if !matches!(o.link, Link::Attaching(_)) {
             return;
         }
@@ -1343,6 +1024,161 @@ impl<O: Outbound> Engine<O> {
         }
         if let Some(m) = mentioned {
             self.notify_mentions(&channel, &m, now, tx);
+        }
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Redis ordered an event: its sender gets the ack (a handed-over
+    /// message is taken off the list).
+    pub(super) fn on_sequenced(&mut self, out: Box<Outgoing>, now: u64, tx: &mut impl MeshTx) {
+        if let Some(id) = &out.handed_over {
+            return self.handed_over(&out.channel, id, now, tx);
+        }
+        let id = out.reply.and_then(|r| r.id);
+        if let (Some(r), Some(ack)) = (out.reply, ack_for(&out.msg, id, out.duplicate)) {
+            self.send_to(r.to, r.protocol, &ack, now, tx);
+        }
+    }
+
+    /// Redis refused an event: its sender hears why (a handed-over message
+    /// is offered again later).
+    pub(super) fn on_refused(
+        &mut self,
+        out: Box<Outgoing>,
+        why: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if out.handed_over.is_some() {
+            // Offered again in a second (Redis dedupes it).
+            return self.retry_later(&out.channel, now);
+        }
+        if let Some(r) = out.reply {
+            let msg = err(r.id, ErrorCode::Internal, why);
+            self.send_to(r.to, r.protocol, &msg, now, tx);
+        }
+    }
+
+    /// An event never reached Redis (the link went down first): this node
+    /// sequences it alone, within what it can hand over later.
+    pub(super) fn on_unsequenced(&mut self, out: Box<Outgoing>, now: u64, tx: &mut impl MeshTx) {
+        let Outgoing {
+            channel,
+            msg,
+            reply,
+            ..
+        } = *out;
+        // The channel may have gone meanwhile (a publish of the
+        // server API to a channel without members here).
+        self.ensure_owned(&channel, now, tx);
+        let owned = self.owned.get_mut(&channel).expect("owned above");
+        if owned.clustered() {
+            // Back in the cluster already: the sender may retry.
+            if let Some(r) = reply {
+                let e = "the cluster's Redis went away for a moment: try again";
+                let msg = err(r.id, ErrorCode::Internal, e);
+                self.send_to(r.to, r.protocol, &msg, now, tx);
+            }
+            return;
+        }
+        let full = owned.waiting_for_cluster() >= self.s.history_size;
+        if full && matches!(msg.event, ServerEvent::MessageNew(_)) {
+            if let Some(r) = reply {
+                let msg = err(r.id, ErrorCode::Internal, super::owner::FULL_ALONE);
+                self.send_to(r.to, r.protocol, &msg, now, tx);
+            }
+            return;
+        }
+        let offset = owned.next_offset();
+        let mut msg = msg;
+        set_offset(&mut msg, &owned.epoch.clone(), offset);
+        if let ServerEvent::MessageNew(m) = &msg.event {
+            let m = m.clone();
+            self.notify_mentions(&channel, &m, now, tx);
+        }
+        self.sequence(&channel, offset, msg, reply, now, tx);
+        self.channel_gc(&channel, now, tx);
+    }
+
+    /// The channel's state could not be loaded: the joins that waited are
+    /// refused, and it is tried again.
+    pub(super) fn on_attach_failed(
+        &mut self,
+        channel: Arc<str>,
+        why: String,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(o) = self.owned.get_mut(&channel) else {
+            return;
+        };
+        let Link::Attaching(waiting) = &mut o.link else {
+            return;
+        };
+        // The joins that waited are refused (they may try again);
+        // members already here wait for the next try.
+        let waiting = std::mem::take(waiting);
+        for j in waiting {
+            let joined = MeshMsg::Joined(Box::new(Joined {
+                channel: j.channel,
+                conn: j.from.conn,
+                member: j.member,
+                ack: j.ack,
+                offset: 0,
+                epoch: "".into(),
+                members: 0,
+                recovered: None,
+                replay: Vec::new(),
+                refused: Some((ErrorCode::Internal, why.clone())),
+            }));
+            self.route(j.from.shard, joined, now, tx);
+        }
+        self.retry_later(&channel, now);
+        self.channel_gc(&channel, now, tx);
+    }
+
+    /// Redis is back: every channel is loaded again, users followed and
+    /// published again, what went offline meanwhile retracted.
+    pub(super) fn on_cluster_up(&mut self, now: u64, tx: &mut impl MeshTx) {
+        if let Some(c) = &mut self.cluster {
+            c.up = true;
+        }
+        let channels: Vec<Arc<str>> = self.owned.keys().cloned().collect();
+        for ch in channels {
+            self.attach(&ch, now, tx);
+        }
+        // Followed again (the bridge's subscriptions went with the
+        // link), and published again: Redis may have lost this
+        // node's presence, or other nodes taken it for gone. What
+        // Redis may still show of users gone offline meanwhile is
+        // retracted.
+        let mut retract = self
+            .cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.retract))
+            .unwrap_or_default();
+        let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
+        for user in users {
+            if let Some(st) = self.users.get_mut(&user) {
+                st.following = false;
+                if st.published.take().is_some() {
+                    retract.insert(user.clone(), st.last_seen);
+                }
+            }
+            self.announce(&user, now, tx);
+            self.maintain_user(&user, now, tx);
+        }
+        for (user, last_seen) in retract {
+            // Published again just now: nothing to retract.
+            if self
+                .users
+                .get(&user)
+                .is_some_and(|st| st.published.is_some())
+            {
+                continue;
+            }
+            self.retract_presence(user, last_seen, now, tx);
         }
     }
 }

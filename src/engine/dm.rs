@@ -1,6 +1,7 @@
 //! Direct messages, on the sender's and the recipient's home shards, and
 //! the conversation list.
 
+use super::cluster::Asker;
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -186,5 +187,21 @@ impl<O: Outbound> Engine<O> {
             now,
             tx,
         )
+    }
+
+    /// A user's conversations read from Redis (none: Redis could not
+    /// answer, this node's are given), for `dm:get_conversations`.
+    pub(super) fn on_conversations_loaded(
+        &mut self,
+        user: Arc<str>,
+        limit: usize,
+        conversations: Option<Vec<Conversation>>,
+        (conn, protocol, id): Asker,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let conversations = conversations.unwrap_or_else(|| self.local_conversations(&user, limit));
+        let body = AckBody::Conversations(ConversationsAck { conversations });
+        self.send_to(conn, protocol, &ack_of(id, body), now, tx);
     }
 }

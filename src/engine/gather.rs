@@ -129,3 +129,58 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// Every node's part of a channel query (members, typing, voice,
+    /// readers, mentions).
+    pub(super) fn on_channel_answer(
+        &mut self,
+        channel: Arc<str>,
+        parts: Vec<ChannelPart>,
+        then: QueryThen,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(all) = ChannelPart::merge(parts) else {
+            return;
+        };
+        match then {
+            QueryThen::Reply(reply) => {
+                let msg = ack_of(reply.id, all.into_body(&channel));
+                self.send_to(reply.to, reply.protocol, &msg, now, tx);
+            }
+            QueryThen::Mentions(m) => {
+                let ChannelPart::Members(members) = all else {
+                    return;
+                };
+                let absent = m
+                    .mentions
+                    .iter()
+                    .filter(|u| **u != m.user_id && !members.iter().any(|x| x.user_id == **u))
+                    .map(|u| Arc::from(u.as_str()))
+                    .collect();
+                self.notify_absent(&channel, &m, absent, now, tx);
+            }
+        }
+    }
+
+    /// Another node asks this node's part of a channel query.
+    pub(super) fn on_part_wanted(
+        &mut self,
+        channel: Arc<str>,
+        like: ChannelPart,
+        origin: u64,
+        token: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let part = self.local_part(&channel, like);
+        let msg = ToBridge::ChannelPart {
+            channel,
+            part,
+            origin,
+            token,
+        };
+        self.send_bridge(msg, now, tx);
+    }
+}

@@ -238,3 +238,50 @@ impl<O: Outbound> Engine<O> {
         self.maintain_user(user, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// An event for a user's devices from another node (a DM, a receipt,
+    /// a call's event).
+    pub(super) fn on_to_user(
+        &mut self,
+        user: Arc<str>,
+        msg: ServerMessage,
+        except: Option<ConnRef>,
+        origin: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
+            // Followed for its presence only: no device here.
+            return;
+        }
+        let max = self.s.max_conversations;
+        match &msg.event {
+            // A call held by another node rings here: this node's
+            // devices answer it through that node.
+            ServerEvent::CallIncoming(c) => {
+                if let Some(call) = parse_call_id(&c.call_id) {
+                    self.user(&user).add_remote_call(call, origin);
+                }
+            }
+            ServerEvent::CallEnded(c) | ServerEvent::CallMissed(c) => {
+                let answered_here =
+                    except.is_some() && c.reason.as_deref() == Some("answered_elsewhere");
+                if let (Some(call), false) = (parse_call_id(&c.call_id), answered_here) {
+                    self.user(&user).remote_call_over(call);
+                }
+            }
+            ServerEvent::DmNew(m) => {
+                let peer: Arc<str> = m.from_user_id.as_str().into();
+                self.user(&user).record_dm(&peer, m.clone(), true, max);
+            }
+            ServerEvent::DmSent(m) => {
+                let peer: Arc<str> = m.to_user_id.as_str().into();
+                self.user(&user).record_dm(&peer, m.clone(), false, max);
+            }
+            _ => {}
+        }
+        self.send_devices(&user, msg.event, except, now, tx);
+        self.maintain_user(&user, now, tx);
+    }
+}

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::cluster::Asker;
 use super::*;
 use std::sync::Arc;
 
@@ -488,6 +489,121 @@ impl<O: Outbound> Engine<O> {
             now,
             tx,
         )
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// A notification change made on another node.
+    pub(super) fn on_remote_notifications(
+        &mut self,
+        user: Arc<str>,
+        change: NotificationChange,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if self.users.get(&user).is_none_or(|st| st.devices.is_empty()) {
+            // Redis keeps them for when the user connects here.
+            return;
+        }
+        if let NotificationChange::New(n) = &change {
+            let known = self
+                .users
+                .get_mut(&user)
+                .and_then(|st| st.notification_mut(&n.notification_id))
+                .is_some();
+            if known {
+                // Read from Redis already, when the user's first
+                // device here connected.
+                return;
+            }
+            let event = ServerEvent::NotificationNew(n.clone());
+            self.send_devices(&user, event, None, now, tx);
+        }
+        self.change_notifications(&user, &change, now);
+    }
+
+    /// A user's notifications read from Redis: the unread ones for a new
+    /// device, or the answer to `notification:get_pending`.
+    pub(super) fn on_notifications_loaded(
+        &mut self,
+        user: Arc<str>,
+        notifications: Vec<Notification>,
+        asker: Option<Asker>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.add_notifications(&user, notifications, now, tx);
+        if let Some((conn, protocol, id)) = asker {
+            let msg = self.pending_notifications(&user, id, now);
+            self.send_to(conn, protocol, &msg, now, tx);
+        }
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Adds notifications read from Redis to those here (for devices here),
+    /// and sends the unread ones that are new to the user's devices.
+    pub(super) fn add_notifications(
+        &mut self,
+        user: &Arc<str>,
+        notifications: Vec<Notification>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let max = self.s.max_notifications;
+        let Some(st) = self.users.get_mut(user).filter(|st| !st.devices.is_empty()) else {
+            return;
+        };
+        st.expire_notifications(now, &mut self.notes);
+        let mut new = Vec::new();
+        for n in notifications {
+            if let Some(k) = st.notification_mut(&n.notification_id) {
+                // Read on another node meanwhile.
+                k.read |= n.read;
+                continue;
+            }
+            if n.expires_at <= now {
+                continue;
+            }
+            if !n.read {
+                new.push(n.clone());
+            }
+            // Copies of what Redis keeps: their senders were counted where
+            // they were made.
+            st.push_notification(Kept { n, from: None }, max, &mut self.notes);
+        }
+        if let Some(m) = st.extra_mut() {
+            m.notifications
+                .make_contiguous()
+                .sort_by_key(|k| k.n.created_at);
+        }
+        let next = st.expire_notifications(now, &mut self.notes);
+        self.metrics
+            .notifications_stored
+            .set(self.notes.total() as u64);
+        if let Some(next) = next {
+            self.wake_user(user, next);
+        }
+        for n in new {
+            self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
+        }
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Redis has a notification change: its asker gets the answer.
+    pub(super) fn on_notifications_kept(
+        &mut self,
+        (conn, protocol, id): Asker,
+        error: Option<String>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let msg = match error {
+            None => empty_ack(id),
+            Some(e) => err(id, ErrorCode::Internal, e),
+        };
+        self.send_to(conn, protocol, &msg, now, tx);
     }
 }
 

@@ -389,3 +389,52 @@ impl<O: Outbound> Engine<O> {
         }
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// Other nodes' parts of a user's presence.
+    pub(super) fn on_remote_presences(
+        &mut self,
+        user: Arc<str>,
+        views: Vec<NodePresence>,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(st) = self.users.get_mut(&user) else {
+            return;
+        };
+        if !st.following {
+            return;
+        }
+        for p in views {
+            st.set_remote(p);
+        }
+        self.announce(&user, now, tx);
+    }
+
+    /// Nodes went silent: their members and users' parts are dropped.
+    pub(super) fn on_nodes_gone(&mut self, nodes: Vec<u64>, now: u64, tx: &mut impl MeshTx) {
+        for o in self.owned.values_mut() {
+            o.remote_members.retain(|(n, _)| !nodes.contains(n));
+        }
+        let users: Vec<Arc<str>> = self
+            .users
+            .iter_mut()
+            .filter_map(|(u, st)| st.drop_nodes(&nodes).then(|| u.clone()))
+            .collect();
+        for user in users {
+            self.announce(&user, now, tx);
+            self.maintain_user(&user, now, tx);
+        }
+    }
+
+    /// Redis lost this node's presences: every user is published again.
+    pub(super) fn on_republish(&mut self, now: u64, tx: &mut impl MeshTx) {
+        let users: Vec<Arc<str>> = self.users.keys().cloned().collect();
+        for user in users {
+            if let Some(st) = self.users.get_mut(&user) {
+                st.published = None;
+            }
+            self.announce(&user, now, tx);
+        }
+    }
+}

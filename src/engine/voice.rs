@@ -408,3 +408,27 @@ impl<O: Outbound> Engine<O> {
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// The user joined a voice channel on another node: the later join
+    /// wins, the same way on every node.
+    pub(super) fn on_voice_elsewhere(
+        &mut self,
+        user: Arc<str>,
+        at: u64,
+        node: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let me = self.cluster.as_ref().map_or(0, |c| c.node);
+        let mine = self
+            .users
+            .get(&user)
+            .and_then(|st| st.extra())
+            .map(|m| m.voice_at);
+        // The later join wins, the same way on every node.
+        if mine.is_some_and(|t| (at, node) > (t, me)) {
+            self.leave_voice_for(&user, None, now, tx);
+        }
+    }
+}
