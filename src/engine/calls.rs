@@ -5,8 +5,107 @@ use std::sync::Arc;
 
 use super::*;
 
+/// Who asks a call for something, once found to be a party to it.
+struct Party {
+    id: u64,
+    user: Arc<str>,
+    from: Option<(ConnRef, Protocol)>,
+    conn: Option<ConnRef>,
+    ack: Option<u64>,
+    is_caller: bool,
+    is_callee: bool,
+}
+
 impl<O: Outbound> Engine<O> {
+    /// `call:initiate`, on the callee's home: it rings there (in a cluster,
+    /// on every node with a device of the callee), or is missed at once.
+    fn call_create(&mut self, op: CallOp, now: u64, tx: &mut impl MeshTx) {
+        let CallOp {
+            call: id,
+            user,
+            from,
+            ack,
+            op:
+                CallCmd::Create {
+                    callee,
+                    call_type,
+                    sdp,
+                    elsewhere,
+                },
+        } = op
+        else {
+            return;
+        };
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let Some((conn, protocol)) = from else { return };
+        let here = !self.devices(&callee).is_empty();
+        if !here && elsewhere.is_none() && self.cluster_up() {
+            // Connected to another node? Its presence in Redis says.
+            let op = CallOp {
+                call: id,
+                user,
+                from,
+                ack,
+                op: CallCmd::Create {
+                    callee,
+                    call_type,
+                    sdp,
+                    elsewhere,
+                },
+            };
+            return self.send_bridge(ToBridge::CallReach(Box::new(op)), now, tx);
+        }
+        let call_id = call_id_str(id);
+        reply(
+            self,
+            ack_of(
+                ack,
+                AckBody::Call(CallAck {
+                    call_id: call_id.clone(),
+                }),
+            ),
+            tx,
+        );
+        if !here && elsewhere != Some(true) {
+            let missed = ev(ServerEvent::CallMissed(CallEvent {
+                call_id: call_id.clone(),
+                user_id: callee.to_string(),
+                reason: Some("offline".into()),
+                sdp: None,
+            }));
+            self.send_to(conn, protocol, &missed, now, tx);
+            self.missed_call_notice(&callee, &call_id, &user, call_type, now, tx);
+            return self.send_user_op(user, None, None, UserCmd::CallDone { call: id }, now, tx);
+        }
+        let ring_until = now + self.s.call_ring_timeout_ms;
+        self.calls.insert(
+            id,
+            Call {
+                caller: user.clone(),
+                caller_conn: conn,
+                caller_protocol: protocol,
+                callee: callee.clone(),
+                call_type,
+                answered: None,
+                ring_until,
+            },
+        );
+        self.timers.at(ring_until, Timer::CallRing { call: id });
+        let incoming = ServerEvent::CallIncoming(CallIncoming {
+            call_id,
+            from_user_id: user.to_string(),
+            call_type,
+            sdp,
+        });
+        self.tell_callee(&callee, incoming, None, now, tx);
+    }
+
+    /// What a call is asked, on the shard holding it (the callee's home):
+    /// each step has its handler, once the asker is found to be a party.
     pub(super) fn on_call_op(&mut self, op: CallOp, now: u64, tx: &mut impl MeshTx) {
+        if matches!(op.op, CallCmd::Create { .. }) {
+            return self.call_create(op, now, tx);
+        }
         let CallOp {
             call: id,
             user,
@@ -14,83 +113,6 @@ impl<O: Outbound> Engine<O> {
             ack,
             op,
         } = op;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
-        if let CallCmd::Create {
-            callee,
-            call_type,
-            sdp,
-            elsewhere,
-        } = op
-        {
-            let Some((conn, protocol)) = from else { return };
-            let here = !self.devices(&callee).is_empty();
-            if !here && elsewhere.is_none() && self.cluster_up() {
-                // Connected to another node? Its presence in Redis says.
-                let op = CallOp {
-                    call: id,
-                    user,
-                    from,
-                    ack,
-                    op: CallCmd::Create {
-                        callee,
-                        call_type,
-                        sdp,
-                        elsewhere,
-                    },
-                };
-                return self.send_bridge(ToBridge::CallReach(Box::new(op)), now, tx);
-            }
-            let call_id = call_id_str(id);
-            reply(
-                self,
-                ack_of(
-                    ack,
-                    AckBody::Call(CallAck {
-                        call_id: call_id.clone(),
-                    }),
-                ),
-                tx,
-            );
-            if !here && elsewhere != Some(true) {
-                let missed = ev(ServerEvent::CallMissed(CallEvent {
-                    call_id: call_id.clone(),
-                    user_id: callee.to_string(),
-                    reason: Some("offline".into()),
-                    sdp: None,
-                }));
-                self.send_to(conn, protocol, &missed, now, tx);
-                self.missed_call_notice(&callee, &call_id, &user, call_type, now, tx);
-                return self.send_user_op(
-                    user,
-                    None,
-                    None,
-                    UserCmd::CallDone { call: id },
-                    now,
-                    tx,
-                );
-            }
-            let ring_until = now + self.s.call_ring_timeout_ms;
-            self.calls.insert(
-                id,
-                Call {
-                    caller: user.clone(),
-                    caller_conn: conn,
-                    caller_protocol: protocol,
-                    callee: callee.clone(),
-                    call_type,
-                    answered: None,
-                    ring_until,
-                },
-            );
-            self.timers.at(ring_until, Timer::CallRing { call: id });
-            let incoming = ServerEvent::CallIncoming(CallIncoming {
-                call_id,
-                from_user_id: user.to_string(),
-                call_type,
-                sdp,
-            });
-            return self.tell_callee(&callee, incoming, None, now, tx);
-        }
         if !self.calls.contains_key(&id) {
             let op = CallOp {
                 call: id,
@@ -109,12 +131,39 @@ impl<O: Outbound> Engine<O> {
             if matches!(op, CallCmd::PartyGone) {
                 return;
             }
-            return reply(
-                self,
-                err(ack, ErrorCode::Forbidden, "not a party to this call"),
-                tx,
-            );
+            let e = err(ack, ErrorCode::Forbidden, "not a party to this call");
+            return self.answer(from, &e, now, tx);
         }
+        let p = Party {
+            id,
+            user,
+            from,
+            conn,
+            ack,
+            is_caller,
+            is_callee,
+        };
+        match op {
+            CallCmd::Create { .. } => {}
+            CallCmd::Answer { sdp } => self.call_answer(p, sdp, now, tx),
+            CallCmd::Reject { reason } => self.call_reject(p, reason, now, tx),
+            CallCmd::End => self.call_end(p, now, tx),
+            CallCmd::Ice(candidate) => self.call_ice(p, candidate, now, tx),
+            CallCmd::PartyGone => self.call_party_gone(p, now, tx),
+        }
+    }
+
+    /// `call:answer` by the callee, on one of its devices: the caller hears it, the
+    /// callee's other devices stop ringing.
+    fn call_answer(&mut self, p: Party, sdp: Option<String>, now: u64, tx: &mut impl MeshTx) {
+        let Party {
+            id,
+            from,
+            ack,
+            is_callee,
+            ..
+        } = p;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let call_id = call_id_str(id);
         let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
             call_id: call_id.clone(),
@@ -129,93 +178,165 @@ impl<O: Outbound> Engine<O> {
                 "the call is not ringing for you",
             )
         };
-        match op {
-            CallCmd::Create { .. } => unreachable!("handled above"),
-            CallCmd::Answer { sdp } => {
-                let (Some(from), None, true) = (from, call.answered, is_callee) else {
-                    return reply(self, not_ringing(), tx);
-                };
-                call.answered = Some(from);
-                let (caller_conn, caller_protocol, callee) =
-                    (call.caller_conn, call.caller_protocol, call.callee.clone());
-                let answered = ev(ServerEvent::CallAnswered(call_event(&callee, None, sdp)));
-                self.send_to(caller_conn, caller_protocol, &answered, now, tx);
-                let elsewhere =
-                    ServerEvent::CallEnded(call_event(&callee, Some("answered_elsewhere"), None));
-                self.tell_callee(&callee, elsewhere, Some(from.0), now, tx);
-                reply(self, empty_ack(ack), tx);
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let (Some(from), None, true) = (from, call.answered, is_callee) else {
+            return reply(self, not_ringing(), tx);
+        };
+        call.answered = Some(from);
+        let (caller_conn, caller_protocol, callee) =
+            (call.caller_conn, call.caller_protocol, call.callee.clone());
+        let answered = ev(ServerEvent::CallAnswered(call_event(&callee, None, sdp)));
+        self.send_to(caller_conn, caller_protocol, &answered, now, tx);
+        let elsewhere =
+            ServerEvent::CallEnded(call_event(&callee, Some("answered_elsewhere"), None));
+        self.tell_callee(&callee, elsewhere, Some(from.0), now, tx);
+        reply(self, empty_ack(ack), tx);
+    }
+
+    /// `call:reject` by the callee: the call ends for everyone.
+    fn call_reject(&mut self, p: Party, reason: Option<String>, now: u64, tx: &mut impl MeshTx) {
+        let Party {
+            id,
+            from,
+            conn,
+            ack,
+            is_callee,
+            ..
+        } = p;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let call_id = call_id_str(id);
+        let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
+            call_id: call_id.clone(),
+            user_id: who.to_string(),
+            reason: reason.map(Into::into),
+            sdp,
+        };
+        let not_ringing = || {
+            err(
+                ack,
+                ErrorCode::BadRequest,
+                "the call is not ringing for you",
+            )
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if call.answered.is_some() || !is_callee {
+            return reply(self, not_ringing(), tx);
+        }
+        let (caller_conn, caller_protocol, callee, caller) = (
+            call.caller_conn,
+            call.caller_protocol,
+            call.callee.clone(),
+            call.caller.clone(),
+        );
+        self.calls.remove(&id);
+        let rejected = ev(ServerEvent::CallRejected(call_event(
+            &callee,
+            reason.as_deref(),
+            None,
+        )));
+        self.send_to(caller_conn, caller_protocol, &rejected, now, tx);
+        let ended = ServerEvent::CallEnded(call_event(&callee, Some("rejected"), None));
+        self.tell_callee(&callee, ended, conn, now, tx);
+        reply(self, empty_ack(ack), tx);
+        self.send_user_op(caller, None, None, UserCmd::CallDone { call: id }, now, tx);
+    }
+
+    /// `call:end` by either party (a cancel while it rings, a hang-up after).
+    fn call_end(&mut self, p: Party, now: u64, tx: &mut impl MeshTx) {
+        let Party {
+            id,
+            user,
+            from,
+            conn,
+            ack,
+            is_caller,
+            is_callee,
+        } = p;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if is_callee && !is_caller && call.answered.is_some_and(|(a, _)| Some(a) != conn) {
+            return reply(
+                self,
+                err(ack, ErrorCode::BadRequest, "answered on another device"),
+                tx,
+            );
+        }
+        let reason = if call.answered.is_none() && is_caller {
+            "cancelled"
+        } else if call.answered.is_none() {
+            "rejected"
+        } else {
+            "ended"
+        };
+        reply(self, empty_ack(ack), tx);
+        self.end_call(id, reason, &user, now, tx);
+    }
+
+    /// `call:ice_candidate`: relayed to the other party (while it rings, to
+    /// every device of the callee).
+    fn call_ice(&mut self, p: Party, candidate: Json, now: u64, tx: &mut impl MeshTx) {
+        let Party {
+            id,
+            user,
+            from,
+            conn,
+            ack,
+            is_caller,
+            ..
+        } = p;
+        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let call_id = call_id_str(id);
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let (answered, callee) = (call.answered, call.callee.clone());
+        let (caller_conn, caller_protocol) = (call.caller_conn, call.caller_protocol);
+        let relay = ServerEvent::CallIceCandidate(CallIceRelay {
+            call_id: call_id.clone(),
+            from_user_id: user.to_string(),
+            candidate,
+        });
+        if is_caller {
+            match answered {
+                Some((c, p)) => self.send_to(c, p, &ev(relay), now, tx),
+                None => self.tell_callee(&callee, relay, None, now, tx),
             }
-            CallCmd::Reject { reason } => {
-                if call.answered.is_some() || !is_callee {
-                    return reply(self, not_ringing(), tx);
-                }
-                let (caller_conn, caller_protocol, callee, caller) = (
-                    call.caller_conn,
-                    call.caller_protocol,
-                    call.callee.clone(),
-                    call.caller.clone(),
+        } else {
+            if answered.is_some_and(|(a, _)| Some(a) != conn) {
+                return reply(
+                    self,
+                    err(ack, ErrorCode::BadRequest, "answered on another device"),
+                    tx,
                 );
-                self.calls.remove(&id);
-                let rejected = ev(ServerEvent::CallRejected(call_event(
-                    &callee,
-                    reason.as_deref(),
-                    None,
-                )));
-                self.send_to(caller_conn, caller_protocol, &rejected, now, tx);
-                let ended = ServerEvent::CallEnded(call_event(&callee, Some("rejected"), None));
-                self.tell_callee(&callee, ended, conn, now, tx);
-                reply(self, empty_ack(ack), tx);
-                self.send_user_op(caller, None, None, UserCmd::CallDone { call: id }, now, tx);
             }
-            CallCmd::End => {
-                if is_callee && !is_caller && call.answered.is_some_and(|(a, _)| Some(a) != conn) {
-                    return reply(
-                        self,
-                        err(ack, ErrorCode::BadRequest, "answered on another device"),
-                        tx,
-                    );
-                }
-                let reason = if call.answered.is_none() && is_caller {
-                    "cancelled"
-                } else if call.answered.is_none() {
-                    "rejected"
-                } else {
-                    "ended"
-                };
-                reply(self, empty_ack(ack), tx);
-                self.end_call(id, reason, &user, now, tx);
-            }
-            CallCmd::Ice(candidate) => {
-                let (answered, callee) = (call.answered, call.callee.clone());
-                let (caller_conn, caller_protocol) = (call.caller_conn, call.caller_protocol);
-                let relay = ServerEvent::CallIceCandidate(CallIceRelay {
-                    call_id: call_id.clone(),
-                    from_user_id: user.to_string(),
-                    candidate,
-                });
-                if is_caller {
-                    match answered {
-                        Some((c, p)) => self.send_to(c, p, &ev(relay), now, tx),
-                        None => self.tell_callee(&callee, relay, None, now, tx),
-                    }
-                } else {
-                    if answered.is_some_and(|(a, _)| Some(a) != conn) {
-                        return reply(
-                            self,
-                            err(ack, ErrorCode::BadRequest, "answered on another device"),
-                            tx,
-                        );
-                    }
-                    self.send_to(caller_conn, caller_protocol, &ev(relay), now, tx);
-                }
-                reply(self, empty_ack(ack), tx);
-            }
-            CallCmd::PartyGone => {
-                let answered_by = call.answered.is_some_and(|(a, _)| Some(a) == conn);
-                if is_caller || (is_callee && answered_by) {
-                    self.end_call(id, "disconnected", &user, now, tx);
-                }
-            }
+            self.send_to(caller_conn, caller_protocol, &ev(relay), now, tx);
+        }
+        reply(self, empty_ack(ack), tx);
+    }
+
+    /// The caller's connection, or the callee's that answered, is gone: the
+    /// call ends.
+    fn call_party_gone(&mut self, p: Party, now: u64, tx: &mut impl MeshTx) {
+        let Party {
+            id,
+            user,
+            conn,
+            is_caller,
+            is_callee,
+            ..
+        } = p;
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let answered_by = call.answered.is_some_and(|(a, _)| Some(a) == conn);
+        if is_caller || (is_callee && answered_by) {
+            self.end_call(id, "disconnected", &user, now, tx);
         }
     }
 
