@@ -164,47 +164,13 @@ impl<O: Outbound> Engine<O> {
         let Some(m) = owned.find_mut(&r.message_id) else {
             return reply_to(self, not_found(&r.message_id), tx);
         };
-        let pos = m.reactions.iter().position(|(e, _)| *e == r.emoji);
-        let count = match (r.action, pos) {
-            (ReactAction::Add, Some(i)) => {
-                let users = &mut m.reactions[i].1;
-                if users.contains(&member.user) {
-                    None
-                } else {
-                    users.push(member.user.clone());
-                    Some(users.len())
-                }
-            }
-            (ReactAction::Add, None) => {
-                if m.reactions.len() >= MAX_REACTIONS_PER_MESSAGE {
-                    let e = err(
-                        ack,
-                        ErrorCode::TooLarge,
-                        format!(
-                            "at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"
-                        ),
-                    );
-                    return reply_to(self, e, tx);
-                }
-                m.reactions
-                    .push((r.emoji.clone(), vec![member.user.clone()]));
-                Some(1)
-            }
-            (ReactAction::Remove, Some(i)) => {
-                let users = &mut m.reactions[i].1;
-                match users.iter().position(|u| *u == member.user) {
-                    Some(j) => {
-                        users.remove(j);
-                        let n = users.len();
-                        if n == 0 {
-                            m.reactions.remove(i);
-                        }
-                        Some(n)
-                    }
-                    None => None,
-                }
-            }
-            (ReactAction::Remove, None) => None,
+        let Ok(count) = apply_reaction(&mut m.reactions, &r.emoji, r.action, &member.user) else {
+            let e = err(
+                ack,
+                ErrorCode::TooLarge,
+                format!("at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"),
+            );
+            return reply_to(self, e, tx);
         };
         let Some(count) = count else {
             // Already so: nothing changes, nothing is broadcast.
@@ -485,4 +451,49 @@ impl<O: Outbound> Engine<O> {
         let owner = owner_of(&channel, self.shards);
         self.route(owner, msg, now, tx);
     }
+}
+
+/// Applies a reaction to a message's reactions. Returns the emoji's new
+/// count, `None` when nothing changes (added twice, or removed when not
+/// there), or an error past the bound on different reactions.
+fn apply_reaction(
+    reactions: &mut Vec<(String, Vec<Arc<str>>)>,
+    emoji: &str,
+    action: ReactAction,
+    user: &Arc<str>,
+) -> Result<Option<usize>, ()> {
+    let pos = reactions.iter().position(|(e, _)| *e == emoji);
+    Ok(match (action, pos) {
+        (ReactAction::Add, Some(i)) => {
+            let users = &mut reactions[i].1;
+            if users.contains(user) {
+                None
+            } else {
+                users.push(user.clone());
+                Some(users.len())
+            }
+        }
+        (ReactAction::Add, None) => {
+            if reactions.len() >= MAX_REACTIONS_PER_MESSAGE {
+                return Err(());
+            }
+            reactions.push((emoji.to_string(), vec![user.clone()]));
+            Some(1)
+        }
+        (ReactAction::Remove, Some(i)) => {
+            let users = &mut reactions[i].1;
+            match users.iter().position(|u| u == user) {
+                Some(j) => {
+                    users.remove(j);
+                    let n = users.len();
+                    if n == 0 {
+                        reactions.remove(i);
+                    }
+                    Some(n)
+                }
+                None => None,
+            }
+        }
+        (ReactAction::Remove, None) => None,
+    })
 }
