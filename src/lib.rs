@@ -16,15 +16,17 @@
 //! - [`auth`]: JWT verification and minting, with its configuration.
 //! - [`config`]: configuration from defaults, file, environment and flags.
 //! - [`clock`]: the wall clock and randomness, read by the IO shells only.
+//! - [`signal`]: wake-ups between the tasks of one thread.
 //! - [`logs`]: log lines that could repeat without end, throttled.
 //! - [`node`]: what the shards of one process share (config, metrics, mesh).
 //! - [`bans`]: the ban file of a single node, written on a thread of its
 //!   own (a mesh endpoint).
 //! - [`cluster`]: the bridge to Redis, its decisions sans-IO in `core`.
 //! - [`doctor`]: what a host lacks for a connection target.
+//! - [`http`]: plain HTTP on the client port (health, readiness, metrics)
+//!   and the server API's listener for the application backend ([`http::api`]).
 //! - [`shard`]: one core's IO: sockets, timers, the io_uring and epoll
 //!   drivers.
-//! - [`api`]: the server API's HTTP listener for the application backend.
 //! - [`server`]: start-up (listeners, threads, signals) and shutdown.
 //! - [`client`]: the Rust client (sans-IO framing plus a monoio connection),
 //!   used by `corecast bench`.
@@ -32,7 +34,6 @@
 
 pub mod access;
 pub mod admission;
-pub mod api;
 pub mod auth;
 pub mod bans;
 pub mod bench;
@@ -42,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod doctor;
 pub mod engine;
+pub mod http;
 pub mod livekit;
 pub mod logs;
 pub mod mesh;
@@ -50,4 +52,5 @@ pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod signal;
 pub mod ws;

@@ -172,7 +172,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         threads.push(t);
     }
     if let Some(l) = api_listener {
-        let t = crate::api::spawn(node.clone(), l, api_bell)
+        let t = crate::http::api::spawn(node.clone(), l, api_bell)
             .map_err(|e| StartError::Io(format!("cannot start the API thread: {e}")))?;
         threads.push(t);
     }

@@ -24,7 +24,7 @@ use crate::protocol::{
     binary, ArchivedServerEvent, ArchivedServerMessage, ChannelJoin, ClientEvent, ClientMessage,
     MessageSend, Protocol,
 };
-use crate::shard::sync::Signal;
+use crate::signal::Signal;
 use crate::ws::OpCode;
 
 /// Read buffer of a connection under load, and of an idle one.

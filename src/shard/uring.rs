@@ -26,13 +26,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::buf_ring::{BufRing, BUF_GROUP};
 use super::conn::{Batch, ConnIo, State, MAX_IOV, NEVER};
 use super::{Next, Routed, Session, Shard, OUTBOX_HIGH, SPIN_ROUNDS};
 use crate::admission::{Refusal, Slots};
@@ -42,11 +43,6 @@ use crate::ws::{close, frame, handshake, Decoder, OpCode};
 
 /// Submission queue entries; the completion queue is eight times larger.
 const SQ_ENTRIES: u32 = 2048;
-/// Provided buffers for receives (a power of two) and their size: 2 MiB
-/// per shard, whatever the number of connections.
-const BUF_COUNT: u16 = 1024;
-const BUF_SIZE: usize = 2048;
-const BUF_GROUP: u16 = 0;
 /// Idle write descriptors kept for reuse.
 const WRITE_POOL: usize = 1024;
 
@@ -68,112 +64,6 @@ fn parts(user_data: u64) -> (u64, u32, u32) {
         user_data as u32,
         ((user_data >> 32) & 0xff_ffff) as u32,
     )
-}
-
-/// The ring of provided buffers: the kernel takes a buffer for each receive
-/// and the loop gives it back once the bytes are decoded.
-struct BufRing {
-    entries: *mut types::BufRingEntry,
-    map_len: usize,
-    data: *mut u8,
-    layout: std::alloc::Layout,
-    tail: u16,
-    published: u16,
-    /// Keep the memory at drop (operations may still point into it).
-    leak: bool,
-}
-
-impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<BufRing> {
-        let map_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
-        // SAFETY: an anonymous private mapping, unmapped in Drop.
-        let entries = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if entries == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let layout = std::alloc::Layout::from_size_align(BUF_COUNT as usize * BUF_SIZE, 4096)
-            .map_err(io::Error::other)?;
-        // SAFETY: a non-zero size; zeroed pages are only touched when used.
-        let data = unsafe { std::alloc::alloc_zeroed(layout) };
-        let mut bufs = BufRing {
-            entries: entries.cast(),
-            map_len,
-            data,
-            layout,
-            tail: 0,
-            published: 0,
-            leak: false,
-        };
-        if data.is_null() {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-        }
-        // SAFETY: the mapping lives until Drop, which runs after the ring
-        // that uses it is gone (see `Loop`'s field order).
-        unsafe {
-            ring.submitter()
-                .register_buf_ring(entries as u64, BUF_COUNT, BUF_GROUP)?
-        };
-        for bid in 0..BUF_COUNT {
-            bufs.give(bid);
-        }
-        bufs.publish();
-        Ok(bufs)
-    }
-
-    /// Puts buffer `bid` back at the tail (visible after `publish`).
-    fn give(&mut self, bid: u16) {
-        // SAFETY: the index is masked into the mapping; the kernel only
-        // reads entries between its head and the published tail.
-        let e = unsafe { &mut *self.entries.add((self.tail & (BUF_COUNT - 1)) as usize) };
-        // SAFETY: bid < BUF_COUNT, inside the data allocation.
-        e.set_addr(unsafe { self.data.add(bid as usize * BUF_SIZE) } as u64);
-        e.set_len(BUF_SIZE as u32);
-        e.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    fn publish(&mut self) {
-        if self.published == self.tail {
-            return;
-        }
-        // SAFETY: the tail shares the first entry's reserved field; the
-        // kernel reads it with acquire ordering.
-        unsafe {
-            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
-            (*tail).store(self.tail, Ordering::Release);
-        }
-        self.published = self.tail;
-    }
-
-    /// The `len` bytes the kernel wrote into buffer `bid`.
-    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
-        assert!((bid as usize) < BUF_COUNT as usize && len <= BUF_SIZE);
-        // SAFETY: in bounds (checked above); the kernel is done with this
-        // buffer until it is given back.
-        unsafe { std::slice::from_raw_parts(self.data.add(bid as usize * BUF_SIZE), len) }
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        if self.leak {
-            return;
-        }
-        // SAFETY: the mapping and allocation made in `new`.
-        unsafe {
-            libc::munmap(self.entries.cast(), self.map_len);
-            std::alloc::dealloc(self.data, self.layout);
-        }
-    }
 }
 
 /// One vectored send in flight, with the message header the kernel reads.

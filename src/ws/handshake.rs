@@ -381,9 +381,24 @@ pub fn reason_phrase(status: u16) -> &'static str {
 
 /// A complete HTTP/1.1 response that closes the connection.
 pub fn http_response(status: u16, extra_headers: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response(status, extra_headers, content_type, body, false)
+}
+
+/// A complete HTTP/1.1 response, the one builder of every response the
+/// node sends (upgrade refusals, plain requests, the server API):
+/// `extra_headers` are whole lines ending in CRLF; `keep_alive` says
+/// whether the connection stays open after it.
+pub fn response(
+    status: u16,
+    extra_headers: &str,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
     let text = reason_phrase(status);
+    let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut r = format!(
-        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     )
     .into_bytes();

@@ -42,7 +42,7 @@ use crate::engine::{
 use crate::node::Node;
 use crate::protocol::{json as json_codec, AckBody, ErrorCode, Json, MessageSend, PresenceView};
 use crate::protocol::{Protocol, ServerEvent, ServerMessage};
-use crate::shard::sync::{yield_now, Signal};
+use crate::signal::{yield_now, Signal};
 use crate::ws::handshake::percent_decode;
 
 /// Largest request body.
@@ -860,16 +860,8 @@ fn error_body(code: ErrorCode, message: &str) -> Value {
 }
 
 fn response(status: u16, body: &Value, keep_alive: bool) -> Vec<u8> {
-    let reason = crate::ws::handshake::reason_phrase(status);
     let body = serde_json::to_vec(body).expect("JSON values serialize");
-    let connection = if keep_alive { "keep-alive" } else { "close" };
-    let mut r = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    r.extend_from_slice(&body);
-    r
+    crate::ws::handshake::response(status, "", "application/json", &body, keep_alive)
 }
 
 /// Adds a header line (ending in CRLF) to a response built by [`response`].

@@ -1,5 +1,5 @@
-//! Single-thread wake-up primitives for tasks of one shard (no locks, no
-//! atomics: everything here stays on its shard's thread).
+//! Single-thread wake-up primitives for the tasks of one thread (a shard,
+//! the server API): no locks, no atomics.
 
 use std::cell::Cell;
 use std::future::Future;

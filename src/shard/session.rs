@@ -1,0 +1,397 @@
+//! The WebSocket phase of one connection, as its read side sees it:
+//! authentication, the messages it sends, and its bounds; shared by both IO
+//! drivers, and tested without a socket through [`super::fuzz_session`].
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+
+use crate::access::Identity;
+use crate::admission::Slots;
+use crate::clock::now_ms;
+use crate::engine::{ConnId, Member};
+use crate::protocol::{
+    self, binary, json, AckBody, ClientEvent, DecodeError, DeviceKind, Empty, ErrorCode, Protocol,
+    Ready, ServerEvent, ServerMessage,
+};
+use crate::ws::handshake::Upgrade;
+use crate::ws::{close, frame, Message, OpCode};
+
+use super::conn::{ConnIo, State, NEVER};
+use super::*;
+
+/// An upgrade the shard accepted (its 101 response not yet written).
+pub(super) struct Accepted {
+    /// A later refusal (by the per-user cap) takes the WebSocket form.
+    pub(super) websocket_refusals: bool,
+    pub(super) up: Upgrade,
+    pub(super) echo: bool,
+    pub(super) user: Option<Identity>,
+    pub(super) device: DeviceKind,
+    pub(super) response: Vec<u8>,
+    pub(super) ip: Slots,
+}
+
+pub(super) enum Mode {
+    Echo,
+    Unauthenticated,
+    Authenticated(ConnId),
+    /// The connection has left the engine.
+    Ended,
+}
+
+/// What the read loop does after a message.
+pub(super) enum Next {
+    Continue,
+    /// The closing handshake is over (or the connection failed): tear down.
+    Finish,
+}
+
+/// The WebSocket phase of one connection, as the read side sees it. The
+/// shard and the connection's outbound side are passed in by the caller
+/// (the io_uring loop or the epoll task), which already holds them.
+pub(super) struct Session {
+    pub(super) protocol: Protocol,
+    pub(super) device: DeviceKind,
+    pub(super) mode: Mode,
+    /// Messages other than a valid `auth` sent before authenticating.
+    pub(super) preauth_strikes: u8,
+    /// The client address's counters (given back at the end).
+    pub(super) ip: Slots,
+}
+
+impl Session {
+    /// Whether the connection waits for its `auth` message.
+    pub(super) fn preauth(&self) -> bool {
+        matches!(self.mode, Mode::Unauthenticated)
+    }
+
+    /// The largest message the connection may send now: small until it
+    /// has authenticated.
+    pub(super) fn max_message(&self, c: &crate::config::Config) -> usize {
+        if self.preauth() {
+            c.max_unauthenticated_message_size.min(c.max_message_size)
+        } else {
+            c.max_message_size
+        }
+    }
+
+    /// Starts the WebSocket phase of an accepted upgrade (either IO
+    /// driver): the 101 goes first through the connection's queue (it may be
+    /// held: see `Session::new`), and the connection is counted.
+    pub(super) fn start(shard: &Shard, io: &Rc<ConnIo>, a: Accepted) -> Session {
+        let Accepted {
+            websocket_refusals,
+            up,
+            echo,
+            user,
+            device,
+            response,
+            ip,
+        } = a;
+        io.push_control(bytes::Bytes::from(response));
+        if websocket_refusals {
+            io.refuse_in_websocket();
+        }
+        let m = shard.metrics();
+        m.connections.inc();
+        m.connections_total.inc();
+        Session::new(shard, io, up.protocol, device, echo, user, ip)
+    }
+
+    /// The WebSocket phase of an accepted upgrade: a session that is either
+    /// authenticated by the handshake's token, waiting for `auth` (with a
+    /// deadline), or an echo.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        protocol: Protocol,
+        device: DeviceKind,
+        echo: bool,
+        user: Option<Identity>,
+        ip: Slots,
+    ) -> Session {
+        let mut s = Session {
+            protocol,
+            device,
+            mode: if echo {
+                Mode::Echo
+            } else {
+                Mode::Unauthenticated
+            },
+            preauth_strikes: 0,
+            ip,
+        };
+        match user {
+            Some(u) => {
+                // The 101 waits for the user's home shard to count the
+                // connection: over the per-user cap it becomes a 429.
+                if shard.node.config.max_connections_per_user > 0 {
+                    io.hold();
+                }
+                s.authenticate(shard, io, u, None)
+            }
+            None if !echo => io
+                .auth_deadline
+                .set(shard.outq.now_ms() + shard.node.config.auth_timeout_ms),
+            None => {}
+        }
+        s
+    }
+
+    /// Takes the connection out of the engine (its channels, its user). A
+    /// connection that never authenticated stays counted as such until its
+    /// buffers are freed.
+    pub(super) fn end(&mut self, shard: &Shard) {
+        shard
+            .node
+            .admission
+            .release_ip(std::mem::take(&mut self.ip));
+        if let Mode::Authenticated(id) = self.mode {
+            let mut outbox = shard.outbox.borrow_mut();
+            shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
+            outbox.flush();
+            self.mode = Mode::Ended;
+        }
+    }
+
+    pub(super) fn reply(&self, io: &ConnIo, msg: &ServerMessage) {
+        io.push_data(&protocol::encode_frame(self.protocol, msg));
+    }
+
+    pub(super) fn authenticate(
+        &mut self,
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        identity: Identity,
+        ack: Option<u64>,
+    ) {
+        let session = shard.new_session_id();
+        let Identity { user, access } = identity;
+        let member = Member {
+            user: user.as_str().into(),
+            session,
+            protocol: self.protocol,
+        };
+        // The ack and `ready` come first: opening the connection may queue
+        // events for it at once (pending notifications, when the user's home
+        // is this shard).
+        if ack.is_some() {
+            self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+        }
+        self.reply(
+            io,
+            &ServerMessage::event(ServerEvent::Ready(Ready {
+                user_id: user.clone(),
+                session_id: session.to_string(),
+                shard: shard.id as u32,
+                heartbeat_interval_ms: shard.node.config.ping_interval_ms,
+            })),
+        );
+        let id = {
+            let mut outbox = shard.outbox.borrow_mut();
+            let id = shard.engine.borrow_mut().open(
+                io.clone(),
+                member,
+                self.device,
+                access,
+                now_ms(),
+                &mut *outbox,
+            );
+            outbox.flush();
+            id
+        };
+        self.mode = Mode::Authenticated(id);
+        io.auth_deadline.set(NEVER);
+    }
+
+    pub(super) fn on_data(
+        &mut self,
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        text: bool,
+        mut payload: BytesMut,
+    ) {
+        if io.state() != State::Open {
+            return;
+        }
+        if let Mode::Echo = self.mode {
+            let op = if text { OpCode::Text } else { OpCode::Binary };
+            io.push_data(&frame::encode(op, &payload));
+            return;
+        }
+        if let Mode::Authenticated(id) = self.mode {
+            return self.on_event(shard, id, text, payload);
+        }
+        let decoded = match (self.protocol, text) {
+            (Protocol::Json, true) => {
+                json::decode_client(&mut payload, &mut shard.scratch.borrow_mut())
+            }
+            (Protocol::Binary, false) => binary::decode_client(&payload),
+            (p, _) => Err(DecodeError::wrong_frame(p)),
+        };
+        let msg = match decoded {
+            Ok(m) => m,
+            Err(e) => {
+                self.reply(io, &ServerMessage::error(e.id, e.code, e.message));
+                return self.preauth_strike(shard, io);
+            }
+        };
+        match self.mode {
+            Mode::Unauthenticated => match msg.event {
+                ClientEvent::Auth(a) => match shard.node.verifier.identify(&a.token) {
+                    Ok(identity) => {
+                        let ban = shard.engine.borrow().server_ban(&identity.user, now_ms());
+                        match ban {
+                            None => self.authenticate(shard, io, identity, msg.id),
+                            Some(why) => {
+                                shard.metrics().auth_failures.inc();
+                                self.reply(
+                                    io,
+                                    &ServerMessage::error(msg.id, ErrorCode::Forbidden, why),
+                                );
+                                io.close(close::BANNED, "banned");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        shard.metrics().auth_failures.inc();
+                        self.reply(
+                            io,
+                            &ServerMessage::error(msg.id, ErrorCode::Unauthorized, e.0),
+                        );
+                        io.close(close::UNAUTHORIZED, "unauthorized");
+                    }
+                },
+                _ => {
+                    self.reply(
+                        io,
+                        &ServerMessage::error(
+                            msg.id,
+                            ErrorCode::Unauthorized,
+                            "authenticate first: send `auth` with a token",
+                        ),
+                    );
+                    self.preauth_strike(shard, io);
+                }
+            },
+            Mode::Echo | Mode::Authenticated(_) => unreachable!("handled above"),
+            Mode::Ended => {}
+        }
+    }
+
+    /// A message of an authenticated connection, for the engine.
+    pub(super) fn on_event(&self, shard: &Shard, id: ConnId, text: bool, mut payload: BytesMut) {
+        let mut outbox = shard.outbox.borrow_mut();
+        let mut scratch = shard.scratch.borrow_mut();
+        shard.engine.borrow_mut().handle_frame(
+            id,
+            text,
+            &mut payload,
+            &mut scratch,
+            now_ms(),
+            &mut *outbox,
+        );
+    }
+
+    /// Counts a message that was not a valid `auth` before authentication;
+    /// past `rate_limit_strikes` of them the connection is closed (1008).
+    pub(super) fn preauth_strike(&mut self, shard: &Shard, io: &ConnIo) {
+        self.preauth_strikes = self.preauth_strikes.saturating_add(1);
+        let max = shard.node.config.rate_limit_strikes;
+        if max > 0 && self.preauth_strikes as u32 > max {
+            shard.metrics().rate_limit_closes.inc();
+            io.close(
+                close::POLICY_VIOLATION,
+                "too many invalid messages before authentication",
+            );
+        }
+    }
+
+    pub(super) fn on_message(&mut self, shard: &Shard, io: &Rc<ConnIo>, m: Message) -> Next {
+        match m {
+            Message::Text(p) => self.on_data(shard, io, true, p),
+            Message::Binary(p) => self.on_data(shard, io, false, p),
+            Message::Ping(p) => {
+                io.push_control(frame::encode(OpCode::Pong, &p));
+            }
+            Message::Pong(_) => {}
+            Message::Close(c) => {
+                if io.state() == State::Open {
+                    // Echo the peer's code (RFC 6455 §5.5.1).
+                    let payload = c
+                        .map(|(code, _)| close::payload(code, ""))
+                        .unwrap_or_default();
+                    io.close_with(payload);
+                }
+                return Next::Finish;
+            }
+        }
+        Next::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    /// A session input for [`super::fuzz_session`]: the start byte, then
+    /// each message as a length byte and its bytes.
+    pub(crate) fn session_input(head: u8, messages: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![head];
+        for m in messages {
+            out.push(m.len() as u8);
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn whole_sessions_keep_their_bounds() {
+        let text = |s: &str| [&[1u8][..], s.as_bytes()].concat();
+        let join = text(r#"{"t":"channel:join","id":1,"d":{"channelId":"general"}}"#);
+        let send =
+            text(r#"{"t":"message:send","id":2,"d":{"channelId":"general","content":"hi"}}"#);
+        let ping = [&[3u8][..], &[b'p'; 120][..]].concat();
+        // Authenticated, a peer that never reads: messages, then pings past
+        // every bound.
+        let mut msgs: Vec<&[u8]> = vec![&join, &send, &send];
+        msgs.extend(std::iter::repeat_n(&ping[..], 200));
+        super::fuzz_session(&session_input(2 | 4, &msgs));
+        // The same peer reading, and one without a token sending `auth`.
+        super::fuzz_session(&session_input(2 | 4 | 8, &msgs));
+        let auth = text(r#"{"t":"auth","id":1,"d":{"token":"x.y.z"}}"#);
+        super::fuzz_session(&session_input(1 | 4, &[&auth, &join, &join]));
+        // A request written by the input, trickled.
+        let req = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+        super::fuzz_session(&session_input(
+            0,
+            &[req, b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"],
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_make_a_session_that_keeps_its_bounds(
+            head in 0u8..16,
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..60), 0..12),
+        ) {
+            let msgs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            super::fuzz_session(&session_input(head, &msgs));
+        }
+    }
+
+    /// What every connection costs in the shard's tables, whatever it does
+    /// (docs/BENCHMARKS.md itemises it): a regression here is memory on
+    /// every idle connection.
+    #[test]
+    fn a_connection_stays_small() {
+        assert_eq!(std::mem::size_of::<super::conn::ConnIo>(), 80);
+        assert_eq!(
+            super::Engine::<std::rc::Rc<super::conn::ConnIo>>::slot_size(),
+            72
+        );
+        assert_eq!(super::uring::loop_slot_size(), 72);
+    }
+}
