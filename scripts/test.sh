@@ -48,7 +48,7 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 step "cargo test (unit, property, integration; benches run once as tests)"
-# tests/bench.rs runs the baseline example server: build it where it looks.
+# tests/all/bench.rs runs the baseline example server: build it where it looks.
 cargo build --examples
 cargo test --all-targets
 

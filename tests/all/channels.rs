@@ -1,11 +1,9 @@
 //! Authentication, channels, fan-out across shards, the binary protocol,
 //! slow consumers and graceful shutdown, over real sockets.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use corecast::protocol::{
     self, binary, AckBody, ChannelJoin, ClientEvent, ClientMessage, MessageSend, ServerEvent,
 };

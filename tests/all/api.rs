@@ -1,13 +1,11 @@
 //! The server API over real sockets: its key, each endpoint's effect on
 //! connected clients, and its errors.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const KEY: &str = "api-key-for-the-tests-0123";

@@ -5,15 +5,13 @@
 //! its memory limit, or restarts empty. Every acked message must reach
 //! every member, once per epoch; what was not accepted was refused.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::redis::*;
-use common::*;
+use crate::common::redis::*;
+use crate::common::*;
 use serde_json::json;
 
 const CHANNEL: &str = "live";
@@ -379,7 +377,7 @@ fn signal(redis: &Redis, sig: &str) {
 /// Runs `sequence.lua` once on `redis` for channel `c` with one event;
 /// returns the epoch it answered.
 fn sequence_once(redis: &Redis, fresh_epoch: &str) -> String {
-    let script = include_str!("../src/cluster/scripts/sequence.lua");
+    let script = include_str!("../../src/cluster/scripts/sequence.lua");
     let out = redis_cli(
         redis,
         &[

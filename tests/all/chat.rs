@@ -3,9 +3,7 @@
 //! what it checks crosses the mesh (channel owners and users' home shards
 //! on one side, connections on the other).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

@@ -1,9 +1,7 @@
 //! Abuse over real sockets: forged and expired tokens, channels and users
 //! not granted, kicks and bans across shards, bans across a restart.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use corecast::auth::Claims;
 use serde_json::{json, Value};
 

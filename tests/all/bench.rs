@@ -2,14 +2,12 @@
 //! a corecast node (JSON and binary protocols) and the tokio +
 //! fastwebsockets baseline (`--protocol raw`).
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, SECRET};
+use crate::common::{Server, SECRET};
 use corecast::client::{Client, ClientError, ConnectOptions};
 use corecast::protocol::{ChannelJoin, ClientEvent, ErrorCode, MessageSend, Protocol, ServerEvent};
 use serde_json::Value;
@@ -349,7 +347,7 @@ fn client_sdk_round_trip_in_both_protocols() {
         for protocol in [Protocol::Json, Protocol::Binary] {
             let opts = |user: &str| {
                 ConnectOptions::new(url.parse().unwrap())
-                    .token(common::token(user, 60))
+                    .token(crate::common::token(user, 60))
                     .protocol(protocol)
             };
             let mut alice = Client::connect(&opts("alice")).await.unwrap();

@@ -1,11 +1,9 @@
 //! RFC 6455 over real sockets: handshake refusals, control frames,
 //! fragmentation, close codes, limits, keep-alive and deadlines.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use corecast::ws::OpCode;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

@@ -17,9 +17,6 @@
 //!   bounded.
 //! - `http`: ambiguous request framing is refused.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 mod http;
 mod memory;
 mod notifications;

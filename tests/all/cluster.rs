@@ -1,14 +1,12 @@
 //! Cluster mode over real sockets: a real redis-server of the test's own on
 //! a free port, and two corecast nodes (two shards each) sharing it.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::redis::*;
-use common::*;
+use crate::common::redis::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// The next `count` `message:new` events: (offset, content).
