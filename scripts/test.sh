@@ -41,16 +41,16 @@ python3 -c 'import venv' 2>/dev/null || need_apt false python3-venv
 need_apt chromium chromium
 command -v node >/dev/null || die "node is missing: install Node.js 20 with npm"
 
-step "cargo fmt --check"
-cargo fmt --check
+step "cargo fmt --all --check"
+cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test (unit, property, integration; benches run once as tests)"
 # tests/all/bench.rs runs the baseline example server: build it where it looks.
 cargo build --examples
-cargo test --all-targets
+cargo test --workspace --all-targets
 
 step "browser: refusals Chromium can read (tests/browser)"
 (cd tests/browser && npm install --no-package-lock --no-audit --no-fund --silent) \

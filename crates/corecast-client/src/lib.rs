@@ -12,10 +12,10 @@
 //!   hands every other server event to the caller.
 //!
 //! ```no_run
-//! use corecast::client::{Client, ConnectOptions};
-//! use corecast::protocol::{ChannelJoin, ClientEvent, MessageSend, ServerEvent};
+//! use corecast_client::{Client, ConnectOptions};
+//! use corecast_protocol::protocol::{ChannelJoin, ClientEvent, MessageSend, ServerEvent};
 //!
-//! # async fn demo() -> Result<(), corecast::client::ClientError> {
+//! # async fn demo() -> Result<(), corecast_client::ClientError> {
 //! let opts = ConnectOptions::new("ws://127.0.0.1:8080/ws".parse()?).token("<jwt>");
 //! let mut c = Client::connect(&opts).await?;
 //! c.call(ClientEvent::ChannelJoin(ChannelJoin::new("general"))).await?;
@@ -33,6 +33,8 @@
 
 mod conn;
 mod frames;
+
+pub use corecast_protocol::{protocol, ws};
 
 pub use conn::{connect_tcp, Client, ConnectOptions};
 pub use frames::{FrameReader, Masker, RawFrame};

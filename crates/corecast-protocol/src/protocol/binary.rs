@@ -52,10 +52,10 @@ mod tests {
     /// every seed of the JSON one (both valid envelopes), so that fuzzing
     /// starts from archives the decoder accepts and reaches its deep paths.
     /// When the format changes, this fails: write them again with
-    /// `CORECAST_WRITE_SEEDS=1 cargo test --lib fuzz_seeds`.
+    /// `CORECAST_WRITE_SEEDS=1 cargo test -p corecast-protocol fuzz_seeds`.
     #[test]
     fn the_fuzz_seeds_are_current() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         let write = std::env::var_os("CORECAST_WRITE_SEEDS").is_some();
         let mut seeds = 0;
         for entry in std::fs::read_dir(root.join("json_envelope")).unwrap() {
