@@ -7,12 +7,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use corecast::access::Access;
-use corecast::engine::limits::{Limit, RateLimits};
-use corecast::engine::{
+use corecast::internals::access::Access;
+use corecast::internals::engine::limits::{Limit, RateLimits};
+use corecast::internals::engine::{
     ConnId, Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId,
 };
-use corecast::metrics::ShardMetrics;
+use corecast::internals::metrics::ShardMetrics;
 use corecast::protocol::{
     binary, json, ChannelJoin, ClientEvent, ClientMessage, DeviceKind, MessageSend, Protocol,
 };

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use corecast::auth::{mint, Verifier};
 use corecast::config::AuthConfig;
-use corecast::engine::MeshMsg;
-use corecast::mesh::Mesh;
+use corecast::internals::engine::MeshMsg;
+use corecast::internals::mesh::Mesh;
 use corecast::protocol::Frames;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

@@ -2,6 +2,8 @@
 //! join, the users it may message or call directly, and its roles. Plain
 //! data, no IO.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 /// Longest pattern in a `channels` or `users` claim.

@@ -1,6 +1,8 @@
 //! JWT verification with a pinned algorithm, and token minting for
 //! development and tests.
 
+#![forbid(unsafe_code)]
+
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 

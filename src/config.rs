@@ -1,6 +1,8 @@
 //! Configuration: defaults, then a TOML file, then `CORECAST_*` environment
 //! variables, then command-line flags (each later source wins).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

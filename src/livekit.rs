@@ -1,6 +1,8 @@
 //! LiveKit access tokens for voice channels: the engine signs one for each
 //! member who joins a channel's voice room (pure computation, no IO).
 
+#![forbid(unsafe_code)]
+
 use jsonwebtoken::{Algorithm, EncodingKey};
 
 /// LiveKit settings: the server URL clients connect to, and the API key and

@@ -63,9 +63,9 @@ enum Command {
     /// different cores (taskset) and give --server-pid for CPU and memory.
     Bench {
         #[command(subcommand)]
-        workload: corecast::bench::Workload,
+        workload: corecast::internals::bench::Workload,
         #[command(flatten)]
-        common: corecast::bench::Common,
+        common: corecast::internals::bench::Common,
     },
     /// Check whether this host can hold a number of connections.
     Doctor {
@@ -162,7 +162,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Bench { workload, common } => {
-            match corecast::bench::run(common, workload, &mut std::io::stdout()) {
+            match corecast::internals::bench::run(common, workload, &mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("corecast bench: {e}");
@@ -171,9 +171,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Doctor { connections } => {
-            let findings =
-                corecast::doctor::evaluate(&corecast::doctor::Readings::from_host(), connections);
-            let (text, failed) = corecast::doctor::report(&findings, connections);
+            let findings = corecast::internals::doctor::evaluate(
+                &corecast::internals::doctor::Readings::from_host(),
+                connections,
+            );
+            let (text, failed) = corecast::internals::doctor::report(&findings, connections);
             print!("{text}");
             if failed {
                 ExitCode::FAILURE

@@ -1,6 +1,8 @@
 //! Counters of one shard. Each shard writes only its own [`ShardMetrics`]
 //! (relaxed atomic stores, no contention); `/metrics` reads all of them.
 
+#![forbid(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use corecast::access::Access;
-use corecast::engine::{
+use corecast::internals::access::Access;
+use corecast::internals::engine::{
     ConnId, Engine, Member, MeshMsg, MeshTx, Outbound, SessionId, Settings, ShardId,
 };
-use corecast::metrics::ShardMetrics;
+use corecast::internals::metrics::ShardMetrics;
 use corecast::protocol::{
     ChannelJoin, ClientEvent, ClientMessage, DeviceKind, MessageSend, Protocol,
 };

@@ -31,6 +31,8 @@
 //! queue. A publish costs one encoding per protocol in use, one mesh message
 //! per shard with members, and one refcount increment per recipient.
 
+#![forbid(unsafe_code)]
+
 pub mod bans;
 pub mod channel;
 pub mod chunked;
