@@ -7,8 +7,8 @@
 pub mod access;
 #[path = "admission.rs"]
 pub mod admission;
-#[path = "bans.rs"]
-pub mod bans;
+#[path = "ban_store.rs"]
+pub mod ban_store;
 #[path = "bench/mod.rs"]
 pub mod bench;
 #[path = "clock.rs"]

@@ -28,7 +28,7 @@
 //! - `signal`: wake-ups between the tasks of one thread.
 //! - `logs`: log lines that could repeat without end, throttled.
 //! - `node`: what the shards of one process share (config, metrics, mesh).
-//! - `bans`: the ban file of a single node, written on a thread of its
+//! - `ban_store`: the ban file of a single node, written on a thread of its
 //!   own (a mesh endpoint).
 //! - `cluster`: the bridge to Redis, its decisions sans-IO in `core`.
 //! - `doctor`: what a host lacks for a connection target.
@@ -54,6 +54,6 @@ pub mod internals;
 
 // Inside the crate they keep their short paths (`crate::engine`, ...).
 use internals::{
-    access, admission, bans, clock, cluster, doctor, engine, http, livekit, logs, mesh, metrics,
-    node, shard, signal,
+    access, admission, ban_store, clock, cluster, doctor, engine, http, livekit, logs, mesh,
+    metrics, node, shard, signal,
 };

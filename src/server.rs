@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Socket, Type};
 
 use crate::auth::Verifier;
-use crate::bans::BanStore;
+use crate::ban_store::BanStore;
 use crate::config::{Config, ConfigError};
 use crate::mesh::Mesh;
 use crate::node::Node;
@@ -162,7 +162,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let store_bell = bells.next().expect("the mesh has the ban store's endpoint");
     let mut threads = Vec::with_capacity(shards + 2);
     if let Some(store) = ban_store {
-        let t = crate::bans::spawn(node.clone(), store, store_bell)
+        let t = crate::ban_store::spawn(node.clone(), store, store_bell)
             .map_err(|e| StartError::Io(format!("cannot start the ban store's thread: {e}")))?;
         threads.push(t);
     }

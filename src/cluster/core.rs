@@ -952,7 +952,7 @@ impl Core {
                     ModKind::Unban => "unban",
                     ModKind::Kick => "kick",
                 };
-                let json = crate::bans::to_json(&m);
+                let json = crate::ban_store::to_json(&m);
                 let payload = wire::payload(&[NodeMsg::Moderation {
                     origin: self.id,
                     token,
@@ -1726,7 +1726,7 @@ impl Core {
                 token,
                 json,
             } => {
-                let mut m = match crate::bans::from_json(&json) {
+                let mut m = match crate::ban_store::from_json(&json) {
                     Ok(m) => m,
                     Err(_) => return self.unreadable("a moderation action"),
                 };
@@ -2040,7 +2040,7 @@ pub fn ban_field(m: &Moderation) -> String {
 pub fn read_bans(all: Vec<(String, String)>, now: u64) -> (Vec<Moderation>, Vec<String>) {
     let (mut live, mut expired) = (Vec::new(), Vec::new());
     for (field, json) in all {
-        match crate::bans::from_json(&json) {
+        match crate::ban_store::from_json(&json) {
             Ok(m) => match m.kind {
                 ModKind::Ban { until: Some(t) } if t <= now => expired.push(field),
                 _ => live.push(m),
