@@ -36,7 +36,6 @@ impl<O: Outbound> Engine<O> {
         else {
             return;
         };
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let Some((conn, protocol)) = from else { return };
         let here = !self.devices(&callee).is_empty();
         if !here && elsewhere.is_none() && self.cluster_up() {
@@ -56,14 +55,15 @@ impl<O: Outbound> Engine<O> {
             return self.send_bridge(ToBridge::CallReach(Box::new(op)), now, tx);
         }
         let call_id = call_id_str(id);
-        reply(
-            self,
-            ack_of(
+        self.answer(
+            from,
+            &ack_of(
                 ack,
                 AckBody::Call(CallAck {
                     call_id: call_id.clone(),
                 }),
             ),
+            now,
             tx,
         );
         if !here && elsewhere != Some(true) {
@@ -163,7 +163,6 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let call_id = call_id_str(id);
         let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
             call_id: call_id.clone(),
@@ -182,7 +181,7 @@ impl<O: Outbound> Engine<O> {
             return;
         };
         let (Some(from), None, true) = (from, call.answered, is_callee) else {
-            return reply(self, not_ringing(), tx);
+            return self.answer(from, &not_ringing(), now, tx);
         };
         call.answered = Some(from);
         let (caller_conn, caller_protocol, callee) =
@@ -192,7 +191,7 @@ impl<O: Outbound> Engine<O> {
         let elsewhere =
             ServerEvent::CallEnded(call_event(&callee, Some("answered_elsewhere"), None));
         self.tell_callee(&callee, elsewhere, Some(from.0), now, tx);
-        reply(self, empty_ack(ack), tx);
+        self.answer(Some(from), &empty_ack(ack), now, tx);
     }
 
     /// `call:reject` by the callee: the call ends for everyone.
@@ -205,7 +204,6 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let call_id = call_id_str(id);
         let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
             call_id: call_id.clone(),
@@ -224,7 +222,7 @@ impl<O: Outbound> Engine<O> {
             return;
         };
         if call.answered.is_some() || !is_callee {
-            return reply(self, not_ringing(), tx);
+            return self.answer(from, &not_ringing(), now, tx);
         }
         let (caller_conn, caller_protocol, callee, caller) = (
             call.caller_conn,
@@ -241,7 +239,7 @@ impl<O: Outbound> Engine<O> {
         self.send_to(caller_conn, caller_protocol, &rejected, now, tx);
         let ended = ServerEvent::CallEnded(call_event(&callee, Some("rejected"), None));
         self.tell_callee(&callee, ended, conn, now, tx);
-        reply(self, empty_ack(ack), tx);
+        self.answer(from, &empty_ack(ack), now, tx);
         self.send_user_op(caller, None, None, UserCmd::CallDone { call: id }, now, tx);
     }
 
@@ -256,14 +254,14 @@ impl<O: Outbound> Engine<O> {
             is_caller,
             is_callee,
         } = p;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
         if is_callee && !is_caller && call.answered.is_some_and(|(a, _)| Some(a) != conn) {
-            return reply(
-                self,
-                err(ack, ErrorCode::BadRequest, "answered on another device"),
+            return self.answer(
+                from,
+                &err(ack, ErrorCode::BadRequest, "answered on another device"),
+                now,
                 tx,
             );
         }
@@ -274,7 +272,7 @@ impl<O: Outbound> Engine<O> {
         } else {
             "ended"
         };
-        reply(self, empty_ack(ack), tx);
+        self.answer(from, &empty_ack(ack), now, tx);
         self.end_call(id, reason, &user, now, tx);
     }
 
@@ -290,7 +288,6 @@ impl<O: Outbound> Engine<O> {
             is_caller,
             ..
         } = p;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
         let call_id = call_id_str(id);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
@@ -309,15 +306,16 @@ impl<O: Outbound> Engine<O> {
             }
         } else {
             if answered.is_some_and(|(a, _)| Some(a) != conn) {
-                return reply(
-                    self,
-                    err(ack, ErrorCode::BadRequest, "answered on another device"),
+                return self.answer(
+                    from,
+                    &err(ack, ErrorCode::BadRequest, "answered on another device"),
+                    now,
                     tx,
                 );
             }
             self.send_to(caller_conn, caller_protocol, &ev(relay), now, tx);
         }
-        reply(self, empty_ack(ack), tx);
+        self.answer(from, &empty_ack(ack), now, tx);
     }
 
     /// The caller's connection, or the callee's that answered, is gone: the
@@ -516,7 +514,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
+        let (user, from, ack) = r.parts();
         let Some((conn, protocol)) = from else { return };
         let callee: Arc<str> = c.to_user_id.as_str().into();
         let owner = home_of(&callee, self.shards);

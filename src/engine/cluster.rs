@@ -49,6 +49,25 @@ pub struct Reply {
     pub id: Option<u64>,
 }
 
+impl Reply {
+    pub fn to(to: ConnRef, protocol: Protocol, id: Option<u64>) -> Reply {
+        Reply { to, protocol, id }
+    }
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Sends `msg` where `reply` says.
+    pub(super) fn send_reply(
+        &mut self,
+        reply: Reply,
+        msg: ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.send_to(reply.to, reply.protocol, &msg, now, tx);
+    }
+}
+
 /// A channel event on its way to, or back from, the cluster.
 #[derive(Debug)]
 pub struct Outgoing {

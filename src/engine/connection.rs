@@ -235,6 +235,23 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// Passes a request of connection `id` to its user's home shard, which
+    /// answers the connection.
+    pub(super) fn ask_home(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        cmd: UserCmd,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
+            return;
+        };
+        let from = Some((self.here(id), member.protocol));
+        self.send_user_op(member.user, from, ack, cmd, now, tx)
+    }
+
     pub(super) fn send_user_op(
         &mut self,
         user: Arc<str>,

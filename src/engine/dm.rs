@@ -8,8 +8,7 @@ impl<O: Outbound> Engine<O> {
     /// `dm:send`, on the sender's home: once per nonce, to the sender's
     /// other devices and to the recipient's home.
     pub(super) fn dm_send(&mut self, r: UserReq, d: DmSend, now: u64, tx: &mut impl MeshTx) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         let max_conversations = self.s.max_conversations;
         let st = self.user(&user);
         if let Some(first) = d.nonce.as_deref().and_then(|n| st.dm_by_nonce(n)) {
@@ -19,7 +18,7 @@ impl<O: Outbound> Engine<O> {
                 timestamp: first.timestamp,
                 duplicate: true,
             });
-            return reply(self, ack_of(ack, body), tx);
+            return self.answer(from, &ack_of(ack, body), now, tx);
         }
         let message_id = self.mint_id("dm");
         let to: Arc<str> = d.to_user_id.as_str().into();
@@ -43,7 +42,7 @@ impl<O: Outbound> Engine<O> {
             timestamp: now,
             duplicate: false,
         });
-        reply(self, ack_of(ack, body), tx);
+        self.answer(from, &ack_of(ack, body), now, tx);
         self.send_devices(
             &user,
             ServerEvent::DmSent(msg.clone()),
@@ -64,7 +63,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, .. } = r;
+        let (user, _, _) = r.parts();
         let max_conversations = self.s.max_conversations;
         let from_user: Arc<str> = msg.from_user_id.as_str().into();
         self.user(&user)
@@ -82,8 +81,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         let limit = limit.unwrap_or(50) as usize;
         // In a cluster, Redis has every node's.
         if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
@@ -93,7 +91,7 @@ impl<O: Outbound> Engine<O> {
         }
         let conversations = self.local_conversations(&user, limit);
         let body = AckBody::Conversations(ConversationsAck { conversations });
-        reply(self, ack_of(ack, body), tx);
+        self.answer(from, &ack_of(ack, body), now, tx);
     }
 }
 
@@ -150,10 +148,6 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
         if let Err((code, e)) = self.check_user_target(id, "toUserId", &d.to_user_id) {
             return self.error(id, ack, code, e);
         }
@@ -163,7 +157,7 @@ impl<O: Outbound> Engine<O> {
         if let Some(Err(e)) = d.nonce.as_deref().map(|n| check_id("nonce", n)) {
             return self.error(id, ack, ErrorCode::BadRequest, e);
         }
-        self.send_user_op(member.user, from, ack, UserCmd::DmSend(d), now, tx)
+        self.ask_home(id, ack, UserCmd::DmSend(d), now, tx)
     }
 
     /// `dm:get_conversations`, to the user's home.
@@ -175,18 +169,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
-            ack,
-            UserCmd::Conversations { limit: l.limit },
-            now,
-            tx,
-        )
+        self.ask_home(id, ack, UserCmd::Conversations { limit: l.limit }, now, tx)
     }
 
     /// A user's conversations read from Redis (none: Redis could not

@@ -184,3 +184,20 @@ impl<O: Outbound> Engine<O> {
         self.send_bridge(msg, now, tx);
     }
 }
+
+impl<O: Outbound> Engine<O> {
+    /// A query of a channel's state on every node (`like` says which part:
+    /// members, typing, voice): this shard's part, then the other nodes'.
+    pub(super) fn channel_query(
+        &mut self,
+        req: ChanReq,
+        like: ChannelPart,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
+        let part = self.local_part(&channel, like);
+        self.channel_answer(&channel, part, reply, now, tx);
+    }
+}

@@ -15,42 +15,16 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
+        let (channel, from, member, ack) = req.parts();
+        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| {
+            check_author(owned, id, verb, moderator, &member.user, ack)
         };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
-        // Only a message's author may change it (and a moderator delete it).
-        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
-            None => Err(Box::new(not_found(id))),
-            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
-                ack,
-                ErrorCode::Forbidden,
-                format!("only the author may {verb} a message"),
-            ))),
-            Some(m) => Ok(m.msg.offset),
-        };
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         if let Err(e) = authored(owned, &message_id, "edit", false) {
-            return reply_to(self, *e, tx);
+            return self.send_reply(reply, *e, now, tx);
         }
         let offset = owned.next_offset();
         let m = owned.find_mut(&message_id).expect("found above");
@@ -77,43 +51,17 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
+        let (channel, from, member, ack) = req.parts();
+        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| {
+            check_author(owned, id, verb, moderator, &member.user, ack)
         };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
-        // Only a message's author may change it (and a moderator delete it).
-        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| match owned.find(id) {
-            None => Err(Box::new(not_found(id))),
-            Some(m) if *m.msg.user_id != *member.user && !moderator => Err(Box::new(err(
-                ack,
-                ErrorCode::Forbidden,
-                format!("only the author may {verb} a message"),
-            ))),
-            Some(m) => Ok(m.msg.offset),
-        };
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         let stored = match authored(owned, &message_id, "delete", moderator) {
             Ok(stored) => stored,
-            Err(e) => return reply_to(self, *e, tx),
+            Err(e) => return self.send_reply(reply, *e, now, tx),
         };
         owned.remove(stored);
         let offset = owned.next_offset();
@@ -136,33 +84,14 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         let current = owned.offset;
         let Some(m) = owned.find_mut(&r.message_id) else {
-            return reply_to(self, not_found(&r.message_id), tx);
+            return self.send_reply(reply, not_in_history(ack, &r.message_id), now, tx);
         };
         let Ok(count) = apply_reaction(&mut m.reactions, &r.emoji, r.action, &member.user) else {
             let e = err(
@@ -170,7 +99,7 @@ impl<O: Outbound> Engine<O> {
                 ErrorCode::TooLarge,
                 format!("at most {MAX_REACTIONS_PER_MESSAGE} different reactions per message"),
             );
-            return reply_to(self, e, tx);
+            return self.send_reply(reply, e, now, tx);
         };
         let Some(count) = count else {
             // Already so: nothing changes, nothing is broadcast.
@@ -208,15 +137,8 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -228,7 +150,7 @@ impl<O: Outbound> Engine<O> {
             messages,
             has_more,
         });
-        reply_to(self, ack_of(ack, body), tx);
+        self.send_reply(reply, ack_of(ack, body), now, tx);
     }
 }
 
@@ -307,11 +229,7 @@ impl<O: Outbound> Engine<O> {
             self.notify_mentions(&channel, &message, now, tx);
         }
         let event = ev(ServerEvent::MessageNew(message));
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
+        let reply = Reply::to(from, member.protocol, ack);
         self.sequence(&channel, offset, event, Some(reply), now, tx);
     }
 }
@@ -496,4 +414,25 @@ fn apply_reaction(
         }
         (ReactAction::Remove, None) => None,
     })
+}
+
+/// The offset of message `id` if `user` may change it: only its author
+/// may (and a moderator delete it).
+fn check_author(
+    owned: &Owned,
+    id: &str,
+    verb: &str,
+    moderator: bool,
+    user: &Arc<str>,
+    ack: Option<u64>,
+) -> Result<u64, Box<ServerMessage>> {
+    match owned.find(id) {
+        None => Err(Box::new(not_in_history(ack, id))),
+        Some(m) if *m.msg.user_id != **user && !moderator => Err(Box::new(err(
+            ack,
+            ErrorCode::Forbidden,
+            format!("only the author may {verb} a message"),
+        ))),
+        Some(m) => Ok(m.msg.offset),
+    }
 }

@@ -428,6 +428,22 @@ pub(super) struct ChanReq {
     pub ack: Option<u64>,
 }
 
+impl ChanReq {
+    /// The channel, the connection to answer, its member, the request id.
+    pub fn parts(self) -> (Arc<str>, ConnRef, Member, Option<u64>) {
+        (self.channel, self.from, self.member, self.ack)
+    }
+}
+
+/// `not_found` for a message the channel's history does not hold.
+pub(super) fn not_in_history(ack: Option<u64>, id: &str) -> ServerMessage {
+    err(
+        ack,
+        ErrorCode::NotFound,
+        format!("message `{id}` is not in the channel's history"),
+    )
+}
+
 /// What a member asks of a channel's owner.
 #[derive(Debug)]
 pub enum ChanCmd {
@@ -476,6 +492,13 @@ pub(super) struct UserReq {
     pub user: Arc<str>,
     pub from: Option<(ConnRef, Protocol)>,
     pub ack: Option<u64>,
+}
+
+impl UserReq {
+    /// The user, the connection to answer, the request id.
+    pub fn parts(self) -> (Arc<str>, Option<(ConnRef, Protocol)>, Option<u64>) {
+        (self.user, self.from, self.ack)
+    }
 }
 
 /// What a user's home shard is asked or told.

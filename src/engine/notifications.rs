@@ -117,8 +117,7 @@ impl<O: Outbound> Engine<O> {
     /// `notification:get_pending`: the unread ones (in a cluster, with
     /// those made on other nodes).
     pub(super) fn notifications_pending(&mut self, r: UserReq, now: u64, tx: &mut impl MeshTx) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         // In a cluster, with those made elsewhere that did not reach
         // this node (the user was not connected here then).
         if let (Some((conn, protocol)), true) = (from, self.cluster_up()) {
@@ -127,7 +126,7 @@ impl<O: Outbound> Engine<O> {
             return self.send_bridge(msg, now, tx);
         }
         let msg = self.pending_notifications(&user, ack, now);
-        reply(self, msg, tx);
+        self.answer(from, &msg, now, tx);
     }
 
     /// `notification:mark_read`; in a cluster, answered once Redis has the
@@ -139,7 +138,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
+        let (user, from, ack) = r.parts();
         let change = NotificationChange::Read(ids);
         let keep = self.change_notifications(&user, &change, now);
         self.tell_notifications(&user, change, keep, from, ack, now, tx);
@@ -153,20 +152,19 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         let change = NotificationChange::Clear(id.clone());
         let gone = self.change_notifications(&user, &change, now);
         if gone.is_empty() {
             let e = err(ack, ErrorCode::NotFound, format!("no notification `{id}`"));
-            return reply(self, e, tx);
+            return self.answer(from, &e, now, tx);
         }
         self.tell_notifications(&user, change, gone, from, ack, now, tx);
     }
 
     /// `notification:clear_all`.
     pub(super) fn notifications_clear_all(&mut self, r: UserReq, now: u64, tx: &mut impl MeshTx) {
-        let UserReq { user, from, ack } = r;
+        let (user, from, ack) = r.parts();
         let change = NotificationChange::ClearAll;
         self.change_notifications(&user, &change, now);
         self.tell_notifications(&user, change, Vec::new(), from, ack, now, tx);
@@ -409,18 +407,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
-            ack,
-            UserCmd::NotificationsPending,
-            now,
-            tx,
-        )
+        self.ask_home(id, ack, UserCmd::NotificationsPending, now, tx)
     }
 
     /// `notification:mark_read`, to the user's home.
@@ -432,13 +419,8 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
+        self.ask_home(
+            id,
             ack,
             UserCmd::NotificationsRead(n.notification_ids),
             now,
@@ -455,13 +437,8 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
+        self.ask_home(
+            id,
             ack,
             UserCmd::NotificationClear(n.notification_id),
             now,
@@ -477,18 +454,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
-            ack,
-            UserCmd::NotificationClearAll,
-            now,
-            tx,
-        )
+        self.ask_home(id, ack, UserCmd::NotificationClearAll, now, tx)
     }
 }
 

@@ -232,11 +232,7 @@ impl<O: Outbound> Engine<O> {
             let msg = match op {
                 ChanCmd::VoiceParticipants if self.cluster_up() => {
                     // None here; other nodes may have some.
-                    let reply = Reply {
-                        to: from,
-                        protocol: member.protocol,
-                        id: ack,
-                    };
+                    let reply = Reply::to(from, member.protocol, ack);
                     let part = ChannelPart::Voice(Vec::new());
                     return self.channel_answer(&channel, part, reply, now, tx);
                 }

@@ -15,7 +15,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, .. } = r;
+        let (user, from, _) = r.parts();
         let Some((conn, protocol)) = from else { return };
         if let Some(ban) = self.bans.server(&user, now) {
             // Banned while this connection was authenticating.
@@ -87,7 +87,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, .. } = r;
+        let (user, from, _) = r.parts();
         let presence_grace_ms = self.s.presence_grace_ms;
         let Some((conn, _)) = from else { return };
         let before = self.user_shards(&user);
@@ -140,8 +140,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         let Some((conn, _)) = from else { return };
         let st = self.user(&user);
         if let Some(d) = st.device_mut(conn) {
@@ -163,15 +162,14 @@ impl<O: Outbound> Engine<O> {
         }
         st.last_seen = now;
         self.announce(&user, now, tx);
-        reply(self, empty_ack(ack), tx);
+        self.answer(from, &empty_ack(ack), now, tx);
     }
 
     /// `presence:heartbeat`: the user was seen now.
     pub(super) fn presence_heartbeat(&mut self, r: UserReq, now: u64, tx: &mut impl MeshTx) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         self.user(&user).last_seen = now;
-        reply(self, empty_ack(ack), tx);
+        self.answer(from, &empty_ack(ack), now, tx);
     }
 }
 
@@ -259,10 +257,6 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
         if let Err(e) = check_presence(&p) {
             return self.error(id, ack, ErrorCode::BadRequest, e);
         }
@@ -271,7 +265,7 @@ impl<O: Outbound> Engine<O> {
                 c.device = d;
             }
         }
-        self.send_user_op(member.user, from, ack, UserCmd::Update(p), now, tx)
+        self.ask_home(id, ack, UserCmd::Update(p), now, tx)
     }
 
     /// `presence:heartbeat`, to the user's home.
@@ -282,11 +276,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(member.user, from, ack, UserCmd::Heartbeat, now, tx)
+        self.ask_home(id, ack, UserCmd::Heartbeat, now, tx)
     }
 
     /// `presence:unsubscribe`: this connection stops following these users.

@@ -13,7 +13,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, .. } = r;
+        let (user, _, _) = r.parts();
         self.tell_other_nodes(&user, ServerEvent::MessageDelivery(d.clone()), now, tx);
         self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
     }
@@ -29,27 +29,13 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         let Some(m) = owned.find(&message_id) else {
-            return reply_to(self, not_found(&message_id), tx);
+            return self.send_reply(reply, not_in_history(ack, &message_id), now, tx);
         };
         let author: Arc<str> = m.msg.user_id.as_str().into();
         if author != member.user {
@@ -61,7 +47,7 @@ impl<O: Outbound> Engine<O> {
             };
             self.send_user_op(author, None, None, UserCmd::Delivery(d), now, tx);
         }
-        reply_to(self, empty_ack(ack), tx);
+        self.send_reply(reply, empty_ack(ack), now, tx);
     }
 
     /// `message:mark_read`, on the channel's owner: the member's read
@@ -73,28 +59,14 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
         else {
-            return reply_to(self, not_found(&message_id), tx);
+            return self.send_reply(reply, not_in_history(ack, &message_id), now, tx);
         };
         if owned.mark_read(&member.user, offset, now) {
             let event = ev(ServerEvent::MessageReadReceipt(ReadReceipt {
@@ -106,7 +78,7 @@ impl<O: Outbound> Engine<O> {
             }));
             self.fan_out(&channel, &event, None, now, tx);
         }
-        reply_to(self, empty_ack(ack), tx);
+        self.send_reply(reply, empty_ack(ack), now, tx);
     }
 
     /// `message:get_read_receipts`: who read a message, on every node.
@@ -117,33 +89,14 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
-        let not_found = |id: &str| {
-            err(
-                ack,
-                ErrorCode::NotFound,
-                format!("message `{id}` is not in the channel's history"),
-            )
-        };
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
         let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
         else {
-            return reply_to(self, not_found(&message_id), tx);
+            return self.send_reply(reply, not_in_history(ack, &message_id), now, tx);
         };
         // Readers connected to other nodes are read there.
         let part = ChannelPart::Readers {

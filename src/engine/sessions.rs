@@ -14,7 +14,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, .. } = r;
+        let (user, from, _) = r.parts();
         let Some((conn, _)) = from else { return };
         let here = self.users.get_mut(&user).and_then(|st| {
             let i = st

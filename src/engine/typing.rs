@@ -7,15 +7,8 @@ impl<O: Outbound> Engine<O> {
     /// `typing:start`, on the channel's owner: the others hear it once,
     /// and it stops by itself after `typing_timeout_ms`.
     pub(super) fn typing_start(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -45,20 +38,13 @@ impl<O: Outbound> Engine<O> {
         if new {
             self.typing_event(&channel, &member.user, true, now, tx);
         }
-        reply_to(self, empty_ack(ack), tx);
+        self.send_reply(reply, empty_ack(ack), now, tx);
     }
 
     /// `typing:stop`, on the channel's owner.
     pub(super) fn typing_stop(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -70,24 +56,12 @@ impl<O: Outbound> Engine<O> {
         if was.is_some() {
             self.typing_event(&channel, &member.user, false, now, tx);
         }
-        reply_to(self, empty_ack(ack), tx);
+        self.send_reply(reply, empty_ack(ack), now, tx);
     }
 
     /// `typing:get_active`: who types in the channel, on every node.
     pub(super) fn typing_active(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
-        let part = self.local_part(&channel, ChannelPart::Typing(Vec::new()));
-        self.channel_answer(&channel, part, reply, now, tx);
+        self.channel_query(req, ChannelPart::Typing(Vec::new()), now, tx);
     }
 }
 

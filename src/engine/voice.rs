@@ -14,7 +14,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
+        let (user, from, ack) = r.parts();
         let Some((conn, protocol)) = from else { return };
         let Some(session) = self
             .users
@@ -62,8 +62,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, from, ack } = r;
-        let reply = |e: &mut Self, msg: ServerMessage, tx: &mut _| e.answer(from, &msg, now, tx);
+        let (user, from, ack) = r.parts();
         let Some((conn, protocol)) = from else { return };
         let st = self.user(&user);
         let session = st
@@ -77,7 +76,7 @@ impl<O: Outbound> Engine<O> {
             .is_some_and(|(_, c)| *c == conn);
         let (Some(session), true) = (session, in_voice) else {
             let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
-            return reply(self, e, tx);
+            return self.answer(from, &e, now, tx);
         };
         let (channel, cmd) = match op {
             UserCmd::VoiceUpdate(u) => {
@@ -105,7 +104,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let UserReq { user, .. } = r;
+        let (user, _, _) = r.parts();
         if let Some(st) = self.users.get_mut(&user) {
             if let Some(m) = st.extra_mut() {
                 m.voice.take_if(|(c, _)| *c == channel);
@@ -174,15 +173,8 @@ impl<O: Outbound> Engine<O> {
     /// `voice:join`, on the channel's owner (the user's home chose this
     /// channel): a participant, with a LiveKit token when configured.
     pub(super) fn voice_join_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -225,20 +217,13 @@ impl<O: Outbound> Engine<O> {
             token,
             server_url,
         });
-        reply_to(self, ack_of(ack, body), tx);
+        self.send_reply(reply, ack_of(ack, body), now, tx);
     }
 
     /// `voice:leave`, on the channel's owner.
     pub(super) fn voice_leave_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -259,7 +244,7 @@ impl<O: Outbound> Engine<O> {
             }
         }
         if ack.is_some() {
-            reply_to(self, empty_ack(ack), tx);
+            self.send_reply(reply, empty_ack(ack), now, tx);
         }
     }
 
@@ -272,15 +257,8 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply_to = |e: &mut Self, msg: ServerMessage, tx: &mut _| {
-            e.send_to(from, member.protocol, &msg, now, tx)
-        };
+        let (channel, from, member, ack) = req.parts();
+        let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -290,7 +268,7 @@ impl<O: Outbound> Engine<O> {
             .find(|p| p.user == member.user && p.conn == from)
         else {
             let e = err(ack, ErrorCode::NotFound, "not in a voice channel");
-            return reply_to(self, e, tx);
+            return self.send_reply(reply, e, now, tx);
         };
         if apply_voice(&mut p.state, &u) {
             let event = ev(ServerEvent::VoiceStateUpdate(VoiceEvent {
@@ -300,24 +278,12 @@ impl<O: Outbound> Engine<O> {
             }));
             self.fan_out(&channel, &event, None, now, tx);
         }
-        reply_to(self, empty_ack(ack), tx);
+        self.send_reply(reply, empty_ack(ack), now, tx);
     }
 
     /// `voice:get_participants`: every participant, on every node.
     pub(super) fn voice_participants(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
-        let ChanReq {
-            channel,
-            from,
-            member,
-            ack,
-        } = req;
-        let reply = Reply {
-            to: from,
-            protocol: member.protocol,
-            id: ack,
-        };
-        let part = self.local_part(&channel, ChannelPart::Voice(Vec::new()));
-        self.channel_answer(&channel, part, reply, now, tx);
+        self.channel_query(req, ChannelPart::Voice(Vec::new()), now, tx);
     }
 }
 
@@ -331,22 +297,11 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
         if let Err((code, e)) = self.check_voice(id, &c.channel_id) {
             return self.error(id, ack, code, e);
         }
         let channel = c.channel_id.into();
-        self.send_user_op(
-            member.user,
-            from,
-            ack,
-            UserCmd::VoiceJoin { channel },
-            now,
-            tx,
-        )
+        self.ask_home(id, ack, UserCmd::VoiceJoin { channel }, now, tx)
     }
 
     /// `voice:leave`, to the user's home.
@@ -357,11 +312,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(member.user, from, ack, UserCmd::VoiceLeave, now, tx)
+        self.ask_home(id, ack, UserCmd::VoiceLeave, now, tx)
     }
 
     /// `voice:update`, to the user's home.
@@ -373,11 +324,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
-        };
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(member.user, from, ack, UserCmd::VoiceUpdate(u), now, tx)
+        self.ask_home(id, ack, UserCmd::VoiceUpdate(u), now, tx)
     }
 
     /// `voice:get_participants`, to the channel's owner (text membership is not required).
