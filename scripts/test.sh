@@ -117,9 +117,13 @@ for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
     sleep 0.1
 done
+# A fixed seed: the same cases every run, so that a failure is reproducible
+# (`--seed` other values, by hand, explore further). Schemathesis 4.32 now
+# and then takes a path parameter with a control character for a valid one
+# (a false "schema-valid request rejected" on channelId).
 (cd "$stdir" && timeout 600 "$cache/st/bin/schemathesis" run "$root/docs/openapi.yaml" \
     -u "http://127.0.0.1:$api_port" -H "Authorization: Bearer $key" \
-    --checks all --max-examples 100 --no-color) || { tail -20 "$stdir/server.log"; die "schemathesis found the API and docs/openapi.yaml disagreeing"; }
+    --checks all --max-examples 100 --seed 1 --no-color) || { tail -20 "$stdir/server.log"; die "schemathesis found the API and docs/openapi.yaml disagreeing"; }
 kill -0 $server 2>/dev/null || { cat "$stdir/server.log"; die "corecast died during the schemathesis run"; }
 kill $server; wait $server 2>/dev/null || true
 trap - EXIT
