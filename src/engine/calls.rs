@@ -163,25 +163,13 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let call_id = call_id_str(id);
-        let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
-            call_id: call_id.clone(),
-            user_id: who.to_string(),
-            reason: reason.map(Into::into),
-            sdp,
-        };
-        let not_ringing = || {
-            err(
-                ack,
-                ErrorCode::BadRequest,
-                "the call is not ringing for you",
-            )
-        };
+        let call_event =
+            |who: &Arc<str>, reason: Option<&str>, sdp| call_event(id, who, reason, sdp);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
         let (Some(from), None, true) = (from, call.answered, is_callee) else {
-            return self.answer(from, &not_ringing(), now, tx);
+            return self.answer(from, &not_ringing(ack), now, tx);
         };
         call.answered = Some(from);
         let (caller_conn, caller_protocol, callee) =
@@ -204,25 +192,13 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let call_id = call_id_str(id);
-        let call_event = |who: &Arc<str>, reason: Option<&str>, sdp: Option<String>| CallEvent {
-            call_id: call_id.clone(),
-            user_id: who.to_string(),
-            reason: reason.map(Into::into),
-            sdp,
-        };
-        let not_ringing = || {
-            err(
-                ack,
-                ErrorCode::BadRequest,
-                "the call is not ringing for you",
-            )
-        };
+        let call_event =
+            |who: &Arc<str>, reason: Option<&str>, sdp| call_event(id, who, reason, sdp);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
         if call.answered.is_some() || !is_callee {
-            return self.answer(from, &not_ringing(), now, tx);
+            return self.answer(from, &not_ringing(ack), now, tx);
         }
         let (caller_conn, caller_protocol, callee, caller) = (
             call.caller_conn,
@@ -738,4 +714,22 @@ impl<O: Outbound> Engine<O> {
             self.answer(op.from, &err(op.ack, ErrorCode::NotFound, e), now, tx);
         }
     }
+}
+
+/// A call's event about `who`.
+fn call_event(id: u64, who: &Arc<str>, reason: Option<&str>, sdp: Option<String>) -> CallEvent {
+    CallEvent {
+        call_id: call_id_str(id),
+        user_id: who.to_string(),
+        reason: reason.map(Into::into),
+        sdp,
+    }
+}
+
+fn not_ringing(ack: Option<u64>) -> ServerMessage {
+    err(
+        ack,
+        ErrorCode::BadRequest,
+        "the call is not ringing for you",
+    )
 }
