@@ -23,33 +23,7 @@ impl<O: Outbound> Engine<O> {
             ApiOp::Members { channel } => self.api_members(from, ack, channel, now, tx),
         }
     }
-}
 
-/// The ids and mentions of a message, checked as for a client.
-pub(super) fn check_send_ids(m: &MessageSend) -> Result<(), (ErrorCode, String)> {
-    let ids = [
-        ("replyTo", m.reply_to.as_deref()),
-        ("threadId", m.thread_id.as_deref()),
-        ("nonce", m.nonce.as_deref()),
-    ];
-    for (field, v) in ids {
-        if let Some(Err(e)) = v.map(|v| check_id(field, v)) {
-            return Err((ErrorCode::BadRequest, e));
-        }
-    }
-    if m.mentions.len() > MAX_MENTIONS {
-        return Err((
-            ErrorCode::TooLarge,
-            format!("at most {MAX_MENTIONS} `mentions`"),
-        ));
-    }
-    m.mentions
-        .iter()
-        .try_for_each(|u| check_id("mentions", u))
-        .map_err(|e| (ErrorCode::BadRequest, e))
-}
-
-impl<O: Outbound> Engine<O> {
     /// `POST /api/publish`: a message from `user`, checked as a client's,
     /// sequenced and kept like any other.
     pub(super) fn api_publish(
@@ -233,4 +207,28 @@ impl<O: Outbound> Engine<O> {
         };
         self.on_channel_op(op, now, tx);
     }
+}
+
+/// The ids and mentions of a message, checked as for a client.
+pub(super) fn check_send_ids(m: &MessageSend) -> Result<(), (ErrorCode, String)> {
+    let ids = [
+        ("replyTo", m.reply_to.as_deref()),
+        ("threadId", m.thread_id.as_deref()),
+        ("nonce", m.nonce.as_deref()),
+    ];
+    for (field, v) in ids {
+        if let Some(Err(e)) = v.map(|v| check_id(field, v)) {
+            return Err((ErrorCode::BadRequest, e));
+        }
+    }
+    if m.mentions.len() > MAX_MENTIONS {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("at most {MAX_MENTIONS} `mentions`"),
+        ));
+    }
+    m.mentions
+        .iter()
+        .try_for_each(|u| check_id("mentions", u))
+        .map_err(|e| (ErrorCode::BadRequest, e))
 }

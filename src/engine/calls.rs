@@ -478,9 +478,7 @@ impl<O: Outbound> Engine<O> {
             tx,
         );
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `call:initiate`, on the caller's home: the call is numbered and
     /// created on the callee's home.
     pub(super) fn call_initiate(
@@ -518,9 +516,7 @@ impl<O: Outbound> Engine<O> {
             st.more().calls.retain(|(id, _)| *id != call);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// A device of `user` is gone: the calls it placed hear that their
     /// party is gone, and those it answered end, here or on other nodes.
     pub(super) fn calls_of_gone_device(
@@ -591,9 +587,7 @@ impl<O: Outbound> Engine<O> {
             self.send_bridge(ToBridge::CallTo { node, op }, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `call:initiate`: checked here, then to the caller's home.
     pub(super) fn on_call_initiate(
         &mut self,
@@ -689,9 +683,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.call_op(id, ack, &c.call_id, CallCmd::Ice(c.candidate), now, tx)
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Whether a callee is connected to another node: the call rings or is
     /// missed.
     pub(super) fn on_call_reach(

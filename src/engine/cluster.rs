@@ -66,496 +66,7 @@ impl<O: Outbound> Engine<O> {
     ) {
         self.send_to(reply.to, reply.protocol, &msg, now, tx);
     }
-}
 
-/// A channel event on its way to, or back from, the cluster.
-#[derive(Debug)]
-pub struct Outgoing {
-    pub channel: Arc<str>,
-    pub msg: ServerMessage,
-    /// Members of this user do not get it (typing).
-    pub except: Option<Arc<str>>,
-    pub reply: Option<Reply>,
-    /// Redis had it already (a message sent again with its nonce): it was
-    /// not published twice.
-    pub duplicate: bool,
-    /// A message this node sequenced alone while Redis was out of reach,
-    /// handed to the cluster once it is back: its id then.
-    pub handed_over: Option<Arc<str>>,
-    /// A relayed event several nodes may relay too (a moderation event):
-    /// its id, by which every node delivers it once.
-    pub once: Option<u64>,
-}
-
-/// From a shard to its node's bridge: what to ask of Redis and the other
-/// nodes.
-#[derive(Debug)]
-pub enum ToBridge {
-    /// Follow a channel (subscribe, then load its state).
-    Attach {
-        channel: Arc<str>,
-    },
-    /// This node no longer has the channel's members.
-    Detach {
-        channel: Arc<str>,
-    },
-    /// This node's connections in a channel (kept in Redis for the other
-    /// nodes' join acks).
-    Members {
-        channel: Arc<str>,
-        count: u32,
-    },
-    /// A dropped session, kept in Redis for `ttl_ms` so that any node may
-    /// resume it.
-    KeepSession {
-        user: Arc<str>,
-        session: SessionId,
-        points: ResumePoints,
-        ttl_ms: u64,
-    },
-    /// Takes a dropped session out of Redis; `asker` (the resuming
-    /// connection and its gather) gets what was there.
-    TakeSession {
-        user: Arc<str>,
-        session: SessionId,
-        asker: Option<(ConnRef, u64)>,
-    },
-    /// A user joined a voice channel here: any other node where the user
-    /// is in one takes it out (one voice channel per user).
-    VoiceJoined {
-        user: Arc<str>,
-        channel: Arc<str>,
-        at: u64,
-    },
-    /// Order, keep and publish a sequenced event.
-    Sequence(Box<Outgoing>),
-    /// An unsequenced event for the other nodes.
-    Relay(Box<Outgoing>),
-    /// A kick, ban or unban allowed here, for every node (bans and unbans
-    /// are kept in Redis).
-    Moderate(Box<Moderation>),
-    /// This node has (or no longer has) connections of a user, or watchers
-    /// of its presence: follow (or stop following) what reaches the user.
-    FollowUser {
-        user: Arc<str>,
-    },
-    UnfollowUser {
-        user: Arc<str>,
-    },
-    /// An event for the user's connections on the other nodes (`dm:new`,
-    /// `dm:sent`, `message:delivery`, call events), but `except` (a
-    /// connection of another node the bridge stands in for).
-    ToUser {
-        user: Arc<str>,
-        msg: ServerMessage,
-        except: Option<ConnRef>,
-    },
-    /// A call operation of a connection here, for the node that holds the
-    /// call (it comes in there as a `CallOp` from a connection the bridge
-    /// stands in for).
-    CallTo {
-        node: u64,
-        op: Box<CallOp>,
-    },
-    /// Is the callee of this new call connected to another node? Answered
-    /// with `FromBridge::CallReach`.
-    CallReach(Box<CallOp>),
-    /// This node's part of a user's presence changed (to keep in Redis and
-    /// publish to the nodes that follow the user).
-    Presence(Box<NodePresence>),
-    /// Read the other nodes' presence of these users (answered with
-    /// `FromBridge::PresenceLoaded`).
-    LoadPresence(Box<PresenceQuery>),
-    /// A change of a user's notifications made here, to keep in Redis
-    /// (`keep`: the notifications to write again) and publish to the nodes
-    /// that follow the user; its asker is answered once Redis has it.
-    Notifications {
-        user: Arc<str>,
-        change: NotificationChange,
-        keep: Vec<Notification>,
-        asker: Option<Asker>,
-    },
-    /// Read the user's notifications from Redis (a node's first device of
-    /// the user connected, or `asker` wants them all).
-    LoadNotifications {
-        user: Arc<str>,
-        asker: Option<Asker>,
-    },
-    /// A query of a channel's state (members, typing, voice participants,
-    /// readers) to answer with every node's part; `parts` holds this
-    /// node's.
-    ChannelQuery {
-        channel: Arc<str>,
-        parts: Vec<ChannelPart>,
-        then: QueryThen,
-    },
-    /// This node's part of another node's query.
-    ChannelPart {
-        channel: Arc<str>,
-        part: ChannelPart,
-        origin: u64,
-        token: u64,
-    },
-    /// A direct message in `user`'s conversation with `peer`, to keep in
-    /// Redis (`incoming`: to the user, one more unread).
-    Conversation {
-        user: Arc<str>,
-        peer: Arc<str>,
-        msg: Box<DmMessage>,
-        incoming: bool,
-    },
-    /// Read a user's conversations from Redis for `asker`.
-    LoadConversations {
-        user: Arc<str>,
-        limit: usize,
-        asker: Asker,
-    },
-}
-
-/// From the bridge to a shard.
-#[derive(Debug)]
-pub enum FromBridge {
-    /// A channel's state in the cluster (its recent sequenced events,
-    /// oldest first, and the other nodes' connections in it).
-    Attached {
-        channel: Arc<str>,
-        epoch: Arc<str>,
-        offset: u64,
-        entries: Vec<ServerMessage>,
-        members: Vec<(u64, u32)>,
-    },
-    /// What Redis kept of a dropped session, for the connection resuming
-    /// it (`None`: nothing).
-    SessionTaken {
-        conn: ConnRef,
-        gather: u64,
-        points: Option<ResumePoints>,
-    },
-    /// The user joined a voice channel on another node: out of any here.
-    /// The user joined a voice channel on node `node` at `at`: out of
-    /// any here joined before (the later join wins on every node).
-    VoiceElsewhere {
-        user: Arc<str>,
-        channel: Arc<str>,
-        at: u64,
-        node: u64,
-    },
-    /// Another node's connections in a channel.
-    Members {
-        channel: Arc<str>,
-        node: u64,
-        count: u32,
-    },
-    /// Redis ordered an event of this shard (`msg` carries its offset);
-    /// answer its sender.
-    Sequenced(Box<Outgoing>),
-    /// The cluster is out of reach and the event was never sent: it is
-    /// sequenced here.
-    Unsequenced(Box<Outgoing>),
-    /// Redis did not take an event (it refused it, or did not answer: then
-    /// it may still be published); its sender is told.
-    Refused(Box<Outgoing>, String),
-    /// Redis refused to load a channel's state (it is full).
-    AttachFailed {
-        channel: Arc<str>,
-        why: String,
-    },
-    /// An event of a channel, from any node.
-    Event(Box<Incoming>),
-    /// Redis did not take a moderation action.
-    ModerationFailed(Box<Moderation>, String),
-    /// The bans in force in the cluster (they replace the shard's table).
-    Bans(Vec<Moderation>),
-    /// An event for a user's connections from node `origin` (`except` a
-    /// connection here).
-    ToUser {
-        user: Arc<str>,
-        msg: ServerMessage,
-        except: Option<ConnRef>,
-        origin: u64,
-    },
-    /// No node holds the call any more.
-    CallGone(Box<CallOp>),
-    /// A user's presence from this node may not have reached Redis: it is
-    /// published again, or retracted, when Redis is back.
-    Unpublished {
-        user: Arc<str>,
-        last_seen: u64,
-    },
-    /// Whether a new call's callee is online on another node.
-    CallReach(Box<CallOp>, bool),
-    /// Other nodes' parts of a user's presence (published, or read when the
-    /// node began to follow the user).
-    Presences {
-        user: Arc<str>,
-        views: Vec<NodePresence>,
-    },
-    /// The other nodes' presence of a query's users (one list per user, in
-    /// order; empty lists when Redis cannot be read).
-    PresenceLoaded(Box<PresenceQuery>, Vec<Vec<NodePresence>>),
-    /// These nodes stopped (or stopped refreshing their liveness in Redis);
-    /// what they showed is dropped.
-    NodesGone(Vec<u64>),
-    /// The other nodes took this one for gone: publish every user's
-    /// presence again.
-    Republish,
-    /// A change of a user's notifications made on another node.
-    Notifications {
-        user: Arc<str>,
-        change: NotificationChange,
-    },
-    /// Redis has (or, with an error, did not take) a change of
-    /// notifications; its asker is answered.
-    NotificationsKept {
-        asker: Asker,
-        error: Option<String>,
-    },
-    /// A user's notifications read from Redis (none when it cannot be
-    /// read), to add to those here.
-    NotificationsLoaded {
-        user: Arc<str>,
-        notifications: Vec<Notification>,
-        asker: Option<Asker>,
-    },
-    /// Every node's part of a query (those that answered within a second),
-    /// to merge and answer.
-    ChannelAnswer {
-        channel: Arc<str>,
-        parts: Vec<ChannelPart>,
-        then: QueryThen,
-    },
-    /// Another node's query wants this node's part (of the kind of `like`).
-    PartWanted {
-        channel: Arc<str>,
-        like: ChannelPart,
-        origin: u64,
-        token: u64,
-    },
-    /// A user's conversations, most recent first (`None` when Redis could
-    /// not be read: the home answers with its own).
-    ConversationsLoaded {
-        user: Arc<str>,
-        limit: usize,
-        conversations: Option<Vec<Conversation>>,
-        asker: Asker,
-    },
-    /// Redis is reachable again, or no longer.
-    Up,
-    Down,
-}
-
-/// What to do with the answer to a query of a channel's state.
-#[derive(Debug)]
-pub enum QueryThen {
-    /// Answer a connection (or the server API).
-    Reply(Reply),
-    /// Notify the users a message mentions who are members on no node.
-    Mentions(Box<MessageNew>),
-}
-
-/// One node's part of a channel's state, for a query made on another node.
-#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub enum ChannelPart {
-    Members(Vec<MemberInfo>),
-    Typing(Vec<String>),
-    Voice(Vec<VoiceParticipant>),
-    /// Who has read up to message `<epoch>-<offset>`.
-    Readers {
-        epoch: String,
-        offset: u64,
-        readers: Vec<Reader>,
-    },
-}
-
-impl ChannelPart {
-    /// An empty part of the same kind.
-    pub fn empty(&self) -> ChannelPart {
-        match self {
-            ChannelPart::Members(_) => ChannelPart::Members(Vec::new()),
-            ChannelPart::Typing(_) => ChannelPart::Typing(Vec::new()),
-            ChannelPart::Voice(_) => ChannelPart::Voice(Vec::new()),
-            ChannelPart::Readers { epoch, offset, .. } => ChannelPart::Readers {
-                epoch: epoch.clone(),
-                offset: *offset,
-                readers: Vec::new(),
-            },
-        }
-    }
-
-    /// Every node's parts as one (the first one's kind): a user's
-    /// connections add up, users and participants appear once, sorted.
-    pub fn merge(parts: Vec<ChannelPart>) -> Option<ChannelPart> {
-        let mut parts = parts.into_iter();
-        let mut all = parts.next()?;
-        for p in parts {
-            match (&mut all, p) {
-                (ChannelPart::Members(all), ChannelPart::Members(more)) => {
-                    for m in more {
-                        match all.iter_mut().find(|a| a.user_id == m.user_id) {
-                            Some(a) => a.connections += m.connections,
-                            None => all.push(m),
-                        }
-                    }
-                }
-                (ChannelPart::Typing(all), ChannelPart::Typing(more)) => all.extend(more),
-                (ChannelPart::Voice(all), ChannelPart::Voice(more)) => {
-                    for v in more {
-                        if !all.iter().any(|a| a.user_id == v.user_id) {
-                            all.push(v);
-                        }
-                    }
-                }
-                // A reader on two nodes: when it first read there.
-                (
-                    ChannelPart::Readers { readers: all, .. },
-                    ChannelPart::Readers { readers: more, .. },
-                ) => {
-                    for r in more {
-                        match all.iter_mut().find(|a| a.user_id == r.user_id) {
-                            Some(a) => a.timestamp = a.timestamp.min(r.timestamp),
-                            None => all.push(r),
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        match &mut all {
-            ChannelPart::Members(m) => m.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
-            ChannelPart::Typing(t) => {
-                t.sort();
-                t.dedup();
-            }
-            ChannelPart::Voice(v) => v.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
-            ChannelPart::Readers { readers, .. } => readers.sort_by(|a, b| {
-                a.timestamp
-                    .cmp(&b.timestamp)
-                    .then(a.user_id.cmp(&b.user_id))
-            }),
-        }
-        Some(all)
-    }
-
-    pub fn into_body(self, channel: &str) -> AckBody {
-        let channel_id = channel.to_string();
-        match self {
-            ChannelPart::Members(members) => AckBody::Members(MembersAck {
-                channel_id,
-                members,
-            }),
-            ChannelPart::Typing(user_ids) => AckBody::Typing(TypingAck {
-                channel_id,
-                user_ids,
-            }),
-            ChannelPart::Voice(participants) => AckBody::Voice(VoiceAck {
-                channel_id,
-                participants,
-                token: None,
-                server_url: None,
-            }),
-            ChannelPart::Readers {
-                epoch,
-                offset,
-                readers,
-            } => AckBody::ReadReceipts(ReadReceiptsAck {
-                channel_id,
-                message_id: format!("{epoch}-{offset}"),
-                readers,
-            }),
-        }
-    }
-}
-
-/// A connection waiting for an answer: where, in which protocol, its id.
-pub type Asker = (ConnRef, Protocol, Option<u64>);
-
-/// A change of a user's notifications, for the other nodes.
-#[derive(
-    Debug,
-    Clone,
-    PartialEq,
-    serde::Serialize,
-    serde::Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
-pub enum NotificationChange {
-    New(Notification),
-    Read(Vec<String>),
-    Clear(String),
-    ClearAll,
-}
-
-/// A channel event as the cluster delivered it.
-#[derive(Debug)]
-pub struct Incoming {
-    pub channel: Arc<str>,
-    /// 0 for unsequenced events.
-    pub offset: u64,
-    pub epoch: Arc<str>,
-    /// The node that made it.
-    pub origin: u64,
-    pub except: Option<Arc<str>>,
-    /// An event several nodes may relay: its id (delivered once).
-    pub once: Option<u64>,
-    pub msg: ServerMessage,
-}
-
-/// Puts the offset Redis gave into a sequenced event (and, for a new
-/// message, the id made of it).
-pub fn set_offset(msg: &mut ServerMessage, epoch: &str, offset: u64) {
-    match &mut msg.event {
-        ServerEvent::MessageNew(m) => {
-            m.offset = offset;
-            m.message_id = format!("{epoch}-{offset}");
-        }
-        ServerEvent::MessageEdited(m) => m.offset = offset,
-        ServerEvent::MessageDeleted(m) => m.offset = offset,
-        ServerEvent::MessageReaction(m) => m.offset = offset,
-        _ => {}
-    }
-}
-
-/// The offset of a sequenced event.
-pub fn sequenced_offset(msg: &ServerMessage) -> Option<u64> {
-    match &msg.event {
-        ServerEvent::MessageNew(m) => Some(m.offset),
-        ServerEvent::MessageEdited(m) => Some(m.offset),
-        ServerEvent::MessageDeleted(m) => Some(m.offset),
-        ServerEvent::MessageReaction(m) => Some(m.offset),
-        _ => None,
-    }
-}
-
-/// The answer to the sender of a sequenced event.
-pub fn ack_for(msg: &ServerMessage, id: Option<u64>, duplicate: bool) -> Option<ServerMessage> {
-    let body = match &msg.event {
-        ServerEvent::MessageNew(m) => AckBody::Send(SendAck {
-            message_id: m.message_id.clone(),
-            channel_id: m.channel_id.clone(),
-            offset: m.offset,
-            timestamp: m.timestamp,
-            nonce: m.nonce.clone(),
-            duplicate,
-        }),
-        ServerEvent::MessageEdited(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
-        ServerEvent::MessageDeleted(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
-        ServerEvent::MessageReaction(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
-        _ => return None,
-    };
-    Some(ack_of(id, body))
-}
-
-fn event_ack_body(channel: &str, message_id: &str, offset: u64) -> AckBody {
-    AckBody::Event(EventAck {
-        channel_id: channel.to_string(),
-        message_id: message_id.to_string(),
-        offset,
-    })
-}
-
-impl<O: Outbound> Engine<O> {
     /// Puts this shard in cluster mode: `bridge` is the bridge's endpoint.
     /// The bridge says `Up` once it reaches Redis.
     pub fn set_cluster(&mut self, bridge: ShardId, node: u64) {
@@ -1045,9 +556,7 @@ impl<O: Outbound> Engine<O> {
             self.notify_mentions(&channel, &m, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Redis ordered an event: its sender gets the ack (a handed-over
     /// message is taken off the list).
     pub(super) fn on_sequenced(&mut self, out: Box<Outgoing>, now: u64, tx: &mut impl MeshTx) {
@@ -1200,4 +709,491 @@ impl<O: Outbound> Engine<O> {
             self.retract_presence(user, last_seen, now, tx);
         }
     }
+}
+
+/// A channel event on its way to, or back from, the cluster.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub channel: Arc<str>,
+    pub msg: ServerMessage,
+    /// Members of this user do not get it (typing).
+    pub except: Option<Arc<str>>,
+    pub reply: Option<Reply>,
+    /// Redis had it already (a message sent again with its nonce): it was
+    /// not published twice.
+    pub duplicate: bool,
+    /// A message this node sequenced alone while Redis was out of reach,
+    /// handed to the cluster once it is back: its id then.
+    pub handed_over: Option<Arc<str>>,
+    /// A relayed event several nodes may relay too (a moderation event):
+    /// its id, by which every node delivers it once.
+    pub once: Option<u64>,
+}
+
+/// From a shard to its node's bridge: what to ask of Redis and the other
+/// nodes.
+#[derive(Debug)]
+pub enum ToBridge {
+    /// Follow a channel (subscribe, then load its state).
+    Attach {
+        channel: Arc<str>,
+    },
+    /// This node no longer has the channel's members.
+    Detach {
+        channel: Arc<str>,
+    },
+    /// This node's connections in a channel (kept in Redis for the other
+    /// nodes' join acks).
+    Members {
+        channel: Arc<str>,
+        count: u32,
+    },
+    /// A dropped session, kept in Redis for `ttl_ms` so that any node may
+    /// resume it.
+    KeepSession {
+        user: Arc<str>,
+        session: SessionId,
+        points: ResumePoints,
+        ttl_ms: u64,
+    },
+    /// Takes a dropped session out of Redis; `asker` (the resuming
+    /// connection and its gather) gets what was there.
+    TakeSession {
+        user: Arc<str>,
+        session: SessionId,
+        asker: Option<(ConnRef, u64)>,
+    },
+    /// A user joined a voice channel here: any other node where the user
+    /// is in one takes it out (one voice channel per user).
+    VoiceJoined {
+        user: Arc<str>,
+        channel: Arc<str>,
+        at: u64,
+    },
+    /// Order, keep and publish a sequenced event.
+    Sequence(Box<Outgoing>),
+    /// An unsequenced event for the other nodes.
+    Relay(Box<Outgoing>),
+    /// A kick, ban or unban allowed here, for every node (bans and unbans
+    /// are kept in Redis).
+    Moderate(Box<Moderation>),
+    /// This node has (or no longer has) connections of a user, or watchers
+    /// of its presence: follow (or stop following) what reaches the user.
+    FollowUser {
+        user: Arc<str>,
+    },
+    UnfollowUser {
+        user: Arc<str>,
+    },
+    /// An event for the user's connections on the other nodes (`dm:new`,
+    /// `dm:sent`, `message:delivery`, call events), but `except` (a
+    /// connection of another node the bridge stands in for).
+    ToUser {
+        user: Arc<str>,
+        msg: ServerMessage,
+        except: Option<ConnRef>,
+    },
+    /// A call operation of a connection here, for the node that holds the
+    /// call (it comes in there as a `CallOp` from a connection the bridge
+    /// stands in for).
+    CallTo {
+        node: u64,
+        op: Box<CallOp>,
+    },
+    /// Is the callee of this new call connected to another node? Answered
+    /// with `FromBridge::CallReach`.
+    CallReach(Box<CallOp>),
+    /// This node's part of a user's presence changed (to keep in Redis and
+    /// publish to the nodes that follow the user).
+    Presence(Box<NodePresence>),
+    /// Read the other nodes' presence of these users (answered with
+    /// `FromBridge::PresenceLoaded`).
+    LoadPresence(Box<PresenceQuery>),
+    /// A change of a user's notifications made here, to keep in Redis
+    /// (`keep`: the notifications to write again) and publish to the nodes
+    /// that follow the user; its asker is answered once Redis has it.
+    Notifications {
+        user: Arc<str>,
+        change: NotificationChange,
+        keep: Vec<Notification>,
+        asker: Option<Asker>,
+    },
+    /// Read the user's notifications from Redis (a node's first device of
+    /// the user connected, or `asker` wants them all).
+    LoadNotifications {
+        user: Arc<str>,
+        asker: Option<Asker>,
+    },
+    /// A query of a channel's state (members, typing, voice participants,
+    /// readers) to answer with every node's part; `parts` holds this
+    /// node's.
+    ChannelQuery {
+        channel: Arc<str>,
+        parts: Vec<ChannelPart>,
+        then: QueryThen,
+    },
+    /// This node's part of another node's query.
+    ChannelPart {
+        channel: Arc<str>,
+        part: ChannelPart,
+        origin: u64,
+        token: u64,
+    },
+    /// A direct message in `user`'s conversation with `peer`, to keep in
+    /// Redis (`incoming`: to the user, one more unread).
+    Conversation {
+        user: Arc<str>,
+        peer: Arc<str>,
+        msg: Box<DmMessage>,
+        incoming: bool,
+    },
+    /// Read a user's conversations from Redis for `asker`.
+    LoadConversations {
+        user: Arc<str>,
+        limit: usize,
+        asker: Asker,
+    },
+}
+
+/// From the bridge to a shard.
+#[derive(Debug)]
+pub enum FromBridge {
+    /// A channel's state in the cluster (its recent sequenced events,
+    /// oldest first, and the other nodes' connections in it).
+    Attached {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        entries: Vec<ServerMessage>,
+        members: Vec<(u64, u32)>,
+    },
+    /// What Redis kept of a dropped session, for the connection resuming
+    /// it (`None`: nothing).
+    SessionTaken {
+        conn: ConnRef,
+        gather: u64,
+        points: Option<ResumePoints>,
+    },
+    /// The user joined a voice channel on another node: out of any here.
+    /// The user joined a voice channel on node `node` at `at`: out of
+    /// any here joined before (the later join wins on every node).
+    VoiceElsewhere {
+        user: Arc<str>,
+        channel: Arc<str>,
+        at: u64,
+        node: u64,
+    },
+    /// Another node's connections in a channel.
+    Members {
+        channel: Arc<str>,
+        node: u64,
+        count: u32,
+    },
+    /// Redis ordered an event of this shard (`msg` carries its offset);
+    /// answer its sender.
+    Sequenced(Box<Outgoing>),
+    /// The cluster is out of reach and the event was never sent: it is
+    /// sequenced here.
+    Unsequenced(Box<Outgoing>),
+    /// Redis did not take an event (it refused it, or did not answer: then
+    /// it may still be published); its sender is told.
+    Refused(Box<Outgoing>, String),
+    /// Redis refused to load a channel's state (it is full).
+    AttachFailed {
+        channel: Arc<str>,
+        why: String,
+    },
+    /// An event of a channel, from any node.
+    Event(Box<Incoming>),
+    /// Redis did not take a moderation action.
+    ModerationFailed(Box<Moderation>, String),
+    /// The bans in force in the cluster (they replace the shard's table).
+    Bans(Vec<Moderation>),
+    /// An event for a user's connections from node `origin` (`except` a
+    /// connection here).
+    ToUser {
+        user: Arc<str>,
+        msg: ServerMessage,
+        except: Option<ConnRef>,
+        origin: u64,
+    },
+    /// No node holds the call any more.
+    CallGone(Box<CallOp>),
+    /// A user's presence from this node may not have reached Redis: it is
+    /// published again, or retracted, when Redis is back.
+    Unpublished {
+        user: Arc<str>,
+        last_seen: u64,
+    },
+    /// Whether a new call's callee is online on another node.
+    CallReach(Box<CallOp>, bool),
+    /// Other nodes' parts of a user's presence (published, or read when the
+    /// node began to follow the user).
+    Presences {
+        user: Arc<str>,
+        views: Vec<NodePresence>,
+    },
+    /// The other nodes' presence of a query's users (one list per user, in
+    /// order; empty lists when Redis cannot be read).
+    PresenceLoaded(Box<PresenceQuery>, Vec<Vec<NodePresence>>),
+    /// These nodes stopped (or stopped refreshing their liveness in Redis);
+    /// what they showed is dropped.
+    NodesGone(Vec<u64>),
+    /// The other nodes took this one for gone: publish every user's
+    /// presence again.
+    Republish,
+    /// A change of a user's notifications made on another node.
+    Notifications {
+        user: Arc<str>,
+        change: NotificationChange,
+    },
+    /// Redis has (or, with an error, did not take) a change of
+    /// notifications; its asker is answered.
+    NotificationsKept {
+        asker: Asker,
+        error: Option<String>,
+    },
+    /// A user's notifications read from Redis (none when it cannot be
+    /// read), to add to those here.
+    NotificationsLoaded {
+        user: Arc<str>,
+        notifications: Vec<Notification>,
+        asker: Option<Asker>,
+    },
+    /// Every node's part of a query (those that answered within a second),
+    /// to merge and answer.
+    ChannelAnswer {
+        channel: Arc<str>,
+        parts: Vec<ChannelPart>,
+        then: QueryThen,
+    },
+    /// Another node's query wants this node's part (of the kind of `like`).
+    PartWanted {
+        channel: Arc<str>,
+        like: ChannelPart,
+        origin: u64,
+        token: u64,
+    },
+    /// A user's conversations, most recent first (`None` when Redis could
+    /// not be read: the home answers with its own).
+    ConversationsLoaded {
+        user: Arc<str>,
+        limit: usize,
+        conversations: Option<Vec<Conversation>>,
+        asker: Asker,
+    },
+    /// Redis is reachable again, or no longer.
+    Up,
+    Down,
+}
+
+/// What to do with the answer to a query of a channel's state.
+#[derive(Debug)]
+pub enum QueryThen {
+    /// Answer a connection (or the server API).
+    Reply(Reply),
+    /// Notify the users a message mentions who are members on no node.
+    Mentions(Box<MessageNew>),
+}
+
+/// One node's part of a channel's state, for a query made on another node.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum ChannelPart {
+    Members(Vec<MemberInfo>),
+    Typing(Vec<String>),
+    Voice(Vec<VoiceParticipant>),
+    /// Who has read up to message `<epoch>-<offset>`.
+    Readers {
+        epoch: String,
+        offset: u64,
+        readers: Vec<Reader>,
+    },
+}
+
+impl ChannelPart {
+    /// An empty part of the same kind.
+    pub fn empty(&self) -> ChannelPart {
+        match self {
+            ChannelPart::Members(_) => ChannelPart::Members(Vec::new()),
+            ChannelPart::Typing(_) => ChannelPart::Typing(Vec::new()),
+            ChannelPart::Voice(_) => ChannelPart::Voice(Vec::new()),
+            ChannelPart::Readers { epoch, offset, .. } => ChannelPart::Readers {
+                epoch: epoch.clone(),
+                offset: *offset,
+                readers: Vec::new(),
+            },
+        }
+    }
+
+    /// Every node's parts as one (the first one's kind): a user's
+    /// connections add up, users and participants appear once, sorted.
+    pub fn merge(parts: Vec<ChannelPart>) -> Option<ChannelPart> {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next()?;
+        for p in parts {
+            match (&mut all, p) {
+                (ChannelPart::Members(all), ChannelPart::Members(more)) => {
+                    for m in more {
+                        match all.iter_mut().find(|a| a.user_id == m.user_id) {
+                            Some(a) => a.connections += m.connections,
+                            None => all.push(m),
+                        }
+                    }
+                }
+                (ChannelPart::Typing(all), ChannelPart::Typing(more)) => all.extend(more),
+                (ChannelPart::Voice(all), ChannelPart::Voice(more)) => {
+                    for v in more {
+                        if !all.iter().any(|a| a.user_id == v.user_id) {
+                            all.push(v);
+                        }
+                    }
+                }
+                // A reader on two nodes: when it first read there.
+                (
+                    ChannelPart::Readers { readers: all, .. },
+                    ChannelPart::Readers { readers: more, .. },
+                ) => {
+                    for r in more {
+                        match all.iter_mut().find(|a| a.user_id == r.user_id) {
+                            Some(a) => a.timestamp = a.timestamp.min(r.timestamp),
+                            None => all.push(r),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        match &mut all {
+            ChannelPart::Members(m) => m.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
+            ChannelPart::Typing(t) => {
+                t.sort();
+                t.dedup();
+            }
+            ChannelPart::Voice(v) => v.sort_by(|a, b| a.user_id.cmp(&b.user_id)),
+            ChannelPart::Readers { readers, .. } => readers.sort_by(|a, b| {
+                a.timestamp
+                    .cmp(&b.timestamp)
+                    .then(a.user_id.cmp(&b.user_id))
+            }),
+        }
+        Some(all)
+    }
+
+    pub fn into_body(self, channel: &str) -> AckBody {
+        let channel_id = channel.to_string();
+        match self {
+            ChannelPart::Members(members) => AckBody::Members(MembersAck {
+                channel_id,
+                members,
+            }),
+            ChannelPart::Typing(user_ids) => AckBody::Typing(TypingAck {
+                channel_id,
+                user_ids,
+            }),
+            ChannelPart::Voice(participants) => AckBody::Voice(VoiceAck {
+                channel_id,
+                participants,
+                token: None,
+                server_url: None,
+            }),
+            ChannelPart::Readers {
+                epoch,
+                offset,
+                readers,
+            } => AckBody::ReadReceipts(ReadReceiptsAck {
+                channel_id,
+                message_id: format!("{epoch}-{offset}"),
+                readers,
+            }),
+        }
+    }
+}
+
+/// A connection waiting for an answer: where, in which protocol, its id.
+pub type Asker = (ConnRef, Protocol, Option<u64>);
+
+/// A change of a user's notifications, for the other nodes.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    serde::Serialize,
+    serde::Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+pub enum NotificationChange {
+    New(Notification),
+    Read(Vec<String>),
+    Clear(String),
+    ClearAll,
+}
+
+/// A channel event as the cluster delivered it.
+#[derive(Debug)]
+pub struct Incoming {
+    pub channel: Arc<str>,
+    /// 0 for unsequenced events.
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// The node that made it.
+    pub origin: u64,
+    pub except: Option<Arc<str>>,
+    /// An event several nodes may relay: its id (delivered once).
+    pub once: Option<u64>,
+    pub msg: ServerMessage,
+}
+
+/// Puts the offset Redis gave into a sequenced event (and, for a new
+/// message, the id made of it).
+pub fn set_offset(msg: &mut ServerMessage, epoch: &str, offset: u64) {
+    match &mut msg.event {
+        ServerEvent::MessageNew(m) => {
+            m.offset = offset;
+            m.message_id = format!("{epoch}-{offset}");
+        }
+        ServerEvent::MessageEdited(m) => m.offset = offset,
+        ServerEvent::MessageDeleted(m) => m.offset = offset,
+        ServerEvent::MessageReaction(m) => m.offset = offset,
+        _ => {}
+    }
+}
+
+/// The offset of a sequenced event.
+pub fn sequenced_offset(msg: &ServerMessage) -> Option<u64> {
+    match &msg.event {
+        ServerEvent::MessageNew(m) => Some(m.offset),
+        ServerEvent::MessageEdited(m) => Some(m.offset),
+        ServerEvent::MessageDeleted(m) => Some(m.offset),
+        ServerEvent::MessageReaction(m) => Some(m.offset),
+        _ => None,
+    }
+}
+
+/// The answer to the sender of a sequenced event.
+pub fn ack_for(msg: &ServerMessage, id: Option<u64>, duplicate: bool) -> Option<ServerMessage> {
+    let body = match &msg.event {
+        ServerEvent::MessageNew(m) => AckBody::Send(SendAck {
+            message_id: m.message_id.clone(),
+            channel_id: m.channel_id.clone(),
+            offset: m.offset,
+            timestamp: m.timestamp,
+            nonce: m.nonce.clone(),
+            duplicate,
+        }),
+        ServerEvent::MessageEdited(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        ServerEvent::MessageDeleted(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        ServerEvent::MessageReaction(m) => event_ack_body(&m.channel_id, &m.message_id, m.offset),
+        _ => return None,
+    };
+    Some(ack_of(id, body))
+}
+
+fn event_ack_body(channel: &str, message_id: &str, offset: u64) -> AckBody {
+    AckBody::Event(EventAck {
+        channel_id: channel.to_string(),
+        message_id: message_id.to_string(),
+        offset,
+    })
 }

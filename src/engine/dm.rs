@@ -93,9 +93,7 @@ impl<O: Outbound> Engine<O> {
         let body = AckBody::Conversations(ConversationsAck { conversations });
         self.answer(from, &ack_of(ack, body), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// The user's conversations kept here, most recent first.
     pub(super) fn local_conversations(&self, user: &Arc<str>, limit: usize) -> Vec<Conversation> {
         self.users
@@ -136,9 +134,7 @@ impl<O: Outbound> Engine<O> {
             self.send_bridge(msg, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `dm:send`: checked here, then to the sender's home.
     pub(super) fn on_dm_send(
         &mut self,

@@ -128,9 +128,7 @@ impl<O: Outbound> Engine<O> {
             self.reply(g.conn, &ack_of(g.ack, body));
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Every node's part of a channel query (members, typing, voice,
     /// readers, mentions).
     pub(super) fn on_channel_answer(
@@ -183,9 +181,7 @@ impl<O: Outbound> Engine<O> {
         };
         self.send_bridge(msg, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// A query of a channel's state on every node (`like` says which part:
     /// members, typing, voice): this shard's part, then the other nodes'.
     pub(super) fn channel_query(

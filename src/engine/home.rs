@@ -237,9 +237,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.maintain_user(user, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// An event for a user's devices from another node (a DM, a receipt,
     /// a call's event).
     pub(super) fn on_to_user(

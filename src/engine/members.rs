@@ -9,9 +9,7 @@ impl<O: Outbound> Engine<O> {
     pub(super) fn channel_members(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
         self.channel_query(req, ChannelPart::Members(Vec::new()), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn on_join(&mut self, j: Join, now: u64, tx: &mut impl MeshTx) {
         let Join {
             channel,
@@ -130,9 +128,7 @@ impl<O: Outbound> Engine<O> {
             self.channel_gc(&channel, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `channel:get_members` from a member, to the channel's owner.
     pub(super) fn on_channel_get_members(
         &mut self,
@@ -144,9 +140,7 @@ impl<O: Outbound> Engine<O> {
     ) {
         self.channel_op(id, ack, &c.channel_id, ChanCmd::Members, now, tx)
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Asks the owner to add this connection to a channel; false when
     /// refused here (the refusal is answered).
     pub(super) fn join(

@@ -152,9 +152,7 @@ impl<O: Outbound> Engine<O> {
         });
         self.send_reply(reply, ack_of(ack, body), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn on_publish(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
         let Publish {
             channel,
@@ -232,9 +230,7 @@ impl<O: Outbound> Engine<O> {
         let reply = Reply::to(from, member.protocol, ack);
         self.sequence(&channel, offset, event, Some(reply), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `message:edit` from a member: checked here, carried out by the owner.
     pub(super) fn on_message_edit(
         &mut self,
@@ -319,9 +315,7 @@ impl<O: Outbound> Engine<O> {
         let channel = h.channel_id.clone();
         self.channel_op(id, ack, &channel, ChanCmd::History(h), now, tx)
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn on_message_send(
         &mut self,
         id: ConnId,

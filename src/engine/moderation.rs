@@ -400,9 +400,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.close_conn(id, Some(m), false, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `moderation:kick_user` from a moderator.
     pub(super) fn on_moderation_kick_user(
         &mut self,

@@ -169,9 +169,7 @@ impl<O: Outbound> Engine<O> {
         self.change_notifications(&user, &change, now);
         self.tell_notifications(&user, change, Vec::new(), from, ack, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Queues a notification for a user (delivered at once to its devices)
     /// and returns it.
     /// A notification for `user` made by `from` (none: the server API),
@@ -331,9 +329,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.answer(from, &empty_ack(ack), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Tells users mentioned in a message who are not in its channel.
     pub(super) fn notify_mentions(
         &mut self,
@@ -396,9 +392,7 @@ impl<O: Outbound> Engine<O> {
             self.send_user_op(user, None, None, op, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `notification:get_pending`, to the user's home.
     pub(super) fn on_notification_get_pending(
         &mut self,
@@ -456,9 +450,7 @@ impl<O: Outbound> Engine<O> {
     ) {
         self.ask_home(id, ack, UserCmd::NotificationClearAll, now, tx)
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// A notification change made on another node.
     pub(super) fn on_remote_notifications(
         &mut self,
@@ -504,9 +496,7 @@ impl<O: Outbound> Engine<O> {
             self.send_to(conn, protocol, &msg, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Adds notifications read from Redis to those here (for devices here),
     /// and sends the unread ones that are new to the user's devices.
     pub(super) fn add_notifications(
@@ -554,9 +544,7 @@ impl<O: Outbound> Engine<O> {
             self.send_devices(user, ServerEvent::NotificationNew(n), None, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Redis has a notification change: its asker gets the answer.
     pub(super) fn on_notifications_kept(
         &mut self,

@@ -171,9 +171,7 @@ impl<O: Outbound> Engine<O> {
         self.user(&user).last_seen = now;
         self.answer(from, &empty_ack(ack), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Tells subscribers when the user's presence changed, and in a cluster
     /// the other nodes when this node's part of it did.
     pub(super) fn announce(&mut self, user: &Arc<str>, now: u64, tx: &mut impl MeshTx) {
@@ -245,9 +243,7 @@ impl<O: Outbound> Engine<O> {
         };
         self.route(q.from.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `presence:update`: checked here, then to the user's home.
     pub(super) fn on_presence_update(
         &mut self,
@@ -300,9 +296,7 @@ impl<O: Outbound> Engine<O> {
         self.unsubscribe_all(id, gone, now, tx);
         self.reply(id, &empty_ack(ack));
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn presence_query(
         &mut self,
         id: ConnId,
@@ -378,9 +372,7 @@ impl<O: Outbound> Engine<O> {
             self.route(shard, MeshMsg::Presence(Box::new(q)), now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Other nodes' parts of a user's presence.
     pub(super) fn on_remote_presences(
         &mut self,

@@ -17,9 +17,7 @@ impl<O: Outbound> Engine<O> {
         self.tell_other_nodes(&user, ServerEvent::MessageDelivery(d.clone()), now, tx);
         self.send_devices(&user, ServerEvent::MessageDelivery(d), None, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `message:delivered`, on the channel's owner: the author's home hears
     /// it.
     pub(super) fn message_delivered(
@@ -106,9 +104,7 @@ impl<O: Outbound> Engine<O> {
         };
         self.channel_answer(&channel, part, reply, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `message:delivered` from a member, to the channel's owner.
     pub(super) fn on_message_delivered(
         &mut self,

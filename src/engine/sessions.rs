@@ -44,9 +44,7 @@ impl<O: Outbound> Engine<O> {
         };
         self.route(conn.shard, MeshMsg::Gathered(Box::new(g)), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// A dropped connection that may be resumed: its channels are kept for
     /// `resume_window_ms` (in a cluster, in Redis too, for any node).
     pub(super) fn detach_session(
@@ -76,9 +74,7 @@ impl<O: Outbound> Engine<O> {
         });
         self.wake_user(user, now + window);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn on_session_resume(
         &mut self,
         id: ConnId,

@@ -63,9 +63,7 @@ impl<O: Outbound> Engine<O> {
     pub(super) fn typing_active(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
         self.channel_query(req, ChannelPart::Typing(Vec::new()), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     pub(super) fn typing_event(
         &mut self,
         channel: &Arc<str>,
@@ -103,9 +101,7 @@ impl<O: Outbound> Engine<O> {
             self.typing_event(channel, &user, false, now, tx);
         }
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `typing:start` from a member, to the channel's owner.
     pub(super) fn on_typing_start(
         &mut self,

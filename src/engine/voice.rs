@@ -112,9 +112,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.maintain_user(&user, now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// Takes the user out of the voice channel it is in here (it joins
     /// another, here or on another node); `fallback`: the session and
     /// protocol to leave with if the device in it is gone.
@@ -167,9 +165,7 @@ impl<O: Outbound> Engine<O> {
         };
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `voice:join`, on the channel's owner (the user's home chose this
     /// channel): a participant, with a LiveKit token when configured.
     pub(super) fn voice_join_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
@@ -285,9 +281,7 @@ impl<O: Outbound> Engine<O> {
     pub(super) fn voice_participants(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
         self.channel_query(req, ChannelPart::Voice(Vec::new()), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// `voice:join`: checked here, then to the user's home (one voice channel per user).
     pub(super) fn on_voice_join(
         &mut self,
@@ -354,9 +348,7 @@ impl<O: Outbound> Engine<O> {
         let owner = owner_of(&channel, self.shards);
         self.route(owner, MeshMsg::ChannelOp(Box::new(op)), now, tx);
     }
-}
 
-impl<O: Outbound> Engine<O> {
     /// The user joined a voice channel on another node: the later join
     /// wins, the same way on every node.
     pub(super) fn on_voice_elsewhere(
