@@ -1,5 +1,9 @@
 //! Calls, on the callee's home shard: ringing, answers, relayed signaling,
-//! and how a call ends.
+//! and how a call ends; the caller's side on the caller's home.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use std::sync::Arc;
 

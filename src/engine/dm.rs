@@ -1,5 +1,9 @@
 //! Direct messages, on the sender's and the recipient's home shards, and
 //! the conversation list.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::cluster::Asker;
 use super::*;

@@ -1,5 +1,7 @@
-//! A user's home shard: devices and presence, subscribers, direct
-//! messages, notifications, the voice channel, and resumable sessions.
+//! A user's home shard: the routing table of what the home is asked (each
+//! request's handler is in its feature's file), and the user's state kept
+//! whole (followed in a cluster while needed, dropped once empty, woken by
+//! its timers).
 
 use std::sync::Arc;
 

@@ -1,5 +1,9 @@
-//! A channel's members, on its owner: joins and leaves, and the list on
-//! every node.
+//! A channel's members: joins and leaves (checked on the member's shard,
+//! carried out on the channel's owner) and the list on every node.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::moderation::{banned_message, moderation_event, once_id};
 use super::*;

@@ -1,5 +1,10 @@
-//! Messages, on the channel's owner: sending (then sequenced by the owner,
-//! in `owner.rs`), edits, deletions, reactions and history.
+//! Messages: sending (sequenced by the owner, in `owner.rs`), edits,
+//! deletions, reactions and history, checked on the member's shard and
+//! carried out on the channel's owner.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::owner::FULL_ALONE;
 use super::*;

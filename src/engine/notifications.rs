@@ -1,3 +1,7 @@
+//! Notifications: made (mentions, missed calls, the server API), kept for
+//! users away, read and cleared, on the user's home; `on_notification_*`
+//! on the asking connection's shard.
+//!
 //! Bounds on stored notifications. A notification waits for a user who is
 //! offline (for `notification_ttl_ms`); what a shard keeps that way is
 //! bounded in total and per sender, so that nobody can fill a node's

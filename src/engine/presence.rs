@@ -1,6 +1,10 @@
-//! Presence, on a user's home shard: devices coming and going, status
+//! Presence: on a user's home shard, devices coming and going, status
 //! and activity updates, heartbeats, and telling subscribers and the other
-//! nodes.
+//! nodes; on the asking connection's shard, subscriptions and bulk reads.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::*;
 

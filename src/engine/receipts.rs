@@ -1,5 +1,9 @@
 //! Delivery and read receipts: on the channel's owner, which knows who
 //! read what, and on the author's home, whose devices hear of it.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::*;
 

@@ -1,5 +1,10 @@
-//! Resumable sessions, on the user's home: a dropped connection's
-//! channels kept for `resume_window_ms`, taken back by `session:resume`.
+//! Resumable sessions: a dropped connection's channels kept on the user's
+//! home for `resume_window_ms` (in a cluster, in Redis too), taken back by
+//! `session:resume` on any shard.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::*;
 

@@ -1,5 +1,9 @@
 //! Typing indicators, on the channel's owner: who types, told once to
 //! the others, stopped by itself after `typing_timeout_ms`.
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::*;
 

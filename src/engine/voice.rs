@@ -1,5 +1,9 @@
 //! Voice channels: on the user's home (one voice channel per user) and on
 //! the channel's owner (the room, its participants and their states).
+//!
+//! Handlers are named after their event: `on_<event>` on the member's
+//! connection's shard (checks, then the request goes on), and after the
+//! event again on the shard that carries it out.
 
 use super::*;
 
