@@ -1337,6 +1337,9 @@ async fn read_receipts_and_one_voice_channel_hold_across_nodes() {
     // the first.
     let mut bob_a = Peer::on(&a, "bob", 1, "").await;
     bob.ok("voice:join", json!({"channelId": "lounge"})).await;
+    // Later by the nodes' clocks, whatever a busy machine does to them
+    // (joins a few milliseconds apart are concurrent: either may win).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     bob_a.ok("voice:join", json!({"channelId": "den"})).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
