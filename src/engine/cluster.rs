@@ -471,6 +471,31 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// An event relayed without an offset (typing, a member's event): to
+    /// the members here, unless this node made it; an event several nodes
+    /// relay (`once`), once.
+    #[allow(clippy::too_many_arguments)]
+    fn on_relayed(
+        &mut self,
+        channel: &Arc<str>,
+        origin: u64,
+        except: Option<Arc<str>>,
+        once: Option<u64>,
+        msg: &ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let me = self.cluster.as_ref().map_or(0, |c| c.node);
+        let seen =
+            once.is_some_and(|k| self.owned.get_mut(channel).is_none_or(|o| !o.first_time(k)));
+        if origin != me && !seen {
+            self.fan_out_local(channel, msg, 0, except.as_ref(), now, tx);
+        }
+    }
+
+    /// An event sequenced by Redis, in channel order: applied and delivered
+    /// here, kept while the channel loads, or a gap or a new epoch makes the
+    /// channel load again.
     fn on_cluster_event(&mut self, inc: Incoming, now: u64, tx: &mut impl MeshTx) {
         let Incoming {
             channel,
@@ -483,17 +508,7 @@ impl<O: Outbound> Engine<O> {
         } = inc;
         let me = self.cluster.as_ref().map_or(0, |c| c.node);
         if offset == 0 {
-            // Delivered here when it was made; an event several nodes
-            // relay, once.
-            let seen = once.is_some_and(|k| {
-                self.owned
-                    .get_mut(&channel)
-                    .is_none_or(|o| !o.first_time(k))
-            });
-            if origin != me && !seen {
-                self.fan_out_local(&channel, &msg, 0, except.as_ref(), now, tx);
-            }
-            return;
+            return self.on_relayed(&channel, origin, except, once, &msg, now, tx);
         }
         let s = &self.s;
         let Some(o) = self.owned.get_mut(&channel) else {
