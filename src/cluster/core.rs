@@ -46,12 +46,12 @@ use crate::engine::cluster::{set_offset, Asker, QueryThen};
 use crate::engine::user::NodePresence;
 use crate::engine::{
     home_of, in_charge, owner_of, CallCmd, CallOp, ChannelPart, ConnId, ConnRef, FromBridge,
-    Incoming, MeshMsg, ModKind, Moderation, NotificationChange, Outgoing, PresenceQuery, ShardId,
-    ToBridge,
+    Incoming, MeshMsg, ModKind, Moderation, NotificationChange, Outgoing, PresenceQuery,
+    ResumePoints, SessionId, ShardId, ToBridge,
 };
 use crate::logs::Throttle;
 use crate::metrics::ClusterMetrics;
-use crate::protocol::{Conversation, Notification, Protocol, Status};
+use crate::protocol::{Conversation, DmMessage, Notification, Protocol, ServerMessage, Status};
 
 /// Reconnection backoff, from the first wait to the last (ms), doubling.
 const BACKOFF_MS: (u64, u64) = (100, 5_000);
@@ -721,255 +721,342 @@ impl Core {
                     self.metrics.channels.set(self.followed.len() as u64);
                 }
             },
-            ToBridge::Detach { channel } => {
-                if self.followed.remove(&channel).is_some() {
-                    self.metrics.channels.set(self.followed.len() as u64);
-                    let name = keys::channel(&channel);
-                    if self.subscribe.remove(&name) {
-                        self.then_load.retain(|c| *c != channel);
-                    } else {
-                        self.unsubscribe.insert(name);
-                    }
-                }
-            }
-            ToBridge::Sequence(out) => {
-                let channel = out.channel.clone();
-                self.batch(&channel).push(Item::Sequence(out));
-            }
-            ToBridge::Relay(out) => {
-                let msg = NodeMsg::Event {
-                    origin: self.id,
-                    except: out.except.as_deref().map(str::to_string),
-                    once: out.once,
-                    msg: out.msg,
-                };
-                self.batch(&out.channel).push(Item::Relay(msg));
-            }
-            ToBridge::FollowUser { user } => {
-                if self.users.insert(user.clone()) {
-                    let name = keys::user(&user);
-                    if !self.unsubscribe.remove(&name) {
-                        self.subscribe.insert(name);
-                    }
-                }
-                self.then_read.push(user);
-            }
-            ToBridge::UnfollowUser { user } => {
-                if self.users.remove(&user) {
-                    let name = keys::user(&user);
-                    if self.subscribe.remove(&name) {
-                        self.then_read.retain(|u| *u != user);
-                    } else {
-                        self.unsubscribe.insert(name);
-                    }
-                }
-            }
-            ToBridge::ToUser { user, msg, except } => {
-                let skip = except
-                    .and_then(|c| self.proxies.get(c.conn))
-                    .map(|r| wire_conn(r.node, r.conn, r.protocol));
-                let msg = NodeMsg::ToUser {
-                    origin: self.id,
-                    skip,
-                    msg,
-                };
-                self.to_users.entry(user).or_default().push(msg);
-            }
+            ToBridge::Detach { channel } => self.shard_detach(channel),
+            ToBridge::Sequence(out) => self.shard_sequence(out),
+            ToBridge::Relay(out) => self.shard_relay(out),
+            ToBridge::FollowUser { user } => self.shard_follow_user(user),
+            ToBridge::UnfollowUser { user } => self.shard_unfollow_user(user),
+            ToBridge::ToUser { user, msg, except } => self.shard_to_user(user, msg, except),
             ToBridge::KeepSession {
                 user,
                 session,
                 points,
                 ttl_ms,
-            } => {
-                let points: Vec<(&str, u64, &str)> =
-                    points.iter().map(|(c, o, e)| (&**c, *o, &**e)).collect();
-                let op = Op::KeepSession {
-                    user,
-                    session: session.to_string(),
-                    points: serde_json::to_string(&points).expect("plain data serializes"),
-                    ttl_ms,
-                };
-                self.op(op, Pending::Kept);
-            }
+            } => self.shard_keep_session(user, session, points, ttl_ms),
             ToBridge::TakeSession {
                 user,
                 session,
                 asker,
-            } => {
-                let op = Op::TakeSession {
-                    user,
-                    session: session.to_string(),
-                };
-                self.op(op, Pending::SessionTaken(asker));
-            }
+            } => self.shard_take_session(user, session, asker),
             ToBridge::VoiceJoined { user, channel, at } => {
-                let msg = NodeMsg::VoiceJoined {
-                    origin: self.id,
-                    channel: channel.to_string(),
-                    at,
-                };
-                self.to_users.entry(user).or_default().push(msg);
+                self.shard_voice_joined(user, channel, at)
             }
-            ToBridge::Presence(p) => {
-                let offline = p.view.status == Status::Offline && !p.connected;
-                let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&*p)
-                    .expect("presence always serializes")
-                    .to_vec();
-                let user: Arc<str> = p.view.user_id.as_str().into();
-                let last_seen = p.view.last_seen;
-                let payload = wire::payload(&[NodeMsg::Presence(*p)]);
-                let op = Op::Presence {
-                    user: user.clone(),
-                    node: self.id,
-                    archive,
-                    offline,
-                    sharded: self.s.redis_cluster,
-                    payload,
-                };
-                self.op(op, Pending::Presence { user, last_seen });
-                self.metrics.sent.inc();
-            }
-            ToBridge::LoadPresence(q) => {
-                let users = q.users.clone();
-                self.op(Op::ReadPresence { users }, Pending::PresenceLoaded(q));
-            }
+            ToBridge::Presence(p) => self.shard_presence(*p),
+            ToBridge::LoadPresence(q) => self.shard_load_presence(q),
             ToBridge::Notifications {
                 user,
                 change,
                 keep,
                 asker,
-            } => {
-                let (op, args): (&'static str, Vec<String>) = match &change {
-                    NotificationChange::New(n) => ("add", field_and_json(std::slice::from_ref(n))),
-                    NotificationChange::Read(_) => ("set", field_and_json(&keep)),
-                    NotificationChange::Clear(_) => {
-                        ("del", keep.iter().map(notification_field).collect())
-                    }
-                    NotificationChange::ClearAll => ("clear", Vec::new()),
-                };
-                let payload = wire::payload(&[NodeMsg::Notifications {
-                    origin: self.id,
-                    change,
-                }]);
-                let op = Op::Notifications {
-                    user,
-                    op,
-                    sharded: self.s.redis_cluster,
-                    payload,
-                    max: self.s.max_notifications,
-                    ttl_ms: self.s.notification_ttl_ms,
-                    args,
-                };
-                self.op(op, Pending::NotificationsKept(asker));
-                self.metrics.sent.inc();
-            }
+            } => self.shard_notifications(user, change, keep, asker),
             ToBridge::LoadNotifications { user, asker } => {
-                let op = Op::ReadNotifications { user: user.clone() };
-                self.op(op, Pending::NotificationsRead { user, asker });
+                self.shard_load_notifications(user, asker)
             }
             ToBridge::Conversation {
                 user,
                 peer,
                 msg,
                 incoming,
-            } => {
-                let json = serde_json::to_string(&msg).expect("messages serialize");
-                let op = Op::Conversation {
-                    user,
-                    peer,
-                    timestamp: msg.timestamp,
-                    json,
-                    incoming,
-                    max: self.s.max_conversations,
-                    ttl_ms: self.s.notification_ttl_ms,
-                };
-                self.op(op, Pending::Kept);
-            }
+            } => self.shard_conversation(user, peer, msg, incoming),
             ToBridge::LoadConversations { user, limit, asker } => {
-                let op = Op::ReadConversations { user: user.clone() };
-                self.op(op, Pending::ConversationsRead { user, limit, asker });
+                self.shard_load_conversations(user, limit, asker)
             }
             ToBridge::ChannelQuery {
                 channel,
                 parts,
                 then,
-            } => {
-                let Some(like) = parts.first().map(|p| p.empty()) else {
-                    return;
-                };
-                let token = self.token();
-                let payload = wire::payload(&[NodeMsg::Query {
-                    origin: self.id,
-                    token,
-                    like,
-                }]);
-                let name = keys::channel(&channel);
-                self.queries.insert(
-                    token,
-                    Query {
-                        channel,
-                        parts,
-                        then,
-                        waiting: None,
-                        until: self.now + QUERY_TIMEOUT_MS,
-                    },
-                );
-                self.publish(name, payload, true, Pending::Asked(token));
-            }
+            } => self.shard_channel_query(channel, parts, then),
             ToBridge::ChannelPart {
                 part,
                 origin,
                 token,
                 ..
-            } => {
-                let payload = wire::payload(&[NodeMsg::Part { token, part }]);
-                self.publish(
-                    keys::node_channel(origin),
-                    payload,
-                    true,
-                    Pending::Published,
-                );
-            }
-            ToBridge::CallTo { node, op } => {
-                let Some(wire) = call_wire(self.id, &op) else {
-                    return;
-                };
-                let payload = wire::payload(&[NodeMsg::Call(wire)]);
-                self.publish(keys::node_channel(node), payload, true, Pending::CallTo(op));
-                self.metrics.sent.inc();
-            }
-            ToBridge::CallReach(op) => {
-                let CallCmd::Create { callee, .. } = &op.op else {
-                    return;
-                };
-                let users = vec![callee.clone()];
-                self.op(Op::ReadPresence { users }, Pending::Reach(op));
-            }
-            ToBridge::Moderate(m) => {
-                let token = self.token();
-                let op = match m.kind {
-                    ModKind::Ban { .. } => "ban",
-                    ModKind::Unban => "unban",
-                    ModKind::Kick => "kick",
-                };
-                let json = crate::ban_store::to_json(&m);
-                let payload = wire::payload(&[NodeMsg::Moderation {
-                    origin: self.id,
-                    token,
-                    json: json.clone(),
-                }]);
-                let field = ban_field(&m);
-                let op = Op::Moderate {
-                    field,
-                    op,
-                    json,
-                    payload,
-                };
-                // Its publication may come back before the answer.
-                self.moderation.insert(token, (m.from, m.ack));
-                self.op(op, Pending::Moderated { token, m });
+            } => self.shard_channel_part(part, origin, token),
+            ToBridge::CallTo { node, op } => self.shard_call_to(node, op),
+            ToBridge::CallReach(op) => self.shard_call_reach(op),
+            ToBridge::Moderate(m) => self.shard_moderate(m),
+        }
+    }
+
+    /// A shard no longer needs a channel: unfollowed at the end of the round.
+    fn shard_detach(&mut self, channel: Arc<str>) {
+        if self.followed.remove(&channel).is_some() {
+            self.metrics.channels.set(self.followed.len() as u64);
+            let name = keys::channel(&channel);
+            if self.subscribe.remove(&name) {
+                self.then_load.retain(|c| *c != channel);
+            } else {
+                self.unsubscribe.insert(name);
             }
         }
+    }
+
+    /// An event to sequence: gathered with its channel's others of the round.
+    fn shard_sequence(&mut self, out: Box<Outgoing>) {
+        let channel = out.channel.clone();
+        self.batch(&channel).push(Item::Sequence(out));
+    }
+
+    /// An event relayed without an offset (typing, member events).
+    fn shard_relay(&mut self, out: Box<Outgoing>) {
+        let msg = NodeMsg::Event {
+            origin: self.id,
+            except: out.except.as_deref().map(str::to_string),
+            once: out.once,
+            msg: out.msg,
+        };
+        self.batch(&out.channel).push(Item::Relay(msg));
+    }
+
+    /// A shard follows a user: subscribed, and the presence read, this round.
+    fn shard_follow_user(&mut self, user: Arc<str>) {
+        if self.users.insert(user.clone()) {
+            let name = keys::user(&user);
+            if !self.unsubscribe.remove(&name) {
+                self.subscribe.insert(name);
+            }
+        }
+        self.then_read.push(user);
+    }
+
+    /// A shard no longer follows a user.
+    fn shard_unfollow_user(&mut self, user: Arc<str>) {
+        if self.users.remove(&user) {
+            let name = keys::user(&user);
+            if self.subscribe.remove(&name) {
+                self.then_read.retain(|u| *u != user);
+            } else {
+                self.unsubscribe.insert(name);
+            }
+        }
+    }
+
+    /// An event for a user's devices on other nodes.
+    fn shard_to_user(&mut self, user: Arc<str>, msg: ServerMessage, except: Option<ConnRef>) {
+        let skip = except
+            .and_then(|c| self.proxies.get(c.conn))
+            .map(|r| wire_conn(r.node, r.conn, r.protocol));
+        let msg = NodeMsg::ToUser {
+            origin: self.id,
+            skip,
+            msg,
+        };
+        self.to_users.entry(user).or_default().push(msg);
+    }
+
+    /// A dropped session kept in Redis, for any node to resume.
+    fn shard_keep_session(
+        &mut self,
+        user: Arc<str>,
+        session: SessionId,
+        points: ResumePoints,
+        ttl_ms: u64,
+    ) {
+        let points: Vec<(&str, u64, &str)> =
+            points.iter().map(|(c, o, e)| (&**c, *o, &**e)).collect();
+        let op = Op::KeepSession {
+            user,
+            session: session.to_string(),
+            points: serde_json::to_string(&points).expect("plain data serializes"),
+            ttl_ms,
+        };
+        self.op(op, Pending::Kept);
+    }
+
+    /// `session:resume`: the session taken from Redis, once.
+    fn shard_take_session(
+        &mut self,
+        user: Arc<str>,
+        session: SessionId,
+        asker: Option<(ConnRef, u64)>,
+    ) {
+        let op = Op::TakeSession {
+            user,
+            session: session.to_string(),
+        };
+        self.op(op, Pending::SessionTaken(asker));
+    }
+
+    /// A user joined a voice channel here: the other nodes hear it.
+    fn shard_voice_joined(&mut self, user: Arc<str>, channel: Arc<str>, at: u64) {
+        let msg = NodeMsg::VoiceJoined {
+            origin: self.id,
+            channel: channel.to_string(),
+            at,
+        };
+        self.to_users.entry(user).or_default().push(msg);
+    }
+
+    /// This node's part of a user's presence: written and published.
+    fn shard_presence(&mut self, p: NodePresence) {
+        let offline = p.view.status == Status::Offline && !p.connected;
+        let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&p)
+            .expect("presence always serializes")
+            .to_vec();
+        let user: Arc<str> = p.view.user_id.as_str().into();
+        let last_seen = p.view.last_seen;
+        let payload = wire::payload(&[NodeMsg::Presence(p)]);
+        let op = Op::Presence {
+            user: user.clone(),
+            node: self.id,
+            archive,
+            offline,
+            sharded: self.s.redis_cluster,
+            payload,
+        };
+        self.op(op, Pending::Presence { user, last_seen });
+        self.metrics.sent.inc();
+    }
+
+    /// Presence of users read from Redis.
+    fn shard_load_presence(&mut self, q: Box<PresenceQuery>) {
+        let users = q.users.clone();
+        self.op(Op::ReadPresence { users }, Pending::PresenceLoaded(q));
+    }
+
+    /// A change of a user's notifications: kept in Redis and published.
+    fn shard_notifications(
+        &mut self,
+        user: Arc<str>,
+        change: NotificationChange,
+        keep: Vec<Notification>,
+        asker: Option<Asker>,
+    ) {
+        let (op, args): (&'static str, Vec<String>) = match &change {
+            NotificationChange::New(n) => ("add", field_and_json(std::slice::from_ref(n))),
+            NotificationChange::Read(_) => ("set", field_and_json(&keep)),
+            NotificationChange::Clear(_) => ("del", keep.iter().map(notification_field).collect()),
+            NotificationChange::ClearAll => ("clear", Vec::new()),
+        };
+        let payload = wire::payload(&[NodeMsg::Notifications {
+            origin: self.id,
+            change,
+        }]);
+        let op = Op::Notifications {
+            user,
+            op,
+            sharded: self.s.redis_cluster,
+            payload,
+            max: self.s.max_notifications,
+            ttl_ms: self.s.notification_ttl_ms,
+            args,
+        };
+        self.op(op, Pending::NotificationsKept(asker));
+        self.metrics.sent.inc();
+    }
+
+    /// A user's notifications read from Redis.
+    fn shard_load_notifications(&mut self, user: Arc<str>, asker: Option<Asker>) {
+        let op = Op::ReadNotifications { user: user.clone() };
+        self.op(op, Pending::NotificationsRead { user, asker });
+    }
+
+    /// A direct message's conversation kept in Redis.
+    fn shard_conversation(
+        &mut self,
+        user: Arc<str>,
+        peer: Arc<str>,
+        msg: Box<DmMessage>,
+        incoming: bool,
+    ) {
+        let json = serde_json::to_string(&msg).expect("messages serialize");
+        let op = Op::Conversation {
+            user,
+            peer,
+            timestamp: msg.timestamp,
+            json,
+            incoming,
+            max: self.s.max_conversations,
+            ttl_ms: self.s.notification_ttl_ms,
+        };
+        self.op(op, Pending::Kept);
+    }
+
+    /// A user's conversations read from Redis.
+    fn shard_load_conversations(&mut self, user: Arc<str>, limit: usize, asker: Asker) {
+        let op = Op::ReadConversations { user: user.clone() };
+        self.op(op, Pending::ConversationsRead { user, limit, asker });
+    }
+
+    /// A query of a channel's state on every node.
+    fn shard_channel_query(&mut self, channel: Arc<str>, parts: Vec<ChannelPart>, then: QueryThen) {
+        let Some(like) = parts.first().map(|p| p.empty()) else {
+            return;
+        };
+        let token = self.token();
+        let payload = wire::payload(&[NodeMsg::Query {
+            origin: self.id,
+            token,
+            like,
+        }]);
+        let name = keys::channel(&channel);
+        self.queries.insert(
+            token,
+            Query {
+                channel,
+                parts,
+                then,
+                waiting: None,
+                until: self.now + QUERY_TIMEOUT_MS,
+            },
+        );
+        self.publish(name, payload, true, Pending::Asked(token));
+    }
+
+    /// This node's part of another node's channel query.
+    fn shard_channel_part(&mut self, part: ChannelPart, origin: u64, token: u64) {
+        let payload = wire::payload(&[NodeMsg::Part { token, part }]);
+        self.publish(
+            keys::node_channel(origin),
+            payload,
+            true,
+            Pending::Published,
+        );
+    }
+
+    /// A call's operation for the node that holds the call.
+    fn shard_call_to(&mut self, node: u64, op: Box<CallOp>) {
+        let Some(wire) = call_wire(self.id, &op) else {
+            return;
+        };
+        let payload = wire::payload(&[NodeMsg::Call(wire)]);
+        self.publish(keys::node_channel(node), payload, true, Pending::CallTo(op));
+        self.metrics.sent.inc();
+    }
+
+    /// Whether a callee is connected to another node (its presence says).
+    fn shard_call_reach(&mut self, op: Box<CallOp>) {
+        let CallCmd::Create { callee, .. } = &op.op else {
+            return;
+        };
+        let users = vec![callee.clone()];
+        self.op(Op::ReadPresence { users }, Pending::Reach(op));
+    }
+
+    /// A kick, ban or unban: kept in Redis (bans) and published to every node.
+    fn shard_moderate(&mut self, m: Box<Moderation>) {
+        let token = self.token();
+        let op = match m.kind {
+            ModKind::Ban { .. } => "ban",
+            ModKind::Unban => "unban",
+            ModKind::Kick => "kick",
+        };
+        let json = crate::ban_store::to_json(&m);
+        let payload = wire::payload(&[NodeMsg::Moderation {
+            origin: self.id,
+            token,
+            json: json.clone(),
+        }]);
+        let field = ban_field(&m);
+        let op = Op::Moderate {
+            field,
+            op,
+            json,
+            payload,
+        };
+        // Its publication may come back before the answer.
+        self.moderation.insert(token, (m.from, m.ack));
+        self.op(op, Pending::Moderated { token, m });
     }
 
     fn token(&mut self) -> u64 {
