@@ -1375,115 +1375,10 @@ impl Core {
                     self.drop_link("Redis refused to follow channels");
                 }
             }
-            (Pending::Sequenced { outs }, Ok(Reply::Sequenced { epoch, results })) => {
-                for (mut out, (offset, dup)) in outs.into_iter().zip(results) {
-                    if out.reply.is_none() && out.handed_over.is_none() {
-                        continue;
-                    }
-                    set_offset(&mut out.msg, &epoch, offset);
-                    out.duplicate = dup;
-                    let owner = self.owner(&out.channel);
-                    self.send(owner, FromBridge::Sequenced(out));
-                }
-            }
-            (Pending::Sequenced { outs, .. }, r) => {
-                let why = match (r, sent) {
-                    (Err(Fault::Lost(_)), false) => {
-                        for out in outs {
-                            self.give_back(out);
-                        }
-                        return;
-                    }
-                    (Err(Fault::Lost(e)), true) => format!(
-                        "the cluster's Redis did not answer ({e}): the message may still be published; send it again with the same nonce to be sure"
-                    ),
-                    (Err(Fault::Refused(e)), _) => {
-                        format!("the cluster's Redis refused the event: {e}")
-                    }
-                    (Ok(other), _) => format!("an unexpected answer from Redis: {other:?}"),
-                };
-                for out in outs {
-                    self.metrics.failed.inc();
-                    let owner = self.owner(&out.channel);
-                    self.send(owner, FromBridge::Refused(out, why.clone()));
-                }
-            }
-            (
-                Pending::Loaded { channel },
-                Ok(Reply::Loaded {
-                    offset,
-                    epoch,
-                    entries,
-                    members,
-                }),
-            ) => {
-                if !self.followed.contains_key(&channel) {
-                    return;
-                }
-                let mut events = Vec::with_capacity(entries.len());
-                // Newest first: give them oldest first.
-                for (off, archive) in entries.into_iter().rev() {
-                    match wire::decode(&archive) {
-                        Ok(NodeMsg::Event { mut msg, .. }) => {
-                            set_offset(&mut msg, &epoch, off);
-                            events.push(msg);
-                        }
-                        Ok(_) | Err(_) => self.unreadable("a stored event"),
-                    }
-                }
-                let members = members
-                    .iter()
-                    .filter_map(|(node, n)| Some((keys::parse_node(node)?, *n)))
-                    .filter(|(node, n)| *node != self.id && *n > 0)
-                    .collect();
-                let owner = self.owner(&channel);
-                let msg = FromBridge::Attached {
-                    channel,
-                    epoch: epoch.into(),
-                    offset,
-                    entries: events,
-                    members,
-                };
-                self.send(owner, msg);
-            }
-            (Pending::Loaded { channel }, Err(f)) => {
-                // Not loaded. Link lost: the owner hears `Down`, and asks
-                // again after the next `Up`. Refused (a full Redis): the
-                // owner hears so, and asks again later.
-                if self.followed.remove(&channel).is_some() {
-                    self.metrics.channels.set(self.followed.len() as u64);
-                    self.unsubscribe.insert(keys::channel(&channel));
-                }
-                self.refused("load", &f);
-                if let Fault::Refused(e) = f {
-                    let owner = self.owner(&channel);
-                    let why = format!("the cluster's Redis refused to load the channel: {e}");
-                    self.send(owner, FromBridge::AttachFailed { channel, why });
-                }
-            }
-            (Pending::Asked(token), r) => {
-                let heard = match r {
-                    Ok(Reply::Count(n)) => n.max(0) as usize,
-                    _ => return self.answer_query(token),
-                };
-                let followed = self
-                    .queries
-                    .get(&token)
-                    .is_some_and(|q| self.followed.contains_key(&q.channel));
-                if let Some(q) = self.queries.get_mut(&token) {
-                    // This node hears its own query when it follows the
-                    // channel; it does not answer it.
-                    q.waiting = Some(heard.saturating_sub(usize::from(followed)));
-                    if q.parts.len() > q.waiting.unwrap_or(0) {
-                        self.answer_query(token);
-                    }
-                }
-            }
-            (Pending::CallTo(op), r) => {
-                if !matches!(r, Ok(Reply::Count(n)) if n > 0) {
-                    self.call_gone(op);
-                }
-            }
+            (Pending::Sequenced { outs }, r) => self.settle_sequenced(outs, r, sent),
+            (Pending::Loaded { channel }, r) => self.settle_loaded(channel, r),
+            (Pending::Asked(token), r) => self.settle_asked(token, r),
+            (Pending::CallTo(op), r) => self.settle_call_to(op, r),
             (Pending::Followed(users), Ok(Reply::Presences(all))) => {
                 for (user, fields) in users.into_iter().zip(all) {
                     let views = self.views(&user, fields);
@@ -1493,83 +1388,14 @@ impl Core {
                     }
                 }
             }
-            (Pending::PresenceLoaded(q), r) => {
-                let views = match r {
-                    Ok(Reply::Presences(all)) => q
-                        .users
-                        .iter()
-                        .zip(all)
-                        .map(|(u, fields)| self.views(u, fields))
-                        .collect(),
-                    Ok(_) => Vec::new(),
-                    Err(f) => {
-                        self.refused("read presence", &f);
-                        Vec::new()
-                    }
-                };
-                self.presence_loaded(q, views);
-            }
-            (Pending::Reach(op), r) => {
-                let online = match (r, &op.op) {
-                    (Ok(Reply::Presences(all)), CallCmd::Create { callee, .. }) => {
-                        let callee = callee.clone();
-                        all.into_iter().next().is_some_and(|fields| {
-                            self.views(&callee, fields)
-                                .iter()
-                                .any(|p| p.connected || p.view.status != Status::Offline)
-                        })
-                    }
-                    _ => false,
-                };
-                let owner = (op.call >> 48) as ShardId;
-                self.send(owner, FromBridge::CallReach(op, online));
-            }
-            (Pending::NotificationsKept(asker), r) => {
-                let error = match r {
-                    Ok(_) => None,
-                    Err(f) => {
-                        self.refused("notifications", &f);
-                        Some(format!(
-                            "kept on this node only, the cluster's Redis did not take it: {f}"
-                        ))
-                    }
-                };
-                if let Some(asker) = asker {
-                    let to = asker.0.shard;
-                    self.send(to, FromBridge::NotificationsKept { asker, error });
-                }
-            }
+            (Pending::PresenceLoaded(q), r) => self.settle_presence_loaded(q, r),
+            (Pending::Reach(op), r) => self.settle_reach(op, r),
+            (Pending::NotificationsKept(asker), r) => self.settle_notifications_kept(asker, r),
             (Pending::NotificationsRead { user, asker }, r) => {
-                let notifications: Vec<Notification> = match r {
-                    Ok(Reply::Strings(all)) => all
-                        .iter()
-                        .filter_map(|j| serde_json::from_str(j).ok())
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                if !notifications.is_empty() || asker.is_some() {
-                    let home = self.home(&user);
-                    let msg = FromBridge::NotificationsLoaded {
-                        user,
-                        notifications,
-                        asker,
-                    };
-                    self.send(home, msg);
-                }
+                self.settle_notifications_read(user, asker, r)
             }
             (Pending::ConversationsRead { user, limit, asker }, r) => {
-                let conversations = match r {
-                    Ok(Reply::Pairs(all)) => Some(read_conversations(all, limit)),
-                    _ => None,
-                };
-                let home = self.home(&user);
-                let msg = FromBridge::ConversationsLoaded {
-                    user,
-                    limit,
-                    conversations,
-                    asker,
-                };
-                self.send(home, msg);
+                self.settle_conversations_read(user, limit, asker, r)
             }
             (Pending::Moderated { .. }, Ok(_)) => {}
             (Pending::Moderated { token, m }, Err(f)) => {
@@ -1593,56 +1419,8 @@ impl Core {
                     *bans = Some(Vec::new());
                 }
             }
-            (Pending::Beat { first }, r) => {
-                self.beating = false;
-                self.next_beat = self.now + self.s.node_timeout_ms / 4;
-                match r {
-                    Ok(Reply::Beat { new, removed, live }) => {
-                        self.on_beat(new, removed, live, first)
-                    }
-                    Ok(_) => {}
-                    Err(f) => self.refused("heartbeat", &f),
-                }
-                if first {
-                    if let LinkState::Joining { beat, .. } = &mut self.link {
-                        *beat = true;
-                    }
-                }
-            }
-            (Pending::SessionTaken(asker), r) => {
-                let Some((conn, gather)) = asker else {
-                    return;
-                };
-                let points = match r {
-                    Ok(Reply::Taken(Some(json))) => {
-                        match serde_json::from_str::<Vec<(String, u64, String)>>(&json) {
-                            Ok(p) => Some(
-                                p.into_iter()
-                                    .map(|(c, o, e)| (Arc::from(c), o, Arc::from(e)))
-                                    .collect(),
-                            ),
-                            Err(_) => {
-                                self.unreadable("a kept session");
-                                None
-                            }
-                        }
-                    }
-                    Ok(_) => None,
-                    // Out of reach: it cannot be resumed here.
-                    Err(f) => {
-                        self.refused("take a session", &f);
-                        None
-                    }
-                };
-                self.send(
-                    conn.shard,
-                    FromBridge::SessionTaken {
-                        conn,
-                        gather,
-                        points,
-                    },
-                );
-            }
+            (Pending::Beat { first }, r) => self.settle_beat(first, r),
+            (Pending::SessionTaken(asker), r) => self.settle_session_taken(asker, r),
             (Pending::MembersKept { channel, count }, r) => match r {
                 Ok(_) if count == 0 => {
                     if self.member_counts.get(&channel) == Some(&0) {
@@ -1673,6 +1451,285 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Redis ordered a run of a channel's events: each sender gets its
+    /// offset; or it did not (never sent: given back to be sequenced
+    /// alone; sent and unanswered, or refused: the senders are told).
+    #[allow(clippy::vec_box)]
+    fn settle_sequenced(&mut self, outs: Vec<Box<Outgoing>>, r: Result<Reply, Fault>, sent: bool) {
+        if let Ok(Reply::Sequenced { epoch, results }) = r {
+            for (mut out, (offset, dup)) in outs.into_iter().zip(results) {
+                if out.reply.is_none() && out.handed_over.is_none() {
+                    continue;
+                }
+                set_offset(&mut out.msg, &epoch, offset);
+                out.duplicate = dup;
+                let owner = self.owner(&out.channel);
+                self.send(owner, FromBridge::Sequenced(out));
+            }
+            return;
+        }
+        let why = match (r, sent) {
+            (Err(Fault::Lost(_)), false) => {
+                for out in outs {
+                    self.give_back(out);
+                }
+                return;
+            }
+            (Err(Fault::Lost(e)), true) => format!(
+                "the cluster's Redis did not answer ({e}): the message may still be published; send it again with the same nonce to be sure"
+            ),
+            (Err(Fault::Refused(e)), _) => {
+                format!("the cluster's Redis refused the event: {e}")
+            }
+            (Ok(other), _) => format!("an unexpected answer from Redis: {other:?}"),
+        };
+        for out in outs {
+            self.metrics.failed.inc();
+            let owner = self.owner(&out.channel);
+            self.send(owner, FromBridge::Refused(out, why.clone()));
+        }
+    }
+
+    /// A channel's state read from Redis: its owner attaches it; or it
+    /// could not be read.
+    fn settle_loaded(&mut self, channel: Arc<str>, r: Result<Reply, Fault>) {
+        let (offset, epoch, entries, members) = match r {
+            Ok(Reply::Loaded {
+                offset,
+                epoch,
+                entries,
+                members,
+            }) => (offset, epoch, entries, members),
+            Ok(other) => {
+                self.unreadable("a channel's state");
+                tracing::debug!(?other, "an unexpected answer to a load");
+                return;
+            }
+            Err(f) => {
+                // Not loaded. Link lost: the owner hears `Down`, and asks
+                // again after the next `Up`. Refused (a full Redis): the
+                // owner hears so, and asks again later.
+                if self.followed.remove(&channel).is_some() {
+                    self.metrics.channels.set(self.followed.len() as u64);
+                    self.unsubscribe.insert(keys::channel(&channel));
+                }
+                self.refused("load", &f);
+                if let Fault::Refused(e) = f {
+                    let owner = self.owner(&channel);
+                    let why = format!("the cluster's Redis refused to load the channel: {e}");
+                    self.send(owner, FromBridge::AttachFailed { channel, why });
+                }
+                return;
+            }
+        };
+        if !self.followed.contains_key(&channel) {
+            return;
+        }
+        let mut events = Vec::with_capacity(entries.len());
+        // Newest first: give them oldest first.
+        for (off, archive) in entries.into_iter().rev() {
+            match wire::decode(&archive) {
+                Ok(NodeMsg::Event { mut msg, .. }) => {
+                    set_offset(&mut msg, &epoch, off);
+                    events.push(msg);
+                }
+                Ok(_) | Err(_) => self.unreadable("a stored event"),
+            }
+        }
+        let members = members
+            .iter()
+            .filter_map(|(node, n)| Some((keys::parse_node(node)?, *n)))
+            .filter(|(node, n)| *node != self.id && *n > 0)
+            .collect();
+        let owner = self.owner(&channel);
+        let msg = FromBridge::Attached {
+            channel,
+            epoch: epoch.into(),
+            offset,
+            entries: events,
+            members,
+        };
+        self.send(owner, msg);
+    }
+
+    /// Another node's answer to a query this node made.
+    fn settle_asked(&mut self, token: u64, r: Result<Reply, Fault>) {
+        let heard = match r {
+            Ok(Reply::Count(n)) => n.max(0) as usize,
+            _ => return self.answer_query(token),
+        };
+        let followed = self
+            .queries
+            .get(&token)
+            .is_some_and(|q| self.followed.contains_key(&q.channel));
+        if let Some(q) = self.queries.get_mut(&token) {
+            // This node hears its own query when it follows the
+            // channel; it does not answer it.
+            q.waiting = Some(heard.saturating_sub(usize::from(followed)));
+            if q.parts.len() > q.waiting.unwrap_or(0) {
+                self.answer_query(token);
+            }
+        }
+    }
+
+    /// A call's operation sent to the node holding it.
+    fn settle_call_to(&mut self, op: Box<CallOp>, r: Result<Reply, Fault>) {
+        if !matches!(r, Ok(Reply::Count(n)) if n > 0) {
+            self.call_gone(op);
+        }
+    }
+
+    /// Presence of users read for a query: its answer.
+    fn settle_presence_loaded(&mut self, q: Box<PresenceQuery>, r: Result<Reply, Fault>) {
+        let views = match r {
+            Ok(Reply::Presences(all)) => q
+                .users
+                .iter()
+                .zip(all)
+                .map(|(u, fields)| self.views(u, fields))
+                .collect(),
+            Ok(_) => Vec::new(),
+            Err(f) => {
+                self.refused("read presence", &f);
+                Vec::new()
+            }
+        };
+        self.presence_loaded(q, views);
+    }
+
+    /// Whether a callee has a device on another node: the call goes on.
+    fn settle_reach(&mut self, op: Box<CallOp>, r: Result<Reply, Fault>) {
+        let online = match (r, &op.op) {
+            (Ok(Reply::Presences(all)), CallCmd::Create { callee, .. }) => {
+                let callee = callee.clone();
+                all.into_iter().next().is_some_and(|fields| {
+                    self.views(&callee, fields)
+                        .iter()
+                        .any(|p| p.connected || p.view.status != Status::Offline)
+                })
+            }
+            _ => false,
+        };
+        let owner = (op.call >> 48) as ShardId;
+        self.send(owner, FromBridge::CallReach(op, online));
+    }
+
+    /// A notification change written: its asker hears it.
+    fn settle_notifications_kept(&mut self, asker: Option<Asker>, r: Result<Reply, Fault>) {
+        let error = match r {
+            Ok(_) => None,
+            Err(f) => {
+                self.refused("notifications", &f);
+                Some(format!(
+                    "kept on this node only, the cluster's Redis did not take it: {f}"
+                ))
+            }
+        };
+        if let Some(asker) = asker {
+            let to = asker.0.shard;
+            self.send(to, FromBridge::NotificationsKept { asker, error });
+        }
+    }
+
+    /// A user's notifications read from Redis.
+    fn settle_notifications_read(
+        &mut self,
+        user: Arc<str>,
+        asker: Option<Asker>,
+        r: Result<Reply, Fault>,
+    ) {
+        let notifications: Vec<Notification> = match r {
+            Ok(Reply::Strings(all)) => all
+                .iter()
+                .filter_map(|j| serde_json::from_str(j).ok())
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !notifications.is_empty() || asker.is_some() {
+            let home = self.home(&user);
+            let msg = FromBridge::NotificationsLoaded {
+                user,
+                notifications,
+                asker,
+            };
+            self.send(home, msg);
+        }
+    }
+
+    /// A user's conversations read from Redis.
+    fn settle_conversations_read(
+        &mut self,
+        user: Arc<str>,
+        limit: usize,
+        asker: Asker,
+        r: Result<Reply, Fault>,
+    ) {
+        let conversations = match r {
+            Ok(Reply::Pairs(all)) => Some(read_conversations(all, limit)),
+            _ => None,
+        };
+        let home = self.home(&user);
+        let msg = FromBridge::ConversationsLoaded {
+            user,
+            limit,
+            conversations,
+            asker,
+        };
+        self.send(home, msg);
+    }
+
+    /// The heartbeat's answer: the live nodes, and those gone.
+    fn settle_beat(&mut self, first: bool, r: Result<Reply, Fault>) {
+        self.beating = false;
+        self.next_beat = self.now + self.s.node_timeout_ms / 4;
+        match r {
+            Ok(Reply::Beat { new, removed, live }) => self.on_beat(new, removed, live, first),
+            Ok(_) => {}
+            Err(f) => self.refused("heartbeat", &f),
+        }
+        if first {
+            if let LinkState::Joining { beat, .. } = &mut self.link {
+                *beat = true;
+            }
+        }
+    }
+
+    /// A dropped session taken from Redis for `session:resume`.
+    fn settle_session_taken(&mut self, asker: Option<(ConnRef, u64)>, r: Result<Reply, Fault>) {
+        let Some((conn, gather)) = asker else {
+            return;
+        };
+        let points = match r {
+            Ok(Reply::Taken(Some(json))) => {
+                match serde_json::from_str::<Vec<(String, u64, String)>>(&json) {
+                    Ok(p) => Some(
+                        p.into_iter()
+                            .map(|(c, o, e)| (Arc::from(c), o, Arc::from(e)))
+                            .collect(),
+                    ),
+                    Err(_) => {
+                        self.unreadable("a kept session");
+                        None
+                    }
+                }
+            }
+            Ok(_) => None,
+            // Out of reach: it cannot be resumed here.
+            Err(f) => {
+                self.refused("take a session", &f);
+                None
+            }
+        };
+        self.send(
+            conn.shard,
+            FromBridge::SessionTaken {
+                conn,
+                gather,
+                points,
+            },
+        );
     }
 
     fn refused(&mut self, what: &str, f: &Fault) {
