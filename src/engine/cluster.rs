@@ -119,6 +119,8 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
+    /// What the node's bridge tells this shard, by message: each has its
+    /// handler (a feature's in the feature's file, a channel's state here).
     pub(super) fn on_cluster(&mut self, msg: FromBridge, now: u64, tx: &mut impl MeshTx) {
         match msg {
             FromBridge::Attached {
@@ -167,10 +169,9 @@ impl<O: Outbound> Engine<O> {
             }
             FromBridge::NodesGone(nodes) => self.on_nodes_gone(nodes, now, tx),
             FromBridge::Republish => self.on_republish(now, tx),
-            FromBridge::NotificationsKept {
-                asker: (conn, protocol, id),
-                error,
-            } => self.on_notifications_kept((conn, protocol, id), error, now, tx),
+            FromBridge::NotificationsKept { asker, error } => {
+                self.on_notifications_kept(asker, error, now, tx)
+            }
             FromBridge::Notifications { user, change } => {
                 self.on_remote_notifications(user, change, now, tx)
             }
