@@ -6,14 +6,7 @@ use crate::common::*;
 #[test]
 fn conflicting_content_lengths_are_refused() {
     let key = "http-test-key-0123456789";
-    let s = Server::start(&[
-        "--shards",
-        "1",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--api-key",
-        key,
-    ]);
+    let s = Server::with_api(key);
     let api = s.api_addr();
     let body = r#"{"channelId":"general","content":"x"}"#;
     for framing in [

@@ -8,16 +8,7 @@ use crate::common::*;
 
 /// A node with the default rate limits (the harness turns them off).
 fn limited(extra: &[&str]) -> Server {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--auth-secret",
-        SECRET,
-        "--shards",
-        "1",
-    ];
-    args.extend_from_slice(extra);
+    let args = one_shard_args(extra);
     Server::start_raw(&args, &[("CORECAST_RATE_LIMITS", "default=100/60s")])
 }
 

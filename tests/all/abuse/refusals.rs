@@ -72,17 +72,7 @@ async fn a_browser_reads_why_its_upgrade_was_refused() {
 #[tokio::test]
 async fn a_browser_reads_a_refusal_by_the_handshake_rate() {
     let s = Server::start_raw(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-secret",
-            SECRET,
-            "--shards",
-            "1",
-            "--max-handshakes-per-ip",
-            "3",
-        ],
+        &one_shard_args(&["--max-handshakes-per-ip", "3"]),
         &[("CORECAST_MAX_HANDSHAKES_PER_IP", "3")],
     );
     // Within one second, the fourth upgrade (and later) from the address

@@ -83,17 +83,7 @@ fn idle_sockets_count_against_their_address_from_the_accept_epoll() {
 
 fn the_file_limit_keeps_headroom(driver: &str) {
     raise_nofile();
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--auth-secret",
-        SECRET,
-        "--shards",
-        "1",
-        "--io-driver",
-        driver,
-    ];
+    let args = one_shard_args(&["--io-driver", driver]);
     let s = Server::start_limited(&args, &[], Some(320));
     // 320 descriptors: 64 + 16 kept for the node, the rest for clients.
     let mut idle: Vec<TcpStream> = (0..400)
@@ -135,14 +125,7 @@ fn the_file_limit_keeps_headroom_epoll() {
 fn idle_sockets_do_not_lock_the_backend_out_of_the_api() {
     raise_nofile();
     let key = "sockets-test-key-0123456789";
-    let s = Server::start(&[
-        "--shards",
-        "1",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--api-key",
-        key,
-    ]);
+    let s = Server::with_api(key);
     let api = s.api_addr();
     let idle: Vec<TcpStream> = (0..1030)
         .map(|_| TcpStream::connect(api).unwrap())

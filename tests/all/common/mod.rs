@@ -36,6 +36,18 @@ impl Server {
         Self::start_raw(&args, &[])
     }
 
+    /// One shard with the server API on, keyed with `key`.
+    pub fn with_api(key: &str) -> Server {
+        Server::start(&[
+            "--shards",
+            "1",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--api-key",
+            key,
+        ])
+    }
+
     pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Server {
         Self::start_limited(args, env, None)
     }
@@ -742,4 +754,21 @@ pub fn raise_nofile() {
         r.rlim_cur = r.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
+}
+
+/// The arguments of `corecast serve` on one shard of a free port with the
+/// test secret, and `extra`; for `Server::start_raw`, which leaves out the
+/// harness's settings (the default limits apply).
+pub fn one_shard_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--auth-secret",
+        SECRET,
+        "--shards",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
 }
