@@ -600,15 +600,6 @@ pub(super) fn node_dies(sims: &mut [Sim], c: &mut Cluster, n: usize) {
     pump(sims, c);
 }
 
-fn contents(msgs: &[ServerMessage]) -> Vec<(u64, String)> {
-    msgs.iter()
-        .filter_map(|m| match &m.event {
-            ServerEvent::MessageNew(n) => Some((n.offset, n.content.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
 fn publish(sims: &mut [Sim], c: &mut Cluster, node: usize, who: ConnRef, text: &str) {
     sims[node].publish(who, "general", text);
     pump(sims, c);
