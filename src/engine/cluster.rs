@@ -145,9 +145,7 @@ impl<O: Outbound> Engine<O> {
             }
             FromBridge::Up => self.on_cluster_up(now, tx),
             FromBridge::Presences { user, views } => self.on_remote_presences(user, views, now, tx),
-            FromBridge::PresenceLoaded(q, loaded) => {
-                self.on_presence_query(*q, Some(loaded), now, tx)
-            }
+            FromBridge::PresenceLoaded(q, loaded) => self.presence_query(*q, Some(loaded), now, tx),
             FromBridge::SessionTaken { gather, points, .. } => {
                 let g = Gathered {
                     gather,

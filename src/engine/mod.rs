@@ -1314,7 +1314,7 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::ChannelOp(op) => self.on_channel_op(*op, now, tx),
             MeshMsg::UserOp(op) => self.on_user_op(*op, now, tx),
             MeshMsg::CallOp(op) => self.on_call_op(*op, now, tx),
-            MeshMsg::Presence(q) => self.on_presence_query(*q, None, now, tx),
+            MeshMsg::Presence(q) => self.presence_query(*q, None, now, tx),
             MeshMsg::Unsubscribe(u) => {
                 for user in &u.users {
                     if let Some(st) = self.users.get_mut(user) {

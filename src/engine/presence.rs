@@ -205,7 +205,7 @@ impl<O: Outbound> Engine<O> {
 
     /// Presence of this shard's users. In a cluster the other nodes' views
     /// are read from Redis first (the bridge comes back with them).
-    pub(super) fn on_presence_query(
+    pub(super) fn presence_query(
         &mut self,
         q: PresenceQuery,
         loaded: Option<Vec<Vec<NodePresence>>>,
@@ -301,7 +301,33 @@ impl<O: Outbound> Engine<O> {
         self.reply(id, &empty_ack(ack));
     }
 
-    pub(super) fn presence_query(
+    /// `presence:subscribe`: the users' presence now, and each change after.
+    pub(super) fn on_presence_subscribe(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        u: UserIds,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.ask_presence(id, ack, u.user_ids, true, now, tx);
+    }
+
+    /// `presence:get_bulk`: the users' presence now.
+    pub(super) fn on_presence_get_bulk(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        u: UserIds,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        self.ask_presence(id, ack, u.user_ids, false, now, tx);
+    }
+
+    /// Asks the users' homes (gathered from every shard; in a cluster, with
+    /// the other nodes' parts from Redis) for their presence.
+    pub(super) fn ask_presence(
         &mut self,
         id: ConnId,
         ack: Option<u64>,
