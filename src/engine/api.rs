@@ -63,7 +63,7 @@ impl<O: Outbound> Engine<O> {
             ack,
             send,
         };
-        self.on_publish(p, now, tx);
+        self.message_send(p, now, tx);
         // Without members the channel still keeps the message for
         // as long as its history lasts.
         self.channel_gc(&channel, now, tx);

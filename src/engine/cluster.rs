@@ -322,7 +322,7 @@ impl<O: Outbound> Engine<O> {
                 _ => Vec::new(),
             };
             for j in waiting {
-                self.on_join(j, now, tx);
+                self.channel_join(j, now, tx);
             }
         }
     }
@@ -377,7 +377,7 @@ impl<O: Outbound> Engine<O> {
             self.fan_out_local(&channel, &msg, off, None, now, tx);
         }
         for j in waiting {
-            self.on_join(j, now, tx);
+            self.channel_join(j, now, tx);
         }
         // What came while the state was loading, past what it holds.
         let early = self

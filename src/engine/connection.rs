@@ -189,7 +189,7 @@ impl<O: Outbound> Engine<O> {
             E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
             E::SessionResume(r) => self.on_session_resume(id, ack, r, now, tx),
             E::ChannelJoin(j) => {
-                self.join(id, ack, j, None, now, tx);
+                self.on_channel_join(id, ack, j, None, now, tx);
             }
             E::ChannelLeave(c) => self.on_channel_leave(id, ack, &c.channel_id, now, tx),
             E::MessageSend(m) => self.on_message_send(id, ack, m, now, tx),

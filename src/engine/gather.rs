@@ -79,7 +79,7 @@ impl<O: Outbound> Engine<O> {
                         since: Some(since),
                         token: None,
                     };
-                    let sent = self.join(id, None, j, Some(g.gather), now, tx);
+                    let sent = self.on_channel_join(id, None, j, Some(g.gather), now, tx);
                     if !sent {
                         self.resumed_join_gone(g.gather);
                     }

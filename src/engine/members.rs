@@ -14,7 +14,10 @@ impl<O: Outbound> Engine<O> {
         self.channel_query(req, ChannelPart::Members(Vec::new()), now, tx);
     }
 
-    pub(super) fn on_join(&mut self, j: Join, now: u64, tx: &mut impl MeshTx) {
+    /// `channel:join`, on the channel's owner: a member (with what it
+    /// missed, given `since`), or a refusal (a ban, a channel that cannot
+    /// load).
+    pub(super) fn channel_join(&mut self, j: Join, now: u64, tx: &mut impl MeshTx) {
         let Join {
             channel,
             from,
@@ -84,7 +87,8 @@ impl<O: Outbound> Engine<O> {
         self.route(from.shard, joined, now, tx);
     }
 
-    pub(super) fn on_leave(&mut self, l: Leave, now: u64, tx: &mut impl MeshTx) {
+    /// `channel:leave` (or a closed connection), on the channel's owner.
+    pub(super) fn channel_leave(&mut self, l: Leave, now: u64, tx: &mut impl MeshTx) {
         let Leave {
             channel,
             from,
@@ -147,7 +151,7 @@ impl<O: Outbound> Engine<O> {
 
     /// Asks the owner to add this connection to a channel; false when
     /// refused here (the refusal is answered).
-    pub(super) fn join(
+    pub(super) fn on_channel_join(
         &mut self,
         id: ConnId,
         ack: Option<u64>,
@@ -222,6 +226,7 @@ impl<O: Outbound> Engine<O> {
         true
     }
 
+    /// `channel:leave`: checked here, then to the channel's owner.
     pub(super) fn on_channel_leave(
         &mut self,
         id: ConnId,

@@ -158,7 +158,9 @@ impl<O: Outbound> Engine<O> {
         self.send_reply(reply, ack_of(ack, body), now, tx);
     }
 
-    pub(super) fn on_publish(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
+    /// `message:send` (or the server API's publish), on the channel's
+    /// owner: checked against the channel, then sequenced and fanned out.
+    pub(super) fn message_send(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
         let Publish {
             channel,
             from,
@@ -321,6 +323,8 @@ impl<O: Outbound> Engine<O> {
         self.channel_op(id, ack, &channel, ChanCmd::History(h), now, tx)
     }
 
+    /// `message:send`: checked here (content, ids, grants), then to the
+    /// channel's owner.
     pub(super) fn on_message_send(
         &mut self,
         id: ConnId,

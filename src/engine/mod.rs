@@ -1283,10 +1283,10 @@ impl<O: Outbound> Engine<O> {
     /// Handles a message from another shard (or routed to this one).
     pub fn handle_mesh(&mut self, msg: MeshMsg, now: u64, tx: &mut impl MeshTx) {
         match msg {
-            MeshMsg::Join(j) => self.on_join(*j, now, tx),
+            MeshMsg::Join(j) => self.channel_join(*j, now, tx),
             MeshMsg::Joined(j) => self.on_joined(*j, now, tx),
-            MeshMsg::Leave(l) => self.on_leave(*l, now, tx),
-            MeshMsg::Publish(p) => self.on_publish(*p, now, tx),
+            MeshMsg::Leave(l) => self.channel_leave(*l, now, tx),
+            MeshMsg::Publish(p) => self.message_send(*p, now, tx),
             MeshMsg::Deliver {
                 channel,
                 frames,
