@@ -159,7 +159,8 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// `message:send` (or the server API's publish), on the channel's
-    /// owner: checked against the channel, then sequenced and fanned out.
+    /// owner: a resend of a nonce is answered as the first time; otherwise
+    /// sequenced and fanned out.
     pub(super) fn message_send(&mut self, p: Publish, now: u64, tx: &mut impl MeshTx) {
         let Publish {
             channel,
