@@ -1465,6 +1465,7 @@ impl Core {
                 }
                 set_offset(&mut out.msg, &epoch, offset);
                 out.duplicate = dup;
+                out.epoch = Some(epoch.as_str().into());
                 let owner = self.owner(&out.channel);
                 self.send(owner, FromBridge::Sequenced(out));
             }

@@ -412,6 +412,7 @@ impl<O: Outbound> Engine<O> {
                 except: None,
                 reply: None,
                 duplicate: false,
+                epoch: None,
                 once: None,
             };
             self.send_bridge(ToBridge::Sequence(Box::new(out)), now, tx);
@@ -578,8 +579,39 @@ impl<O: Outbound> Engine<O> {
             return self.handed_over(&out.channel, id, now, tx);
         }
         let id = out.reply.and_then(|r| r.id);
-        if let (Some(r), Some(ack)) = (out.reply, ack_for(&out.msg, id, out.duplicate)) {
+        let ack = out.reply.zip(ack_for(&out.msg, id, out.duplicate));
+        if !out.duplicate {
+            self.apply_own(*out, now, tx);
+        }
+        if let Some((r, ack)) = ack {
             self.send_to(r.to, r.protocol, &ack, now, tx);
+        }
+    }
+
+    /// This node's own event, just sequenced: applied and delivered here
+    /// before its sender hears it was taken, when it is the next in this
+    /// node's order, so that a client holding its ack finds its message
+    /// (Redis's publication of it, which comes on another connection, is
+    /// then skipped as applied). Otherwise the publication applies it.
+    fn apply_own(&mut self, out: Outgoing, now: u64, tx: &mut impl MeshTx) {
+        let (Some(epoch), Some(offset)) = (out.epoch, sequenced_offset(&out.msg)) else {
+            return;
+        };
+        let next = self.owned.get(&out.channel).is_some_and(|o| {
+            matches!(o.link, Link::Attached) && *o.epoch == *epoch && o.offset + 1 == offset
+        });
+        if next {
+            let origin = self.cluster.as_ref().map_or(0, |c| c.node);
+            let inc = Incoming {
+                channel: out.channel,
+                offset,
+                epoch,
+                origin,
+                except: out.except,
+                once: out.once,
+                msg: out.msg,
+            };
+            self.on_cluster_event(inc, now, tx);
         }
     }
 
@@ -742,6 +774,8 @@ pub struct Outgoing {
     /// A relayed event several nodes may relay too (a moderation event):
     /// its id, by which every node delivers it once.
     pub once: Option<u64>,
+    /// The epoch Redis sequenced it under (set with its offset).
+    pub epoch: Option<Arc<str>>,
 }
 
 /// From a shard to its node's bridge: what to ask of Redis and the other

@@ -67,6 +67,7 @@ impl<O: Outbound> Engine<O> {
                 except: except.cloned(),
                 reply: None,
                 duplicate: false,
+                epoch: None,
                 handed_over: None,
                 once,
             };
@@ -127,6 +128,7 @@ impl<O: Outbound> Engine<O> {
                 except: None,
                 reply,
                 duplicate: false,
+                epoch: None,
                 handed_over: None,
                 once: None,
             };

@@ -785,6 +785,54 @@ fn logged(c: &Cluster) -> Vec<String> {
 }
 
 #[test]
+fn a_sender_finds_its_message_as_soon_as_it_is_acked() {
+    // Redis answers the sequencing and publishes the event on two
+    // connections: the answer may come first. The message is applied on
+    // the sender's node before the ack goes, so an edit (or a receipt) right
+    // after the ack finds it, and the publication delivers nothing twice.
+    let (mut sims, mut c) = nodes();
+    let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
+    sims[0].join(a, "general");
+    pump(&mut sims, &mut c);
+    ra.take();
+    sims[0].send(
+        a,
+        Some(7),
+        ClientEvent::MessageSend(MessageSend::new("general", "hi")),
+    );
+    bridge_round(&mut sims, &mut c, usize::MAX);
+    let owner = owner_of("general", SHARDS) as usize;
+    let queued: Vec<MeshMsg> = sims[0].mesh.0[owner].drain(..).collect();
+    let (answers, rest): (Vec<MeshMsg>, Vec<MeshMsg>) = queued.into_iter().partition(
+        |m| matches!(m, MeshMsg::FromBridge(b) if matches!(**b, FromBridge::Sequenced(_))),
+    );
+    assert_eq!(answers.len(), 1, "the answer is queued: {rest:?}");
+    assert!(
+        rest.iter()
+            .any(|m| matches!(m, MeshMsg::FromBridge(b) if matches!(**b, FromBridge::Event(_)))),
+        "and the publication after it"
+    );
+    // Only the answer is read; then the ack reaches alice's shard.
+    let sim = &mut sims[0];
+    for m in answers {
+        sim.shards[owner].handle_mesh(m, sim.now, &mut sim.mesh);
+    }
+    sim.settle();
+    let got = ra.take();
+    let AckBody::Send(sent) = ack_body(&got, 7) else {
+        panic!("{got:?}")
+    };
+    assert_eq!(contents(&got), [(1, "hi".to_string())]);
+    let channel: Arc<str> = "general".into();
+    let o = &sim.shards[owner].owned[&channel];
+    assert!(o.find(&sent.message_id).is_some(), "found once acked");
+    // The publication comes now: nothing twice.
+    sim.mesh.0[owner].extend(rest);
+    pump(&mut sims, &mut c);
+    assert!(contents(&ra.take()).is_empty());
+}
+
+#[test]
 fn what_a_node_sequenced_alone_is_handed_over_once_when_redis_is_back() {
     let (mut sims, mut c) = nodes();
     let (a, ra) = sims[0].connect(0, "alice", Protocol::Json);
