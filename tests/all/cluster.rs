@@ -742,7 +742,7 @@ async fn presence_adds_up_over_nodes_and_a_killed_node_takes_its_users_offline()
         wait_cluster(&s, 1);
         s
     };
-    let (a, b, mut c) = (start(), start(), start());
+    let (a, mut b, mut c) = (start(), start(), start());
     // A watcher on node a, subscribed before dana connects anywhere.
     let mut watcher = Peer::on(&a, "watcher", 0, "").await;
     let sub = watcher
@@ -829,10 +829,14 @@ async fn presence_adds_up_over_nodes_and_a_killed_node_takes_its_users_offline()
         .await;
     assert_eq!(sub["presences"][0]["status"], "online");
     b.sigterm();
-    // A node that stops leaves at once: its users are offline within the
-    // node timeout at most (a node that dies takes up to that to be found).
+    // It leaves before it exits, not a node timeout later: by then Redis
+    // no longer counts it among the live nodes nor shows frank on it.
+    assert_eq!(b.wait_exit(Duration::from_secs(20)), Some(0), "{}", b.log());
+    assert_eq!(redis_cli(&redis, &["ZCARD", "{cc}:nodes"]), "1");
+    assert_eq!(redis_cli(&redis, &["HLEN", "cc:p:{frank}"]), "0");
+    // And the other nodes hear it (the bound allows for a loaded machine).
     tokio::time::timeout(
-        Duration::from_millis(TIMEOUT_MS),
+        Duration::from_millis(TIMEOUT_MS * 5),
         watcher.presence_until(|d| d["userId"] == "frank" && d["status"] == "offline"),
     )
     .await
@@ -1263,6 +1267,16 @@ async fn a_join_ack_counts_the_members_of_every_node() {
     let mut carol = Peer::on(&a, "carol", 1, "").await;
     let j = alice.ok("channel:join", json!({"channelId": "room"})).await;
     assert_eq!(j["members"], 1);
+    // Node a's count reaches Redis in its bridge's next round (a join ack
+    // does not wait for Redis).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_cli(&redis, &["HLEN", "cc:{room}:members"]) != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "node a's count never reached Redis"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let j = bob.ok("channel:join", json!({"channelId": "room"})).await;
     assert_eq!(j["members"], 2, "{j}");
     // Node b's count reaches node a through Redis right after bob's join.
