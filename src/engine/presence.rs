@@ -226,6 +226,7 @@ impl<O: Outbound> Engine<O> {
         }
         let mut loaded = loaded.unwrap_or_default().into_iter();
         let mut views = Vec::with_capacity(q.users.len());
+        let mut kept = Vec::new();
         for user in &q.users {
             let remote = loaded.next().unwrap_or_default();
             views.push(match self.users.get_mut(user) {
@@ -235,11 +236,18 @@ impl<O: Outbound> Engine<O> {
                     for p in remote {
                         st.set_remote(p);
                     }
+                    kept.push(user.clone());
                     st.view(user, now)
                 }
                 Some(st) => user::merge(st.local_view(user, now), 0, &remote),
                 None => user::merge(UserState::default().view(user, now), 0, &remote),
             });
+        }
+        // What was read becomes what subscribers were last told, so that
+        // the next change (another node gone, say) reaches them, even when
+        // the read that following started comes back after it.
+        for user in kept {
+            self.announce(&user, now, tx);
         }
         let g = Gathered {
             gather: q.gather,
