@@ -167,8 +167,6 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let call_event =
-            |who: &Arc<str>, reason: Option<&str>, sdp| call_event(id, who, reason, sdp);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -178,10 +176,12 @@ impl<O: Outbound> Engine<O> {
         call.answered = Some(from);
         let (caller_conn, caller_protocol, callee) =
             (call.caller_conn, call.caller_protocol, call.callee.clone());
-        let answered = ev(ServerEvent::CallAnswered(call_event(&callee, None, sdp)));
+        let answered = ev(ServerEvent::CallAnswered(call_event(
+            id, &callee, None, sdp,
+        )));
         self.send_to(caller_conn, caller_protocol, &answered, now, tx);
         let elsewhere =
-            ServerEvent::CallEnded(call_event(&callee, Some("answered_elsewhere"), None));
+            ServerEvent::CallEnded(call_event(id, &callee, Some("answered_elsewhere"), None));
         self.tell_callee(&callee, elsewhere, Some(from.0), now, tx);
         self.answer(Some(from), &empty_ack(ack), now, tx);
     }
@@ -196,8 +196,6 @@ impl<O: Outbound> Engine<O> {
             is_callee,
             ..
         } = p;
-        let call_event =
-            |who: &Arc<str>, reason: Option<&str>, sdp| call_event(id, who, reason, sdp);
         let Some(call) = self.calls.get_mut(&id) else {
             return;
         };
@@ -212,12 +210,13 @@ impl<O: Outbound> Engine<O> {
         );
         self.calls.remove(&id);
         let rejected = ev(ServerEvent::CallRejected(call_event(
+            id,
             &callee,
             reason.as_deref(),
             None,
         )));
         self.send_to(caller_conn, caller_protocol, &rejected, now, tx);
-        let ended = ServerEvent::CallEnded(call_event(&callee, Some("rejected"), None));
+        let ended = ServerEvent::CallEnded(call_event(id, &callee, Some("rejected"), None));
         self.tell_callee(&callee, ended, conn, now, tx);
         self.answer(from, &empty_ack(ack), now, tx);
         self.send_user_op(caller, None, None, UserCmd::CallDone { call: id }, now, tx);

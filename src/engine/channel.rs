@@ -400,6 +400,12 @@ impl Owned {
     }
 
     /// The message a client names, if the history still holds it.
+    /// The offset of a message id of this epoch that has been sequenced
+    /// (kept in the history or not).
+    pub fn sequenced(&self, message_id: &str) -> Option<u64> {
+        offset_of(&self.epoch, message_id).filter(|o| *o <= self.offset)
+    }
+
     pub fn find(&self, message_id: &str) -> Option<&Stored> {
         self.stored(offset_of(&self.epoch, message_id)?)
     }

@@ -21,14 +21,11 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         let (channel, from, member, ack) = req.parts();
-        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| {
-            check_author(owned, id, verb, moderator, &member.user, ack)
-        };
         let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
-        if let Err(e) = authored(owned, &message_id, "edit", false) {
+        if let Err(e) = check_author(owned, &message_id, "edit", false, &member.user, ack) {
             return self.send_reply(reply, *e, now, tx);
         }
         let offset = owned.next_offset();
@@ -57,14 +54,12 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         let (channel, from, member, ack) = req.parts();
-        let authored = |owned: &Owned, id: &str, verb: &str, moderator: bool| {
-            check_author(owned, id, verb, moderator, &member.user, ack)
-        };
         let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
-        let stored = match authored(owned, &message_id, "delete", moderator) {
+        let stored = match check_author(owned, &message_id, "delete", moderator, &member.user, ack)
+        {
             Ok(stored) => stored,
             Err(e) => return self.send_reply(reply, *e, now, tx),
         };

@@ -50,7 +50,7 @@ use crate::access::{Access, Grants, Roles};
 use crate::livekit::LiveKit;
 use crate::metrics::ShardMetrics;
 use crate::protocol::*;
-use channel::{apply_voice, offset_of, Link, Owned, Participant, Typing};
+use channel::{apply_voice, Link, Owned, Participant, Typing};
 pub use chunked::ChunkedVec;
 use cluster::{QueryThen, Reply};
 use timers::{Timer, Timers};

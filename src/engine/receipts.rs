@@ -66,8 +66,7 @@ impl<O: Outbound> Engine<O> {
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
-        let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
-        else {
+        let Some(offset) = owned.sequenced(&message_id) else {
             return self.send_reply(reply, not_in_history(ack, &message_id), now, tx);
         };
         if owned.mark_read(&member.user, offset, now) {
@@ -96,8 +95,7 @@ impl<O: Outbound> Engine<O> {
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
-        let Some(offset) = offset_of(&owned.epoch, &message_id).filter(|o| *o <= owned.offset)
-        else {
+        let Some(offset) = owned.sequenced(&message_id) else {
             return self.send_reply(reply, not_in_history(ack, &message_id), now, tx);
         };
         // Readers connected to other nodes are read there.
