@@ -54,7 +54,7 @@ fn handoff(c: &mut Criterion) {
                     channel: channel.clone(),
                     frames: Frames {
                         json: Some(frame.clone()),
-                        binary: None,
+                        ..Frames::default()
                     },
                     offset: 1,
                 };

@@ -32,6 +32,9 @@ pub struct Config {
     pub max_preauth_bytes_per_shard: usize,
     /// Serve `/echo`, which echoes every message (for conformance suites).
     pub echo_endpoint: bool,
+    /// Where Socket.IO clients connect (Engine.IO 4's WebSocket transport);
+    /// empty turns Socket.IO off.
+    pub socketio_path: String,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
     /// How an upgrade refused for its token, a ban or a limit is answered:
@@ -158,6 +161,8 @@ impl Default for Config {
             // 1,000 connections at that limit, per core.
             max_preauth_bytes_per_shard: 16 << 20,
             echo_endpoint: false,
+            // Where `io(url)` looks by default.
+            socketio_path: "/socket.io/".into(),
             allowed_origins: vec![],
             // Browsers cannot read an HTTP refusal; other clients can.
             upgrade_refusals: "auto".into(),
@@ -276,6 +281,10 @@ pub struct ConfigArgs {
     /// Serve /echo (for conformance suites).
     #[arg(long, env = "CORECAST_ECHO_ENDPOINT")]
     pub echo_endpoint: bool,
+    /// Where Socket.IO clients connect; empty turns Socket.IO off
+    /// [default: /socket.io/].
+    #[arg(long, env = "CORECAST_SOCKETIO_PATH")]
+    pub socketio_path: Option<String>,
     /// Allowed Origin values, comma-separated.
     #[arg(long, env = "CORECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -436,6 +445,7 @@ impl ConfigArgs {
             max_preauth_bytes_per_shard,
             allowed_origins,
             upgrade_refusals,
+            socketio_path,
             ping_interval_ms,
             ping_timeout_ms,
             handshake_timeout_ms,
@@ -602,6 +612,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "rate_limit_strikes must be at most 250, not {}",
                 self.rate_limit_strikes
+            )));
+        }
+        if !self.socketio_path.is_empty() && !self.socketio_path.starts_with('/') {
+            return Err(ConfigError(format!(
+                "socketio_path must start with `/` (or be empty to turn Socket.IO off), not `{}`",
+                self.socketio_path
             )));
         }
         if self.shards > 1024 {

@@ -2057,11 +2057,7 @@ impl Core {
     /// A call operation from another node, its asker stood in for here.
     fn call_op(&mut self, w: CallWire) -> CallOp {
         let from = w.from.map(|c| {
-            let protocol = if c.binary {
-                Protocol::Binary
-            } else {
-                Protocol::Json
-            };
+            let protocol = Protocol::from_index(c.protocol as usize).unwrap_or(Protocol::Json);
             let r = Remote {
                 node: c.node,
                 conn: ConnRef {
@@ -2097,7 +2093,7 @@ fn wire_conn(node: u64, conn: ConnRef, protocol: Protocol) -> WireConn {
         shard: conn.shard,
         slot: conn.conn.slot,
         gen: conn.conn.gen,
-        binary: protocol == Protocol::Binary,
+        protocol: protocol.index() as u8,
     }
 }
 

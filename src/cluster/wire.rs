@@ -22,8 +22,8 @@ pub struct WireConn {
     pub shard: u16,
     pub slot: u32,
     pub gen: u32,
-    /// Speaks the binary protocol (else JSON).
-    pub binary: bool,
+    /// The protocol it speaks ([`crate::protocol::Protocol::index`]).
+    pub protocol: u8,
 }
 
 /// A call operation on its way to the node that holds the call.

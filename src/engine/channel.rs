@@ -82,7 +82,7 @@ pub struct Owned {
     pub offset: u64,
     pub epoch: Arc<str>,
     /// Members per shard: `[json, binary]`.
-    pub per_shard: Vec<[u32; 2]>,
+    pub per_shard: Vec<[u32; 3]>,
     /// Connections in the channel per user.
     pub users: HashMap<Arc<str>, u32>,
     log: VecDeque<LogEntry>,
@@ -137,7 +137,7 @@ impl Owned {
         Owned {
             offset: 0,
             epoch,
-            per_shard: vec![[0, 0]; shards],
+            per_shard: vec![[0; 3]; shards],
             users: HashMap::new(),
             log: VecDeque::new(),
             messages: VecDeque::new(),
@@ -162,7 +162,7 @@ impl Owned {
     }
 
     pub fn total(&self) -> u32 {
-        self.per_shard.iter().map(|c| c[0] + c[1]).sum()
+        self.per_shard.iter().flatten().sum()
     }
 
     /// Connections in the channel on every node.
@@ -195,15 +195,20 @@ impl Owned {
         self.per_shard
             .iter()
             .enumerate()
-            .filter(|(_, c)| c[0] + c[1] > 0)
+            .filter(|(_, c)| c.iter().any(|&n| n > 0))
             .map(|(s, _)| s as ShardId)
             .collect()
     }
 
-    pub fn protocols(&self) -> (bool, bool) {
-        self.per_shard
-            .iter()
-            .fold((false, false), |(j, b), c| (j || c[0] > 0, b || c[1] > 0))
+    /// Which protocols the members speak (by [`Protocol::index`]).
+    pub fn protocols(&self) -> [bool; 3] {
+        let mut any = [false; 3];
+        for c in &self.per_shard {
+            for (a, &n) in any.iter_mut().zip(c) {
+                *a |= n > 0;
+            }
+        }
+        any
     }
 
     /// Nothing left that anyone could ask for: no members, no voice, no
@@ -433,10 +438,7 @@ impl Owned {
         }
         let mut out = Vec::new();
         for e in self.log.iter_mut().filter(|e| e.offset > since.offset) {
-            let frame = match protocol {
-                Protocol::Json => &mut e.frames.json,
-                Protocol::Binary => &mut e.frames.binary,
-            };
+            let frame = e.frames.slot(protocol);
             out.push(
                 frame
                     .get_or_insert_with(|| encode_frame(protocol, &e.msg))
@@ -582,7 +584,7 @@ mod tests {
             timestamp: now,
         };
         let msg = ServerMessage::event(ServerEvent::MessageNew(m.clone()));
-        let frames = Frames::encode(&msg, true, false);
+        let frames = Frames::encode(&msg, [true, false, false]);
         c.log(offset, now, msg, &frames, s);
         c.store(&Arc::from(user), m, now, s);
         offset

@@ -115,24 +115,29 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        use crate::protocol::{binary, json, DecodeError};
+        use crate::protocol::{binary, json, socketio, DecodeError};
         let Some(protocol) = self.conn(id).map(|c| c.member.protocol) else {
             return;
         };
-        match (protocol, text) {
-            (Protocol::Json, true) => match json::envelope(payload, scratch) {
-                Err(e) => self.malformed(id, e, now, tx),
-                Ok(env) if self.charge(id, env.bucket(), env.id, now, tx) => match env.decode() {
-                    Ok(m) => self.handle_charged(id, m, now, tx),
-                    Err(e) => self.malformed_charged(id, e, now, tx),
-                },
-                Ok(_) => {}
+        let envelope = match (protocol, text) {
+            (Protocol::Json, true) => json::envelope(payload, scratch),
+            // A Socket.IO packet (the shell has read its Engine.IO type).
+            (Protocol::SocketIo, true) => socketio::envelope(payload, scratch),
+            (Protocol::Binary, false) => {
+                return match binary::decode_client(payload) {
+                    Ok(m) => self.handle(id, m, now, tx),
+                    Err(e) => self.malformed(id, e, now, tx),
+                }
+            }
+            (p, _) => return self.malformed(id, DecodeError::wrong_frame(p), now, tx),
+        };
+        match envelope {
+            Err(e) => self.malformed(id, e, now, tx),
+            Ok(env) if self.charge(id, env.bucket(), env.id, now, tx) => match env.decode() {
+                Ok(m) => self.handle_charged(id, m, now, tx),
+                Err(e) => self.malformed_charged(id, e, now, tx),
             },
-            (Protocol::Binary, false) => match binary::decode_client(payload) {
-                Ok(m) => self.handle(id, m, now, tx),
-                Err(e) => self.malformed(id, e, now, tx),
-            },
-            (p, _) => self.malformed(id, DecodeError::wrong_frame(p), now, tx),
+            Ok(_) => {}
         }
     }
 

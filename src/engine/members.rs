@@ -61,7 +61,7 @@ impl<O: Outbound> Engine<O> {
         // Existing members hear of the join before the joiner's first delivery.
         self.fan_out(&channel, &event, None, now, tx);
         let owned = self.owned.get_mut(&channel).expect("owned above");
-        owned.per_shard[from.shard as usize][proto_index(member.protocol)] += 1;
+        owned.per_shard[from.shard as usize][member.protocol.index()] += 1;
         owned.count_user(&member.user, 1);
         self.members_changed(&channel, now, tx);
         let owned = self.owned.get_mut(&channel).expect("owned above");
@@ -98,7 +98,7 @@ impl<O: Outbound> Engine<O> {
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
-        let count = &mut owned.per_shard[from.shard as usize][proto_index(member.protocol)];
+        let count = &mut owned.per_shard[from.shard as usize][member.protocol.index()];
         *count = count.saturating_sub(1);
         owned.count_user(&member.user, -1);
         let gone = !owned.users.contains_key(&member.user);

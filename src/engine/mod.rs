@@ -735,18 +735,12 @@ pub(super) enum GatherKind {
     },
 }
 
-pub(super) fn proto_index(p: Protocol) -> usize {
-    match p {
-        Protocol::Json => 0,
-        Protocol::Binary => 1,
-    }
-}
-
 pub(super) fn encode_for(targets: impl Iterator<Item = Protocol>, msg: &ServerMessage) -> Frames {
-    let (json, binary) = targets.fold((false, false), |(j, b), p| {
-        (j || p == Protocol::Json, b || p == Protocol::Binary)
-    });
-    Frames::encode(msg, json, binary)
+    let mut wanted = [false; 3];
+    for p in targets {
+        wanted[p.index()] = true;
+    }
+    Frames::encode(msg, wanted)
 }
 
 pub(super) fn ev(event: ServerEvent) -> ServerMessage {
@@ -1159,7 +1153,8 @@ impl<O: Outbound> Engine<O> {
     fn reply(&self, id: ConnId, msg: &ServerMessage) {
         if let Some(c) = self.conn(id) {
             let frame = encode_frame(c.member.protocol, msg);
-            if !c.out.push(&frame) {
+            // (Socket.IO: a success nobody asked an ack for is not sent.)
+            if !frame.is_empty() && !c.out.push(&frame) {
                 self.metrics.queue_drops.inc();
             }
         }
@@ -1193,6 +1188,9 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         let frame = encode_frame(protocol, msg);
+        if frame.is_empty() {
+            return;
+        }
         self.route(
             to.shard,
             MeshMsg::ToConn {

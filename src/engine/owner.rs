@@ -88,8 +88,7 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) -> Option<Frames> {
         let owned = self.owned.get(channel)?;
-        let (json, binary) = owned.protocols();
-        let frames = Frames::encode(msg, json, binary);
+        let frames = Frames::encode(msg, owned.protocols());
         for shard in owned.member_shards() {
             let d = match except {
                 None => MeshMsg::Deliver {

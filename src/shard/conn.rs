@@ -56,6 +56,9 @@ const URGENT: u8 = 4;
 /// Nothing is written until the user's home shard admits the connection
 /// (its 101 response waits with the rest).
 const HELD: u8 = 8;
+/// Engine.IO's heartbeat: the server pings (`2`) every interval and only
+/// the client's pong (`3`) counts as an answer, not any bytes read.
+const ENGINE_IO: u8 = 32;
 /// A refusal by the user's home shard takes the WebSocket form: the 101
 /// goes, then a close frame (4029), instead of an HTTP 429.
 const REFUSE_IN_WEBSOCKET: u8 = 16;
@@ -334,6 +337,29 @@ impl ConnIo {
         if self.set_flag(HELD, false) && self.has_queued() {
             self.wake_writer();
         }
+    }
+
+    /// Keeps Engine.IO's heartbeat (see [`ENGINE_IO`]).
+    pub fn set_engine_io(&self) {
+        self.set_flag(ENGINE_IO, true);
+    }
+
+    pub fn engine_io(&self) -> bool {
+        self.flag(ENGINE_IO)
+    }
+
+    /// Bytes arrived at `now`: for a WebSocket peer, proof of life that
+    /// answers a keep-alive ping (Engine.IO waits for its pong instead).
+    pub fn received(&self, now: u64) {
+        if !self.engine_io() {
+            self.heard(now);
+        }
+    }
+
+    /// The peer answered: the next ping is an interval from now.
+    pub fn heard(&self, now: u64) {
+        self.last_rx.set(now);
+        self.ping_sent.set(NEVER);
     }
 
     /// See [`REFUSE_IN_WEBSOCKET`].

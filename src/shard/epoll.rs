@@ -19,7 +19,7 @@ use crate::signal::yield_now;
 use crate::ws::handshake::{self, Request};
 use crate::ws::{close, frame, Decoder, OpCode};
 
-use super::conn::{ConnIo, State, NEVER};
+use super::conn::{ConnIo, State};
 use super::*;
 
 pub(super) async fn shard_main(
@@ -402,8 +402,7 @@ pub(super) async fn serve_ws(
             Ok(n) => {
                 read_size.update(n, cap - len);
                 metrics_conn.bytes_in.add(n as u64);
-                io.last_rx.set(shard.outq.now_ms());
-                io.ping_sent.set(NEVER);
+                io.received(shard.outq.now_ms());
             }
         }
     }

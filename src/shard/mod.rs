@@ -51,7 +51,7 @@ use crate::engine::{Engine, SessionId, ShardId};
 use crate::logs::Throttle;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
-use crate::protocol::{self, json, DeviceKind, ErrorCode, Protocol, ServerMessage};
+use crate::protocol::{self, json, socketio, DeviceKind, ErrorCode, Protocol, ServerMessage};
 use crate::signal::Signal;
 use crate::ws::handshake::{self, HandshakeConfig, Request, Upgrade};
 use crate::ws::{close, frame, OpCode};
@@ -275,6 +275,13 @@ pub fn run(
     rt.block_on(shard_main(id, node, listener, bell, "epoll"))
 }
 
+/// An Engine.IO refusal: 400 with `{"code": N, "message": "..."}`, as
+/// Engine.IO servers answer a request they cannot take.
+fn engine_io_refusal(code: u8, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    handshake::http_response(400, "", "application/json", body.as_bytes())
+}
+
 /// What to do with a parsed request.
 enum Routed {
     /// Answer, then close (plain HTTP requests and refusals).
@@ -289,13 +296,38 @@ impl Shard {
     /// `ip` holds what the socket counts against its address (from the
     /// accept); an accepted upgrade takes it into its session.
     fn route(&self, req: Request, peer: IpAddr, ip: &mut Slots) -> Routed {
-        let up = match req {
+        let mut up = match req {
             Request::Plain(p) => {
-                return Routed::Reply(crate::http::plain(&self.node, &p.method, &p.path))
+                let route = p.path.split_once('?').map_or(p.path.as_str(), |(r, _)| r);
+                if self.socketio_path(route) {
+                    // The polling transport.
+                    return Routed::Reply(engine_io_refusal(
+                        0,
+                        "Transport unknown: this server takes Socket.IO's websocket transport (transports: [\"websocket\"])",
+                    ));
+                }
+                return Routed::Reply(crate::http::plain(&self.node, &p.method, &p.path));
             }
             Request::Upgrade(up) => up,
         };
+        let socketio = self.socketio_path(&up.path);
+        if socketio {
+            let q = |name| handshake::query_param(&up.query, name);
+            if q("EIO").as_deref() != Some("4") {
+                return Routed::Reply(engine_io_refusal(5, "Unsupported protocol version"));
+            }
+            if q("transport").as_deref() != Some("websocket") {
+                return Routed::Reply(engine_io_refusal(0, "Transport unknown"));
+            }
+            if q("sid").is_some() {
+                // An upgrade of a polling session this node does not hold.
+                return Routed::Reply(engine_io_refusal(1, "Session ID unknown"));
+            }
+            up.protocol = Protocol::SocketIo;
+            up.protocol_offered = false;
+        }
         let echo = match up.path.as_str() {
+            _ if socketio => false,
             "/" | "/ws" => false,
             "/echo" if self.node.config.echo_endpoint => true,
             _ => {
@@ -372,6 +404,14 @@ impl Shard {
             response,
             ip: std::mem::take(ip),
         }))
+    }
+
+    /// Whether `route` is where Socket.IO clients connect (with or without
+    /// its trailing slash).
+    fn socketio_path(&self, route: &str) -> bool {
+        let p = self.node.config.socketio_path.as_str();
+        !p.is_empty()
+            && route.strip_suffix('/').unwrap_or(route) == p.strip_suffix('/').unwrap_or(p)
     }
 
     /// Whether refusals of this upgrade take the WebSocket form (see
@@ -462,12 +502,20 @@ impl Shard {
             State::Open => {
                 if now >= io.auth_deadline.get() {
                     self.metrics().auth_failures.inc();
-                    let msg = ServerMessage::error(
-                        None,
-                        ErrorCode::Unauthorized,
-                        "no `auth` message in time",
-                    );
-                    io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
+                    if io.engine_io() {
+                        io.push_data(&socketio::connect_error_frame(
+                            "/",
+                            "unauthorized",
+                            "no CONNECT packet in time",
+                        ));
+                    } else {
+                        let msg = ServerMessage::error(
+                            None,
+                            ErrorCode::Unauthorized,
+                            "no `auth` message in time",
+                        );
+                        io.push_data(&protocol::encode_frame(Protocol::Json, &msg));
+                    }
                     io.close(close::UNAUTHORIZED, "authentication timeout");
                 } else if io.ping_sent.get() != NEVER {
                     if since(io.ping_sent.get()) >= c.ping_timeout_ms {
@@ -476,7 +524,11 @@ impl Shard {
                     }
                 } else if since(io.last_rx.get()) >= c.ping_interval_ms {
                     io.ping_sent.set(now);
-                    io.push_control(ping.clone());
+                    if io.engine_io() {
+                        io.push_control(socketio::ping_frame());
+                    } else {
+                        io.push_control(ping.clone());
+                    }
                 }
             }
         }

@@ -9,7 +9,9 @@ use bytes::BytesMut;
 use crate::access::Identity;
 use crate::admission::Slots;
 use crate::clock::now_ms;
+use crate::clock::random_u64;
 use crate::engine::{ConnId, Member};
+use crate::protocol::socketio::{self, EnginePacket, PacketKind};
 use crate::protocol::{
     self, binary, json, AckBody, ClientEvent, DecodeError, DeviceKind, Empty, ErrorCode, Protocol,
     Ready, ServerEvent, ServerMessage,
@@ -35,6 +37,9 @@ pub(super) struct Accepted {
 pub(super) enum Mode {
     Echo,
     Unauthenticated,
+    /// A Socket.IO connection waiting for its CONNECT packet, with the
+    /// user its upgrade's token named, if it carried one.
+    Connecting(Option<Box<Identity>>),
     Authenticated(ConnId),
     /// The connection has left the engine.
     Ended,
@@ -56,6 +61,8 @@ pub(super) struct Session {
     pub(super) mode: Mode,
     /// Messages other than a valid `auth` sent before authenticating.
     pub(super) preauth_strikes: u8,
+    /// Binary frames still due as attachments of a Socket.IO packet.
+    pub(super) attachments: u8,
     /// The client address's counters (given back at the end).
     pub(super) ip: Slots,
 }
@@ -63,7 +70,7 @@ pub(super) struct Session {
 impl Session {
     /// Whether the connection waits for its `auth` message.
     pub(super) fn preauth(&self) -> bool {
-        matches!(self.mode, Mode::Unauthenticated)
+        matches!(self.mode, Mode::Unauthenticated | Mode::Connecting(_))
     }
 
     /// The largest message the connection may send now: small until it
@@ -121,8 +128,25 @@ impl Session {
                 Mode::Unauthenticated
             },
             preauth_strikes: 0,
+            attachments: 0,
             ip,
         };
+        if protocol == Protocol::SocketIo {
+            // Engine.IO opens the session; the client's CONNECT packet
+            // authenticates it.
+            let c = &shard.node.config;
+            io.set_engine_io();
+            io.push_control(socketio::open_frame(
+                &format!("{:016x}", random_u64()),
+                c.ping_interval_ms,
+                c.ping_timeout_ms,
+                c.max_message_size,
+            ));
+            s.mode = Mode::Connecting(user.map(Box::new));
+            io.auth_deadline
+                .set(shard.outq.now_ms() + c.auth_timeout_ms);
+            return s;
+        }
         match user {
             Some(u) => {
                 // The 101 waits for the user's home shard to count the
@@ -221,6 +245,9 @@ impl Session {
             io.push_data(&frame::encode(op, &payload));
             return;
         }
+        if self.protocol == Protocol::SocketIo {
+            return self.on_engine_io(shard, io, text, payload);
+        }
         if let Mode::Authenticated(id) = self.mode {
             return self.on_event(shard, id, text, payload);
         }
@@ -240,28 +267,15 @@ impl Session {
         };
         match self.mode {
             Mode::Unauthenticated => match msg.event {
-                ClientEvent::Auth(a) => match shard.node.verifier.identify(&a.token) {
-                    Ok(identity) => {
-                        let ban = shard.engine.borrow().server_ban(&identity.user, now_ms());
-                        match ban {
-                            None => self.authenticate(shard, io, identity, msg.id),
-                            Some(why) => {
-                                shard.metrics().auth_failures.inc();
-                                self.reply(
-                                    io,
-                                    &ServerMessage::error(msg.id, ErrorCode::Forbidden, why),
-                                );
-                                io.close(close::BANNED, "banned");
-                            }
+                ClientEvent::Auth(a) => match verify(shard, &a.token) {
+                    Ok(identity) => self.authenticate(shard, io, identity, msg.id),
+                    Err((code, why)) => {
+                        self.reply(io, &ServerMessage::error(msg.id, code, why));
+                        if code == ErrorCode::Forbidden {
+                            io.close(close::BANNED, "banned");
+                        } else {
+                            io.close(close::UNAUTHORIZED, "unauthorized");
                         }
-                    }
-                    Err(e) => {
-                        shard.metrics().auth_failures.inc();
-                        self.reply(
-                            io,
-                            &ServerMessage::error(msg.id, ErrorCode::Unauthorized, e.0),
-                        );
-                        io.close(close::UNAUTHORIZED, "unauthorized");
                     }
                 },
                 _ => {
@@ -276,9 +290,129 @@ impl Session {
                     self.preauth_strike(shard, io);
                 }
             },
-            Mode::Echo | Mode::Authenticated(_) => unreachable!("handled above"),
+            Mode::Echo | Mode::Authenticated(_) | Mode::Connecting(_) => {
+                unreachable!("handled above")
+            }
             Mode::Ended => {}
         }
+    }
+
+    /// An Engine.IO packet of a Socket.IO connection (a text frame), or an
+    /// attachment (a binary frame). A packet that cannot be read closes
+    /// the connection, as Socket.IO servers do; a request that can be read
+    /// but not carried out is answered in its ack, as on the native
+    /// protocol.
+    fn on_engine_io(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, mut payload: BytesMut) {
+        if !text {
+            if self.attachments > 0 {
+                // Attachments of a packet already refused in its ack.
+                self.attachments -= 1;
+            } else if let Mode::Authenticated(id) = self.mode {
+                self.on_event(shard, id, false, payload);
+            } else {
+                self.preauth_strike(shard, io);
+            }
+            return;
+        }
+        let packet = match socketio::engine_packet(&payload) {
+            Ok(p) => p,
+            Err(e) => return self.invalid_packet(shard, io, &e),
+        };
+        let sio = match packet {
+            EnginePacket::Message(p) => p,
+            EnginePacket::Ping(data) => {
+                io.push_control(socketio::pong_frame(data));
+                return;
+            }
+            EnginePacket::Pong => return io.heard(shard.outq.now_ms()),
+            EnginePacket::Close => return io.close(close::NORMAL, ""),
+            EnginePacket::Upgrade | EnginePacket::Noop => return,
+        };
+        let (kind, nsp, attachments) = match socketio::packet(sio) {
+            Ok(p) => (p.kind, p.nsp == "/", p.attachments),
+            Err(e) => return self.invalid_packet(shard, io, &e),
+        };
+        self.attachments = attachments as u8;
+        match (kind, &self.mode) {
+            (PacketKind::Connect, Mode::Connecting(_)) => self.on_connect(shard, io, sio),
+            (PacketKind::Connect, _) if !nsp => {
+                let nsp = socketio::packet(sio)
+                    .map(|p| p.nsp.to_owned())
+                    .unwrap_or_default();
+                io.push_data(&socketio::connect_error_frame(
+                    &nsp,
+                    "not_found",
+                    "Invalid namespace",
+                ));
+            }
+            (PacketKind::Disconnect, _) if nsp => io.close(close::NORMAL, ""),
+            (PacketKind::Event | PacketKind::BinaryEvent, Mode::Authenticated(id)) => {
+                let id = *id;
+                let _ = payload.split_to(1);
+                self.on_event(shard, id, true, payload);
+            }
+            // The server asks for no acks; a second CONNECT changes nothing.
+            (
+                PacketKind::Ack | PacketKind::BinaryAck | PacketKind::Connect,
+                Mode::Authenticated(_),
+            ) => {}
+            (PacketKind::ConnectError, _) => {
+                let e = DecodeError::new(None, "CONNECT_ERROR comes from the server");
+                self.invalid_packet(shard, io, &e)
+            }
+            _ => self.preauth_strike(shard, io),
+        }
+    }
+
+    /// A CONNECT to the main namespace: the token of its auth payload, or
+    /// else the upgrade's, authenticates the connection. A refusal reaches
+    /// the client's `connect_error` with its reason.
+    fn on_connect(&mut self, shard: &Shard, io: &Rc<ConnIo>, sio: &[u8]) {
+        let Ok(p) = socketio::packet(sio) else {
+            return;
+        };
+        if p.nsp != "/" {
+            shard.metrics().auth_failures.inc();
+            io.push_data(&socketio::connect_error_frame(
+                p.nsp,
+                "not_found",
+                "Invalid namespace",
+            ));
+            return self.preauth_strike(shard, io);
+        }
+        let verified = match socketio::connect_token(p.data) {
+            Err(e) => Err((ErrorCode::BadRequest, e.message)),
+            Ok(Some(token)) => verify(shard, &token),
+            Ok(None) => match std::mem::replace(&mut self.mode, Mode::Unauthenticated) {
+                Mode::Connecting(Some(identity)) => Ok(*identity),
+                _ => Err((
+                    ErrorCode::Unauthorized,
+                    "unauthorized: no token (connect with `auth: { token }`)".to_owned(),
+                )),
+            },
+        };
+        match verified {
+            Ok(identity) => self.authenticate(shard, io, identity, None),
+            Err((code, why)) => {
+                self.mode = Mode::Connecting(None);
+                let code = match code {
+                    ErrorCode::Forbidden => "forbidden",
+                    ErrorCode::BadRequest => "bad_request",
+                    _ => "unauthorized",
+                };
+                io.push_data(&socketio::connect_error_frame("/", code, &why));
+                self.preauth_strike(shard, io);
+            }
+        }
+    }
+
+    /// A packet that is not Engine.IO or Socket.IO: the connection ends
+    /// (1008, with the reason).
+    fn invalid_packet(&mut self, shard: &Shard, io: &ConnIo, e: &DecodeError) {
+        shard.metrics().protocol_errors.inc();
+        let mut reason = e.message.clone();
+        reason.truncate(120);
+        io.close(close::POLICY_VIOLATION, &reason);
     }
 
     /// A message of an authenticated connection, for the engine.
@@ -295,7 +429,7 @@ impl Session {
         );
     }
 
-    /// Counts a message that was not a valid `auth` before authentication;
+    /// Counts a message that was not a valid `auth` (or CONNECT) before authentication;
     /// past `rate_limit_strikes` of them the connection is closed (1008).
     pub(super) fn preauth_strike(&mut self, shard: &Shard, io: &ConnIo) {
         self.preauth_strikes = self.preauth_strikes.saturating_add(1);
@@ -329,6 +463,24 @@ impl Session {
             }
         }
         Next::Continue
+    }
+}
+
+/// Verifies a token and the server-wide ban of its user; the refusal is
+/// `unauthorized` or `forbidden` with its reason.
+fn verify(shard: &Shard, token: &str) -> Result<Identity, (ErrorCode, String)> {
+    match shard.node.verifier.identify(token) {
+        Ok(identity) => match shard.engine.borrow().server_ban(&identity.user, now_ms()) {
+            None => Ok(identity),
+            Some(why) => {
+                shard.metrics().auth_failures.inc();
+                Err((ErrorCode::Forbidden, why))
+            }
+        },
+        Err(e) => {
+            shard.metrics().auth_failures.inc();
+            Err((ErrorCode::Unauthorized, e.0))
+        }
     }
 }
 

@@ -551,8 +551,7 @@ impl Loop {
                 let m = shard.metrics();
                 m.bytes_in.add(r.res as u64);
                 let now = shard.outq.now_ms();
-                conn.io.last_rx.set(now);
-                conn.io.ping_sent.set(NEVER);
+                conn.io.received(now);
                 let before = preauth_held(conn);
                 read_over = feed(&shard, conn, data, &mut self.scratch, now);
                 if !shard.preauth_change(before, preauth_held(conn)) {

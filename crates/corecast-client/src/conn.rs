@@ -125,6 +125,11 @@ pub struct Client {
 impl Client {
     /// Connects, upgrades, and, when a token is given, waits for `ready`.
     pub async fn connect(opts: &ConnectOptions) -> Result<Client, ClientError> {
+        if opts.protocol == Some(Protocol::SocketIo) {
+            return Err(ClientError::Handshake(
+                "this client speaks corecast.json and corecast.bin; Socket.IO clients connect to the Socket.IO path".into(),
+            ));
+        }
         let addr = opts.url.resolve()?;
         let t = opts.timeout;
         let stream = monoio::time::timeout(t, connect_tcp(addr, opts.source_ip))

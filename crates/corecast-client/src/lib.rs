@@ -294,6 +294,7 @@ pub fn encode_message(protocol: Protocol, msg: &ClientMessage, masker: &mut Mask
             masker.frame(OpCode::Text, &payload)
         }
         Protocol::Binary => masker.frame(OpCode::Binary, &binary::encode_client(msg)),
+        Protocol::SocketIo => unreachable!("`Client::connect` refuses Socket.IO"),
     }
 }
 
@@ -302,6 +303,11 @@ pub fn decode_message(protocol: Protocol, payload: &[u8]) -> Result<ServerMessag
     Ok(match protocol {
         Protocol::Json => json::decode_server(payload)?,
         Protocol::Binary => binary::decode_server(payload)?,
+        Protocol::SocketIo => {
+            return Err(ClientError::Handshake(
+                "this client speaks corecast.json and corecast.bin, not Socket.IO".into(),
+            ))
+        }
     })
 }
 

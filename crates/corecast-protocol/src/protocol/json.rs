@@ -23,6 +23,12 @@ pub const MAX_LIST: usize = 1000;
 /// Reusable simd-json scratch space; keep one per shard.
 pub struct Scratch(simd_json::Buffers);
 
+impl Scratch {
+    pub(crate) fn buffers(&mut self) -> &mut simd_json::Buffers {
+        &mut self.0
+    }
+}
+
 impl Default for Scratch {
     fn default() -> Self {
         Scratch(simd_json::Buffers::new(1024))
@@ -84,7 +90,17 @@ pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope
     })
 }
 
-impl Envelope<'_> {
+impl<'v> Envelope<'v> {
+    /// An envelope read by another framing (Socket.IO's event arrays).
+    pub(crate) fn new(id: Option<u64>, t: Cow<'v, str>, d: Option<Value<'v>>) -> Self {
+        Envelope {
+            id,
+            event: event_index(&t),
+            t,
+            d,
+        }
+    }
+
     /// The rate-limit bucket the message is charged to.
     pub fn bucket(&self) -> usize {
         self.event
@@ -541,36 +557,48 @@ fn write_envelope<T: Serialize>(name: &str, id: Option<u64>, d: Option<&T>, out:
 
 /// Appends the JSON encoding of a server message to `out`.
 pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"t\":");
+    serde_json::to_writer(&mut *out, msg.event.name()).expect("writing to a Vec cannot fail");
+    if let Some(id) = msg.id {
+        out.extend_from_slice(b",\"id\":");
+        std::io::Write::write_fmt(out, format_args!("{id}")).expect("writing to a Vec cannot fail");
+    }
+    out.extend_from_slice(b",\"d\":");
+    write_server_body(msg, out);
+    out.push(b'}');
+}
+
+/// Appends the JSON of a server message's payload (the envelope's `d`)
+/// to `out`; the Socket.IO encoding wraps the same text.
+pub fn write_server_body(msg: &ServerMessage, out: &mut Vec<u8>) {
+    fn w<T: Serialize>(d: &T, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, d).expect("writing to a Vec cannot fail");
+    }
     use ServerEvent::*;
-    let (name, id) = (msg.event.name(), msg.id);
     match &msg.event {
-        Ready(d) => write_envelope(name, id, Some(d), out),
-        Ack(d) => write_envelope(name, id, Some(d), out),
-        Error(d) => write_envelope(name, id, Some(d), out),
-        HeartbeatAck(d) => write_envelope(name, id, Some(d), out),
-        MemberJoined(d) | MemberLeft(d) => write_envelope(name, id, Some(d), out),
-        MessageNew(d) => write_envelope(name, id, Some(d), out),
-        MessageEdited(d) => write_envelope(name, id, Some(d), out),
-        MessageDeleted(d) => write_envelope(name, id, Some(d), out),
-        MessageReaction(d) => write_envelope(name, id, Some(d), out),
-        MessageDelivery(d) => write_envelope(name, id, Some(d), out),
-        MessageReadReceipt(d) => write_envelope(name, id, Some(d), out),
-        DmNew(d) | DmSent(d) => write_envelope(name, id, Some(d), out),
-        PresenceChanged(d) => write_envelope(name, id, Some(d), out),
-        TypingUserStart(d) | TypingUserStop(d) => write_envelope(name, id, Some(d), out),
-        VoiceUserJoined(d) | VoiceUserLeft(d) | VoiceStateUpdate(d) => {
-            write_envelope(name, id, Some(d), out)
-        }
-        CallIncoming(d) => write_envelope(name, id, Some(d), out),
-        CallAnswered(d) | CallRejected(d) | CallEnded(d) | CallMissed(d) => {
-            write_envelope(name, id, Some(d), out)
-        }
-        CallIceCandidate(d) => write_envelope(name, id, Some(d), out),
-        NotificationNew(d) => write_envelope(name, id, Some(d), out),
+        Ready(d) => w(d, out),
+        Ack(d) => w(d, out),
+        Error(d) => w(d, out),
+        HeartbeatAck(d) => w(d, out),
+        MemberJoined(d) | MemberLeft(d) => w(d, out),
+        MessageNew(d) => w(d, out),
+        MessageEdited(d) => w(d, out),
+        MessageDeleted(d) => w(d, out),
+        MessageReaction(d) => w(d, out),
+        MessageDelivery(d) => w(d, out),
+        MessageReadReceipt(d) => w(d, out),
+        DmNew(d) | DmSent(d) => w(d, out),
+        PresenceChanged(d) => w(d, out),
+        TypingUserStart(d) | TypingUserStop(d) => w(d, out),
+        VoiceUserJoined(d) | VoiceUserLeft(d) | VoiceStateUpdate(d) => w(d, out),
+        CallIncoming(d) => w(d, out),
+        CallAnswered(d) | CallRejected(d) | CallEnded(d) | CallMissed(d) => w(d, out),
+        CallIceCandidate(d) => w(d, out),
+        NotificationNew(d) => w(d, out),
         ModerationKicked(d)
         | ModerationBanned(d)
         | ModerationUserKicked(d)
-        | ModerationUserBanned(d) => write_envelope(name, id, Some(d), out),
+        | ModerationUserBanned(d) => w(d, out),
     }
 }
 

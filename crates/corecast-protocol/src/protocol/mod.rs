@@ -11,6 +11,7 @@
 pub mod binary;
 pub mod events;
 pub mod json;
+pub mod socketio;
 
 use bytes::Bytes;
 
@@ -55,6 +56,10 @@ impl DecodeError {
         match p {
             Protocol::Json => DecodeError::new(None, "corecast.json takes text frames"),
             Protocol::Binary => DecodeError::new(None, "corecast.bin takes binary frames"),
+            Protocol::SocketIo => DecodeError::new(
+                None,
+                "binary frames are attachments, and no request takes any",
+            ),
         }
     }
 
@@ -75,10 +80,12 @@ impl std::fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 /// Encodes `msg` as one complete, unmasked WebSocket frame for `protocol`:
-/// a text frame of JSON or a binary frame holding an rkyv archive.
+/// a text frame of JSON or a binary frame holding an rkyv archive (for
+/// Socket.IO, see [`socketio::encode_frame`]: possibly none or two).
 pub fn encode_frame(protocol: Protocol, msg: &ServerMessage) -> Bytes {
     let mut f = FrameBuf::with_capacity(128);
     match protocol {
+        Protocol::SocketIo => socketio::encode_frame(msg),
         Protocol::Json => {
             json::encode_server(msg, f.payload());
             f.finish(OpCode::Text)
@@ -96,14 +103,17 @@ pub fn encode_frame(protocol: Protocol, msg: &ServerMessage) -> Bytes {
 pub struct Frames {
     pub json: Option<Bytes>,
     pub binary: Option<Bytes>,
+    pub socketio: Option<Bytes>,
 }
 
 impl Frames {
-    /// Encodes `msg` for the protocols asked for.
-    pub fn encode(msg: &ServerMessage, json: bool, binary: bool) -> Frames {
+    /// Encodes `msg` for the protocols in `wanted` (by [`Protocol::index`]).
+    pub fn encode(msg: &ServerMessage, wanted: [bool; 3]) -> Frames {
+        let enc = |p: Protocol| wanted[p.index()].then(|| encode_frame(p, msg));
         Frames {
-            json: json.then(|| encode_frame(Protocol::Json, msg)),
-            binary: binary.then(|| encode_frame(Protocol::Binary, msg)),
+            json: enc(Protocol::Json),
+            binary: enc(Protocol::Binary),
+            socketio: enc(Protocol::SocketIo),
         }
     }
 
@@ -111,6 +121,16 @@ impl Frames {
         match p {
             Protocol::Json => self.json.as_ref(),
             Protocol::Binary => self.binary.as_ref(),
+            Protocol::SocketIo => self.socketio.as_ref(),
+        }
+    }
+
+    /// The frame of `p`, encoded or not yet.
+    pub fn slot(&mut self, p: Protocol) -> &mut Option<Bytes> {
+        match p {
+            Protocol::Json => &mut self.json,
+            Protocol::Binary => &mut self.binary,
+            Protocol::SocketIo => &mut self.socketio,
         }
     }
 }

@@ -17,14 +17,32 @@ pub enum Protocol {
     Json,
     /// `corecast.bin`, the compact binary protocol.
     Binary,
+    /// Socket.IO 5 packets over Engine.IO 4's WebSocket transport (the
+    /// upgrade on the Socket.IO path, not a subprotocol name).
+    SocketIo,
 }
 
 impl Protocol {
+    /// Every protocol, in [`Protocol::index`] order.
+    pub const ALL: [Protocol; 3] = [Protocol::Json, Protocol::Binary, Protocol::SocketIo];
+
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Json => "corecast.json",
             Protocol::Binary => "corecast.bin",
+            Protocol::SocketIo => "socket.io",
         }
+    }
+
+    /// The protocol's position in [`Protocol::ALL`] (per-protocol tables
+    /// are indexed by it).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The protocol at `i` in [`Protocol::ALL`].
+    pub fn from_index(i: usize) -> Option<Protocol> {
+        Protocol::ALL.get(i).copied()
     }
 
     pub fn from_name(name: &str) -> Option<Protocol> {
@@ -49,6 +67,8 @@ pub struct HandshakeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upgrade {
     pub path: String,
+    /// The query string (after `?`, not decoded; empty without one).
+    pub query: String,
     /// `?token=` from the query string.
     pub query_token: Option<String>,
     /// `?device=` (desktop, mobile, web) from the query string.
@@ -289,6 +309,7 @@ pub fn parse_request(
     Ok(Some((
         Request::Upgrade(Upgrade {
             path: route.to_owned(),
+            query: query.to_owned(),
             query_token,
             device,
             bearer,

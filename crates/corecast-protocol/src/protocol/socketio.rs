@@ -1,0 +1,513 @@
+//! Socket.IO 5 packets over Engine.IO 4's WebSocket transport: the third
+//! wire protocol, spoken by `socket.io-client` and its ports.
+//!
+//! Every WebSocket text frame holds one Engine.IO packet: a type digit
+//! (`0` open, `1` close, `2` ping, `3` pong, `4` message, `5` upgrade, `6`
+//! noop) and its data. A message carries one Socket.IO packet: a type digit
+//! (`0` CONNECT … `6` BINARY_ACK), the attachment count and `-` for binary
+//! packets, `/namespace,` unless it is the main one, the ack id, and JSON.
+//!
+//! The vocabulary is corecast's: `42["message:send",{...}]` is the request
+//! `{"t":"message:send","d":{...}}`, and `42<id>[...]` asks for an ack, which
+//! comes back as `43<id>[{"success":true,...}]` (the ack body) or
+//! `43<id>[{"success":false,"error":{"code","message"}}]`. Server events are
+//! `42["<event>",{...}]`; an error without an ack id is the event `error`.
+
+use bytes::Bytes;
+use simd_json::BorrowedValue as Value;
+
+use super::json::{self, Envelope, Scratch};
+use super::{DecodeError, ServerEvent, ServerMessage};
+use crate::ws::frame::{FrameBuf, OpCode};
+
+/// An Engine.IO packet from a client, as one WebSocket text frame holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnginePacket<'a> {
+    /// `1`: the client closes the session.
+    Close,
+    /// `2`: a ping with its data (servers ping in Engine.IO 4; a client's,
+    /// such as the `2probe` of an upgrade, is answered with the same data).
+    Ping(&'a [u8]),
+    /// `3`: the answer to the server's ping.
+    Pong,
+    /// `4…`: a Socket.IO packet.
+    Message(&'a [u8]),
+    /// `5`: the upgrade from polling is complete.
+    Upgrade,
+    /// `6`: nothing (sent by a polling transport during an upgrade).
+    Noop,
+}
+
+/// Reads an Engine.IO packet from a text frame.
+pub fn engine_packet(p: &[u8]) -> Result<EnginePacket<'_>, DecodeError> {
+    match p.split_first() {
+        Some((b'1', _)) => Ok(EnginePacket::Close),
+        Some((b'2', data)) => Ok(EnginePacket::Ping(data)),
+        Some((b'3', _)) => Ok(EnginePacket::Pong),
+        Some((b'4', rest)) => Ok(EnginePacket::Message(rest)),
+        Some((b'5', _)) => Ok(EnginePacket::Upgrade),
+        Some((b'6', _)) => Ok(EnginePacket::Noop),
+        _ => Err(DecodeError::new(
+            None,
+            "invalid Engine.IO packet: a type digit 1-6 first",
+        )),
+    }
+}
+
+/// The kind of a Socket.IO packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketKind {
+    Connect,
+    Disconnect,
+    Event,
+    Ack,
+    ConnectError,
+    BinaryEvent,
+    BinaryAck,
+}
+
+/// A Socket.IO packet's header, and where its JSON starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet<'a> {
+    pub kind: PacketKind,
+    /// Binary attachments that follow as binary frames.
+    pub attachments: u32,
+    /// The namespace (`/` for the main one).
+    pub nsp: &'a str,
+    /// The ack id the client asks for (or answers).
+    pub id: Option<u64>,
+    /// The JSON data (may be empty).
+    pub data: &'a [u8],
+}
+
+/// Most attachments a binary packet may announce.
+pub const MAX_ATTACHMENTS: u32 = 16;
+
+/// Reads a Socket.IO packet's header (the Engine.IO `4` already removed).
+pub fn packet(p: &[u8]) -> Result<Packet<'_>, DecodeError> {
+    let bad = |m: &str| DecodeError::new(None, format!("invalid Socket.IO packet: {m}"));
+    let kind = match p.first() {
+        Some(b'0') => PacketKind::Connect,
+        Some(b'1') => PacketKind::Disconnect,
+        Some(b'2') => PacketKind::Event,
+        Some(b'3') => PacketKind::Ack,
+        Some(b'4') => PacketKind::ConnectError,
+        Some(b'5') => PacketKind::BinaryEvent,
+        Some(b'6') => PacketKind::BinaryAck,
+        _ => return Err(bad("unknown packet type")),
+    };
+    let mut i = 1;
+    let mut attachments = 0;
+    if matches!(kind, PacketKind::BinaryEvent | PacketKind::BinaryAck) {
+        let start = i;
+        while i < p.len() && p[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || p.get(i) != Some(&b'-') || i - start > 2 {
+            return Err(bad("a binary packet needs its attachment count and `-`"));
+        }
+        attachments = std::str::from_utf8(&p[start..i])
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=MAX_ATTACHMENTS).contains(n))
+            .ok_or_else(|| bad(&format!("1 to {MAX_ATTACHMENTS} attachments")))?;
+        i += 1;
+    }
+    let mut nsp = "/";
+    if p.get(i) == Some(&b'/') {
+        let end = p[i..]
+            .iter()
+            .position(|&b| b == b',')
+            .map_or(p.len(), |n| i + n);
+        nsp = std::str::from_utf8(&p[i..end]).map_err(|_| bad("the namespace is not UTF-8"))?;
+        i = (end + 1).min(p.len());
+    }
+    let start = i;
+    while i < p.len() && p[i].is_ascii_digit() {
+        i += 1;
+    }
+    let id = if i > start {
+        let n = std::str::from_utf8(&p[start..i])
+            .ok()
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| bad("the ack id is too large"))?;
+        Some(n)
+    } else {
+        None
+    };
+    let data = &p[i..];
+    let shape_ok = match kind {
+        PacketKind::Connect => data.is_empty() || data[0] == b'{',
+        PacketKind::Disconnect => data.is_empty(),
+        PacketKind::Event | PacketKind::BinaryEvent | PacketKind::Ack | PacketKind::BinaryAck => {
+            data.first() == Some(&b'[')
+        }
+        PacketKind::ConnectError => true,
+    };
+    if !shape_ok || (id.is_some() && matches!(kind, PacketKind::Connect | PacketKind::Disconnect)) {
+        return Err(DecodeError {
+            id: id.filter(|_| kind == PacketKind::Event),
+            ..bad("invalid payload format")
+        });
+    }
+    if matches!(kind, PacketKind::Ack | PacketKind::BinaryAck) && id.is_none() {
+        return Err(bad("an ACK needs its id"));
+    }
+    Ok(Packet {
+        kind,
+        attachments,
+        nsp,
+        id,
+        data,
+    })
+}
+
+/// Reads an EVENT's `["<event>", {...}]` as a client envelope: its ack id
+/// and event name first (to charge the event's rate-limit bucket), its
+/// payload by [`Envelope::decode`]. `buf` is the whole Socket.IO packet,
+/// parsed in place.
+pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope<'v>, DecodeError> {
+    let (id, at) = {
+        let p = packet(buf)?;
+        if p.kind != PacketKind::Event {
+            return Err(DecodeError::new(
+                p.id,
+                "only EVENT packets carry requests (binary attachments are not supported)",
+            ));
+        }
+        if p.nsp != "/" {
+            return Err(DecodeError::new(
+                p.id,
+                format!("namespace `{}` is not connected", p.nsp),
+            ));
+        }
+        (p.id, buf.len() - p.data.len())
+    };
+    let root = simd_json::value::borrowed::to_value_with_buffers(&mut buf[at..], scratch.buffers())
+        .map_err(|e| DecodeError::new(id, format!("invalid JSON: {e}")))?;
+    let Value::Array(mut args) = root else {
+        return Err(DecodeError::new(id, "an EVENT's data must be an array"));
+    };
+    if args.len() > 2 {
+        return Err(DecodeError::new(
+            id,
+            "an event takes one argument (an object) besides its name",
+        ));
+    }
+    let d = (args.len() == 2).then(|| args.pop()).flatten();
+    let t = match args.pop() {
+        Some(Value::String(t)) => t,
+        _ => {
+            return Err(DecodeError::new(
+                id,
+                "an EVENT starts with its name (a string)",
+            ))
+        }
+    };
+    Ok(Envelope::new(id, t, d))
+}
+
+/// The token of a CONNECT packet's auth payload (`{"token": "..."}`), if
+/// it has one; an error when the payload is not a JSON object.
+pub fn connect_token(data: &[u8]) -> Result<Option<String>, DecodeError> {
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(data)
+        .map_err(|e| DecodeError::new(None, format!("invalid CONNECT payload: {e}")))?;
+    let serde_json::Value::Object(o) = v else {
+        return Err(DecodeError::new(
+            None,
+            "the CONNECT payload must be an object",
+        ));
+    };
+    match o.get("token") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
+        Some(_) => Err(DecodeError::new(None, "`auth.token` must be a string")),
+    }
+}
+
+/// Appends the text of a server message (one Engine.IO message packet) to
+/// `out`; appends nothing for a success ack nobody asked for.
+pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
+    let write_id = |out: &mut Vec<u8>, id: u64| {
+        std::io::Write::write_fmt(out, format_args!("{id}")).expect("writing to a Vec cannot fail")
+    };
+    match (&msg.event, msg.id) {
+        (ServerEvent::Ack(_), None) => {}
+        (ServerEvent::Error(_), Some(id)) => {
+            out.extend_from_slice(b"43");
+            write_id(out, id);
+            out.extend_from_slice(b"[{\"success\":false,\"error\":");
+            json::write_server_body(msg, out);
+            out.extend_from_slice(b"}]");
+        }
+        (_, Some(id)) => {
+            out.extend_from_slice(b"43");
+            write_id(out, id);
+            out.push(b'[');
+            let at = out.len();
+            json::write_server_body(msg, out);
+            // Every body is an object: `{` + `"success":true` + the rest.
+            let extra: &[u8] = if out.get(at + 1) == Some(&b'}') {
+                b"\"success\":true"
+            } else {
+                b"\"success\":true,"
+            };
+            out.splice(at + 1..at + 1, extra.iter().copied());
+            out.push(b']');
+        }
+        (event, None) => {
+            out.extend_from_slice(b"42[");
+            serde_json::to_writer(&mut *out, event.name()).expect("writing to a Vec cannot fail");
+            out.push(b',');
+            json::write_server_body(msg, out);
+            out.push(b']');
+        }
+    }
+}
+
+/// A text frame of `text`.
+fn text_frame(text: &[u8]) -> Bytes {
+    crate::ws::frame::encode(OpCode::Text, text)
+}
+
+/// Encodes `msg` as complete WebSocket frames: one text frame, none for a
+/// success ack nobody asked for, and for `ready` the CONNECT packet that
+/// opens the main namespace (`40{"sid":...}`) followed by the event.
+pub fn encode_frame(msg: &ServerMessage) -> Bytes {
+    let mut f = FrameBuf::with_capacity(128);
+    let header = f.payload().len();
+    encode_server(msg, f.payload());
+    if f.payload().len() == header {
+        return Bytes::new();
+    }
+    let event = f.finish(OpCode::Text);
+    let ServerEvent::Ready(r) = &msg.event else {
+        return event;
+    };
+    let connect = format!("40{}", serde_json::json!({ "sid": r.session_id }));
+    let mut both = Vec::with_capacity(connect.len() + event.len() + 4);
+    both.extend_from_slice(&text_frame(connect.as_bytes()));
+    both.extend_from_slice(&event);
+    Bytes::from(both)
+}
+
+/// The Engine.IO open packet (`0{...}`) as a text frame.
+pub fn open_frame(
+    sid: &str,
+    ping_interval_ms: u64,
+    ping_timeout_ms: u64,
+    max_payload: usize,
+) -> Bytes {
+    let open = serde_json::json!({
+        "sid": sid,
+        "upgrades": [],
+        "pingInterval": ping_interval_ms,
+        "pingTimeout": ping_timeout_ms,
+        "maxPayload": max_payload,
+    });
+    text_frame(format!("0{open}").as_bytes())
+}
+
+/// The server's ping (`2`) as a text frame.
+pub fn ping_frame() -> Bytes {
+    text_frame(b"2")
+}
+
+/// An answer to a client's ping (`3`, with its data).
+pub fn pong_frame(data: &[u8]) -> Bytes {
+    let mut p = Vec::with_capacity(1 + data.len());
+    p.push(b'3');
+    p.extend_from_slice(data);
+    text_frame(&p)
+}
+
+/// CONNECT_ERROR for `nsp`: the client's `connect_error` gets an `Error`
+/// whose `message` is `message` and whose `data` is `{"code": code}`.
+pub fn connect_error_frame(nsp: &str, code: &str, message: &str) -> Bytes {
+    let body = serde_json::json!({ "message": message, "data": { "code": code } });
+    let text = if nsp == "/" {
+        format!("44{body}")
+    } else {
+        format!("44{nsp},{body}")
+    };
+    text_frame(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{AckBody, ClientEvent, Empty, ErrorCode, HeartbeatAck};
+
+    /// The text of the first frame in `frame` (short, unmasked).
+    fn text_of(frame: &[u8]) -> String {
+        assert_eq!(frame[0], 0x81, "a final text frame");
+        let len = frame[1] as usize;
+        assert!(len < 126);
+        String::from_utf8(frame[2..2 + len].to_vec()).unwrap()
+    }
+
+    fn decode(s: &str) -> Result<ClientEvent, DecodeError> {
+        let mut buf = s.as_bytes().to_vec();
+        let mut scratch = Scratch::default();
+        let env = envelope(&mut buf, &mut scratch)?;
+        env.decode().map(|m| m.event)
+    }
+
+    #[test]
+    fn engine_packets() {
+        assert_eq!(engine_packet(b"2").unwrap(), EnginePacket::Ping(b""));
+        assert_eq!(engine_packet(b"3").unwrap(), EnginePacket::Pong);
+        assert_eq!(
+            engine_packet(b"2probe").unwrap(),
+            EnginePacket::Ping(b"probe")
+        );
+        assert_eq!(engine_packet(b"1").unwrap(), EnginePacket::Close);
+        assert_eq!(engine_packet(b"40").unwrap(), EnginePacket::Message(b"0"));
+        assert!(engine_packet(b"").is_err());
+        assert!(engine_packet(b"0{}").is_err());
+        assert!(engine_packet(b"9").is_err());
+    }
+
+    #[test]
+    fn packet_headers() {
+        let p = packet(b"2[\"a\"]").unwrap();
+        assert_eq!(
+            (p.kind, p.nsp, p.id, p.data),
+            (PacketKind::Event, "/", None, &b"[\"a\"]"[..])
+        );
+        let p = packet(b"212[\"a\"]").unwrap();
+        assert_eq!(p.id, Some(12));
+        let p = packet(b"2/chat,7[\"a\"]").unwrap();
+        assert_eq!((p.nsp, p.id), ("/chat", Some(7)));
+        let p = packet(b"51-3[\"a\",{\"_placeholder\":true,\"num\":0}]").unwrap();
+        assert_eq!(
+            (p.kind, p.attachments, p.id),
+            (PacketKind::BinaryEvent, 1, Some(3))
+        );
+        let p = packet(b"0{\"token\":\"x\"}").unwrap();
+        assert_eq!(
+            (p.kind, p.data),
+            (PacketKind::Connect, &b"{\"token\":\"x\"}"[..])
+        );
+        assert_eq!(packet(b"0/custom,").unwrap().nsp, "/custom");
+        assert_eq!(packet(b"1").unwrap().kind, PacketKind::Disconnect);
+        // What the official suite sends as invalid: an unknown type, data
+        // that is not an array, an ack id that is not a number.
+        assert!(packet(b"8").is_err());
+        assert!(packet(b"2{\"a\":1}").is_err());
+        assert!(packet(b"2abc").is_err());
+        assert!(packet(b"3[]").is_err(), "an ACK without id");
+        assert!(packet(b"5-[]").is_err());
+        assert!(packet(b"599-[]").is_err());
+        assert!(packet(b"299999999999999999999999[]").is_err());
+    }
+
+    #[test]
+    fn events_are_the_native_requests() {
+        let e = decode(r#"2["message:send",{"channelId":"general","content":"hi"}]"#).unwrap();
+        let ClientEvent::MessageSend(m) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (m.channel_id.as_str(), m.content.as_str()),
+            ("general", "hi")
+        );
+        assert_eq!(
+            decode(r#"2["presence:heartbeat"]"#).unwrap(),
+            ClientEvent::PresenceHeartbeat
+        );
+        let mut buf = br#"25["heartbeat"]"#.to_vec();
+        let env = envelope(&mut buf, &mut Scratch::default()).unwrap();
+        assert_eq!(env.id, Some(5));
+        assert!(matches!(
+            decode(r#"2["no:such",{}]"#),
+            Ok(ClientEvent::Unsupported(_))
+        ));
+        // Errors keep the ack id, so the client's callback hears them.
+        let e = decode(r#"29["message:send",{"channelId":7}]"#).unwrap_err();
+        assert_eq!(e.id, Some(9));
+        assert!(e.message.contains("channelId"), "{e}");
+        assert_eq!(decode(r#"24[1,2]"#).unwrap_err().id, Some(4));
+        assert!(decode(r#"24["a",{},{}]"#)
+            .unwrap_err()
+            .message
+            .contains("one argument"));
+        assert!(decode(r#"2/x,["a"]"#)
+            .unwrap_err()
+            .message
+            .contains("namespace"));
+        assert!(decode(r#"51-["a",{"_placeholder":true,"num":0}]"#).is_err());
+    }
+
+    #[test]
+    fn server_messages() {
+        let frame = |m: &ServerMessage| {
+            let mut out = Vec::new();
+            encode_server(m, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        let hb = ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: 5 });
+        assert_eq!(
+            frame(&ServerMessage::event(hb.clone())),
+            r#"42["heartbeat:ack",{"timestamp":5}]"#
+        );
+        assert_eq!(
+            frame(&ServerMessage {
+                id: Some(3),
+                event: hb
+            }),
+            r#"433[{"success":true,"timestamp":5}]"#
+        );
+        let empty = ServerMessage::ack(Some(8), AckBody::Empty(Empty {}));
+        assert_eq!(frame(&empty), r#"438[{"success":true}]"#);
+        assert_eq!(
+            frame(&ServerMessage::ack(None, AckBody::Empty(Empty {}))),
+            ""
+        );
+        assert!(encode_frame(&ServerMessage::ack(None, AckBody::Empty(Empty {}))).is_empty());
+        let e = ServerMessage::error(Some(2), ErrorCode::Forbidden, "no");
+        assert_eq!(
+            frame(&e),
+            r#"432[{"success":false,"error":{"code":"forbidden","message":"no"}}]"#
+        );
+        let e = ServerMessage::error(None, ErrorCode::RateLimited, "slow");
+        assert_eq!(
+            frame(&e),
+            r#"42["error",{"code":"rate_limited","message":"slow"}]"#
+        );
+        let ready = ServerMessage::event(ServerEvent::Ready(crate::protocol::Ready {
+            user_id: "u".into(),
+            session_id: "s1".into(),
+            shard: 0,
+            heartbeat_interval_ms: 1,
+        }));
+        let both = encode_frame(&ready);
+        let first = text_of(&both);
+        assert_eq!(first, r#"40{"sid":"s1"}"#);
+        let second = text_of(&both.slice(first.len() + 2..));
+        assert!(
+            second.starts_with(r#"42["ready",{"userId":"u""#),
+            "{second}"
+        );
+    }
+
+    #[test]
+    fn connect_payloads() {
+        assert_eq!(connect_token(b"").unwrap(), None);
+        assert_eq!(
+            connect_token(br#"{"token":"t"}"#).unwrap().as_deref(),
+            Some("t")
+        );
+        assert_eq!(connect_token(br#"{"other":1}"#).unwrap(), None);
+        assert!(connect_token(br#"{"token":1}"#).is_err());
+        assert!(connect_token(br#"[1]"#).is_err());
+        assert_eq!(
+            text_of(&connect_error_frame("/", "unauthorized", "bad token")),
+            r#"44{"data":{"code":"unauthorized"},"message":"bad token"}"#
+        );
+        assert!(text_of(&connect_error_frame("/x", "c", "m")).starts_with("44/x,{"));
+    }
+}
