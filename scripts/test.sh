@@ -58,6 +58,12 @@ step "browser: refusals Chromium can read (tests/browser)"
 CORECAST_BIN=target/debug/corecast timeout 180 node tests/browser/refusals.mjs \
     || die "the browser tests failed"
 
+step "Socket.IO: socket.io-client against real nodes (tests/socketio)"
+(cd tests/socketio && npm install --no-package-lock --no-audit --no-fund --silent) \
+    || die "npm could not install tests/socketio's packages"
+CORECAST_BIN=target/debug/corecast timeout 300 node tests/socketio/client.mjs \
+    || die "the Socket.IO client tests failed"
+
 step "Autobahn|Testsuite fuzzingclient (sections 1-10; 12-13 are compression)"
 [ -x "$PY2" ] || die "the Autobahn suite needs Python 2.7 at $PY2 (set PY2=/path/to/python2.7)"
 if [ ! -x "$cache/ab/bin/wstest" ]; then

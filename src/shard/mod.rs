@@ -282,6 +282,20 @@ fn engine_io_refusal(code: u8, message: &str) -> Vec<u8> {
     handshake::http_response(400, "", "application/json", body.as_bytes())
 }
 
+/// The transport an Engine.IO request names, or its refusal: a version
+/// other than 4, or no known transport.
+fn engine_io_query(query: &str) -> Result<&'static str, Vec<u8>> {
+    let q = |name| handshake::query_param(query, name);
+    if q("EIO").as_deref() != Some("4") {
+        return Err(engine_io_refusal(5, "Unsupported protocol version"));
+    }
+    match q("transport").as_deref() {
+        Some("websocket") => Ok("websocket"),
+        Some("polling") => Ok("polling"),
+        _ => Err(engine_io_refusal(0, "Transport unknown")),
+    }
+}
+
 /// What to do with a parsed request.
 enum Routed {
     /// Answer, then close (plain HTTP requests and refusals).
@@ -298,13 +312,17 @@ impl Shard {
     fn route(&self, req: Request, peer: IpAddr, ip: &mut Slots) -> Routed {
         let mut up = match req {
             Request::Plain(p) => {
-                let route = p.path.split_once('?').map_or(p.path.as_str(), |(r, _)| r);
+                let (route, query) = p.path.split_once('?').unwrap_or((&p.path, ""));
                 if self.socketio_path(route) {
-                    // The polling transport.
-                    return Routed::Reply(engine_io_refusal(
-                        0,
-                        "Transport unknown: this server takes Socket.IO's websocket transport (transports: [\"websocket\"])",
-                    ));
+                    return Routed::Reply(match engine_io_query(query) {
+                        Err(refusal) => refusal,
+                        // A WebSocket transport without its upgrade.
+                        Ok("websocket") => engine_io_refusal(3, "Bad request"),
+                        Ok(_) => engine_io_refusal(
+                            0,
+                            "Transport unknown: this server takes Socket.IO's websocket transport (transports: [\"websocket\"])",
+                        ),
+                    });
                 }
                 return Routed::Reply(crate::http::plain(&self.node, &p.method, &p.path));
             }
@@ -312,14 +330,12 @@ impl Shard {
         };
         let socketio = self.socketio_path(&up.path);
         if socketio {
-            let q = |name| handshake::query_param(&up.query, name);
-            if q("EIO").as_deref() != Some("4") {
-                return Routed::Reply(engine_io_refusal(5, "Unsupported protocol version"));
+            match engine_io_query(&up.query) {
+                Err(refusal) => return Routed::Reply(refusal),
+                Ok("websocket") => {}
+                Ok(_) => return Routed::Reply(engine_io_refusal(3, "Bad request")),
             }
-            if q("transport").as_deref() != Some("websocket") {
-                return Routed::Reply(engine_io_refusal(0, "Transport unknown"));
-            }
-            if q("sid").is_some() {
+            if handshake::query_param(&up.query, "sid").is_some() {
                 // An upgrade of a polling session this node does not hold.
                 return Routed::Reply(engine_io_refusal(1, "Session ID unknown"));
             }

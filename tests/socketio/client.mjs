@@ -1,0 +1,383 @@
+// socket.io-client (the npm package apps ship) against real corecast nodes:
+// the seeds' client code, `io(url, { auth: { token } })`,
+// `socket.emit(event, data, callback)` and `socket.on(event, ...)`, for
+// every event group of docs/PROTOCOL.md, errors in acks, refusals in
+// `connect_error`, the heartbeat, a channel shared with native clients, and
+// a two-node cluster.
+//
+//   CORECAST_BIN=target/debug/corecast node tests/socketio/client.mjs
+//
+// scripts/test.sh installs the packages (npm) and redis-server (apt-get).
+
+import WebSocket from "ws";
+import {
+  Native, apiKey, check, collect, connect, next, run, sleep, startNode, startRedis, token, until,
+} from "./lib.mjs";
+
+const ws = { transports: ["websocket"] };
+
+// One node for most tests: LiveKit configured (voice tokens), a tight
+// limit on `typing:start` (rate limits in acks), a short heartbeat.
+const node = await startNode([
+  "--livekit-url", "wss://livekit.example.test", "--livekit-api-key", "lk-key",
+  "--livekit-api-secret", "lk-secret-0123456789abcdef0123456789",
+  "--rate-limit", "typing:start=3/60s",
+  "--ping-interval-ms", "300", "--ping-timeout-ms", "400",
+]);
+
+const sockets = [];
+async function user(name, opts = {}, extra = []) {
+  const s = await connect(node.url, { ...ws, auth: { token: token(name, extra) }, ...opts });
+  sockets.push(s);
+  return s;
+}
+
+async function api(path, body) {
+  const r = await fetch(`http://${node.api}${path}`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${apiKey}`, "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  return { status: r.status, body: await r.json().catch(() => null) };
+}
+
+await run([
+  ["connect with auth.token and receive ready", async () => {
+    const s = await user("ann");
+    check("connected", s.connected, {});
+    check("ready names the user and the session", s.ready?.userId === "ann" && s.ready.sessionId === s.id, s.ready);
+    s.close();
+  }],
+
+  ["the token in the query string, and in a header", async () => {
+    const q = await connect(node.url, { ...ws, query: { token: token("quinn") } });
+    const r = await q.emitWithAck("heartbeat");
+    check("query token", r.success === true && typeof r.timestamp === "number", r);
+    q.close();
+    const h = await connect(node.url, { ...ws, extraHeaders: { authorization: `Bearer ${token("hal")}` } });
+    check("bearer header", h.connected, {});
+    h.close();
+  }],
+
+  ["refused tokens reach connect_error with their reason", async () => {
+    let err = await connect(node.url, { ...ws, auth: { token: "not-a-token" } }).catch((e) => e);
+    check("bad token", err instanceof Error && err.message.startsWith("invalid token") && err.data?.code === "unauthorized",
+      { message: err?.message, data: err?.data });
+    err = await connect(node.url, { ...ws, auth: {} }).catch((e) => e);
+    check("no token", err instanceof Error && err.message.includes("no token"), { message: err?.message });
+    const banned = await api("/api/ban", { userId: "troll", reason: "abuse" });
+    check("ban accepted", banned.status === 200, banned);
+    err = await connect(node.url, { ...ws, auth: { token: token("troll") } }).catch((e) => e);
+    check("banned user", err instanceof Error && err.data?.code === "forbidden" && err.message.includes("abuse"),
+      { message: err?.message, data: err?.data });
+  }],
+
+  ["channels and messages through emit-with-ack", async () => {
+    const a = await user("alice");
+    const b = await user("bob");
+    let r = await a.emitWithAck("channel:join", { channelId: "general" });
+    check("join ack", r.success === true && r.channelId === "general" && r.members === 1, r);
+    const joined = next(a, "channel:member_joined");
+    r = await b.emitWithAck("channel:join", { channelId: "general" });
+    check("second join", r.success === true && r.members === 2, r);
+    const mj = await joined;
+    check("member_joined", mj.userId === "bob" && mj.channelId === "general", mj);
+
+    const got = next(b, "message:new");
+    const sent = await a.emitWithAck("message:send", { channelId: "general", content: "hello @bob", nonce: "n-1" });
+    check("send ack", sent.success === true && sent.channelId === "general" && sent.offset >= 1 && sent.nonce === "n-1", sent);
+    const m = await got;
+    check("message:new", m.content === "hello @bob" && m.userId === "alice" && m.messageId === sent.messageId, m);
+
+    const edited = next(b, "message:edited");
+    r = await a.emitWithAck("message:edit", { channelId: "general", messageId: sent.messageId, content: "hello again" });
+    check("edit ack", r.success === true, r);
+    check("message:edited", (await edited).content === "hello again", {});
+
+    const reacted = next(a, "message:reaction");
+    r = await b.emitWithAck("message:react", { channelId: "general", messageId: sent.messageId, emoji: "👍", action: "add" });
+    check("react ack", r.success === true, r);
+    const re = await reacted;
+    check("message:reaction", re.emoji === "👍" && re.userId === "bob", re);
+
+    r = await b.emitWithAck("message:delivered", { channelId: "general", messageId: sent.messageId });
+    check("delivered ack", r.success === true, r);
+    r = await b.emitWithAck("message:mark_read", { channelId: "general", messageId: sent.messageId });
+    check("mark_read ack", r.success === true, r);
+    r = await a.emitWithAck("message:get_read_receipts", { channelId: "general", messageId: sent.messageId });
+    check("read receipts", r.success === true && r.readers.some((x) => x.userId === "bob"), r);
+
+    r = await b.emitWithAck("channel:get_history", { channelId: "general", limit: 10 });
+    check("history", r.success === true && r.messages.length === 1 && r.messages[0].content === "hello again", r);
+    r = await b.emitWithAck("channel:get_members", { channelId: "general" });
+    check("members", r.success === true && r.members.length === 2, r);
+
+    const deleted = next(b, "message:deleted");
+    r = await a.emitWithAck("message:delete", { channelId: "general", messageId: sent.messageId });
+    check("delete ack", r.success === true, r);
+    check("message:deleted", (await deleted).messageId === sent.messageId, {});
+
+    const left = next(a, "channel:member_left");
+    r = await b.emitWithAck("channel:leave", { channelId: "general" });
+    check("leave ack", r.success === true, r);
+    check("member_left", (await left).userId === "bob", {});
+  }],
+
+  ["errors arrive in the ack, or as `error` without one", async () => {
+    const c = await user("carol");
+    let r = await c.emitWithAck("message:send", { channelId: "nowhere", content: "x" });
+    check("forbidden in the ack", r.success === false && r.error.code === "forbidden", r);
+    r = await c.emitWithAck("message:send", { channelId: 7 });
+    check("bad_request in the ack", r.success === false && r.error.code === "bad_request" && r.error.message.includes("channelId"), r);
+    r = await c.emitWithAck("no:such:event", {});
+    check("unsupported in the ack", r.success === false && r.error.code === "unsupported", r);
+    const e = next(c, "error");
+    c.emit("message:send", { channelId: "nowhere", content: "x" });
+    const got = await e;
+    check("error event without an ack", got.code === "forbidden", got);
+    // A success nobody asked an ack for sends nothing back.
+    const extra = collect(c, "error");
+    c.emit("heartbeat");
+    r = await c.emitWithAck("heartbeat");
+    check("only the asked ack comes", r.success === true && extra.length === 0, { r, extra });
+  }],
+
+  ["rate limits arrive in the ack", async () => {
+    const d = await user("dave");
+    await d.emitWithAck("channel:join", { channelId: "rl" });
+    const acks = [];
+    for (let i = 0; i < 5; i++) acks.push(await d.emitWithAck("typing:start", { channelId: "rl" }));
+    const limited = acks.filter((a) => a.success === false);
+    check("three pass, then rate_limited with retryAfterMs",
+      acks.slice(0, 3).every((a) => a.success) && limited.length === 2 &&
+        limited.every((a) => a.error.code === "rate_limited" && a.error.retryAfterMs > 0), acks);
+  }],
+
+  ["direct messages, presence and typing", async () => {
+    const e = await user("erin");
+    const f = await user("frank");
+    const dm = next(f, "dm:new");
+    let r = await e.emitWithAck("dm:send", { toUserId: "frank", content: "lunch?" });
+    check("dm ack", r.success === true && r.toUserId === "frank", r);
+    const got = await dm;
+    check("dm:new", got.content === "lunch?" && got.fromUserId === "erin", got);
+    r = await f.emitWithAck("dm:get_conversations", { limit: 5 });
+    check("conversations", r.success === true && r.conversations[0]?.userId === "erin", r);
+
+    r = await e.emitWithAck("presence:subscribe", { userIds: ["frank"] });
+    check("subscribe ack", r.success === true && r.presences[0]?.userId === "frank", r);
+    const changed = next(e, "presence:changed");
+    r = await f.emitWithAck("presence:update", { status: "dnd", customStatus: "focus" });
+    check("presence update ack", r.success === true, r);
+    const p = await changed;
+    check("presence:changed", p.userId === "frank" && p.status === "dnd", p);
+    r = await e.emitWithAck("presence:get_bulk", { userIds: ["frank"] });
+    check("get_bulk", r.presences[0]?.status === "dnd", r);
+    f.emit("presence:heartbeat");
+
+    await e.emitWithAck("channel:join", { channelId: "desk" });
+    await f.emitWithAck("channel:join", { channelId: "desk" });
+    const typing = next(e, "typing:user_start");
+    r = await f.emitWithAck("typing:start", { channelId: "desk" });
+    check("typing ack", r.success === true, r);
+    check("typing:user_start", (await typing).userId === "frank", {});
+    r = await e.emitWithAck("typing:get_active", { channelId: "desk" });
+    check("typing:get_active", r.userIds.includes("frank"), r);
+    const stop = next(e, "typing:user_stop");
+    f.emit("typing:stop", { channelId: "desk" });
+    check("typing:user_stop", (await stop).userId === "frank", {});
+  }],
+
+  ["voice with its LiveKit token", async () => {
+    // The seed's client code: `response.success` on `voice:join`.
+    const v = await user("vera");
+    const w = await user("walt");
+    // Voice events go to the channel's members.
+    await w.emitWithAck("channel:join", { channelId: "lounge" });
+    await w.emitWithAck("voice:join", { channelId: "lounge" });
+    const joined = next(w, "voice:user_joined");
+    const response = await new Promise((resolve) => v.emit("voice:join", { channelId: "lounge" }, resolve));
+    check("voice:join", response.success === true && typeof response.token === "string" &&
+      response.token.split(".").length === 3 && response.serverUrl === "wss://livekit.example.test", response);
+    check("voice:user_joined", (await joined).userId === "vera", {});
+    const upd = next(w, "voice:state_update");
+    let r = await v.emitWithAck("voice:update", { muted: true });
+    check("voice:update", r.success === true && (await upd).state.muted === true, r);
+    r = await w.emitWithAck("voice:get_participants", { channelId: "lounge" });
+    check("participants", r.participants.length === 2, r);
+    const left = next(w, "voice:user_left");
+    r = await v.emitWithAck("voice:leave");
+    check("voice:leave", r.success === true && (await left).userId === "vera", r);
+  }],
+
+  ["calls", async () => {
+    const x = await user("xena");
+    const y = await user("yuri");
+    const incoming = next(y, "call:incoming");
+    let r = await x.emitWithAck("call:initiate", { toUserId: "yuri", callType: "video", sdp: "v=0 offer" });
+    check("initiate ack", r.success === true && /^[0-9a-f]{16}$/.test(r.callId), r);
+    const callId = r.callId;
+    const inc = await incoming;
+    check("call:incoming", inc.callId === callId && inc.fromUserId === "xena" && inc.sdp === "v=0 offer", inc);
+    const answered = next(x, "call:answered");
+    r = await y.emitWithAck("call:answer", { callId, sdp: "v=0 answer" });
+    check("answer ack", r.success === true && (await answered).sdp === "v=0 answer", r);
+    const ice = next(y, "call:ice_candidate");
+    x.emit("call:ice_candidate", { callId, candidate: { candidate: "candidate:1 1 UDP 1 10.0.0.2 5 typ host" } });
+    check("ice relayed", (await ice).candidate.candidate.startsWith("candidate:1"), {});
+    const ended = next(y, "call:ended");
+    r = await x.emitWithAck("call:end", { callId });
+    check("end", r.success === true && (await ended).reason === "ended", r);
+  }],
+
+  ["notifications and moderation", async () => {
+    const n = await user("nora");
+    const got = next(n, "notification:new");
+    const sent = await api("/api/notify", { userId: "nora", kind: "system", data: { text: "hi" } });
+    check("notify accepted", sent.status === 200, sent);
+    const note = await got;
+    check("notification:new", note.kind === "system" && note.data.text === "hi", note);
+    let r = await n.emitWithAck("notification:get_pending");
+    check("pending", r.success === true && r.notifications.length === 1, r);
+    r = await n.emitWithAck("notification:clear_all");
+    check("clear_all", r.success === true, r);
+
+    const mod = await user("mona", {}, ["--roles", "moderator"]);
+    const t = await user("tom");
+    await mod.emitWithAck("channel:join", { channelId: "mod" });
+    await t.emitWithAck("channel:join", { channelId: "mod" });
+    const kicked = next(t, "moderation:kicked");
+    r = await mod.emitWithAck("moderation:kick_user", { userId: "tom", channelId: "mod", reason: "spam" });
+    check("kick ack", r.success === true, r);
+    const k = await kicked;
+    check("moderation:kicked", k.channelId === "mod" && k.reason === "spam" && k.by === "mona", k);
+    r = await t.emitWithAck("message:send", { channelId: "mod", content: "back?" });
+    check("kicked user is out", r.success === false && r.error.code === "forbidden", r);
+    r = await t.emitWithAck("moderation:ban_user", { userId: "mona" });
+    check("moderation needs the role", r.success === false && r.error.code === "forbidden", r);
+  }],
+
+  ["native and Socket.IO clients in one channel see one order", async () => {
+    // Members of each kind on both shards (a connection's shard is in
+    // its `ready`).
+    const natives = [];
+    const sios = [];
+    for (let i = 0; i < 40 && new Set(natives.map((n) => n.ready.shard)).size < 2; i++) {
+      natives.push(await Native.open(node.addr, token(`nat${i}`)));
+    }
+    for (let i = 0; i < 40 && new Set(sios.map((s) => s.ready.shard)).size < 2; i++) {
+      sios.push(await user(`sio${i}`));
+    }
+    check("natives on both shards", new Set(natives.map((n) => n.ready.shard)).size === 2, {});
+    check("Socket.IO clients on both shards", new Set(sios.map((s) => s.ready.shard)).size === 2, {});
+    for (const s of sios) await s.emitWithAck("channel:join", { channelId: "mixed" });
+    for (const n of natives) await n.call("channel:join", { channelId: "mixed" });
+    const seen = [...natives, ...sios].map((c) => collect(c, "message:new"));
+    const senders = [natives[0], sios[0], natives.at(-1), sios.at(-1)];
+    for (let i = 0; i < 40; i++) {
+      const s = senders[i % senders.length];
+      const d = { channelId: "mixed", content: `m${i}` };
+      if (s instanceof Native) s.ws.send(JSON.stringify({ t: "message:send", d }));
+      else s.emit("message:send", d);
+    }
+    await until("every member got 40 messages", () => seen.every((l) => l.length >= 40), 10000);
+    const order = seen[0].map((m) => m.offset);
+    check("one order everywhere", seen.every((l) => JSON.stringify(l.map((m) => m.offset)) === JSON.stringify(order)), {});
+    check("offsets increase", order.every((o, i) => i === 0 || o > order[i - 1]), order);
+    check("no duplicates", seen.every((l) => l.length === 40), seen.map((l) => l.length));
+    natives.forEach((n) => n.close());
+  }],
+
+  ["the heartbeat keeps a quiet client connected", async () => {
+    const h = await user("harry");
+    const reasons = collect(h, "disconnect");
+    // Five ping intervals: socket.io-client drops a server that does not
+    // ping within interval + timeout.
+    await sleep(1600);
+    check("still connected", h.connected && reasons.length === 0, reasons);
+    const r = await h.emitWithAck("heartbeat");
+    check("and answering", r.success === true, r);
+  }],
+
+  ["Engine.IO and Socket.IO framing, seen raw", async () => {
+    const raw = async (tok) => {
+      const sock = new WebSocket(`ws://${node.addr}/socket.io/?EIO=4&transport=websocket`);
+      const texts = [];
+      const closed = new Promise((r) => sock.on("close", (code, reason) => r({ code, reason: reason.toString() })));
+      sock.on("message", (d, binary) => texts.push(binary ? "<binary>" : d.toString()));
+      await new Promise((r, j) => { sock.once("open", r); sock.once("error", j); });
+      await until("the open packet", () => texts.length >= 1);
+      if (tok) {
+        sock.send(`40${JSON.stringify({ token: tok })}`);
+        await until("the CONNECT answer and ready", () => texts.length >= 3);
+      }
+      return { sock, texts, closed };
+    };
+    let c = await raw();
+    const open = JSON.parse(c.texts[0].slice(1));
+    check("open packet", c.texts[0][0] === "0" && typeof open.sid === "string" && open.pingInterval === 300 &&
+      open.pingTimeout === 400 && open.maxPayload === 1048576 && Array.isArray(open.upgrades), open);
+    c.sock.send("40/admin,");
+    await until("the namespace refusal", () => c.texts.length >= 2);
+    check("other namespaces refused", c.texts[1] === '44/admin,{"data":{"code":"not_found"},"message":"Invalid namespace"}', c.texts);
+    c.sock.close();
+
+    c = await raw(token("rita"));
+    check("CONNECT answered with the sid, then ready", /^40\{"sid":"[0-9a-f]{32}"\}$/.test(c.texts[1]) && c.texts[2].startsWith('42["ready",'), c.texts);
+    // Pings every 300 ms; this client never answers: closed by
+    // interval + timeout.
+    const t = await c.closed;
+    check("pings sent", c.texts.filter((x) => x === "2").length >= 1, c.texts);
+    check("no pong closes the connection", t.code === 1008 && t.reason === "ping timeout", t);
+
+    c = await raw(token("rita"));
+    c.sock.send('451-5["message:send",{"_placeholder":true,"num":0}]');
+    c.sock.send(Buffer.from([1, 2, 3]));
+    await until("the refusal", () => c.texts.some((x) => x.startsWith("435[")));
+    const refusal = JSON.parse(c.texts.find((x) => x.startsWith("435[")).slice(3))[0];
+    check("binary attachments refused in the ack", refusal.success === false && refusal.error.code === "bad_request", refusal);
+    c.sock.send("3");
+    c.sock.send("2probe");
+    await until("the answer to a client ping", () => c.texts.includes("3probe"));
+    c.sock.send("42{not an array}");
+    const bad = await c.closed;
+    check("an invalid packet closes the connection", bad.code === 1008 && bad.reason.includes("invalid payload"), bad);
+
+    c = await raw(token("rita"));
+    c.sock.send("41");
+    check("DISCONNECT ends it", (await c.closed).code === 1000, {});
+
+    const refused = await fetch(`${node.url}/socket.io/?EIO=3&transport=websocket`);
+    const body = await refused.json();
+    check("Engine.IO 3 refused", refused.status === 400 && body.code === 5, body);
+  }],
+
+  ["a two-node cluster", async () => {
+    const redis = await startRedis();
+    const a = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
+    const b = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
+    const pa = await connect(a.url, { ...ws, auth: { token: token("pia") } });
+    const pb = await connect(b.url, { ...ws, auth: { token: token("pat") } });
+    await pa.emitWithAck("channel:join", { channelId: "global" });
+    const joined = next(pa, "channel:member_joined");
+    const r = await pb.emitWithAck("channel:join", { channelId: "global" });
+    check("join on node b", r.success === true, r);
+    check("member_joined across nodes", (await joined).userId === "pat", {});
+    const gotA = collect(pa, "message:new");
+    const gotB = collect(pb, "message:new");
+    for (let i = 0; i < 10; i++) {
+      const s = i % 2 ? pb : pa;
+      const ack = await s.emitWithAck("message:send", { channelId: "global", content: `c${i}` });
+      if (!ack.success) check(`send ${i}`, false, ack);
+    }
+    await until("both nodes' clients got 10", () => gotA.length >= 10 && gotB.length >= 10, 10000);
+    check("one order on both nodes", JSON.stringify(gotA.map((m) => m.content)) === JSON.stringify(gotB.map((m) => m.content)),
+      { a: gotA.map((m) => m.content), b: gotB.map((m) => m.content) });
+    const dm = next(pb, "dm:new");
+    const ack = await pa.emitWithAck("dm:send", { toUserId: "pat", content: "across" });
+    check("dm across nodes", ack.success === true && (await dm).content === "across", ack);
+    pa.close();
+    pb.close();
+  }],
+]);
+
