@@ -142,7 +142,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
 (cd fuzz && cargo +nightly fuzz build -O)
-for t in handshake frame json_envelope binary_envelope session; do
+for t in handshake frame json_envelope binary_envelope session socketio_packet; do
     corpus=$(mktemp -d)
     cp fuzz/corpus/$t/seed-* "$corpus/"
     (cd fuzz && cargo +nightly fuzz run -O "$t" "$corpus" -- -runs="$FUZZ_RUNS" -max_len=4096 2>&1 | grep -E '^Done|ERROR|SUMMARY') \

@@ -1,0 +1,32 @@
+#![no_main]
+//! The Socket.IO side: Engine.IO packets, Socket.IO packet headers, an
+//! EVENT read as a request, a CONNECT's auth payload. Never panics; an
+//! EVENT that decodes is the same request as its native JSON envelope.
+
+use corecast::protocol::json::{self, Scratch};
+use corecast::protocol::socketio::{connect_token, engine_packet, envelope, packet, EnginePacket};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(EnginePacket::Message(sio)) = engine_packet(data) else {
+        return;
+    };
+    let Ok(p) = packet(sio) else {
+        return;
+    };
+    let _ = connect_token(p.data);
+    let mut scratch = Scratch::default();
+    let mut buf = sio.to_vec();
+    let Ok(env) = envelope(&mut buf, &mut scratch) else {
+        return;
+    };
+    if let Ok(msg) = env.decode() {
+        let mut native = Vec::new();
+        json::encode_client(&msg, &mut native);
+        let again = json::decode_client(&mut native, &mut scratch).expect("the native envelope parses");
+        // Opaque JSON (ICE candidates) may come back in another key order.
+        if !matches!(msg.event, corecast::protocol::ClientEvent::CallIceCandidate(_)) {
+            assert_eq!(again, msg);
+        }
+    }
+});
