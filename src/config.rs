@@ -35,6 +35,9 @@ pub struct Config {
     /// Where Socket.IO clients connect (Engine.IO 4's WebSocket transport);
     /// empty turns Socket.IO off.
     pub socketio_path: String,
+    /// Serve `/engine.io/` and `/socket.io/` as the official Engine.IO and
+    /// Socket.IO protocol suites expect (echoes, not corecast's events).
+    pub socketio_conformance: bool,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
     /// How an upgrade refused for its token, a ban or a limit is answered:
@@ -163,6 +166,7 @@ impl Default for Config {
             echo_endpoint: false,
             // Where `io(url)` looks by default.
             socketio_path: "/socket.io/".into(),
+            socketio_conformance: false,
             allowed_origins: vec![],
             // Browsers cannot read an HTTP refusal; other clients can.
             upgrade_refusals: "auto".into(),
@@ -285,6 +289,12 @@ pub struct ConfigArgs {
     /// [default: /socket.io/].
     #[arg(long, env = "CORECAST_SOCKETIO_PATH")]
     pub socketio_path: Option<String>,
+    /// Serve /engine.io/ and /socket.io/ as the official Engine.IO and
+    /// Socket.IO protocol suites expect; sets their settings (1,000,000-byte
+    /// messages, pings every 300 ms with a 200 ms timeout, 1 s to connect)
+    /// unless given.
+    #[arg(long, env = "CORECAST_SOCKETIO_CONFORMANCE")]
+    pub socketio_conformance: bool,
     /// Allowed Origin values, comma-separated.
     #[arg(long, env = "CORECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -433,6 +443,14 @@ impl ConfigArgs {
             }
             None => Config::default(),
         };
+        if self.socketio_conformance {
+            c.socketio_conformance = true;
+            c.socketio_path = "/socket.io/".into();
+            c.max_message_size = 1_000_000;
+            c.ping_interval_ms = 300;
+            c.ping_timeout_ms = 200;
+            c.auth_timeout_ms = 1000;
+        }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = &self.$field { c.$field = v.clone(); })* };
         }

@@ -130,6 +130,7 @@ pub(super) async fn sweep(shard: Rc<Shard>) {
             return;
         }
         let now = shard.outq.now_ms();
+        shard.run_deferred();
         for io in shard.registry.borrow().slots.iter().flatten() {
             shard.check_keepalive(io, now, &ping);
         }

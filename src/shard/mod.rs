@@ -25,6 +25,7 @@
 //! - `outbox`: mesh messages held back while queues are full.
 
 mod buf_ring;
+mod conformance;
 pub mod conn;
 mod epoll;
 mod outbox;
@@ -120,6 +121,9 @@ pub struct Shard {
     /// Bytes buffered for connections not authenticated yet (request
     /// heads, partial frames), within `max_preauth_bytes_per_shard`.
     preauth_bytes: Cell<usize>,
+    /// Frames that go at the next sweep, not with what was queued before
+    /// them (`--socketio-conformance` only: see `conformance.rs`).
+    deferred: RefCell<Vec<(Rc<ConnIo>, bytes::Bytes)>>,
     logs: ShardLogs,
 }
 
@@ -207,6 +211,7 @@ impl Shard {
             draining: Signal::default(),
             stop: Signal::default(),
             session_counter: Cell::new(0),
+            deferred: RefCell::default(),
             sockets: Cell::new(0),
             preauth_bytes: Cell::new(0),
             logs: ShardLogs::default(),
@@ -282,6 +287,11 @@ fn engine_io_refusal(code: u8, message: &str) -> Vec<u8> {
     handshake::http_response(400, "", "application/json", body.as_bytes())
 }
 
+/// Whether `route` is `path`, with or without its trailing slash.
+fn route_is(route: &str, path: &str) -> bool {
+    route.strip_suffix('/').unwrap_or(route) == path.strip_suffix('/').unwrap_or(path)
+}
+
 /// The transport an Engine.IO request names, or its refusal: a version
 /// other than 4, or no known transport.
 fn engine_io_query(query: &str) -> Result<&'static str, Vec<u8>> {
@@ -313,7 +323,9 @@ impl Shard {
         let mut up = match req {
             Request::Plain(p) => {
                 let (route, query) = p.path.split_once('?').unwrap_or((&p.path, ""));
-                if self.socketio_path(route) {
+                let engine_echo =
+                    self.node.config.socketio_conformance && route_is(route, "/engine.io/");
+                if engine_echo || self.socketio_path(route) {
                     return Routed::Reply(match engine_io_query(query) {
                         Err(refusal) => refusal,
                         // A WebSocket transport without its upgrade.
@@ -328,7 +340,9 @@ impl Shard {
             }
             Request::Upgrade(up) => up,
         };
-        let socketio = self.socketio_path(&up.path);
+        let conformance = self.node.config.socketio_conformance;
+        let engine_echo = conformance && route_is(&up.path, "/engine.io/");
+        let socketio = engine_echo || self.socketio_path(&up.path);
         if socketio {
             match engine_io_query(&up.query) {
                 Err(refusal) => return Routed::Reply(refusal),
@@ -413,6 +427,7 @@ impl Shard {
         let response = handshake::accept_response(&up);
         Routed::Accept(Box::new(Accepted {
             websocket_refusals: self.websocket_refusals(&up),
+            conformance: (socketio && conformance).then_some(!engine_echo),
             up,
             echo,
             user,
@@ -426,8 +441,7 @@ impl Shard {
     /// its trailing slash).
     fn socketio_path(&self, route: &str) -> bool {
         let p = self.node.config.socketio_path.as_str();
-        !p.is_empty()
-            && route.strip_suffix('/').unwrap_or(route) == p.strip_suffix('/').unwrap_or(p)
+        !p.is_empty() && route_is(route, p)
     }
 
     /// Whether refusals of this upgrade take the WebSocket form (see
@@ -501,6 +515,13 @@ impl Shard {
         got
     }
 
+    /// Queues the frames deferred to this sweep.
+    fn run_deferred(&self) {
+        for (io, frame) in self.deferred.take() {
+            io.push_data(&frame);
+        }
+    }
+
     /// The sweep's verdict on one open or closing connection: pings a quiet
     /// one, closes one that missed its pong or its `auth`, shuts one whose
     /// close handshake timed out.
@@ -521,7 +542,7 @@ impl Shard {
                     if io.engine_io() {
                         io.push_data(&socketio::connect_error_frame(
                             "/",
-                            "unauthorized",
+                            Some("unauthorized"),
                             "no CONNECT packet in time",
                         ));
                     } else {

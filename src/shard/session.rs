@@ -19,6 +19,7 @@ use crate::protocol::{
 use crate::ws::handshake::Upgrade;
 use crate::ws::{close, frame, Message, OpCode};
 
+use super::conformance::{self, Conformance};
 use super::conn::{ConnIo, State, NEVER};
 use super::*;
 
@@ -28,6 +29,9 @@ pub(super) struct Accepted {
     pub(super) websocket_refusals: bool,
     pub(super) up: Upgrade,
     pub(super) echo: bool,
+    /// `--socketio-conformance`: Socket.IO (true) or Engine.IO (false)
+    /// as the official suites expect.
+    pub(super) conformance: Option<bool>,
     pub(super) user: Option<Identity>,
     pub(super) device: DeviceKind,
     pub(super) response: Vec<u8>,
@@ -40,6 +44,8 @@ pub(super) enum Mode {
     /// A Socket.IO connection waiting for its CONNECT packet, with the
     /// user its upgrade's token named, if it carried one.
     Connecting(Option<Box<Identity>>),
+    /// `--socketio-conformance` (see `conformance.rs`).
+    Conformance(Box<Conformance>),
     Authenticated(ConnId),
     /// The connection has left the engine.
     Ended,
@@ -70,7 +76,10 @@ pub(super) struct Session {
 impl Session {
     /// Whether the connection waits for its `auth` message.
     pub(super) fn preauth(&self) -> bool {
-        matches!(self.mode, Mode::Unauthenticated | Mode::Connecting(_))
+        matches!(
+            self.mode,
+            Mode::Unauthenticated | Mode::Connecting(_) | Mode::Conformance(_)
+        )
     }
 
     /// The largest message the connection may send now: small until it
@@ -89,6 +98,7 @@ impl Session {
     pub(super) fn start(shard: &Shard, io: &Rc<ConnIo>, a: Accepted) -> Session {
         let Accepted {
             websocket_refusals,
+            conformance,
             up,
             echo,
             user,
@@ -103,7 +113,11 @@ impl Session {
         let m = shard.metrics();
         m.connections.inc();
         m.connections_total.inc();
-        Session::new(shard, io, up.protocol, device, echo, user, ip)
+        let mut s = Session::new(shard, io, up.protocol, device, echo, user, ip);
+        if let Some(socketio) = conformance {
+            s.mode = Mode::Conformance(Box::new(Conformance::new(socketio)));
+        }
+        s
     }
 
     /// The WebSocket phase of an accepted upgrade: a session that is either
@@ -290,7 +304,7 @@ impl Session {
                     self.preauth_strike(shard, io);
                 }
             },
-            Mode::Echo | Mode::Authenticated(_) | Mode::Connecting(_) => {
+            Mode::Echo | Mode::Authenticated(_) | Mode::Connecting(_) | Mode::Conformance(_) => {
                 unreachable!("handled above")
             }
             Mode::Ended => {}
@@ -303,6 +317,46 @@ impl Session {
     /// but not carried out is answered in its ack, as on the native
     /// protocol.
     fn on_engine_io(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, mut payload: BytesMut) {
+        if let Mode::Conformance(c) = &mut self.mode {
+            let out = if text {
+                match socketio::engine_packet(&payload) {
+                    Ok(EnginePacket::Message(m)) => c.on_message(m),
+                    Ok(_) => Ok(vec![]),
+                    Err(e) => Err(e),
+                }
+            } else {
+                c.on_binary(&payload)
+            };
+            match out {
+                Ok(out) => {
+                    for o in out {
+                        match o {
+                            conformance::Out::Text(t) => {
+                                io.push_data(&frame::encode(OpCode::Text, t.as_bytes()));
+                            }
+                            conformance::Out::Binary(b) => {
+                                io.push_data(&frame::encode(OpCode::Binary, &b));
+                            }
+                            conformance::Out::Later(t) => shard
+                                .deferred
+                                .borrow_mut()
+                                .push((io.clone(), frame::encode(OpCode::Text, t.as_bytes()))),
+                        };
+                    }
+                }
+                Err(e) => return self.invalid_packet(shard, io, &e),
+            }
+            if !text {
+                return;
+            }
+            // Pings, pongs and closes as for any Engine.IO session.
+            if matches!(
+                socketio::engine_packet(&payload),
+                Ok(EnginePacket::Message(_))
+            ) {
+                return;
+            }
+        }
         if !text {
             if self.attachments > 0 {
                 // Attachments of a packet already refused in its ack.
@@ -341,7 +395,7 @@ impl Session {
                     .unwrap_or_default();
                 io.push_data(&socketio::connect_error_frame(
                     &nsp,
-                    "not_found",
+                    None,
                     "Invalid namespace",
                 ));
             }
@@ -375,7 +429,7 @@ impl Session {
             shard.metrics().auth_failures.inc();
             io.push_data(&socketio::connect_error_frame(
                 p.nsp,
-                "not_found",
+                None,
                 "Invalid namespace",
             ));
             return self.preauth_strike(shard, io);
@@ -400,7 +454,7 @@ impl Session {
                     ErrorCode::BadRequest => "bad_request",
                     _ => "unauthorized",
                 };
-                io.push_data(&socketio::connect_error_frame("/", code, &why));
+                io.push_data(&socketio::connect_error_frame("/", Some(code), &why));
                 self.preauth_strike(shard, io);
             }
         }

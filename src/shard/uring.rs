@@ -777,6 +777,7 @@ impl Loop {
         let shard = self.shard.clone();
         let now = shard.outq.now_ms();
         let handshake_timeout = shard.node.config.handshake_timeout_ms;
+        shard.run_deferred();
         for conn in self.conns.iter().flatten() {
             if conn.io.state() == State::Done {
                 continue;

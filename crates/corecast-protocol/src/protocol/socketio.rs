@@ -325,9 +325,13 @@ pub fn pong_frame(data: &[u8]) -> Bytes {
 }
 
 /// CONNECT_ERROR for `nsp`: the client's `connect_error` gets an `Error`
-/// whose `message` is `message` and whose `data` is `{"code": code}`.
-pub fn connect_error_frame(nsp: &str, code: &str, message: &str) -> Bytes {
-    let body = serde_json::json!({ "message": message, "data": { "code": code } });
+/// whose `message` is `message` and whose `data` is `{"code": code}` (no
+/// `data` without a code, as Socket.IO servers refuse a namespace).
+pub fn connect_error_frame(nsp: &str, code: Option<&str>, message: &str) -> Bytes {
+    let body = match code {
+        Some(code) => serde_json::json!({ "message": message, "data": { "code": code } }),
+        None => serde_json::json!({ "message": message }),
+    };
     let text = if nsp == "/" {
         format!("44{body}")
     } else {
@@ -505,9 +509,12 @@ mod tests {
         assert!(connect_token(br#"{"token":1}"#).is_err());
         assert!(connect_token(br#"[1]"#).is_err());
         assert_eq!(
-            text_of(&connect_error_frame("/", "unauthorized", "bad token")),
+            text_of(&connect_error_frame("/", Some("unauthorized"), "bad token")),
             r#"44{"data":{"code":"unauthorized"},"message":"bad token"}"#
         );
-        assert!(text_of(&connect_error_frame("/x", "c", "m")).starts_with("44/x,{"));
+        assert_eq!(
+            text_of(&connect_error_frame("/x", None, "Invalid namespace")),
+            r#"44/x,{"message":"Invalid namespace"}"#
+        );
     }
 }
