@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit, property and
-# integration tests (real sockets, real clients), the Autobahn|Testsuite
+# integration tests (real sockets, real clients), socket.io-client and the
+# official Engine.IO and Socket.IO protocol suites, the Autobahn|Testsuite
 # fuzzingclient against `corecast serve`, schemathesis against the server
 # API and its OpenAPI document, and a short run of every fuzz target.
 # Installs what it needs; fails loudly when something cannot run.
@@ -63,6 +64,10 @@ step "Socket.IO: socket.io-client against real nodes (tests/socketio)"
     || die "npm could not install tests/socketio's packages"
 CORECAST_BIN=target/debug/corecast timeout 300 node tests/socketio/client.mjs \
     || die "the Socket.IO client tests failed"
+
+step "the official Engine.IO and Socket.IO protocol suites (io_uring, then epoll)"
+scripts/socketio-conformance.sh target/debug/corecast
+CORECAST_IO_DRIVER=epoll scripts/socketio-conformance.sh target/debug/corecast
 
 step "Autobahn|Testsuite fuzzingclient (sections 1-10; 12-13 are compression)"
 [ -x "$PY2" ] || die "the Autobahn suite needs Python 2.7 at $PY2 (set PY2=/path/to/python2.7)"

@@ -52,6 +52,8 @@ pub struct ShardMetrics {
     pub slow_consumer_closes: Counter,
     pub keepalive_closes: Counter,
     pub protocol_errors: Counter,
+    /// Sockets handed to the shard that holds their Socket.IO session.
+    pub socketio_handovers: Counter,
     pub auth_failures: Counter,
     pub mesh_messages_in: Counter,
     pub handshake_failures: [Counter; HandshakeError::ALL.len()],
@@ -186,7 +188,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 26] = [
+    let series: [(&str, &str, &str, Get); 27] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -252,6 +254,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Connections closed for violating RFC 6455.",
             |m| &m.protocol_errors,
+        ),
+        (
+            "socketio_handovers_total",
+            "counter",
+            "Socket.IO requests (long-polling, or an upgrade) handed to the shard that holds their session.",
+            |m| &m.socketio_handovers,
         ),
         (
             "auth_failures_total",

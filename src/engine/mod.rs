@@ -298,6 +298,19 @@ pub enum MeshMsg {
         moderation: Box<Moderation>,
         error: Option<String>,
     },
+    /// To the shard that holds a Socket.IO long-polling session: a socket
+    /// whose request names it, accepted by another shard (the shell serves
+    /// it; the engine never sees it).
+    Adopt(Box<Adoption>),
+}
+
+/// A socket changing shards: its descriptor, the bytes read from it, and
+/// what it counts against its address.
+#[derive(Debug)]
+pub struct Adoption {
+    pub fd: std::os::fd::OwnedFd,
+    pub bytes: Vec<u8>,
+    pub ip: crate::admission::Slots,
 }
 
 /// A request of the server API. Answers go to `from` (the API thread's
@@ -981,6 +994,15 @@ impl<O: Outbound> Engine<O> {
             .and_then(|s| s.conn.as_ref())
     }
 
+    /// Gives a connection another outbound side (a Socket.IO session
+    /// upgraded from long-polling to WebSocket): everything for it goes
+    /// there from now on.
+    pub fn replace_out(&mut self, id: ConnId, out: O) {
+        if let Some(c) = self.conn_mut(id) {
+            c.out = out;
+        }
+    }
+
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn<O>> {
         self.slots
             .get_mut(id.slot as usize)
@@ -1340,6 +1362,9 @@ impl<O: Outbound> Engine<O> {
                     ?moderation,
                     "a shard ignores a message meant for the ban store"
                 )
+            }
+            MeshMsg::Adopt(_) => {
+                tracing::debug!("the engine drops a socket meant for the shell (it closes)")
             }
         }
     }

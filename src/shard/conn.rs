@@ -59,6 +59,9 @@ const HELD: u8 = 8;
 /// Engine.IO's heartbeat: the server pings (`2`) every interval and only
 /// the client's pong (`3`) counts as an answer, not any bytes read.
 const ENGINE_IO: u8 = 32;
+/// An HTTP request of a long-polling session waits for its response (the
+/// socket shuts once the response is written, not before).
+const AWAITING: u8 = 64;
 /// A refusal by the user's home shard takes the WebSocket form: the 101
 /// goes, then a close frame (4029), instead of an HTTP 429.
 const REFUSE_IN_WEBSOCKET: u8 = 16;
@@ -177,6 +180,10 @@ pub struct Outq {
     /// Slots of the io_uring loop's connections that queued frames or were
     /// aborted since the loop last looked.
     pub(super) ready: RefCell<Vec<u32>>,
+    /// Long-polling sessions that queued frames or closed since the shard
+    /// last looked, and the epoll driver's task that looks.
+    pub(super) polls: RefCell<Vec<u32>>,
+    pub(super) poll_waker: Cell<Option<Waker>>,
 }
 
 impl Outq {
@@ -190,6 +197,8 @@ impl Outq {
             epoch: Instant::now(),
             frames: RefCell::new(FrameArena::default()),
             ready: RefCell::new(Vec::new()),
+            polls: RefCell::new(Vec::new()),
+            poll_waker: Cell::new(None),
         })
     }
 
@@ -219,6 +228,10 @@ enum Notify {
     Loop { slot: u32 },
     /// A writer task parked on a waker (epoll driver).
     Task(Box<Wakers>),
+    /// A long-polling session without a socket of its own: its key goes on
+    /// [`Outq::polls`], once until the shard takes it, and the shard's
+    /// poll flusher is woken (see `polling.rs`).
+    Poll { key: u32 },
 }
 
 #[derive(Default)]
@@ -251,6 +264,12 @@ impl ConnIo {
     /// A connection served by the io_uring loop, in its slot `slot`.
     pub fn for_loop(fd: RawFd, outq: Rc<Outq>, slot: u32, now_ms: u64) -> ConnIo {
         Self::new(fd, outq, Notify::Loop { slot }, now_ms)
+    }
+
+    /// The outbound side of a long-polling session: no socket; what it
+    /// queues is taken by the session's GET requests.
+    pub fn for_poll(outq: Rc<Outq>, key: u32, now_ms: u64) -> ConnIo {
+        Self::new(-1, outq, Notify::Poll { key }, now_ms)
     }
 
     /// A connection whose writes run in a [`writer`] task.
@@ -305,6 +324,14 @@ impl ConnIo {
                     self.outq.ready.borrow_mut().push(*slot);
                 }
             }
+            Notify::Poll { key } => {
+                if !self.set_flag(LISTED, true) {
+                    self.outq.polls.borrow_mut().push(*key);
+                    if let Some(w) = self.outq.poll_waker.take() {
+                        w.wake();
+                    }
+                }
+            }
         }
     }
 
@@ -337,6 +364,75 @@ impl ConnIo {
         if self.set_flag(HELD, false) && self.has_queued() {
             self.wake_writer();
         }
+    }
+
+    /// See [`AWAITING`].
+    pub fn await_response(&self) {
+        self.set_flag(AWAITING, true);
+    }
+
+    pub fn awaiting(&self) -> bool {
+        self.flag(AWAITING)
+    }
+
+    /// The response of a request that awaited one: queued, then the socket
+    /// shuts once it is written. False when the socket is gone.
+    pub fn respond(&self, response: Bytes) -> bool {
+        self.set_flag(AWAITING, false);
+        if self.state.get() != State::Open {
+            self.wake_writer();
+            return false;
+        }
+        self.set_flag(URGENT, true);
+        self.enqueue(response);
+        self.state.set(State::Closing);
+        self.closing_since.set(self.outq.now_ms());
+        true
+    }
+
+    /// Waits until the response a request awaited is written (or the
+    /// socket is gone): epoll driver.
+    pub async fn responded(&self) {
+        let Notify::Task(w) = &self.notify else {
+            return;
+        };
+        std::future::poll_fn(|cx| {
+            if self.state.get() == State::Done || (!self.awaiting() && self.is_flushed()) {
+                Poll::Ready(())
+            } else {
+                w.flushed.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Takes every queued frame, in order (a long-polling session's GET
+    /// takes them to answer with).
+    pub fn take_queued(&self) -> Vec<Bytes> {
+        let mut q = self.queue.get();
+        let mut out = Vec::with_capacity(q.len());
+        {
+            let mut arena = self.outq.frames.borrow_mut();
+            while let Some(f) = arena.pop(&mut q) {
+                out.push(f);
+            }
+        }
+        self.queue.set(q);
+        self.queued_bytes.set(0);
+        out
+    }
+
+    /// Marks a long-polling session as looked at (see [`Notify::Poll`]).
+    pub(super) fn unlist_poll(&self) {
+        self.set_flag(LISTED, false);
+    }
+
+    /// An Engine.IO session whose client has not answered a ping for an
+    /// interval and a timeout: gone.
+    pub fn engine_io_expired(&self, now: u64, c: &crate::config::Config) -> bool {
+        self.engine_io()
+            && now.saturating_sub(self.last_rx.get()) >= c.ping_interval_ms + c.ping_timeout_ms
     }
 
     /// Keeps Engine.IO's heartbeat (see [`ENGINE_IO`]).
@@ -487,6 +583,12 @@ impl ConnIo {
         self.closing_since.set(self.outq.now_ms());
     }
 
+    /// The socket changes hands (a request handed to another shard): this
+    /// side is done with it, without shutting it.
+    pub fn detach(&self) {
+        self.state.set(State::Done);
+    }
+
     /// Tears the socket down: pending reads and writes end at once.
     pub fn abort(&self) {
         if self.state.get() == State::Done {
@@ -494,9 +596,11 @@ impl ConnIo {
         }
         self.state.set(State::Done);
         // SAFETY: shutdown(2) on a descriptor this connection owns; it stays
-        // open until its owner closes it.
-        unsafe {
-            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        // open until its owner closes it. (A long-polling session has none.)
+        if self.fd >= 0 {
+            unsafe {
+                libc::shutdown(self.fd, libc::SHUT_RDWR);
+            }
         }
         self.wake_writer();
         if let Notify::Task(w) = &self.notify {

@@ -35,6 +35,7 @@ pub(super) async fn shard_main(
     monoio::spawn(drain_mesh(shard.clone(), bell));
     monoio::spawn(sweep(shard.clone()));
     monoio::spawn(engine_timers(shard.clone()));
+    monoio::spawn(poll_flusher(shard.clone()));
     monoio::spawn(accept_loop(shard.clone(), listener));
     shard.node.shard_started(id, driver);
     tracing::info!(shard = id, io_driver = driver, "shard started");
@@ -88,6 +89,9 @@ pub(super) async fn drain_mesh(shard: Rc<Shard>, mut bell: monoio::net::UnixStre
     let mut idle = 0u32;
     loop {
         let got = shard.drain_mesh();
+        for a in shard.adopted.take() {
+            monoio::spawn(serve_adopted(shard.clone(), a));
+        }
         if node.is_draining() && !shard.draining.is_set() {
             shard.draining.set();
         }
@@ -131,9 +135,31 @@ pub(super) async fn sweep(shard: Rc<Shard>) {
         }
         let now = shard.outq.now_ms();
         shard.run_deferred();
+        shard.polls.borrow_mut().sweep(&shard, now, &ping);
         for io in shard.registry.borrow().slots.iter().flatten() {
             shard.check_keepalive(io, now, &ping);
         }
+    }
+}
+
+/// Answers the long-polling requests whose sessions queued frames (epoll
+/// driver; the io_uring loop looks every round).
+pub(super) async fn poll_flusher(shard: Rc<Shard>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if shard.stop.is_set() || !shard.outq.polls.borrow().is_empty() {
+                std::task::Poll::Ready(())
+            } else {
+                shard.outq.poll_waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        if shard.stop.is_set() {
+            return;
+        }
+        shard.flush_polls();
+        shard.outbox.borrow_mut().flush();
     }
 }
 
@@ -166,9 +192,12 @@ pub(super) enum HeadError {
     Invalid(handshake::HandshakeError),
     /// The shard's budget for bytes of unauthenticated connections is spent.
     Busy,
+    /// The body the request announces is past the bound.
+    TooLarge,
 }
 
-/// Reads the request head within the handshake deadline.
+/// Reads the request head (and the body a plain request announces)
+/// within the handshake deadline; `buf` may hold bytes already.
 pub(super) async fn read_request(
     shard: &Shard,
     stream: &mut TcpStream,
@@ -177,7 +206,26 @@ pub(super) async fn read_request(
 ) -> Result<(Request, usize), HeadError> {
     let cfg = &shard.handshake;
     let deadline = Duration::from_millis(shard.node.config.handshake_timeout_ms);
+    let complete = |buf: &BytesMut| match handshake::parse_request(buf, cfg) {
+        Ok(None) => Ok(None),
+        Ok(Some((req, consumed))) => {
+            let body = super::body_len(&req);
+            if body > super::max_body(shard) {
+                Err(HeadError::TooLarge)
+            } else if buf.len() < consumed + body {
+                Ok(None)
+            } else {
+                Ok(Some((req, consumed)))
+            }
+        }
+        Err(e) => Err(HeadError::Invalid(e)),
+    };
     let read = async {
+        if !buf.is_empty() {
+            if let Some(r) = complete(buf)? {
+                return Ok(r);
+            }
+        }
         loop {
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(2048);
@@ -193,10 +241,8 @@ pub(super) async fn read_request(
                 Ok(0) | Err(_) => return Err(HeadError::Gone),
                 Ok(_) => {}
             }
-            match handshake::parse_request(buf, cfg) {
-                Ok(None) => continue,
-                Ok(Some(r)) => return Ok(r),
-                Err(e) => return Err(HeadError::Invalid(e)),
+            if let Some(r) = complete(buf)? {
+                return Ok(r);
             }
         }
     };
@@ -251,8 +297,35 @@ pub(super) async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         Err(r) if !count.within_budget => return write_and_close(stream, r.response()).await,
         Err(r) => return refuse_at_accept(stream, r.response()).await,
     }
-    let mut stream = stream;
-    let mut buf = BytesMut::with_capacity(2048);
+    serve_request(shard, stream, BytesMut::with_capacity(2048), count, peer).await
+}
+
+/// A socket another shard handed over (see `polling.rs`): served from the
+/// bytes it had read.
+pub(super) async fn serve_adopted(shard: Rc<Shard>, a: crate::engine::Adoption) {
+    let crate::engine::Adoption { fd, bytes, ip } = a;
+    let std_stream = std::net::TcpStream::from(fd);
+    let peer = std_stream
+        .peer_addr()
+        .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let Ok(stream) = TcpStream::from_std(std_stream) else {
+        shard.node.admission.release_ip(ip);
+        return;
+    };
+    let mut count = SocketCount::new(&shard);
+    count.ip = ip;
+    serve_request(shard, stream, BytesMut::from(&bytes[..]), count, peer).await
+}
+
+/// Reads a request and serves it: a reply, a long-polling request, a
+/// hand-over, or a WebSocket session.
+async fn serve_request(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    mut count: SocketCount,
+    peer: IpAddr,
+) {
     let mut held = PreAuth::new(&shard);
     let (req, consumed) = match read_request(&shard, &mut stream, &mut buf, &mut held).await {
         Ok(r) => r,
@@ -264,12 +337,29 @@ pub(super) async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         Err(HeadError::Busy) => {
             return write_and_close(stream, Refusal::ServerFull.response()).await
         }
+        Err(HeadError::TooLarge) => return write_and_close(stream, super::body_too_large()).await,
     };
-    let _ = buf.split_to(consumed);
-    let accepted = match shard.route(req, peer, &mut count.ip) {
+    let body_len = super::body_len(&req);
+    let routed = shard.route(
+        req,
+        &buf[consumed..consumed + body_len],
+        peer,
+        &mut count.ip,
+    );
+    let accepted = match routed {
         Routed::Reply(r) => return write_and_close(stream, r).await,
+        Routed::Poll(req) => return serve_poll(shard, stream, *req, count).await,
+        Routed::HandOver(owner) => {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            let ip = std::mem::take(&mut count.ip);
+            // SAFETY: the descriptor leaves the stream (deregistered from
+            // this shard's poller) and is owned by what carries it.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+            return super::hand_over(&shard, owner, fd, buf.to_vec(), ip);
+        }
         Routed::Accept(a) => a,
     };
+    let _ = buf.split_to(consumed);
     // The WebSocket phase runs as a task of its own, so that the handshake's
     // state (its buffer, timer and parser) is freed rather than carried for
     // the life of the connection.
@@ -277,6 +367,39 @@ pub(super) async fn serve_socket(shard: Rc<Shard>, stream: TcpStream) {
         buf = BytesMut::new();
     }
     monoio::spawn(serve_ws(shard, stream, buf, accepted, count, held));
+}
+
+/// A long-polling request: the socket waits for the session's answer (or
+/// for the client to leave), then closes.
+async fn serve_poll(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    req: super::polling::PollRequest,
+    _count: SocketCount,
+) {
+    let io = Rc::new(ConnIo::for_task(
+        stream.as_raw_fd(),
+        shard.outq.clone(),
+        shard.outq.now_ms(),
+    ));
+    let (mut rd, wr) = stream.into_split();
+    monoio::spawn(conn::writer(io.clone(), wr));
+    shard.poll(req, io.clone());
+    let gone = async {
+        let mut buf = vec![0u8; 512];
+        loop {
+            let (res, b) = rd.read(buf).await;
+            buf = b;
+            if !matches!(res, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    };
+    monoio::select! {
+        _ = io.responded() => {}
+        _ = gone => {}
+    }
+    io.abort();
 }
 
 /// Answers a socket refused before its request was read, then reads what

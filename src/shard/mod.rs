@@ -29,6 +29,7 @@ mod conformance;
 pub mod conn;
 mod epoll;
 mod outbox;
+mod polling;
 mod session;
 mod uring;
 
@@ -48,7 +49,7 @@ use monoio::{LegacyDriver, RuntimeBuilder};
 
 use crate::admission::{self, Refusal, Slots};
 use crate::clock::{now_ms, random_u64};
-use crate::engine::{Engine, SessionId, ShardId};
+use crate::engine::{Adoption, Engine, MeshMsg, SessionId, ShardId};
 use crate::logs::Throttle;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
@@ -124,6 +125,10 @@ pub struct Shard {
     /// Frames that go at the next sweep, not with what was queued before
     /// them (`--socketio-conformance` only: see `conformance.rs`).
     deferred: RefCell<Vec<(Rc<ConnIo>, bytes::Bytes)>>,
+    /// The long-polling sessions this shard holds.
+    polls: RefCell<polling::Polls>,
+    /// Sockets other shards handed over, for the IO driver to take.
+    adopted: RefCell<Vec<Adoption>>,
     logs: ShardLogs,
 }
 
@@ -212,6 +217,8 @@ impl Shard {
             stop: Signal::default(),
             session_counter: Cell::new(0),
             deferred: RefCell::default(),
+            polls: RefCell::default(),
+            adopted: RefCell::default(),
             sockets: Cell::new(0),
             preauth_bytes: Cell::new(0),
             logs: ShardLogs::default(),
@@ -292,6 +299,40 @@ fn route_is(route: &str, path: &str) -> bool {
     route.strip_suffix('/').unwrap_or(route) == path.strip_suffix('/').unwrap_or(path)
 }
 
+/// Sends a socket to the shard that holds the session its request names.
+fn hand_over(shard: &Shard, owner: ShardId, fd: std::os::fd::OwnedFd, bytes: Vec<u8>, ip: Slots) {
+    use crate::engine::MeshTx;
+    shard.metrics().socketio_handovers.inc();
+    let msg = MeshMsg::Adopt(Box::new(Adoption { fd, bytes, ip }));
+    let mut outbox = shard.outbox.borrow_mut();
+    outbox.send(owner, msg);
+    outbox.flush();
+}
+
+/// The body a request says follows its head.
+fn body_len(req: &Request) -> usize {
+    match req {
+        Request::Plain(p) => p.content_length,
+        Request::Upgrade(_) => 0,
+    }
+}
+
+/// The largest body a request may carry: a long-polling POST of the
+/// largest message, in base64, with room for its separators.
+fn max_body(shard: &Shard) -> usize {
+    shard.node.config.max_message_size / 3 * 4 + 4096
+}
+
+fn body_too_large() -> Vec<u8> {
+    handshake::http_response(413, "", "text/plain", b"payload_too_large")
+}
+
+/// CORS headers that let a page of `origin` read long-polling responses.
+fn cors_headers(origin: &str) -> String {
+    let clean: String = origin.chars().filter(|c| !c.is_control()).collect();
+    format!("Access-Control-Allow-Origin: {clean}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n")
+}
+
 /// The transport an Engine.IO request names, or its refusal: a version
 /// other than 4, or no known transport.
 fn engine_io_query(query: &str) -> Result<&'static str, Vec<u8>> {
@@ -312,6 +353,12 @@ enum Routed {
     Reply(Vec<u8>),
     /// Switch protocols: write the 101 response, then speak WebSocket.
     Accept(Box<Accepted>),
+    /// A long-polling request of a session on this shard: the socket
+    /// waits for its answer (`Shard::poll`), then closes.
+    Poll(Box<polling::PollRequest>),
+    /// A request of a session another shard holds: the socket and the
+    /// bytes read go there.
+    HandOver(ShardId),
 }
 
 impl Shard {
@@ -319,22 +366,14 @@ impl Shard {
     /// the user when the request carried a valid token).
     /// `ip` holds what the socket counts against its address (from the
     /// accept); an accepted upgrade takes it into its session.
-    fn route(&self, req: Request, peer: IpAddr, ip: &mut Slots) -> Routed {
+    fn route(&self, req: Request, body: &[u8], peer: IpAddr, ip: &mut Slots) -> Routed {
         let mut up = match req {
             Request::Plain(p) => {
                 let (route, query) = p.path.split_once('?').unwrap_or((&p.path, ""));
                 let engine_echo =
                     self.node.config.socketio_conformance && route_is(route, "/engine.io/");
                 if engine_echo || self.socketio_path(route) {
-                    return Routed::Reply(match engine_io_query(query) {
-                        Err(refusal) => refusal,
-                        // A WebSocket transport without its upgrade.
-                        Ok("websocket") => engine_io_refusal(3, "Bad request"),
-                        Ok(_) => engine_io_refusal(
-                            0,
-                            "Transport unknown: this server takes Socket.IO's websocket transport (transports: [\"websocket\"])",
-                        ),
-                    });
+                    return self.route_polling(&p, query, body, engine_echo, peer, ip);
                 }
                 return Routed::Reply(crate::http::plain(&self.node, &p.method, &p.path));
             }
@@ -349,12 +388,40 @@ impl Shard {
                 Ok("websocket") => {}
                 Ok(_) => return Routed::Reply(engine_io_refusal(3, "Bad request")),
             }
-            if handshake::query_param(&up.query, "sid").is_some() {
-                // An upgrade of a polling session this node does not hold.
-                return Routed::Reply(engine_io_refusal(1, "Session ID unknown"));
-            }
             up.protocol = Protocol::SocketIo;
             up.protocol_offered = false;
+            if let Some(sid) = handshake::query_param(&up.query, "sid") {
+                // The upgrade of a long-polling session.
+                match polling::owner_of(&sid) {
+                    Some(owner) if owner != self.id && (owner as usize) < self.node.shards() => {
+                        return Routed::HandOver(owner);
+                    }
+                    Some(owner) if owner == self.id && self.polls.borrow_mut().upgradable(&sid) => {
+                        let response = handshake::accept_response(&up);
+                        return Routed::Accept(Box::new(Accepted {
+                            websocket_refusals: false,
+                            conformance: None,
+                            upgrade_of: Some(sid),
+                            device: DeviceKind::Web,
+                            up,
+                            echo: false,
+                            user: None,
+                            response,
+                            ip: std::mem::take(ip),
+                        }));
+                    }
+                    _ => {
+                        // As Engine.IO servers do for a session already
+                        // upgraded (or gone): the WebSocket opens and closes.
+                        let mut r = handshake::accept_response(&up);
+                        r.extend_from_slice(&frame::encode(
+                            OpCode::Close,
+                            &close::payload(close::POLICY_VIOLATION, "Session ID unknown"),
+                        ));
+                        return Routed::Reply(r);
+                    }
+                }
+            }
         }
         let echo = match up.path.as_str() {
             _ if socketio => false,
@@ -428,6 +495,7 @@ impl Shard {
         Routed::Accept(Box::new(Accepted {
             websocket_refusals: self.websocket_refusals(&up),
             conformance: (socketio && conformance).then_some(!engine_echo),
+            upgrade_of: None,
             up,
             echo,
             user,
@@ -435,6 +503,135 @@ impl Shard {
             response,
             ip: std::mem::take(ip),
         }))
+    }
+
+    /// A request of Engine.IO's long-polling transport: a new session (the
+    /// token from the query string or `Authorization`, checked as an
+    /// upgrade's), or a GET or POST of a session, here or on its shard.
+    fn route_polling(
+        &self,
+        p: &handshake::PlainRequest,
+        query: &str,
+        body: &[u8],
+        engine_echo: bool,
+        peer: IpAddr,
+        ip: &mut Slots,
+    ) -> Routed {
+        let node = &self.node;
+        let cors = match (&p.origin, node.config.allowed_origins.is_empty()) {
+            (None, _) => String::new(),
+            (Some(o), true) => cors_headers(o),
+            (Some(o), false) => {
+                if !node
+                    .config
+                    .allowed_origins
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(o.trim()))
+                {
+                    return Routed::Reply(handshake::http_response(
+                        403,
+                        "",
+                        "text/plain",
+                        b"origin_not_allowed",
+                    ));
+                }
+                cors_headers(o)
+            }
+        };
+        let refuse = |code: u8, message: &str| {
+            Routed::Reply(polling::error_response(&cors, code, message).to_vec())
+        };
+        match engine_io_query(query) {
+            Err(refusal) => return Routed::Reply(refusal),
+            // A WebSocket transport without its upgrade.
+            Ok("websocket") => return refuse(3, "Bad request"),
+            Ok(_) => {}
+        }
+        let sid = handshake::query_param(query, "sid");
+        let Some(sid) = sid else {
+            if p.method != "GET" {
+                return refuse(2, "Bad handshake method");
+            }
+            if node.is_draining() {
+                return Routed::Reply(handshake::http_response(503, "", "text/plain", b"draining"));
+            }
+            let client =
+                admission::client_ip(peer, p.forwarded_for.as_deref(), &node.trusted_proxies);
+            if let Err(refusal) = node.admission.admit_upgrade(client, ip, now_ms()) {
+                self.metrics().refused[refusal.index()].inc();
+                return Routed::Reply(refusal.response());
+            }
+            let device = match handshake::query_param(query, "device").as_deref() {
+                None => DeviceKind::Web,
+                Some(d) => match DeviceKind::parse(d) {
+                    Some(k) => k,
+                    None => return refuse(3, "bad_device: device must be desktop, mobile or web"),
+                },
+            };
+            let token = p
+                .bearer
+                .clone()
+                .or_else(|| handshake::query_param(query, "token"));
+            let conformance = node.config.socketio_conformance.then_some(!engine_echo);
+            let user = match token {
+                Some(t) if conformance.is_none() => match node.verifier.identify(&t) {
+                    Ok(identity) => {
+                        if let Some(why) = self.engine.borrow().server_ban(&identity.user, now_ms())
+                        {
+                            self.metrics().auth_failures.inc();
+                            return refuse(4, &format!("banned: {why}"));
+                        }
+                        Some(identity)
+                    }
+                    Err(e) => {
+                        self.metrics().auth_failures.inc();
+                        return refuse(4, &e.0);
+                    }
+                },
+                _ => None,
+            };
+            return Routed::Poll(Box::new(polling::PollRequest::Open {
+                device,
+                user,
+                conformance,
+                ip: std::mem::take(ip),
+                cors,
+            }));
+        };
+        match polling::owner_of(&sid) {
+            Some(owner) if owner != self.id && (owner as usize) < node.shards() => {
+                Routed::HandOver(owner)
+            }
+            Some(owner) if owner == self.id => match p.method.as_str() {
+                "GET" => Routed::Poll(Box::new(polling::PollRequest::Get { sid, cors })),
+                "POST" => Routed::Poll(Box::new(polling::PollRequest::Post {
+                    sid,
+                    body: body.to_vec(),
+                    cors,
+                })),
+                _ => refuse(2, "Bad handshake method"),
+            },
+            _ => refuse(1, "Session ID unknown"),
+        }
+    }
+
+    /// Answers (or parks, until there is something to answer with) a
+    /// long-polling request; `waiter` is its socket's outbound side.
+    fn poll(&self, req: polling::PollRequest, waiter: Rc<ConnIo>) {
+        waiter.await_response();
+        let mut polls = self.polls.borrow_mut();
+        polls.request(self, req, waiter);
+        polls.flush_ready(self);
+        drop(polls);
+        self.outbox.borrow_mut().flush();
+    }
+
+    /// Long-polling sessions that queued frames since the last look.
+    fn flush_polls(&self) {
+        if self.outq.polls.borrow().is_empty() {
+            return;
+        }
+        self.polls.borrow_mut().flush_ready(self);
     }
 
     /// Whether `route` is where Socket.IO clients connect (with or without
@@ -505,7 +702,10 @@ impl Shard {
                     let Some(m) = node.mesh.pop(from, self.id) else {
                         break;
                     };
-                    engine.handle_mesh(m, now, &mut *outbox);
+                    match m {
+                        MeshMsg::Adopt(a) => self.adopted.borrow_mut().push(*a),
+                        m => engine.handle_mesh(m, now, &mut *outbox),
+                    }
                     got += 1;
                 }
             }
@@ -555,7 +755,9 @@ impl Shard {
                     }
                     io.close(close::UNAUTHORIZED, "authentication timeout");
                 } else if io.ping_sent.get() != NEVER {
-                    if since(io.ping_sent.get()) >= c.ping_timeout_ms {
+                    if since(io.ping_sent.get()) >= c.ping_timeout_ms
+                        || io.engine_io_expired(now, c)
+                    {
                         self.metrics().keepalive_closes.inc();
                         io.close(close::POLICY_VIOLATION, "ping timeout");
                     }

@@ -29,6 +29,8 @@ pub(super) struct Accepted {
     pub(super) websocket_refusals: bool,
     pub(super) up: Upgrade,
     pub(super) echo: bool,
+    /// The long-polling session (its sid) this WebSocket upgrades.
+    pub(super) upgrade_of: Option<String>,
     /// `--socketio-conformance`: Socket.IO (true) or Engine.IO (false)
     /// as the official suites expect.
     pub(super) conformance: Option<bool>,
@@ -46,6 +48,9 @@ pub(super) enum Mode {
     Connecting(Option<Box<Identity>>),
     /// `--socketio-conformance` (see `conformance.rs`).
     Conformance(Box<Conformance>),
+    /// A WebSocket probing the upgrade of the long-polling session `sid`:
+    /// on the client's upgrade packet (`5`) it takes that session over.
+    Probing(Box<String>),
     Authenticated(ConnId),
     /// The connection has left the engine.
     Ended,
@@ -78,7 +83,7 @@ impl Session {
     pub(super) fn preauth(&self) -> bool {
         matches!(
             self.mode,
-            Mode::Unauthenticated | Mode::Connecting(_) | Mode::Conformance(_)
+            Mode::Unauthenticated | Mode::Connecting(_) | Mode::Conformance(_) | Mode::Probing(_)
         )
     }
 
@@ -99,6 +104,7 @@ impl Session {
         let Accepted {
             websocket_refusals,
             conformance,
+            upgrade_of,
             up,
             echo,
             user,
@@ -113,11 +119,69 @@ impl Session {
         let m = shard.metrics();
         m.connections.inc();
         m.connections_total.inc();
-        let mut s = Session::new(shard, io, up.protocol, device, echo, user, ip);
-        if let Some(socketio) = conformance {
-            s.mode = Mode::Conformance(Box::new(Conformance::new(socketio)));
+        if up.protocol == Protocol::SocketIo {
+            if let Some(sid) = upgrade_of {
+                // The probe of a long-polling session's upgrade.
+                io.set_engine_io();
+                return Session {
+                    mode: Mode::Probing(Box::new(sid)),
+                    ..Session::blank(Protocol::SocketIo, device, ip)
+                };
+            }
+            let sid = format!("{:016x}", random_u64());
+            return Session::socketio(shard, io, device, user, ip, &sid, false, conformance);
         }
-        s
+        Session::new(shard, io, up.protocol, device, echo, user, ip)
+    }
+
+    fn blank(protocol: Protocol, device: DeviceKind, ip: Slots) -> Session {
+        Session {
+            protocol,
+            device,
+            mode: Mode::Unauthenticated,
+            preauth_strikes: 0,
+            attachments: 0,
+            ip,
+        }
+    }
+
+    /// An Engine.IO session (WebSocket, or long-polling through `io`, a
+    /// socketless queue): its open packet goes first, then the client's
+    /// CONNECT packet authenticates it (with the upgrade's token when its
+    /// payload has none).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn socketio(
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        device: DeviceKind,
+        user: Option<Identity>,
+        ip: Slots,
+        sid: &str,
+        polling: bool,
+        conformance: Option<bool>,
+    ) -> Session {
+        let c = &shard.node.config;
+        io.set_engine_io();
+        io.push_control(socketio::open_frame(
+            sid,
+            polling,
+            c.ping_interval_ms,
+            c.ping_timeout_ms,
+            c.max_message_size,
+        ));
+        io.auth_deadline
+            .set(shard.outq.now_ms() + c.auth_timeout_ms);
+        let mode = match conformance {
+            Some(socketio) => {
+                io.auth_deadline.set(NEVER);
+                Mode::Conformance(Box::new(Conformance::new(socketio)))
+            }
+            None => Mode::Connecting(user.map(Box::new)),
+        };
+        Session {
+            mode,
+            ..Session::blank(Protocol::SocketIo, device, ip)
+        }
     }
 
     /// The WebSocket phase of an accepted upgrade: a session that is either
@@ -133,33 +197,9 @@ impl Session {
         user: Option<Identity>,
         ip: Slots,
     ) -> Session {
-        let mut s = Session {
-            protocol,
-            device,
-            mode: if echo {
-                Mode::Echo
-            } else {
-                Mode::Unauthenticated
-            },
-            preauth_strikes: 0,
-            attachments: 0,
-            ip,
-        };
-        if protocol == Protocol::SocketIo {
-            // Engine.IO opens the session; the client's CONNECT packet
-            // authenticates it.
-            let c = &shard.node.config;
-            io.set_engine_io();
-            io.push_control(socketio::open_frame(
-                &format!("{:016x}", random_u64()),
-                c.ping_interval_ms,
-                c.ping_timeout_ms,
-                c.max_message_size,
-            ));
-            s.mode = Mode::Connecting(user.map(Box::new));
-            io.auth_deadline
-                .set(shard.outq.now_ms() + c.auth_timeout_ms);
-            return s;
+        let mut s = Session::blank(protocol, device, ip);
+        if echo {
+            s.mode = Mode::Echo;
         }
         match user {
             Some(u) => {
@@ -186,6 +226,10 @@ impl Session {
             .node
             .admission
             .release_ip(std::mem::take(&mut self.ip));
+        if let Mode::Probing(sid) = &self.mode {
+            shard.polls.borrow_mut().probing(sid, false);
+            self.mode = Mode::Ended;
+        }
         if let Mode::Authenticated(id) = self.mode {
             let mut outbox = shard.outbox.borrow_mut();
             shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
@@ -304,7 +348,11 @@ impl Session {
                     self.preauth_strike(shard, io);
                 }
             },
-            Mode::Echo | Mode::Authenticated(_) | Mode::Connecting(_) | Mode::Conformance(_) => {
+            Mode::Echo
+            | Mode::Authenticated(_)
+            | Mode::Connecting(_)
+            | Mode::Conformance(_)
+            | Mode::Probing(_) => {
                 unreachable!("handled above")
             }
             Mode::Ended => {}
@@ -316,11 +364,26 @@ impl Session {
     /// the connection, as Socket.IO servers do; a request that can be read
     /// but not carried out is answered in its ack, as on the native
     /// protocol.
-    fn on_engine_io(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, mut payload: BytesMut) {
+    pub(super) fn on_engine_io(
+        &mut self,
+        shard: &Shard,
+        io: &Rc<ConnIo>,
+        text: bool,
+        mut payload: BytesMut,
+    ) {
+        if let Mode::Probing(sid) = &self.mode {
+            let sid = sid.clone();
+            return self.on_probe(shard, io, text, &payload, &sid);
+        }
         if let Mode::Conformance(c) = &mut self.mode {
             let out = if text {
                 match socketio::engine_packet(&payload) {
-                    Ok(EnginePacket::Message(m)) => c.on_message(m),
+                    Ok(EnginePacket::Message(m)) => {
+                        if m.first() == Some(&b'0') {
+                            io.auth_deadline.set(NEVER);
+                        }
+                        c.on_message(m)
+                    }
                     Ok(_) => Ok(vec![]),
                     Err(e) => Err(e),
                 }
@@ -415,6 +478,38 @@ impl Session {
                 self.invalid_packet(shard, io, &e)
             }
             _ => self.preauth_strike(shard, io),
+        }
+    }
+
+    /// A packet on a WebSocket probing an upgrade: the probe (`2probe`) is
+    /// answered (`3probe`) and the session's pending poll released; the
+    /// upgrade packet (`5`) takes the session over, with what it queued.
+    fn on_probe(&mut self, shard: &Shard, io: &Rc<ConnIo>, text: bool, payload: &[u8], sid: &str) {
+        if !text {
+            return self.preauth_strike(shard, io);
+        }
+        match socketio::engine_packet(payload) {
+            Ok(EnginePacket::Ping(data)) => {
+                io.push_control(socketio::pong_frame(data));
+                shard.polls.borrow_mut().probing(sid, true);
+            }
+            Ok(EnginePacket::Upgrade) => {
+                let taken = shard.polls.borrow_mut().take_over(shard, sid, io);
+                match taken {
+                    Some(mut session) => {
+                        // The session keeps its own address slots and count.
+                        shard
+                            .node
+                            .admission
+                            .release_ip(std::mem::take(&mut self.ip));
+                        shard.metrics().connections.sub(1);
+                        std::mem::swap(self, &mut session);
+                    }
+                    None => io.close(close::POLICY_VIOLATION, "Session ID unknown"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => self.invalid_packet(shard, io, &e),
         }
     }
 

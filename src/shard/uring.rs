@@ -90,8 +90,15 @@ enum Phase {
     Handshake { since: u64, ip: Slots },
     /// Speaking WebSocket.
     Ws { session: Session, decoder: Decoder },
-    /// Writing a plain HTTP answer or a refusal, then closing.
+    /// Writing a plain HTTP answer or a refusal, then closing (or, for a
+    /// long-polling request, waiting for the answer first).
     Reply { ip: Slots },
+    /// A request of a long-polling session another shard holds: once the
+    /// receive is cancelled, the socket and its bytes go there.
+    HandOver {
+        owner: crate::engine::ShardId,
+        ip: Slots,
+    },
 }
 
 /// A connection's slot: what the loop needs beyond the outbound side.
@@ -250,6 +257,11 @@ impl Loop {
             let mut work = self.complete();
             work += self.decode_received();
             work += self.shard.drain_mesh();
+            let adopted = self.shard.adopted.take();
+            work += adopted.len();
+            for a in adopted {
+                self.adopt(a);
+            }
             self.shard.tick_engine();
             self.shard.outbox.borrow_mut().flush();
             let now = Instant::now();
@@ -574,7 +586,96 @@ impl Loop {
         if read_over {
             self.end_read(r.slot);
         }
+        if self.handing_over(r.slot) {
+            return;
+        }
         self.visit(r.slot);
+    }
+
+    /// A connection whose request goes to another shard: its receive is
+    /// cancelled, and once no receive is in flight, its socket, the bytes
+    /// read and its address slots go to the owner, which serves it as if it
+    /// had accepted it. True when the slot is gone (or going).
+    fn handing_over(&mut self, slot: u32) -> bool {
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return false;
+        };
+        if !matches!(conn.phase, Phase::HandOver { .. }) {
+            return false;
+        }
+        if conn.recv {
+            if !conn.cancelled {
+                conn.cancelled = true;
+                let e = opcode::AsyncCancel::new(token(RECV, slot, conn.gen))
+                    .build()
+                    .user_data(token(CANCEL, slot, conn.gen));
+                self.push(e);
+            }
+            return true;
+        }
+        let Some(mut conn) = self.conns[slot as usize].take() else {
+            return true;
+        };
+        self.shard.preauth_change(preauth_held(&conn), 0);
+        self.shard.node.socket_closed();
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
+        self.free.push(slot);
+        self.live -= 1;
+        let Phase::HandOver { owner, ip } = std::mem::replace(
+            &mut conn.phase,
+            Phase::Reply {
+                ip: Slots::default(),
+            },
+        ) else {
+            unreachable!("checked above");
+        };
+        conn.io.detach();
+        // SAFETY: the descriptor is this connection's, no operation on it
+        // is in flight, and nothing here closes it: it changes hands.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn.fd()) };
+        let bytes = conn.inbuf.take().map(|b| b.to_vec()).unwrap_or_default();
+        super::hand_over(&self.shard, owner, fd, bytes, ip);
+        true
+    }
+
+    /// A socket another shard handed over: served from its bytes on.
+    fn adopt(&mut self, a: super::Adoption) {
+        let super::Adoption { fd, bytes, ip } = a;
+        use std::os::fd::IntoRawFd;
+        let fd = fd.into_raw_fd();
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.gens.push(0);
+                self.conns.push(None) as u32
+            }
+        };
+        let now = self.shard.outq.now_ms();
+        let io = Rc::new(ConnIo::for_loop(fd, self.shard.outq.clone(), slot, now));
+        self.shard.node.socket_opened();
+        self.conns[slot as usize] = Some(Conn {
+            io,
+            gen: self.gens[slot as usize],
+            recv: false,
+            cancelled: false,
+            ended: false,
+            write_due: false,
+            phase: Phase::Handshake { since: now, ip },
+            inbuf: Some(Box::new(BytesMut::from(&bytes[..]))),
+            write: None,
+            flush_deadline: NEVER,
+        });
+        self.live += 1;
+        let shard = self.shard.clone();
+        let conn = self.conns[slot as usize].as_mut().expect("just added");
+        let over = handshake_step(&shard, conn, &mut self.scratch, now);
+        if over {
+            self.end_read(slot);
+        } else if !conn.ended {
+            self.arm_recv(slot);
+        }
+        self.visit(slot);
     }
 
     /// The peer is done sending (or must not be read any more): leave the
@@ -593,6 +694,11 @@ impl Loop {
             session.end(shard);
         }
         if matches!(conn.phase, Phase::Handshake { .. }) {
+            conn.io.abort();
+        }
+        if matches!(conn.phase, Phase::Reply { .. }) && conn.io.awaiting() {
+            // A long-polling request whose client left: its answer, when
+            // it comes, stays with the session for the next one.
             conn.io.abort();
         }
     }
@@ -618,6 +724,8 @@ impl Loop {
     /// last round.
     fn visit_ready(&mut self) {
         loop {
+            // Long-polling sessions first: their answers make sockets ready.
+            self.shard.flush_polls();
             let mut list = std::mem::take(&mut self.visiting);
             std::mem::swap(&mut list, &mut *self.shard.outq.ready.borrow_mut());
             if list.is_empty() {
@@ -662,9 +770,14 @@ impl Loop {
                 let due = self.shard.outq.now_ms() + self.write_delay_ms;
                 self.delayed.push_back((due, slot, conn.gen));
             }
-        } else if conn.ended && conn.io.is_flushed() {
-            conn.io.abort();
-            self.visit(slot);
+        } else if conn.io.is_flushed() && !conn.io.awaiting() {
+            // A long-polling request shuts once its answer is written.
+            let answered =
+                matches!(conn.phase, Phase::Reply { .. }) && conn.io.state() == State::Closing;
+            if conn.ended || answered {
+                conn.io.abort();
+                self.visit(slot);
+            }
         }
     }
 
@@ -756,7 +869,9 @@ impl Loop {
         };
         self.shard.preauth_change(preauth_held(&conn), 0);
         self.shard.node.socket_closed();
-        if let Phase::Handshake { ip, .. } | Phase::Reply { ip } = conn.phase {
+        if let Phase::Handshake { ip, .. } | Phase::Reply { ip } | Phase::HandOver { ip, .. } =
+            conn.phase
+        {
             self.shard.node.admission.release_ip(ip);
         }
         if let Phase::Ws { session, .. } = &mut conn.phase {
@@ -778,6 +893,7 @@ impl Loop {
         let now = shard.outq.now_ms();
         let handshake_timeout = shard.node.config.handshake_timeout_ms;
         shard.run_deferred();
+        shard.polls.borrow_mut().sweep(&shard, now, &self.ping);
         for conn in self.conns.iter().flatten() {
             if conn.io.state() == State::Done {
                 continue;
@@ -817,7 +933,7 @@ impl Loop {
             match conn.phase {
                 Phase::Ws { .. } => conn.io.close(close::GOING_AWAY, "server shutting down"),
                 Phase::Handshake { .. } => conn.io.abort(),
-                Phase::Reply { .. } => {}
+                Phase::Reply { .. } | Phase::HandOver { .. } => {}
             }
         }
     }
@@ -969,7 +1085,7 @@ fn refuse_preauth(shard: &Rc<Shard>, conn: &mut Conn, now: u64) -> bool {
             conn.inbuf = None;
             true
         }
-        Phase::Reply { .. } => false,
+        Phase::Reply { .. } | Phase::HandOver { .. } => false,
     };
     shard.preauth_change(before, preauth_held(conn));
     over
@@ -990,11 +1106,18 @@ fn feed(shard: &Rc<Shard>, conn: &mut Conn, data: &[u8], scratch: &mut BytesMut,
         }
         Phase::Ws { .. } => feed_ws(shard, conn, data, scratch),
         Phase::Reply { .. } => false,
+        // What comes until the receive is cancelled goes along.
+        Phase::HandOver { .. } => {
+            conn.inbuf
+                .get_or_insert_with(Default::default)
+                .extend_from_slice(data);
+            false
+        }
     }
 }
 
 fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, now: u64) -> bool {
-    let Some(head) = conn.inbuf.as_mut() else {
+    let Some(head) = conn.inbuf.as_ref() else {
         return false;
     };
     let (req, consumed) = match handshake::parse_request(head, &shard.handshake) {
@@ -1006,19 +1129,46 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
         }
         Ok(Some(r)) => r,
     };
-    head.advance(consumed);
+    // A plain request's body (long-polling POSTs) comes in whole first.
+    let body_len = super::body_len(&req);
+    if body_len > super::max_body(shard) {
+        reply(shard, conn, super::body_too_large(), now);
+        return false;
+    }
+    if head.len() < consumed + body_len {
+        return false;
+    }
     // The peer is asked again rather than kept from the accept: a slot
     // stays small.
     let peer = peer_of(conn.fd());
     let Phase::Handshake { ip, .. } = &mut conn.phase else {
         return false;
     };
-    match shard.route(req, peer, ip) {
+    let body = &head[consumed..consumed + body_len];
+    match shard.route(req, body, peer, ip) {
         Routed::Reply(r) => {
             reply(shard, conn, r, now);
             false
         }
+        Routed::Poll(req) => {
+            let ip = std::mem::take(ip);
+            conn.phase = Phase::Reply { ip };
+            conn.inbuf = None;
+            let c = &shard.node.config;
+            // Answered within a ping interval (the ping, at the latest).
+            conn.flush_deadline = now + c.ping_interval_ms + c.ping_timeout_ms + c.close_timeout_ms;
+            shard.poll(*req, conn.io.clone());
+            false
+        }
+        Routed::HandOver(owner) => {
+            let ip = std::mem::take(ip);
+            conn.phase = Phase::HandOver { owner, ip };
+            false
+        }
         Routed::Accept(a) => {
+            if let Some(head) = conn.inbuf.as_mut() {
+                head.advance(consumed);
+            }
             let session = Session::start(shard, &conn.io, *a);
             conn.phase = Phase::Ws {
                 session,
@@ -1035,7 +1185,9 @@ fn handshake_step(shard: &Rc<Shard>, conn: &mut Conn, scratch: &mut BytesMut, no
 fn reply(shard: &Rc<Shard>, conn: &mut Conn, response: Vec<u8>, now: u64) {
     conn.io.push_control(Bytes::from(response));
     let ip = match &mut conn.phase {
-        Phase::Handshake { ip, .. } | Phase::Reply { ip } => std::mem::take(ip),
+        Phase::Handshake { ip, .. } | Phase::Reply { ip } | Phase::HandOver { ip, .. } => {
+            std::mem::take(ip)
+        }
         Phase::Ws { .. } => Slots::default(),
     };
     conn.phase = Phase::Reply { ip };

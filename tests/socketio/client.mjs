@@ -2,8 +2,10 @@
 // the seeds' client code, `io(url, { auth: { token } })`,
 // `socket.emit(event, data, callback)` and `socket.on(event, ...)`, for
 // every event group of docs/PROTOCOL.md, errors in acks, refusals in
-// `connect_error`, the heartbeat, a channel shared with native clients, and
-// a two-node cluster.
+// `connect_error`, the heartbeat and a channel shared with native clients,
+// each over the default transports (long-polling, then the upgrade),
+// WebSocket only and long-polling only; then the framing seen raw and a
+// two-node cluster.
 //
 //   CORECAST_BIN=target/debug/corecast node tests/socketio/client.mjs
 //
@@ -14,16 +16,28 @@ import {
   Native, apiKey, check, collect, connect, next, run, sleep, startNode, startRedis, token, until,
 } from "./lib.mjs";
 
-const ws = { transports: ["websocket"] };
+const transports = {
+  default: {},
+  websocket: { transports: ["websocket"] },
+  polling: { transports: ["polling"] },
+};
+// The transport options of the round running.
+let ws = transports.websocket;
 
-// One node for most tests: LiveKit configured (voice tokens), a tight
-// limit on `typing:start` (rate limits in acks), a short heartbeat.
-const node = await startNode([
+// A node per round: LiveKit configured (voice tokens), a tight limit on
+// `typing:start` (rate limits in acks), a short heartbeat.
+const nodeArgs = [
   "--livekit-url", "wss://livekit.example.test", "--livekit-api-key", "lk-key",
   "--livekit-api-secret", "lk-secret-0123456789abcdef0123456789",
   "--rate-limit", "typing:start=3/60s",
   "--ping-interval-ms", "300", "--ping-timeout-ms", "400",
-]);
+];
+let node;
+
+async function metric(name) {
+  const text = await (await fetch(`${node.url}/metrics`)).text();
+  return text.split("\n").filter((l) => l.startsWith(name)).reduce((n, l) => n + Number(l.split(" ").pop()), 0);
+}
 
 const sockets = [];
 async function user(name, opts = {}, extra = []) {
@@ -41,7 +55,7 @@ async function api(path, body) {
   return { status: r.status, body: await r.json().catch(() => null) };
 }
 
-await run([
+const eventTests = [
   ["connect with auth.token and receive ready", async () => {
     const s = await user("ann");
     check("connected", s.connected, {});
@@ -299,6 +313,32 @@ await run([
     check("and answering", r.success === true, r);
   }],
 
+];
+
+const rounds = [];
+for (const [name, opts] of Object.entries(transports)) {
+  rounds.push([`[${name}] start a node`, async () => {
+    ws = opts;
+    node?.child.kill("SIGKILL");
+    node = await startNode(nodeArgs);
+  }]);
+  for (const [what, fn] of eventTests) rounds.push([`[${name}] ${what}`, fn]);
+  rounds.push([`[${name}] the transport in use`, async () => {
+    const s = await user("tara");
+    await sleep(300);
+    const used = s.io.engine.transport.name;
+    const want = name === "polling" ? "polling" : "websocket";
+    check(`${name} ends on ${want}`, used === want, used);
+    if (name !== "websocket") {
+      // Requests land on either shard: those for the other shard's
+      // sessions were handed over, and were served all the same.
+      check("requests handed between shards", (await metric("corecast_socketio_handovers_total")) > 0, {});
+    }
+  }]);
+}
+
+await run([
+  ...rounds,
   ["Engine.IO and Socket.IO framing, seen raw", async () => {
     const raw = async (tok) => {
       const sock = new WebSocket(`ws://${node.addr}/socket.io/?EIO=4&transport=websocket`);
@@ -352,12 +392,12 @@ await run([
     check("Engine.IO 3 refused", refused.status === 400 && body.code === 5, body);
   }],
 
-  ["a two-node cluster", async () => {
+  ["a two-node cluster (default transports)", async () => {
     const redis = await startRedis();
     const a = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
     const b = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
-    const pa = await connect(a.url, { ...ws, auth: { token: token("pia") } });
-    const pb = await connect(b.url, { ...ws, auth: { token: token("pat") } });
+    const pa = await connect(a.url, { auth: { token: token("pia") } });
+    const pb = await connect(b.url, { auth: { token: token("pat") } });
     await pa.emitWithAck("channel:join", { channelId: "global" });
     const joined = next(pa, "channel:member_joined");
     const r = await pb.emitWithAck("channel:join", { channelId: "global" });

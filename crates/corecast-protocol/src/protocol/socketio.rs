@@ -294,21 +294,83 @@ pub fn encode_frame(msg: &ServerMessage) -> Bytes {
     Bytes::from(both)
 }
 
-/// The Engine.IO open packet (`0{...}`) as a text frame.
+/// The Engine.IO open packet (`0{...}`) as a text frame; a polling
+/// session may upgrade to WebSocket.
 pub fn open_frame(
     sid: &str,
+    polling: bool,
     ping_interval_ms: u64,
     ping_timeout_ms: u64,
     max_payload: usize,
 ) -> Bytes {
+    let upgrades: &[&str] = if polling { &["websocket"] } else { &[] };
     let open = serde_json::json!({
         "sid": sid,
-        "upgrades": [],
+        "upgrades": upgrades,
         "pingInterval": ping_interval_ms,
         "pingTimeout": ping_timeout_ms,
         "maxPayload": max_payload,
     });
     text_frame(format!("0{open}").as_bytes())
+}
+
+/// The packets of a long-polling request's body: separated by the record
+/// separator (0x1e), a binary one as `b` and base64. Each comes back as
+/// (`true` for text, its bytes).
+pub fn decode_payload(body: &[u8]) -> Result<Vec<(bool, Vec<u8>)>, DecodeError> {
+    use base64::Engine as _;
+    if body.is_empty() {
+        return Err(DecodeError::new(None, "an empty payload"));
+    }
+    body.split(|&b| b == 0x1e)
+        .map(|p| match p.split_first() {
+            Some((b'b', data)) => base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map(|d| (false, d))
+                .map_err(|e| DecodeError::new(None, format!("invalid base64 packet: {e}"))),
+            Some(_) => Ok((true, p.to_vec())),
+            None => Err(DecodeError::new(None, "an empty packet")),
+        })
+        .collect()
+}
+
+/// A long-polling response's body from the WebSocket frames queued for
+/// the session (unmasked, as the server encodes them; a `Bytes` may hold
+/// several): text packets as they are, binary ones as `b` and base64, a
+/// close frame as the close packet `1`, separated by the record separator.
+/// Also says whether a close frame was among them.
+pub fn encode_payload<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> (Vec<u8>, bool) {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    let mut closed = false;
+    for mut buf in frames {
+        while let Ok(Some(h)) = crate::ws::frame::parse_header(buf) {
+            let end = (h.header_len + h.payload_len as usize).min(buf.len());
+            let payload = &buf[h.header_len..end];
+            let packet_start = out.len();
+            if packet_start > 0 {
+                out.push(0x1e);
+            }
+            match h.opcode {
+                OpCode::Text => out.extend_from_slice(payload),
+                OpCode::Binary => {
+                    out.push(b'b');
+                    out.extend_from_slice(
+                        base64::engine::general_purpose::STANDARD
+                            .encode(payload)
+                            .as_bytes(),
+                    );
+                }
+                OpCode::Close => {
+                    out.push(b'1');
+                    closed = true;
+                }
+                _ => out.truncate(packet_start),
+            }
+            buf = &buf[end..];
+        }
+    }
+    (out, closed)
 }
 
 /// The server's ping (`2`) as a text frame.
@@ -496,6 +558,33 @@ mod tests {
             second.starts_with(r#"42["ready",{"userId":"u""#),
             "{second}"
         );
+    }
+
+    #[test]
+    fn polling_payloads() {
+        let p = decode_payload(b"4hello\x1ebAQIDBA==\x1e3").unwrap();
+        assert_eq!(
+            p,
+            [
+                (true, b"4hello".to_vec()),
+                (false, vec![1, 2, 3, 4]),
+                (true, b"3".to_vec())
+            ]
+        );
+        assert!(decode_payload(b"").is_err());
+        assert!(decode_payload(b"4a\x1e\x1e4b").is_err());
+        assert!(decode_payload(b"b!!").is_err());
+        let frames = [
+            crate::ws::frame::encode(OpCode::Text, b"4hello"),
+            crate::ws::frame::encode(OpCode::Binary, &[1, 2, 3, 4]),
+        ];
+        let both: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let close = crate::ws::frame::encode(OpCode::Close, &[3, 232]);
+        let (body, closed) = encode_payload([&both[..], &close[..]]);
+        assert_eq!(body, b"4hello\x1ebAQIDBA==\x1e1");
+        assert!(closed);
+        let (body, closed) = encode_payload([&frames[0][..]]);
+        assert_eq!((&body[..], closed), (&b"4hello"[..], false));
     }
 
     #[test]

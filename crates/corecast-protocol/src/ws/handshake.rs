@@ -90,7 +90,17 @@ pub struct Upgrade {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlainRequest {
     pub method: String,
+    /// The path with its query string.
     pub path: String,
+    /// The body that follows the head (`Content-Length`; chunked bodies
+    /// are refused).
+    pub content_length: usize,
+    /// The `Origin` header.
+    pub origin: Option<String>,
+    /// The token from `Authorization: Bearer`.
+    pub bearer: Option<String>,
+    /// `X-Forwarded-For` (several headers joined with commas).
+    pub forwarded_for: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,11 +232,35 @@ pub fn parse_request(
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
+    let bearer = header("authorization").and_then(|v| {
+        let v = v.trim();
+        v.get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("bearer "))
+            .map(|_| v[7..].trim().to_owned())
+    });
+    let forwarded: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
     let Some(upgrade) = header("upgrade") else {
+        if header("transfer-encoding").is_some() {
+            return Err(HandshakeError::Malformed);
+        }
+        let content_length = match header("content-length") {
+            None => 0,
+            Some(v) => v.trim().parse().map_err(|_| HandshakeError::Malformed)?,
+        };
         return Ok(Some((
             Request::Plain(PlainRequest {
                 method: method.to_owned(),
                 path: path.to_owned(),
+                content_length,
+                origin: header("origin").map(str::to_owned),
+                bearer,
+                forwarded_for,
             }),
             consumed,
         )));
@@ -290,19 +324,6 @@ pub fn parse_request(
             .ok_or(HandshakeError::UnsupportedSubprotocol)?;
         (p, true)
     };
-    let bearer = header("authorization").and_then(|v| {
-        let v = v.trim();
-        v.get(..7)
-            .filter(|p| p.eq_ignore_ascii_case("bearer "))
-            .map(|_| v[7..].trim().to_owned())
-    });
-    let forwarded: Vec<&str> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .collect();
-    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(","));
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     let query_token = query_param(query, "token");
     let device = query_param(query, "device");
@@ -572,8 +593,33 @@ mod tests {
             parse_request(plain.as_bytes(), &cfg()).unwrap().unwrap().0,
             Request::Plain(PlainRequest {
                 method: "GET".into(),
-                path: "/health".into()
+                path: "/health".into(),
+                content_length: 0,
+                origin: None,
+                bearer: None,
+                forwarded_for: None,
             })
+        );
+        // A long-polling POST: its body's length, its origin, its token.
+        let post = "POST /socket.io/?EIO=4&transport=polling&sid=x HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nOrigin: http://app\r\nAuthorization: Bearer t\r\n\r\n4hello";
+        let Some((Request::Plain(p), consumed)) = parse_request(post.as_bytes(), &cfg()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.content_length, 6);
+        assert_eq!(consumed, post.len() - 6);
+        assert_eq!(p.origin.as_deref(), Some("http://app"));
+        assert_eq!(p.bearer.as_deref(), Some("t"));
+        // Chunked bodies and bad lengths are refused.
+        let chunked = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            parse_request(chunked.as_bytes(), &cfg()),
+            Err(HandshakeError::Malformed)
+        );
+        let bad = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(
+            parse_request(bad.as_bytes(), &cfg()),
+            Err(HandshakeError::Malformed)
         );
     }
 }
