@@ -64,6 +64,8 @@ step "Socket.IO: socket.io-client against real nodes (tests/socketio)"
     || die "npm could not install tests/socketio's packages"
 CORECAST_BIN=target/debug/corecast timeout 300 node tests/socketio/client.mjs \
     || die "the Socket.IO client tests failed"
+CORECAST_BIN=target/debug/corecast timeout 180 node tests/socketio/browser.mjs \
+    || die "the Socket.IO browser test failed"
 
 step "the official Engine.IO and Socket.IO protocol suites (io_uring, then epoll)"
 scripts/socketio-conformance.sh target/debug/corecast

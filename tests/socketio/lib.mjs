@@ -93,7 +93,15 @@ export async function startRedis() {
   return `redis://127.0.0.1:${port}`;
 }
 
-export function stopAll() {
+const cleanups = [];
+// Runs `fn` (which may be async) when the tests end, before the processes
+// they started are stopped.
+export function onStop(fn) {
+  cleanups.push(fn);
+}
+
+export async function stopAll() {
+  for (const fn of cleanups) await Promise.resolve().then(fn).catch(() => {});
   for (const c of children) c.kill("SIGKILL");
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 }
@@ -224,7 +232,7 @@ export async function run(tests) {
     }
     console.log(`  -- ${name} (${Date.now() - t0} ms)`);
   }
-  stopAll();
+  await stopAll();
   if (failures.length) {
     console.log(`\n${failures.length} Socket.IO check(s) failed:\n  ${failures.join("\n  ")}`);
     process.exit(1);
