@@ -63,6 +63,51 @@ const eventTests = [
     s.close();
   }],
 
+  ["the seeds' client code, unchanged", async () => {
+    // As the seeds' README shows it (000_…: messages, presence, voice,
+    // typing), with the URL, token and ids of this test.
+    const peer = await user("sam");
+    await peer.emitWithAck("channel:join", { channelId: "channel-id" });
+    await peer.emitWithAck("channel:join", { channelId: "voice-channel-id" });
+    const socket = await user("sid");
+    await socket.emitWithAck("channel:join", { channelId: "channel-id" });
+    const received = [];
+    socket.on("message:new", (message) => received.push(message));
+    const sent = await new Promise((resolve) => socket.emit("message:send", {
+      channelId: "channel-id",
+      content: "Hello, world!",
+      mentions: ["sam"],
+    }, (response) => resolve(response)));
+    check("message:send callback", sent.success === true && typeof sent.messageId === "string", sent);
+    await until("message:new", () => received.length === 1);
+    check("message:new listener", received[0].content === "Hello, world!" && received[0].mentions[0] === "sam", received);
+    const changed = next(peer, "presence:changed").catch(() => null);
+    await peer.emitWithAck("presence:subscribe", { userIds: ["sid"] });
+    socket.emit("presence:update", {
+      status: "online",
+      activity: { type: "playing", name: "Awesome Game", details: "Level 42" },
+    });
+    socket.emit("presence:heartbeat");
+    const p = await changed;
+    check("presence:update with an activity", p?.activity?.name === "Awesome Game", p);
+    const voice = await new Promise((resolve) => socket.emit("voice:join", { channelId: "voice-channel-id" }, (response) => {
+      if (response.success) {
+        const { token, serverUrl } = response;
+        resolve({ token, serverUrl });
+      } else resolve(response);
+    }));
+    check("voice:join response.success, token, serverUrl", typeof voice.token === "string" && voice.serverUrl, voice);
+    const state = next(peer, "voice:state_update");
+    socket.emit("voice:update", { muted: true, deafened: false, speaking: false });
+    check("voice:state_update", (await state).state.muted === true, {});
+    const typing = next(peer, "typing:user_start");
+    socket.emit("typing:start", { channelId: "channel-id" });
+    check("typing:user_start", (await typing).userId === "sid", {});
+    const stop = next(peer, "typing:user_stop");
+    socket.emit("typing:stop", { channelId: "channel-id" });
+    check("typing:user_stop", (await stop).userId === "sid", {});
+  }],
+
   ["the token in the query string, and in a header", async () => {
     const q = await connect(node.url, { ...ws, query: { token: token("quinn") } });
     const r = await q.emitWithAck("heartbeat");
