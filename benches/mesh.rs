@@ -42,7 +42,11 @@ fn handoff(c: &mut Criterion) {
     };
     let _ = monoio::utils::bind_to_cpu_set([0]);
     let channel: Arc<str> = "general".into();
-    let frame = Bytes::from(vec![b'x'; 128]);
+    // Encoded once by the owner, shared by every shard it goes to.
+    let frames = Arc::new(Frames {
+        json: Some(Bytes::from(vec![b'x'; 128])),
+        ..Frames::default()
+    });
     let mut g = c.benchmark_group("mesh");
     g.throughput(Throughput::Elements(1));
     g.bench_function("handoff_between_two_pinned_shards", |b| {
@@ -52,10 +56,7 @@ fn handoff(c: &mut Criterion) {
             for _ in 0..iters {
                 let mut msg = MeshMsg::Deliver {
                     channel: channel.clone(),
-                    frames: Frames {
-                        json: Some(frame.clone()),
-                        ..Frames::default()
-                    },
+                    frames: frames.clone(),
                     offset: 1,
                 };
                 while let Err(m) = mesh.try_push(0, 1, msg) {

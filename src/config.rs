@@ -186,7 +186,7 @@ impl Default for Config {
             // Off: latency first. See docs/BENCHMARKS.md for what a few
             // milliseconds buy under heavy fan-out.
             write_delay_ms: 0,
-            // Slots are allocated up front (N² queues of about 100 bytes a
+            // Slots are allocated up front (N² queues of 48 bytes a
             // slot); a full queue spills into the sender's outbox, so this
             // bounds memory, not throughput.
             mesh_queue_capacity: 4096,

@@ -1,13 +1,23 @@
 #![no_main]
 //! The Socket.IO side: Engine.IO packets, Socket.IO packet headers, an
-//! EVENT read as a request, a CONNECT's auth payload. Never panics; an
-//! EVENT that decodes is the same request as its native JSON envelope.
+//! EVENT read as a request, a CONNECT's auth payload, and the same bytes
+//! as a socket.io-msgpack-parser packet. Never panics; an EVENT that
+//! decodes is the same request as its native JSON envelope; a MessagePack
+//! packet that translates comes back the same from its text form.
 
 use corecast::protocol::json::{self, Scratch};
+use corecast::protocol::msgpack;
 use corecast::protocol::socketio::{connect_token, engine_packet, envelope, packet, EnginePacket};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = msgpack::packet_to_text(data) {
+        if packet(&text).is_ok() {
+            let mut again = Vec::new();
+            msgpack::packet_from_text(&text, &mut again).expect("a read packet translates back");
+            assert_eq!(msgpack::packet_to_text(&again).expect("its own output reads"), text);
+        }
+    }
     let Ok(EnginePacket::Message(sio)) = engine_packet(data) else {
         return;
     };

@@ -82,7 +82,7 @@ pub struct Owned {
     pub offset: u64,
     pub epoch: Arc<str>,
     /// Members per shard: `[json, binary]`.
-    pub per_shard: Vec<[u32; 3]>,
+    pub per_shard: Vec<[u32; Protocol::COUNT]>,
     /// Connections in the channel per user.
     pub users: HashMap<Arc<str>, u32>,
     log: VecDeque<LogEntry>,
@@ -137,7 +137,7 @@ impl Owned {
         Owned {
             offset: 0,
             epoch,
-            per_shard: vec![[0; 3]; shards],
+            per_shard: vec![[0; Protocol::COUNT]; shards],
             users: HashMap::new(),
             log: VecDeque::new(),
             messages: VecDeque::new(),
@@ -201,8 +201,8 @@ impl Owned {
     }
 
     /// Which protocols the members speak (by [`Protocol::index`]).
-    pub fn protocols(&self) -> [bool; 3] {
-        let mut any = [false; 3];
+    pub fn protocols(&self) -> [bool; Protocol::COUNT] {
+        let mut any = [false; Protocol::COUNT];
         for c in &self.per_shard {
             for (a, &n) in any.iter_mut().zip(c) {
                 *a |= n > 0;
@@ -584,7 +584,7 @@ mod tests {
             timestamp: now,
         };
         let msg = ServerMessage::event(ServerEvent::MessageNew(m.clone()));
-        let frames = Frames::encode(&msg, [true, false, false]);
+        let frames = Frames::encode(&msg, [true, false, false, false]);
         c.log(offset, now, msg, &frames, s);
         c.store(&Arc::from(user), m, now, s);
         offset

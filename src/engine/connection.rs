@@ -122,7 +122,9 @@ impl<O: Outbound> Engine<O> {
         let envelope = match (protocol, text) {
             (Protocol::Json, true) => json::envelope(payload, scratch),
             // A Socket.IO packet (the shell has read its Engine.IO type).
-            (Protocol::SocketIo, true) => socketio::envelope(payload, scratch),
+            (Protocol::SocketIo | Protocol::SocketIoMsgpack, true) => {
+                socketio::envelope(payload, scratch)
+            }
             (Protocol::Binary, false) => {
                 return match binary::decode_client(payload) {
                     Ok(m) => self.handle(id, m, now, tx),

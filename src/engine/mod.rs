@@ -241,7 +241,9 @@ pub enum MeshMsg {
     /// (`offset` is 0 for events that are not sequenced).
     Deliver {
         channel: Arc<str>,
-        frames: Frames,
+        /// Shared by every shard the event goes to (one allocation per
+        /// event, and a small mesh slot).
+        frames: Arc<Frames>,
         offset: u64,
     },
     /// The same, skipping the connections of one user (typing).
@@ -414,7 +416,7 @@ pub struct Publish {
 #[derive(Debug)]
 pub struct DeliverExcept {
     pub channel: Arc<str>,
-    pub frames: Frames,
+    pub frames: Arc<Frames>,
     pub except: Arc<str>,
 }
 
@@ -749,7 +751,7 @@ pub(super) enum GatherKind {
 }
 
 pub(super) fn encode_for(targets: impl Iterator<Item = Protocol>, msg: &ServerMessage) -> Frames {
-    let mut wanted = [false; 3];
+    let mut wanted = [false; Protocol::COUNT];
     for p in targets {
         wanted[p.index()] = true;
     }

@@ -86,9 +86,9 @@ impl<O: Outbound> Engine<O> {
         except: Option<&Arc<str>>,
         now: u64,
         tx: &mut impl MeshTx,
-    ) -> Option<Frames> {
+    ) -> Option<Arc<Frames>> {
         let owned = self.owned.get(channel)?;
-        let frames = Frames::encode(msg, owned.protocols());
+        let frames = Arc::new(Frames::encode(msg, owned.protocols()));
         for shard in owned.member_shards() {
             let d = match except {
                 None => MeshMsg::Deliver {

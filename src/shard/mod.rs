@@ -744,6 +744,7 @@ impl Shard {
                             "/",
                             Some("unauthorized"),
                             "no CONNECT packet in time",
+                            false,
                         ));
                     } else {
                         let msg = ServerMessage::error(

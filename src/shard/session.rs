@@ -11,6 +11,7 @@ use crate::admission::Slots;
 use crate::clock::now_ms;
 use crate::clock::random_u64;
 use crate::engine::{ConnId, Member};
+use crate::protocol::msgpack;
 use crate::protocol::socketio::{self, EnginePacket, PacketKind};
 use crate::protocol::{
     self, binary, json, AckBody, ClientEvent, DecodeError, DeviceKind, Empty, ErrorCode, Protocol,
@@ -305,7 +306,10 @@ impl Session {
             io.push_data(&frame::encode(op, &payload));
             return;
         }
-        if self.protocol == Protocol::SocketIo {
+        if matches!(
+            self.protocol,
+            Protocol::SocketIo | Protocol::SocketIoMsgpack
+        ) {
             return self.on_engine_io(shard, io, text, payload);
         }
         if let Mode::Authenticated(id) = self.mode {
@@ -422,7 +426,33 @@ impl Session {
                 return;
             }
         }
-        if !text {
+        let connecting = matches!(self.mode, Mode::Connecting(_));
+        // The Socket.IO packet, in its text form.
+        let sio = if text {
+            let packet = match socketio::engine_packet(&payload) {
+                Ok(p) => p,
+                Err(e) => return self.invalid_packet(shard, io, &e),
+            };
+            match packet {
+                EnginePacket::Message(_) => {}
+                EnginePacket::Ping(data) => {
+                    io.push_control(socketio::pong_frame(data));
+                    return;
+                }
+                EnginePacket::Pong => return io.heard(shard.outq.now_ms()),
+                EnginePacket::Close => return io.close(close::NORMAL, ""),
+                EnginePacket::Upgrade | EnginePacket::Noop => return,
+            }
+            let _ = payload.split_to(1);
+            payload
+        } else if self.protocol == Protocol::SocketIoMsgpack || connecting {
+            // socket.io-msgpack-parser: a packet in a binary message (its
+            // CONNECT says the client speaks it).
+            match msgpack::packet_to_text(&payload) {
+                Ok(t) => BytesMut::from(&t[..]),
+                Err(e) => return self.invalid_packet(shard, io, &e),
+            }
+        } else {
             if self.attachments > 0 {
                 // Attachments of a packet already refused in its ack.
                 self.attachments -= 1;
@@ -432,43 +462,37 @@ impl Session {
                 self.preauth_strike(shard, io);
             }
             return;
-        }
-        let packet = match socketio::engine_packet(&payload) {
-            Ok(p) => p,
-            Err(e) => return self.invalid_packet(shard, io, &e),
         };
-        let sio = match packet {
-            EnginePacket::Message(p) => p,
-            EnginePacket::Ping(data) => {
-                io.push_control(socketio::pong_frame(data));
-                return;
-            }
-            EnginePacket::Pong => return io.heard(shard.outq.now_ms()),
-            EnginePacket::Close => return io.close(close::NORMAL, ""),
-            EnginePacket::Upgrade | EnginePacket::Noop => return,
-        };
-        let (kind, nsp, attachments) = match socketio::packet(sio) {
+        let (kind, nsp, attachments) = match socketio::packet(&sio) {
             Ok(p) => (p.kind, p.nsp == "/", p.attachments),
             Err(e) => return self.invalid_packet(shard, io, &e),
         };
         self.attachments = attachments as u8;
+        if connecting && kind == PacketKind::Connect {
+            self.protocol = if text {
+                Protocol::SocketIo
+            } else {
+                Protocol::SocketIoMsgpack
+            };
+        }
+        let msgpack = self.protocol == Protocol::SocketIoMsgpack;
         match (kind, &self.mode) {
-            (PacketKind::Connect, Mode::Connecting(_)) => self.on_connect(shard, io, sio),
+            (PacketKind::Connect, Mode::Connecting(_)) => self.on_connect(shard, io, &sio),
             (PacketKind::Connect, _) if !nsp => {
-                let nsp = socketio::packet(sio)
+                let nsp = socketio::packet(&sio)
                     .map(|p| p.nsp.to_owned())
                     .unwrap_or_default();
                 io.push_data(&socketio::connect_error_frame(
                     &nsp,
                     None,
                     "Invalid namespace",
+                    msgpack,
                 ));
             }
             (PacketKind::Disconnect, _) if nsp => io.close(close::NORMAL, ""),
             (PacketKind::Event | PacketKind::BinaryEvent, Mode::Authenticated(id)) => {
                 let id = *id;
-                let _ = payload.split_to(1);
-                self.on_event(shard, id, true, payload);
+                self.on_event(shard, id, true, sio);
             }
             // The server asks for no acks; a second CONNECT changes nothing.
             (
@@ -522,12 +546,14 @@ impl Session {
         let Ok(p) = socketio::packet(sio) else {
             return;
         };
+        let msgpack = self.protocol == Protocol::SocketIoMsgpack;
         if p.nsp != "/" {
             shard.metrics().auth_failures.inc();
             io.push_data(&socketio::connect_error_frame(
                 p.nsp,
                 None,
                 "Invalid namespace",
+                msgpack,
             ));
             return self.preauth_strike(shard, io);
         }
@@ -551,7 +577,12 @@ impl Session {
                     ErrorCode::BadRequest => "bad_request",
                     _ => "unauthorized",
                 };
-                io.push_data(&socketio::connect_error_frame("/", Some(code), &why));
+                io.push_data(&socketio::connect_error_frame(
+                    "/",
+                    Some(code),
+                    &why,
+                    msgpack,
+                ));
                 self.preauth_strike(shard, io);
             }
         }
@@ -696,5 +727,8 @@ mod tests {
             72
         );
         assert_eq!(super::uring::loop_slot_size(), 72);
+        // A mesh slot: every queue between two shards holds
+        // `mesh_queue_capacity` of them, allocated up front.
+        assert_eq!(std::mem::size_of::<crate::engine::MeshMsg>(), 48);
     }
 }

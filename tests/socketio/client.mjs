@@ -12,6 +12,7 @@
 // scripts/test.sh installs the packages (npm) and redis-server (apt-get).
 
 import WebSocket from "ws";
+import msgpackParser from "socket.io-msgpack-parser";
 import {
   Native, apiKey, check, collect, connect, next, run, sleep, startNode, startRedis, token, until,
 } from "./lib.mjs";
@@ -20,6 +21,8 @@ const transports = {
   default: {},
   websocket: { transports: ["websocket"] },
   polling: { transports: ["polling"] },
+  // socket.io-msgpack-parser, over the default transports.
+  msgpack: { parser: msgpackParser },
 };
 // The transport options of the round running.
 let ws = transports.websocket;
@@ -368,6 +371,26 @@ for (const [name, opts] of Object.entries(transports)) {
     node = await startNode(nodeArgs);
   }]);
   for (const [what, fn] of eventTests) rounds.push([`[${name}] ${what}`, fn]);
+  if (name === "msgpack") {
+    rounds.push([`[${name}] JSON and MessagePack clients in one channel`, async () => {
+      const m = await user("mia");
+      const j = await connect(node.url, { auth: { token: token("jay") } });
+      await m.emitWithAck("channel:join", { channelId: "both" });
+      await j.emitWithAck("channel:join", { channelId: "both" });
+      const gotM = collect(m, "message:new");
+      const gotJ = collect(j, "message:new");
+      for (let i = 0; i < 10; i++) {
+        const ack = await (i % 2 ? j : m).emitWithAck("message:send", { channelId: "both", content: `p${i}` });
+        if (!ack.success) check(`send ${i}`, false, ack);
+      }
+      await until("both got 10", () => gotM.length >= 10 && gotJ.length >= 10);
+      const order = (l) => JSON.stringify(l.map((x) => [x.messageId, x.offset, x.content]));
+      check("one order for both parsers", order(gotM) === order(gotJ), { gotM, gotJ });
+      const raw = await fetch(`${node.url}/metrics`);
+      check("metrics still served", raw.status === 200, {});
+      j.close();
+    }]);
+  }
   rounds.push([`[${name}] the transport in use`, async () => {
     const s = await user("tara");
     await sleep(300);

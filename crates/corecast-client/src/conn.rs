@@ -125,7 +125,10 @@ pub struct Client {
 impl Client {
     /// Connects, upgrades, and, when a token is given, waits for `ready`.
     pub async fn connect(opts: &ConnectOptions) -> Result<Client, ClientError> {
-        if opts.protocol == Some(Protocol::SocketIo) {
+        if matches!(
+            opts.protocol,
+            Some(Protocol::SocketIo | Protocol::SocketIoMsgpack)
+        ) {
             return Err(ClientError::Handshake(
                 "this client speaks corecast.json and corecast.bin; Socket.IO clients connect to the Socket.IO path".into(),
             ));

@@ -294,7 +294,9 @@ pub fn encode_message(protocol: Protocol, msg: &ClientMessage, masker: &mut Mask
             masker.frame(OpCode::Text, &payload)
         }
         Protocol::Binary => masker.frame(OpCode::Binary, &binary::encode_client(msg)),
-        Protocol::SocketIo => unreachable!("`Client::connect` refuses Socket.IO"),
+        Protocol::SocketIo | Protocol::SocketIoMsgpack => {
+            unreachable!("`Client::connect` refuses Socket.IO")
+        }
     }
 }
 
@@ -303,7 +305,7 @@ pub fn decode_message(protocol: Protocol, payload: &[u8]) -> Result<ServerMessag
     Ok(match protocol {
         Protocol::Json => json::decode_server(payload)?,
         Protocol::Binary => binary::decode_server(payload)?,
-        Protocol::SocketIo => {
+        Protocol::SocketIo | Protocol::SocketIoMsgpack => {
             return Err(ClientError::Handshake(
                 "this client speaks corecast.json and corecast.bin, not Socket.IO".into(),
             ))

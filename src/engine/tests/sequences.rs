@@ -122,9 +122,9 @@ proptest! {
         for ch in 0..3u8 {
             let name = channel(ch);
             let owner = owner_of(&name, 3) as usize;
-            let counted: Vec<[u32; 3]> = sim.shards[owner].owned.get(&*name).map(|o| o.per_shard.clone()).unwrap_or_else(|| vec![[0; 3]; 3]);
+            let counted: Vec<[u32; Protocol::COUNT]> = sim.shards[owner].owned.get(&*name).map(|o| o.per_shard.clone()).unwrap_or_else(|| vec![[0; Protocol::COUNT]; 3]);
             for (s, engine) in sim.shards.iter().enumerate() {
-                let mut actual = [0u32; 3];
+                let mut actual = [0u32; Protocol::COUNT];
                 for m in engine.local.get(&*name).into_iter().flat_map(|l| l.members.iter()) {
                     actual[m.protocol.index()] += 1;
                 }

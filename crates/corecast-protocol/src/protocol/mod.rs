@@ -11,6 +11,7 @@
 pub mod binary;
 pub mod events;
 pub mod json;
+pub mod msgpack;
 pub mod socketio;
 
 use bytes::Bytes;
@@ -60,6 +61,9 @@ impl DecodeError {
                 None,
                 "binary frames are attachments, and no request takes any",
             ),
+            Protocol::SocketIoMsgpack => {
+                DecodeError::new(None, "socket.io-msgpack-parser packets are binary")
+            }
         }
     }
 
@@ -86,6 +90,7 @@ pub fn encode_frame(protocol: Protocol, msg: &ServerMessage) -> Bytes {
     let mut f = FrameBuf::with_capacity(128);
     match protocol {
         Protocol::SocketIo => socketio::encode_frame(msg),
+        Protocol::SocketIoMsgpack => socketio::encode_msgpack_frame(msg),
         Protocol::Json => {
             json::encode_server(msg, f.payload());
             f.finish(OpCode::Text)
@@ -104,16 +109,18 @@ pub struct Frames {
     pub json: Option<Bytes>,
     pub binary: Option<Bytes>,
     pub socketio: Option<Bytes>,
+    pub socketio_msgpack: Option<Bytes>,
 }
 
 impl Frames {
     /// Encodes `msg` for the protocols in `wanted` (by [`Protocol::index`]).
-    pub fn encode(msg: &ServerMessage, wanted: [bool; 3]) -> Frames {
+    pub fn encode(msg: &ServerMessage, wanted: [bool; Protocol::COUNT]) -> Frames {
         let enc = |p: Protocol| wanted[p.index()].then(|| encode_frame(p, msg));
         Frames {
             json: enc(Protocol::Json),
             binary: enc(Protocol::Binary),
             socketio: enc(Protocol::SocketIo),
+            socketio_msgpack: enc(Protocol::SocketIoMsgpack),
         }
     }
 
@@ -122,6 +129,7 @@ impl Frames {
             Protocol::Json => self.json.as_ref(),
             Protocol::Binary => self.binary.as_ref(),
             Protocol::SocketIo => self.socketio.as_ref(),
+            Protocol::SocketIoMsgpack => self.socketio_msgpack.as_ref(),
         }
     }
 
@@ -131,6 +139,7 @@ impl Frames {
             Protocol::Json => &mut self.json,
             Protocol::Binary => &mut self.binary,
             Protocol::SocketIo => &mut self.socketio,
+            Protocol::SocketIoMsgpack => &mut self.socketio_msgpack,
         }
     }
 }

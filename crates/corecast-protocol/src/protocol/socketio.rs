@@ -294,6 +294,33 @@ pub fn encode_frame(msg: &ServerMessage) -> Bytes {
     Bytes::from(both)
 }
 
+/// Encodes `msg` for a client of `socket.io-msgpack-parser`: the same
+/// packets as [`encode_frame`], each a MessagePack map in a binary frame.
+pub fn encode_msgpack_frame(msg: &ServerMessage) -> Bytes {
+    let mut text = Vec::with_capacity(128);
+    encode_server(msg, &mut text);
+    if text.is_empty() {
+        return Bytes::new();
+    }
+    let event = msgpack_frame(&text[1..]);
+    let ServerEvent::Ready(r) = &msg.event else {
+        return event;
+    };
+    let connect = format!("0{}", serde_json::json!({ "sid": r.session_id }));
+    let mut both = msgpack_frame(connect.as_bytes()).to_vec();
+    both.extend_from_slice(&event);
+    Bytes::from(both)
+}
+
+/// A Socket.IO packet's text form (without Engine.IO's `4`) as the binary
+/// frame of its MessagePack form.
+pub fn msgpack_frame(packet: &[u8]) -> Bytes {
+    let mut f = FrameBuf::with_capacity(packet.len());
+    // The server's own packets always translate.
+    let _ = super::msgpack::packet_from_text(packet, f.payload());
+    f.finish(OpCode::Binary)
+}
+
 /// The Engine.IO open packet (`0{...}`) as a text frame; a polling
 /// session may upgrade to WebSocket.
 pub fn open_frame(
@@ -388,18 +415,22 @@ pub fn pong_frame(data: &[u8]) -> Bytes {
 
 /// CONNECT_ERROR for `nsp`: the client's `connect_error` gets an `Error`
 /// whose `message` is `message` and whose `data` is `{"code": code}` (no
-/// `data` without a code, as Socket.IO servers refuse a namespace).
-pub fn connect_error_frame(nsp: &str, code: Option<&str>, message: &str) -> Bytes {
+/// `data` without a code, as Socket.IO servers refuse a namespace). In
+/// MessagePack for a client of `socket.io-msgpack-parser`.
+pub fn connect_error_frame(nsp: &str, code: Option<&str>, message: &str, msgpack: bool) -> Bytes {
     let body = match code {
         Some(code) => serde_json::json!({ "message": message, "data": { "code": code } }),
         None => serde_json::json!({ "message": message }),
     };
-    let text = if nsp == "/" {
-        format!("44{body}")
+    let packet = if nsp == "/" {
+        format!("4{body}")
     } else {
-        format!("44{nsp},{body}")
+        format!("4{nsp},{body}")
     };
-    text_frame(text.as_bytes())
+    if msgpack {
+        return msgpack_frame(packet.as_bytes());
+    }
+    text_frame(format!("4{packet}").as_bytes())
 }
 
 #[cfg(test)]
@@ -598,11 +629,16 @@ mod tests {
         assert!(connect_token(br#"{"token":1}"#).is_err());
         assert!(connect_token(br#"[1]"#).is_err());
         assert_eq!(
-            text_of(&connect_error_frame("/", Some("unauthorized"), "bad token")),
+            text_of(&connect_error_frame(
+                "/",
+                Some("unauthorized"),
+                "bad token",
+                false
+            )),
             r#"44{"data":{"code":"unauthorized"},"message":"bad token"}"#
         );
         assert_eq!(
-            text_of(&connect_error_frame("/x", None, "Invalid namespace")),
+            text_of(&connect_error_frame("/x", None, "Invalid namespace", false)),
             r#"44/x,{"message":"Invalid namespace"}"#
         );
     }

@@ -17,20 +17,32 @@ pub enum Protocol {
     Json,
     /// `corecast.bin`, the compact binary protocol.
     Binary,
-    /// Socket.IO 5 packets over Engine.IO 4's WebSocket transport (the
-    /// upgrade on the Socket.IO path, not a subprotocol name).
+    /// Socket.IO 5 packets over Engine.IO 4 (on the Socket.IO path, not a
+    /// subprotocol name), with the default JSON parser.
     SocketIo,
+    /// The same with `socket.io-msgpack-parser`: each packet a MessagePack
+    /// map in a binary message (chosen by the client's first packet).
+    SocketIoMsgpack,
 }
 
 impl Protocol {
+    /// How many protocols there are (per-protocol tables have a slot each).
+    pub const COUNT: usize = 4;
+
     /// Every protocol, in [`Protocol::index`] order.
-    pub const ALL: [Protocol; 3] = [Protocol::Json, Protocol::Binary, Protocol::SocketIo];
+    pub const ALL: [Protocol; Protocol::COUNT] = [
+        Protocol::Json,
+        Protocol::Binary,
+        Protocol::SocketIo,
+        Protocol::SocketIoMsgpack,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Json => "corecast.json",
             Protocol::Binary => "corecast.bin",
             Protocol::SocketIo => "socket.io",
+            Protocol::SocketIoMsgpack => "socket.io+msgpack",
         }
     }
 
