@@ -252,7 +252,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
         (
             "protocol_errors_total",
             "counter",
-            "Connections closed for violating RFC 6455.",
+            "Connections closed for violating RFC 6455, or Engine.IO's or Socket.IO's packet format.",
             |m| &m.protocol_errors,
         ),
         (
