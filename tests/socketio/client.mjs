@@ -350,6 +350,40 @@ const eventTests = [
     natives.forEach((n) => n.close());
   }],
 
+  ["recovery after a dropped transport, through session:resume", async () => {
+    const a = await user("rex");
+    const b = await user("ray", { reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100 });
+    await a.emitWithAck("channel:join", { channelId: "rec" });
+    const joined = await b.emitWithAck("channel:join", { channelId: "rec" });
+    const seen = collect(b, "message:new");
+    await a.emitWithAck("message:send", { channelId: "rec", content: "before" });
+    await until("the first message", () => seen.length === 1);
+    const last = seen[0].offset;
+    const oldId = b.id;
+    const reconnected = next(b, "connect", 10000);
+    // The transport drops; socket.io-client reconnects by itself.
+    b.io.engine.close();
+    await until("the drop is seen", () => !b.connected);
+    for (const c of ["missed 1", "missed 2", "missed 3"]) {
+      const ack = await a.emitWithAck("message:send", { channelId: "rec", content: c });
+      if (!ack.success) check(`send ${c}`, false, ack);
+    }
+    await reconnected;
+    check("a new connection", b.connected && b.id !== oldId, { oldId, id: b.id });
+    const r = await b.emitWithAck("session:resume", {
+      sessionId: oldId,
+      positions: [{ channelId: "rec", offset: last, epoch: joined.epoch }],
+    });
+    check("resumed", r.success === true && r.channels[0]?.channelId === "rec" && r.channels[0].recovered === true, r);
+    await until("the missed messages", () => seen.length >= 4);
+    await sleep(100);
+    check("what was missed, in order, once", JSON.stringify(seen.map((m) => m.content)) ===
+      JSON.stringify(["before", "missed 1", "missed 2", "missed 3"]), seen.map((m) => m.content));
+    const after = next(b, "message:new");
+    await a.emitWithAck("message:send", { channelId: "rec", content: "after" });
+    check("and the channel goes on", (await after).content === "after", {});
+  }],
+
   ["the heartbeat keeps a quiet client connected", async () => {
     const h = await user("harry");
     const reasons = collect(h, "disconnect");
