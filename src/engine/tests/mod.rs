@@ -14,6 +14,8 @@ use crate::protocol::json;
 
 #[derive(Clone, Default)]
 struct Recorder {
+    /// What the connection speaks (its frames are read back with it).
+    protocol: Rc<std::cell::Cell<Option<Protocol>>>,
     frames: Rc<RefCell<Vec<Bytes>>>,
     refuse: Rc<std::cell::Cell<bool>>,
     /// The close code, once the engine closed the connection.
@@ -49,13 +51,20 @@ impl Recorder {
         self.frames
             .borrow_mut()
             .drain(..)
-            .map(|f| {
+            .filter_map(|f| {
                 let h = crate::ws::frame::parse_header(&f).unwrap().unwrap();
                 let payload = &f[h.header_len..];
-                if h.opcode == crate::ws::OpCode::Text {
-                    json::decode_server(payload).unwrap()
-                } else {
-                    crate::protocol::binary::decode_server(payload).unwrap()
+                use crate::protocol::{msgpack, socketio};
+                match self.protocol.get().unwrap_or(Protocol::Json) {
+                    Protocol::Json => Some(json::decode_server(payload).unwrap()),
+                    Protocol::Binary => {
+                        Some(crate::protocol::binary::decode_server(payload).unwrap())
+                    }
+                    Protocol::SocketIo => socketio::decode_server(&payload[1..]).unwrap(),
+                    Protocol::SocketIoMsgpack => {
+                        let text = msgpack::packet_to_text(payload).unwrap();
+                        socketio::decode_server(&text).unwrap()
+                    }
                 }
             })
             .collect()
@@ -150,6 +159,7 @@ impl Sim {
         access: Access,
     ) -> (ConnRef, Recorder) {
         let rec = Recorder::default();
+        rec.protocol.set(Some(protocol));
         let member = Member {
             user: user.into(),
             session: SessionId(

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 enum Op {
     Connect {
         shard: u16,
-        binary: bool,
+        /// Which of [`Protocol::ALL`].
+        protocol: u8,
     },
     Join {
         conn: usize,
@@ -34,7 +35,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u16..3, any::<bool>()).prop_map(|(shard, binary)| Op::Connect { shard, binary }),
+        (0u16..3, 0u8..4).prop_map(|(shard, protocol)| Op::Connect { shard, protocol }),
         (0usize..12, 0u8..3).prop_map(|(conn, ch)| Op::Join { conn, ch }),
         (0usize..12, 0u8..3).prop_map(|(conn, ch)| Op::Leave { conn, ch }),
         (0usize..12, 0u8..3).prop_map(|(conn, ch)| Op::Publish { conn, ch }),
@@ -63,8 +64,8 @@ proptest! {
         let channel = |c: u8| format!("ch-{c}");
         for op in ops {
             match op {
-                Op::Connect { shard, binary } => {
-                    let p = if binary { Protocol::Binary } else { Protocol::Json };
+                Op::Connect { shard, protocol } => {
+                    let p = Protocol::ALL[protocol as usize];
                     let (at, rec) = sim.connect(shard, &format!("u{}", clients.len()), p);
                     clients.push(Client { at, rec, open: true, sent_ids: vec![], got: vec![] });
                 }

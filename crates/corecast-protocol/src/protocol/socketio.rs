@@ -268,6 +268,42 @@ pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
     }
 }
 
+/// Reads a server message from its Socket.IO packet (client side, and the
+/// engine's tests; `packet` without Engine.IO's `4`): an EVENT is the
+/// event it names, an ACK the ack or the error it carries. The CONNECT that
+/// comes with `ready` is not a message (`None`).
+pub fn decode_server(packet: &[u8]) -> Result<Option<ServerMessage>, DecodeError> {
+    let p = self::packet(packet)?;
+    let bad = |m: &str| DecodeError::new(p.id, m.to_owned());
+    let mut args: Vec<serde_json::Value> = match p.kind {
+        PacketKind::Event | PacketKind::Ack => {
+            serde_json::from_slice(p.data).map_err(|e| bad(&e.to_string()))?
+        }
+        PacketKind::Connect => return Ok(None),
+        _ => return Err(bad("not a message")),
+    };
+    let envelope = if p.kind == PacketKind::Event {
+        let d = args.pop().unwrap_or_default();
+        let t = args.pop().unwrap_or_default();
+        serde_json::json!({ "t": t, "d": d })
+    } else {
+        let Some(serde_json::Value::Object(mut body)) = args.pop() else {
+            return Err(bad("an ACK carries one object"));
+        };
+        match body.remove("success") {
+            Some(serde_json::Value::Bool(true)) => {
+                serde_json::json!({ "t": "ack", "id": p.id, "d": body })
+            }
+            Some(serde_json::Value::Bool(false)) => {
+                let e = body.remove("error").unwrap_or_default();
+                serde_json::json!({ "t": "error", "id": p.id, "d": e })
+            }
+            _ => return Err(bad("an ACK without `success`")),
+        }
+    };
+    json::decode_server(envelope.to_string().as_bytes()).map(Some)
+}
+
 /// A text frame of `text`.
 fn text_frame(text: &[u8]) -> Bytes {
     crate::ws::frame::encode(OpCode::Text, text)
@@ -589,6 +625,25 @@ mod tests {
             second.starts_with(r#"42["ready",{"userId":"u""#),
             "{second}"
         );
+    }
+
+    #[test]
+    fn server_messages_read_back() {
+        let msgs = [
+            ServerMessage::ack(Some(8), AckBody::Empty(Empty {})),
+            ServerMessage::error(Some(2), ErrorCode::Forbidden, "no"),
+            ServerMessage::error(None, ErrorCode::RateLimited, "slow"),
+            ServerMessage::event(ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: 5 })),
+        ];
+        for m in msgs {
+            let mut out = Vec::new();
+            encode_server(&m, &mut out);
+            assert_eq!(decode_server(&out[1..]).unwrap(), Some(m.clone()), "{m:?}");
+            let mp = encode_msgpack_frame(&m);
+            let text = crate::protocol::msgpack::packet_to_text(&mp[2..]).unwrap();
+            assert_eq!(decode_server(&text).unwrap(), Some(m));
+        }
+        assert_eq!(decode_server(br#"0{"sid":"s"}"#).unwrap(), None);
     }
 
     #[test]
