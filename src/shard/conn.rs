@@ -62,6 +62,8 @@ const ENGINE_IO: u8 = 32;
 /// An HTTP request of a long-polling session waits for its response (the
 /// socket shuts once the response is written, not before).
 const AWAITING: u8 = 64;
+/// A Socket.IO client of `socket.io-msgpack-parser`.
+const MSGPACK: u8 = 128;
 /// A refusal by the user's home shard takes the WebSocket form: the 101
 /// goes, then a close frame (4029), instead of an HTTP 429.
 const REFUSE_IN_WEBSOCKET: u8 = 16;
@@ -407,6 +409,13 @@ impl ConnIo {
         .await
     }
 
+    /// Queues a frame again (one a long-polling GET took but could not
+    /// deliver, or held back), whatever the connection's state: it was
+    /// counted once already.
+    pub fn requeue(&self, frame: Bytes) {
+        self.enqueue(frame);
+    }
+
     /// Takes every queued frame, in order (a long-polling session's GET
     /// takes them to answer with).
     pub fn take_queued(&self) -> Vec<Bytes> {
@@ -569,7 +578,28 @@ impl ConnIo {
     /// close frame is the one frame queued past the bound (at most 127
     /// bytes, once per connection), so that a peer is always told why.
     pub fn close(&self, code: u16, reason: &str) {
+        if self.engine_io()
+            && matches!(
+                code,
+                close::UNAUTHORIZED | close::KICKED | close::BANNED | close::TOO_MANY
+            )
+        {
+            // A decision about the user: Socket.IO's DISCONNECT first, so
+            // that the client does not reconnect by itself ("io server
+            // disconnect"), as it would after a transport close.
+            let disconnect = if self.flag(MSGPACK) {
+                crate::protocol::socketio::msgpack_frame(b"1")
+            } else {
+                frame::encode(OpCode::Text, b"41")
+            };
+            self.push_data(&disconnect);
+        }
         self.close_with(close::payload(code, reason));
+    }
+
+    /// Marks a Socket.IO client of `socket.io-msgpack-parser`.
+    pub fn set_msgpack(&self) {
+        self.set_flag(MSGPACK, true);
     }
 
     /// Queues a close frame with this payload (empty, or code and reason).

@@ -25,7 +25,7 @@ use crate::protocol::socketio::{self, EnginePacket};
 use crate::protocol::DeviceKind;
 use crate::ws::handshake;
 
-use super::conn::{ConnIo, State};
+use super::conn::{ConnIo, State, NEVER};
 use super::session::{Mode, Session};
 use super::Shard;
 
@@ -57,10 +57,11 @@ struct PollSession {
     get: Option<(Rc<ConnIo>, String)>,
     /// A WebSocket probes the upgrade: GETs are answered with a noop.
     upgrading: bool,
-    /// The client sent its close packet while no GET waited: the session
-    /// has left the engine, and the GET that may be in flight ends with a
-    /// noop (until the next sweep).
-    closed: bool,
+    /// When the session left the engine while no GET waited (the client's
+    /// close packet, or the server closing it), or `NEVER`: the GET that may
+    /// be on its way still gets what was queued (or a noop), for
+    /// `close_timeout_ms`.
+    closed: u64,
 }
 
 #[derive(Default)]
@@ -144,7 +145,7 @@ impl Polls {
                     io,
                     get: None,
                     upgrading: false,
-                    closed: false,
+                    closed: NEVER,
                 };
                 // The open packet answers at once.
                 ps.get = Some((waiter, cors));
@@ -157,9 +158,16 @@ impl Polls {
                     waiter.respond(error_response(&cors, 1, "Session ID unknown"));
                     return;
                 };
-                if ps.closed {
-                    waiter.respond(response(200, &cors, b"6"));
-                    return self.end(shard, key);
+                if ps.closed != NEVER {
+                    if !ps.io.has_queued() {
+                        waiter.respond(response(200, &cors, b"6"));
+                        return self.end(shard, key);
+                    }
+                    ps.get = Some((waiter, cors));
+                    if Self::answer(ps) {
+                        self.end(shard, key);
+                    }
+                    return;
                 }
                 // A session past its heartbeat is gone, whatever the sweep
                 // has seen yet.
@@ -183,7 +191,8 @@ impl Polls {
                 }
             }
             PollRequest::Post { sid, body, cors } => {
-                let Some((key, ps)) = self.get_mut(&sid).filter(|(_, ps)| !ps.closed) else {
+                let Some((key, ps)) = self.get_mut(&sid).filter(|(_, ps)| ps.closed == NEVER)
+                else {
                     waiter.respond(error_response(&cors, 1, "Session ID unknown"));
                     return;
                 };
@@ -208,8 +217,7 @@ impl Polls {
                             get.respond(response(200, &get_cors, b"6"));
                             return self.end(shard, key);
                         }
-                        ps.closed = true;
-                        ps.session.end(shard);
+                        Self::leave(ps, shard);
                         return;
                     }
                     ps.session
@@ -223,21 +231,35 @@ impl Polls {
         }
     }
 
-    /// Answers the waiting GET with everything queued. False when it could
-    /// not be delivered (its socket was gone): the frames stay queued.
+    /// Answers the waiting GET with what is queued. The close packet goes
+    /// in a response of its own, after the rest: a client reading both in
+    /// one closes before it has handled the packets before it. True when
+    /// the close packet went.
     fn answer(ps: &mut PollSession) -> bool {
         let Some((get, cors)) = ps.get.take() else {
             return false;
         };
-        let frames = ps.io.take_queued();
-        let (body, _) = socketio::encode_payload(frames.iter().map(|f| &f[..]));
-        if get.respond(response(200, &cors, &body)) {
-            return true;
+        let mut frames = ps.io.take_queued();
+        let close_at = frames
+            .iter()
+            .position(|f| f.first().is_some_and(|b| b & 0x0f == 0x8));
+        let held = match close_at {
+            Some(i) if i > 0 => frames.split_off(i),
+            _ => Vec::new(),
+        };
+        let (body, closed) = socketio::encode_payload(frames.iter().map(|f| &f[..]));
+        let delivered = get.respond(response(200, &cors, &body));
+        // Undelivered (the socket was gone), or held back: queued again,
+        // in order, for the next GET.
+        let requeue = if delivered {
+            held
+        } else {
+            [frames, held].concat()
+        };
+        for f in &requeue {
+            ps.io.requeue(f.clone());
         }
-        for f in &frames {
-            ps.io.push_data(f);
-        }
-        false
+        delivered && closed
     }
 
     /// A session queued frames or closed: a waiting GET takes them; a
@@ -249,10 +271,15 @@ impl Polls {
         ps.io.unlist_poll();
         let closed = ps.io.state() != State::Open;
         if ps.get.is_some() && !ps.upgrading {
-            Self::answer(ps);
-        }
-        if closed {
-            self.end(shard, key);
+            if Self::answer(ps) {
+                self.end(shard, key);
+            } else if closed && ps.closed == NEVER {
+                Self::leave(ps, shard);
+            }
+        } else if closed && ps.closed == NEVER {
+            // What it queued last (a kick, and the close) waits for the
+            // next GET; the session leaves the engine now.
+            Self::leave(ps, shard);
         }
     }
 
@@ -275,8 +302,10 @@ impl Polls {
             let Some(ps) = self.slots[key as usize].as_ref() else {
                 continue;
             };
-            if ps.closed {
-                self.end(shard, key);
+            if ps.closed != NEVER {
+                if now.saturating_sub(ps.closed) >= shard.node.config.close_timeout_ms {
+                    self.end(shard, key);
+                }
                 continue;
             }
             if ps.upgrading {
@@ -292,6 +321,14 @@ impl Polls {
         self.flush_ready(shard);
     }
 
+    /// The session leaves the engine (and the count of connections) while
+    /// its slot waits for a last GET.
+    fn leave(ps: &mut PollSession, shard: &Shard) {
+        ps.closed = shard.outq.now_ms();
+        ps.session.end(shard);
+        shard.metrics().connections.sub(1);
+    }
+
     /// Ends a session: out of the engine, its waiting GET closed.
     fn end(&mut self, shard: &Shard, key: u32) {
         let Some(mut ps) = self.slots.get_mut(key as usize).and_then(Option::take) else {
@@ -300,16 +337,18 @@ impl Polls {
         if let Some((get, cors)) = ps.get.take() {
             get.respond(response(200, &cors, b"1"));
         }
-        ps.session.end(shard);
+        if ps.closed == NEVER {
+            ps.session.end(shard);
+            shard.metrics().connections.sub(1);
+        }
         ps.io.abort();
-        shard.metrics().connections.sub(1);
         self.free.push(key);
     }
 
     /// A WebSocket started (`on`) or gave up (`!on`) probing the upgrade of
     /// session `sid`: while it probes, GETs are answered with a noop.
     pub(super) fn probing(&mut self, sid: &str, on: bool) {
-        if let Some((_, ps)) = self.get_mut(sid).filter(|(_, ps)| !ps.closed) {
+        if let Some((_, ps)) = self.get_mut(sid).filter(|(_, ps)| ps.closed == NEVER) {
             ps.upgrading = on;
             if on {
                 if let Some((get, cors)) = ps.get.take() {
@@ -328,7 +367,11 @@ impl Polls {
         sid: &str,
         ws: &Rc<ConnIo>,
     ) -> Option<Session> {
-        let (key, _) = self.get_mut(sid).filter(|(_, ps)| !ps.closed)?;
+        // A session closed during the probe still hands over what it
+        // queued last (a kick, then the close).
+        let (key, _) = self
+            .get_mut(sid)
+            .filter(|(_, ps)| ps.closed == NEVER || ps.io.has_queued())?;
         let mut ps = self.slots[key as usize].take()?;
         self.free.push(key);
         if let Some((get, cors)) = ps.get.take() {
@@ -340,18 +383,25 @@ impl Polls {
         ws.last_rx.set(ps.io.last_rx.get());
         ws.ping_sent.set(ps.io.ping_sent.get());
         ws.auth_deadline.set(ps.io.auth_deadline.get());
+        if ps.session.protocol == crate::protocol::Protocol::SocketIoMsgpack {
+            ws.set_msgpack();
+        }
         if let Mode::Authenticated(id) = ps.session.mode {
             shard.engine.borrow_mut().replace_out(id, ws.clone());
         }
         ps.io.abort();
-        shard.metrics().connections.sub(1);
+        // The session's count goes with it (the WebSocket gives its own
+        // back); one that had left is counted again until the socket ends.
+        if ps.closed != NEVER {
+            shard.metrics().connections.inc();
+        }
         Some(ps.session)
     }
 
     /// Whether the session `sid` is here and may be upgraded.
     pub(super) fn upgradable(&mut self, sid: &str) -> bool {
         self.get_mut(sid)
-            .is_some_and(|(_, ps)| !ps.upgrading && !ps.closed)
+            .is_some_and(|(_, ps)| !ps.upgrading && ps.closed == NEVER)
     }
 }
 

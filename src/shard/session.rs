@@ -472,6 +472,7 @@ impl Session {
             self.protocol = if text {
                 Protocol::SocketIo
             } else {
+                io.set_msgpack();
                 Protocol::SocketIoMsgpack
             };
         }

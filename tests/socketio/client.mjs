@@ -39,7 +39,8 @@ let node;
 
 async function metric(name) {
   const text = await (await fetch(`${node.url}/metrics`)).text();
-  return text.split("\n").filter((l) => l.startsWith(name)).reduce((n, l) => n + Number(l.split(" ").pop()), 0);
+  return text.split("\n").filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `))
+    .reduce((n, l) => n + Number(l.split(" ").pop()), 0);
 }
 
 const sockets = [];
@@ -384,6 +385,19 @@ const eventTests = [
     check("and the channel goes on", (await after).content === "after", {});
   }],
 
+  ["a kicked user is told, and does not reconnect by itself", async () => {
+    const k = await user("kim", { reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100 });
+    const gone = next(k, "disconnect");
+    const kicked = next(k, "moderation:kicked");
+    const r = await api("/api/kick", { userId: "kim", reason: "spam" });
+    check("kick accepted", r.status === 200, r);
+    check("moderation:kicked", (await kicked).reason === "spam", {});
+    const reason = await gone;
+    check("io server disconnect", reason === "io server disconnect", reason);
+    await sleep(300);
+    check("no reconnection", !k.connected, {});
+  }],
+
   ["the heartbeat keeps a quiet client connected", async () => {
     const h = await user("harry");
     const reasons = collect(h, "disconnect");
@@ -436,6 +450,11 @@ for (const [name, opts] of Object.entries(transports)) {
       // sessions were handed over, and were served all the same.
       check("requests handed between shards", (await metric("corecast_socketio_handovers_total")) > 0, {});
     }
+  }]);
+  rounds.push([`[${name}] every connection counted out`, async () => {
+    for (const s of sockets.splice(0)) s.close();
+    await until("no connection left", async () => (await metric("corecast_connections")) === 0, 5000)
+      .catch(async () => check("connections back to 0", false, await metric("corecast_connections")));
   }]);
 }
 
