@@ -220,6 +220,10 @@ impl Polls {
                         Self::leave(ps, shard);
                         return;
                     }
+                    if ps.io.state() != State::Open {
+                        // Closed by a packet before: the rest is not read.
+                        break;
+                    }
                     ps.session
                         .on_engine_io(shard, &ps.io, text, BytesMut::from(&p[..]));
                 }
