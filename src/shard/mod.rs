@@ -715,11 +715,22 @@ impl Shard {
         got
     }
 
-    /// Queues the frames deferred to this sweep.
+    /// Queues the frames deferred to this sweep, each once what was
+    /// queued before it is written (so that it goes in a write of its own);
+    /// the others wait for the next sweep.
     fn run_deferred(&self) {
+        let mut later = Vec::new();
         for (io, frame) in self.deferred.take() {
-            io.push_data(&frame);
+            if io.state() != State::Open {
+                continue;
+            }
+            if io.is_flushed() {
+                io.push_data(&frame);
+            } else {
+                later.push((io, frame));
+            }
         }
+        self.deferred.borrow_mut().extend(later);
     }
 
     /// The sweep's verdict on one open or closing connection: pings a quiet
