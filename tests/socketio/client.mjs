@@ -513,6 +513,37 @@ await run([
     check("Engine.IO 3 refused", refused.status === 400 && body.code === 5, body);
   }],
 
+  ["long-polling: refusals and bounds", async () => {
+    const n = await startNode(["--auth-timeout-ms", "300", "--max-message-size", "100000"]);
+    const base = `${n.url}/socket.io/?EIO=4&transport=polling`;
+    const open = async () => JSON.parse((await (await fetch(base)).text()).slice(1)).sid;
+    const sid = await open();
+    check("a sid names its shard", /^000[01][0-9a-f]{24}$/.test(sid), sid);
+    let r = await fetch(`${base}&sid=ffff${sid.slice(4)}`);
+    check("a sid of no shard", r.status === 400 && (await r.json()).code === 1, {});
+    r = await fetch(`${base}&sid=${sid.slice(0, 12)}0000000000000000`);
+    check("a sid of no session", r.status === 400 && (await r.json()).code === 1, {});
+    r = await fetch(`${base}&sid=${sid}`, { method: "POST", body: "4" + "x".repeat(300000) });
+    check("a body past the bound is refused", r.status === 413, r.status);
+    r = await fetch(`${base}&sid=${sid}`, { method: "PUT", body: "3" });
+    check("a method other than GET and POST", r.status === 400 && (await r.json()).code === 2, {});
+    // No CONNECT within auth_timeout_ms: the session is told, then closed.
+    const told = await (await fetch(`${base}&sid=${sid}`)).text();
+    check("CONNECT_ERROR, then the close", told.startsWith('44{"data":{"code":"unauthorized"}') , told);
+    await until("the session is gone", async () => (await fetch(`${base}&sid=${sid}`)).status === 400);
+    // Two GETs at once: the client is broken, the session ends.
+    const s2 = await open();
+    const [first, second] = await Promise.all([
+      fetch(`${base}&sid=${s2}`),
+      sleep(50).then(() => fetch(`${base}&sid=${s2}&t=2`)),
+    ]);
+    check("the first GET gets the close", first.status === 200 && (await first.text()) === "1", {});
+    check("the second is refused", second.status === 400, second.status);
+    r = await fetch(`${base}&sid=${s2}`);
+    check("and the session is gone", r.status === 400, r.status);
+    n.child.kill("SIGKILL");
+  }],
+
   ["a two-node cluster (default transports)", async () => {
     const redis = await startRedis();
     const a = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
