@@ -17,6 +17,19 @@ export const apiKey = "socketio-test-api-key-0123456789";
 const children = [];
 const dirs = [];
 
+// Whatever ends this process (a failure, a signal, a closed output) stops
+// the servers it started.
+process.on("exit", () => {
+  for (const c of children) {
+    try {
+      c.kill("SIGKILL");
+    } catch {}
+  }
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE"]) process.on(sig, () => process.exit(1));
+process.stdout.on("error", () => process.exit(1));
+
 export function token(user, extra = []) {
   return execFileSync(bin, ["token", "--user", user, "--auth-secret", secret, ...extra], {
     encoding: "utf8",
