@@ -17,11 +17,9 @@
 #
 # Needs two cores. Uses ports 9600-9699 on 127.0.0.1.
 set -euo pipefail
-# Servers under load test run without their abuse limits (one address,
-# one user opening thousands of connections, publishing flat out).
-UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
+# UNLIMITED (servers run without their abuse limits), stop_pid and run.
+source scripts/bench-lib.sh
 
 ROUNDS=${1:-3}
 OUT=${OUT:-target/bench/results.jsonl}
@@ -72,30 +70,8 @@ start_server() { # $1 = a name of SERVERS
   cat "$log" >&2
   exit 1
 }
-stop_server() {
-  kill -INT "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.05; done
-  kill -9 "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
-}
+stop_server() { stop_pid "$SERVER_PID"; }
 trap stop_server EXIT
-
-run() { # $1 = server, $2 = label, rest = bench args
-  local server=$1 label=$2
-  shift 2
-  start_server "$server"
-  echo "== $server: $label"
-  taskset -c "$LOADGEN_CORE" "$BIN" bench "$@" --url "$URL" --protocol "$PROTO" \
-    --driver epoll --server-pid "$SERVER_PID" |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    r["server"] = sys.argv[1]
-    r["label"] = sys.argv[2]
-    print(json.dumps(r))' "$server" "$label" >>"$OUT"
-  stop_server
-}
 
 for round in $(seq "$ROUNDS"); do
   echo "######## round $round of $ROUNDS"

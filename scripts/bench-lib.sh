@@ -1,5 +1,5 @@
-# Helpers shared by the cluster benchmarks (sourced, not run). Expects
-# $BIN and $SERVER_CORE.
+# Helpers shared by the benchmark scripts (sourced, not run). start_node
+# expects $BIN and $SERVER_CORE.
 
 # Servers under load test run without their abuse limits (one address,
 # one user opening thousands of connections, publishing flat out).
@@ -27,4 +27,37 @@ start_node() {
   fi
   rm -f "$log"
   echo "$pid"
+}
+
+# tag_results SERVER LABEL: copies `corecast bench` JSON lines from stdin to
+# stdout with "server" and "label" added.
+tag_results() { python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    r["server"] = sys.argv[1]
+    r["label"] = sys.argv[2]
+    print(json.dumps(r))' "$1" "$2"; }
+
+# stop_pid PID: asks a server to stop (SIGINT), waits up to 5 s, then kills it.
+stop_pid() {
+  kill -INT "$1" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# run SERVER LABEL BENCH-ARGS...: the script's start_server SERVER (which
+# sets $URL, $PROTO and $SERVER_PID), one `corecast bench` pinned to core
+# $LOADGEN_CORE, its results tagged and appended to $OUT, then the script's
+# stop_server.
+run() {
+  local server=$1 label=$2
+  shift 2
+  start_server "$server"
+  echo "== $server: $label"
+  taskset -c "$LOADGEN_CORE" "$BIN" bench "$@" --url "$URL" --protocol "$PROTO" \
+    --driver epoll --server-pid "$SERVER_PID" |
+    tag_results "$server" "$label" >>"$OUT"
+  stop_server
 }

@@ -12,9 +12,9 @@
 # results file (default target/bench/socketio.jsonl, appended to).
 # Needs two cores, Node 20 and npm. Uses ports 9700-9799 on 127.0.0.1.
 set -euo pipefail
-UNLIMITED=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
+# UNLIMITED (servers run without their abuse limits), stop_pid and run.
+source scripts/bench-lib.sh
 
 ROUNDS=${1:-3}
 OUT=${OUT:-target/bench/socketio.jsonl}
@@ -62,30 +62,10 @@ start_server() { # $1 = corecast-socketio | corecast-json | socketio-node
 }
 stop_server() {
   [ -n "$SERVER_PID" ] || return 0
-  kill -INT "$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.05; done
-  kill -9 "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  stop_pid "$SERVER_PID"
   SERVER_PID=
 }
 trap stop_server EXIT
-
-run() { # $1 = server, $2 = label, rest = bench args
-  local server=$1 label=$2
-  shift 2
-  start_server "$server"
-  echo "== $server: $label"
-  taskset -c "$LOADGEN_CORE" "$BIN" bench "$@" --url "$URL" --protocol "$PROTO" \
-    --driver epoll --server-pid "$SERVER_PID" |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    r["server"] = sys.argv[1]
-    r["label"] = sys.argv[2]
-    print(json.dumps(r))' "$server" "$label" >>"$OUT"
-  stop_server
-}
 
 SERVERS="corecast-socketio socketio-node corecast-json"
 for round in $(seq "$ROUNDS"); do

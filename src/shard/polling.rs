@@ -244,9 +244,13 @@ impl Polls {
             return false;
         };
         let mut frames = ps.io.take_queued();
-        let close_at = frames
-            .iter()
-            .position(|f| f.first().is_some_and(|b| b & 0x0f == 0x8));
+        let is_close = |f: &Bytes| {
+            crate::ws::frame::parse_header(f)
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.opcode == crate::ws::OpCode::Close)
+        };
+        let close_at = frames.iter().position(is_close);
         let held = match close_at {
             Some(i) if i > 0 => frames.split_off(i),
             _ => Vec::new(),

@@ -474,32 +474,8 @@ impl Loop {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.gens.push(0);
-                self.conns.push(None) as u32
-            }
-        };
         let now = self.shard.outq.now_ms();
-        let io = Rc::new(ConnIo::for_loop(fd, self.shard.outq.clone(), slot, now));
-        self.conns[slot as usize] = Some(Conn {
-            io,
-            gen: self.gens[slot as usize],
-            recv: false,
-            cancelled: false,
-            ended: false,
-            write_due: false,
-            phase: Phase::Handshake {
-                since: now,
-                ip: Slots::default(),
-            },
-            inbuf: None,
-            write: None,
-            flush_deadline: NEVER,
-        });
-        self.live += 1;
-        let within_budget = self.shard.node.socket_opened();
+        let (slot, within_budget) = self.insert_conn(fd, Slots::default(), None, now);
         let conn = self.conns[slot as usize].as_mut().expect("just added");
         match self
             .shard
@@ -515,6 +491,51 @@ impl Loop {
             Err(r) => reply(&self.shard, conn, r.response(), now),
         }
         self.arm_recv(slot);
+    }
+
+    /// Gives a socket a slot, reading its request (with `ip` counted
+    /// against its address, and `inbuf` read already); counts it in the
+    /// shard and the node's budget (whether it was within it comes back).
+    fn insert_conn(
+        &mut self,
+        fd: RawFd,
+        ip: Slots,
+        inbuf: Option<Box<BytesMut>>,
+        now: u64,
+    ) -> (u32, bool) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.gens.push(0);
+                self.conns.push(None) as u32
+            }
+        };
+        let io = Rc::new(ConnIo::for_loop(fd, self.shard.outq.clone(), slot, now));
+        self.conns[slot as usize] = Some(Conn {
+            io,
+            gen: self.gens[slot as usize],
+            recv: false,
+            cancelled: false,
+            ended: false,
+            write_due: false,
+            phase: Phase::Handshake { since: now, ip },
+            inbuf,
+            write: None,
+            flush_deadline: NEVER,
+        });
+        self.live += 1;
+        (slot, self.shard.node.socket_opened())
+    }
+
+    /// Takes a socket's slot out of the shard's and the node's counts and
+    /// frees it for another (the descriptor is the caller's to close or
+    /// pass on).
+    fn vacate(&mut self, slot: u32, conn: &Conn) {
+        self.shard.preauth_change(preauth_held(conn), 0);
+        self.shard.node.socket_closed();
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
+        self.free.push(slot);
+        self.live -= 1;
     }
 
     fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
@@ -616,11 +637,7 @@ impl Loop {
         let Some(mut conn) = self.conns[slot as usize].take() else {
             return true;
         };
-        self.shard.preauth_change(preauth_held(&conn), 0);
-        self.shard.node.socket_closed();
-        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
-        self.free.push(slot);
-        self.live -= 1;
+        self.vacate(slot, &conn);
         let Phase::HandOver { owner, ip } = std::mem::replace(
             &mut conn.phase,
             Phase::Reply {
@@ -644,29 +661,11 @@ impl Loop {
         let super::Adoption { fd, bytes, ip } = a;
         use std::os::fd::IntoRawFd;
         let fd = fd.into_raw_fd();
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.gens.push(0);
-                self.conns.push(None) as u32
-            }
-        };
         let now = self.shard.outq.now_ms();
-        let io = Rc::new(ConnIo::for_loop(fd, self.shard.outq.clone(), slot, now));
-        self.shard.node.socket_opened();
-        self.conns[slot as usize] = Some(Conn {
-            io,
-            gen: self.gens[slot as usize],
-            recv: false,
-            cancelled: false,
-            ended: false,
-            write_due: false,
-            phase: Phase::Handshake { since: now, ip },
-            inbuf: Some(Box::new(BytesMut::from(&bytes[..]))),
-            write: None,
-            flush_deadline: NEVER,
-        });
-        self.live += 1;
+        let inbuf = Some(Box::new(BytesMut::from(&bytes[..])));
+        // Admitted where it was accepted: the node's budget counts it
+        // again here, as the shard that handed it over gave it back.
+        let (slot, _) = self.insert_conn(fd, ip, inbuf, now);
         let shard = self.shard.clone();
         let conn = self.conns[slot as usize].as_mut().expect("just added");
         let over = handshake_step(&shard, conn, &mut self.scratch, now);
@@ -867,8 +866,7 @@ impl Loop {
         let Some(mut conn) = self.conns[slot as usize].take() else {
             return;
         };
-        self.shard.preauth_change(preauth_held(&conn), 0);
-        self.shard.node.socket_closed();
+        self.vacate(slot, &conn);
         if let Phase::Handshake { ip, .. } | Phase::Reply { ip } | Phase::HandOver { ip, .. } =
             conn.phase
         {
@@ -883,9 +881,6 @@ impl Loop {
         unsafe {
             libc::close(conn.fd());
         }
-        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1) & 0xff_ffff;
-        self.free.push(slot);
-        self.live -= 1;
     }
 
     fn sweep(&mut self) {
