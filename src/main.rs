@@ -98,6 +98,13 @@ fn serve(args: ConfigArgs) -> ExitCode {
         }
     };
     init_logs(&config.log_format);
+    // The handlers go in before the port is bound: a SIGTERM that comes the
+    // moment the node says it listens is a graceful stop, never the default
+    // disposition's kill.
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]);
     let server = match corecast::server::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -127,10 +134,7 @@ fn serve(args: ConfigArgs) -> ExitCode {
         None => tracing::info!("server API off (set api_keys to run it)"),
     }
     let node = server.node.clone();
-    match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
+    match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 let mut forever = signals.forever();
