@@ -54,6 +54,10 @@ pub struct ShardMetrics {
     pub protocol_errors: Counter,
     /// Sockets handed to the shard that holds their Socket.IO session.
     pub socketio_handovers: Counter,
+    /// Socket.IO reconnections given their session back (`socket.recovered`).
+    pub socketio_recovered: Counter,
+    /// Socket.IO reconnections that asked for their session and got a new one.
+    pub socketio_not_recovered: Counter,
     pub auth_failures: Counter,
     pub mesh_messages_in: Counter,
     pub handshake_failures: [Counter; HandshakeError::ALL.len()],
@@ -188,7 +192,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 27] = [
+    let series: [(&str, &str, &str, Get); 29] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -260,6 +264,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Socket.IO requests (long-polling, or an upgrade) handed to the shard that holds their session.",
             |m| &m.socketio_handovers,
+        ),
+        (
+            "socketio_recovered_total",
+            "counter",
+            "Socket.IO reconnections that recovered their session: every missed event replayed (socket.recovered).",
+            |m| &m.socketio_recovered,
+        ),
+        (
+            "socketio_not_recovered_total",
+            "counter",
+            "Socket.IO reconnections that asked to recover their session and started a new one.",
+            |m| &m.socketio_not_recovered,
         ),
         (
             "auth_failures_total",

@@ -7,7 +7,7 @@
 
 use corecast::protocol::json::{self, Scratch};
 use corecast::protocol::msgpack;
-use corecast::protocol::socketio::{connect_token, engine_packet, envelope, packet, EnginePacket};
+use corecast::protocol::socketio::{connect_auth, engine_packet, envelope, packet, EnginePacket};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(p) = packet(sio) else {
         return;
     };
-    let _ = connect_token(p.data);
+    if let Ok(a) = connect_auth(p.data) {
+        if let Some(o) = a.offset {
+            let _ = corecast::protocol::socketio::recovery_offset(&o);
+        }
+    }
     let mut scratch = Scratch::default();
     let mut buf = sio.to_vec();
     let Ok(env) = envelope(&mut buf, &mut scratch) else {

@@ -852,12 +852,10 @@ impl Core {
         points: ResumePoints,
         ttl_ms: u64,
     ) {
-        let points: Vec<(&str, u64, &str)> =
-            points.iter().map(|(c, o, e)| (&**c, *o, &**e)).collect();
         let op = Op::KeepSession {
             user,
             session: session.to_string(),
-            points: serde_json::to_string(&points).expect("plain data serializes"),
+            points: kept_points(&points),
             ttl_ms,
         };
         self.op(op, Pending::Kept);
@@ -1704,17 +1702,11 @@ impl Core {
         };
         let points = match r {
             Ok(Reply::Taken(Some(json))) => {
-                match serde_json::from_str::<Vec<(String, u64, String)>>(&json) {
-                    Ok(p) => Some(
-                        p.into_iter()
-                            .map(|(c, o, e)| (Arc::from(c), o, Arc::from(e)))
-                            .collect(),
-                    ),
-                    Err(_) => {
-                        self.unreadable("a kept session");
-                        None
-                    }
+                let points = taken_points(&json);
+                if points.is_none() {
+                    self.unreadable("a kept session");
                 }
+                points
             }
             Ok(_) => None,
             // Out of reach: it cannot be resumed here.
@@ -2192,9 +2184,67 @@ pub fn read_bans(all: Vec<(String, String)>, now: u64) -> (Vec<Moderation>, Vec<
     (live, expired)
 }
 
+/// A dropped session's points as Redis keeps them: an array of
+/// `[channel, offset, epoch]`, or, with what was queued to a Socket.IO
+/// connection, `{"channels": [...], "sent": [[index, offset, joined], ...]}`.
+fn kept_points(points: &ResumePoints) -> String {
+    let channels: Vec<(&str, u64, &str)> = points
+        .channels
+        .iter()
+        .map(|(c, o, e)| (&**c, *o, &**e))
+        .collect();
+    let json = if points.sent.is_empty() {
+        serde_json::json!(channels)
+    } else {
+        serde_json::json!({ "channels": channels, "sent": points.sent })
+    };
+    json.to_string()
+}
+
+/// Reads what [`kept_points`] wrote (`None`: not that).
+fn taken_points(json: &str) -> Option<ResumePoints> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Kept {
+        Channels(Vec<(String, u64, String)>),
+        WithSent {
+            channels: Vec<(String, u64, String)>,
+            sent: Vec<crate::engine::Sent>,
+        },
+    }
+    let (channels, sent) = match serde_json::from_str::<Kept>(json).ok()? {
+        Kept::Channels(c) => (c, Vec::new()),
+        Kept::WithSent { channels, sent } => (channels, sent),
+    };
+    let channels = channels
+        .into_iter()
+        .map(|(c, o, e)| (Arc::from(c), o, Arc::from(e)))
+        .collect();
+    Some(ResumePoints { channels, sent })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_sessions_read_back_in_either_form() {
+        let channels = vec![("c".into(), 4, "e".into())];
+        let plain = ResumePoints {
+            channels: channels.clone(),
+            sent: Vec::new(),
+        };
+        // The form nodes have always written, for native sessions.
+        assert_eq!(kept_points(&plain), r#"[["c",4,"e"]]"#);
+        assert_eq!(taken_points(&kept_points(&plain)), Some(plain));
+        let socketio = ResumePoints {
+            channels,
+            sent: vec![(0, 3, true), (0, 4, false)],
+        };
+        assert_eq!(taken_points(&kept_points(&socketio)), Some(socketio));
+        assert_eq!(taken_points("{}"), None);
+        assert_eq!(taken_points("[1]"), None);
+    }
 
     #[test]
     fn conversations_read_from_redis_come_latest_first_and_bad_ones_are_skipped() {

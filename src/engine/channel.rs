@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{ConnRef, Settings, ShardId};
+use crate::protocol::socketio::Seq;
 use crate::protocol::*;
 
 /// One sequenced event of a channel, encoded lazily per protocol.
@@ -428,7 +429,12 @@ impl Owned {
 
     /// The events after `since`, encoded for `protocol`, or `None` when the
     /// log no longer reaches back that far (or `since` is of another epoch).
-    pub fn replay(&mut self, since: &Since, protocol: Protocol) -> Option<Vec<Bytes>> {
+    pub fn replay(
+        &mut self,
+        channel: &str,
+        since: &Since,
+        protocol: Protocol,
+    ) -> Option<Vec<Bytes>> {
         if *since.epoch != *self.epoch || since.offset > self.offset {
             return None;
         }
@@ -438,10 +444,15 @@ impl Owned {
         }
         let mut out = Vec::new();
         for e in self.log.iter_mut().filter(|e| e.offset > since.offset) {
+            let at = Seq {
+                channel,
+                offset: e.offset,
+                epoch: &self.epoch,
+            };
             let frame = e.frames.slot(protocol);
             out.push(
                 frame
-                    .get_or_insert_with(|| encode_frame(protocol, &e.msg))
+                    .get_or_insert_with(|| encode_frame_at(protocol, &e.msg, Some(at)))
                     .clone(),
             );
         }
@@ -622,30 +633,33 @@ mod tests {
             epoch: "ep".into(),
         };
         assert_eq!(
-            contents(&c.replay(&since(2), Protocol::Json).unwrap()),
+            contents(&c.replay("c", &since(2), Protocol::Json).unwrap()),
             ["m3", "m4", "m5"]
         );
         assert_eq!(
-            contents(&c.replay(&since(4), Protocol::Json).unwrap()),
+            contents(&c.replay("c", &since(4), Protocol::Json).unwrap()),
             ["m5"]
         );
-        assert!(c.replay(&since(5), Protocol::Json).unwrap().is_empty());
+        assert!(c.replay("c", &since(5), Protocol::Json).unwrap().is_empty());
         assert!(
-            c.replay(&since(1), Protocol::Json).is_none(),
+            c.replay("c", &since(1), Protocol::Json).is_none(),
             "gap older than the log"
         );
         assert!(
-            c.replay(&since(6), Protocol::Json).is_none(),
+            c.replay("c", &since(6), Protocol::Json).is_none(),
             "ahead of the channel"
         );
         let other = Since {
             offset: 4,
             epoch: "other".into(),
         };
-        assert!(c.replay(&other, Protocol::Json).is_none(), "another epoch");
+        assert!(
+            c.replay("c", &other, Protocol::Json).is_none(),
+            "another epoch"
+        );
         // A protocol nobody spoke at publish time is encoded on demand.
         assert_eq!(
-            contents(&c.replay(&since(3), Protocol::Binary).unwrap()),
+            contents(&c.replay("c", &since(3), Protocol::Binary).unwrap()),
             ["m4", "m5"]
         );
     }

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use corecast_protocol::protocol::socketio;
+
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -25,26 +27,53 @@ impl<O: Outbound> Engine<O> {
                 let body = AckBody::Presences(PresencesAck { presences: got });
                 self.reply(gather.conn, &ack_of(gather.ack, body));
             }
-            (GatherKind::ResumeLookup { session, positions }, GatherPart::Resume(found)) => {
-                let (session, positions) = (*session, std::mem::take(positions));
-                let Some(channels) = found else {
+            (
+                GatherKind::ResumeLookup {
+                    session,
+                    positions,
+                    recovery,
+                },
+                GatherPart::Resume(found),
+            ) => {
+                let (session, mut positions) = (*session, std::mem::take(positions));
+                let recovery = recovery.take();
+                let id = gather.conn;
+                let Some(points) = found else {
+                    if let Some(r) = recovery {
+                        return self.not_recovered(id, *r);
+                    }
                     return self.error(
-                        gather.conn,
+                        id,
                         gather.ack,
                         ErrorCode::NotFound,
                         format!("session `{session}` cannot be resumed (unknown, expired or already resumed)"),
                     );
                 };
-                let id = gather.conn;
+                // A Socket.IO reconnection: its positions from its offset.
+                let recovery = match recovery {
+                    None => None,
+                    Some(r) => {
+                        let found = match r.last.as_deref() {
+                            None => recovery::positions(&points, None),
+                            Some(last) => socketio::recovery_offset(last)
+                                .and_then(|at| recovery::positions(&points, Some(at))),
+                        };
+                        let Some(p) = found else {
+                            return self.not_recovered(id, *r);
+                        };
+                        positions = p;
+                        Some(r)
+                    }
+                };
                 let max = self.s.max_channels_per_connection;
                 let Some(conn) = self.conn_mut(id) else {
                     return;
                 };
-                // The connection takes over the session.
-                conn.member.session = session;
+                let kept = points.channels.len();
                 // Channels the new connection's token does not grant are
                 // left out (a subscription token is needed again).
-                let joins: Vec<(Arc<str>, Since)> = channels
+                let joins: Vec<(Arc<str>, Since)> = points
+                    .channels
                     .into_iter()
                     .filter(|(c, ..)| !conn.channels().iter().any(|(j, _)| j == c))
                     .filter(|(c, ..)| conn.granted(c))
@@ -63,15 +92,25 @@ impl<O: Outbound> Engine<O> {
                         (channel, since)
                     })
                     .collect();
+                let recovery = match recovery {
+                    // Socket.IO's recovery is of the whole session or none.
+                    Some(r) if joins.len() < kept => return self.not_recovered(id, *r),
+                    r => r,
+                };
+                // The connection takes over the session.
+                if let Some(conn) = self.conn_mut(id) {
+                    conn.member.session = session;
+                }
                 gather.waiting = joins.len();
                 gather.kind = GatherKind::ResumeJoins {
                     session,
                     channels: Vec::new(),
+                    recovery,
                 };
                 let done = joins.is_empty();
                 self.gathers.insert(g.gather, gather);
                 if done {
-                    return self.finish_resume(g.gather);
+                    return self.finish_resume(g.gather, now, tx);
                 }
                 for (channel, since) in joins {
                     let j = ChannelJoin {
@@ -81,7 +120,7 @@ impl<O: Outbound> Engine<O> {
                     };
                     let sent = self.on_channel_join(id, None, j, Some(g.gather), now, tx);
                     if !sent {
-                        self.resumed_join_gone(g.gather);
+                        self.resumed_join_gone(g.gather, now, tx);
                     }
                 }
             }
@@ -89,7 +128,13 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
-    pub(super) fn resumed_join(&mut self, gather: u64, joined: JoinAck) {
+    pub(super) fn resumed_join(
+        &mut self,
+        gather: u64,
+        joined: JoinAck,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         let Some(g) = self.gathers.get_mut(&gather) else {
             return;
         };
@@ -101,26 +146,37 @@ impl<O: Outbound> Engine<O> {
                 epoch: joined.epoch,
             });
         }
-        self.resumed_join_gone(gather);
+        self.resumed_join_gone(gather, now, tx);
     }
 
     /// One answer less to wait for: a rejoined channel's came back, or the
     /// channel was left before it did.
-    pub(super) fn resumed_join_gone(&mut self, gather: u64) {
+    pub(super) fn resumed_join_gone(&mut self, gather: u64, now: u64, tx: &mut impl MeshTx) {
         let Some(g) = self.gathers.get_mut(&gather) else {
             return;
         };
         g.waiting = g.waiting.saturating_sub(1);
         if g.waiting == 0 {
-            self.finish_resume(gather);
+            self.finish_resume(gather, now, tx);
         }
     }
 
-    pub(super) fn finish_resume(&mut self, gather: u64) {
+    pub(super) fn finish_resume(&mut self, gather: u64, now: u64, tx: &mut impl MeshTx) {
         let Some(g) = self.gathers.remove(&gather) else {
             return;
         };
-        if let GatherKind::ResumeJoins { session, channels } = g.kind {
+        if let GatherKind::ResumeJoins {
+            session,
+            channels,
+            recovery: Some(r),
+        } = g.kind
+        {
+            return self.finish_recovery(g.conn, session, &channels, *r, now, tx);
+        }
+        if let GatherKind::ResumeJoins {
+            session, channels, ..
+        } = g.kind
+        {
             let body = AckBody::Resume(ResumeAck {
                 session_id: session.to_string(),
                 channels,

@@ -67,7 +67,7 @@ impl<O: Outbound> Engine<O> {
         let owned = self.owned.get_mut(&channel).expect("owned above");
         let (recovered, replay) = match &since {
             None => (None, Vec::new()),
-            Some(s) => match owned.replay(s, member.protocol) {
+            Some(s) => match owned.replay(&channel, s, member.protocol) {
                 Some(frames) => (Some(true), frames),
                 None => (Some(false), Vec::new()),
             },
@@ -257,7 +257,7 @@ impl<O: Outbound> Engine<O> {
             // longer waits for it (its `Joined` will undo the join).
             JoinState::Pending {
                 gather: Some(g), ..
-            } => self.resumed_join_gone(g),
+            } => self.resumed_join_gone(g, now, tx),
             JoinState::Pending { .. } => {}
         }
         self.reply(id, &empty_ack(ack));
@@ -276,8 +276,8 @@ impl<O: Outbound> Engine<O> {
             replay,
             refused,
         } = j;
-        if let Some((code, reason)) = refused {
-            return self.join_refused(id, &channel, ack, code, reason);
+        if let Some(refused) = refused {
+            return self.join_refused(id, &channel, ack, refused, now, tx);
         }
         let pending = self.conn_mut(id).and_then(|c| {
             c.links
@@ -327,15 +327,28 @@ impl<O: Outbound> Engine<O> {
             conn: id,
             protocol: member.protocol,
         });
-        match gather {
-            Some(g) => self.resumed_join(g, body),
-            None => self.reply(id, &ack_of(ack, AckBody::Join(body))),
+        if member.protocol.is_socketio() {
+            let since = offset.saturating_sub(replay.len() as u64);
+            self.sent.joined(id, &channel, since, offset);
         }
-        if let Some(c) = self.conn(id) {
-            for f in &replay {
-                if !c.out.push(f) {
-                    self.metrics.queue_drops.inc();
+        let push_replay = |e: &Self| {
+            if let Some(c) = e.conn(id) {
+                for f in &replay {
+                    if !c.out.push(f) {
+                        e.metrics.queue_drops.inc();
+                    }
                 }
+            }
+        };
+        match gather {
+            // A resumed session: the answer follows what it missed.
+            Some(g) => {
+                push_replay(self);
+                self.resumed_join(g, body, now, tx);
+            }
+            None => {
+                self.reply(id, &ack_of(ack, AckBody::Join(body)));
+                push_replay(self);
             }
         }
     }
@@ -346,8 +359,9 @@ impl<O: Outbound> Engine<O> {
         id: ConnId,
         channel: &str,
         ack: Option<u64>,
-        code: ErrorCode,
-        reason: String,
+        (code, reason): (ErrorCode, String),
+        now: u64,
+        tx: &mut impl MeshTx,
     ) {
         let gather = self.conn_mut(id).and_then(|c| {
             let links = c.links.as_mut()?;
@@ -360,7 +374,7 @@ impl<O: Outbound> Engine<O> {
             }
         });
         match gather {
-            Some(Some(g)) => self.resumed_join_gone(g),
+            Some(Some(g)) => self.resumed_join_gone(g, now, tx),
             Some(None) => self.error(id, ack, code, reason),
             // Left (or closed) while the join was in flight: the join is
             // still answered, if anyone is there to hear.

@@ -613,8 +613,18 @@ pub struct Unsubscribe {
 }
 
 /// A dropped session's channels: each with the last offset its shard
-/// delivered and the channel's epoch.
-pub type ResumePoints = Vec<(Arc<str>, u64, Arc<str>)>;
+/// delivered and the channel's epoch; for a Socket.IO connection, also
+/// what was queued to it, in order (see `recovery`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumePoints {
+    pub channels: Vec<(Arc<str>, u64, Arc<str>)>,
+    pub sent: Vec<Sent>,
+}
+
+/// An event queued to a Socket.IO connection: the channel (its index in
+/// [`ResumePoints::channels`]), the offset, and whether it is the
+/// connection's join (its events of the channel come after the offset).
+pub type Sent = (u16, u64, bool);
 
 #[derive(Debug)]
 pub struct Gathered {
@@ -742,11 +752,14 @@ pub(super) enum GatherKind {
     ResumeLookup {
         session: SessionId,
         positions: Vec<Position>,
+        /// A Socket.IO reconnection's (answered with `ready`, not an ack).
+        recovery: Option<Box<Recovery>>,
     },
     /// Joining them again.
     ResumeJoins {
         session: SessionId,
         channels: Vec<ResumedChannel>,
+        recovery: Option<Box<Recovery>>,
     },
 }
 
@@ -842,6 +855,8 @@ pub struct Engine<O> {
     counter: u64,
     /// Cluster mode: the bridge, and whether it reaches Redis.
     cluster: Option<cluster::ClusterLink>,
+    /// What this shard queued to Socket.IO members, for their recovery.
+    sent: recovery::SentLog,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -877,6 +892,7 @@ impl<O: Outbound> Engine<O> {
             timers: Timers::default(),
             rng: seed | 1,
             cluster: None,
+            sent: Default::default(),
             instance: 0,
             counter: 0,
         };
@@ -1061,7 +1077,7 @@ impl<O: Outbound> Engine<O> {
         let Some(conn) = slot.conn.take() else { return };
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.slot);
-        let mut resume = Vec::new();
+        let mut resume = ResumePoints::default();
         let links = conn.links.map(|l| *l).unwrap_or_default();
         for (_, state) in &links.channels {
             // A resume still rejoining has no one left to answer.
@@ -1076,7 +1092,9 @@ impl<O: Outbound> Engine<O> {
             // A pending join is undone when its `Joined` finds the connection gone.
             if state == JoinState::Joined {
                 if let Some(l) = self.local.get(&channel) {
-                    resume.push((channel.clone(), l.offset, l.epoch.clone()));
+                    resume
+                        .channels
+                        .push((channel.clone(), l.offset, l.epoch.clone()));
                 }
                 self.remove_local(&channel, id);
                 let m = moderation.cloned();
@@ -1084,7 +1102,11 @@ impl<O: Outbound> Engine<O> {
             }
         }
         self.unsubscribe_all(id, links.subscriptions, now, tx);
-        let resume = (self.s.resume_window_ms > 0 && resumable).then_some(resume);
+        let resumable = self.s.resume_window_ms > 0 && resumable;
+        if resumable && conn.member.protocol.is_socketio() {
+            resume.sent = self.sent.tail(id, &resume.channels);
+        }
+        let resume = resumable.then_some(resume);
         let from = Some((self.here(id), conn.member.protocol));
         self.send_user_op(
             conn.member.user,
@@ -1398,6 +1420,7 @@ impl<O: Outbound> Engine<O> {
         }
         self.metrics.deliveries.add(delivered);
         self.metrics.queue_drops.add(dropped);
+        self.log_sent(channel, frames, offset);
         if offset > 0 {
             // What this shard's members have been sent, for resume.
             if let Some(l) = self.local.get_mut(channel) {
@@ -1447,6 +1470,8 @@ mod members;
 mod messages;
 mod moderation;
 mod presence;
+mod recovery;
+pub use recovery::Recovery;
 mod receipts;
 mod sessions;
 mod typing;

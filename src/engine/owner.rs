@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::moderation::banned_message;
 use super::*;
+use crate::protocol::socketio::Seq;
 
 /// Why a message is refused while the cluster is out of reach.
 pub(super) const FULL_ALONE: &str = "the cluster's Redis is out of reach and this channel holds as many messages as it can hand to the other nodes when it is back (history_size): try again later";
@@ -88,7 +89,13 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) -> Option<Arc<Frames>> {
         let owned = self.owned.get(channel)?;
-        let frames = Arc::new(Frames::encode(msg, owned.protocols()));
+        // Socket.IO frames of a sequenced event carry its recovery offset.
+        let at = (offset > 0).then(|| Seq {
+            channel,
+            offset,
+            epoch: &owned.epoch,
+        });
+        let frames = Arc::new(Frames::encode_at(msg, owned.protocols(), at));
         for shard in owned.member_shards() {
             let d = match except {
                 None => MeshMsg::Deliver {

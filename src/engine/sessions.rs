@@ -109,6 +109,7 @@ impl<O: Outbound> Engine<O> {
                 kind: GatherKind::ResumeLookup {
                     session,
                     positions: r.positions,
+                    recovery: None,
                 },
             },
         );

@@ -10,7 +10,7 @@ use crate::access::Identity;
 use crate::admission::Slots;
 use crate::clock::now_ms;
 use crate::clock::random_u64;
-use crate::engine::{ConnId, Member};
+use crate::engine::{ConnId, Member, Recovery, SessionId};
 use crate::protocol::msgpack;
 use crate::protocol::socketio::{self, EnginePacket, PacketKind};
 use crate::protocol::{
@@ -211,7 +211,7 @@ impl Session {
                 if shard.node.config.max_connections_per_user > 0 {
                     io.hold();
                 }
-                s.authenticate(shard, io, u, None)
+                s.authenticate(shard, io, u, None, None)
             }
             None if !echo => io
                 .auth_deadline
@@ -251,6 +251,7 @@ impl Session {
         io: &Rc<ConnIo>,
         identity: Identity,
         ack: Option<u64>,
+        recover: Option<(SessionId, Option<String>)>,
     ) {
         let session = shard.new_session_id();
         let Identity { user, access } = identity;
@@ -259,31 +260,36 @@ impl Session {
             session,
             protocol: self.protocol,
         };
+        let ready = Ready {
+            user_id: user.clone(),
+            session_id: session.to_string(),
+            shard: shard.id as u32,
+            heartbeat_interval_ms: shard.node.config.ping_interval_ms,
+        };
         // The ack and `ready` come first: opening the connection may queue
         // events for it at once (pending notifications, when the user's home
-        // is this shard).
+        // is this shard). A Socket.IO reconnection's `ready` (its CONNECT
+        // answer) says whether its session came back, so it waits for that.
         if ack.is_some() {
             self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
         }
-        self.reply(
-            io,
-            &ServerMessage::event(ServerEvent::Ready(Ready {
-                user_id: user.clone(),
-                session_id: session.to_string(),
-                shard: shard.id as u32,
-                heartbeat_interval_ms: shard.node.config.ping_interval_ms,
-            })),
-        );
+        let ready = match recover {
+            Some(r) => Some((r, ready)),
+            None => {
+                self.reply(io, &ServerMessage::event(ServerEvent::Ready(ready)));
+                None
+            }
+        };
         let id = {
             let mut outbox = shard.outbox.borrow_mut();
-            let id = shard.engine.borrow_mut().open(
-                io.clone(),
-                member,
-                self.device,
-                access,
-                now_ms(),
-                &mut *outbox,
-            );
+            let mut engine = shard.engine.borrow_mut();
+            let now = now_ms();
+            let id = engine.open(io.clone(), member, self.device, access, now, &mut *outbox);
+            if let Some(((pid, last), fresh)) = ready {
+                let recovery = Recovery { last, fresh };
+                engine.recover(id, pid, recovery, now, &mut *outbox);
+            }
+            drop(engine);
             outbox.flush();
             id
         };
@@ -332,7 +338,7 @@ impl Session {
         match self.mode {
             Mode::Unauthenticated => match msg.event {
                 ClientEvent::Auth(a) => match verify(shard, &a.token) {
-                    Ok(identity) => self.authenticate(shard, io, identity, msg.id),
+                    Ok(identity) => self.authenticate(shard, io, identity, msg.id, None),
                     Err((code, why)) => {
                         self.reply(io, &ServerMessage::error(msg.id, code, why));
                         if code == ErrorCode::Forbidden {
@@ -558,7 +564,13 @@ impl Session {
             ));
             return self.preauth_strike(shard, io);
         }
-        let verified = match socketio::connect_token(p.data) {
+        let auth = socketio::connect_auth(p.data);
+        // A reconnection of connection state recovery: its session back.
+        let recover = auth.as_ref().ok().and_then(|a| {
+            let pid = a.pid.as_deref()?.parse().ok()?;
+            Some((pid, a.offset.clone()))
+        });
+        let verified = match auth.map(|a| a.token) {
             Err(e) => Err((ErrorCode::BadRequest, e.message)),
             Ok(Some(token)) => verify(shard, &token),
             Ok(None) => match std::mem::replace(&mut self.mode, Mode::Unauthenticated) {
@@ -570,7 +582,7 @@ impl Session {
             },
         };
         match verified {
-            Ok(identity) => self.authenticate(shard, io, identity, None),
+            Ok(identity) => self.authenticate(shard, io, identity, None, recover),
             Err((code, why)) => {
                 self.mode = Mode::Connecting(None);
                 let code = match code {

@@ -351,9 +351,73 @@ const eventTests = [
     natives.forEach((n) => n.close());
   }],
 
-  ["recovery after a dropped transport, through session:resume", async () => {
+  ["connection state recovery: socket.recovered, and exactly what was missed", async () => {
     const a = await user("rex");
     const b = await user("ray", { reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100 });
+    for (const s of [a, b]) {
+      for (const c of ["rec-a", "rec-b"]) await s.emitWithAck("channel:join", { channelId: c });
+    }
+    const seen = [];
+    b.on("message:new", (m, offset) => seen.push({ m, offset }));
+    const send = async (channelId, content) => {
+      const ack = await a.emitWithAck("message:send", { channelId, content });
+      if (!ack.success) check(`send ${content}`, false, ack);
+      return ack;
+    };
+    await send("rec-a", "a1");
+    await send("rec-b", "b1");
+    await send("rec-a", "a2");
+    await send("rec-b", "b2");
+    await until("four messages", () => seen.length === 4);
+    check("each carries its recovery offset", seen.every(({ m, offset }) =>
+      offset === `${m.offset}:${m.messageId.split("-")[0]}:${m.channelId}`), seen);
+    check("the CONNECT answer gave a pid", typeof b._pid === "string" && b._pid === b.id, { pid: b._pid, id: b.id });
+    // The client lost a2 and b2 with its transport: it last received b1.
+    b._lastOffset = seen[1].offset;
+    seen.length = 0;
+    const oldId = b.id;
+    const reconnected = next(b, "connect", 10000);
+    b.io.engine.close();
+    await until("the drop is seen", () => !b.connected);
+    await send("rec-a", "a3");
+    await send("rec-b", "b3");
+    await reconnected;
+    check("recovered", b.recovered === true && b.id === oldId, { recovered: b.recovered, oldId, id: b.id });
+    await until("the missed messages", () => seen.length >= 4);
+    await sleep(100);
+    const of = (c) => JSON.stringify(seen.filter(({ m }) => m.channelId === c).map(({ m }) => m.content));
+    check("rec-a: what was missed, in order, once", of("rec-a") === '["a2","a3"]', of("rec-a"));
+    check("rec-b: what was missed, in order, once", of("rec-b") === '["b2","b3"]', of("rec-b"));
+    // Still a member of both, without joining again.
+    const back = next(a, "message:new");
+    const r = await b.emitWithAck("message:send", { channelId: "rec-b", content: "back" });
+    check("sends as a member", r.success === true, r);
+    check("and is heard", (await back).content === "back", {});
+    check("counted", (await metric("corecast_socketio_recovered_total")) >= 1, {});
+  }],
+
+  ["a reconnection that cannot be recovered starts a new session", async () => {
+    const a = await user("rob");
+    const b = await user("rae", { reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100 });
+    for (const s of [a, b]) await s.emitWithAck("channel:join", { channelId: "norec" });
+    const got = next(b, "message:new");
+    await a.emitWithAck("message:send", { channelId: "norec", content: "x" });
+    await got;
+    // An offset that was never sent to it.
+    b._lastOffset = "999:0000000000000000:norec";
+    const oldId = b.id;
+    const reconnected = next(b, "connect", 10000);
+    b.io.engine.close();
+    await reconnected;
+    check("not recovered", b.recovered === false && b.id !== oldId && b._pid === b.id, { recovered: b.recovered });
+    const r = await b.emitWithAck("message:send", { channelId: "norec", content: "y" });
+    check("in no channel", r.success === false, r);
+    check("counted", (await metric("corecast_socketio_not_recovered_total")) >= 1, {});
+  }],
+
+  ["recovery through session:resume (without connection state recovery)", async () => {
+    const a = await user("rex2");
+    const b = await user("ray2", { reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100 });
     await a.emitWithAck("channel:join", { channelId: "rec" });
     const joined = await b.emitWithAck("channel:join", { channelId: "rec" });
     const seen = collect(b, "message:new");
@@ -361,6 +425,8 @@ const eventTests = [
     await until("the first message", () => seen.length === 1);
     const last = seen[0].offset;
     const oldId = b.id;
+    // As a client that does not keep the pid: a plain CONNECT.
+    b._pid = undefined;
     const reconnected = next(b, "connect", 10000);
     // The transport drops; socket.io-client reconnects by itself.
     b.io.engine.close();
@@ -370,7 +436,7 @@ const eventTests = [
       if (!ack.success) check(`send ${c}`, false, ack);
     }
     await reconnected;
-    check("a new connection", b.connected && b.id !== oldId, { oldId, id: b.id });
+    check("a new connection", b.connected && b.id !== oldId && !b.recovered, { oldId, id: b.id });
     const r = await b.emitWithAck("session:resume", {
       sessionId: oldId,
       positions: [{ channelId: "rec", offset: last, epoch: joined.epoch }],
@@ -484,7 +550,8 @@ await run([
     c.sock.close();
 
     c = await raw(token("rita"));
-    check("CONNECT answered with the sid, then ready", /^40\{"sid":"[0-9a-f]{32}"\}$/.test(c.texts[1]) && c.texts[2].startsWith('42["ready",'), c.texts);
+    check("CONNECT answered with the sid (the pid too), then ready",
+      /^40\{"pid":"([0-9a-f]{32})","sid":"\1"\}$/.test(c.texts[1]) && c.texts[2].startsWith('42["ready",'), c.texts);
     // Pings every 300 ms; this client never answers: closed by
     // interval + timeout.
     const t = await c.closed;
@@ -568,6 +635,30 @@ await run([
     const dm = next(pb, "dm:new");
     const ack = await pa.emitWithAck("dm:send", { toUserId: "pat", content: "across" });
     check("dm across nodes", ack.success === true && (await dm).content === "across", ack);
+
+    // Connection state recovery across nodes: pat drops on node b, having
+    // last received c9, and reconnects through node a.
+    const seen = [];
+    pb.on("message:new", (m) => seen.push(m.content));
+    const oldId = pb.id;
+    pb.io.reconnection(true);
+    pb.io.reconnectionDelay(50);
+    const reconnected = next(pb, "connect", 10000);
+    pb.io.uri = a.url;
+    pb.io.engine.close();
+    await until("the drop is seen", () => !pb.connected);
+    for (const c of ["m1", "m2"]) {
+      const ack = await pa.emitWithAck("message:send", { channelId: "global", content: c });
+      if (!ack.success) check(`send ${c}`, false, ack);
+    }
+    await reconnected;
+    check("recovered on the other node", pb.recovered === true && pb.id === oldId, { recovered: pb.recovered });
+    await until("the missed messages", () => seen.length >= 2, 10000);
+    await sleep(100);
+    check("what was missed, once", JSON.stringify(seen) === '["m1","m2"]', seen);
+    const text = await (await fetch(`${a.url}/metrics`)).text();
+    check("recovered by node a", /^corecast_socketio_recovered_total(\{[^}]*\})? [1-9]/m.test(text),
+      text.split("\n").filter((l) => l.includes("recovered")));
     pa.close();
     pb.close();
   }],

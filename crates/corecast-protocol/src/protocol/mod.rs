@@ -87,10 +87,20 @@ impl std::error::Error for DecodeError {}
 /// a text frame of JSON or a binary frame holding an rkyv archive (for
 /// Socket.IO, see [`socketio::encode_frame`]: possibly none or two).
 pub fn encode_frame(protocol: Protocol, msg: &ServerMessage) -> Bytes {
+    encode_frame_at(protocol, msg, None)
+}
+
+/// [`encode_frame`] for an event sequenced at `at` (Socket.IO frames carry
+/// its recovery offset; the native ones carry the offset in the event).
+pub fn encode_frame_at(
+    protocol: Protocol,
+    msg: &ServerMessage,
+    at: Option<socketio::Seq>,
+) -> Bytes {
     let mut f = FrameBuf::with_capacity(128);
     match protocol {
-        Protocol::SocketIo => socketio::encode_frame(msg),
-        Protocol::SocketIoMsgpack => socketio::encode_msgpack_frame(msg),
+        Protocol::SocketIo => socketio::encode_frame(msg, at),
+        Protocol::SocketIoMsgpack => socketio::encode_msgpack_frame(msg, at),
         Protocol::Json => {
             json::encode_server(msg, f.payload());
             f.finish(OpCode::Text)
@@ -115,7 +125,16 @@ pub struct Frames {
 impl Frames {
     /// Encodes `msg` for the protocols in `wanted` (by [`Protocol::index`]).
     pub fn encode(msg: &ServerMessage, wanted: [bool; Protocol::COUNT]) -> Frames {
-        let enc = |p: Protocol| wanted[p.index()].then(|| encode_frame(p, msg));
+        Frames::encode_at(msg, wanted, None)
+    }
+
+    /// [`Frames::encode`] for an event sequenced at `at`.
+    pub fn encode_at(
+        msg: &ServerMessage,
+        wanted: [bool; Protocol::COUNT],
+        at: Option<socketio::Seq>,
+    ) -> Frames {
+        let enc = |p: Protocol| wanted[p.index()].then(|| encode_frame_at(p, msg, at));
         Frames {
             json: enc(Protocol::Json),
             binary: enc(Protocol::Binary),

@@ -207,11 +207,22 @@ pub fn envelope<'v>(buf: &'v mut [u8], scratch: &mut Scratch) -> Result<Envelope
     Ok(Envelope::new(id, t, d))
 }
 
-/// The token of a CONNECT packet's auth payload (`{"token": "..."}`), if
-/// it has one; an error when the payload is not a JSON object.
-pub fn connect_token(data: &[u8]) -> Result<Option<String>, DecodeError> {
+/// What a CONNECT packet's auth payload carries: the token
+/// (`{"token": "..."}`), and, from a client reconnecting with connection
+/// state recovery, the session it had (`pid`) and the recovery offset of
+/// the last event it received (`offset`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConnectAuth {
+    pub token: Option<String>,
+    pub pid: Option<String>,
+    pub offset: Option<String>,
+}
+
+/// Reads a CONNECT packet's auth payload; an error when it is not a JSON
+/// object or one of its fields is not a string.
+pub fn connect_auth(data: &[u8]) -> Result<ConnectAuth, DecodeError> {
     if data.is_empty() {
-        return Ok(None);
+        return Ok(ConnectAuth::default());
     }
     let v: serde_json::Value = serde_json::from_slice(data)
         .map_err(|e| DecodeError::new(None, format!("invalid CONNECT payload: {e}")))?;
@@ -221,16 +232,62 @@ pub fn connect_token(data: &[u8]) -> Result<Option<String>, DecodeError> {
             "the CONNECT payload must be an object",
         ));
     };
-    match o.get("token") {
+    let field = |name: &str| match o.get(name) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
-        Some(_) => Err(DecodeError::new(None, "`auth.token` must be a string")),
+        Some(_) => Err(DecodeError::new(
+            None,
+            format!("`auth.{name}` must be a string"),
+        )),
+    };
+    Ok(ConnectAuth {
+        token: field("token")?,
+        pid: field("pid")?,
+        offset: field("offset")?,
+    })
+}
+
+/// Where a sequenced channel event stands. Socket.IO frames of such an
+/// event carry it as their last argument, the offset a client of
+/// connection state recovery keeps and sends back when it reconnects
+/// (see [`recovery_offset`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seq<'a> {
+    pub channel: &'a str,
+    pub offset: u64,
+    pub epoch: &'a str,
+}
+
+impl Seq<'_> {
+    /// `<offset>:<epoch>:<channel>`: epochs are hex and offsets digits, so
+    /// the channel is whatever follows the second `:`.
+    pub fn token(&self) -> String {
+        format!("{}:{}:{}", self.offset, self.epoch, self.channel)
     }
+}
+
+/// Reads a recovery offset made by [`Seq::token`].
+pub fn recovery_offset(token: &str) -> Option<Seq<'_>> {
+    let mut parts = token.splitn(3, ':');
+    let offset = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?;
+    let channel = parts.next()?;
+    (!epoch.is_empty() && !channel.is_empty()).then_some(Seq {
+        channel,
+        offset,
+        epoch,
+    })
 }
 
 /// Appends the text of a server message (one Engine.IO message packet) to
 /// `out`; appends nothing for a success ack nobody asked for.
 pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
+    encode_server_at(msg, None, out)
+}
+
+/// [`encode_server`] for an event sequenced at `at`: the event carries its
+/// recovery offset as its last argument.
+pub fn encode_server_at(msg: &ServerMessage, at: Option<Seq>, out: &mut Vec<u8>) {
     let write_id = |out: &mut Vec<u8>, id: u64| {
         std::io::Write::write_fmt(out, format_args!("{id}")).expect("writing to a Vec cannot fail")
     };
@@ -263,6 +320,11 @@ pub fn encode_server(msg: &ServerMessage, out: &mut Vec<u8>) {
             serde_json::to_writer(&mut *out, event.name()).expect("writing to a Vec cannot fail");
             out.push(b',');
             json::write_server_body(msg, out);
+            if let Some(at) = at {
+                out.push(b',');
+                serde_json::to_writer(&mut *out, &at.token())
+                    .expect("writing to a Vec cannot fail");
+            }
             out.push(b']');
         }
     }
@@ -283,6 +345,10 @@ pub fn decode_server(packet: &[u8]) -> Result<Option<ServerMessage>, DecodeError
         _ => return Err(bad("not a message")),
     };
     let envelope = if p.kind == PacketKind::Event {
+        if args.len() == 3 && args[2].is_string() {
+            // The recovery offset of a sequenced event.
+            args.pop();
+        }
         let d = args.pop().unwrap_or_default();
         let t = args.pop().unwrap_or_default();
         serde_json::json!({ "t": t, "d": d })
@@ -311,11 +377,11 @@ fn text_frame(text: &[u8]) -> Bytes {
 
 /// Encodes `msg` as complete WebSocket frames: one text frame, none for a
 /// success ack nobody asked for, and for `ready` the CONNECT packet that
-/// opens the main namespace (`40{"sid":...}`) followed by the event.
-pub fn encode_frame(msg: &ServerMessage) -> Bytes {
+/// opens the main namespace (`40{"sid":...,"pid":...}`) followed by the event.
+pub fn encode_frame(msg: &ServerMessage, at: Option<Seq>) -> Bytes {
     let mut f = FrameBuf::with_capacity(128);
     let header = f.payload().len();
-    encode_server(msg, f.payload());
+    encode_server_at(msg, at, f.payload());
     if f.payload().len() == header {
         return Bytes::new();
     }
@@ -323,7 +389,7 @@ pub fn encode_frame(msg: &ServerMessage) -> Bytes {
     let ServerEvent::Ready(r) = &msg.event else {
         return event;
     };
-    let connect = format!("40{}", serde_json::json!({ "sid": r.session_id }));
+    let connect = format!("40{}", connect_answer(&r.session_id));
     let mut both = Vec::with_capacity(connect.len() + event.len() + 4);
     both.extend_from_slice(&text_frame(connect.as_bytes()));
     both.extend_from_slice(&event);
@@ -332,9 +398,9 @@ pub fn encode_frame(msg: &ServerMessage) -> Bytes {
 
 /// Encodes `msg` for a client of `socket.io-msgpack-parser`: the same
 /// packets as [`encode_frame`], each a MessagePack map in a binary frame.
-pub fn encode_msgpack_frame(msg: &ServerMessage) -> Bytes {
+pub fn encode_msgpack_frame(msg: &ServerMessage, at: Option<Seq>) -> Bytes {
     let mut text = Vec::with_capacity(128);
-    encode_server(msg, &mut text);
+    encode_server_at(msg, at, &mut text);
     if text.is_empty() {
         return Bytes::new();
     }
@@ -342,10 +408,18 @@ pub fn encode_msgpack_frame(msg: &ServerMessage) -> Bytes {
     let ServerEvent::Ready(r) = &msg.event else {
         return event;
     };
-    let connect = format!("0{}", serde_json::json!({ "sid": r.session_id }));
+    let connect = format!("0{}", connect_answer(&r.session_id));
     let mut both = msgpack_frame(connect.as_bytes()).to_vec();
     both.extend_from_slice(&event);
     Bytes::from(both)
+}
+
+/// The CONNECT answer's data: the session is both the socket's id and the
+/// private id (`pid`) a client of connection state recovery sends back
+/// when it reconnects. It stays the client's own: a session resumes only
+/// for a connection of its user.
+fn connect_answer(session: &str) -> serde_json::Value {
+    serde_json::json!({ "sid": session, "pid": session })
 }
 
 /// A Socket.IO packet's text form (without Engine.IO's `4`) as the binary
@@ -601,7 +675,7 @@ mod tests {
             frame(&ServerMessage::ack(None, AckBody::Empty(Empty {}))),
             ""
         );
-        assert!(encode_frame(&ServerMessage::ack(None, AckBody::Empty(Empty {}))).is_empty());
+        assert!(encode_frame(&ServerMessage::ack(None, AckBody::Empty(Empty {})), None).is_empty());
         let e = ServerMessage::error(Some(2), ErrorCode::Forbidden, "no");
         assert_eq!(
             frame(&e),
@@ -618,9 +692,9 @@ mod tests {
             shard: 0,
             heartbeat_interval_ms: 1,
         }));
-        let both = encode_frame(&ready);
+        let both = encode_frame(&ready, None);
         let first = text_of(&both);
-        assert_eq!(first, r#"40{"sid":"s1"}"#);
+        assert_eq!(first, r#"40{"pid":"s1","sid":"s1"}"#);
         let second = text_of(&both.slice(first.len() + 2..));
         assert!(
             second.starts_with(r#"42["ready",{"userId":"u""#),
@@ -640,11 +714,36 @@ mod tests {
             let mut out = Vec::new();
             encode_server(&m, &mut out);
             assert_eq!(decode_server(&out[1..]).unwrap(), Some(m.clone()), "{m:?}");
-            let mp = encode_msgpack_frame(&m);
+            let mp = encode_msgpack_frame(&m, None);
             let text = crate::protocol::msgpack::packet_to_text(&mp[2..]).unwrap();
             assert_eq!(decode_server(&text).unwrap(), Some(m));
         }
         assert_eq!(decode_server(br#"0{"sid":"s"}"#).unwrap(), None);
+    }
+
+    #[test]
+    fn sequenced_events_carry_their_recovery_offset() {
+        let m = ServerMessage::event(ServerEvent::HeartbeatAck(HeartbeatAck { timestamp: 5 }));
+        let at = Seq {
+            channel: "room:a:b",
+            offset: 41,
+            epoch: "9f2c",
+        };
+        let mut out = Vec::new();
+        encode_server_at(&m, Some(at), &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"42["heartbeat:ack",{"timestamp":5},"41:9f2c:room:a:b"]"#
+        );
+        assert_eq!(recovery_offset(&at.token()), Some(at));
+        // Clients read the event without it.
+        assert_eq!(decode_server(&out[1..]).unwrap(), Some(m.clone()));
+        let mp = encode_msgpack_frame(&m, Some(at));
+        let text = crate::protocol::msgpack::packet_to_text(&mp[2..]).unwrap();
+        assert!(text.ends_with(br#","41:9f2c:room:a:b"]"#));
+        for bad in ["", "41", "41:e", "x:e:c", "41::c", "41:e:"] {
+            assert_eq!(recovery_offset(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -681,14 +780,26 @@ mod tests {
 
     #[test]
     fn connect_payloads() {
-        assert_eq!(connect_token(b"").unwrap(), None);
+        assert_eq!(connect_auth(b"").unwrap(), ConnectAuth::default());
         assert_eq!(
-            connect_token(br#"{"token":"t"}"#).unwrap().as_deref(),
+            connect_auth(br#"{"token":"t"}"#).unwrap().token.as_deref(),
             Some("t")
         );
-        assert_eq!(connect_token(br#"{"other":1}"#).unwrap(), None);
-        assert!(connect_token(br#"{"token":1}"#).is_err());
-        assert!(connect_token(br#"[1]"#).is_err());
+        assert_eq!(
+            connect_auth(br#"{"token":"t","pid":"p","offset":"3:e:c"}"#).unwrap(),
+            ConnectAuth {
+                token: Some("t".into()),
+                pid: Some("p".into()),
+                offset: Some("3:e:c".into()),
+            }
+        );
+        assert_eq!(
+            connect_auth(br#"{"other":1}"#).unwrap(),
+            ConnectAuth::default()
+        );
+        assert!(connect_auth(br#"{"token":1}"#).is_err());
+        assert!(connect_auth(br#"{"pid":1}"#).is_err());
+        assert!(connect_auth(br#"[1]"#).is_err());
         assert_eq!(
             text_of(&connect_error_frame(
                 "/",

@@ -52,6 +52,11 @@ impl Protocol {
         self as usize
     }
 
+    /// Socket.IO, with either parser.
+    pub fn is_socketio(self) -> bool {
+        matches!(self, Protocol::SocketIo | Protocol::SocketIoMsgpack)
+    }
+
     /// The protocol at `i` in [`Protocol::ALL`].
     pub fn from_index(i: usize) -> Option<Protocol> {
         Protocol::ALL.get(i).copied()
