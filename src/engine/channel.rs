@@ -428,14 +428,17 @@ impl Owned {
     }
 
     /// The events after `since`, encoded for `protocol`, or `None` when the
-    /// log no longer reaches back that far (or `since` is of another epoch).
+    /// log no longer reaches back that far (or `since` is of another epoch,
+    /// unless its offset is 0: who saw nothing of any epoch misses all of
+    /// this one).
     pub fn replay(
         &mut self,
         channel: &str,
         since: &Since,
         protocol: Protocol,
     ) -> Option<Vec<Bytes>> {
-        if *since.epoch != *self.epoch || since.offset > self.offset {
+        let other_epoch = *since.epoch != *self.epoch && since.offset > 0;
+        if other_epoch || since.offset > self.offset {
             return None;
         }
         let first = self.log.front().map_or(self.offset + 1, |e| e.offset);
@@ -656,6 +659,22 @@ mod tests {
         assert!(
             c.replay("c", &other, Protocol::Json).is_none(),
             "another epoch"
+        );
+        // Nothing seen of another epoch: all of this one, if the log still
+        // starts at its beginning.
+        let nothing = Since {
+            offset: 0,
+            epoch: "other".into(),
+        };
+        assert!(
+            c.replay("c", &nothing, Protocol::Json).is_none(),
+            "log trimmed"
+        );
+        let mut young = Owned::new("ep".into(), 1);
+        publish(&mut young, "a", "y1", None, 1000, &s);
+        assert_eq!(
+            contents(&young.replay("c", &nothing, Protocol::Json).unwrap()),
+            ["y1"]
         );
         // A protocol nobody spoke at publish time is encoded on demand.
         assert_eq!(
