@@ -145,6 +145,8 @@ impl Grants {
 pub struct Access {
     pub roles: Roles,
     pub grants: Option<Arc<Grants>>,
+    /// When the token expires (seconds since the epoch; 0: never).
+    pub expires: u32,
 }
 
 impl Access {

@@ -286,6 +286,7 @@ impl Verifier {
             access: Access {
                 roles: Roles::from_names(c.roles.iter().map(String::as_str)),
                 grants,
+                expires: u32::try_from(c.exp).unwrap_or(u32::MAX),
             },
             user: c.sub,
         })

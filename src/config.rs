@@ -86,6 +86,12 @@ pub struct Config {
     /// How long a dropped session can be taken over with `session:resume`
     /// (0: never).
     pub resume_window_ms: u64,
+    /// `auth:expiring` goes out this long before a connection's token
+    /// expires.
+    pub token_refresh_ahead_ms: u64,
+    /// A connection whose token expired without `auth:refresh` is closed
+    /// (4001) this long after the expiry.
+    pub token_expiry_grace_ms: u64,
     /// A call not answered in this time is missed.
     pub call_ring_timeout_ms: u64,
     /// Notifications kept per user (the oldest go first).
@@ -197,6 +203,8 @@ impl Default for Config {
             typing_timeout_ms: e.typing_timeout_ms,
             presence_grace_ms: e.presence_grace_ms,
             resume_window_ms: e.resume_window_ms,
+            token_refresh_ahead_ms: e.token_refresh_ahead_ms,
+            token_expiry_grace_ms: e.token_expiry_grace_ms,
             call_ring_timeout_ms: e.call_ring_timeout_ms,
             max_notifications: e.max_notifications,
             notification_ttl_ms: e.notification_ttl_ms,
@@ -333,6 +341,10 @@ pub struct ConfigArgs {
     pub presence_grace_ms: Option<u64>,
     #[arg(long, env = "CORECAST_RESUME_WINDOW_MS")]
     pub resume_window_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_TOKEN_REFRESH_AHEAD_MS")]
+    pub token_refresh_ahead_ms: Option<u64>,
+    #[arg(long, env = "CORECAST_TOKEN_EXPIRY_GRACE_MS")]
+    pub token_expiry_grace_ms: Option<u64>,
     #[arg(long, env = "CORECAST_CALL_RING_TIMEOUT_MS")]
     pub call_ring_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_NOTIFICATION_TTL_MS")]
@@ -479,6 +491,8 @@ impl ConfigArgs {
             typing_timeout_ms,
             presence_grace_ms,
             resume_window_ms,
+            token_refresh_ahead_ms,
+            token_expiry_grace_ms,
             call_ring_timeout_ms,
             notification_ttl_ms,
             max_stored_notifications,
@@ -728,6 +742,8 @@ impl Config {
             typing_timeout_ms: self.typing_timeout_ms,
             presence_grace_ms: self.presence_grace_ms,
             resume_window_ms: self.resume_window_ms,
+            token_refresh_ahead_ms: self.token_refresh_ahead_ms,
+            token_expiry_grace_ms: self.token_expiry_grace_ms,
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,
             notification_ttl_ms: self.notification_ttl_ms,

@@ -58,6 +58,8 @@ pub struct ShardMetrics {
     pub socketio_recovered: Counter,
     /// Socket.IO reconnections that asked for their session and got a new one.
     pub socketio_not_recovered: Counter,
+    /// Connections closed because their token expired.
+    pub token_expiries: Counter,
     pub auth_failures: Counter,
     pub mesh_messages_in: Counter,
     pub handshake_failures: [Counter; HandshakeError::ALL.len()],
@@ -192,7 +194,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 29] = [
+    let series: [(&str, &str, &str, Get); 30] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -276,6 +278,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Socket.IO reconnections that asked to recover their session and started a new one.",
             |m| &m.socketio_not_recovered,
+        ),
+        (
+            "token_expiries_total",
+            "counter",
+            "Connections closed (4001) because their token expired without an auth:refresh.",
+            |m| &m.token_expiries,
         ),
         (
             "auth_failures_total",

@@ -194,6 +194,7 @@ impl<O: Outbound> Engine<O> {
         match msg.event {
             E::Heartbeat => self.on_heartbeat(id, ack, now),
             E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
+            E::AuthRefresh(a) => self.on_auth_refresh(id, ack, &a.token, now),
             E::SessionResume(r) => self.on_session_resume(id, ack, r, now, tx),
             E::ChannelJoin(j) => {
                 self.on_channel_join(id, ack, j, None, now, tx);

@@ -145,6 +145,12 @@ pub struct Settings {
     pub presence_grace_ms: u64,
     /// How long a dropped session can be resumed (0: never).
     pub resume_window_ms: u64,
+    /// How long before its token expires a connection is sent
+    /// `auth:expiring`.
+    pub token_refresh_ahead_ms: u64,
+    /// How long after its token expired a connection that did not refresh
+    /// it is closed.
+    pub token_expiry_grace_ms: u64,
     pub call_ring_timeout_ms: u64,
     pub max_notifications: usize,
     pub notification_ttl_ms: u64,
@@ -181,6 +187,8 @@ impl Default for Settings {
             // Long enough for a page reload or a network switch.
             presence_grace_ms: 5000,
             resume_window_ms: 120_000,
+            token_refresh_ahead_ms: 60_000,
+            token_expiry_grace_ms: 0,
             call_ring_timeout_ms: 30_000,
             max_notifications: 100,
             notification_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -662,6 +670,8 @@ pub struct Conn<O> {
     roles: Roles,
     /// Rate-limit refusals, less one per accepted event.
     strikes: u8,
+    /// When its token expires (seconds since the epoch; 0: never).
+    expires: u32,
     /// Channels and subscriptions, made on the first of either: an idle
     /// connection has neither.
     links: Option<Box<Links>>,
@@ -821,10 +831,17 @@ pub struct Stats {
 
 /// Checks a subscription token: `(token, user, channel)`.
 pub type SubscriptionCheck = Box<dyn Fn(&str, &str, &str) -> Result<(), String>>;
+/// Verifies a connection token (for `auth:refresh`): its user and access,
+/// or why not.
+pub type TokenCheck = Box<dyn Fn(&str) -> Result<crate::access::Identity, String>>;
 
 pub struct Engine<O> {
     /// Without one, subscription tokens are refused.
     subscriptions: Option<SubscriptionCheck>,
+    /// Without one, `auth:refresh` is refused.
+    token_check: Option<TokenCheck>,
+    /// Connections whose tokens expire, by when to look at them next.
+    tokens: tokens::TokenClock,
     /// The mesh endpoint that makes bans durable before they take effect
     /// (none: they last as long as the process).
     ban_store: Option<ShardId>,
@@ -871,6 +888,8 @@ impl<O: Outbound> Engine<O> {
     ) -> Self {
         let mut e = Engine {
             subscriptions: None,
+            token_check: None,
+            tokens: Default::default(),
             ban_store: None,
             bans: bans::Bans::default(),
             limiter: limits::Limiter::default(),
@@ -907,6 +926,10 @@ impl<O: Outbound> Engine<O> {
     /// Sets how subscription tokens (in `channel:join`) are verified.
     pub fn set_subscription_check(&mut self, check: SubscriptionCheck) {
         self.subscriptions = Some(check);
+    }
+
+    pub fn set_token_check(&mut self, check: TokenCheck) {
+        self.token_check = Some(check);
     }
 
     fn random(&mut self) -> u64 {
@@ -959,6 +982,7 @@ impl<O: Outbound> Engine<O> {
             device,
             roles: access.roles,
             strikes: 0,
+            expires: access.expires,
             links,
         };
         let id = match self.free.pop() {
@@ -978,6 +1002,7 @@ impl<O: Outbound> Engine<O> {
                 }
             }
         };
+        self.watch_token(id, access.expires, now);
         let from = Some((self.here(id), protocol));
         self.send_user_op(
             user,
@@ -1318,6 +1343,7 @@ impl<O: Outbound> Engine<O> {
                     self.metrics.bans.set(self.bans.len() as u64);
                 }
                 Timer::Buckets { user } => self.buckets_timer(user, now),
+                Timer::Tokens { second } => self.tokens_timer(second, now, tx),
             }
         }
     }
@@ -1471,6 +1497,7 @@ mod messages;
 mod moderation;
 mod presence;
 mod recovery;
+mod tokens;
 pub use recovery::Recovery;
 mod receipts;
 mod sessions;

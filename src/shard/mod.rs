@@ -187,6 +187,10 @@ impl Shard {
         engine.set_subscription_check(Box::new(move |token, user, channel| {
             verifier.verifier.check_subscription(token, user, channel)
         }));
+        let verifier = node.clone();
+        engine.set_token_check(Box::new(move |token| {
+            verifier.verifier.identify(token).map_err(|e| e.0)
+        }));
         engine.load_bans(node.initial_bans.iter().cloned(), now_ms());
         if let Some(store) = node.ban_store {
             engine.set_ban_store(store);

@@ -14,4 +14,5 @@ mod cluster;
 mod cluster_faults;
 mod hygiene;
 mod safety;
+mod tokens;
 mod websocket;

@@ -34,6 +34,8 @@ const nodeArgs = [
   "--livekit-api-secret", "lk-secret-0123456789abcdef0123456789",
   "--rate-limit", "typing:start=3/60s",
   "--ping-interval-ms", "300", "--ping-timeout-ms", "400",
+  // Tokens of a few seconds are warned of 2 s ahead.
+  "--token-refresh-ahead-ms", "2000",
 ];
 let node;
 
@@ -449,6 +451,36 @@ const eventTests = [
     const after = next(b, "message:new");
     await a.emitWithAck("message:send", { channelId: "rec", content: "after" });
     check("and the channel goes on", (await after).content === "after", {});
+  }],
+
+  ["an expiring token: auth:expiring, auth:refresh, and the reconnection that follows an expiry", async () => {
+    const a = await user("tim", {}, ["--ttl", "3"]);
+    const warned = await next(a, "auth:expiring", 5000);
+    check("auth:expiring ahead of the expiry", warned.expiresAt > Date.now(), warned);
+    const r = await a.emitWithAck("auth:refresh", { token: token("tim", ["--ttl", "60"]) });
+    check("auth:refresh in the ack", r.success === true && r.expiresAt > warned.expiresAt, r);
+    const bad = await a.emitWithAck("auth:refresh", { token: token("tom", ["--ttl", "60"]) });
+    check("another user's token refused", bad.success === false && bad.error.code === "forbidden", bad);
+
+    // No refresh: the transport closes at the expiry (4002), and
+    // socket.io-client reconnects by itself with a fresh token (the `auth`
+    // callback) and recovers its session.
+    let tokens = 0;
+    const b = await user("tess", {
+      reconnection: true, reconnectionDelay: 50, reconnectionDelayMax: 100,
+      auth: (cb) => cb({ token: token("tess", ["--ttl", tokens++ === 0 ? "3" : "60"]) }),
+    });
+    await b.emitWithAck("channel:join", { channelId: "expiry" });
+    const oldId = b.id;
+    const reasons = collect(b, "disconnect");
+    const back = next(b, "connect", 10000);
+    await back;
+    check("a transport close, not the server's DISCONNECT", reasons.length === 1 && reasons[0] !== "io server disconnect", reasons);
+    check("reconnected with a fresh token, session recovered", b.recovered === true && b.id === oldId && tokens === 2,
+      { recovered: b.recovered, tokens });
+    const sent = await b.emitWithAck("message:send", { channelId: "expiry", content: "still here" });
+    check("still in its channel", sent.success === true, sent);
+    check("counted", (await metric("corecast_token_expiries_total")) >= 1, {});
   }],
 
   ["a kicked user is told, and does not reconnect by itself", async () => {

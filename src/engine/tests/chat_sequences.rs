@@ -589,6 +589,7 @@ fn run(ops: Vec<Op>, cluster: bool) -> Result<(), TestCaseError> {
                     let access = Access {
                         roles,
                         grants: None,
+                        expires: 0,
                     };
                     let sim = &mut w.sims[node];
                     let (at, rec) =

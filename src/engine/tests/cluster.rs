@@ -1094,6 +1094,7 @@ fn kicks_and_bans_reach_every_node_and_wait_for_the_cluster() {
     let admin = crate::access::Access {
         roles: crate::access::Roles::ADMIN,
         grants: None,
+        expires: 0,
     };
     let (root, rroot) = sims[0].connect_as(0, "root", admin);
     let (t, rt) = sims[1].connect(1, "troll", Protocol::Json);
@@ -1147,6 +1148,7 @@ fn channel_members_hear_of_a_kick_or_ban_once_whatever_the_nodes() {
     let admin = crate::access::Access {
         roles: crate::access::Roles::ADMIN,
         grants: None,
+        expires: 0,
     };
     let (root, rroot) = sims[0].connect_as(0, "root", admin);
     // Bob is in the channel through both nodes; a watcher on each.

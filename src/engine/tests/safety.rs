@@ -11,6 +11,7 @@ fn granted(channels: &[&str], users: Option<&[&str]>) -> Access {
             channels: Some(Patterns::new("channels", &list(channels)).unwrap()),
             users: users.map(|u| Patterns::new("users", &list(u)).unwrap()),
         })),
+        expires: 0,
     }
 }
 
@@ -159,6 +160,7 @@ fn only_authors_edit_and_moderators_may_delete_others_messages() {
     let moderator = Access {
         roles: Roles::MODERATOR,
         grants: None,
+        expires: 0,
     };
     let (m, rm) = sim.connect_as(0, "mod", moderator);
     for c in [a, b, m] {
@@ -203,6 +205,7 @@ fn role(r: Roles) -> Access {
     Access {
         roles: r,
         grants: None,
+        expires: 0,
     }
 }
 

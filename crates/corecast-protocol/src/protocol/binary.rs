@@ -134,6 +134,7 @@ mod tests {
         use ClientEvent as E;
         let a = prop_oneof![
             text().prop_map(|token| E::Auth(Auth { token })),
+            text().prop_map(|token| E::AuthRefresh(Auth { token })),
             Just(E::Heartbeat),
             (
                 text(),
@@ -716,6 +717,8 @@ mod tests {
             moderation().prop_map(S::ModerationBanned),
             moderation().prop_map(S::ModerationUserKicked),
             moderation().prop_map(S::ModerationUserBanned),
+            any::<u64>().prop_map(|expires_at| S::AuthExpiring(AuthExpiring { expires_at })),
+            any::<u64>().prop_map(|expires_at| S::Ack(AckBody::Refresh(RefreshAck { expires_at }))),
         ];
         prop_oneof![a, b, c]
     }

@@ -416,12 +416,14 @@ pub enum ClientEvent {
     NotificationClearAll,
     ModerationKickUser(KickUser),
     ModerationBanUser(BanUser),
+    /// `auth:refresh`: a new connection token before the current one expires.
+    AuthRefresh(Auth),
     /// An event name this engine does not implement (answered `unsupported`).
     Unsupported(String),
 }
 
 /// The name of each client event, by [`ClientEvent::index`].
-pub const CLIENT_EVENT_NAMES: [&str; 39] = [
+pub const CLIENT_EVENT_NAMES: [&str; 40] = [
     "auth",
     "heartbeat",
     "session:resume",
@@ -461,6 +463,7 @@ pub const CLIENT_EVENT_NAMES: [&str; 39] = [
     "notification:clear_all",
     "moderation:kick_user",
     "moderation:ban_user",
+    "auth:refresh",
 ];
 
 impl ClientEvent {
@@ -508,6 +511,7 @@ impl ClientEvent {
             NotificationClearAll => 36,
             ModerationKickUser(_) => 37,
             ModerationBanUser(_) => 38,
+            AuthRefresh(_) => 39,
             Unsupported(_) => CLIENT_EVENT_NAMES.len(),
         }
     }
@@ -935,6 +939,12 @@ wire_type! {
 }
 
 ack_type! {
+    /// The ack of `auth:refresh`: when the new token expires (ms since the
+    /// epoch).
+    pub struct RefreshAck { pub expires_at: u64 }
+}
+
+ack_type! {
     /// The ack of `session:resume`.
     pub struct ResumeAck { pub session_id: String, pub channels: Vec<ResumedChannel> }
 }
@@ -982,6 +992,7 @@ pub enum AckBody {
     Call(CallAck),
     Notifications(NotificationsAck),
     Resume(ResumeAck),
+    Refresh(RefreshAck),
     Empty(Empty),
 }
 
@@ -1000,6 +1011,12 @@ wire_type! {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub until: Option<u64>,
     }
+}
+
+wire_type! {
+    /// `auth:expiring`: the connection's token expires at `expiresAt` (ms
+    /// since the epoch); send `auth:refresh` with a new one before then.
+    pub struct AuthExpiring { pub expires_at: u64 }
 }
 
 /// An event sent by the server.
@@ -1036,6 +1053,7 @@ pub enum ServerEvent {
     ModerationBanned(ModerationEvent),
     ModerationUserKicked(ModerationEvent),
     ModerationUserBanned(ModerationEvent),
+    AuthExpiring(AuthExpiring),
 }
 
 impl ServerEvent {
@@ -1073,6 +1091,7 @@ impl ServerEvent {
             ModerationBanned(_) => "moderation:banned",
             ModerationUserKicked(_) => "moderation:user_kicked",
             ModerationUserBanned(_) => "moderation:user_banned",
+            AuthExpiring(_) => "auth:expiring",
         }
     }
 }

@@ -149,6 +149,9 @@ fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
             token: f.string("token")?,
         }),
         "heartbeat" => E::Heartbeat,
+        "auth:refresh" => E::AuthRefresh(Auth {
+            token: f.string("token")?,
+        }),
         "session:resume" => E::SessionResume(SessionResume {
             session_id: f.string("sessionId")?,
             positions: f
@@ -599,6 +602,7 @@ pub fn write_server_body(msg: &ServerMessage, out: &mut Vec<u8>) {
         | ModerationBanned(d)
         | ModerationUserKicked(d)
         | ModerationUserBanned(d) => w(d, out),
+        AuthExpiring(d) => w(d, out),
     }
 }
 
@@ -613,7 +617,7 @@ pub fn encode_client(msg: &ClientMessage, out: &mut Vec<u8>) {
         | NotificationGetPending
         | NotificationClearAll
         | Unsupported(_) => write_envelope::<Empty>(name, id, None, out),
-        Auth(d) => write_envelope(name, id, Some(d), out),
+        Auth(d) | AuthRefresh(d) => write_envelope(name, id, Some(d), out),
         SessionResume(d) => write_envelope(name, id, Some(d), out),
         ChannelJoin(d) => write_envelope(name, id, Some(d), out),
         ChannelLeave(d)
@@ -698,6 +702,7 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerMessage, DecodeError> {
         "moderation:banned" => S::ModerationBanned(d(&raw)?),
         "moderation:user_kicked" => S::ModerationUserKicked(d(&raw)?),
         "moderation:user_banned" => S::ModerationUserBanned(d(&raw)?),
+        "auth:expiring" => S::AuthExpiring(d(&raw)?),
         other => {
             return Err(DecodeError::new(
                 raw.id,

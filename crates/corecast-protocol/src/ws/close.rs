@@ -15,6 +15,9 @@ pub const INTERNAL_ERROR: u16 = 1011;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// Application range: authentication failed or did not arrive in time.
 pub const UNAUTHORIZED: u16 = 4001;
+/// The connection's token expired and no `auth:refresh` came in time: the
+/// client reconnects with a new token (and may resume its session).
+pub const TOKEN_EXPIRED: u16 = 4002;
 /// A moderator (or the server API) kicked the user off the server.
 pub const KICKED: u16 = 4003;
 /// The user is banned from the server.
