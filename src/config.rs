@@ -92,6 +92,11 @@ pub struct Config {
     /// A connection whose token expired without `auth:refresh` is closed
     /// (4001) this long after the expiry.
     pub token_expiry_grace_ms: u64,
+    /// The application's own events: names or `*` patterns (`game:*`) that
+    /// pass through to a channel without being kept; empty: none.
+    pub custom_events: Vec<String>,
+    /// Largest `data` of an application's event, in bytes of JSON.
+    pub max_custom_event_bytes: usize,
     /// A call not answered in this time is missed.
     pub call_ring_timeout_ms: u64,
     /// Notifications kept per user (the oldest go first).
@@ -205,6 +210,8 @@ impl Default for Config {
             resume_window_ms: e.resume_window_ms,
             token_refresh_ahead_ms: e.token_refresh_ahead_ms,
             token_expiry_grace_ms: e.token_expiry_grace_ms,
+            custom_events: Vec::new(),
+            max_custom_event_bytes: e.max_custom_event_bytes,
             call_ring_timeout_ms: e.call_ring_timeout_ms,
             max_notifications: e.max_notifications,
             notification_ttl_ms: e.notification_ttl_ms,
@@ -345,6 +352,11 @@ pub struct ConfigArgs {
     pub token_refresh_ahead_ms: Option<u64>,
     #[arg(long, env = "CORECAST_TOKEN_EXPIRY_GRACE_MS")]
     pub token_expiry_grace_ms: Option<u64>,
+    /// The application's own events: names or `*` patterns, comma-separated.
+    #[arg(long, env = "CORECAST_CUSTOM_EVENTS", value_delimiter = ',')]
+    pub custom_events: Option<Vec<String>>,
+    #[arg(long, env = "CORECAST_MAX_CUSTOM_EVENT_BYTES")]
+    pub max_custom_event_bytes: Option<usize>,
     #[arg(long, env = "CORECAST_CALL_RING_TIMEOUT_MS")]
     pub call_ring_timeout_ms: Option<u64>,
     #[arg(long, env = "CORECAST_NOTIFICATION_TTL_MS")]
@@ -493,6 +505,8 @@ impl ConfigArgs {
             resume_window_ms,
             token_refresh_ahead_ms,
             token_expiry_grace_ms,
+            custom_events,
+            max_custom_event_bytes,
             call_ring_timeout_ms,
             notification_ttl_ms,
             max_stored_notifications,
@@ -565,8 +579,19 @@ impl ConfigArgs {
 }
 
 impl Config {
+    /// The `custom_events` patterns (none when the list is empty).
+    pub fn custom_event_patterns(&self) -> Result<Option<crate::access::Patterns>, ConfigError> {
+        if self.custom_events.is_empty() {
+            return Ok(None);
+        }
+        crate::access::Patterns::new("custom_events", &self.custom_events)
+            .map(Some)
+            .map_err(ConfigError)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.custom_event_patterns()?;
         if !["auto", "io_uring", "epoll"].contains(&self.io_driver.as_str()) {
             return Err(ConfigError(format!(
                 "io_driver must be auto, io_uring or epoll, not `{}`",
@@ -744,6 +769,8 @@ impl Config {
             resume_window_ms: self.resume_window_ms,
             token_refresh_ahead_ms: self.token_refresh_ahead_ms,
             token_expiry_grace_ms: self.token_expiry_grace_ms,
+            custom_events: self.custom_event_patterns().expect("checked by validate"),
+            max_custom_event_bytes: self.max_custom_event_bytes,
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,
             notification_ttl_ms: self.notification_ttl_ms,

@@ -21,6 +21,7 @@ impl<O: Outbound> Engine<O> {
             }
             ApiOp::Moderate(m) => self.api_moderate(from, ack, m, now, tx),
             ApiOp::Members { channel } => self.api_members(from, ack, channel, now, tx),
+            ApiOp::Emit { name, to, data } => self.api_emit(from, ack, name, to, data, now, tx),
         }
     }
 

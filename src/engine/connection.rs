@@ -234,6 +234,7 @@ impl<O: Outbound> Engine<O> {
             E::NotificationClearAll => self.on_notification_clear_all(id, ack, now, tx),
             E::ModerationKickUser(k) => self.on_moderation_kick_user(id, ack, k, now, tx),
             E::ModerationBanUser(b) => self.on_moderation_ban_user(id, ack, b, now, tx),
+            E::Custom(name, c) => self.on_custom(id, ack, name, c, now, tx),
             other @ E::Unsupported(_) => self.error(
                 id,
                 ack,

@@ -151,6 +151,10 @@ pub struct Settings {
     /// How long after its token expired a connection that did not refresh
     /// it is closed.
     pub token_expiry_grace_ms: u64,
+    /// The names of the application's own events (none: no such event).
+    pub custom_events: Option<crate::access::Patterns>,
+    /// Largest `data` of an application's event, in bytes of JSON.
+    pub max_custom_event_bytes: usize,
     pub call_ring_timeout_ms: u64,
     pub max_notifications: usize,
     pub notification_ttl_ms: u64,
@@ -189,6 +193,8 @@ impl Default for Settings {
             resume_window_ms: 120_000,
             token_refresh_ahead_ms: 60_000,
             token_expiry_grace_ms: 0,
+            custom_events: None,
+            max_custom_event_bytes: 4096,
             call_ring_timeout_ms: 30_000,
             max_notifications: 100,
             notification_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -348,6 +354,20 @@ pub enum ApiOp {
     Moderate(Moderation),
     /// To the channel's owner: its members.
     Members { channel: String },
+    /// To the channel's owner, or to the user's home: an application's
+    /// own event, not kept.
+    Emit {
+        name: String,
+        to: EmitTo,
+        data: Option<Json>,
+    },
+}
+
+/// Where `POST /api/emit` sends its event.
+#[derive(Debug, Clone)]
+pub enum EmitTo {
+    Channel(String),
+    User(String),
 }
 
 /// A moderation action.
@@ -499,6 +519,11 @@ pub enum ChanCmd {
     VoiceLeave,
     VoiceUpdate(VoiceUpdate),
     VoiceParticipants,
+    /// An application's own event, to every member.
+    Custom {
+        name: String,
+        data: Option<Json>,
+    },
 }
 
 #[derive(Debug)]
@@ -1490,6 +1515,7 @@ mod owner;
 // Features: one handler per event, named after it.
 mod api;
 mod calls;
+mod custom;
 mod dm;
 mod gather;
 mod members;

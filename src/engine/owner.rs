@@ -277,6 +277,7 @@ impl<O: Outbound> Engine<O> {
             ChanCmd::History(h) => self.message_history(req, h, now, tx),
             ChanCmd::Members => self.channel_members(req, now, tx),
             ChanCmd::TypingStart => self.typing_start(req, now, tx),
+            ChanCmd::Custom { name, data } => self.custom_event(req, name, data, now, tx),
             ChanCmd::TypingStop => self.typing_stop(req, now, tx),
             ChanCmd::TypingActive => self.typing_active(req, now, tx),
             ChanCmd::Delivered { message_id } => self.message_delivered(req, message_id, now, tx),

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `POST /api/publish` | a message into a channel, sequenced and kept in history |
 //! | `POST /api/notify` | a notification to a user, delivered now or kept |
+//! | `POST /api/emit` | an application's own event to a channel or a user's devices, not kept |
 //! | `POST /api/kick` | a kick from a channel or the server |
 //! | `POST /api/ban` | a ban from a channel or the server |
 //! | `DELETE /api/ban/{userId}` | lifts a ban (`?channelId=` for a channel's) |
@@ -36,8 +37,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::{
-    check_id, home_of, owner_of, ApiCall, ApiOp, ConnId, ConnRef, GatherPart, MeshMsg, ModKind,
-    Moderation, PresenceQuery, ShardId, MAX_BAN_MS,
+    check_id, home_of, owner_of, ApiCall, ApiOp, ConnId, ConnRef, EmitTo, GatherPart, MeshMsg,
+    ModKind, Moderation, PresenceQuery, ShardId, MAX_BAN_MS,
 };
 use crate::node::Node;
 use crate::protocol::{json as json_codec, AckBody, ErrorCode, Json, MessageSend, PresenceView};
@@ -596,13 +597,14 @@ async fn handle(api: &Api, req: Request) -> Answer {
     let result = match (m, seg.as_slice()) {
         ("POST", ["api", "publish"]) => publish(api, &req.body).await,
         ("POST", ["api", "notify"]) => notify(api, &req.body).await,
+        ("POST", ["api", "emit"]) => emit(api, &req.body).await,
         ("POST", ["api", "kick"]) => kick(api, &req.body).await,
         ("POST", ["api", "ban"]) => ban(api, &req.body).await,
         ("DELETE", ["api", "ban", user]) => unban(api, user, &req.query).await,
         ("GET", ["api", "presence"]) => presence(api, &req.query).await,
         ("GET", ["api", "channels", channel, "members"]) => members(api, channel).await,
         ("GET", ["api", "stats"]) => Ok(api.stats()),
-        (_, ["api", "publish" | "notify" | "kick"]) => return not_allowed("POST"),
+        (_, ["api", "publish" | "notify" | "emit" | "kick"]) => return not_allowed("POST"),
         (_, ["api", "ban"]) => return not_allowed("POST"),
         (_, ["api", "ban", _]) => return not_allowed("DELETE"),
         (_, ["api", "presence" | "stats"]) | (_, ["api", "channels", _, "members"]) => {
@@ -715,6 +717,40 @@ async fn notify(api: &Api, body: &[u8]) -> Outcome {
         AckBody::Notifications(mut n) if !n.notifications.is_empty() => {
             Ok(serde_json::to_value(n.notifications.remove(0)).expect("plain data"))
         }
+        _ => Err((500, error_body(ErrorCode::Internal, "unexpected answer"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EmitBody {
+    /// The event's name (`game:over`, …): not one of the server's own.
+    event: String,
+    #[serde(default)]
+    channel_id: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+async fn emit(api: &Api, body: &[u8]) -> Outcome {
+    let b: EmitBody = parse(body)?;
+    let (at, to) = match (b.channel_id, b.user_id) {
+        (Some(c), None) => (owner_of(&c, shards(api)), EmitTo::Channel(c)),
+        (None, Some(u)) => (home_of(&u, shards(api)), EmitTo::User(u)),
+        _ => {
+            let why = "give `channelId` or `userId`, one of them";
+            return Err((400, error_body(ErrorCode::BadRequest, why)));
+        }
+    };
+    let op = ApiOp::Emit {
+        name: b.event,
+        to,
+        data: b.data.map(|d| Json(d.to_string())),
+    };
+    match api.call(at, op).await? {
+        AckBody::Empty(_) => Ok(json!({ "ok": true })),
         _ => Err((500, error_body(ErrorCode::Internal, "unexpected answer"))),
     }
 }

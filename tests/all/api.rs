@@ -326,3 +326,78 @@ fn bad_requests_get_json_errors_and_the_connection_is_kept_alive() {
     }
     assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
 }
+
+#[tokio::test]
+async fn the_applications_own_events_pass_through_and_are_emitted() {
+    let s = Server::start(&[
+        "--shards",
+        "2",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--api-key",
+        KEY,
+        "--custom-events",
+        "game:*,cursor:move",
+    ]);
+    let api = s.api_addr();
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    let mut bob = Peer::on(&s, "bob", 1, "").await;
+    for p in [&mut alice, &mut bob] {
+        p.ok("channel:join", json!({"channelId": "table-1"})).await;
+    }
+    // A client's event, to every member (the sender included), not kept.
+    let d = json!({"channelId": "table-1", "data": {"from": "e2", "to": "e4"}});
+    assert_eq!(alice.ok("game:move", d).await, json!({}));
+    for p in [&mut alice, &mut bob] {
+        let got = p.event("game:move").await;
+        assert_eq!(got["d"]["userId"], "alice", "{got}");
+        assert_eq!(got["d"]["channelId"], "table-1", "{got}");
+        assert_eq!(got["d"]["data"]["to"], "e4", "{got}");
+    }
+    let h = bob
+        .ok("channel:get_history", json!({"channelId": "table-1"}))
+        .await;
+    assert_eq!(h["messages"], json!([]), "ephemeral: {h}");
+    // A name the patterns do not allow.
+    let d = json!({"channelId": "table-1", "data": 1});
+    assert_eq!(bob.refused("chess:move", d).await, "unsupported");
+    // The server API: to a channel, and to a user's devices.
+    let body = json!({"event": "game:over", "channelId": "table-1", "data": {"winner": "bob"}});
+    assert_eq!(
+        ok(api, "POST", "/api/emit", Some(body)),
+        json!({"ok": true})
+    );
+    for p in [&mut alice, &mut bob] {
+        let got = p.event("game:over").await;
+        assert_eq!(got["d"]["data"]["winner"], "bob", "{got}");
+        assert!(got["d"].get("userId").is_none(), "{got}");
+    }
+    let body = json!({"event": "invite:new", "userId": "bob", "data": {"table": "table-2"}});
+    ok(api, "POST", "/api/emit", Some(body));
+    let got = bob.event("invite:new").await;
+    assert_eq!(got["d"], json!({"data": {"table": "table-2"}}));
+    // Its refusals.
+    for (body, want) in [
+        (
+            json!({"event": "message:new", "channelId": "x"}),
+            "bad_request",
+        ),
+        (json!({"event": "a b", "userId": "bob"}), "bad_request"),
+        (json!({"event": "x:y"}), "bad_request"),
+        (
+            json!({"event": "x:y", "userId": "bob", "channelId": "x"}),
+            "bad_request",
+        ),
+        (
+            json!({"event": "x:y", "userId": "bob", "data": "z".repeat(5000)}),
+            "too_large",
+        ),
+    ] {
+        let (status, _, v) = call(api, "POST", "/api/emit", Some(KEY), Some(body));
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(want)),
+            "{v}"
+        );
+    }
+}

@@ -36,6 +36,8 @@ const nodeArgs = [
   "--ping-interval-ms", "300", "--ping-timeout-ms", "400",
   // Tokens of a few seconds are warned of 2 s ahead.
   "--token-refresh-ahead-ms", "2000",
+  // The application's own events.
+  "--custom-events", "game:*",
 ];
 let node;
 
@@ -453,6 +455,22 @@ const eventTests = [
     check("and the channel goes on", (await after).content === "after", {});
   }],
 
+  ["the application's own events pass through a channel", async () => {
+    const a = await user("gus");
+    const b = await user("gil");
+    for (const s of [a, b]) await s.emitWithAck("channel:join", { channelId: "table" });
+    const got = next(b, "game:move");
+    const r = await a.emitWithAck("game:move", { channelId: "table", data: { from: "e2", to: "e4" } });
+    check("acked", r.success === true, r);
+    const m = await got;
+    check("heard as sent", m.userId === "gus" && m.channelId === "table" && m.data.to === "e4", m);
+    const no = await a.emitWithAck("chess:move", { channelId: "table", data: {} });
+    check("a name not allowed is unsupported", no.success === false && no.error.code === "unsupported", no);
+    const over = next(b, "game:over");
+    const e = await api("/api/emit", { event: "game:over", channelId: "table", data: { winner: "gil" } });
+    check("emitted by the server API", e.status === 200 && (await over).data.winner === "gil", e);
+  }],
+
   ["an expiring token: auth:expiring, auth:refresh, and the reconnection that follows an expiry", async () => {
     const a = await user("tim", {}, ["--ttl", "3"]);
     const warned = await next(a, "auth:expiring", 5000);
@@ -645,8 +663,9 @@ await run([
 
   ["a two-node cluster (default transports)", async () => {
     const redis = await startRedis();
-    const a = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
-    const b = await startNode(["--redis", redis, "--node-timeout-ms", "3000"]);
+    const clusterArgs = ["--redis", redis, "--node-timeout-ms", "3000", "--custom-events", "game:*"];
+    const a = await startNode(clusterArgs);
+    const b = await startNode(clusterArgs);
     const pa = await connect(a.url, { auth: { token: token("pia") } });
     const pb = await connect(b.url, { auth: { token: token("pat") } });
     await pa.emitWithAck("channel:join", { channelId: "global" });
@@ -664,6 +683,9 @@ await run([
     await until("both nodes' clients got 10", () => gotA.length >= 10 && gotB.length >= 10, 10000);
     check("one order on both nodes", JSON.stringify(gotA.map((m) => m.content)) === JSON.stringify(gotB.map((m) => m.content)),
       { a: gotA.map((m) => m.content), b: gotB.map((m) => m.content) });
+    const move = next(pb, "game:move");
+    const moved = await pa.emitWithAck("game:move", { channelId: "global", data: { n: 1 } });
+    check("the application's event across nodes", moved.success === true && (await move).userId === "pia", moved);
     const dm = next(pb, "dm:new");
     const ack = await pa.emitWithAck("dm:send", { toUserId: "pat", content: "across" });
     check("dm across nodes", ack.success === true && (await dm).content === "across", ack);

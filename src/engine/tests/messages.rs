@@ -163,7 +163,7 @@ fn edits_deletes_and_reactions_are_sequenced_and_recoverable() {
     let epoch = epoch_of(&sim, &ch);
     let (c, rc) = sim.connect(1, "carol", Protocol::Json);
     sim.send(c, Some(31), join_since(&ch, 1, &epoch));
-    let replayed: Vec<&str> = names(&rc.take()).into_iter().skip(1).collect();
+    let replayed: Vec<String> = names(&rc.take()).into_iter().skip(1).collect();
     assert_eq!(
         replayed,
         [

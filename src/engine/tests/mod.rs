@@ -280,8 +280,8 @@ impl Sim {
     }
 }
 
-fn names(msgs: &[ServerMessage]) -> Vec<&'static str> {
-    msgs.iter().map(|m| m.event.name()).collect()
+fn names(msgs: &[ServerMessage]) -> Vec<String> {
+    msgs.iter().map(|m| m.event.name().to_owned()).collect()
 }
 
 /// The ack of request `id`.
@@ -405,6 +405,7 @@ fn call_id(msgs: &[ServerMessage], id: u64) -> String {
 // Topics.
 mod calls;
 mod channels;
+mod custom;
 mod dm;
 mod messages;
 mod notifications;

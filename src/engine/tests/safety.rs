@@ -148,7 +148,7 @@ fn direct_messages_and_calls_need_the_user_granted() {
         )),
         "{bob:?}"
     );
-    assert!(names(&rs.take()).contains(&"dm:new"));
+    assert!(names(&rs.take()).iter().any(|n| n == "dm:new"));
 }
 
 #[test]
@@ -226,13 +226,13 @@ fn ban(user: &str, channel: Option<&str>, duration_ms: Option<u64>) -> ClientEve
     })
 }
 
-fn moderation_of(msgs: &[ServerMessage]) -> Vec<(&'static str, ModerationEvent)> {
+fn moderation_of(msgs: &[ServerMessage]) -> Vec<(String, ModerationEvent)> {
     msgs.iter()
         .filter_map(|m| match &m.event {
             ServerEvent::ModerationKicked(e)
             | ServerEvent::ModerationBanned(e)
             | ServerEvent::ModerationUserKicked(e)
-            | ServerEvent::ModerationUserBanned(e) => Some((m.event.name(), e.clone())),
+            | ServerEvent::ModerationUserBanned(e) => Some((m.event.name().to_owned(), e.clone())),
             _ => None,
         })
         .collect()
@@ -362,7 +362,7 @@ fn a_channel_ban_keeps_the_user_out_until_it_expires() {
     assert_eq!(got[0].1.until, Some(sim.now + 60_000));
     let seen = rb.take();
     assert_eq!(moderation_of(&seen)[0].0, "moderation:user_banned");
-    assert!(names(&seen).contains(&"voice:user_left"));
+    assert!(names(&seen).iter().any(|n| n == "voice:user_left"));
     // Its voice seat is gone too.
     sim.send(t, Some(2), ClientEvent::VoiceLeave);
     assert_eq!(error_code(&rt.take(), 2), ErrorCode::NotFound);
@@ -440,7 +440,7 @@ fn a_server_ban_closes_every_session_refuses_reconnects_and_tells_each_channel_o
         let got = moderation_of(&r.take());
         assert_eq!(got.len(), 1);
         assert_eq!(
-            (got[0].0, got[0].1.channel_id.as_ref()),
+            (got[0].0.as_str(), got[0].1.channel_id.as_ref()),
             ("moderation:banned", None)
         );
         assert_eq!(r.closed.get(), Some(crate::ws::close::BANNED));
@@ -803,8 +803,8 @@ fn a_client_that_keeps_hammering_is_closed_and_others_are_served() {
     // Bob, on the same shard, carries on; the flooder left the channel.
     sim.send(b, Some(1), ClientEvent::Heartbeat);
     let seen = rb.take();
-    assert!(names(&seen).contains(&"channel:member_left"));
-    assert!(names(&seen).contains(&"heartbeat:ack"));
+    assert!(names(&seen).iter().any(|n| n == "channel:member_left"));
+    assert!(names(&seen).iter().any(|n| n == "heartbeat:ack"));
 }
 
 #[test]
@@ -839,7 +839,7 @@ fn malformed_input_costs_a_token_and_a_strike() {
     assert_eq!(error_code(&got, 5), ErrorCode::Unsupported);
     // Bob, on the same shard, is served.
     sim.send_frame(b, true, br#"{"t":"heartbeat","id":1}"#);
-    assert!(names(&rb.take()).contains(&"heartbeat:ack"));
+    assert!(names(&rb.take()).iter().any(|n| n == "heartbeat:ack"));
 }
 
 #[test]
@@ -863,7 +863,7 @@ fn a_malformed_event_is_charged_to_the_bucket_it_names() {
     assert_eq!(error_code(&ra.take(), 99), ErrorCode::RateLimited);
     // Other events have buckets of their own.
     sim.send_frame(a, true, br#"{"t":"heartbeat","id":100}"#);
-    assert!(names(&ra.take()).contains(&"heartbeat:ack"));
+    assert!(names(&ra.take()).iter().any(|n| n == "heartbeat:ack"));
     // The binary protocol's malformed archives come from the default bucket.
     let mut sim = Sim::with(1, limited(&[("default", "3/60s")], 0));
     let (b, rb) = sim.connect(0, "bob", Protocol::Binary);
@@ -1086,7 +1086,7 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
     assert!(
         matches!(ack_body(&got, 10), AckBody::Notifications(n) if n.notifications[0].kind == "invoice")
     );
-    assert!(names(&ra.take()).contains(&"notification:new"));
+    assert!(names(&ra.take()).iter().any(|n| n == "notification:new"));
     let home = home_of("bob", 3);
     api(
         &mut sim,
@@ -1099,7 +1099,7 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
         },
     );
     let (_, rb) = sim.connect(1, "bob", Protocol::Json);
-    assert!(names(&rb.take()).contains(&"notification:new"));
+    assert!(names(&rb.take()).iter().any(|n| n == "notification:new"));
     // Members, from the owner.
     let got = api(
         &mut sim,

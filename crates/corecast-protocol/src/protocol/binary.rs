@@ -135,6 +135,13 @@ mod tests {
         let a = prop_oneof![
             text().prop_map(|token| E::Auth(Auth { token })),
             text().prop_map(|token| E::AuthRefresh(Auth { token })),
+            (text(), text()).prop_map(|(name, channel_id)| E::Custom(
+                format!("app:{name}"),
+                CustomSend {
+                    channel_id,
+                    data: Some(Json("{\"k\":[1,true]}".into())),
+                }
+            )),
             Just(E::Heartbeat),
             (
                 text(),

@@ -72,6 +72,31 @@ impl<'de> Deserialize<'de> for Json {
 // ---------------------------------------------------------------------------
 
 wire_type! {
+    /// An application's own event (a name the server's `custom_events`
+    /// patterns allow, e.g. `game:move`), to a channel the connection is
+    /// in; `data` is any JSON, relayed as it is.
+    pub struct CustomSend {
+        pub channel_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub data: Option<Json>,
+    }
+}
+
+wire_type! {
+    /// An application's own event as its recipients get it: from a
+    /// channel member (`channelId`, `userId`), or from the server API
+    /// (to a channel, or to a user's devices: no `userId`).
+    pub struct CustomEvent {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub channel_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub user_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub data: Option<Json>,
+    }
+}
+
+wire_type! {
     /// `auth`: the first message of a client that did not authenticate in the handshake.
     pub struct Auth { pub token: String }
 }
@@ -418,6 +443,10 @@ pub enum ClientEvent {
     ModerationBanUser(BanUser),
     /// `auth:refresh`: a new connection token before the current one expires.
     AuthRefresh(Auth),
+    /// An event name the server does not implement, to a channel: the
+    /// application's own event when `custom_events` allows the name
+    /// (answered `unsupported` otherwise).
+    Custom(String, CustomSend),
     /// An event name this engine does not implement (answered `unsupported`).
     Unsupported(String),
 }
@@ -512,13 +541,14 @@ impl ClientEvent {
             ModerationKickUser(_) => 37,
             ModerationBanUser(_) => 38,
             AuthRefresh(_) => 39,
-            Unsupported(_) => CLIENT_EVENT_NAMES.len(),
+            // Charged as any event the server does not know.
+            Custom(..) | Unsupported(_) => CLIENT_EVENT_NAMES.len(),
         }
     }
 
     pub fn name(&self) -> &str {
         match self {
-            ClientEvent::Unsupported(name) => name,
+            ClientEvent::Unsupported(name) | ClientEvent::Custom(name, _) => name,
             other => CLIENT_EVENT_NAMES[other.index()],
         }
     }
@@ -1019,6 +1049,43 @@ wire_type! {
     pub struct AuthExpiring { pub expires_at: u64 }
 }
 
+/// The names of the server's own events (an application's events take
+/// other names).
+pub const SERVER_EVENT_NAMES: [&str; 32] = [
+    "ready",
+    "ack",
+    "error",
+    "heartbeat:ack",
+    "channel:member_joined",
+    "channel:member_left",
+    "message:new",
+    "message:edited",
+    "message:deleted",
+    "message:reaction",
+    "message:delivery",
+    "message:read_receipt",
+    "dm:new",
+    "dm:sent",
+    "presence:changed",
+    "typing:user_start",
+    "typing:user_stop",
+    "voice:user_joined",
+    "voice:user_left",
+    "voice:state_update",
+    "call:incoming",
+    "call:answered",
+    "call:rejected",
+    "call:ended",
+    "call:missed",
+    "call:ice_candidate",
+    "notification:new",
+    "moderation:kicked",
+    "moderation:banned",
+    "moderation:user_kicked",
+    "moderation:user_banned",
+    "auth:expiring",
+];
+
 /// An event sent by the server.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ServerEvent {
@@ -1054,12 +1121,15 @@ pub enum ServerEvent {
     ModerationUserKicked(ModerationEvent),
     ModerationUserBanned(ModerationEvent),
     AuthExpiring(AuthExpiring),
+    /// An application's own event, named by it.
+    Custom(String, CustomEvent),
 }
 
 impl ServerEvent {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         use ServerEvent::*;
         match self {
+            Custom(name, _) => name,
             Ready(_) => "ready",
             Ack(_) => "ack",
             Error(_) => "error",

@@ -288,7 +288,21 @@ fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
             duration_ms: f.opt_u64("durationMs")?,
             reason: f.opt_string("reason")?,
         }),
-        other => E::Unsupported(other.to_owned()),
+        // Another name, to a channel: the application's own event, if the
+        // server allows the name.
+        other => match f.present("channelId") {
+            Some(_) => E::Custom(
+                other.to_owned(),
+                CustomSend {
+                    channel_id: f.string("channelId")?,
+                    data: match f.present("data") {
+                        Some(_) => Some(f.json("data")?),
+                        None => None,
+                    },
+                },
+            ),
+            None => E::Unsupported(other.to_owned()),
+        },
     })
 }
 
@@ -603,6 +617,7 @@ pub fn write_server_body(msg: &ServerMessage, out: &mut Vec<u8>) {
         | ModerationUserKicked(d)
         | ModerationUserBanned(d) => w(d, out),
         AuthExpiring(d) => w(d, out),
+        Custom(_, d) => w(d, out),
     }
 }
 
@@ -618,6 +633,7 @@ pub fn encode_client(msg: &ClientMessage, out: &mut Vec<u8>) {
         | NotificationClearAll
         | Unsupported(_) => write_envelope::<Empty>(name, id, None, out),
         Auth(d) | AuthRefresh(d) => write_envelope(name, id, Some(d), out),
+        Custom(_, d) => write_envelope(name, id, Some(d), out),
         SessionResume(d) => write_envelope(name, id, Some(d), out),
         ChannelJoin(d) => write_envelope(name, id, Some(d), out),
         ChannelLeave(d)
@@ -703,12 +719,8 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerMessage, DecodeError> {
         "moderation:user_kicked" => S::ModerationUserKicked(d(&raw)?),
         "moderation:user_banned" => S::ModerationUserBanned(d(&raw)?),
         "auth:expiring" => S::AuthExpiring(d(&raw)?),
-        other => {
-            return Err(DecodeError::new(
-                raw.id,
-                format!("unknown server event `{other}`"),
-            ))
-        }
+        // Any other name is an application's own event.
+        other => S::Custom(other.to_owned(), d(&raw)?),
     };
     Ok(ServerMessage { id: raw.id, event })
 }
@@ -865,6 +877,45 @@ mod tests {
     fn unknown_event_is_unsupported() {
         let m = decode(r#"{"t":"dance","id":1}"#).unwrap();
         assert_eq!(m.event, ClientEvent::Unsupported("dance".into()));
+    }
+
+    #[test]
+    fn an_unknown_event_to_a_channel_is_the_applications_own() {
+        let m = decode(r#"{"t":"game:move","id":1,"d":{"channelId":"g","data":{"y":2,"x":[1]}}}"#)
+            .unwrap();
+        assert_eq!(
+            m.event,
+            ClientEvent::Custom(
+                "game:move".into(),
+                CustomSend {
+                    channel_id: "g".into(),
+                    data: Some(Json(r#"{"x":[1],"y":2}"#.into())),
+                }
+            )
+        );
+        assert_eq!(m.event.name(), "game:move");
+        let bare = decode(r#"{"t":"ping:all","d":{"channelId":"g"}}"#).unwrap();
+        assert!(matches!(
+            bare.event,
+            ClientEvent::Custom(_, CustomSend { data: None, .. })
+        ));
+        assert!(decode(r#"{"t":"game:move","d":{"channelId":5}}"#).is_err());
+        // Its recipients' form reads back, under its own name.
+        let e = ServerMessage::event(ServerEvent::Custom(
+            "game:move".into(),
+            CustomEvent {
+                channel_id: Some("g".into()),
+                user_id: Some("alice".into()),
+                data: Some(Json("[1,2]".into())),
+            },
+        ));
+        let mut out = vec![];
+        encode_server(&e, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"t":"game:move","d":{"channelId":"g","userId":"alice","data":[1,2]}}"#
+        );
+        assert_eq!(decode_server(&out).unwrap(), e);
     }
 
     #[test]
