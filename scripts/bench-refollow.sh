@@ -7,7 +7,7 @@
 #   scripts/bench-refollow.sh target/release/corecast 5000 9360
 set -u
 BIN=${1:?usage: scripts/bench-refollow.sh BIN [N] [PORT]}; N=${2:-5000}; P=${3:-9360}
-U=(env CORECAST_BAN_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0 CORECAST_MAX_CONNECTIONS_PER_USER=0)
+U=(env CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0 CORECAST_MAX_CONNECTIONS_PER_USER=0)
 taskset -c 0 redis-server --port $P --bind 127.0.0.1 --save '' --appendonly no >/dev/null & R=$!
 sleep 0.3
 "${U[@]}" taskset -c 0 $BIN serve --listen 127.0.0.1:$((P+1)) --shards 1 --redis redis://127.0.0.1:$P >/dev/null 2>&1 & A=$!

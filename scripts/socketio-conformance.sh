@@ -25,7 +25,7 @@ command -v node >/dev/null || die "node is missing: install Node.js 20 with npm"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
-CORECAST_BAN_FILE= "$bin" serve --listen "127.0.0.1:$port" --socketio-conformance \
+CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= "$bin" serve --listen "127.0.0.1:$port" --socketio-conformance \
     --max-handshakes-per-ip 0 >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT

@@ -85,7 +85,7 @@ abdir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # The suite opens its ~300 connections from one address faster than the
 # default per-address handshake rate, which would refuse them with 429.
-CORECAST_BAN_FILE= target/debug/corecast serve --listen "127.0.0.1:$port" --echo-endpoint \
+CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= target/debug/corecast serve --listen "127.0.0.1:$port" --echo-endpoint \
     --max-message-size 67108864 --max-handshakes-per-ip 0 >"$abdir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$abdir"' EXIT
@@ -122,7 +122,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 api_port=$(free_port)
 key="schemathesis-key-$(date +%s%N)"
-CORECAST_BAN_FILE="$stdir/bans.jsonl" target/debug/corecast serve --listen "127.0.0.1:$port" --shards 2 \
+CORECAST_BAN_FILE="$stdir/bans.jsonl" CORECAST_HISTORY_FILE="$stdir/history.jsonl" target/debug/corecast serve --listen "127.0.0.1:$port" --shards 2 \
     --api-listen "127.0.0.1:$api_port" --api-key "$key" >"$stdir/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$stdir"' EXIT

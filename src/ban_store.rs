@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{MeshMsg, ModKind, Moderation, ShardId};
+use crate::history_store::HistoryStore;
 use crate::node::Node;
 
 /// One line of the file.
@@ -199,35 +200,65 @@ impl BanStore {
 /// Starts the ban store's thread, the mesh endpoint
 /// [`crate::mesh::store_endpoint`]; `bell` is the receiving end of its
 /// doorbell. The thread ends when the node drains.
+/// Starts the store's thread: the ban file, the history file, or both.
 pub fn spawn(
     node: Arc<Node>,
-    store: BanStore,
+    bans: Option<BanStore>,
+    history: Option<HistoryStore>,
     bell: UnixStream,
 ) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
     std::thread::Builder::new()
-        .name("corecast-bans".into())
-        .spawn(move || run(&node, store, bell))
+        .name("corecast-store".into())
+        .spawn(move || run(&node, bans, history, bell))
 }
 
-fn run(node: &Node, mut store: BanStore, mut bell: UnixStream) -> std::io::Result<()> {
+fn run(
+    node: &Node,
+    mut bans: Option<BanStore>,
+    mut history: Option<HistoryStore>,
+    mut bell: UnixStream,
+) -> std::io::Result<()> {
     use std::io::Read;
     bell.set_nonblocking(false)?;
-    // A backstop: the doorbell rings on drain too.
+    // A backstop: the doorbell rings on drain too; and the history is
+    // synced at least this often.
     bell.set_read_timeout(Some(Duration::from_millis(500)))?;
     let shards = node.mesh.shards();
     let me = crate::mesh::store_endpoint(shards);
     let mut batch: Vec<(ShardId, Box<Moderation>)> = Vec::new();
+    let mut lines: Vec<u8> = Vec::new();
+    let mut synced = std::time::Instant::now();
     loop {
         for from in 0..shards as ShardId {
             while let Some(msg) = node.mesh.pop(from, me) {
                 match msg {
                     MeshMsg::StoreBan { from, moderation } => batch.push((from, moderation)),
-                    other => tracing::debug!(?other, "the ban store ignores a message"),
+                    MeshMsg::KeepHistory(line) => lines.extend_from_slice(&line),
+                    other => tracing::debug!(?other, "the store ignores a message"),
                 }
             }
         }
+        if !lines.is_empty() {
+            // What came together is written with one write.
+            if let Some(Err(e)) = history
+                .as_mut()
+                .map(|h| h.append(&lines, crate::clock::now_ms()))
+            {
+                tracing::error!(error = %e, "cannot keep the history");
+            }
+            lines.clear();
+        }
+        if synced.elapsed() >= Duration::from_secs(1) || node.is_draining() {
+            synced = std::time::Instant::now();
+            if let Some(Err(e)) = history.as_mut().map(HistoryStore::sync) {
+                tracing::error!(error = %e, "cannot sync the history");
+            }
+        }
         if !batch.is_empty() {
-            let result = store.append_all(batch.iter().map(|(_, m)| &**m));
+            let result = match bans.as_mut() {
+                Some(store) => store.append_all(batch.iter().map(|(_, m)| &**m)),
+                None => Err("no ban file".to_owned()),
+            };
             if let Err(e) = &result {
                 tracing::error!(error = %e, bans = batch.len(), "cannot store bans");
             }

@@ -121,6 +121,9 @@ pub struct Config {
     /// Where bans are kept across restarts (JSON lines; empty: in memory
     /// only).
     pub ban_file: String,
+    /// Where a single node keeps its channels' history across restarts
+    /// (JSON lines; empty: in memory only). Not used in a cluster.
+    pub history_file: String,
     /// Rate limits per user and event, over the defaults: event name (or
     /// `default` for events without their own, or `*` for all) to
     /// `COUNT/DURATION` (`30/60s`, `5/500ms`) or `off`. `*` applies first.
@@ -222,6 +225,7 @@ impl Default for Config {
             livekit: None,
             log_format: "text".into(),
             ban_file: "corecast-bans.jsonl".into(),
+            history_file: "corecast-history.jsonl".into(),
             rate_limits: Default::default(),
             rate_limit_strikes: e.rate_limit_strikes,
             // About 1.5 GB of state at the measured 400-500 B per idle
@@ -398,6 +402,10 @@ pub struct ConfigArgs {
     /// [default: corecast-bans.jsonl].
     #[arg(long, env = "CORECAST_BAN_FILE")]
     pub ban_file: Option<String>,
+    /// Where a single node keeps its channels' history across restarts;
+    /// '' keeps it in memory only [default: corecast-history.jsonl].
+    #[arg(long, env = "CORECAST_HISTORY_FILE")]
+    pub history_file: Option<String>,
     /// A rate limit, EVENT=COUNT/DURATION or EVENT=off (EVENT may be
     /// `default` or `*`); repeat or separate with commas.
     #[arg(
@@ -513,6 +521,7 @@ impl ConfigArgs {
             max_notifications_per_sender,
             log_format,
             ban_file,
+            history_file,
             rate_limit_strikes,
             max_connections_per_shard,
             max_handshakes_per_ip,

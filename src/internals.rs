@@ -19,6 +19,8 @@ pub mod cluster;
 pub mod doctor;
 #[path = "engine/mod.rs"]
 pub mod engine;
+#[path = "history_store.rs"]
+pub mod history_store;
 #[path = "http/mod.rs"]
 pub mod http;
 #[path = "livekit.rs"]

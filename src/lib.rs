@@ -29,7 +29,9 @@
 //! - `logs`: log lines that could repeat without end, throttled.
 //! - `node`: what the shards of one process share (config, metrics, mesh).
 //! - `ban_store`: the ban file of a single node, written on a thread of its
-//!   own (a mesh endpoint).
+//!   own (a mesh endpoint), which also writes the history file.
+//! - `history_store`: the history file of a single node (channel events
+//!   that survive a restart).
 //! - `cluster`: the bridge to Redis, its decisions sans-IO in `core`.
 //! - `doctor`: what a host lacks for a connection target.
 //! - `http`: plain HTTP on the client port (health, readiness, metrics)
@@ -54,6 +56,6 @@ pub mod internals;
 
 // Inside the crate they keep their short paths (`crate::engine`, ...).
 use internals::{
-    access, admission, ban_store, clock, cluster, doctor, engine, http, livekit, logs, mesh,
-    metrics, node, shard, signal,
+    access, admission, ban_store, clock, cluster, doctor, engine, history_store, http, livekit,
+    logs, mesh, metrics, node, shard, signal,
 };

@@ -22,6 +22,12 @@ pub struct Node {
     pub ban_store: Option<crate::engine::ShardId>,
     /// The bans in force at start-up, for each shard's table.
     pub initial_bans: Vec<Moderation>,
+    /// The mesh endpoint that keeps the history on disk (none: in memory
+    /// only, or in a cluster's Redis).
+    pub history_store: Option<crate::engine::ShardId>,
+    /// The history read at start-up, by owner shard; each shard takes its
+    /// part when it starts.
+    pub initial_history: std::sync::Mutex<Vec<Vec<crate::engine::history::Record>>>,
     /// Per-IP and per-shard connection limits.
     pub admission: Admission,
     pub trusted_proxies: Vec<Net>,
@@ -113,6 +119,8 @@ impl Node {
             verifier,
             ban_store: None,
             initial_bans: Vec::new(),
+            history_store: None,
+            initial_history: Default::default(),
             admission,
             trusted_proxies,
             forwarded_warned: Default::default(),

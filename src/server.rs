@@ -115,6 +115,24 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .map_err(StartError::Io)?;
         (Some(store), bans)
     };
+    // A single node keeps its channels' history in a file of its own.
+    let (history_store, initial_history) =
+        if config.cluster_mode() || config.history_file.is_empty() {
+            (None, Vec::new())
+        } else {
+            let keep = crate::history_store::Keep {
+                events: config.history_size,
+                ttl_ms: config.history_ttl_ms,
+            };
+            let path = std::path::Path::new(&config.history_file);
+            let (store, records) =
+                crate::history_store::HistoryStore::open(path, keep, crate::clock::now_ms())
+                    .map_err(StartError::Io)?;
+            if !records.is_empty() {
+                tracing::info!(file = %path.display(), events = records.len(), "history loaded");
+            }
+            (Some(store), records)
+        };
     // Extra endpoints: the server API's thread, the cluster's bridge, the
     // ban store (numbered by `crate::mesh`).
     let (mesh, bells) = Mesh::new(
@@ -150,6 +168,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .is_some()
         .then(|| crate::mesh::store_endpoint(shards));
     node.initial_bans = initial_bans;
+    node.history_store = history_store
+        .is_some()
+        .then(|| crate::mesh::store_endpoint(shards));
+    let mut parts: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    for r in initial_history {
+        let owner = crate::engine::owner_of(&r.channel, shards as u16);
+        parts[owner as usize].push(r);
+    }
+    node.initial_history = std::sync::Mutex::new(parts);
     if node.config.cluster_mode() {
         let id = crate::clock::random_u64();
         node.cluster = Some((id, Arc::default()));
@@ -161,9 +188,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let bridge_bell = bells.next().expect("the mesh has the bridge's endpoint");
     let store_bell = bells.next().expect("the mesh has the ban store's endpoint");
     let mut threads = Vec::with_capacity(shards + 2);
-    if let Some(store) = ban_store {
-        let t = crate::ban_store::spawn(node.clone(), store, store_bell)
-            .map_err(|e| StartError::Io(format!("cannot start the ban store's thread: {e}")))?;
+    if ban_store.is_some() || history_store.is_some() {
+        let t = crate::ban_store::spawn(node.clone(), ban_store, history_store, store_bell)
+            .map_err(|e| StartError::Io(format!("cannot start the store's thread: {e}")))?;
         threads.push(t);
     }
     if node.cluster.is_some() {

@@ -308,6 +308,9 @@ pub enum MeshMsg {
         from: ShardId,
         moderation: Box<Moderation>,
     },
+    /// From an owner shard to the store: a sequenced event's line for
+    /// the history file (see `history`).
+    KeepHistory(Box<Vec<u8>>),
     /// From the ban store: the ban is on disk (`error`: it is not, and
     /// must not take effect).
     BanStored {
@@ -899,6 +902,8 @@ pub struct Engine<O> {
     cluster: Option<cluster::ClusterLink>,
     /// What this shard queued to Socket.IO members, for their recovery.
     sent: recovery::SentLog,
+    /// The mesh endpoint that keeps the history on disk (single node).
+    history_store: Option<ShardId>,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -937,6 +942,7 @@ impl<O: Outbound> Engine<O> {
             rng: seed | 1,
             cluster: None,
             sent: Default::default(),
+            history_store: None,
             instance: 0,
             counter: 0,
         };
@@ -1438,6 +1444,9 @@ impl<O: Outbound> Engine<O> {
                     "a shard ignores a message meant for the ban store"
                 )
             }
+            MeshMsg::KeepHistory(_) => {
+                tracing::debug!("a shard ignores a message meant for the history store")
+            }
             MeshMsg::Adopt(_) => {
                 tracing::debug!("the engine drops a socket meant for the shell (it closes)")
             }
@@ -1518,6 +1527,7 @@ mod calls;
 mod custom;
 mod dm;
 mod gather;
+pub mod history;
 mod members;
 mod messages;
 mod moderation;

@@ -192,6 +192,17 @@ impl Shard {
             verifier.verifier.identify(token).map_err(|e| e.0)
         }));
         engine.load_bans(node.initial_bans.iter().cloned(), now_ms());
+        let history = node
+            .initial_history
+            .lock()
+            .ok()
+            .and_then(|mut parts| parts.get_mut(id).map(std::mem::take))
+            .unwrap_or_default();
+        engine.load_history(&history, now_ms());
+        drop(history);
+        if let Some(store) = node.history_store {
+            engine.set_history_store(store);
+        }
         if let Some(store) = node.ban_store {
             engine.set_ban_store(store);
         }

@@ -12,6 +12,7 @@ mod channels;
 mod chat;
 mod cluster;
 mod cluster_faults;
+mod history;
 mod hygiene;
 mod safety;
 mod tokens;

@@ -24,7 +24,7 @@ function start() {
   const child = spawn(bin, [
     "serve", "--listen", "127.0.0.1:0", "--shards", "2", "--auth-secret", secret,
     "--max-connections-per-user", "1", "--api-listen", "127.0.0.1:0", "--api-key", key,
-  ], { env: { ...process.env, CORECAST_BAN_FILE: "" }, stdio: ["ignore", "ignore", "pipe"] });
+  ], { env: { ...process.env, CORECAST_BAN_FILE: "", CORECAST_HISTORY_FILE: "" }, stdio: ["ignore", "ignore", "pipe"] });
   return new Promise((resolve, reject) => {
     let log = "";
     let addr, api;

@@ -78,7 +78,7 @@ export async function startNode(args = []) {
       "serve", "--listen", "127.0.0.1:0", "--shards", "2", "--auth-secret", secret,
       "--api-listen", "127.0.0.1:0", "--api-key", apiKey, ...args,
     ],
-    { env: { ...process.env, CORECAST_BAN_FILE: "" }, stdio: ["ignore", "ignore", "pipe"] },
+    { env: { ...process.env, CORECAST_BAN_FILE: "", CORECAST_HISTORY_FILE: "" }, stdio: ["ignore", "ignore", "pipe"] },
   );
   children.push(child);
   const { addr, api } = await waitForLog(

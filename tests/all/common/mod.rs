@@ -79,6 +79,7 @@ impl Server {
             .env("CORECAST_LOG", "info,corecast=debug")
             // Tests that keep bans say where; tests of rate limits set them.
             .env("CORECAST_BAN_FILE", "")
+            .env("CORECAST_HISTORY_FILE", "")
             .env("CORECAST_RATE_LIMITS", "*=off")
             // Tests open connections from 127.0.0.1 by the hundred.
             .env("CORECAST_MAX_HANDSHAKES_PER_IP", "0")

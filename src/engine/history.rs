@@ -1,0 +1,129 @@
+//! History that survives a restart of a single node: the owner shard sends
+//! each sequenced event of a channel it sequences itself to the node's
+//! store (`MeshMsg::KeepHistory`, written by `crate::history_store`), and
+//! loads what the store kept when the node starts. In a cluster, Redis
+//! keeps the history and nothing is sent.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// One line of the history file: a sequenced event of a channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Line {
+    /// The channel.
+    pub c: String,
+    /// Its epoch.
+    pub e: String,
+    /// The event's offset.
+    pub o: u64,
+    /// When it was sequenced (ms).
+    pub at: u64,
+    /// The event, as the native protocol sends it.
+    pub m: Box<serde_json::value::RawValue>,
+}
+
+impl Line {
+    /// The event it holds (`None`: not one this server reads).
+    pub fn record(self) -> Option<Record> {
+        let msg = json::decode_server(self.m.get().as_bytes()).ok()?;
+        Some(Record {
+            channel: self.c,
+            epoch: self.e,
+            offset: self.o,
+            at: self.at,
+            msg,
+        })
+    }
+}
+
+/// A sequenced event read back from the history file.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub channel: String,
+    pub epoch: String,
+    pub offset: u64,
+    pub at: u64,
+    pub msg: ServerMessage,
+}
+
+/// The line of a sequenced event, newline included.
+pub fn line(channel: &str, epoch: &str, offset: u64, at: u64, msg: &ServerMessage) -> Vec<u8> {
+    let mut m = Vec::with_capacity(256);
+    json::encode_server(msg, &mut m);
+    let m = serde_json::value::RawValue::from_string(String::from_utf8(m).expect("JSON is UTF-8"))
+        .expect("the encoder writes JSON");
+    let l = Line {
+        c: channel.to_owned(),
+        e: epoch.to_owned(),
+        o: offset,
+        at,
+        m,
+    };
+    let mut out = serde_json::to_vec(&l).expect("plain data serializes");
+    out.push(b'\n');
+    out
+}
+
+impl<O: Outbound> Engine<O> {
+    /// Where sequenced events are kept (the store's mesh endpoint).
+    pub fn set_history_store(&mut self, store: ShardId) {
+        self.history_store = Some(store);
+    }
+
+    /// Sends a sequenced event of a channel this shard sequenced to the
+    /// store.
+    pub(super) fn keep_history(
+        &mut self,
+        channel: &str,
+        offset: u64,
+        msg: &ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        let (Some(store), Some(o)) = (self.history_store, self.owned.get(channel)) else {
+            return;
+        };
+        let l = line(channel, &o.epoch, offset, now, msg);
+        tx.send(store, MeshMsg::KeepHistory(Box::new(l)));
+    }
+
+    /// Restores the channels this shard owns from what the store kept
+    /// (oldest first): their epochs, offsets, messages and the events
+    /// recovery replays. Each leaves when its history runs out, as any
+    /// channel without members.
+    pub fn load_history<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>, now: u64) {
+        let shards = self.shards;
+        for r in records {
+            if owner_of(&r.channel, shards) != self.shard {
+                continue;
+            }
+            let channel: Arc<str> = r.channel.as_str().into();
+            let s = &self.s;
+            let o = self
+                .owned
+                .entry(channel)
+                .or_insert_with(|| Owned::new(r.epoch.as_str().into(), shards as usize));
+            if *o.epoch != *r.epoch {
+                *o = Owned::new(r.epoch.as_str().into(), shards as usize);
+            }
+            o.offset = o.offset.max(r.offset);
+            o.apply(&r.msg, r.at, s);
+            o.log(r.offset, r.at, r.msg.clone(), &Frames::default(), s);
+        }
+        let s = &self.s;
+        let mut gc = Vec::new();
+        for (channel, o) in self.owned.iter_mut() {
+            o.trim(now, s);
+            if let Some(at) = o.history_expires(s) {
+                gc.push((channel.clone(), at));
+            }
+        }
+        for (channel, at) in gc {
+            self.timers.at(at + 1, Timer::ChannelGc { channel });
+        }
+        self.metrics.channels.set(self.owned.len() as u64);
+    }
+}

@@ -1,0 +1,209 @@
+//! The history of a single node, kept on disk so that it survives a
+//! restart: one JSON line per sequenced channel event (a message, an edit,
+//! a deletion, a reaction), appended by the store's thread (the ban store's,
+//! an endpoint of the mesh) as owner shards send them, and read back when
+//! the node starts, so channels keep their epochs, offsets, messages and
+//! what recovery by offset replays. In a cluster, Redis holds all this and
+//! the file is not used.
+//!
+//! Lines are written in batches (one `write` for what came together) and
+//! synced once a second: a kill loses nothing that was written, a power cut
+//! at most the last second. The file is compacted when the node starts,
+//! and again each time it doubles: per channel, the last `history_size`
+//! events of its last epoch that are younger than `history_ttl_ms`.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::engine::history::{Line, Record};
+
+/// What compaction keeps of a channel: `history_size` events of its last
+/// epoch, younger than `history_ttl_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    pub events: usize,
+    pub ttl_ms: u64,
+}
+
+pub struct HistoryStore {
+    path: PathBuf,
+    file: File,
+    keep: Keep,
+    /// Bytes in the file, and after the last compaction.
+    len: u64,
+    compacted_len: u64,
+    unsynced: bool,
+}
+
+impl HistoryStore {
+    /// Opens (or creates) the file, compacts it, and returns what it keeps.
+    pub fn open(path: &Path, keep: Keep, now: u64) -> Result<(HistoryStore, Vec<Record>), String> {
+        let what = |e: std::io::Error| format!("history file {}: {e}", path.display());
+        let kept = compact(path, keep, now).map_err(what)?;
+        let file = OpenOptions::new().append(true).open(path).map_err(what)?;
+        let len = file.metadata().map_err(what)?.len();
+        let records = kept.into_iter().filter_map(Line::record).collect();
+        let store = HistoryStore {
+            path: path.to_path_buf(),
+            file,
+            keep,
+            len,
+            compacted_len: len,
+            unsynced: false,
+        };
+        Ok((store, records))
+    }
+
+    /// Appends lines (each ending in a newline) with one write.
+    pub fn append(&mut self, lines: &[u8], now: u64) -> Result<(), String> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let what = |e: std::io::Error| format!("history file {}: {e}", self.path.display());
+        self.file.write_all(lines).map_err(what)?;
+        self.len += lines.len() as u64;
+        self.unsynced = true;
+        // Doubled since the last compaction (and past a floor): compact.
+        if self.len > (2 * self.compacted_len).max(8 << 20) {
+            compact(&self.path, self.keep, now).map_err(what)?;
+            self.file = OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .map_err(what)?;
+            self.len = self.file.metadata().map_err(what)?.len();
+            self.compacted_len = self.len;
+        }
+        Ok(())
+    }
+
+    /// Syncs what was written since the last sync.
+    pub fn sync(&mut self) -> Result<(), String> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.unsynced = false;
+        self.file
+            .sync_data()
+            .map_err(|e| format!("history file {}: {e}", self.path.display()))
+    }
+}
+
+/// Rewrites the file with what it keeps (through a temporary file and a
+/// rename), and returns that, oldest first. An incomplete last line (a
+/// write cut by a kill) is dropped; other unreadable lines too, with a
+/// warning.
+fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<Line>> {
+    let mut by_channel: HashMap<String, std::collections::VecDeque<Line>> = HashMap::new();
+    let mut bad = 0usize;
+    match File::open(path) {
+        Ok(f) => {
+            for text in BufReader::new(f).lines() {
+                let text = text?;
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let Ok(l) = serde_json::from_str::<Line>(&text) else {
+                    bad += 1;
+                    continue;
+                };
+                let q = by_channel.entry(l.c.clone()).or_default();
+                // A new epoch starts the channel over.
+                if q.back().is_some_and(|last| last.e != l.e) {
+                    q.clear();
+                }
+                q.push_back(l);
+                if q.len() > keep.events {
+                    q.pop_front();
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if bad > 0 {
+        tracing::warn!(file = %path.display(), lines = bad, "history: skipped unreadable lines");
+    }
+    let mut kept: Vec<Line> = by_channel
+        .into_values()
+        .flatten()
+        .filter(|l| now.saturating_sub(l.at) <= keep.ttl_ms)
+        .collect();
+    kept.sort_by_key(|l| l.at);
+    let tmp = path.with_extension("tmp");
+    {
+        let mut w = BufWriter::new(File::create(&tmp)?);
+        for l in &kept {
+            serde_json::to_writer(&mut w, l)?;
+            w.write_all(b"\n")?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::history::line;
+    use crate::protocol::{MessageNew, ServerEvent, ServerMessage};
+
+    fn msg(channel: &str, epoch: &str, offset: u64, content: &str) -> ServerMessage {
+        ServerMessage::event(ServerEvent::MessageNew(MessageNew {
+            message_id: format!("{epoch}-{offset}"),
+            channel_id: channel.into(),
+            user_id: "u".into(),
+            content: content.into(),
+            reply_to: None,
+            thread_id: None,
+            mentions: vec![],
+            nonce: None,
+            offset,
+            timestamp: 1,
+        }))
+    }
+
+    fn contents(r: &[Record]) -> Vec<(String, u64)> {
+        r.iter().map(|r| (r.channel.clone(), r.offset)).collect()
+    }
+
+    #[test]
+    fn what_is_appended_comes_back_compacted() {
+        let dir = std::env::temp_dir().join(format!("cc-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let keep = Keep {
+            events: 2,
+            ttl_ms: 1_000,
+        };
+        let (mut s, none) = HistoryStore::open(&path, keep, 10_000).unwrap();
+        assert!(none.is_empty());
+        let mut batch = Vec::new();
+        for (c, e, o, at) in [
+            ("a", "e1", 1, 9_000),
+            ("a", "e1", 2, 9_500),
+            ("a", "e1", 3, 9_600),
+            ("b", "x1", 1, 9_700),
+            ("b", "x2", 1, 9_800),
+            ("old", "o", 1, 100),
+        ] {
+            batch.extend(line(c, e, o, at, &msg(c, e, o, "hi")));
+        }
+        s.append(&batch, 10_000).unwrap();
+        // A write cut short by a kill.
+        s.append(br#"{"c":"a","e":"e1","o":4"#, 10_000).unwrap();
+        drop(s);
+        let (_, back) = HistoryStore::open(&path, keep, 10_000).unwrap();
+        // a: the last two; b: its last epoch only; old: expired.
+        let mut got = contents(&back);
+        got.sort();
+        assert_eq!(got, [("a".into(), 2), ("a".into(), 3), ("b".into(), 1)]);
+        let b = back.iter().find(|r| r.channel == "b").unwrap();
+        assert_eq!(b.epoch, "x2");
+        assert_eq!(b.msg, msg("b", "x2", 1, "hi"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
