@@ -228,6 +228,8 @@ fn run(
     let mut batch: Vec<(ShardId, Box<Moderation>)> = Vec::new();
     let mut lines: Vec<u8> = Vec::new();
     let mut synced = std::time::Instant::now();
+    // When history last came (long ago: the thread parks).
+    let mut busy = synced - Duration::from_secs(1);
     loop {
         for from in 0..shards as ShardId {
             while let Some(msg) = node.mesh.pop(from, me) {
@@ -239,6 +241,7 @@ fn run(
             }
         }
         if !lines.is_empty() {
+            busy = std::time::Instant::now();
             // What came together is written with one write.
             if let Some(Err(e)) = history
                 .as_mut()
@@ -270,6 +273,13 @@ fn run(
         }
         if node.is_draining() {
             return Ok(());
+        }
+        if busy.elapsed() < Duration::from_millis(100) {
+            // Events keep coming: look again in a moment rather than park,
+            // so that no shard rings the doorbell (a system call on each
+            // side) for each one; what comes meanwhile is written together.
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
         }
         if !node.mesh.park(me) {
             continue;

@@ -9,8 +9,9 @@
 //! Lines are written in batches (one `write` for what came together) and
 //! synced once a second: a kill loses nothing that was written, a power cut
 //! at most the last second. The file is compacted when the node starts,
-//! and again each time it doubles: per channel, the last `history_size`
-//! events of its last epoch that are younger than `history_ttl_ms`.
+//! and again each time it grows past four times what it kept (64 MiB at
+//! least): per channel, the last `history_size` events of its last epoch
+//! that are younger than `history_ttl_ms`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -44,7 +45,10 @@ impl HistoryStore {
         let kept = compact(path, keep, now).map_err(what)?;
         let file = OpenOptions::new().append(true).open(path).map_err(what)?;
         let len = file.metadata().map_err(what)?.len();
-        let records = kept.into_iter().filter_map(Line::record).collect();
+        let records = kept
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Line>(l).ok()?.record())
+            .collect();
         let store = HistoryStore {
             path: path.to_path_buf(),
             file,
@@ -65,8 +69,9 @@ impl HistoryStore {
         self.file.write_all(lines).map_err(what)?;
         self.len += lines.len() as u64;
         self.unsynced = true;
-        // Doubled since the last compaction (and past a floor): compact.
-        if self.len > (2 * self.compacted_len).max(8 << 20) {
+        // Four times what the last compaction kept (and past a floor):
+        // compact. Each line appended is read about once by compaction.
+        if self.len > (4 * self.compacted_len).max(64 << 20) {
             compact(&self.path, self.keep, now).map_err(what)?;
             self.file = OpenOptions::new()
                 .append(true)
@@ -94,8 +99,46 @@ impl HistoryStore {
 /// rename), and returns that, oldest first. An incomplete last line (a
 /// write cut by a kill) is dropped; other unreadable lines too, with a
 /// warning.
-fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<Line>> {
-    let mut by_channel: HashMap<String, std::collections::VecDeque<Line>> = HashMap::new();
+fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<String>> {
+    /// What compaction reads of a line: the event itself is skipped.
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        c: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        e: std::borrow::Cow<'a, str>,
+        at: u64,
+    }
+    struct Kept {
+        epoch: String,
+        lines: std::collections::VecDeque<(u64, String)>,
+    }
+    // Lines as `line` writes them are read by hand, up to `at`: the event
+    // itself is not parsed. Others go through serde.
+    fn head(text: &str) -> Option<(std::borrow::Cow<'_, str>, &str, u64)> {
+        let rest = text.strip_prefix(r#"{"c":""#)?;
+        let b = rest.as_bytes();
+        let mut i = 0;
+        let mut escaped = false;
+        while i < b.len() && b[i] != b'"' {
+            if b[i] == b'\\' {
+                escaped = true;
+                i += 1;
+            }
+            i += 1;
+        }
+        let channel = match escaped {
+            false => std::borrow::Cow::Borrowed(rest.get(..i)?),
+            true => std::borrow::Cow::Owned(serde_json::from_str(&text[5..5 + i + 2]).ok()?),
+        };
+        let rest = rest.get(i..)?.strip_prefix(r#"","e":""#)?;
+        let (epoch, rest) = rest.split_once('"')?;
+        let rest = rest.strip_prefix(r#","o":"#)?;
+        let (_, rest) = rest.split_once(r#","at":"#)?;
+        let (at, _) = rest.split_once(',')?;
+        Some((channel, epoch, at.parse().ok()?))
+    }
+    let mut by_channel: HashMap<String, Kept> = HashMap::new();
     let mut bad = 0usize;
     match File::open(path) {
         Ok(f) => {
@@ -104,18 +147,28 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<Line>> {
                 if text.trim().is_empty() {
                     continue;
                 }
-                let Ok(l) = serde_json::from_str::<Line>(&text) else {
-                    bad += 1;
-                    continue;
+                let (channel, epoch, at) = match head(&text) {
+                    Some((c, e, at)) => (c.into_owned(), e.to_owned(), at),
+                    None => match serde_json::from_str::<Head>(&text) {
+                        Ok(h) => (h.c.into_owned(), h.e.into_owned(), h.at),
+                        Err(_) => {
+                            bad += 1;
+                            continue;
+                        }
+                    },
                 };
-                let q = by_channel.entry(l.c.clone()).or_default();
+                let k = by_channel.entry(channel).or_insert_with(|| Kept {
+                    epoch: epoch.clone(),
+                    lines: Default::default(),
+                });
                 // A new epoch starts the channel over.
-                if q.back().is_some_and(|last| last.e != l.e) {
-                    q.clear();
+                if k.epoch != epoch {
+                    k.epoch = epoch;
+                    k.lines.clear();
                 }
-                q.push_back(l);
-                if q.len() > keep.events {
-                    q.pop_front();
+                k.lines.push_back((at, text));
+                if k.lines.len() > keep.events {
+                    k.lines.pop_front();
                 }
             }
         }
@@ -125,23 +178,23 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<Line>> {
     if bad > 0 {
         tracing::warn!(file = %path.display(), lines = bad, "history: skipped unreadable lines");
     }
-    let mut kept: Vec<Line> = by_channel
+    let mut kept: Vec<(u64, String)> = by_channel
         .into_values()
-        .flatten()
-        .filter(|l| now.saturating_sub(l.at) <= keep.ttl_ms)
+        .flat_map(|k| k.lines)
+        .filter(|(at, _)| now.saturating_sub(*at) <= keep.ttl_ms)
         .collect();
-    kept.sort_by_key(|l| l.at);
+    kept.sort_by_key(|(at, _)| *at);
     let tmp = path.with_extension("tmp");
     {
         let mut w = BufWriter::new(File::create(&tmp)?);
-        for l in &kept {
-            serde_json::to_writer(&mut w, l)?;
+        for (_, l) in &kept {
+            w.write_all(l.as_bytes())?;
             w.write_all(b"\n")?;
         }
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    Ok(kept)
+    Ok(kept.into_iter().map(|(_, l)| l).collect())
 }
 
 #[cfg(test)]
@@ -189,8 +242,9 @@ mod tests {
             ("b", "x1", 1, 9_700),
             ("b", "x2", 1, 9_800),
             ("old", "o", 1, 100),
+            ("q\"x\\", "e", 7, 9_900),
         ] {
-            batch.extend(line(c, e, o, at, &msg(c, e, o, "hi")));
+            batch.extend(line(c, e, o, at, &msg(c, e, o, "hi"), None));
         }
         s.append(&batch, 10_000).unwrap();
         // A write cut short by a kill.
@@ -200,8 +254,15 @@ mod tests {
         // a: the last two; b: its last epoch only; old: expired.
         let mut got = contents(&back);
         got.sort();
-        assert_eq!(got, [("a".into(), 2), ("a".into(), 3), ("b".into(), 1)]);
+        let want: Vec<(String, u64)> = vec![
+            ("a".into(), 2),
+            ("a".into(), 3),
+            ("b".into(), 1),
+            ("q\"x\\".into(), 7),
+        ];
+        assert_eq!(got, want);
         let b = back.iter().find(|r| r.channel == "b").unwrap();
+        assert_eq!(b.at, 9_800);
         assert_eq!(b.epoch, "x2");
         assert_eq!(b.msg, msg("b", "x2", 1, "hi"));
         let _ = std::fs::remove_dir_all(&dir);

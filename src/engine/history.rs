@@ -49,21 +49,33 @@ pub struct Record {
     pub msg: ServerMessage,
 }
 
-/// The line of a sequenced event, newline included.
-pub fn line(channel: &str, epoch: &str, offset: u64, at: u64, msg: &ServerMessage) -> Vec<u8> {
-    let mut m = Vec::with_capacity(256);
-    json::encode_server(msg, &mut m);
-    let m = serde_json::value::RawValue::from_string(String::from_utf8(m).expect("JSON is UTF-8"))
-        .expect("the encoder writes JSON");
-    let l = Line {
-        c: channel.to_owned(),
-        e: epoch.to_owned(),
-        o: offset,
-        at,
-        m,
-    };
-    let mut out = serde_json::to_vec(&l).expect("plain data serializes");
-    out.push(b'\n');
+/// The line of a sequenced event, newline included. `json` is the event's
+/// native JSON (the payload of its `corecast.json` frame), when it was
+/// encoded already.
+pub fn line(
+    channel: &str,
+    epoch: &str,
+    offset: u64,
+    at: u64,
+    msg: &ServerMessage,
+    json_frame: Option<&[u8]>,
+) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(64 + channel.len() + json_frame.map_or(256, <[u8]>::len));
+    out.extend_from_slice(b"{\"c\":");
+    serde_json::to_writer(&mut out, channel).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(b",\"e\":");
+    serde_json::to_writer(&mut out, epoch).expect("writing to a Vec cannot fail");
+    write!(out, ",\"o\":{offset},\"at\":{at},\"m\":").expect("writing to a Vec cannot fail");
+    let payload = json_frame.and_then(|f| {
+        let h = crate::ws::frame::parse_header(f).ok()??;
+        f.get(h.header_len..)
+    });
+    match payload {
+        Some(p) => out.extend_from_slice(p),
+        None => json::encode_server(msg, &mut out),
+    }
+    out.extend_from_slice(b"}\n");
     out
 }
 
@@ -80,13 +92,14 @@ impl<O: Outbound> Engine<O> {
         channel: &str,
         offset: u64,
         msg: &ServerMessage,
+        json_frame: Option<&[u8]>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
         let (Some(store), Some(o)) = (self.history_store, self.owned.get(channel)) else {
             return;
         };
-        let l = line(channel, &o.epoch, offset, now, msg);
+        let l = line(channel, &o.epoch, offset, now, msg, json_frame);
         tx.send(store, MeshMsg::KeepHistory(Box::new(l)));
     }
 

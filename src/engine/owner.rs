@@ -152,7 +152,8 @@ impl<O: Outbound> Engine<O> {
             }
         }
         let frames = self.fan_out_local(channel, &msg, offset, None, now, tx);
-        self.keep_history(channel, offset, &msg, now, tx);
+        let json = frames.as_ref().and_then(|f| f.json.clone());
+        self.keep_history(channel, offset, &msg, json.as_deref(), now, tx);
         let s = &self.s;
         if let (Some(o), Some(frames)) = (self.owned.get_mut(channel), frames) {
             o.apply(&msg, now, s);
