@@ -104,7 +104,8 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let max = self.s.max_custom_event_bytes;
+        // The backend's events are bounded as its notifications are.
+        let max = super::api::MAX_NOTIFICATION_DATA;
         let checked = check_custom_name(&name)
             .map_err(|e| (ErrorCode::BadRequest, e))
             .and_then(|_| match &data {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use corecast_protocol::protocol::socketio;
+use crate::protocol::socketio;
 
 use super::*;
 
@@ -95,7 +95,11 @@ impl<O: Outbound> Engine<O> {
                 let recovery = match recovery {
                     // Socket.IO's recovery is of the whole session or none.
                     Some(r) if joins.len() < kept => return self.not_recovered(id, *r),
-                    r => r,
+                    Some(mut r) => {
+                        r.expected = joins.len();
+                        Some(r)
+                    }
+                    None => None,
                 };
                 // The connection takes over the session.
                 if let Some(conn) = self.conn_mut(id) {

@@ -184,6 +184,8 @@ pub struct Recovery {
     pub last: Option<String>,
     /// The `ready` of a new session, sent when recovery fails.
     pub fresh: Ready,
+    /// Channels rejoining (each must come back recovered).
+    pub expected: usize,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -245,7 +247,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        if channels.iter().all(|c| c.recovered) {
+        if channels.len() == recovery.expected && channels.iter().all(|c| c.recovered) {
             self.metrics.socketio_recovered.inc();
             let mut ready = recovery.fresh;
             ready.session_id = session.to_string();

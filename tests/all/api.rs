@@ -389,7 +389,7 @@ async fn the_applications_own_events_pass_through_and_are_emitted() {
             "bad_request",
         ),
         (
-            json!({"event": "x:y", "userId": "bob", "data": "z".repeat(5000)}),
+            json!({"event": "x:y", "userId": "bob", "data": "z".repeat(40_000)}),
             "too_large",
         ),
     ] {

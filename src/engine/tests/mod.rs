@@ -48,9 +48,20 @@ impl Outbound for Recorder {
 
 impl Recorder {
     fn take(&self) -> Vec<ServerMessage> {
-        self.frames
-            .borrow_mut()
-            .drain(..)
+        // A queued buffer may hold more than one frame (Socket.IO's
+        // CONNECT answer and `ready`).
+        let mut frames = Vec::new();
+        for f in self.frames.borrow_mut().drain(..) {
+            let mut at = 0;
+            while at < f.len() {
+                let h = crate::ws::frame::parse_header(&f[at..]).unwrap().unwrap();
+                let end = at + h.header_len + h.payload_len as usize;
+                frames.push(f.slice(at..end));
+                at = end;
+            }
+        }
+        frames
+            .into_iter()
             .filter_map(|f| {
                 let h = crate::ws::frame::parse_header(&f).unwrap().unwrap();
                 let payload = &f[h.header_len..];
@@ -413,6 +424,7 @@ mod presence;
 mod receipts;
 mod recovery;
 mod sessions;
+mod socketio_recovery;
 mod tokens;
 mod typing;
 mod voice;
