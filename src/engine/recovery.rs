@@ -199,32 +199,12 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
-            return;
+        let lookup = GatherKind::ResumeLookup {
+            session,
+            positions: Vec::new(),
+            recovery: Some(Box::new(recovery)),
         };
-        let gather = self.next_id();
-        self.gathers.insert(
-            gather,
-            Gather {
-                conn: id,
-                ack: None,
-                waiting: 1,
-                kind: GatherKind::ResumeLookup {
-                    session,
-                    positions: Vec::new(),
-                    recovery: Some(Box::new(recovery)),
-                },
-            },
-        );
-        let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
-            None,
-            UserCmd::Resume { session, gather },
-            now,
-            tx,
-        );
+        self.look_up_session(id, None, session, lookup, now, tx);
     }
 
     /// The session could not be recovered: the connection goes on as the

@@ -96,31 +96,38 @@ impl<O: Outbound> Engine<O> {
                 "`sessionId` must be 32 hex digits",
             );
         };
+        let lookup = GatherKind::ResumeLookup {
+            session,
+            positions: r.positions,
+            recovery: None,
+        };
+        self.look_up_session(id, ack, session, lookup, now, tx);
+    }
+
+    /// Asks the user's home for a dropped session's channels; the answer
+    /// comes back to gather `lookup` (see `gather`).
+    pub(super) fn look_up_session(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        session: SessionId,
+        lookup: GatherKind,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
             return;
         };
         let gather = self.next_id();
-        self.gathers.insert(
-            gather,
-            Gather {
-                conn: id,
-                ack,
-                waiting: 1,
-                kind: GatherKind::ResumeLookup {
-                    session,
-                    positions: r.positions,
-                    recovery: None,
-                },
-            },
-        );
+        let g = Gather {
+            conn: id,
+            ack,
+            waiting: 1,
+            kind: lookup,
+        };
+        self.gathers.insert(gather, g);
         let from = Some((self.here(id), member.protocol));
-        self.send_user_op(
-            member.user,
-            from,
-            None,
-            UserCmd::Resume { session, gather },
-            now,
-            tx,
-        );
+        let cmd = UserCmd::Resume { session, gather };
+        self.send_user_op(member.user, from, None, cmd, now, tx);
     }
 }

@@ -726,12 +726,18 @@ async fn notify(api: &Api, body: &[u8]) -> Outcome {
 struct EmitBody {
     /// The event's name (`game:over`, …): not one of the server's own.
     event: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_string")]
     channel_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_string")]
     user_id: Option<String>,
     #[serde(default)]
     data: Option<Value>,
+}
+
+/// A field that, when given, is a string (`null` is refused, not taken for
+/// absent: one of two fields must be given).
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 async fn emit(api: &Api, body: &[u8]) -> Outcome {

@@ -11,14 +11,21 @@ use serde_json::{json, Value};
 const KEY: &str = "api-key-for-the-tests-0123";
 
 fn server() -> Server {
-    Server::start(&[
+    server_with(&[])
+}
+
+/// Two shards and the server API, with `extra` flags.
+fn server_with(extra: &[&str]) -> Server {
+    let mut args = vec![
         "--shards",
         "2",
         "--api-listen",
         "127.0.0.1:0",
         "--api-key",
         KEY,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 /// One request on its own connection: status, headers, JSON body.
@@ -329,16 +336,7 @@ fn bad_requests_get_json_errors_and_the_connection_is_kept_alive() {
 
 #[tokio::test]
 async fn the_applications_own_events_pass_through_and_are_emitted() {
-    let s = Server::start(&[
-        "--shards",
-        "2",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--api-key",
-        KEY,
-        "--custom-events",
-        "game:*,cursor:move",
-    ]);
+    let s = server_with(&["--custom-events", "game:*,cursor:move"]);
     let api = s.api_addr();
     let mut alice = Peer::on(&s, "alice", 0, "").await;
     let mut bob = Peer::on(&s, "bob", 1, "").await;
@@ -384,6 +382,10 @@ async fn the_applications_own_events_pass_through_and_are_emitted() {
         ),
         (json!({"event": "a b", "userId": "bob"}), "bad_request"),
         (json!({"event": "x:y"}), "bad_request"),
+        (
+            json!({"event": "x:y", "channelId": "x", "userId": null}),
+            "bad_request",
+        ),
         (
             json!({"event": "x:y", "userId": "bob", "channelId": "x"}),
             "bad_request",
