@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Side-by-side figures: corecast and the tokio + fastwebsockets baseline,
-# interleaved (corecast, baseline, corecast, baseline, ...), each server
+# Side-by-side figures: corecast, the tokio + fastwebsockets baseline and
+# uWebSockets, interleaved (corecast, baseline, uws, corecast, ...), each server
 # pinned to core 0 and `corecast bench` to core 1. Every run appends one or
 # more JSON lines (with a "server" field added) to $OUT; progress and human
 # summaries go to the terminal. Then draws the chart of docs/BENCHMARKS.md.
 #
-#   scripts/bench-compare.sh [ROUNDS]        (default 3; about 6 minutes each)
+#   scripts/bench-compare.sh [ROUNDS]        (default 3; about 9 minutes each)
 #
-# WORKLOADS="fanout max idle" (the default) selects what runs; OUT names the
-# results file (default target/bench/results.jsonl, appended to).
-# SERVERS="corecast baseline" (the default) selects the servers, among:
+# WORKLOADS="fanout max idle echo" (the default) selects what runs; OUT names
+# the results file (default target/bench/results.jsonl, appended to).
+# SERVERS="corecast baseline uws" (the default) selects the servers, among:
 #   corecast        this build, default IO driver (io_uring)
 #   corecast-epoll  this build with --io-driver epoll
+#   baseline        tokio + fastwebsockets (examples/baseline.rs)
+#   uws             uWebSockets.js, the C++ core from npm, as a pub/sub
+#                   server (scripts/peers/uws, installed here with npm)
 #   prev            another corecast binary, named by PREV_BIN (for example
 #                   an older commit's release build), to compare versions
 #
@@ -26,22 +29,28 @@ OUT=${OUT:-target/bench/results.jsonl}
 SERVER_CORE=${SERVER_CORE:-0}
 LOADGEN_CORE=${LOADGEN_CORE:-1}
 mkdir -p "$(dirname "$OUT")"
-WORKLOADS=${WORKLOADS:-fanout max idle}
-SERVERS=${SERVERS:-corecast baseline}
+WORKLOADS=${WORKLOADS:-fanout max idle echo}
+SERVERS=${SERVERS:-corecast baseline uws}
 PREV_BIN=${PREV_BIN:-}
 for s in $SERVERS; do
   case $s in
-    corecast | corecast-epoll | baseline) ;;
+    corecast | corecast-epoll | baseline | uws) ;;
     prev) [ -x "$PREV_BIN" ] || { echo "SERVERS has prev: set PREV_BIN to a corecast binary" >&2; exit 2; } ;;
     *) echo "unknown server '$s' in SERVERS" >&2; exit 2 ;;
   esac
 done
 has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
 
 echo "building release binaries..."
 cargo build --release --quiet --bin corecast --example baseline
 BIN=target/release/corecast
 BASE=target/release/examples/baseline
+UWS=scripts/peers/uws
+if has_server uws && [ ! -d "$UWS/node_modules/@trufflesuite/uws-js-unofficial" ]; then
+  echo "installing uWebSockets.js (npm)..."
+  (cd "$UWS" && npm install --no-audit --no-fund --no-package-lock --silent)
+fi
 
 port=9600
 SERVER_PID=
@@ -57,6 +66,11 @@ start_server() { # $1 = a name of SERVERS
     prev) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
     baseline)
       "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+      URL="ws://127.0.0.1:$port/"
+      PROTO=raw
+      ;;
+    uws)
+      taskset -c "$SERVER_CORE" node "$UWS/server.js" "127.0.0.1:$port" 2>"$log" &
       URL="ws://127.0.0.1:$port/"
       PROTO=raw
       ;;
@@ -90,6 +104,9 @@ for round in $(seq "$ROUNDS"); do
     if has idle; then
       run $server "idle 10k" idle -n 10000 --hold 3
     fi
+    if has echo; then
+      run $server "echo 100" echo -c 100 -t 5
+    fi
   done
   if has idle; then
     for server in $SERVERS; do
@@ -98,5 +115,7 @@ for round in $(seq "$ROUNDS"); do
   fi
 done
 
-python3 scripts/chart.py "$OUT" docs/fanout-rate-vs-p99.svg
+if has max; then
+  python3 scripts/chart.py "$OUT" docs/fanout-rate-vs-p99.svg
+fi
 python3 scripts/summarize.py "$OUT"

@@ -9,7 +9,7 @@ import math
 import sys
 from collections import defaultdict
 
-COLORS = {"corecast": "#1f77b4", "baseline": "#d62728"}
+COLORS = {"corecast": "#1f77b4", "baseline": "#d62728", "uws": "#2ca02c"}
 W, H, L, R, T, B = 760, 440, 80, 170, 40, 60
 
 

@@ -72,6 +72,18 @@ def main(path):
             f"| {fmt(med(r['loss'] for r in rs))} | {fmt(med(100 * r['loadgen_core_share'] for r in rs))}% |"
         )
     print()
+    print("| load | server | runs | round trips/s | server µs/round trip | p50 µs | p99 µs | connections closed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (label, server, w), rs in sorted(groups.items()):
+        if w != "echo":
+            continue
+        print(
+            f"| {label} | {server} | {len(rs)} | {fmt(med(r['round_trips_per_s'] for r in rs))} "
+            f"| {fmt(med(r['server_cpu_us_per_round_trip'] for r in rs), 2)} "
+            f"| {fmt(med(r['latency_us']['p50'] for r in rs))} | {fmt(med(r['latency_us']['p99'] for r in rs))} "
+            f"| {fmt(med(r['closed_connections'] for r in rs))} |"
+        )
+    print()
     print("| load | server | runs | server RSS bytes/connection | connects/s |")
     print("|---|---|---|---|---|")
     for (label, server, w), rs in sorted(groups.items()):
