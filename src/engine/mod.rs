@@ -700,6 +700,8 @@ pub struct Conn<O> {
     strikes: u8,
     /// When its token expires (seconds since the epoch; 0: never).
     expires: u32,
+    /// It was sent `auth:expiring` for that expiry.
+    warned: bool,
     /// Channels and subscriptions, made on the first of either: an idle
     /// connection has neither.
     links: Option<Box<Links>>,
@@ -868,8 +870,8 @@ pub struct Engine<O> {
     subscriptions: Option<SubscriptionCheck>,
     /// Without one, `auth:refresh` is refused.
     token_check: Option<TokenCheck>,
-    /// Connections whose tokens expire, by when to look at them next.
-    tokens: tokens::TokenClock,
+    /// The scan of connections' tokens is on (some connection's expires).
+    token_scan: bool,
     /// The mesh endpoint that makes bans durable before they take effect
     /// (none: they last as long as the process).
     ban_store: Option<ShardId>,
@@ -919,7 +921,7 @@ impl<O: Outbound> Engine<O> {
         let mut e = Engine {
             subscriptions: None,
             token_check: None,
-            tokens: Default::default(),
+            token_scan: false,
             ban_store: None,
             bans: bans::Bans::default(),
             limiter: limits::Limiter::default(),
@@ -1014,6 +1016,7 @@ impl<O: Outbound> Engine<O> {
             roles: access.roles,
             strikes: 0,
             expires: access.expires,
+            warned: false,
             links,
         };
         let id = match self.free.pop() {
@@ -1033,7 +1036,7 @@ impl<O: Outbound> Engine<O> {
                 }
             }
         };
-        self.watch_token(id, access.expires, now);
+        self.watch_token(access.expires, now);
         let from = Some((self.here(id), protocol));
         self.send_user_op(
             user,
@@ -1374,7 +1377,7 @@ impl<O: Outbound> Engine<O> {
                     self.metrics.bans.set(self.bans.len() as u64);
                 }
                 Timer::Buckets { user } => self.buckets_timer(user, now),
-                Timer::Tokens { second } => self.tokens_timer(second, now, tx),
+                Timer::Tokens => self.tokens_timer(now, tx),
             }
         }
     }

@@ -28,9 +28,9 @@ pub enum Timer {
     Bans,
     /// A user's rate-limit buckets may have refilled (connection's shard).
     Buckets { user: Arc<str> },
-    /// Connections whose tokens are due a warning or a close in this
-    /// second (connection's shard).
-    Tokens { second: u64 },
+    /// The connections' tokens are looked at (every second while any
+    /// connection's token expires).
+    Tokens,
 }
 
 #[derive(Default)]

@@ -5,112 +5,91 @@
 //! still on an expired token is closed (4002, `token expired`) once
 //! `token_expiry_grace_ms` has passed.
 //!
-//! Connections due in the same second share one bucket and one timer, so a
-//! connection costs an entry of 12 bytes here, not a timer of its own. An
-//! entry names the expiry it was filed for: a refreshed connection's old
-//! entries find another expiry and are dropped.
-
-use std::collections::BTreeMap;
+//! The expiry is a field of the connection (in its slot's padding), and
+//! the shard looks at its connections once a second while any has one:
+//! no entry per connection anywhere else. Warnings and closes come within
+//! a second of their time.
 
 use super::*;
 
-/// Connections to look at in a given second (since the epoch), each with
-/// the token expiry (seconds) it was filed for.
-#[derive(Debug, Default)]
-pub struct TokenClock {
-    due: BTreeMap<u64, Vec<(ConnId, u32)>>,
-}
-
-impl TokenClock {
-    /// Files `id` for second `at`; true when that second had no bucket yet
-    /// (it needs a timer).
-    fn file(&mut self, at: u64, id: ConnId, expires: u32) -> bool {
-        let bucket = self.due.entry(at).or_default();
-        bucket.push((id, expires));
-        bucket.len() == 1
-    }
-
-    fn take(&mut self, at: u64) -> Vec<(ConnId, u32)> {
-        self.due.remove(&at).unwrap_or_default()
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.due.values().map(Vec::len).sum()
-    }
-}
+/// How often the shard looks at its connections' tokens.
+pub const TOKEN_SCAN_MS: u64 = 1_000;
 
 /// What is due for a connection whose token expires at `expires` (s), at
-/// `now` (ms): nothing yet (look again at the returned ms), the warning
-/// (then look again at the returned ms), or the close.
+/// `now` (ms): nothing yet, the warning, or the close.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TokenDue {
-    Later(u64),
-    Warn(u64),
+    Later,
+    Warn,
     Close,
 }
 
 pub fn token_due(expires: u32, now: u64, s: &Settings) -> TokenDue {
     let expires_ms = u64::from(expires) * 1000;
-    let close_at = expires_ms.saturating_add(s.token_expiry_grace_ms);
-    let warn_at = expires_ms.saturating_sub(s.token_refresh_ahead_ms);
-    if now >= close_at {
+    if now >= expires_ms.saturating_add(s.token_expiry_grace_ms) {
         TokenDue::Close
-    } else if now >= warn_at {
-        TokenDue::Warn(close_at)
+    } else if now >= expires_ms.saturating_sub(s.token_refresh_ahead_ms) {
+        TokenDue::Warn
     } else {
-        TokenDue::Later(warn_at)
+        TokenDue::Later
     }
 }
 
 impl<O: Outbound> Engine<O> {
-    /// Watches connection `id`'s token, expiring at `expires` (s; 0:
-    /// never).
-    pub(super) fn watch_token(&mut self, id: ConnId, expires: u32, now: u64) {
-        if expires == 0 {
-            return;
-        }
-        let at = match token_due(expires, now, &self.s) {
-            TokenDue::Later(at) => at,
-            // Due already (a short-lived token): at the next tick.
-            _ => now,
-        };
-        self.file_token(id, expires, at);
-    }
-
-    fn file_token(&mut self, id: ConnId, expires: u32, at_ms: u64) {
-        let second = at_ms.div_ceil(1000);
-        if self.tokens.file(second, id, expires) {
-            self.timers.at(second * 1000, Timer::Tokens { second });
+    /// A connection with a token that expires (`expires` s; 0: never): the
+    /// scan runs while there is one.
+    pub(super) fn watch_token(&mut self, expires: u32, now: u64) {
+        if expires != 0 && !self.token_scan {
+            self.token_scan = true;
+            self.timers.at(now, Timer::Tokens);
         }
     }
 
-    /// The connections filed for `second`: warned, closed, or dropped
-    /// when their token changed since.
-    pub(super) fn tokens_timer(&mut self, second: u64, now: u64, tx: &mut impl MeshTx) {
-        for (id, expires) in self.tokens.take(second) {
-            if self.conn(id).map(|c| c.expires) != Some(expires) {
+    /// Warns the connections whose tokens expire soon, once, and closes
+    /// those whose tokens expired; looks again in a second while any
+    /// connection has an expiry.
+    pub(super) fn tokens_timer(&mut self, now: u64, tx: &mut impl MeshTx) {
+        let mut warn = Vec::new();
+        let mut close = Vec::new();
+        let mut any = false;
+        for (slot, s) in self.slots.iter_mut().enumerate() {
+            let gen = s.gen;
+            let Some(c) = s.conn.as_mut().filter(|c| c.expires != 0) else {
                 continue;
-            }
-            match token_due(expires, now, &self.s) {
-                TokenDue::Later(at) => self.file_token(id, expires, at),
-                TokenDue::Warn(close_at) => {
-                    let msg = ServerMessage::event(ServerEvent::AuthExpiring(AuthExpiring {
-                        expires_at: u64::from(expires) * 1000,
-                    }));
-                    self.reply(id, &msg);
-                    self.file_token(id, expires, close_at);
+            };
+            any = true;
+            let id = ConnId {
+                slot: slot as u32,
+                gen,
+            };
+            match token_due(c.expires, now, &self.s) {
+                TokenDue::Later => {}
+                TokenDue::Warn if !c.warned => {
+                    c.warned = true;
+                    warn.push((id, c.expires));
                 }
-                TokenDue::Close => {
-                    self.metrics.token_expiries.inc();
-                    if let Some(conn) = self.conn(id) {
-                        conn.out
-                            .close(crate::ws::close::TOKEN_EXPIRED, "token expired");
-                    }
-                    // A new connection with a fresh token may resume it.
-                    self.close_conn(id, None, true, now, tx);
-                }
+                TokenDue::Warn => {}
+                TokenDue::Close => close.push(id),
             }
+        }
+        for (id, expires) in warn {
+            let msg = ServerMessage::event(ServerEvent::AuthExpiring(AuthExpiring {
+                expires_at: u64::from(expires) * 1000,
+            }));
+            self.reply(id, &msg);
+        }
+        for id in close {
+            self.metrics.token_expiries.inc();
+            if let Some(conn) = self.conn(id) {
+                conn.out
+                    .close(crate::ws::close::TOKEN_EXPIRED, "token expired");
+            }
+            // A new connection with a fresh token may resume it.
+            self.close_conn(id, None, true, now, tx);
+        }
+        self.token_scan = any;
+        if any {
+            self.timers.at(now + TOKEN_SCAN_MS, Timer::Tokens);
         }
     }
 
@@ -154,6 +133,7 @@ impl<O: Outbound> Engine<O> {
         };
         conn.roles = roles;
         conn.expires = expires;
+        conn.warned = false;
         match (grants, conn.links.as_mut()) {
             (g, Some(links)) => links.grants = g,
             (Some(g), None) => {
@@ -164,7 +144,7 @@ impl<O: Outbound> Engine<O> {
             }
             (None, None) => {}
         }
-        self.watch_token(id, expires, now);
+        self.watch_token(expires, now);
         let body = AckBody::Refresh(RefreshAck {
             expires_at: u64::from(expires) * 1000,
         });
@@ -184,22 +164,9 @@ mod tests {
             ..Settings::default()
         };
         let exp = 1_000; // s
-        assert_eq!(token_due(exp, 900_000, &s), TokenDue::Later(940_000));
-        assert_eq!(token_due(exp, 940_000, &s), TokenDue::Warn(1_005_000));
-        assert_eq!(token_due(exp, 1_004_999, &s), TokenDue::Warn(1_005_000));
+        assert_eq!(token_due(exp, 939_999, &s), TokenDue::Later);
+        assert_eq!(token_due(exp, 940_000, &s), TokenDue::Warn);
+        assert_eq!(token_due(exp, 1_004_999, &s), TokenDue::Warn);
         assert_eq!(token_due(exp, 1_005_000, &s), TokenDue::Close);
-    }
-
-    #[test]
-    fn one_bucket_per_second() {
-        let mut c = TokenClock::default();
-        let id = |slot| ConnId { slot, gen: 0 };
-        assert!(c.file(5, id(1), 9));
-        assert!(!c.file(5, id(2), 9));
-        assert!(c.file(6, id(3), 9));
-        assert_eq!(c.len(), 3);
-        assert_eq!(c.take(5), [(id(1), 9), (id(2), 9)]);
-        assert!(c.take(5).is_empty());
-        assert_eq!(c.len(), 1);
     }
 }
