@@ -347,7 +347,7 @@ fn client_sdk_round_trip_in_both_protocols() {
         for protocol in [Protocol::Json, Protocol::Binary] {
             let opts = |user: &str| {
                 ConnectOptions::new(url.parse().unwrap())
-                    .token(crate::common::token(user, 60))
+                    .token(crate::common::token(user, 600))
                     .protocol(protocol)
             };
             let mut alice = Client::connect(&opts("alice")).await.unwrap();

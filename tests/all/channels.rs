@@ -25,7 +25,7 @@ async fn authentication_paths() {
     let mut raw = Raw::connect(
         s.addr,
         "/ws",
-        &format!("Authorization: Bearer {}\r\n", token("bob", 60)),
+        &format!("Authorization: Bearer {}\r\n", token("bob", 600)),
     );
     assert_eq!(raw.recv_json()["d"]["userId"], "bob");
     // `auth` message, after a refused event.
@@ -42,7 +42,7 @@ async fn authentication_paths() {
     );
     send(
         &mut ws,
-        json!({"t": "auth", "id": 2, "d": {"token": token("carol", 60)}}),
+        json!({"t": "auth", "id": 2, "d": {"token": token("carol", 600)}}),
     )
     .await;
     assert_eq!(recv(&mut ws).await, json!({"t": "ack", "id": 2, "d": {}}));
@@ -50,7 +50,7 @@ async fn authentication_paths() {
     // Expired and forged tokens are refused before the upgrade.
     for bad in [
         token("dave", -3600),
-        token("dave", 60).replace('.', ".x"),
+        token("dave", 600).replace('.', ".x"),
         "not-a-jwt".to_string(),
     ] {
         let resp = http_raw(
@@ -246,7 +246,7 @@ async fn members_on_two_shards_see_one_order_epoll() {
 #[tokio::test]
 async fn binary_protocol_speaks_the_same_events() {
     let s = Server::start(&["--shards", "2"]);
-    let url = s.url(&format!("/ws?token={}", token("bin", 60)));
+    let url = s.url(&format!("/ws?token={}", token("bin", 600)));
     let mut b = ws_connect(&url, Some("corecast.bin")).await;
     let next_bin = async |ws: &mut Ws| loop {
         match tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -317,7 +317,7 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&s.addr.into()).unwrap();
-    let mut slow = Raw::connect_with(sock.into(), &format!("/ws?token={}", token("slow", 60)), "");
+    let mut slow = Raw::connect_with(sock.into(), &format!("/ws?token={}", token("slow", 600)), "");
     assert_eq!(slow.recv_json()["t"], "ready");
     slow.json(json!({"t": "channel:join", "id": 1, "d": {"channelId": "busy"}}));
     assert_eq!(slow.recv_json()["t"], "ack");
@@ -402,7 +402,7 @@ async fn sigterm_sends_1001_to_everyone_and_exits_zero() {
         clients.push(ws);
     }
     // One client that never answers the close keeps the node draining.
-    let mut stubborn = Raw::connect(s.addr, &format!("/ws?token={}", token("stubborn", 60)), "");
+    let mut stubborn = Raw::connect(s.addr, &format!("/ws?token={}", token("stubborn", 600)), "");
     assert_eq!(stubborn.recv_json()["t"], "ready");
     s.sigterm();
     for ws in clients.iter_mut() {
@@ -412,7 +412,7 @@ async fn sigterm_sends_1001_to_everyone_and_exits_zero() {
     assert_eq!((status, body.trim()), (503, "draining"));
     let upgrade = http_raw(
         s.addr,
-        upgrade_request(&format!("/ws?token={}", token("late", 60)), "").as_bytes(),
+        upgrade_request(&format!("/ws?token={}", token("late", 600)), "").as_bytes(),
     );
     assert!(upgrade.starts_with("HTTP/1.1 503 "), "{upgrade}");
     assert_eq!(stubborn.recv_close(), Some(1001));

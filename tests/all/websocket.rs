@@ -102,7 +102,7 @@ fn handshake_refusals_have_status_and_reason() {
     let mut ok = Raw::connect(
         s.addr,
         "/ws",
-        &format!("{origin}Authorization: Bearer {}\r\n", token("u", 60)),
+        &format!("{origin}Authorization: Bearer {}\r\n", token("u", 600)),
     );
     assert_eq!(ok.recv_json()["t"], "ready");
 }
