@@ -317,7 +317,11 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&s.addr.into()).unwrap();
-    let mut slow = Raw::connect_with(sock.into(), &format!("/ws?token={}", token("slow", 600)), "");
+    let mut slow = Raw::connect_with(
+        sock.into(),
+        &format!("/ws?token={}", token("slow", 600)),
+        "",
+    );
     assert_eq!(slow.recv_json()["t"], "ready");
     slow.json(json!({"t": "channel:join", "id": 1, "d": {"channelId": "busy"}}));
     assert_eq!(slow.recv_json()["t"], "ack");
