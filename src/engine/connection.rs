@@ -135,10 +135,20 @@ impl<O: Outbound> Engine<O> {
         };
         match envelope {
             Err(e) => self.malformed(id, e, now, tx),
-            Ok(env) if self.charge(id, env.bucket(), env.id, now, tx) => match env.decode() {
-                Ok(m) => self.handle_charged(id, m, now, tx),
-                Err(e) => self.malformed_charged(id, e, now, tx),
-            },
+            Ok(env)
+                if self.charge(
+                    id,
+                    self.bucket_of(env.bucket(), env.name()),
+                    env.id,
+                    now,
+                    tx,
+                ) =>
+            {
+                match env.decode() {
+                    Ok(m) => self.handle_charged(id, m, now, tx),
+                    Err(e) => self.malformed_charged(id, e, now, tx),
+                }
+            }
             Ok(_) => {}
         }
     }
@@ -146,8 +156,26 @@ impl<O: Outbound> Engine<O> {
     /// Handles a decoded message from a local, authenticated connection:
     /// charges its rate-limit bucket, then [`Engine::handle_charged`].
     pub fn handle(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
-        if self.charge(id, msg.event.index(), msg.id, now, tx) {
+        let bucket = self.bucket_of(msg.event.index(), msg.event.name());
+        if self.charge(id, bucket, msg.id, now, tx) {
             self.handle_charged(id, msg, now, tx)
+        }
+    }
+
+    /// The rate-limit bucket of an event: its own, or, for a name the
+    /// server does not know that `custom_events` allows, the
+    /// application's (`custom`).
+    fn bucket_of(&self, bucket: usize, name: &str) -> usize {
+        let custom = bucket == limits::DEFAULT
+            && self
+                .s
+                .custom_events
+                .as_ref()
+                .is_some_and(|p| p.matches(name));
+        if custom {
+            limits::CUSTOM
+        } else {
+            bucket
         }
     }
 

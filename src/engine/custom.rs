@@ -1,7 +1,7 @@
 //! The application's own events: names the `custom_events` patterns allow
 //! (e.g. `game:*`) pass through to the channel they name, to every member
 //! (the sender's devices included), without being sequenced or kept. They
-//! are charged to the `default` rate limit, bounded by
+//! are charged to a rate limit of their own (`custom`), bounded by
 //! `max_custom_event_bytes`, and encoded once per protocol in use like any
 //! channel event. The server API sends them too (`POST /api/emit`), to a
 //! channel or to a user's devices.

@@ -62,9 +62,16 @@ impl std::fmt::Display for Limit {
     }
 }
 
+/// The bucket of events the server does not know (and of every event
+/// without a limit of its own).
+pub const DEFAULT: usize = CLIENT_EVENT_NAMES.len();
+/// The bucket of the application's own events (`custom_events`).
+pub const CUSTOM: usize = CLIENT_EVENT_NAMES.len() + 1;
+
 /// The limit of each client event (`None`: unlimited), by
-/// [`crate::protocol::ClientEvent::index`]; the last entry is the default,
-/// which also covers events the server does not know.
+/// [`crate::protocol::ClientEvent::index`], then the default (which also
+/// covers events the server does not know), then `custom`, the
+/// application's own events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimits {
     by_event: Vec<Option<Limit>>,
@@ -80,15 +87,17 @@ const DEFAULTS: &[(&str, u32, u64)] = &[
     ("channel:join", 50, 60_000),
     ("call:initiate", 5, 60_000),
     ("message:react", 50, 60_000),
+    ("custom", 50, 5_000),
 ];
 
 impl Default for RateLimits {
     /// The limits of the systems corecast replaces: `message:send` 30/min,
     /// `typing:start` 10 per 10 s, `presence:update` 5 per 30 s,
     /// `voice:update` 20 per 5 s, `channel:join` 50/min, `call:initiate`
-    /// 5/min, `message:react` 50/min, anything else 100/min.
+    /// 5/min, `message:react` 50/min, the application's own events
+    /// (`custom`) 50 per 5 s, anything else 100/min.
     fn default() -> Self {
-        let n = CLIENT_EVENT_NAMES.len() + 1;
+        let n = CUSTOM + 1;
         let mut r = RateLimits {
             by_event: vec![None; n],
             own: vec![false; n],
@@ -110,7 +119,6 @@ impl RateLimits {
     /// Sets the limit of `event`; `default` sets the limit of every event
     /// without one of its own, `*` sets every limit.
     pub fn set(&mut self, event: &str, limit: Option<Limit>) -> Result<(), String> {
-        let last = CLIENT_EVENT_NAMES.len();
         match event {
             "*" => {
                 self.by_event.iter_mut().for_each(|l| *l = limit);
@@ -128,16 +136,17 @@ impl RateLimits {
                     .iter()
                     .position(|n| *n == name)
                     .filter(|i| *i != 0)
+                    .or((name == "custom").then_some(CUSTOM))
                     .ok_or_else(|| {
                         format!(
-                            "rate limit for `{name}`: not a client event (nor `default` or `*`)"
+                            "rate limit for `{name}`: not a client event (nor `custom`, `default` or `*`)"
                         )
                     })?;
                 self.by_event[i] = limit;
                 self.own[i] = true;
             }
         }
-        debug_assert_eq!(self.by_event.len(), last + 1);
+        debug_assert_eq!(self.by_event.len(), CUSTOM + 1);
         Ok(())
     }
 
@@ -145,7 +154,7 @@ impl RateLimits {
         self.by_event
             .get(index)
             .copied()
-            .unwrap_or(self.by_event[CLIENT_EVENT_NAMES.len()])
+            .unwrap_or(self.by_event[DEFAULT])
     }
 
     /// The longest window: a user idle this long has full buckets.
@@ -166,7 +175,8 @@ impl RateLimits {
             .skip(1) // `auth` happens before a connection is known
             .map(|(i, n)| (*n, self.by_event[i]))
             .collect();
-        v.push(("default", self.by_event[CLIENT_EVENT_NAMES.len()]));
+        v.push(("default", self.by_event[DEFAULT]));
+        v.push(("custom", self.by_event[CUSTOM]));
         v
     }
 }

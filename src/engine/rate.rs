@@ -95,10 +95,13 @@ impl<O: Outbound> Engine<O> {
         let Some(user) = self.conn(id).map(|c| c.member.user.clone()) else {
             return false;
         };
-        let name = crate::protocol::CLIENT_EVENT_NAMES
-            .get(bucket)
-            .copied()
-            .unwrap_or("default");
+        let name = match bucket {
+            limits::CUSTOM => "custom",
+            b => crate::protocol::CLIENT_EVENT_NAMES
+                .get(b)
+                .copied()
+                .unwrap_or("default"),
+        };
         match self.take_token(&user, bucket, name, now) {
             Ok(()) => true,
             Err((why, retry)) => {

@@ -109,3 +109,43 @@ fn other_names_strangers_and_large_data_are_refused() {
     );
     assert_eq!(error_code(&rp.take(), 1), ErrorCode::Unsupported);
 }
+
+#[test]
+fn the_applications_events_have_a_rate_limit_of_their_own() {
+    let mut settings = game();
+    let two = limits::Limit {
+        count: 2,
+        per_ms: 60_000,
+    };
+    settings.rate_limits.set("custom", Some(two)).unwrap();
+    settings.rate_limits.set("default", Some(two)).unwrap();
+    let mut sim = Sim::with(1, settings);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, "table");
+    ra.take();
+    for i in 0..3 {
+        sim.send(
+            a,
+            Some(i),
+            ClientEvent::Custom("game:move".into(), send("table", None)),
+        );
+    }
+    let got = ra.take();
+    assert!(matches!(ack_body(&got, 1), AckBody::Empty(_)));
+    assert_eq!(error_code(&got, 2), ErrorCode::RateLimited, "the third");
+    // Read from JSON text, the envelope is charged to the same bucket.
+    sim.send_frame(
+        a,
+        true,
+        br#"{"t":"game:move","id":3,"d":{"channelId":"table"}}"#,
+    );
+    assert_eq!(error_code(&ra.take(), 3), ErrorCode::RateLimited);
+    // The default bucket is another one: a name the patterns do not allow
+    // is still answered (unsupported), not refused by the custom limit.
+    sim.send(
+        a,
+        Some(9),
+        ClientEvent::Custom("chess:move".into(), send("table", None)),
+    );
+    assert_eq!(error_code(&ra.take(), 9), ErrorCode::Unsupported);
+}

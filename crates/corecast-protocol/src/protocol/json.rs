@@ -106,6 +106,11 @@ impl<'v> Envelope<'v> {
         self.event
     }
 
+    /// The event's name, as the client sent it.
+    pub fn name(&self) -> &str {
+        &self.t
+    }
+
     /// Reads the event's payload.
     pub fn decode(&self) -> Result<ClientMessage, DecodeError> {
         let id = self.id;
