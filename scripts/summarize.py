@@ -23,6 +23,12 @@ def fmt(v, nd=0):
     return f"{v:,.0f}"
 
 
+def header(*cols):
+    """A Markdown table's first two lines."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
 def main(path):
     runs = [json.loads(l) for l in open(path) if l.strip()]
     if not runs:
@@ -31,8 +37,7 @@ def main(path):
     for r in runs:
         groups[(r["label"], r["server"], r["workload"])].append(r)
 
-    print("| load | server | runs | deliveries/s | server µs/delivery | p50 µs | p99 µs | loss | load generator bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header("load", "server", "runs", "deliveries/s", "server µs/delivery", "p50 µs", "p99 µs", "loss", "load generator bound")
     for (label, server, w), rs in sorted(groups.items()):
         if w != "fanout":
             continue
@@ -43,8 +48,7 @@ def main(path):
             f"| {fmt(med(r['loss'] for r in rs))} | {sum(1 for r in rs if r['loadgen_bound'])} of {len(rs)} |"
         )
     print()
-    print("| load | server | runs | sustained deliveries/s (p99 ≤ bound, no loss) | p99 µs there | p99 µs at half | stopped by |")
-    print("|---|---|---|---|---|---|---|")
+    header("load", "server", "runs", "sustained deliveries/s (p99 ≤ bound, no loss)", "p99 µs there", "p99 µs at half", "stopped by")
     for (label, server, w), rs in sorted(groups.items()):
         if w != "max":
             continue
@@ -57,8 +61,7 @@ def main(path):
     print()
     print("Every `max` step, by server and publish rate (medians over the runs that tried that rate):")
     print()
-    print("| server | publishes/s | runs | deliveries/s | server µs/delivery | server core | p50 µs | p99 µs | loss | load generator core |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    header("server", "publishes/s", "runs", "deliveries/s", "server µs/delivery", "server core", "p50 µs", "p99 µs", "loss", "load generator core")
     steps = defaultdict(list)
     for r in runs:
         if r["workload"] == "max-step":
@@ -72,8 +75,7 @@ def main(path):
             f"| {fmt(med(r['loss'] for r in rs))} | {fmt(med(100 * r['loadgen_core_share'] for r in rs))}% |"
         )
     print()
-    print("| load | server | runs | round trips/s | server µs/round trip | p50 µs | p99 µs | connections closed |")
-    print("|---|---|---|---|---|---|---|---|")
+    header("load", "server", "runs", "round trips/s", "server µs/round trip", "p50 µs", "p99 µs", "connections closed")
     for (label, server, w), rs in sorted(groups.items()):
         if w != "echo":
             continue
@@ -84,8 +86,7 @@ def main(path):
             f"| {fmt(med(r['closed_connections'] for r in rs))} |"
         )
     print()
-    print("| load | server | runs | server RSS bytes/connection | connects/s |")
-    print("|---|---|---|---|---|")
+    header("load", "server", "runs", "server RSS bytes/connection", "connects/s")
     for (label, server, w), rs in sorted(groups.items()):
         if w != "idle":
             continue

@@ -181,11 +181,22 @@ pub fn positions(points: &ResumePoints, last: Option<socketio::Seq>) -> Option<V
 #[derive(Debug)]
 pub struct Recovery {
     /// The client's recovery offset, as it sent it.
-    pub last: Option<String>,
+    pub(super) last: Option<String>,
     /// The `ready` of a new session, sent when recovery fails.
-    pub fresh: Ready,
-    /// Channels rejoining (each must come back recovered).
-    pub expected: usize,
+    pub(super) fresh: Ready,
+    /// Channels rejoining (each must come back recovered), once known.
+    pub(super) expected: usize,
+}
+
+impl Recovery {
+    /// A reconnection that last received `last` and opened as `fresh`.
+    pub fn new(last: Option<String>, fresh: Ready) -> Recovery {
+        Recovery {
+            last,
+            fresh,
+            expected: 0,
+        }
+    }
 }
 
 impl<O: Outbound> Engine<O> {

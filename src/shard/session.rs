@@ -286,12 +286,7 @@ impl Session {
             let now = now_ms();
             let id = engine.open(io.clone(), member, self.device, access, now, &mut *outbox);
             if let Some(((pid, last), fresh)) = ready {
-                let recovery = Recovery {
-                    last,
-                    fresh,
-                    expected: 0,
-                };
-                engine.recover(id, pid, recovery, now, &mut *outbox);
+                engine.recover(id, pid, Recovery::new(last, fresh), now, &mut *outbox);
             }
             drop(engine);
             outbox.flush();

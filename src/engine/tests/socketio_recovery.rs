@@ -44,16 +44,13 @@ fn reconnect(sim: &mut Sim, session: &str, last: Option<String>) -> (ConnRef, Re
     let (a2, ra2) = sim.connect(2, "alice", Protocol::SocketIo);
     ra2.take();
     let fresh = sim.shards[2].conn(a2.conn).unwrap().member.session;
-    let recovery = Recovery {
-        last,
-        fresh: Ready {
-            user_id: "alice".into(),
-            session_id: fresh.to_string(),
-            shard: 2,
-            heartbeat_interval_ms: 25_000,
-        },
-        expected: 0,
+    let ready = Ready {
+        user_id: "alice".into(),
+        session_id: fresh.to_string(),
+        shard: 2,
+        heartbeat_interval_ms: 25_000,
     };
+    let recovery = Recovery::new(last, ready);
     let now = sim.now;
     sim.shards[2].recover(
         a2.conn,
