@@ -197,27 +197,33 @@ impl BanStore {
     }
 }
 
-/// Starts the ban store's thread, the mesh endpoint
+/// What the store's thread writes: the ban file, the history file, the
+/// event stream's outbox (any of them).
+pub struct Stores {
+    pub bans: Option<BanStore>,
+    pub history: Option<HistoryStore>,
+    pub outbox: Option<crate::event_outbox::Outbox>,
+}
+
+/// Starts the store's thread, the mesh endpoint
 /// [`crate::mesh::store_endpoint`]; `bell` is the receiving end of its
 /// doorbell. The thread ends when the node drains.
-/// Starts the store's thread: the ban file, the history file, or both.
 pub fn spawn(
     node: Arc<Node>,
-    bans: Option<BanStore>,
-    history: Option<HistoryStore>,
+    stores: Stores,
     bell: UnixStream,
 ) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
     std::thread::Builder::new()
         .name("corecast-store".into())
-        .spawn(move || run(&node, bans, history, bell))
+        .spawn(move || run(&node, stores, bell))
 }
 
-fn run(
-    node: &Node,
-    mut bans: Option<BanStore>,
-    mut history: Option<HistoryStore>,
-    mut bell: UnixStream,
-) -> std::io::Result<()> {
+fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()> {
+    let Stores {
+        mut bans,
+        mut history,
+        mut outbox,
+    } = stores;
     use std::io::Read;
     bell.set_nonblocking(false)?;
     // A backstop: the doorbell rings on drain too; and the history is
@@ -249,12 +255,22 @@ fn run(
             {
                 tracing::error!(error = %e, "cannot keep the history");
             }
+            if let Some(o) = outbox.as_mut() {
+                if let Err(e) = o.append(&lines) {
+                    // New events are refused until a write goes through.
+                    o.state().backlog.set_full(true);
+                    tracing::error!(error = %e, "cannot keep events for the backend");
+                }
+            }
             lines.clear();
         }
         if synced.elapsed() >= Duration::from_secs(1) || node.is_draining() {
             synced = std::time::Instant::now();
             if let Some(Err(e)) = history.as_mut().map(HistoryStore::sync) {
                 tracing::error!(error = %e, "cannot sync the history");
+            }
+            if let Some(Err(e)) = outbox.as_mut().map(crate::event_outbox::Outbox::sync) {
+                tracing::error!(error = %e, "cannot sync the outbox");
             }
         }
         if !batch.is_empty() {

@@ -161,6 +161,51 @@ pub struct Config {
     /// offline everywhere.
     pub node_timeout_ms: u64,
     pub auth: AuthConfig,
+    /// The event stream to the application backend (see `docs/BACKEND.md`).
+    pub webhook: WebhookConfig,
+}
+
+/// `[webhook]`: sequenced channel events delivered to the application
+/// backend as signed, batched HTTP POSTs, through a durable outbox on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events are POSTed (`http://host:port/path`); empty: off.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `X-Corecast-Signature` header (at least
+    /// 16 bytes).
+    pub secret: String,
+    /// The outbox: events wait here until the backend took them.
+    pub outbox_dir: String,
+    /// Bytes the outbox holds at most; when it is full, new messages are
+    /// refused with `unavailable` until the backend takes some.
+    pub outbox_max_bytes: u64,
+    /// Events per POST at most.
+    pub batch_events: usize,
+    /// A POST not answered in this time is failed, and tried again.
+    pub timeout_ms: u64,
+    /// The longest wait between two tries (the wait doubles from 100 ms).
+    pub retry_max_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            outbox_dir: "corecast-outbox".into(),
+            outbox_max_bytes: 1 << 30,
+            batch_events: 1000,
+            timeout_ms: 10_000,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+impl WebhookConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 impl Default for Config {
@@ -241,6 +286,7 @@ impl Default for Config {
             redis_cluster: Vec::new(),
             node_timeout_ms: 30_000,
             auth: AuthConfig::default(),
+            webhook: WebhookConfig::default(),
         }
     }
 }
@@ -398,6 +444,19 @@ pub struct ConfigArgs {
     /// open (any channel without a claim) [default: grants].
     #[arg(long, env = "CORECAST_AUTH_CHANNEL_ACCESS")]
     pub auth_channel_access: Option<String>,
+    /// Where the event stream is POSTed (http://host:port/path); '' is off.
+    #[arg(long, env = "CORECAST_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// The key that signs each POST (HMAC-SHA256, at least 16 bytes).
+    #[arg(long, env = "CORECAST_WEBHOOK_SECRET")]
+    pub webhook_secret: Option<String>,
+    /// Where events wait for the backend [default: corecast-outbox].
+    #[arg(long, env = "CORECAST_WEBHOOK_OUTBOX_DIR")]
+    pub webhook_outbox_dir: Option<String>,
+    /// Bytes the outbox holds before new messages are refused
+    /// [default: 1073741824].
+    #[arg(long, env = "CORECAST_WEBHOOK_OUTBOX_MAX_BYTES")]
+    pub webhook_outbox_max_bytes: Option<u64>,
     /// Where bans are kept across restarts; '' keeps them in memory only
     /// [default: corecast-bans.jsonl].
     #[arg(long, env = "CORECAST_BAN_FILE")]
@@ -582,12 +641,61 @@ impl ConfigArgs {
         if let Some(v) = &self.auth_channel_access {
             c.auth.channel_access = v.clone();
         }
+        if let Some(v) = &self.webhook_url {
+            c.webhook.url = v.clone();
+        }
+        if let Some(v) = &self.webhook_secret {
+            c.webhook.secret = v.clone();
+        }
+        if let Some(v) = &self.webhook_outbox_dir {
+            c.webhook.outbox_dir = v.clone();
+        }
+        if let Some(v) = self.webhook_outbox_max_bytes {
+            c.webhook.outbox_max_bytes = v;
+        }
         c.validate()?;
         Ok(c)
     }
 }
 
 impl Config {
+    fn validate_webhook(&self) -> Result<(), ConfigError> {
+        let w = &self.webhook;
+        if !w.enabled() {
+            return Ok(());
+        }
+        crate::http::client::Url::parse(&w.url)
+            .map_err(|e| ConfigError(format!("webhook.url: {e}")))?;
+        if w.secret.len() < 16 {
+            return Err(ConfigError(
+                "webhook.secret: give a key of at least 16 bytes to sign the POSTs".into(),
+            ));
+        }
+        if w.outbox_dir.is_empty() {
+            return Err(ConfigError(
+                "webhook.outbox_dir: the event stream needs a directory".into(),
+            ));
+        }
+        if w.outbox_max_bytes < 1 << 20 {
+            return Err(ConfigError(
+                "webhook.outbox_max_bytes must be at least 1048576".into(),
+            ));
+        }
+        if w.batch_events == 0 || w.timeout_ms == 0 || w.retry_max_ms < 100 {
+            return Err(ConfigError(
+                "webhook: batch_events and timeout_ms must be at least 1, retry_max_ms at least 100"
+                    .into(),
+            ));
+        }
+        if self.cluster_mode() {
+            return Err(ConfigError(
+                "webhook: in a cluster the event stream is the Redis stream `events_stream`, not webhooks"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The `custom_events` patterns (none when the list is empty).
     pub fn custom_event_patterns(&self) -> Result<Option<crate::access::Patterns>, ConfigError> {
         if self.custom_events.is_empty() {
@@ -729,6 +837,7 @@ impl Config {
             }
         }
         crate::auth::Verifier::from_config(&self.auth)?;
+        self.validate_webhook()?;
         Ok(())
     }
 

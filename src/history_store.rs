@@ -103,10 +103,10 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<String>> {
     /// What compaction reads of a line: the event itself is skipped.
     #[derive(serde::Deserialize)]
     struct Head<'a> {
-        #[serde(borrow)]
-        c: std::borrow::Cow<'a, str>,
-        #[serde(borrow)]
-        e: std::borrow::Cow<'a, str>,
+        #[serde(borrow, alias = "c")]
+        channel: std::borrow::Cow<'a, str>,
+        #[serde(borrow, alias = "e")]
+        epoch: std::borrow::Cow<'a, str>,
         at: u64,
     }
     struct Kept {
@@ -116,7 +116,8 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<String>> {
     // Lines as `line` writes them are read by hand, up to `at`: the event
     // itself is not parsed. Others go through serde.
     fn head(text: &str) -> Option<(std::borrow::Cow<'_, str>, &str, u64)> {
-        let rest = text.strip_prefix(r#"{"c":""#)?;
+        const START: &str = r#"{"channel":""#;
+        let rest = text.strip_prefix(START)?;
         let b = rest.as_bytes();
         let mut i = 0;
         let mut escaped = false;
@@ -129,11 +130,14 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<String>> {
         }
         let channel = match escaped {
             false => std::borrow::Cow::Borrowed(rest.get(..i)?),
-            true => std::borrow::Cow::Owned(serde_json::from_str(&text[5..5 + i + 2]).ok()?),
+            true => {
+                let quoted = &text[START.len() - 1..START.len() + i + 1];
+                std::borrow::Cow::Owned(serde_json::from_str(quoted).ok()?)
+            }
         };
-        let rest = rest.get(i..)?.strip_prefix(r#"","e":""#)?;
+        let rest = rest.get(i..)?.strip_prefix(r#"","epoch":""#)?;
         let (epoch, rest) = rest.split_once('"')?;
-        let rest = rest.strip_prefix(r#","o":"#)?;
+        let rest = rest.strip_prefix(r#","offset":"#)?;
         let (_, rest) = rest.split_once(r#","at":"#)?;
         let (at, _) = rest.split_once(',')?;
         Some((channel, epoch, at.parse().ok()?))
@@ -150,7 +154,7 @@ fn compact(path: &Path, keep: Keep, now: u64) -> std::io::Result<Vec<String>> {
                 let (channel, epoch, at) = match head(&text) {
                     Some((c, e, at)) => (c.into_owned(), e.to_owned(), at),
                     None => match serde_json::from_str::<Head>(&text) {
-                        Ok(h) => (h.c.into_owned(), h.e.into_owned(), h.at),
+                        Ok(h) => (h.channel.into_owned(), h.epoch.into_owned(), h.at),
                         Err(_) => {
                             bad += 1;
                             continue;
@@ -246,9 +250,26 @@ mod tests {
         ] {
             batch.extend(line(c, e, o, at, &msg(c, e, o, "hi"), None));
         }
+        // A line of a file written before the long names.
+        let modern = String::from_utf8(line(
+            "legacy",
+            "l1",
+            5,
+            9_950,
+            &msg("legacy", "l1", 5, "hi"),
+            None,
+        ))
+        .unwrap();
+        let old = modern
+            .replacen("\"channel\":", "\"c\":", 1)
+            .replacen("\"epoch\":", "\"e\":", 1)
+            .replacen("\"offset\":", "\"o\":", 1)
+            .replacen("\"event\":", "\"m\":", 1);
+        batch.extend_from_slice(old.as_bytes());
         s.append(&batch, 10_000).unwrap();
         // A write cut short by a kill.
-        s.append(br#"{"c":"a","e":"e1","o":4"#, 10_000).unwrap();
+        s.append(br#"{"channel":"a","epoch":"e1","offset":4"#, 10_000)
+            .unwrap();
         drop(s);
         let (_, back) = HistoryStore::open(&path, keep, 10_000).unwrap();
         // a: the last two; b: its last epoch only; old: expired.
@@ -258,6 +279,7 @@ mod tests {
             ("a".into(), 2),
             ("a".into(), 3),
             ("b".into(), 1),
+            ("legacy".into(), 5),
             ("q\"x\\".into(), 7),
         ];
         assert_eq!(got, want);

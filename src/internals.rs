@@ -19,6 +19,8 @@ pub mod cluster;
 pub mod doctor;
 #[path = "engine/mod.rs"]
 pub mod engine;
+#[path = "event_outbox.rs"]
+pub mod event_outbox;
 #[path = "history_store.rs"]
 pub mod history_store;
 #[path = "http/mod.rs"]
@@ -37,3 +39,5 @@ pub mod node;
 pub mod shard;
 #[path = "signal.rs"]
 pub mod signal;
+#[path = "webhook.rs"]
+pub mod webhook;

@@ -32,6 +32,9 @@
 //!   own (a mesh endpoint), which also writes the history file.
 //! - `history_store`: the history file of a single node (channel events
 //!   that survive a restart).
+//! - `event_outbox`, `webhook`: the event stream to the application
+//!   backend: sequenced events wait on disk, and a thread of its own POSTs
+//!   them in signed batches.
 //! - `cluster`: the bridge to Redis, its decisions sans-IO in `core`.
 //! - `doctor`: what a host lacks for a connection target.
 //! - `http`: plain HTTP on the client port (health, readiness, metrics)
@@ -56,6 +59,6 @@ pub mod internals;
 
 // Inside the crate they keep their short paths (`crate::engine`, ...).
 use internals::{
-    access, admission, ban_store, clock, cluster, doctor, engine, history_store, http, livekit,
-    logs, mesh, metrics, node, shard, signal,
+    access, admission, ban_store, clock, cluster, doctor, engine, event_outbox, history_store,
+    http, livekit, logs, mesh, metrics, node, shard, signal, webhook,
 };

@@ -22,9 +22,11 @@ pub struct Node {
     pub ban_store: Option<crate::engine::ShardId>,
     /// The bans in force at start-up, for each shard's table.
     pub initial_bans: Vec<Moderation>,
-    /// The mesh endpoint that keeps the history on disk (none: in memory
-    /// only, or in a cluster's Redis).
-    pub history_store: Option<crate::engine::ShardId>,
+    /// The mesh endpoint that keeps sequenced events on disk: the history
+    /// file and the event stream's outbox (none: neither is on).
+    pub event_store: Option<crate::engine::ShardId>,
+    /// The event stream to the application backend, when it is on.
+    pub event_stream: Option<Arc<crate::webhook::EventStream>>,
     /// The history read at start-up, by owner shard; each shard takes its
     /// part when it starts.
     pub initial_history: std::sync::Mutex<Vec<Vec<crate::engine::history::Record>>>,
@@ -119,7 +121,8 @@ impl Node {
             verifier,
             ban_store: None,
             initial_bans: Vec::new(),
-            history_store: None,
+            event_store: None,
+            event_stream: None,
             initial_history: Default::default(),
             admission,
             trusted_proxies,
@@ -202,6 +205,9 @@ impl Node {
         let mut out = crate::metrics::render(&self.metrics, self.io_driver(), self.is_ready());
         if let Some((_, m)) = &self.cluster {
             crate::metrics::render_cluster(&mut out, m);
+        }
+        if let Some(s) = &self.event_stream {
+            crate::webhook::render(&mut out, s);
         }
         out
     }

@@ -133,6 +133,20 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             }
             (Some(store), records)
         };
+    // The event stream waits for the backend in an outbox on disk.
+    let (outbox, outbox_reader) = if config.webhook.enabled() {
+        let dir = std::path::Path::new(&config.webhook.outbox_dir);
+        let (outbox, reader) =
+            crate::event_outbox::Outbox::open(dir, config.webhook.outbox_max_bytes)
+                .map_err(StartError::Io)?;
+        let waiting = outbox.state().waiting();
+        if waiting > 0 {
+            tracing::info!(dir = %dir.display(), bytes = waiting, "outbox: events wait for the backend");
+        }
+        (Some(outbox), Some(reader))
+    } else {
+        (None, None)
+    };
     // Extra endpoints: the server API's thread, the cluster's bridge, the
     // ban store (numbered by `crate::mesh`).
     let (mesh, bells) = Mesh::new(
@@ -168,9 +182,14 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         .is_some()
         .then(|| crate::mesh::store_endpoint(shards));
     node.initial_bans = initial_bans;
-    node.history_store = history_store
-        .is_some()
-        .then(|| crate::mesh::store_endpoint(shards));
+    node.event_store =
+        (history_store.is_some() || outbox.is_some()).then(|| crate::mesh::store_endpoint(shards));
+    node.event_stream = outbox.as_ref().map(|o| {
+        Arc::new(crate::webhook::EventStream {
+            outbox: o.state().clone(),
+            metrics: Default::default(),
+        })
+    });
     let mut parts: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
     for r in initial_history {
         let owner = crate::engine::owner_of(&r.channel, shards as u16);
@@ -188,8 +207,23 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let bridge_bell = bells.next().expect("the mesh has the bridge's endpoint");
     let store_bell = bells.next().expect("the mesh has the ban store's endpoint");
     let mut threads = Vec::with_capacity(shards + 2);
-    if ban_store.is_some() || history_store.is_some() {
-        let t = crate::ban_store::spawn(node.clone(), ban_store, history_store, store_bell)
+    if let (Some(stream), Some(reader)) = (&node.event_stream, outbox_reader) {
+        let t = crate::webhook::spawn(
+            node.clone(),
+            stream.clone(),
+            reader,
+            node.config.webhook.clone(),
+        )
+        .map_err(|e| StartError::Io(format!("cannot start the webhook thread: {e}")))?;
+        threads.push(t);
+    }
+    if ban_store.is_some() || history_store.is_some() || outbox.is_some() {
+        let stores = crate::ban_store::Stores {
+            bans: ban_store,
+            history: history_store,
+            outbox,
+        };
+        let t = crate::ban_store::spawn(node.clone(), stores, store_bell)
             .map_err(|e| StartError::Io(format!("cannot start the store's thread: {e}")))?;
         threads.push(t);
     }

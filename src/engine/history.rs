@@ -1,6 +1,7 @@
 //! History that survives a restart of a single node: the owner shard sends
 //! each sequenced event of a channel it sequences itself to the node's
-//! store (`MeshMsg::KeepHistory`, written by `crate::history_store`), and
+//! store (`MeshMsg::KeepHistory`, written by `crate::history_store` and, with
+//! the event stream on, `crate::event_outbox`), and
 //! loads what the store kept when the node starts. In a cluster, Redis
 //! keeps the history and nothing is sent.
 
@@ -10,29 +11,35 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 
-/// One line of the history file: a sequenced event of a channel.
+/// One line of the history file and of the event stream's outbox: a
+/// sequenced event of a channel. (Files written before the long names read
+/// back through the aliases.)
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Line {
     /// The channel.
-    pub c: String,
+    #[serde(alias = "c")]
+    pub channel: String,
     /// Its epoch.
-    pub e: String,
+    #[serde(alias = "e")]
+    pub epoch: String,
     /// The event's offset.
-    pub o: u64,
+    #[serde(alias = "o")]
+    pub offset: u64,
     /// When it was sequenced (ms).
     pub at: u64,
-    /// The event, as the native protocol sends it.
-    pub m: Box<serde_json::value::RawValue>,
+    /// The event, as the native protocol sends it (`{"t":…,"d":…}`).
+    #[serde(alias = "m")]
+    pub event: Box<serde_json::value::RawValue>,
 }
 
 impl Line {
     /// The event it holds (`None`: not one this server reads).
     pub fn record(self) -> Option<Record> {
-        let msg = json::decode_server(self.m.get().as_bytes()).ok()?;
+        let msg = json::decode_server(self.event.get().as_bytes()).ok()?;
         Some(Record {
-            channel: self.c,
-            epoch: self.e,
-            offset: self.o,
+            channel: self.channel,
+            epoch: self.epoch,
+            offset: self.offset,
             at: self.at,
             msg,
         })
@@ -62,11 +69,12 @@ pub fn line(
 ) -> Vec<u8> {
     use std::io::Write as _;
     let mut out = Vec::with_capacity(64 + channel.len() + json_frame.map_or(256, <[u8]>::len));
-    out.extend_from_slice(b"{\"c\":");
+    out.extend_from_slice(b"{\"channel\":");
     serde_json::to_writer(&mut out, channel).expect("writing to a Vec cannot fail");
-    out.extend_from_slice(b",\"e\":");
+    out.extend_from_slice(b",\"epoch\":");
     serde_json::to_writer(&mut out, epoch).expect("writing to a Vec cannot fail");
-    write!(out, ",\"o\":{offset},\"at\":{at},\"m\":").expect("writing to a Vec cannot fail");
+    write!(out, ",\"offset\":{offset},\"at\":{at},\"event\":")
+        .expect("writing to a Vec cannot fail");
     let payload = json_frame.and_then(|f| {
         let h = crate::ws::frame::parse_header(f).ok()??;
         f.get(h.header_len..)
@@ -80,9 +88,10 @@ pub fn line(
 }
 
 impl<O: Outbound> Engine<O> {
-    /// Where sequenced events are kept (the store's mesh endpoint).
-    pub fn set_history_store(&mut self, store: ShardId) {
-        self.history_store = Some(store);
+    /// Where sequenced events are kept (the store's mesh endpoint): the
+    /// history file, the event stream's outbox, or both.
+    pub fn set_event_store(&mut self, store: ShardId) {
+        self.event_store = Some(store);
     }
 
     /// Sends a sequenced event of a channel this shard sequenced to the
@@ -96,7 +105,7 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let (Some(store), Some(o)) = (self.history_store, self.owned.get(channel)) else {
+        let (Some(store), Some(o)) = (self.event_store, self.owned.get(channel)) else {
             return;
         };
         let l = line(channel, &o.epoch, offset, now, msg, json_frame);

@@ -22,6 +22,9 @@ impl<O: Outbound> Engine<O> {
     ) {
         let (channel, from, member, ack) = req.parts();
         let reply = Reply::to(from, member.protocol, ack);
+        if let Some(e) = self.backlog_refusal(ack) {
+            return self.send_reply(reply, e, now, tx);
+        }
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -55,6 +58,9 @@ impl<O: Outbound> Engine<O> {
     ) {
         let (channel, from, member, ack) = req.parts();
         let reply = Reply::to(from, member.protocol, ack);
+        if let Some(e) = self.backlog_refusal(ack) {
+            return self.send_reply(reply, e, now, tx);
+        }
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -86,6 +92,9 @@ impl<O: Outbound> Engine<O> {
     ) {
         let (channel, from, member, ack) = req.parts();
         let reply = Reply::to(from, member.protocol, ack);
+        if let Some(e) = self.backlog_refusal(ack) {
+            return self.send_reply(reply, e, now, tx);
+        }
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -188,6 +197,12 @@ impl<O: Outbound> Engine<O> {
             });
             return self.send_to(from, member.protocol, &ack_of(ack, body), now, tx);
         }
+        if let Some(e) = self.backlog_refusal(ack) {
+            return self.send_to(from, member.protocol, &e, now, tx);
+        }
+        let Some(owned) = self.owned.get_mut(&channel) else {
+            return;
+        };
         if self.cluster.is_some()
             && !owned.clustered()
             && owned.waiting_for_cluster() >= self.s.history_size

@@ -904,8 +904,11 @@ pub struct Engine<O> {
     cluster: Option<cluster::ClusterLink>,
     /// What this shard queued to Socket.IO members, for their recovery.
     sent: recovery::SentLog,
-    /// The mesh endpoint that keeps the history on disk (single node).
-    history_store: Option<ShardId>,
+    /// The mesh endpoint that keeps sequenced events on disk (single
+    /// node): the history file and the event stream's outbox.
+    event_store: Option<ShardId>,
+    /// The event stream's gate (when it is on).
+    backlog: Option<Arc<event_stream::Backlog>>,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -944,7 +947,8 @@ impl<O: Outbound> Engine<O> {
             rng: seed | 1,
             cluster: None,
             sent: Default::default(),
-            history_store: None,
+            event_store: None,
+            backlog: None,
             instance: 0,
             counter: 0,
         };
@@ -1529,6 +1533,7 @@ mod api;
 mod calls;
 mod custom;
 mod dm;
+pub mod event_stream;
 mod gather;
 pub mod history;
 mod members;

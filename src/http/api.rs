@@ -894,6 +894,7 @@ pub fn status_of(code: ErrorCode) -> u16 {
         ErrorCode::NotFound => 404,
         ErrorCode::RateLimited => 429,
         ErrorCode::Internal => 500,
+        ErrorCode::Unavailable => 503,
     }
 }
 

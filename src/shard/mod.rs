@@ -200,8 +200,11 @@ impl Shard {
             .unwrap_or_default();
         engine.load_history(&history, now_ms());
         drop(history);
-        if let Some(store) = node.history_store {
-            engine.set_history_store(store);
+        if let Some(store) = node.event_store {
+            engine.set_event_store(store);
+        }
+        if let Some(s) = &node.event_stream {
+            engine.set_event_stream(s.outbox.backlog.clone());
         }
         if let Some(store) = node.ban_store {
             engine.set_ban_store(store);

@@ -16,4 +16,5 @@ mod history;
 mod hygiene;
 mod safety;
 mod tokens;
+mod webhook;
 mod websocket;

@@ -418,6 +418,7 @@ mod calls;
 mod channels;
 mod custom;
 mod dm;
+mod event_stream;
 mod messages;
 mod notifications;
 mod presence;

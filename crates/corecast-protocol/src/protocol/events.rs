@@ -599,6 +599,9 @@ pub enum ErrorCode {
     TooLarge,
     Unsupported,
     Internal,
+    /// The server cannot take it now (its backlog to the application
+    /// backend is full); `retry_after_ms` says when to try again.
+    Unavailable,
 }
 
 wire_type! {

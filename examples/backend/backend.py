@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""An application backend for corecast, in one file of standard Python.
+
+It takes corecast's event stream (signed, batched webhooks) and stores the
+channels' messages in SQLite, de-duplicating by channel, epoch and offset,
+so that a batch delivered twice (corecast delivers at least once) is
+stored once. Read docs/BACKEND.md for the walk-through.
+
+    python3 examples/backend/backend.py --port 9100 --db messages.db \\
+        --secret "$CORECAST_WEBHOOK_SECRET"
+
+Endpoints:
+    POST /corecast/events    the webhook (configure it as webhook.url)
+    GET  /messages?channel=C the stored messages of channel C, oldest first
+    GET  /events             every event stored, in the order it arrived
+    GET  /stats              requests, events received and stored
+"""
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+# A signature older than this is refused (a replayed request).
+MAX_SKEW_MS = 5 * 60 * 1000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    channel TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    UNIQUE (channel, epoch, offset)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    content TEXT NOT NULL,
+    sent_at INTEGER NOT NULL,
+    edited_at INTEGER,
+    reactions TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS stats (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+def verify(secret: bytes, header: str, body: bytes, now_ms: int) -> bool:
+    """Checks `X-Corecast-Signature: t=MS,v1=HEX` (HMAC-SHA256 of `MS.BODY`)."""
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    t, sig = parts.get("t", ""), parts.get("v1", "")
+    if not t.isdigit() or abs(now_ms - int(t)) > MAX_SKEW_MS:
+        return False
+    want = hmac.new(secret, t.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, sig)
+
+
+class Store:
+    def __init__(self, path):
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def bump(self, name, n):
+        self.db.execute(
+            "INSERT INTO stats VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+    def take(self, events):
+        """Stores a batch in one transaction; returns (stored, duplicates)."""
+        stored = 0
+        with self.lock, self.db:
+            for e in events:
+                ev = e["event"]
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO events (channel, epoch, offset, at, type, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (e["channel"], e["epoch"], e["offset"], e["at"], ev["t"], json.dumps(ev["d"])),
+                )
+                if cur.rowcount == 0:
+                    continue  # delivered before: already applied
+                stored += 1
+                self.apply(ev["t"], ev["d"])
+            self.bump("requests", 1)
+            self.bump("received", len(events))
+            self.bump("stored", stored)
+        return stored, len(events) - stored
+
+    def apply(self, kind, d):
+        if kind == "message:new":
+            self.db.execute(
+                "INSERT OR REPLACE INTO messages (message_id, channel, user_id, content, sent_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (d["messageId"], d["channelId"], d["userId"], d["content"], d["timestamp"]),
+            )
+        elif kind == "message:edited":
+            self.db.execute(
+                "UPDATE messages SET content = ?, edited_at = ? WHERE message_id = ?",
+                (d["content"], d["editedAt"], d["messageId"]),
+            )
+        elif kind == "message:deleted":
+            self.db.execute("DELETE FROM messages WHERE message_id = ?", (d["messageId"],))
+        elif kind == "message:reaction":
+            row = self.db.execute(
+                "SELECT reactions FROM messages WHERE message_id = ?", (d["messageId"],)
+            ).fetchone()
+            if row:
+                reactions = json.loads(row[0])
+                reactions[d["emoji"]] = d["count"]
+                if d["count"] == 0:
+                    reactions.pop(d["emoji"])
+                self.db.execute(
+                    "UPDATE messages SET reactions = ? WHERE message_id = ?",
+                    (json.dumps(reactions), d["messageId"]),
+                )
+
+    def query(self, sql, args=()):
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+
+def handler(store, secret):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: corecast reuses its connection
+
+        def answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            if urlparse(self.path).path != "/corecast/events":
+                return self.answer(404, {"error": "not found"})
+            sig = self.headers.get("X-Corecast-Signature", "")
+            if not verify(secret, sig, body, int(time.time() * 1000)):
+                return self.answer(401, {"error": "bad signature"})
+            try:
+                events = json.loads(body)["events"]
+            except (ValueError, KeyError) as e:
+                return self.answer(400, {"error": f"not a batch of events: {e}"})
+            stored, duplicates = store.take(events)
+            self.answer(200, {"stored": stored, "duplicates": duplicates})
+
+        def do_GET(self):
+            url = urlparse(self.path)
+            q = parse_qs(url.query)
+            if url.path == "/messages":
+                rows = store.query(
+                    "SELECT message_id, user_id, content, sent_at, edited_at, reactions "
+                    "FROM messages WHERE channel = ? ORDER BY sent_at, message_id",
+                    (q.get("channel", [""])[0],),
+                )
+                keys = ("messageId", "userId", "content", "sentAt", "editedAt", "reactions")
+                out = [dict(zip(keys, r)) for r in rows]
+                for m in out:
+                    m["reactions"] = json.loads(m["reactions"])
+                return self.answer(200, out)
+            if url.path == "/events":
+                rows = store.query("SELECT channel, epoch, offset, type FROM events ORDER BY seq")
+                keys = ("channel", "epoch", "offset", "type")
+                return self.answer(200, [dict(zip(keys, r)) for r in rows])
+            if url.path == "/stats":
+                return self.answer(200, dict(store.query("SELECT name, value FROM stats")))
+            self.answer(404, {"error": "not found"})
+
+        def log_message(self, fmt, *args):
+            pass  # quiet; errors still reach stderr
+
+    return Handler
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100, help="0 picks a free port")
+    p.add_argument("--db", default="messages.db", help="the SQLite file")
+    p.add_argument(
+        "--secret",
+        default=os.environ.get("CORECAST_WEBHOOK_SECRET", ""),
+        help="corecast's webhook.secret [env CORECAST_WEBHOOK_SECRET]",
+    )
+    a = p.parse_args()
+    if len(a.secret) < 16:
+        sys.exit("give the webhook secret (at least 16 bytes): --secret or CORECAST_WEBHOOK_SECRET")
+    server = ThreadingHTTPServer((a.host, a.port), handler(Store(a.db), a.secret.encode()))
+    print(f"backend listening on {a.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+//! The event stream's side of the engine: each sequenced event of a
+//! channel goes to the store as one line (channel, epoch, offset, the
+//! event), and while the outbox is full new channel events are refused
+//! with `unavailable` and nothing is sequenced.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::engine::event_stream::Backlog;
+use crate::engine::history::Line;
+
+/// Two shards whose sequenced events go to the store, behind `backlog`.
+fn streaming() -> (Sim, Arc<Backlog>, ShardId) {
+    let mut sim = Sim::new(2);
+    let backlog = Arc::new(Backlog::default());
+    let store = crate::mesh::store_endpoint(2);
+    for e in &mut sim.shards {
+        e.set_event_store(store);
+        e.set_event_stream(backlog.clone());
+    }
+    (sim, backlog, store)
+}
+
+/// The lines the store received: (channel, offset, event name).
+fn kept(sim: &mut Sim, store: ShardId) -> Vec<(String, u64, String)> {
+    std::iter::from_fn(|| sim.mesh.0[store as usize].pop_front())
+        .map(|m| match m {
+            MeshMsg::KeepHistory(line) => {
+                let l: Line = serde_json::from_slice(&line).unwrap();
+                let r = l.record().unwrap();
+                (r.channel, r.offset, r.msg.event.name().to_owned())
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn sequenced_events_go_to_the_store_and_a_full_outbox_refuses_new_ones() {
+    let (mut sim, backlog, store) = streaming();
+    let c = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    sim.join(a, &c);
+    ra.take();
+    let send = MessageSend {
+        nonce: Some("n-1".into()),
+        ..MessageSend::new(c.as_str(), "one")
+    };
+    sim.send(a, Some(11), ClientEvent::MessageSend(send.clone()));
+    let AckBody::Send(first) = ack_body(&ra.take(), 11) else {
+        panic!()
+    };
+    assert_eq!(
+        kept(&mut sim, store),
+        [(c.clone(), 1, "message:new".into())]
+    );
+
+    backlog.set_full(true);
+    sim.send(
+        a,
+        Some(12),
+        ClientEvent::MessageSend(MessageSend::new(c.as_str(), "two")),
+    );
+    let got = ra.take();
+    assert_eq!(error_code(&got, 12), ErrorCode::Unavailable);
+    let retry = picked(&got, |e| match e {
+        ServerEvent::Error(b) => b.retry_after_ms,
+        _ => None,
+    });
+    assert_eq!(retry, [1000]);
+    let r = MessageReact {
+        channel_id: c.clone(),
+        message_id: first.message_id.clone(),
+        emoji: "👍".into(),
+        action: ReactAction::Add,
+    };
+    sim.send(a, Some(13), ClientEvent::MessageReact(r));
+    assert_eq!(error_code(&ra.take(), 13), ErrorCode::Unavailable);
+    // A resend of what was accepted is answered as the first time.
+    sim.send(a, Some(14), ClientEvent::MessageSend(send));
+    let AckBody::Send(again) = ack_body(&ra.take(), 14) else {
+        panic!()
+    };
+    assert!(again.duplicate);
+    assert_eq!(again.offset, 1);
+    assert!(kept(&mut sim, store).is_empty(), "nothing sequenced");
+    assert_eq!(backlog.refused(), 2);
+
+    backlog.set_full(false);
+    sim.send(
+        a,
+        Some(15),
+        ClientEvent::MessageSend(MessageSend::new(c.as_str(), "three")),
+    );
+    let AckBody::Send(next) = ack_body(&ra.take(), 15) else {
+        panic!()
+    };
+    assert_eq!(next.offset, 2, "no offset was taken by a refusal");
+    assert_eq!(kept(&mut sim, store), [(c, 2, "message:new".into())]);
+}

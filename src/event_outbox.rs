@@ -1,0 +1,424 @@
+//! The outbox of the event stream: sequenced channel events wait on disk
+//! until the application backend took them, so that nothing accepted is
+//! lost while the backend is down or the node restarts.
+//!
+//! Events are JSON lines (the history file's, [`crate::engine::history::line`])
+//! appended by the store's thread to segment files named after the
+//! position (in bytes, since the outbox began) of their first line:
+//! `00000000000000000000.jsonl`, then a new one every 8 MiB. The webhook
+//! thread reads from its cursor (the position of the first event the
+//! backend has not taken, kept in `cursor`), and deletes a segment once
+//! the cursor is past it. Lines are synced once a second with the
+//! history; the cursor is written after each delivery, so a kill delivers
+//! a few events again at worst (the backend de-duplicates by channel,
+//! epoch and offset).
+//!
+//! The outbox is bounded: once what waits reaches `outbox_max_bytes`, the
+//! [`Backlog`] gate is shut and the engine refuses new messages with
+//! `unavailable` until deliveries make room. What was accepted before
+//! the gate shut is still written.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+
+pub use crate::engine::event_stream::Backlog;
+
+/// A new segment starts past this many bytes.
+const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// What the store's thread (the writer) and the webhook thread (the
+/// reader) share.
+pub struct OutboxState {
+    /// Where the last line written ends.
+    pub written: AtomicU64,
+    /// Where the first event the backend has not taken starts.
+    pub delivered: AtomicU64,
+    /// Bytes waiting at most before the gate shuts.
+    pub max_bytes: u64,
+    /// The engine's gate.
+    pub backlog: Arc<Backlog>,
+    /// The reader, woken when lines come.
+    pub reader: OnceLock<Thread>,
+}
+
+impl OutboxState {
+    /// Bytes written and not yet delivered.
+    pub fn waiting(&self) -> u64 {
+        self.written
+            .load(Relaxed)
+            .saturating_sub(self.delivered.load(Relaxed))
+    }
+
+    /// Shuts or opens the gate after either end moved.
+    fn gate(&self) {
+        self.backlog.set_full(self.waiting() >= self.max_bytes);
+    }
+}
+
+fn segment_name(start: u64) -> String {
+    format!("{start:020}.jsonl")
+}
+
+/// The segments in `dir`, by their first position.
+fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut starts: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let name = name.to_str()?;
+            let digits = name.strip_suffix(".jsonl")?;
+            (digits.len() == 20).then(|| digits.parse().ok())?
+        })
+        .collect();
+    starts.sort_unstable();
+    Ok(starts)
+}
+
+/// The writing end, owned by the store's thread.
+pub struct Outbox {
+    dir: PathBuf,
+    file: File,
+    /// The current segment's first position.
+    start: u64,
+    written: u64,
+    unsynced: bool,
+    state: Arc<OutboxState>,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `dir`: a line cut short by a kill
+    /// is dropped, and the cursor is read back.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Outbox, Reader), String> {
+        let what = |e: std::io::Error| format!("outbox {}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(what)?;
+        let starts = segments(dir).map_err(what)?;
+        let (start, written) = match starts.last() {
+            Some(&start) => {
+                let path = dir.join(segment_name(start));
+                let text = std::fs::read(&path).map_err(what)?;
+                let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                if whole < text.len() {
+                    tracing::warn!(file = %path.display(), bytes = text.len() - whole,
+                        "outbox: dropped a line cut short");
+                    let f = OpenOptions::new().write(true).open(&path).map_err(what)?;
+                    f.set_len(whole as u64).map_err(what)?;
+                }
+                (start, start + whole as u64)
+            }
+            None => (read_cursor(dir).unwrap_or(0), read_cursor(dir).unwrap_or(0)),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(segment_name(start)))
+            .map_err(what)?;
+        let first = starts.first().copied().unwrap_or(start);
+        let cursor = read_cursor(dir).unwrap_or(first).clamp(first, written);
+        let state = Arc::new(OutboxState {
+            written: AtomicU64::new(written),
+            delivered: AtomicU64::new(cursor),
+            max_bytes,
+            backlog: Arc::new(Backlog::default()),
+            reader: OnceLock::new(),
+        });
+        state.gate();
+        let outbox = Outbox {
+            dir: dir.to_path_buf(),
+            file,
+            start,
+            written,
+            unsynced: false,
+            state: state.clone(),
+        };
+        let reader = Reader {
+            dir: dir.to_path_buf(),
+            state,
+            at: cursor,
+            segment: None,
+        };
+        Ok((outbox, reader))
+    }
+
+    pub fn state(&self) -> &Arc<OutboxState> {
+        &self.state
+    }
+
+    /// Appends whole lines with one write, and wakes the reader.
+    pub fn append(&mut self, lines: &[u8]) -> Result<(), String> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let what = |e: std::io::Error| format!("outbox {}: {e}", self.dir.display());
+        if self.written - self.start >= SEGMENT_BYTES {
+            self.file.sync_data().map_err(what)?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(segment_name(self.written)))
+                .map_err(what)?;
+            self.start = self.written;
+        }
+        self.file.write_all(lines).map_err(what)?;
+        self.written += lines.len() as u64;
+        self.unsynced = true;
+        self.state.written.store(self.written, Relaxed);
+        self.state.gate();
+        if let Some(t) = self.state.reader.get() {
+            t.unpark();
+        }
+        Ok(())
+    }
+
+    pub fn sync(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.unsynced) {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| format!("outbox {}: {e}", self.dir.display()))
+    }
+}
+
+fn read_cursor(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("cursor"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The reading end, owned by the webhook thread.
+pub struct Reader {
+    dir: PathBuf,
+    state: Arc<OutboxState>,
+    /// The first position not delivered.
+    at: u64,
+    /// The segment being read: its first position and file.
+    segment: Option<(u64, File)>,
+}
+
+/// Events read for one delivery.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Whole lines, each ending in a newline.
+    pub lines: Vec<u8>,
+    pub events: usize,
+    /// Where the next batch starts.
+    pub end: u64,
+}
+
+impl Reader {
+    pub fn state(&self) -> &Arc<OutboxState> {
+        &self.state
+    }
+
+    /// Up to `max_events` events (and about `max_bytes`, more when one
+    /// event is larger) from the cursor on; none when all was delivered.
+    pub fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch, String> {
+        let dir = self.dir.clone();
+        let what = |e: std::io::Error| format!("outbox {}: {e}", dir.display());
+        let written = self.state.written.load(Relaxed);
+        let at = self.at;
+        let mut batch = Batch {
+            end: at,
+            ..Batch::default()
+        };
+        if at >= written {
+            return Ok(batch);
+        }
+        let (start, file) = self.segment_at(at).map_err(what)?;
+        let in_file = at - start;
+        let len = file.metadata().map_err(what)?.len();
+        let available = (len.min(written - start)).saturating_sub(in_file) as usize;
+        let mut want = available.min(max_bytes.max(64 << 10));
+        loop {
+            batch.lines.resize(want, 0);
+            file.read_exact_at(&mut batch.lines, in_file)
+                .map_err(what)?;
+            let lines = memchr::memchr_iter(b'\n', &batch.lines);
+            let mut end = 0;
+            for (n, i) in lines.enumerate() {
+                if n == max_events || (end > 0 && i + 1 > max_bytes) {
+                    break;
+                }
+                end = i + 1;
+                batch.events = n + 1;
+            }
+            if end > 0 {
+                batch.lines.truncate(end);
+                batch.end = at + end as u64;
+                return Ok(batch);
+            }
+            if want == available {
+                // The segment ends inside a line: not one written here.
+                return Err(format!(
+                    "outbox {}: a line without its end at {at}",
+                    dir.display()
+                ));
+            }
+            want = (want * 2).min(available);
+        }
+    }
+
+    /// The segment holding position `at`.
+    fn segment_at(&mut self, at: u64) -> std::io::Result<(u64, &File)> {
+        let current = match &self.segment {
+            Some((start, f)) => {
+                let len = f.metadata()?.len();
+                at >= *start && at < start + len
+            }
+            None => false,
+        };
+        if !current {
+            let starts = segments(&self.dir)?;
+            let start = starts
+                .iter()
+                .rev()
+                .find(|&&s| s <= at)
+                .copied()
+                .ok_or_else(|| std::io::Error::other(format!("no segment holds {at}")))?;
+            let f = File::open(self.dir.join(segment_name(start)))?;
+            self.segment = Some((start, f));
+        }
+        let (start, f) = self.segment.as_ref().expect("set above");
+        Ok((*start, f))
+    }
+
+    /// The backend took everything before `end`: the cursor moves there,
+    /// and segments wholly before it go.
+    pub fn delivered(&mut self, end: u64) -> Result<(), String> {
+        let what = |e: std::io::Error| format!("outbox {}: {e}", self.dir.display());
+        self.at = end;
+        let tmp = self.dir.join("cursor.tmp");
+        std::fs::write(&tmp, format!("{end}\n")).map_err(what)?;
+        std::fs::rename(&tmp, self.dir.join("cursor")).map_err(what)?;
+        self.state.delivered.store(end, Relaxed);
+        self.state.gate();
+        // A segment is done when the next one starts at or before the
+        // cursor.
+        let starts = segments(&self.dir).map_err(what)?;
+        for pair in starts.windows(2) {
+            if pair[1] <= end {
+                if self.segment.as_ref().is_some_and(|(s, _)| *s == pair[0]) {
+                    self.segment = None;
+                }
+                std::fs::remove_file(self.dir.join(segment_name(pair[0]))).map_err(what)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cc-outbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn line(i: usize, pad: usize) -> Vec<u8> {
+        format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(pad)).into_bytes()
+    }
+
+    fn ids(b: &Batch) -> Vec<usize> {
+        b.lines
+            .split(|&c| c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<serde_json::Value>(l).unwrap()["i"]
+                    .as_u64()
+                    .unwrap() as usize
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_come_out_in_order_across_segments_and_restarts() {
+        let dir = tempdir("order");
+        let (mut w, mut r) = Outbox::open(&dir, 1 << 30).unwrap();
+        assert_eq!(r.read(10, 1 << 20).unwrap().events, 0);
+        // 3 segments' worth, in batches of 100 lines of ~10 KiB.
+        let mut n = 0;
+        while segments(&dir).unwrap().len() < 3 {
+            let mut lines = Vec::new();
+            for _ in 0..100 {
+                lines.extend(line(n, 10_000));
+                n += 1;
+            }
+            w.append(&lines).unwrap();
+        }
+        assert!(w.written > 2 * SEGMENT_BYTES);
+        let mut seen = Vec::new();
+        // Half, then a restart: the cursor holds.
+        while seen.len() < n / 2 {
+            let b = r.read(70, 256 << 10).unwrap();
+            assert!(b.events > 0 && b.events <= 70);
+            seen.extend(ids(&b));
+            r.delivered(b.end).unwrap();
+        }
+        // A kill cuts a write short.
+        w.file.write_all(b"{\"i\":").unwrap();
+        drop((w, r));
+        let (mut w, mut r) = Outbox::open(&dir, 1 << 30).unwrap();
+        w.append(&line(n, 10)).unwrap();
+        n += 1;
+        loop {
+            let b = r.read(1000, 1 << 20).unwrap();
+            if b.events == 0 {
+                break;
+            }
+            seen.extend(ids(&b));
+            r.delivered(b.end).unwrap();
+        }
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        // Only the segment being written is left.
+        assert_eq!(segments(&dir).unwrap().len(), 1);
+        assert_eq!(r.state().waiting(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_gate_shuts_when_full_and_opens_as_events_go() {
+        let dir = tempdir("gate");
+        let (mut w, mut r) = Outbox::open(&dir, 1000).unwrap();
+        let one = line(0, 80);
+        let mut appended = 0;
+        while !r.state().backlog.full() {
+            w.append(&one).unwrap();
+            appended += 1;
+        }
+        assert_eq!(appended, 1000usize.div_ceil(one.len()));
+        assert!(r.state().waiting() >= 1000);
+        let b = r.read(1, 1 << 20).unwrap();
+        assert_eq!(b.events, 1);
+        r.delivered(b.end).unwrap();
+        assert!(!r.state().backlog.full());
+        // Reopened full: still full.
+        w.append(&one).unwrap();
+        drop((w, r));
+        let (_w, r) = Outbox::open(&dir, 1000).unwrap();
+        assert!(r.state().backlog.full());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_line_larger_than_a_read_is_read_whole() {
+        let dir = tempdir("large");
+        let (mut w, mut r) = Outbox::open(&dir, 1 << 30).unwrap();
+        w.append(&line(7, 300_000)).unwrap();
+        w.append(&line(8, 10)).unwrap();
+        let b = r.read(10, 1000).unwrap();
+        assert_eq!(ids(&b), vec![7]);
+        r.delivered(b.end).unwrap();
+        let b = r.read(10, 1000).unwrap();
+        assert_eq!(ids(&b), vec![8]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

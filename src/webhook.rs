@@ -1,0 +1,306 @@
+//! The event stream's delivery: a thread of its own reads the outbox
+//! ([`crate::event_outbox`]) and POSTs its events to the backend in
+//! batches, one at a time and in order, signed with HMAC-SHA256. A batch
+//! the backend does not answer with a 2xx is tried again after a wait that
+//! doubles from 100 ms to `retry_max_ms`; nothing moves on until it is
+//! taken. Batches grow with the load: what comes while one is in flight
+//! goes in the next.
+//!
+//! The request body is `{"events":[EVENT, …]}`, each event one line of the
+//! outbox; `X-Corecast-Signature: t=MS,v1=HEX` signs `MS.BODY` (see
+//! docs/BACKEND.md).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::WebhookConfig;
+use crate::event_outbox::{OutboxState, Reader};
+use crate::http::client::{Client, Failure, Url};
+use crate::metrics::Counter;
+use crate::node::Node;
+
+/// The first wait after a failure.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Bytes of events per POST, about (one larger event goes alone).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// The event stream's figures, and the outbox they describe.
+#[derive(Default)]
+pub struct WebhookMetrics {
+    /// Events the backend took.
+    pub delivered: Counter,
+    /// POSTs the backend took.
+    pub batches: Counter,
+    /// POSTs that failed (no answer, or not a 2xx).
+    pub failures: Counter,
+    /// Time the taken POSTs took, in microseconds.
+    pub request_us: Counter,
+    /// Age of the oldest event of the last batch taken, in ms (gauge).
+    pub lag_ms: Counter,
+}
+
+/// What the node shares of the event stream.
+pub struct EventStream {
+    pub outbox: Arc<OutboxState>,
+    pub metrics: WebhookMetrics,
+}
+
+/// The signature header's value for `body` sent at `t` (ms).
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let mut out = format!("t={t},v1=");
+    for b in mac.finalize().into_bytes() {
+        let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
+    }
+    out
+}
+
+/// The body of a batch: its lines as a JSON array.
+pub fn body(lines: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(lines.len() + 16);
+    out.extend_from_slice(b"{\"events\":[");
+    let mut first = true;
+    for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// When the first event of `lines` was sequenced (its `at`).
+fn first_at(lines: &[u8]) -> Option<u64> {
+    let line = lines.split(|&b| b == b'\n').next()?;
+    let i = memchr::memmem::find(line, b",\"at\":")? + 6;
+    let digits = line[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&line[i..i + digits]).ok()?.parse().ok()
+}
+
+/// Starts the delivery thread. It ends when the node drains (what waits
+/// is delivered after the next start).
+pub fn spawn(
+    node: Arc<Node>,
+    stream: Arc<EventStream>,
+    reader: Reader,
+    config: WebhookConfig,
+) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
+    std::thread::Builder::new()
+        .name("corecast-webhook".into())
+        .spawn(move || {
+            run(&node, &stream, reader, &config);
+            Ok(())
+        })
+}
+
+fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookConfig) {
+    let _ = stream.outbox.reader.set(std::thread::current());
+    let url = Url::parse(&config.url).expect("checked by the config");
+    let mut client = Client::new(url, Duration::from_millis(config.timeout_ms));
+    let retry_max = Duration::from_millis(config.retry_max_ms);
+    let mut wait = RETRY_MIN;
+    let mut body_buf = Vec::new();
+    let throttle = crate::logs::Throttle::default();
+    let m = &stream.metrics;
+    loop {
+        if node.is_draining() {
+            return;
+        }
+        let batch = match reader.read(config.batch_events, BATCH_BYTES) {
+            Ok(b) => b,
+            Err(e) => {
+                if throttle.allow(crate::clock::now_ms()).is_some() {
+                    tracing::error!(error = %e, "webhook: cannot read the outbox");
+                }
+                pause(node, Duration::from_secs(1));
+                continue;
+            }
+        };
+        if batch.events == 0 {
+            // Woken by the store when events come.
+            std::thread::park_timeout(Duration::from_millis(500));
+            continue;
+        }
+        body(&batch.lines, &mut body_buf);
+        let t = crate::clock::now_ms();
+        let sig = signature(config.secret.as_bytes(), t, &body_buf);
+        let count = batch.events.to_string();
+        let headers = [
+            ("X-Corecast-Signature", sig.as_str()),
+            ("X-Corecast-Events", count.as_str()),
+        ];
+        let started = Instant::now();
+        let failed = match client.post_json(&headers, &body_buf) {
+            Ok(r) if (200..300).contains(&r.status) => {
+                m.request_us.add(started.elapsed().as_micros() as u64);
+                m.batches.inc();
+                m.delivered.add(batch.events as u64);
+                if let Some(at) = first_at(&batch.lines) {
+                    m.lag_ms.set(crate::clock::now_ms().saturating_sub(at));
+                }
+                if let Err(e) = reader.delivered(batch.end) {
+                    tracing::error!(error = %e, "webhook: cannot move the outbox's cursor");
+                }
+                wait = RETRY_MIN;
+                None
+            }
+            Ok(r) => {
+                let text = String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned();
+                Some(format!("the backend answered {}: {text}", r.status))
+            }
+            Err(f @ Failure::Connect(_)) | Err(f @ Failure::Exchange(_)) => Some(f.to_string()),
+        };
+        if let Some(why) = failed {
+            m.failures.inc();
+            if let Some(left_out) = throttle.allow(crate::clock::now_ms()) {
+                tracing::warn!(
+                    url = %config.url,
+                    error = %why,
+                    events = batch.events,
+                    waiting_bytes = stream.outbox.waiting(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    failures_left_out = left_out,
+                    "webhook: the backend did not take a batch; it is kept and tried again"
+                );
+            }
+            pause(node, wait);
+            wait = (wait * 2).min(retry_max);
+        }
+    }
+}
+
+/// Waits `d` (less when the node drains); new events do not cut it short.
+fn pause(node: &Node, d: Duration) {
+    let until = Instant::now() + d;
+    while !node.is_draining() {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::park_timeout((until - now).min(Duration::from_millis(200)));
+    }
+}
+
+/// Appends the event stream's figures to the metrics text.
+pub fn render(out: &mut String, s: &EventStream) {
+    use std::fmt::Write as _;
+    let m = &s.metrics;
+    let series: [(&str, &str, &str, u64); 8] = [
+        (
+            "webhook_waiting_bytes",
+            "gauge",
+            "Bytes of events in the outbox the backend has not taken.",
+            s.outbox.waiting(),
+        ),
+        (
+            "webhook_outbox_full",
+            "gauge",
+            "1 while the outbox is full and new messages are refused.",
+            s.outbox.backlog.full() as u64,
+        ),
+        (
+            "webhook_refused_total",
+            "counter",
+            "Channel events refused (unavailable) because the outbox was full.",
+            s.outbox.backlog.refused(),
+        ),
+        (
+            "webhook_delivered_total",
+            "counter",
+            "Events the backend took.",
+            m.delivered.get(),
+        ),
+        (
+            "webhook_requests_total",
+            "counter",
+            "POSTs the backend took (batches).",
+            m.batches.get(),
+        ),
+        (
+            "webhook_failures_total",
+            "counter",
+            "POSTs that failed (no answer or not a 2xx); each is tried again.",
+            m.failures.get(),
+        ),
+        (
+            "webhook_request_seconds_total",
+            "counter",
+            "Time the taken POSTs took, in seconds (divide by requests for the mean).",
+            0,
+        ),
+        (
+            "webhook_lag_seconds",
+            "gauge",
+            "Age of the oldest event of the last batch taken, in seconds.",
+            0,
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        let _ = writeln!(out, "# HELP corecast_{name} {help}");
+        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
+        match name {
+            "webhook_request_seconds_total" => {
+                let _ = writeln!(
+                    out,
+                    "corecast_{name} {:.6}",
+                    m.request_us.get() as f64 / 1e6
+                );
+            }
+            "webhook_lag_seconds" => {
+                let _ = writeln!(out, "corecast_{name} {:.3}", m.lag_ms.get() as f64 / 1e3);
+            }
+            _ => {
+                let _ = writeln!(out, "corecast_{name} {v}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_time_dot_body() {
+        // echo -n '1700000000000.{"events":[]}' | openssl dgst -sha256 -hmac 0123456789abcdef
+        assert_eq!(
+            signature(b"0123456789abcdef", 1_700_000_000_000, br#"{"events":[]}"#),
+            "t=1700000000000,v1=".to_owned() + &expected_hex()
+        );
+    }
+
+    fn expected_hex() -> String {
+        // Computed independently with Python's hmac module.
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import hmac,hashlib;print(hmac.new(b'0123456789abcdef',b'1700000000000.{\"events\":[]}',hashlib.sha256).hexdigest())",
+            ])
+            .output()
+            .expect("python3 runs");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn a_body_is_the_lines_as_an_array() {
+        let mut out = Vec::new();
+        body(b"{\"a\":1}\n{\"b\":2}\n", &mut out);
+        assert_eq!(out, br#"{"events":[{"a":1},{"b":2}]}"#);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["events"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            first_at(
+                b"{\"channel\":\"c\",\"epoch\":\"e\",\"offset\":3,\"at\":1234,\"event\":{}}\n"
+            ),
+            Some(1234)
+        );
+    }
+}

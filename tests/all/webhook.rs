@@ -1,0 +1,395 @@
+//! The event stream to the application backend, end to end: a single node
+//! POSTs its channels' events to the example backend
+//! (`examples/backend/backend.py`, a real process storing them in SQLite),
+//! in channel order, and loses none while the backend is down, the node
+//! is killed, or the outbox is full.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use serde_json::{json, Value};
+
+const HOOK_SECRET: &str = "webhook-secret-0123456789";
+
+/// The example backend, started on `port` (0: a free one).
+struct Backend {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Backend {
+    fn start(db: &Path, port: u16) -> Backend {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/backend/backend.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--db", db.to_str().unwrap()])
+            .args(["--secret", HOOK_SECRET])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the example backend");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("the backend did not start: {line:?}"));
+        Backend { child, addr }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.get("/stats")[name].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until the backend has stored `n` distinct events.
+    fn wait_stored(&self, n: u64, node: &Server) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.stat("stored") < n {
+            assert!(
+                Instant::now() < deadline,
+                "the backend stored {} of {n} events; node:\n{}",
+                self.stat("stored"),
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cc-webhook-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn start(url: &str, outbox: &Path, max_bytes: Option<&str>) -> Server {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--auth-secret", SECRET];
+    args.extend(["--shards", "2", "--webhook-url", url]);
+    args.extend(["--webhook-secret", HOOK_SECRET]);
+    args.extend(["--webhook-outbox-dir", outbox.to_str().unwrap()]);
+    if let Some(m) = max_bytes {
+        args.extend(["--webhook-outbox-max-bytes", m]);
+    }
+    Server::start_raw(&args, &[])
+}
+
+/// Lines in the outbox's segments.
+fn outbox_lines(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| {
+            std::fs::read(e.path())
+                .unwrap()
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+        })
+        .sum()
+}
+
+/// Waits until the node's metric `name` passes `ok`.
+fn wait_metric(s: &Server, name: &str, ok: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok(s.metric(name)) {
+        assert!(Instant::now() < deadline, "{name}: {}", s.metrics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every channel's events in the order the backend stored them: each
+/// channel's offsets must run 1, 2, 3, … without a gap or a repeat.
+fn assert_in_channel_order(events: &Value) -> BTreeMap<String, Vec<u64>> {
+    let mut by_channel: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in events.as_array().unwrap() {
+        by_channel
+            .entry(e["channel"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e["offset"].as_u64().unwrap());
+    }
+    for (channel, offsets) in &by_channel {
+        let want: Vec<u64> = (1..=offsets.len() as u64).collect();
+        assert_eq!(offsets, &want, "channel {channel}");
+    }
+    by_channel
+}
+
+#[tokio::test]
+async fn events_reach_the_backend_in_order_through_an_outage_and_a_kill() {
+    let dir = tempdir("order");
+    let backend = Backend::start(&dir.join("db.sqlite"), 0);
+    let port = backend.addr.port();
+    let url = format!("http://{}/corecast/events", backend.addr);
+    let outbox = dir.join("outbox");
+    let s = start(&url, &outbox, None);
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    let mut bob = Peer::on(&s, "bob", 1, "").await;
+    for c in ["general", "random"] {
+        alice.ok("channel:join", json!({"channelId": c})).await;
+        bob.ok("channel:join", json!({"channelId": c})).await;
+    }
+    // Messages on two channels from two users, an edit, a reaction and a
+    // deletion.
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (peer, channel) = match i % 3 {
+            0 => (&mut alice, "general"),
+            1 => (&mut bob, "general"),
+            _ => (&mut alice, "random"),
+        };
+        let a = peer
+            .ok(
+                "message:send",
+                json!({"channelId": channel, "content": format!("m{i}")}),
+            )
+            .await;
+        ids.push(a["messageId"].as_str().unwrap().to_owned());
+    }
+    alice
+        .ok(
+            "message:edit",
+            json!({"channelId": "general", "messageId": ids[0], "content": "m0 (edited)"}),
+        )
+        .await;
+    bob.ok(
+        "message:react",
+        json!({"channelId": "general", "messageId": ids[0], "emoji": "👍", "action": "add"}),
+    )
+    .await;
+    bob.ok(
+        "message:delete",
+        json!({"channelId": "general", "messageId": ids[1]}),
+    )
+    .await;
+    backend.wait_stored(23, &s);
+    let events = backend.get("/events");
+    let by_channel = assert_in_channel_order(&events);
+    assert_eq!(by_channel["general"].len(), 14 + 3);
+    assert_eq!(by_channel["random"].len(), 6);
+    // What the backend made of them.
+    let stored = backend.get("/messages?channel=general");
+    let contents: Vec<&str> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents.len(), 13, "{stored}");
+    assert_eq!(contents[0], "m0 (edited)");
+    assert!(!contents.contains(&"m1"), "deleted: {stored}");
+    assert_eq!(stored[0]["reactions"]["👍"], 1, "{stored}");
+    // The node hears the backend's answer after the backend stored.
+    wait_metric(&s, "corecast_webhook_waiting_bytes", |v| v == 0);
+    assert!(s.metric("corecast_webhook_delivered_total") >= 23);
+    assert!(s.metric("corecast_webhook_requests_total") >= 1);
+
+    // The backend goes down: messages are still accepted, and wait.
+    backend.kill();
+    for i in 0..30 {
+        let channel = if i % 2 == 0 { "general" } else { "random" };
+        alice
+            .ok(
+                "message:send",
+                json!({"channelId": channel, "content": format!("down{i}")}),
+            )
+            .await;
+    }
+    wait_metric(&s, "corecast_webhook_failures_total", |v| v > 0);
+    assert!(s.metric("corecast_webhook_waiting_bytes") > 0);
+    // Once the store has written them all (a kill loses what it has not).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outbox_lines(&outbox) < 23 + 30 {
+        assert!(Instant::now() < deadline, "{}", outbox_lines(&outbox));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The node is killed too (no drain); it starts again on its outbox.
+    drop((alice, bob));
+    let mut s = s;
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let s = start(&url, &outbox, None);
+    assert!(
+        s.log().contains("events wait for the backend"),
+        "{}",
+        s.log()
+    );
+    // A channel's epoch starts over on a node without a history file:
+    // the backend tells events apart by epoch.
+    let mut carol = Peer::on(&s, "carol", 0, "").await;
+    carol
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    carol
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": "after"}),
+        )
+        .await;
+    // The backend is back on its port: everything arrives, once.
+    let backend = Backend::start(&dir.join("db.sqlite"), port);
+    backend.wait_stored(23 + 30 + 1, &s);
+    let events = backend.get("/events");
+    let list = events.as_array().unwrap();
+    assert_eq!(list.len(), 54);
+    let keys: BTreeSet<(String, String, u64)> = list
+        .iter()
+        .map(|e| {
+            (
+                e["channel"].as_str().unwrap().to_owned(),
+                e["epoch"].as_str().unwrap().to_owned(),
+                e["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), 54, "stored once each");
+    // Per epoch of each channel, in order and without a gap.
+    let mut by_epoch: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    for (c, e, o) in list.iter().map(|e| {
+        (
+            e["channel"].as_str().unwrap().to_owned(),
+            e["epoch"].as_str().unwrap().to_owned(),
+            e["offset"].as_u64().unwrap(),
+        )
+    }) {
+        by_epoch.entry((c, e)).or_default().push(o);
+    }
+    let mut lengths: Vec<usize> = by_epoch.values().map(Vec::len).collect();
+    lengths.sort_unstable();
+    assert_eq!(lengths, [1, 6 + 15, 17 + 15], "{by_epoch:?}");
+    for offsets in by_epoch.values() {
+        assert_eq!(offsets, &(1..=offsets.len() as u64).collect::<Vec<_>>());
+    }
+    wait_metric(&s, "corecast_webhook_waiting_bytes", |v| v == 0);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_new_messages_until_the_backend_takes_them() {
+    let dir = tempdir("full");
+    // Nothing listens there yet.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/corecast/events");
+    let s = start(&url, &dir.join("outbox"), Some("1048576"));
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let content = "x".repeat(3000);
+    let mut accepted = 0u64;
+    let refusal = loop {
+        let v = alice
+            .request(
+                "message:send",
+                json!({"channelId": "general", "content": content}),
+            )
+            .await;
+        if v["t"] == "ack" {
+            accepted += 1;
+            assert!(accepted < 1000, "never refused");
+            continue;
+        }
+        break v;
+    };
+    assert_eq!(refusal["d"]["code"], "unavailable", "{refusal}");
+    assert_eq!(refusal["d"]["retryAfterMs"], 1000, "{refusal}");
+    // About 1 MiB of 3 KB messages.
+    assert!((300..400).contains(&accepted), "{accepted}");
+    assert_eq!(s.metric("corecast_webhook_outbox_full"), 1);
+    assert_eq!(s.metric("corecast_webhook_refused_total"), 1);
+    // Edits and reactions are refused as well; reading is not.
+    let h = alice
+        .ok("channel:get_history", json!({"channelId": "general"}))
+        .await;
+    let last = h["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        alice
+            .refused(
+                "message:react",
+                json!({"channelId": "general", "messageId": last["messageId"], "emoji": "🎉", "action": "add"}),
+            )
+            .await,
+        "unavailable"
+    );
+    // The backend comes: what was accepted arrives, and messages are
+    // accepted again.
+    let backend = Backend::start(&dir.join("db.sqlite"), port);
+    backend.wait_stored(accepted, &s);
+    assert_in_channel_order(&backend.get("/events"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = alice
+            .request(
+                "message:send",
+                json!({"channelId": "general", "content": "again"}),
+            )
+            .await;
+        if v["t"] == "ack" {
+            assert_eq!(v["d"]["offset"], accepted + 1, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_metric(&s, "corecast_webhook_outbox_full", |v| v == 0);
+    backend.wait_stored(accepted + 1, &s);
+    assert_eq!(backend.stat("stored"), backend.stat("received"));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_backend_refuses_a_bad_signature() {
+    let dir = tempdir("sig");
+    let backend = Backend::start(&dir.join("db.sqlite"), 0);
+    let body = r#"{"events":[]}"#;
+    let mut s = TcpStream::connect(backend.addr).unwrap();
+    write!(
+        s,
+        "POST /corecast/events HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\nX-Corecast-Signature: t=1,v1=00\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    drop(backend);
+    let _ = std::fs::remove_dir_all(&dir);
+}
