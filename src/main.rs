@@ -199,6 +199,9 @@ fn main() -> ExitCode {
                 for k in shown.api_keys.iter_mut() {
                     *k = "<hidden>".into();
                 }
+                if !shown.webhook.secret.is_empty() {
+                    shown.webhook.secret = "<hidden>".into();
+                }
                 shown.redis = corecast::config::without_password(&shown.redis);
                 for url in shown.redis_cluster.iter_mut() {
                     *url = corecast::config::without_password(url);

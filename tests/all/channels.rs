@@ -459,16 +459,37 @@ fn token_and_check_config_commands() {
             "key",
             "--livekit-api-secret",
             "livekit-secret-0123456789",
+            "--webhook-url",
+            "http://127.0.0.1:9/events",
+            "--webhook-secret",
+            "webhook-secret-0123456789",
         ])
         .output()
         .unwrap();
-    assert!(shown.status.success());
+    assert!(shown.status.success(), "{shown:?}");
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("wss://lk.example"), "{text}");
+    assert!(text.contains("http://127.0.0.1:9/events"), "{text}");
     assert!(
-        !text.contains("auth-secret-0123456789") && !text.contains("livekit-secret-0123456789"),
+        !text.contains("auth-secret-0123456789")
+            && !text.contains("livekit-secret-0123456789")
+            && !text.contains("webhook-secret-0123456789"),
         "{text}"
     );
+    // The event stream: a plain http URL and a key of 16 bytes or more.
+    for (args, says) in [
+        (["--webhook-url", "https://x/e", "--webhook-secret", "webhook-secret-0123456789"], "https"),
+        (["--webhook-url", "http://x/e", "--webhook-secret", "short"], "16 bytes"),
+        (["--webhook-url", "http://x/e", "--webhook-outbox-max-bytes", "1000"], "secret"),
+    ] {
+        let bad = std::process::Command::new(bin)
+            .arg("check-config")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(bad.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&bad.stderr).contains(says), "{args:?}: {bad:?}");
+    }
     // LiveKit settings come as a set.
     let partial = std::process::Command::new(bin)
         .args(["check-config", "--livekit-url", "wss://lk.example"])
