@@ -134,11 +134,21 @@ impl Outbox {
             unsynced: false,
             state: state.clone(),
         };
+        let cursor_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("cursor"))
+            .map_err(what)?;
         let reader = Reader {
             dir: dir.to_path_buf(),
             state,
             at: cursor,
             segment: None,
+            buf: Vec::new(),
+            cursor: cursor_file,
+            oldest: first,
         };
         Ok((outbox, reader))
     }
@@ -183,6 +193,34 @@ impl Outbox {
     }
 }
 
+/// The segment holding position `at` (`segment`: the one open).
+fn segment_at<'a>(
+    dir: &Path,
+    segment: &'a mut Option<(u64, File)>,
+    at: u64,
+) -> std::io::Result<(u64, &'a File)> {
+    let current = match segment {
+        Some((start, f)) => {
+            let len = f.metadata()?.len();
+            at >= *start && at < *start + len
+        }
+        None => false,
+    };
+    if !current {
+        let starts = segments(dir)?;
+        let start = starts
+            .iter()
+            .rev()
+            .find(|&&s| s <= at)
+            .copied()
+            .ok_or_else(|| std::io::Error::other(format!("no segment holds {at}")))?;
+        let f = File::open(dir.join(segment_name(start)))?;
+        *segment = Some((start, f));
+    }
+    let (start, f) = segment.as_ref().expect("set above");
+    Ok((*start, f))
+}
+
 fn read_cursor(dir: &Path) -> Option<u64> {
     std::fs::read_to_string(dir.join("cursor"))
         .ok()?
@@ -199,13 +237,20 @@ pub struct Reader {
     at: u64,
     /// The segment being read: its first position and file.
     segment: Option<(u64, File)>,
+    /// What is read, kept from batch to batch (so that its memory is not
+    /// asked for, and zeroed by the kernel, each time).
+    buf: Vec<u8>,
+    /// The `cursor` file.
+    cursor: File,
+    /// The first segment on disk.
+    oldest: u64,
 }
 
 /// Events read for one delivery.
 #[derive(Debug, Default)]
-pub struct Batch {
+pub struct Batch<'a> {
     /// Whole lines, each ending in a newline.
-    pub lines: Vec<u8>,
+    pub lines: &'a [u8],
     pub events: usize,
     /// Where the next batch starts.
     pub end: u64,
@@ -218,74 +263,52 @@ impl Reader {
 
     /// Up to `max_events` events (and about `max_bytes`, more when one
     /// event is larger) from the cursor on; none when all was delivered.
-    pub fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch, String> {
-        let dir = self.dir.clone();
-        let what = |e: std::io::Error| format!("outbox {}: {e}", dir.display());
+    pub fn read(&mut self, max_events: usize, max_bytes: usize) -> Result<Batch<'_>, String> {
+        let what = |e: std::io::Error| format!("outbox {}: {e}", self.dir.display());
         let written = self.state.written.load(Relaxed);
         let at = self.at;
-        let mut batch = Batch {
-            end: at,
-            ..Batch::default()
-        };
         if at >= written {
-            return Ok(batch);
+            return Ok(Batch {
+                end: at,
+                ..Batch::default()
+            });
         }
-        let (start, file) = self.segment_at(at).map_err(what)?;
+        let (start, file) = segment_at(&self.dir, &mut self.segment, at).map_err(what)?;
         let in_file = at - start;
         let len = file.metadata().map_err(what)?.len();
         let available = (len.min(written - start)).saturating_sub(in_file) as usize;
         let mut want = available.min(max_bytes.max(64 << 10));
         loop {
-            batch.lines.resize(want, 0);
-            file.read_exact_at(&mut batch.lines, in_file)
-                .map_err(what)?;
-            let lines = memchr::memchr_iter(b'\n', &batch.lines);
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            let read = &mut self.buf[..want];
+            file.read_exact_at(read, in_file).map_err(what)?;
             let mut end = 0;
-            for (n, i) in lines.enumerate() {
+            let mut events = 0;
+            for (n, i) in memchr::memchr_iter(b'\n', read).enumerate() {
                 if n == max_events || (end > 0 && i + 1 > max_bytes) {
                     break;
                 }
                 end = i + 1;
-                batch.events = n + 1;
+                events = n + 1;
             }
             if end > 0 {
-                batch.lines.truncate(end);
-                batch.end = at + end as u64;
-                return Ok(batch);
+                return Ok(Batch {
+                    lines: &self.buf[..end],
+                    events,
+                    end: at + end as u64,
+                });
             }
             if want == available {
                 // The segment ends inside a line: not one written here.
                 return Err(format!(
                     "outbox {}: a line without its end at {at}",
-                    dir.display()
+                    self.dir.display()
                 ));
             }
             want = (want * 2).min(available);
         }
-    }
-
-    /// The segment holding position `at`.
-    fn segment_at(&mut self, at: u64) -> std::io::Result<(u64, &File)> {
-        let current = match &self.segment {
-            Some((start, f)) => {
-                let len = f.metadata()?.len();
-                at >= *start && at < start + len
-            }
-            None => false,
-        };
-        if !current {
-            let starts = segments(&self.dir)?;
-            let start = starts
-                .iter()
-                .rev()
-                .find(|&&s| s <= at)
-                .copied()
-                .ok_or_else(|| std::io::Error::other(format!("no segment holds {at}")))?;
-            let f = File::open(self.dir.join(segment_name(start)))?;
-            self.segment = Some((start, f));
-        }
-        let (start, f) = self.segment.as_ref().expect("set above");
-        Ok((*start, f))
     }
 
     /// The backend took everything before `end`: the cursor moves there,
@@ -293,21 +316,24 @@ impl Reader {
     pub fn delivered(&mut self, end: u64) -> Result<(), String> {
         let what = |e: std::io::Error| format!("outbox {}: {e}", self.dir.display());
         self.at = end;
-        let tmp = self.dir.join("cursor.tmp");
-        std::fs::write(&tmp, format!("{end}\n")).map_err(what)?;
-        std::fs::rename(&tmp, self.dir.join("cursor")).map_err(what)?;
+        // One write in place, of a fixed width.
+        let mut text = [b'\n'; 21];
+        let digits = format!("{end:020}");
+        text[..20].copy_from_slice(&digits.as_bytes()[..20]);
+        self.cursor.write_all_at(&text, 0).map_err(what)?;
         self.state.delivered.store(end, Relaxed);
         self.state.gate();
-        // A segment is done when the next one starts at or before the
-        // cursor.
-        let starts = segments(&self.dir).map_err(what)?;
-        for pair in starts.windows(2) {
-            if pair[1] <= end {
-                if self.segment.as_ref().is_some_and(|(s, _)| *s == pair[0]) {
-                    self.segment = None;
+        // Once reading has moved to a later segment, the earlier ones are
+        // done (a segment is read only once what came before it was
+        // taken).
+        let reading = self.segment.as_ref().map_or(0, |(s, _)| *s);
+        if reading > self.oldest && end >= reading {
+            for start in segments(&self.dir).map_err(what)? {
+                if start < reading {
+                    std::fs::remove_file(self.dir.join(segment_name(start))).map_err(what)?;
                 }
-                std::fs::remove_file(self.dir.join(segment_name(pair[0]))).map_err(what)?;
             }
+            self.oldest = reading;
         }
         Ok(())
     }
@@ -361,7 +387,8 @@ mod tests {
             let b = r.read(70, 256 << 10).unwrap();
             assert!(b.events > 0 && b.events <= 70);
             seen.extend(ids(&b));
-            r.delivered(b.end).unwrap();
+            let end = b.end;
+            r.delivered(end).unwrap();
         }
         // A kill cuts a write short.
         w.file.write_all(b"{\"i\":").unwrap();
@@ -375,7 +402,8 @@ mod tests {
                 break;
             }
             seen.extend(ids(&b));
-            r.delivered(b.end).unwrap();
+            let end = b.end;
+            r.delivered(end).unwrap();
         }
         assert_eq!(seen, (0..n).collect::<Vec<_>>());
         // Only the segment being written is left.
@@ -398,7 +426,8 @@ mod tests {
         assert!(r.state().waiting() >= 1000);
         let b = r.read(1, 1 << 20).unwrap();
         assert_eq!(b.events, 1);
-        r.delivered(b.end).unwrap();
+        let end = b.end;
+        r.delivered(end).unwrap();
         assert!(!r.state().backlog.full());
         // Reopened full: still full.
         w.append(&one).unwrap();
@@ -416,7 +445,8 @@ mod tests {
         w.append(&line(8, 10)).unwrap();
         let b = r.read(10, 1000).unwrap();
         assert_eq!(ids(&b), vec![7]);
-        r.delivered(b.end).unwrap();
+        let end = b.end;
+        r.delivered(end).unwrap();
         let b = r.read(10, 1000).unwrap();
         assert_eq!(ids(&b), vec![8]);
         let _ = std::fs::remove_dir_all(&dir);

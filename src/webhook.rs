@@ -67,12 +67,15 @@ pub fn body(lines: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(lines.len() + 16);
     out.extend_from_slice(b"{\"events\":[");
-    let mut first = true;
-    for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        if !std::mem::take(&mut first) {
-            out.push(b',');
-        }
-        out.extend_from_slice(line);
+    // Each line ends in a newline: the newlines become commas, the last
+    // one the array's end.
+    let start = out.len();
+    out.extend_from_slice(lines);
+    for i in memchr::memchr_iter(b'\n', &lines[..lines.len().saturating_sub(1)]) {
+        out[start + i] = b',';
+    }
+    if out.last() == Some(&b'\n') {
+        out.pop();
     }
     out.extend_from_slice(b"]}");
 }
@@ -107,7 +110,9 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
     let mut client = Client::new(url, Duration::from_millis(config.timeout_ms));
     let retry_max = Duration::from_millis(config.retry_max_ms);
     let mut wait = RETRY_MIN;
-    let mut body_buf = Vec::new();
+    // Sized once for a full batch: grown step by step, each step would be
+    // fresh memory for the kernel to zero.
+    let mut body_buf = Vec::with_capacity(BATCH_BYTES + (64 << 10));
     let throttle = crate::logs::Throttle::default();
     let m = &stream.metrics;
     loop {
@@ -129,10 +134,11 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
             std::thread::park_timeout(Duration::from_millis(500));
             continue;
         }
-        body(&batch.lines, &mut body_buf);
+        let (events, end, oldest) = (batch.events, batch.end, first_at(batch.lines));
+        body(batch.lines, &mut body_buf);
         let t = crate::clock::now_ms();
         let sig = signature(config.secret.as_bytes(), t, &body_buf);
-        let count = batch.events.to_string();
+        let count = events.to_string();
         let headers = [
             ("X-Corecast-Signature", sig.as_str()),
             ("X-Corecast-Events", count.as_str()),
@@ -142,11 +148,11 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
             Ok(r) if (200..300).contains(&r.status) => {
                 m.request_us.add(started.elapsed().as_micros() as u64);
                 m.batches.inc();
-                m.delivered.add(batch.events as u64);
-                if let Some(at) = first_at(&batch.lines) {
+                m.delivered.add(events as u64);
+                if let Some(at) = oldest {
                     m.lag_ms.set(crate::clock::now_ms().saturating_sub(at));
                 }
-                if let Err(e) = reader.delivered(batch.end) {
+                if let Err(e) = reader.delivered(end) {
                     tracing::error!(error = %e, "webhook: cannot move the outbox's cursor");
                 }
                 wait = RETRY_MIN;
@@ -164,7 +170,7 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
                 tracing::warn!(
                     url = %config.url,
                     error = %why,
-                    events = batch.events,
+                    events,
                     waiting_bytes = stream.outbox.waiting(),
                     retry_in_ms = wait.as_millis() as u64,
                     failures_left_out = left_out,

@@ -119,9 +119,9 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response, Failure> {
-        let mut request = Vec::with_capacity(256 + body.len());
+        let mut head = Vec::with_capacity(256);
         let _ = write!(
-            request,
+            head,
             "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             self.url.path,
             self.url.host_header(),
@@ -129,13 +129,12 @@ impl Client {
             body.len()
         );
         for (k, v) in headers {
-            let _ = write!(request, "{k}: {v}\r\n");
+            let _ = write!(head, "{k}: {v}\r\n");
         }
-        request.extend_from_slice(b"\r\n");
-        request.extend_from_slice(body);
+        head.extend_from_slice(b"\r\n");
         let reused = self.conn.is_some();
-        match self.exchange(&request) {
-            Err(Failure::Exchange(_)) if reused => self.exchange(&request),
+        match self.exchange(&head, body) {
+            Err(Failure::Exchange(_)) if reused => self.exchange(&head, body),
             r => r,
         }
     }
@@ -161,13 +160,13 @@ impl Client {
         Err(Failure::Connect(last))
     }
 
-    fn exchange(&mut self, request: &[u8]) -> Result<Response, Failure> {
+    fn exchange(&mut self, head: &[u8], body: &[u8]) -> Result<Response, Failure> {
         let mut conn = match self.conn.take() {
             Some(c) => c,
             None => self.connect()?,
         };
         let broke = |e: std::io::Error| Failure::Exchange(e.to_string());
-        conn.write_all(request).map_err(broke)?;
+        write_both(&mut conn, head, body).map_err(broke)?;
         let (response, keep) = read_response(&mut conn)?;
         if keep {
             self.conn = Some(conn);
@@ -275,6 +274,24 @@ fn read_response(conn: &mut impl Read) -> Result<(Response, bool), Failure> {
     Ok((Response { status, body }, keep))
 }
 
+/// Writes `a` then `b`, in one system call when the socket takes both
+/// (the body is not copied behind the head).
+fn write_both(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    while !a.is_empty() || !b.is_empty() {
+        let n = match w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -339,6 +356,24 @@ mod tests {
             }
         }
         read_response(&mut Slow(text))
+    }
+
+    #[test]
+    fn head_and_body_go_whole_through_short_writes() {
+        struct Short(Vec<u8>);
+        impl Write for Short {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(3);
+                self.0.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = Short(Vec::new());
+        write_both(&mut w, b"HEAD\r\n\r\n", b"the body").unwrap();
+        assert_eq!(w.0, b"HEAD\r\n\r\nthe body");
     }
 
     #[test]
