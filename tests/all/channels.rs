@@ -478,9 +478,28 @@ fn token_and_check_config_commands() {
     );
     // The event stream: a plain http URL and a key of 16 bytes or more.
     for (args, says) in [
-        (["--webhook-url", "https://x/e", "--webhook-secret", "webhook-secret-0123456789"], "https"),
-        (["--webhook-url", "http://x/e", "--webhook-secret", "short"], "16 bytes"),
-        (["--webhook-url", "http://x/e", "--webhook-outbox-max-bytes", "1000"], "secret"),
+        (
+            [
+                "--webhook-url",
+                "https://x/e",
+                "--webhook-secret",
+                "webhook-secret-0123456789",
+            ],
+            "https",
+        ),
+        (
+            ["--webhook-url", "http://x/e", "--webhook-secret", "short"],
+            "16 bytes",
+        ),
+        (
+            [
+                "--webhook-url",
+                "http://x/e",
+                "--webhook-outbox-max-bytes",
+                "1000",
+            ],
+            "secret",
+        ),
     ] {
         let bad = std::process::Command::new(bin)
             .arg("check-config")
@@ -488,7 +507,10 @@ fn token_and_check_config_commands() {
             .output()
             .unwrap();
         assert_eq!(bad.status.code(), Some(2), "{args:?}");
-        assert!(String::from_utf8_lossy(&bad.stderr).contains(says), "{args:?}: {bad:?}");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains(says),
+            "{args:?}: {bad:?}"
+        );
     }
     // LiveKit settings come as a set.
     let partial = std::process::Command::new(bin)
