@@ -160,6 +160,14 @@ pub struct Config {
     /// taken for gone by the others within this time, and its users go
     /// offline everywhere.
     pub node_timeout_ms: u64,
+    /// Cluster mode (one Redis): the Redis stream every sequenced channel
+    /// event is added to, in the same step that orders it, for the
+    /// application backend to read with a consumer group (empty: none).
+    pub events_stream: String,
+    /// Entries the stream holds at most: past it new channel events are
+    /// refused with `unavailable` until consumer groups have read (and
+    /// the nodes trimmed) older ones.
+    pub events_stream_max_len: u64,
     pub auth: AuthConfig,
     /// The event stream to the application backend (see `docs/BACKEND.md`).
     pub webhook: WebhookConfig,
@@ -285,6 +293,8 @@ impl Default for Config {
             redis: String::new(),
             redis_cluster: Vec::new(),
             node_timeout_ms: 30_000,
+            events_stream: String::new(),
+            events_stream_max_len: 1_000_000,
             auth: AuthConfig::default(),
             webhook: WebhookConfig::default(),
         }
@@ -520,6 +530,14 @@ pub struct ConfigArgs {
     /// (and its users offline) [default: 30000].
     #[arg(long, env = "CORECAST_NODE_TIMEOUT_MS")]
     pub node_timeout_ms: Option<u64>,
+    /// Cluster mode: the Redis stream of sequenced channel events for the
+    /// backend ('' is none) [default: none].
+    #[arg(long, env = "CORECAST_EVENTS_STREAM")]
+    pub events_stream: Option<String>,
+    /// Entries the events stream holds before new channel events are
+    /// refused [default: 1000000].
+    #[arg(long, env = "CORECAST_EVENTS_STREAM_MAX_LEN")]
+    pub events_stream_max_len: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -591,7 +609,9 @@ impl ConfigArgs {
             api_keys,
             redis,
             redis_cluster,
-            node_timeout_ms
+            node_timeout_ms,
+            events_stream,
+            events_stream_max_len
         );
         for rule in &self.rate_limits {
             let (event, spec) = rule.split_once('=').ok_or_else(|| {
@@ -691,6 +711,23 @@ impl Config {
             return Err(ConfigError(
                 "webhook: in a cluster the event stream is the Redis stream `events_stream`, not webhooks"
                     .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_events_stream(&self) -> Result<(), ConfigError> {
+        if self.events_stream.is_empty() {
+            return Ok(());
+        }
+        if self.redis.is_empty() {
+            return Err(ConfigError(
+                "events_stream: a cluster on one Redis (`redis`) keeps it; on a Redis Cluster it is not supported yet, and a single node has webhooks".into(),
+            ));
+        }
+        if self.events_stream_max_len < 100 {
+            return Err(ConfigError(
+                "events_stream_max_len must be at least 100".into(),
             ));
         }
         Ok(())
@@ -838,6 +875,7 @@ impl Config {
         }
         crate::auth::Verifier::from_config(&self.auth)?;
         self.validate_webhook()?;
+        self.validate_events_stream()?;
         Ok(())
     }
 

@@ -112,11 +112,18 @@ pub struct ClusterMetrics {
     pub rounds: Counter,
     /// Operations sent to Redis (many to a round).
     pub ops: Counter,
+    /// Channel events refused because the events stream was full.
+    pub stream_full: Counter,
+    /// Entries in the events stream, at the last trim (gauge).
+    pub stream_length: Counter,
+    /// Entries trimmed from the events stream once every consumer group
+    /// had read them.
+    pub stream_trimmed: Counter,
 }
 
 /// Appends the bridge's figures to [`render`]'s text.
 pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
-    let series: [(&str, &str, &str, &Counter); 8] = [
+    let series: [(&str, &str, &str, &Counter); 11] = [
         (
             "cluster_up",
             "gauge",
@@ -164,6 +171,24 @@ pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
             "counter",
             "Operations sent to Redis (scripts, publishes, reads; many to a round).",
             &m.ops,
+        ),
+        (
+            "events_stream_length",
+            "gauge",
+            "Entries in the events stream at this node's last trim.",
+            &m.stream_length,
+        ),
+        (
+            "events_stream_trimmed_total",
+            "counter",
+            "Entries this node trimmed from the events stream once every consumer group had read them.",
+            &m.stream_trimmed,
+        ),
+        (
+            "events_stream_refused_total",
+            "counter",
+            "Channel events refused (unavailable) because the events stream was full.",
+            &m.stream_full,
         ),
     ];
     for (name, kind, help, c) in series {

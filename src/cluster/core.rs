@@ -39,7 +39,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::keys;
-use super::ops::{Fault, Op, Reply};
+use super::ops::{Fault, Op, Outcome, Reply};
 use super::proxy::{Proxies, Remote};
 use super::wire::{self, CallWire, CallWireOp, NodeMsg, WireConn};
 use crate::engine::cluster::{set_offset, Asker, QueryThen};
@@ -61,6 +61,10 @@ const QUERY_TIMEOUT_MS: u64 = 1_000;
 /// from the shards until answers come back.
 const MAX_PENDING: usize = 8_192;
 
+/// How often each node trims the events stream (the consumer groups'
+/// reads make room in it).
+const STREAM_TRIM_MS: u64 = 1000;
+
 /// What the core needs to know of the node's configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -72,6 +76,8 @@ pub struct Settings {
     pub node_timeout_ms: u64,
     /// On a Redis Cluster, channels and users use sharded pub/sub.
     pub redis_cluster: bool,
+    /// The events stream's key and bound, when it is on.
+    pub events_stream: Option<(Arc<str>, u64)>,
 }
 
 impl Settings {
@@ -85,6 +91,12 @@ impl Settings {
             max_conversations: s.max_conversations,
             node_timeout_ms: config.node_timeout_ms,
             redis_cluster: !config.redis_cluster.is_empty(),
+            events_stream: (!config.events_stream.is_empty()).then(|| {
+                (
+                    config.events_stream.as_str().into(),
+                    config.events_stream_max_len,
+                )
+            }),
         }
     }
 
@@ -184,6 +196,7 @@ enum Pending {
     Beat {
         first: bool,
     },
+    Trimmed,
     Leave,
 }
 
@@ -258,6 +271,10 @@ pub struct Core {
     next_token: u64,
     next_beat: u64,
     beating: bool,
+    /// The events stream: when it is trimmed next, and whether a trim is
+    /// on its way.
+    next_trim: u64,
+    trimming: bool,
     logs: CoreLogs,
 }
 
@@ -313,6 +330,8 @@ impl Core {
             next_token: 1,
             next_beat: 0,
             beating: false,
+            next_trim: 0,
+            trimming: false,
             logs: CoreLogs::default(),
         }
     }
@@ -401,6 +420,9 @@ impl Core {
             LinkState::Down { retry_at, .. } => at(retry_at),
             LinkState::Up if !self.beating => at(self.next_beat),
             _ => {}
+        }
+        if self.s.events_stream.is_some() && self.is_up() && !self.trimming {
+            at(self.next_trim);
         }
         if let Some(q) = self.queries.values().map(|q| q.until).min() {
             at(q);
@@ -608,6 +630,14 @@ impl Core {
         }
         if self.is_up() && !self.beating && now >= self.next_beat {
             self.beat(false);
+        }
+        if let Some((key, _)) = &self.s.events_stream {
+            if self.is_up() && !self.trimming && now >= self.next_trim {
+                self.trimming = true;
+                self.next_trim = now + STREAM_TRIM_MS;
+                let key = key.clone();
+                self.op(Op::TrimStream { key }, Pending::Trimmed);
+            }
         }
     }
 
@@ -1305,13 +1335,20 @@ impl Core {
                 // A handed-over message has no origin: the node that made
                 // it notified its mentions when it sequenced it alone.
                 let origin = if o.handed_over.is_some() { 0 } else { self.id };
+                let line = self.s.events_stream.as_ref().and_then(|_| {
+                    Some(super::ops::StreamEvent {
+                        line: crate::engine::history::StreamLine::of(&o.msg)?,
+                        // Accepted already, or no one to refuse it to.
+                        must: o.handed_over.is_some() || o.reply.is_none(),
+                    })
+                });
                 let msg = NodeMsg::Event {
                     origin,
                     except: None,
                     once: None,
                     msg: o.msg.clone(),
                 };
-                (wire::encode(&msg), nonce_key(o))
+                (wire::encode(&msg), nonce_key(o), line)
             })
             .collect();
         self.metrics.sent.add(outs.len() as u64);
@@ -1322,6 +1359,7 @@ impl Core {
             depth: self.s.history_size,
             ttl_ms: self.s.history_ttl_ms,
             sharded: self.s.redis_cluster,
+            stream: self.s.events_stream.clone(),
             events,
         };
         self.op(op, Pending::Sequenced { outs });
@@ -1418,6 +1456,17 @@ impl Core {
                 }
             }
             (Pending::Beat { first }, r) => self.settle_beat(first, r),
+            (Pending::Trimmed, r) => {
+                self.trimming = false;
+                match r {
+                    Ok(Reply::Trimmed { length, trimmed }) => {
+                        self.metrics.stream_length.set(length);
+                        self.metrics.stream_trimmed.add(trimmed);
+                    }
+                    Ok(_) => self.unreadable("a trim of the events stream"),
+                    Err(f) => self.refused("trim the events stream", &f),
+                }
+            }
             (Pending::SessionTaken(asker), r) => self.settle_session_taken(asker, r),
             (Pending::MembersKept { channel, count }, r) => match r {
                 Ok(_) if count == 0 => {
@@ -1457,7 +1506,17 @@ impl Core {
     #[allow(clippy::vec_box)]
     fn settle_sequenced(&mut self, outs: Vec<Box<Outgoing>>, r: Result<Reply, Fault>, sent: bool) {
         if let Ok(Reply::Sequenced { epoch, results }) = r {
-            for (mut out, (offset, dup)) in outs.into_iter().zip(results) {
+            for (mut out, outcome) in outs.into_iter().zip(results) {
+                let (offset, dup) = match outcome {
+                    Outcome::New(o) => (o, false),
+                    Outcome::Again(o) => (o, true),
+                    Outcome::Full => {
+                        self.metrics.stream_full.inc();
+                        let owner = self.owner(&out.channel);
+                        self.send(owner, FromBridge::StreamFull(out));
+                        continue;
+                    }
+                };
                 if out.reply.is_none() && out.handed_over.is_none() {
                     continue;
                 }

@@ -19,7 +19,7 @@ use redis::{RedisError, Value};
 use super::core::{Core, LinkCmd, OpId, Settings};
 use super::keys;
 use super::link::{Conn, Pushes, Subs, Target};
-use super::ops::{Fault, Op, Reply};
+use super::ops::{Fault, Op, Outcome, Reply};
 use crate::engine::ShardId;
 use crate::node::Node;
 
@@ -37,6 +37,7 @@ pub struct Scripts {
     pub heartbeat: Arc<redis::Script>,
     pub notifications: Arc<redis::Script>,
     pub conversation: Arc<redis::Script>,
+    pub trim_stream: Arc<redis::Script>,
 }
 
 impl Scripts {
@@ -44,6 +45,7 @@ impl Scripts {
         let s = |src: &str| Arc::new(redis::Script::new(src));
         Scripts {
             sequence: s(include_str!("scripts/sequence.lua")),
+            trim_stream: s(include_str!("scripts/trim_stream.lua")),
             load: s(include_str!("scripts/load.lua")),
             members: s(include_str!("scripts/members.lua")),
             presence: s(include_str!("scripts/presence.lua")),
@@ -558,21 +560,37 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             depth,
             ttl_ms,
             sharded,
+            stream,
             events,
         } => {
             let [meta, log, nonces] = keys::channel_keys(channel);
-            let mut c = script(
-                &s.sequence,
-                include_str!("scripts/sequence.lua"),
-                &[&meta, &log, &nonces],
-            );
+            let stream_key = stream.as_ref().map_or("", |(k, _)| &**k);
+            let keys: &[&str] = match stream {
+                Some(_) => &[&meta, &log, &nonces, stream_key],
+                None => &[&meta, &log, &nonces],
+            };
+            let mut c = script(&s.sequence, include_str!("scripts/sequence.lua"), keys);
             c.arg(keys::channel(channel))
                 .arg(fresh_epoch)
                 .arg(depth)
                 .arg(ttl_ms)
-                .arg(publish(*sharded));
-            for (archive, nonce) in events {
+                .arg(publish(*sharded))
+                .arg(stream.as_ref().map_or(0, |(_, max)| *max))
+                .arg(serde_json::to_string(&**channel).expect("a string"));
+            for (archive, nonce, line) in events {
                 c.arg(archive.as_slice()).arg(nonce);
+                if stream.is_some() {
+                    match line {
+                        Some(l) => c
+                            .arg(l.line.json.as_slice())
+                            .arg(l.line.id_at)
+                            .arg(l.line.offset_at)
+                            .arg(l.line.at)
+                            .arg(l.must as u8),
+                        // Not a sequenced kind: not in the stream.
+                        None => c.arg("").arg(0).arg(0).arg(0).arg(1),
+                    };
+                }
             }
             vec![c]
         }
@@ -754,6 +772,13 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             c.arg(keys::BANS).arg(fields);
             vec![c]
         }
+        Op::TrimStream { key } => {
+            vec![script(
+                &s.trim_stream,
+                include_str!("scripts/trim_stream.lua"),
+                &[key],
+            )]
+        }
         Op::Heartbeat { node, silent_ms } => {
             let mut c = script(
                 &s.heartbeat,
@@ -802,7 +827,11 @@ fn parse(op: &Op, values: Vec<Value>) -> Result<Reply, Fault> {
                 .map_err(|_| bad("sequence offsets"))?;
             let results = nums
                 .chunks(2)
-                .map(|c| (c[0].max(0) as u64, c.get(1) == Some(&1)))
+                .map(|c| match c.get(1) {
+                    Some(1) => Outcome::Again(c[0].max(0) as u64),
+                    Some(2) => Outcome::Full,
+                    _ => Outcome::New(c[0].max(0) as u64),
+                })
                 .collect();
             Ok(Reply::Sequenced { epoch, results })
         }
@@ -828,6 +857,11 @@ fn parse(op: &Op, values: Vec<Value>) -> Result<Reply, Fault> {
             redis::from_redis_value::<Vec<(String, String)>>(first)
                 .map(Reply::Pairs)
                 .map_err(|_| bad("hash"))
+        }
+        Op::TrimStream { .. } => {
+            let (length, trimmed): (u64, u64) =
+                redis::from_redis_value(first).map_err(|_| bad("trim"))?;
+            Ok(Reply::Trimmed { length, trimmed })
         }
         Op::Heartbeat { .. } => {
             let (new, removed, live): (i64, Vec<String>, Vec<String>) =

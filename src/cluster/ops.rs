@@ -18,15 +18,18 @@ pub enum Op {
         names: Vec<String>,
         sharded: bool,
     },
-    /// The `sequence` script on one channel: each event's archive and its
-    /// nonce key (empty: none). Answered with `Sequenced`.
+    /// The `sequence` script on one channel: each event's archive, its
+    /// nonce key (empty: none) and, with the events stream on, its line
+    /// for the stream. Answered with `Sequenced`.
     Sequence {
         channel: Arc<str>,
         fresh_epoch: String,
         depth: usize,
         ttl_ms: u64,
         sharded: bool,
-        events: Vec<(Vec<u8>, String)>,
+        /// The events stream's key and bound, when it is on.
+        stream: Option<(Arc<str>, u64)>,
+        events: Vec<(Vec<u8>, String, Option<StreamEvent>)>,
     },
     /// The `load` script. Answered with `Loaded`.
     Load {
@@ -120,6 +123,11 @@ pub enum Op {
     DropBans {
         fields: Vec<String>,
     },
+    /// The `trim_stream` script: the events stream trimmed up to what
+    /// every consumer group has read. Answered with `Trimmed`.
+    TrimStream {
+        key: Arc<str>,
+    },
     /// The `heartbeat` script: node `node`, silent past `silent_ms`.
     /// Answered with `Beat`.
     Heartbeat {
@@ -145,6 +153,7 @@ impl Op {
         use super::keys;
         match self {
             Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Heartbeat { .. } => None,
+            Op::TrimStream { key } => Some(key),
             Op::Sequence { channel, .. }
             | Op::Load { channel, .. }
             | Op::Members { channel, .. } => Some(channel),
@@ -167,17 +176,41 @@ impl Op {
     }
 }
 
+/// A sequenced event's entry in the events stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub line: crate::engine::history::StreamLine,
+    /// Added even when the stream is full: it was accepted already (an
+    /// event sequenced alone while Redis was away, handed over).
+    pub must: bool,
+}
+
+/// What became of one event of a `Sequence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sequenced at this offset.
+    New(u64),
+    /// A message sent again: the first one's offset (not published twice).
+    Again(u64),
+    /// Refused: the events stream is full.
+    Full,
+}
+
 /// What an operation came back with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Done,
     /// A publish: how many subscribers heard it.
     Count(i64),
-    /// The channel's epoch, and per event its offset and whether it was a
-    /// message sent again (not published twice).
+    /// The events stream's length after a trim, and what was trimmed.
+    Trimmed {
+        length: u64,
+        trimmed: u64,
+    },
+    /// The channel's epoch, and what became of each event.
     Sequenced {
         epoch: String,
-        results: Vec<(u64, bool)>,
+        results: Vec<Outcome>,
     },
     /// A channel's state: its offset, epoch, recent events (offset and
     /// archive, newest first) and each node's connections.

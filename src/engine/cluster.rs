@@ -135,6 +135,12 @@ impl<O: Outbound> Engine<O> {
             }
             FromBridge::Sequenced(out) => self.on_sequenced(out, now, tx),
             FromBridge::Refused(out, why) => self.on_refused(out, why, now, tx),
+            FromBridge::StreamFull(out) => {
+                if let Some(r) = out.reply {
+                    let msg = super::event_stream::unavailable(r.id);
+                    self.send_to(r.to, r.protocol, &msg, now, tx);
+                }
+            }
             // Never sent: still waiting, offered again when the channel is
             // followed again.
             FromBridge::Unsequenced(out) if out.handed_over.is_some() => {}
@@ -946,6 +952,9 @@ pub enum FromBridge {
     /// Redis did not take an event (it refused it, or did not answer: then
     /// it may still be published); its sender is told.
     Refused(Box<Outgoing>, String),
+    /// Refused because the events stream is full: its sender is told to
+    /// try again later (`unavailable`).
+    StreamFull(Box<Outgoing>),
     /// Redis refused to load a channel's state (it is full).
     AttachFailed {
         channel: Arc<str>,

@@ -49,14 +49,20 @@ impl<O: Outbound> Engine<O> {
     pub(super) fn backlog_refusal(&self, ack: Option<u64>) -> Option<ServerMessage> {
         let b = self.backlog.as_ref().filter(|b| b.full())?;
         b.refused.fetch_add(1, Relaxed);
-        let mut e = err(
-            ack,
-            ErrorCode::Unavailable,
-            "the server's backlog to the application backend is full: try again later",
-        );
-        if let ServerEvent::Error(body) = &mut e.event {
-            body.retry_after_ms = Some(RETRY_AFTER_MS);
-        }
-        Some(e)
+        Some(unavailable(ack))
     }
+}
+
+/// `unavailable`: the backlog to the application backend (a single node's
+/// outbox, a cluster's events stream) is full.
+pub(super) fn unavailable(ack: Option<u64>) -> ServerMessage {
+    let mut e = err(
+        ack,
+        ErrorCode::Unavailable,
+        "the server's backlog to the application backend is full: try again later",
+    );
+    if let ServerEvent::Error(body) = &mut e.event {
+        body.retry_after_ms = Some(RETRY_AFTER_MS);
+    }
+    e
 }

@@ -67,14 +67,13 @@ pub fn line(
     msg: &ServerMessage,
     json_frame: Option<&[u8]>,
 ) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut out = Vec::with_capacity(64 + channel.len() + json_frame.map_or(256, <[u8]>::len));
-    out.extend_from_slice(b"{\"channel\":");
-    serde_json::to_writer(&mut out, channel).expect("writing to a Vec cannot fail");
-    out.extend_from_slice(b",\"epoch\":");
-    serde_json::to_writer(&mut out, epoch).expect("writing to a Vec cannot fail");
-    write!(out, ",\"offset\":{offset},\"at\":{at},\"event\":")
-        .expect("writing to a Vec cannot fail");
+    let mut out = line_head(
+        channel,
+        epoch,
+        offset,
+        at,
+        json_frame.map_or(256, <[u8]>::len),
+    );
     let payload = json_frame.and_then(|f| {
         let h = crate::ws::frame::parse_header(f).ok()??;
         f.get(h.header_len..)
@@ -84,6 +83,102 @@ pub fn line(
         None => json::encode_server(msg, &mut out),
     }
     out.extend_from_slice(b"}\n");
+    out
+}
+
+/// A sequenced event's line for a cluster's events stream, made before
+/// Redis gives it its offset (and a new message its id): the event's JSON
+/// with the offset (and the id) left blank, and where they go. The
+/// `sequence` script fills them in; [`StreamLine::complete`] does the same
+/// here (the tests compare both with [`line`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLine {
+    /// The event's JSON (`{"t":…,"d":…}`) with `"offset":0` and, for a new
+    /// message, `"messageId":""`.
+    pub json: Vec<u8>,
+    /// Where the message id goes (before the closing quote), 0: none.
+    pub id_at: usize,
+    /// Where the offset's `0` is.
+    pub offset_at: usize,
+    /// When the event was made (its own time: `timestamp`, `editedAt`).
+    pub at: u64,
+}
+
+impl StreamLine {
+    /// The line of a sequenced event (`None`: not a sequenced kind).
+    pub fn of(msg: &ServerMessage) -> Option<StreamLine> {
+        const ID: &[u8] = br#""messageId":""#;
+        const OFFSET: &[u8] = br#""offset":0"#;
+        let mut m = msg.clone();
+        let at = match &mut m.event {
+            ServerEvent::MessageNew(e) => {
+                e.offset = 0;
+                e.message_id.clear();
+                e.timestamp
+            }
+            ServerEvent::MessageEdited(e) => {
+                e.offset = 0;
+                e.edited_at
+            }
+            ServerEvent::MessageDeleted(e) => {
+                e.offset = 0;
+                e.timestamp
+            }
+            ServerEvent::MessageReaction(e) => {
+                e.offset = 0;
+                e.timestamp
+            }
+            _ => return None,
+        };
+        let mut json = Vec::with_capacity(256);
+        json::encode_server(&m, &mut json);
+        // Quotes inside strings are escaped: these can only be the fields.
+        let id_at = match m.event {
+            ServerEvent::MessageNew(_) => memchr::memmem::find(&json, ID)? + ID.len(),
+            _ => 0,
+        };
+        let offset_at = memchr::memmem::find_iter(&json, OFFSET)
+            .find(|&i| matches!(json.get(i + OFFSET.len()), Some(b',' | b'}')))?
+            + OFFSET.len()
+            - 1;
+        Some(StreamLine {
+            json,
+            id_at,
+            offset_at,
+            at,
+        })
+    }
+
+    /// The complete line, as [`line`] makes it (without its newline), once
+    /// the channel's epoch and the event's offset are known.
+    pub fn complete(&self, channel: &str, epoch: &str, offset: u64) -> Vec<u8> {
+        let mut out = line_head(channel, epoch, offset, self.at, self.json.len());
+        let j = &self.json;
+        let offset = offset.to_string();
+        if self.id_at > 0 {
+            out.extend_from_slice(&j[..self.id_at]);
+            out.extend_from_slice(format!("{epoch}-{offset}").as_bytes());
+            out.extend_from_slice(&j[self.id_at..self.offset_at]);
+        } else {
+            out.extend_from_slice(&j[..self.offset_at]);
+        }
+        out.extend_from_slice(offset.as_bytes());
+        out.extend_from_slice(&j[self.offset_at + 1..]);
+        out.push(b'}');
+        out
+    }
+}
+
+/// A line up to its event: `{"channel":…,"epoch":…,"offset":…,"at":…,"event":`.
+fn line_head(channel: &str, epoch: &str, offset: u64, at: u64, event_len: usize) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(64 + channel.len() + event_len);
+    out.extend_from_slice(b"{\"channel\":");
+    serde_json::to_writer(&mut out, channel).expect("writing to a Vec cannot fail");
+    out.extend_from_slice(b",\"epoch\":");
+    serde_json::to_writer(&mut out, epoch).expect("writing to a Vec cannot fail");
+    write!(out, ",\"offset\":{offset},\"at\":{at},\"event\":")
+        .expect("writing to a Vec cannot fail");
     out
 }
 

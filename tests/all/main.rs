@@ -12,6 +12,7 @@ mod channels;
 mod chat;
 mod cluster;
 mod cluster_faults;
+mod events_stream;
 mod history;
 mod hygiene;
 mod safety;

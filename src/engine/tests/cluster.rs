@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::*;
 use crate::cluster::core::{Core, LinkCmd, Settings as CoreSettings};
 use crate::cluster::keys;
-use crate::cluster::ops::{Fault, Op, Reply};
+use crate::cluster::ops::{Fault, Op, Outcome, Reply};
 use crate::cluster::wire::{self, NodeMsg};
 
 #[derive(Default)]
@@ -115,6 +115,12 @@ impl Redis {
                 self.subs[n].extend(names);
                 Reply::Done
             }
+            // The events stream lives in the real Redis only
+            // (`tests/all/events_stream.rs`).
+            Op::TrimStream { .. } => Reply::Trimmed {
+                length: 0,
+                trimmed: 0,
+            },
             Op::Unsubscribe { names, .. } => {
                 for name in names {
                     self.subs[n].remove(&name);
@@ -132,11 +138,11 @@ impl Redis {
                 let mut results = Vec::new();
                 let mut frames = Vec::new();
                 let mut first = None;
-                for (archive, nonce) in events {
+                for (archive, nonce, _) in events {
                     if let Some(&known) =
                         (!nonce.is_empty()).then(|| ch.nonces.get(&nonce)).flatten()
                     {
-                        results.push((known, true));
+                        results.push(Outcome::Again(known));
                         continue;
                     }
                     ch.offset += 1;
@@ -149,7 +155,7 @@ impl Redis {
                     }
                     first.get_or_insert(ch.offset);
                     wire::push_frame(&mut frames, &archive);
-                    results.push((ch.offset, false));
+                    results.push(Outcome::New(ch.offset));
                 }
                 let epoch = ch.epoch.clone();
                 if let Some(first) = first {
@@ -429,6 +435,7 @@ pub(super) fn settings() -> CoreSettings {
         max_conversations: 100,
         node_timeout_ms: 30_000,
         redis_cluster: false,
+        events_stream: None,
     }
 }
 

@@ -98,3 +98,77 @@ fn sequenced_events_go_to_the_store_and_a_full_outbox_refuses_new_ones() {
     assert_eq!(next.offset, 2, "no offset was taken by a refusal");
     assert_eq!(kept(&mut sim, store), [(c, 2, "message:new".into())]);
 }
+
+#[test]
+fn a_stream_line_completed_with_its_offset_is_the_line_of_the_event() {
+    use crate::engine::history::{line, StreamLine};
+    // Content that looks like the fields it must not be taken for.
+    let tricky = r#"{"messageId":"","offset":0,"x":"offset":0}"#;
+    let new = |offset: u64, epoch: &str| {
+        ServerMessage::event(ServerEvent::MessageNew(MessageNew {
+            message_id: format!("{epoch}-{offset}"),
+            channel_id: "c\"1".into(),
+            user_id: "alice".into(),
+            content: tricky.into(),
+            reply_to: None,
+            thread_id: None,
+            mentions: vec!["bob".into()],
+            nonce: Some("n".into()),
+            offset,
+            timestamp: 5,
+        }))
+    };
+    let edited = |offset: u64| {
+        ServerMessage::event(ServerEvent::MessageEdited(MessageEdited {
+            message_id: "e-1".into(),
+            channel_id: "c\"1".into(),
+            user_id: "alice".into(),
+            content: tricky.into(),
+            offset,
+            edited_at: 6,
+        }))
+    };
+    let deleted = |offset: u64| {
+        ServerMessage::event(ServerEvent::MessageDeleted(MessageDeleted {
+            message_id: "e-1".into(),
+            channel_id: "c\"1".into(),
+            user_id: "alice".into(),
+            offset,
+            timestamp: 7,
+        }))
+    };
+    let reaction = |offset: u64| {
+        ServerMessage::event(ServerEvent::MessageReaction(MessageReaction {
+            message_id: "e-1".into(),
+            channel_id: "c\"1".into(),
+            user_id: "bob".into(),
+            emoji: "👍".into(),
+            action: ReactAction::Add,
+            count: 1,
+            offset,
+            timestamp: 8,
+        }))
+    };
+    let kinds: [&dyn Fn(u64) -> ServerMessage; 4] =
+        [&|o| new(o, "ep0ch"), &edited, &deleted, &reaction];
+    for (i, make) in kinds.iter().enumerate() {
+        // Made before the offset is known (any offset stands in).
+        let s = StreamLine::of(&make(3)).unwrap_or_else(|| panic!("kind {i}"));
+        assert_eq!(s.at, [5, 6, 7, 8][i], "the event's own time");
+        for offset in [1, 42, 123_456_789] {
+            let mut want = line("c\"1", "ep0ch", offset, s.at, &make(offset), None);
+            assert_eq!(want.pop(), Some(b'\n'));
+            let got = s.complete("c\"1", "ep0ch", offset);
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(want).unwrap(),
+                "kind {i}"
+            );
+        }
+    }
+    let typing = ServerMessage::event(ServerEvent::TypingUserStart(TypingEvent {
+        channel_id: "c".into(),
+        user_id: "u".into(),
+    }));
+    assert!(StreamLine::of(&typing).is_none());
+}
