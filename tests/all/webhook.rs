@@ -98,8 +98,11 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+const API_KEY: &str = "webhook-test-api-key-0123";
+
 fn start(url: &str, outbox: &Path, max_bytes: Option<&str>) -> Server {
     let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--auth-secret", SECRET];
+    args.extend(["--api-listen", "127.0.0.1:0", "--api-key", API_KEY]);
     args.extend(["--shards", "2", "--webhook-url", url]);
     args.extend(["--webhook-secret", HOOK_SECRET]);
     args.extend(["--webhook-outbox-dir", outbox.to_str().unwrap()]);
@@ -334,7 +337,17 @@ async fn a_full_outbox_refuses_new_messages_until_the_backend_takes_them() {
     assert!((300..400).contains(&accepted), "{accepted}");
     assert_eq!(s.metric("corecast_webhook_outbox_full"), 1);
     assert_eq!(s.metric("corecast_webhook_refused_total"), 1);
-    // Edits and reactions are refused as well; reading is not.
+    // The server API's publish too (503), and edits and reactions;
+    // reading is not.
+    let (status, body) = api_call(
+        s.api_addr(),
+        "POST",
+        "/api/publish",
+        API_KEY,
+        Some(json!({"channelId": "general", "content": "from the backend"})),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
     let h = alice
         .ok("channel:get_history", json!({"channelId": "general"}))
         .await;
