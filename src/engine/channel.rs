@@ -66,6 +66,8 @@ pub struct Participant {
     pub user: Arc<str>,
     pub conn: ConnRef,
     pub state: VoiceState,
+    /// The join (on the user's home) that put it here.
+    pub seq: u64,
 }
 
 /// The offset in a message id `<epoch>-<offset>` of this epoch.

@@ -129,7 +129,7 @@ impl<O: Outbound> Engine<O> {
                 self.voice_leave_or_update_home(r, op, now, tx)
             }
             UserCmd::CallInitiate(c) => self.call_initiate(r, c, now, tx),
-            UserCmd::VoiceGone { channel } => self.voice_gone_home(r, channel, now, tx),
+            UserCmd::VoiceGone { channel, seq } => self.voice_gone_home(r, channel, seq, now, tx),
             UserCmd::CallDone { call } => self.call_done_home(&r.user, call),
             UserCmd::Resume { session, gather } => self.session_resume(r, session, gather, now, tx),
         }

@@ -517,8 +517,11 @@ pub enum ChanCmd {
     ReadReceipts {
         message_id: String,
     },
-    /// From the user's home shard, which keeps one voice channel per user.
-    VoiceJoin,
+    /// From the user's home shard, which keeps one voice channel per user;
+    /// `seq` names this join (see `UserCmd::VoiceGone`).
+    VoiceJoin {
+        seq: u64,
+    },
     VoiceLeave,
     VoiceUpdate(VoiceUpdate),
     VoiceParticipants,
@@ -587,9 +590,12 @@ pub enum UserCmd {
     VoiceLeave,
     VoiceUpdate(VoiceUpdate),
     CallInitiate(CallInitiate),
-    /// The user was removed from this channel's voice room.
+    /// The user was removed from this channel's voice room: from what its
+    /// join `seq` put there. (A later join may be on its way to the owner:
+    /// the home keeps that one.)
     VoiceGone {
         channel: Arc<str>,
+        seq: u64,
     },
     /// A call this user placed is over.
     CallDone {

@@ -330,11 +330,10 @@ impl<O: Outbound> Engine<O> {
         let Some(owned) = self.owned.get_mut(channel) else {
             return false;
         };
-        let before = owned.voice.len();
-        owned.voice.retain(|p| p.user != *user);
-        if owned.voice.len() == before {
+        let Some(i) = owned.voice.iter().position(|p| p.user == *user) else {
             return false;
-        }
+        };
+        let seq = owned.voice.remove(i).seq;
         let event = ev(ServerEvent::VoiceUserLeft(VoiceEvent {
             channel_id: channel.to_string(),
             user_id: user.to_string(),
@@ -343,6 +342,7 @@ impl<O: Outbound> Engine<O> {
         self.fan_out(channel, &event, None, now, tx);
         let gone = UserCmd::VoiceGone {
             channel: channel.clone(),
+            seq,
         };
         self.send_user_op(user.clone(), None, None, gone, now, tx);
         if self.owned.get(channel).is_some_and(|o| o.total() == 0) {

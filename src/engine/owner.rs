@@ -227,11 +227,12 @@ impl<O: Outbound> Engine<O> {
         };
         // Voice works without text membership; everything else needs the
         // channel (the member's shard checked that it joined).
-        if matches!(op, ChanCmd::VoiceJoin) {
+        if let ChanCmd::VoiceJoin { seq } = op {
             if let Some(ban) = self.bans.channel(&member.user, &channel, now) {
                 let e = err(ack, ErrorCode::Forbidden, banned_message(ban));
                 let gone = UserCmd::VoiceGone {
                     channel: channel.clone(),
+                    seq,
                 };
                 self.send_user_op(member.user.clone(), None, None, gone, now, tx);
                 return reply_to(self, e, tx);
@@ -287,7 +288,7 @@ impl<O: Outbound> Engine<O> {
             ChanCmd::ReadReceipts { message_id } => {
                 self.message_read_receipts(req, message_id, now, tx)
             }
-            ChanCmd::VoiceJoin => self.voice_join_owner(req, now, tx),
+            ChanCmd::VoiceJoin { seq } => self.voice_join_owner(req, seq, now, tx),
             ChanCmd::VoiceLeave => self.voice_leave_owner(req, now, tx),
             ChanCmd::VoiceUpdate(u) => self.voice_update_owner(req, u, now, tx),
             ChanCmd::VoiceParticipants => self.voice_participants(req, now, tx),

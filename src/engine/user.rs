@@ -92,6 +92,8 @@ pub struct More {
     /// When the user joined it (in a cluster, the latest join on any node
     /// wins).
     pub voice_at: u64,
+    /// Which join put the user there (unique on this shard).
+    pub voice_seq: u64,
     /// Calls placed from this user's connections: (call, connection).
     pub calls: Vec<(u64, ConnRef)>,
     pub detached: Vec<Detached>,

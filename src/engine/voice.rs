@@ -46,15 +46,19 @@ impl<O: Outbound> Engine<O> {
             };
             self.send_bridge(msg, now, tx);
         }
+        self.counter += 1;
+        let seq = self.counter;
         let m = self.user(&user).more();
         m.voice = Some((channel.clone(), conn));
         m.voice_at = now;
+        m.voice_seq = seq;
         let member = Member {
             user,
             session,
             protocol,
         };
-        self.voice_op(channel, conn, member, ack, ChanCmd::VoiceJoin, now, tx);
+        let join = ChanCmd::VoiceJoin { seq };
+        self.voice_op(channel, conn, member, ack, join, now, tx);
     }
 
     /// `voice:leave` or `voice:update`, on the user's home, for the
@@ -100,18 +104,23 @@ impl<O: Outbound> Engine<O> {
         self.voice_op(channel, conn, member, ack, cmd, now, tx);
     }
 
-    /// The user was taken out of this channel's voice room.
+    /// The user was taken out of this channel's voice room, from what
+    /// join `seq` put there: forgotten here unless a later join is on its
+    /// way to the owner.
     pub(super) fn voice_gone_home(
         &mut self,
         r: UserReq,
         channel: Arc<str>,
+        seq: u64,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
         let (user, _, _) = r.parts();
         if let Some(st) = self.users.get_mut(&user) {
             if let Some(m) = st.extra_mut() {
-                m.voice.take_if(|(c, _)| *c == channel);
+                if m.voice_seq == seq {
+                    m.voice.take_if(|(c, _)| *c == channel);
+                }
             }
         }
         self.maintain_user(&user, now, tx);
@@ -172,7 +181,13 @@ impl<O: Outbound> Engine<O> {
 
     /// `voice:join`, on the channel's owner (the user's home chose this
     /// channel): a participant, with a LiveKit token when configured.
-    pub(super) fn voice_join_owner(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
+    pub(super) fn voice_join_owner(
+        &mut self,
+        req: ChanReq,
+        seq: u64,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         let (channel, from, member, ack) = req.parts();
         let reply = Reply::to(from, member.protocol, ack);
         let Some(owned) = self.owned.get_mut(&channel) else {
@@ -181,6 +196,7 @@ impl<O: Outbound> Engine<O> {
         let state = match owned.voice.iter_mut().find(|p| p.user == member.user) {
             Some(p) => {
                 p.conn = from;
+                p.seq = seq;
                 p.state
             }
             None => {
@@ -188,6 +204,7 @@ impl<O: Outbound> Engine<O> {
                     user: member.user.clone(),
                     conn: from,
                     state: VoiceState::default(),
+                    seq,
                 });
                 VoiceState::default()
             }
