@@ -171,6 +171,53 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The event stream to the application backend (see `docs/BACKEND.md`).
     pub webhook: WebhookConfig,
+    /// Questions to the application backend before acting (see
+    /// `docs/BACKEND.md`).
+    pub hooks: HooksConfig,
+}
+
+/// `[hooks]`: what the node asks the application backend before it acts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Where a client's message is POSTed before it is sequenced (empty:
+    /// no publish hook).
+    pub publish_url: String,
+    /// The channels (names or `*` patterns) whose messages it sees.
+    pub publish_channels: Vec<String>,
+    /// The HMAC-SHA256 key of each request's `X-Corecast-Signature` (at
+    /// least 16 bytes).
+    pub secret: String,
+    /// A question not answered in this time fails (see `on_failure`).
+    pub timeout_ms: u64,
+    /// Questions asked at once, node-wide (threads).
+    pub concurrency: usize,
+    /// Questions one shard waits for at most; past it new ones are refused
+    /// with `unavailable`.
+    pub max_waiting: usize,
+    /// What a failed question does: `refuse` (the client gets
+    /// `unavailable`) or `allow` (the message goes on as sent).
+    pub on_failure: String,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            publish_url: String::new(),
+            publish_channels: vec!["*".into()],
+            secret: String::new(),
+            timeout_ms: 2000,
+            concurrency: 16,
+            max_waiting: 1000,
+            on_failure: "refuse".into(),
+        }
+    }
+}
+
+impl HooksConfig {
+    pub fn enabled(&self) -> bool {
+        !self.publish_url.is_empty()
+    }
 }
 
 /// `[webhook]`: sequenced channel events delivered to the application
@@ -297,6 +344,7 @@ impl Default for Config {
             events_stream_max_len: 1_000_000,
             auth: AuthConfig::default(),
             webhook: WebhookConfig::default(),
+            hooks: HooksConfig::default(),
         }
     }
 }
@@ -467,6 +515,24 @@ pub struct ConfigArgs {
     /// [default: 1073741824].
     #[arg(long, env = "CORECAST_WEBHOOK_OUTBOX_MAX_BYTES")]
     pub webhook_outbox_max_bytes: Option<u64>,
+    /// Where a client's message is POSTed before it is sequenced ('' is
+    /// off).
+    #[arg(long, env = "CORECAST_HOOKS_PUBLISH_URL")]
+    pub hooks_publish_url: Option<String>,
+    /// The channels whose messages the publish hook sees, comma-separated
+    /// [default: *].
+    #[arg(long, env = "CORECAST_HOOKS_PUBLISH_CHANNELS", value_delimiter = ',')]
+    pub hooks_publish_channels: Option<Vec<String>>,
+    /// The key that signs each hook's request (at least 16 bytes).
+    #[arg(long, env = "CORECAST_HOOKS_SECRET", hide_env_values = true)]
+    pub hooks_secret: Option<String>,
+    /// refuse or allow a message the backend did not answer for
+    /// [default: refuse].
+    #[arg(long, env = "CORECAST_HOOKS_ON_FAILURE")]
+    pub hooks_on_failure: Option<String>,
+    /// Milliseconds a hook's answer may take [default: 2000].
+    #[arg(long, env = "CORECAST_HOOKS_TIMEOUT_MS")]
+    pub hooks_timeout_ms: Option<u64>,
     /// Where bans are kept across restarts; '' keeps them in memory only
     /// [default: corecast-bans.jsonl].
     #[arg(long, env = "CORECAST_BAN_FILE")]
@@ -673,6 +739,21 @@ impl ConfigArgs {
         if let Some(v) = self.webhook_outbox_max_bytes {
             c.webhook.outbox_max_bytes = v;
         }
+        if let Some(v) = &self.hooks_publish_url {
+            c.hooks.publish_url = v.clone();
+        }
+        if let Some(v) = &self.hooks_publish_channels {
+            c.hooks.publish_channels = v.clone();
+        }
+        if let Some(v) = &self.hooks_secret {
+            c.hooks.secret = v.clone();
+        }
+        if let Some(v) = &self.hooks_on_failure {
+            c.hooks.on_failure = v.clone();
+        }
+        if let Some(v) = self.hooks_timeout_ms {
+            c.hooks.timeout_ms = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -684,7 +765,7 @@ impl Config {
         if !w.enabled() {
             return Ok(());
         }
-        crate::http::client::Url::parse(&w.url)
+        crate::http_client::Url::parse(&w.url)
             .map_err(|e| ConfigError(format!("webhook.url: {e}")))?;
         if w.secret.len() < 16 {
             return Err(ConfigError(
@@ -714,6 +795,46 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_hooks(&self) -> Result<(), ConfigError> {
+        let h = &self.hooks;
+        if !["refuse", "allow"].contains(&h.on_failure.as_str()) {
+            return Err(ConfigError(format!(
+                "hooks.on_failure must be refuse or allow, not `{}`",
+                h.on_failure
+            )));
+        }
+        if !h.enabled() {
+            return Ok(());
+        }
+        crate::http_client::Url::parse(&h.publish_url)
+            .map_err(|e| ConfigError(format!("hooks.publish_url: {e}")))?;
+        self.publish_hook_patterns()?;
+        if h.secret.len() < 16 {
+            return Err(ConfigError(
+                "hooks.secret: give a key of at least 16 bytes to sign the hooks' requests".into(),
+            ));
+        }
+        if h.timeout_ms == 0 || h.concurrency == 0 || h.max_waiting == 0 {
+            return Err(ConfigError(
+                "hooks: timeout_ms, concurrency and max_waiting must be at least 1".into(),
+            ));
+        }
+        if h.concurrency > 1024 {
+            return Err(ConfigError("hooks.concurrency: at most 1024".into()));
+        }
+        Ok(())
+    }
+
+    /// The channels the publish hook sees (none: it is off).
+    pub fn publish_hook_patterns(&self) -> Result<Option<crate::access::Patterns>, ConfigError> {
+        if !self.hooks.enabled() {
+            return Ok(None);
+        }
+        crate::access::Patterns::new("hooks.publish_channels", &self.hooks.publish_channels)
+            .map(Some)
+            .map_err(ConfigError)
     }
 
     fn validate_events_stream(&self) -> Result<(), ConfigError> {
@@ -876,6 +997,7 @@ impl Config {
         crate::auth::Verifier::from_config(&self.auth)?;
         self.validate_webhook()?;
         self.validate_events_stream()?;
+        self.validate_hooks()?;
         Ok(())
     }
 
@@ -927,6 +1049,9 @@ impl Config {
             token_expiry_grace_ms: self.token_expiry_grace_ms,
             custom_events: self.custom_event_patterns().expect("checked by validate"),
             max_custom_event_bytes: self.max_custom_event_bytes,
+            publish_hook: self.publish_hook_patterns().expect("checked by validate"),
+            max_hook_waiting: self.hooks.max_waiting,
+            hook_failure_allows: self.hooks.on_failure == "allow",
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,
             notification_ttl_ms: self.notification_ttl_ms,

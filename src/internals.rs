@@ -23,8 +23,12 @@ pub mod engine;
 pub mod event_outbox;
 #[path = "history_store.rs"]
 pub mod history_store;
+#[path = "hooks.rs"]
+pub mod hooks;
 #[path = "http/mod.rs"]
 pub mod http;
+#[path = "http_client.rs"]
+pub mod http_client;
 #[path = "livekit.rs"]
 pub mod livekit;
 #[path = "logs.rs"]

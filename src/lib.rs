@@ -32,6 +32,10 @@
 //!   own (a mesh endpoint), which also writes the history file.
 //! - `history_store`: the history file of a single node (channel events
 //!   that survive a restart).
+//! - `http_client`: the blocking HTTP/1.1 client the node calls the
+//!   application backend with.
+//! - `hooks`: questions to the application backend (the publish hook),
+//!   asked by a pool of threads at a mesh endpoint of their own.
 //! - `event_outbox`, `webhook`: the event stream to the application
 //!   backend: sequenced events wait on disk, and a thread of its own POSTs
 //!   them in signed batches.
@@ -60,5 +64,5 @@ pub mod internals;
 // Inside the crate they keep their short paths (`crate::engine`, ...).
 use internals::{
     access, admission, ban_store, clock, cluster, doctor, engine, event_outbox, history_store,
-    http, livekit, logs, mesh, metrics, node, shard, signal, webhook,
+    hooks, http, http_client, livekit, logs, mesh, metrics, node, shard, signal, webhook,
 };

@@ -202,6 +202,9 @@ fn main() -> ExitCode {
                 if !shown.webhook.secret.is_empty() {
                     shown.webhook.secret = "<hidden>".into();
                 }
+                if !shown.hooks.secret.is_empty() {
+                    shown.hooks.secret = "<hidden>".into();
+                }
                 shown.redis = corecast::config::without_password(&shown.redis);
                 for url in shown.redis_cluster.iter_mut() {
                     *url = corecast::config::without_password(url);

@@ -28,9 +28,9 @@ struct Parked(AtomicBool);
 pub const EXTRA_CAPACITY: usize = 1024;
 
 /// Extra endpoints after the shards: the server API, the cluster's
-/// bridge, the ban store (each whether its thread runs or not, so that
-/// their numbers never move).
-pub const EXTRA_ENDPOINTS: usize = 3;
+/// bridge, the ban store, the hooks (each whether its thread runs or not,
+/// so that their numbers never move).
+pub const EXTRA_ENDPOINTS: usize = 4;
 
 /// The server API's mesh endpoint on a node of `shards` shards.
 pub fn api_endpoint(shards: usize) -> ShardId {
@@ -45,6 +45,11 @@ pub fn bridge_endpoint(shards: usize) -> ShardId {
 /// The ban store's mesh endpoint on a node of `shards` shards.
 pub fn store_endpoint(shards: usize) -> ShardId {
     (shards + 2) as ShardId
+}
+
+/// The hooks' mesh endpoint on a node of `shards` shards.
+pub fn hooks_endpoint(shards: usize) -> ShardId {
+    (shards + 3) as ShardId
 }
 
 pub struct Mesh {

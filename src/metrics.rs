@@ -65,6 +65,15 @@ pub struct ShardMetrics {
     pub handshake_failures: [Counter; HandshakeError::ALL.len()],
     pub handshake_timeouts: Counter,
     pub rate_limited: Counter,
+    /// Questions to the application backend's hooks.
+    pub hook_calls: Counter,
+    /// Messages the publish hook rejected.
+    pub hook_rejected: Counter,
+    /// Questions without a usable answer (backend down, slow, a bad
+    /// answer).
+    pub hook_failures: Counter,
+    /// Questions not asked: the shard waited for too many.
+    pub hook_refused: Counter,
     pub rate_limit_closes: Counter,
     /// Connections refused, by [`crate::admission::Refusal::index`].
     pub refused: [Counter; 4],
@@ -219,7 +228,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 30] = [
+    let series: [(&str, &str, &str, Get); 34] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -327,6 +336,30 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Client events refused by a rate limit.",
             |m| &m.rate_limited,
+        ),
+        (
+            "hook_calls_total",
+            "counter",
+            "Questions asked of the application backend's hooks.",
+            |m| &m.hook_calls,
+        ),
+        (
+            "hook_rejected_total",
+            "counter",
+            "Messages the publish hook rejected.",
+            |m| &m.hook_rejected,
+        ),
+        (
+            "hook_failures_total",
+            "counter",
+            "Hook questions without a usable answer (the backend down, slow, or answering badly).",
+            |m| &m.hook_failures,
+        ),
+        (
+            "hook_refused_total",
+            "counter",
+            "Hook questions not asked because the shard already waited for max_waiting (unavailable).",
+            |m| &m.hook_refused,
         ),
         (
             "rate_limit_closes_total",

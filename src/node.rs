@@ -26,7 +26,7 @@ pub struct Node {
     /// file and the event stream's outbox (none: neither is on).
     pub event_store: Option<crate::engine::ShardId>,
     /// The event stream to the application backend, when it is on.
-    pub event_stream: Option<Arc<crate::webhook::EventStream>>,
+    pub event_stream: Option<Arc<crate::event_outbox::EventStream>>,
     /// The history read at start-up, by owner shard; each shard takes its
     /// part when it starts.
     pub initial_history: std::sync::Mutex<Vec<Vec<crate::engine::history::Record>>>,
@@ -207,7 +207,7 @@ impl Node {
             crate::metrics::render_cluster(&mut out, m);
         }
         if let Some(s) = &self.event_stream {
-            crate::webhook::render(&mut out, s);
+            crate::event_outbox::render(&mut out, s);
         }
         out
     }

@@ -185,7 +185,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     node.event_store =
         (history_store.is_some() || outbox.is_some()).then(|| crate::mesh::store_endpoint(shards));
     node.event_stream = outbox.as_ref().map(|o| {
-        Arc::new(crate::webhook::EventStream {
+        Arc::new(crate::event_outbox::EventStream {
             outbox: o.state().clone(),
             metrics: Default::default(),
         })
@@ -206,6 +206,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let api_bell = bells.next().expect("the mesh has the API's endpoint");
     let bridge_bell = bells.next().expect("the mesh has the bridge's endpoint");
     let store_bell = bells.next().expect("the mesh has the ban store's endpoint");
+    let hooks_bell = bells.next().expect("the mesh has the hooks' endpoint");
     let mut threads = Vec::with_capacity(shards + 2);
     if let (Some(stream), Some(reader)) = (&node.event_stream, outbox_reader) {
         let t = crate::webhook::spawn(
@@ -226,6 +227,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         let t = crate::ban_store::spawn(node.clone(), stores, store_bell)
             .map_err(|e| StartError::Io(format!("cannot start the store's thread: {e}")))?;
         threads.push(t);
+    }
+    if node.config.hooks.enabled() {
+        let t = crate::hooks::spawn(node.clone(), hooks_bell, node.config.hooks.clone())
+            .map_err(|e| StartError::Io(format!("cannot start the hooks' threads: {e}")))?;
+        threads.extend(t);
     }
     if node.cluster.is_some() {
         let t = crate::cluster::spawn(node.clone(), bridge_bell)

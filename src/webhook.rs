@@ -18,36 +18,14 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::WebhookConfig;
-use crate::event_outbox::{OutboxState, Reader};
-use crate::http::client::{Client, Failure, Url};
-use crate::metrics::Counter;
+use crate::event_outbox::{EventStream, Reader};
+use crate::http_client::{Client, Failure, Url};
 use crate::node::Node;
 
 /// The first wait after a failure.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Bytes of events per POST, about (one larger event goes alone).
 const BATCH_BYTES: usize = 1 << 20;
-
-/// The event stream's figures, and the outbox they describe.
-#[derive(Default)]
-pub struct WebhookMetrics {
-    /// Events the backend took.
-    pub delivered: Counter,
-    /// POSTs the backend took.
-    pub batches: Counter,
-    /// POSTs that failed (no answer, or not a 2xx).
-    pub failures: Counter,
-    /// Time the taken POSTs took, in microseconds.
-    pub request_us: Counter,
-    /// Age of the oldest event of the last batch taken, in ms (gauge).
-    pub lag_ms: Counter,
-}
-
-/// What the node shares of the event stream.
-pub struct EventStream {
-    pub outbox: Arc<OutboxState>,
-    pub metrics: WebhookMetrics,
-}
 
 /// The signature header's value for `body` sent at `t` (ms).
 pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
@@ -192,81 +170,6 @@ fn pause(node: &Node, d: Duration) {
             return;
         }
         std::thread::park_timeout((until - now).min(Duration::from_millis(200)));
-    }
-}
-
-/// Appends the event stream's figures to the metrics text.
-pub fn render(out: &mut String, s: &EventStream) {
-    use std::fmt::Write as _;
-    let m = &s.metrics;
-    let series: [(&str, &str, &str, u64); 8] = [
-        (
-            "webhook_waiting_bytes",
-            "gauge",
-            "Bytes of events in the outbox the backend has not taken.",
-            s.outbox.waiting(),
-        ),
-        (
-            "webhook_outbox_full",
-            "gauge",
-            "1 while the outbox is full and new messages are refused.",
-            s.outbox.backlog.full() as u64,
-        ),
-        (
-            "webhook_refused_total",
-            "counter",
-            "Channel events refused (unavailable) because the outbox was full.",
-            s.outbox.backlog.refused(),
-        ),
-        (
-            "webhook_delivered_total",
-            "counter",
-            "Events the backend took.",
-            m.delivered.get(),
-        ),
-        (
-            "webhook_requests_total",
-            "counter",
-            "POSTs the backend took (batches).",
-            m.batches.get(),
-        ),
-        (
-            "webhook_failures_total",
-            "counter",
-            "POSTs that failed (no answer or not a 2xx); each is tried again.",
-            m.failures.get(),
-        ),
-        (
-            "webhook_request_seconds_total",
-            "counter",
-            "Time the taken POSTs took, in seconds (divide by requests for the mean).",
-            0,
-        ),
-        (
-            "webhook_lag_seconds",
-            "gauge",
-            "Age of the oldest event of the last batch taken, in seconds.",
-            0,
-        ),
-    ];
-    for (name, kind, help, v) in series {
-        let _ = writeln!(out, "# HELP corecast_{name} {help}");
-        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
-        match name {
-            "webhook_request_seconds_total" => {
-                let _ = writeln!(
-                    out,
-                    "corecast_{name} {:.6}",
-                    m.request_us.get() as f64 / 1e6
-                );
-            }
-            "webhook_lag_seconds" => {
-                let _ = writeln!(out, "corecast_{name} {:.3}", m.lag_ms.get() as f64 / 1e3);
-            }
-            _ => {
-                let _ = writeln!(out, "corecast_{name} {v}");
-            }
-        }
     }
 }
 

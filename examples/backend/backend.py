@@ -11,6 +11,9 @@ stored once. Read docs/BACKEND.md for the walk-through.
 
 Endpoints:
     POST /corecast/events    the webhook (configure it as webhook.url)
+    POST /corecast/publish   the publish hook (hooks.publish_url): rejects
+                             messages with a word of BLOCKED, rewrites
+                             `/shout text` to upper case, lets the rest by
     GET  /messages?channel=C the stored messages of channel C, oldest first
     GET  /events             every event stored, in the order it arrived
     GET  /stats              requests, events received and stored
@@ -30,6 +33,9 @@ from urllib.parse import parse_qs, urlparse
 
 # A signature older than this is refused (a replayed request).
 MAX_SKEW_MS = 5 * 60 * 1000
+
+# Words the publish hook does not let through.
+BLOCKED = {"spam", "forbidden"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -129,6 +135,10 @@ class Store:
                     (json.dumps(reactions), d["messageId"]),
                 )
 
+    def count(self, name):
+        with self.lock, self.db:
+            self.bump(name, 1)
+
     def query(self, sql, args=()):
         with self.lock:
             return self.db.execute(sql, args).fetchall()
@@ -149,17 +159,39 @@ def handler(store, secret):
         def do_POST(self):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
-            if urlparse(self.path).path != "/corecast/events":
+            path = urlparse(self.path).path
+            if path not in ("/corecast/events", "/corecast/publish"):
                 return self.answer(404, {"error": "not found"})
             sig = self.headers.get("X-Corecast-Signature", "")
             if not verify(secret, sig, body, int(time.time() * 1000)):
                 return self.answer(401, {"error": "bad signature"})
+            if path == "/corecast/publish":
+                return self.publish_hook(body)
             try:
                 events = json.loads(body)["events"]
             except (ValueError, KeyError) as e:
                 return self.answer(400, {"error": f"not a batch of events: {e}"})
             stored, duplicates = store.take(events)
             self.answer(200, {"stored": stored, "duplicates": duplicates})
+
+        def publish_hook(self, body):
+            """Decides about a message before corecast sequences it."""
+            try:
+                m = json.loads(body)
+                content = m["content"]
+            except (ValueError, KeyError) as e:
+                return self.answer(400, {"error": f"not a message: {e}"})
+            store.count("publish_hooks")
+            # For the tests: a slow backend, and a failing one.
+            if content.startswith("/slow"):
+                time.sleep(1.5)
+            if content.startswith("/fail"):
+                return self.answer(500, {"error": "the backend failed"})
+            if BLOCKED & set(content.lower().split()):
+                return self.answer(200, {"result": "reject", "reason": "that word is not allowed here"})
+            if content.startswith("/shout "):
+                return self.answer(200, {"result": "rewrite", "content": content[len("/shout "):].upper()})
+            self.answer(200, {"result": "allow"})
 
         def do_GET(self):
             url = urlparse(self.path)

@@ -213,10 +213,20 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// Each event has its handler, named after it, in its feature's file.
-    fn handle_checked(&mut self, id: ConnId, msg: ClientMessage, now: u64, tx: &mut impl MeshTx) {
+    pub(super) fn handle_checked(
+        &mut self,
+        id: ConnId,
+        msg: ClientMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         if self.conn(id).is_none() {
             return;
         }
+        // Behind a question to the backend: later, in order.
+        let Some(msg) = self.hold(id, msg, now, tx) else {
+            return;
+        };
         let ack = msg.id;
         use ClientEvent as E;
         match msg.event {

@@ -370,6 +370,25 @@ impl<O: Outbound> Engine<O> {
                 format!("join `{}` before sending to it", m.channel_id),
             );
         };
+        if self.publish_hooked(&channel) {
+            let Some(user) = self.conn(id).map(|c| c.member.user.clone()) else {
+                return;
+            };
+            return self.ask_publish_hook(id, ack, channel, &user, m, tx);
+        }
+        self.publish_to_owner(id, ack, channel, m, now, tx);
+    }
+
+    /// A member's message, checked, goes to the channel's owner.
+    pub(super) fn publish_to_owner(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        channel: Arc<str>,
+        send: MessageSend,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
         let Some(member) = self.conn(id).map(|c| c.member.clone()) else {
             return;
         };
@@ -378,7 +397,7 @@ impl<O: Outbound> Engine<O> {
             from: self.here(id),
             member,
             ack,
-            send: m,
+            send,
         }));
         let owner = owner_of(&channel, self.shards);
         self.route(owner, msg, now, tx);

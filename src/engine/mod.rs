@@ -155,6 +155,14 @@ pub struct Settings {
     pub custom_events: Option<crate::access::Patterns>,
     /// Largest `data` of an application's event, in bytes of JSON.
     pub max_custom_event_bytes: usize,
+    /// Channels whose messages the publish hook sees first (none: off).
+    pub publish_hook: Option<crate::access::Patterns>,
+    /// Questions to the backend one shard waits for at most; past it new
+    /// ones are refused with `unavailable`.
+    pub max_hook_waiting: usize,
+    /// When the backend cannot answer (down, slow, a bad answer): `true`
+    /// lets the message through, `false` refuses it (`unavailable`).
+    pub hook_failure_allows: bool,
     pub call_ring_timeout_ms: u64,
     pub max_notifications: usize,
     pub notification_ttl_ms: u64,
@@ -195,6 +203,9 @@ impl Default for Settings {
             token_expiry_grace_ms: 0,
             custom_events: None,
             max_custom_event_bytes: 4096,
+            publish_hook: None,
+            max_hook_waiting: 1000,
+            hook_failure_allows: false,
             call_ring_timeout_ms: 30_000,
             max_notifications: 100,
             notification_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -311,6 +322,11 @@ pub enum MeshMsg {
     /// From an owner shard to the store: a sequenced event's line for
     /// the history file (see `history`).
     KeepHistory(Box<Vec<u8>>),
+    /// From a shard to the hooks endpoint: a question for the application
+    /// backend (see `hooks`).
+    HookCall(Box<hooks::HookCall>),
+    /// From the hooks endpoint: the backend's answer.
+    HookAnswer(Box<hooks::HookAnswer>),
     /// From the ban store: the ban is on disk (`error`: it is not, and
     /// must not take effect).
     BanStored {
@@ -915,6 +931,8 @@ pub struct Engine<O> {
     event_store: Option<ShardId>,
     /// The event stream's gate (when it is on).
     backlog: Option<Arc<event_stream::Backlog>>,
+    /// Questions out to the application backend.
+    hooks: hooks::Hooks,
 }
 
 impl<O: Outbound> Engine<O> {
@@ -955,6 +973,7 @@ impl<O: Outbound> Engine<O> {
             sent: Default::default(),
             event_store: None,
             backlog: None,
+            hooks: hooks::Hooks::default(),
             instance: 0,
             counter: 0,
         };
@@ -1146,6 +1165,7 @@ impl<O: Outbound> Engine<O> {
         let Some(conn) = slot.conn.take() else { return };
         slot.gen = slot.gen.wrapping_add(1);
         self.free.push(id.slot);
+        self.hooks_closed(id);
         let mut resume = ResumePoints::default();
         let links = conn.links.map(|l| *l).unwrap_or_default();
         for (_, state) in &links.channels {
@@ -1460,6 +1480,10 @@ impl<O: Outbound> Engine<O> {
             MeshMsg::KeepHistory(_) => {
                 tracing::debug!("a shard ignores a message meant for the history store")
             }
+            MeshMsg::HookAnswer(a) => self.on_hook_answer(*a, now, tx),
+            MeshMsg::HookCall(_) => {
+                tracing::debug!("a shard ignores a message meant for the hooks")
+            }
             MeshMsg::Adopt(_) => {
                 tracing::debug!("the engine drops a socket meant for the shell (it closes)")
             }
@@ -1542,6 +1566,7 @@ mod dm;
 pub mod event_stream;
 mod gather;
 pub mod history;
+pub mod hooks;
 mod members;
 mod messages;
 mod moderation;

@@ -4,7 +4,6 @@
 //! [`crate::ws::handshake::response`].
 
 pub mod api;
-pub mod client;
 
 use crate::node::Node;
 use crate::ws::handshake;

@@ -206,6 +206,9 @@ impl Shard {
         if let Some(s) = &node.event_stream {
             engine.set_event_stream(s.outbox.backlog.clone());
         }
+        if node.config.hooks.enabled() {
+            engine.set_hooks(crate::mesh::hooks_endpoint(n));
+        }
         if let Some(store) = node.ban_store {
             engine.set_ban_store(store);
         }

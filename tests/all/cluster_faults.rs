@@ -392,6 +392,8 @@ fn sequence_once(redis: &Redis, fresh_epoch: &str) -> String {
             "100",
             "60000",
             "PUBLISH",
+            "0",
+            "\"c\"",
             "an event",
             "",
         ],

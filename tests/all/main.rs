@@ -14,6 +14,7 @@ mod cluster;
 mod cluster_faults;
 mod events_stream;
 mod history;
+mod hooks;
 mod hygiene;
 mod safety;
 mod tokens;

@@ -156,8 +156,8 @@ impl Sim {
                 })
                 .collect(),
             // The shards, then the extra endpoints (server API, bridge, ban
-            // store).
-            mesh: Queues((0..n + 3).map(|_| VecDeque::new()).collect()),
+            // store, hooks).
+            mesh: Queues((0..n + 4).map(|_| VecDeque::new()).collect()),
             now: 1_000,
         }
     }
@@ -419,6 +419,7 @@ mod channels;
 mod custom;
 mod dm;
 mod event_stream;
+mod hooks;
 mod messages;
 mod notifications;
 mod presence;

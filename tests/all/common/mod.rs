@@ -3,6 +3,7 @@
 //! independent client and a raw socket for malformed input.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};

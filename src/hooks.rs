@@ -1,0 +1,154 @@
+//! The hooks' IO: the mesh endpoint where shards send their questions for
+//! the application backend (`engine::hooks`), and a pool of threads that
+//! ask them over HTTP (each with a kept-alive connection, signed as the
+//! webhooks are) and send the answers back to the asking shard. The
+//! shards never wait: a question is a mesh message, its answer another.
+//! The shards bound how many questions they wait for (`max_waiting`); the
+//! pool bounds how many are asked at once (`concurrency`).
+
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::HooksConfig;
+use crate::engine::hooks::{HookAnswer, HookCall, HookKind};
+use crate::engine::{MeshMsg, ShardId};
+use crate::http_client::{Client, Url};
+use crate::node::Node;
+
+type Handle = JoinHandle<std::io::Result<()>>;
+
+/// Starts the endpoint's thread and the pool.
+pub fn spawn(
+    node: Arc<Node>,
+    bell: UnixStream,
+    config: HooksConfig,
+) -> std::io::Result<Vec<Handle>> {
+    let (jobs, rx) = channel::<Box<HookCall>>();
+    let rx = Arc::new(Mutex::new(rx));
+    let mut threads = Vec::new();
+    for i in 0..config.concurrency {
+        let (node, rx, config) = (node.clone(), rx.clone(), config.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("corecast-hook-{i}"))
+                .spawn(move || {
+                    ask(&node, &rx, &config);
+                    Ok(())
+                })?,
+        );
+    }
+    threads.push(
+        std::thread::Builder::new()
+            .name("corecast-hooks".into())
+            .spawn(move || run(&node, bell, jobs))?,
+    );
+    Ok(threads)
+}
+
+/// Takes the shards' questions off the mesh and hands them to the pool;
+/// parks on the doorbell when there are none. Ends when the node drains
+/// (the pool ends with it, once the queue of questions is closed).
+fn run(
+    node: &Node,
+    mut bell: UnixStream,
+    jobs: std::sync::mpsc::Sender<Box<HookCall>>,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    bell.set_nonblocking(false)?;
+    bell.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let shards = node.mesh.shards();
+    let me = crate::mesh::hooks_endpoint(shards);
+    loop {
+        let mut any = false;
+        for from in 0..shards as ShardId {
+            while let Some(msg) = node.mesh.pop(from, me) {
+                any = true;
+                match msg {
+                    MeshMsg::HookCall(call) => {
+                        let _ = jobs.send(call);
+                    }
+                    other => tracing::debug!(?other, "the hooks ignore a message"),
+                }
+            }
+        }
+        if node.is_draining() {
+            return Ok(());
+        }
+        if any || !node.mesh.park(me) {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        let r = bell.read(&mut buf);
+        node.mesh.unpark(me);
+        match r {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One thread of the pool: asks, answers, until the queue closes.
+fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
+    let me = crate::mesh::hooks_endpoint(node.mesh.shards());
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let mut publish = (!config.publish_url.is_empty()).then(|| {
+        Client::new(
+            Url::parse(&config.publish_url).expect("checked by the config"),
+            timeout,
+        )
+    });
+    loop {
+        let call = match rx.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(call) => call,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        let client = match call.kind {
+            HookKind::Publish => publish.as_mut(),
+        };
+        let result = match client {
+            Some(c) => post(c, config.secret.as_bytes(), &call.body),
+            None => Err("no URL for this hook".to_owned()),
+        };
+        let answer = MeshMsg::HookAnswer(Box::new(HookAnswer {
+            token: call.token,
+            result,
+        }));
+        let mut msg = answer;
+        while let Err(back) = node.mesh.send(me, call.from, msg) {
+            if node.is_draining() {
+                return;
+            }
+            msg = back;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// A signed POST; the body of a 2xx, or why there is none.
+fn post(client: &mut Client, secret: &[u8], body: &[u8]) -> Result<Vec<u8>, String> {
+    let t = crate::clock::now_ms();
+    let sig = crate::webhook::signature(secret, t, body);
+    match client.post_json(&[("X-Corecast-Signature", &sig)], body) {
+        Ok(r) if (200..300).contains(&r.status) => Ok(r.body),
+        Ok(r) => Err(format!(
+            "the backend answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+        )),
+        Err(f) => Err(f.to_string()),
+    }
+}
