@@ -185,6 +185,8 @@ pub struct HooksConfig {
     pub publish_url: String,
     /// The channels (names or `*` patterns) whose messages it sees.
     pub publish_channels: Vec<String>,
+    /// Where a client's `rpc` is POSTed (empty: `rpc` is unsupported).
+    pub rpc_url: String,
     /// The HMAC-SHA256 key of each request's `X-Corecast-Signature` (at
     /// least 16 bytes).
     pub secret: String,
@@ -205,6 +207,7 @@ impl Default for HooksConfig {
         HooksConfig {
             publish_url: String::new(),
             publish_channels: vec!["*".into()],
+            rpc_url: String::new(),
             secret: String::new(),
             timeout_ms: 2000,
             concurrency: 16,
@@ -216,7 +219,7 @@ impl Default for HooksConfig {
 
 impl HooksConfig {
     pub fn enabled(&self) -> bool {
-        !self.publish_url.is_empty()
+        !self.publish_url.is_empty() || !self.rpc_url.is_empty()
     }
 }
 
@@ -523,6 +526,9 @@ pub struct ConfigArgs {
     /// [default: *].
     #[arg(long, env = "CORECAST_HOOKS_PUBLISH_CHANNELS", value_delimiter = ',')]
     pub hooks_publish_channels: Option<Vec<String>>,
+    /// Where a client's rpc is POSTed ('' is off: rpc is unsupported).
+    #[arg(long, env = "CORECAST_HOOKS_RPC_URL")]
+    pub hooks_rpc_url: Option<String>,
     /// The key that signs each hook's request (at least 16 bytes).
     #[arg(long, env = "CORECAST_HOOKS_SECRET", hide_env_values = true)]
     pub hooks_secret: Option<String>,
@@ -748,6 +754,9 @@ impl ConfigArgs {
         if let Some(v) = &self.hooks_secret {
             c.hooks.secret = v.clone();
         }
+        if let Some(v) = &self.hooks_rpc_url {
+            c.hooks.rpc_url = v.clone();
+        }
         if let Some(v) = &self.hooks_on_failure {
             c.hooks.on_failure = v.clone();
         }
@@ -808,8 +817,12 @@ impl Config {
         if !h.enabled() {
             return Ok(());
         }
-        crate::http_client::Url::parse(&h.publish_url)
-            .map_err(|e| ConfigError(format!("hooks.publish_url: {e}")))?;
+        for (name, url) in [("publish_url", &h.publish_url), ("rpc_url", &h.rpc_url)] {
+            if !url.is_empty() {
+                crate::http_client::Url::parse(url)
+                    .map_err(|e| ConfigError(format!("hooks.{name}: {e}")))?;
+            }
+        }
         self.publish_hook_patterns()?;
         if h.secret.len() < 16 {
             return Err(ConfigError(
@@ -829,7 +842,7 @@ impl Config {
 
     /// The channels the publish hook sees (none: it is off).
     pub fn publish_hook_patterns(&self) -> Result<Option<crate::access::Patterns>, ConfigError> {
-        if !self.hooks.enabled() {
+        if self.hooks.publish_url.is_empty() {
             return Ok(None);
         }
         crate::access::Patterns::new("hooks.publish_channels", &self.hooks.publish_channels)
@@ -1052,6 +1065,7 @@ impl Config {
             publish_hook: self.publish_hook_patterns().expect("checked by validate"),
             max_hook_waiting: self.hooks.max_waiting,
             hook_failure_allows: self.hooks.on_failure == "allow",
+            rpc_hook: !self.hooks.rpc_url.is_empty(),
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,
             notification_ttl_ms: self.notification_ttl_ms,

@@ -102,12 +102,12 @@ fn run(
 fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
     let me = crate::mesh::hooks_endpoint(node.mesh.shards());
     let timeout = Duration::from_millis(config.timeout_ms);
-    let mut publish = (!config.publish_url.is_empty()).then(|| {
-        Client::new(
-            Url::parse(&config.publish_url).expect("checked by the config"),
-            timeout,
-        )
-    });
+    let client = |url: &str| {
+        (!url.is_empty())
+            .then(|| Client::new(Url::parse(url).expect("checked by the config"), timeout))
+    };
+    let mut publish = client(&config.publish_url);
+    let mut rpc = client(&config.rpc_url);
     loop {
         let call = match rx.lock() {
             Ok(rx) => match rx.recv() {
@@ -118,6 +118,7 @@ fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
         };
         let client = match call.kind {
             HookKind::Publish => publish.as_mut(),
+            HookKind::Rpc => rpc.as_mut(),
         };
         let result = match client {
             Some(c) => post(c, config.secret.as_bytes(), &call.body),

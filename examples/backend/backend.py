@@ -14,6 +14,7 @@ Endpoints:
     POST /corecast/publish   the publish hook (hooks.publish_url): rejects
                              messages with a word of BLOCKED, rewrites
                              `/shout text` to upper case, lets the rest by
+    POST /corecast/rpc       rpc (hooks.rpc_url): methods echo, add, whoami
     GET  /messages?channel=C the stored messages of channel C, oldest first
     GET  /events             every event stored, in the order it arrived
     GET  /stats              requests, events received and stored
@@ -160,19 +161,44 @@ def handler(store, secret):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             path = urlparse(self.path).path
-            if path not in ("/corecast/events", "/corecast/publish"):
+            if path not in ("/corecast/events", "/corecast/publish", "/corecast/rpc"):
                 return self.answer(404, {"error": "not found"})
             sig = self.headers.get("X-Corecast-Signature", "")
             if not verify(secret, sig, body, int(time.time() * 1000)):
                 return self.answer(401, {"error": "bad signature"})
             if path == "/corecast/publish":
                 return self.publish_hook(body)
+            if path == "/corecast/rpc":
+                return self.rpc(body)
             try:
                 events = json.loads(body)["events"]
             except (ValueError, KeyError) as e:
                 return self.answer(400, {"error": f"not a batch of events: {e}"})
             stored, duplicates = store.take(events)
             self.answer(200, {"stored": stored, "duplicates": duplicates})
+
+        def rpc(self, body):
+            """A client's call: answered with data, or an error it gets."""
+            try:
+                call = json.loads(body)
+                method, user = call["method"], call["userId"]
+            except (ValueError, KeyError) as e:
+                return self.answer(400, {"error": f"not a call: {e}"})
+            store.count("rpc")
+            data = call.get("data")
+            if method == "slow":
+                time.sleep(1.5)
+                return self.answer(200, {"data": data})
+            if method == "echo":
+                return self.answer(200, {"data": data})
+            if method == "add":
+                try:
+                    return self.answer(200, {"data": sum(data)})
+                except TypeError:
+                    return self.answer(200, {"error": {"code": "bad_request", "message": "add takes a list of numbers"}})
+            if method == "whoami":
+                return self.answer(200, {"data": {"userId": user}})
+            self.answer(200, {"error": {"code": "not_found", "message": f"no method {method}"}})
 
         def publish_hook(self, body):
             """Decides about a message before corecast sequences it."""

@@ -233,6 +233,7 @@ impl<O: Outbound> Engine<O> {
             E::Heartbeat => self.on_heartbeat(id, ack, now),
             E::Auth(_) => self.error(id, ack, ErrorCode::BadRequest, "already authenticated"),
             E::AuthRefresh(a) => self.on_auth_refresh(id, ack, &a.token, now),
+            E::Rpc(call) => self.on_rpc(id, ack, call, tx),
             E::SessionResume(r) => self.on_session_resume(id, ack, r, now, tx),
             E::ChannelJoin(j) => {
                 self.on_channel_join(id, ack, j, None, now, tx);
@@ -418,6 +419,7 @@ pub(super) fn check_event(event: &ClientEvent) -> Result<(), (ErrorCode, String)
         | E::MessageMarkRead(m)
         | E::MessageGetReadReceipts(m) => check_id("messageId", &m.message_id).map_err(bad),
         E::MessageReact(m) => check_id("messageId", &m.message_id).map_err(bad),
+        E::Rpc(r) => check_id("method", &r.method).map_err(bad),
         E::CallAnswer(CallAnswer { call_id, .. })
         | E::CallEnd(CallRef { call_id })
         | E::CallIceCandidate(CallIce { call_id, .. }) => check_id("callId", call_id).map_err(bad),

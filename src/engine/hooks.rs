@@ -1,9 +1,10 @@
-//! Hooks: questions the engine asks the application backend before it
-//! acts, without ever waiting for the answer. Today the publish hook: a
-//! client's `message:send` to a channel that `hooks.publish_channels`
-//! names is shown to the backend before it is sequenced, and the backend
-//! allows it, rejects it (the client gets `forbidden` with the backend's
-//! reason) or rewrites its content.
+//! Hooks: questions the engine asks the application backend, without
+//! ever waiting for the answer. The publish hook: a client's
+//! `message:send` to a channel that `hooks.publish_channels` names is
+//! shown to the backend before it is sequenced, and the backend allows it,
+//! rejects it (the client gets `forbidden` with the backend's reason) or
+//! rewrites its content. RPC: a client's `rpc` goes to the backend, and
+//! its answer comes back in the ack.
 //!
 //! The question goes to the hooks endpoint of the mesh (`crate::hooks`,
 //! which makes the HTTP calls) and waits here in a bounded table; the
@@ -35,6 +36,7 @@ pub struct HookCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookKind {
     Publish,
+    Rpc,
 }
 
 /// The backend's answer: the body of a 2xx, or why there is none.
@@ -67,6 +69,67 @@ impl Verdict {
     }
 }
 
+/// What the backend answered an `rpc`: `data` for the ack, or an error
+/// for the client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RpcReply {
+    #[serde(default)]
+    data: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    error: Option<RpcError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RpcError {
+    /// One of the protocol's error codes (`bad_request` otherwise).
+    #[serde(default)]
+    code: Option<String>,
+    message: String,
+}
+
+/// The client's answer to an `rpc` from the backend's reply.
+pub fn rpc_answer(ack: Option<u64>, body: &[u8]) -> Result<ServerMessage, String> {
+    let reply: RpcReply = serde_json::from_slice(body).map_err(|e| {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+        format!("the rpc answer `{text}` is neither {{\"data\":…}} nor {{\"error\":…}}: {e}")
+    })?;
+    match reply {
+        RpcReply {
+            error: Some(e),
+            data: None,
+        } => {
+            let code = e
+                .code
+                .and_then(|c| serde_json::from_value(serde_json::Value::String(c)).ok())
+                .unwrap_or(ErrorCode::BadRequest);
+            Ok(err(ack, code, e.message))
+        }
+        RpcReply { error: None, data } => {
+            let data = Json(data.map_or_else(|| "null".to_owned(), |d| d.get().to_owned()));
+            Ok(ack_of(ack, AckBody::Rpc(RpcAck { data })))
+        }
+        RpcReply { .. } => Err("an rpc answer with both data and an error".into()),
+    }
+}
+
+/// The body of an `rpc`'s request.
+pub fn rpc_body(user: &str, call: &RpcCall) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        user_id: &'a str,
+        #[serde(flatten)]
+        call: &'a RpcCall,
+    }
+    serde_json::to_vec(&Body {
+        user_id: user,
+        call,
+    })
+    .expect("plain data")
+}
+
 /// The body of a publish hook's request.
 pub fn publish_body(user: &str, send: &MessageSend) -> Vec<u8> {
     #[derive(serde::Serialize)]
@@ -83,13 +146,22 @@ pub fn publish_body(user: &str, send: &MessageSend) -> Vec<u8> {
     .expect("plain data")
 }
 
-/// A message waiting for the publish hook.
+/// A question waiting for its answer.
 #[derive(Debug)]
 struct Waiting {
     conn: ConnId,
     ack: Option<u64>,
-    channel: Arc<str>,
-    send: MessageSend,
+    what: Asked,
+}
+
+#[derive(Debug)]
+enum Asked {
+    /// A message, for the publish hook.
+    Publish {
+        channel: Arc<str>,
+        send: MessageSend,
+    },
+    Rpc,
 }
 
 /// The hooks' state on a shard.
@@ -163,6 +235,41 @@ impl<O: Outbound> Engine<O> {
         send: MessageSend,
         tx: &mut impl MeshTx,
     ) {
+        let body = publish_body(user, &send);
+        let what = Asked::Publish { channel, send };
+        self.ask(id, ack, HookKind::Publish, body, what, tx);
+    }
+
+    /// `rpc`: a call to the backend, answered in the ack.
+    pub(super) fn on_rpc(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        call: RpcCall,
+        tx: &mut impl MeshTx,
+    ) {
+        if !self.s.rpc_hook || self.hooks.endpoint.is_none() {
+            let e = "rpc: this server has no application backend to call (hooks.rpc_url)";
+            return self.error(id, ack, ErrorCode::Unsupported, e);
+        }
+        let Some(user) = self.conn(id).map(|c| c.member.user.clone()) else {
+            return;
+        };
+        let body = rpc_body(&user, &call);
+        self.ask(id, ack, HookKind::Rpc, body, Asked::Rpc, tx);
+    }
+
+    /// Sends a question to the hooks' endpoint; the connection's next
+    /// events wait behind it.
+    fn ask(
+        &mut self,
+        id: ConnId,
+        ack: Option<u64>,
+        kind: HookKind,
+        body: Vec<u8>,
+        what: Asked,
+        tx: &mut impl MeshTx,
+    ) {
         let Some(endpoint) = self.hooks.endpoint else {
             return;
         };
@@ -172,14 +279,12 @@ impl<O: Outbound> Engine<O> {
         }
         self.hooks.next += 1;
         let token = self.hooks.next;
-        let body = publish_body(user, &send);
         self.hooks.waiting.insert(
             token,
             Waiting {
                 conn: id,
                 ack,
-                channel,
-                send,
+                what,
             },
         );
         self.hooks.held.entry(id).or_default();
@@ -187,7 +292,7 @@ impl<O: Outbound> Engine<O> {
         let call = HookCall {
             from: self.shard,
             token,
-            kind: HookKind::Publish,
+            kind,
             body,
         };
         tx.send(endpoint, MeshMsg::HookCall(Box::new(call)));
@@ -203,20 +308,36 @@ impl<O: Outbound> Engine<O> {
         let Waiting {
             conn: id,
             ack,
-            channel,
-            send,
+            what,
         } = w;
         if self.conn(id).is_none() {
             self.hooks.held.remove(&id);
             return;
         }
-        let verdict = a.result.and_then(|body| Verdict::parse(&body));
-        if self.joined(id, &channel).is_none() {
-            // It left the channel while the backend thought.
-            let e = format!("join `{channel}` before sending to it");
-            self.error(id, ack, ErrorCode::Forbidden, e);
-        } else {
-            self.apply_verdict(id, ack, channel, send, verdict, now, tx);
+        match what {
+            Asked::Publish { channel, send } => {
+                let verdict = a.result.and_then(|body| Verdict::parse(&body));
+                if self.joined(id, &channel).is_none() {
+                    // It left the channel while the backend thought.
+                    let e = format!("join `{channel}` before sending to it");
+                    self.error(id, ack, ErrorCode::Forbidden, e);
+                } else {
+                    self.apply_verdict(id, ack, channel, send, verdict, now, tx);
+                }
+            }
+            Asked::Rpc => match a.result.and_then(|body| rpc_answer(ack, &body)) {
+                Ok(msg) => {
+                    if matches!(msg.event, ServerEvent::Error(_)) {
+                        self.metrics.hook_rejected.inc();
+                    }
+                    self.reply(id, &msg)
+                }
+                Err(why) => {
+                    self.metrics.hook_failures.inc();
+                    tracing::debug!(%why, "rpc failed");
+                    self.reply(id, &super::event_stream::unavailable(ack));
+                }
+            },
         }
         // The events the connection sent meanwhile, in order, until one
         // waits for a hook again.

@@ -163,6 +163,9 @@ pub struct Settings {
     /// When the backend cannot answer (down, slow, a bad answer): `true`
     /// lets the message through, `false` refuses it (`unavailable`).
     pub hook_failure_allows: bool,
+    /// `rpc` goes to the backend (`hooks.rpc_url`); otherwise it is
+    /// `unsupported`.
+    pub rpc_hook: bool,
     pub call_ring_timeout_ms: u64,
     pub max_notifications: usize,
     pub notification_ttl_ms: u64,
@@ -206,6 +209,7 @@ impl Default for Settings {
             publish_hook: None,
             max_hook_waiting: 1000,
             hook_failure_allows: false,
+            rpc_hook: false,
             call_ring_timeout_ms: 30_000,
             max_notifications: 100,
             notification_ttl_ms: 7 * 24 * 3600 * 1000,

@@ -169,3 +169,63 @@ async fn a_message_allowed_on_one_node_reaches_the_other_rewritten() {
     drop((a, b, redis));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn an_rpc_is_answered_by_the_backend_in_the_ack() {
+    let dir = tempdir("rpc");
+    let backend = Backend::start(&dir.join("db.sqlite"), 0);
+    let url = format!("http://{}/corecast/rpc", backend.addr);
+    let s = Server::start(&[
+        "--shards",
+        "2",
+        "--hooks-rpc-url",
+        &url,
+        "--hooks-secret",
+        HOOK_SECRET,
+    ]);
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    let sum = alice
+        .ok("rpc", json!({"method": "add", "data": [1, 2, 39]}))
+        .await;
+    assert_eq!(sum, json!({"data": 42}));
+    let me = alice.ok("rpc", json!({"method": "whoami"})).await;
+    assert_eq!(me, json!({"data": {"userId": "alice"}}));
+    let v = alice
+        .request("rpc", json!({"method": "nope", "data": {"x": 1}}))
+        .await;
+    assert_eq!(v["t"], "error", "{v}");
+    assert_eq!(v["d"]["code"], "not_found", "{v}");
+    assert_eq!(v["d"]["message"], "no method nope", "{v}");
+    // A slow call holds its connection's next requests behind it, in
+    // order; another connection's call is answered meanwhile.
+    let mut bob = Peer::on(&s, "bob", 1, "").await;
+    alice
+        .send(json!({"t": "rpc", "id": 1, "d": {"method": "slow", "data": "first"}}))
+        .await;
+    alice
+        .send(json!({"t": "rpc", "id": 2, "d": {"method": "echo", "data": "second"}}))
+        .await;
+    alice.send(json!({"t": "heartbeat", "id": 3})).await;
+    let quick = bob
+        .ok("rpc", json!({"method": "echo", "data": "bob"}))
+        .await;
+    assert_eq!(quick["data"], "bob");
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        let v = recv(&mut alice.ws).await;
+        if v["t"] == "ack" || v["t"] == "heartbeat:ack" {
+            answers.push((v["id"].as_u64().unwrap(), v["d"]["data"].clone()));
+        }
+    }
+    assert_eq!(answers[0], (1, json!("first")));
+    assert_eq!(answers[1], (2, json!("second")));
+    assert_eq!(answers[2].0, 3);
+    assert_eq!(backend.stat("rpc"), 6);
+    // The method must be an id.
+    assert_eq!(
+        alice.refused("rpc", json!({"method": ""})).await,
+        "bad_request"
+    );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,7 +14,8 @@
 import WebSocket from "ws";
 import msgpackParser from "socket.io-msgpack-parser";
 import {
-  Native, apiKey, check, collect, connect, next, run, sleep, startNode, startRedis, token, until,
+  Native, apiKey, check, collect, connect, hookSecret, next, run, sleep, startBackend, startNode, startRedis, token,
+  until,
 } from "./lib.mjs";
 
 const transports = {
@@ -628,6 +629,27 @@ await run([
     const refused = await fetch(`${node.url}/socket.io/?EIO=3&transport=websocket`);
     const body = await refused.json();
     check("Engine.IO 3 refused", refused.status === 400 && body.code === 5, body);
+  }],
+
+  ["rpc and the publish hook, answered by the application backend", async () => {
+    const backend = await startBackend();
+    const n = await startNode([
+      "--hooks-rpc-url", `${backend}/corecast/rpc`, "--hooks-publish-url", `${backend}/corecast/publish`,
+      "--hooks-publish-channels", "moderated", "--hooks-secret", hookSecret,
+    ]);
+    const s = await connect(n.url, { ...ws, auth: { token: token("rita") } });
+    sockets.push(s);
+    const sum = await s.emitWithAck("rpc", { method: "add", data: [40, 2] });
+    check("rpc answered in the ack", sum.success === true && sum.data === 42, sum);
+    const missing = await s.emitWithAck("rpc", { method: "nope" });
+    check("the backend's error", missing.success === false && missing.error.code === "not_found", missing);
+    await s.emitWithAck("channel:join", { channelId: "moderated" });
+    const seen = next(s, "message:new");
+    const loud = await s.emitWithAck("message:send", { channelId: "moderated", content: "/shout hi" });
+    check("allowed and rewritten", loud.success === true && (await seen).content === "HI", loud);
+    const spam = await s.emitWithAck("message:send", { channelId: "moderated", content: "spam spam" });
+    check("rejected with the backend's reason", spam.success === false && spam.error.code === "forbidden" &&
+      spam.error.message === "that word is not allowed here", spam);
   }],
 
   ["long-polling: refusals and bounds", async () => {

@@ -91,6 +91,25 @@ export async function startNode(args = []) {
   return { child, addr, api, url: `http://${addr}` };
 }
 
+// The example backend (examples/backend/backend.py): the event stream,
+// the publish hook and rpc, signed with `hookSecret`.
+export const hookSecret = "socketio-hook-secret-0123456789";
+export async function startBackend() {
+  const dir = mkdtempSync(join(tmpdir(), "corecast-sio-backend-"));
+  dirs.push(dir);
+  const script = new URL("../../examples/backend/backend.py", import.meta.url).pathname;
+  const child = spawn(
+    "python3",
+    [script, "--port", "0", "--db", join(dir, "db.sqlite"), "--secret", hookSecret],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  children.push(child);
+  const { addr } = await waitForLog(child, { addr: /backend listening on (\S+)/ }, "the example backend");
+  child.stdout.on("data", () => {});
+  child.stderr.on("data", () => {});
+  return `http://${addr}`;
+}
+
 export async function startRedis() {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), "corecast-sio-redis-"));

@@ -177,3 +177,66 @@ fn the_waiting_table_is_bounded_and_a_closed_connection_is_forgotten() {
     assert_eq!(contents(&conns[2].1.take()), [(1, "m2".to_string())]);
     assert_eq!(sim.shards[0].hooks.waiting(), 0);
 }
+
+#[test]
+fn an_rpc_goes_to_the_backend_and_its_answer_comes_back_in_the_ack() {
+    let settings = Settings {
+        rpc_hook: true,
+        ..unlimited()
+    };
+    let mut sim = Sim::with(N, settings);
+    let endpoint = crate::mesh::hooks_endpoint(N as usize);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    // Without the hooks' endpoint: unsupported.
+    let call = |method: &str, data: Option<&str>| {
+        ClientEvent::Rpc(RpcCall {
+            method: method.into(),
+            data: data.map(|d| Json(d.into())),
+        })
+    };
+    sim.send(a, Some(1), call("echo", None));
+    assert_eq!(error_code(&ra.take(), 1), ErrorCode::Unsupported);
+    for e in &mut sim.shards {
+        e.set_hooks(endpoint);
+    }
+    sim.send(a, Some(2), call("add", Some("[1,2]")));
+    sim.send(a, Some(3), call("nope", None));
+    sim.send(a, Some(4), call("broken", None));
+    let asked = calls(&mut sim, endpoint);
+    assert_eq!(asked.len(), 1, "the next wait behind the first");
+    assert_eq!(asked[0].kind, HookKind::Rpc);
+    let body: serde_json::Value = serde_json::from_slice(&asked[0].body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"userId": "alice", "method": "add", "data": [1, 2]})
+    );
+    answer(&mut sim, &asked[0], Ok(r#"{"data":{"sum":3}}"#));
+    match ack_body(&ra.take(), 2) {
+        AckBody::Rpc(r) => assert_eq!(r.data, Json(r#"{"sum":3}"#.into())),
+        other => panic!("{other:?}"),
+    }
+    let asked = calls(&mut sim, endpoint);
+    answer(
+        &mut sim,
+        &asked[0],
+        Ok(r#"{"error":{"code":"not_found","message":"no method nope"}}"#),
+    );
+    let got = ra.take();
+    assert_eq!(error_code(&got, 3), ErrorCode::NotFound);
+    assert!(format!("{got:?}").contains("no method nope"));
+    let asked = calls(&mut sim, endpoint);
+    answer(
+        &mut sim,
+        &asked[0],
+        Ok(r#"{"data":1,"error":{"message":"x"}}"#),
+    );
+    assert_eq!(error_code(&ra.take(), 4), ErrorCode::Unavailable);
+    // An answer without data: null.
+    sim.send(a, Some(5), call("ping", None));
+    let asked = calls(&mut sim, endpoint);
+    answer(&mut sim, &asked[0], Ok("{}"));
+    match ack_body(&ra.take(), 5) {
+        AckBody::Rpc(r) => assert_eq!(r.data, Json("null".into())),
+        other => panic!("{other:?}"),
+    }
+}

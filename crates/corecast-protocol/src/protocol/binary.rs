@@ -135,6 +135,8 @@ mod tests {
         let a = prop_oneof![
             text().prop_map(|token| E::Auth(Auth { token })),
             text().prop_map(|token| E::AuthRefresh(Auth { token })),
+            (text(), prop::option::of(json_value()))
+                .prop_map(|(method, data)| E::Rpc(RpcCall { method, data })),
             (text(), text()).prop_map(|(name, channel_id)| E::Custom(
                 format!("app:{name}"),
                 CustomSend {
@@ -726,6 +728,7 @@ mod tests {
             moderation().prop_map(S::ModerationUserBanned),
             any::<u64>().prop_map(|expires_at| S::AuthExpiring(AuthExpiring { expires_at })),
             any::<u64>().prop_map(|expires_at| S::Ack(AckBody::Refresh(RefreshAck { expires_at }))),
+            json_value().prop_map(|data| S::Ack(AckBody::Rpc(RpcAck { data }))),
         ];
         prop_oneof![a, b, c]
     }

@@ -83,6 +83,16 @@ wire_type! {
 }
 
 wire_type! {
+    /// `rpc`: a call of `method` (1 to 128 characters) on the application
+    /// backend, with any JSON `data`; the backend's answer comes in the ack.
+    pub struct RpcCall {
+        pub method: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub data: Option<Json>,
+    }
+}
+
+wire_type! {
     /// An application's own event as its recipients get it: from a
     /// channel member (`channelId`, `userId`), or from the server API
     /// (to a channel, or to a user's devices: no `userId`).
@@ -443,6 +453,8 @@ pub enum ClientEvent {
     ModerationBanUser(BanUser),
     /// `auth:refresh`: a new connection token before the current one expires.
     AuthRefresh(Auth),
+    /// `rpc`: a call to the application backend, answered in the ack.
+    Rpc(RpcCall),
     /// An event name the server does not implement, to a channel: the
     /// application's own event when `custom_events` allows the name
     /// (answered `unsupported` otherwise).
@@ -452,7 +464,7 @@ pub enum ClientEvent {
 }
 
 /// The name of each client event, by [`ClientEvent::index`].
-pub const CLIENT_EVENT_NAMES: [&str; 40] = [
+pub const CLIENT_EVENT_NAMES: [&str; 41] = [
     "auth",
     "heartbeat",
     "session:resume",
@@ -493,6 +505,7 @@ pub const CLIENT_EVENT_NAMES: [&str; 40] = [
     "moderation:kick_user",
     "moderation:ban_user",
     "auth:refresh",
+    "rpc",
 ];
 
 impl ClientEvent {
@@ -541,6 +554,7 @@ impl ClientEvent {
             ModerationKickUser(_) => 37,
             ModerationBanUser(_) => 38,
             AuthRefresh(_) => 39,
+            Rpc(_) => 40,
             // Charged as any event the server does not know.
             Custom(..) | Unsupported(_) => CLIENT_EVENT_NAMES.len(),
         }
@@ -978,6 +992,11 @@ ack_type! {
 }
 
 ack_type! {
+    /// The ack of `rpc`: what the backend answered (`null` when nothing).
+    pub struct RpcAck { pub data: Json }
+}
+
+ack_type! {
     /// The ack of `session:resume`.
     pub struct ResumeAck { pub session_id: String, pub channels: Vec<ResumedChannel> }
 }
@@ -1026,6 +1045,7 @@ pub enum AckBody {
     Notifications(NotificationsAck),
     Resume(ResumeAck),
     Refresh(RefreshAck),
+    Rpc(RpcAck),
     Empty(Empty),
 }
 

@@ -157,6 +157,13 @@ fn event(t: &str, f: &Fields<'_, '_>) -> Result<ClientEvent, DecodeError> {
         "auth:refresh" => E::AuthRefresh(Auth {
             token: f.string("token")?,
         }),
+        "rpc" => E::Rpc(RpcCall {
+            method: f.string("method")?,
+            data: match f.present("data") {
+                Some(_) => Some(f.json("data")?),
+                None => None,
+            },
+        }),
         "session:resume" => E::SessionResume(SessionResume {
             session_id: f.string("sessionId")?,
             positions: f
@@ -638,6 +645,7 @@ pub fn encode_client(msg: &ClientMessage, out: &mut Vec<u8>) {
         | NotificationClearAll
         | Unsupported(_) => write_envelope::<Empty>(name, id, None, out),
         Auth(d) | AuthRefresh(d) => write_envelope(name, id, Some(d), out),
+        Rpc(d) => write_envelope(name, id, Some(d), out),
         Custom(_, d) => write_envelope(name, id, Some(d), out),
         SessionResume(d) => write_envelope(name, id, Some(d), out),
         ChannelJoin(d) => write_envelope(name, id, Some(d), out),
