@@ -198,6 +198,10 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) -> Option<ClientMessage> {
+        // Nothing held anywhere (always, without hooks): no lookup.
+        if self.hooks.held.is_empty() {
+            return Some(msg);
+        }
         let Some(q) = self.hooks.held.get_mut(&id) else {
             return Some(msg);
         };
