@@ -19,7 +19,7 @@ use sha2::Sha256;
 
 use crate::config::WebhookConfig;
 use crate::event_outbox::{EventStream, Reader};
-use crate::http_client::{Client, Failure, Url};
+use crate::http_client::{Client, Url};
 use crate::node::Node;
 
 /// The first wait after a failure.
@@ -140,7 +140,7 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
                 let text = String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned();
                 Some(format!("the backend answered {}: {text}", r.status))
             }
-            Err(f @ Failure::Connect(_)) | Err(f @ Failure::Exchange(_)) => Some(f.to_string()),
+            Err(f) => Some(f.to_string()),
         };
         if let Some(why) = failed {
             m.failures.inc();

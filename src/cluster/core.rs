@@ -771,6 +771,18 @@ impl Core {
             ToBridge::VoiceJoined { user, channel, at } => {
                 self.shard_voice_joined(user, channel, at)
             }
+            ToBridge::Subscribe {
+                user,
+                channel,
+                join,
+            } => {
+                let msg = NodeMsg::Subscribe {
+                    origin: self.id,
+                    channel: channel.to_string(),
+                    join,
+                };
+                self.to_users.entry(user).or_default().push(msg);
+            }
             ToBridge::Presence(p) => self.shard_presence(*p),
             ToBridge::LoadPresence(q) => self.shard_load_presence(q),
             ToBridge::Notifications {
@@ -2009,6 +2021,20 @@ impl Core {
                         views: vec![p],
                     },
                 );
+            }
+            NodeMsg::Subscribe {
+                origin,
+                channel,
+                join,
+            } => {
+                if origin != self.id {
+                    let msg = FromBridge::Subscribe {
+                        user: user.clone(),
+                        channel: channel.into(),
+                        join,
+                    };
+                    self.send(home, msg);
+                }
             }
             NodeMsg::VoiceJoined {
                 origin,

@@ -105,6 +105,13 @@ pub enum NodeMsg {
     },
     /// A node that stopped or was taken for gone (on `cc:gone`).
     Gone(u64),
+    /// The backend joins the user's connections to `channel` (or takes
+    /// them out), asked on `origin` (on the user's channel).
+    Subscribe {
+        origin: u64,
+        channel: String,
+        join: bool,
+    },
 }
 
 pub fn encode(m: &NodeMsg) -> Vec<u8> {

@@ -22,6 +22,11 @@ impl<O: Outbound> Engine<O> {
             ApiOp::Moderate(m) => self.api_moderate(from, ack, m, now, tx),
             ApiOp::Members { channel } => self.api_members(from, ack, channel, now, tx),
             ApiOp::Emit { name, to, data } => self.api_emit(from, ack, name, to, data, now, tx),
+            ApiOp::Subscribe {
+                user,
+                channel,
+                join,
+            } => self.api_subscribe(from, ack, user, channel, join, now, tx),
         }
     }
 

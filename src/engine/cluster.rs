@@ -191,6 +191,11 @@ impl<O: Outbound> Engine<O> {
                 origin,
             } => self.on_to_user(user, msg, except, origin, now, tx),
             FromBridge::CallReach(op, answer) => self.on_call_reach(*op, answer, now, tx),
+            FromBridge::Subscribe {
+                user,
+                channel,
+                join,
+            } => self.subscribe_devices(&user, &channel, join, now, tx),
             FromBridge::CallGone(op) => self.on_call_gone(*op, now, tx),
             FromBridge::ChannelAnswer {
                 channel,
@@ -847,6 +852,13 @@ pub enum ToBridge {
         msg: ServerMessage,
         except: Option<ConnRef>,
     },
+    /// The backend joins a user's connections to a channel (or takes them
+    /// out): the other nodes' connections too.
+    Subscribe {
+        user: Arc<str>,
+        channel: Arc<str>,
+        join: bool,
+    },
     /// A call operation of a connection here, for the node that holds the
     /// call (it comes in there as a `CallOp` from a connection the bridge
     /// stands in for).
@@ -973,6 +985,13 @@ pub enum FromBridge {
         msg: ServerMessage,
         except: Option<ConnRef>,
         origin: u64,
+    },
+    /// The backend joins a user's connections to a channel (or takes them
+    /// out), asked on another node.
+    Subscribe {
+        user: Arc<str>,
+        channel: Arc<str>,
+        join: bool,
     },
     /// No node holds the call any more.
     CallGone(Box<CallOp>),

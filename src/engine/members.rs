@@ -169,7 +169,9 @@ impl<O: Outbound> Engine<O> {
             self.error(id, ack, ErrorCode::BadRequest, e);
             return false;
         }
-        if let Err(e) = self.may_join(id, &channel_id, token.as_deref()) {
+        // The server's own joins are the backend's decision.
+        let by_server = gather == Some(super::subscribe::SERVER_JOIN);
+        if let (false, Err(e)) = (by_server, self.may_join(id, &channel_id, token.as_deref())) {
             self.error(id, ack, ErrorCode::Forbidden, e);
             return false;
         }
@@ -235,16 +237,31 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let Some(conn) = self.conn_mut(id) else {
-            return;
-        };
-        let Some(pos) = conn.channels().iter().position(|(c, _)| **c == *channel_id) else {
+        if !self.leave(id, channel_id, now, tx) {
             return self.error(
                 id,
                 ack,
                 ErrorCode::NotFound,
                 format!("not in channel `{channel_id}`"),
             );
+        }
+        self.reply(id, &empty_ack(ack));
+    }
+
+    /// Takes a connection out of a channel (the owner is told); false when
+    /// it is not in it.
+    pub(super) fn leave(
+        &mut self,
+        id: ConnId,
+        channel_id: &str,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) -> bool {
+        let Some(conn) = self.conn_mut(id) else {
+            return false;
+        };
+        let Some(pos) = conn.channels().iter().position(|(c, _)| **c == *channel_id) else {
+            return false;
         };
         let (channel, state) = conn.links().channels.swap_remove(pos);
         let member = conn.member.clone();
@@ -260,7 +277,7 @@ impl<O: Outbound> Engine<O> {
             } => self.resumed_join_gone(g, now, tx),
             JoinState::Pending { .. } => {}
         }
-        self.reply(id, &empty_ack(ack));
+        true
     }
 
     pub(super) fn on_joined(&mut self, j: Joined, now: u64, tx: &mut impl MeshTx) {
@@ -341,6 +358,11 @@ impl<O: Outbound> Engine<O> {
             }
         };
         match gather {
+            // Joined by the server: told as an event.
+            Some(super::subscribe::SERVER_JOIN) => {
+                self.reply(id, &ev(ServerEvent::ChannelJoined(body)));
+                push_replay(self);
+            }
             // A resumed session: the answer follows what it missed.
             Some(g) => {
                 push_replay(self);
@@ -374,8 +396,10 @@ impl<O: Outbound> Engine<O> {
             }
         });
         match gather {
-            Some(Some(g)) => self.resumed_join_gone(g, now, tx),
-            Some(None) => self.error(id, ack, code, reason),
+            Some(Some(g)) if g != super::subscribe::SERVER_JOIN => {
+                self.resumed_join_gone(g, now, tx)
+            }
+            Some(_) => self.error(id, ack, code, reason),
             // Left (or closed) while the join was in flight: the join is
             // still answered, if anyone is there to hear.
             None if ack.is_some() => self.error(id, ack, code, reason),

@@ -331,6 +331,9 @@ pub enum MeshMsg {
     HookCall(Box<hooks::HookCall>),
     /// From the hooks endpoint: the backend's answer.
     HookAnswer(Box<hooks::HookAnswer>),
+    /// From a user's home to a connection's shard: the server joins it to
+    /// a channel or takes it out (see `subscribe`).
+    ServerJoin(Box<subscribe::ServerJoin>),
     /// From the ban store: the ban is on disk (`error`: it is not, and
     /// must not take effect).
     BanStored {
@@ -383,6 +386,12 @@ pub enum ApiOp {
         name: String,
         to: EmitTo,
         data: Option<Json>,
+    },
+    /// To the user's home: its connections join `channel` (or leave it).
+    Subscribe {
+        user: String,
+        channel: String,
+        join: bool,
     },
 }
 
@@ -1485,6 +1494,7 @@ impl<O: Outbound> Engine<O> {
                 tracing::debug!("a shard ignores a message meant for the history store")
             }
             MeshMsg::HookAnswer(a) => self.on_hook_answer(*a, now, tx),
+            MeshMsg::ServerJoin(j) => self.on_server_join(*j, now, tx),
             MeshMsg::HookCall(_) => {
                 tracing::debug!("a shard ignores a message meant for the hooks")
             }
@@ -1576,6 +1586,7 @@ mod messages;
 mod moderation;
 mod presence;
 mod recovery;
+mod subscribe;
 mod tokens;
 pub use recovery::Recovery;
 mod receipts;

@@ -10,6 +10,7 @@
 //! | `POST /api/publish` | a message into a channel, sequenced and kept in history |
 //! | `POST /api/notify` | a notification to a user, delivered now or kept |
 //! | `POST /api/emit` | an application's own event to a channel or a user's devices, not kept |
+//! | `POST /api/subscribe`, `POST /api/unsubscribe` | a user's connections join a channel, or leave it |
 //! | `POST /api/kick` | a kick from a channel or the server |
 //! | `POST /api/ban` | a ban from a channel or the server |
 //! | `DELETE /api/ban/{userId}` | lifts a ban (`?channelId=` for a channel's) |
@@ -598,13 +599,17 @@ async fn handle(api: &Api, req: Request) -> Answer {
         ("POST", ["api", "publish"]) => publish(api, &req.body).await,
         ("POST", ["api", "notify"]) => notify(api, &req.body).await,
         ("POST", ["api", "emit"]) => emit(api, &req.body).await,
+        ("POST", ["api", "subscribe"]) => subscribe(api, &req.body, true).await,
+        ("POST", ["api", "unsubscribe"]) => subscribe(api, &req.body, false).await,
         ("POST", ["api", "kick"]) => kick(api, &req.body).await,
         ("POST", ["api", "ban"]) => ban(api, &req.body).await,
         ("DELETE", ["api", "ban", user]) => unban(api, user, &req.query).await,
         ("GET", ["api", "presence"]) => presence(api, &req.query).await,
         ("GET", ["api", "channels", channel, "members"]) => members(api, channel).await,
         ("GET", ["api", "stats"]) => Ok(api.stats()),
-        (_, ["api", "publish" | "notify" | "emit" | "kick"]) => return not_allowed("POST"),
+        (_, ["api", "publish" | "notify" | "emit" | "kick" | "subscribe" | "unsubscribe"]) => {
+            return not_allowed("POST")
+        }
         (_, ["api", "ban"]) => return not_allowed("POST"),
         (_, ["api", "ban", _]) => return not_allowed("DELETE"),
         (_, ["api", "presence" | "stats"]) | (_, ["api", "channels", _, "members"]) => {
@@ -738,6 +743,29 @@ struct EmitBody {
 /// absent: one of two fields must be given).
 fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     String::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SubscribeBody {
+    user_id: String,
+    channel_id: String,
+}
+
+/// `POST /api/subscribe` (`join`) and `/api/unsubscribe`: on the user's
+/// home, which tells each of its connections (on every node).
+async fn subscribe(api: &Api, body: &[u8], join: bool) -> Outcome {
+    let b: SubscribeBody = parse(body)?;
+    let home = home_of(&b.user_id, shards(api));
+    let op = ApiOp::Subscribe {
+        user: b.user_id,
+        channel: b.channel_id,
+        join,
+    };
+    match api.call(home, op).await? {
+        AckBody::Empty(_) => Ok(json!({ "ok": true })),
+        _ => Err((500, error_body(ErrorCode::Internal, "unexpected answer"))),
+    }
 }
 
 async fn emit(api: &Api, body: &[u8]) -> Outcome {

@@ -17,6 +17,7 @@ mod history;
 mod hooks;
 mod hygiene;
 mod safety;
+mod subscribe;
 mod tokens;
 mod webhook;
 mod websocket;

@@ -427,6 +427,7 @@ mod receipts;
 mod recovery;
 mod sessions;
 mod socketio_recovery;
+mod subscribe;
 mod tokens;
 mod typing;
 mod voice;

@@ -727,6 +727,23 @@ mod tests {
             moderation().prop_map(S::ModerationUserKicked),
             moderation().prop_map(S::ModerationUserBanned),
             any::<u64>().prop_map(|expires_at| S::AuthExpiring(AuthExpiring { expires_at })),
+            (
+                text(),
+                any::<u64>(),
+                text(),
+                any::<u32>(),
+                of(any::<bool>())
+            )
+                .prop_map(|(channel_id, offset, epoch, members, recovered)| {
+                    S::ChannelJoined(JoinAck {
+                        channel_id,
+                        offset,
+                        epoch,
+                        members,
+                        recovered,
+                    })
+                }),
+            text().prop_map(|channel_id| S::ChannelLeft(ChannelRef { channel_id })),
             any::<u64>().prop_map(|expires_at| S::Ack(AckBody::Refresh(RefreshAck { expires_at }))),
             json_value().prop_map(|data| S::Ack(AckBody::Rpc(RpcAck { data }))),
         ];

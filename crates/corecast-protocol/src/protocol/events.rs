@@ -1074,7 +1074,7 @@ wire_type! {
 
 /// The names of the server's own events (an application's events take
 /// other names).
-pub const SERVER_EVENT_NAMES: [&str; 32] = [
+pub const SERVER_EVENT_NAMES: [&str; 34] = [
     "ready",
     "ack",
     "error",
@@ -1107,6 +1107,8 @@ pub const SERVER_EVENT_NAMES: [&str; 32] = [
     "moderation:user_kicked",
     "moderation:user_banned",
     "auth:expiring",
+    "channel:joined",
+    "channel:left",
 ];
 
 /// An event sent by the server.
@@ -1146,6 +1148,12 @@ pub enum ServerEvent {
     AuthExpiring(AuthExpiring),
     /// An application's own event, named by it.
     Custom(String, CustomEvent),
+    /// `channel:joined`: the server joined this connection to a channel
+    /// (the application backend's `POST /api/subscribe`); as a join's ack.
+    ChannelJoined(JoinAck),
+    /// `channel:left`: the server took this connection out of a channel
+    /// (`POST /api/unsubscribe`).
+    ChannelLeft(ChannelRef),
 }
 
 impl ServerEvent {
@@ -1185,6 +1193,8 @@ impl ServerEvent {
             ModerationUserKicked(_) => "moderation:user_kicked",
             ModerationUserBanned(_) => "moderation:user_banned",
             AuthExpiring(_) => "auth:expiring",
+            ChannelJoined(_) => "channel:joined",
+            ChannelLeft(_) => "channel:left",
         }
     }
 }

@@ -629,6 +629,8 @@ pub fn write_server_body(msg: &ServerMessage, out: &mut Vec<u8>) {
         | ModerationUserKicked(d)
         | ModerationUserBanned(d) => w(d, out),
         AuthExpiring(d) => w(d, out),
+        ChannelJoined(d) => w(d, out),
+        ChannelLeft(d) => w(d, out),
         Custom(_, d) => w(d, out),
     }
 }
@@ -732,6 +734,8 @@ pub fn decode_server(buf: &[u8]) -> Result<ServerMessage, DecodeError> {
         "moderation:user_kicked" => S::ModerationUserKicked(d(&raw)?),
         "moderation:user_banned" => S::ModerationUserBanned(d(&raw)?),
         "auth:expiring" => S::AuthExpiring(d(&raw)?),
+        "channel:joined" => S::ChannelJoined(d(&raw)?),
+        "channel:left" => S::ChannelLeft(d(&raw)?),
         // Any other name is an application's own event.
         other => S::Custom(other.to_owned(), d(&raw)?),
     };
