@@ -88,7 +88,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Bodies larger than this are cut (the node reads answers, not files).
+/// An answer's body larger than this is a failure (the node reads
+/// answers, not files).
 const MAX_BODY: usize = 1 << 20;
 
 pub struct Client {
@@ -240,15 +241,19 @@ fn read_response(conn: &mut impl Read) -> Result<(Response, bool), Failure> {
                 }
                 break body;
             }
+            if body.len() + size > MAX_BODY {
+                return Err(too_large());
+            }
             while rest.len() < start + size + 2 {
                 fill(conn, &mut rest)?;
             }
-            if body.len() < MAX_BODY {
-                body.extend_from_slice(&rest[start..start + size]);
-            }
+            body.extend_from_slice(&rest[start..start + size]);
             at = start + size + 2;
         }
     } else if let Some(len) = length {
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
         while rest.len() < len {
             fill(conn, &mut rest)?;
         }
@@ -265,9 +270,10 @@ fn read_response(conn: &mut impl Read) -> Result<(Response, bool), Failure> {
             if n == 0 {
                 break rest;
             }
-            if rest.len() < MAX_BODY {
-                rest.extend_from_slice(&chunk[..n]);
+            if rest.len() + n > MAX_BODY {
+                return Err(too_large());
             }
+            rest.extend_from_slice(&chunk[..n]);
         }
     };
     let keep = !close && (chunked || length.is_some());
@@ -290,6 +296,10 @@ fn write_both(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> std::io::Result
         b = &b[n - from_a..];
     }
     Ok(())
+}
+
+fn too_large() -> Failure {
+    Failure::Exchange(format!("an answer over {MAX_BODY} bytes"))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -400,6 +410,15 @@ mod tests {
         assert_eq!((r.status, r.body.len(), keep), (204, 0, false));
         assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
         assert!(read(b"SMTP ready\r\n\r\n").is_err());
+        // Larger than an answer may be, announced or sent.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        assert!(read(big.as_bytes()).is_err());
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        chunked.extend(format!("{:x}\r\n", MAX_BODY + 1).bytes());
+        assert!(read(&chunked).is_err());
         assert!(read(b"").is_err());
     }
 }
