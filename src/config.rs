@@ -73,6 +73,9 @@ pub struct Config {
     /// Capacity of each shard-to-shard queue, in messages.
     pub mesh_queue_capacity: usize,
     pub max_channels_per_connection: usize,
+    /// From this many connections in a channel, its joins and leaves are
+    /// not broadcast (0: always).
+    pub large_channel_members: u32,
     /// Longest `message:send` content, in characters.
     pub max_content_chars: usize,
     /// Events (and messages) each channel keeps for history and recovery.
@@ -308,6 +311,7 @@ impl Default for Config {
             // bounds memory, not throughput.
             mesh_queue_capacity: 4096,
             max_channels_per_connection: e.max_channels_per_connection,
+            large_channel_members: e.large_channel_members,
             max_content_chars: e.max_content_chars,
             history_size: e.history_size,
             history_ttl_ms: e.history_ttl_ms,
@@ -602,6 +606,10 @@ pub struct ConfigArgs {
     /// (and its users offline) [default: 30000].
     #[arg(long, env = "CORECAST_NODE_TIMEOUT_MS")]
     pub node_timeout_ms: Option<u64>,
+    /// From this many connections in a channel, its joins and leaves are
+    /// not broadcast; 0: always [default: 500].
+    #[arg(long, env = "CORECAST_LARGE_CHANNEL_MEMBERS")]
+    pub large_channel_members: Option<u32>,
     /// Cluster mode: the Redis stream of sequenced channel events for the
     /// backend ('' is none) [default: none].
     #[arg(long, env = "CORECAST_EVENTS_STREAM")]
@@ -682,6 +690,7 @@ impl ConfigArgs {
             redis,
             redis_cluster,
             node_timeout_ms,
+            large_channel_members,
             events_stream,
             events_stream_max_len
         );
@@ -1052,6 +1061,7 @@ impl Config {
             rate_limit_strikes: self.rate_limit_strikes,
             max_connections_per_user: self.max_connections_per_user,
             max_channels_per_connection: self.max_channels_per_connection,
+            large_channel_members: self.large_channel_members,
             max_content_chars: self.max_content_chars,
             history_size: self.history_size,
             history_ttl_ms: self.history_ttl_ms,

@@ -9,6 +9,18 @@ use super::moderation::{banned_message, moderation_event, once_id};
 use super::*;
 
 impl<O: Outbound> Engine<O> {
+    /// Whether a channel has `large_channel_members` connections or more
+    /// (on every node): its joins and leaves are not broadcast, so that
+    /// filling a room of N does not cost N² member events.
+    pub(super) fn large_channel(&self, channel: &str) -> bool {
+        let at = self.s.large_channel_members;
+        at > 0
+            && self
+                .owned
+                .get(channel)
+                .is_some_and(|o| o.cluster_total() >= at)
+    }
+
     /// `channel:get_members`: every member, on every node.
     pub(super) fn channel_members(&mut self, req: ChanReq, now: u64, tx: &mut impl MeshTx) {
         self.channel_query(req, ChannelPart::Members(Vec::new()), now, tx);
@@ -53,13 +65,16 @@ impl<O: Outbound> Engine<O> {
             });
             return;
         }
-        let event = ev(ServerEvent::MemberJoined(MemberEvent {
-            channel_id: channel.to_string(),
-            user_id: member.user.to_string(),
-            session_id: member.session.to_string(),
-        }));
-        // Existing members hear of the join before the joiner's first delivery.
-        self.fan_out(&channel, &event, None, now, tx);
+        // Existing members hear of the join before the joiner's first
+        // delivery; in a large channel they do not hear of it at all.
+        if !self.large_channel(&channel) {
+            let event = ev(ServerEvent::MemberJoined(MemberEvent {
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                session_id: member.session.to_string(),
+            }));
+            self.fan_out(&channel, &event, None, now, tx);
+        }
         let owned = self.owned.get_mut(&channel).expect("owned above");
         owned.per_shard[from.shard as usize][member.protocol.index()] += 1;
         owned.count_user(&member.user, 1);
@@ -95,6 +110,8 @@ impl<O: Outbound> Engine<O> {
             member,
             moderation,
         } = l;
+        // Large before this leave: the others do not hear of it.
+        let large = self.large_channel(&channel);
         let Some(owned) = self.owned.get_mut(&channel) else {
             return;
         };
@@ -126,12 +143,14 @@ impl<O: Outbound> Engine<O> {
         if let Some(t) = was_typing {
             self.typing_event(&channel, &t.user, false, now, tx);
         }
-        let event = ev(ServerEvent::MemberLeft(MemberEvent {
-            channel_id: channel.to_string(),
-            user_id: member.user.to_string(),
-            session_id: member.session.to_string(),
-        }));
-        self.fan_out(&channel, &event, None, now, tx);
+        if !large {
+            let event = ev(ServerEvent::MemberLeft(MemberEvent {
+                channel_id: channel.to_string(),
+                user_id: member.user.to_string(),
+                session_id: member.session.to_string(),
+            }));
+            self.fan_out(&channel, &event, None, now, tx);
+        }
         if last {
             self.channel_gc(&channel, now, tx);
         }

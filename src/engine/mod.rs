@@ -127,11 +127,19 @@ impl std::str::FromStr for SessionId {
     }
 }
 
+/// The default of [`Settings::large_channel_members`] (see
+/// docs/BENCHMARKS.md, "Join storms").
+pub const LARGE_CHANNEL_MEMBERS: u32 = 500;
+
 /// Bounds and timings of the engine's state (each configurable; see
 /// `Config`).
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_channels_per_connection: usize,
+    /// From this many connections in a channel (on every node), its joins
+    /// and leaves are not broadcast (`channel:get_members` still lists
+    /// them); 0: always broadcast.
+    pub large_channel_members: u32,
     pub max_content_chars: usize,
     pub max_channel_id_bytes: usize,
     /// Events (and messages) a channel keeps for recovery and history.
@@ -192,6 +200,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             max_channels_per_connection: 256,
+            large_channel_members: LARGE_CHANNEL_MEMBERS,
             max_content_chars: 4000,
             max_channel_id_bytes: 128,
             // A day of a busy channel's last thousand events.

@@ -260,3 +260,56 @@ fn leave_and_rejoin_while_the_first_join_is_in_flight() {
     assert_eq!(contents(&ra.take()), vec![(1, "once".into())]);
     assert_eq!(sim.shards[0].owned[&*ch].total(), 2);
 }
+
+#[test]
+fn a_large_channel_stops_broadcasting_joins_and_leaves() {
+    let settings = Settings {
+        large_channel_members: 3,
+        ..unlimited()
+    };
+    let mut sim = Sim::with(2, settings);
+    let ch = channel_owned_by(1, 2);
+    let members = |msgs: &[ServerMessage]| -> Vec<(bool, String)> {
+        picked(msgs, |e| match e {
+            ServerEvent::MemberJoined(m) => Some((true, m.user_id.clone())),
+            ServerEvent::MemberLeft(m) => Some((false, m.user_id.clone())),
+            _ => None,
+        })
+    };
+    let mut conns = Vec::new();
+    for (i, u) in ["u1", "u2", "u3", "u4"].iter().enumerate() {
+        let (c, r) = sim.connect((i % 2) as u16, u, Protocol::Json);
+        sim.join(c, &ch);
+        conns.push((c, r));
+    }
+    // u1 heard u2 and u3 join; u4 joined a channel of 3: no one heard.
+    assert_eq!(
+        members(&conns[0].1.take()),
+        [(true, "u2".to_string()), (true, "u3".to_string())]
+    );
+    assert!(members(&conns[3].1.take()).is_empty());
+    // The list still has everyone.
+    sim.send(
+        conns[0].0,
+        Some(9),
+        ClientEvent::ChannelGetMembers(ChannelRef {
+            channel_id: ch.clone(),
+        }),
+    );
+    match ack_body(&conns[0].1.take(), 9) {
+        AckBody::Members(m) => assert_eq!(m.members.len(), 4),
+        other => panic!("{other:?}"),
+    }
+    // u4 leaves a channel of 4: not heard; then u3 leaves a channel of 3:
+    // not heard either; u2 leaves a channel of 2: heard.
+    for i in [3, 2, 1] {
+        sim.send(
+            conns[i].0,
+            Some(20),
+            ClientEvent::ChannelLeave(ChannelRef {
+                channel_id: ch.clone(),
+            }),
+        );
+    }
+    assert_eq!(members(&conns[0].1.take()), [(false, "u2".to_string())]);
+}
