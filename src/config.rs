@@ -790,7 +790,14 @@ impl Config {
                 "webhook.secret: give a key of at least 16 bytes to sign the POSTs".into(),
             ));
         }
-        if w.outbox_dir.is_empty() {
+        if self.cluster_mode() {
+            // The nodes deliver the events stream, one at a time.
+            if self.events_stream.is_empty() {
+                return Err(ConfigError(
+                    "webhook: in a cluster the nodes deliver the events stream: set events_stream too".into(),
+                ));
+            }
+        } else if w.outbox_dir.is_empty() {
             return Err(ConfigError(
                 "webhook.outbox_dir: the event stream needs a directory".into(),
             ));
@@ -803,12 +810,6 @@ impl Config {
         if w.batch_events == 0 || w.timeout_ms == 0 || w.retry_max_ms < 100 {
             return Err(ConfigError(
                 "webhook: batch_events and timeout_ms must be at least 1, retry_max_ms at least 100"
-                    .into(),
-            ));
-        }
-        if self.cluster_mode() {
-            return Err(ConfigError(
-                "webhook: in a cluster the event stream is the Redis stream `events_stream`, not webhooks"
                     .into(),
             ));
         }

@@ -75,6 +75,44 @@ pub struct WebhookMetrics {
     pub request_us: Counter,
     /// Age of the oldest event of the last batch taken, in ms (gauge).
     pub lag_ms: Counter,
+    /// In a cluster: 1 while this node is the one that delivers (gauge).
+    pub leader: Counter,
+}
+
+/// Appends a cluster node's webhook figures to the metrics text.
+pub fn render_relay(out: &mut String, m: &WebhookMetrics) {
+    use std::fmt::Write as _;
+    let series: [(&str, &str, &str, u64); 4] = [
+        (
+            "webhook_leader",
+            "gauge",
+            "1 while this node delivers the events stream to the backend (one node at a time).",
+            m.leader.get(),
+        ),
+        (
+            "webhook_delivered_total",
+            "counter",
+            "Events the backend took from this node.",
+            m.delivered.get(),
+        ),
+        (
+            "webhook_requests_total",
+            "counter",
+            "POSTs the backend took from this node (batches).",
+            m.batches.get(),
+        ),
+        (
+            "webhook_failures_total",
+            "counter",
+            "POSTs that failed (no answer or not a 2xx); each is tried again.",
+            m.failures.get(),
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        let _ = writeln!(out, "# HELP corecast_{name} {help}");
+        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
+        let _ = writeln!(out, "corecast_{name} {v}");
+    }
 }
 
 /// What the node shares of the event stream.

@@ -45,3 +45,5 @@ pub mod shard;
 pub mod signal;
 #[path = "webhook.rs"]
 pub mod webhook;
+#[path = "webhook_relay.rs"]
+pub mod webhook_relay;

@@ -65,4 +65,5 @@ pub mod internals;
 use internals::{
     access, admission, ban_store, clock, cluster, doctor, engine, event_outbox, history_store,
     hooks, http, http_client, livekit, logs, mesh, metrics, node, shard, signal, webhook,
+    webhook_relay,
 };

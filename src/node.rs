@@ -27,6 +27,8 @@ pub struct Node {
     pub event_store: Option<crate::engine::ShardId>,
     /// The event stream to the application backend, when it is on.
     pub event_stream: Option<Arc<crate::event_outbox::EventStream>>,
+    /// In a cluster, webhooks from the events stream: their figures.
+    pub webhook_relay: Option<Arc<crate::event_outbox::WebhookMetrics>>,
     /// The history read at start-up, by owner shard; each shard takes its
     /// part when it starts.
     pub initial_history: std::sync::Mutex<Vec<Vec<crate::engine::history::Record>>>,
@@ -123,6 +125,7 @@ impl Node {
             initial_bans: Vec::new(),
             event_store: None,
             event_stream: None,
+            webhook_relay: None,
             initial_history: Default::default(),
             admission,
             trusted_proxies,
@@ -208,6 +211,9 @@ impl Node {
         }
         if let Some(s) = &self.event_stream {
             crate::event_outbox::render(&mut out, s);
+        }
+        if let Some(m) = &self.webhook_relay {
+            crate::event_outbox::render_relay(&mut out, m);
         }
         out
     }

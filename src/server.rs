@@ -134,7 +134,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             (Some(store), records)
         };
     // The event stream waits for the backend in an outbox on disk.
-    let (outbox, outbox_reader) = if config.webhook.enabled() {
+    let (outbox, outbox_reader) = if config.webhook.enabled() && !config.cluster_mode() {
         let dir = std::path::Path::new(&config.webhook.outbox_dir);
         let (outbox, reader) =
             crate::event_outbox::Outbox::open(dir, config.webhook.outbox_max_bytes)
@@ -199,6 +199,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     if node.config.cluster_mode() {
         let id = crate::clock::random_u64();
         node.cluster = Some((id, Arc::default()));
+        if node.config.webhook.enabled() {
+            node.webhook_relay = Some(Arc::default());
+        }
     }
     let node = Arc::new(node);
     let mut bells = bells.into_iter();
@@ -214,6 +217,19 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             stream.clone(),
             reader,
             node.config.webhook.clone(),
+        )
+        .map_err(|e| StartError::Io(format!("cannot start the webhook thread: {e}")))?;
+        threads.push(t);
+    }
+    if let (Some(m), Some((id, _))) = (&node.webhook_relay, &node.cluster) {
+        let c = &node.config;
+        let t = crate::webhook_relay::spawn(
+            node.clone(),
+            m.clone(),
+            c.webhook.clone(),
+            c.redis.clone(),
+            c.events_stream.clone(),
+            *id,
         )
         .map_err(|e| StartError::Io(format!("cannot start the webhook thread: {e}")))?;
         threads.push(t);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::common::backend::{Backend, HOOK_SECRET};
 use crate::common::redis::*;
 use crate::common::*;
 use serde_json::{json, Value};
@@ -239,6 +240,16 @@ fn the_events_stream_needs_a_single_redis() {
             "--events-stream",
             "s",
         ],
+        // Webhooks in a cluster come from the events stream.
+        vec![
+            "check-config",
+            "--redis",
+            "redis://127.0.0.1:7000",
+            "--webhook-url",
+            "http://127.0.0.1:9/e",
+            "--webhook-secret",
+            "webhook-secret-0123456789",
+        ],
     ] {
         let out = std::process::Command::new(bin)
             .args(&args)
@@ -250,4 +261,92 @@ fn the_events_stream_needs_a_single_redis() {
             "{out:?}"
         );
     }
+}
+
+/// A node delivering the events stream to the example backend.
+fn webhook_node(redis: &Redis, backend: &Backend) -> Server {
+    let url = format!("http://{}/corecast/events", backend.addr);
+    Server::start(&[
+        "--shards",
+        "2",
+        "--redis",
+        &redis.url(),
+        "--events-stream",
+        STREAM,
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        HOOK_SECRET,
+    ])
+}
+
+#[tokio::test]
+async fn one_node_at_a_time_posts_the_stream_and_another_takes_over() {
+    let dir = std::env::temp_dir().join(format!("cc-relay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let backend = Backend::start(&dir.join("db.sqlite"), 0);
+    let redis = Redis::start();
+    let a = webhook_node(&redis, &backend);
+    let b = webhook_node(&redis, &backend);
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    // Exactly one of them delivers.
+    wait_metric(&a, "corecast_webhook_leader", |_| {
+        a.metric("corecast_webhook_leader") + b.metric("corecast_webhook_leader") == 1
+    });
+    let (mut leader, other) = if a.metric("corecast_webhook_leader") == 1 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let mut on_leader = Peer::on(&leader, "alice", 0, "").await;
+    let mut on_other = Peer::on(&other, "bob", 1, "").await;
+    on_leader
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    on_other
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    for i in 0..10 {
+        let p = if i % 2 == 0 {
+            &mut on_leader
+        } else {
+            &mut on_other
+        };
+        p.ok(
+            "message:send",
+            json!({"channelId": "general", "content": format!("m{i}")}),
+        )
+        .await;
+    }
+    backend.wait_stored(10, &other);
+    // The delivering node dies; the other takes over (within the lease).
+    drop(on_leader);
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    for i in 10..20 {
+        on_other
+            .ok(
+                "message:send",
+                json!({"channelId": "general", "content": format!("m{i}")}),
+            )
+            .await;
+    }
+    backend.wait_stored(20, &other);
+    assert_eq!(other.metric("corecast_webhook_leader"), 1);
+    let events = backend.get("/events");
+    let offsets: Vec<u64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        offsets,
+        (1..=20).collect::<Vec<u64>>(),
+        "in order, once each"
+    );
+    drop(other);
+    let _ = std::fs::remove_dir_all(&dir);
 }
