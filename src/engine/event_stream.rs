@@ -1,10 +1,13 @@
-//! The event stream to the application backend, as the engine sees it:
-//! sequenced channel events go to the node's store with the history (see
-//! `history.rs`), which appends them to the outbox the webhook thread
-//! delivers from (`crate::outbox`, `crate::webhook`). The engine only
-//! minds the gate: while the outbox is full, new channel events
-//! (messages, edits, deletions, reactions) are refused with
-//! `unavailable`, so that nothing is accepted that could not be kept.
+//! The event stream to the application backend, as the engine sees it.
+//! On a single node, sequenced channel events go to the node's store with
+//! the history (see `history.rs`), which appends them to the outbox the
+//! webhook thread delivers from (`crate::event_outbox`, `crate::webhook`);
+//! the engine only minds the gate: while the outbox is full, new channel
+//! events (messages, edits, deletions, reactions) are refused with
+//! `unavailable`, so that nothing is accepted that could not be kept. In a
+//! cluster, the script that orders a channel writes the events stream, and
+//! refuses when it is full (`FromBridge::StreamFull`, answered with
+//! `unavailable`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -39,8 +42,9 @@ impl Backlog {
 }
 
 impl<O: Outbound> Engine<O> {
-    /// Sequenced events of channels this shard sequences go to the store
-    /// (`store`), and are refused while `backlog` is full.
+    /// New channel events are refused while `backlog` is full (the
+    /// outbox's gate; the events go to the store set by
+    /// `set_event_store`).
     pub fn set_event_stream(&mut self, backlog: Arc<Backlog>) {
         self.backlog = Some(backlog);
     }
