@@ -227,7 +227,6 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
         mut history,
         mut outbox,
     } = stores;
-    use std::io::Read;
     bell.set_nonblocking(false)?;
     // A backstop: the doorbell rings on drain too; and the history is
     // synced at least this often.
@@ -286,7 +285,7 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
             }
             for (to, moderation) in batch.drain(..) {
                 let error = result.as_ref().err().cloned();
-                send(node, me, to, MeshMsg::BanStored { moderation, error });
+                node.send_waiting(me, to, MeshMsg::BanStored { moderation, error });
             }
             continue;
         }
@@ -302,35 +301,9 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
             std::thread::sleep(POLL);
             continue;
         }
-        if !node.mesh.park(me) {
-            continue;
+        if !node.wait_for_mesh(me, &mut bell)? {
+            return Ok(());
         }
-        let mut buf = [0u8; 64];
-        let r = bell.read(&mut buf);
-        node.mesh.unpark(me);
-        match r {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Sends a message to a shard, waiting while its queue is full.
-fn send(node: &Node, me: ShardId, to: ShardId, mut msg: MeshMsg) {
-    while let Err(back) = node.mesh.send(me, to, msg) {
-        if node.is_draining() {
-            return;
-        }
-        msg = back;
-        std::thread::sleep(Duration::from_micros(200));
     }
 }
 

@@ -79,42 +79,6 @@ pub struct WebhookMetrics {
     pub leader: Counter,
 }
 
-/// Appends a cluster node's webhook figures to the metrics text.
-pub fn render_relay(out: &mut String, m: &WebhookMetrics) {
-    use std::fmt::Write as _;
-    let series: [(&str, &str, &str, u64); 4] = [
-        (
-            "webhook_leader",
-            "gauge",
-            "1 while this node delivers the events stream to the backend (one node at a time).",
-            m.leader.get(),
-        ),
-        (
-            "webhook_delivered_total",
-            "counter",
-            "Events the backend took from this node.",
-            m.delivered.get(),
-        ),
-        (
-            "webhook_requests_total",
-            "counter",
-            "POSTs the backend took from this node (batches).",
-            m.batches.get(),
-        ),
-        (
-            "webhook_failures_total",
-            "counter",
-            "POSTs that failed (no answer or not a 2xx); each is tried again.",
-            m.failures.get(),
-        ),
-    ];
-    for (name, kind, help, v) in series {
-        let _ = writeln!(out, "# HELP corecast_{name} {help}");
-        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
-        let _ = writeln!(out, "corecast_{name} {v}");
-    }
-}
-
 /// What the node shares of the event stream.
 pub struct EventStream {
     pub outbox: Arc<OutboxState>,
@@ -123,77 +87,88 @@ pub struct EventStream {
 
 /// Appends the event stream's figures to the metrics text.
 pub fn render(out: &mut String, s: &EventStream) {
-    use std::fmt::Write as _;
     let m = &s.metrics;
-    let series: [(&str, &str, &str, u64); 8] = [
-        (
-            "webhook_waiting_bytes",
-            "gauge",
-            "Bytes of events in the outbox the backend has not taken.",
-            s.outbox.waiting(),
-        ),
-        (
-            "webhook_outbox_full",
-            "gauge",
-            "1 while the outbox is full and new messages are refused.",
-            s.outbox.backlog.full() as u64,
-        ),
-        (
-            "webhook_refused_total",
-            "counter",
-            "Channel events refused (unavailable) because the outbox was full.",
-            s.outbox.backlog.refused(),
-        ),
-        (
-            "webhook_delivered_total",
-            "counter",
-            "Events the backend took.",
-            m.delivered.get(),
-        ),
-        (
-            "webhook_requests_total",
-            "counter",
-            "POSTs the backend took (batches).",
-            m.batches.get(),
-        ),
-        (
-            "webhook_failures_total",
-            "counter",
-            "POSTs that failed (no answer or not a 2xx); each is tried again.",
-            m.failures.get(),
-        ),
-        (
-            "webhook_request_seconds_total",
-            "counter",
-            "Time the taken POSTs took, in seconds (divide by requests for the mean).",
-            0,
-        ),
-        (
-            "webhook_lag_seconds",
-            "gauge",
-            "Age of the oldest event of the last batch taken, in seconds.",
-            0,
-        ),
-    ];
-    for (name, kind, help, v) in series {
-        let _ = writeln!(out, "# HELP corecast_{name} {help}");
-        let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
-        match name {
-            "webhook_request_seconds_total" => {
-                let _ = writeln!(
-                    out,
-                    "corecast_{name} {:.6}",
-                    m.request_us.get() as f64 / 1e6
-                );
-            }
-            "webhook_lag_seconds" => {
-                let _ = writeln!(out, "corecast_{name} {:.3}", m.lag_ms.get() as f64 / 1e3);
-            }
-            _ => {
-                let _ = writeln!(out, "corecast_{name} {v}");
-            }
-        }
-    }
+    series(
+        out,
+        "webhook_waiting_bytes",
+        "gauge",
+        "Bytes of events in the outbox the backend has not taken.",
+        s.outbox.waiting(),
+    );
+    series(
+        out,
+        "webhook_outbox_full",
+        "gauge",
+        "1 while the outbox is full and new messages are refused.",
+        s.outbox.backlog.full() as u8,
+    );
+    series(
+        out,
+        "webhook_refused_total",
+        "counter",
+        "Channel events refused (unavailable) because the outbox was full.",
+        s.outbox.backlog.refused(),
+    );
+    deliveries(out, m);
+    series(
+        out,
+        "webhook_request_seconds_total",
+        "counter",
+        "Time the taken POSTs took, in seconds (divide by requests for the mean).",
+        format_args!("{:.6}", m.request_us.get() as f64 / 1e6),
+    );
+    series(
+        out,
+        "webhook_lag_seconds",
+        "gauge",
+        "Age of the oldest event of the last batch taken, in seconds.",
+        format_args!("{:.3}", m.lag_ms.get() as f64 / 1e3),
+    );
+}
+
+/// Appends a cluster node's webhook figures to the metrics text.
+pub fn render_relay(out: &mut String, m: &WebhookMetrics) {
+    series(
+        out,
+        "webhook_leader",
+        "gauge",
+        "1 while this node delivers the events stream to the backend (one node at a time).",
+        m.leader.get(),
+    );
+    deliveries(out, m);
+}
+
+/// What the backend took, and the POSTs that failed.
+fn deliveries(out: &mut String, m: &WebhookMetrics) {
+    series(
+        out,
+        "webhook_delivered_total",
+        "counter",
+        "Events the backend took.",
+        m.delivered.get(),
+    );
+    series(
+        out,
+        "webhook_requests_total",
+        "counter",
+        "POSTs the backend took (batches).",
+        m.batches.get(),
+    );
+    series(
+        out,
+        "webhook_failures_total",
+        "counter",
+        "POSTs that failed (no answer or not a 2xx); each is tried again.",
+        m.failures.get(),
+    );
+}
+
+/// One series in the Prometheus text format.
+fn series(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP corecast_{name} {help}");
+    let _ = writeln!(out, "# TYPE corecast_{name} {kind}");
+    let _ = writeln!(out, "corecast_{name} {value}");
 }
 
 fn segment_name(start: u64) -> String {

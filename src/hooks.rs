@@ -56,7 +56,6 @@ fn run(
     mut bell: UnixStream,
     jobs: std::sync::mpsc::Sender<Box<HookCall>>,
 ) -> std::io::Result<()> {
-    use std::io::Read;
     bell.set_nonblocking(false)?;
     bell.set_read_timeout(Some(Duration::from_millis(500)))?;
     let shards = node.mesh.shards();
@@ -77,23 +76,8 @@ fn run(
         if node.is_draining() {
             return Ok(());
         }
-        if any || !node.mesh.park(me) {
-            continue;
-        }
-        let mut buf = [0u8; 64];
-        let r = bell.read(&mut buf);
-        node.mesh.unpark(me);
-        match r {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
+        if !any && !node.wait_for_mesh(me, &mut bell)? {
+            return Ok(());
         }
     }
 }
@@ -121,35 +105,13 @@ fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
             HookKind::Rpc => rpc.as_mut(),
         };
         let result = match client {
-            Some(c) => post(c, config.secret.as_bytes(), &call.body),
+            Some(c) => crate::webhook::signed_post(c, config.secret.as_bytes(), &[], &call.body),
             None => Err("no URL for this hook".to_owned()),
         };
         let answer = MeshMsg::HookAnswer(Box::new(HookAnswer {
             token: call.token,
             result,
         }));
-        let mut msg = answer;
-        while let Err(back) = node.mesh.send(me, call.from, msg) {
-            if node.is_draining() {
-                return;
-            }
-            msg = back;
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-}
-
-/// A signed POST; the body of a 2xx, or why there is none.
-fn post(client: &mut Client, secret: &[u8], body: &[u8]) -> Result<Vec<u8>, String> {
-    let t = crate::clock::now_ms();
-    let sig = crate::webhook::signature(secret, t, body);
-    match client.post_json(&[("X-Corecast-Signature", &sig)], body) {
-        Ok(r) if (200..300).contains(&r.status) => Ok(r.body),
-        Ok(r) => Err(format!(
-            "the backend answered {}: {}",
-            r.status,
-            String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
-        )),
-        Err(f) => Err(f.to_string()),
+        node.send_waiting(me, call.from, answer);
     }
 }

@@ -204,6 +204,54 @@ impl Node {
         }
     }
 
+    /// For an extra endpoint's thread (the store's, the hooks'), when it
+    /// found its queues empty: parks it and waits on its doorbell `bell`
+    /// (blocking, with a read timeout) until a message may have come.
+    /// False when the doorbell is closed (the node is gone).
+    pub fn wait_for_mesh(
+        &self,
+        me: crate::engine::ShardId,
+        bell: &mut std::os::unix::net::UnixStream,
+    ) -> std::io::Result<bool> {
+        use std::io::{ErrorKind, Read};
+        if !self.mesh.park(me) {
+            return Ok(true);
+        }
+        let mut buf = [0u8; 64];
+        let r = bell.read(&mut buf);
+        self.mesh.unpark(me);
+        match r {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `msg` from an extra endpoint's thread to a shard, waiting
+    /// while its queue is full (not once the node drains).
+    pub fn send_waiting(
+        &self,
+        me: crate::engine::ShardId,
+        to: crate::engine::ShardId,
+        mut msg: crate::engine::MeshMsg,
+    ) {
+        while let Err(back) = self.mesh.send(me, to, msg) {
+            if self.is_draining() {
+                return;
+            }
+            msg = back;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
     pub fn metrics_text(&self) -> String {
         let mut out = crate::metrics::render(&self.metrics, self.io_driver(), self.is_ready());
         if let Some((_, m)) = &self.cluster {

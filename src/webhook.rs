@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::WebhookConfig;
-use crate::event_outbox::{EventStream, Reader};
+use crate::event_outbox::{EventStream, Reader, WebhookMetrics};
 use crate::http_client::{Client, Url};
 use crate::node::Node;
 
@@ -114,19 +114,8 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
         }
         let (events, end, oldest) = (batch.events, batch.end, first_at(batch.lines));
         body(batch.lines, &mut body_buf);
-        let t = crate::clock::now_ms();
-        let sig = signature(config.secret.as_bytes(), t, &body_buf);
-        let count = events.to_string();
-        let headers = [
-            ("X-Corecast-Signature", sig.as_str()),
-            ("X-Corecast-Events", count.as_str()),
-        ];
-        let started = Instant::now();
-        let failed = match client.post_json(&headers, &body_buf) {
-            Ok(r) if (200..300).contains(&r.status) => {
-                m.request_us.add(started.elapsed().as_micros() as u64);
-                m.batches.inc();
-                m.delivered.add(events as u64);
+        let failed = match post_batch(&mut client, &config.secret, events, &body_buf, m) {
+            Ok(()) => {
                 if let Some(at) = oldest {
                     m.lag_ms.set(crate::clock::now_ms().saturating_sub(at));
                 }
@@ -136,11 +125,7 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
                 wait = RETRY_MIN;
                 None
             }
-            Ok(r) => {
-                let text = String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).into_owned();
-                Some(format!("the backend answered {}: {text}", r.status))
-            }
-            Err(f) => Some(f.to_string()),
+            Err(why) => Some(why),
         };
         if let Some(why) = failed {
             m.failures.inc();
@@ -161,8 +146,55 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
     }
 }
 
+/// POSTs a batch of `events` (its `body`), signed; counts it in `m` when
+/// the backend took it.
+pub fn post_batch(
+    client: &mut Client,
+    secret: &str,
+    events: usize,
+    body: &[u8],
+    m: &WebhookMetrics,
+) -> Result<(), String> {
+    let count = events.to_string();
+    let started = Instant::now();
+    signed_post(
+        client,
+        secret.as_bytes(),
+        &[("X-Corecast-Events", &count)],
+        body,
+    )?;
+    m.request_us.add(started.elapsed().as_micros() as u64);
+    m.batches.inc();
+    m.delivered.add(events as u64);
+    Ok(())
+}
+
+/// A POST signed with `X-Corecast-Signature` (and `headers`): the body of
+/// a 2xx answer, or why there is none. The webhooks and the hooks send
+/// theirs through it.
+pub fn signed_post(
+    client: &mut Client,
+    secret: &[u8],
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
+    let sig = signature(secret, crate::clock::now_ms(), body);
+    let mut all = Vec::with_capacity(headers.len() + 1);
+    all.push(("X-Corecast-Signature", sig.as_str()));
+    all.extend_from_slice(headers);
+    match client.post_json(&all, body) {
+        Ok(r) if (200..300).contains(&r.status) => Ok(r.body),
+        Ok(r) => Err(format!(
+            "the backend answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+        )),
+        Err(f) => Err(f.to_string()),
+    }
+}
+
 /// Waits `d` (less when the node drains); new events do not cut it short.
-fn pause(node: &Node, d: Duration) {
+pub fn pause(node: &Node, d: Duration) {
     let until = Instant::now() + d;
     while !node.is_draining() {
         let now = Instant::now();

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::Value;
 
@@ -20,6 +20,7 @@ use crate::config::WebhookConfig;
 use crate::event_outbox::WebhookMetrics;
 use crate::http_client::{Client, Url};
 use crate::node::Node;
+use crate::webhook::pause;
 
 /// The consumer group (and its one consumer) the nodes read with.
 pub const GROUP: &str = "corecast-webhook";
@@ -126,37 +127,22 @@ fn relay(
             .flat_map(|(_, line)| line.iter().copied().chain(std::iter::once(b'\n')))
             .collect();
         crate::webhook::body(&lines, &mut body);
-        let t = crate::clock::now_ms();
-        let sig = crate::webhook::signature(config.secret.as_bytes(), t, &body);
-        let count = batch.len().to_string();
-        let headers = [
-            ("X-Corecast-Signature", sig.as_str()),
-            ("X-Corecast-Events", count.as_str()),
-        ];
-        let started = Instant::now();
-        let failed = match client.post_json(&headers, &body) {
-            Ok(r) if (200..300).contains(&r.status) => {
-                let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
-                let acked: redis::RedisResult<i64> =
-                    redis::cmd("XACK").arg(stream).arg(GROUP).arg(&ids).query(c);
-                if let Err(e) = acked {
-                    // Delivered again by whoever reads next: at least once.
-                    tracing::warn!(error = %e, "webhook relay: cannot acknowledge a batch");
-                    conn = None;
+        let failed =
+            match crate::webhook::post_batch(&mut client, &config.secret, batch.len(), &body, m) {
+                Ok(()) => {
+                    let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+                    let acked: redis::RedisResult<i64> =
+                        redis::cmd("XACK").arg(stream).arg(GROUP).arg(&ids).query(c);
+                    if let Err(e) = acked {
+                        // Delivered again by whoever reads next: at least once.
+                        tracing::warn!(error = %e, "webhook relay: cannot acknowledge a batch");
+                        conn = None;
+                    }
+                    wait = RETRY_MIN;
+                    None
                 }
-                m.request_us.add(started.elapsed().as_micros() as u64);
-                m.batches.inc();
-                m.delivered.add(batch.len() as u64);
-                wait = RETRY_MIN;
-                None
-            }
-            Ok(r) => Some(format!(
-                "the backend answered {}: {}",
-                r.status,
-                String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
-            )),
-            Err(f) => Some(f.to_string()),
-        };
+                Err(why) => Some(why),
+            };
         if let Some(why) = failed {
             m.failures.inc();
             if let Some(left_out) = throttle.allow(crate::clock::now_ms()) {
@@ -218,12 +204,4 @@ fn read(
             Some((e.id, line))
         })
         .collect())
-}
-
-/// Waits `d` (less when the node drains).
-fn pause(node: &Node, d: Duration) {
-    let until = Instant::now() + d;
-    while !node.is_draining() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
-    }
 }

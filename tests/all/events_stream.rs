@@ -14,17 +14,16 @@ use serde_json::{json, Value};
 
 const STREAM: &str = "corecast:events";
 
+/// A node of the cluster on `redis` with the events stream, and `extra`.
+fn stream_node(redis: &Redis, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--shards", "2", "--redis", &url, "--events-stream", STREAM];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
 fn node(redis: &Redis) -> Server {
-    Server::start(&[
-        "--shards",
-        "2",
-        "--redis",
-        &redis.url(),
-        "--events-stream",
-        STREAM,
-        "--events-stream-max-len",
-        "100",
-    ])
+    stream_node(redis, &["--events-stream-max-len", "100"])
 }
 
 /// What a consumer of the group `backend` reads next (ids and events).
@@ -266,18 +265,10 @@ fn the_events_stream_needs_a_single_redis() {
 /// A node delivering the events stream to the example backend.
 fn webhook_node(redis: &Redis, backend: &Backend) -> Server {
     let url = format!("http://{}/corecast/events", backend.addr);
-    Server::start(&[
-        "--shards",
-        "2",
-        "--redis",
-        &redis.url(),
-        "--events-stream",
-        STREAM,
-        "--webhook-url",
-        &url,
-        "--webhook-secret",
-        HOOK_SECRET,
-    ])
+    stream_node(
+        redis,
+        &["--webhook-url", &url, "--webhook-secret", HOOK_SECRET],
+    )
 }
 
 #[tokio::test]
