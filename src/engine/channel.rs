@@ -393,7 +393,21 @@ impl Owned {
         self.trim(now, s);
     }
 
+    /// Where the message at `offset` is kept. The messages are in offset
+    /// order with few gaps (deletions), so the newest one says where to
+    /// look first: a new message (not yet kept) and a recent one cost one
+    /// or two reads, not a search through a history that is mostly out of
+    /// the cache.
     fn position(&self, offset: u64) -> Option<usize> {
+        let newest = self.messages.back()?.msg.offset;
+        if offset > newest {
+            return None;
+        }
+        let back = usize::try_from(newest - offset).ok()?;
+        let guess = self.messages.len().checked_sub(1 + back);
+        if let Some(i) = guess.filter(|&i| self.messages[i].msg.offset == offset) {
+            return Some(i);
+        }
         self.messages
             .binary_search_by_key(&offset, |m| m.msg.offset)
             .ok()
@@ -707,6 +721,25 @@ mod tests {
         assert!(c.find(&c.message_id(4)).is_none());
         assert!(c.find(&c.message_id(5)).is_some());
         assert_eq!(c.history_expires(&s), Some(500 + 1_000));
+    }
+
+    #[test]
+    fn messages_are_found_by_offset_around_deletions() {
+        let s = settings(100, 60_000);
+        let mut c = Owned::new("ep".into(), 1);
+        for i in 1..=10 {
+            publish(&mut c, "a", &format!("m{i}"), None, i, &s);
+        }
+        assert!(c.remove(5).is_some());
+        assert!(c.remove(9).is_some());
+        for offset in 0..=12 {
+            let found = c.stored(offset).map(|m| m.msg.content.clone());
+            let want = (1..=10)
+                .contains(&offset)
+                .then(|| format!("m{offset}"))
+                .filter(|_| offset != 5 && offset != 9);
+            assert_eq!(found, want, "offset {offset}");
+        }
     }
 
     #[test]

@@ -43,6 +43,9 @@ use crate::ws::{close, frame, handshake, Decoder, OpCode};
 
 /// Submission queue entries; the completion queue is eight times larger.
 const SQ_ENTRIES: u32 = 2048;
+/// `io_uring_enter`'s flag asking for completions (the crate keeps its
+/// constants private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
 /// Idle write descriptors kept for reuse.
 const WRITE_POOL: usize = 1024;
 
@@ -141,6 +144,7 @@ struct Loop {
     // Field order matters: the ring goes first, before the memory its
     // operations point into (buffers, write descriptors, connections).
     ring: IoUring,
+    taskrun: TaskRun,
     bufs: BufRing,
     conns: ChunkedVec<Option<Conn>>,
     shard: Rc<Shard>,
@@ -171,7 +175,7 @@ struct Loop {
 }
 
 /// Sets up the ring and its buffers.
-fn setup() -> io::Result<(IoUring, BufRing)> {
+fn setup() -> io::Result<(IoUring, TaskRun, BufRing)> {
     // Multishot receives into provided buffers need Linux 6.0; older
     // kernels accept the ring and the buffers but fail every receive.
     if let Some((major, minor)) = crate::doctor::kernel_version() {
@@ -182,10 +186,7 @@ fn setup() -> io::Result<(IoUring, BufRing)> {
             ));
         }
     }
-    let ring = IoUring::builder()
-        .setup_cqsize(SQ_ENTRIES * 8)
-        .setup_clamp()
-        .build(SQ_ENTRIES)?;
+    let (ring, taskrun) = build_ring()?;
     if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -193,7 +194,47 @@ fn setup() -> io::Result<(IoUring, BufRing)> {
         ));
     }
     let bufs = BufRing::new(&ring)?;
-    Ok((ring, bufs))
+    Ok((ring, taskrun, bufs))
+}
+
+/// When the kernel runs the ring's completion work (the receives that
+/// multishot polling found data for, the sends it finished).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskRun {
+    /// Only when the shard asks for completions (`DEFER_TASKRUN`, Linux
+    /// 6.1): one batch per loop round, and no interrupt of the shard's core
+    /// for each packet that arrives.
+    Deferred,
+    /// At the shard's next system call (`COOP_TASKRUN`, 5.19), with a flag
+    /// in the ring saying work waits.
+    Cooperative,
+    /// By interrupting the shard (older kernels).
+    Interrupt,
+}
+
+/// The ring, with the most economical completion work this kernel offers.
+fn build_ring() -> io::Result<(IoUring, TaskRun)> {
+    let mut last = None;
+    for mode in [TaskRun::Deferred, TaskRun::Cooperative, TaskRun::Interrupt] {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(SQ_ENTRIES * 8).setup_clamp();
+        match mode {
+            TaskRun::Deferred => {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }
+            TaskRun::Cooperative => {
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            TaskRun::Interrupt => {}
+        }
+        match b.build(SQ_ENTRIES) {
+            Ok(ring) => return Ok((ring, mode)),
+            // EINVAL: this kernel does not know the flag.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one mode tried"))
 }
 
 /// A setup failure: the reason, and the sockets handed back.
@@ -208,13 +249,14 @@ pub fn run(
     listener: std::net::TcpListener,
     bell: StdUnixStream,
 ) -> Result<io::Result<()>, SetupError> {
-    let (ring, bufs) = match setup() {
+    let (ring, taskrun, bufs) = match setup() {
         Ok(r) => r,
         Err(e) => return Err((e, listener, bell)),
     };
     let shard = Shard::new(id, node.clone());
     let mut lp = Loop {
         ring,
+        taskrun,
         bufs,
         conns: ChunkedVec::default(),
         listener: listener.into_raw_fd(),
@@ -241,7 +283,7 @@ pub fn run(
     lp.arm_accept();
     lp.arm_bell();
     node.shard_started(id, "io_uring");
-    tracing::info!(shard = id, io_driver = "io_uring", "shard started");
+    tracing::info!(shard = id, io_driver = "io_uring", completions = ?lp.taskrun, "shard started");
     let result = lp.run();
     tracing::info!(shard = id, "shard stopped");
     Ok(result)
@@ -334,11 +376,32 @@ impl Loop {
         }
     }
 
+    /// Submits what is queued and lets the kernel post what completed.
     fn submit(&mut self) -> io::Result<()> {
-        if self.ring.submission().is_empty() {
-            return Ok(());
-        }
-        match self.ring.submit() {
+        let r = match self.taskrun {
+            TaskRun::Deferred => {
+                let queued = self.ring.submission().len() as u32;
+                // SAFETY: no argument is passed; the entries were pushed
+                // (and the queue's tail published) by `push`.
+                unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        queued,
+                        0,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                }
+            }
+            TaskRun::Cooperative | TaskRun::Interrupt => {
+                let sq = self.ring.submission();
+                if sq.is_empty() && !sq.taskrun() {
+                    return Ok(());
+                }
+                drop(sq);
+                self.ring.submit()
+            }
+        };
+        match r {
             Ok(_) => Ok(()),
             Err(e) if is_transient(&e) => Ok(()),
             Err(e) => Err(e),
