@@ -150,6 +150,41 @@ pub struct Access {
 }
 
 impl Access {
+    /// From a token's claims (or the connect hook's answer): `roles`, the
+    /// `channels` and `users` it may reach (a list holding `*` grants
+    /// everything, and costs the connection nothing), and its expiry
+    /// (seconds). Without `channels`, `open_channels` decides: every
+    /// channel, or none.
+    pub fn from_claims(
+        roles: &[String],
+        channels: Option<&[String]>,
+        users: Option<&[String]>,
+        expires: u64,
+        open_channels: bool,
+    ) -> Result<Access, String> {
+        let restrict = |claim: &str, list: &[String]| match Patterns::new(claim, list) {
+            Ok(_) if list.iter().any(|p| p == "*") => Ok(None),
+            Ok(p) => Ok(Some(p)),
+            Err(e) => Err(e),
+        };
+        let channels = match channels {
+            Some(list) => restrict("channels", list)?,
+            None if open_channels => None,
+            None => Some(Patterns::new("channels", &[]).expect("empty is valid")),
+        };
+        let users = match users {
+            Some(list) => restrict("users", list)?,
+            None => None,
+        };
+        let grants =
+            (channels.is_some() || users.is_some()).then(|| Arc::new(Grants { channels, users }));
+        Ok(Access {
+            roles: Roles::from_names(roles.iter().map(String::as_str)),
+            grants,
+            expires: u32::try_from(expires).unwrap_or(u32::MAX),
+        })
+    }
+
     pub fn channel(&self, channel: &str) -> bool {
         Grants::channel(self.grants.as_deref(), channel)
     }
@@ -164,6 +199,10 @@ impl Access {
 pub struct Identity {
     pub user: String,
     pub access: Access,
+    /// The token it came with, kept for the connect hook (which sees it);
+    /// with `hooks.connect_auth = backend`, the token is all there is (the
+    /// user is empty until the backend names it).
+    pub token: Option<Box<str>>,
 }
 
 impl Identity {
@@ -172,6 +211,7 @@ impl Identity {
         Identity {
             user: user.into(),
             access: Access::default(),
+            token: None,
         }
     }
 }

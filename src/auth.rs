@@ -7,9 +7,8 @@ use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, 
 use serde::{Deserialize, Serialize};
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use crate::access::{Access, Grants, Identity, Patterns, Roles};
+use crate::access::{Access, Identity};
 
 /// The secret used when no key is configured. It is public: development mode
 /// exists so that `corecast serve` runs out of the box, never in production.
@@ -263,32 +262,18 @@ impl Verifier {
                 "invalid token: a subscription token (with `channel`) cannot authenticate a connection".into(),
             ));
         }
-        let bad = |e: String| AuthError(format!("invalid token: {e}"));
-        // A list holding `*` grants everything: kept as no restriction at
-        // all, which costs a connection nothing.
-        let restrict = |claim: &str, list: &[String]| match Patterns::new(claim, list) {
-            Ok(_) if list.iter().any(|p| p == "*") => Ok(None),
-            Ok(p) => Ok(Some(p)),
-            Err(e) => Err(bad(e)),
-        };
-        let channels = match &c.channels {
-            Some(list) => restrict("channels", list)?,
-            None if self.open_channels => None,
-            None => Some(Patterns::new("channels", &[]).expect("empty is valid")),
-        };
-        let users = match &c.users {
-            Some(list) => restrict("users", list)?,
-            None => None,
-        };
-        let grants =
-            (channels.is_some() || users.is_some()).then(|| Arc::new(Grants { channels, users }));
+        let access = Access::from_claims(
+            &c.roles,
+            c.channels.as_deref(),
+            c.users.as_deref(),
+            c.exp,
+            self.open_channels,
+        )
+        .map_err(|e| AuthError(format!("invalid token: {e}")))?;
         Ok(Identity {
-            access: Access {
-                roles: Roles::from_names(c.roles.iter().map(String::as_str)),
-                grants,
-                expires: u32::try_from(c.exp).unwrap_or(u32::MAX),
-            },
+            access,
             user: c.sub,
+            token: None,
         })
     }
 

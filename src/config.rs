@@ -190,6 +190,14 @@ pub struct HooksConfig {
     pub publish_channels: Vec<String>,
     /// Where a client's `rpc` is POSTed (empty: `rpc` is unsupported).
     pub rpc_url: String,
+    /// Where each connection is POSTed before it is opened: the backend
+    /// decides who it is, its roles and grants, and which channels it joins
+    /// at once (empty: no connect hook).
+    pub connect_url: String,
+    /// What the connect hook follows: `jwt` (the token is verified first,
+    /// and the backend sees its user) or `backend` (the token is not
+    /// verified here: the backend reads it and names the user).
+    pub connect_auth: String,
     /// The HMAC-SHA256 key of each request's `X-Corecast-Signature` (at
     /// least 16 bytes).
     pub secret: String,
@@ -211,6 +219,8 @@ impl Default for HooksConfig {
             publish_url: String::new(),
             publish_channels: vec!["*".into()],
             rpc_url: String::new(),
+            connect_url: String::new(),
+            connect_auth: "jwt".into(),
             secret: String::new(),
             timeout_ms: 2000,
             concurrency: 16,
@@ -222,7 +232,12 @@ impl Default for HooksConfig {
 
 impl HooksConfig {
     pub fn enabled(&self) -> bool {
-        !self.publish_url.is_empty() || !self.rpc_url.is_empty()
+        !self.publish_url.is_empty() || !self.rpc_url.is_empty() || !self.connect_url.is_empty()
+    }
+
+    /// Whether connection tokens go to the backend unverified.
+    pub fn backend_auth(&self) -> bool {
+        !self.connect_url.is_empty() && self.connect_auth == "backend"
     }
 }
 
@@ -533,6 +548,13 @@ pub struct ConfigArgs {
     /// Where a client's rpc is POSTed ('' is off: rpc is unsupported).
     #[arg(long, env = "CORECAST_HOOKS_RPC_URL")]
     pub hooks_rpc_url: Option<String>,
+    /// Where each connection is POSTed before it opens ('' is off).
+    #[arg(long, env = "CORECAST_HOOKS_CONNECT_URL")]
+    pub hooks_connect_url: Option<String>,
+    /// jwt (verify the token, then ask the connect hook) or backend (the
+    /// connect hook reads the token) [default: jwt].
+    #[arg(long, env = "CORECAST_HOOKS_CONNECT_AUTH")]
+    pub hooks_connect_auth: Option<String>,
     /// The key that signs each hook's request (at least 16 bytes).
     #[arg(long, env = "CORECAST_HOOKS_SECRET", hide_env_values = true)]
     pub hooks_secret: Option<String>,
@@ -766,6 +788,12 @@ impl ConfigArgs {
         if let Some(v) = &self.hooks_rpc_url {
             c.hooks.rpc_url = v.clone();
         }
+        if let Some(v) = &self.hooks_connect_url {
+            c.hooks.connect_url = v.clone();
+        }
+        if let Some(v) = &self.hooks_connect_auth {
+            c.hooks.connect_auth = v.clone();
+        }
         if let Some(v) = &self.hooks_on_failure {
             c.hooks.on_failure = v.clone();
         }
@@ -824,10 +852,26 @@ impl Config {
                 h.on_failure
             )));
         }
+        if !["jwt", "backend"].contains(&h.connect_auth.as_str()) {
+            return Err(ConfigError(format!(
+                "hooks.connect_auth must be jwt or backend, not `{}`",
+                h.connect_auth
+            )));
+        }
+        if h.connect_auth == "backend" && h.connect_url.is_empty() {
+            return Err(ConfigError(
+                "hooks.connect_auth = backend needs hooks.connect_url: without it nothing would check the tokens".into(),
+            ));
+        }
         if !h.enabled() {
             return Ok(());
         }
-        for (name, url) in [("publish_url", &h.publish_url), ("rpc_url", &h.rpc_url)] {
+        let urls = [
+            ("publish_url", &h.publish_url),
+            ("rpc_url", &h.rpc_url),
+            ("connect_url", &h.connect_url),
+        ];
+        for (name, url) in urls {
             if !url.is_empty() {
                 crate::http_client::Url::parse(url)
                     .map_err(|e| ConfigError(format!("hooks.{name}: {e}")))?;
@@ -1192,6 +1236,28 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().0.contains("write_delay_ms"));
+        let hooks = |connect_url: &str, connect_auth: &str| Config {
+            hooks: HooksConfig {
+                connect_url: connect_url.into(),
+                connect_auth: connect_auth.into(),
+                secret: "0123456789abcdef".into(),
+                ..HooksConfig::default()
+            },
+            ..Config::default()
+        };
+        let e = hooks("", "backend").validate().unwrap_err().0;
+        assert!(e.contains("needs hooks.connect_url"), "{e}");
+        let e = hooks("http://127.0.0.1:9/c", "oauth")
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("connect_auth must be jwt or backend"), "{e}");
+        let e = hooks("https://example.com/c", "jwt")
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(e.contains("hooks.connect_url"), "{e}");
+        assert!(hooks("http://127.0.0.1:9/c", "backend").validate().is_ok());
         let c = Config {
             redis: "redis://127.0.0.1:6379".into(),
             redis_cluster: vec!["redis://127.0.0.1:7000".into()],

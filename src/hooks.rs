@@ -92,6 +92,7 @@ fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
     };
     let mut publish = client(&config.publish_url);
     let mut rpc = client(&config.rpc_url);
+    let mut connect = client(&config.connect_url);
     loop {
         let call = match rx.lock() {
             Ok(rx) => match rx.recv() {
@@ -103,6 +104,7 @@ fn ask(node: &Node, rx: &Mutex<Receiver<Box<HookCall>>>, config: &HooksConfig) {
         let client = match call.kind {
             HookKind::Publish => publish.as_mut(),
             HookKind::Rpc => rpc.as_mut(),
+            HookKind::Connect => connect.as_mut(),
         };
         let result = match client {
             Some(c) => crate::webhook::signed_post(c, config.secret.as_bytes(), &[], &call.body),

@@ -15,6 +15,11 @@ Endpoints:
                              messages with a word of BLOCKED, rewrites
                              `/shout text` to upper case, lets the rest by
     POST /corecast/rpc       rpc (hooks.rpc_url): methods echo, add, whoami
+    POST /corecast/connect   the connect hook (hooks.connect_url): refuses
+                             suspended users, makes mod-* users moderators,
+                             joins everyone to `lobby` and their own
+                             `inbox-USER`; with connect_auth = backend it
+                             reads session tokens `sess-USER` itself
     GET  /messages?channel=C the stored messages of channel C, oldest first
     GET  /events             every event stored, in the order it arrived
     GET  /stats              requests, events received and stored
@@ -161,7 +166,7 @@ def handler(store, secret):
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
             path = urlparse(self.path).path
-            if path not in ("/corecast/events", "/corecast/publish", "/corecast/rpc"):
+            if path not in ("/corecast/events", "/corecast/publish", "/corecast/rpc", "/corecast/connect"):
                 return self.answer(404, {"error": "not found"})
             sig = self.headers.get("X-Corecast-Signature", "")
             if not verify(secret, sig, body, int(time.time() * 1000)):
@@ -170,6 +175,8 @@ def handler(store, secret):
                 return self.publish_hook(body)
             if path == "/corecast/rpc":
                 return self.rpc(body)
+            if path == "/corecast/connect":
+                return self.connect_hook(body)
             try:
                 events = json.loads(body)["events"]
             except (ValueError, KeyError) as e:
@@ -199,6 +206,36 @@ def handler(store, secret):
             if method == "whoami":
                 return self.answer(200, {"data": {"userId": user}})
             self.answer(200, {"error": {"code": "not_found", "message": f"no method {method}"}})
+
+        def connect_hook(self, body):
+            """Decides who a connection is before it opens."""
+            try:
+                c = json.loads(body)
+            except ValueError as e:
+                return self.answer(400, {"error": f"not a connection: {e}"})
+            store.count("connect_hooks")
+            user = c.get("userId")
+            if user is None:
+                # connect_auth = backend: the token is one of our sessions
+                # (a real backend would look it up; here `sess-USER`).
+                token = c.get("token") or ""
+                if not token.startswith("sess-") or len(token) == len("sess-"):
+                    return self.answer(200, {"result": "reject", "reason": "unknown session"})
+                user = token[len("sess-"):]
+            # For the tests: a slow backend, and a failing one.
+            if user.startswith("slow"):
+                time.sleep(1.5)
+            if user.startswith("fail"):
+                return self.answer(500, {"error": "the backend failed"})
+            if user.startswith("suspended"):
+                return self.answer(200, {"result": "reject", "reason": "account suspended", "code": "forbidden"})
+            return self.answer(200, {
+                "result": "allow",
+                "userId": user,
+                "roles": ["moderator"] if user.startswith("mod-") else [],
+                "channels": ["*"],
+                "subscribe": ["lobby", f"inbox-{user}"],
+            })
 
         def publish_hook(self, body):
             """Decides about a message before corecast sequences it."""

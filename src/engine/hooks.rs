@@ -37,6 +37,9 @@ pub struct HookCall {
 pub enum HookKind {
     Publish,
     Rpc,
+    /// A connection before it opens (asked by the IO shell: see
+    /// `connect_hook`).
+    Connect,
 }
 
 /// The backend's answer: the body of a 2xx, or why there is none.

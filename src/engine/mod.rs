@@ -1584,6 +1584,7 @@ mod owner;
 // Features: one handler per event, named after it.
 mod api;
 mod calls;
+pub mod connect_hook;
 mod custom;
 mod dm;
 pub mod event_stream;

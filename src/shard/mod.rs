@@ -27,6 +27,7 @@
 mod buf_ring;
 mod conformance;
 pub mod conn;
+mod connect_hook;
 mod epoll;
 mod outbox;
 mod polling;
@@ -37,7 +38,7 @@ mod uring;
 pub use uring::fuzz_session;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
@@ -129,6 +130,11 @@ pub struct Shard {
     polls: RefCell<polling::Polls>,
     /// Sockets other shards handed over, for the IO driver to take.
     adopted: RefCell<Vec<Adoption>>,
+    /// Connections waiting for the connect hook, by question.
+    connecting: RefCell<HashMap<u64, Rc<connect_hook::PendingConnect>>>,
+    connect_next: Cell<u64>,
+    /// The connect hook's answers taken off the mesh, to act on.
+    connect_answers: RefCell<Vec<crate::engine::hooks::HookAnswer>>,
     logs: ShardLogs,
 }
 
@@ -240,6 +246,9 @@ impl Shard {
             deferred: RefCell::default(),
             polls: RefCell::default(),
             adopted: RefCell::default(),
+            connecting: RefCell::default(),
+            connect_next: Cell::new(0),
+            connect_answers: RefCell::default(),
             sockets: Cell::new(0),
             preauth_bytes: Cell::new(0),
             logs: ShardLogs::default(),
@@ -495,19 +504,14 @@ impl Shard {
         };
         let token = up.bearer.as_deref().or(up.query_token.as_deref());
         let user = match (token, echo) {
-            (Some(t), false) => match node.verifier.identify(t) {
-                Ok(identity) => {
-                    let ban = self.engine.borrow().server_ban(&identity.user, now_ms());
-                    if let Some(why) = ban {
-                        self.metrics().auth_failures.inc();
-                        return refuse(403, close::BANNED, &format!("banned: {why}"));
-                    }
-                    Some(identity)
+            (Some(t), false) => match session::verify(self, t) {
+                Ok(identity) => Some(identity),
+                Err((ErrorCode::Forbidden, why)) => {
+                    return refuse(403, close::BANNED, &format!("banned: {why}"));
                 }
-                Err(e) => {
-                    self.metrics().auth_failures.inc();
-                    tracing::debug!(shard = self.id, error = %e, "handshake token refused");
-                    return refuse(401, close::UNAUTHORIZED, &e.0);
+                Err((_, why)) => {
+                    tracing::debug!(shard = self.id, error = %why, "handshake token refused");
+                    return refuse(401, close::UNAUTHORIZED, &why);
                 }
             },
             _ => None,
@@ -595,19 +599,12 @@ impl Shard {
                 .or_else(|| handshake::query_param(query, "token"));
             let conformance = node.config.socketio_conformance.then_some(!engine_echo);
             let user = match token {
-                Some(t) if conformance.is_none() => match node.verifier.identify(&t) {
-                    Ok(identity) => {
-                        if let Some(why) = self.engine.borrow().server_ban(&identity.user, now_ms())
-                        {
-                            self.metrics().auth_failures.inc();
-                            return refuse(4, &format!("banned: {why}"));
-                        }
-                        Some(identity)
+                Some(t) if conformance.is_none() => match session::verify(self, &t) {
+                    Ok(identity) => Some(identity),
+                    Err((ErrorCode::Forbidden, why)) => {
+                        return refuse(4, &format!("banned: {why}"))
                     }
-                    Err(e) => {
-                        self.metrics().auth_failures.inc();
-                        return refuse(4, &e.0);
-                    }
+                    Err((_, why)) => return refuse(4, &why),
                 },
                 _ => None,
             };
@@ -725,12 +722,18 @@ impl Shard {
                     };
                     match m {
                         MeshMsg::Adopt(a) => self.adopted.borrow_mut().push(*a),
+                        MeshMsg::HookAnswer(a) if connect_hook::is_connect_answer(&a) => {
+                            self.connect_answers.borrow_mut().push(*a)
+                        }
                         m => engine.handle_mesh(m, now, &mut *outbox),
                     }
                     got += 1;
                 }
             }
             outbox.flush();
+        }
+        if !self.connect_answers.borrow().is_empty() {
+            self.answer_connects();
         }
         self.metrics().mesh_messages_in.add(got as u64);
         got

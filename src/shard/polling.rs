@@ -394,8 +394,12 @@ impl Polls {
         if ps.session.protocol == crate::protocol::Protocol::SocketIoMsgpack {
             ws.set_msgpack();
         }
-        if let Mode::Authenticated(id) = ps.session.mode {
-            shard.engine.borrow_mut().replace_out(id, ws.clone());
+        ps.session.settle_hook();
+        match &ps.session.mode {
+            Mode::Authenticated(id) => shard.engine.borrow_mut().replace_out(*id, ws.clone()),
+            // The connect hook's answer goes to the WebSocket.
+            Mode::Hooked(p) => p.retarget(ws),
+            _ => {}
         }
         ps.io.abort();
         // The session's count goes with it (the WebSocket gives its own

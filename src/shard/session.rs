@@ -22,6 +22,7 @@ use crate::ws::{close, frame, Message, OpCode};
 
 use super::conformance::{self, Conformance};
 use super::conn::{ConnIo, State, NEVER};
+use super::connect_hook::{Hook, PendingConnect, Via};
 use super::*;
 
 /// An upgrade the shard accepted (its 101 response not yet written).
@@ -55,6 +56,8 @@ pub(super) enum Mode {
     #[allow(clippy::box_collection)]
     Probing(Box<String>),
     Authenticated(ConnId),
+    /// Waiting for the connect hook's answer (see `connect_hook.rs`).
+    Hooked(Rc<PendingConnect>),
     /// The connection has left the engine.
     Ended,
 }
@@ -86,7 +89,11 @@ impl Session {
     pub(super) fn preauth(&self) -> bool {
         matches!(
             self.mode,
-            Mode::Unauthenticated | Mode::Connecting(_) | Mode::Conformance(_) | Mode::Probing(_)
+            Mode::Unauthenticated
+                | Mode::Connecting(_)
+                | Mode::Conformance(_)
+                | Mode::Probing(_)
+                | Mode::Hooked(_)
         )
     }
 
@@ -211,7 +218,7 @@ impl Session {
                 if shard.node.config.max_connections_per_user > 0 {
                     io.hold();
                 }
-                s.authenticate(shard, io, u, None, None)
+                s.authenticate(shard, io, u, None, None, Via::Upgrade)
             }
             None if !echo => io
                 .auth_deadline
@@ -233,6 +240,12 @@ impl Session {
             shard.polls.borrow_mut().probing(sid, false);
             self.mode = Mode::Ended;
         }
+        self.settle_hook();
+        if let Mode::Hooked(p) = &self.mode {
+            // Still waiting: the answer will find it gone.
+            p.state.set(Hook::Gone);
+            self.mode = Mode::Ended;
+        }
         if let Mode::Authenticated(id) = self.mode {
             let mut outbox = shard.outbox.borrow_mut();
             shard.engine.borrow_mut().close(id, now_ms(), &mut *outbox);
@@ -245,6 +258,9 @@ impl Session {
         io.push_data(&protocol::encode_frame(self.protocol, msg));
     }
 
+    /// The connection is `identity`: it opens in the engine, or, with a
+    /// connect hook, waits for the application backend (`via` says how a
+    /// refusal reaches it).
     pub(super) fn authenticate(
         &mut self,
         shard: &Shard,
@@ -252,48 +268,21 @@ impl Session {
         identity: Identity,
         ack: Option<u64>,
         recover: Option<(SessionId, Option<String>)>,
+        via: Via,
     ) {
-        let session = shard.new_session_id();
-        let Identity { user, access } = identity;
-        let member = Member {
-            user: user.as_str().into(),
-            session,
-            protocol: self.protocol,
-        };
-        let ready = Ready {
-            user_id: user.clone(),
-            session_id: session.to_string(),
-            shard: shard.id as u32,
-            heartbeat_interval_ms: shard.node.config.ping_interval_ms,
-        };
-        // The ack and `ready` come first: opening the connection may queue
-        // events for it at once (pending notifications, when the user's home
-        // is this shard). A Socket.IO reconnection's `ready` (its CONNECT
-        // answer) says whether its session came back, so it waits for that.
-        if ack.is_some() {
-            self.reply(io, &ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+        if !shard.node.config.hooks.connect_url.is_empty() {
+            return self.ask_connect(shard, io, identity, ack, recover, via);
         }
-        let ready = match recover {
-            Some(r) => Some((r, ready)),
-            None => {
-                self.reply(io, &ServerMessage::event(ServerEvent::Ready(ready)));
-                None
-            }
-        };
-        let id = {
-            let mut outbox = shard.outbox.borrow_mut();
-            let mut engine = shard.engine.borrow_mut();
-            let now = now_ms();
-            let id = engine.open(io.clone(), member, self.device, access, now, &mut *outbox);
-            if let Some(((pid, last), fresh)) = ready {
-                engine.recover(id, pid, Recovery::new(last, fresh), now, &mut *outbox);
-            }
-            drop(engine);
-            outbox.flush();
-            id
-        };
+        let id = open_connection(
+            shard,
+            io,
+            self.protocol,
+            self.device,
+            identity,
+            ack,
+            recover,
+        );
         self.mode = Mode::Authenticated(id);
-        io.auth_deadline.set(NEVER);
     }
 
     pub(super) fn on_data(
@@ -311,6 +300,7 @@ impl Session {
             io.push_data(&frame::encode(op, &payload));
             return;
         }
+        self.settle_hook();
         if matches!(
             self.protocol,
             Protocol::SocketIo | Protocol::SocketIoMsgpack
@@ -319,6 +309,13 @@ impl Session {
         }
         if let Mode::Authenticated(id) = self.mode {
             return self.on_event(shard, id, text, payload);
+        }
+        if let Mode::Hooked(p) = &self.mode {
+            // For the engine once the backend opened the connection.
+            if !p.hold(text, payload) {
+                io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
+            }
+            return;
         }
         let decoded = match (self.protocol, text) {
             (Protocol::Json, true) => {
@@ -337,7 +334,7 @@ impl Session {
         match self.mode {
             Mode::Unauthenticated => match msg.event {
                 ClientEvent::Auth(a) => match verify(shard, &a.token) {
-                    Ok(identity) => self.authenticate(shard, io, identity, msg.id, None),
+                    Ok(identity) => self.authenticate(shard, io, identity, msg.id, None, Via::Auth),
                     Err((code, why)) => {
                         self.reply(io, &ServerMessage::error(msg.id, code, why));
                         if code == ErrorCode::Forbidden {
@@ -361,6 +358,7 @@ impl Session {
             },
             Mode::Echo
             | Mode::Authenticated(_)
+            | Mode::Hooked(_)
             | Mode::Connecting(_)
             | Mode::Conformance(_)
             | Mode::Probing(_) => {
@@ -382,6 +380,7 @@ impl Session {
         text: bool,
         mut payload: BytesMut,
     ) {
+        self.settle_hook();
         if let Mode::Probing(sid) = &self.mode {
             let sid = sid.clone();
             return self.on_probe(shard, io, text, &payload, &sid);
@@ -463,6 +462,10 @@ impl Session {
                 self.attachments -= 1;
             } else if let Mode::Authenticated(id) = self.mode {
                 self.on_event(shard, id, false, payload);
+            } else if let Mode::Hooked(p) = &self.mode {
+                if !p.hold(false, payload) {
+                    io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
+                }
             } else {
                 self.preauth_strike(shard, io);
             }
@@ -500,6 +503,13 @@ impl Session {
                 let id = *id;
                 self.on_event(shard, id, true, sio);
             }
+            (PacketKind::Event | PacketKind::BinaryEvent, Mode::Hooked(p)) => {
+                if !p.hold(true, sio) {
+                    io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
+                }
+            }
+            // Its CONNECT is being answered.
+            (PacketKind::Connect, Mode::Hooked(_)) => {}
             // The server asks for no acks; a second CONNECT changes nothing.
             (
                 PacketKind::Ack | PacketKind::BinaryAck | PacketKind::Connect,
@@ -581,7 +591,7 @@ impl Session {
             },
         };
         match verified {
-            Ok(identity) => self.authenticate(shard, io, identity, None, recover),
+            Ok(identity) => self.authenticate(shard, io, identity, None, recover, Via::SocketIo),
             Err((code, why)) => {
                 self.mode = Mode::Connecting(None);
                 let code = match code {
@@ -660,12 +670,84 @@ impl Session {
     }
 }
 
+/// Opens an authenticated connection in the engine: its ack (of `auth`)
+/// and `ready` first, then what opening it queues.
+pub(super) fn open_connection(
+    shard: &Shard,
+    io: &Rc<ConnIo>,
+    protocol: Protocol,
+    device: DeviceKind,
+    identity: Identity,
+    ack: Option<u64>,
+    recover: Option<(SessionId, Option<String>)>,
+) -> ConnId {
+    let session = shard.new_session_id();
+    let Identity { user, access, .. } = identity;
+    let member = Member {
+        user: user.as_str().into(),
+        session,
+        protocol,
+    };
+    let ready = Ready {
+        user_id: user.clone(),
+        session_id: session.to_string(),
+        shard: shard.id as u32,
+        heartbeat_interval_ms: shard.node.config.ping_interval_ms,
+    };
+    let reply = |msg: &ServerMessage| io.push_data(&protocol::encode_frame(protocol, msg));
+    // The ack and `ready` come first: opening the connection may queue
+    // events for it at once (pending notifications, when the user's home
+    // is this shard). A Socket.IO reconnection's `ready` (its CONNECT
+    // answer) says whether its session came back, so it waits for that.
+    if ack.is_some() {
+        reply(&ServerMessage::ack(ack, AckBody::Empty(Empty {})));
+    }
+    let ready = match recover {
+        Some(r) => Some((r, ready)),
+        None => {
+            reply(&ServerMessage::event(ServerEvent::Ready(ready)));
+            None
+        }
+    };
+    let mut outbox = shard.outbox.borrow_mut();
+    let mut engine = shard.engine.borrow_mut();
+    let now = now_ms();
+    let id = engine.open(io.clone(), member, device, access, now, &mut *outbox);
+    if let Some(((pid, last), fresh)) = ready {
+        engine.recover(id, pid, Recovery::new(last, fresh), now, &mut *outbox);
+    }
+    drop(engine);
+    outbox.flush();
+    io.auth_deadline.set(NEVER);
+    id
+}
+
 /// Verifies a token and the server-wide ban of its user; the refusal is
 /// `unauthorized` or `forbidden` with its reason.
-fn verify(shard: &Shard, token: &str) -> Result<Identity, (ErrorCode, String)> {
+pub(super) fn verify(shard: &Shard, token: &str) -> Result<Identity, (ErrorCode, String)> {
+    let hooks = &shard.node.config.hooks;
+    if hooks.backend_auth() {
+        // The connect hook reads the token; the ban is checked once the
+        // backend named the user.
+        if token.len() > MAX_BACKEND_TOKEN_BYTES {
+            shard.metrics().auth_failures.inc();
+            let why = format!("token longer than {MAX_BACKEND_TOKEN_BYTES} bytes");
+            return Err((ErrorCode::Unauthorized, why));
+        }
+        return Ok(Identity {
+            user: String::new(),
+            access: Default::default(),
+            token: Some(token.into()),
+        });
+    }
     match shard.node.verifier.identify(token) {
-        Ok(identity) => match shard.engine.borrow().server_ban(&identity.user, now_ms()) {
-            None => Ok(identity),
+        Ok(mut identity) => match shard.engine.borrow().server_ban(&identity.user, now_ms()) {
+            None => {
+                if !hooks.connect_url.is_empty() {
+                    identity.token = Some(token.into());
+                }
+                Ok(identity)
+            }
             Some(why) => {
                 shard.metrics().auth_failures.inc();
                 Err((ErrorCode::Forbidden, why))
@@ -677,6 +759,13 @@ fn verify(shard: &Shard, token: &str) -> Result<Identity, (ErrorCode, String)> {
         }
     }
 }
+
+/// Why a connection that sent too much while the connect hook thought is
+/// closed.
+const HELD_TOO_MANY: &str = "too many messages before the connection opened";
+
+/// The longest token the connect hook is sent (`connect_auth = backend`).
+const MAX_BACKEND_TOKEN_BYTES: usize = 4096;
 
 #[cfg(test)]
 mod tests {

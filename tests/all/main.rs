@@ -12,6 +12,7 @@ mod channels;
 mod chat;
 mod cluster;
 mod cluster_faults;
+mod connect_hook;
 mod events_stream;
 mod history;
 mod hooks;

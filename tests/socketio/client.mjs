@@ -12,6 +12,7 @@
 // scripts/test.sh installs the packages (npm) and redis-server (apt-get).
 
 import WebSocket from "ws";
+import { io } from "socket.io-client";
 import msgpackParser from "socket.io-msgpack-parser";
 import {
   Native, apiKey, check, collect, connect, hookSecret, next, run, sleep, startBackend, startNode, startRedis, token,
@@ -650,6 +651,43 @@ await run([
     const spam = await s.emitWithAck("message:send", { channelId: "moderated", content: "spam spam" });
     check("rejected with the backend's reason", spam.success === false && spam.error.code === "forbidden" &&
       spam.error.message === "that word is not allowed here", spam);
+  }],
+
+  ["the connect hook decides who connects and what they join", async () => {
+    const backend = await startBackend();
+    const hook = ["--hooks-connect-url", `${backend}/corecast/connect`, "--hooks-secret", hookSecret];
+    const n = await startNode(hook);
+    // Listening before the CONNECT is answered: the joins follow it at once.
+    const s = io(n.url, { forceNew: true, reconnection: false, ...ws, auth: { token: token("mod-max") } });
+    sockets.push(s);
+    const joined = collect(s, "channel:joined");
+    await next(s, "connect", 10000);
+    await until("both channels joined", async () => joined.length >= 2);
+    const names = joined.map((j) => j.channelId).sort();
+    check("joined as it opened", names.join() === "inbox-mod-max,lobby", names);
+    const sent = await s.emitWithAck("message:send", { channelId: "lobby", content: "hi" });
+    check("a member of what it joined", sent.success === true, sent);
+    // A slow answer (1.5 s): the default transports upgrade to WebSocket
+    // meanwhile, and the answer follows the session there.
+    const slow = await connect(n.url, { auth: { token: token("slow-sue") } });
+    sockets.push(slow);
+    check("answered after the upgrade", slow.ready?.userId === "slow-sue" &&
+      slow.io.engine.transport.name === "websocket", { ready: slow.ready, transport: slow.io.engine.transport.name });
+    let err = await connect(n.url, { ...ws, auth: { token: token("suspended-sal") } }).catch((e) => e);
+    check("refused by the backend", err instanceof Error && err.message === "account suspended" &&
+      err.data?.code === "forbidden", { message: err?.message, data: err?.data });
+    err = await connect(n.url, { ...ws, auth: { token: token("fail-fay") } }).catch((e) => e);
+    check("the backend failing", err instanceof Error && err.data?.code === "unavailable",
+      { message: err?.message, data: err?.data });
+    // The backend reads the application's own session tokens.
+    const b = await startNode([...hook, "--hooks-connect-auth", "backend"]);
+    const z = await connect(b.url, { ...ws, auth: { token: "sess-zed" } });
+    sockets.push(z);
+    check("named by the backend", z.ready?.userId === "zed", z.ready);
+    err = await connect(b.url, { ...ws, auth: { token: token("zed") } }).catch((e) => e);
+    check("a JWT means nothing to it", err instanceof Error && err.message === "unknown session", { message: err?.message });
+    n.child.kill("SIGKILL");
+    b.child.kill("SIGKILL");
   }],
 
   ["long-polling: refusals and bounds", async () => {

@@ -148,6 +148,7 @@ impl Sim {
                                     grants: None,
                                     expires: exp.parse().map_err(|_| "bad expiry".to_owned())?,
                                 },
+                                token: None,
                             }),
                             _ => Err(format!("invalid token `{token}`")),
                         }
