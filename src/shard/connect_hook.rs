@@ -74,10 +74,14 @@ struct SessionParts {
 
 impl PendingConnect {
     /// Keeps a message (the engine's input: a frame, or a Socket.IO
-    /// packet) for when the connection opens; false when too many wait.
-    pub(super) fn hold(&self, text: bool, payload: BytesMut) -> bool {
+    /// packet) for when the connection opens; false when too many wait, or
+    /// more than `max_bytes` together (what one unauthenticated message may
+    /// be: a waiting connection holds no more than a connection that has
+    /// not authenticated).
+    pub(super) fn hold(&self, text: bool, payload: BytesMut, max_bytes: usize) -> bool {
         let mut held = self.held.borrow_mut();
-        if held.len() >= MAX_HELD {
+        let bytes: usize = held.iter().map(|(_, p)| p.len()).sum();
+        if held.len() >= MAX_HELD || bytes + payload.len() > max_bytes {
             return false;
         }
         held.push((text, payload));

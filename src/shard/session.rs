@@ -87,14 +87,20 @@ pub(super) struct Session {
 impl Session {
     /// Whether the connection waits for its `auth` message.
     pub(super) fn preauth(&self) -> bool {
-        matches!(
-            self.mode,
+        match &self.mode {
             Mode::Unauthenticated
-                | Mode::Connecting(_)
-                | Mode::Conformance(_)
-                | Mode::Probing(_)
-                | Mode::Hooked(_)
-        )
+            | Mode::Connecting(_)
+            | Mode::Conformance(_)
+            | Mode::Probing(_) => true,
+            // Opened by the answer, though the session has not looked yet.
+            Mode::Hooked(p) => !matches!(p.state.get(), Hook::Opened(_)),
+            Mode::Echo | Mode::Authenticated(_) | Mode::Ended => false,
+        }
+    }
+
+    /// What a connection waiting for the connect hook may hold, together.
+    fn max_held(&self, shard: &Shard) -> usize {
+        shard.node.config.max_unauthenticated_message_size
     }
 
     /// The largest message the connection may send now: small until it
@@ -312,7 +318,7 @@ impl Session {
         }
         if let Mode::Hooked(p) = &self.mode {
             // For the engine once the backend opened the connection.
-            if !p.hold(text, payload) {
+            if !p.hold(text, payload, self.max_held(shard)) {
                 io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
             }
             return;
@@ -463,7 +469,7 @@ impl Session {
             } else if let Mode::Authenticated(id) = self.mode {
                 self.on_event(shard, id, false, payload);
             } else if let Mode::Hooked(p) = &self.mode {
-                if !p.hold(false, payload) {
+                if !p.hold(false, payload, self.max_held(shard)) {
                     io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
                 }
             } else {
@@ -504,7 +510,7 @@ impl Session {
                 self.on_event(shard, id, true, sio);
             }
             (PacketKind::Event | PacketKind::BinaryEvent, Mode::Hooked(p)) => {
-                if !p.hold(true, sio) {
+                if !p.hold(true, sio, self.max_held(shard)) {
                     io.close(close::POLICY_VIOLATION, HELD_TOO_MANY);
                 }
             }

@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use crate::common::backend::{Backend, HOOK_SECRET};
 use crate::common::redis::{wait_cluster, Redis};
 use crate::common::*;
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 
 fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cc-connect-{name}-{}", std::process::id()));
@@ -64,6 +66,11 @@ async fn the_backend_decides_who_connects_and_what_they_join() {
         seen.push(alice.event("channel:joined").await);
     }
     assert_eq!(joined(&seen), ["inbox-alice", "lobby"]);
+    // Opened, she may send what an unauthenticated connection may not (more
+    // than max_unauthenticated_message_size, 16 KiB), from her first message.
+    let big = format!(r#"{{"t":"heartbeat","id":9}}{}"#, " ".repeat(20_000));
+    alice.ws.send(Message::Text(big.into())).await.unwrap();
+    assert_eq!(alice.event("heartbeat:ack").await["id"], 9);
     let sent = alice
         .ok(
             "message:send",
@@ -203,6 +210,16 @@ async fn a_slow_answer_holds_only_its_connection_and_keeps_its_messages_in_order
         .find(|v| v["t"] == "ack" && v["id"] == 3)
         .unwrap();
     assert_eq!(early["d"]["offset"], 2, "{early}");
+    // Waiting, a connection holds no more than an unauthenticated one may
+    // send (16 KiB): past it, it is closed.
+    let mut ws = ws_connect(&s.url("/ws"), None).await;
+    let auth = json!({"t": "auth", "id": 1, "d": {"token": token("slow-sam", 600)}});
+    send(&mut ws, auth).await;
+    for id in 2..4 {
+        let padded = format!(r#"{{"t":"heartbeat","id":{id}}}{}"#, " ".repeat(10_000));
+        ws.send(Message::Text(padded.into())).await.unwrap();
+    }
+    assert_eq!(recv_close(&mut ws).await, Some(CloseCode::Policy));
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
