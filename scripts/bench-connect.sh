@@ -48,7 +48,7 @@ for round in $(seq "$ROUNDS"); do
     redis_before=${redis_pid:+$(cpu_s "$redis_pid")}
     redis_mem_before=${redis_pid:+$(redis-cli -p "$port" info memory | awk -F: '/^used_memory:/ {print $2+0}')}
     line=$(taskset -c "$LOADGEN_CORE" "$BIN" bench --url "ws://127.0.0.1:$((port + 1))/ws" --server-pid "$node" \
-      --driver epoll idle -n "$N" --hold 1 2>/dev/null || true)
+      --driver epoll idle -n "$N" --hold 1 --room-size 0 2>/dev/null || true)
     node_cpu=$(python3 -c 'import sys; print(float(sys.argv[2]) - float(sys.argv[1]))' "$node_before" "$(cpu_s "$node")")
     redis_cpu=0
     redis_mem=0

@@ -12,7 +12,7 @@ taskset -c 0 redis-server --port $P --bind 127.0.0.1 --save '' --appendonly no >
 sleep 0.3
 "${U[@]}" taskset -c 0 $BIN serve --listen 127.0.0.1:$((P+1)) --shards 1 --redis redis://127.0.0.1:$P >/dev/null 2>&1 & A=$!
 sleep 1
-taskset -c 1 "$BIN" bench --url ws://127.0.0.1:$((P+1))/ws --driver epoll idle --connections $N --hold 30 >/dev/null 2>&1 & B=$!
+taskset -c 1 "$BIN" bench --url ws://127.0.0.1:$((P+1))/ws --driver epoll idle --connections $N --hold 30 --room-size 0 >/dev/null 2>&1 & B=$!
 until [ "$(redis-cli -p $P PUBSUB CHANNELS 'cc:u:*' | wc -l)" -ge $N ]; do sleep 0.2; done
 kill $R; wait $R 2>/dev/null
 until curl -s 127.0.0.1:$((P+1))/metrics | grep -q '^corecast_cluster_up 0'; do sleep 0.01; done

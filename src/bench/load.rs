@@ -572,9 +572,13 @@ pub async fn run(common: Common, workload: Workload) -> Result<Vec<Value>, Bench
             lines.push(line);
             Ok(lines)
         }
-        Workload::Idle { connections, hold } => {
-            idle(&ctx, connections, secs(hold)).await.map(|v| vec![v])
-        }
+        Workload::Idle {
+            connections,
+            hold,
+            room_size,
+        } => idle(&ctx, connections, secs(hold), room_size)
+            .await
+            .map(|v| vec![v]),
         Workload::Connect {
             connections,
             channels,
@@ -1014,7 +1018,12 @@ async fn connect(
     }))
 }
 
-async fn idle(ctx: &Rc<Ctx>, n: usize, hold: Duration) -> Result<Value, BenchError> {
+async fn idle(
+    ctx: &Rc<Ctx>,
+    n: usize,
+    hold: Duration,
+    room_size: usize,
+) -> Result<Value, BenchError> {
     let pid = ctx.common.server_pid.first().copied();
     let server_before = pid.and_then(|p| report::rss_bytes(Some(p)));
     let own_before = report::rss_bytes(None);
@@ -1025,7 +1034,8 @@ async fn idle(ctx: &Rc<Ctx>, n: usize, hold: Duration) -> Result<Value, BenchErr
         )));
     }
     let t0 = Instant::now();
-    let conns = open_all(ctx, n, Rc::new(|_| None), "idle").await?;
+    let room = move |i: usize| (room_size > 0).then(|| format!("idle{}", i / room_size));
+    let conns = open_all(ctx, n, Rc::new(room), "idle").await?;
     let open_s = t0.elapsed().as_secs_f64();
     let stats = Stats::new();
     for c in conns {
@@ -1082,6 +1092,7 @@ async fn idle(ctx: &Rc<Ctx>, n: usize, hold: Duration) -> Result<Value, BenchErr
         "target": ctx.common.url,
         "protocol": ctx.common.protocol.name(),
         "connections": n,
+        "room_size": room_size,
         "source_ips": ctx.sources,
         "open_seconds": open_s,
         "connects_per_s": (n as f64 / open_s).round(),

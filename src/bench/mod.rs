@@ -187,6 +187,10 @@ pub enum Workload {
         /// Seconds to hold them once open.
         #[arg(long, default_value_t = 5.0)]
         hold: f64,
+        /// Members per room: connection i joins room i / ROOM_SIZE, as
+        /// users sit in channels (0: no room, the connection alone).
+        #[arg(long, default_value_t = 100)]
+        room_size: usize,
     },
 }
 
@@ -342,7 +346,9 @@ fn validate(common: &Common, w: &Workload) -> Result<(), BenchError> {
                 );
             }
         }
-        Workload::Idle { connections, hold } => {
+        Workload::Idle {
+            connections, hold, ..
+        } => {
             if connections == 0 || !(0.0..=86_400.0).contains(&hold) {
                 return err("idle needs --connections >= 1 and 0 <= --hold <= 86400");
             }

@@ -185,6 +185,8 @@ fn echo_and_idle() {
     ]);
     let r = &lines[0];
     assert_eq!(u(r, "connections"), 300);
+    // Each in a room of 100 (the bench fails when a join is not acked).
+    assert_eq!(u(r, "room_size"), 100);
     assert_eq!(u(r, "source_ips"), 2);
     assert_eq!(u(r, "closed_connections"), 0);
     // The server's memory was read before and after, and the figure is
