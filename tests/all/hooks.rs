@@ -12,10 +12,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 
 fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cc-hooks-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::backend::tempdir("hooks", name)
 }
 
 fn start(backend: &Backend, extra: &[&str]) -> Server {

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,15 @@ use serde_json::Value;
 use super::Server;
 
 pub const HOOK_SECRET: &str = "webhook-secret-0123456789";
+
+/// A fresh directory for one test's backend database and node files:
+/// `cc-<suite>-<name>-<pid>` under the system's temporary directory.
+pub fn tempdir(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cc-{suite}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 /// The example backend, started on `port` (0: a free one).
 pub struct Backend {
