@@ -1,6 +1,8 @@
 //! The hot path allocates per message, never per recipient: publishing to
 //! 1,000 local members costs the same number of allocations as publishing
-//! to 10, and the encoded frame is shared (one buffer, refcounted).
+//! to 10, and the encoded frame is shared (one buffer, refcounted). And
+//! what a connection keeps in the engine, alone and as a member of a
+//! channel, in bytes (docs/BENCHMARKS.md itemises it).
 //!
 //! A counting global allocator measures it; this file holds one test so no
 //! other test thread allocates while it counts.
@@ -8,7 +10,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,6 +27,8 @@ struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not freed, always counted.
+static LIVE: AtomicI64 = AtomicI64::new(0);
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
@@ -32,15 +36,18 @@ unsafe impl GlobalAlloc for Counting {
         if COUNTING.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
+        LIVE.fetch_add(l.size() as i64, Ordering::Relaxed);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as i64, Ordering::Relaxed);
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         if COUNTING.load(Ordering::Relaxed) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
+        LIVE.fetch_add(n as i64 - l.size() as i64, Ordering::Relaxed);
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -214,4 +221,67 @@ fn a_publish_allocates_per_message_not_per_recipient() {
     }
     assert_ne!(e_json.unwrap().as_ptr(), e_bin.unwrap().as_ptr());
     drop(queues);
+
+    held_per_connection();
+}
+
+/// The bytes the engine holds per connection (its slot, its user, its
+/// presence) and per membership of a channel of 100 (the channel's tables,
+/// the connection's list of channels), once the member events of the joins
+/// are gone. Heap bytes asked for, not what the allocator rounds them to.
+fn held_per_connection() {
+    const N: usize = 2_000;
+    const ROOM: usize = 100;
+    let mut e = Engine::new(
+        0,
+        1,
+        Settings::default(),
+        Arc::new(ShardMetrics::default()),
+        1,
+    );
+    // The outbound queues stand for the IO shell's: not the engine's bytes.
+    let queues: Vec<Queue> = (0..N)
+        .map(|_| Queue(Rc::new(RefCell::new(Vec::with_capacity(8)))))
+        .collect();
+    let users: Vec<Arc<str>> = (0..N).map(|i| format!("user-{i:05}").into()).collect();
+    let start = LIVE.load(Ordering::Relaxed);
+    let mut ids = Vec::with_capacity(N);
+    for (i, q) in queues.iter().enumerate() {
+        let member = Member {
+            user: users[i].clone(),
+            session: SessionId(1, i as u64),
+            protocol: Protocol::Json,
+        };
+        let id = e.open(
+            q.clone(),
+            member,
+            DeviceKind::Web,
+            Access::default(),
+            0,
+            &mut NoMesh,
+        );
+        ids.push(id);
+    }
+    let opened = LIVE.load(Ordering::Relaxed);
+    for (i, id) in ids.iter().enumerate() {
+        let join = ChannelJoin::new(format!("room-{}", i / ROOM));
+        let msg = ClientMessage {
+            id: None,
+            event: ClientEvent::ChannelJoin(join),
+        };
+        e.handle(*id, msg, 0, &mut NoMesh);
+        queues.iter().for_each(|q| q.0.borrow_mut().clear());
+    }
+    let joined = LIVE.load(Ordering::Relaxed);
+    let per_conn = (opened - start) / N as i64;
+    let per_member = (joined - opened) / N as i64;
+    eprintln!(
+        "engine bytes: {per_conn} per connection, {per_member} per membership (rooms of {ROOM})"
+    );
+    // Today 244 and 301 (docs/BENCHMARKS.md itemises them); the bounds
+    // catch a regression.
+    assert!(per_conn > 0 && per_member > 0, "the counter counts nothing");
+    assert!(per_conn <= 260, "{per_conn} bytes per connection");
+    assert!(per_member <= 330, "{per_member} bytes per membership");
+    drop((e, queues));
 }

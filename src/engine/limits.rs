@@ -205,11 +205,12 @@ impl Buckets {
         let b = match self.slots.iter_mut().find(|b| b.event == event) {
             Some(b) => b,
             None => {
-                self.slots.push(Bucket {
+                let bucket = Bucket {
                     event,
                     tokens: capacity,
                     at: now,
-                });
+                };
+                super::push_small(&mut self.slots, bucket);
                 self.slots.last_mut().expect("just pushed")
             }
         };

@@ -204,6 +204,11 @@ impl<O: Outbound> Engine<O> {
             return false;
         }
         let max = self.s.max_channels_per_connection;
+        // The channel's name, shared with its other members here.
+        let channel: Arc<str> = match self.local.get_key_value(&*channel_id) {
+            Some((name, _)) => name.clone(),
+            None => channel_id.as_str().into(),
+        };
         let Some(conn) = self.conn_mut(id) else {
             return false;
         };
@@ -225,10 +230,8 @@ impl<O: Outbound> Engine<O> {
             );
             return false;
         }
-        let channel: Arc<str> = channel_id.into();
-        conn.links()
-            .channels
-            .push((channel.clone(), JoinState::Pending { ack, gather }));
+        let pending = (channel.clone(), JoinState::Pending { ack, gather });
+        push_small(&mut conn.links().channels, pending);
         let member = conn.member.clone();
         let from = self.here(id);
         let owner = owner_of(&channel, self.shards);

@@ -855,6 +855,16 @@ pub(super) fn encode_for(targets: impl Iterator<Item = Protocol>, msg: &ServerMe
     Frames::encode(msg, wanted)
 }
 
+/// Pushes onto a list that stays short for most connections (their
+/// channels, their rate-limit buckets): room for one more at a time up to
+/// four, then doubling as usual. A first push does not reserve four.
+pub(super) fn push_small<T>(v: &mut Vec<T>, x: T) {
+    if v.len() == v.capacity() && v.len() < 4 {
+        v.reserve_exact(1);
+    }
+    v.push(x);
+}
+
 pub(super) fn ev(event: ServerEvent) -> ServerMessage {
     ServerMessage::event(event)
 }
