@@ -11,9 +11,9 @@
 # The server runs on core $SERVER_CORE (0) with one shard, `corecast bench
 # connect` on core $LOADGEN_CORE (1). Uses ports 9400-9499 on 127.0.0.1.
 set -euo pipefail
-UNLIMITED=(env CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
+# UNLIMITED: servers run without their abuse limits.
+source scripts/bench-lib.sh
 [ $# -ge 3 ] || { sed -n 2,12p "$0"; exit 2; }
 ROUNDS=$1
 N=$2

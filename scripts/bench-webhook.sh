@@ -15,9 +15,9 @@
 # load generator and the backend on core $LOADGEN_CORE (1). Uses ports
 # 9500-9699 on 127.0.0.1.
 set -euo pipefail
-UNLIMITED=(env CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
-  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
 cd "$(dirname "$0")/.."
+# UNLIMITED: servers run without their abuse limits.
+source scripts/bench-lib.sh
 [ $# -ge 2 ] || { sed -n 2,16p "$0"; exit 2; }
 ROUNDS=$1
 shift
