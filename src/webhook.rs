@@ -24,6 +24,40 @@ use crate::node::Node;
 
 /// The first wait after a failure.
 const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The wait before a batch the backend did not take is sent again: from
+/// 100 ms, doubling up to `retry_max_ms`, and back to 100 ms once a batch
+/// is taken. The webhook thread and the cluster's relay share it.
+pub struct Backoff {
+    wait: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(retry_max_ms: u64) -> Backoff {
+        Backoff {
+            wait: RETRY_MIN,
+            max: Duration::from_millis(retry_max_ms),
+        }
+    }
+
+    /// The next wait.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// A batch was taken.
+    pub fn reset(&mut self) {
+        self.wait = RETRY_MIN;
+    }
+
+    /// A batch failed: waits (less when the node drains), and the next wait
+    /// doubles.
+    pub fn pause(&mut self, node: &Node) {
+        pause(node, self.wait);
+        self.wait = (self.wait * 2).min(self.max);
+    }
+}
 /// Bytes of events per POST, about (one larger event goes alone).
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -86,8 +120,7 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
     let _ = stream.outbox.reader.set(std::thread::current());
     let url = Url::parse(&config.url).expect("checked by the config");
     let mut client = Client::new(url, Duration::from_millis(config.timeout_ms));
-    let retry_max = Duration::from_millis(config.retry_max_ms);
-    let mut wait = RETRY_MIN;
+    let mut backoff = Backoff::new(config.retry_max_ms);
     // Sized once for a full batch: grown step by step, each step would be
     // fresh memory for the kernel to zero.
     let mut body_buf = Vec::with_capacity(BATCH_BYTES + (64 << 10));
@@ -122,7 +155,7 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
                 if let Err(e) = reader.delivered(end) {
                     tracing::error!(error = %e, "webhook: cannot move the outbox's cursor");
                 }
-                wait = RETRY_MIN;
+                backoff.reset();
                 None
             }
             Err(why) => Some(why),
@@ -135,13 +168,12 @@ fn run(node: &Node, stream: &EventStream, mut reader: Reader, config: &WebhookCo
                     error = %why,
                     events,
                     waiting_bytes = stream.outbox.waiting(),
-                    retry_in_ms = wait.as_millis() as u64,
+                    retry_in_ms = backoff.wait().as_millis() as u64,
                     failures_left_out = left_out,
                     "webhook: the backend did not take a batch; it is kept and tried again"
                 );
             }
-            pause(node, wait);
-            wait = (wait * 2).min(retry_max);
+            backoff.pause(node);
         }
     }
 }

@@ -20,14 +20,13 @@ use crate::config::WebhookConfig;
 use crate::event_outbox::WebhookMetrics;
 use crate::http_client::{Client, Url};
 use crate::node::Node;
-use crate::webhook::pause;
+use crate::webhook::{pause, Backoff};
 
 /// The consumer group (and its one consumer) the nodes read with.
 pub const GROUP: &str = "corecast-webhook";
 const CONSUMER: &str = "webhook";
 /// How long a lease outlives its last renewal.
 pub const LEASE_MS: u64 = 5000;
-const RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// Renews the lease if this node holds it, or takes it if no one does.
 const LEASE: &str = r"
@@ -66,10 +65,9 @@ fn relay(
 ) {
     let url = Url::parse(&config.url).expect("checked by the config");
     let mut client = Client::new(url, Duration::from_millis(config.timeout_ms));
-    let retry_max = Duration::from_millis(config.retry_max_ms);
     let lease_key = format!("{stream}:webhook");
     let lease = redis::Script::new(LEASE);
-    let mut wait = RETRY_MIN;
+    let mut backoff = Backoff::new(config.retry_max_ms);
     let mut body = Vec::new();
     let throttle = crate::logs::Throttle::default();
     let mut conn: Option<redis::Connection> = None;
@@ -138,7 +136,7 @@ fn relay(
                         tracing::warn!(error = %e, "webhook relay: cannot acknowledge a batch");
                         conn = None;
                     }
-                    wait = RETRY_MIN;
+                    backoff.reset();
                     None
                 }
                 Err(why) => Some(why),
@@ -147,11 +145,10 @@ fn relay(
             m.failures.inc();
             if let Some(left_out) = throttle.allow(crate::clock::now_ms()) {
                 tracing::warn!(url = %config.url, error = %why, events = batch.len(),
-                    retry_in_ms = wait.as_millis() as u64, failures_left_out = left_out,
+                    retry_in_ms = backoff.wait().as_millis() as u64, failures_left_out = left_out,
                     "webhook relay: the backend did not take a batch; it is kept and tried again");
             }
-            pause(node, wait);
-            wait = (wait * 2).min(retry_max);
+            backoff.pause(node);
         }
     }
 }
