@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::common::backend::{Backend, HOOK_SECRET};
-use crate::common::redis::{wait_cluster, Redis};
+use crate::common::redis::two_nodes_with;
 use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::{json, Value};
@@ -254,12 +254,7 @@ async fn with_backend_auth_the_backend_reads_the_token() {
 async fn connections_the_backend_joins_meet_across_a_cluster() {
     let dir = tempdir("cluster");
     let backend = Backend::start(&dir.join("db.sqlite"), 0);
-    let redis = Redis::start();
-    let url = redis.url();
-    let a = start(&backend, &["--redis", &url]);
-    let b = start(&backend, &["--redis", &url]);
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (redis, a, b) = two_nodes_with(|r| start(&backend, &["--redis", &r.url()]));
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 0, "").await;
     alice

@@ -273,15 +273,9 @@ fn webhook_node(redis: &Redis, backend: &Backend) -> Server {
 
 #[tokio::test]
 async fn one_node_at_a_time_posts_the_stream_and_another_takes_over() {
-    let dir = std::env::temp_dir().join(format!("cc-relay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::backend::tempdir("events", "relay");
     let backend = Backend::start(&dir.join("db.sqlite"), 0);
-    let redis = Redis::start();
-    let a = webhook_node(&redis, &backend);
-    let b = webhook_node(&redis, &backend);
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (_redis, a, b) = two_nodes_with(|r| webhook_node(r, &backend));
     // Exactly one of them delivers.
     wait_metric(&a, "corecast_webhook_leader", |_| {
         a.metric("corecast_webhook_leader") + b.metric("corecast_webhook_leader") == 1

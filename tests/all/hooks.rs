@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use crate::common::backend::{Backend, HOOK_SECRET};
-use crate::common::redis::{wait_cluster, Redis};
+use crate::common::redis::two_nodes_with;
 use crate::common::*;
 use serde_json::{json, Value};
 
@@ -132,12 +132,7 @@ async fn the_publish_hook_allows_rewrites_and_rejects_without_holding_up_others(
 async fn a_message_allowed_on_one_node_reaches_the_other_rewritten() {
     let dir = tempdir("cluster");
     let backend = Backend::start(&dir.join("db.sqlite"), 0);
-    let redis = Redis::start();
-    let url = redis.url();
-    let a = start(&backend, &["--redis", &url]);
-    let b = start(&backend, &["--redis", &url]);
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    let (redis, a, b) = two_nodes_with(|r| start(&backend, &["--redis", &r.url()]));
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 1, "").await;
     alice

@@ -2,7 +2,7 @@
 //! every connection of a user (on both nodes) to a channel its token does
 //! not grant, through either node's server API, and takes them out again.
 
-use crate::common::redis::{wait_cluster, Redis};
+use crate::common::redis::two_nodes_with;
 use crate::common::*;
 use serde_json::json;
 
@@ -10,23 +10,18 @@ const KEY: &str = "subscribe-test-api-key-0123";
 
 #[tokio::test]
 async fn the_backend_subscribes_a_users_connections_on_every_node() {
-    let redis = Redis::start();
-    let url = redis.url();
-    let node = || {
+    let (_redis, a, b) = two_nodes_with(|r| {
         Server::start(&[
             "--shards",
             "2",
             "--redis",
-            &url,
+            &r.url(),
             "--api-listen",
             "127.0.0.1:0",
             "--api-key",
             KEY,
         ])
-    };
-    let (a, b) = (node(), node());
-    wait_cluster(&a, 1);
-    wait_cluster(&b, 1);
+    });
     // Alice's token grants the lobby only.
     let claims = corecast::auth::Claims {
         sub: "alice".into(),

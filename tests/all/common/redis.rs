@@ -94,8 +94,14 @@ pub fn node(redis: &Redis) -> Server {
 
 /// A redis-server and two nodes that reach it.
 pub fn two_nodes() -> (Redis, Server, Server) {
+    two_nodes_with(node)
+}
+
+/// A redis-server and two nodes that `start` starts on it, once both reach
+/// it.
+pub fn two_nodes_with(start: impl Fn(&Redis) -> Server) -> (Redis, Server, Server) {
     let redis = Redis::start();
-    let (a, b) = (node(&redis), node(&redis));
+    let (a, b) = (start(&redis), start(&redis));
     wait_cluster(&a, 1);
     wait_cluster(&b, 1);
     (redis, a, b)
