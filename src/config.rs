@@ -235,6 +235,12 @@ impl HooksConfig {
         !self.publish_url.is_empty() || !self.rpc_url.is_empty() || !self.connect_url.is_empty()
     }
 
+    /// Whether a question the backend did not answer lets its message or
+    /// connection go on (`on_failure = allow`).
+    pub fn failure_allows(&self) -> bool {
+        self.on_failure == "allow"
+    }
+
     /// Whether connection tokens go to the backend unverified.
     pub fn backend_auth(&self) -> bool {
         !self.connect_url.is_empty() && self.connect_auth == "backend"
@@ -1119,7 +1125,7 @@ impl Config {
             max_custom_event_bytes: self.max_custom_event_bytes,
             publish_hook: self.publish_hook_patterns().expect("checked by validate"),
             max_hook_waiting: self.hooks.max_waiting,
-            hook_failure_allows: self.hooks.on_failure == "allow",
+            hook_failure_allows: self.hooks.failure_allows(),
             rpc_hook: !self.hooks.rpc_url.is_empty(),
             call_ring_timeout_ms: self.call_ring_timeout_ms,
             max_notifications: self.max_notifications,

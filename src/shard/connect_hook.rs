@@ -202,7 +202,7 @@ impl Shard {
                 continue;
             };
             let c = &self.node.config;
-            let failure_allows = c.hooks.on_failure == "allow";
+            let failure_allows = c.hooks.failure_allows();
             let open_channels = c.auth.channel_access == "open";
             if a.result.is_err() {
                 self.metrics().hook_failures.inc();
