@@ -234,7 +234,10 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
     let shards = node.mesh.shards();
     let me = crate::mesh::store_endpoint(shards);
     let mut batch: Vec<(ShardId, Box<Moderation>)> = Vec::new();
+    // The history file's lines, and the outbox's (the same, with the
+    // optional events in their places among them).
     let mut lines: Vec<u8> = Vec::new();
+    let mut events: Vec<u8> = Vec::new();
     let mut synced = std::time::Instant::now();
     // When history last came (long ago: the thread parks).
     let mut busy = synced - Duration::from_secs(1);
@@ -243,28 +246,40 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
             while let Some(msg) = node.mesh.pop(from, me) {
                 match msg {
                     MeshMsg::StoreBan { from, moderation } => batch.push((from, moderation)),
-                    MeshMsg::KeepHistory(line) => lines.extend_from_slice(&line),
+                    MeshMsg::KeepHistory(line) => {
+                        if history.is_some() {
+                            lines.extend_from_slice(&line);
+                        }
+                        if outbox.is_some() {
+                            events.extend_from_slice(&line);
+                        }
+                    }
+                    MeshMsg::KeepEvent(line) if outbox.is_some() => events.extend_from_slice(&line),
                     other => tracing::debug!(?other, "the store ignores a message"),
                 }
             }
         }
+        // What came together is written with one write.
         if !lines.is_empty() {
             busy = std::time::Instant::now();
-            // What came together is written with one write.
             if let Some(Err(e)) = history
                 .as_mut()
                 .map(|h| h.append(&lines, crate::clock::now_ms()))
             {
                 tracing::error!(error = %e, "cannot keep the history");
             }
+            lines.clear();
+        }
+        if !events.is_empty() {
+            busy = std::time::Instant::now();
             if let Some(o) = outbox.as_mut() {
-                if let Err(e) = o.append(&lines) {
+                if let Err(e) = o.append(&events) {
                     // New events are refused until a write goes through.
                     o.state().backlog.set_full(true);
                     tracing::error!(error = %e, "cannot keep events for the backend");
                 }
             }
-            lines.clear();
+            events.clear();
         }
         if synced.elapsed() >= Duration::from_secs(1) || node.is_draining() {
             synced = std::time::Instant::now();

@@ -171,6 +171,10 @@ pub struct Config {
     /// refused with `unavailable` until consumer groups have read (and
     /// the nodes trimmed) older ones.
     pub events_stream_max_len: u64,
+    /// The optional kinds the event stream also carries, beside the
+    /// sequenced channel events: `members` (joins and leaves),
+    /// `receipts` (read markers), `dms` (direct messages); empty: none.
+    pub events_include: Vec<String>,
     pub auth: AuthConfig,
     /// The event stream to the application backend (see `docs/BACKEND.md`).
     pub webhook: WebhookConfig,
@@ -370,6 +374,7 @@ impl Default for Config {
             node_timeout_ms: 30_000,
             events_stream: String::new(),
             events_stream_max_len: 1_000_000,
+            events_include: Vec::new(),
             auth: AuthConfig::default(),
             webhook: WebhookConfig::default(),
             hooks: HooksConfig::default(),
@@ -646,6 +651,10 @@ pub struct ConfigArgs {
     /// refused [default: 1000000].
     #[arg(long, env = "CORECAST_EVENTS_STREAM_MAX_LEN")]
     pub events_stream_max_len: Option<u64>,
+    /// The optional kinds the event stream also carries, comma-separated:
+    /// members, receipts, dms [default: none].
+    #[arg(long, env = "CORECAST_EVENTS_INCLUDE", value_delimiter = ',')]
+    pub events_include: Option<Vec<String>>,
 }
 
 impl ConfigArgs {
@@ -720,7 +729,8 @@ impl ConfigArgs {
             node_timeout_ms,
             large_channel_members,
             events_stream,
-            events_stream_max_len
+            events_stream_max_len,
+            events_include
         );
         for rule in &self.rate_limits {
             let (event, spec) = rule.split_once('=').ok_or_else(|| {
@@ -927,6 +937,27 @@ impl Config {
         Ok(())
     }
 
+    /// The optional kinds of `events_include`, checked: each one known,
+    /// and somewhere to send them (a single node's webhooks, a cluster's
+    /// events stream).
+    pub fn stream_extras(&self) -> Result<crate::engine::event_stream::Extras, ConfigError> {
+        let extras = crate::engine::event_stream::Extras::parse(&self.events_include)
+            .map_err(|e| ConfigError(format!("events_include: {e}")))?;
+        if extras.any() {
+            let stream = if self.cluster_mode() {
+                !self.events_stream.is_empty()
+            } else {
+                self.webhook.enabled()
+            };
+            if !stream {
+                return Err(ConfigError(
+                    "events_include: the event stream is off: set webhook.url (a single node) or events_stream (a cluster)".into(),
+                ));
+            }
+        }
+        Ok(extras)
+    }
+
     /// The `custom_events` patterns (none when the list is empty).
     pub fn custom_event_patterns(&self) -> Result<Option<crate::access::Patterns>, ConfigError> {
         if self.custom_events.is_empty() {
@@ -1070,6 +1101,7 @@ impl Config {
         crate::auth::Verifier::from_config(&self.auth)?;
         self.validate_webhook()?;
         self.validate_events_stream()?;
+        self.stream_extras()?;
         self.validate_hooks()?;
         Ok(())
     }
@@ -1122,6 +1154,7 @@ impl Config {
             token_refresh_ahead_ms: self.token_refresh_ahead_ms,
             token_expiry_grace_ms: self.token_expiry_grace_ms,
             custom_events: self.custom_event_patterns().expect("checked by validate"),
+            stream_extras: self.stream_extras().expect("checked by validate"),
             max_custom_event_bytes: self.max_custom_event_bytes,
             publish_hook: self.publish_hook_patterns().expect("checked by validate"),
             max_hook_waiting: self.hooks.max_waiting,

@@ -109,6 +109,13 @@ pub fn render(out: &mut String, s: &EventStream) {
         "Channel events refused (unavailable) because the outbox was full.",
         s.outbox.backlog.refused(),
     );
+    series(
+        out,
+        "webhook_skipped_total",
+        "counter",
+        "Optional events (events_include) skipped because the outbox was full.",
+        s.outbox.backlog.skipped(),
+    );
     deliveries(out, m);
     series(
         out,

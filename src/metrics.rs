@@ -128,11 +128,14 @@ pub struct ClusterMetrics {
     /// Entries trimmed from the events stream once every consumer group
     /// had read them.
     pub stream_trimmed: Counter,
+    /// Optional events (`events_include`) not added to the events stream:
+    /// it was full, or Redis out of reach.
+    pub stream_skipped: Counter,
 }
 
 /// Appends the bridge's figures to [`render`]'s text.
 pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
-    let series: [(&str, &str, &str, &Counter); 11] = [
+    let series: [(&str, &str, &str, &Counter); 12] = [
         (
             "cluster_up",
             "gauge",
@@ -198,6 +201,12 @@ pub fn render_cluster(out: &mut String, m: &ClusterMetrics) {
             "counter",
             "Channel events refused (unavailable) because the events stream was full.",
             &m.stream_full,
+        ),
+        (
+            "events_stream_skipped_total",
+            "counter",
+            "Optional events (events_include) not added: the events stream was full, or Redis out of reach.",
+            &m.stream_skipped,
         ),
     ];
     for (name, kind, help, c) in series {

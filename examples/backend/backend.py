@@ -4,7 +4,9 @@
 It takes corecast's event stream (signed, batched webhooks) and stores the
 channels' messages in SQLite, de-duplicating by channel, epoch and offset,
 so that a batch delivered twice (corecast delivers at least once) is
-stored once. Read docs/BACKEND.md for the walk-through.
+stored once. The optional kinds (`events_include`: joins and leaves, read
+receipts, direct messages) are kept too, de-duplicated by their `id`.
+Read docs/BACKEND.md for the walk-through.
 
     python3 examples/backend/backend.py --port 9100 --db messages.db \\
         --secret "$CORECAST_WEBHOOK_SECRET"
@@ -22,6 +24,8 @@ Endpoints:
                              reads session tokens `sess-USER` itself
     GET  /messages?channel=C the stored messages of channel C, oldest first
     GET  /events             every event stored, in the order it arrived
+    GET  /activity           every optional event stored, in arrival order
+    GET  /dms?user=U         the direct messages U sent or received
     GET  /stats              requests, events received and stored
 """
 
@@ -63,6 +67,21 @@ CREATE TABLE IF NOT EXISTS messages (
     edited_at INTEGER,
     reactions TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS activity (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order
+    id TEXT NOT NULL UNIQUE,                -- the optional event's own id
+    channel TEXT,                           -- none for a direct message
+    at INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dms (
+    message_id TEXT PRIMARY KEY,
+    from_user TEXT NOT NULL,
+    to_user TEXT NOT NULL,
+    content TEXT NOT NULL,
+    sent_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS stats (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -99,6 +118,17 @@ class Store:
         with self.lock, self.db:
             for e in events:
                 ev = e["event"]
+                if "offset" not in e:
+                    # An optional kind: its own id names it.
+                    cur = self.db.execute(
+                        "INSERT OR IGNORE INTO activity (id, channel, at, type, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (e["id"], e.get("channel"), e["at"], ev["t"], json.dumps(ev["d"])),
+                    )
+                    if cur.rowcount == 1:
+                        stored += 1
+                        self.apply(ev["t"], ev["d"])
+                    continue
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO events (channel, epoch, offset, at, type, data) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -114,7 +144,12 @@ class Store:
         return stored, len(events) - stored
 
     def apply(self, kind, d):
-        if kind == "message:new":
+        if kind == "dm:new":
+            self.db.execute(
+                "INSERT OR IGNORE INTO dms VALUES (?, ?, ?, ?, ?)",
+                (d["messageId"], d["fromUserId"], d["toUserId"], d["content"], d["timestamp"]),
+            )
+        elif kind == "message:new":
             self.db.execute(
                 "INSERT OR REPLACE INTO messages (message_id, channel, user_id, content, sent_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -273,6 +308,21 @@ def handler(store, secret):
             if url.path == "/events":
                 rows = store.query("SELECT channel, epoch, offset, type FROM events ORDER BY seq")
                 keys = ("channel", "epoch", "offset", "type")
+                return self.answer(200, [dict(zip(keys, r)) for r in rows])
+            if url.path == "/activity":
+                rows = store.query("SELECT id, channel, type, data FROM activity ORDER BY seq")
+                return self.answer(
+                    200,
+                    [{"id": i, "channel": c, "type": t, "data": json.loads(d)} for i, c, t, d in rows],
+                )
+            if url.path == "/dms":
+                user = q.get("user", [""])[0]
+                rows = store.query(
+                    "SELECT message_id, from_user, to_user, content FROM dms "
+                    "WHERE from_user = ? OR to_user = ? ORDER BY sent_at, message_id",
+                    (user, user),
+                )
+                keys = ("messageId", "fromUserId", "toUserId", "content")
                 return self.answer(200, [dict(zip(keys, r)) for r in rows])
             if url.path == "/stats":
                 return self.answer(200, dict(store.query("SELECT name, value FROM stats")))

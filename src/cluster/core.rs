@@ -156,6 +156,9 @@ enum Pending {
     },
     /// A publish nobody needs the answer of (relays, frames, parts).
     Published,
+    /// Optional events added to the events stream (as many as the stream
+    /// had room for).
+    Extras(u64),
     Asked(u64),
     CallTo(Box<CallOp>),
     Kept,
@@ -208,6 +211,8 @@ type Waiting = (Option<(ConnRef, Protocol)>, Option<u64>);
 enum Item {
     Sequence(Box<Outgoing>),
     Relay(NodeMsg),
+    /// An optional event's line for the events stream.
+    Extra(Vec<u8>),
 }
 
 /// A query of a channel's state waiting for the other nodes' parts.
@@ -253,6 +258,9 @@ pub struct Core {
     then_read: Vec<Arc<str>>,
     unsubscribe: HashSet<String>,
     frames: Vec<(u64, Vec<NodeMsg>)>,
+    /// Optional events of no channel (direct messages) for the events
+    /// stream, this round.
+    extras: Vec<Vec<u8>>,
     to_users: HashMap<Arc<str>, Vec<NodeMsg>>,
     followed: HashMap<Arc<str>, Follow>,
     users: HashSet<Arc<str>>,
@@ -317,6 +325,7 @@ impl Core {
             then_read: Vec::new(),
             unsubscribe: HashSet::new(),
             frames: Vec::new(),
+            extras: Vec::new(),
             to_users: HashMap::new(),
             followed: HashMap::new(),
             users: HashSet::new(),
@@ -752,6 +761,15 @@ impl Core {
                 }
             },
             ToBridge::Detach { channel } => self.shard_detach(channel),
+            ToBridge::StreamExtra { channel, line } => {
+                if self.s.events_stream.is_none() {
+                    return;
+                }
+                match channel {
+                    Some(c) => self.batch(&c).push(Item::Extra(line)),
+                    None => self.extras.push(line),
+                }
+            }
             ToBridge::Sequence(out) => self.shard_sequence(out),
             ToBridge::Relay(out) => self.shard_relay(out),
             ToBridge::FollowUser { user } => self.shard_follow_user(user),
@@ -1144,6 +1162,7 @@ impl Core {
     /// not outlive the moment (relayed events).
     fn refuse(&mut self, m: ToBridge) {
         match m {
+            ToBridge::StreamExtra { .. } => self.metrics.stream_skipped.inc(),
             ToBridge::Sequence(out) => self.give_back(out),
             ToBridge::Moderate(m) => {
                 let why = "the cluster's Redis is unreachable: try again".to_string();
@@ -1324,8 +1343,22 @@ impl Core {
                         let payload = wire::payload(&msgs);
                         self.publish(keys::channel(&channel), payload, true, Pending::Published);
                     }
+                    Item::Extra(line) => {
+                        let mut lines = vec![line];
+                        while let Some(Item::Extra(_)) = items.peek() {
+                            let Some(Item::Extra(l)) = items.next() else {
+                                unreachable!("peeked")
+                            };
+                            lines.push(l);
+                        }
+                        self.stream_extras(lines);
+                    }
                 }
             }
+        }
+        let extras = std::mem::take(&mut self.extras);
+        if !extras.is_empty() {
+            self.stream_extras(extras);
         }
         for (node, msgs) in std::mem::take(&mut self.frames) {
             let payload = wire::payload(&msgs);
@@ -1336,6 +1369,15 @@ impl Core {
             let payload = wire::payload(&msgs);
             self.publish(keys::user(&user), payload, true, Pending::Published);
         }
+    }
+
+    /// Optional events added to the events stream, while it has room.
+    fn stream_extras(&mut self, lines: Vec<Vec<u8>>) {
+        let Some((key, max)) = self.s.events_stream.clone() else {
+            return;
+        };
+        let count = lines.len() as u64;
+        self.op(Op::StreamExtras { key, max, lines }, Pending::Extras(count));
     }
 
     /// One script call for a run of a channel's sequenced events.
@@ -1468,6 +1510,17 @@ impl Core {
                 }
             }
             (Pending::Beat { first }, r) => self.settle_beat(first, r),
+            (Pending::Extras(count), r) => match r {
+                Ok(Reply::Count(added)) => {
+                    let skipped = count.saturating_sub(added.max(0) as u64);
+                    self.metrics.stream_skipped.add(skipped);
+                }
+                Ok(_) => self.unreadable("optional events for the events stream"),
+                Err(f) => {
+                    self.metrics.stream_skipped.add(count);
+                    self.refused("optional events for the events stream", &f);
+                }
+            },
             (Pending::Trimmed, r) => {
                 self.trimming = false;
                 match r {

@@ -38,6 +38,7 @@ pub struct Scripts {
     pub notifications: Arc<redis::Script>,
     pub conversation: Arc<redis::Script>,
     pub trim_stream: Arc<redis::Script>,
+    pub stream_extras: Arc<redis::Script>,
 }
 
 impl Scripts {
@@ -46,6 +47,7 @@ impl Scripts {
         Scripts {
             sequence: s(include_str!("scripts/sequence.lua")),
             trim_stream: s(include_str!("scripts/trim_stream.lua")),
+            stream_extras: s(include_str!("scripts/stream_extras.lua")),
             load: s(include_str!("scripts/load.lua")),
             members: s(include_str!("scripts/members.lua")),
             presence: s(include_str!("scripts/presence.lua")),
@@ -772,6 +774,18 @@ fn commands_of(op: &Op, s: &Scripts, text: bool) -> Vec<redis::Cmd> {
             c.arg(keys::BANS).arg(fields);
             vec![c]
         }
+        Op::StreamExtras { key, max, lines } => {
+            let mut c = script(
+                &s.stream_extras,
+                include_str!("scripts/stream_extras.lua"),
+                &[key],
+            );
+            c.arg(max);
+            for l in lines {
+                c.arg(l.as_slice());
+            }
+            vec![c]
+        }
         Op::TrimStream { key } => {
             vec![script(
                 &s.trim_stream,
@@ -836,7 +850,7 @@ fn parse(op: &Op, values: Vec<Value>) -> Result<Reply, Fault> {
             Ok(Reply::Sequenced { epoch, results })
         }
         Op::Load { .. } => parse_load(first).map_err(|e| bad(&e)),
-        Op::Publish { .. } => redis::from_redis_value::<i64>(first)
+        Op::Publish { .. } | Op::StreamExtras { .. } => redis::from_redis_value::<i64>(first)
             .map(Reply::Count)
             .map_err(|_| bad("publish")),
         Op::ReadPresence { .. } => {

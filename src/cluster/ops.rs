@@ -123,6 +123,14 @@ pub enum Op {
     DropBans {
         fields: Vec<String>,
     },
+    /// The `stream_extras` script: optional events added to the events
+    /// stream while it holds fewer than `max` entries. Answered with
+    /// `Count`: how many went in.
+    StreamExtras {
+        key: Arc<str>,
+        max: u64,
+        lines: Vec<Vec<u8>>,
+    },
     /// The `trim_stream` script: the events stream trimmed up to what
     /// every consumer group has read. Answered with `Trimmed`.
     TrimStream {
@@ -153,7 +161,7 @@ impl Op {
         use super::keys;
         match self {
             Op::Subscribe { .. } | Op::Unsubscribe { .. } | Op::Heartbeat { .. } => None,
-            Op::TrimStream { key } => Some(key),
+            Op::TrimStream { key } | Op::StreamExtras { key, .. } => Some(key),
             Op::Sequence { channel, .. }
             | Op::Load { channel, .. }
             | Op::Members { channel, .. } => Some(channel),

@@ -793,6 +793,12 @@ pub struct Outgoing {
 /// nodes.
 #[derive(Debug)]
 pub enum ToBridge {
+    /// An optional event for the events stream (see
+    /// `event_stream::Extras`), in order with the channel's others.
+    StreamExtra {
+        channel: Option<Arc<str>>,
+        line: Vec<u8>,
+    },
     /// Follow a channel (subscribe, then load its state).
     Attach {
         channel: Arc<str>,

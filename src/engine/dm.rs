@@ -6,6 +6,7 @@
 //! event again on the shard that carries it out.
 
 use super::cluster::Asker;
+use super::event_stream::Extra;
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -55,6 +56,10 @@ impl<O: Outbound> Engine<O> {
             tx,
         );
         self.tell_other_nodes(&user, ServerEvent::DmSent(msg.clone()), now, tx);
+        if self.s.stream_extras.dms {
+            let event = ev(ServerEvent::DmNew(msg.clone()));
+            self.stream_extra(Extra::Dms, None, &event, now, tx);
+        }
         self.send_user_op(to, None, None, UserCmd::DmDeliver(msg), now, tx);
     }
 

@@ -14,6 +14,80 @@ use std::sync::Arc;
 
 use super::*;
 
+/// The optional kinds of events the stream also carries, beside the
+/// sequenced channel events (`events_include`). They have no channel
+/// offset: each line carries an `id` of its own to de-duplicate on. They
+/// are never refused: while the backlog is full (or, in a cluster, Redis
+/// is out of reach) they are skipped and counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// `channel:member_joined` and `channel:member_left`.
+    pub members: bool,
+    /// `message:read_receipt`.
+    pub receipts: bool,
+    /// `dm:new`, once per message, from the sender's node.
+    pub dms: bool,
+}
+
+/// One of the optional kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extra {
+    Members,
+    Receipts,
+    Dms,
+}
+
+impl Extras {
+    pub const NAMES: [&'static str; 3] = ["members", "receipts", "dms"];
+
+    pub fn parse(names: &[String]) -> Result<Extras, String> {
+        let mut e = Extras::default();
+        for n in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            match n {
+                "members" => e.members = true,
+                "receipts" => e.receipts = true,
+                "dms" => e.dms = true,
+                other => {
+                    return Err(format!(
+                        "unknown kind `{other}` (known: {})",
+                        Extras::NAMES.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn any(self) -> bool {
+        self.members || self.receipts || self.dms
+    }
+
+    pub fn has(self, kind: Extra) -> bool {
+        match kind {
+            Extra::Members => self.members,
+            Extra::Receipts => self.receipts,
+            Extra::Dms => self.dms,
+        }
+    }
+}
+
+/// An optional event's line: `{"id":…,"channel":…,"at":…,"event":…}`
+/// (no `channel` for a direct message), without the newline.
+pub fn extra_line(id: &str, channel: Option<&str>, at: u64, msg: &ServerMessage) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(192);
+    out.extend_from_slice(b"{\"id\":");
+    serde_json::to_writer(&mut out, id).expect("writing to a Vec cannot fail");
+    if let Some(c) = channel {
+        out.extend_from_slice(b",\"channel\":");
+        serde_json::to_writer(&mut out, c).expect("writing to a Vec cannot fail");
+    }
+    write!(out, ",\"at\":{at},\"event\":").expect("writing to a Vec cannot fail");
+    json::encode_server(msg, &mut out);
+    out.push(b'}');
+    out
+}
+
 /// How long a refused client is told to wait.
 pub const RETRY_AFTER_MS: u64 = 1000;
 
@@ -23,6 +97,8 @@ pub struct Backlog {
     full: AtomicBool,
     /// Events refused while it was shut.
     refused: AtomicU64,
+    /// Optional events skipped while it was shut.
+    skipped: AtomicU64,
 }
 
 impl Backlog {
@@ -39,6 +115,11 @@ impl Backlog {
     pub fn refused(&self) -> u64 {
         self.refused.load(Relaxed)
     }
+
+    /// Optional events skipped while the gate was shut.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Relaxed)
+    }
 }
 
 impl<O: Outbound> Engine<O> {
@@ -47,6 +128,49 @@ impl<O: Outbound> Engine<O> {
     /// `set_event_store`).
     pub fn set_event_stream(&mut self, backlog: Arc<Backlog>) {
         self.backlog = Some(backlog);
+    }
+
+    /// Sends an optional event to the event stream when its kind is
+    /// included: on a single node to the store (which appends it to the
+    /// outbox, in order with the channel's sequenced events from this
+    /// shard), in a cluster to the bridge (which adds it to the events
+    /// stream). Skipped, and counted, while the outbox is full.
+    pub(super) fn stream_extra(
+        &mut self,
+        kind: Extra,
+        channel: Option<&str>,
+        msg: &ServerMessage,
+        now: u64,
+        tx: &mut impl MeshTx,
+    ) {
+        if !self.s.stream_extras.has(kind) {
+            return;
+        }
+        let store = match (&self.backlog, self.event_store) {
+            (Some(b), Some(store)) => {
+                if b.full() {
+                    b.skipped.fetch_add(1, Relaxed);
+                    return;
+                }
+                Some(store)
+            }
+            _ => None,
+        };
+        if store.is_none() && self.cluster.is_none() {
+            return;
+        }
+        let id = self.mint_id("ev");
+        let mut line = extra_line(&id, channel, now, msg);
+        match store {
+            Some(store) => {
+                line.push(b'\n');
+                tx.send(store, MeshMsg::KeepEvent(Box::new(line)));
+            }
+            None => {
+                let channel = channel.map(Arc::from);
+                self.send_bridge(ToBridge::StreamExtra { channel, line }, now, tx);
+            }
+        }
     }
 
     /// The refusal of a new channel event while the outbox is full.

@@ -5,6 +5,7 @@
 //! connection's shard (checks, then the request goes on), and after the
 //! event again on the shard that carries it out.
 
+use super::event_stream::Extra;
 use super::moderation::{banned_message, moderation_event, once_id};
 use super::*;
 
@@ -67,13 +68,17 @@ impl<O: Outbound> Engine<O> {
         }
         // Existing members hear of the join before the joiner's first
         // delivery; in a large channel they do not hear of it at all.
-        if !self.large_channel(&channel) {
+        let large = self.large_channel(&channel);
+        if !large || self.s.stream_extras.members {
             let event = ev(ServerEvent::MemberJoined(MemberEvent {
                 channel_id: channel.to_string(),
                 user_id: member.user.to_string(),
                 session_id: member.session.to_string(),
             }));
-            self.fan_out(&channel, &event, None, now, tx);
+            self.stream_extra(Extra::Members, Some(&channel), &event, now, tx);
+            if !large {
+                self.fan_out(&channel, &event, None, now, tx);
+            }
         }
         let owned = self.owned.get_mut(&channel).expect("owned above");
         owned.per_shard[from.shard as usize][member.protocol.index()] += 1;
@@ -143,13 +148,16 @@ impl<O: Outbound> Engine<O> {
         if let Some(t) = was_typing {
             self.typing_event(&channel, &t.user, false, now, tx);
         }
-        if !large {
+        if !large || self.s.stream_extras.members {
             let event = ev(ServerEvent::MemberLeft(MemberEvent {
                 channel_id: channel.to_string(),
                 user_id: member.user.to_string(),
                 session_id: member.session.to_string(),
             }));
-            self.fan_out(&channel, &event, None, now, tx);
+            self.stream_extra(Extra::Members, Some(&channel), &event, now, tx);
+            if !large {
+                self.fan_out(&channel, &event, None, now, tx);
+            }
         }
         if last {
             self.channel_gc(&channel, now, tx);

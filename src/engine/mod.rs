@@ -161,6 +161,8 @@ pub struct Settings {
     pub token_expiry_grace_ms: u64,
     /// The names of the application's own events (none: no such event).
     pub custom_events: Option<crate::access::Patterns>,
+    /// The optional kinds the event stream also carries.
+    pub stream_extras: event_stream::Extras,
     /// Largest `data` of an application's event, in bytes of JSON.
     pub max_custom_event_bytes: usize,
     /// Channels whose messages the publish hook sees first (none: off).
@@ -214,6 +216,7 @@ impl Default for Settings {
             token_refresh_ahead_ms: 60_000,
             token_expiry_grace_ms: 0,
             custom_events: None,
+            stream_extras: event_stream::Extras::default(),
             max_custom_event_bytes: 4096,
             publish_hook: None,
             max_hook_waiting: 1000,
@@ -335,6 +338,9 @@ pub enum MeshMsg {
     /// From an owner shard to the store: a sequenced event's line for
     /// the history file (see `history`).
     KeepHistory(Box<Vec<u8>>),
+    /// From a shard to the store: an optional event's line for the
+    /// outbox only (see `event_stream::Extras`).
+    KeepEvent(Box<Vec<u8>>),
     /// From a shard to the hooks endpoint: a question for the application
     /// backend (see `hooks`).
     HookCall(Box<hooks::HookCall>),
@@ -1509,8 +1515,8 @@ impl<O: Outbound> Engine<O> {
                     "a shard ignores a message meant for the ban store"
                 )
             }
-            MeshMsg::KeepHistory(_) => {
-                tracing::debug!("a shard ignores a message meant for the history store")
+            MeshMsg::KeepHistory(_) | MeshMsg::KeepEvent(_) => {
+                tracing::debug!("a shard ignores a message meant for the store")
             }
             MeshMsg::HookAnswer(a) => self.on_hook_answer(*a, now, tx),
             MeshMsg::ServerJoin(j) => self.on_server_join(*j, now, tx),

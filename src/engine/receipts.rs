@@ -5,6 +5,7 @@
 //! connection's shard (checks, then the request goes on), and after the
 //! event again on the shard that carries it out.
 
+use super::event_stream::Extra;
 use super::*;
 
 impl<O: Outbound> Engine<O> {
@@ -77,6 +78,7 @@ impl<O: Outbound> Engine<O> {
                 offset,
                 timestamp: now,
             }));
+            self.stream_extra(Extra::Receipts, Some(&channel), &event, now, tx);
             self.fan_out(&channel, &event, None, now, tx);
         }
         self.send_reply(reply, empty_ack(ack), now, tx);

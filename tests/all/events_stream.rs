@@ -335,3 +335,116 @@ async fn one_node_at_a_time_posts_the_stream_and_another_takes_over() {
     drop(other);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The optional kinds (`--events-include`) in a cluster: each node adds
+/// its own joins, leaves, read receipts and direct messages to the events
+/// stream, without an offset and with an id each; a full stream skips
+/// them (counted) instead of refusing the join or growing.
+#[tokio::test]
+async fn included_optional_kinds_join_the_stream_and_are_skipped_when_it_is_full() {
+    let redis = Redis::start();
+    redis_cli(
+        &redis,
+        &["XGROUP", "CREATE", STREAM, "backend", "$", "MKSTREAM"],
+    );
+    let extra = [
+        "--events-stream-max-len",
+        "100",
+        "--events-include",
+        "members,receipts,dms",
+    ];
+    let (a, b) = (stream_node(&redis, &extra), stream_node(&redis, &extra));
+    wait_cluster(&a, 1);
+    wait_cluster(&b, 1);
+    let mut con = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut alice = Peer::on(&a, "alice", 0, "").await;
+    let mut bob = Peer::on(&b, "bob", 1, "").await;
+    alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    bob.ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let sent = alice
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": "hello"}),
+        )
+        .await;
+    let id = sent["messageId"].as_str().unwrap();
+    bob.event("message:new").await;
+    bob.ok(
+        "message:mark_read",
+        json!({"channelId": "general", "messageId": id}),
+    )
+    .await;
+    let dm = json!({"toUserId": "bob", "content": "psst", "nonce": "d1"});
+    alice.ok("dm:send", dm.clone()).await;
+    alice.ok("dm:send", dm).await;
+    // The stream takes them a round after the acks: read until all came.
+    let mut entries = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while entries.len() < 5 {
+        assert!(Instant::now() < deadline, "{entries:?}");
+        entries.extend(read(&mut con, 100));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    entries.extend(read(&mut con, 100));
+    let kinds: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(_, e)| {
+            let d = &e["event"]["d"];
+            let who = d["userId"].as_str().or(d["fromUserId"].as_str()).unwrap();
+            (e["event"]["t"].as_str().unwrap(), who)
+        })
+        .collect();
+    let at = |k: (&str, &str)| {
+        kinds
+            .iter()
+            .position(|&x| x == k)
+            .unwrap_or_else(|| panic!("{k:?} not in {kinds:?}"))
+    };
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
+    let new = at(("message:new", "alice"));
+    let receipt = at(("message:read_receipt", "bob"));
+    assert!(at(("channel:member_joined", "alice")) < new, "{kinds:?}");
+    assert!(at(("channel:member_joined", "bob")) < receipt, "{kinds:?}");
+    assert!(new < receipt, "{kinds:?}");
+    at(("dm:new", "alice"));
+    let mut ids = std::collections::BTreeSet::new();
+    for (_, e) in &entries {
+        if e["event"]["t"] == "message:new" {
+            assert_eq!(e["offset"], 1, "{e}");
+        } else {
+            assert!(e.get("offset").is_none(), "{e}");
+            assert!(ids.insert(e["id"].as_str().unwrap().to_owned()), "{e}");
+            assert!(e["at"].as_u64().unwrap() > 1_700_000_000_000, "{e}");
+        }
+    }
+    assert_eq!(ids.len(), 4);
+
+    // Filled to its bound (nothing acknowledged): a leave is still done,
+    // and its event skipped.
+    let mut accepted = 0;
+    loop {
+        let v = alice
+            .request(
+                "message:send",
+                json!({"channelId": "general", "content": format!("fill {accepted}")}),
+            )
+            .await;
+        if v["t"] != "ack" {
+            assert_eq!(v["d"]["code"], "unavailable", "{v}");
+            break;
+        }
+        accepted += 1;
+        assert!(accepted <= 100, "never refused");
+    }
+    bob.ok("channel:leave", json!({"channelId": "general"}))
+        .await;
+    wait_metric(&b, "corecast_events_stream_skipped_total", |n| n == 1);
+    assert_eq!(redis_cli(&redis, &["XLEN", STREAM]), "100");
+}

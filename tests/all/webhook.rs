@@ -326,3 +326,120 @@ fn the_backend_refuses_a_bad_signature() {
     drop(backend);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The optional kinds (`--events-include`): joins and leaves, read
+/// receipts and direct messages reach the backend too, each channel's in
+/// their places among its messages, each with an id of its own, a
+/// resent direct message once.
+#[tokio::test]
+async fn included_joins_receipts_and_direct_messages_reach_the_backend() {
+    let dir = tempdir("extras");
+    let backend = Backend::start(&dir.join("db.sqlite"), 0);
+    let url = format!("http://{}/corecast/events", backend.addr);
+    let outbox = dir.join("outbox");
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--auth-secret", SECRET];
+    args.extend(["--shards", "2", "--webhook-url", &url]);
+    args.extend(["--webhook-secret", HOOK_SECRET]);
+    args.extend(["--webhook-outbox-dir", outbox.to_str().unwrap()]);
+    args.extend(["--events-include", "members,receipts,dms"]);
+    let s = Server::start_raw(&args, &[]);
+    let mut alice = Peer::on(&s, "alice", 0, "").await;
+    let mut bob = Peer::on(&s, "bob", 1, "").await;
+    alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    bob.ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let sent = alice
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": "hello"}),
+        )
+        .await;
+    let id = sent["messageId"].as_str().unwrap();
+    bob.ok(
+        "message:mark_read",
+        json!({"channelId": "general", "messageId": id}),
+    )
+    .await;
+    let dm = json!({"toUserId": "bob", "content": "psst", "nonce": "d1"});
+    let first = alice.ok("dm:send", dm.clone()).await;
+    let again = alice.ok("dm:send", dm).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    bob.ok("channel:leave", json!({"channelId": "general"}))
+        .await;
+    // 1 message, 2 joins, 1 receipt, 1 direct message, 1 leave.
+    backend.wait_stored(6, &s);
+    let events = backend.get("/events");
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    assert_eq!(events[0]["type"], "message:new");
+    let activity = backend.get("/activity");
+    let all = activity.as_array().unwrap();
+    assert_eq!(all.len(), 5, "{activity}");
+    let ids: BTreeSet<&str> = all.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "an id each: {activity}");
+    // The channel's, in the order the channel had them.
+    let general: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|a| a["channel"] == "general")
+        .map(|a| {
+            let who = a["data"]["userId"].as_str().unwrap();
+            (a["type"].as_str().unwrap(), who)
+        })
+        .collect();
+    assert_eq!(
+        general,
+        [
+            ("channel:member_joined", "alice"),
+            ("channel:member_joined", "bob"),
+            ("message:read_receipt", "bob"),
+            ("channel:member_left", "bob"),
+        ]
+    );
+    let receipt = all
+        .iter()
+        .find(|a| a["type"] == "message:read_receipt")
+        .unwrap();
+    assert_eq!(receipt["data"]["messageId"], id);
+    let dms = backend.get("/dms?user=bob");
+    assert_eq!(
+        dms,
+        json!([{"messageId": first["messageId"], "fromUserId": "alice", "toUserId": "bob", "content": "psst"}])
+    );
+    assert_eq!(s.metric("corecast_webhook_skipped_total"), 0);
+}
+
+#[test]
+fn an_unknown_optional_kind_or_no_stream_is_refused() {
+    let check = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+            .arg("check-config")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let hook = [
+        "--webhook-url",
+        "http://127.0.0.1:9/e",
+        "--webhook-secret",
+        HOOK_SECRET,
+    ];
+    let err = check(&[&["--events-include", "members,typing"][..], &hook].concat());
+    assert!(err.contains("unknown kind `typing`"), "{err}");
+    let err = check(&["--events-include", "dms"]);
+    assert!(err.contains("the event stream is off"), "{err}");
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .arg("check-config")
+        .args([&["--events-include", "members, receipts,dms"][..], &hook].concat())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let shown = String::from_utf8_lossy(&ok.stdout);
+    assert!(shown.contains("events_include"), "{shown}");
+}

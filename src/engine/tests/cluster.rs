@@ -121,6 +121,7 @@ impl Redis {
                 length: 0,
                 trimmed: 0,
             },
+            Op::StreamExtras { lines, .. } => Reply::Count(lines.len() as i64),
             Op::Unsubscribe { names, .. } => {
                 for name in names {
                     self.subs[n].remove(&name);

@@ -172,3 +172,159 @@ fn a_stream_line_completed_with_its_offset_is_the_line_of_the_event() {
     }));
     assert!(StreamLine::of(&typing).is_none());
 }
+
+/// What the store received, in order: a sequenced event as
+/// `(channel, event name)`, an optional one as `(id, channel or "",
+/// event name)` with its id.
+#[derive(Debug, PartialEq)]
+enum Kept {
+    Sequenced(String, String),
+    Extra(String, String, String),
+}
+
+fn kept_all(sim: &mut Sim, store: ShardId) -> Vec<Kept> {
+    std::iter::from_fn(|| sim.mesh.0[store as usize].pop_front())
+        .map(|m| match m {
+            MeshMsg::KeepHistory(line) => {
+                let l: Line = serde_json::from_slice(&line).unwrap();
+                let r = l.record().unwrap();
+                Kept::Sequenced(r.channel, r.msg.event.name().to_owned())
+            }
+            MeshMsg::KeepEvent(line) => {
+                assert_eq!(line.last(), Some(&b'\n'), "one line each");
+                let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                assert!(v.get("offset").is_none(), "no offset: {v}");
+                assert!(v["at"].as_u64().is_some());
+                Kept::Extra(
+                    v["id"].as_str().unwrap().to_owned(),
+                    v["channel"].as_str().unwrap_or("").to_owned(),
+                    v["event"]["t"].as_str().unwrap().to_owned(),
+                )
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
+    let (mut sim, backlog, store) = {
+        let settings = Settings {
+            stream_extras: crate::engine::event_stream::Extras {
+                members: true,
+                receipts: true,
+                dms: true,
+            },
+            ..Settings::default()
+        };
+        let mut sim = Sim::with(2, settings);
+        let backlog = Arc::new(Backlog::default());
+        let store = crate::mesh::store_endpoint(2);
+        for e in &mut sim.shards {
+            e.set_event_store(store);
+            e.set_event_stream(backlog.clone());
+        }
+        (sim, backlog, store)
+    };
+    let c = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(a, &c);
+    sim.join(b, &c);
+    sim.publish(a, &c, "hello");
+    let AckBody::Send(sent) = ack_body(&ra.take(), 2) else {
+        panic!()
+    };
+    sim.send(
+        b,
+        Some(10),
+        ClientEvent::MessageMarkRead(message_ref(&c, &sent.message_id)),
+    );
+    sim.send(
+        a,
+        Some(11),
+        ClientEvent::DmSend(DmSend {
+            to_user_id: "bob".into(),
+            content: "psst".into(),
+            nonce: Some("d1".into()),
+        }),
+    );
+    // A resent direct message is not a new one.
+    sim.send(
+        a,
+        Some(12),
+        ClientEvent::DmSend(DmSend {
+            to_user_id: "bob".into(),
+            content: "psst".into(),
+            nonce: Some("d1".into()),
+        }),
+    );
+    sim.send(
+        b,
+        Some(13),
+        ClientEvent::ChannelLeave(ChannelRef {
+            channel_id: c.clone(),
+        }),
+    );
+    rb.take();
+    let got = kept_all(&mut sim, store);
+    let shape: Vec<(&str, &str)> = got
+        .iter()
+        .map(|k| match k {
+            Kept::Sequenced(c, t) | Kept::Extra(_, c, t) => (c.as_str(), t.as_str()),
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (c.as_str(), "channel:member_joined"),
+            (c.as_str(), "channel:member_joined"),
+            (c.as_str(), "message:new"),
+            (c.as_str(), "message:read_receipt"),
+            ("", "dm:new"),
+            (c.as_str(), "channel:member_left"),
+        ]
+    );
+    let ids: std::collections::HashSet<&str> = got
+        .iter()
+        .filter_map(|k| match k {
+            Kept::Extra(id, ..) => Some(id.as_str()),
+            Kept::Sequenced(..) => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 5, "each optional event has an id of its own");
+
+    // While the outbox is full they are skipped, and counted.
+    backlog.set_full(true);
+    sim.join(b, &c);
+    assert!(kept_all(&mut sim, store).is_empty());
+    assert_eq!(backlog.skipped(), 1);
+    assert_eq!(backlog.refused(), 0, "a join is never refused");
+}
+
+#[test]
+fn optional_kinds_stay_out_of_the_store_unless_included() {
+    let (mut sim, _backlog, store) = streaming();
+    let c = channel_owned_by(1, 2);
+    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
+    let (b, _rb) = sim.connect(1, "bob", Protocol::Json);
+    sim.join(a, &c);
+    sim.join(b, &c);
+    sim.publish(a, &c, "hello");
+    let AckBody::Send(sent) = ack_body(&ra.take(), 2) else {
+        panic!()
+    };
+    sim.send(
+        b,
+        Some(10),
+        ClientEvent::MessageMarkRead(message_ref(&c, &sent.message_id)),
+    );
+    sim.send(
+        b,
+        Some(13),
+        ClientEvent::ChannelLeave(ChannelRef {
+            channel_id: c.clone(),
+        }),
+    );
+    assert_eq!(kept(&mut sim, store), [(c, 1, "message:new".into())]);
+}
