@@ -219,6 +219,7 @@ mod tests {
             nonce: None,
             offset,
             timestamp: 1,
+            meta: Some(crate::protocol::Json(format!(r#"{{"n":{offset}}}"#))),
         }))
     }
 

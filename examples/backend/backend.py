@@ -15,7 +15,9 @@ Endpoints:
     POST /corecast/events    the webhook (configure it as webhook.url)
     POST /corecast/publish   the publish hook (hooks.publish_url): rejects
                              messages with a word of BLOCKED, rewrites
-                             `/shout text` to upper case, lets the rest by
+                             `/shout text` to upper case, attaches the
+                             links of a message as its `meta`, lets the
+                             rest by
     POST /corecast/rpc       rpc (hooks.rpc_url): methods echo, add, whoami
     POST /corecast/connect   the connect hook (hooks.connect_url): refuses
                              suspended users, makes mod-* users moderators,
@@ -287,6 +289,11 @@ def handler(store, secret):
                 return self.answer(500, {"error": "the backend failed"})
             if BLOCKED & set(content.lower().split()):
                 return self.answer(200, {"result": "reject", "reason": "that word is not allowed here"})
+            links = [w for w in content.split() if w.startswith(("http://", "https://"))]
+            if links:
+                # Metadata the clients show (a real backend would fetch
+                # each page's title for a preview).
+                return self.answer(200, {"result": "rewrite", "meta": {"links": links}})
             if content.startswith("/shout "):
                 return self.answer(200, {"result": "rewrite", "content": content[len("/shout "):].upper()})
             self.answer(200, {"result": "allow"})

@@ -15,7 +15,9 @@ impl<O: Outbound> Engine<O> {
         let ApiCall { from, id, op } = call;
         let ack = Some(id);
         match op {
-            ApiOp::Publish { user, send } => self.api_publish(from, ack, user, send, now, tx),
+            ApiOp::Publish { user, send, meta } => {
+                self.api_publish(from, ack, user, send, meta, now, tx)
+            }
             ApiOp::Notify { user, kind, data } => {
                 self.api_notify(from, ack, user, kind, data, now, tx)
             }
@@ -31,13 +33,15 @@ impl<O: Outbound> Engine<O> {
     }
 
     /// `POST /api/publish`: a message from `user`, checked as a client's,
-    /// sequenced and kept like any other.
+    /// sequenced and kept like any other, with the backend's `meta`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn api_publish(
         &mut self,
         from: ConnRef,
         ack: Option<u64>,
         user: String,
         send: MessageSend,
+        meta: Option<Json>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
@@ -52,7 +56,8 @@ impl<O: Outbound> Engine<O> {
             .and_then(|_| self.check_channel_id(&send.channel_id))
             .map_err(bad)
             .and_then(|_| self.check_content("content", &send.content))
-            .and_then(|_| check_send_ids(&send));
+            .and_then(|_| check_send_ids(&send))
+            .and_then(|_| check_meta(meta.as_ref()));
         if let Err(e) = checked {
             return refuse(self, e, tx);
         }
@@ -68,6 +73,7 @@ impl<O: Outbound> Engine<O> {
             },
             ack,
             send,
+            meta,
         };
         self.message_send(p, now, tx);
         // Without members the channel still keeps the message for
@@ -213,6 +219,27 @@ impl<O: Outbound> Engine<O> {
         };
         self.on_channel_op(op, now, tx);
     }
+}
+
+/// Largest `meta` of a message, in bytes of compact JSON.
+pub const MAX_META_BYTES: usize = 4096;
+
+/// A message's `meta`, from the application backend: a JSON object of at
+/// most [`MAX_META_BYTES`].
+pub(super) fn check_meta(meta: Option<&Json>) -> Result<(), (ErrorCode, String)> {
+    let Some(m) = meta else {
+        return Ok(());
+    };
+    if !m.0.starts_with('{') {
+        return Err((ErrorCode::BadRequest, "`meta` must be a JSON object".into()));
+    }
+    if m.0.len() > MAX_META_BYTES {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("`meta` is larger than {MAX_META_BYTES} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// The ids and mentions of a message, checked as for a client.

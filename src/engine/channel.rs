@@ -612,6 +612,7 @@ mod tests {
             nonce: nonce.map(Into::into),
             offset,
             timestamp: now,
+            meta: None,
         };
         let msg = ServerMessage::event(ServerEvent::MessageNew(m.clone()));
         let frames = Frames::encode(&msg, [true, false, false, false]);

@@ -58,8 +58,12 @@ pub enum Verdict {
         #[serde(default)]
         reason: Option<String>,
     },
+    /// A new content, new metadata (a JSON object), or both.
     Rewrite {
-        content: String,
+        #[serde(default)]
+        content: Option<String>,
+        #[serde(default)]
+        meta: Option<Json>,
     },
 }
 
@@ -373,11 +377,17 @@ impl<O: Outbound> Engine<O> {
         tx: &mut impl MeshTx,
     ) {
         match verdict {
-            Ok(Verdict::Allow) => self.publish_to_owner(id, ack, channel, send, now, tx),
-            Ok(Verdict::Rewrite { content }) => match self.check_content("content", &content) {
+            Ok(Verdict::Allow) => self.publish_to_owner(id, ack, channel, send, None, now, tx),
+            Ok(Verdict::Rewrite { content, meta }) => match content
+                .as_ref()
+                .map_or(Ok(()), |c| self.check_content("content", c))
+                .and_then(|_| super::api::check_meta(meta.as_ref()))
+            {
                 Ok(()) => {
-                    send.content = content;
-                    self.publish_to_owner(id, ack, channel, send, now, tx)
+                    if let Some(c) = content {
+                        send.content = c;
+                    }
+                    self.publish_to_owner(id, ack, channel, send, meta, now, tx)
                 }
                 Err((code, e)) => {
                     self.metrics.hook_failures.inc();
@@ -393,7 +403,7 @@ impl<O: Outbound> Engine<O> {
             Err(why) => {
                 self.metrics.hook_failures.inc();
                 if self.s.hook_failure_allows {
-                    self.publish_to_owner(id, ack, channel, send, now, tx)
+                    self.publish_to_owner(id, ack, channel, send, None, now, tx)
                 } else {
                     tracing::debug!(%why, "publish hook failed");
                     self.reply(id, &super::event_stream::unavailable(ack));

@@ -172,6 +172,7 @@ impl<O: Outbound> Engine<O> {
             member,
             ack,
             send,
+            meta,
         } = p;
         let Some(owned) = self.owned.get_mut(&channel) else {
             let msg = err(
@@ -239,6 +240,7 @@ impl<O: Outbound> Engine<O> {
             nonce: send.nonce,
             offset,
             timestamp: now,
+            meta,
         };
         // In the cluster, once Redis has given the message its id.
         if !clustered {
@@ -376,16 +378,19 @@ impl<O: Outbound> Engine<O> {
             };
             return self.ask_publish_hook(id, ack, channel, &user, m, tx);
         }
-        self.publish_to_owner(id, ack, channel, m, now, tx);
+        self.publish_to_owner(id, ack, channel, m, None, now, tx);
     }
 
-    /// A member's message, checked, goes to the channel's owner.
+    /// A member's message, checked, goes to the channel's owner (with the
+    /// publish hook's `meta`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn publish_to_owner(
         &mut self,
         id: ConnId,
         ack: Option<u64>,
         channel: Arc<str>,
         send: MessageSend,
+        meta: Option<Json>,
         now: u64,
         tx: &mut impl MeshTx,
     ) {
@@ -398,6 +403,7 @@ impl<O: Outbound> Engine<O> {
             member,
             ack,
             send,
+            meta,
         }));
         let owner = owner_of(&channel, self.shards);
         self.route(owner, msg, now, tx);

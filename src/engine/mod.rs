@@ -384,7 +384,11 @@ pub struct ApiCall {
 pub enum ApiOp {
     /// To the channel's owner: a message from `user`, sequenced and kept
     /// like any other (the channel need not have members).
-    Publish { user: String, send: MessageSend },
+    Publish {
+        user: String,
+        send: MessageSend,
+        meta: Option<Json>,
+    },
     /// To the user's home: a notification, delivered now or kept.
     Notify {
         user: String,
@@ -486,6 +490,9 @@ pub struct Publish {
     pub member: Member,
     pub ack: Option<u64>,
     pub send: MessageSend,
+    /// The application backend's metadata (the publish hook's rewrite,
+    /// the server API's publish); a client cannot set it.
+    pub meta: Option<Json>,
 }
 
 #[derive(Debug)]

@@ -680,6 +680,9 @@ struct PublishBody {
     mentions: Vec<String>,
     #[serde(default)]
     nonce: Option<String>,
+    /// The application's metadata: a JSON object.
+    #[serde(default)]
+    meta: Option<Value>,
 }
 
 async fn publish(api: &Api, body: &[u8]) -> Outcome {
@@ -694,7 +697,8 @@ async fn publish(api: &Api, body: &[u8]) -> Outcome {
         nonce: b.nonce,
     };
     let user = b.user_id.unwrap_or_else(|| "server".into());
-    match api.call(owner, ApiOp::Publish { user, send }).await? {
+    let meta = b.meta.map(|m| Json(m.to_string()));
+    match api.call(owner, ApiOp::Publish { user, send, meta }).await? {
         AckBody::Send(a) => Ok(serde_json::to_value(a).expect("plain data")),
         _ => Err((500, error_body(ErrorCode::Internal, "unexpected answer"))),
     }

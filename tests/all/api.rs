@@ -112,6 +112,38 @@ async fn publish_and_notify_reach_clients_and_are_kept() {
         (Some("release 2.0 is out"), Some("bot"))
     );
     assert_eq!(m["d"]["messageId"], a["messageId"]);
+    assert!(m["d"].get("meta").is_none(), "{m}");
+    // With the application's metadata: delivered and kept with it.
+    let meta = json!({"release": {"version": "2.0", "notes": "https://example.com/2.0"}});
+    ok(
+        api,
+        "POST",
+        "/api/publish",
+        Some(json!({"channelId": "news", "content": "notes", "userId": "bot", "meta": meta})),
+    );
+    let m = alice.event("message:new").await;
+    assert_eq!(m["d"]["meta"], meta, "{m}");
+    let h = alice
+        .ok("channel:get_history", json!({"channelId": "news"}))
+        .await;
+    assert_eq!(h["messages"][1]["meta"], meta, "{h}");
+    for (bad, code) in [
+        (json!([1]), "bad_request"),
+        (json!({"k": "x".repeat(4096)}), "too_large"),
+    ] {
+        let (status, _, body) = call(
+            api,
+            "POST",
+            "/api/publish",
+            Some(KEY),
+            Some(json!({"channelId": "news", "content": "x", "meta": bad})),
+        );
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{body}"
+        );
+    }
     // The same nonce again: answered as the first, not published twice.
     let again = ok(
         api,

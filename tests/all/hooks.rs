@@ -157,7 +157,42 @@ async fn a_message_allowed_on_one_node_reaches_the_other_rewritten() {
         .await,
         "forbidden"
     );
-    assert_eq!(backend.stat("publish_hooks"), 2);
+    // Metadata the backend attached reaches the other node, its history
+    // and a recovery.
+    let ack = alice
+        .ok(
+            "message:send",
+            json!({"channelId": "team-9", "content": "see https://example.com/a"}),
+        )
+        .await;
+    assert_eq!(ack["offset"], 2, "{ack}");
+    let got = bob.event("message:new").await;
+    let meta = json!({"links": ["https://example.com/a"]});
+    assert_eq!(got["d"]["meta"], meta, "{got}");
+    let history = bob
+        .ok(
+            "channel:get_history",
+            json!({"channelId": "team-9", "limit": 10}),
+        )
+        .await;
+    let metas: Vec<&Value> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["meta"])
+        .collect();
+    assert_eq!(metas, [&Value::Null, &meta], "{history}");
+    // A client cannot set it: `meta` in a client's message is not read.
+    alice
+        .ok(
+            "message:send",
+            json!({"channelId": "team-9", "content": "mine", "meta": {"verified": true}}),
+        )
+        .await;
+    let got = bob.event("message:new").await;
+    assert_eq!(got["d"]["content"], "mine", "{got}");
+    assert!(got["d"].get("meta").is_none(), "{got}");
+    assert_eq!(backend.stat("publish_hooks"), 4);
     drop((a, b, redis));
     let _ = std::fs::remove_dir_all(&dir);
 }

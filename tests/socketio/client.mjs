@@ -648,6 +648,10 @@ await run([
     const seen = next(s, "message:new");
     const loud = await s.emitWithAck("message:send", { channelId: "moderated", content: "/shout hi" });
     check("allowed and rewritten", loud.success === true && (await seen).content === "HI", loud);
+    const linked = next(s, "message:new");
+    await s.emitWithAck("message:send", { channelId: "moderated", content: "see https://example.com/a" });
+    const withMeta = await linked;
+    check("the backend's metadata attached", withMeta.meta?.links?.[0] === "https://example.com/a", withMeta);
     const spam = await s.emitWithAck("message:send", { channelId: "moderated", content: "spam spam" });
     check("rejected with the backend's reason", spam.success === false && spam.error.code === "forbidden" &&
       spam.error.message === "that word is not allowed here", spam);

@@ -116,6 +116,9 @@ fn a_stream_line_completed_with_its_offset_is_the_line_of_the_event() {
             nonce: Some("n".into()),
             offset,
             timestamp: 5,
+            // The backend's metadata may hold anything, the fields the
+            // stream fills in too.
+            meta: Some(Json(r#"{"messageId":"","offset":0}"#.into())),
         }))
     };
     let edited = |offset: u64| {

@@ -112,6 +112,42 @@ fn a_hooked_message_waits_for_its_verdict_and_its_connection_keeps_its_order() {
     assert!(matches!(ack_body(&got, 13), AckBody::Send(_)));
     assert_eq!(contents(&got), [(2, "THIRD".to_string())]);
     assert_eq!(contents(&rb.take()).last().unwrap().1, "THIRD");
+    // Metadata attached, the content kept; both see it.
+    send(&mut sim, a, 17, "mod-1", "see https://example.com");
+    let asked = calls(&mut sim, endpoint);
+    answer(
+        &mut sim,
+        &asked[0],
+        Ok(
+            r#"{"result":"rewrite","meta":{"links":[{"url":"https://example.com","title":"Example"}]}}"#,
+        ),
+    );
+    let metas = |got: &[ServerMessage]| {
+        picked(got, |e| match e {
+            ServerEvent::MessageNew(m) => Some((m.content.clone(), m.meta.clone())),
+            _ => None,
+        })
+    };
+    let want = vec![(
+        "see https://example.com".to_string(),
+        Some(Json(
+            r#"{"links":[{"title":"Example","url":"https://example.com"}]}"#.into(),
+        )),
+    )];
+    let got = ra.take();
+    assert!(matches!(ack_body(&got, 17), AckBody::Send(_)));
+    assert_eq!(metas(&got), want);
+    assert_eq!(metas(&rb.take()), want);
+    // Metadata that is not an object: the backend's fault, refused.
+    send(&mut sim, a, 18, "mod-1", "x");
+    let asked = calls(&mut sim, endpoint);
+    answer(
+        &mut sim,
+        &asked[0],
+        Ok(r#"{"result":"rewrite","meta":[1]}"#),
+    );
+    assert_eq!(error_code(&ra.take(), 18), ErrorCode::BadRequest);
+    assert!(contents(&rb.take()).is_empty());
     // Rejected, with the backend's reason.
     send(&mut sim, a, 14, "mod-1", "no");
     let asked = calls(&mut sim, endpoint);
@@ -138,7 +174,7 @@ fn a_hooked_message_waits_for_its_verdict_and_its_connection_keeps_its_order() {
             m.hook_rejected.get(),
             m.hook_failures.get()
         ),
-        (5, 1, 2)
+        (7, 1, 3)
     );
 }
 

@@ -1010,6 +1010,7 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
         ApiOp::Publish {
             user: "backend".into(),
             send: MessageSend::new(ch.as_str(), "maintenance at noon"),
+            meta: None,
         },
     );
     match ack_body(&got, 7) {
@@ -1029,6 +1030,7 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
         ApiOp::Publish {
             user: "backend".into(),
             send: MessageSend::new(empty.as_str(), "you missed this"),
+            meta: None,
         },
     );
     assert!(matches!(ack_body(&got, 8), AckBody::Send(_)));
@@ -1068,9 +1070,33 @@ fn the_server_api_publishes_notifies_moderates_and_lists_members() {
         ApiOp::Publish {
             user: "".into(),
             send: MessageSend::new(ch.as_str(), "x"),
+            meta: None,
         },
     );
     assert_eq!(error_code(&got, 9), ErrorCode::BadRequest);
+    // Metadata: a JSON object, bounded.
+    for (meta, code) in [
+        ("[1,2]".to_owned(), ErrorCode::BadRequest),
+        (
+            format!(
+                r#"{{"k":"{}"}}"#,
+                "x".repeat(crate::engine::api::MAX_META_BYTES)
+            ),
+            ErrorCode::TooLarge,
+        ),
+    ] {
+        let got = api(
+            &mut sim,
+            2,
+            9,
+            ApiOp::Publish {
+                user: "backend".into(),
+                send: MessageSend::new(ch.as_str(), "x"),
+                meta: Some(Json(meta)),
+            },
+        );
+        assert_eq!(error_code(&got, 9), code);
+    }
     // Notify: at once to an online user, kept for an offline one.
     let home = home_of("alice", 3);
     let got = api(

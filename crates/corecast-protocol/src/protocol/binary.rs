@@ -332,9 +332,10 @@ mod tests {
             texts(),
             of(text()),
             any::<u64>(),
+            of("[a-z]{1,8}".prop_map(|k| Json(format!(r#"{{"{k}":[1,"x"]}}"#)))),
         )
             .prop_map(
-                |(c, content, reply_to, thread_id, mentions, nonce, o)| MessageNew {
+                |(c, content, reply_to, thread_id, mentions, nonce, o, meta)| MessageNew {
                     message_id: format!("m{o}"),
                     channel_id: c,
                     user_id: "u".into(),
@@ -345,6 +346,7 @@ mod tests {
                     nonce,
                     offset: o,
                     timestamp: o / 2,
+                    meta,
                 },
             )
     }

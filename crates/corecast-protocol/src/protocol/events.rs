@@ -645,6 +645,12 @@ wire_type! {
         pub nonce: Option<String>,
         pub offset: u64,
         pub timestamp: u64,
+        /// What the application backend attached (a JSON object): set by
+        /// the publish hook or the server API, never by a client. Last, so
+        /// that nothing in it comes before the fields the events stream
+        /// fills in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub meta: Option<Json>,
     }
 }
 
