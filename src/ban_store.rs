@@ -197,6 +197,14 @@ impl BanStore {
     }
 }
 
+/// A line's buffer, back to the pool of the shard that sent it.
+#[allow(clippy::box_collection)] // as the mesh carries it
+fn give_back(node: &Node, shard: ShardId, line: Box<Vec<u8>>) {
+    if let Some(pool) = node.line_pools.get(shard as usize) {
+        pool.give(line);
+    }
+}
+
 /// How often the store's thread looks for events while they come.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -253,8 +261,14 @@ fn run(node: &Node, stores: Stores, mut bell: UnixStream) -> std::io::Result<()>
                         if outbox.is_some() {
                             events.extend_from_slice(&line);
                         }
+                        give_back(node, from, line);
                     }
-                    MeshMsg::KeepEvent(line) if outbox.is_some() => events.extend_from_slice(&line),
+                    MeshMsg::KeepEvent(line) => {
+                        if outbox.is_some() {
+                            events.extend_from_slice(&line);
+                        }
+                        give_back(node, from, line);
+                    }
                     other => tracing::debug!(?other, "the store ignores a message"),
                 }
             }

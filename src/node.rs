@@ -11,6 +11,10 @@ use crate::engine::Moderation;
 use crate::mesh::Mesh;
 use crate::metrics::ShardMetrics;
 
+/// Line buffers kept for each shard: about a poll's worth of events at
+/// 25,000 a second (see `crate::ban_store`).
+const LINE_POOL: usize = 256;
+
 const STARTING: u8 = 0;
 const READY: u8 = 1;
 const DRAINING: u8 = 2;
@@ -25,6 +29,8 @@ pub struct Node {
     /// The mesh endpoint that keeps sequenced events on disk: the history
     /// file and the event stream's outbox (none: neither is on).
     pub event_store: Option<crate::engine::ShardId>,
+    /// Each shard's line buffers, handed back by the store once written.
+    pub line_pools: Vec<Arc<crate::engine::history::LinePool>>,
     /// The event stream to the application backend, when it is on.
     pub event_stream: Option<Arc<crate::event_outbox::EventStream>>,
     /// In a cluster, webhooks from the events stream: their figures.
@@ -124,6 +130,9 @@ impl Node {
             ban_store: None,
             initial_bans: Vec::new(),
             event_store: None,
+            line_pools: (0..n)
+                .map(|_| Arc::new(crate::engine::history::LinePool::new(LINE_POOL)))
+                .collect(),
             event_stream: None,
             webhook_relay: None,
             initial_history: Default::default(),

@@ -74,18 +74,29 @@ impl Extras {
 /// An optional event's line: `{"id":…,"channel":…,"at":…,"event":…}`
 /// (no `channel` for a direct message), without the newline.
 pub fn extra_line(id: &str, channel: Option<&str>, at: u64, msg: &ServerMessage) -> Vec<u8> {
-    use std::io::Write as _;
     let mut out = Vec::with_capacity(192);
+    extra_line_into(&mut out, id, channel, at, msg);
+    out
+}
+
+/// [`extra_line`], appended to `out`.
+fn extra_line_into(
+    out: &mut Vec<u8>,
+    id: &str,
+    channel: Option<&str>,
+    at: u64,
+    msg: &ServerMessage,
+) {
+    use std::io::Write as _;
     out.extend_from_slice(b"{\"id\":");
-    serde_json::to_writer(&mut out, id).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(&mut *out, id).expect("writing to a Vec cannot fail");
     if let Some(c) = channel {
         out.extend_from_slice(b",\"channel\":");
-        serde_json::to_writer(&mut out, c).expect("writing to a Vec cannot fail");
+        serde_json::to_writer(&mut *out, c).expect("writing to a Vec cannot fail");
     }
     write!(out, ",\"at\":{at},\"event\":").expect("writing to a Vec cannot fail");
-    json::encode_server(msg, &mut out);
+    json::encode_server(msg, out);
     out.push(b'}');
-    out
 }
 
 /// How long a refused client is told to wait.
@@ -146,13 +157,13 @@ impl<O: Outbound> Engine<O> {
         if !self.s.stream_extras.has(kind) {
             return;
         }
-        let store = match (&self.backlog, self.event_store) {
-            (Some(b), Some(store)) => {
+        let store = match (&self.backlog, &self.event_store) {
+            (Some(b), Some((store, pool))) => {
                 if b.full() {
                     b.skipped.fetch_add(1, Relaxed);
                     return;
                 }
-                Some(store)
+                Some((*store, pool.clone()))
             }
             _ => None,
         };
@@ -160,13 +171,15 @@ impl<O: Outbound> Engine<O> {
             return;
         }
         let id = self.mint_id("ev");
-        let mut line = extra_line(&id, channel, now, msg);
         match store {
-            Some(store) => {
+            Some((store, pool)) => {
+                let mut line = pool.take();
+                extra_line_into(&mut line, &id, channel, now, msg);
                 line.push(b'\n');
-                tx.send(store, MeshMsg::KeepEvent(Box::new(line)));
+                tx.send(store, MeshMsg::KeepEvent(line));
             }
             None => {
+                let line = extra_line(&id, channel, now, msg);
                 let channel = channel.map(Arc::from);
                 self.send_bridge(ToBridge::StreamExtra { channel, line }, now, tx);
             }

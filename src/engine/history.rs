@@ -67,23 +67,78 @@ pub fn line(
     msg: &ServerMessage,
     json_frame: Option<&[u8]>,
 ) -> Vec<u8> {
-    let mut out = line_head(
-        channel,
-        epoch,
-        offset,
-        at,
-        json_frame.map_or(256, <[u8]>::len),
-    );
+    let mut out = Vec::new();
+    line_into(&mut out, channel, epoch, offset, at, msg, json_frame);
+    out
+}
+
+/// [`line`], appended to `out`.
+pub fn line_into(
+    out: &mut Vec<u8>,
+    channel: &str,
+    epoch: &str,
+    offset: u64,
+    at: u64,
+    msg: &ServerMessage,
+    json_frame: Option<&[u8]>,
+) {
+    out.reserve(64 + channel.len() + json_frame.map_or(256, <[u8]>::len));
+    head_into(out, channel, epoch, offset, at);
     let payload = json_frame.and_then(|f| {
         let h = crate::ws::frame::parse_header(f).ok()??;
         f.get(h.header_len..)
     });
     match payload {
         Some(p) => out.extend_from_slice(p),
-        None => json::encode_server(msg, &mut out),
+        None => json::encode_server(msg, out),
     }
     out.extend_from_slice(b"}\n");
-    out
+}
+
+/// The buffers of the lines one shard sends the store, handed back by the
+/// store once it wrote them: a line then costs no allocation, and the
+/// allocator no fresh page (freed by another thread, line buffers would
+/// otherwise keep going back to the system and coming back zeroed).
+/// Bounded: past `capacity` buffers, or one grown past
+/// [`LinePool::MAX_BYTES`], a buffer is simply freed.
+#[derive(Debug)]
+pub struct LinePool {
+    /// Boxed as the mesh carries them (a mesh slot holds one pointer).
+    #[allow(clippy::box_collection)]
+    free: crossbeam_queue::ArrayQueue<Box<Vec<u8>>>,
+}
+
+impl LinePool {
+    /// A buffer larger than this is not kept.
+    pub const MAX_BYTES: usize = 16 << 10;
+
+    pub fn new(capacity: usize) -> LinePool {
+        LinePool {
+            free: crossbeam_queue::ArrayQueue::new(capacity.max(1)),
+        }
+    }
+
+    /// An empty buffer: a kept one, or a new one.
+    pub fn take(&self) -> Box<Vec<u8>> {
+        self.free.pop().unwrap_or_default()
+    }
+
+    /// Hands a written buffer back.
+    pub fn give(&self, mut buf: Box<Vec<u8>>) {
+        if buf.capacity() <= Self::MAX_BYTES {
+            buf.clear();
+            let _ = self.free.push(buf);
+        }
+    }
+
+    /// Buffers waiting to be taken.
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
+    }
 }
 
 /// A sequenced event's line for a cluster's events stream, made before
@@ -171,22 +226,27 @@ impl StreamLine {
 
 /// A line up to its event: `{"channel":…,"epoch":…,"offset":…,"at":…,"event":`.
 fn line_head(channel: &str, epoch: &str, offset: u64, at: u64, event_len: usize) -> Vec<u8> {
-    use std::io::Write as _;
     let mut out = Vec::with_capacity(64 + channel.len() + event_len);
+    head_into(&mut out, channel, epoch, offset, at);
+    out
+}
+
+fn head_into(out: &mut Vec<u8>, channel: &str, epoch: &str, offset: u64, at: u64) {
+    use std::io::Write as _;
     out.extend_from_slice(b"{\"channel\":");
-    serde_json::to_writer(&mut out, channel).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(&mut *out, channel).expect("writing to a Vec cannot fail");
     out.extend_from_slice(b",\"epoch\":");
-    serde_json::to_writer(&mut out, epoch).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(&mut *out, epoch).expect("writing to a Vec cannot fail");
     write!(out, ",\"offset\":{offset},\"at\":{at},\"event\":")
         .expect("writing to a Vec cannot fail");
-    out
 }
 
 impl<O: Outbound> Engine<O> {
     /// Where sequenced events are kept (the store's mesh endpoint): the
-    /// history file, the event stream's outbox, or both.
-    pub fn set_event_store(&mut self, store: ShardId) {
-        self.event_store = Some(store);
+    /// history file, the event stream's outbox, or both; `pool`: the
+    /// buffers of this shard's lines, which the store hands back.
+    pub fn set_event_store(&mut self, store: ShardId, pool: Arc<LinePool>) {
+        self.event_store = Some((store, pool));
     }
 
     /// Sends a sequenced event of a channel this shard sequenced to the
@@ -200,11 +260,13 @@ impl<O: Outbound> Engine<O> {
         now: u64,
         tx: &mut impl MeshTx,
     ) {
-        let (Some(store), Some(o)) = (self.event_store, self.owned.get(channel)) else {
+        let (Some((store, pool)), Some(o)) = (&self.event_store, self.owned.get(channel)) else {
             return;
         };
-        let l = line(channel, &o.epoch, offset, now, msg, json_frame);
-        tx.send(store, MeshMsg::KeepHistory(Box::new(l)));
+        let mut l = pool.take();
+        line_into(&mut l, channel, &o.epoch, offset, now, msg, json_frame);
+        let store = *store;
+        tx.send(store, MeshMsg::KeepHistory(l));
     }
 
     /// Restores the channels this shard owns from what the store kept

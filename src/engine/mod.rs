@@ -973,7 +973,7 @@ pub struct Engine<O> {
     sent: recovery::SentLog,
     /// The mesh endpoint that keeps sequenced events on disk (single
     /// node): the history file and the event stream's outbox.
-    event_store: Option<ShardId>,
+    event_store: Option<(ShardId, Arc<history::LinePool>)>,
     /// The event stream's gate (when it is on).
     backlog: Option<Arc<event_stream::Backlog>>,
     /// Questions out to the application backend.

@@ -207,7 +207,7 @@ impl Shard {
         engine.load_history(&history, now_ms());
         drop(history);
         if let Some(store) = node.event_store {
-            engine.set_event_store(store);
+            engine.set_event_store(store, node.line_pools[id].clone());
         }
         if let Some(s) = &node.event_stream {
             engine.set_event_stream(s.outbox.backlog.clone());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::engine::event_stream::Backlog;
-use crate::engine::history::Line;
+use crate::engine::history::{Line, LinePool};
 
 /// Two shards whose sequenced events go to the store, behind `backlog`.
 fn streaming() -> (Sim, Arc<Backlog>, ShardId) {
@@ -15,7 +15,7 @@ fn streaming() -> (Sim, Arc<Backlog>, ShardId) {
     let backlog = Arc::new(Backlog::default());
     let store = crate::mesh::store_endpoint(2);
     for e in &mut sim.shards {
-        e.set_event_store(store);
+        e.set_event_store(store, Arc::new(LinePool::new(8)));
         e.set_event_stream(backlog.clone());
     }
     (sim, backlog, store)
@@ -224,7 +224,7 @@ fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
         let backlog = Arc::new(Backlog::default());
         let store = crate::mesh::store_endpoint(2);
         for e in &mut sim.shards {
-            e.set_event_store(store);
+            e.set_event_store(store, Arc::new(LinePool::new(8)));
             e.set_event_stream(backlog.clone());
         }
         (sim, backlog, store)
@@ -330,4 +330,28 @@ fn optional_kinds_stay_out_of_the_store_unless_included() {
         }),
     );
     assert_eq!(kept(&mut sim, store), [(c, 1, "message:new".into())]);
+}
+
+#[test]
+fn line_buffers_handed_back_are_taken_again_within_bounds() {
+    let pool = LinePool::new(2);
+    let mut a = pool.take();
+    a.extend_from_slice(b"{\"a\":1}\n");
+    let at = a.as_ptr();
+    pool.give(a);
+    let again = pool.take();
+    assert!(again.is_empty());
+    assert_eq!(again.as_ptr(), at, "the same buffer");
+    // A buffer grown past the bound is not kept, nor more than `capacity`.
+    let mut big = pool.take();
+    big.reserve(LinePool::MAX_BYTES + 1);
+    pool.give(big);
+    assert!(pool.is_empty());
+    for _ in 0..3 {
+        let mut b = Box::<Vec<u8>>::default();
+        b.reserve(64);
+        pool.give(b);
+    }
+    assert_eq!(pool.len(), 2);
+    drop(again);
 }
