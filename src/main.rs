@@ -90,6 +90,8 @@ fn init_logs(format: &str) {
 }
 
 fn serve(args: ConfigArgs) -> ExitCode {
+    // Before the shards allocate their tables.
+    let small_pages = corecast::internals::node::small_pages();
     let config = match args.load() {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +100,9 @@ fn serve(args: ConfigArgs) -> ExitCode {
         }
     };
     init_logs(&config.log_format);
+    if !small_pages {
+        tracing::debug!("the kernel kept transparent huge pages for this process");
+    }
     // The handlers go in before the port is bound: a SIGTERM that comes the
     // moment the node says it listens is a graceful stop, never the default
     // disposition's kill.
