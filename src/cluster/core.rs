@@ -543,11 +543,15 @@ impl Core {
         }
         for (_, items) in std::mem::take(&mut self.batches) {
             for item in items {
-                if let Item::Sequence(out) = item {
-                    self.give_back(out);
+                match item {
+                    Item::Sequence(out) => self.give_back(out),
+                    Item::Extra(_) => self.metrics.stream_skipped.inc(),
+                    Item::Relay(_) => {}
                 }
             }
         }
+        let extras = std::mem::take(&mut self.extras);
+        self.metrics.stream_skipped.add(extras.len() as u64);
         self.batch_index.clear();
         self.subscribe.clear();
         self.then_load.clear();
@@ -668,6 +672,7 @@ impl Core {
             && self.ops.is_empty()
             && self.queries.is_empty()
             && self.batches.is_empty()
+            && self.extras.is_empty()
             && self.mesh.is_empty()
     }
 
