@@ -86,13 +86,18 @@ def main(path):
             f"| {fmt(med(r['closed_connections'] for r in rs))} |"
         )
     print()
-    header("load", "server", "runs", "server RSS bytes/connection", "connects/s")
+    header("load", "server", "runs", "server RSS bytes/connection", "connects/s",
+           "server µs/connection opened", "load generator core while opening")
     for (label, server, w), rs in sorted(groups.items()):
         if w != "idle":
             continue
+        # Runs recorded before these figures existed have none ("-").
+        share = med(r.get("open_loadgen_core_share") for r in rs)
         print(
             f"| {label} | {server} | {len(rs)} | {fmt(med(r['server_rss_bytes_per_connection'] for r in rs))} "
-            f"| {fmt(med(r['connects_per_s'] for r in rs))} |"
+            f"| {fmt(med(r['connects_per_s'] for r in rs))} "
+            f"| {fmt(med(r.get('server_cpu_us_per_open') for r in rs), 1)} "
+            f"| {'-' if share is None else f'{share * 100:.0f}%'} |"
         )
 
 

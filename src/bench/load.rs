@@ -1033,18 +1033,25 @@ async fn idle(
             pid.unwrap_or(0)
         )));
     }
+    let procs = Procs::start(&ctx.common.server_pid);
     let t0 = Instant::now();
     let room = move |i: usize| (room_size > 0).then(|| format!("idle{}", i / room_size));
     let conns = open_all(ctx, n, Rc::new(room), "idle").await?;
     let open_s = t0.elapsed().as_secs_f64();
+    // What opening cost each side: the open time is the load generator's
+    // when it was the busier one.
+    let cpu = procs.finish();
+    let per_open_us = cpu.server_cpu_s.map(|s| s * 1e6 / n as f64);
     let stats = Stats::new();
     for c in conns {
         start(c, stats.clone(), ctx.clone(), false, IDLE_READ);
     }
     eprintln!(
-        "idle: {n} connections open in {open_s:.1} s ({}/s) from {} source address(es); holding {:.0} s",
+        "idle: {n} connections open in {open_s:.2} s ({}/s) from {} source address(es); server CPU {}; load generator {:.0}% of its core; holding {:.0} s",
         si(n as f64 / open_s),
         ctx.sources,
+        per_open_us.map_or("not measured".to_string(), |u| format!("{u:.1} µs per connection opened")),
+        cpu.loadgen_core_share * 100.0,
         hold.as_secs_f64()
     );
     // Let the server settle, then read its memory; keep holding.
@@ -1096,6 +1103,9 @@ async fn idle(
         "source_ips": ctx.sources,
         "open_seconds": open_s,
         "connects_per_s": (n as f64 / open_s).round(),
+        "open_server_cpu_s": cpu.server_cpu_s,
+        "server_cpu_us_per_open": per_open_us,
+        "open_loadgen_core_share": cpu.loadgen_core_share,
         "closed_connections": stats.closed.get(),
         "server_rss_before": server_before,
         "server_rss_after": server_after,

@@ -196,6 +196,14 @@ fn echo_and_idle() {
     assert!(before > 1_000_000 && after > 1_000_000, "{r}\n{err}");
     let per = r["server_rss_bytes_per_connection"].as_f64().unwrap();
     assert_eq!(per, ((after as f64 - before as f64) / 300.0).round(), "{r}");
+    // What opening cost the server, per connection, from its CPU time in
+    // /proc (clock ticks: a fast open may read as 0).
+    let cpu = r["open_server_cpu_s"].as_f64().unwrap();
+    let per_open = r["server_cpu_us_per_open"].as_f64().unwrap();
+    assert!(cpu >= 0.0, "{r}");
+    assert!((per_open - cpu * 1e6 / 300.0).abs() < 0.01, "{r}");
+    let share = r["open_loadgen_core_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share <= 1.5, "{r}");
     // A connection from a chosen source address really comes from there.
     let addr = s.addr;
     runtime().block_on(async move {
