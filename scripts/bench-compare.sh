@@ -21,7 +21,7 @@
 # Needs two cores. Uses ports 9600-9699 on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# UNLIMITED (servers run without their abuse limits), stop_pid and run.
+# SERVER_ENV (the limits lifted for the workload run), stop_pid and run.
 source scripts/bench-lib.sh
 
 ROUNDS=${1:-3}
@@ -60,12 +60,12 @@ start_server() { # $1 = a name of SERVERS
   URL="ws://127.0.0.1:$port/ws"
   PROTO=json
   case $1 in
-    corecast) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
-    corecast-epoll) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
+    corecast) "${SERVER_ENV[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    corecast-epoll) "${SERVER_ENV[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 \
       --io-driver epoll 2>"$log" & ;;
-    prev) "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
+    prev) "${SERVER_ENV[@]}" taskset -c "$SERVER_CORE" "$PREV_BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" & ;;
     baseline)
-      "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
+      "${SERVER_ENV[@]}" taskset -c "$SERVER_CORE" "$BASE" "127.0.0.1:$port" 2>"$log" &
       URL="ws://127.0.0.1:$port/"
       PROTO=raw
       ;;

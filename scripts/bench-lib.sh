@@ -5,6 +5,14 @@
 # one user opening thousands of connections, publishing flat out).
 UNLIMITED=(env CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= 'CORECAST_RATE_LIMITS=*=off' CORECAST_MAX_HANDSHAKES_PER_IP=0
   CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
+# Memory is measured as users run the server: only the limits one load
+# generator on one address cannot meet are lifted (connections per address
+# and per shard); the rate limits stay at their defaults (each connection
+# its own user, joining once).
+CONNECTIONS_UNLIMITED=(env CORECAST_BAN_FILE= CORECAST_HISTORY_FILE= CORECAST_MAX_HANDSHAKES_PER_IP=0
+  CORECAST_MAX_CONNECTIONS_PER_IP=0 CORECAST_MAX_CONNECTIONS_PER_SHARD=0)
+# What `run` starts a server with (set for each workload).
+SERVER_ENV=("${UNLIMITED[@]}")
 
 # CPU seconds (user + system) a process has used.
 cpu_s() { python3 -c '
@@ -54,6 +62,7 @@ stop_pid() {
 run() {
   local server=$1 label=$2
   shift 2
+  if [ "$1" = idle ]; then SERVER_ENV=("${CONNECTIONS_UNLIMITED[@]}"); else SERVER_ENV=("${UNLIMITED[@]}"); fi
   start_server "$server"
   echo "== $server: $label"
   taskset -c "$LOADGEN_CORE" "$BIN" bench "$@" --url "$URL" --protocol "$PROTO" \

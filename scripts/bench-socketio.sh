@@ -13,7 +13,7 @@
 # Needs two cores, Node 20 and npm. Uses ports 9700-9799 on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# UNLIMITED (servers run without their abuse limits), stop_pid and run.
+# SERVER_ENV (the limits lifted for the workload run), stop_pid and run.
 source scripts/bench-lib.sh
 
 ROUNDS=${1:-3}
@@ -41,7 +41,7 @@ start_server() { # $1 = corecast-socketio | corecast-json | socketio-node
   : >"$log"
   case $1 in
     corecast-socketio | corecast-json)
-      "${UNLIMITED[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
+      "${SERVER_ENV[@]}" taskset -c "$SERVER_CORE" "$BIN" serve --listen "127.0.0.1:$port" --shards 1 2>"$log" &
       ;;
     socketio-node)
       taskset -c "$SERVER_CORE" node "$peers/server.js" --port "$port" --mode plain 2>"$log" &
