@@ -157,32 +157,28 @@ impl<O: Outbound> Engine<O> {
         if !self.s.stream_extras.has(kind) {
             return;
         }
-        let store = match (&self.backlog, &self.event_store) {
-            (Some(b), Some((store, pool))) => {
-                if b.full() {
-                    b.skipped.fetch_add(1, Relaxed);
-                    return;
-                }
-                Some((*store, pool.clone()))
+        // A single node's outbox, else a cluster's events stream.
+        let to_store = match (&self.backlog, &self.event_store) {
+            (Some(b), Some(_)) if b.full() => {
+                b.skipped.fetch_add(1, Relaxed);
+                return;
             }
-            _ => None,
+            (Some(_), Some(_)) => true,
+            _ => false,
         };
-        if store.is_none() && self.cluster.is_none() {
+        if !to_store && self.cluster.is_none() {
             return;
         }
         let id = self.mint_id("ev");
-        match store {
-            Some((store, pool)) => {
-                let mut line = pool.take();
-                extra_line_into(&mut line, &id, channel, now, msg);
-                line.push(b'\n');
-                tx.send(store, MeshMsg::KeepEvent(line));
-            }
-            None => {
-                let line = extra_line(&id, channel, now, msg);
-                let channel = channel.map(Arc::from);
-                self.send_bridge(ToBridge::StreamExtra { channel, line }, now, tx);
-            }
+        if let (true, Some((store, pool))) = (to_store, &self.event_store) {
+            let mut line = pool.take();
+            extra_line_into(&mut line, &id, channel, now, msg);
+            line.push(b'\n');
+            tx.send(*store, MeshMsg::KeepEvent(line));
+        } else {
+            let line = extra_line(&id, channel, now, msg);
+            let channel = channel.map(Arc::from);
+            self.send_bridge(ToBridge::StreamExtra { channel, line }, now, tx);
         }
     }
 

@@ -207,7 +207,8 @@ impl StreamLine {
     /// The complete line, as [`line`] makes it (without its newline), once
     /// the channel's epoch and the event's offset are known.
     pub fn complete(&self, channel: &str, epoch: &str, offset: u64) -> Vec<u8> {
-        let mut out = line_head(channel, epoch, offset, self.at, self.json.len());
+        let mut out = Vec::with_capacity(64 + channel.len() + self.json.len());
+        head_into(&mut out, channel, epoch, offset, self.at);
         let j = &self.json;
         let offset = offset.to_string();
         if self.id_at > 0 {
@@ -224,13 +225,8 @@ impl StreamLine {
     }
 }
 
-/// A line up to its event: `{"channel":…,"epoch":…,"offset":…,"at":…,"event":`.
-fn line_head(channel: &str, epoch: &str, offset: u64, at: u64, event_len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + channel.len() + event_len);
-    head_into(&mut out, channel, epoch, offset, at);
-    out
-}
-
+/// Appends a line up to its event:
+/// `{"channel":…,"epoch":…,"offset":…,"at":…,"event":`.
 fn head_into(out: &mut Vec<u8>, channel: &str, epoch: &str, offset: u64, at: u64) {
     use std::io::Write as _;
     out.extend_from_slice(b"{\"channel\":");

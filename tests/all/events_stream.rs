@@ -26,6 +26,14 @@ fn node(redis: &Redis) -> Server {
     stream_node(redis, &["--events-stream-max-len", "100"])
 }
 
+/// A connection of the test's own to `redis`.
+fn connection(redis: &Redis) -> ::redis::Connection {
+    ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
 /// What a consumer of the group `backend` reads next (ids and events).
 fn read(con: &mut ::redis::Connection, count: usize) -> Vec<(String, Value)> {
     let reply: ::redis::streams::StreamReadReply = ::redis::cmd("XREADGROUP")
@@ -78,10 +86,7 @@ async fn a_cluster_streams_its_channels_events_in_order_and_refuses_when_full() 
     let (a, b) = (node(&redis), node(&redis));
     wait_cluster(&a, 1);
     wait_cluster(&b, 1);
-    let mut con = ::redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut con = connection(&redis);
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 1, "").await;
     for c in ["general", "random"] {
@@ -356,33 +361,10 @@ async fn included_optional_kinds_join_the_stream_and_are_skipped_when_it_is_full
     let (a, b) = (stream_node(&redis, &extra), stream_node(&redis, &extra));
     wait_cluster(&a, 1);
     wait_cluster(&b, 1);
-    let mut con = ::redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut con = connection(&redis);
     let mut alice = Peer::on(&a, "alice", 0, "").await;
     let mut bob = Peer::on(&b, "bob", 1, "").await;
-    alice
-        .ok("channel:join", json!({"channelId": "general"}))
-        .await;
-    bob.ok("channel:join", json!({"channelId": "general"}))
-        .await;
-    let sent = alice
-        .ok(
-            "message:send",
-            json!({"channelId": "general", "content": "hello"}),
-        )
-        .await;
-    let id = sent["messageId"].as_str().unwrap();
-    bob.event("message:new").await;
-    bob.ok(
-        "message:mark_read",
-        json!({"channelId": "general", "messageId": id}),
-    )
-    .await;
-    let dm = json!({"toUserId": "bob", "content": "psst", "nonce": "d1"});
-    alice.ok("dm:send", dm.clone()).await;
-    alice.ok("dm:send", dm).await;
+    joins_a_read_and_a_dm(&mut alice, &mut bob).await;
     // The stream takes them a round after the acks: read until all came.
     let mut entries = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -345,27 +345,7 @@ async fn included_joins_receipts_and_direct_messages_reach_the_backend() {
     let s = Server::start_raw(&args, &[]);
     let mut alice = Peer::on(&s, "alice", 0, "").await;
     let mut bob = Peer::on(&s, "bob", 1, "").await;
-    alice
-        .ok("channel:join", json!({"channelId": "general"}))
-        .await;
-    bob.ok("channel:join", json!({"channelId": "general"}))
-        .await;
-    let sent = alice
-        .ok(
-            "message:send",
-            json!({"channelId": "general", "content": "hello"}),
-        )
-        .await;
-    let id = sent["messageId"].as_str().unwrap();
-    bob.ok(
-        "message:mark_read",
-        json!({"channelId": "general", "messageId": id}),
-    )
-    .await;
-    let dm = json!({"toUserId": "bob", "content": "psst", "nonce": "d1"});
-    let first = alice.ok("dm:send", dm.clone()).await;
-    let again = alice.ok("dm:send", dm).await;
-    assert_eq!(again["duplicate"], true, "{again}");
+    let (id, first) = joins_a_read_and_a_dm(&mut alice, &mut bob).await;
     bob.ok("channel:leave", json!({"channelId": "general"}))
         .await;
     // 1 message, 2 joins, 1 receipt, 1 direct message, 1 leave.

@@ -11,7 +11,11 @@ use crate::engine::history::{Line, LinePool};
 
 /// Two shards whose sequenced events go to the store, behind `backlog`.
 fn streaming() -> (Sim, Arc<Backlog>, ShardId) {
-    let mut sim = Sim::new(2);
+    streaming_with(Settings::default())
+}
+
+fn streaming_with(settings: Settings) -> (Sim, Arc<Backlog>, ShardId) {
+    let mut sim = Sim::with(2, settings);
     let backlog = Arc::new(Backlog::default());
     let store = crate::mesh::store_endpoint(2);
     for e in &mut sim.shards {
@@ -209,26 +213,9 @@ fn kept_all(sim: &mut Sim, store: ShardId) -> Vec<Kept> {
         .collect()
 }
 
-#[test]
-fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
-    let (mut sim, backlog, store) = {
-        let settings = Settings {
-            stream_extras: crate::engine::event_stream::Extras {
-                members: true,
-                receipts: true,
-                dms: true,
-            },
-            ..Settings::default()
-        };
-        let mut sim = Sim::with(2, settings);
-        let backlog = Arc::new(Backlog::default());
-        let store = crate::mesh::store_endpoint(2);
-        for e in &mut sim.shards {
-            e.set_event_store(store, Arc::new(LinePool::new(8)));
-            e.set_event_stream(backlog.clone());
-        }
-        (sim, backlog, store)
-    };
+/// Alice and bob (on two shards) join a channel; alice's message there,
+/// which bob marks read.
+fn a_message_read(sim: &mut Sim) -> (String, (ConnRef, Recorder), (ConnRef, Recorder)) {
     let c = channel_owned_by(1, 2);
     let (a, ra) = sim.connect(0, "alice", Protocol::Json);
     let (b, rb) = sim.connect(1, "bob", Protocol::Json);
@@ -243,6 +230,20 @@ fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
         Some(10),
         ClientEvent::MessageMarkRead(message_ref(&c, &sent.message_id)),
     );
+    (c, (a, ra), (b, rb))
+}
+
+#[test]
+fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
+    let (mut sim, backlog, store) = streaming_with(Settings {
+        stream_extras: crate::engine::event_stream::Extras {
+            members: true,
+            receipts: true,
+            dms: true,
+        },
+        ..Settings::default()
+    });
+    let (c, (a, _ra), (b, rb)) = a_message_read(&mut sim);
     sim.send(
         a,
         Some(11),
@@ -308,20 +309,7 @@ fn optional_kinds_go_to_the_store_in_their_places_with_ids_when_included() {
 #[test]
 fn optional_kinds_stay_out_of_the_store_unless_included() {
     let (mut sim, _backlog, store) = streaming();
-    let c = channel_owned_by(1, 2);
-    let (a, ra) = sim.connect(0, "alice", Protocol::Json);
-    let (b, _rb) = sim.connect(1, "bob", Protocol::Json);
-    sim.join(a, &c);
-    sim.join(b, &c);
-    sim.publish(a, &c, "hello");
-    let AckBody::Send(sent) = ack_body(&ra.take(), 2) else {
-        panic!()
-    };
-    sim.send(
-        b,
-        Some(10),
-        ClientEvent::MessageMarkRead(message_ref(&c, &sent.message_id)),
-    );
+    let (c, _, (b, _rb)) = a_message_read(&mut sim);
     sim.send(
         b,
         Some(13),

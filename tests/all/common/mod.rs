@@ -774,3 +774,33 @@ pub fn one_shard_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(extra);
     args
 }
+
+/// What the event stream's optional kinds are tested with: alice and bob
+/// join `general`, alice says hello there and bob reads it, then alice
+/// sends bob a direct message twice with one nonce (sent once). Returns
+/// the message's id and the direct message's first ack.
+pub async fn joins_a_read_and_a_dm(alice: &mut Peer, bob: &mut Peer) -> (String, Value) {
+    alice
+        .ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    bob.ok("channel:join", json!({"channelId": "general"}))
+        .await;
+    let sent = alice
+        .ok(
+            "message:send",
+            json!({"channelId": "general", "content": "hello"}),
+        )
+        .await;
+    let id = sent["messageId"].as_str().unwrap().to_owned();
+    bob.event("message:new").await;
+    bob.ok(
+        "message:mark_read",
+        json!({"channelId": "general", "messageId": id}),
+    )
+    .await;
+    let dm = json!({"toUserId": "bob", "content": "psst", "nonce": "d1"});
+    let first = alice.ok("dm:send", dm.clone()).await;
+    let again = alice.ok("dm:send", dm).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    (id, first)
+}
