@@ -157,16 +157,6 @@ impl RateLimits {
             .unwrap_or(self.by_event[DEFAULT])
     }
 
-    /// The longest window: a user idle this long has full buckets.
-    pub fn longest_ms(&self) -> u64 {
-        self.by_event
-            .iter()
-            .flatten()
-            .map(|l| l.per_ms)
-            .max()
-            .unwrap_or(0)
-    }
-
     /// `(event, limit)` for every event, and `default`.
     pub fn entries(&self) -> Vec<(&'static str, Option<Limit>)> {
         let mut v: Vec<(&'static str, Option<Limit>)> = CLIENT_EVENT_NAMES
@@ -181,17 +171,19 @@ impl RateLimits {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    event: u8,
-    tokens: f64,
-    at: u64,
-}
+/// The low 56 bits of a bucket: its schedule, in microseconds.
+const TIME: u64 = (1 << 56) - 1;
 
-/// One user's buckets on one shard, made on its first limited event.
+/// One user's buckets on one shard, made on its first limited event and
+/// dropped once they are all full again (see [`Limiter::sweep`]). Each
+/// bucket is one word: the event in the top byte and, below it, the
+/// bucket's schedule in microseconds (the generic cell rate algorithm: the
+/// time at which the bucket is full again; events may run ahead of it by
+/// a burst's worth). A full bucket needs no state, so a user idle for a
+/// window costs nothing here.
 #[derive(Debug, Default)]
 pub struct Buckets {
-    slots: Vec<Bucket>,
+    slots: Box<[u64]>,
 }
 
 impl Buckets {
@@ -200,38 +192,35 @@ impl Buckets {
     pub fn take(&mut self, event: usize, limit: Limit, share: u16, now: u64) -> Result<(), u64> {
         let share = share.max(1) as f64;
         let capacity = (limit.count as f64 / share).max(1.0);
-        let per_ms = limit.count as f64 / share / limit.per_ms as f64;
-        let event = event as u8;
-        let b = match self.slots.iter_mut().find(|b| b.event == event) {
-            Some(b) => b,
-            None => {
-                let bucket = Bucket {
-                    event,
-                    tokens: capacity,
-                    at: now,
-                };
-                super::push_small(&mut self.slots, bucket);
-                self.slots.last_mut().expect("just pushed")
-            }
-        };
-        let elapsed = now.saturating_sub(b.at) as f64;
-        b.tokens = (b.tokens + elapsed * per_ms).min(capacity);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - b.tokens) / per_ms).ceil().max(1.0) as u64)
+        // Microseconds per token, and how far the schedule may run ahead
+        // of now (all of a full bucket's tokens but one).
+        let interval = limit.per_ms as f64 * 1000.0 * share / limit.count as f64;
+        let burst = interval * (capacity - 1.0);
+        let now = now.saturating_mul(1000).min(TIME);
+        let tag = (event as u64 & 0xff) << 56;
+        let slot = self.slots.iter().position(|b| b & !TIME == tag);
+        let due = slot.map_or(now, |i| self.slots[i] & TIME).max(now);
+        let ahead = (due - now) as f64;
+        if ahead > burst {
+            return Err(((ahead - burst) / 1000.0).ceil().max(1.0) as u64);
         }
+        let next = tag | (due + interval.round() as u64).min(TIME);
+        match slot {
+            Some(i) => self.slots[i] = next,
+            None => {
+                let mut v = Vec::with_capacity(self.slots.len() + 1);
+                v.extend_from_slice(&self.slots);
+                v.push(next);
+                self.slots = v.into_boxed_slice();
+            }
+        }
+        Ok(())
     }
 
-    /// Whether every bucket has refilled by `now` (then it can go).
-    pub fn idle(&self, limits: &RateLimits, now: u64) -> bool {
-        self.slots.iter().all(|b| {
-            limits
-                .get(b.event as usize)
-                .is_none_or(|l| now.saturating_sub(b.at) >= l.per_ms)
-        })
+    /// Whether every bucket is full again at `now` (then they can go).
+    pub fn full(&self, now: u64) -> bool {
+        let now = now.saturating_mul(1000).min(TIME);
+        self.slots.iter().all(|b| b & TIME <= now)
     }
 }
 
@@ -244,6 +233,20 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// Drops the buckets that are full again at `now`, and gives back the
+    /// table's room when most of it is empty. Whether any are left (then
+    /// the next sweep is due).
+    pub fn sweep(&mut self, now: u64) -> bool {
+        self.buckets.retain(|_, b| !b.full(now));
+        let left = self.buckets.len();
+        if left == 0 {
+            self.buckets = HashMap::new();
+        } else if self.buckets.capacity() > 4 * left {
+            self.buckets.shrink_to(2 * left);
+        }
+        left > 0
+    }
+
     pub fn share(&self, user: &str) -> u16 {
         self.spread.get(user).copied().unwrap_or(1)
     }
@@ -304,7 +307,6 @@ mod tests {
         assert_eq!(r.get(send), None);
         r.set("*", None).unwrap();
         assert!(r.entries().iter().all(|(_, l)| l.is_none()));
-        assert_eq!(r.longest_ms(), 0);
         assert!(r.set("auth", None).is_err());
         assert!(r.set("message:sned", None).is_err());
     }
@@ -324,9 +326,45 @@ mod tests {
         assert_eq!(b.take(7, limit, 1, 2_000), Ok(()));
         // Other events have buckets of their own.
         assert_eq!(b.take(8, limit, 1, 2_000), Ok(()));
-        let limits = RateLimits::default();
-        assert!(!b.idle(&limits, 2_000));
-        assert!(b.idle(&limits, 2_000 + 60_000));
+        assert_eq!(b.slots.len(), 2);
+        // Full again when every token is back: event 7's last one, taken
+        // at 2 s with two due before it, at 5 s.
+        assert!(!b.full(4_999));
+        assert!(b.full(5_000));
+        // A dropped full bucket and a kept one allow the same.
+        let mut fresh = Buckets::default();
+        for _ in 0..3 {
+            assert_eq!(b.take(7, limit, 1, 5_000), Ok(()));
+            assert_eq!(fresh.take(7, limit, 1, 5_000), Ok(()));
+        }
+        assert_eq!(b.take(7, limit, 1, 5_000), Err(1_000));
+        assert_eq!(fresh.take(7, limit, 1, 5_000), Err(1_000));
+    }
+
+    #[test]
+    fn a_sweep_drops_full_buckets_and_the_table_with_them() {
+        let limit = Limit {
+            count: 2,
+            per_ms: 1_000,
+        };
+        let mut l = Limiter::default();
+        for i in 0..1_000 {
+            let user: Arc<str> = format!("u{i}").into();
+            let b = l.buckets.entry(user).or_default();
+            // Users 0..10 send a burst at 500 ms, the others once at 0.
+            let at = if i < 10 { 500 } else { 0 };
+            assert_eq!(b.take(3, limit, 1, at), Ok(()));
+            if i < 10 {
+                assert_eq!(b.take(3, limit, 1, at), Ok(()));
+            }
+        }
+        assert!(l.sweep(499), "none is full yet");
+        assert_eq!(l.buckets.len(), 1_000);
+        assert!(l.sweep(500), "the bursts are not full");
+        assert_eq!(l.buckets.len(), 10);
+        assert!(l.buckets.capacity() < 100, "the room is given back");
+        assert!(!l.sweep(1_500));
+        assert_eq!(l.buckets.capacity(), 0);
     }
 
     #[test]

@@ -1451,7 +1451,7 @@ impl<O: Outbound> Engine<O> {
                     self.bans.prune(now);
                     self.metrics.bans.set(self.bans.len() as u64);
                 }
-                Timer::Buckets { user } => self.buckets_timer(user, now),
+                Timer::RateSweep => self.rate_sweep(now),
                 Timer::Tokens => self.tokens_timer(now, tx),
             }
         }

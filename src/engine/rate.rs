@@ -5,6 +5,9 @@ use std::sync::Arc;
 use super::*;
 use crate::protocol::DecodeError;
 
+/// How often the rate-limit buckets that are full again are dropped.
+const RATE_SWEEP_MS: u64 = 1_000;
+
 impl<O: Outbound> Engine<O> {
     /// Takes a token from `user`'s bucket number `index` (the event's, or
     /// the default one past the known events). Refused: the message to
@@ -20,13 +23,13 @@ impl<O: Outbound> Engine<O> {
             return Ok(());
         };
         let share = self.limiter.share(user);
+        if self.limiter.buckets.is_empty() {
+            // The sweep runs while any bucket is kept.
+            self.timers.at(now + RATE_SWEEP_MS, Timer::RateSweep);
+        }
         let buckets = match self.limiter.buckets.get_mut(user) {
             Some(b) => b,
-            None => {
-                let at = now + self.s.rate_limits.longest_ms();
-                self.timers.at(at, Timer::Buckets { user: user.clone() });
-                self.limiter.buckets.entry(user.clone()).or_default()
-            }
+            None => self.limiter.buckets.entry(user.clone()).or_default(),
         };
         buckets.take(index, limit, share, now).map_err(|retry| {
             let scope = if share > 1 {
@@ -143,16 +146,11 @@ impl<O: Outbound> Engine<O> {
         }
     }
 
-    /// Drops a user's buckets once they have all refilled.
-    pub(super) fn buckets_timer(&mut self, user: Arc<str>, now: u64) {
-        let Some(b) = self.limiter.buckets.get(&user) else {
-            return;
-        };
-        if b.idle(&self.s.rate_limits, now) {
-            self.limiter.buckets.remove(&user);
-        } else {
-            let at = now + self.s.rate_limits.longest_ms();
-            self.timers.at(at, Timer::Buckets { user });
+    /// Drops the buckets that are full again, and runs again while any
+    /// are left.
+    pub(super) fn rate_sweep(&mut self, now: u64) {
+        if self.limiter.sweep(now) {
+            self.timers.at(now + RATE_SWEEP_MS, Timer::RateSweep);
         }
     }
 }

@@ -26,8 +26,9 @@ pub enum Timer {
     CallRing { call: u64 },
     /// Timed bans may have ended (every shard).
     Bans,
-    /// A user's rate-limit buckets may have refilled (connection's shard).
-    Buckets { user: Arc<str> },
+    /// The rate-limit buckets that are full again are dropped (every
+    /// second while any are kept).
+    RateSweep,
     /// The connections' tokens are looked at (every second while any
     /// connection's token expires).
     Tokens,

@@ -743,9 +743,13 @@ fn a_rate_limit_holds_per_user_across_its_connections_and_refills() {
         [(22, 1000)],
         "one token back per second"
     );
-    // The buckets of an idle user go.
-    sim.advance(60_000);
+    // The buckets of an idle user go within a second of being full again:
+    // alice's last token comes back 3 s after her last send.
+    sim.advance(2_900);
+    assert!(sim.shards[0].limiter.buckets.contains_key("alice"));
+    sim.advance(1_100);
     assert!(sim.shards[0].limiter.buckets.is_empty());
+    assert_eq!(sim.shards[0].limiter.buckets.capacity(), 0);
 }
 
 #[test]
