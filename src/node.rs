@@ -104,6 +104,14 @@ pub fn small_pages() -> bool {
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
 }
 
+/// Has the allocator give the system the memory it holds free now, this
+/// thread's and its arenas', at once rather than when it next allocates
+/// (see `shard::give_back`).
+pub fn give_back_memory() {
+    // SAFETY: mi_collect takes no pointer and may run on any thread.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 /// Raises the soft open-file limit to the hard one and returns it.
 pub fn raise_nofile() -> u64 {
     let mut r = libc::rlimit {

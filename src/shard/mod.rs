@@ -29,6 +29,7 @@ mod conformance;
 pub mod conn;
 mod connect_hook;
 mod epoll;
+mod give_back;
 mod outbox;
 mod polling;
 mod session;
@@ -135,6 +136,8 @@ pub struct Shard {
     connect_next: Cell<u64>,
     /// The connect hook's answers taken off the mesh, to act on.
     connect_answers: RefCell<Vec<crate::engine::hooks::HookAnswer>>,
+    /// When to give memory back after a burst (see `give_back.rs`).
+    after_burst: Cell<give_back::AfterBurst>,
     logs: ShardLogs,
 }
 
@@ -251,6 +254,7 @@ impl Shard {
             connect_answers: RefCell::default(),
             sockets: Cell::new(0),
             preauth_bytes: Cell::new(0),
+            after_burst: Cell::default(),
             logs: ShardLogs::default(),
             node,
         })
@@ -737,6 +741,22 @@ impl Shard {
         }
         self.metrics().mesh_messages_in.add(got as u64);
         got
+    }
+
+    /// At every sweep: once a burst is over, gives the memory it left free
+    /// back to the system (see `give_back.rs`).
+    fn give_back_after_burst(&self) {
+        let m = self.metrics();
+        let work = m
+            .frames_in
+            .get()
+            .wrapping_add(m.frames_out.get())
+            .wrapping_add(m.connections_total.get());
+        let mut a = self.after_burst.get();
+        if a.sweep(work) {
+            crate::node::give_back_memory();
+        }
+        self.after_burst.set(a);
     }
 
     /// Queues the frames deferred to this sweep, each once what was

@@ -951,6 +951,7 @@ impl Loop {
         let now = shard.outq.now_ms();
         let handshake_timeout = shard.node.config.handshake_timeout_ms;
         shard.run_deferred();
+        shard.give_back_after_burst();
         shard.polls.borrow_mut().sweep(&shard, now, &self.ping);
         for conn in self.conns.iter().flatten() {
             if conn.io.state() == State::Done {
