@@ -51,6 +51,8 @@ pub struct ShardMetrics {
     pub queue_drops: Counter,
     pub slow_consumer_closes: Counter,
     pub keepalive_closes: Counter,
+    /// Times the shard gave the allocator's free memory back after a burst.
+    pub memory_returns: Counter,
     pub protocol_errors: Counter,
     /// Sockets handed to the shard that holds their Socket.IO session.
     pub socketio_handovers: Counter,
@@ -237,7 +239,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 34] = [
+    let series: [(&str, &str, &str, Get); 35] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -297,6 +299,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Connections closed for not answering pings.",
             |m| &m.keepalive_closes,
+        ),
+        (
+            "memory_returns_total",
+            "counter",
+            "Times the shard gave the memory a burst left free back to the system.",
+            |m| &m.memory_returns,
         ),
         (
             "protocol_errors_total",

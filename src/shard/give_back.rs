@@ -75,7 +75,10 @@ mod tests {
 
     #[test]
     fn the_first_quiet_sweep_after_a_burst_gives_back_once() {
-        assert_eq!(run(&[0, 50, 20_000, 30_000, 10, 0, 0, 5, 0, 0]), [4, 5, 6, 7]);
+        assert_eq!(
+            run(&[0, 50, 20_000, 30_000, 10, 0, 0, 5, 0, 0]),
+            [4, 5, 6, 7]
+        );
         // Not while busy again; a second burst, a second time.
         let sweeps = [20_000, 100, 0, 8_000, 1_000, 0, 0, 0, 0, 0];
         assert_eq!(run(&sweeps), [1, 2, 4, 5, 6, 7]);

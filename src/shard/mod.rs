@@ -755,6 +755,7 @@ impl Shard {
         let mut a = self.after_burst.get();
         if a.sweep(work) {
             crate::node::give_back_memory();
+            m.memory_returns.inc();
         }
         self.after_burst.set(a);
     }

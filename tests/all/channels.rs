@@ -638,3 +638,67 @@ async fn write_delay_coalesces_sends_io_uring() {
 async fn write_delay_coalesces_sends_epoll() {
     write_delay_coalesces_sends("epoll").await;
 }
+
+/// After a join storm (thousands of member events in a sweep or two) the
+/// shard gives the memory it freed back to the system on its first few
+/// quiet sweeps, and then stops: an idle shard does not keep asking.
+#[tokio::test]
+async fn a_join_storm_is_followed_by_memory_given_back_a_few_times() {
+    let s = Server::start_raw(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-secret",
+            SECRET,
+            "--shards",
+            "1",
+        ],
+        &[
+            ("CORECAST_MAX_CONNECTIONS_PER_IP", "0"),
+            ("CORECAST_MAX_HANDSHAKES_PER_IP", "0"),
+        ],
+    );
+    assert_eq!(s.metric("corecast_memory_returns_total"), 0, "no burst yet");
+    // 100 members: 4,950 member events while the room fills.
+    let mut members = Vec::new();
+    for i in 0..100 {
+        let (mut ws, _) = ws_user(&s, &format!("member-{i}")).await;
+        let ack = join(&mut ws, "storm", 1).await;
+        assert_eq!(ack["d"]["members"], i + 1);
+        members.push(ws);
+    }
+    assert!(s.metric("corecast_frames_out_total") >= 4_950);
+    let mut returns = 0;
+    for _ in 0..150 {
+        returns = s.metric("corecast_memory_returns_total");
+        if returns > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(returns > 0, "no memory given back after the storm");
+    // A few quiet sweeps give back (four after a burst), then none.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let settled = s.metric("corecast_memory_returns_total");
+    assert!((1..=8).contains(&settled), "{settled} returns");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.metric("corecast_memory_returns_total"),
+        settled,
+        "an idle shard keeps giving memory back"
+    );
+    // The members are all still there.
+    let mut last = members.pop().unwrap();
+    send(
+        &mut last,
+        json!({"t": "channel:get_members", "id": 2, "d": {"channelId": "storm"}}),
+    )
+    .await;
+    let got = recv_event(&mut last, "ack").await;
+    assert_eq!(
+        got["d"]["members"].as_array().map(Vec::len),
+        Some(100),
+        "{got}"
+    );
+}
