@@ -53,6 +53,8 @@ pub struct ShardMetrics {
     pub keepalive_closes: Counter,
     /// Times the shard gave the allocator's free memory back after a burst.
     pub memory_returns: Counter,
+    /// Receive buffers the io_uring loop's ring offers (2 KiB each).
+    pub receive_buffers: Counter,
     pub protocol_errors: Counter,
     /// Sockets handed to the shard that holds their Socket.IO session.
     pub socketio_handovers: Counter,
@@ -239,7 +241,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
     let _ = writeln!(out, "# TYPE corecast_ready gauge");
     let _ = writeln!(out, "corecast_ready {}", ready as u8);
     type Get = fn(&ShardMetrics) -> &Counter;
-    let series: [(&str, &str, &str, Get); 35] = [
+    let series: [(&str, &str, &str, Get); 36] = [
         ("connections", "gauge", "Open WebSocket connections.", |m| {
             &m.connections
         }),
@@ -299,6 +301,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], io_driver: &str, ready: b
             "counter",
             "Connections closed for not answering pings.",
             |m| &m.keepalive_closes,
+        ),
+        (
+            "receive_buffers",
+            "gauge",
+            "Receive buffers (2 KiB each) the shard's io_uring ring offers the kernel: 64 at first, doubled when a round drains it, at most 1,024.",
+            |m| &m.receive_buffers,
         ),
         (
             "memory_returns_total",

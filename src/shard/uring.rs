@@ -327,6 +327,10 @@ impl Loop {
             work += self.start_delayed_writes();
             self.rearm_receives();
             self.bufs.publish();
+            self.shard
+                .metrics()
+                .receive_buffers
+                .set(self.bufs.target() as u64);
 
             let held_back = !self.received.is_empty() || self.shard.outbox.borrow().backlog > 0;
             if work > 0 {
@@ -464,12 +468,17 @@ impl Loop {
             let (kind, slot, gen) = parts(user_data);
             match kind {
                 ACCEPT => self.on_accept(res, flags),
-                RECV => self.received.push_back(Recv {
-                    slot,
-                    gen,
-                    res,
-                    flags,
-                }),
+                RECV => {
+                    if cqueue::buffer_select(flags).is_some() {
+                        self.bufs.taken();
+                    }
+                    self.received.push_back(Recv {
+                        slot,
+                        gen,
+                        res,
+                        flags,
+                    })
+                }
                 WRITE => self.on_write(slot, gen, res),
                 BELL => {
                     if res == 0 {
@@ -659,7 +668,9 @@ impl Loop {
                 self.rearm.push(r.slot);
             }
         } else if r.res == -libc::ENOBUFS {
-            // The buffer ring ran dry: arm again once buffers are back.
+            // The buffer ring ran dry: arm again once buffers are back (and
+            // the ring offers more).
+            self.bufs.ran_dry();
             if !more {
                 self.rearm.push(r.slot);
             }

@@ -273,3 +273,32 @@ fn port_already_served_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another server"), "{err}");
 }
+
+/// The receive ring offers 64 buffers while traffic is light, and more
+/// once a round drains it: eight clients each sending 300 KB at once (about
+/// 1,200 buffers' worth) get every byte echoed back, in order.
+#[tokio::test]
+async fn the_receive_ring_grows_under_a_burst_and_loses_nothing() {
+    let s = Server::start(&["--shards", "1", "--echo-endpoint"]);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(ws_connect(&s.url("/echo"), None).await);
+    }
+    assert_eq!(s.metric("corecast_receive_buffers"), 64);
+    let texts: Vec<String> = (0..8u8)
+        .map(|i| {
+            (0..300_000)
+                .map(|k| (b'a' + (i + (k / 2048) as u8) % 26) as char)
+                .collect()
+        })
+        .collect();
+    for (ws, text) in clients.iter_mut().zip(&texts) {
+        ws.send(Message::Text(text.clone().into())).await.unwrap();
+    }
+    for (ws, text) in clients.iter_mut().zip(&texts) {
+        let m = ws.next().await.unwrap().unwrap();
+        assert!(m == Message::Text(text.clone().into()), "an echo differs");
+    }
+    let grown = s.metric("corecast_receive_buffers");
+    assert!((128..=1024).contains(&grown), "{grown} buffers");
+}
