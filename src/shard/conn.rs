@@ -746,6 +746,12 @@ impl Batch {
         self.first = 0;
     }
 
+    /// Keeps room for at most `frames` frames (the batch is empty).
+    pub(super) fn shrink(&mut self, frames: usize) {
+        self.frames.shrink_to(frames);
+        self.iov.shrink_to(frames);
+    }
+
     fn fill(&mut self, arena: &mut FrameArena, queue: &mut FrameList, max: usize) -> usize {
         self.clear();
         let mut bytes = 0;

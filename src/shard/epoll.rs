@@ -135,7 +135,9 @@ pub(super) async fn sweep(shard: Rc<Shard>) {
         }
         let now = shard.outq.now_ms();
         shard.run_deferred();
-        shard.give_back_after_burst();
+        if shard.burst_over() {
+            crate::node::give_back_memory();
+        }
         shard.polls.borrow_mut().sweep(&shard, now, &ping);
         for io in shard.registry.borrow().slots.iter().flatten() {
             shard.check_keepalive(io, now, &ping);

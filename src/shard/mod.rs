@@ -743,9 +743,10 @@ impl Shard {
         got
     }
 
-    /// At every sweep: once a burst is over, gives the memory it left free
+    /// At every sweep: whether a burst is over, so that the IO driver
+    /// trims what it kept for the burst and the memory it left free goes
     /// back to the system (see `give_back.rs`).
-    fn give_back_after_burst(&self) {
+    fn burst_over(&self) -> bool {
         let m = self.metrics();
         let work = m
             .frames_in
@@ -753,11 +754,12 @@ impl Shard {
             .wrapping_add(m.frames_out.get())
             .wrapping_add(m.connections_total.get());
         let mut a = self.after_burst.get();
-        if a.sweep(work) {
-            crate::node::give_back_memory();
+        let over = a.sweep(work);
+        self.after_burst.set(a);
+        if over {
             m.memory_returns.inc();
         }
-        self.after_burst.set(a);
+        over
     }
 
     /// Queues the frames deferred to this sweep, each once what was

@@ -48,6 +48,8 @@ const SQ_ENTRIES: u32 = 2048;
 const IORING_ENTER_GETEVENTS: u32 = 1;
 /// Idle write descriptors kept for reuse.
 const WRITE_POOL: usize = 1024;
+/// Sends (and frames per send) the pool keeps once a burst is over.
+const WRITE_POOL_AFTER_BURST: usize = 64;
 
 // What a completion is about: the top byte of its user data. The next 24
 // bits hold the slot's generation, the low 32 bits the slot.
@@ -928,6 +930,17 @@ impl Loop {
         self.visit(slot);
     }
 
+    /// After a burst: the pool of sends keeps a few, each with room for a
+    /// few frames (a storm of member events leaves up to `WRITE_POOL` of
+    /// them, each with room for hundreds).
+    fn trim_writes(&mut self) {
+        self.writes.truncate(WRITE_POOL_AFTER_BURST);
+        self.writes.shrink_to_fit();
+        for w in &mut self.writes {
+            w.batch.shrink(WRITE_POOL_AFTER_BURST);
+        }
+    }
+
     /// Frees a dead connection once the kernel holds nothing of it.
     fn try_free(&mut self, slot: u32) {
         let free = self.conns[slot as usize]
@@ -962,7 +975,10 @@ impl Loop {
         let now = shard.outq.now_ms();
         let handshake_timeout = shard.node.config.handshake_timeout_ms;
         shard.run_deferred();
-        shard.give_back_after_burst();
+        if shard.burst_over() {
+            self.trim_writes();
+            crate::node::give_back_memory();
+        }
         shard.polls.borrow_mut().sweep(&shard, now, &self.ping);
         for conn in self.conns.iter().flatten() {
             if conn.io.state() == State::Done {
