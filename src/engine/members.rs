@@ -238,7 +238,8 @@ impl<O: Outbound> Engine<O> {
             );
             return false;
         }
-        let pending = (channel.clone(), JoinState::Pending { ack, gather });
+        let pending = JoinState::Pending(Box::new(PendingJoin { ack, gather }));
+        let pending = (channel.clone(), pending);
         push_small(&mut conn.links().channels, pending);
         let member = conn.member.clone();
         let from = self.here(id);
@@ -302,10 +303,11 @@ impl<O: Outbound> Engine<O> {
             }
             // A channel a resumed session was rejoining: the resume no
             // longer waits for it (its `Joined` will undo the join).
-            JoinState::Pending {
-                gather: Some(g), ..
-            } => self.resumed_join_gone(g, now, tx),
-            JoinState::Pending { .. } => {}
+            JoinState::Pending(p) => {
+                if let Some(g) = p.gather {
+                    self.resumed_join_gone(g, now, tx)
+                }
+            }
         }
         true
     }
@@ -332,15 +334,14 @@ impl<O: Outbound> Engine<O> {
                 .channels
                 .iter_mut()
                 .find(|(ch, s)| {
-                    *ch == channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+                    *ch == channel && matches!(s, JoinState::Pending(p) if p.ack == ack)
                 })
-                .map(|entry| {
-                    let JoinState::Pending { gather, .. } = entry.1 else {
-                        unreachable!("matched above")
-                    };
-                    entry.1 = JoinState::Joined;
-                    gather
-                })
+                .map(
+                    |entry| match std::mem::replace(&mut entry.1, JoinState::Joined) {
+                        JoinState::Pending(p) => p.gather,
+                        JoinState::Joined => unreachable!("matched above"),
+                    },
+                )
         });
         let body = JoinAck {
             channel_id: channel.to_string(),
@@ -418,10 +419,10 @@ impl<O: Outbound> Engine<O> {
         let gather = self.conn_mut(id).and_then(|c| {
             let links = c.links.as_mut()?;
             let i = links.channels.iter().position(|(ch, s)| {
-                **ch == *channel && matches!(s, JoinState::Pending { ack: a, .. } if *a == ack)
+                **ch == *channel && matches!(s, JoinState::Pending(p) if p.ack == ack)
             })?;
             match links.channels.remove(i).1 {
-                JoinState::Pending { gather, .. } => Some(gather),
+                JoinState::Pending(p) => Some(p.gather),
                 JoinState::Joined => None,
             }
         });

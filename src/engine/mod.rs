@@ -736,15 +736,22 @@ pub enum GatherPart {
 // State
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a connection's membership of a channel stands. One word: a join
+/// is pending only until its owner answers, so what it waits with is
+/// boxed, and a membership entry stays 24 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum JoinState {
-    /// Sent to the owner; the ack id tells overlapping joins apart, a gather
-    /// collects the joins of a resumed session.
-    Pending {
-        ack: Option<u64>,
-        gather: Option<u64>,
-    },
+    /// Sent to the owner.
+    Pending(Box<PendingJoin>),
     Joined,
+}
+
+/// A join sent to the owner: the ack id tells overlapping joins apart, a
+/// gather collects the joins of a resumed session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PendingJoin {
+    pub(super) ack: Option<u64>,
+    pub(super) gather: Option<u64>,
 }
 
 /// A connection known to the engine.
@@ -764,10 +771,15 @@ pub struct Conn<O> {
     links: Option<Box<Links>>,
 }
 
+/// 40 bytes: a connection in channels pays for its list of them, and the
+/// rarer presence subscriptions are boxed apart.
 #[derive(Default)]
 pub(super) struct Links {
     pub(super) channels: Vec<(Arc<str>, JoinState)>,
-    pub(super) subscriptions: Vec<Arc<str>>,
+    // A thin pointer: a `Vec` would make every member's links 16 bytes
+    // larger.
+    #[allow(clippy::box_collection)]
+    pub(super) subscriptions: Option<Box<Vec<Arc<str>>>>,
     /// What the connection may reach, when its token restricts it (here
     /// rather than in the slot: most connections that have grants also
     /// join channels, and those without pay nothing).
@@ -794,7 +806,10 @@ impl<O> Conn<O> {
     }
 
     pub(super) fn subscriptions(&self) -> &[Arc<str>] {
-        self.links.as_ref().map_or(&[], |l| &l.subscriptions)
+        self.links
+            .as_ref()
+            .and_then(|l| l.subscriptions.as_deref())
+            .map_or(&[], |s| s)
     }
 
     pub(super) fn links(&mut self) -> &mut Links {
@@ -1215,11 +1230,10 @@ impl<O: Outbound> Engine<O> {
         let links = conn.links.map(|l| *l).unwrap_or_default();
         for (_, state) in &links.channels {
             // A resume still rejoining has no one left to answer.
-            if let JoinState::Pending {
-                gather: Some(g), ..
-            } = state
-            {
-                self.gathers.remove(g);
+            if let JoinState::Pending(p) = state {
+                if let Some(g) = p.gather {
+                    self.gathers.remove(&g);
+                }
             }
         }
         for (channel, state) in links.channels {
@@ -1235,7 +1249,8 @@ impl<O: Outbound> Engine<O> {
                 self.tell_owner_left(id, channel, conn.member.clone(), m, now, tx);
             }
         }
-        self.unsubscribe_all(id, links.subscriptions, now, tx);
+        let subscriptions = links.subscriptions.map(|s| *s).unwrap_or_default();
+        self.unsubscribe_all(id, subscriptions, now, tx);
         let resumable = self.s.resume_window_ms > 0 && resumable;
         if resumable && conn.member.protocol.is_socketio() {
             resume.sent = self.sent.tail(id, &resume.channels);

@@ -298,13 +298,15 @@ impl<O: Outbound> Engine<O> {
     ) {
         let Some(c) = self.conn_mut(id) else { return };
         let mut gone = Vec::new();
-        c.links().subscriptions.retain(|s| {
-            let drop = u.user_ids.iter().any(|u| **u == **s);
-            if drop {
-                gone.push(s.clone());
-            }
-            !drop
-        });
+        if let Some(subscriptions) = c.links.as_mut().and_then(|l| l.subscriptions.as_mut()) {
+            subscriptions.retain(|s| {
+                let drop = u.user_ids.iter().any(|u| **u == **s);
+                if drop {
+                    gone.push(s.clone());
+                }
+                !drop
+            });
+        }
         self.unsubscribe_all(id, gone, now, tx);
         self.reply(id, &empty_ack(ack));
     }
@@ -376,7 +378,10 @@ impl<O: Outbound> Engine<O> {
                     format!("at most {max} presence subscriptions per connection"),
                 );
             }
-            conn.links().subscriptions.extend(new);
+            conn.links()
+                .subscriptions
+                .get_or_insert_with(Default::default)
+                .extend(new);
         }
         if order.is_empty() {
             return self.reply(

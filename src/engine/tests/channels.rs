@@ -313,3 +313,14 @@ fn a_large_channel_stops_broadcasting_joins_and_leaves() {
     }
     assert_eq!(members(&conns[0].1.take()), [(false, "u2".to_string())]);
 }
+
+/// What every membership costs the connection: its entry in the list of
+/// channels (24 bytes), and, with its first channel, the 40 bytes of
+/// `Links`. A regression here is memory on every member of every channel.
+#[test]
+fn a_membership_stays_small() {
+    use crate::engine::{JoinState, Links};
+    assert_eq!(std::mem::size_of::<JoinState>(), 8);
+    assert_eq!(std::mem::size_of::<(Arc<str>, JoinState)>(), 24);
+    assert_eq!(std::mem::size_of::<Links>(), 40);
+}
