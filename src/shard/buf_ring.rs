@@ -223,7 +223,8 @@ impl Drop for BufRing {
 mod tests {
     use super::*;
 
-    /// Offers what `top_up` gives, returning the bids in the ring.
+    /// Tops up, putting the bids offered at the back of `ring` (the
+    /// kernel takes from the front).
     fn top_up(o: &mut Offer, ring: &mut std::collections::VecDeque<u16>) {
         o.top_up(|bid| ring.push_back(bid));
         assert!(ring.len() <= BUF_COUNT as usize);
