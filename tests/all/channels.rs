@@ -645,15 +645,7 @@ async fn write_delay_coalesces_sends_epoll() {
 #[tokio::test]
 async fn a_join_storm_is_followed_by_memory_given_back_a_few_times() {
     let s = Server::start_raw(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--auth-secret",
-            SECRET,
-            "--shards",
-            "1",
-        ],
+        &one_shard_args(&[]),
         &[
             ("CORECAST_MAX_CONNECTIONS_PER_IP", "0"),
             ("CORECAST_MAX_HANDSHAKES_PER_IP", "0"),
