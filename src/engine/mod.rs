@@ -884,7 +884,7 @@ pub(super) fn encode_for(targets: impl Iterator<Item = Protocol>, msg: &ServerMe
 }
 
 /// Pushes onto a list that stays short for most connections (their
-/// channels, their rate-limit buckets): room for one more at a time up to
+/// channels): room for one more at a time up to
 /// four, then doubling as usual. A first push does not reserve four.
 pub(super) fn push_small<T>(v: &mut Vec<T>, x: T) {
     if v.len() == v.capacity() && v.len() < 4 {

@@ -76,8 +76,10 @@ impl Offer {
 
     /// The buffers to put in the ring now. The ring grows (twice the
     /// buffers, up to [`BUF_COUNT`]) when it ran dry or the kernel took
-    /// more than three quarters of it since the last top-up.
-    pub(super) fn top_up(&mut self, mut offer: impl FnMut(u16)) {
+    /// more than three quarters of it since the last top-up. Whether its
+    /// target changed.
+    pub(super) fn top_up(&mut self, mut offer: impl FnMut(u16)) -> bool {
+        let target = self.target;
         if self.dry || self.took as u32 * 4 > self.target as u32 * 3 {
             self.target = self.target.saturating_mul(2).min(BUF_COUNT);
         }
@@ -90,6 +92,7 @@ impl Offer {
             offer(bid);
             self.offered += 1;
         }
+        self.target != target
     }
 }
 
@@ -171,10 +174,11 @@ impl BufRing {
         self.offer.target()
     }
 
-    /// Tops the ring up and lets the kernel see it.
-    pub(super) fn publish(&mut self) {
+    /// Tops the ring up and lets the kernel see it. Whether the ring's
+    /// target changed.
+    pub(super) fn publish(&mut self) -> bool {
         let (entries, data, tail) = (self.entries, self.data, &mut self.tail);
-        self.offer.top_up(|bid| {
+        let grew = self.offer.top_up(|bid| {
             // SAFETY: the index is masked into the mapping; the kernel only
             // reads entries between its head and the published tail, and
             // never holds more than `BUF_COUNT` of them (the offer's bound).
@@ -186,7 +190,7 @@ impl BufRing {
             *tail = tail.wrapping_add(1);
         });
         if self.published == self.tail {
-            return;
+            return grew;
         }
         // SAFETY: the tail shares the first entry's reserved field; the
         // kernel reads it with acquire ordering.
@@ -195,6 +199,7 @@ impl BufRing {
             (*tail).store(self.tail, Ordering::Release);
         }
         self.published = self.tail;
+        grew
     }
 
     /// The `len` bytes the kernel wrote into buffer `bid`.
@@ -226,7 +231,9 @@ mod tests {
     /// Tops up, putting the bids offered at the back of `ring` (the
     /// kernel takes from the front).
     fn top_up(o: &mut Offer, ring: &mut std::collections::VecDeque<u16>) {
-        o.top_up(|bid| ring.push_back(bid));
+        let target = o.target();
+        let changed = o.top_up(|bid| ring.push_back(bid));
+        assert_eq!(changed, o.target() != target);
         assert!(ring.len() <= BUF_COUNT as usize);
         assert_eq!(ring.len(), o.offered as usize);
     }

@@ -297,6 +297,8 @@ impl Loop {
         let tick = self.shard.sweep_tick();
         let mut next_sweep = Instant::now() + tick;
         let mut idle = 0u32;
+        let buffers = self.bufs.target() as u64;
+        self.shard.metrics().receive_buffers.set(buffers);
         loop {
             let mut work = self.complete();
             work += self.decode_received();
@@ -328,11 +330,12 @@ impl Loop {
             self.visit_ready();
             work += self.start_delayed_writes();
             self.rearm_receives();
-            self.bufs.publish();
-            self.shard
-                .metrics()
-                .receive_buffers
-                .set(self.bufs.target() as u64);
+            if self.bufs.publish() {
+                self.shard
+                    .metrics()
+                    .receive_buffers
+                    .set(self.bufs.target() as u64);
+            }
 
             let held_back = !self.received.is_empty() || self.shard.outbox.borrow().backlog > 0;
             if work > 0 {
